@@ -1,0 +1,45 @@
+# Ballast: `make demo` runs the release loop end to end, `make test` runs the test suite.
+# Both create .venv/ and install what they need on first use, and reuse it afterwards.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast check fmt bench clean
+
+help:  ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The constraints file pins every transitive version that was tested together (torch exactly).
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install Ballast with its dev tools
+
+demo: $(STAMP)  ## Run the demo: release 1 promoted, release 2 (faulty) rolled back by the canary
+	$(BIN)/ballast demo
+
+test: $(STAMP)  ## Run the whole test suite (unit, flows, integration against real servers)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## Unit tests only
+	$(BIN)/python -m pytest -q tests/unit
+
+check: $(STAMP)  ## Lint, format check and type check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)  ## Format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)  ## Run the benchmark scripts
+	$(BIN)/python benchmarks/compile_bench.py
+
+clean:  ## Remove state (.ballast) and caches, keep .venv
+	rm -rf .ballast .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,78 @@
+"""Typed errors. Each names the release stage where bad input entered, so a failed run says where."""
+
+from __future__ import annotations
+
+
+class BallastError(Exception):
+    """Base class. ``stage`` is the release stage that refused the input."""
+
+    stage: str = "ballast"
+
+    def __init__(self, message: str, *, stage: str | None = None) -> None:
+        if stage is not None:
+            self.stage = stage
+        self.message = message
+        super().__init__(f"[{self.stage}] {message}")
+
+
+class ConfigError(BallastError):
+    stage = "config"
+
+
+class FetchError(BallastError):
+    """The dataset could not be read from storage."""
+
+    stage = "fetch"
+
+
+class DecryptionError(BallastError):
+    """Wrong key, tampered or truncated ciphertext, or an object decrypted under another name."""
+
+    stage = "decrypt"
+
+
+class KeyNotFoundError(DecryptionError):
+    """The key id in a header is not in the key provider (unknown or retired)."""
+
+
+class ValidationFailed(BallastError):
+    """The dataset failed its expectation suite; ``failures`` lists what broke."""
+
+    stage = "validate"
+
+    def __init__(self, message: str, failures: list[str] | None = None) -> None:
+        self.failures = failures or []
+        detail = "; ".join(self.failures[:8])
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class TrainingError(BallastError):
+    stage = "train"
+
+
+class ParityError(BallastError):
+    """The compiled artefact does not match eager PyTorch within tolerance."""
+
+    stage = "compile"
+
+
+class CompileError(BallastError):
+    stage = "compile"
+
+
+class RegistryError(BallastError):
+    stage = "register"
+
+
+class IntegrityError(BallastError):
+    """An artefact's hash or signed manifest does not verify."""
+
+    stage = "verify"
+
+
+class ApprovalRejected(BallastError):
+    stage = "approve"
+
+
+class GatewayError(BallastError):
+    stage = "canary"

@@ -1,0 +1,50 @@
+"""Runtimes that execute a compiled artefact: the seam between compile backends and serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Predictor(Protocol):
+    """Runs a compiled model: float32 ``[batch, features]`` in, float32 logits ``[batch, classes]`` out."""
+
+    backend: str
+
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxRuntimePredictor:
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, *, intra_op_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        # The artefact is already optimised offline; threads are set explicitly because ORT's
+        # default takes every core, which starves the server's event loop on small machines.
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self._input = self._session.get_inputs()[0].name
+        shape = self._session.get_inputs()[0].shape
+        self.n_features: int | None = shape[1] if isinstance(shape[1], int) else None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        out = self._session.run(None, {self._input: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.asarray(out[0], dtype=np.float32)
+
+
+def load_predictor(path: Path, backend: str, *, intra_op_threads: int = 1) -> Predictor:
+    """Open a compiled artefact with the runtime for ``backend``."""
+    if backend == "onnxruntime":
+        return OnnxRuntimePredictor(path, intra_op_threads=intra_op_threads)
+    if backend == "tensorrt":
+        from ballast.compile.tensorrt import TensorRTPredictor
+
+        return TensorRTPredictor(path)
+    raise ValueError(f"unknown backend {backend!r}")

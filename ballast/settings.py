@@ -1,0 +1,117 @@
+"""One frozen settings object per process, read from ``BALLAST_*`` environment variables.
+
+Everything has an embedded default so one laptop runs the whole loop: state in ``./.ballast``,
+MLflow on sqlite inside it, Prefect's ephemeral API, the gateway on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_keyring() -> Path:
+    # Outside the repository on purpose: keys never sit beside the code that could commit them.
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "ballast" / "keyring.json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BALLAST_", frozen=True, extra="forbid")
+
+    # Where run state lives (MLflow store, artefacts, audit log, gateway token). Git-ignored.
+    state_dir: Path = Path(".ballast")
+    keyring_path: Path = Field(default_factory=_default_keyring)
+
+    # MLflow: empty means sqlite + local artefacts inside state_dir.
+    mlflow_tracking_uri: str = ""
+    model_name: str = "breast-cancer-mlp"
+    dataset_name: str = "breast-cancer"
+
+    # Serving gateway.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8765, ge=1, le=65535)
+    gateway_admin_token: SecretStr | None = None
+    gateway_autostart: bool = True
+    gateway_threads: int = Field(default=1, ge=1, le=64)
+
+    # Training.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 7
+    epochs: int = Field(default=60, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    hidden: int = Field(default=64, ge=2)
+    batch_size: int = Field(default=64, ge=1)
+    test_fraction: float = Field(default=0.25, gt=0, lt=1)
+
+    # Compile.
+    compile_backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    parity_rtol_fp32: float = 1e-4
+    parity_rtol_fp16: float = 1e-2
+    bench_batches: tuple[int, ...] = (1, 64, 1024)
+
+    # Approval.
+    approval_policy: Literal["auto", "manual"] = "auto"
+    approval_timeout_s: int = Field(default=3600, ge=1)
+
+    # Canary and its threshold judge.
+    canary_steps: tuple[int, ...] = (5, 25, 50, 100)
+    canary_min_samples: int = Field(default=40, ge=1)
+    canary_step_max_seconds: float = Field(default=20.0, gt=0)
+    canary_concurrency: int = Field(default=8, ge=1)
+    judge_max_error_rate: float = Field(default=0.02, ge=0, le=1)
+    judge_max_latency_ratio: float = Field(default=2.0, gt=0)
+    judge_latency_slack_ms: float = Field(default=5.0, ge=0)
+    judge_max_accuracy_drop: float = Field(default=0.05, ge=0, le=1)
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _steps_rise_to_100(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(not 0 < s <= 100 for s in v) or list(v) != sorted(set(v)) or v[-1] != 100:
+            raise ValueError("canary_steps must rise strictly within 1..100 and end at 100")
+        return v
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.state_dir / "mlartifacts").resolve()
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state_dir / "audit.jsonl"
+
+    def admin_token(self) -> str:
+        """The gateway admin token: from the environment, else a random one kept in state_dir (0600)."""
+        if self.gateway_admin_token is not None:
+            return self.gateway_admin_token.get_secret_value()
+        path = self.state_dir / "admin-token"
+        if path.exists():
+            return path.read_text().strip()
+        import secrets
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token)
+        return token
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once; tests call ``get_settings.cache_clear()``)."""
+    return Settings()
