@@ -15,10 +15,18 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def _default_keyring() -> Path:
+def _config_dir() -> Path:
     # Outside the repository on purpose: keys never sit beside the code that could commit them.
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "ballast" / "keyring.json"
+    return Path(base) / "ballast"
+
+
+def _default_keyring() -> Path:
+    return _config_dir() / "keyring.json"
+
+
+def _default_signing_key() -> Path:
+    return _config_dir() / "signing-key.pem"
 
 
 class Settings(BaseSettings):
@@ -27,6 +35,18 @@ class Settings(BaseSettings):
     # Where run state lives (MLflow store, artefacts, audit log, gateway token). Git-ignored.
     state_dir: Path = Path(".ballast")
     keyring_path: Path = Field(default_factory=_default_keyring)
+    # Ed25519 key that signs release manifests (created 0600 on first use).
+    signing_key_path: Path = Field(default_factory=_default_signing_key)
+
+    # Key provider: a KMS key id selects AWS KMS (endpoint optional, e.g. a local KMS-API server);
+    # empty means the local keyring.
+    kms_key_id: str = ""
+    kms_endpoint_url: str = ""
+    aws_region: str = "us-east-1"
+    # S3-API endpoint for s3:// URIs (MinIO, moto, ...); empty means AWS's own.
+    s3_endpoint_url: str = ""
+    # Dataset the release flow fetches; empty means the demo's encrypted copy in state_dir.
+    dataset_uri: str = ""
 
     # MLflow: empty means sqlite + local artefacts inside state_dir.
     mlflow_tracking_uri: str = ""
@@ -85,6 +105,12 @@ class Settings(BaseSettings):
     @property
     def artifact_root(self) -> Path:
         return (self.state_dir / "mlartifacts").resolve()
+
+    @property
+    def default_dataset_uri(self) -> str:
+        return self.dataset_uri or str(
+            (self.state_dir / "datasets" / f"{self.dataset_name}.csv.enc").resolve()
+        )
 
     @property
     def gateway_url(self) -> str:

@@ -22,6 +22,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settin
     """Settings isolated in tmp_path, exported through the environment as a real process sees them."""
     monkeypatch.setenv("BALLAST_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("BALLAST_KEYRING_PATH", str(tmp_path / "keys" / "keyring.json"))
+    monkeypatch.setenv("BALLAST_SIGNING_KEY_PATH", str(tmp_path / "keys" / "signing-key.pem"))
     monkeypatch.setenv("BALLAST_GATEWAY_PORT", str(free_port()))
     monkeypatch.setenv("BALLAST_GATEWAY_ADMIN_TOKEN", "test-admin-token")
     monkeypatch.setenv("BALLAST_EPOCHS", "15")

@@ -1,0 +1,280 @@
+"""The ``ballast`` command line (typer). It is the composition root: commands import the flows and
+the registry facade lazily, so ``ballast --help`` starts in well under a second."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ballast.errors import BallastError
+from ballast.settings import Settings, get_settings
+
+app = typer.Typer(help="Ballast: release ML models you can trust.", no_args_is_help=True)
+keys_app = typer.Typer(help="Key-encryption keys (local keyring).", no_args_is_help=True)
+data_app = typer.Typer(help="Encrypt, decrypt and validate datasets.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs.")) -> None:
+    # One structured line per step; configured here, never at import time.
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "alembic", "mlflow", "urllib3", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: BallastError) -> None:
+    err.print(f"[bold red]error[/] stage={exc.stage}: {exc.message}")
+    raise typer.Exit(code=2)
+
+
+def _keyring(s: Settings) -> Any:
+    from ballast.keys import LocalKeyring
+
+    return LocalKeyring(s.keyring_path)
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create() -> None:
+    """Create a new key-encryption key in the local keyring and make it current."""
+    s = get_settings()
+    key_id = _keyring(s).create_key()
+    console.print(f"created key [bold]{key_id}[/] in {s.keyring_path}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List key ids (current, active and retired)."""
+    ring = _keyring(get_settings())
+    current = ring.current_key_id()
+    for key_id in ring.key_ids():
+        console.print(f"{key_id}{'  (current)' if key_id == current else ''}")
+    for key_id in ring.retired_key_ids():
+        console.print(f"{key_id}  (retired)")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    objects: list[Path] = typer.Argument(
+        None, help="Encrypted files to re-wrap under the new key."
+    ),
+    retire_old: bool = typer.Option(False, help="Retire the previous key after re-wrapping."),
+) -> None:
+    """Create a new current key and re-wrap the given objects' data keys (headers only)."""
+    from ballast.crypto import read_header, rewrap_header
+
+    ring = _keyring(get_settings())
+    old = ring.current_key_id()
+    new = ring.rotate()
+    try:
+        for path in objects or []:
+            rewrap_header(path, ring, new)
+            with open(path, "rb") as fh:
+                console.print(f"re-wrapped {path} under {read_header(fh).key_id}")
+        if retire_old:
+            ring.retire(old)
+    except BallastError as exc:
+        _fail(exc)
+    console.print(
+        f"current key is now [bold]{new}[/] (was {old}{', retired' if retire_old else ''})"
+    )
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def _identity(name: str | None) -> str:
+    from ballast.ingest import dataset_identity
+
+    return dataset_identity(name or get_settings().dataset_name)
+
+
+@data_app.command("encrypt")
+def data_encrypt(
+    src: Path,
+    dst: str = typer.Argument(..., help="Local path or s3://bucket/key"),
+    name: str = typer.Option(None, help="Dataset name bound into the ciphertext."),
+) -> None:
+    """Encrypt SRC (AES-256-GCM envelope, streamed) to DST."""
+    from ballast.crypto import encrypt_stream, provider_from_settings
+    from ballast.storage import storage_for
+
+    s = get_settings()
+    try:
+        with open(src, "rb") as fin, storage_for(dst, s).open_write(dst) as fout:
+            key_id = encrypt_stream(fin, fout, provider_from_settings(s), _identity(name))
+    except (BallastError, OSError) as exc:
+        if isinstance(exc, BallastError):
+            _fail(exc)
+        raise
+    console.print(f"encrypted {src} -> {dst} (key {key_id})")
+
+
+@data_app.command("decrypt")
+def data_decrypt(
+    src: str = typer.Argument(..., help="Local path or s3://bucket/key"),
+    dst: Path = typer.Argument(...),
+    name: str = typer.Option(None, help="Dataset name the ciphertext is bound to."),
+) -> None:
+    """Decrypt SRC to DST; DST appears only if every segment verifies."""
+    from ballast.crypto import decrypt_stream, provider_from_settings
+    from ballast.storage import storage_for
+
+    s = get_settings()
+    try:
+        with (
+            storage_for(src, s).open_read(src) as fin,
+            storage_for(str(dst), s).open_write(str(dst)) as fout,
+        ):
+            decrypt_stream(fin, fout, provider_from_settings(s), _identity(name))
+    except BallastError as exc:
+        _fail(exc)
+    console.print(f"decrypted {src} -> {dst}")
+
+
+@data_app.command("validate")
+def data_validate(
+    src: str = typer.Argument(..., help="Encrypted dataset: local path or s3://bucket/key"),
+    name: str = typer.Option(None, help="Dataset name (spec and identity)."),
+) -> None:
+    """Decrypt SRC in memory and run its expectation suite."""
+    from ballast.crypto import provider_from_settings
+    from ballast.data import bundled_spec
+    from ballast.ingest import load_validated
+
+    s = get_settings()
+    try:
+        ds = load_validated(
+            src, provider=provider_from_settings(s), spec=bundled_spec(name or s.dataset_name)
+        )
+    except BallastError as exc:
+        _fail(exc)
+    console.print(f"[green]valid[/]: {ds.n_rows} rows, {len(ds.checks)} expectations passed")
+
+
+@data_app.command("prepare")
+def data_prepare(dst: str = typer.Argument(None, help="Default: the state folder.")) -> None:
+    """Encrypt the bundled public dataset (scikit-learn's breast-cancer data) for the release flow."""
+    prepare_dataset(get_settings(), dst)
+
+
+def prepare_dataset(s: Settings, dst: str | None = None) -> str:
+    import io
+
+    from ballast.crypto import encrypt_stream, provider_from_settings
+    from ballast.data import bundled_csv_bytes
+    from ballast.storage import storage_for
+
+    uri = dst or s.default_dataset_uri
+    with storage_for(uri, s).open_write(uri) as fout:
+        key_id = encrypt_stream(
+            io.BytesIO(bundled_csv_bytes()), fout, provider_from_settings(s), _identity(None)
+        )
+    console.print(f"encrypted bundled dataset -> {uri} (key {key_id})")
+    return uri
+
+
+# -- release ---------------------------------------------------------------------------------
+
+
+@app.command()
+def release(
+    dataset: str = typer.Option(None, help="Encrypted dataset URI (default: settings)."),
+    inject_fault: str = typer.Option(
+        None, help="Deliberately break the candidate: errors | latency | bad-weights."
+    ),
+    approval: str = typer.Option(None, help="Approval policy: auto | manual (default: settings)."),
+) -> None:
+    """Run the release flow once: ingest, train, compile, register, approve, canary, decide."""
+    from flows.release import release_flow
+
+    if inject_fault not in (None, "errors", "latency", "bad-weights"):
+        raise typer.BadParameter("inject-fault must be errors, latency or bad-weights")
+    report = release_flow(dataset_uri=dataset, inject_fault=inject_fault, approval_policy=approval)
+    console.print_json(json.dumps(report.__dict__, default=str))
+    if report.outcome not in ("promoted", "rolled_back", "rejected"):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def rollback(model: str = typer.Argument(None, help="Model name (default: settings).")) -> None:
+    """Move `champion` back to `previous` and point the gateway at it."""
+    from flows.rollback import rollback_flow
+
+    result = rollback_flow(model_name=model)
+    console.print(result)
+
+
+@app.command()
+def serve(host: str = typer.Option(None), port: int = typer.Option(None, min=1, max=65535)) -> None:
+    """Run the serving gateway in the foreground (Ctrl-C drains and stops it)."""
+    import os
+    import subprocess
+
+    s = get_settings()
+    cmd = [sys.executable, "-m", "infra.gateway", "--host", host or s.gateway_host]
+    cmd += ["--port", str(port or s.gateway_port)]
+    raise typer.Exit(code=subprocess.call(cmd, env=os.environ.copy()))
+
+
+@app.command()
+def status(model: str = typer.Argument(None)) -> None:
+    """Versions, aliases, verdicts and the gateway's live weights."""
+    from ballast.gateway_client import GatewayClient
+    from ballast.release import TAG_STATUS, TAG_VERDICT
+    from model_registry import Registry
+
+    s = get_settings()
+    name = model or s.model_name
+    reg = Registry(s.tracking_uri, s.artifact_root)
+    table = Table(title=f"{name} in {s.tracking_uri}")
+    for col in ("version", "aliases", "status", "verdict", "accuracy"):
+        table.add_column(col)
+    for v in reg.list_versions(name):
+        table.add_row(
+            v.version,
+            ",".join(v.aliases),
+            v.tags.get(TAG_STATUS, ""),
+            v.tags.get(TAG_VERDICT, ""),
+            v.tags.get("ballast.accuracy", ""),
+        )
+    console.print(table)
+    with GatewayClient(s.gateway_url, s.admin_token(), timeout=1.0) as gw:
+        if gw.health():
+            dep = gw.get_deployment()
+            console.print(
+                f"gateway {s.gateway_url}: {dep.model_dump_json() if dep else 'nothing deployed'}"
+            )
+        else:
+            console.print(f"gateway {s.gateway_url}: not running")
+
+
+@app.command()
+def demo(
+    fault: str = typer.Option("errors", help="Fault injected into release 2."),
+) -> None:
+    """Release 1 (promoted), then a broken release 2 that the canary rolls back."""
+    from ballast.demo import run_demo
+
+    raise typer.Exit(code=run_demo(get_settings(), fault=fault, console=console))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,106 @@
+"""The release flow: ingest → train → compile → register → approve → canary → promote/rollback."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from ballast.release import ReleaseReport
+from ballast.serving import Fault
+from ballast.settings import get_settings
+from tasks.approval import request_approval
+from tasks.canary import canary_release
+from tasks.common import logger
+from tasks.compile import compile_candidate
+from tasks.data import ingest_dataset
+from tasks.registry import close_candidate, record_promotion, register_candidate
+from tasks.train import train_model
+
+
+@flow(name="release", flow_run_name="release-{inject_fault}", log_prints=False)
+def release_flow(
+    dataset_uri: str | None = None,
+    inject_fault: Fault | None = None,
+    approval_policy: str | None = None,
+) -> ReleaseReport:
+    s = get_settings()
+    run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
+    report = ReleaseReport(model=s.model_name)
+    t0 = time.perf_counter()
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        report.stage_seconds[stage] = round(now - since, 3)
+        return now
+
+    t = t0
+    ds = ingest_dataset(dataset_uri or s.default_dataset_uri)
+    t = lap("ingest", t)
+    trained = train_model(ds, inject_fault)
+    t = lap("train", t)
+    staging = (s.state_dir / "staging" / run_id).resolve()
+    compiled = compile_candidate(trained, staging / "build")
+    t = lap("compile", t)
+    info = register_candidate(
+        ds, trained, compiled, staging / "artifacts", flow_run_id=run_id, inject_fault=inject_fault
+    )
+    report.version = info.version
+    report.metrics = {**trained.metrics, **compiled.metrics()}
+    t = lap("register", t)
+
+    checks = {
+        "data_valid": True,  # ingest raised otherwise
+        "parity": compiled.parity.passed,
+        "training_finite": bool(trained.metrics["train_loss"] == trained.metrics["train_loss"]),
+    }
+    approved, approver, reason = request_approval(
+        model=s.model_name,
+        version=info.version,
+        checks=checks,
+        metrics=trained.metrics,
+        policy=approval_policy or s.approval_policy,
+    )
+    t = lap("approve", t)
+    if not approved:
+        close_candidate(
+            info.version,
+            status="rejected",
+            verdict="rejected",
+            reason=f"{approver}: {reason}",
+            evidence={"checks": checks},
+        )
+        report.outcome, report.reason = "rejected", reason
+        return report
+
+    outcome = canary_release(info, trained.split.x_test, trained.split.y_test)
+    lap("canary", t)
+    report.canary_steps = outcome.steps
+    report.seconds_to_decision = round(outcome.seconds_to_decision, 3)
+    report.reason = "; ".join(outcome.reasons)
+    evidence: dict[str, object] = {"steps": outcome.steps, **outcome.evidence}
+    if outcome.decision == "promote":
+        record_promotion(info.version, evidence)
+        report.outcome = "promoted"
+    else:
+        close_candidate(
+            info.version,
+            status="rolled_back",
+            verdict="rollback",
+            reason=report.reason,
+            evidence=evidence,
+        )
+        report.outcome = "rolled_back"
+    logger().info(
+        "stage=release model=%s version=%s outcome=%s seconds=%.1f",
+        s.model_name,
+        info.version,
+        report.outcome,
+        time.perf_counter() - t0,
+    )
+    return report
+
+
+if __name__ == "__main__":  # pragma: no cover
+    release_flow()

@@ -1,0 +1,127 @@
+"""Stage 7–8: canary the candidate on the gateway, then promote or roll back.
+
+The alias move happens here, right after the gateway switched, inside one guard: if moving the
+aliases fails, the gateway goes back to the deployment it had before the canary, so registry and
+traffic never disagree about who the champion is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ballast.gateway_client import GatewayClient
+from ballast.gateway_process import ensure_gateway
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from ballast.canary import StepRecord, http_load, run_canary
+from ballast.errors import IntegrityError
+from ballast.judge import ThresholdJudge
+from ballast.manifest import SignedManifest, verify_manifest
+from ballast.release import ALIAS_CHAMPION, TAG_ARTIFACT, TAG_ARTIFACT_SHA, TAG_BACKEND, TAG_FAULT
+from ballast.serving import VersionSpec
+from ballast.settings import Settings, get_settings
+from model_registry import ModelVersionInfo, Registry
+from tasks.common import logger, registry
+
+
+@dataclass
+class CanaryOutcome:
+    decision: str  # promote | rollback
+    reasons: list[str]
+    seconds_to_decision: float
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    evidence: dict[str, float] = field(default_factory=dict)
+
+
+def version_spec(reg: Registry, s: Settings, info: ModelVersionInfo) -> VersionSpec:
+    """Fetch a version's artefacts and verify its signed manifest before anything serves it."""
+    local = Path(reg.download(info.name, info.version))
+    manifest = verify_manifest(SignedManifest.read(local), s.signing_key_path, local)
+    artifact = info.tags.get(TAG_ARTIFACT, "")
+    entry = next((f for f in manifest.files if f.path == artifact), None)
+    if entry is None or entry.sha256 != info.tags.get(TAG_ARTIFACT_SHA):
+        raise IntegrityError(f"version {info.version}: artefact {artifact!r} not in its manifest")
+    fault = info.tags.get(TAG_FAULT) or None
+    return VersionSpec(
+        version=info.version,
+        artifact_path=str(local / artifact),
+        sha256=entry.sha256,
+        backend=info.tags.get(TAG_BACKEND, "onnxruntime"),  # type: ignore[arg-type]
+        fault=fault,  # type: ignore[arg-type]
+    )
+
+
+def _step_dict(r: StepRecord) -> dict[str, Any]:
+    return {
+        "step": r.index,
+        "weight": r.weight,
+        "decision": r.verdict.decision,
+        "seconds": round(r.seconds, 3),
+        "baseline_n": r.baseline_n,
+        "canary_n": r.canary_n,
+        "reasons": list(r.verdict.reasons),
+    }
+
+
+@task(name="canary", cache_policy=NO_CACHE)
+def canary_release(
+    candidate: ModelVersionInfo, rows: np.ndarray, labels: np.ndarray
+) -> CanaryOutcome:
+    s = get_settings()
+    log = logger()
+    reg = registry(s)
+    champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    cand_spec = version_spec(reg, s, candidate)
+    champ_spec = version_spec(reg, s, champion) if champion is not None else None
+    started = ensure_gateway(s)
+    if started is not None:
+        log.info("stage=canary started gateway pid=%s at %s", started.pid, s.gateway_url)
+    with GatewayClient(s.gateway_url, s.admin_token()) as gw:
+        before = gw.get_deployment()
+        result = run_canary(
+            gw,
+            model=s.model_name,
+            champion=champ_spec,
+            candidate=cand_spec,
+            steps=s.canary_steps,
+            judge=ThresholdJudge.from_settings(s),
+            load=http_load(
+                s.gateway_url,
+                s.model_name,
+                rows,
+                labels,
+                candidate_version=cand_spec.version,
+                min_samples=s.canary_min_samples,
+                max_seconds=s.canary_step_max_seconds,
+                concurrency=s.canary_concurrency,
+            ),
+            min_samples=s.canary_min_samples,
+            step_max_seconds=s.canary_step_max_seconds,
+            on_step=lambda r: log.info(
+                "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",
+                cand_spec.version,
+                r.weight,
+                r.verdict.decision,
+                r.canary_n,
+                r.seconds,
+            ),
+        )
+        if result.promoted:
+            try:
+                reg.promote(s.model_name, candidate.version)
+            except BaseException:
+                # Traffic already moved; put it back so the registry's champion is what serves.
+                if before is not None:
+                    gw.set_deployment(before)
+                raise
+    return CanaryOutcome(
+        decision=result.decision,
+        reasons=list(result.reasons),
+        seconds_to_decision=result.seconds_to_decision,
+        steps=[_step_dict(r) for r in result.steps],
+        evidence=dict(result.evidence),
+    )

@@ -1,0 +1,40 @@
+"""What every task needs: settings, the registry facade, a logger that works outside runs too."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+from ballast.settings import Settings, get_settings
+from model_registry import Registry
+
+
+def logger() -> Any:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called via .fn() in tests or from the CLI
+        return logging.getLogger("ballast")
+
+
+def registry(settings: Settings | None = None) -> Registry:
+    s = settings or get_settings()
+    return Registry(s.tracking_uri, s.artifact_root)
+
+
+def not_retryable(exc: BaseException) -> bool:
+    """Bad input never gets better by retrying: only transient fetch errors are retried."""
+    from ballast.errors import BallastError, FetchError
+
+    return isinstance(exc, BallastError) and not isinstance(exc, FetchError)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the failure is bad input."""
+    try:
+        state.result()
+    except BaseException as exc:
+        return not not_retryable(exc)
+    return False

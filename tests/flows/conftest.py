@@ -1,0 +1,54 @@
+"""Flow tests: one Prefect test harness per session (about 15 s to enter), one gateway per module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ballast.settings import Settings, get_settings
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
+        yield
+
+
+@pytest.fixture(scope="module")
+def release_env(
+    tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
+) -> Iterator[Settings]:
+    """A fresh state folder, keyring, signing key and a running gateway for one module's flows."""
+    from ballast.gateway_process import GatewayProcess
+
+    from ballast.cli import prepare_dataset
+
+    root: Path = tmp_path_factory.mktemp("release")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BALLAST_STATE_DIR", str(root / "state"))
+        mp.setenv("BALLAST_KEYRING_PATH", str(root / "keys" / "keyring.json"))
+        mp.setenv("BALLAST_SIGNING_KEY_PATH", str(root / "keys" / "signing-key.pem"))
+        mp.setenv("BALLAST_GATEWAY_PORT", str(free_port()))
+        mp.setenv("BALLAST_GATEWAY_ADMIN_TOKEN", "flow-test-token")
+        mp.setenv("BALLAST_EPOCHS", "15")
+        mp.setenv("BALLAST_BENCH_BATCHES", "[1,64]")
+        mp.setenv("BALLAST_CANARY_STEP_MAX_SECONDS", "8")
+        mp.setenv("BALLAST_CANARY_MIN_SAMPLES", "30")
+        get_settings.cache_clear()
+        s = get_settings()
+        prepare_dataset(s)
+        gateway = GatewayProcess.start(s, log_path=root / "gateway.log")
+        try:
+            yield s
+        finally:
+            gateway.stop()
+            get_settings.cache_clear()

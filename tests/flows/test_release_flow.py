@@ -1,0 +1,150 @@
+"""The release flow end to end under Prefect, against a real gateway process and MLflow store.
+
+Tests in this module run in order and share one state: release 1 becomes champion, later releases
+are judged against it.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from ballast.gateway_client import GatewayClient
+
+from ballast.audit import read as read_audit
+from ballast.crypto import encrypt_stream
+from ballast.data import bundled_frame
+from ballast.errors import DecryptionError, KeyNotFoundError, ValidationFailed
+from ballast.ingest import dataset_identity
+from ballast.keys import LocalKeyring
+from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, ALIAS_PREVIOUS, TAG_STATUS
+from ballast.settings import Settings
+from flows.release import release_flow
+from model_registry import Registry
+
+pytestmark = pytest.mark.flow
+
+
+def _registry(s: Settings) -> Registry:
+    return Registry(s.tracking_uri, s.artifact_root)
+
+
+def _deployment(s: Settings):  # type: ignore[no-untyped-def]
+    with GatewayClient(s.gateway_url, s.admin_token()) as gw:
+        return gw.get_deployment()
+
+
+def _state(s: Settings) -> tuple[list[tuple[str, tuple[str, ...]]], object]:
+    """Everything a failed run must leave untouched: versions with aliases, and the live deployment."""
+    versions = [
+        (v.version, tuple(sorted(v.aliases))) for v in _registry(s).list_versions(s.model_name)
+    ]
+    return versions, _deployment(s)
+
+
+def test_first_release_is_promoted_and_served(release_env: Settings) -> None:
+    s = release_env
+    report = release_flow()
+    assert report.outcome == "promoted", report
+    reg = _registry(s)
+    champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    assert champion is not None and champion.version == report.version
+    assert reg.get_by_alias(s.model_name, ALIAS_CANDIDATE) is None
+    assert (
+        champion.tags["ballast.dataset_sha256"]
+        and champion.tags["ballast.backend"] == "onnxruntime"
+    )
+    dep = _deployment(s)
+    assert dep is not None and dep.champion is not None and dep.champion.version == report.version
+    assert dep.canary is None
+    actions = [e["action"] for e in read_audit(s.audit_log)]
+    assert actions[-3:] == ["register", "approve", "promote"], actions
+
+
+@pytest.mark.parametrize("fault", ["errors", "bad-weights"])
+def test_faulty_release_is_rolled_back_by_the_canary(release_env: Settings, fault: str) -> None:
+    s = release_env
+    reg = _registry(s)
+    champion_before = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    assert champion_before is not None
+    report = release_flow(inject_fault=fault)
+    assert report.outcome == "rolled_back", report
+    assert report.canary_steps and report.canary_steps[-1]["decision"] == "rollback"
+    after = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    assert after is not None and after.version == champion_before.version, "champion must not move"
+    assert report.version is not None
+    bad = reg.get_version(s.model_name, report.version)
+    assert bad.tags[TAG_STATUS] == "rolled_back" and ALIAS_CANDIDATE not in bad.aliases
+    dep = _deployment(s)
+    assert dep is not None and dep.canary is None and dep.canary_weight == 0
+    assert dep.champion is not None and dep.champion.version == champion_before.version
+
+
+def test_healthy_second_release_goes_through_the_canary_and_old_champion_becomes_previous(
+    release_env: Settings,
+) -> None:
+    s = release_env
+    reg = _registry(s)
+    old = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    assert old is not None
+    report = release_flow()
+    assert report.outcome == "promoted", report
+    assert [st["weight"] for st in report.canary_steps] == list(s.canary_steps)
+    assert reg.get_by_alias(s.model_name, ALIAS_PREVIOUS).version == old.version  # type: ignore[union-attr]
+    assert reg.get_by_alias(s.model_name, ALIAS_CHAMPION).version == report.version  # type: ignore[union-attr]
+
+
+def _write(s: Settings, data: bytes, provider: LocalKeyring | None = None) -> str:
+    path = s.state_dir / "datasets" / f"case-{len(data)}-{id(provider)}.enc"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        encrypt_stream(
+            io.BytesIO(data),
+            fh,
+            provider or LocalKeyring(s.keyring_path),
+            dataset_identity(s.dataset_name),
+        )
+    return str(path)
+
+
+def test_dataset_failing_validation_stops_the_run_and_changes_nothing(
+    release_env: Settings,
+) -> None:
+    s = release_env
+    before = _state(s)
+    frame = bundled_frame()
+    frame.loc[0:40, "mean_radius"] = -5.0
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    with pytest.raises(ValidationFailed, match=r"\[validate\].*mean_radius"):
+        release_flow(dataset_uri=_write(s, buf.getvalue().encode()))
+    assert _state(s) == before
+
+
+def test_tampered_ciphertext_stops_the_run_and_changes_nothing(release_env: Settings) -> None:
+    s = release_env
+    before = _state(s)
+    good = s.default_dataset_uri
+    data = bytearray(Path(good).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad = s.state_dir / "datasets" / "tampered.enc"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DecryptionError, match=r"\[decrypt\]"):
+        release_flow(dataset_uri=str(bad))
+    assert _state(s) == before
+
+
+def test_dataset_under_an_unknown_key_stops_the_run_naming_the_key(
+    release_env: Settings, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    s = release_env
+    before = _state(s)
+    other = LocalKeyring(tmp_path / "other-keyring.json")
+    other_id = other.create_key()
+    from ballast.data import bundled_csv_bytes
+
+    uri = _write(s, bundled_csv_bytes(), other)
+    with pytest.raises(KeyNotFoundError, match=other_id):
+        release_flow(dataset_uri=uri)
+    assert _state(s) == before
