@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The constraints file pins every transitive version that was tested together (torch exactly).
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# compat mode: a .pth puts the repo on sys.path, so packages added later import without reinstalling.
+	$(BIN)/python -m pip install --quiet -c constraints.txt --config-settings editable_mode=compat -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## Create .venv and install Ballast with its dev tools

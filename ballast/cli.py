@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import typer
 from rich.console import Console
@@ -33,7 +33,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "alembic", "mlflow", "urllib3", "botocore"):
+    for noisy in ("httpx", "alembic", "mlflow", "urllib3", "botocore", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -114,11 +114,11 @@ def data_encrypt(
 ) -> None:
     """Encrypt SRC (AES-256-GCM envelope, streamed) to DST."""
     from ballast.crypto import encrypt_stream, provider_from_settings
-    from ballast.storage import storage_for
+    from ballast.ingest import storage_from_settings
 
     s = get_settings()
     try:
-        with open(src, "rb") as fin, storage_for(dst, s).open_write(dst) as fout:
+        with open(src, "rb") as fin, storage_from_settings(dst, s).open_write(dst) as fout:
             key_id = encrypt_stream(fin, fout, provider_from_settings(s), _identity(name))
     except (BallastError, OSError) as exc:
         if isinstance(exc, BallastError):
@@ -135,13 +135,13 @@ def data_decrypt(
 ) -> None:
     """Decrypt SRC to DST; DST appears only if every segment verifies."""
     from ballast.crypto import decrypt_stream, provider_from_settings
-    from ballast.storage import storage_for
+    from ballast.ingest import storage_from_settings
 
     s = get_settings()
     try:
         with (
-            storage_for(src, s).open_read(src) as fin,
-            storage_for(str(dst), s).open_write(str(dst)) as fout,
+            storage_from_settings(src, s).open_read(src) as fin,
+            storage_from_settings(str(dst), s).open_write(str(dst)) as fout,
         ):
             decrypt_stream(fin, fout, provider_from_settings(s), _identity(name))
     except BallastError as exc:
@@ -157,12 +157,15 @@ def data_validate(
     """Decrypt SRC in memory and run its expectation suite."""
     from ballast.crypto import provider_from_settings
     from ballast.data import bundled_spec
-    from ballast.ingest import load_validated
+    from ballast.ingest import load_validated, storage_from_settings
 
     s = get_settings()
     try:
         ds = load_validated(
-            src, provider=provider_from_settings(s), spec=bundled_spec(name or s.dataset_name)
+            src,
+            provider=provider_from_settings(s),
+            spec=bundled_spec(name or s.dataset_name),
+            storage=storage_from_settings(src, s),
         )
     except BallastError as exc:
         _fail(exc)
@@ -180,10 +183,10 @@ def prepare_dataset(s: Settings, dst: str | None = None) -> str:
 
     from ballast.crypto import encrypt_stream, provider_from_settings
     from ballast.data import bundled_csv_bytes
-    from ballast.storage import storage_for
+    from ballast.ingest import storage_from_settings
 
     uri = dst or s.default_dataset_uri
-    with storage_for(uri, s).open_write(uri) as fout:
+    with storage_from_settings(uri, s).open_write(uri) as fout:
         key_id = encrypt_stream(
             io.BytesIO(bundled_csv_bytes()), fout, provider_from_settings(s), _identity(None)
         )
@@ -203,11 +206,18 @@ def release(
     approval: str = typer.Option(None, help="Approval policy: auto | manual (default: settings)."),
 ) -> None:
     """Run the release flow once: ingest, train, compile, register, approve, canary, decide."""
+    from ballast.serving import Fault
     from flows.release import release_flow
 
     if inject_fault not in (None, "errors", "latency", "bad-weights"):
         raise typer.BadParameter("inject-fault must be errors, latency or bad-weights")
-    report = release_flow(dataset_uri=dataset, inject_fault=inject_fault, approval_policy=approval)
+    if approval not in (None, "auto", "manual"):
+        raise typer.BadParameter("approval must be auto or manual")
+    report = release_flow(
+        dataset_uri=dataset,
+        inject_fault=cast(Fault | None, inject_fault),
+        approval_policy=approval,
+    )
     console.print_json(json.dumps(report.__dict__, default=str))
     if report.outcome not in ("promoted", "rolled_back", "rejected"):
         raise typer.Exit(code=1)
@@ -272,8 +282,11 @@ def demo(
 ) -> None:
     """Release 1 (promoted), then a broken release 2 that the canary rolls back."""
     from ballast.demo import run_demo
+    from ballast.serving import Fault
 
-    raise typer.Exit(code=run_demo(get_settings(), fault=fault, console=console))
+    if fault not in ("errors", "latency", "bad-weights"):
+        raise typer.BadParameter("fault must be errors, latency or bad-weights")
+    raise typer.Exit(code=run_demo(get_settings(), fault=cast(Fault, fault), console=console))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,10 +14,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ballast.serving import Fault
 from ballast.settings import Settings
 
 
-def run_demo(s: Settings, *, fault: str, console: Console, keep_serving: bool = False) -> int:
+def run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool = False) -> int:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from ballast.cli import prepare_dataset

@@ -80,6 +80,9 @@ def build_mlp(
                 nn.Linear(hidden, n_classes),
             )
 
+        mean: torch.Tensor
+        std: torch.Tensor
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net((x - self.mean) / self.std)
 

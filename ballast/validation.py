@@ -92,7 +92,7 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec) -> tuple[str, ...]:
             f"dataset {spec.name!r} failed {n_failed} of {len(result.results)} expectations",
             failures,
         )
-    return tuple(r.expectation_config.type for r in result.results)
+    return tuple(r.expectation_config.type for r in result.results if r.expectation_config)
 
 
 def validate_bytes(data: bytes, spec: DatasetSpec) -> ValidatedDataset:

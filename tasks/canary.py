@@ -50,8 +50,8 @@ def version_spec(reg: Registry, s: Settings, info: ModelVersionInfo) -> VersionS
         version=info.version,
         artifact_path=str(local / artifact),
         sha256=entry.sha256,
-        backend=info.tags.get(TAG_BACKEND, "onnxruntime"),  # type: ignore[arg-type]
-        fault=fault,  # type: ignore[arg-type]
+        backend=info.tags.get(TAG_BACKEND, "onnxruntime"),
+        fault=fault,
     )
 
 

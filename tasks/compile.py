@@ -23,6 +23,7 @@ def compile_candidate(trained: TrainResult, out_dir: Path) -> CompiledArtifact:
         out_dir,
         backend=s.compile_backend,
         rtol_fp32=s.parity_rtol_fp32,
+        rtol_fp16=s.parity_rtol_fp16,
         max_batch=max(s.bench_batches),
         bench_batches=s.bench_batches,
     )

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ballast.crypto import provider_from_settings
 from ballast.data import ValidatedDataset, bundled_spec
-from ballast.ingest import load_validated
+from ballast.ingest import load_validated, storage_from_settings
 from ballast.settings import get_settings
 from tasks.common import logger, retry_transient
 
@@ -25,7 +25,12 @@ from tasks.common import logger, retry_transient
 )
 def ingest_dataset(uri: str) -> ValidatedDataset:
     s = get_settings()
-    ds = load_validated(uri, provider=provider_from_settings(s), spec=bundled_spec(s.dataset_name))
+    ds = load_validated(
+        uri,
+        provider=provider_from_settings(s),
+        spec=bundled_spec(s.dataset_name),
+        storage=storage_from_settings(uri, s),
+    )
     logger().info(
         "stage=validate dataset=%s rows=%d sha256=%s checks=%d",
         ds.name,

@@ -1,0 +1,132 @@
+"""Does the compiled artefact compute what eager PyTorch computes?
+
+Compared on the real held-out rows and on fresh random rows drawn to their scale (per-feature normal
+with the rows' mean and std), because held-out rows alone cover only the data seen so far.
+
+The metric, per row: ``max_j |compiled_j - eager_j| / max(max_j |eager_j|, mean |eager|, floor)``.
+The error is measured against the row's largest logit rather than element-wise, so a logit that
+happens to sit near zero (a row near the decision boundary) does not turn float rounding into a
+huge relative error; the batch's mean absolute logit and a tiny absolute floor keep the denominator
+away from zero when a whole row is near zero. A non-finite output counts as an infinite error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ballast.errors import ParityError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ballast.runtime import Predictor
+
+#: Lower bound of the denominator: only matters for an all-zero model.
+ATOL_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    max_abs_err: float
+    max_rel_err: float
+    rtol: float
+    n_rows: int
+    n_random: int
+    passed: bool
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return asdict(self)
+
+
+def relative_errors(
+    actual: np.ndarray, reference: np.ndarray, *, atol_floor: float = ATOL_FLOOR
+) -> np.ndarray:
+    """Per-row relative error of ``actual`` against ``reference`` (see the module docstring)."""
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ParityError(f"compiled output shape {a.shape} differs from eager {b.shape}")
+    diff = np.abs(a - b).max(axis=1)
+    scale = np.maximum(np.abs(b).max(axis=1), max(float(np.abs(b).mean()), atol_floor))
+    rel: np.ndarray = diff / scale
+    # NaN compares false against any tolerance; make a non-finite output fail loudly instead.
+    rel[~np.isfinite(a).all(axis=1)] = np.inf
+    return rel
+
+
+def eager_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """Logits of the eager model (eval mode, on whatever device it lives) as float32 numpy."""
+    import torch
+
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device))
+    finally:
+        model.train(was_training)
+    return np.asarray(out.detach().float().cpu().numpy(), dtype=np.float32)
+
+
+def random_rows(rows: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
+    """``n`` rows drawn per feature from a normal with the mean and std of ``rows``."""
+    rows = np.asarray(rows, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draw = rng.normal(rows.mean(axis=0), rows.std(axis=0), size=(n, rows.shape[1]))
+    return draw.astype(np.float32)
+
+
+def check_parity(
+    model: torch.nn.Module,
+    predictor: Predictor,
+    rows: np.ndarray,
+    *,
+    rtol: float,
+    n_random: int = 256,
+    seed: int = 0,
+) -> ParityReport:
+    """Compare ``predictor`` with eager ``model`` on ``rows`` and ``n_random`` random rows.
+
+    Raises :class:`ParityError` naming the worst error, where it occurred and the limit; on success
+    returns the report (``passed`` is then True).
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or len(rows) == 0:
+        raise ParityError(f"parity needs a non-empty [rows, features] array, got {rows.shape}")
+    sets = {"held-out": rows}
+    if n_random > 0:
+        sets["random"] = random_rows(rows, n_random, seed=seed)
+
+    max_abs, max_rel, where = 0.0, 0.0, ""
+    for source, x in sets.items():
+        reference = eager_logits(model, x)
+        actual = np.asarray(predictor.predict(x))
+        rel = relative_errors(actual, reference)
+        i = int(np.argmax(rel))
+        if rel[i] > max_rel or not where:
+            max_rel, where = float(rel[i]), f"{source} row {i}"
+        with np.errstate(invalid="ignore"):
+            max_abs = max(
+                max_abs, float(np.nan_to_num(np.abs(actual - reference), nan=np.inf).max())
+            )
+
+    report = ParityReport(
+        max_abs_err=max_abs,
+        max_rel_err=max_rel,
+        rtol=rtol,
+        n_rows=len(rows),
+        n_random=max(n_random, 0),
+        passed=max_rel <= rtol,
+    )
+    if not report.passed:
+        err = ParityError(
+            f"{predictor.backend} output differs from eager PyTorch: max relative error "
+            f"{max_rel:.3g} ({where}) exceeds rtol {rtol:.3g}; max abs error {max_abs:.3g}"
+        )
+        err.report = report  # type: ignore[attr-defined]  # for callers that log the numbers
+        raise err
+    return report

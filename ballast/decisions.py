@@ -1,0 +1,152 @@
+"""Pure release decisions: approval, alias moves for promotion and rollback, the next canary weight.
+
+Nothing here touches the registry or the gateway. Callers apply an :class:`AliasPlan` through the
+registry facade, which keeps the decision testable apart from its side effect (and a log line
+saying "promoted" can only follow a plan that was actually applied).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "CANDIDATE",
+    "CHAMPION",
+    "PREVIOUS",
+    "AliasPlan",
+    "ApprovalDecision",
+    "ApprovalPolicy",
+    "ApprovalStatus",
+    "decide_approval",
+    "next_weight",
+    "plan_promotion",
+    "plan_rollback",
+    "validate_steps",
+]
+
+# Registry aliases (MLflow 3 style ``models:/name@alias``).
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+PREVIOUS = "previous"
+
+ApprovalPolicy = Literal["auto", "manual"]
+ApprovalStatus = Literal["approved", "rejected", "needs_human"]
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalDecision:
+    """Outcome of the approval gate. ``failed_checks`` names every check that did not pass."""
+
+    status: ApprovalStatus
+    reasons: tuple[str, ...]
+    failed_checks: tuple[str, ...] = ()
+
+    @property
+    def approved(self) -> bool:
+        return self.status == "approved"
+
+    @property
+    def needs_human(self) -> bool:
+        return self.status == "needs_human"
+
+    @property
+    def reason(self) -> str:
+        """The reasons as one line, for audit records and logs."""
+        return "; ".join(self.reasons)
+
+
+def decide_approval(policy: ApprovalPolicy, checks: Mapping[str, bool]) -> ApprovalDecision:
+    """Decide the approval gate from the release checks (parity, integrity, metrics, ...).
+
+    Any failed check rejects, whatever the policy: a human is not asked to wave through a
+    release the machine already knows is broken. No checks at all also rejects, because "every
+    check passed" must not be true by default. With every check passed, ``auto`` approves and
+    ``manual`` hands the decision to a human.
+    """
+    if policy not in ("auto", "manual"):
+        raise ValueError(f"unknown approval policy {policy!r}")
+    if not checks:
+        return ApprovalDecision("rejected", ("no checks were run",))
+    failed = tuple(sorted(name for name, passed in checks.items() if not passed))
+    if failed:
+        return ApprovalDecision("rejected", (f"failed checks: {', '.join(failed)}",), failed)
+    if policy == "manual":
+        return ApprovalDecision("needs_human", (f"all {len(checks)} checks passed; policy manual",))
+    return ApprovalDecision("approved", (f"all {len(checks)} checks passed; policy auto",))
+
+
+@dataclass(frozen=True, slots=True)
+class AliasPlan:
+    """Alias moves to apply in order: every ``set`` (alias → version), then every ``delete``."""
+
+    set: Mapping[str, str] = field(default_factory=dict)
+    delete: tuple[str, ...] = ()
+    summary: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not self.set and not self.delete
+
+
+def plan_promotion(current_champion: str | None, candidate: str) -> AliasPlan:
+    """Alias moves that make ``candidate`` the champion.
+
+    ``champion`` → candidate, ``previous`` → the old champion (kept for rollback), ``candidate``
+    alias removed. Promoting the version that is already champion (a retried flow) only removes
+    the ``candidate`` alias, so a retry cannot point ``previous`` at the champion itself.
+    """
+    if not candidate:
+        raise ValueError("candidate version must be non-empty")
+    if current_champion == candidate:
+        return AliasPlan(delete=(CANDIDATE,), summary=f"version {candidate} is already champion")
+    moves = {CHAMPION: candidate}
+    if current_champion is not None:
+        moves[PREVIOUS] = current_champion
+        summary = f"champion {current_champion} -> {candidate}; previous = {current_champion}"
+    else:
+        summary = f"first champion: {candidate}"
+    return AliasPlan(set=moves, delete=(CANDIDATE,), summary=summary)
+
+
+def plan_rollback(current_champion: str | None, previous: str | None, failed: str) -> AliasPlan:
+    """Alias moves that take ``failed`` out of service.
+
+    * ``failed`` never became champion (a canary rollback): the champion stays, the
+      ``candidate`` alias is removed.
+    * ``failed`` is the champion (rollback after promotion): ``champion`` → ``previous`` and the
+      ``previous`` alias is removed (it now is the champion). Without a previous version there is
+      nothing to roll back to, which is an error for the caller to surface, not to guess around.
+    """
+    if not failed:
+        raise ValueError("failed version must be non-empty")
+    if current_champion != failed:
+        kept = f"champion {current_champion} stays" if current_champion else "no champion"
+        return AliasPlan(delete=(CANDIDATE,), summary=f"{failed} rejected; {kept}")
+    if previous is None or previous == failed:
+        raise ValueError(f"cannot roll back champion {failed}: no previous version to restore")
+    return AliasPlan(
+        set={CHAMPION: previous},
+        delete=(PREVIOUS,),
+        summary=f"champion {failed} -> {previous} (rollback)",
+    )
+
+
+def validate_steps(steps: Sequence[int]) -> tuple[int, ...]:
+    """Canary weights must rise strictly within 1..100 and end at 100 (else nothing promotes)."""
+    out = tuple(steps)
+    if not out or any(not 0 < s <= 100 for s in out):
+        raise ValueError(f"canary steps must lie within 1..100, got {out}")
+    if any(b <= a for a, b in itertools.pairwise(out)) or out[-1] != 100:
+        raise ValueError(f"canary steps must rise strictly and end at 100, got {out}")
+    return out
+
+
+def next_weight(steps: Sequence[int], current: int) -> int | None:
+    """The first step above ``current`` (0 = not started), or None once 100 % is reached."""
+    for step in validate_steps(steps):
+        if step > current:
+            return step
+    return None

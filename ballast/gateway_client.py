@@ -1,0 +1,152 @@
+"""A small synchronous client of the serving gateway's HTTP API (see ``infra/gateway``).
+
+Routes: ``GET /healthz``, ``GET /readyz``, ``GET|PUT /admin/deployment`` and ``GET /admin/stats``
+(``Authorization: Bearer <token>``), ``POST /v1/models/{model}/predict``. Every refusal comes back
+as a :class:`GatewayHTTPError` carrying the server's own message.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ballast.errors import GatewayError
+from ballast.serving import Deployment, PredictResponse
+
+__all__ = ["KEY_HEADER", "VERSION_HEADER", "GatewayClient", "GatewayHTTPError"]
+
+VERSION_HEADER = "X-Ballast-Version"
+KEY_HEADER = "X-Ballast-Key"
+
+
+class GatewayHTTPError(GatewayError):
+    """The gateway answered with a 4xx/5xx. ``version`` is set when a model version answered."""
+
+    def __init__(self, message: str, *, status_code: int, version: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.version = version
+
+
+class GatewayClient:
+    """``with GatewayClient(url, token) as gw: gw.set_deployment(dep)``.
+
+    ``health()`` and ``ready()`` answer False when the gateway cannot be reached; every other
+    call raises :class:`~ballast.errors.GatewayError` (unreachable) or
+    :class:`GatewayHTTPError` (refused).
+    """
+
+    def __init__(self, base_url: str, admin_token: str | None = None, timeout: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = admin_token
+        # trust_env=False: a proxy from the environment must never see admin tokens or traffic.
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, trust_env=False)
+
+    def __repr__(self) -> str:  # never show the token
+        return f"GatewayClient({self.base_url!r})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _admin_headers(self) -> dict[str, str]:
+        if not self._token:
+            raise GatewayError("this GatewayClient has no admin token")
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise GatewayError(
+                f"gateway at {self.base_url} unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
+        if resp.status_code >= 400:
+            raise GatewayHTTPError(
+                f"gateway {method} {path} -> {resp.status_code}: {_message(resp)}",
+                status_code=resp.status_code,
+                version=resp.headers.get(VERSION_HEADER),
+            )
+        return resp
+
+    def _probe(self, path: str) -> bool:
+        try:
+            return self._http.get(path).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # -- API -----------------------------------------------------------------------------------
+
+    def health(self) -> bool:
+        """True when the gateway process answers (``/healthz``)."""
+        return self._probe("/healthz")
+
+    def ready(self) -> bool:
+        """True when a deployment is set and all its versions are loaded and warm (``/readyz``)."""
+        return self._probe("/readyz")
+
+    def get_deployment(self) -> Deployment | None:
+        resp = self._request("GET", "/admin/deployment", headers=self._admin_headers())
+        data = resp.json()
+        return None if data is None else Deployment.model_validate(data)
+
+    def set_deployment(self, dep: Deployment) -> Deployment:
+        """Apply ``dep``; returns the deployment the gateway confirms is now in force.
+
+        On refusal (bad hash 409, missing or unloadable artefact 422) the previous deployment
+        stays in force and this raises with the gateway's reason.
+        """
+        resp = self._request(
+            "PUT",
+            "/admin/deployment",
+            content=dep.model_dump_json(),
+            headers={**self._admin_headers(), "Content-Type": "application/json"},
+        )
+        return Deployment.model_validate(resp.json())
+
+    def predict(
+        self, model: str, instances: list[list[float]], key: str | None = None
+    ) -> PredictResponse:
+        """Predict ``instances``; ``key`` pins a client to one version at a given weight."""
+        headers = {KEY_HEADER: key} if key is not None else {}
+        resp = self._request(
+            "POST",
+            f"/v1/models/{quote(model, safe='')}/predict",
+            json={"instances": instances},
+            headers=headers,
+        )
+        return PredictResponse.model_validate(resp.json())
+
+    def stats(self) -> dict[str, Any]:
+        """Per-version counters and recent latency percentiles (``/admin/stats``)."""
+        data = self._request("GET", "/admin/stats", headers=self._admin_headers()).json()
+        if not isinstance(data, dict):
+            raise GatewayError(
+                f"gateway /admin/stats returned {type(data).__name__}, not an object"
+            )
+        return data
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text[:500] or resp.reason_phrase
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return data["error"]
+    return str(data)[:500]

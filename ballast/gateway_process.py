@@ -1,0 +1,178 @@
+"""Start and stop the serving gateway as a child process.
+
+The gateway lives in ``infra.gateway``; ``ballast`` must not import ``infra`` (dependency
+direction), so it is spawned by module name: ``python -m infra.gateway --host H --port P``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from ballast.errors import GatewayError
+from ballast.gateway_client import GatewayClient
+from ballast.settings import Settings
+
+__all__ = ["GatewayProcess", "ensure_gateway"]
+
+_POLL_S = 0.1
+_LOG_TAIL_BYTES = 4000
+
+
+def _tail(path: Path, limit: int = _LOG_TAIL_BYTES) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+class GatewayProcess:
+    """A gateway child process. ``with GatewayProcess.start(s) as gw: ...`` stops it on exit."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], url: str, log_path: Path, log_file: IO[bytes]
+    ) -> None:
+        self._proc = proc
+        self.url = url
+        self.log_path = log_path
+        self._log_file = log_file
+        self.pid_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll()
+
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    @classmethod
+    def start(
+        cls,
+        settings: Settings,
+        *,
+        log_path: Path | None = None,
+        timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
+    ) -> GatewayProcess:
+        """Spawn a gateway for ``settings`` and wait (at most ``timeout`` s) until /healthz answers.
+
+        ``extra_args`` go to ``python -m infra.gateway`` (e.g. ``["--seed", "3"]``).
+
+        Raises :class:`GatewayError` with the tail of its log if it exits or does not come up.
+        """
+        state_dir = settings.state_dir.resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        # Create the admin token file here, before the child reads it: two processes racing to
+        # create it would otherwise each write a different token.
+        settings.admin_token()
+        log_path = log_path or state_dir / "gateway.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = os.environ.copy()
+        # Absolute state dir: the child sees the same token file whatever its working directory.
+        env["BALLAST_STATE_DIR"] = str(state_dir)
+        env["BALLAST_GATEWAY_THREADS"] = str(settings.gateway_threads)
+        cmd = [sys.executable, "-m", "infra.gateway"]
+        cmd += ["--host", settings.gateway_host, "--port", str(settings.gateway_port)]
+        cmd += list(extra_args)
+        log_file = log_path.open("ab")
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # Own session: a Ctrl-C meant for the caller's terminal does not hit the gateway
+                # directly; its owner stops it (or leaves it serving, on purpose).
+                start_new_session=True,
+            )
+        except BaseException:
+            log_file.close()
+            raise
+        gw = cls(proc, settings.gateway_url, log_path, log_file)
+        try:
+            gw._wait_healthy(timeout)
+        except BaseException:
+            gw.stop(timeout=5.0)
+            raise
+        return gw
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with GatewayClient(self.url, timeout=1.0) as client:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise GatewayError(
+                        f"gateway exited with code {self._proc.returncode} before it was healthy; "
+                        f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                # The process check after the probe: another server on this port must not pass
+                # for ours.
+                if client.health() and self._proc.poll() is None:
+                    return
+                time.sleep(_POLL_S)
+        raise GatewayError(
+            f"gateway at {self.url} not healthy after {timeout:.0f} s; "
+            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        )
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (uvicorn drains in-flight requests), then SIGKILL after ``timeout`` s."""
+        try:
+            if self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGTERM)
+                try:
+                    self._proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait(5.0)
+        finally:
+            self._log_file.close()
+            if self.pid_path is not None:
+                self.pid_path.unlink(missing_ok=True)
+        return self._proc.returncode
+
+    def __enter__(self) -> GatewayProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def ensure_gateway(settings: Settings, *, timeout: float = 30.0) -> GatewayProcess | None:
+    """Make sure a gateway answers at ``settings.gateway_url``.
+
+    Returns None when one already answers (someone else owns it), else starts one, records its
+    pid in ``state_dir/gateway.pid`` and returns it (the caller owns it and should stop it).
+    """
+    with GatewayClient(settings.gateway_url, timeout=1.0) as client:
+        if client.health():
+            return None
+    if not settings.gateway_autostart:
+        raise GatewayError(
+            f"no gateway answers at {settings.gateway_url} and BALLAST_GATEWAY_AUTOSTART is off"
+        )
+    gw = GatewayProcess.start(settings, timeout=timeout)
+    pid_path = settings.state_dir / "gateway.pid"
+    pid_path.write_text(f"{gw.pid}\n")
+    gw.pid_path = pid_path
+    return gw

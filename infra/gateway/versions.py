@@ -1,0 +1,187 @@
+"""Loaded model versions and the deployment snapshot that routes between them.
+
+A :class:`Live` snapshot is immutable once published: a request reads ``gateway.live`` once and
+keeps using that snapshot, so a deployment swap is one reference assignment and never shows a
+request half of the old state and half of the new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ballast.hashing import sha256_file
+from ballast.runtime import Predictor
+from ballast.serving import Deployment, VersionSpec
+
+Role = Literal["champion", "canary"]
+Loader = Callable[[Path, str, int], Predictor]
+
+# Sticky routing resolution: a key hashes to one of 10,000 buckets, so weights are exact to 0.01 %.
+_BUCKETS = 10_000
+
+
+class DeploymentRefusedError(Exception):
+    """A deployment that cannot be applied; ``status`` is the HTTP answer (409 or 422)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def identity(spec: VersionSpec) -> tuple[str, str, str, str]:
+    """What makes two specs the same loaded model (``fault`` is routing-time, not load-time)."""
+    return (spec.version, spec.sha256, spec.backend, spec.artifact_path)
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    """One verified, loaded and warmed version, with counters the canary controller can read."""
+
+    spec: VersionSpec
+    predictor: Predictor
+    n_features: int
+    fault_rng: random.Random
+    window: int
+    loaded_at: float = field(default_factory=time.time)
+    inflight: int = 0
+    requests: int = 0
+    errors: int = 0  # 5xx answers: what a canary judge counts against the version
+    client_errors: int = 0  # 4xx answers (e.g. a feature count this version does not take)
+    latencies: deque[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.latencies = deque(maxlen=self.window)
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    def record(self, status: int, seconds: float) -> None:
+        self.requests += 1
+        if status >= 500:
+            self.errors += 1
+        elif status >= 400:
+            self.client_errors += 1
+        self.latencies.append(seconds)
+
+    def latency_ms(self) -> dict[str, float | None]:
+        if not self.latencies:
+            return {"p50": None, "p95": None, "p99": None}
+        p50, p95, p99 = np.percentile(np.fromiter(self.latencies, dtype=np.float64), [50, 95, 99])
+        return {"p50": p50 * 1e3, "p95": p95 * 1e3, "p99": p99 * 1e3}
+
+
+@dataclass(frozen=True, eq=False)
+class Slot:
+    """A version in a role. The spec may differ from ``loaded.spec`` only in ``fault``."""
+
+    role: Role
+    spec: VersionSpec
+    loaded: LoadedVersion
+
+
+@dataclass(frozen=True, eq=False)
+class Live:
+    """The deployment in force and the loaded versions it routes to."""
+
+    deployment: Deployment
+    champion: Slot | None
+    canary: Slot | None
+
+    @property
+    def model(self) -> str:
+        return self.deployment.model
+
+    @property
+    def weight(self) -> int:
+        return self.deployment.canary_weight
+
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        return tuple(s for s in (self.champion, self.canary) if s is not None)
+
+    def route(self, key: str | None, rng: random.Random) -> Slot | None:
+        """Pick the slot for one request: sticky by ``key`` when given, else weighted random."""
+        champion, canary = self.champion, self.canary
+        if canary is None or champion is None:
+            return champion or canary
+        weight = self.weight
+        if weight <= 0:
+            return champion
+        if weight >= 100:
+            return canary
+        if key is not None:
+            # Buckets below the weight go to the canary, so raising the weight only moves keys
+            # from champion to canary, never back: a client does not flap between versions.
+            digest = hashlib.blake2b(key.encode("latin-1"), digest_size=8).digest()
+            bucket = int.from_bytes(digest, "big") % _BUCKETS
+            return canary if bucket < weight * (_BUCKETS // 100) else champion
+        return canary if rng.random() * 100.0 < weight else champion
+
+
+def _feature_count(predictor: Predictor) -> int | None:
+    n = getattr(predictor, "n_features", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def load_version(
+    spec: VersionSpec, *, loader: Loader, intra_op_threads: int, seed: int, window: int
+) -> LoadedVersion:
+    """Verify, load and warm one version (blocking: call it off the event loop).
+
+    Raises :class:`DeploymentRefusedError` with a message that names the version and what failed.
+    """
+    path = Path(spec.artifact_path)
+    name = f"version {spec.version}"
+    if not path.is_file():
+        raise DeploymentRefusedError(422, f"{name}: artefact not found at {path}")
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise DeploymentRefusedError(422, f"{name}: cannot read artefact {path}: {exc}") from exc
+    if actual != spec.sha256:
+        raise DeploymentRefusedError(
+            409, f"{name}: sha256 mismatch for {path}: expected {spec.sha256}, file has {actual}"
+        )
+    try:
+        predictor = loader(path, spec.backend, intra_op_threads)
+    except Exception as exc:
+        raise DeploymentRefusedError(
+            422, f"{name}: {spec.backend} could not load {path}: {type(exc).__name__}: {exc}"
+        ) from exc
+    n_features = _feature_count(predictor)
+    if n_features is None:
+        raise DeploymentRefusedError(
+            422, f"{name}: the artefact does not declare a fixed feature count"
+        )
+    # Warm-up: the first run allocates and plans; doing it here keeps that off a user's request
+    # and proves the artefact actually answers before it can take traffic.
+    try:
+        out = np.asarray(predictor.predict(np.zeros((1, n_features), dtype=np.float32)))
+    except Exception as exc:
+        raise DeploymentRefusedError(
+            422, f"{name}: warm-up inference failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if out.ndim != 2 or out.shape[0] != 1 or out.shape[1] < 1:
+        raise DeploymentRefusedError(
+            422, f"{name}: warm-up returned shape {out.shape}, want [1, classes]"
+        )
+    if not all(math.isfinite(float(v)) for v in out[0]):
+        raise DeploymentRefusedError(422, f"{name}: warm-up returned non-finite logits")
+    # Per-version fault RNG, seeded from the version so runs are reproducible.
+    rng = random.Random(seed * 1_000_003 + zlib.crc32(spec.version.encode()))
+    return LoadedVersion(
+        spec=spec, predictor=predictor, n_features=n_features, fault_rng=rng, window=window
+    )

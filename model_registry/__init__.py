@@ -1,0 +1,27 @@
+"""The registry facade: the only package in Ballast that imports mlflow.
+
+A narrow surface: register a version (one MLflow run, all-or-nothing), read versions, tags and
+aliases, download a version's files, and move aliases (``champion``, ``candidate``, ``previous``)
+as one operation that is undone if a step fails. mlflow is imported when a :class:`Registry` is
+made, not when this package is imported.
+"""
+
+from model_registry.registry import Registry
+from model_registry.types import (
+    CANDIDATE,
+    CHAMPION,
+    PREVIOUS,
+    ModelVersionInfo,
+    PromotionResult,
+    model_uri,
+)
+
+__all__ = [
+    "CANDIDATE",
+    "CHAMPION",
+    "PREVIOUS",
+    "ModelVersionInfo",
+    "PromotionResult",
+    "Registry",
+    "model_uri",
+]

@@ -1,0 +1,428 @@
+"""MLflow behind a narrow facade.
+
+Everything goes through one ``MlflowClient`` bound to the tracking URI given to :class:`Registry`;
+nothing sets MLflow's process-wide tracking URI or active run, so two registries on two stores can
+live in one process (tests do this).
+
+A version's files are logged as plain run artefacts under ``model/`` and the model version's source
+is that folder's artefact URI: no MLflow model flavour, so no pip-requirement inference (seconds
+per version) and nothing is pickled. Registering on local sqlite takes a few tens of ms.
+
+Alias moves are several MLflow calls and MLflow has no transaction across them: a failing step is
+undone by restoring the aliases read before the move. Two processes promoting the same model at the
+same moment are not serialised against each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ballast.errors import RegistryError
+from model_registry.types import (
+    CANDIDATE,
+    CHAMPION,
+    PREVIOUS,
+    ModelVersionInfo,
+    PromotionResult,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_SUBDIR = "model"
+#: Run tag naming the model version a run produced (lineage from run to version).
+RUN_VERSION_TAG = "ballast.registered_version"
+_BATCH = 100  # MLflow's per-request limit is 100 params / 1000 metrics; 100 covers both
+
+
+@contextmanager
+def _mlflow_errors(action: str) -> Iterator[None]:
+    """Re-raise MLflow's exceptions as RegistryError naming what we were doing."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise RegistryError(f"{action}: {exc.message}") from exc
+
+
+def _quoted(value: str) -> str:
+    # MLflow's filter grammar has no escape for quotes inside a quoted string.
+    if "'" in value or "`" in value:
+        raise RegistryError(f"names, tag keys and values may not contain quotes: {value!r}")
+    return value
+
+
+def _local_files(root: Path) -> dict[str, int]:
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()
+    }
+
+
+def _local_path(uri: str) -> Path | None:
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "":
+        return Path(uri)
+    return None
+
+
+class Registry:
+    """A model registry on one MLflow store.
+
+    ``tracking_uri`` is used for both tracking and the registry (e.g. ``sqlite:///…/mlflow.db``);
+    runs of the experiment keep their artefacts under ``artifact_root/<experiment>`` when this
+    registry creates the experiment.
+    """
+
+    def __init__(
+        self, tracking_uri: str, artifact_root: Path, *, experiment_name: str = "ballast"
+    ) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.artifact_root = Path(artifact_root).resolve()
+        self.experiment_name = experiment_name
+        if tracking_uri.startswith("sqlite:///"):
+            # MLflow creates the database file but not the folder it lives in.
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self._client: MlflowClient = MlflowClient(
+            tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+        self.experiment_id = self._ensure_experiment()
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def _ensure_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        with _mlflow_errors(f"setting up experiment {self.experiment_name!r}"):
+            exp = self._client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                location = (self.artifact_root / self.experiment_name).as_uri()
+                try:
+                    return str(self._client.create_experiment(self.experiment_name, location))
+                except MlflowException:
+                    # Another process created it between our look-up and create.
+                    exp = self._client.get_experiment_by_name(self.experiment_name)
+                    if exp is None:
+                        raise
+            if exp.lifecycle_stage == "deleted":
+                self._client.restore_experiment(exp.experiment_id)
+            return str(exp.experiment_id)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def _aliases(self, name: str, *, missing_ok: bool = True) -> dict[str, str]:
+        """alias -> version of a registered model; {} for an unknown model when ``missing_ok``."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self._client.get_registered_model(name)
+        except MlflowException as exc:
+            if missing_ok and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise RegistryError(f"reading aliases of {name!r}: {exc.message}") from exc
+        return {alias: str(v) for alias, v in (model.aliases or {}).items()}
+
+    @staticmethod
+    def _info(mv: ModelVersion, aliases: Mapping[str, str] | None = None) -> ModelVersionInfo:
+        version = str(mv.version)
+        if aliases is None:
+            names = tuple(mv.aliases or ())
+        else:
+            # search results carry no aliases: take them from the registered model
+            names = tuple(a for a, v in aliases.items() if v == version)
+        return ModelVersionInfo(
+            name=mv.name,
+            version=version,
+            aliases=tuple(sorted(names)),
+            tags=dict(mv.tags or {}),
+            run_id=mv.run_id,
+            source=mv.source or "",
+            created_ms=int(mv.creation_timestamp),
+        )
+
+    def get_version(self, name: str, version: str | int) -> ModelVersionInfo:
+        with _mlflow_errors(f"reading {name!r} version {version}"):
+            return self._info(self._client.get_model_version(name, str(version)))
+
+    def get_by_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
+        """The version ``alias`` points at, or None when the alias (or the model) does not exist."""
+        version = self._aliases(name).get(alias)
+        return None if version is None else self.get_version(name, version)
+
+    def _search(self, filter_string: str, name: str) -> list[ModelVersionInfo]:
+        aliases = self._aliases(name)
+        found: list[ModelVersionInfo] = []
+        token: str | None = None
+        with _mlflow_errors(f"searching versions of {name!r}"):
+            while True:
+                page = self._client.search_model_versions(filter_string, page_token=token)
+                found.extend(self._info(mv, aliases) for mv in page)
+                token = page.token
+                if not token:
+                    break
+        return sorted(found, key=lambda v: int(v.version))
+
+    def list_versions(self, name: str) -> list[ModelVersionInfo]:
+        """All versions of ``name``, oldest first, with their aliases ([] for an unknown model)."""
+        return self._search(f"name='{_quoted(name)}'", name)
+
+    def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersionInfo]:
+        """Versions of ``name`` whose tag ``key`` equals ``value``, oldest first."""
+        flt = f"name='{_quoted(name)}' and tag.`{_quoted(key)}`='{_quoted(value)}'"
+        return self._search(flt, name)
+
+    def download(self, name: str, version: str | int, dst: Path | None = None) -> Path:
+        """A local folder holding the version's files.
+
+        Without ``dst`` and on a local artefact store this is the store's own folder: read it,
+        never write to it. With ``dst`` (or for a remote store) the files are copied to
+        ``dst/model`` (a new temporary folder when ``dst`` is None) and that folder is returned.
+        """
+        with _mlflow_errors(f"locating {name!r} version {version}"):
+            uri = self._client.get_model_version_download_uri(name, str(version))
+        local = _local_path(uri)
+        if local is not None:
+            if not local.is_dir():
+                raise RegistryError(f"{name!r} version {version}: artefacts missing at {local}")
+            if dst is None:
+                return local
+            target = Path(dst) / ARTIFACT_SUBDIR
+            shutil.copytree(local, target, dirs_exist_ok=True)
+            return target
+        from mlflow.artifacts import download_artifacts
+
+        dst_dir = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="ballast-model-"))
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        with _mlflow_errors(f"downloading {name!r} version {version}"):
+            path = download_artifacts(
+                artifact_uri=uri, dst_path=str(dst_dir), tracking_uri=self.tracking_uri
+            )
+        return Path(path)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def register_version(
+        self,
+        name: str,
+        *,
+        artifact_dir: Path,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str],
+        description: str = "",
+        run_name: str | None = None,
+    ) -> ModelVersionInfo:
+        """Log one run with ``artifact_dir`` under ``model/`` and make it a new version of ``name``.
+
+        All or nothing: if a step fails once the run has started, a version created by this call
+        is deleted, a registered model created by this call is deleted, the run is marked FAILED
+        (its artefacts stay, for diagnosis) and :class:`RegistryError` says which step failed.
+        """
+        from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
+
+        artifact_dir = Path(artifact_dir)
+        local = _local_files(artifact_dir) if artifact_dir.is_dir() else {}
+        if not local:
+            raise RegistryError(f"artefact folder is missing or empty: {artifact_dir}")
+
+        step = "starting the run"
+        run_id: str | None = None
+        created_model = False
+        version: str | None = None
+        try:
+            run = self._client.create_run(
+                self.experiment_id,
+                run_name=run_name,
+                tags={"ballast.model_name": name},
+            )
+            run_id = run.info.run_id
+
+            step = "logging params and metrics"
+            now = int(time.time() * 1000)
+            p = [Param(str(k), str(v)) for k, v in params.items()]
+            m = [Metric(str(k), float(v), now, 0) for k, v in metrics.items()]
+            for i in range(0, max(len(p), len(m)), _BATCH):
+                self._client.log_batch(run_id, metrics=m[i : i + _BATCH], params=p[i : i + _BATCH])
+
+            step = "uploading artefacts"
+            self._client.log_artifacts(run_id, str(artifact_dir), ARTIFACT_SUBDIR)
+            uploaded = self._remote_files(run_id, ARTIFACT_SUBDIR)
+            if uploaded != local:
+                # The folder changed while it was copied (or the copy was partial).
+                missing = sorted(set(local) - set(uploaded))
+                extra = sorted(set(uploaded) - set(local))
+                resized = sorted(k for k in set(local) & set(uploaded) if local[k] != uploaded[k])
+                raise RegistryError(
+                    f"uploaded artefacts differ from {artifact_dir}: "
+                    f"missing {missing}, unexpected {extra}, size changed {resized}"
+                )
+
+            step = "creating the registered model"
+            try:
+                self._client.create_registered_model(name)
+                created_model = True
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+
+            step = "creating the model version"
+            mv = self._client.create_model_version(
+                name,
+                source=f"{run.info.artifact_uri}/{ARTIFACT_SUBDIR}",
+                run_id=run_id,
+                tags=dict(tags),
+                description=description or None,
+            )
+            version = str(mv.version)
+
+            step = "finishing the run"
+            self._client.set_tag(run_id, RUN_VERSION_TAG, version)
+            self._client.set_terminated(run_id, "FINISHED")
+            log.info("registered %s version %s (run %s)", name, version, run_id)
+            return self.get_version(name, version)
+        except Exception as exc:
+            undo = self._undo_registration(name, run_id, version, created_model)
+            detail = getattr(exc, "message", None) or str(exc)
+            msg = f"registering {name!r} failed while {step}: {detail}"
+            if undo:
+                msg += f" (and undoing it failed: {'; '.join(undo)})"
+            raise RegistryError(msg) from exc
+
+    def _remote_files(self, run_id: str, path: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for info in self._client.list_artifacts(run_id, path):
+            if info.is_dir:
+                found.update(self._remote_files(run_id, info.path))
+            else:
+                found[info.path.removeprefix(f"{ARTIFACT_SUBDIR}/")] = int(info.file_size or 0)
+        return found
+
+    def _undo_registration(
+        self, name: str, run_id: str | None, version: str | None, created_model: bool
+    ) -> list[str]:
+        """Best-effort rollback of a failed registration; returns what could not be undone."""
+        problems: list[str] = []
+        if version is not None:
+            try:
+                self._client.delete_model_version(name, version)
+            except Exception as exc:
+                problems.append(f"delete version {version}: {exc}")
+        if created_model:
+            try:
+                if not self.list_versions(name):
+                    self._client.delete_registered_model(name)
+            except Exception as exc:
+                problems.append(f"delete registered model: {exc}")
+        if run_id is not None:
+            try:
+                self._client.set_terminated(run_id, "FAILED")
+            except Exception as exc:
+                problems.append(f"mark run {run_id} FAILED: {exc}")
+        return problems
+
+    def set_tags(self, name: str, version: str | int, tags: Mapping[str, str]) -> None:
+        with _mlflow_errors(f"tagging {name!r} version {version}"):
+            for key, value in tags.items():
+                self._client.set_model_version_tag(name, str(version), key, value)
+
+    def set_alias(self, name: str, alias: str, version: str | int) -> None:
+        with _mlflow_errors(f"setting alias {alias!r} of {name!r} to version {version}"):
+            self._client.set_registered_model_alias(name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        """Remove ``alias`` (no error when it does not exist)."""
+        with _mlflow_errors(f"deleting alias {alias!r} of {name!r}"):
+            self._client.delete_registered_model_alias(name, alias)
+
+    # --- alias moves -----------------------------------------------------------------------------
+
+    def _move_aliases(
+        self, name: str, before: Mapping[str, str], target: Mapping[str, str | None]
+    ) -> None:
+        """Apply ``target`` (alias -> version, None = remove) in order; on failure put the aliases
+        in ``target`` back as ``before`` had them, and raise."""
+        try:
+            for alias, version in target.items():
+                if before.get(alias) == version:
+                    continue
+                if version is None:
+                    self._client.delete_registered_model_alias(name, alias)
+                else:
+                    self._client.set_registered_model_alias(name, alias, version)
+        except Exception as exc:
+            problems = []
+            for alias in target:
+                try:
+                    old = before.get(alias)
+                    if old is None:
+                        self._client.delete_registered_model_alias(name, alias)
+                    else:
+                        self._client.set_registered_model_alias(name, alias, old)
+                except Exception as restore_exc:
+                    problems.append(f"{alias}: {restore_exc}")
+            detail = getattr(exc, "message", None) or str(exc)
+            msg = f"moving aliases of {name!r} failed, aliases restored: {detail}"
+            if problems:
+                msg = (
+                    f"moving aliases of {name!r} failed ({detail}) and restoring them failed "
+                    f"too ({'; '.join(problems)}); aliases before were {before}"
+                )
+            raise RegistryError(msg) from exc
+
+    def promote(self, name: str, version: str | int) -> PromotionResult:
+        """Make ``version`` the champion; the old champion becomes ``previous``; a ``candidate``
+        alias on ``version`` is removed. Undone as a whole if any step fails."""
+        version = str(version)
+        before = self._aliases(name, missing_ok=False)
+        old = before.get(CHAMPION)
+        target: dict[str, str | None] = {}
+        if old != version:
+            if old is not None:
+                target[PREVIOUS] = old
+            target[CHAMPION] = version
+        clears_candidate = before.get(CANDIDATE) == version
+        if clears_candidate:
+            target[CANDIDATE] = None
+        self._move_aliases(name, before, target)
+        log.info("promoted %s version %s (previous champion %s)", name, version, old)
+        return PromotionResult(
+            name=name,
+            version=version,
+            previous_champion=old,
+            candidate_cleared=clears_candidate,
+            changed=old != version,
+        )
+
+    def rollback_to_previous(self, name: str) -> PromotionResult:
+        """Point ``champion`` back at ``previous`` and remove ``previous`` (so a second rollback
+        cannot bounce back to the version just rolled away from)."""
+        before = self._aliases(name, missing_ok=False)
+        prev = before.get(PREVIOUS)
+        if prev is None:
+            raise RegistryError(f"{name!r} has no {PREVIOUS!r} alias to roll back to")
+        self._move_aliases(name, before, {CHAMPION: prev, PREVIOUS: None})
+        log.info("rolled %s back to version %s from %s", name, prev, before.get(CHAMPION))
+        return PromotionResult(
+            name=name,
+            version=prev,
+            previous_champion=before.get(CHAMPION),
+            candidate_cleared=False,
+            changed=before.get(CHAMPION) != prev,
+        )

@@ -1,0 +1,157 @@
+"""The gateway as a real process on 127.0.0.1: GatewayProcess, GatewayClient, real HTTP, SIGTERM."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ballast.errors import GatewayError
+from ballast.gateway_client import GatewayClient, GatewayHTTPError
+from ballast.gateway_process import GatewayProcess, ensure_gateway
+from ballast.serving import Deployment, VersionSpec
+from ballast.settings import Settings
+from infra.gateway.testing import build_mlp_onnx, spec_for
+
+pytestmark = pytest.mark.integration
+
+MODEL = "m"
+ROW = [0.25] * 30
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[VersionSpec, VersionSpec]:
+    root = tmp_path_factory.mktemp("artefacts")
+    one = spec_for(build_mlp_onnx(root / "one.onnx", seed=11), "1")
+    two = spec_for(build_mlp_onnx(root / "two.onnx", seed=12), "2")
+    return one, two
+
+
+def seen(client: GatewayClient, n: int) -> Counter[str]:
+    return Counter(client.predict(MODEL, [ROW]).version for _ in range(n))
+
+
+def test_gateway_process_serves_champion_and_canary(
+    settings: Settings, versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
+) -> None:
+    one, two = versions
+    with (
+        GatewayProcess.start(settings, log_path=tmp_path / "gw.log", timeout=30) as gw,
+        GatewayClient(settings.gateway_url, settings.admin_token()) as client,
+    ):
+        assert gw.running()
+        assert client.health()
+        assert not client.ready()
+        assert client.get_deployment() is None
+
+        champion = Deployment(model=MODEL, champion=one)
+        assert client.set_deployment(champion) == champion
+        assert client.ready()
+        answer = client.predict(MODEL, [ROW, ROW])
+        assert answer.version == "1"
+        assert len(answer.predictions) == 2
+
+        canary = Deployment(model=MODEL, champion=one, canary=two, canary_weight=50)
+        assert client.set_deployment(canary) == canary
+        split = seen(client, 200)
+        assert set(split) == {"1", "2"}
+        assert 60 < split["2"] < 140  # 50 % of 200, about 7 standard deviations wide
+
+        # The same key always lands on the same version.
+        keyed = {client.predict(MODEL, [ROW], key="user-7").version for _ in range(20)}
+        assert len(keyed) == 1
+
+        client.set_deployment(canary.model_copy(update={"canary_weight": 0}))
+        assert seen(client, 100) == {"1": 100}
+
+        # A refused change says why and leaves the deployment in force.
+        tampered = canary.model_copy(update={"canary": two.model_copy(update={"sha256": "0" * 64})})
+        with pytest.raises(GatewayHTTPError, match="sha256 mismatch") as info:
+            client.set_deployment(tampered)
+        assert info.value.status_code == 409
+        assert client.get_deployment() == canary.model_copy(update={"canary_weight": 0})
+
+        with pytest.raises(GatewayHTTPError) as bad:
+            client.predict(MODEL, [ROW[:-1]])
+        assert bad.value.status_code == 422
+        assert bad.value.version == "1"
+
+        stats = client.stats()
+        assert stats["versions"]["1"]["requests"] > 100
+        metrics = httpx.get(f"{settings.gateway_url}/metrics", trust_env=False).text
+        assert 'ballast_deployment_info{model="m",role="canary",version="2"} 1.0' in metrics
+
+        with GatewayClient(settings.gateway_url, "wrong-token") as intruder:
+            with pytest.raises(GatewayHTTPError) as denied:
+                intruder.get_deployment()
+            assert denied.value.status_code == 401
+
+        started = time.monotonic()
+        code = gw.stop(timeout=10)
+        assert time.monotonic() - started < 10
+        assert code == 0
+    assert not client.health()
+    assert "deployment.applied" in (tmp_path / "gw.log").read_text()
+    assert settings.admin_token() not in (tmp_path / "gw.log").read_text()
+
+
+def test_sigterm_drains_in_flight_requests(
+    settings: Settings, versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
+) -> None:
+    one, _ = versions
+    slow = Deployment(model=MODEL, champion=one.model_copy(update={"fault": "latency"}))
+    gw = GatewayProcess.start(
+        settings, log_path=tmp_path / "gw.log", extra_args=["--fault-latency-ms", "1500"]
+    )
+    try:
+        with GatewayClient(settings.gateway_url, settings.admin_token()) as admin:
+            admin.set_deployment(slow)
+            with ThreadPoolExecutor(4) as pool:
+                clients = [GatewayClient(settings.gateway_url, timeout=10) for _ in range(4)]
+                futures = [pool.submit(c.predict, MODEL, [ROW]) for c in clients]
+                deadline = time.monotonic() + 5
+                while admin.stats()["versions"]["1"]["inflight"] < 4:
+                    assert time.monotonic() < deadline, "requests never arrived"
+                    time.sleep(0.02)
+                started = time.monotonic()
+                code = gw.stop(timeout=10)
+                stopped_in = time.monotonic() - started
+                answers = [f.result(timeout=10) for f in futures]
+                for c in clients:
+                    c.close()
+    finally:
+        gw.stop()
+    assert code == 0
+    assert [a.version for a in answers] == ["1"] * 4  # every in-flight request was answered
+    assert 0.5 < stopped_in < 10  # it waited for the 1.5 s requests, within the bound
+
+
+def test_ensure_gateway_starts_once_and_records_its_pid(settings: Settings) -> None:
+    started = ensure_gateway(settings)
+    assert started is not None
+    try:
+        pid_file = settings.state_dir / "gateway.pid"
+        assert pid_file.read_text().strip() == str(started.pid)
+        assert ensure_gateway(settings) is None  # already answering: someone else's
+    finally:
+        started.stop()
+    assert not pid_file.exists()
+
+
+def test_start_fails_fast_with_the_log_when_the_port_is_taken(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((settings.gateway_host, settings.gateway_port))
+        squatter.listen(1)
+        started = time.monotonic()
+        with pytest.raises(GatewayError, match="exited with code") as info:
+            GatewayProcess.start(settings, log_path=tmp_path / "gw.log", timeout=20)
+        assert time.monotonic() - started < 20
+    assert "address already in use" in str(info.value).lower()

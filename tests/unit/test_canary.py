@@ -1,0 +1,273 @@
+"""The canary controller's logic, against a FAKE of the gateway's admin API and synthetic load.
+
+``FakeAdmin`` stands in for ``GatewayClient.get_deployment`` / ``set_deployment`` only (it
+validates nothing beyond the ``Deployment`` model itself); ``SyntheticLoad`` fabricates
+observations. The real gateway, real requests and real ONNX models are exercised in
+``tests/integration/test_canary_rollback.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from ballast.canary import CanaryResult, LoadFn, StepRecord, run_canary
+from ballast.errors import GatewayError
+from ballast.judge import Observation, ThresholdJudge
+from ballast.serving import Deployment, VersionSpec
+
+MODEL = "m"
+STEPS = (5, 25, 50, 100)
+MIN = 20
+
+
+def spec(version: str) -> VersionSpec:
+    return VersionSpec(version=version, artifact_path=f"/a/{version}.onnx", sha256="0" * 64)
+
+
+CHAMPION = spec("1")
+CANDIDATE = spec("2")
+CHAMPION_ONLY = Deployment(model=MODEL, champion=CHAMPION)
+
+
+class FakeAdmin:
+    """FAKE of the gateway admin API (get/set deployment) that records every change."""
+
+    def __init__(self, current: Deployment | None, *, fail_on_set: int | None = None) -> None:
+        self.current = current
+        self.history: list[Deployment] = []
+        self._fail_on_set = fail_on_set
+
+    def get_deployment(self) -> Deployment | None:
+        return self.current
+
+    def set_deployment(self, dep: Deployment) -> Deployment:
+        if self._fail_on_set is not None and len(self.history) + 1 == self._fail_on_set:
+            self.history.append(dep)
+            raise GatewayError("fake admin refused the change")
+        self.history.append(dep)
+        self.current = dep
+        return dep
+
+
+class SyntheticLoad:
+    """Fabricates one step's traffic: exactly ``MIN`` candidate answers and the champion's share.
+
+    ``candidate_error_every=k`` fails every k-th candidate request; ``candidate_latency_s`` sets
+    its latency (champion: 10 ms); ``raise_on_call=n`` raises on the n-th call.
+    """
+
+    def __init__(
+        self,
+        *,
+        candidate_error_every: int | None = None,
+        candidate_latency_s: float = 0.010,
+        raise_on_call: int | None = None,
+        exc: BaseException | None = None,
+        per_call: int = MIN,
+    ) -> None:
+        self.calls: list[int] = []
+        self.error_every = candidate_error_every
+        self.latency = candidate_latency_s
+        self.raise_on_call = raise_on_call
+        self.exc = exc or RuntimeError("load generator crashed")
+        self.per_call = per_call
+
+    def __call__(self, weight: int) -> list[Observation]:
+        self.calls.append(weight)
+        if self.raise_on_call == len(self.calls):
+            raise self.exc
+        out = []
+        for i in range(self.per_call):
+            ok = self.error_every is None or i % self.error_every != 0
+            out.append(Observation(CANDIDATE.version, ok, self.latency, None))
+        n_champion = self.per_call * (100 - weight) // weight
+        out += [Observation(CHAMPION.version, True, 0.010, None) for _ in range(n_champion)]
+        return out
+
+
+JUDGE = ThresholdJudge(min_samples=MIN)
+
+
+def canary(admin: FakeAdmin, load: LoadFn, **kw: Any) -> CanaryResult:
+    """run_canary with this module's defaults; ``kw`` overrides any of them."""
+    args: dict[str, Any] = {
+        "model": MODEL,
+        "champion": CHAMPION,
+        "candidate": CANDIDATE,
+        "steps": STEPS,
+        "judge": JUDGE,
+        "load": load,
+        "min_samples": MIN,
+        "step_max_seconds": 5.0,
+    }
+    args.update(kw)
+    return run_canary(admin, **args)
+
+
+def test_healthy_candidate_walks_every_step_and_becomes_champion() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    seen: list[StepRecord] = []
+    result = run_canary(
+        admin,
+        model=MODEL,
+        champion=CHAMPION,
+        candidate=CANDIDATE,
+        steps=STEPS,
+        judge=JUDGE,
+        load=SyntheticLoad(),
+        min_samples=MIN,
+        step_max_seconds=5.0,
+        on_step=seen.append,
+    )
+    assert result.decision == "promote", result.reasons
+    assert [s.weight for s in result.steps] == list(STEPS)
+    assert [s.verdict.decision for s in result.steps] == ["continue"] * 3 + ["promote"]
+    assert [d.canary_weight for d in admin.history[:4]] == list(STEPS)
+    assert admin.current == Deployment(model=MODEL, champion=CANDIDATE), admin.current
+    assert result.final_deployment == admin.current
+    assert seen == list(result.steps), "on_step sees every step, in order"
+    assert result.seconds_to_decision == result.steps[-1].seconds
+    assert result.steps[0].counts == {"2": MIN, "1": MIN * 95 // 5}
+
+
+def test_erroring_candidate_rolls_back_at_the_first_step_with_evidence() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    load = SyntheticLoad(candidate_error_every=3)  # about a third fail
+    result = canary(admin, load)
+    assert result.decision == "rollback"
+    assert len(result.steps) == 1, "rollback must not wait for later steps"
+    assert load.calls == [5]
+    assert admin.current == CHAMPION_ONLY, admin.current
+    assert admin.current.canary is None
+    assert admin.current.canary_weight == 0
+    assert any("error rate" in r for r in result.reasons)
+    assert result.evidence["canary_error_rate"] > 0.3
+
+
+def test_slow_candidate_rolls_back_on_latency() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    result = canary(admin, SyntheticLoad(candidate_latency_s=0.070))
+    assert result.decision == "rollback"
+    assert any("p95 latency" in r for r in result.reasons)
+    assert admin.current == CHAMPION_ONLY
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError("load generator crashed"), KeyboardInterrupt()],
+    ids=["error", "keyboard-interrupt"],
+)
+def test_failure_mid_canary_restores_the_champion_and_reraises(exc: BaseException) -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    load = SyntheticLoad(raise_on_call=2, exc=exc)
+    with pytest.raises(type(exc)):
+        canary(admin, load)
+    assert admin.history[1].canary_weight == 25, "the failure happened during step 2"
+    assert admin.current == CHAMPION_ONLY, admin.current
+
+
+def test_failing_step_callback_restores_too() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+
+    def explode(record: StepRecord) -> None:
+        raise ValueError(f"report writer broke at {record.weight}%")
+
+    with pytest.raises(ValueError, match="at 5%"):
+        canary(admin, SyntheticLoad(), on_step=explode)
+    assert admin.current == CHAMPION_ONLY
+
+
+def test_failed_final_switch_restores_the_previous_deployment() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY, fail_on_set=5)  # 4 steps, then the promotion fails
+    with pytest.raises(GatewayError):
+        canary(admin, SyntheticLoad())
+    assert admin.current == CHAMPION_ONLY
+
+
+def test_restore_failure_keeps_the_original_error_and_notes_the_second() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY, fail_on_set=3)  # step 2 is set, then restore is refused
+    load = SyntheticLoad(raise_on_call=2)
+    with pytest.raises(RuntimeError, match="load generator crashed") as info:
+        canary(admin, load)
+    assert any("restoring the pre-canary deployment failed" in n for n in info.value.__notes__)
+
+
+def test_failure_with_nothing_deployed_before_restores_an_empty_deployment() -> None:
+    admin = FakeAdmin(None)
+    with pytest.raises(RuntimeError):
+        canary(admin, SyntheticLoad(raise_on_call=1))
+    assert admin.current == Deployment(model=MODEL), admin.current
+
+
+def test_first_release_takes_all_traffic_at_once_and_is_judged_absolutely() -> None:
+    admin = FakeAdmin(None)
+    load = SyntheticLoad()
+    result = canary(admin, load, champion=None)
+    assert result.decision == "promote", result.reasons
+    assert admin.history[0] == Deployment(model=MODEL, canary=CANDIDATE, canary_weight=100)
+    assert load.calls == [100]
+    assert admin.current == Deployment(model=MODEL, champion=CANDIDATE)
+    assert any("no baseline" in r for r in result.reasons)
+
+
+def test_failed_first_release_leaves_nothing_served() -> None:
+    admin = FakeAdmin(None)
+    result = canary(admin, SyntheticLoad(candidate_error_every=2), champion=None)
+    assert result.decision == "rollback"
+    assert admin.current == Deployment(model=MODEL)
+
+
+def test_too_little_evidence_at_the_last_step_is_not_promoted() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    # Each call gives a few candidate answers; the step clock runs out before MIN are seen.
+    slow = SyntheticLoad(per_call=1)
+    original = slow.__call__
+
+    def trickle(weight: int) -> list[Observation]:
+        time.sleep(0.04)
+        return original(weight)
+
+    started = time.monotonic()
+    result = canary(admin, trickle, step_max_seconds=0.1)
+    elapsed = time.monotonic() - started
+    assert result.decision == "rollback"
+    assert result.reasons[0] == "inconclusive at 100%"
+    assert admin.current == CHAMPION_ONLY
+    assert elapsed < 4 * 0.1 + 1.0, f"steps must respect step_max_seconds (took {elapsed:.2f}s)"
+
+
+def test_step_keeps_loading_until_the_candidate_has_enough_samples() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    load = SyntheticLoad(per_call=MIN // 4)
+    result = canary(admin, load)
+    assert result.decision == "promote"
+    assert load.calls == [5] * 4 + [25] * 4 + [50] * 4 + [100] * 4
+    assert all(s.counts["2"] == MIN for s in result.steps)
+
+
+def test_empty_load_does_not_spin_until_the_deadline() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    started = time.monotonic()
+    result = canary(admin, lambda weight: [], step_max_seconds=30.0)
+    assert time.monotonic() - started < 1.0
+    assert result.decision == "rollback"
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"candidate": CHAMPION}, "already the champion"),
+        ({"steps": (50, 25, 100)}, "canary steps"),
+        ({"min_samples": 0}, "min_samples"),
+        ({"step_max_seconds": 0.0}, "step_max_seconds"),
+    ],
+    ids=["candidate-is-champion", "bad-steps", "zero-samples", "zero-seconds"],
+)
+def test_bad_arguments_are_refused_before_traffic_moves(kw: dict[str, object], match: str) -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    with pytest.raises(ValueError, match=match):
+        canary(admin, SyntheticLoad(), **kw)
+    assert admin.history == [], "nothing may change before the arguments are checked"

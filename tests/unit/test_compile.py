@@ -1,0 +1,371 @@
+"""Compile stage: ONNX export, the ONNX Runtime backend, backend choice, parity and benchmarks.
+
+Everything here runs on CPU with real torch, ONNX and ONNX Runtime. The TensorRT backend itself
+needs tensorrt and a GPU (tests/tensorrt); only its pure parts are checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ballast.compile import (
+    CompiledArtifact,
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    benchmark,
+    benchmark_eager,
+    check_parity,
+    compile_model,
+    export_onnx,
+    select_backend,
+)
+from ballast.compile.parity import eager_logits, random_rows, relative_errors
+from ballast.compile.tensorrt import (
+    ENGINE_NAME,
+    TensorRTPredictor,
+    compatibility_problems,
+    sidecar_path,
+)
+from ballast.errors import CompileError, ParityError
+from ballast.hashing import sha256_file
+from ballast.runtime import load_predictor
+
+N_FEATURES = 30
+
+
+class MLP(torch.nn.Module):
+    """Like the production model: normalisation buffers inside, logits out."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, n_features: int = N_FEATURES, hidden: int = 32, n_classes: int = 2) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.linspace(-1.0, 1.0, n_features))
+        self.register_buffer("std", torch.linspace(0.5, 2.0, n_features))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n_features, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+class NamedInput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(N_FEATURES, 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.lin(features)
+
+
+class NoisyAtInference(torch.nn.Module):
+    """Dropout left on in eval: the exported graph samples its own mask, so it cannot match."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(N_FEATURES, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.nn.functional.dropout(x, p=0.5, training=True))
+
+
+@pytest.fixture(scope="module")
+def rows() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return (rng.standard_normal((120, N_FEATURES)) * 3 + 5).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model() -> MLP:
+    torch.manual_seed(0)
+    return MLP().eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory: pytest.TempPathFactory, model: MLP, rows: np.ndarray) -> Path:
+    return export_onnx(model, rows[:4], tmp_path_factory.mktemp("export") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def ort_artifact(tmp_path_factory: pytest.TempPathFactory, onnx_file: Path) -> Path:
+    return OnnxRuntimeBackend().compile(onnx_file, tmp_path_factory.mktemp("ort"), max_batch=1024)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def test_export_writes_one_file_with_named_io_and_a_dynamic_batch(onnx_file: Path) -> None:
+    assert [p.name for p in onnx_file.parent.iterdir()] == ["model.onnx"], "no external data"
+    graph = onnx.load(str(onnx_file)).graph
+    (inp,) = graph.input
+    (out,) = graph.output
+    assert (inp.name, out.name) == ("input", "logits")
+    batch, features = inp.type.tensor_type.shape.dim
+    assert batch.dim_param, "the batch dimension must be symbolic"
+    assert features.dim_value == N_FEATURES
+
+
+def test_export_prints_nothing_to_stdout(
+    tmp_path: Path, model: MLP, rows: np.ndarray, capfd: pytest.CaptureFixture[str]
+) -> None:
+    export_onnx(model, rows[:1], tmp_path / "m.onnx")
+    assert capfd.readouterr().out == "", "exporter progress must stay out of our output"
+
+
+def test_export_leaves_the_callers_model_in_its_mode(tmp_path: Path, rows: np.ndarray) -> None:
+    m = MLP().train()
+    export_onnx(m, rows[:2], tmp_path / "m.onnx")
+    assert m.training, "export must restore train mode"
+
+
+def test_export_keys_the_dynamic_batch_by_forwards_argument_name(
+    tmp_path: Path, rows: np.ndarray
+) -> None:
+    path = export_onnx(NamedInput(), rows[:2], tmp_path / "named.onnx")
+    out = OnnxRuntimeBackend().compile(path, tmp_path, max_batch=8)
+    assert load_predictor(out, "onnxruntime").predict(rows[:5]).shape == (5, 3)
+
+
+def test_export_refuses_an_example_that_is_not_a_2d_batch(tmp_path: Path, model: MLP) -> None:
+    with pytest.raises(CompileError, match="batch, features"):
+        export_onnx(model, np.zeros(N_FEATURES, dtype=np.float32), tmp_path / "m.onnx")
+
+
+# --- onnxruntime backend -----------------------------------------------------------------------
+
+
+def test_ort_artifact_matches_eager_at_any_batch_size(
+    ort_artifact: Path, model: MLP, rows: np.ndarray
+) -> None:
+    assert ort_artifact.name == "model.ort.onnx"
+    predictor = load_predictor(ort_artifact, "onnxruntime")
+    for n in (1, 3, 120):
+        got = predictor.predict(rows[:n])
+        want = eager_logits(model, rows[:n])
+        assert got.shape == (n, 2) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"batch {n}")
+
+
+def test_ort_backend_reports_a_graph_it_cannot_load_as_compile_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    with pytest.raises(CompileError, match="could not optimise"):
+        OnnxRuntimeBackend().compile(bad, tmp_path / "out", max_batch=8)
+
+
+# --- backend choice ----------------------------------------------------------------------------
+
+
+def test_select_backend_onnxruntime_passes_threads_through() -> None:
+    backend = select_backend("onnxruntime", intra_op_threads=2)
+    assert isinstance(backend, OnnxRuntimeBackend) and backend.intra_op_threads == 2
+    assert backend.available() and backend.precision == "fp32"
+
+
+def test_auto_falls_back_to_onnxruntime_and_explicit_tensorrt_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        TensorRTBackend, "unavailable_reason", lambda self: "no CUDA GPU is visible"
+    )
+    assert select_backend("auto").name == "onnxruntime"
+    with pytest.raises(CompileError, match=r"'tensorrt' was requested.*no CUDA GPU is visible"):
+        select_backend("tensorrt")
+
+
+def test_auto_picks_tensorrt_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TensorRTBackend, "unavailable_reason", lambda self: None)
+    assert select_backend("auto").name == "tensorrt"
+
+
+def test_select_backend_matches_this_machine() -> None:
+    reason = TensorRTBackend().unavailable_reason()
+    if reason is None:
+        assert select_backend("tensorrt").name == "tensorrt"
+    else:
+        with pytest.raises(CompileError, match=re.escape(reason)):
+            select_backend("tensorrt")
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(CompileError, match="unknown"):
+        select_backend("tvm")  # type: ignore[arg-type]
+
+
+# --- tensorrt: the parts that run without tensorrt ---------------------------------------------
+
+
+def test_engine_compatibility_names_version_and_architecture_mismatches() -> None:
+    sidecar = {"tensorrt_version": "10.13.0", "compute_capability": "8.0"}
+    assert compatibility_problems(sidecar, trt_version="10.13.0", compute_capability="8.0") == []
+    problems = compatibility_problems(sidecar, trt_version="11.4.0", compute_capability="9.0")
+    assert len(problems) == 2
+    assert "TensorRT 10.13.0" in problems[0] and "11.4.0" in problems[0]
+    assert "8.0" in problems[1] and "9.0" in problems[1]
+
+
+def test_tensorrt_predictor_refuses_an_engine_without_sidecar(tmp_path: Path) -> None:
+    engine = tmp_path / ENGINE_NAME
+    engine.write_bytes(b"\0" * 16)
+    with pytest.raises(CompileError, match="sidecar missing"):
+        load_predictor(engine, "tensorrt")
+
+
+def test_tensorrt_predictor_refuses_an_engine_from_another_build(tmp_path: Path) -> None:
+    engine = tmp_path / ENGINE_NAME
+    engine.write_bytes(b"\0" * 16)
+    sidecar_path(engine).write_text(
+        json.dumps({"tensorrt_version": "0.0.0", "compute_capability": "0.0", "n_features": 30})
+    )
+    # Here: tensorrt missing. On a TensorRT machine: the version mismatch. Both refuse.
+    with pytest.raises(CompileError):
+        TensorRTPredictor(engine)
+
+
+# --- parity ------------------------------------------------------------------------------------
+
+
+def test_relative_error_is_measured_against_the_rows_largest_logit() -> None:
+    reference = np.array([[10.0, 1e-9], [-4.0, 2.0]])
+    actual = reference + np.array([[1e-4, 1e-4], [0.0, 4e-4]])
+    rel = relative_errors(actual, reference)
+    # The near-zero logit does not blow up: 1e-4 against 10, not against 1e-9.
+    np.testing.assert_allclose(rel, [1e-5, 1e-4])
+
+
+def test_relative_error_of_a_near_zero_row_uses_the_batch_scale() -> None:
+    reference = np.array([[1e-8, -1e-8], [5.0, -3.0]])
+    actual = reference + 1e-6
+    rel = relative_errors(actual, reference)
+    assert rel[0] < 1e-5, "a row of tiny logits must be judged against the batch's logit scale"
+
+
+def test_non_finite_output_is_an_infinite_error() -> None:
+    rel = relative_errors(np.array([[np.nan, 1.0], [1.0, 1.0]]), np.ones((2, 2)))
+    assert math.isinf(rel[0]) and rel[1] == 0
+
+
+def test_random_rows_follow_the_scale_of_the_real_rows(rows: np.ndarray) -> None:
+    drawn = random_rows(rows, 4000, seed=3)
+    assert drawn.dtype == np.float32 and drawn.shape == (4000, N_FEATURES)
+    np.testing.assert_allclose(drawn.mean(axis=0), rows.mean(axis=0), atol=0.3)
+    np.testing.assert_allclose(drawn.std(axis=0), rows.std(axis=0), rtol=0.1)
+
+
+def test_parity_passes_for_the_compiled_model(
+    ort_artifact: Path, model: MLP, rows: np.ndarray
+) -> None:
+    report = check_parity(
+        model, load_predictor(ort_artifact, "onnxruntime"), rows, rtol=1e-4, n_random=64
+    )
+    assert report.passed and report.max_rel_err <= 1e-4
+    assert (report.n_rows, report.n_random, report.rtol) == (120, 64, 1e-4)
+
+
+def test_parity_fails_for_another_models_artefact_naming_error_and_limit(
+    ort_artifact: Path, rows: np.ndarray
+) -> None:
+    torch.manual_seed(0)
+    drifted = MLP().eval()
+    with torch.no_grad():
+        last = drifted.net[2]
+        assert isinstance(last, torch.nn.Linear)
+        last.bias.add_(0.05)  # the artefact was compiled before this change
+    with pytest.raises(
+        ParityError, match=r"max relative error [\d.e-]+ \(.* row \d+\) exceeds rtol"
+    ):
+        check_parity(drifted, load_predictor(ort_artifact, "onnxruntime"), rows, rtol=1e-4)
+
+
+# --- benchmarks --------------------------------------------------------------------------------
+
+
+def test_benchmark_reports_each_batch_with_consistent_numbers(ort_artifact: Path) -> None:
+    report = benchmark(
+        load_predictor(ort_artifact, "onnxruntime"), N_FEATURES, (1, 16), min_time_s=0.01
+    )
+    assert report.runtime == "onnxruntime" and report.batches == (1, 16)
+    for t in report.timings:
+        assert t.n_calls >= 50
+        assert 0 < t.p50_ms <= t.p99_ms
+        assert t.samples_per_s == pytest.approx(t.batch / (t.mean_ms / 1e3))
+
+
+def test_benchmark_eager_restores_torch_threads_and_train_mode() -> None:
+    m = MLP().train()
+    threads = torch.get_num_threads()
+    report = benchmark_eager(m, N_FEATURES, (4,), min_time_s=0.01, threads=1)
+    assert report.runtime == "eager" and report.threads == 1
+    assert torch.get_num_threads() == threads and m.training
+
+
+# --- the whole stage ---------------------------------------------------------------------------
+
+
+def test_compile_model_returns_hashed_checked_benchmarked_artifact(
+    tmp_path: Path, model: MLP, rows: np.ndarray
+) -> None:
+    art = compile_model(
+        model,
+        rows[:8],
+        rows,
+        tmp_path,
+        backend="onnxruntime",
+        rtol_fp32=1e-4,
+        max_batch=256,
+        bench_batches=(1, 64),
+        n_random=32,
+        bench_min_time_s=0.01,
+    )
+    assert isinstance(art, CompiledArtifact)
+    assert (art.backend, art.precision) == ("onnxruntime", "fp32")
+    assert art.path == tmp_path / "model.ort.onnx" and art.sha256 == sha256_file(art.path)
+    assert art.onnx_path == tmp_path / "model.onnx" and art.onnx_sha256 == sha256_file(
+        art.onnx_path
+    )
+    assert art.parity.passed
+    metrics = art.metrics()
+    for key in (
+        "parity_max_rel_err",
+        "bench_b1_p50_ms",
+        "bench_b64_samples_per_s",
+        "eager_b1_p50_ms",
+        "speedup_b1_vs_eager",
+        "speedup_b64_vs_eager",
+    ):
+        assert key in metrics, f"missing metric {key}"
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+def test_compile_model_raises_parity_error_before_returning(
+    tmp_path: Path, rows: np.ndarray
+) -> None:
+    with pytest.raises(ParityError, match="exceeds rtol"):
+        compile_model(
+            NoisyAtInference(),
+            rows[:8],
+            rows,
+            tmp_path,
+            backend="onnxruntime",
+            rtol_fp32=1e-4,
+            bench_batches=(1,),
+        )
+
+
+def test_compile_model_refuses_a_max_batch_the_export_cannot_take(
+    tmp_path: Path, model: MLP, rows: np.ndarray
+) -> None:
+    with pytest.raises(CompileError, match="max_batch"):
+        compile_model(model, rows, rows, tmp_path, rtol_fp32=1e-4, max_batch=10_000)

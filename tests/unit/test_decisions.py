@@ -1,0 +1,148 @@
+"""Pure release decisions: approval, alias plans, canary weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from ballast.decisions import (
+    CANDIDATE,
+    CHAMPION,
+    PREVIOUS,
+    AliasPlan,
+    decide_approval,
+    next_weight,
+    plan_promotion,
+    plan_rollback,
+    validate_steps,
+)
+
+ALL_PASS = {"parity": True, "integrity": True, "metrics": True}
+ONE_FAILS = {"parity": True, "integrity": False, "metrics": True}
+
+
+@pytest.mark.parametrize(
+    ("policy", "checks", "status", "failed"),
+    [
+        ("auto", ALL_PASS, "approved", ()),
+        ("auto", ONE_FAILS, "rejected", ("integrity",)),
+        ("auto", {"a": False, "b": False}, "rejected", ("a", "b")),
+        ("auto", {}, "rejected", ()),
+        ("manual", ALL_PASS, "needs_human", ()),
+        ("manual", ONE_FAILS, "rejected", ("integrity",)),
+        ("manual", {}, "rejected", ()),
+    ],
+    ids=[
+        "auto-all-pass-approves",
+        "auto-one-failure-rejects",
+        "auto-names-every-failure",
+        "auto-no-checks-rejects",
+        "manual-all-pass-asks-a-human",
+        "manual-failure-rejects-without-asking",
+        "manual-no-checks-rejects",
+    ],
+)
+def test_decide_approval(
+    policy: str, checks: dict[str, bool], status: str, failed: tuple[str, ...]
+) -> None:
+    decision = decide_approval(policy, checks)  # type: ignore[arg-type]  # str from the table
+    assert decision.status == status, decision
+    assert decision.failed_checks == failed
+    assert decision.approved is (status == "approved")
+    assert decision.needs_human is (status == "needs_human")
+    assert decision.reasons, "every decision says why"
+    assert decision.reason == "; ".join(decision.reasons)
+
+
+def test_decide_approval_refuses_an_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="unknown approval policy"):
+        decide_approval("yolo", ALL_PASS)  # type: ignore[arg-type]  # the point of the test
+
+
+@pytest.mark.parametrize(
+    ("champion", "candidate", "expected_set", "expected_delete"),
+    [
+        ("3", "4", {CHAMPION: "4", PREVIOUS: "3"}, (CANDIDATE,)),
+        (None, "1", {CHAMPION: "1"}, (CANDIDATE,)),
+        ("4", "4", {}, (CANDIDATE,)),
+    ],
+    ids=["old-champion-becomes-previous", "first-release-has-no-previous", "retry-is-idempotent"],
+)
+def test_plan_promotion(
+    champion: str | None,
+    candidate: str,
+    expected_set: dict[str, str],
+    expected_delete: tuple[str, ...],
+) -> None:
+    plan = plan_promotion(champion, candidate)
+    assert dict(plan.set) == expected_set, plan
+    assert plan.delete == expected_delete
+    assert plan.summary
+
+
+def test_plan_promotion_refuses_an_empty_candidate() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        plan_promotion("1", "")
+
+
+@pytest.mark.parametrize(
+    ("champion", "previous", "failed", "expected_set", "expected_delete"),
+    [
+        ("3", "2", "4", {}, (CANDIDATE,)),
+        (None, None, "1", {}, (CANDIDATE,)),
+        ("4", "3", "4", {CHAMPION: "3"}, (PREVIOUS,)),
+    ],
+    ids=[
+        "canary-rollback-keeps-champion",
+        "failed-first-release-leaves-no-champion",
+        "promoted-version-rolls-back-to-previous",
+    ],
+)
+def test_plan_rollback(
+    champion: str | None,
+    previous: str | None,
+    failed: str,
+    expected_set: dict[str, str],
+    expected_delete: tuple[str, ...],
+) -> None:
+    plan = plan_rollback(champion, previous, failed)
+    assert dict(plan.set) == expected_set, plan
+    assert plan.delete == expected_delete
+    assert not plan.empty
+
+
+@pytest.mark.parametrize(("previous"), [None, "4"], ids=["no-previous", "previous-is-the-failure"])
+def test_plan_rollback_of_the_champion_needs_a_distinct_previous(previous: str | None) -> None:
+    with pytest.raises(ValueError, match="no previous version"):
+        plan_rollback("4", previous, "4")
+
+
+def test_empty_plan_is_empty() -> None:
+    assert AliasPlan().empty
+    assert not AliasPlan(delete=(CANDIDATE,)).empty
+
+
+@pytest.mark.parametrize(
+    ("steps", "current", "expected"),
+    [
+        ((5, 25, 50, 100), 0, 5),
+        ((5, 25, 50, 100), 5, 25),
+        ((5, 25, 50, 100), 30, 50),
+        ((5, 25, 50, 100), 50, 100),
+        ((5, 25, 50, 100), 100, None),
+        ((100,), 0, 100),
+    ],
+)
+def test_next_weight(steps: tuple[int, ...], current: int, expected: int | None) -> None:
+    assert next_weight(steps, current) == expected
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [(), (0, 100), (5, 50), (50, 25, 100), (5, 5, 100), (5, 101)],
+    ids=["empty", "zero", "no-100", "falling", "repeated", "over-100"],
+)
+def test_bad_steps_are_refused(steps: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="canary steps"):
+        validate_steps(steps)
+    with pytest.raises(ValueError, match="canary steps"):
+        next_weight(steps, 0)

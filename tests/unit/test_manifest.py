@@ -1,0 +1,208 @@
+"""Hashing and the signed manifest: what a verifier accepts, and every way it must refuse."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ballast.errors import IntegrityError
+from ballast.hashing import sha256_file
+from ballast.manifest import (
+    SIGNED_MANIFEST_NAME,
+    ArtifactFile,
+    Manifest,
+    SignedManifest,
+    build_manifest,
+    current_git_commit,
+    export_public_key,
+    load_or_create_signing_key,
+    public_key_bytes,
+    sign_manifest,
+    verify_manifest,
+)
+
+DATASET = "ab" * 32
+
+
+@pytest.fixture
+def artifact_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "artefacts"
+    (d / "sub").mkdir(parents=True)
+    (d / "model.ort.onnx").write_bytes(b"onnx-bytes" * 100)
+    (d / "state_dict.pt").write_bytes(b"weights")
+    (d / "sub" / "notes.txt").write_text("nested file")
+    return d
+
+
+@pytest.fixture
+def key_path(tmp_path: Path) -> Path:
+    return tmp_path / "keys" / "signing.pem"
+
+
+def _signed(artifact_dir: Path, key_path: Path) -> SignedManifest:
+    manifest = build_manifest(
+        artifact_dir,
+        model_name="m",
+        dataset_sha256=DATASET,
+        backend="onnxruntime",
+        precision="fp32",
+        metrics={"accuracy": 0.97, "bench_b1_p50_ms": 0.02},
+        parity={"max_rel_err": 1e-7, "passed": True},
+        git_commit="deadbeef",
+    )
+    signed = sign_manifest(manifest, key_path)
+    signed.write(artifact_dir)
+    return signed
+
+
+def test_sha256_file_matches_hashlib_across_chunk_boundaries(tmp_path: Path) -> None:
+    data = os.urandom((1 << 20) * 2 + 123)  # spans three 1 MiB reads
+    p = tmp_path / "blob"
+    p.write_bytes(data)
+    assert sha256_file(p) == hashlib.sha256(data).hexdigest()
+
+
+def test_build_manifest_lists_every_file_but_the_signed_manifest(
+    artifact_dir: Path, key_path: Path
+) -> None:
+    _signed(artifact_dir, key_path)  # leaves manifest.signed.json in the folder
+    manifest = build_manifest(
+        artifact_dir,
+        model_name="m",
+        dataset_sha256=DATASET,
+        backend="onnxruntime",
+        precision="fp32",
+    )
+    assert [f.path for f in manifest.files] == ["model.ort.onnx", "state_dict.pt", "sub/notes.txt"]
+    entry = manifest.file("state_dict.pt")
+    assert entry.size == 7
+    assert entry.sha256 == hashlib.sha256(b"weights").hexdigest()
+    assert manifest.created_at.tzinfo is not None
+
+
+def test_signed_manifest_verifies_with_raw_key_private_key_file_and_public_pem(
+    artifact_dir: Path, key_path: Path, tmp_path: Path
+) -> None:
+    signed = _signed(artifact_dir, key_path)
+    raw = public_key_bytes(load_or_create_signing_key(key_path))
+    pem = export_public_key(key_path, tmp_path / "signing.pub.pem")
+
+    for trusted in (raw, key_path, pem, pem.read_bytes()):
+        manifest = verify_manifest(signed, trusted, artifact_dir)
+        assert manifest.metrics["accuracy"] == 0.97, f"verified content wrong for {trusted!r}"
+
+
+def test_signed_manifest_round_trips_through_its_file(artifact_dir: Path, key_path: Path) -> None:
+    signed = _signed(artifact_dir, key_path)
+    loaded = SignedManifest.read(artifact_dir)
+    assert loaded == signed
+    verify_manifest(loaded, key_path, artifact_dir)
+
+
+def test_canonical_bytes_are_sorted_compact_and_stable(artifact_dir: Path) -> None:
+    a = build_manifest(
+        artifact_dir,
+        model_name="m",
+        dataset_sha256=DATASET,
+        backend="onnxruntime",
+        precision="fp32",
+    )
+    b = Manifest.model_validate_json(a.canonical_bytes())
+    assert a.canonical_bytes() == b.canonical_bytes()
+    text = a.canonical_bytes().decode()
+    assert ": " not in text and ", " not in text, "canonical JSON must have no whitespace"
+    assert list(json.loads(text)) == sorted(json.loads(text))
+
+
+def test_signing_key_is_created_private_and_reused(key_path: Path) -> None:
+    first = load_or_create_signing_key(key_path)
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_path.parent.stat().st_mode) == 0o700
+    second = load_or_create_signing_key(key_path)
+    assert public_key_bytes(first) == public_key_bytes(second), "an existing key must be reused"
+
+
+def test_signing_key_readable_by_others_is_refused(key_path: Path) -> None:
+    load_or_create_signing_key(key_path)
+    key_path.chmod(0o644)
+    with pytest.raises(IntegrityError, match="chmod 600"):
+        load_or_create_signing_key(key_path)
+
+
+def test_changed_file_content_of_same_size_is_refused(artifact_dir: Path, key_path: Path) -> None:
+    signed = _signed(artifact_dir, key_path)
+    (artifact_dir / "state_dict.pt").write_bytes(b"WEIGHTS")
+    with pytest.raises(IntegrityError, match=r"content changed: state_dict\.pt"):
+        verify_manifest(signed, key_path, artifact_dir)
+
+
+def test_resized_missing_and_unlisted_files_are_all_named(
+    artifact_dir: Path, key_path: Path
+) -> None:
+    signed = _signed(artifact_dir, key_path)
+    (artifact_dir / "model.ort.onnx").write_bytes(b"short")
+    (artifact_dir / "sub" / "notes.txt").unlink()
+    (artifact_dir / "extra.so").write_bytes(b"\x7fELF")
+    with pytest.raises(IntegrityError) as info:
+        verify_manifest(signed, key_path, artifact_dir)
+    msg = str(info.value)
+    assert "size changed: model.ort.onnx" in msg
+    assert "missing: sub/notes.txt" in msg
+    assert "not in manifest: extra.so" in msg
+
+
+def test_edited_payload_fails_the_signature(artifact_dir: Path, key_path: Path) -> None:
+    signed = _signed(artifact_dir, key_path)
+    forged = signed.model_copy(update={"payload": signed.payload.replace("0.97", "0.99")})
+    assert forged.payload != signed.payload
+    with pytest.raises(IntegrityError, match="signature does not verify"):
+        verify_manifest(forged, key_path, artifact_dir)
+
+
+def test_manifest_signed_by_another_key_is_refused(
+    artifact_dir: Path, key_path: Path, tmp_path: Path
+) -> None:
+    signed = _signed(artifact_dir, key_path)
+    other = load_or_create_signing_key(tmp_path / "other" / "key.pem")
+    with pytest.raises(IntegrityError, match="signed by key"):
+        verify_manifest(signed, public_key_bytes(other), artifact_dir)
+
+
+def test_symlink_in_artefact_folder_is_refused(artifact_dir: Path, key_path: Path) -> None:
+    signed = _signed(artifact_dir, key_path)
+    (artifact_dir / "link").symlink_to("/etc/hostname")
+    with pytest.raises(IntegrityError, match="symlink"):
+        verify_manifest(signed, key_path, artifact_dir)
+
+
+def test_missing_signed_manifest_file_is_an_integrity_error(tmp_path: Path) -> None:
+    with pytest.raises(IntegrityError, match="missing"):
+        SignedManifest.read(tmp_path / SIGNED_MANIFEST_NAME)
+
+
+def test_manifest_refuses_non_finite_metrics_and_escaping_paths(artifact_dir: Path) -> None:
+    with pytest.raises(ValidationError, match="finite"):
+        build_manifest(
+            artifact_dir,
+            model_name="m",
+            dataset_sha256=DATASET,
+            backend="onnxruntime",
+            precision="fp32",
+            metrics={"loss": float("nan")},
+        )
+    for bad in ("../etc/passwd", "/abs", "a/./b"):
+        with pytest.raises(ValidationError):
+            ArtifactFile(path=bad, sha256="0" * 64, size=1)
+
+
+def test_current_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> None:
+    assert current_git_commit(tmp_path) is None
+    commit = current_git_commit(Path(__file__).parent)
+    assert commit is not None and re.fullmatch(r"[0-9a-f]{40}", commit)

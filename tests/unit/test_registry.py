@@ -1,0 +1,357 @@
+"""The registry facade against a real MLflow sqlite store in a temporary folder (no mocks).
+
+One store per module (creating the schema takes about 1.5 s); each test works on its own model
+name, so tests stay independent.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+import model_registry
+from ballast.errors import IntegrityError, RegistryError
+from ballast.manifest import SignedManifest, build_manifest, sign_manifest, verify_manifest
+from model_registry import Registry, model_uri
+from model_registry.registry import RUN_VERSION_TAG
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="module")
+def registry(store: Path) -> Registry:
+    return Registry(f"sqlite:///{store / 'db' / 'mlflow.db'}", store / "artifacts")
+
+
+@pytest.fixture
+def client(registry: Registry) -> MlflowClient:
+    # Only to inspect the store's state from the outside.
+    return MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    return request.node.name.replace("_", "-")[:60]
+
+
+def make_artifacts(root: Path, tag: str, key_path: Path | None = None) -> Path:
+    d = root / f"artefacts-{tag}"
+    d.mkdir(parents=True)
+    (d / "model.ort.onnx").write_bytes(f"onnx {tag}".encode() * 50)
+    (d / "state_dict.pt").write_bytes(f"weights {tag}".encode())
+    if key_path is not None:
+        manifest = build_manifest(
+            d, model_name="m", dataset_sha256="cd" * 32, backend="onnxruntime", precision="fp32"
+        )
+        sign_manifest(manifest, key_path).write(d)
+    return d
+
+
+def register(
+    registry: Registry, name: str, d: Path, **tags: str
+) -> model_registry.ModelVersionInfo:
+    return registry.register_version(
+        name,
+        artifact_dir=d,
+        params={"hidden": 64, "lr": 0.003},
+        metrics={"accuracy": 0.97},
+        tags={"ballast.dataset": d.name, **tags},
+    )
+
+
+def runs_of(client: MlflowClient, registry: Registry, name: str) -> list[Run]:
+    return client.search_runs(
+        [registry.experiment_id], filter_string=f"tags.`ballast.model_name` = '{name}'"
+    )
+
+
+@pytest.fixture
+def two_versions(registry: Registry, name: str, tmp_path: Path) -> str:
+    register(registry, name, make_artifacts(tmp_path, "a"))
+    register(registry, name, make_artifacts(tmp_path, "b"))
+    return name
+
+
+# --- the facade's surface --------------------------------------------------------------------
+
+
+def test_public_surface_is_exactly_all() -> None:
+    assert set(model_registry.__all__) == {
+        "CANDIDATE",
+        "CHAMPION",
+        "PREVIOUS",
+        "ModelVersionInfo",
+        "PromotionResult",
+        "Registry",
+        "model_uri",
+    }
+    public = {n for n in dir(model_registry) if not n.startswith("_")}
+    assert public - {"registry", "types"} == set(model_registry.__all__)
+
+
+def test_importing_the_package_does_not_import_mlflow() -> None:
+    code = "import sys, model_registry; assert 'mlflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_only_model_registry_imports_mlflow() -> None:
+    offenders = []
+    for pkg in ("ballast", "tasks", "flows", "infra", "benchmarks"):
+        for path in (REPO / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                    offenders.append(str(path.relative_to(REPO)))
+    assert offenders == [], f"only model_registry/ may import mlflow: {offenders}"
+
+
+def test_model_uri_names_the_alias() -> None:
+    assert model_uri("breast-cancer-mlp", "champion") == "models:/breast-cancer-mlp@champion"
+    assert model_uri("m") == "models:/m@champion"
+
+
+def test_registry_leaves_mlflows_global_tracking_uri_alone(store: Path) -> None:
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    Registry(f"sqlite:///{store / 'db' / 'mlflow.db'}", store / "artifacts")
+    assert mlflow.get_tracking_uri() == before
+
+
+# --- registering -------------------------------------------------------------------------------
+
+
+def test_two_registrations_make_versions_1_and_2_with_runs_and_tags(
+    registry: Registry, client: MlflowClient, name: str, tmp_path: Path, store: Path
+) -> None:
+    v1 = register(registry, name, make_artifacts(tmp_path, "a"))
+    v2 = register(registry, name, make_artifacts(tmp_path, "b"), stage="candidate")
+
+    assert (v1.version, v2.version) == ("1", "2")
+    assert v2.tags == {"ballast.dataset": "artefacts-b", "stage": "candidate"}
+    assert v2.aliases == () and v2.created_ms >= v1.created_ms
+    assert v2.source.startswith((store / "artifacts").as_uri()), "artefacts under artifact_root"
+    run = client.get_run(v2.run_id or "")
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"hidden": "64", "lr": "0.003"}
+    assert run.data.metrics == {"accuracy": 0.97}
+    assert run.data.tags[RUN_VERSION_TAG] == "2"
+    assert [v.version for v in registry.list_versions(name)] == ["1", "2"]
+    assert registry.get_version(name, 2) == v2
+
+
+def test_registering_a_version_takes_well_under_a_second(
+    registry: Registry, name: str, tmp_path: Path
+) -> None:
+    register(registry, name, make_artifacts(tmp_path, "warm"))
+    start = time.perf_counter()
+    register(registry, name, make_artifacts(tmp_path, "timed"))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_missing_or_empty_artefact_folder_is_refused_before_any_run(
+    registry: Registry, client: MlflowClient, name: str, tmp_path: Path
+) -> None:
+    (tmp_path / "empty").mkdir()
+    for d in (tmp_path / "nope", tmp_path / "empty"):
+        with pytest.raises(RegistryError, match="missing or empty"):
+            register(registry, name, d)
+    assert runs_of(client, registry, name) == []
+
+
+def test_failed_first_registration_leaves_no_model_and_a_failed_run(
+    registry: Registry, client: MlflowClient, name: str, tmp_path: Path
+) -> None:
+    # A tag key MLflow refuses: the failure comes after the run and its artefacts exist.
+    with pytest.raises(RegistryError, match="while creating the model version"):
+        register(registry, name, make_artifacts(tmp_path, "a"), **{"bad key!": "x"})
+
+    assert registry.list_versions(name) == []
+    assert client.search_registered_models(f"name='{name}'") == [], "model created by the call"
+    (run,) = runs_of(client, registry, name)
+    assert run.info.status == "FAILED"
+
+
+def test_failed_registration_of_an_existing_model_keeps_what_was_there(
+    registry: Registry, client: MlflowClient, two_versions: str, tmp_path: Path
+) -> None:
+    name = two_versions
+    registry.set_alias(name, "champion", 1)
+    with pytest.raises(RegistryError):
+        register(registry, name, make_artifacts(tmp_path, "c"), **{"bad key!": "x"})
+
+    assert [v.version for v in registry.list_versions(name)] == ["1", "2"]
+    assert registry.get_by_alias(name, "champion") is not None
+    statuses = sorted(r.info.status for r in runs_of(client, registry, name))
+    assert statuses == ["FAILED", "FINISHED", "FINISHED"]
+
+
+def test_failure_after_the_version_exists_deletes_that_version(
+    registry: Registry,
+    client: MlflowClient,
+    name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Forced: the store refuses to finish the run (as a lost connection would).
+    real = registry._client.set_terminated
+
+    def refuse_finish(run_id: str, status: str | None = None, end_time: int | None = None) -> None:
+        if status == "FINISHED":
+            raise ConnectionError("store went away")
+        real(run_id, status, end_time)
+
+    monkeypatch.setattr(registry._client, "set_terminated", refuse_finish)
+    with pytest.raises(RegistryError, match="while finishing the run: store went away"):
+        register(registry, name, make_artifacts(tmp_path, "a"))
+
+    assert registry.list_versions(name) == []
+    assert client.search_registered_models(f"name='{name}'") == []
+    (run,) = runs_of(client, registry, name)
+    assert run.info.status == "FAILED"
+
+
+def test_find_by_tag_finds_the_version_with_that_value(
+    registry: Registry, two_versions: str
+) -> None:
+    (found,) = registry.find_by_tag(two_versions, "ballast.dataset", "artefacts-b")
+    assert found.version == "2"
+    assert registry.find_by_tag(two_versions, "ballast.dataset", "other") == []
+    assert registry.find_by_tag("no-such-model", "ballast.dataset", "artefacts-b") == []
+
+
+def test_set_tags_adds_and_overwrites_version_tags(registry: Registry, two_versions: str) -> None:
+    registry.set_tags(two_versions, 1, {"approved_by": "alice", "ballast.dataset": "renamed"})
+    tags = registry.get_version(two_versions, 1).tags
+    assert tags == {"approved_by": "alice", "ballast.dataset": "renamed"}
+
+
+def test_unknown_version_is_a_registry_error(registry: Registry, two_versions: str) -> None:
+    with pytest.raises(RegistryError, match="not found"):
+        registry.get_version(two_versions, 99)
+
+
+# --- download ----------------------------------------------------------------------------------
+
+
+def test_downloaded_files_verify_against_the_signed_manifest(
+    registry: Registry, name: str, tmp_path: Path
+) -> None:
+    key = tmp_path / "keys" / "signing.pem"
+    info = register(registry, name, make_artifacts(tmp_path, "a", key_path=key))
+
+    in_store = registry.download(name, info.version)
+    copied = registry.download(name, info.version, tmp_path / "dl")
+    assert copied == tmp_path / "dl" / "model"
+    for folder in (in_store, copied):
+        manifest = verify_manifest(SignedManifest.read(folder), key, folder)
+        assert {f.path for f in manifest.files} == {"model.ort.onnx", "state_dict.pt"}
+
+    (copied / "state_dict.pt").write_bytes(b"tampered")
+    with pytest.raises(IntegrityError, match=r"state_dict\.pt"):
+        verify_manifest(SignedManifest.read(copied), key, copied)
+
+
+def test_download_of_a_version_whose_files_vanished_is_a_registry_error(
+    registry: Registry, name: str, tmp_path: Path
+) -> None:
+    info = register(registry, name, make_artifacts(tmp_path, "a"))
+    shutil.rmtree(registry.download(name, info.version))
+    with pytest.raises(RegistryError, match="artefacts missing"):
+        registry.download(name, info.version)
+
+
+# --- aliases, promotion, rollback --------------------------------------------------------------
+
+
+def test_aliases_set_read_list_and_delete(registry: Registry, two_versions: str) -> None:
+    name = two_versions
+    assert registry.get_by_alias(name, "champion") is None
+    assert registry.get_by_alias("no-such-model", "champion") is None
+    registry.set_alias(name, "champion", 1)
+    registry.set_alias(name, "candidate", "2")
+
+    champion = registry.get_by_alias(name, "champion")
+    assert champion is not None and champion.version == "1" and champion.aliases == ("champion",)
+    assert [v.aliases for v in registry.list_versions(name)] == [("champion",), ("candidate",)]
+
+    registry.delete_alias(name, "candidate")
+    registry.delete_alias(name, "candidate")  # idempotent
+    assert registry.get_by_alias(name, "candidate") is None
+
+
+def test_promote_moves_champion_keeps_previous_and_clears_candidate(
+    registry: Registry, two_versions: str
+) -> None:
+    name = two_versions
+    first = registry.promote(name, 1)
+    assert (first.previous_champion, first.changed) == (None, True)
+
+    registry.set_alias(name, "candidate", 2)
+    result = registry.promote(name, 2)
+    assert (result.version, result.previous_champion, result.candidate_cleared) == ("2", "1", True)
+    assert registry.get_by_alias(name, "champion").version == "2"  # type: ignore[union-attr]
+    assert registry.get_by_alias(name, "previous").version == "1"  # type: ignore[union-attr]
+    assert registry.get_by_alias(name, "candidate") is None
+
+
+def test_promoting_the_champion_again_changes_nothing(
+    registry: Registry, two_versions: str
+) -> None:
+    registry.promote(two_versions, 1)
+    registry.promote(two_versions, 2)
+    again = registry.promote(two_versions, 2)
+    assert not again.changed
+    assert registry.get_by_alias(two_versions, "previous").version == "1"  # type: ignore[union-attr]
+
+
+def test_failed_promotion_restores_every_alias(registry: Registry, two_versions: str) -> None:
+    name = two_versions
+    registry.promote(name, 1)
+    registry.promote(name, 2)  # champion 2, previous 1
+    before = [v.aliases for v in registry.list_versions(name)]
+
+    # "previous" moves to 2 first, then setting champion to a version that does not exist fails.
+    with pytest.raises(RegistryError, match="aliases restored"):
+        registry.promote(name, 99)
+
+    assert [v.aliases for v in registry.list_versions(name)] == before
+
+
+def test_promoting_in_an_unknown_model_is_a_registry_error(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match="not found"):
+        registry.promote("no-such-model", 1)
+    with pytest.raises(RegistryError, match="not found"):
+        registry.rollback_to_previous("no-such-model")
+
+
+def test_rollback_returns_to_previous_once(registry: Registry, two_versions: str) -> None:
+    name = two_versions
+    registry.promote(name, 1)
+    registry.promote(name, 2)
+
+    result = registry.rollback_to_previous(name)
+    assert (result.version, result.previous_champion) == ("1", "2")
+    assert registry.get_by_alias(name, "champion").version == "1"  # type: ignore[union-attr]
+    assert registry.get_by_alias(name, "previous") is None
+
+    with pytest.raises(RegistryError, match="no 'previous' alias"):
+        registry.rollback_to_previous(name)
+    assert registry.get_by_alias(name, "champion").version == "1"  # type: ignore[union-attr]
