@@ -85,6 +85,10 @@ class GatewayProcess:
         # Absolute state dir: the child sees the same token file whatever its working directory.
         env["BALLAST_STATE_DIR"] = str(state_dir)
         env["BALLAST_GATEWAY_THREADS"] = str(settings.gateway_threads)
+        if settings.gateway_admin_token is not None:
+            # A token given to these settings in code, not through the environment: hand it on
+            # (a process's environment is readable only by its own user), else the two disagree.
+            env["BALLAST_GATEWAY_ADMIN_TOKEN"] = settings.gateway_admin_token.get_secret_value()
         cmd = [sys.executable, "-m", "infra.gateway"]
         cmd += ["--host", settings.gateway_host, "--port", str(settings.gateway_port)]
         cmd += list(extra_args)

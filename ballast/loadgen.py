@@ -154,11 +154,14 @@ async def _drive(
         pending = set(tasks)
         try:
             while pending:
-                _, pending = await asyncio.wait(pending, timeout=_POLL_S)
-                if loop.time() >= deadline or (cancel is not None and cancel.is_set()):
-                    # Out of time or told to stop: drop what is in flight. After a stop
-                    # condition, in-flight requests still finish (bounded by the deadline) so
-                    # slow answers are not systematically left out.
+                done, pending = await asyncio.wait(
+                    pending, timeout=_POLL_S, return_when=asyncio.FIRST_EXCEPTION
+                )
+                failed = any(not t.cancelled() and t.exception() is not None for t in done)
+                if failed or loop.time() >= deadline or (cancel is not None and cancel.is_set()):
+                    # Out of time, told to stop, or a callback broke: drop what is in flight.
+                    # After a stop condition, in-flight requests still finish (bounded by the
+                    # deadline) so slow answers are not systematically left out.
                     break
         finally:
             for task in pending:

@@ -23,7 +23,9 @@ def synthetic(rows: int, seed: int = 0):  # type: ignore[no-untyped-def]
     frame = bundled_frame()
     feats = frame.drop(columns=["label"]).to_numpy(dtype=np.float32)
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((rows, feats.shape[1])) * feats.std(0) + feats.mean(0)).astype(np.float32)
+    x = (rng.standard_normal((rows, feats.shape[1])) * feats.std(0) + feats.mean(0)).astype(
+        np.float32
+    )
     w = rng.standard_normal(feats.shape[1]).astype(np.float32)
     y = (((x - feats.mean(0)) / feats.std(0)) @ w > 0).astype(np.int64)
     names = tuple(c for c in frame.columns if c != "label")
@@ -46,7 +48,15 @@ def main() -> None:
     results = []
     for device in args.devices.split(","):
         # Warm-up: one short run so CUDA context and kernels are not in the timed figure.
-        train(ds, hidden=args.hidden, epochs=1, learning_rate=1e-3, batch_size=args.batch_size, seed=0, device=device)
+        train(
+            ds,
+            hidden=args.hidden,
+            epochs=1,
+            learning_rate=1e-3,
+            batch_size=args.batch_size,
+            seed=0,
+            device=device,
+        )
         t = time.perf_counter()
         r = train(
             ds,

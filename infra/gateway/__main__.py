@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from types import FrameType
 
 
 def _parser(host: str, port: int) -> argparse.ArgumentParser:
@@ -37,6 +39,12 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
     return p
 
 
+def _drained(signum: int, frame: FrameType | None) -> None:
+    # uvicorn re-raises the SIGTERM it captured once it has drained; exiting 0 then tells the
+    # owner "stopped cleanly", where dying by the signal (-15) would look like a kill.
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Imported here, not at module level: `python -m infra.gateway --help` stays fast and
     # importing this module does nothing.
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         inference_threads=args.inference_threads,
         fault_latency_s=args.fault_latency_ms / 1e3,
     )
+    signal.signal(signal.SIGTERM, _drained)
     uvicorn.run(
         create_app(config),
         host=args.host,

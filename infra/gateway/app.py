@@ -354,25 +354,33 @@ class Gateway:
     async def apply(self, dep: Deployment) -> None:
         """Verify, load and warm what ``dep`` needs, then swap it in atomically.
 
-        Any failure raises :class:`DeploymentRefusedError` before the swap, so the deployment in force
-        stays untouched. Deployment changes are serialised; requests keep flowing meanwhile.
+        Any failure raises :class:`DeploymentRefusedError` before the swap, so the deployment
+        in force stays untouched. Changes are serialised; requests keep flowing meanwhile.
         """
         async with self._deploy_lock:
             current = (
                 {} if self.live is None else {s.loaded.version: s.loaded for s in self.live.slots}
             )
-            slots: dict[str, Slot] = {}
             wanted: tuple[tuple[Role, VersionSpec | None], ...] = (
                 ("champion", dep.champion),
                 ("canary", dep.canary),
             )
-            for role, spec in wanted:
-                if spec is None:
-                    continue
-                loaded = current.get(spec.version)
-                if loaded is None or identity(loaded.spec) != identity(spec):
-                    loaded = await self._in_thread(self._loading, self._load, spec)
-                slots[role] = Slot(role, spec, loaded)
+            slots: dict[str, Slot] = {}
+            fresh: list[LoadedVersion] = []
+            try:
+                for role, spec in wanted:
+                    if spec is None:
+                        continue
+                    loaded = current.get(spec.version)
+                    if loaded is None or identity(loaded.spec) != identity(spec):
+                        loaded = await self._in_thread(self._loading, self._load, spec)
+                        fresh.append(loaded)
+                    slots[role] = Slot(role, spec, loaded)
+            except BaseException:
+                # Loaded for a deployment that will not happen: never reachable, free it now.
+                for version in fresh:
+                    _close(version)
+                raise
             previous = self.live
             self.live = Live(dep, slots.get("champion"), slots.get("canary"))
             self.metrics.set_deployment(
@@ -406,11 +414,7 @@ class Gateway:
                 await asyncio.sleep(0.01)
         finally:
             self.draining.remove(version)
-            # Dropping the last references frees the session; a backend with explicit resources
-            # (a GPU engine) may also offer close().
-            close = getattr(version.predictor, "close", None)
-            if callable(close):
-                close()
+            _close(version)
             self._log(
                 "version.unloaded",
                 version=version.version,
@@ -535,6 +539,14 @@ class Gateway:
                 }
             )
         )
+
+
+def _close(version: LoadedVersion) -> None:
+    # Dropping the last reference frees an ORT session; a backend holding explicit resources
+    # (a GPU engine) may also offer close().
+    close = getattr(version.predictor, "close", None)
+    if callable(close):
+        close()
 
 
 def _summary(dep: Deployment) -> dict[str, Any]:

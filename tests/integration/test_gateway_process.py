@@ -95,7 +95,8 @@ def test_gateway_process_serves_champion_and_canary(
         code = gw.stop(timeout=10)
         assert time.monotonic() - started < 10
         assert code == 0
-    assert not client.health()
+    with GatewayClient(settings.gateway_url, timeout=1.0) as after:
+        assert not after.health()
     assert "deployment.applied" in (tmp_path / "gw.log").read_text()
     assert settings.admin_token() not in (tmp_path / "gw.log").read_text()
 

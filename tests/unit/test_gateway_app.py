@@ -316,6 +316,18 @@ def test_refused_deployment_keeps_the_previous_one(
     assert rec.closed == []  # the champion in force was not unloaded
 
 
+def test_versions_loaded_for_a_refused_deployment_are_freed(
+    gw_rec: tuple[TestClient, Recorder], artefacts: dict[str, Path]
+) -> None:
+    gw, rec = gw_rec
+    bad_canary = spec(artefacts, "2").model_copy(update={"sha256": "0" * 64})
+    bad = Deployment(model=MODEL, champion=spec(artefacts, "1"), canary=bad_canary, canary_weight=5)
+    assert put(gw, bad).status_code == 409
+    assert rec.loads == ["a.onnx"]
+    assert [p.name for p in rec.closed] == ["a.onnx"]
+    assert gw.get("/admin/deployment", headers=AUTH).json() is None
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [
