@@ -10,19 +10,23 @@ from pathlib import Path
 from typing import Any, cast
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ballast.cli_data import data_app
+from ballast.cli_shared import console, fail
 from ballast.errors import BallastError
 from ballast.settings import Settings, get_settings
 
 app = typer.Typer(help="Ballast: release ML models you can trust.", no_args_is_help=True)
 keys_app = typer.Typer(help="Key-encryption keys (local keyring).", no_args_is_help=True)
-data_app = typer.Typer(help="Encrypt, decrypt and validate datasets.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks (each prints a table; --json adds one JSON line).", no_args_is_help=True
+)
+canary_app = typer.Typer(help="Canary tools.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(data_app, name="data")
-console = Console()
-err = Console(stderr=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(canary_app, name="canary")
 
 
 @app.callback()
@@ -35,11 +39,6 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
     for noisy in ("httpx", "alembic", "mlflow", "urllib3", "botocore", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _fail(exc: BallastError) -> None:
-    err.print(f"[bold red]error[/] stage={exc.stage}: {exc.message}")
-    raise typer.Exit(code=2)
 
 
 def _keyring(s: Settings) -> Any:
@@ -91,107 +90,10 @@ def keys_rotate(
         if retire_old:
             ring.retire(old)
     except BallastError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(
         f"current key is now [bold]{new}[/] (was {old}{', retired' if retire_old else ''})"
     )
-
-
-# -- data ------------------------------------------------------------------------------------
-
-
-def _identity(name: str | None) -> str:
-    from ballast.ingest import dataset_identity
-
-    return dataset_identity(name or get_settings().dataset_name)
-
-
-@data_app.command("encrypt")
-def data_encrypt(
-    src: Path,
-    dst: str = typer.Argument(..., help="Local path or s3://bucket/key"),
-    name: str = typer.Option(None, help="Dataset name bound into the ciphertext."),
-) -> None:
-    """Encrypt SRC (AES-256-GCM envelope, streamed) to DST."""
-    from ballast.crypto import encrypt_stream, provider_from_settings
-    from ballast.ingest import storage_from_settings
-
-    s = get_settings()
-    try:
-        with open(src, "rb") as fin, storage_from_settings(dst, s).open_write(dst) as fout:
-            key_id = encrypt_stream(fin, fout, provider_from_settings(s), _identity(name))
-    except (BallastError, OSError) as exc:
-        if isinstance(exc, BallastError):
-            _fail(exc)
-        raise
-    console.print(f"encrypted {src} -> {dst} (key {key_id})")
-
-
-@data_app.command("decrypt")
-def data_decrypt(
-    src: str = typer.Argument(..., help="Local path or s3://bucket/key"),
-    dst: Path = typer.Argument(...),
-    name: str = typer.Option(None, help="Dataset name the ciphertext is bound to."),
-) -> None:
-    """Decrypt SRC to DST; DST appears only if every segment verifies."""
-    from ballast.crypto import decrypt_stream, provider_from_settings
-    from ballast.ingest import storage_from_settings
-
-    s = get_settings()
-    try:
-        with (
-            storage_from_settings(src, s).open_read(src) as fin,
-            storage_from_settings(str(dst), s).open_write(str(dst)) as fout,
-        ):
-            decrypt_stream(fin, fout, provider_from_settings(s), _identity(name))
-    except BallastError as exc:
-        _fail(exc)
-    console.print(f"decrypted {src} -> {dst}")
-
-
-@data_app.command("validate")
-def data_validate(
-    src: str = typer.Argument(..., help="Encrypted dataset: local path or s3://bucket/key"),
-    name: str = typer.Option(None, help="Dataset name (spec and identity)."),
-) -> None:
-    """Decrypt SRC in memory and run its expectation suite."""
-    from ballast.crypto import provider_from_settings
-    from ballast.data import bundled_spec
-    from ballast.ingest import load_validated, storage_from_settings
-
-    s = get_settings()
-    try:
-        ds = load_validated(
-            src,
-            provider=provider_from_settings(s),
-            spec=bundled_spec(name or s.dataset_name),
-            storage=storage_from_settings(src, s),
-        )
-    except BallastError as exc:
-        _fail(exc)
-    console.print(f"[green]valid[/]: {ds.n_rows} rows, {len(ds.checks)} expectations passed")
-
-
-@data_app.command("prepare")
-def data_prepare(dst: str = typer.Argument(None, help="Default: the state folder.")) -> None:
-    """Encrypt the bundled public dataset (scikit-learn's breast-cancer data) for the release flow."""
-    prepare_dataset(get_settings(), dst)
-
-
-def prepare_dataset(s: Settings, dst: str | None = None) -> str:
-    import io
-
-    from ballast.crypto import encrypt_stream, provider_from_settings
-    from ballast.data import bundled_csv_bytes
-    from ballast.ingest import storage_from_settings
-
-    uri = dst or s.default_dataset_uri
-    with storage_from_settings(uri, s).open_write(uri) as fout:
-        key_id = encrypt_stream(
-            io.BytesIO(bundled_csv_bytes()), fout, provider_from_settings(s), _identity(None)
-        )
-    console.print(f"encrypted bundled dataset -> {uri} (key {key_id})")
-    return uri
 
 
 # -- release ---------------------------------------------------------------------------------
@@ -287,6 +189,42 @@ def demo(
     if fault not in ("errors", "latency", "bad-weights"):
         raise typer.BadParameter("fault must be errors, latency or bad-weights")
     raise typer.Exit(code=run_demo(get_settings(), fault=cast(Fault, fault), console=console))
+
+
+# -- bench and canary tools: each lives in its own module with an argparse main(argv) ----------
+
+_PASS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _run_main(module: str, ctx: typer.Context) -> None:
+    import importlib
+
+    main = importlib.import_module(module).main
+    raise typer.Exit(code=int(main(list(ctx.args)) or 0))
+
+
+@bench_app.command("data", context_settings=_PASS)
+def bench_data(ctx: typer.Context) -> None:
+    """Decrypt and validation throughput, peak memory (--help for options)."""
+    _run_main("ballast.bench.data", ctx)
+
+
+@bench_app.command("compile", context_settings=_PASS)
+def bench_compile(ctx: typer.Context) -> None:
+    """Eager vs each available compile backend at batch 1, 64 and large (--help for options)."""
+    _run_main("ballast.bench.compile", ctx)
+
+
+@bench_app.command("serving", context_settings=_PASS)
+def bench_serving(ctx: typer.Context) -> None:
+    """The gateway against its peers under load (--help for options)."""
+    _run_main("ballast.bench.serving", ctx)
+
+
+@canary_app.command("simulate", context_settings=_PASS)
+def canary_simulate(ctx: typer.Context) -> None:
+    """Traffic scenarios through the real judge on simulated time (--help for options)."""
+    _run_main("ballast.simulate", ctx)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,7 +21,7 @@ from ballast.settings import Settings
 def run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool = False) -> int:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from ballast.cli import prepare_dataset
+    from ballast.cli_data import prepare_dataset
     from ballast.gateway_client import GatewayClient
     from ballast.gateway_process import ensure_gateway
     from ballast.release import ALIAS_CHAMPION, TAG_STATUS

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     # Approval.
     approval_policy: Literal["auto", "manual"] = "auto"
     approval_timeout_s: int = Field(default=3600, ge=1)
+    # How often a paused run checks for an answer (Prefect moves resume and timeout in these steps).
+    approval_poll_s: int = Field(default=10, ge=1)
 
     # Canary and its threshold judge.
     canary_steps: tuple[int, ...] = (5, 25, 50, 100)

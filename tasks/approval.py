@@ -53,7 +53,9 @@ def request_approval(
         )
         log.info("stage=approve model=%s version=%s waiting for a human", model, version)
         try:
-            answer = pause_flow_run(wait_for_input=form, timeout=s.approval_timeout_s)
+            answer = pause_flow_run(
+                wait_for_input=form, timeout=s.approval_timeout_s, poll_interval=s.approval_poll_s
+            )
         except Exception as exc:  # FlowPauseTimeout: a timed-out approval is a rejection
             answer = None
             log.warning("stage=approve timed out: %s", type(exc).__name__)

@@ -28,9 +28,8 @@ def release_env(
     tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
 ) -> Iterator[Settings]:
     """A fresh state folder, keyring, signing key and a running gateway for one module's flows."""
+    from ballast.cli_data import prepare_dataset
     from ballast.gateway_process import GatewayProcess
-
-    from ballast.cli import prepare_dataset
 
     root: Path = tmp_path_factory.mktemp("release")
     with pytest.MonkeyPatch.context() as mp:
@@ -43,6 +42,7 @@ def release_env(
         mp.setenv("BALLAST_BENCH_BATCHES", "[1,64]")
         mp.setenv("BALLAST_CANARY_STEP_MAX_SECONDS", "8")
         mp.setenv("BALLAST_CANARY_MIN_SAMPLES", "30")
+        mp.setenv("BALLAST_APPROVAL_POLL_S", "1")
         get_settings.cache_clear()
         s = get_settings()
         prepare_dataset(s)
