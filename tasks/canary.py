@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ballast.gateway_client import GatewayClient
-from ballast.gateway_process import ensure_gateway
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.canary import StepRecord, http_load, run_canary
 from ballast.errors import IntegrityError
+from ballast.gateway_client import GatewayClient
+from ballast.gateway_process import ensure_gateway
 from ballast.judge import ThresholdJudge
 from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import ALIAS_CHAMPION, TAG_ARTIFACT, TAG_ARTIFACT_SHA, TAG_BACKEND, TAG_FAULT
