@@ -10,12 +10,12 @@ import io
 from pathlib import Path
 
 import pytest
-from ballast.gateway_client import GatewayClient
 
 from ballast.audit import read as read_audit
 from ballast.crypto import encrypt_stream
 from ballast.data import bundled_frame
 from ballast.errors import DecryptionError, KeyNotFoundError, ValidationFailed
+from ballast.gateway_client import GatewayClient
 from ballast.ingest import dataset_identity
 from ballast.keys import LocalKeyring
 from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, ALIAS_PREVIOUS, TAG_STATUS
@@ -148,3 +148,17 @@ def test_dataset_under_an_unknown_key_stops_the_run_naming_the_key(
     with pytest.raises(KeyNotFoundError, match=other_id):
         release_flow(dataset_uri=uri)
     assert _state(s) == before
+
+
+def test_rollback_flow_returns_to_previous_and_the_gateway_follows(release_env: Settings) -> None:
+    from flows.rollback import rollback_flow
+
+    s = release_env
+    reg = _registry(s)
+    previous = reg.get_by_alias(s.model_name, ALIAS_PREVIOUS)
+    assert previous is not None, "an earlier test promoted two versions"
+    assert rollback_flow() == previous.version
+    assert reg.get_by_alias(s.model_name, ALIAS_CHAMPION).version == previous.version  # type: ignore[union-attr]
+    dep = _deployment(s)
+    assert dep is not None and dep.champion is not None and dep.champion.version == previous.version
+    assert read_audit(s.audit_log)[-1]["action"] == "rollback"

@@ -1,0 +1,108 @@
+"""Registry and rollback tasks called via ``.fn()``: idempotent registration, candidates closed
+without touching the champion, verification before serving, and rollback to `previous`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ballast.compile import compile_model
+from ballast.data import bundled_csv_bytes, bundled_spec
+from ballast.errors import IntegrityError, RegistryError
+from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, ALIAS_PREVIOUS, TAG_STATUS
+from ballast.settings import Settings
+from ballast.training import train
+from ballast.validation import validate_bytes
+from model_registry import Registry
+from tasks.canary import version_spec
+from tasks.registry import close_candidate, register_candidate
+from tasks.rollback import rollback_to_previous
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One trained and compiled model, shared: compiling costs seconds."""
+    out = tmp_path_factory.mktemp("built")
+    ds = validate_bytes(bundled_csv_bytes(), bundled_spec())
+    trained = train(
+        ds, hidden=16, epochs=3, learning_rate=3e-3, batch_size=64, seed=1, device="cpu"
+    )
+    compiled = compile_model(
+        trained.model,
+        trained.split.x_train[:8],
+        trained.split.x_test,
+        out / "build",
+        rtol_fp32=1e-4,
+        max_batch=64,
+        bench_batches=(1,),
+        bench_min_time_s=0.01,
+    )
+    return {"ds": ds, "trained": trained, "compiled": compiled}
+
+
+def _register(built: dict[str, Any], s: Settings, run_id: str, tmp: Path) -> Any:
+    return register_candidate.fn(
+        built["ds"], built["trained"], built["compiled"], tmp / run_id, flow_run_id=run_id
+    )
+
+
+def test_registering_twice_from_the_same_run_gives_one_version(
+    built: dict[str, Any], settings: Settings, tmp_path: Path
+) -> None:
+    first = _register(built, settings, "run-a", tmp_path)
+    again = _register(built, settings, "run-a", tmp_path)
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    assert again.version == first.version
+    assert [v.version for v in reg.list_versions(settings.model_name)] == [first.version]
+    assert ALIAS_CANDIDATE in reg.get_version(settings.model_name, first.version).aliases
+    other = _register(built, settings, "run-b", tmp_path)
+    assert other.version != first.version
+
+
+def test_closing_a_candidate_tags_it_and_leaves_the_champion_alone(
+    built: dict[str, Any], settings: Settings, tmp_path: Path
+) -> None:
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    champ = _register(built, settings, "run-1", tmp_path)
+    reg.promote(settings.model_name, champ.version)
+    cand = _register(built, settings, "run-2", tmp_path)
+    close_candidate.fn(
+        cand.version, status="rolled_back", verdict="rollback", reason="x", evidence={}
+    )
+    closed = reg.get_version(settings.model_name, cand.version)
+    assert closed.tags[TAG_STATUS] == "rolled_back" and ALIAS_CANDIDATE not in closed.aliases
+    assert reg.get_by_alias(settings.model_name, ALIAS_CHAMPION).version == champ.version  # type: ignore[union-attr]
+
+
+def test_a_tampered_artefact_is_refused_before_it_can_serve(
+    built: dict[str, Any], settings: Settings, tmp_path: Path
+) -> None:
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    info = _register(built, settings, "run-t", tmp_path)
+    spec = version_spec(reg, settings, info)  # verifies
+    assert Path(spec.artifact_path).is_file() and len(spec.sha256) == 64
+    artefact = Path(spec.artifact_path)
+    backup = artefact.read_bytes()
+    artefact.write_bytes(backup[:-1] + bytes([backup[-1] ^ 1]))
+    try:
+        with pytest.raises(IntegrityError, match="content changed"):
+            version_spec(reg, settings, info)
+    finally:
+        artefact.write_bytes(backup)
+
+
+def test_rollback_moves_champion_back_to_previous_without_a_gateway(
+    built: dict[str, Any], settings: Settings, tmp_path: Path
+) -> None:
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    with pytest.raises(RegistryError, match="no 'previous'"):
+        rollback_to_previous.fn()
+    v1 = _register(built, settings, "r1", tmp_path)
+    reg.promote(settings.model_name, v1.version)
+    v2 = _register(built, settings, "r2", tmp_path)
+    reg.promote(settings.model_name, v2.version)
+    assert reg.get_by_alias(settings.model_name, ALIAS_PREVIOUS).version == v1.version  # type: ignore[union-attr]
+    assert rollback_to_previous.fn() == v1.version
+    assert reg.get_by_alias(settings.model_name, ALIAS_CHAMPION).version == v1.version  # type: ignore[union-attr]
