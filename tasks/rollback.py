@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ballast.gateway_client import GatewayClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.audit import record
 from ballast.errors import RegistryError
+from ballast.gateway_client import GatewayClient
 from ballast.release import ALIAS_CHAMPION, ALIAS_PREVIOUS
 from ballast.serving import Deployment
 from ballast.settings import get_settings
