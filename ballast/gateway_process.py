@@ -67,10 +67,14 @@ class GatewayProcess:
         log_path: Path | None = None,
         timeout: float = 30.0,
         extra_args: Sequence[str] = (),
+        exit_with_parent: bool = False,
     ) -> GatewayProcess:
         """Spawn a gateway for ``settings`` and wait (at most ``timeout`` s) until /healthz answers.
 
         ``extra_args`` go to ``python -m infra.gateway`` (e.g. ``["--seed", "3"]``).
+        ``exit_with_parent`` makes the gateway stop itself if this process dies without
+        stopping it (tests and benchmarks); leave it off for a gateway meant to outlive its
+        starter.
 
         Raises :class:`GatewayError` with the tail of its log if it exits or does not come up.
         """
@@ -92,6 +96,8 @@ class GatewayProcess:
         cmd = [sys.executable, "-m", "infra.gateway"]
         cmd += ["--host", settings.gateway_host, "--port", str(settings.gateway_port)]
         cmd += list(extra_args)
+        if exit_with_parent:
+            cmd.append("--exit-with-parent")
         log_file = log_path.open("ab")
         try:
             proc = subprocess.Popen(
@@ -175,7 +181,14 @@ def ensure_gateway(settings: Settings, *, timeout: float = 30.0) -> GatewayProce
         raise GatewayError(
             f"no gateway answers at {settings.gateway_url} and BALLAST_GATEWAY_AUTOSTART is off"
         )
-    gw = GatewayProcess.start(settings, timeout=timeout)
+    try:
+        gw = GatewayProcess.start(settings, timeout=timeout)
+    except GatewayError:
+        # Lost a race: another caller started one on this port between our probe and our bind.
+        with GatewayClient(settings.gateway_url, timeout=1.0) as client:
+            if client.health():
+                return None
+        raise
     pid_path = settings.state_dir / "gateway.pid"
     pid_path.write_text(f"{gw.pid}\n")
     gw.pid_path = pid_path

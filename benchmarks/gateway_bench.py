@@ -192,7 +192,7 @@ def main() -> int:
                 )
                 with console.status("starting the gateway"):
                     gateway = GatewayProcess.start(
-                        settings, log_path=workdir / "gateway.log", timeout=30
+                        settings, log_path=workdir / "gateway.log", exit_with_parent=True
                     )
                 base = settings.gateway_url
                 with GatewayClient(base, settings.admin_token()) as admin:
@@ -232,7 +232,7 @@ def main() -> int:
     table = Table(title=f"gateway {url} (batch-1 JSON predict)")
     for col in (
         "load",
-        "concurrency",
+        "conns",
         "requests",
         "errors",
         "seconds",

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 from types import FrameType
 
 
@@ -28,6 +31,11 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
         default=60.0,
         help="delay a version with fault=latency adds (default 60)",
     )
+    p.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="shut down (gracefully) when the process that started this one dies",
+    )
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
@@ -43,6 +51,19 @@ def _drained(signum: int, frame: FrameType | None) -> None:
     # uvicorn re-raises the SIGTERM it captured once it has drained; exiting 0 then tells the
     # owner "stopped cleanly", where dying by the signal (-15) would look like a kill.
     raise SystemExit(0)
+
+
+def _watch_parent() -> None:
+    # A test runner or script killed with SIGKILL cannot stop its gateway; when it is gone the
+    # gateway is re-parented, and then stops itself the graceful way.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="gateway-parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         fault_latency_s=args.fault_latency_ms / 1e3,
     )
     signal.signal(signal.SIGTERM, _drained)
+    if args.exit_with_parent:
+        _watch_parent()
     uvicorn.run(
         create_app(config),
         host=args.host,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +44,9 @@ def test_gateway_process_serves_champion_and_canary(
 ) -> None:
     one, two = versions
     with (
-        GatewayProcess.start(settings, log_path=tmp_path / "gw.log", timeout=30) as gw,
+        GatewayProcess.start(
+            settings, log_path=tmp_path / "gw.log", timeout=30, exit_with_parent=True
+        ) as gw,
         GatewayClient(settings.gateway_url, settings.admin_token()) as client,
     ):
         assert gw.running()
@@ -107,7 +112,10 @@ def test_sigterm_drains_in_flight_requests(
     one, _ = versions
     slow = Deployment(model=MODEL, champion=one.model_copy(update={"fault": "latency"}))
     gw = GatewayProcess.start(
-        settings, log_path=tmp_path / "gw.log", extra_args=["--fault-latency-ms", "1500"]
+        settings,
+        log_path=tmp_path / "gw.log",
+        extra_args=["--fault-latency-ms", "1500"],
+        exit_with_parent=True,
     )
     try:
         with GatewayClient(settings.gateway_url, settings.admin_token()) as admin:
@@ -153,6 +161,54 @@ def test_start_fails_fast_with_the_log_when_the_port_is_taken(
         squatter.listen(1)
         started = time.monotonic()
         with pytest.raises(GatewayError, match="exited with code") as info:
-            GatewayProcess.start(settings, log_path=tmp_path / "gw.log", timeout=20)
+            GatewayProcess.start(
+                settings, log_path=tmp_path / "gw.log", timeout=20, exit_with_parent=True
+            )
         assert time.monotonic() - started < 20
     assert "address already in use" in str(info.value).lower()
+
+
+_ORPHANING_PARENT = """
+import sys, time
+from ballast.gateway_process import GatewayProcess
+from ballast.settings import get_settings
+gw = GatewayProcess.start(get_settings(), exit_with_parent=True)
+print(gw.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_gateway_stops_itself_when_its_parent_is_killed(settings: Settings) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHANING_PARENT], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        gateway_pid = int(parent.stdout.readline())
+        with GatewayClient(settings.gateway_url, timeout=1.0) as client:
+            assert client.health()
+            parent.kill()  # SIGKILL: no chance to stop its child
+            parent.wait(5)
+            deadline = time.monotonic() + 10
+            while client.health() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not client.health()
+        while _alive(gateway_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(gateway_pid)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers signal 0; it is gone for our purposes once it is no longer running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

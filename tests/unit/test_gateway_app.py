@@ -405,11 +405,13 @@ def test_retired_version_is_unloaded_only_after_its_in_flight_request(
     assert gw.get("/admin/stats", headers=AUTH).json()["draining"] == []
 
 
-def test_shutdown_does_not_wait_for_a_stuck_unload(artefacts: dict[str, Path]) -> None:
-    client, rec = make_client(unload_timeout_s=0.2)
-    with client as gw:
+def test_unload_stops_waiting_after_its_bound(artefacts: dict[str, Path]) -> None:
+    rec = Recorder()
+    app = create_app(GatewayConfig(admin_token=TOKEN, unload_timeout_s=0.2), loader=rec)
+    with TestClient(app) as gw:
         deploy(gw, champion_only(artefacts))
-        gw.app.state.gateway.live.champion.loaded.inflight += 1  # a request that never ends
+        live = app.state.gateway.live
+        live.champion.loaded.inflight += 1  # a request that never ends
         deploy(gw, Deployment(model=MODEL, champion=spec(artefacts, "2")))
         deadline = time.monotonic() + 5
         while not rec.closed and time.monotonic() < deadline:
