@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ballast.decisions import CANDIDATE, CHAMPION, PREVIOUS
+
 # Tag keys on model versions: one vocabulary for tasks, CLI and tests.
 TAG_DATASET_SHA = "ballast.dataset_sha256"
 TAG_DATASET = "ballast.dataset"
@@ -22,9 +24,10 @@ TAG_REASON = "ballast.reason"
 TAG_FLOW_RUN = "ballast.flow_run_id"
 TAG_APPROVAL = "ballast.approval"
 
-ALIAS_CHAMPION = "champion"
-ALIAS_CANDIDATE = "candidate"
-ALIAS_PREVIOUS = "previous"
+# One alias vocabulary, defined with the decisions that move them.
+ALIAS_CHAMPION = CHAMPION
+ALIAS_CANDIDATE = CANDIDATE
+ALIAS_PREVIOUS = PREVIOUS
 
 
 @dataclass

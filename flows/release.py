@@ -19,7 +19,13 @@ from tasks.registry import close_candidate, record_promotion, register_candidate
 from tasks.train import train_model
 
 
-@flow(name="release", flow_run_name="release-{inject_fault}", log_prints=False)
+def _run_name() -> str:
+    """Recognisable in the UI: model, and the injected fault when there is one."""
+    fault = flow_run.parameters.get("inject_fault")
+    return f"release-{get_settings().model_name}" + (f"-fault-{fault}" if fault else "")
+
+
+@flow(name="release", flow_run_name=_run_name, log_prints=False)
 def release_flow(
     dataset_uri: str | None = None,
     inject_fault: Fault | None = None,
