@@ -1,0 +1,68 @@
+"""The CLI as a person uses it: keys, data round trip, validation, typed errors, status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ballast.cli import app
+from ballast.data import bundled_csv_bytes
+from ballast.settings import Settings
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_help_lists_every_command(runner: CliRunner) -> None:
+    out = runner.invoke(app, ["--help"]).output
+    for command in ("demo", "keys", "data", "release", "serve", "rollback", "status"):
+        assert command in out, f"{command} missing from --help"
+
+
+def test_keys_create_then_list_shows_the_current_key(runner: CliRunner, settings: Settings) -> None:
+    created = runner.invoke(app, ["keys", "create"])
+    assert created.exit_code == 0, created.output
+    key_id = created.output.split("created key ")[1].split()[0]
+    listed = runner.invoke(app, ["keys", "list"])
+    assert f"{key_id}  (current)" in listed.output
+    assert oct(settings.keyring_path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_data_encrypt_decrypt_validate_round_trip(
+    runner: CliRunner, settings: Settings, tmp_path: Path
+) -> None:
+    plain = tmp_path / "data.csv"
+    plain.write_bytes(bundled_csv_bytes())
+    enc, back = tmp_path / "data.enc", tmp_path / "back.csv"
+    assert runner.invoke(app, ["data", "encrypt", str(plain), str(enc)]).exit_code == 0
+    assert b"mean_radius" not in enc.read_bytes(), "ciphertext must not contain plaintext"
+    assert runner.invoke(app, ["data", "decrypt", str(enc), str(back)]).exit_code == 0
+    assert back.read_bytes() == plain.read_bytes()
+    valid = runner.invoke(app, ["data", "validate", str(enc)])
+    assert valid.exit_code == 0 and "569 rows" in valid.output, valid.output
+
+
+def test_a_tampered_file_fails_with_the_stage_named_and_no_output_left(
+    runner: CliRunner, settings: Settings, tmp_path: Path
+) -> None:
+    plain = tmp_path / "data.csv"
+    plain.write_bytes(bundled_csv_bytes())
+    enc, back = tmp_path / "data.enc", tmp_path / "back.csv"
+    runner.invoke(app, ["data", "encrypt", str(plain), str(enc)])
+    raw = bytearray(enc.read_bytes())
+    raw[-5] ^= 0xFF
+    enc.write_bytes(bytes(raw))
+    result = runner.invoke(app, ["data", "decrypt", str(enc), str(back)])
+    assert result.exit_code == 2
+    assert "stage=decrypt" in result.output
+    assert not back.exists(), "a failed decrypt must leave no output file"
+
+
+def test_status_reports_versions_and_a_stopped_gateway(runner: CliRunner, settings: Settings) -> None:
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "not running" in result.output
