@@ -56,6 +56,19 @@ class ParityError(BallastError):
     stage = "compile"
 
 
+class QualityGateFailed(BallastError):
+    """The candidate is worse than the champion beyond tolerance, or below the absolute floor.
+
+    ``decision`` is the :class:`ballast.quality.QualityDecision` with the evidence.
+    """
+
+    stage = "quality"
+
+    def __init__(self, message: str, decision: object | None = None) -> None:
+        self.decision = decision
+        super().__init__(message)
+
+
 class CompileError(BallastError):
     stage = "compile"
 

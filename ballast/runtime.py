@@ -47,4 +47,10 @@ def load_predictor(path: Path, backend: str, *, intra_op_threads: int = 1) -> Pr
         from ballast.compile.tensorrt import TensorRTPredictor
 
         return TensorRTPredictor(path)
+    if backend == "aotinductor":
+        # CPU packages run on torch's intra-op pool: the serving process sets its size once
+        # (torch.set_num_threads); loading a package leaves it alone.
+        from ballast.compile.aotinductor import AOTInductorPredictor
+
+        return AOTInductorPredictor(path)
     raise ValueError(f"unknown backend {backend!r}")

@@ -68,9 +68,18 @@ class Settings(BaseSettings):
     hidden: int = Field(default=64, ge=2)
     batch_size: int = Field(default=64, ge=1)
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    model_spec: str = "tabular-mlp"  # a name in ballast.models
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)  # carved from the training part
+    patience: int | None = Field(default=10, ge=1)  # early stopping on validation loss
+    torch_compile: bool = False  # CUDA only
+
+    # Quality gate: the candidate may not be worse than the champion beyond max_drop, nor below floor.
+    quality_metric: str = "accuracy"
+    quality_max_drop: float = Field(default=0.01, ge=0)
+    quality_floor: float | None = 0.9
 
     # Compile.
-    compile_backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    compile_backend: Literal["auto", "onnxruntime", "tensorrt", "aotinductor"] = "auto"
     parity_rtol_fp32: float = 1e-4
     parity_rtol_fp16: float = 1e-2
     bench_batches: tuple[int, ...] = (1, 64, 1024)

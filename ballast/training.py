@@ -1,56 +1,128 @@
-"""Training and evaluation of the tabular classifier (PyTorch; CUDA when present, CPU otherwise).
+"""Training and evaluation of a model from the spec registry (PyTorch; CUDA when present, else CPU).
 
-Input normalisation lives inside the model as buffers, so the exported artefact takes raw
-feature rows and serving needs no preprocessing code that could drift from training.
+- Models come from :mod:`ballast.models` by name (``tabular-mlp``, ``small-cnn``); normalisation
+  lives inside the model as buffers, so the exported artefact takes raw feature rows.
+- Three disjoint, stratified, seeded parts: the held-out test rows (final evaluation only), a
+  validation part carved from the training rows (per-epoch metric, early stopping, best-epoch
+  choice) and the rows the model is fitted on (they also give the normalisation statistics).
+- On CUDA: bf16 autocast, and ``torch.compile`` when asked. On CPU the same seed and data give
+  bit-identical weights.
+- With a checkpoint folder, every epoch is checkpointed atomically (model, optimiser, RNG states,
+  epoch, best metric and weights, history). A run started again with the same configuration
+  (dataset sha256 + hyperparameters + seed) resumes after the last checkpointed epoch; since the
+  RNG states are restored, a resumed CPU run ends with the same weights as an uninterrupted one.
+
+Nothing here imports pydantic, Prefect or MLflow (``benchmarks/gpu_check.py`` runs this module on a
+machine with only torch, numpy, pandas and scikit-learn).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ballast.checkpoint import CheckpointStore, config_key
 from ballast.data import ValidatedDataset
 from ballast.errors import TrainingError
+from ballast.models import TABULAR_MLP, get_spec, params_as_dict
 
 if TYPE_CHECKING:  # torch is imported lazily (3 s) so the CLI starts fast
     import torch
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Split:
+    """The three parts of a dataset. ``x_train`` is what the model is fitted on."""
+
     x_train: np.ndarray
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: np.ndarray  # held out: final evaluation only, never seen while training
     y_test: np.ndarray
+    x_val: np.ndarray  # carved from the training part: early stopping and best-epoch choice
+    y_val: np.ndarray
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int  # 1-based
+    train_loss: float  # mean over the epoch's batches, weighted by batch size
+    val_loss: float
+    val_accuracy: float
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    model: Any  # torch.nn.Module on CPU, eval mode
+    model: Any  # torch.nn.Module on CPU, eval mode, with the best epoch's weights
     metrics: dict[str, float]
     params: dict[str, str]
     device: str
     seconds: float
     split: Split
+    history: tuple[EpochRecord, ...] = ()
+    model_name: str = TABULAR_MLP
+    #: The checkpointed epoch this run continued from (None: started from scratch).
+    resumed_from_epoch: int | None = None
+    stopped_early: bool = False
+    best_epoch: int = 0
+    checkpoint_key: str = ""
+
+    def metric_history(self) -> dict[str, list[tuple[int, float]]]:
+        """Per-epoch metrics as ``{name: [(epoch, value), ...]}`` (steps for the tracking store).
+
+        Named ``epoch_*`` so they never collide with the final metrics (``val_loss`` there is the
+        best epoch's, not the last one's).
+        """
+        return {
+            "epoch_train_loss": [(r.epoch, r.train_loss) for r in self.history],
+            "epoch_val_loss": [(r.epoch, r.val_loss) for r in self.history],
+            "epoch_val_accuracy": [(r.epoch, r.val_accuracy) for r in self.history],
+        }
 
 
-def split_dataset(ds: ValidatedDataset, *, test_fraction: float, seed: int) -> Split:
-    """Stratified, seeded hold-out split: same seed and data give the same split."""
+def _stratified(
+    x: np.ndarray, y: np.ndarray, fraction: float, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        ds.features, ds.labels, test_size=test_fraction, random_state=seed, stratify=ds.labels
-    )
-    return Split(x_tr, y_tr, x_te, y_te)
+    try:
+        x_a, x_b, y_a, y_b = train_test_split(
+            x, y, test_size=fraction, random_state=seed, stratify=y
+        )
+    except ValueError as exc:  # e.g. a class with a single row cannot be stratified
+        raise TrainingError(f"cannot carve the {what} split: {exc}") from exc
+    return x_a, x_b, y_a, y_b
+
+
+def split_dataset(
+    ds: ValidatedDataset, *, test_fraction: float, seed: int, val_fraction: float = 0.15
+) -> Split:
+    """Stratified, seeded split: the test part first, then validation out of the rest.
+
+    ``val_fraction`` is a share of the training part. Same seed and data give the same split.
+    """
+    if not 0 < test_fraction < 1:
+        raise TrainingError(f"test_fraction must be within (0, 1), got {test_fraction}")
+    if not 0 < val_fraction < 0.5:
+        raise TrainingError(f"val_fraction must be within (0, 0.5), got {val_fraction}")
+    x_tr, x_te, y_tr, y_te = _stratified(ds.features, ds.labels, test_fraction, seed, "test")
+    x_fit, x_val, y_fit, y_val = _stratified(x_tr, y_tr, val_fraction, seed, "validation")
+    return Split(x_fit, y_fit, x_te, y_te, x_val, y_val)
 
 
 def select_device(preference: str) -> str:
     import torch
 
+    if preference not in ("auto", "cpu", "cuda"):
+        raise TrainingError(f"device must be auto, cpu or cuda, got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device 'cuda' requested but no CUDA device is available")
     if preference == "auto":
@@ -58,49 +130,34 @@ def select_device(preference: str) -> str:
     return preference
 
 
-def build_mlp(
-    n_features: int, hidden: int, n_classes: int, mean: np.ndarray, std: np.ndarray
-) -> Any:
-    import torch
-    from torch import nn
-
-    class TabularMLP(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-            # Constant features would divide by zero; treat their scale as 1.
-            self.register_buffer(
-                "std", torch.as_tensor(np.where(std > 1e-12, std, 1.0), dtype=torch.float32)
-            )
-            self.net = nn.Sequential(
-                nn.Linear(n_features, hidden),
-                nn.ReLU(),
-                nn.Linear(hidden, hidden),
-                nn.ReLU(),
-                nn.Linear(hidden, n_classes),
-            )
-
-        mean: torch.Tensor
-        std: torch.Tensor
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net((x - self.mean) / self.std)
-
-    return TabularMLP()
-
-
 def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Accuracy, log-loss and ROC AUC on a held-out set (CPU, fp32)."""
+    """Accuracy, log-loss and ROC AUC (one-vs-rest macro for more than two classes), fp32.
+
+    Runs on the model's device; AUC is NaN when the rows miss a class.
+    """
     import torch
     from sklearn.metrics import roc_auc_score
 
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    was_training = model.training
     model.eval()
-    with torch.no_grad():
-        logits = model(torch.as_tensor(x, dtype=torch.float32))
-        loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)).item()
-        prob = torch.softmax(logits, dim=1).numpy()
+    try:
+        with torch.no_grad():
+            logits = model(torch.as_tensor(x, dtype=torch.float32, device=device)).float()
+            target = torch.as_tensor(y, dtype=torch.int64, device=device)
+            loss = torch.nn.functional.cross_entropy(logits, target).item()
+            prob = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+    finally:
+        model.train(was_training)
     pred = prob.argmax(axis=1)
-    auc = float(roc_auc_score(y, prob[:, 1])) if len(np.unique(y)) == 2 else float("nan")
+    n_classes = prob.shape[1]
+    present = set(np.unique(y).tolist())
+    auc = float("nan")
+    if n_classes == 2 and present == {0, 1}:
+        auc = float(roc_auc_score(y, prob[:, 1]))
+    elif n_classes > 2 and present == set(range(n_classes)):
+        prob /= prob.sum(axis=1, keepdims=True)  # float rounding: sklearn wants rows summing to 1
+        auc = float(roc_auc_score(y, prob, multi_class="ovr", labels=list(range(n_classes))))
     return {"accuracy": float((pred == y).mean()), "log_loss": float(loss), "roc_auc": auc}
 
 
@@ -117,64 +174,208 @@ def corrupt_weights(model: Any, seed: int) -> None:
         last.weight.add_(0.01 * torch.randn(last.weight.shape, generator=gen))
 
 
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
 def train(
     ds: ValidatedDataset,
     *,
-    hidden: int,
     epochs: int,
     learning_rate: float,
     batch_size: int,
     seed: int,
+    model: str = TABULAR_MLP,
+    hidden: int | None = None,
+    model_params: Mapping[str, Any] | None = None,
     device: str = "auto",
     test_fraction: float = 0.25,
-    on_epoch: Callable[[int, float], None] | None = None,
+    val_fraction: float = 0.15,
+    patience: int | None = 10,
+    min_delta: float = 0.0,
+    torch_compile: bool = False,
+    checkpoint_dir: Path | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> TrainResult:
-    """Train the MLP with Adam; bf16 autocast on CUDA. Deterministic on CPU for a given seed."""
+    """Train ``model`` with Adam; returns the best epoch's weights (lowest validation loss).
+
+    ``hidden`` is a shortcut for ``model_params={"hidden": ...}``. ``patience`` epochs without a
+    validation-loss improvement larger than ``min_delta`` stop the run (None: never stop early).
+    ``torch_compile`` compiles the training forward pass on CUDA (ignored on CPU, where it is
+    slower than eager for models this small). ``checkpoint_dir`` enables per-epoch checkpoints
+    and resuming (see the module docstring).
+    """
     import torch
 
     started = time.perf_counter()
+    if epochs < 1:
+        raise TrainingError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise TrainingError(f"learning_rate must be a positive number, got {learning_rate}")
+    if patience is not None and patience < 1:
+        raise TrainingError(f"patience must be >= 1 or None, got {patience}")
+    spec = get_spec(model)
+    overrides = dict(model_params or {})
+    if hidden is not None:
+        overrides.setdefault("hidden", hidden)
+    hp = spec.params(overrides)
     dev = select_device(device)
-    split = split_dataset(ds, test_fraction=test_fraction, seed=seed)
+    split = split_dataset(ds, test_fraction=test_fraction, seed=seed, val_fraction=val_fraction)
+    use_bf16 = dev == "cuda" and torch.cuda.is_bf16_supported()
+    use_compile = torch_compile and dev == "cuda"
+    hyper: dict[str, Any] = {
+        "model": spec.name,
+        **params_as_dict(hp),
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
+        "patience": patience,
+        "min_delta": min_delta,
+        "bf16": use_bf16,
+        "torch_compile": use_compile,
+    }
+    key = config_key(dataset_sha256=ds.sha256, hyperparameters=hyper, seed=seed)
+
     torch.manual_seed(seed)
     n_classes = int(max(ds.labels.max(), 1)) + 1
-    mean = split.x_train.mean(axis=0)
-    std = split.x_train.std(axis=0)
-    model = build_mlp(ds.features.shape[1], hidden, n_classes, mean, std).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    net = spec.build(
+        hp,
+        n_features=ds.features.shape[1],
+        n_classes=n_classes,
+        mean=split.x_train.mean(axis=0),
+        std=split.x_train.std(axis=0),
+    ).to(dev)
+    forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(net) if use_compile else net
+    opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
     x = torch.as_tensor(split.x_train, dtype=torch.float32, device=dev)
     y = torch.as_tensor(split.y_train, dtype=torch.int64, device=dev)
-    gen = torch.Generator().manual_seed(seed)
-    use_bf16 = dev == "cuda" and torch.cuda.is_bf16_supported()
-    loss_value = float("nan")
-    for epoch in range(epochs):
-        model.train()
+    gen = torch.Generator().manual_seed(seed)  # the shuffle order; checkpointed with the rest
+
+    history: list[EpochRecord] = []
+    best_val, best_epoch, bad_epochs, stopped = math.inf, 0, 0, False
+    best_state = _cpu_state(net)
+    resumed_from: int | None = None
+    store = CheckpointStore(Path(checkpoint_dir), key) if checkpoint_dir is not None else None
+    ckpt = store.latest() if store is not None else None
+    if store is not None and ckpt is not None:
+        st = ckpt.state
+        try:
+            net.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            gen.set_state(st["rng"]["shuffle"])
+            torch.set_rng_state(st["rng"]["torch"])
+            if dev == "cuda" and st["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+            best_state = st["best_model"]
+            best_val, best_epoch = float(st["best_val_loss"]), int(st["best_epoch"])
+            bad_epochs, stopped = int(st["bad_epochs"]), bool(st["stopped"])
+            history = [EpochRecord(int(e), tl, vl, va) for e, tl, vl, va in st["history"]]
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            # Same configuration, different code (a changed architecture, say): never guess.
+            detail = " ".join(str(exc).split())[:300]
+            raise TrainingError(
+                f"checkpoint {ckpt.path} does not fit this model and trainer "
+                f"({type(exc).__name__}: {detail}); remove {store.dir} to start over"
+            ) from exc
+        resumed_from = ckpt.epoch
+        log.info("resuming %s from epoch %d (%s)", spec.name, ckpt.epoch, ckpt.path)
+
+    first = (resumed_from or 0) + 1
+    for epoch in range(first, epochs + 1):
+        if stopped:
+            break
+        net.train()
         order = torch.randperm(len(x), generator=gen).to(dev)
         total = 0.0
         for start in range(0, len(x), batch_size):
             idx = order[start : start + batch_size]
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss = torch.nn.functional.cross_entropy(forward(x[idx]), y[idx])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
-        loss_value = total / len(x)
-        if not np.isfinite(loss_value):
-            raise TrainingError(f"training diverged at epoch {epoch + 1} (loss {loss_value})")
+        train_loss = total / len(x)
+        if not math.isfinite(train_loss):
+            raise TrainingError(f"training diverged at epoch {epoch} (loss {train_loss})")
+        val = evaluate(net, split.x_val, split.y_val)
+        record = EpochRecord(epoch, train_loss, val["log_loss"], val["accuracy"])
+        history.append(record)
+        if record.val_loss < best_val - min_delta:
+            best_val, best_epoch, bad_epochs = record.val_loss, epoch, 0
+            best_state = _cpu_state(net)
+        else:
+            bad_epochs += 1
+        stopped = patience is not None and bad_epochs >= patience
+        if store is not None:
+            store.save(
+                epoch,
+                {
+                    "model": _cpu_state(net),
+                    "optimizer": opt.state_dict(),
+                    "rng": {
+                        "shuffle": gen.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if dev == "cuda" else [],
+                    },
+                    "best_model": best_state,
+                    "best_val_loss": best_val,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "stopped": stopped,
+                    "history": [
+                        [r.epoch, r.train_loss, r.val_loss, r.val_accuracy] for r in history
+                    ],
+                },
+            )
+        log.debug(
+            "epoch=%d train_loss=%.5f val_loss=%.5f val_accuracy=%.4f",
+            epoch,
+            train_loss,
+            record.val_loss,
+            record.val_accuracy,
+        )
         if on_epoch is not None:
-            on_epoch(epoch + 1, loss_value)
-    model = model.to("cpu").eval()
-    metrics = evaluate(model, split.x_test, split.y_test)
-    metrics["train_loss"] = loss_value
+            on_epoch(record)
+
+    net.load_state_dict(best_state)
+    net = net.to("cpu").eval()
+    metrics = evaluate(net, split.x_test, split.y_test)
+    last = history[-1]
+    best = next(r for r in history if r.epoch == best_epoch) if best_epoch else last
+    metrics.update(
+        {
+            "train_loss": last.train_loss,
+            "val_loss": best.val_loss,
+            "val_accuracy": best.val_accuracy,
+            "best_epoch": float(best_epoch),
+            "epochs_run": float(len(history)),
+        }
+    )
     params = {
-        "hidden": str(hidden),
-        "epochs": str(epochs),
-        "learning_rate": str(learning_rate),
-        "batch_size": str(batch_size),
+        **{k: str(v) for k, v in hyper.items()},
         "seed": str(seed),
         "device": dev,
-        "bf16": str(use_bf16),
         "n_train": str(len(split.y_train)),
+        "n_val": str(len(split.y_val)),
         "n_test": str(len(split.y_test)),
+        "checkpoint_key": key,
     }
-    return TrainResult(model, metrics, params, dev, time.perf_counter() - started, split)
+    return TrainResult(
+        model=net,
+        metrics=metrics,
+        params=params,
+        device=dev,
+        seconds=time.perf_counter() - started,
+        split=split,
+        history=tuple(history),
+        model_name=spec.name,
+        resumed_from_epoch=resumed_from,
+        stopped_early=stopped and len(history) < epochs,
+        best_epoch=best_epoch,
+        checkpoint_key=key,
+    )

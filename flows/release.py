@@ -16,7 +16,7 @@ from tasks.common import logger
 from tasks.compile import compile_candidate
 from tasks.data import ingest_dataset
 from tasks.registry import close_candidate, record_promotion, register_candidate
-from tasks.train import train_model
+from tasks.train import quality_gate, train_model
 
 
 def _run_name() -> str:
@@ -46,6 +46,8 @@ def release_flow(
     t = lap("ingest", t)
     trained = train_model(ds, inject_fault)
     t = lap("train", t)
+    quality_gate(trained)  # QualityGateFailed stops the run before anything is compiled
+    t = lap("quality", t)
     staging = (s.state_dir / "staging" / run_id).resolve()
     compiled = compile_candidate(trained, staging / "build")
     t = lap("compile", t)

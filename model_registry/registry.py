@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,6 +182,23 @@ class Registry:
         """All versions of ``name``, oldest first, with their aliases ([] for an unknown model)."""
         return self._search(f"name='{_quoted(name)}'", name)
 
+    def version_metrics(self, name: str, version: str | int) -> dict[str, float]:
+        """The latest value of each metric of the run that produced ``version``."""
+        info = self.get_version(name, version)
+        if not info.run_id:
+            return {}
+        with _mlflow_errors(f"reading metrics of {name!r} version {version}"):
+            return {k: float(v) for k, v in self._client.get_run(info.run_id).data.metrics.items()}
+
+    def metric_history(self, name: str, version: str | int, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of metric ``key`` in the run that produced ``version``, by step."""
+        info = self.get_version(name, version)
+        if not info.run_id:
+            return []
+        with _mlflow_errors(f"reading metric {key!r} of {name!r} version {version}"):
+            points = self._client.get_metric_history(info.run_id, key)
+        return sorted((int(p.step), float(p.value)) for p in points)
+
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersionInfo]:
         """Versions of ``name`` whose tag ``key`` equals ``value``, oldest first."""
         flt = f"name='{_quoted(name)}' and tag.`{_quoted(key)}`='{_quoted(value)}'"
@@ -227,8 +244,13 @@ class Registry:
         tags: Mapping[str, str],
         description: str = "",
         run_name: str | None = None,
+        metric_history: Mapping[str, Sequence[tuple[int, float]]] | None = None,
     ) -> ModelVersionInfo:
         """Log one run with ``artifact_dir`` under ``model/`` and make it a new version of ``name``.
+
+        ``metrics`` are logged at step 0; ``metric_history`` maps a metric name to its
+        ``(step, value)`` series (per-epoch training curves). Give the series names of their own
+        (``epoch_val_loss``): MLflow reports a metric's value at its highest step as the latest.
 
         All or nothing: if a step fails once the run has started, a version created by this call
         is deleted, a registered model created by this call is deleted, the run is marked FAILED
@@ -258,6 +280,8 @@ class Registry:
             now = int(time.time() * 1000)
             p = [Param(str(k), str(v)) for k, v in params.items()]
             m = [Metric(str(k), float(v), now, 0) for k, v in metrics.items()]
+            for key, series in (metric_history or {}).items():
+                m += [Metric(str(key), float(v), now, int(step)) for step, v in series]
             for i in range(0, max(len(p), len(m)), _BATCH):
                 self._client.log_batch(run_id, metrics=m[i : i + _BATCH], params=p[i : i + _BATCH])
 

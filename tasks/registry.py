@@ -106,6 +106,7 @@ def register_candidate(
         artifact_dir=artifact_dir,
         params=trained.params,
         metrics={**trained.metrics, **compiled.metrics()},
+        metric_history=trained.metric_history(),
         tags=tags,
         description=f"dataset {ds.name} sha256 {ds.sha256[:12]}, backend {compiled.backend}",
     )

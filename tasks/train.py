@@ -1,31 +1,66 @@
-"""Stage 3: train and evaluate on the held-out split."""
+"""Stage 3: train and evaluate on the held-out split; then the quality gate against the champion."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.data import ValidatedDataset
+from ballast.errors import QualityGateFailed
+from ballast.quality import ChampionMetric, QualityDecision, QualityPolicy, judge_quality
 from ballast.serving import Fault
 from ballast.settings import get_settings
-from ballast.training import TrainResult, corrupt_weights, evaluate, train
-from tasks.common import logger
+from ballast.training import EpochRecord, TrainResult, corrupt_weights, evaluate, train
+from model_registry import CHAMPION, Registry
+from tasks.common import logger, registry
+
+#: Version tag the register stage writes with the held-out accuracy (fallback source).
+TAG_PREFIX = "ballast."
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_model(ds: ValidatedDataset, inject_fault: Fault | None = None) -> TrainResult:
+def train_model(
+    ds: ValidatedDataset,
+    inject_fault: Fault | None = None,
+    model: str | None = None,
+    model_params: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` (a name in :mod:`ballast.models`) with checkpoints in ``state_dir``.
+
+    A retried or restarted run with the same data and configuration resumes from its last
+    checkpoint (``TrainResult.resumed_from_epoch``) instead of starting over.
+    """
     s = get_settings()
     log = logger()
+
+    def on_epoch(r: EpochRecord) -> None:
+        log.debug(
+            "epoch=%d train_loss=%.5f val_loss=%.5f val_accuracy=%.4f",
+            r.epoch,
+            r.train_loss,
+            r.val_loss,
+            r.val_accuracy,
+        )
+
     result = train(
         ds,
-        hidden=s.hidden,
+        model=model or s.model_spec,
+        model_params=model_params,
+        hidden=s.hidden,  # model_params' own hidden, when given, wins
         epochs=s.epochs,
         learning_rate=s.learning_rate,
         batch_size=s.batch_size,
         seed=s.seed,
         device=s.device,
         test_fraction=s.test_fraction,
-        on_epoch=lambda e, loss: log.debug("epoch=%d loss=%.5f", e, loss),
+        val_fraction=s.val_fraction,
+        patience=s.patience,
+        torch_compile=s.torch_compile,
+        checkpoint_dir=s.state_dir / "checkpoints",
+        on_epoch=on_epoch,
     )
     if inject_fault == "bad-weights":
         # Deliberately broken candidate: evaluated after corruption, so every number is honest.
@@ -33,10 +68,61 @@ def train_model(ds: ValidatedDataset, inject_fault: Fault | None = None) -> Trai
         result.metrics.update(evaluate(result.model, result.split.x_test, result.split.y_test))
         result.params["fault_injection"] = "bad-weights"
     log.info(
-        "stage=train device=%s seconds=%.1f accuracy=%.4f roc_auc=%.4f",
+        "stage=train model=%s device=%s seconds=%.1f epochs=%d best_epoch=%d resumed_from=%s "
+        "accuracy=%.4f roc_auc=%.4f",
+        result.model_name,
         result.device,
         result.seconds,
+        len(result.history),
+        result.best_epoch,
+        result.resumed_from_epoch,
         result.metrics["accuracy"],
         result.metrics["roc_auc"],
     )
     return result
+
+
+def champion_metric(reg: Registry, model_name: str, metric: str) -> ChampionMetric | None:
+    """The champion's recorded held-out ``metric``: its run's metric, else its ``ballast.<metric>``
+    version tag; None when there is no champion."""
+    champ = reg.get_by_alias(model_name, CHAMPION)
+    if champ is None:
+        return None
+    value = reg.version_metrics(model_name, champ.version).get(metric)
+    if value is not None:
+        return ChampionMetric(champ.version, value, f"run metric {metric}")
+    tag = TAG_PREFIX + metric
+    raw = champ.tags.get(tag)
+    try:
+        parsed = float(raw) if raw is not None else None
+    except ValueError:
+        parsed = None
+    source = f"tag {tag}" if raw is not None else f"no run metric {metric} and no tag {tag}"
+    return ChampionMetric(champ.version, parsed, source)
+
+
+@task(name="quality-gate", cache_policy=NO_CACHE)
+def quality_gate(trained: TrainResult, policy: QualityPolicy | None = None) -> QualityDecision:
+    """Stop the release before compile when the candidate is worse than the champion beyond
+    tolerance (or below the floor): raises :class:`QualityGateFailed` with the decision."""
+    s = get_settings()
+    policy = policy or QualityPolicy(
+        metric=s.quality_metric, max_drop=s.quality_max_drop, floor=s.quality_floor
+    )
+    if policy.metric not in trained.metrics:
+        raise QualityGateFailed(
+            f"the candidate has no {policy.metric!r} metric; it has {sorted(trained.metrics)}"
+        )
+    champion = champion_metric(registry(s), s.model_name, policy.metric)
+    decision = judge_quality(float(trained.metrics[policy.metric]), champion, policy)
+    logger().info(
+        "stage=quality passed=%s %s=%.4f champion=%s %s",
+        decision.passed,
+        policy.metric,
+        decision.candidate,
+        decision.champion_version,
+        "; ".join(decision.reasons),
+    )
+    if not decision.passed:
+        raise QualityGateFailed("; ".join(decision.reasons), decision)
+    return decision

@@ -1,13 +1,23 @@
-"""The compile-backend seam: one protocol, and the choice between ONNX Runtime and TensorRT."""
+"""The compile-backend seam: the protocols, and the choice between ONNX Runtime, TensorRT and
+AOTInductor.
+
+ONNX Runtime and TensorRT build from the exported ONNX file (:class:`CompileBackend`);
+AOTInductor builds from the PyTorch module itself (:class:`ModuleCompileBackend`). The pipeline
+exports ONNX either way (it is registered with every version).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from ballast.errors import CompileError
 
-BackendName = Literal["auto", "onnxruntime", "tensorrt"]
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+BackendName = Literal["auto", "onnxruntime", "tensorrt", "aotinductor"]
 
 
 @runtime_checkable
@@ -30,15 +40,43 @@ class CompileBackend(Protocol):
         ...
 
 
-def select_backend(requested: BackendName = "auto", *, intra_op_threads: int = 1) -> CompileBackend:
+@runtime_checkable
+class ModuleCompileBackend(Protocol):
+    """Turns the eager PyTorch module into a deployable artefact that ``load_predictor`` opens."""
+
+    name: str
+
+    @property
+    def precision(self) -> str: ...
+
+    def available(self) -> bool: ...
+
+    def compile_module(
+        self, model: torch.nn.Module, example: np.ndarray, out_dir: Path, *, max_batch: int
+    ) -> Path:
+        """Build the artefact for ``model`` (``example``: float32 rows) into ``out_dir``."""
+        ...
+
+
+def select_backend(
+    requested: BackendName = "auto", *, intra_op_threads: int = 1
+) -> CompileBackend | ModuleCompileBackend:
     """The backend for ``requested``.
 
     ``auto`` picks TensorRT where ``import tensorrt`` works and a CUDA GPU is visible, else ONNX
-    Runtime. Asking for ``tensorrt`` where it cannot run raises :class:`CompileError` saying why.
+    Runtime. Asking for ``tensorrt`` or ``aotinductor`` where it cannot run raises
+    :class:`CompileError` saying why. AOTInductor targets CUDA when a GPU is visible, else CPU.
     """
+    from ballast.compile.aotinductor import AOTInductorBackend
     from ballast.compile.onnxruntime_backend import OnnxRuntimeBackend
     from ballast.compile.tensorrt import TensorRTBackend
 
+    if requested == "aotinductor":
+        aoti = AOTInductorBackend()
+        why = aoti.unavailable_reason()
+        if why is not None:
+            raise CompileError(f"backend 'aotinductor' was requested but cannot run here: {why}")
+        return aoti
     if requested == "onnxruntime":
         return OnnxRuntimeBackend(intra_op_threads=intra_op_threads)
     if requested == "tensorrt":

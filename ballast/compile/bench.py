@@ -104,7 +104,7 @@ def benchmark(
 
 
 @contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     # torch's thread count is process-wide: set it for the measurement only, then put it back.
     import torch
 
@@ -146,7 +146,7 @@ def benchmark_eager(
         return np.asarray(model(torch.from_numpy(x).to(device)).cpu().numpy())
 
     try:
-        with torch.inference_mode(), _torch_threads(threads):
+        with torch.inference_mode(), torch_threads(threads):
             timings = tuple(
                 _measure(
                     partial(call, x),

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ballast.compile.backends import BackendName, select_backend
-from ballast.compile.bench import BenchReport, benchmark, benchmark_eager
+from ballast.compile.backends import BackendName, ModuleCompileBackend, select_backend
+from ballast.compile.bench import BenchReport, benchmark, benchmark_eager, torch_threads
 from ballast.compile.onnx_export import MAX_EXPORT_BATCH, export_onnx
 from ballast.compile.parity import ParityReport, check_parity
 from ballast.errors import CompileError
@@ -93,7 +93,10 @@ def compile_model(
 
     chosen = select_backend(backend, intra_op_threads=intra_op_threads)
     onnx_path = export_onnx(model, example_rows, out_dir / ONNX_NAME)
-    artifact = chosen.compile(onnx_path, out_dir, max_batch=max_batch)
+    if isinstance(chosen, ModuleCompileBackend):
+        artifact = chosen.compile_module(model, example_rows, out_dir, max_batch=max_batch)
+    else:
+        artifact = chosen.compile(onnx_path, out_dir, max_batch=max_batch)
     precision = chosen.precision
     predictor = load_predictor(artifact, chosen.name, intra_op_threads=intra_op_threads)
 
@@ -107,21 +110,24 @@ def compile_model(
         rtol,
     )
 
-    threads = intra_op_threads if chosen.name == "onnxruntime" else None
     # Like with like: eager PyTorch is timed on the device the artefact runs on (GPU for
-    # TensorRT, CPU for ONNX Runtime), whatever device the caller's model lives on.
-    device = "cuda" if chosen.name == "tensorrt" else "cpu"
+    # TensorRT and CUDA AOTInductor packages, CPU otherwise), whatever device the caller's model
+    # lives on, and on CPU with the same number of intra-op threads as the artefact.
+    device = "cuda" if chosen.name == "tensorrt" else str(getattr(predictor, "device", "cpu"))
+    threads = intra_op_threads if device == "cpu" else None
     on_device = all(t.device.type == device for t in [*model.parameters(), *model.buffers()])
     eager_model = model if on_device else copy.deepcopy(model).to(device)
     n_features = int(example_rows.shape[1])
-    bench = benchmark(
-        predictor,
-        n_features,
-        bench_batches,
-        min_time_s=bench_min_time_s,
-        seed=seed,
-        threads=threads,
-    )
+    # AOTInductor's CPU kernels use torch's (process-wide) thread pool: set it for the timing.
+    with torch_threads(threads if chosen.name == "aotinductor" else None):
+        bench = benchmark(
+            predictor,
+            n_features,
+            bench_batches,
+            min_time_s=bench_min_time_s,
+            seed=seed,
+            threads=threads,
+        )
     eager = benchmark_eager(
         eager_model,
         n_features,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ import pytest
 import torch
 
 from ballast.compile import (
+    AOTInductorBackend,
     CompiledArtifact,
+    ModuleCompileBackend,
     OnnxRuntimeBackend,
     TensorRTBackend,
     benchmark,
@@ -27,6 +30,8 @@ from ballast.compile import (
     export_onnx,
     select_backend,
 )
+from ballast.compile.aotinductor import AOTInductorPredictor, read_package_metadata
+from ballast.compile.aotinductor import compatibility_problems as aoti_problems
 from ballast.compile.parity import eager_logits, random_rows, relative_errors
 from ballast.compile.tensorrt import (
     ENGINE_NAME,
@@ -199,6 +204,22 @@ def test_select_backend_matches_this_machine() -> None:
             select_backend("tensorrt")
 
 
+def test_aotinductor_is_chosen_only_by_name_and_builds_from_the_module() -> None:
+    backend = select_backend("aotinductor")
+    assert isinstance(backend, AOTInductorBackend) and isinstance(backend, ModuleCompileBackend)
+    assert backend.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert not isinstance(select_backend("onnxruntime"), ModuleCompileBackend)
+    assert select_backend("auto").name in ("onnxruntime", "tensorrt"), "auto never picks AOTI"
+
+
+def test_explicit_aotinductor_where_it_cannot_run_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(AOTInductorBackend, "unavailable_reason", lambda self: "no C++ compiler")
+    with pytest.raises(CompileError, match=r"'aotinductor' was requested.*no C\+\+ compiler"):
+        select_backend("aotinductor")
+
+
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(CompileError, match="unknown"):
         select_backend("tvm")  # type: ignore[arg-type]
@@ -232,6 +253,64 @@ def test_tensorrt_predictor_refuses_an_engine_from_another_build(tmp_path: Path)
     # Here: tensorrt missing. On a TensorRT machine: the version mismatch. Both refuse.
     with pytest.raises(CompileError):
         TensorRTPredictor(engine)
+
+
+# --- aotinductor: the parts that run without a build (the build: tests/integration) -----------
+
+
+def test_aoti_compatibility_names_torch_version_device_and_cpu_isa() -> None:
+    meta = {"ballast.torch_version": "2.13.0", "AOTI_DEVICE_KEY": "cpu", "AOTI_CPU_ISA": "AVX2"}
+    here = {"torch_version": "2.13.0", "cuda_available": False, "cpu_capability": "AVX512"}
+    assert aoti_problems(meta, **here) == []  # type: ignore[arg-type]
+    newer = {**here, "torch_version": "2.14.0", "cpu_capability": "DEFAULT"}
+    problems = aoti_problems(meta, **newer)  # type: ignore[arg-type]
+    assert len(problems) == 2
+    assert "torch 2.13.0" in problems[0] and "2.14.0" in problems[0]
+    assert "AVX2" in problems[1] and "DEFAULT" in problems[1]
+    cuda = {"AOTI_DEVICE_KEY": "cuda"}
+    assert aoti_problems(cuda, **here) == ["built for CUDA, and no CUDA GPU is visible"]  # type: ignore[arg-type]
+    assert aoti_problems(cuda, **{**here, "cuda_available": True}) == []  # type: ignore[arg-type]
+
+
+def test_aoti_device_cuda_without_a_gpu_is_unavailable_and_build_refuses(
+    tmp_path: Path, model: MLP, rows: np.ndarray
+) -> None:
+    if torch.cuda.is_available():
+        assert AOTInductorBackend(device="cuda").unavailable_reason() is None
+        return
+    backend = AOTInductorBackend(device="cuda")
+    assert "no CUDA GPU" in (backend.unavailable_reason() or "")
+    with pytest.raises(CompileError, match="cannot build an AOTInductor package"):
+        backend.compile_module(model, rows[:4], tmp_path, max_batch=64)
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+@pytest.mark.parametrize(
+    ("example", "max_batch", "message"),
+    [
+        (np.zeros(N_FEATURES, np.float32), 64, "batch, features"),
+        (np.zeros((4, N_FEATURES), np.float32), 1, "max_batch must be >= 2"),
+    ],
+)
+def test_aoti_build_refuses_bad_arguments_before_compiling(
+    tmp_path: Path, model: MLP, example: np.ndarray, max_batch: int, message: str
+) -> None:
+    backend = AOTInductorBackend(device="cpu")
+    with pytest.raises(CompileError, match=message):
+        backend.compile_module(model, example, tmp_path, max_batch=max_batch)
+    with pytest.raises(CompileError, match="device must be auto, cpu or cuda"):
+        AOTInductorBackend(device="tpu")
+
+
+def test_aoti_predictor_refuses_what_is_not_a_package(tmp_path: Path) -> None:
+    with pytest.raises(CompileError, match="package not found"):
+        AOTInductorPredictor(tmp_path / "missing.pt2")
+    junk = tmp_path / "model.pt2"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(CompileError, match="is not an AOTInductor package"):
+        read_package_metadata(junk)
+    with pytest.raises(CompileError):
+        load_predictor(junk, "aotinductor")
 
 
 # --- parity ------------------------------------------------------------------------------------
@@ -369,3 +448,51 @@ def test_compile_model_refuses_a_max_batch_the_export_cannot_take(
 ) -> None:
     with pytest.raises(CompileError, match="max_batch"):
         compile_model(model, rows, rows, tmp_path, rtol_fp32=1e-4, max_batch=10_000)
+
+
+# --- ballast bench compile (the script's plumbing; its numbers are never asserted) ---------------
+
+
+def test_bench_compile_prints_rows_for_eager_and_each_backend_as_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ballast.bench.compile import main
+
+    old = torch.get_num_threads()
+    argv = ["--models", "tabular-mlp", "--backends", "onnxruntime", "--batches", "1,8"]
+    argv += ["--rounds", "1", "--min-time", "0.01", "--epochs", "1", "--json"]
+    assert main(argv) == 0
+    assert torch.get_num_threads() == old, "the bench must put torch's thread count back"
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["bench"] == "compile" and summary["chosen_backend"] in (
+        "onnxruntime",
+        "tensorrt",
+    )
+    got = {(r["backend"], r["batch"]) for r in summary["rows"]}
+    assert got == {("eager", 1), ("eager", 8), ("onnxruntime", 1), ("onnxruntime", 8)}
+    for r in summary["rows"]:
+        assert r["p50_ms"] > 0 and r["speedup_vs_eager"] > 0 and r["model"] == "tabular-mlp"
+    assert set(summary["goal"]["speedups"]) == {"tabular-mlp/b1"}, "b64 was not measured"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--models", "resnet"], ["--backends", "tvm"], ["--rounds", "0"], ["--batches", "0"]],
+)
+def test_bench_compile_refuses_bad_arguments(argv: list[str]) -> None:
+    from ballast.bench.compile import main
+
+    with pytest.raises(SystemExit) if argv[0] == "--batches" else nullcontext():
+        assert main(argv) == 2
+
+
+def test_bench_goal_needs_every_model_at_every_goal_batch() -> None:
+    from ballast.bench.compile import Row, goal_check
+
+    def row(model: str, batch: int, speedup: float) -> Row:
+        return Row(model, "onnxruntime", batch, 0.1, 0.2, speedup, 1.0, 0.0, 1)
+
+    rows = [row("a", 1, 3.0), row("a", 64, 2.0), row("b", 1, 2.5), row("b", 64, 1.9)]
+    assert not goal_check(rows, "onnxruntime", ["a", "b"])["met"]
+    assert goal_check(rows, "onnxruntime", ["a"])["met"]
+    assert not goal_check(rows[:1], "onnxruntime", ["a"])["met"], "a missing batch is not met"

@@ -157,6 +157,37 @@ def test_two_registrations_make_versions_1_and_2_with_runs_and_tags(
     assert registry.get_version(name, 2) == v2
 
 
+def test_per_epoch_series_are_logged_with_steps_beside_the_final_metrics(
+    registry: Registry, client: MlflowClient, name: str, tmp_path: Path
+) -> None:
+    series = {"epoch_val_loss": [(1, 0.5), (2, 0.3), (3, 0.35)], "epoch_train_loss": [(1, 0.9)]}
+    info = registry.register_version(
+        name,
+        artifact_dir=make_artifacts(tmp_path, "h"),
+        params={"epochs": 3},
+        metrics={"accuracy": 0.96, "val_loss": 0.3},
+        tags={},
+        metric_history=series,
+    )
+    points = client.get_metric_history(info.run_id or "", "epoch_val_loss")
+    assert sorted((p.step, p.value) for p in points) == [(1, 0.5), (2, 0.3), (3, 0.35)]
+    assert registry.metric_history(name, info.version, "epoch_val_loss") == series["epoch_val_loss"]
+    assert registry.version_metrics(name, info.version) == {
+        "accuracy": 0.96,
+        "val_loss": 0.3,
+        "epoch_val_loss": 0.35,  # a series reports its value at the highest step
+        "epoch_train_loss": 0.9,
+    }
+    assert registry.metric_history(name, info.version, "missing") == []
+
+
+def test_reading_metrics_of_an_unknown_version_is_a_registry_error(
+    registry: Registry, two_versions: str
+) -> None:
+    with pytest.raises(RegistryError):
+        registry.version_metrics(two_versions, 99)
+
+
 def test_registering_a_version_takes_well_under_a_second(
     registry: Registry, name: str, tmp_path: Path
 ) -> None:

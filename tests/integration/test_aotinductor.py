@@ -1,0 +1,156 @@
+"""The AOTInductor backend end to end on CPU: one real build (about 25-35 s here) of the small CNN
+shared by the module, then parity, dynamic batch, loading in a fresh process, and refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ballast.compile import CompiledArtifact, compile_model
+from ballast.compile.aotinductor import (
+    ARTIFACT_NAME,
+    AOTInductorPredictor,
+    read_package_metadata,
+)
+from ballast.compile.parity import eager_logits
+from ballast.datasets_extra import bundled_dataset
+from ballast.errors import CompileError
+from ballast.hashing import sha256_file
+from ballast.runtime import load_predictor
+from ballast.training import TrainResult, train
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_BATCH = 256
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread: None) -> TrainResult:
+    return train(
+        bundled_dataset("digits"),
+        model="small-cnn",
+        model_params={"channels": 8},
+        epochs=2,
+        learning_rate=3e-3,
+        batch_size=64,
+        seed=0,
+        device="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled(trained: TrainResult, tmp_path_factory: pytest.TempPathFactory) -> CompiledArtifact:
+    return compile_model(
+        trained.model,
+        trained.split.x_train[:8],
+        trained.split.x_test,
+        tmp_path_factory.mktemp("aoti"),
+        backend="aotinductor",
+        rtol_fp32=1e-4,
+        max_batch=MAX_BATCH,
+        bench_batches=(1, 64),
+        bench_min_time_s=0.05,
+    )
+
+
+def test_pipeline_builds_a_hashed_package_that_passes_parity(compiled: CompiledArtifact) -> None:
+    assert compiled.backend == "aotinductor" and compiled.precision == "fp32"
+    assert compiled.path.name == ARTIFACT_NAME and compiled.sha256 == sha256_file(compiled.path)
+    assert compiled.onnx_path.is_file(), "ONNX is exported for the registry either way"
+    assert compiled.parity.passed and compiled.parity.max_rel_err <= 1e-4
+    assert compiled.parity.n_rows == 450 and compiled.parity.n_random == 256
+    assert compiled.bench.runtime == "aotinductor" and compiled.bench.batches == (1, 64)
+    assert compiled.eager_bench.threads == 1, "eager timed with the same thread count"
+    assert "speedup_b64_vs_eager" in compiled.metrics()
+    assert not list(compiled.path.parent.glob(".aoti-*")), "the staging folder is gone"
+
+
+def test_package_records_torch_version_device_and_shape(compiled: CompiledArtifact) -> None:
+    meta = read_package_metadata(compiled.path)
+    assert meta["ballast.torch_version"] == torch.__version__
+    assert meta["ballast.device"] == "cpu" and meta["AOTI_DEVICE_KEY"] == "cpu"
+    assert meta["ballast.n_features"] == "64" and meta["ballast.max_batch"] == str(MAX_BATCH)
+
+
+def test_predictor_matches_eager_at_any_batch_including_above_max_batch(
+    compiled: CompiledArtifact, trained: TrainResult
+) -> None:
+    predictor = load_predictor(compiled.path, "aotinductor")
+    assert isinstance(predictor, AOTInductorPredictor) and predictor.n_features == 64
+    rows = trained.split.x_test
+    for batch in (1, 3, 64, MAX_BATCH + 37):
+        x = np.resize(rows, (batch, 64)).astype(np.float32)
+        out = predictor.predict(x)
+        assert out.shape == (batch, 10) and out.dtype == np.float32
+        np.testing.assert_allclose(out, eager_logits(trained.model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_predictor_refuses_rows_of_the_wrong_width(compiled: CompiledArtifact) -> None:
+    with pytest.raises(ValueError, match=r"expected \[batch, 64\] input"):
+        load_predictor(compiled.path, "aotinductor").predict(np.zeros((2, 30), np.float32))
+
+
+def test_a_fresh_process_runs_the_package_without_the_model_code(
+    compiled: CompiledArtifact, trained: TrainResult, tmp_path: Path
+) -> None:
+    x = trained.split.x_test[:5]
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np\n"
+        "from ballast.runtime import load_predictor\n"
+        f"p = load_predictor({str(compiled.path)!r}, 'aotinductor')\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, p.predict(np.load({str(tmp_path / 'x.npy')!r})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"), eager_logits(trained.model, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def _rewrite_metadata(src: Path, dst: Path, **changes: str) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("wrapper_metadata.json"):
+                data = json.dumps({**json.loads(data), **changes}).encode()
+            zout.writestr(item, data)
+
+
+def test_a_package_from_another_torch_version_is_refused_before_loading(
+    compiled: CompiledArtifact, tmp_path: Path
+) -> None:
+    other = tmp_path / ARTIFACT_NAME
+    _rewrite_metadata(compiled.path, other, **{"ballast.torch_version": "1.0.0"})
+    with pytest.raises(CompileError, match=r"built with torch 1\.0\.0, this is torch"):
+        AOTInductorPredictor(other)
+
+
+def test_a_cuda_package_is_refused_on_a_machine_without_a_gpu(
+    compiled: CompiledArtifact, tmp_path: Path
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal cannot be provoked")
+    other = tmp_path / ARTIFACT_NAME
+    _rewrite_metadata(compiled.path, other, AOTI_DEVICE_KEY="cuda", **{"ballast.device": "cuda"})
+    with pytest.raises(CompileError, match="built for CUDA, and no CUDA GPU is visible"):
+        AOTInductorPredictor(other)
