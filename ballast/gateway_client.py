@@ -1,20 +1,25 @@
 """A small synchronous client of the serving gateway's HTTP API (see ``infra/gateway``).
 
-Routes: ``GET /healthz``, ``GET /readyz``, ``GET|PUT /admin/deployment`` and ``GET /admin/stats``
-(``Authorization: Bearer <token>``), ``POST /v1/models/{model}/predict``. Every refusal comes back
-as a :class:`GatewayHTTPError` carrying the server's own message.
+Routes: ``GET /healthz``, ``GET /readyz``, ``GET|PUT /admin/deployment``, ``GET /admin/stats``,
+``GET /admin/replicas`` and ``GET /admin/shadow`` (``Authorization: Bearer <token>``),
+``POST /v1/models/{model}/predict`` (JSON, or a float32 array as ``application/x-npy``). Every
+refusal comes back as a :class:`GatewayHTTPError` carrying the server's own message.
 """
 
 from __future__ import annotations
 
+import io
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
 from ballast.errors import GatewayError
-from ballast.serving import Deployment, PredictResponse
+from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["KEY_HEADER", "VERSION_HEADER", "GatewayClient", "GatewayHTTPError"]
 
@@ -118,14 +123,40 @@ class GatewayClient:
         )
         return PredictResponse.model_validate(resp.json())
 
+    def predict_array(self, model: str, x: np.ndarray, key: str | None = None) -> PredictResponse:
+        """Predict a float32 ``[rows, features]`` array sent as ``application/x-npy`` (compact)."""
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+        headers = {"Content-Type": NPY_MEDIA_TYPE}
+        if key is not None:
+            headers[KEY_HEADER] = key
+        resp = self._request(
+            "POST",
+            f"/v1/models/{quote(model, safe='')}/predict",
+            content=buf.getvalue(),
+            headers=headers,
+        )
+        return PredictResponse.model_validate(resp.json())
+
+    def _admin_object(self, path: str) -> dict[str, Any]:
+        data = self._request("GET", path, headers=self._admin_headers()).json()
+        if not isinstance(data, dict):
+            raise GatewayError(f"gateway {path} returned {type(data).__name__}, not an object")
+        return data
+
     def stats(self) -> dict[str, Any]:
         """Per-version counters and recent latency percentiles (``/admin/stats``)."""
-        data = self._request("GET", "/admin/stats", headers=self._admin_headers()).json()
-        if not isinstance(data, dict):
-            raise GatewayError(
-                f"gateway /admin/stats returned {type(data).__name__}, not an object"
-            )
-        return data
+        return self._admin_object("/admin/stats")
+
+    def replicas(self) -> dict[str, Any]:
+        """The answering replica and its live peers, with what each serves (``/admin/replicas``)."""
+        return self._admin_object("/admin/replicas")
+
+    def shadow(self) -> dict[str, Any]:
+        """Shadow agreement with the primary and recent disagreements (``/admin/shadow``)."""
+        return self._admin_object("/admin/shadow")
 
     def close(self) -> None:
         self._http.close()

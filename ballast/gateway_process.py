@@ -68,10 +68,13 @@ class GatewayProcess:
         timeout: float = 30.0,
         extra_args: Sequence[str] = (),
         exit_with_parent: bool = False,
+        workers: int = 1,
     ) -> GatewayProcess:
         """Spawn a gateway for ``settings`` and wait (at most ``timeout`` s) until /healthz answers.
 
         ``extra_args`` go to ``python -m infra.gateway`` (e.g. ``["--seed", "3"]``).
+        ``workers`` > 1 starts a supervisor with that many replica processes on one socket
+        (``pid`` is then the supervisor's; stopping it drains every replica).
         ``exit_with_parent`` makes the gateway stop itself if this process dies without
         stopping it (tests and benchmarks); leave it off for a gateway meant to outlive its
         starter.
@@ -95,6 +98,8 @@ class GatewayProcess:
             env["BALLAST_GATEWAY_ADMIN_TOKEN"] = settings.gateway_admin_token.get_secret_value()
         cmd = [sys.executable, "-m", "infra.gateway"]
         cmd += ["--host", settings.gateway_host, "--port", str(settings.gateway_port)]
+        if workers != 1:
+            cmd += ["--workers", str(workers)]
         cmd += list(extra_args)
         if exit_with_parent:
             cmd.append("--exit-with-parent")

@@ -1,17 +1,26 @@
 """The gateway's wire contract (shared by the server in ``infra/gateway`` and its clients).
 
-Desired state is a :class:`Deployment`: a champion, optionally a canary with a traffic weight.
-Each :class:`VersionSpec` carries the artefact's path and sha256 so the gateway can refuse
-anything that does not verify before it loads it.
+Desired state is a :class:`Deployment`: a champion, optionally a canary with a traffic weight and
+a shadow that receives a mirrored fraction of requests (its answers are compared with the
+primary's and discarded). Each :class:`VersionSpec` carries the artefact's path and sha256 so the
+gateway can refuse anything that does not verify before it loads it.
+
+Fields added after the first release (``shadow``, ``shadow_fraction``) have defaults, so a body
+written by an older client still validates.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Fault = Literal["errors", "latency", "bad-weights"]
+Backend = Literal["onnxruntime", "tensorrt", "aotinductor"]
+
+#: Media type of the compact binary predict body: one 2-D float32 array in NumPy's ``.npy`` format.
+NPY_MEDIA_TYPE = "application/x-npy"
 
 
 class VersionSpec(BaseModel):
@@ -20,7 +29,7 @@ class VersionSpec(BaseModel):
     version: str = Field(min_length=1)
     artifact_path: str = Field(min_length=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    backend: Backend = "onnxruntime"
     # Chaos injection for demos and tests, applied by the gateway to this version only
     # ("bad-weights" is baked into the artefact itself, so the gateway ignores it).
     fault: Fault | None = None
@@ -33,6 +42,10 @@ class Deployment(BaseModel):
     champion: VersionSpec | None = None
     canary: VersionSpec | None = None
     canary_weight: int = Field(default=0, ge=0, le=100)
+    # Mirrored traffic: this share of predict requests is also sent to ``shadow``; its answers
+    # are recorded for comparison and never returned.
+    shadow: VersionSpec | None = None
+    shadow_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Deployment:
@@ -46,7 +59,23 @@ class Deployment(BaseModel):
             and self.canary.version == self.champion.version
         ):
             raise ValueError("canary and champion must be different versions")
+        if self.shadow is None and self.shadow_fraction:
+            raise ValueError("shadow_fraction must be 0 when there is no shadow")
+        if self.shadow is not None:
+            if self.champion is None and self.canary is None:
+                raise ValueError("a shadow needs a champion or canary to compare with")
+            serving = {s.version for s in (self.champion, self.canary) if s is not None}
+            if self.shadow.version in serving:
+                raise ValueError("the shadow must be a version that does not serve traffic")
         return self
+
+    def fingerprint(self) -> str:
+        """A short content hash: two replicas with the same fingerprint serve the same thing."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def versions(self) -> tuple[VersionSpec, ...]:
+        """Every version this deployment loads (champion, canary, shadow)."""
+        return tuple(s for s in (self.champion, self.canary, self.shadow) if s is not None)
 
 
 class PredictRequest(BaseModel):

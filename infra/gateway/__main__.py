@@ -1,6 +1,10 @@
-"""``python -m infra.gateway [--host H] [--port P]``: serve the gateway with uvicorn.
+"""``python -m infra.gateway [--host H] [--port P] [--workers N]``: serve the gateway with uvicorn.
 
 Defaults and the admin token come from ``ballast.settings.get_settings()`` (``BALLAST_*``).
+With ``--workers N`` (N > 1) a supervisor binds the socket and runs N replica processes on it
+(:mod:`infra.gateway.supervisor`). Every replica converges to the desired state kept in
+``state_dir/gateway/desired.json`` (``--desired-state file``, the default) or in the model
+registry (``--desired-state registry``), and reports to ``state_dir/gateway/replicas/``.
 SIGTERM or Ctrl-C stops accepting connections and drains in-flight requests (uvicorn's graceful
 shutdown, bounded by ``--graceful-timeout``).
 """
@@ -11,20 +15,54 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ballast.settings import Settings
+    from infra.gateway.auth import Principal
+    from infra.gateway.desired import DesiredStateSource
 
 
 def _parser(host: str, port: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infra.gateway", description=__doc__)
     p.add_argument("--host", default=host, help=f"bind address (default {host})")
     p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+    p.add_argument("--workers", type=int, default=1, help="replica processes (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of routing and fault RNGs")
     p.add_argument(
-        "--inference-threads", type=int, default=2, help="concurrent inferences (default 2)"
+        "--inference-threads", type=int, default=2, help="threads running batches (default 2)"
     )
+    p.add_argument("--max-batch-size", type=int, default=64, help="rows per model call (64)")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=500,
+        help="how long a request may wait for a batch while another runs (500)",
+    )
+    p.add_argument(
+        "--max-inflight-batches", type=int, default=1, help="batches per version at once (1)"
+    )
+    p.add_argument(
+        "--inline-below-us",
+        type=float,
+        default=50.0,
+        help="run a lone batch on the event loop when model calls take less than this and the "
+        "server holds one connection (default 50; 0: never)",
+    )
+    p.add_argument(
+        "--desired-state",
+        choices=["file", "registry", "none"],
+        default="file",
+        help="where replicas read the deployment to serve (default: file in the state dir)",
+    )
+    p.add_argument("--poll-interval", type=float, default=None, help="desired-state poll, s (<= 1)")
+    p.add_argument("--tokens-file", type=Path, default=None, help="extra role tokens (0600 JSON)")
     p.add_argument(
         "--fault-latency-ms",
         type=float,
@@ -44,6 +82,8 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to drain in-flight requests on SIGTERM (default 10)",
     )
+    p.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--replica-id", default="", help=argparse.SUPPRESS)
     return p
 
 
@@ -66,16 +106,78 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="gateway-parent-watch", daemon=True).start()
 
 
+def _worker_args(argv: list[str]) -> list[str]:
+    """The command line for a worker: the supervisor's own, less what only it handles."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--workers", "--host", "--port"):
+            skip = True
+            continue
+        if arg.startswith(("--workers=", "--host=", "--port=")) or arg == "--exit-with-parent":
+            continue
+        out.append(arg)
+    return out
+
+
+def _source(kind: str, settings: Settings, poll: float | None) -> DesiredStateSource | None:
+    if kind == "none":
+        return None
+    if kind == "registry":
+        from infra.gateway.registry_source import RegistryDesiredState
+
+        return RegistryDesiredState.from_settings(settings, poll_interval_s=poll or 1.0)
+    from infra.gateway.desired import FileDesiredState
+
+    return FileDesiredState(
+        settings.state_dir.resolve() / "gateway" / "desired.json", poll_interval_s=poll or 0.2
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     # Imported here, not at module level: `python -m infra.gateway --help` stays fast and
     # importing this module does nothing.
-    import uvicorn
-
     from ballast.settings import get_settings
-    from infra.gateway.app import GatewayConfig, create_app
 
     settings = get_settings()
-    args = _parser(settings.gateway_host, settings.gateway_port).parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(settings.gateway_host, settings.gateway_port).parse_args(raw)
+    if args.workers < 1:
+        print("--workers must be >= 1", file=sys.stderr)
+        return 2
+
+    tokens: tuple[tuple[str, Principal], ...] = ()
+    if args.tokens_file is not None:
+        from ballast.errors import ConfigError
+        from infra.gateway.auth import load_tokens_file
+
+        try:
+            tokens = tuple(load_tokens_file(args.tokens_file))
+        except ConfigError as exc:  # fail before any worker starts, with the reason
+            print(str(exc), file=sys.stderr)
+            return 2
+
+    if args.workers > 1 and args.worker_fd is None:
+        from infra.gateway.supervisor import supervise
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return supervise(
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            worker_args=_worker_args(raw),
+            graceful_timeout=args.graceful_timeout,
+            exit_with_parent=args.exit_with_parent,
+        )
+
+    import uvicorn
+
+    from infra.gateway.app import GatewayConfig, create_app
+    from infra.gateway.batcher import BatchPolicy
+    from infra.gateway.desired import ReplicaBoard
 
     # Admin actions are JSON lines on stderr, next to uvicorn's own lifecycle lines.
     handler = logging.StreamHandler(sys.stderr)
@@ -90,21 +192,47 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         inference_threads=args.inference_threads,
         fault_latency_s=args.fault_latency_ms / 1e3,
+        batch=BatchPolicy(
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            max_inflight=args.max_inflight_batches,
+            inline_below_us=args.inline_below_us,
+        ),
+        tokens=tokens,
+        replica_id=args.replica_id,
+    )
+    source = _source(args.desired_state, settings, args.poll_interval)
+    board = (
+        None
+        if source is None
+        else ReplicaBoard(settings.state_dir.resolve() / "gateway" / "replicas")
     )
     signal.signal(signal.SIGTERM, _drained)
     if args.exit_with_parent:
         _watch_parent()
-    uvicorn.run(
-        create_app(config),
-        host=args.host,
-        port=args.port,
-        access_log=args.access_log,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.graceful_timeout,
-        server_header=False,
-        lifespan="on",
+    app = create_app(config, source=source, board=board)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            access_log=args.access_log,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.graceful_timeout,
+            server_header=False,
+            lifespan="on",
+            host=args.host,
+            port=args.port,
+        )
     )
-    return 0
+    app.gateway.open_connections = lambda: len(server.server_state.connections)
+    if args.worker_fd is None:
+        server.run()
+    else:
+        # The supervisor's listening socket. Built with socket(fileno=...), which reads the real
+        # family: uvicorn's own fd= path assumes AF_UNIX, and then TCP_NODELAY is never set
+        # (40 ms per request, Nagle against delayed ACKs).
+        server.run(sockets=[socket.socket(fileno=args.worker_fd)])
+    # uvicorn returns without starting when it cannot bind (the reason is in its log).
+    return 0 if server.started else 3
 
 
 if __name__ == "__main__":

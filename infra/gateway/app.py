@@ -1,24 +1,33 @@
-"""The gateway's ASGI app: admin API, weighted/sticky predict routing, health, metrics, faults.
+"""The gateway's ASGI app: predict (JSON or .npy), weighted/sticky routing, shadow traffic,
+dynamic batching, desired-state sync, a role-checked admin API, health, readiness, metrics.
 
-Build it with :func:`create_app`; ``python -m infra.gateway`` serves it with uvicorn. All mutable
-state lives on one :class:`Gateway` object per app, touched only from the event loop thread;
-inference and artefact loading run in worker threads.
+Build it with :func:`create_app`; ``python -m infra.gateway`` serves it with uvicorn (one
+process, or several replicas behind one socket). All mutable state lives on one
+:class:`Gateway` object per app, touched only from the event loop thread; inference runs in
+batches on worker threads (:mod:`infra.gateway.batcher`), artefact loading and desired-state I/O
+on threads of their own.
+
+``POST /v1/models/{model}/predict`` is served by a plain ASGI handler in front of the Starlette
+router: it is the hot path, and Starlette's request/response objects and middleware cost about
+as much as the model itself at batch 1. Every other route goes through Starlette.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import json
 import logging
-import math
+import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,55 +40,71 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ballast.runtime import Predictor, load_predictor
-from ballast.serving import Deployment, VersionSpec
+from ballast.serving import NPY_MEDIA_TYPE, Deployment, VersionSpec
 from ballast.settings import Settings
+from infra.gateway.auth import Principal, Role, TokenTable
+from infra.gateway.batcher import Batcher, BatchFailedError, BatchPolicy, OverloadedError
+from infra.gateway.desired import (
+    DesiredStateError,
+    DesiredStateSource,
+    ReplicaBoard,
+    ReplicaStatus,
+)
 from infra.gateway.metrics import GatewayMetrics
+from infra.gateway.openapi import openapi_document
 from infra.gateway.versions import (
     DeploymentRefusedError,
     Live,
     LoadedVersion,
     Loader,
-    Role,
     Slot,
     identity,
     load_version,
 )
+from infra.gateway.wire import (
+    BadRequestError,
+    dumps,
+    encode_prediction,
+    encode_probabilities_npy,
+    parse_instances,
+    parse_npy,
+    softmax,
+)
 
 __all__ = [
+    "ADMIN_ROUTES",
     "KEY_HEADER",
+    "REPLICAS_HEADER",
     "ROLE_HEADER",
     "VERSION_HEADER",
+    "AdminRoute",
+    "BadRequestError",
     "Gateway",
+    "GatewayApp",
     "GatewayConfig",
     "create_app",
+    "encode_prediction",
+    "parse_instances",
 ]
 
 VERSION_HEADER = "X-Ballast-Version"
 ROLE_HEADER = "X-Ballast-Role"
 KEY_HEADER = "X-Ballast-Key"
+# "converged/total": how many live replicas serve what a PUT just published.
+REPLICAS_HEADER = "X-Ballast-Replicas"
 
 logger = logging.getLogger("ballast.gateway")
 
 T = TypeVar("T")
 
-try:  # orjson parses a 30-float body ~10x faster than json; it comes with prefect, not promised.
-    import orjson
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
-    _loads: Callable[[bytes], Any] = orjson.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-
-except ImportError:  # pragma: no cover - exercised only where orjson is absent
-    _loads = json.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
-
-
-# Below this many logits the softmax runs in plain Python: numpy's per-call overhead dominates
-# at batch 1, where the gateway spends most of its time.
-_SMALL_OUTPUT = 64
+_PREDICT_PREFIX = "/v1/models/"
+_PREDICT_SUFFIX = "/predict"
+_NPY = NPY_MEDIA_TYPE.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +119,27 @@ class GatewayConfig:
     seed: int = 0
     # ORT threads per session: 1 because the server's own threads need the other cores.
     intra_op_threads: int = 1
-    # Concurrent inferences; ORT releases the GIL, so about the core count is the useful ceiling.
+    # Threads running batches (all versions together); ORT releases the GIL.
     inference_threads: int = 2
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
     stats_window: int = 2048
     fault_error_rate: float = 0.3
     fault_latency_s: float = 0.060
     # A retired version is unloaded when its in-flight requests finish, or after this long.
     unload_timeout_s: float = 30.0
+    # Extra bearer tokens beside the admin token: (sha256 of token, principal).
+    tokens: tuple[tuple[str, Principal], ...] = ()
+    # How long a PUT waits for the other replicas to serve what it published.
+    converge_timeout_s: float = 5.0
+    # A shadow this many rows behind gets no more mirrored requests until it catches up.
+    shadow_max_queue_rows: int = 512
+    shadow_log_size: int = 50  # recent disagreements kept for /admin/shadow
+    # A desired state this replica refused is tried again after this long (artefacts may appear).
+    refused_retry_s: float = 30.0
+    replica_id: str = ""  # default: the process id
+    # With BatchPolicy.inline_below_us set, tiny batches run on the event loop only while the
+    # server holds at most this many connections: with more, batching on threads is faster.
+    inline_max_connections: int = 1
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -113,14 +152,28 @@ class GatewayConfig:
         return cls(admin_token=s.admin_token(), intra_op_threads=s.gateway_threads, **overrides)
 
 
-class BadRequestError(Exception):
-    """A request refused before any version saw it; ``reason`` labels the metric."""
+@dataclass(frozen=True, slots=True)
+class AdminRoute:
+    """One admin endpoint and the least role that may call it."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
+    method: str
+    path: str
+    role: Role
+    handler: str  # name of the Gateway method
+
+
+#: Every admin route and the role it needs (viewer < operator < admin). A PUT that injects a
+#: fault additionally needs admin.
+ADMIN_ROUTES: tuple[AdminRoute, ...] = (
+    AdminRoute("GET", "/admin/deployment", "viewer", "get_deployment"),
+    AdminRoute("GET", "/admin/stats", "viewer", "stats"),
+    AdminRoute("GET", "/admin/replicas", "viewer", "replicas"),
+    AdminRoute("GET", "/admin/shadow", "viewer", "shadow_report"),
+    AdminRoute("PUT", "/admin/deployment", "operator", "put_deployment"),
+    AdminRoute("POST", "/admin/reload", "operator", "reload"),
+    AdminRoute("DELETE", "/admin/deployment", "admin", "delete_deployment"),
+    AdminRoute("GET", "/admin/tokens", "admin", "list_tokens"),
+)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -150,91 +203,39 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-_SHAPE_HINT = 'expected {"instances": [[number, ...], ...]}'
+class _ClientGone(Exception):
+    pass
 
 
-def parse_instances(body: bytes, max_rows: int) -> np.ndarray:
-    """Parse and validate a predict body into float32 ``[rows, features]``; raise BadRequestError."""
-    try:
-        payload = _loads(body)
-    except (ValueError, RecursionError) as exc:  # orjson's and UnicodeDecodeError are ValueErrors
-        raise BadRequestError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequestError(
-            422, "invalid_instances", f"body must be a JSON object: {_SHAPE_HINT}"
-        )
-    unexpected = sorted(set(payload) - {"instances"})
-    if unexpected:
-        raise BadRequestError(
-            422, "invalid_instances", f"unexpected field(s) {unexpected}: {_SHAPE_HINT}"
-        )
-    instances = payload.get("instances")
-    if not isinstance(instances, list):
-        raise BadRequestError(
-            422, "invalid_instances", f"'instances' must be a list: {_SHAPE_HINT}"
-        )
-    if not instances:
-        raise BadRequestError(422, "invalid_instances", "'instances' must hold at least one row")
-    if len(instances) > max_rows:
-        raise BadRequestError(
-            422,
-            "too_many_rows",
-            f"{len(instances)} rows exceed the limit of {max_rows} per request",
-        )
-    if not all(isinstance(row, list) for row in instances):
-        raise BadRequestError(
-            422, "invalid_instances", f"each instance must be a list: {_SHAPE_HINT}"
-        )
-    try:
-        arr = np.array(instances)
-    except (ValueError, TypeError):  # ragged rows, or nested lists of different depth
-        raise BadRequestError(
-            422, "invalid_instances", "rows must be flat lists of numbers of the same length"
-        ) from None
-    if arr.ndim != 2:
-        raise BadRequestError(422, "invalid_instances", "rows must be flat lists of numbers")
-    if arr.shape[1] == 0:
-        raise BadRequestError(422, "invalid_instances", "rows must hold at least one feature")
-    # Strings, nulls, objects or all-boolean rows are refused; numpy would coerce some of them.
-    if arr.dtype.kind not in "iuf":
-        raise BadRequestError(422, "invalid_instances", "instances must hold only numbers")
-    with np.errstate(over="ignore", invalid="ignore"):
-        x = arr.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise BadRequestError(422, "invalid_instances", "instances must be finite float32 numbers")
-    return x
-
-
-def _softmax_rows(rows: list[list[float]]) -> tuple[list[int], list[list[float]]]:
-    preds: list[int] = []
-    probs: list[list[float]] = []
-    for row in rows:
-        top = max(row)
-        exp = [math.exp(v - top) for v in row]  # shifted by the max: no overflow
-        total = sum(exp)
-        preds.append(row.index(top))  # first maximum, as numpy's argmax
-        probs.append([e / total for e in exp])
-    return preds, probs
-
-
-def encode_prediction(version: str, logits: np.ndarray, rows: int) -> bytes:
-    """The PredictResponse body: argmax class and softmax probabilities (float64) per row."""
-    logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[0] != rows or logits.shape[1] < 1:
-        raise ValueError(f"model returned shape {logits.shape} for {rows} rows")
-    if logits.size <= _SMALL_OUTPUT:
-        values = logits.tolist()
-        if not all(math.isfinite(v) for row in values for v in row):
-            raise ValueError("model returned non-finite logits")
-        preds, probs = _softmax_rows(values)
-    else:
-        wide = logits.astype(np.float64)
-        if not np.isfinite(wide).all():
-            raise ValueError("model returned non-finite logits")
-        exp = np.exp(wide - wide.max(axis=1, keepdims=True))
-        preds = wide.argmax(axis=1).tolist()
-        probs = (exp / exp.sum(axis=1, keepdims=True)).tolist()
-    return _dumps({"version": version, "predictions": preds, "probabilities": probs})
+async def _read_asgi_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BadRequestError(400, "bad_length", "invalid Content-Length header") from None
+        if length > limit:
+            raise BadRequestError(413, "too_large", f"body of {length} bytes exceeds {limit} bytes")
+    message = await receive()
+    if message["type"] != "http.request":
+        raise _ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise BadRequestError(413, "too_large", f"body exceeds {limit} bytes")
+        return body
+    chunks = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BadRequestError(413, "too_large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _default_loader(path: Path, backend: str, intra_op_threads: int) -> Predictor:
@@ -247,33 +248,58 @@ def _now() -> str:
 
 @dataclass(eq=False)
 class Gateway:
-    """State and handlers of one gateway. Mutated only on the event loop thread."""
+    """State and handlers of one gateway replica. Mutated only on the event loop thread."""
 
     config: GatewayConfig
     loader: Loader = _default_loader
+    source: DesiredStateSource | None = None
+    board: ReplicaBoard | None = None
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     live: Live | None = None
     draining: list[LoadedVersion] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._token = self.config.admin_token.encode()
+        self.tokens = TokenTable.build(self.config.admin_token, self.config.tokens)
+        self.replica_id = self.config.replica_id or str(os.getpid())
         self._rng = random.Random(self.config.seed)
+        self._shadow_rng = random.Random(self.config.seed + 1)
         self._deploy_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._inference: ThreadPoolExecutor | None = None
         self._loading: ThreadPoolExecutor | None = None
+        self._io: ThreadPoolExecutor | None = None
+        self._started = time.time()
+        # What the desired-state source last said (with a source), else the last accepted PUT.
+        self.desired: Deployment | None = None
+        self.desired_known = self.source is None
+        self.sync_error: str | None = None
+        self._refused: tuple[str, float] | None = None  # (fingerprint, retry after)
+        self.disagreements: deque[dict[str, Any]] = deque(maxlen=self.config.shadow_log_size)
+        self.answered = 0  # predict requests answered (any status), for the drain log line
+        # Open client connections, when the server tells (uvicorn's server state).
+        self.open_connections: Callable[[], int] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         # Own pools: inference gets a fixed number of threads (no oversubscription of the cores),
-        # and a slow artefact load never queues behind, or ahead of, user requests.
+        # a slow artefact load never queues behind, or ahead of, user requests, and a slow
+        # registry read never delays a load.
         self._inference = ThreadPoolExecutor(
             self.config.inference_threads, thread_name_prefix="gateway-infer"
         )
         self._loading = ThreadPoolExecutor(1, thread_name_prefix="gateway-load")
-        self._log("gateway.started", inference_threads=self.config.inference_threads)
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="gateway-io")
+        self._log(
+            "gateway.started",
+            replica=self.replica_id,
+            inference_threads=self.config.inference_threads,
+            batch=str(self.config.batch),
+            source=None if self.source is None else self.source.describe(),
+        )
+        if self.source is not None:
+            self._spawn(self._sync_loop())
         try:
             yield
         finally:
@@ -281,48 +307,80 @@ class Gateway:
                 task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            for version in self._all_loaded():
+                if version.batcher is not None:
+                    version.batcher.fail_queued("the gateway is shutting down")
+            if self.board is not None:
+                self.board.remove(self.replica_id)
             self._inference.shutdown(wait=True)
             self._loading.shutdown(wait=True)
-            self._log("gateway.stopped")
+            self._io.shutdown(wait=True)
+            self._log("gateway.stopped", replica=self.replica_id, answered=self.answered)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _all_loaded(self) -> list[LoadedVersion]:
+        live = [] if self.live is None else [s.loaded for s in self.live.all_slots]
+        return live + list(self.draining)
 
     async def _in_thread(
-        self, pool: ThreadPoolExecutor | None, fn: Callable[..., T], *args: Any
+        self, pool: ThreadPoolExecutor | None, fn: Callable[..., T], *args: Any, **kwargs: Any
     ) -> T:
         if pool is None:
             raise RuntimeError("the gateway app is not running (lifespan not started)")
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args, **kwargs))
 
     def _log(self, event: str, **fields: Any) -> None:
-        # One JSON object per line; callers never pass secrets (the token is never a field).
+        # One JSON object per line; callers never pass secrets (tokens are never a field).
         logger.info(json.dumps({"ts": _now(), "event": event, **fields}, default=str))
 
-    # -- admin ---------------------------------------------------------------------------------
+    # -- auth ----------------------------------------------------------------------------------
 
-    def _authorized(self, request: Request) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        # Constant-time compare: response timing must not reveal how much of a guess matched.
-        return hmac.compare_digest(token.strip().encode("latin-1"), self._token)
-
-    def _denied(self, request: Request) -> JSONResponse:
+    def _check(self, request: Request, role: Role) -> Principal | JSONResponse:
+        principal = self.tokens.authenticate(request.headers.get("authorization"))
         client = request.client.host if request.client else None
-        self._log("admin.denied", method=request.method, path=request.url.path, client=client)
-        return JSONResponse(
-            {"error": "missing or invalid admin token (Authorization: Bearer <token>)"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        if principal is None:
+            self._log("admin.denied", method=request.method, path=request.url.path, client=client)
+            return JSONResponse(
+                {"error": "missing or invalid admin token (Authorization: Bearer <token>)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not principal.may(role):
+            self._log(
+                "admin.forbidden",
+                method=request.method,
+                path=request.url.path,
+                principal=principal.name,
+                role=principal.role,
+                needs=role,
+            )
+            return _error(
+                403, f"this needs the {role} role; token {principal.name!r} is {principal.role}"
+            )
+        return principal
 
-    async def get_deployment(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return self._denied(request)
+    def admin_endpoint(
+        self, role: Role, handler: Callable[[Request, Principal], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            checked = self._check(request, role)
+            if isinstance(checked, Response):
+                return checked
+            return await handler(request, checked)
+
+        return endpoint
+
+    # -- admin: deployment ---------------------------------------------------------------------
+
+    async def get_deployment(self, request: Request, who: Principal) -> Response:
         live = self.live
         return JSONResponse(None if live is None else live.deployment.model_dump(mode="json"))
 
-    async def put_deployment(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return self._denied(request)
+    async def put_deployment(self, request: Request, who: Principal) -> Response:
         started = time.perf_counter()
         try:
             body = await read_body(request, self.config.max_admin_body_bytes)
@@ -337,36 +395,93 @@ class Gateway:
                 f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:8]
             )
             self.metrics.deployments.labels("", "invalid").inc()
-            self._log("deployment.invalid", status=status, detail=detail)
+            self._log("deployment.invalid", status=status, detail=detail, principal=who.name)
             return _error(status, f"invalid deployment: {detail}")
+        if any(s.fault for s in dep.versions()) and not who.may("admin"):
+            return _error(403, f"injecting faults needs the admin role; {who.name!r} is {who.role}")
         try:
-            await self.apply(dep)
+            await self.publish(dep, actor=who.name)
         except DeploymentRefusedError as exc:
             self.metrics.deployments.labels(dep.model, "refused").inc()
-            self._log("deployment.refused", status=exc.status, reason=exc.message, **_summary(dep))
+            self._log(
+                "deployment.refused",
+                status=exc.status,
+                reason=exc.message,
+                principal=who.name,
+                **_summary(dep),
+            )
             return _error(exc.status, f"deployment refused, previous one stays: {exc.message}")
+        except DesiredStateError as exc:
+            return _error(exc.status, f"deployment not recorded, previous one stays: {exc.message}")
         self.metrics.deployments.labels(dep.model, "applied").inc()
+        converged, total = await self._await_replicas(dep.fingerprint())
         self._log(
-            "deployment.applied", seconds=round(time.perf_counter() - started, 4), **_summary(dep)
+            "deployment.applied",
+            seconds=round(time.perf_counter() - started, 4),
+            principal=who.name,
+            replicas=f"{converged}/{total}",
+            **_summary(dep),
         )
-        return JSONResponse(dep.model_dump(mode="json"))
+        return JSONResponse(
+            dep.model_dump(mode="json"), headers={REPLICAS_HEADER: f"{converged}/{total}"}
+        )
 
-    async def apply(self, dep: Deployment) -> None:
-        """Verify, load and warm what ``dep`` needs, then swap it in atomically.
+    async def delete_deployment(self, request: Request, who: Principal) -> Response:
+        try:
+            await self.publish(None, actor=who.name)
+        except DesiredStateError as exc:
+            return _error(exc.status, f"not recorded, deployment stays: {exc.message}")
+        converged, total = await self._await_replicas(None)
+        self._log("deployment.cleared", principal=who.name, replicas=f"{converged}/{total}")
+        return JSONResponse(None, headers={REPLICAS_HEADER: f"{converged}/{total}"})
 
-        Any failure raises :class:`DeploymentRefusedError` before the swap, so the deployment
-        in force stays untouched. Changes are serialised; requests keep flowing meanwhile.
+    async def reload(self, request: Request, who: Principal) -> Response:
+        if self.source is None:
+            return _error(409, "this gateway has no desired-state source to reload from")
+        self._refused = None  # an explicit reload retries a refused state at once
+        await self.sync_once()
+        return JSONResponse(self._replica_view())
+
+    async def publish(self, dep: Deployment | None, *, actor: str) -> None:
+        """Apply ``dep`` here, then record it as the desired state for every replica.
+
+        Refused (:class:`DeploymentRefusedError`) or not recorded (:class:`DesiredStateError`):
+        the deployment that was in force stays, here and in the source.
         """
         async with self._deploy_lock:
-            current = (
-                {} if self.live is None else {s.loaded.version: s.loaded for s in self.live.slots}
-            )
-            wanted: tuple[tuple[Role, VersionSpec | None], ...] = (
-                ("champion", dep.champion),
-                ("canary", dep.canary),
-            )
-            slots: dict[str, Slot] = {}
-            fresh: list[LoadedVersion] = []
+            previous = None if self.live is None else self.live.deployment
+            await self._apply_locked(dep)
+            if self.source is not None:
+                try:
+                    await self._in_thread(self._io, self.source.publish, dep, actor=actor)
+                except DesiredStateError:
+                    try:
+                        await self._apply_locked(previous)
+                    except DeploymentRefusedError as exc:  # pragma: no cover - loaded a moment ago
+                        self._log("deployment.restore_failed", reason=exc.message)
+                    raise
+            self.desired = dep
+            self.desired_known = True
+            self.sync_error = None
+            self._refused = None
+        await self._report()
+
+    async def apply(self, dep: Deployment | None) -> None:
+        """Verify, load and warm what ``dep`` needs, then swap it in atomically (no publish)."""
+        async with self._deploy_lock:
+            await self._apply_locked(dep)
+
+    async def _apply_locked(self, dep: Deployment | None) -> None:
+        """Any failure raises :class:`DeploymentRefusedError` before the swap, so the deployment
+        in force stays untouched. Requests keep flowing meanwhile."""
+        current = {
+            v.version: v
+            for v in ([] if self.live is None else [s.loaded for s in self.live.all_slots])
+        }
+        slots: dict[str, Slot] = {}
+        fresh: list[LoadedVersion] = []
+        if dep is not None:
+            wanted = (("champion", dep.champion), ("canary", dep.canary), ("shadow", dep.shadow))
             try:
                 for role, spec in wanted:
                     if spec is None:
@@ -375,21 +490,46 @@ class Gateway:
                     if loaded is None or identity(loaded.spec) != identity(spec):
                         loaded = await self._in_thread(self._loading, self._load, spec)
                         fresh.append(loaded)
-                    slots[role] = Slot(role, spec, loaded)
+                    slots[role] = Slot(role, spec, loaded)  # type: ignore[arg-type]
             except BaseException:
                 # Loaded for a deployment that will not happen: never reachable, free it now.
                 for version in fresh:
                     _close(version)
                 raise
-            previous = self.live
-            self.live = Live(dep, slots.get("champion"), slots.get("canary"))
+        for version in fresh:
+            self._attach_batcher(dep.model if dep else "", version)
+        previous = self.live
+        if dep is None:
+            self.live = None
+            self.metrics.clear_deployment()
+        else:
+            self.live = Live(dep, slots.get("champion"), slots.get("canary"), slots.get("shadow"))
             self.metrics.set_deployment(
-                dep.model, {s.loaded.version: s.role for s in self.live.slots}, dep.canary_weight
+                dep.model,
+                {s.loaded.version: s.role for s in self.live.all_slots},
+                dep.canary_weight,
+                dep.shadow_fraction,
             )
-            kept = {id(s.loaded) for s in self.live.slots}
-            for old in () if previous is None else previous.slots:
-                if id(old.loaded) not in kept:
-                    self._retire(old.loaded)
+        kept = set() if self.live is None else {id(s.loaded) for s in self.live.all_slots}
+        for old in () if previous is None else previous.all_slots:
+            if id(old.loaded) not in kept:
+                self._retire(old.loaded)
+
+    def _attach_batcher(self, model: str, version: LoadedVersion) -> None:
+        if self._inference is None:
+            raise RuntimeError("the gateway app is not running (lifespan not started)")
+        version.batcher = Batcher(
+            version.version,
+            version.predictor.predict,
+            self.config.batch,
+            self._inference,
+            observe=partial(self.metrics.observe_batch, model, version.version),
+            inline_ok=self._nearly_idle,
+        )
+
+    def _nearly_idle(self) -> bool:
+        count = self.open_connections
+        return count is not None and count() <= self.config.inline_max_connections
 
     def _load(self, spec: VersionSpec) -> LoadedVersion:
         return load_version(
@@ -398,13 +538,12 @@ class Gateway:
             intra_op_threads=self.config.intra_op_threads,
             seed=self.config.seed,
             window=self.config.stats_window,
+            warm_batch=self.config.batch.max_batch_size,
         )
 
     def _retire(self, version: LoadedVersion) -> None:
         self.draining.append(version)
-        task = asyncio.get_running_loop().create_task(self._unload_when_idle(version))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._unload_when_idle(version))
 
     async def _unload_when_idle(self, version: LoadedVersion) -> None:
         loop = asyncio.get_running_loop()
@@ -414,6 +553,8 @@ class Gateway:
                 await asyncio.sleep(0.01)
         finally:
             self.draining.remove(version)
+            if version.batcher is not None:
+                version.batcher.fail_queued(f"version {version.version} was unloaded")
             _close(version)
             self._log(
                 "version.unloaded",
@@ -422,12 +563,160 @@ class Gateway:
                 requests=version.requests,
             )
 
-    async def stats(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return self._denied(request)
+    # -- desired-state sync --------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        assert self.source is not None
+        interval = self.source.poll_interval_s
+        last_report = 0.0
+        while True:
+            try:
+                await self.sync_once()
+            except Exception as exc:  # never let the loop die: log and poll again
+                self.sync_error = f"{type(exc).__name__}: {exc}"
+                self._log("sync.failed", error=self.sync_error)
+            now = time.monotonic()
+            if now - last_report >= 0.5:
+                await self._report()
+                last_report = now
+            await asyncio.sleep(interval)
+
+    async def sync_once(self) -> None:
+        """Read the desired state and converge to it (no-op when already there)."""
+        if self.source is None:
+            return
+        async with self._deploy_lock:
+            try:
+                desired = await self._in_thread(self._io, self.source.read)
+            except DesiredStateError as exc:
+                if self.sync_error != exc.message:
+                    self._log("sync.unreadable", error=exc.message)
+                self.sync_error = exc.message
+                return
+            self.desired = desired
+            self.desired_known = True
+            have = None if self.live is None else self.live.deployment.fingerprint()
+            want = None if desired is None else desired.fingerprint()
+            if want == have:
+                self.sync_error = None
+                return
+            now = time.monotonic()
+            if self._refused is not None and self._refused[0] == want and now < self._refused[1]:
+                return
+            started = time.perf_counter()
+            try:
+                await self._apply_locked(desired)
+            except DeploymentRefusedError as exc:
+                self._refused = (str(want), now + self.config.refused_retry_s)
+                self.sync_error = exc.message
+                self.metrics.deployments.labels(desired.model if desired else "", "refused").inc()
+                self._log("sync.refused", reason=exc.message, fingerprint=want)
+                return
+            self._refused = None
+            self.sync_error = None
+            self.metrics.deployments.labels(desired.model if desired else "", "applied").inc()
+            self._log(
+                "sync.applied",
+                fingerprint=want,
+                seconds=round(time.perf_counter() - started, 4),
+                **({} if desired is None else _summary(desired)),
+            )
+        await self._report()
+
+    def _is_ready(self) -> tuple[bool, str]:
+        live = self.live
+        if not self.desired_known:
+            return False, "desired state not read yet"
+        if self.desired is not None and (
+            live is None or live.deployment.fingerprint() != self.desired.fingerprint()
+        ):
+            why = f": {self.sync_error}" if self.sync_error else ""
+            return False, f"the desired deployment is not loaded yet{why}"
+        if live is None:
+            return False, "no deployment set"
+        if not live.slots:
+            return False, f"the deployment of {live.model!r} has no versions"
+        return True, ""
+
+    def _status(self) -> ReplicaStatus:
+        return ReplicaStatus(
+            replica=self.replica_id,
+            pid=os.getpid(),
+            fingerprint=None if self.live is None else self.live.deployment.fingerprint(),
+            ready=self._is_ready()[0],
+            heartbeat=time.time(),
+            started=self._started,
+            error=self.sync_error,
+        )
+
+    async def _report(self) -> None:
+        if self.board is None or self._io is None:
+            return
+        try:
+            await self._in_thread(self._io, self.board.report, self._status())
+        except OSError as exc:
+            self._log("replica.report_failed", error=str(exc))
+
+    async def _await_replicas(self, fingerprint: str | None) -> tuple[int, int]:
+        """Wait (bounded) until every other live replica serves ``fingerprint``."""
+        if self.board is None or self._io is None:
+            return 1, 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.converge_timeout_s
+        while True:
+            others = [
+                s
+                for s in await self._in_thread(self._io, self.board.live)
+                if s.replica != self.replica_id
+            ]
+            converged = 1 + sum(s.fingerprint == fingerprint for s in others)
+            if converged == len(others) + 1 or loop.time() >= deadline:
+                return converged, len(others) + 1
+            await asyncio.sleep(0.02)
+
+    def _replica_view(self) -> dict[str, Any]:
+        ready, reason = self._is_ready()
+        return {
+            "replica": self.replica_id,
+            "pid": os.getpid(),
+            "ready": ready,
+            "reason": reason or None,
+            "fingerprint": None if self.live is None else self.live.deployment.fingerprint(),
+            "desired": None if self.desired is None else self.desired.fingerprint(),
+            "source": None if self.source is None else self.source.describe(),
+            "error": self.sync_error,
+        }
+
+    async def replicas(self, request: Request, who: Principal) -> Response:
+        board = [] if self.board is None else await self._in_thread(self._io, self.board.live)
+        return JSONResponse(
+            {
+                "this": self._replica_view(),
+                "replicas": [
+                    {
+                        "replica": s.replica,
+                        "pid": s.pid,
+                        "fingerprint": s.fingerprint,
+                        "ready": s.ready,
+                        "error": s.error,
+                        "heartbeat_age_s": round(time.time() - s.heartbeat, 3),
+                    }
+                    for s in board
+                ],
+            }
+        )
+
+    async def list_tokens(self, request: Request, who: Principal) -> Response:
+        return JSONResponse(
+            {"principals": [{"name": p.name, "role": p.role} for p in self.tokens.principals()]}
+        )
+
+    # -- admin: stats --------------------------------------------------------------------------
+
+    async def stats(self, request: Request, who: Principal) -> Response:
         live = self.live
         versions: dict[str, Any] = {}
-        for slot in () if live is None else live.slots:
+        for slot in () if live is None else live.all_slots:
             v = slot.loaded
             versions[v.version] = {
                 "role": slot.role,
@@ -438,107 +727,297 @@ class Gateway:
                 "inflight": v.inflight,
                 "window": len(v.latencies),
                 "latency_ms": v.latency_ms(),
+                "batches": 0 if v.batcher is None else v.batcher.batches,
+                "queued_rows": 0 if v.batcher is None else v.batcher.queued_rows,
                 "loaded_at": datetime.fromtimestamp(v.loaded_at, UTC).isoformat(),
             }
         return JSONResponse(
             {
                 "model": None if live is None else live.model,
                 "canary_weight": 0 if live is None else live.weight,
+                "shadow_fraction": 0.0 if live is None else live.deployment.shadow_fraction,
                 "versions": versions,
                 "draining": [v.version for v in self.draining],
             }
         )
 
-    # -- health and metrics --------------------------------------------------------------------
+    async def shadow_report(self, request: Request, who: Principal) -> Response:
+        live = self.live
+        shadow = None if live is None else live.shadow
+        body: dict[str, Any] = {"shadow": None}
+        if shadow is not None:
+            v = shadow.loaded
+            body = {
+                "shadow": v.version,
+                "fraction": live.deployment.shadow_fraction if live else 0.0,
+                "mirrored": v.mirrored,
+                "rows_compared": v.shadow_rows,
+                "rows_agreeing": v.shadow_agree,
+                "agreement_rate": (v.shadow_agree / v.shadow_rows) if v.shadow_rows else None,
+                "failed": v.shadow_failed,
+            }
+        body["recent_disagreements"] = list(self.disagreements)
+        return JSONResponse(body)
+
+    # -- health, readiness, metrics, openapi ---------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        ready, reason = self._is_ready()
         live = self.live
-        if live is None:
-            return JSONResponse({"ready": False, "reason": "no deployment set"}, status_code=503)
-        if not live.slots:
-            reason = f"the deployment of {live.model!r} has no versions"
+        if not ready or live is None:
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         # Versions enter a snapshot only after they were verified, loaded and warmed.
-        versions = {s.loaded.version: s.role for s in live.slots}
+        versions = {s.loaded.version: s.role for s in live.all_slots}
         return JSONResponse({"ready": True, "model": live.model, "versions": versions})
 
     async def metrics_text(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+        body = await self._in_thread(self._io, self.metrics.render)
+        return Response(body, media_type=self.metrics.content_type)
 
-    # -- predict -------------------------------------------------------------------------------
-
-    def _reject(self, exc: BadRequestError) -> JSONResponse:
-        self.metrics.rejected.labels(exc.reason).inc()
-        return _error(exc.status, exc.message)
-
-    async def predict(self, request: Request) -> Response:
-        started = time.perf_counter()
+    async def openapi(self, request: Request) -> Response:
+        # Rows are documented with the deployed model's feature count, when one is deployed.
         live = self.live
-        model = request.path_params["model"]
-        if live is None or not live.slots:
-            return self._reject(
-                BadRequestError(503, "not_deployed", "no model version is deployed")
-            )
-        if model != live.model:
-            return self._reject(
-                BadRequestError(
+        slot = None if live is None or not live.slots else live.slots[0]
+        return JSONResponse(openapi_document(None if slot is None else slot.loaded.n_features))
+
+    # -- predict (plain ASGI: the hot path) ----------------------------------------------------
+
+    async def predict(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
+        started = time.perf_counter()
+        ctype = length = key = accept = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                ctype = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"x-ballast-key":
+                key = value
+            elif name == b"accept":
+                accept = value
+        live = self.live
+        try:
+            if live is None or not live.slots:
+                raise BadRequestError(503, "not_deployed", "no model version is deployed")
+            if model != live.model:
+                raise BadRequestError(
                     404, "unknown_model", f"unknown model {model!r}; serving {live.model!r}"
                 )
-            )
-        try:
-            x = parse_instances(
-                await read_body(request, self.config.max_body_bytes), self.config.max_rows
-            )
+            media = _media_type(ctype)
+            npy = media == _NPY
+            if media and not npy and media != b"application/json":
+                raise BadRequestError(
+                    415,
+                    "unsupported_media_type",
+                    f"content type {media.decode('latin-1')!r} is not supported: send "
+                    f"application/json or {NPY_MEDIA_TYPE}",
+                )
+            body = await _read_asgi_body(receive, length, self.config.max_body_bytes)
+            if npy:
+                x = parse_npy(body, self.config.max_rows)
+            else:
+                x = parse_instances(body, self.config.max_rows)
         except BadRequestError as exc:
-            return self._reject(exc)
-        slot = live.route(request.headers.get(KEY_HEADER), self._rng)
+            self.metrics.rejected.labels(exc.reason).inc()
+            await _send_json(send, exc.status, {"error": exc.message})
+            return
+        except _ClientGone:
+            return
+        slot = live.route(None if key is None else key.decode("latin-1"), self._rng)
         assert slot is not None  # live.slots is not empty
         version = slot.loaded
         version.inflight += 1
         status = 499  # stays so only if the request is cancelled (client gone, shutdown)
         try:
-            response = await self._answer(slot, x)
-            status = response.status_code
-            return response
+            status, body_out, media = await self._answer(live, slot, x, accept)
+            headers = [
+                (b"x-ballast-version", version.version.encode()),
+                (b"x-ballast-role", slot.role.encode()),
+            ]
+            await _send(send, status, body_out, media, headers)
         finally:
             version.inflight -= 1
+            self.answered += 1
             elapsed = time.perf_counter() - started
             version.record(status, elapsed)
-            self.metrics.observe(live.model, version.version, slot.role, status, elapsed)
+            self.metrics.observe(live.model, version.version, slot.role, status, elapsed, "predict")
 
-    async def _answer(self, slot: Slot, x: np.ndarray) -> Response:
+    async def _answer(
+        self, live: Live, slot: Slot, x: np.ndarray, accept: bytes | None
+    ) -> tuple[int, bytes, bytes]:
         version = slot.loaded
-        headers = {VERSION_HEADER: version.version, ROLE_HEADER: slot.role}
         if x.shape[1] != version.n_features:
             msg = f"version {version.version} takes {version.n_features} features, got {x.shape[1]}"
-            return _error(422, msg, headers)
+            return 422, dumps({"error": msg}), b"application/json"
         fault = slot.spec.fault
         if fault == "errors" and version.fault_rng.random() < self.config.fault_error_rate:
-            return _error(500, "injected fault", headers)
+            return 500, dumps({"error": "injected fault"}), b"application/json"
         if fault == "latency":
             await asyncio.sleep(self.config.fault_latency_s)
+        batcher = version.batcher
+        assert batcher is not None  # attached before the version was published
         try:
-            logits = await self._in_thread(self._inference, version.predictor.predict, x)
-            body = encode_prediction(version.version, logits, x.shape[0])
-        except Exception as exc:
+            future = batcher.submit(x)
+        except OverloadedError as exc:
+            return 503, dumps({"error": f"overloaded, retry later: {exc}"}), b"application/json"
+        shadow = live.shadow
+        if (
+            shadow is not None
+            and live.deployment.shadow_fraction > 0
+            and self._shadow_rng.random() < live.deployment.shadow_fraction
+        ):
+            self._mirror(live, shadow, version, x, future)
+        try:
+            logits = await future
+        except BatchFailedError as exc:
             self._log_inference_failure(version.version, exc)
-            return _error(500, f"version {version.version} failed to predict", headers)
-        return Response(body, media_type="application/json", headers=headers)
+            return exc.status, dumps({"error": exc.message}), b"application/json"
+        try:
+            if accept is not None and _media_type(accept) == _NPY:
+                return 200, encode_probabilities_npy(logits, x.shape[0]), _NPY
+            return 200, encode_prediction(version.version, logits, x.shape[0]), b"application/json"
+        except ValueError as exc:
+            self._log_inference_failure(version.version, exc)
+            return (
+                500,
+                dumps({"error": f"version {version.version} failed to predict"}),
+                (b"application/json"),
+            )
+
+    # -- shadow --------------------------------------------------------------------------------
+
+    def _mirror(
+        self,
+        live: Live,
+        shadow: Slot,
+        primary: LoadedVersion,
+        x: np.ndarray,
+        primary_future: asyncio.Future[np.ndarray],
+    ) -> None:
+        sv = shadow.loaded
+        model = live.model
+        if x.shape[1] != sv.n_features:
+            self.metrics.shadow_skipped.labels(model, sv.version, "incompatible").inc()
+            return
+        batcher = sv.batcher
+        assert batcher is not None
+        if batcher.queued_rows >= self.config.shadow_max_queue_rows:
+            self.metrics.shadow_skipped.labels(model, sv.version, "busy").inc()
+            return
+        try:
+            shadow_future = batcher.submit(x)
+        except OverloadedError:
+            self.metrics.shadow_skipped.labels(model, sv.version, "busy").inc()
+            return
+        sv.mirrored += 1
+        sv.inflight += 1  # keeps the shadow loaded until its answer is compared
+        pending = [True]
+
+        def compared(_: object) -> None:
+            # Both callbacks may run after both futures are done: compare exactly once.
+            if not (pending[0] and shadow_future.done() and primary_future.done()):
+                return
+            pending[0] = False
+            sv.inflight -= 1
+            self._compare(model, sv, primary, x, primary_future, shadow_future)
+
+        # Whichever finishes last runs the comparison; the primary's answer never waits for it.
+        shadow_future.add_done_callback(compared)
+        primary_future.add_done_callback(compared)
+
+    def _compare(
+        self,
+        model: str,
+        sv: LoadedVersion,
+        primary: LoadedVersion,
+        x: np.ndarray,
+        primary_future: asyncio.Future[np.ndarray],
+        shadow_future: asyncio.Future[np.ndarray],
+    ) -> None:
+        # Retrieve both outcomes first, so no failed future is left unobserved.
+        p_failed = primary_future.cancelled() or primary_future.exception() is not None
+        s_failed = shadow_future.cancelled() or shadow_future.exception() is not None
+        if p_failed:
+            return  # nothing to compare with
+        if s_failed:
+            sv.shadow_failed += 1
+            self.metrics.shadow_skipped.labels(model, sv.version, "failed").inc()
+            return
+        rows = x.shape[0]
+        try:
+            p_cls, p_prob = softmax(primary_future.result(), rows)
+            s_cls, s_prob = softmax(shadow_future.result(), rows)
+        except ValueError:
+            sv.shadow_failed += 1
+            self.metrics.shadow_skipped.labels(model, sv.version, "failed").inc()
+            return
+        agree = sum(a == b for a, b in zip(p_cls, s_cls, strict=True))
+        sv.shadow_rows += rows
+        sv.shadow_agree += agree
+        m = self.metrics
+        if agree:
+            m.shadow.labels(model, sv.version, primary.version, "true").inc(agree)
+        if agree < rows:
+            m.shadow.labels(model, sv.version, primary.version, "false").inc(rows - agree)
+        diffs = np.abs(np.asarray(p_prob) - np.asarray(s_prob)).max(axis=1)
+        hist = m.shadow_diff.labels(model, sv.version)
+        for d in diffs.tolist():
+            hist.observe(d)
+        for i in range(rows):
+            if p_cls[i] != s_cls[i]:
+                self.disagreements.append(
+                    {
+                        "ts": _now(),
+                        "primary": primary.version,
+                        "shadow": sv.version,
+                        "primary_class": p_cls[i],
+                        "shadow_class": s_cls[i],
+                        "max_abs_prob_diff": round(float(diffs[i]), 6),
+                        "input": x[i].tolist(),
+                    }
+                )
 
     def _log_inference_failure(self, version: str, exc: Exception) -> None:
+        cause = exc.__cause__ or exc
         logger.warning(
             json.dumps(
                 {
                     "ts": _now(),
                     "event": "predict.failed",
                     "version": version,
-                    "error": f"{type(exc).__name__}: {exc}",
+                    "error": f"{type(cause).__name__}: {cause}",
                 }
             )
         )
+
+
+def _media_type(value: bytes | None) -> bytes:
+    if not value:
+        return b""
+    return value.split(b";", 1)[0].strip().lower()
+
+
+async def _send(
+    send: Send, status: int, body: bytes, media: bytes, extra: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", media),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send: Send, status: int, obj: Any) -> None:
+    await _send(send, status, dumps(obj), b"application/json", [])
 
 
 def _close(version: LoadedVersion) -> None:
@@ -555,7 +1034,9 @@ def _summary(dep: Deployment) -> dict[str, Any]:
         "champion": dep.champion.version if dep.champion else None,
         "canary": dep.canary.version if dep.canary else None,
         "canary_weight": dep.canary_weight,
-        "faults": {s.version: s.fault for s in (dep.champion, dep.canary) if s and s.fault},
+        "shadow": dep.shadow.version if dep.shadow else None,
+        "shadow_fraction": dep.shadow_fraction,
+        "faults": {s.version: s.fault for s in dep.versions() if s.fault},
     }
 
 
@@ -568,25 +1049,68 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return _error(500, "internal error")
 
 
-def create_app(config: GatewayConfig, *, loader: Loader | None = None) -> Starlette:
-    """A new gateway app with its own state and metrics registry (``app.state.gateway``)."""
-    gw = Gateway(config, loader=loader or _default_loader)
+class GatewayApp:
+    """The ASGI app: predict requests go straight to the gateway, the rest to Starlette."""
+
+    def __init__(self, gateway: Gateway, router: Starlette) -> None:
+        self.gateway = gateway
+        self.router = router
+        self.state = router.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX):
+                model = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
+                if model and "/" not in model:
+                    if scope["method"] != "POST":
+                        await _send(
+                            send,
+                            405,
+                            dumps({"error": "Method Not Allowed"}),
+                            b"application/json",
+                            [(b"allow", b"POST")],
+                        )
+                        return
+                    try:
+                        await self.gateway.predict(scope, receive, send, model)
+                    except Exception:
+                        # Nothing may escape as a dropped connection; log and answer 500 if
+                        # nothing was sent yet (uvicorn closes the connection otherwise).
+                        logger.exception("predict handler failed")
+                        with contextlib.suppress(Exception):  # the response had started
+                            await _send_json(send, 500, {"error": "internal error"})
+                    return
+        await self.router(scope, receive, send)
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    loader: Loader | None = None,
+    source: DesiredStateSource | None = None,
+    board: ReplicaBoard | None = None,
+) -> GatewayApp:
+    """A new gateway app with its own state and metrics registry (``app.state.gateway``).
+
+    With a ``source`` the replica converges to the desired state it reads there (and an admin
+    PUT publishes to it); with a ``board`` it reports its status for its peers.
+    """
+    gw = Gateway(config, loader=loader or _default_loader, source=source, board=board)
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: _http_error,
         Exception: _server_error,
     }
-    app = Starlette(
-        routes=[
-            Route("/healthz", gw.healthz, methods=["GET"]),
-            Route("/readyz", gw.readyz, methods=["GET"]),
-            Route("/metrics", gw.metrics_text, methods=["GET"]),
-            Route("/admin/deployment", gw.get_deployment, methods=["GET"]),
-            Route("/admin/deployment", gw.put_deployment, methods=["PUT"]),
-            Route("/admin/stats", gw.stats, methods=["GET"]),
-            Route("/v1/models/{model}/predict", gw.predict, methods=["POST"]),
-        ],
-        exception_handlers=handlers,
-        lifespan=gw.lifespan,
-    )
-    app.state.gateway = gw
-    return app
+    routes = [
+        Route("/healthz", gw.healthz, methods=["GET"]),
+        Route("/readyz", gw.readyz, methods=["GET"]),
+        Route("/metrics", gw.metrics_text, methods=["GET"]),
+        Route("/openapi.json", gw.openapi, methods=["GET"]),
+    ]
+    for r in ADMIN_ROUTES:
+        routes.append(
+            Route(r.path, gw.admin_endpoint(r.role, getattr(gw, r.handler)), methods=[r.method])
+        )
+    router = Starlette(routes=routes, exception_handlers=handlers, lifespan=gw.lifespan)
+    router.state.gateway = gw
+    return GatewayApp(gw, router)

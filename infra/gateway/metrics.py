@@ -1,9 +1,22 @@
-"""Prometheus series of one gateway, on a registry of its own (no global state at import)."""
+"""Prometheus series of one gateway, on a registry of its own (no global state at import).
+
+With several replica processes, prometheus_client's multiprocess mode aggregates them: the
+supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` (an empty folder) before it starts the workers,
+every worker writes its values to memory-mapped files there, and whichever worker answers
+``/metrics`` merges all of them (counters and histograms summed over every process that ever
+ran, so a restarted worker never makes a counter go backwards; gauges are the most recent value
+among live processes). Label removal does not exist in that mode, so a retired version's
+``ballast_deployment_info`` series reads 0 there instead of disappearing.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Batch-1 inference of a small model answers in well under a millisecond; a faulty or overloaded
 # version in tens to hundreds of milliseconds. The buckets cover both ends.
@@ -22,6 +35,14 @@ LATENCY_BUCKETS = (
     0.5,
     1.0,
 )
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+QUEUE_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+DIFF_BUCKETS = (0.0, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def multiprocess_dir() -> str | None:
+    """The shared metrics folder when this process is one of several replicas, else None."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class GatewayMetrics:
@@ -30,75 +51,170 @@ class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        # In multiprocess mode the series live in shared files; this registry only owns them,
+        # and render() collects from the files instead.
         self.registry = CollectorRegistry()
+        r = self.registry
         self.requests = Counter(
             "ballast_requests",
             "Predict requests answered by a version.",
-            ["model", "version", "role", "status"],
-            registry=self.registry,
+            ["model", "version", "role", "route", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "ballast_request_latency_seconds",
             "Server-side latency of predict requests answered by a version.",
-            ["model", "version", "role"],
+            ["model", "version", "role", "route"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=r,
         )
         self.rejected = Counter(
             "ballast_rejected_requests",
             "Predict requests refused before any version saw them.",
             ["reason"],
-            registry=self.registry,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "ballast_batch_size_rows",
+            "Rows per model call (dynamic batching).",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_delay = Histogram(
+            "ballast_queue_delay_seconds",
+            "Time a request waited in its version's batch queue.",
+            ["model", "version"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.shadow = Counter(
+            "ballast_shadow_comparisons",
+            "Mirrored requests compared row by row with the primary's answer, by agreement "
+            "of the predicted class (agreement rate = agree / all).",
+            ["model", "shadow", "primary", "agree"],
+            registry=r,
+        )
+        self.shadow_diff = Histogram(
+            "ballast_shadow_max_abs_prob_diff",
+            "Largest absolute difference of class probabilities, shadow vs primary, per row.",
+            ["model", "shadow"],
+            buckets=DIFF_BUCKETS,
+            registry=r,
+        )
+        self.shadow_skipped = Counter(
+            "ballast_shadow_skipped",
+            "Requests that should have been mirrored but were not (shadow busy or failed).",
+            ["model", "shadow", "reason"],
+            registry=r,
         )
         self.canary_weight = Gauge(
             "ballast_canary_weight",
             "Percent of traffic routed to the canary.",
             ["model"],
-            registry=self.registry,
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.shadow_fraction = Gauge(
+            "ballast_shadow_fraction",
+            "Share of requests mirrored to the shadow.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.deployment_info = Gauge(
             "ballast_deployment_info",
             "1 for each version the current deployment serves, labelled with its role.",
             ["model", "version", "role"],
-            registry=self.registry,
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.deployments = Counter(
             "ballast_deployments",
             "Deployment changes by result (applied, refused, invalid).",
             ["model", "result"],
-            registry=self.registry,
+            registry=r,
         )
-        self._request_children: dict[tuple[str, str, str, int], Counter] = {}
-        self._latency_children: dict[tuple[str, str, str], Histogram] = {}
+        self._request_children: dict[tuple[str, str, str, str, int], Counter] = {}
+        self._latency_children: dict[tuple[str, str, str, str], Histogram] = {}
+        self._batch_children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
         self._info_labels: set[tuple[str, str, str]] = set()
         self._weight_models: set[str] = set()
 
-    def observe(self, model: str, version: str, role: str, status: int, seconds: float) -> None:
-        key = (model, version, role, status)
+    def observe(
+        self, model: str, version: str, role: str, status: int, seconds: float, route: str
+    ) -> None:
+        key = (model, version, role, route, status)
         child = self._request_children.get(key)
         if child is None:
-            child = self.requests.labels(model, version, role, str(status))
+            child = self.requests.labels(model, version, role, route, str(status))
             self._request_children[key] = child
         child.inc()
-        lkey = (model, version, role)
+        lkey = (model, version, role, route)
         hist = self._latency_children.get(lkey)
         if hist is None:
-            hist = self.latency.labels(model, version, role)
+            hist = self.latency.labels(model, version, role, route)
             self._latency_children[lkey] = hist
         hist.observe(seconds)
 
-    def set_deployment(self, model: str, roles: dict[str, str], weight: int) -> None:
+    def observe_batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
+        key = (model, version)
+        pair = self._batch_children.get(key)
+        if pair is None:
+            pair = (self.batch_size.labels(model, version), self.queue_delay.labels(model, version))
+            self._batch_children[key] = pair
+        pair[0].observe(rows)
+        for w in waits:
+            pair[1].observe(w)
+
+    def set_deployment(
+        self, model: str, roles: dict[str, str], weight: int, shadow_fraction: float = 0.0
+    ) -> None:
         """Publish the deployment now in force; ``roles`` maps version -> role."""
         wanted = {(model, version, role) for version, role in roles.items()}
         for labels in self._info_labels - wanted:
-            self.deployment_info.remove(*labels)
+            if self.multiprocess:
+                self.deployment_info.labels(*labels).set(0)
+            else:
+                self.deployment_info.remove(*labels)
         for labels in wanted:
             self.deployment_info.labels(*labels).set(1)
-        self._info_labels = wanted
+        self._info_labels = wanted if not self.multiprocess else self._info_labels | wanted
         for stale in self._weight_models - {model}:
-            self.canary_weight.remove(stale)
+            if self.multiprocess:
+                self.canary_weight.labels(stale).set(0)
+                self.shadow_fraction.labels(stale).set(0)
+            else:
+                self.canary_weight.remove(stale)
+                self.shadow_fraction.remove(stale)
         self.canary_weight.labels(model).set(weight)
+        self.shadow_fraction.labels(model).set(shadow_fraction)
         self._weight_models = {model}
 
+    def clear_deployment(self) -> None:
+        """Nothing is deployed any more: no version serves, no weights."""
+        for labels in self._info_labels:
+            if self.multiprocess:
+                self.deployment_info.labels(*labels).set(0)
+            else:
+                self.deployment_info.remove(*labels)
+        for model in self._weight_models:
+            if self.multiprocess:
+                self.canary_weight.labels(model).set(0)
+                self.shadow_fraction.labels(model).set(0)
+            else:
+                self.canary_weight.remove(model)
+                self.shadow_fraction.remove(model)
+        self._info_labels = set()
+        self._weight_models = set()
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        folder = multiprocess_dir()
+        if folder is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=folder)
+        return generate_latest(merged)

@@ -2,7 +2,9 @@
 
 A :class:`Live` snapshot is immutable once published: a request reads ``gateway.live`` once and
 keeps using that snapshot, so a deployment swap is one reference assignment and never shows a
-request half of the old state and half of the new.
+request half of the old state and half of the new. A request also keeps the
+:class:`LoadedVersion` it was routed to (and that version's batch queue) until it is answered, so
+a request in flight during a swap finishes on the version it started on.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -24,7 +26,10 @@ from ballast.hashing import sha256_file
 from ballast.runtime import Predictor
 from ballast.serving import Deployment, VersionSpec
 
-Role = Literal["champion", "canary"]
+if TYPE_CHECKING:
+    from infra.gateway.batcher import Batcher
+
+Role = Literal["champion", "canary", "shadow"]
 Loader = Callable[[Path, str, int], Predictor]
 
 # Sticky routing resolution: a key hashes to one of 10,000 buckets, so weights are exact to 0.01 %.
@@ -60,6 +65,12 @@ class LoadedVersion:
     errors: int = 0  # 5xx answers: what a canary judge counts against the version
     client_errors: int = 0  # 4xx answers (e.g. a feature count this version does not take)
     latencies: deque[float] = field(init=False)
+    # Set by the gateway once the version is published (needs the running event loop).
+    batcher: Batcher | None = None
+    mirrored: int = 0  # requests mirrored to this version as a shadow
+    shadow_rows: int = 0  # rows compared with the primary's answer
+    shadow_agree: int = 0  # ... whose predicted class matched
+    shadow_failed: int = 0
 
     def __post_init__(self) -> None:
         self.latencies = deque(maxlen=self.window)
@@ -99,6 +110,7 @@ class Live:
     deployment: Deployment
     champion: Slot | None
     canary: Slot | None
+    shadow: Slot | None = None
 
     @property
     def model(self) -> str:
@@ -110,7 +122,13 @@ class Live:
 
     @property
     def slots(self) -> tuple[Slot, ...]:
+        """The slots that take traffic (champion, canary)."""
         return tuple(s for s in (self.champion, self.canary) if s is not None)
+
+    @property
+    def all_slots(self) -> tuple[Slot, ...]:
+        """Every loaded slot, the shadow included."""
+        return tuple(s for s in (self.champion, self.canary, self.shadow) if s is not None)
 
     def route(self, key: str | None, rng: random.Random) -> Slot | None:
         """Pick the slot for one request: sticky by ``key`` when given, else weighted random."""
@@ -137,7 +155,13 @@ def _feature_count(predictor: Predictor) -> int | None:
 
 
 def load_version(
-    spec: VersionSpec, *, loader: Loader, intra_op_threads: int, seed: int, window: int
+    spec: VersionSpec,
+    *,
+    loader: Loader,
+    intra_op_threads: int,
+    seed: int,
+    window: int,
+    warm_batch: int = 1,
 ) -> LoadedVersion:
     """Verify, load and warm one version (blocking: call it off the event loop).
 
@@ -180,6 +204,18 @@ def load_version(
         )
     if not all(math.isfinite(float(v)) for v in out[0]):
         raise DeploymentRefusedError(422, f"{name}: warm-up returned non-finite logits")
+    if warm_batch > 1:
+        # The largest batch the batcher will form: its buffers are planned here, not under load.
+        try:
+            big = np.asarray(predictor.predict(np.zeros((warm_batch, n_features), np.float32)))
+        except Exception as exc:
+            raise DeploymentRefusedError(
+                422, f"{name}: warm-up at batch {warm_batch} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if big.shape != (warm_batch, out.shape[1]):
+            raise DeploymentRefusedError(
+                422, f"{name}: warm-up at batch {warm_batch} returned shape {big.shape}"
+            )
     # Per-version fault RNG, seeded from the version so runs are reproducible.
     rng = random.Random(seed * 1_000_003 + zlib.crc32(spec.version.encode()))
     return LoadedVersion(

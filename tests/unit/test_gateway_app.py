@@ -6,6 +6,8 @@ in for a predictor that blocks, fails or returns garbage where a test needs one.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import math
@@ -21,18 +23,35 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from ballast.errors import GatewayError
+from ballast.errors import ConfigError, GatewayError
 from ballast.gateway_client import GatewayClient
+from ballast.manifest import build_manifest, sign_manifest
 from ballast.runtime import Predictor, load_predictor
 from ballast.serving import Deployment, Fault, VersionSpec
 from infra.gateway.app import (
+    ADMIN_ROUTES,
+    AdminRoute,
     BadRequestError,
     GatewayConfig,
     create_app,
     encode_prediction,
     parse_instances,
 )
+from infra.gateway.auth import (
+    Principal,
+    TokenTable,
+    load_tokens_file,
+    token_sha256,
+    write_tokens_file,
+)
+from infra.gateway.desired import DesiredStateError, FileDesiredState, ReplicaBoard
+from infra.gateway.registry_source import (
+    TAG_CANARY_WEIGHT,
+    TAG_SHADOW_FRACTION,
+    RegistryDesiredState,
+)
 from infra.gateway.testing import build_mlp_onnx, spec_for
+from model_registry.types import ModelVersionInfo
 
 TOKEN = "unit-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -638,18 +657,42 @@ def test_metrics_expose_the_labelled_series(gw: TestClient, artefacts: dict[str,
     def value(name: str, **labels: str) -> float:
         return samples.get((name, frozenset(labels.items())), 0.0)
 
-    ok1 = value("ballast_requests_total", model=MODEL, version="1", role="champion", status="200")
-    ok2 = value("ballast_requests_total", model=MODEL, version="2", role="canary", status="200")
-    err2 = value("ballast_requests_total", model=MODEL, version="2", role="canary", status="500")
+    def requests(version: str, role: str, status: str) -> float:
+        return value(
+            "ballast_requests_total",
+            model=MODEL,
+            version=version,
+            role=role,
+            route="predict",
+            status=status,
+        )
+
+    ok1 = requests("1", "champion", "200")
+    ok2 = requests("2", "canary", "200")
+    err2 = requests("2", "canary", "500")
     assert ok1 > 0 and ok2 > 0 and err2 > 0
     assert ok1 + ok2 + err2 == 200
     assert (
-        value("ballast_request_latency_seconds_count", model=MODEL, version="1", role="champion")
+        value(
+            "ballast_request_latency_seconds_count",
+            model=MODEL,
+            version="1",
+            role="champion",
+            route="predict",
+        )
         == ok1
     )
     assert (
         "ballast_request_latency_seconds_bucket",
-        frozenset({"model": MODEL, "version": "2", "role": "canary", "le": "0.001"}.items()),
+        frozenset(
+            {
+                "model": MODEL,
+                "version": "2",
+                "role": "canary",
+                "route": "predict",
+                "le": "0.001",
+            }.items()
+        ),
     ) in samples
     assert value("ballast_canary_weight", model=MODEL) == 30
     assert value("ballast_deployment_info", model=MODEL, version="1", role="champion") == 1
@@ -683,7 +726,13 @@ def test_stats_report_counts_and_latency_percentiles(
     gw: TestClient, artefacts: dict[str, Path]
 ) -> None:
     empty = gw.get("/admin/stats", headers=AUTH).json()
-    assert empty == {"model": None, "canary_weight": 0, "versions": {}, "draining": []}
+    assert empty == {
+        "model": None,
+        "canary_weight": 0,
+        "shadow_fraction": 0.0,
+        "versions": {},
+        "draining": [],
+    }
     deploy(gw, with_canary(artefacts, 50))
     seen = versions_seen(gw, 100)
     stats = gw.get("/admin/stats", headers=AUTH).json()
@@ -732,7 +781,7 @@ def test_parse_instances_returns_float32_rows() -> None:
 def test_parse_instances_with_the_stdlib_json_fallback(
     monkeypatch: pytest.MonkeyPatch, body: bytes, status: int | None
 ) -> None:
-    import infra.gateway.app as gateway_app
+    import infra.gateway.wire as gateway_app
 
     monkeypatch.setattr(gateway_app, "_loads", json.loads)
     if status is None:
@@ -768,3 +817,642 @@ def test_client_reports_an_unreachable_gateway() -> None:
         pytest.raises(GatewayError, match="no admin token"),
     ):
         client.stats()
+
+
+# -- roles --------------------------------------------------------------------------------------
+
+ROLE_TOKENS = {
+    "viewer": "viewer-token-0123456789",
+    "operator": "operator-token-0123456789",
+    "admin": "second-admin-token-0123456789",
+}
+ROLE_ORDER = ["viewer", "operator", "admin"]
+
+
+def role_client(**overrides: Any) -> tuple[TestClient, Recorder]:
+    tokens = tuple(
+        (token_sha256(tok), Principal(f"{role}-user", role))  # type: ignore[arg-type]
+        for role, tok in ROLE_TOKENS.items()
+    )
+    return make_client(tokens=tokens, **overrides)
+
+
+def bearer(role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {ROLE_TOKENS[role]}"}
+
+
+@pytest.fixture
+def gw_roles() -> Iterator[TestClient]:
+    client, _ = role_client()
+    with client:
+        yield client
+
+
+def _request(
+    client: TestClient, route: AdminRoute, headers: dict[str, str], body: bytes | None
+) -> Any:
+    return client.request(route.method, route.path, headers=headers, content=body)
+
+
+@pytest.mark.parametrize("route", ADMIN_ROUTES, ids=[f"{r.method} {r.path}" for r in ADMIN_ROUTES])
+def test_every_admin_route_is_401_without_a_token_and_403_below_its_role(
+    gw_roles: TestClient, artefacts: dict[str, Path], route: AdminRoute
+) -> None:
+    body = champion_only(artefacts).model_dump_json().encode() if route.method == "PUT" else None
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}):
+        resp = _request(gw_roles, route, headers, body)
+        assert resp.status_code == 401, f"{route} with {headers}: {resp.status_code}"
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
+    needed = ROLE_ORDER.index(route.role)
+    for role in ROLE_ORDER[:needed]:
+        resp = _request(gw_roles, route, bearer(role), body)
+        assert resp.status_code == 403, f"{route} as {role}: {resp.status_code} {resp.text}"
+        assert f"needs the {route.role} role" in resp.json()["error"]
+    # Nothing changed through a refused call.
+    assert gw_roles.get("/admin/deployment", headers=AUTH).json() is None
+    for role in ROLE_ORDER[needed:]:
+        resp = _request(gw_roles, route, bearer(role), body)
+        assert resp.status_code not in (401, 403), f"{route} as {role}: {resp.text}"
+
+
+def test_the_route_table_covers_every_admin_route_of_the_app() -> None:
+    client, _ = make_client()
+    served = {
+        (method, route.path)
+        for route in client.app.router.routes  # type: ignore[attr-defined]
+        if route.path.startswith("/admin")
+        for method in route.methods - {"HEAD"}
+    }
+    assert served == {(r.method, r.path) for r in ADMIN_ROUTES}
+
+
+def test_faults_need_the_admin_role(gw_roles: TestClient, artefacts: dict[str, Path]) -> None:
+    faulty = with_canary(artefacts, 10, fault="errors").model_dump_json()
+    resp = gw_roles.put("/admin/deployment", content=faulty, headers=bearer("operator"))
+    assert resp.status_code == 403
+    assert "injecting faults needs the admin role" in resp.json()["error"]
+    ok = gw_roles.put(
+        "/admin/deployment",
+        content=with_canary(artefacts, 10).model_dump_json(),
+        headers=bearer("operator"),
+    )
+    assert ok.status_code == 200
+    assert (
+        gw_roles.put("/admin/deployment", content=faulty, headers=bearer("admin")).status_code
+        == 200
+    )
+
+
+def test_tokens_list_names_and_roles_never_tokens(gw_roles: TestClient) -> None:
+    resp = gw_roles.get("/admin/tokens", headers=bearer("admin"))
+    assert resp.status_code == 200
+    principals = resp.json()["principals"]
+    assert {"name": "viewer-user", "role": "viewer"} in principals
+    assert {"name": "admin-token", "role": "admin"} in principals
+    assert all(tok not in resp.text for tok in [*ROLE_TOKENS.values(), TOKEN])
+
+
+def test_tokens_file_is_read_with_hashes_or_tokens(tmp_path: Path) -> None:
+    path = write_tokens_file(
+        tmp_path / "tokens.json",
+        [
+            {"name": "grafana", "role": "viewer", "sha256": token_sha256("g" * 20)},
+            {"name": "ci", "role": "operator", "token": "c" * 20},
+        ],
+    )
+    table = TokenTable.build(TOKEN, load_tokens_file(path))
+    assert table.authenticate(f"Bearer {'g' * 20}") == Principal("grafana", "viewer")
+    assert table.authenticate(f"bearer {'c' * 20}") == Principal("ci", "operator")
+    assert table.authenticate(f"Bearer {TOKEN}") == Principal("admin-token", "admin")
+    assert table.authenticate("Bearer " + "c" * 19) is None
+    assert table.authenticate(None) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [
+        ('{"tokens": []}', 0o644, "chmod 600"),
+        ("{not json", 0o600, "not valid JSON"),
+        ('{"tokens": [{"name": "x", "role": "root", "token": "' + "t" * 20 + '"}]}', 0o600, "role"),
+        ('{"tokens": [{"name": "x", "role": "viewer", "token": "short"}]}', 0o600, "16 char"),
+        ('{"tokens": [{"name": "x", "role": "viewer"}]}', 0o600, "exactly one"),
+        (
+            '{"tokens": [{"name": "x", "role": "viewer", "sha256": "A"}]}',
+            0o600,
+            "64 lowercase hex",
+        ),
+        (
+            '{"tokens": [{"name": "x", "role": "viewer", "token": "'
+            + "t" * 20
+            + '"}, {"name": "x", "role": "admin", "token": "'
+            + "u" * 20
+            + '"}]}',
+            0o600,
+            "used twice",
+        ),
+    ],
+    ids=["world-readable", "malformed", "bad-role", "short-token", "no-secret", "bad-hash", "dup"],
+)
+def test_bad_tokens_files_are_refused_with_the_reason(
+    tmp_path: Path, content: str, mode: int, message: str
+) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(content)
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match=message):
+        load_tokens_file(path)
+
+
+# -- binary bodies ------------------------------------------------------------------------------
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+NPY = {"content-type": "application/x-npy"}
+
+
+def test_npy_predict_matches_json_predict(gw: TestClient, artefacts: dict[str, Path]) -> None:
+    deploy(gw, champion_only(artefacts))
+    x = np.random.default_rng(4).standard_normal((7, N_FEATURES)).astype(np.float32)
+    as_json = gw.post(PREDICT, json={"instances": x.tolist()}).json()
+    resp = gw.post(PREDICT, content=npy_bytes(x), headers=NPY)
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == as_json
+    fortran = gw.post(PREDICT, content=npy_bytes(np.asfortranarray(x)), headers=NPY)
+    assert fortran.json() == as_json
+    binary = gw.post(PREDICT, content=npy_bytes(x), headers={**NPY, "accept": "application/x-npy"})
+    assert binary.status_code == 200
+    assert binary.headers["content-type"] == "application/x-npy"
+    assert binary.headers["X-Ballast-Version"] == "1"
+    probs = np.load(io.BytesIO(binary.content), allow_pickle=False)
+    assert probs.dtype == np.float32 and probs.shape == (7, 2)
+    np.testing.assert_allclose(probs, as_json["probabilities"], rtol=1e-6)
+
+
+BAD_NPY: list[tuple[str, bytes, int, str]] = [
+    ("not-npy", b"hello world, not an array", 400, "not an .npy array"),
+    ("float64", npy_bytes(np.zeros((1, 30))), 422, "must be float32"),
+    ("int32", npy_bytes(np.zeros((1, 30), np.int32)), 422, "must be float32"),
+    ("one-d", npy_bytes(np.zeros(30, np.float32)), 422, "must be 2-D"),
+    ("empty", npy_bytes(np.zeros((0, 30), np.float32)), 422, "must not be empty"),
+    ("truncated", npy_bytes(np.zeros((2, 30), np.float32))[:-4], 400, "needs 240"),
+    ("nan", npy_bytes(np.full((1, 30), np.nan, np.float32)), 422, "finite"),
+    ("too-many-rows", npy_bytes(np.zeros((4097, 1), np.float32)), 422, "4097 rows"),
+    ("big-endian", npy_bytes(np.zeros((1, 30), ">f4")), 422, "must be float32"),
+    ("objects", npy_bytes(np.array([[None]], dtype=object)), 422, "must be float32"),
+    (
+        "evil-header",
+        b"\x93NUMPY\x01\x00\x20\x00{'descr': __import__('os'), 'shape': (1,)}",
+        400,
+        "header",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"), [b[1:] for b in BAD_NPY], ids=[b[0] for b in BAD_NPY]
+)
+def test_bad_npy_bodies_get_a_clear_4xx(
+    gw: TestClient, artefacts: dict[str, Path], body: bytes, status: int, message: str
+) -> None:
+    deploy(gw, champion_only(artefacts))
+    resp = gw.post(PREDICT, content=body, headers=NPY)
+    assert resp.status_code == status, resp.text
+    assert message in resp.json()["error"]
+
+
+def test_unsupported_content_type_is_415(gw: TestClient, artefacts: dict[str, Path]) -> None:
+    deploy(gw, champion_only(artefacts))
+    resp = gw.post(
+        PREDICT, content=json.dumps({"instances": [ROW]}), headers={"content-type": "text/csv"}
+    )
+    assert resp.status_code == 415
+    assert "application/x-npy" in resp.json()["error"]
+    charset = gw.post(
+        PREDICT,
+        content=json.dumps({"instances": [ROW]}),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert charset.status_code == 200
+
+
+# -- batching through the app -------------------------------------------------------------------
+
+
+def test_bad_requests_never_spoil_the_batch_they_would_have_joined(
+    gw_rec: tuple[TestClient, Recorder], artefacts: dict[str, Path]
+) -> None:
+    gw, rec = gw_rec
+    deploy(gw, champion_only(artefacts))
+    rec.block = "a.onnx"
+    rec.entered.clear()
+    rows = np.random.default_rng(5).standard_normal((6, N_FEATURES)).astype(np.float32)
+    bodies: list[tuple[bytes, dict[str, str]]] = [
+        (json.dumps({"instances": [rows[0].tolist()]}).encode(), {}),  # occupies the model
+        (json.dumps({"instances": [rows[1].tolist()]}).encode(), {}),
+        (json.dumps({"instances": [ROW[:-1]]}).encode(), {}),  # wrong feature count
+        (b'{"instances": [[1, 2', {}),  # malformed
+        (npy_bytes(rows[2:4]), NPY),
+        (npy_bytes(np.zeros((1, 30))), NPY),  # float64
+        (json.dumps({"instances": rows[4:6].tolist()}).encode(), {}),
+    ]
+    answers: dict[int, Any] = {}
+
+    def send(i: int) -> None:
+        answers[i] = gw.post(PREDICT, content=bodies[i][0], headers=bodies[i][1])
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    assert rec.entered.wait(5)
+    others = [threading.Thread(target=send, args=(i,)) for i in range(1, len(bodies))]
+    for t in others:
+        t.start()
+    time.sleep(0.3)  # let them all queue behind the blocked call
+    rec.gate.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert [answers[i].status_code for i in range(len(bodies))] == [
+        200,
+        200,
+        422,
+        400,
+        200,
+        422,
+        200,
+    ]
+    logits = load_predictor(artefacts["a"], "onnxruntime").predict(rows)
+    expected = logits.argmax(axis=1).tolist()
+    assert answers[0].json()["predictions"] == expected[0:1]
+    assert answers[1].json()["predictions"] == expected[1:2]
+    assert answers[4].json()["predictions"] == expected[2:4]
+    assert answers[6].json()["predictions"] == expected[4:6]
+    samples = metric_samples(gw)
+    batches = samples[
+        ("ballast_batch_size_rows_count", frozenset({"model": MODEL, "version": "1"}.items()))
+    ]
+    # The warm-up does not count; the valid waiting requests shared model calls.
+    assert batches < 5, f"{batches} model calls for 5 valid requests: nothing was batched"
+
+
+def test_a_failing_batch_answers_every_member_with_500(
+    gw_rec: tuple[TestClient, Recorder], artefacts: dict[str, Path]
+) -> None:
+    gw, rec = gw_rec
+    deploy(gw, champion_only(artefacts))
+    rec.block = "a.onnx"
+    rec.entered.clear()
+    answers: list[Any] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        resp = gw.post(PREDICT, json={"instances": [ROW]})
+        with lock:
+            answers.append(resp)
+
+    threads = [threading.Thread(target=send) for _ in range(5)]
+    threads[0].start()
+    assert rec.entered.wait(5)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.3)
+    rec.fail = True
+    rec.gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(answers) == 5
+    assert {a.status_code for a in answers} == {500}
+    messages = {a.json()["error"] for a in answers}
+    assert any("batch of 4 requests" in m for m in messages), messages
+    assert all(a.headers["X-Ballast-Version"] == "1" for a in answers)
+
+
+# -- shadow -------------------------------------------------------------------------------------
+
+
+def with_shadow(
+    artefacts: dict[str, Path], fraction: float, shadow_path: Path | None = None
+) -> Deployment:
+    shadow = spec_for(shadow_path or artefacts["b"], "3")
+    return Deployment(
+        model=MODEL, champion=spec(artefacts, "1"), shadow=shadow, shadow_fraction=fraction
+    )
+
+
+def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_shadow_mirrors_discards_and_measures_agreement(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    deploy(gw, with_shadow(artefacts, 1.0))
+    rows = np.random.default_rng(6).standard_normal((40, N_FEATURES)).astype(np.float32)
+    for row in rows:
+        resp = gw.post(PREDICT, json={"instances": [row.tolist()]})
+        assert resp.status_code == 200
+        assert resp.headers["X-Ballast-Version"] == "1"  # the shadow never answers
+    wait_for(lambda: gw.get("/admin/shadow", headers=AUTH).json()["rows_compared"] == 40)
+    report = gw.get("/admin/shadow", headers=AUTH).json()
+    a = load_predictor(artefacts["a"], "onnxruntime").predict(rows).argmax(axis=1)
+    b = load_predictor(artefacts["b"], "onnxruntime").predict(rows).argmax(axis=1)
+    agree = int((a == b).sum())
+    assert report["shadow"] == "3" and report["mirrored"] == 40
+    assert report["rows_agreeing"] == agree
+    assert report["agreement_rate"] == pytest.approx(agree / 40)
+    assert len(report["recent_disagreements"]) == min(40 - agree, 50)
+    samples = metric_samples(gw)
+
+    def comparisons(flag: str) -> float:
+        key = {"model": MODEL, "shadow": "3", "primary": "1", "agree": flag}
+        return samples.get(("ballast_shadow_comparisons_total", frozenset(key.items())), 0.0)
+
+    assert comparisons("true") == agree and comparisons("false") == 40 - agree
+    stats = gw.get("/admin/stats", headers=AUTH).json()
+    assert stats["versions"]["3"]["role"] == "shadow"
+    assert stats["versions"]["3"]["requests"] == 0  # mirrored requests are not its traffic
+    assert gw.get("/readyz").json()["versions"] == {"1": "champion", "3": "shadow"}
+
+
+def test_shadow_of_the_same_model_agrees_fully_and_fraction_is_respected(
+    gw: TestClient, artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    twin = tmp_path / "twin.onnx"
+    twin.write_bytes(artefacts["a"].read_bytes())
+    deploy(gw, with_shadow(artefacts, 0.25, twin))
+    n = 400
+    versions_seen(gw, n)
+    wait_for(lambda: gw.get("/admin/stats", headers=AUTH).json()["versions"]["3"]["inflight"] == 0)
+    report = gw.get("/admin/shadow", headers=AUTH).json()
+    assert report["agreement_rate"] == 1.0
+    sd = math.sqrt(n * 0.25 * 0.75)
+    assert abs(report["mirrored"] - 0.25 * n) < 4.5 * sd, report
+
+
+def test_a_failing_shadow_never_touches_the_primary_answer(
+    gw_rec: tuple[TestClient, Recorder], artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    gw, rec = gw_rec
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(artefacts["b"].read_bytes())
+    deploy(gw, with_shadow(artefacts, 1.0, bad))
+    rec.block = "bad.onnx"  # the shadow hangs ...
+    rec.fail = False
+    for _ in range(5):
+        assert gw.post(PREDICT, json={"instances": [ROW]}).status_code == 200  # ... primary fine
+    rec.fail = True  # ... then fails
+    rec.gate.set()
+    wait_for(lambda: gw.get("/admin/shadow", headers=AUTH).json()["failed"] >= 1)
+
+
+def test_shadow_deployments_are_validated() -> None:
+    a = VersionSpec(version="1", artifact_path="/x", sha256="0" * 64)
+    with pytest.raises(ValueError, match="shadow_fraction must be 0"):
+        Deployment(model="m", champion=a, shadow_fraction=0.5)
+    with pytest.raises(ValueError, match="does not serve traffic"):
+        Deployment(model="m", champion=a, shadow=a, shadow_fraction=0.5)
+    with pytest.raises(ValueError, match="champion or canary"):
+        Deployment(model="m", shadow=a)
+
+
+# -- desired state shared by replicas -----------------------------------------------------------
+
+
+def replica(source_path: Path, board: Path, name: str) -> TestClient:
+    app = create_app(
+        GatewayConfig(admin_token=TOKEN, replica_id=name, converge_timeout_s=5.0),
+        source=FileDesiredState(source_path, poll_interval_s=0.05),
+        board=ReplicaBoard(board),
+    )
+    return TestClient(app)
+
+
+def test_replicas_converge_on_a_push_and_a_new_one_starts_in_the_right_state(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    with replica(desired, board, "r1") as r1, replica(desired, board, "r2") as r2:
+        assert r1.get("/readyz").status_code == 503
+        wait_for(lambda: len(ReplicaBoard(board).live()) == 2)
+        resp = put(r1, with_canary(artefacts, 20))
+        assert resp.status_code == 200
+        assert resp.headers["X-Ballast-Replicas"] == "2/2"  # r2 converged before the answer
+        assert r2.get("/admin/deployment", headers=AUTH).json() == resp.json()
+        assert r2.get("/readyz").status_code == 200
+        assert json.loads(desired.read_text())["revision"] == 1
+        # A refused push changes nothing anywhere.
+        bad = with_canary(artefacts, 20).model_copy(
+            update={"canary": spec(artefacts, "2").model_copy(update={"sha256": "0" * 64})}
+        )
+        assert put(r2, bad).status_code == 409
+        assert json.loads(desired.read_text())["revision"] == 1
+        deploy(r2, champion_only(artefacts))
+        assert r1.get("/admin/deployment", headers=AUTH).json() == json.loads(
+            champion_only(artefacts).model_dump_json()
+        )
+    with replica(desired, board, "r3") as r3:  # started later: reads the source by itself
+        wait_for(lambda: r3.get("/readyz").status_code == 200)
+        assert versions_seen(r3, 10) == {"1": 10}
+
+
+def test_a_desired_state_that_does_not_verify_keeps_the_replica_on_what_it_has(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    source = FileDesiredState(desired)
+    source.publish(champion_only(artefacts), actor="test")
+    with replica(desired, board, "r1") as r1:
+        wait_for(lambda: r1.get("/readyz").status_code == 200)
+        tampered = champion_only(artefacts).model_copy(
+            update={"champion": spec(artefacts, "2").model_copy(update={"sha256": "0" * 64})}
+        )
+        source.publish(tampered, actor="someone")
+        wait_for(lambda: r1.get("/readyz").status_code == 503)
+        reason = r1.get("/readyz").json()["reason"]
+        assert "not loaded" in reason and "sha256 mismatch" in reason
+        assert versions_seen(r1, 5) == {"1": 5}  # still serving what verified
+        source.publish(champion_only(artefacts), actor="fix")
+        wait_for(lambda: r1.get("/readyz").status_code == 200)
+        desired.write_text("{broken")
+        time.sleep(0.3)
+        assert versions_seen(r1, 5) == {"1": 5}
+        view = r1.post("/admin/reload", headers=AUTH).json()
+        assert "malformed" in view["error"]
+
+
+def test_delete_clears_the_deployment_everywhere(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    with replica(desired, board, "r1") as r1, replica(desired, board, "r2") as r2:
+        deploy(r1, champion_only(artefacts))
+        resp = r2.delete("/admin/deployment", headers=AUTH)
+        assert resp.status_code == 200 and resp.headers["X-Ballast-Replicas"] == "2/2"
+        assert r1.post(PREDICT, json={"instances": [ROW]}).status_code == 503
+
+
+def test_reload_without_a_source_is_409(gw: TestClient) -> None:
+    assert gw.post("/admin/reload", headers=AUTH).status_code == 409
+
+
+# -- switching under load -----------------------------------------------------------------------
+
+
+def test_switching_versions_and_weights_under_load_drops_nothing(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    deploy(gw, champion_only(artefacts))
+    stop = threading.Event()
+    results: list[tuple[int, str | None]] = []
+    lock = threading.Lock()
+
+    def load() -> None:
+        while not stop.is_set():
+            resp = gw.post(PREDICT, json={"instances": [ROW]})
+            with lock:
+                results.append((resp.status_code, resp.headers.get("X-Ballast-Version")))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for t in workers:
+        t.start()
+    try:
+        plan = [
+            with_canary(artefacts, 10),
+            with_canary(artefacts, 50),
+            with_shadow(artefacts, 0.5),
+            Deployment(model=MODEL, champion=spec(artefacts, "2")),
+            with_canary(artefacts, 100),
+            champion_only(artefacts),
+        ]
+        for dep in plan * 2:
+            deploy(gw, dep)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(10)
+    assert len(results) > 50
+    assert {status for status, _ in results} == {200}, Counter(s for s, _ in results)
+    assert {v for _, v in results} <= {"1", "2"}
+
+
+# -- openapi ------------------------------------------------------------------------------------
+
+
+def test_openapi_document_lists_every_route(gw: TestClient) -> None:
+    doc = gw.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    for r in ADMIN_ROUTES:
+        op = doc["paths"][r.path][r.method.lower()]
+        assert op["security"] == [{"bearer": []}]
+        assert {"401", "403"} <= set(op["responses"])
+    predict = doc["paths"]["/v1/models/{model}/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"application/json", "application/x-npy"}
+    assert "Deployment" in doc["components"]["schemas"]
+
+
+# -- desired state from the registry (facade stand-in; manifests and signatures are real) -------
+
+
+class FacadeStandIn:
+    """Aliases, tags and version folders in memory, with the facade's method signatures."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.versions: dict[str, ModelVersionInfo] = {}
+        self.aliases: dict[str, str] = {}
+        self.downloads = 0
+
+    def add(self, version: str, artefact: Path, key: Path, **tags: str) -> Path:
+        folder = self.root / f"v{version}"
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(artefact.read_bytes())
+        manifest = build_manifest(
+            folder,
+            model_name=MODEL,
+            dataset_sha256="0" * 64,
+            backend="onnxruntime",
+            precision="fp32",
+        )
+        sign_manifest(manifest, key).write(folder)
+        all_tags = {
+            "ballast.artifact": "model.onnx",
+            "ballast.artifact_sha256": manifest.file("model.onnx").sha256,
+            **tags,
+        }
+        self.versions[version] = ModelVersionInfo(MODEL, version, (), all_tags, None, "", 0)
+        return folder
+
+    def get_by_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
+        version = self.aliases.get(alias)
+        return None if version is None else self.versions[version]
+
+    def download(self, name: str, version: str | int, dst: Path | None = None) -> Path:
+        self.downloads += 1
+        return self.root / f"v{version}"
+
+    def set_tags(self, name: str, version: str | int, tags: dict[str, str]) -> None:
+        info = self.versions[str(version)]
+        self.versions[str(version)] = dataclasses.replace(info, tags={**info.tags, **tags})
+
+
+def test_registry_source_reads_aliases_and_tags_and_verifies_manifests(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    key = tmp_path / "keys" / "signing.pem"
+    reg = FacadeStandIn(tmp_path / "store")
+    reg.add("1", artefacts["a"], key)
+    reg.add("2", artefacts["b"], key, **{TAG_CANARY_WEIGHT: "25"})
+    reg.add(
+        "3",
+        artefacts["b"],
+        key,
+        **{TAG_SHADOW_FRACTION: "0.5", "ballast.fault_injection": "latency"},
+    )
+    source = RegistryDesiredState(reg, MODEL, key)
+    assert source.read() is None  # no champion alias: nothing to serve
+    reg.aliases = {"champion": "1", "candidate": "2", "shadow": "3"}
+    dep = source.read()
+    assert dep is not None
+    assert dep.champion is not None and dep.champion.version == "1"
+    assert dep.champion.sha256 == spec(artefacts, "1").sha256
+    assert dep.canary is not None and dep.canary.version == "2" and dep.canary_weight == 25
+    assert dep.shadow is not None and dep.shadow.fault == "latency" and dep.shadow_fraction == 0.5
+    downloads = reg.downloads
+    assert source.read() == dep and reg.downloads == downloads  # verified once per version
+
+    # Weights are published as tags; versions must be the ones the aliases name.
+    source.publish(dep.model_copy(update={"canary_weight": 60}), actor="t")
+    assert reg.versions["2"].tags[TAG_CANARY_WEIGHT] == "60"
+    other = Deployment(model=MODEL, champion=dep.canary)
+    with pytest.raises(DesiredStateError, match="move aliases in the registry") as info:
+        source.publish(other, actor="t")
+    assert info.value.status == 409
+
+
+def test_registry_source_refuses_what_does_not_verify(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    key = tmp_path / "keys" / "signing.pem"
+    reg = FacadeStandIn(tmp_path / "store")
+    folder = reg.add("1", artefacts["a"], key)
+    reg.aliases = {"champion": "1"}
+    (folder / "model.onnx").write_bytes(artefacts["b"].read_bytes())  # tampered after signing
+    with pytest.raises(DesiredStateError, match="do not match"):
+        RegistryDesiredState(reg, MODEL, key).read()
+    stranger = tmp_path / "other" / "key.pem"
+    reg2 = FacadeStandIn(tmp_path / "store2")
+    reg2.add("1", artefacts["a"], stranger)  # signed by a key the gateway does not trust
+    reg2.aliases = {"champion": "1"}
+    with pytest.raises(DesiredStateError, match="signed by key"):
+        RegistryDesiredState(reg2, MODEL, key).read()
+    reg2.versions["1"] = dataclasses.replace(reg2.versions["1"], tags={TAG_CANARY_WEIGHT: "x"})
+    reg2.aliases = {"champion": "1", "candidate": "1"}
+    with pytest.raises(DesiredStateError, match="not an integer"):
+        RegistryDesiredState(reg2, MODEL, stranger).read()

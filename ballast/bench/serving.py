@@ -1,0 +1,367 @@
+"""``ballast bench serving``: the gateway against its peers, closed-loop wrk load, batch-1 JSON.
+
+    ballast bench serving                          # gateway (1 version, 90/10 split), ceiling
+    ballast bench serving --peers mlflow           # plus `mlflow models serve` (ONNX flavour)
+    ballast bench serving --seconds 5 --json       # quick; one JSON object on the last line
+
+Same model everywhere: a 30->256->256->2 MLP (ONNX, built in a temporary folder), the same
+batch-1 JSON row. Each server runs alone on 127.0.0.1 and is loaded by wrk (C, a Lua body
+script) at concurrency 1, 16 and 64 (c=64 twice) for ``--seconds`` each after a warm-up. The
+client's CPU is measured and reported (``client_cpu``: cores wrk used). Rows: server,
+concurrency, rps, p50_ms, p99_ms. The ceiling is the same ONNX Runtime session called
+in-process (calls/s at batch 1, samples/s at batch 64).
+
+PyTriton needs Python 3.12 and a venv of its own (``--pytriton-python``); without it that peer
+is reported as not run, never guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["Row", "main", "parse_wrk"]
+
+CONCURRENCY = (1, 16, 64, 64)
+HIDDEN = (256, 256)
+N_FEATURES = 30
+
+
+@dataclass
+class Row:
+    server: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int = 0
+    seconds: float = 0.0
+    client_cpu: float = 0.0  # cores the load generator used
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if m is None:
+        raise ValueError(f"unreadable wrk latency {text!r}")
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+
+def parse_wrk(out: str) -> tuple[int, float, float, float, int]:
+    """(requests, seconds, p50 ms, p99 ms, non-2xx) from ``wrk --latency`` output."""
+    total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (total and p50 and p99):
+        raise ValueError(f"could not parse wrk output:\n{out}")
+    seconds = float(total.group(2)) * (1e-3 if total.group(3) == "ms" else 1.0)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failures = int(bad.group(1)) if bad else 0
+    if errors:
+        failures += sum(int(g) for g in errors.groups())
+    return int(total.group(1)), seconds, _ms(p50.group(1)), _ms(p99.group(1)), failures
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wrk(url: str, script: Path, concurrency: int, seconds: float, server: str) -> Row:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk not found (apt-get install wrk)")
+    threads = 1 if concurrency < 16 else 2
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cmd = [
+        wrk,
+        f"-t{threads}",
+        f"-c{concurrency}",
+        f"-d{seconds:g}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 60, check=False
+    ).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    n, secs, p50, p99, failures = parse_wrk(out)
+    return Row(server, concurrency, n / secs if secs else 0.0, p50, p99, failures, secs, cpu / secs)
+
+
+def _lua(path: Path, body: bytes, content_type: str = "application/json") -> Path:
+    (path.parent / f"{path.stem}.body").write_bytes(body)
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.headers["Content-Type"] = "{content_type}"\n'
+        f'wrk.body = io.open("{path.parent / f"{path.stem}.body"}"):read("a")\n'
+    )
+    return path
+
+
+def _measure(
+    server: str,
+    url: str,
+    script: Path,
+    seconds: float,
+    concurrency: tuple[int, ...],
+    progress: Callable[[str], None],
+) -> list[Row]:
+    progress(f"{server}: warm-up")
+    _wrk(url, script, 16, min(3.0, seconds), server)
+    rows = []
+    for c in concurrency:
+        progress(f"{server}: c={c} for {seconds:g} s")
+        rows.append(_wrk(url, script, c, seconds, server))
+    return rows
+
+
+@contextmanager
+def _gateway(workdir: Path, workers: int, extra: list[str]) -> Iterator[tuple[str, str]]:
+    from ballast.gateway_process import GatewayProcess
+    from ballast.settings import Settings
+
+    s = Settings(
+        state_dir=workdir / f"state-{secrets.token_hex(4)}",
+        gateway_port=_free_port(),
+        gateway_admin_token=secrets.token_urlsafe(16),
+    )
+    gw = GatewayProcess.start(
+        s,
+        log_path=workdir / "gateway.log",
+        workers=workers,
+        extra_args=["--desired-state", "file", *extra],
+        exit_with_parent=True,
+    )
+    try:
+        yield gw.url, s.admin_token()
+    finally:
+        gw.stop()
+
+
+def _deploy(url: str, token: str, model: str, path: Path, split: bool) -> None:
+    from ballast.gateway_client import GatewayClient
+    from ballast.hashing import sha256_file
+    from ballast.serving import Deployment, VersionSpec
+
+    sha = sha256_file(path)
+    one = VersionSpec(version="1", artifact_path=str(path), sha256=sha)
+    dep = Deployment(model=model, champion=one)
+    if split:
+        # The canary is a second copy of the same file: a second session, loaded and batched
+        # separately, as a real canary would be.
+        twin = path.with_name("canary.onnx")
+        shutil.copyfile(path, twin)
+        two = VersionSpec(version="2", artifact_path=str(twin), sha256=sha)
+        dep = Deployment(model=model, champion=one, canary=two, canary_weight=10)
+    with GatewayClient(url, token, timeout=60) as client:
+        client.set_deployment(dep)
+
+
+def _mlflow_serve(
+    workdir: Path,
+    path: Path,
+    seconds: float,
+    conc: tuple[int, ...],
+    progress: Callable[[str], None],
+) -> list[Row]:
+    import mlflow.onnx  # the benchmark only; core code never imports mlflow
+    import onnx
+
+    model_dir = workdir / "mlflow-model"
+    mlflow.onnx.save_model(onnx.load(str(path)), str(model_dir))
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    log = (workdir / "mlflow.log").open("wb")
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        str(model_dir),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--env-manager",
+        "local",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow models serve did not start; log {workdir / 'mlflow.log'}"
+                )
+            time.sleep(0.5)
+        body = json.dumps({"inputs": {"input": [[0.1] * N_FEATURES]}}).encode()
+        script = _lua(workdir / "mlflow.lua", body)
+        url = f"http://127.0.0.1:{port}/invocations"
+        check = httpx.post(
+            url, content=body, headers={"content-type": "application/json"}, trust_env=False
+        )
+        if check.status_code != 200:
+            raise RuntimeError(f"mlflow models serve refused the body: {check.text[:300]}")
+        return _measure("mlflow models serve (onnx)", url, script, seconds, conc, progress)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
+        log.close()
+
+
+def _ceiling(path: Path, seconds: float) -> list[Row]:
+    from ballast.runtime import load_predictor
+
+    predictor = load_predictor(path, "onnxruntime", intra_op_threads=1)
+    rows = []
+    for batch in (1, 64):
+        x = (
+            __import__("numpy")
+            .random.default_rng(0)
+            .standard_normal((batch, N_FEATURES))
+            .astype("float32")
+        )
+        for _ in range(200):
+            predictor.predict(x)
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < min(seconds, 5.0):
+            for _ in range(100):
+                predictor.predict(x)
+            n += 100
+        elapsed = time.perf_counter() - started
+        per_call_ms = elapsed / n * 1e3
+        rows.append(
+            Row(
+                f"ORT in-process, batch {batch} (samples/s)",
+                0,
+                n * batch / elapsed,
+                per_call_ms,
+                per_call_ms,
+                0,
+                elapsed,
+            )
+        )
+    return rows
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ballast bench serving",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--seconds", type=float, default=20.0, help="per measurement (default 20)")
+    p.add_argument("--concurrency", default="1,16,64,64", help="wrk connections per run")
+    p.add_argument("--workers", default="1", help="gateway replica counts to try, e.g. 1,2")
+    p.add_argument("--peers", default="", help="comma list: mlflow, pytriton")
+    p.add_argument("--pytriton-python", default="", help="a Python 3.12 with nvidia-pytriton")
+    p.add_argument("--skip-split", action="store_true", help="only the one-version gateway")
+    p.add_argument("--gateway-args", default="", help="extra args for python -m infra.gateway")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ballast.bench.onnx_mlp import build_mlp_onnx
+
+    args = _parser().parse_args(argv)
+    conc = tuple(int(c) for c in args.concurrency.split(","))
+    peers = {p for p in args.peers.split(",") if p}
+    console = Console(stderr=args.json)
+    notes: list[str] = []
+    rows: list[Row] = []
+    body = json.dumps({"instances": [[round(0.01 * i, 3) for i in range(N_FEATURES)]]}).encode()
+    with tempfile.TemporaryDirectory(prefix="ballast-bench-serving-") as tmp:
+        workdir = Path(tmp)
+        path = build_mlp_onnx(workdir / "model.onnx", seed=0, hidden=HIDDEN)
+        script = _lua(workdir / "predict.lua", body)
+        with console.status("measuring") as status:
+            for workers in (int(w) for w in args.workers.split(",")):
+                setups = [("gateway, 1 version", False)]
+                if not args.skip_split:
+                    setups.append(("gateway, 90/10 split + metrics", True))
+                for label, split in setups:
+                    name = f"{label}, {workers} worker{'s' if workers > 1 else ''}"
+                    with _gateway(workdir, workers, args.gateway_args.split()) as (url, token):
+                        _deploy(url, token, "m", path, split)
+                        rows += _measure(
+                            name,
+                            f"{url}/v1/models/m/predict",
+                            script,
+                            args.seconds,
+                            conc,
+                            status.update,
+                        )
+            if "mlflow" in peers:
+                try:
+                    rows += _mlflow_serve(workdir, path, args.seconds, conc, status.update)
+                except Exception as exc:  # a peer that cannot run is reported, not faked
+                    notes.append(f"mlflow models serve not measured: {type(exc).__name__}: {exc}")
+            if "pytriton" in peers or args.pytriton_python:
+                notes.append(
+                    "PyTriton not measured: it needs a Python 3.12 venv with nvidia-pytriton "
+                    "(see shared notes); this benchmark does not install one"
+                )
+            status.update("ORT in-process ceiling")
+            ceiling = _ceiling(path, args.seconds)
+    table = Table(title="batch-1 JSON predict, wrk closed loop, 30->256->256->2 MLP")
+    for col in ("server", "c", "req/s", "p50 ms", "p99 ms", "errors", "wrk cores"):
+        table.add_column(col, justify="left" if col == "server" else "right")
+    for r in rows + ceiling:
+        table.add_row(
+            r.server,
+            str(r.concurrency or "-"),
+            f"{r.rps:,.0f}",
+            f"{r.p50_ms:.3f}",
+            f"{r.p99_ms:.3f}",
+            str(r.errors),
+            f"{r.client_cpu:.2f}" if r.concurrency else "-",
+        )
+    console.print(table)
+    for note in notes:
+        console.print(f"[yellow]{note}[/]")
+    best_c64 = max(
+        (r.rps for r in rows if r.concurrency == 64 and "gateway" in r.server), default=0.0
+    )
+    if best_c64 and ceiling:
+        console.print(
+            f"best gateway c=64: {best_c64:,.0f} req/s = {best_c64 / ceiling[0].rps:.1%} of ORT's in-process batch-1 calls/s"
+        )
+    if args.json:
+        print(json.dumps({"rows": [asdict(r) for r in rows + ceiling], "notes": notes}))
+    return 1 if any(r.errors for r in rows if "gateway" in r.server) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""Dynamic batching per model version, in the manner of Triton's dynamic batcher.
+
+Requests that are already validated (float32 ``[rows, features]`` with the version's feature
+count) are queued; the queue is cut into batches of at most ``max_batch_size`` rows, each run as
+one model call in an inference thread (ONNX Runtime releases the GIL), and every member gets its
+own rows of the answer. Bad input never reaches a queue, so it cannot spoil a batch.
+
+When to dispatch is the pure function :func:`decide`:
+
+* nothing queued, or ``max_inflight`` batches already running: wait for an arrival/completion;
+* a full batch queued: go now;
+* nothing running (the server is idle): go now. Waiting could only add latency, since no batch
+  is running for newcomers to pile up behind ("bypass when the queue is empty");
+* else wait until the oldest request has queued ``max_queue_delay_us``, then go with what came.
+
+While a batch runs, arrivals pile up and leave together as the next batch: under load the batch
+size grows by itself, at no cost in latency when the server is idle.
+
+Every member of a batch is answered, whatever happens: a model error, a wrong output shape or a
+batch that outlives ``timeout_s`` fails each member with :class:`BatchFailedError`; a request
+whose client went away is dropped before its batch is formed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "BatchFailedError",
+    "BatchPolicy",
+    "Batcher",
+    "OverloadedError",
+    "decide",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How one version's requests are grouped. ``max_batch_size=1`` turns batching off."""
+
+    max_batch_size: int = 64  # rows per model call (a larger single request still runs alone)
+    max_queue_delay_us: int = 500  # how long a request may wait for company while others run
+    max_inflight: int = 1  # batches of this version running at once
+    max_queue_rows: int = 16_384  # beyond this the version answers 503 (backpressure)
+    timeout_s: float = 30.0  # a batch running longer fails its members (it never hangs them)
+    # A lone batch whose model call has recently taken less than this runs on the event loop
+    # when the server is nearly idle (see Batcher's ``inline_ok``): handing it to a thread then
+    # costs more than the call. 0 turns this off.
+    inline_below_us: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_inflight < 1 or self.max_queue_rows < 1:
+            raise ValueError("max_batch_size, max_inflight and max_queue_rows must be >= 1")
+        if self.max_queue_delay_us < 0 or self.timeout_s <= 0:
+            raise ValueError("max_queue_delay_us must be >= 0 and timeout_s > 0")
+
+
+NOTHING_TO_DO: float | None = None
+
+
+def decide(
+    policy: BatchPolicy, queued_rows: int, oldest_wait_us: float, inflight: int
+) -> float | None:
+    """Microseconds to wait before dispatching a batch (0: now), or None: wait for an event."""
+    if queued_rows <= 0 or inflight >= policy.max_inflight:
+        return NOTHING_TO_DO
+    if queued_rows >= policy.max_batch_size or inflight == 0:
+        return 0.0
+    return max(0.0, policy.max_queue_delay_us - oldest_wait_us)
+
+
+class BatchFailedError(Exception):
+    """The batch a request belonged to failed; ``message`` is safe to show to the client."""
+
+    def __init__(self, message: str, *, status: int = 500) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class OverloadedError(Exception):
+    """The version's queue is full; the client should retry later (503)."""
+
+
+@dataclass(slots=True)
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    queued_at: float
+
+
+@dataclass(slots=True)
+class _Batch:
+    items: list[_Item]
+    dispatched_at: float
+    done: bool = False
+    watchdog: asyncio.TimerHandle | None = None
+
+
+# (rows in the batch, seconds each member queued) — for metrics; called on the event loop.
+BatchObserver = Callable[[int, list[float]], None]
+
+
+class Batcher:
+    """The queue of one version. Use only from the event loop thread that created it."""
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[np.ndarray], np.ndarray],
+        policy: BatchPolicy,
+        pool: Executor,
+        *,
+        observe: BatchObserver | None = None,
+        inline_ok: Callable[[], bool] | None = None,
+    ) -> None:
+        self.name = name
+        self._inline_ok = inline_ok
+        self.policy = policy
+        self._run = run
+        self._pool = pool
+        self._observe = observe
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[_Item] = deque()
+        self._rows = 0
+        self._inflight = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.batches = 0
+        # Moving average of one model call in microseconds (inf until measured in a thread).
+        self.call_us = float("inf")
+
+    @property
+    def queued_rows(self) -> int:
+        return self._rows
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def submit(self, x: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """Queue validated rows; the future resolves to their logits or a BatchFailedError."""
+        n = x.shape[0]
+        if self._rows and self._rows + n > self.policy.max_queue_rows:
+            raise OverloadedError(f"version {self.name} has {self._rows} rows queued")
+        fut: asyncio.Future[np.ndarray] = self._loop.create_future()
+        self._queue.append(_Item(x, fut, time.perf_counter()))
+        self._rows += n
+        self._pump()
+        return fut
+
+    # -- scheduling (event loop only) ---------------------------------------------------------
+
+    def _pump(self) -> None:
+        while self._queue:
+            oldest = (time.perf_counter() - self._queue[0].queued_at) * 1e6
+            wait = decide(self.policy, self._rows, oldest, self._inflight)
+            if wait is None:
+                return
+            if wait > 0:
+                if self._timer is None:
+                    self._timer = self._loop.call_later(wait / 1e6, self._on_timer)
+                return
+            self._dispatch()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _take(self) -> list[_Item]:
+        items: list[_Item] = []
+        rows = 0
+        limit = self.policy.max_batch_size
+        queue = self._queue
+        while queue:
+            item = queue[0]
+            n = item.x.shape[0]
+            if items and rows + n > limit:
+                break
+            queue.popleft()
+            self._rows -= n
+            if item.future.done():  # cancelled: the client is gone, spend nothing on it
+                continue
+            items.append(item)
+            rows += n
+        return items
+
+    def _dispatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items = self._take()
+        if not items:
+            return
+        now = time.perf_counter()
+        batch = _Batch(items, now)
+        x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
+        self._inflight += 1
+        self.batches += 1
+        if self._observe is not None:
+            self._observe(x.shape[0], [now - i.queued_at for i in items])
+        if (
+            self._inflight == 1
+            and not self._queue
+            and self.call_us < self.policy.inline_below_us
+            and (self._inline_ok is None or self._inline_ok())
+        ):
+            try:
+                out = self._run(x)
+            except Exception as exc:
+                self._finish(batch, exc, None)
+            else:
+                self._finish(batch, None, out)
+            return
+        try:
+            cf = self._pool.submit(self._timed, x)
+        except RuntimeError as exc:  # the pool is shut down: the server is stopping
+            self._finish(batch, exc, None)
+            return
+        batch.watchdog = self._loop.call_later(self.policy.timeout_s, self._expire, batch)
+        cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._completed, batch, f))
+
+    def _timed(self, x: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        out = self._run(x)
+        us = (time.perf_counter() - t) * 1e6
+        # Plain float writes are atomic under the GIL; a lost update only delays the average.
+        self.call_us = us if self.call_us == float("inf") else 0.9 * self.call_us + 0.1 * us
+        return out
+
+    def _expire(self, batch: _Batch) -> None:
+        batch.watchdog = None
+        err = BatchFailedError(
+            f"version {self.name}: batch of {len(batch.items)} request(s) timed out after "
+            f"{self.policy.timeout_s:g} s",
+            status=504,
+        )
+        self._finish(batch, err, None)
+
+    def _completed(self, batch: _Batch, cf: Future[np.ndarray]) -> None:
+        if batch.done:  # already failed by the watchdog
+            return
+        exc = cf.exception()
+        self._finish(batch, exc, None if exc is not None else cf.result())
+
+    def _finish(self, batch: _Batch, exc: BaseException | None, out: np.ndarray | None) -> None:
+        if batch.done:
+            return
+        batch.done = True
+        if batch.watchdog is not None:
+            batch.watchdog.cancel()
+        self._inflight -= 1
+        try:
+            self._answer(batch.items, exc, out)
+        finally:
+            self._pump()
+
+    def _answer(
+        self, items: list[_Item], exc: BaseException | None, out: np.ndarray | None
+    ) -> None:
+        n = len(items)
+        if exc is None and out is not None:
+            out = np.asarray(out)
+            rows = sum(i.x.shape[0] for i in items)
+            if out.ndim != 2 or out.shape[0] != rows:
+                exc = ValueError(f"model returned shape {out.shape} for {rows} rows")
+        if exc is not None or out is None:
+            if isinstance(exc, BatchFailedError):
+                err = exc
+            else:
+                detail = "" if n == 1 else f" (batch of {n} requests)"
+                err = BatchFailedError(f"version {self.name} failed to predict{detail}")
+                err.__cause__ = exc
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return
+        start = 0
+        for item in items:
+            stop = start + item.x.shape[0]
+            if not item.future.done():
+                item.future.set_result(out if n == 1 else out[start:stop])
+            start = stop
+
+    def fail_queued(self, message: str) -> None:
+        """Fail everything still queued (the version is being unloaded)."""
+        err = BatchFailedError(message, status=503)
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(err)
+        self._rows = 0

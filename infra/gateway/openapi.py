@@ -1,0 +1,259 @@
+"""The gateway's OpenAPI 3.1 document (served at ``/openapi.json``).
+
+Written by hand around the pydantic models of the wire contract, so the schemas the server
+validates against and the ones it documents are the same objects. ``tests/integration/
+test_gateway_schemathesis.py`` fuzzes the running server against this document.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse
+
+__all__ = ["openapi_document"]
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_AUTH_ERRORS = {
+    "401": _err("Missing or invalid bearer token."),
+    "403": _err("The token's role is too weak for this route."),
+}
+
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+# Largest finite float32: a bigger JSON number cannot be a feature value.
+_F32_MAX = 3.4028234663852886e38
+
+
+@lru_cache(maxsize=8)
+def openapi_document(n_features: int | None = None) -> dict[str, Any]:
+    """The document; with ``n_features`` (the deployed model's) each row has exactly that many."""
+    row: dict[str, Any] = {
+        "type": "array",
+        "minItems": n_features or 1,
+        "items": {"type": "number", "minimum": -_F32_MAX, "maximum": _F32_MAX},
+    }
+    if n_features:
+        row["maxItems"] = n_features
+    schemas: dict[str, Any] = {}
+    for model in (Deployment, PredictResponse):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    schemas["Error"] = _ERROR
+    schemas["PredictRequest"] = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["instances"],
+        "properties": {
+            "instances": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 4096,
+                "items": row,
+            }
+        },
+    }
+    deployment_or_null = {"anyOf": [{"$ref": "#/components/schemas/Deployment"}, {"type": "null"}]}
+    admin: list[dict[str, list[str]]] = [{"bearer": []}]
+    paths: dict[str, Any] = {
+        "/v1/models/{model}/predict": {
+            "post": {
+                "operationId": "predict",
+                "summary": "Predict with the version the router picks (champion or canary).",
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "X-Ballast-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "Sticky routing key: the same key lands on the same version.",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/PredictRequest"}
+                        },
+                        NPY_MEDIA_TYPE: {
+                            "schema": {"type": "string", "format": "binary"},
+                            "description": "One 2-D little-endian float32 array (numpy.save).",
+                        },
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Predicted class and probabilities per row. With "
+                        f"'Accept: {NPY_MEDIA_TYPE}' the probabilities as a float32 array.",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/PredictResponse"}
+                            },
+                            NPY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    },
+                    "400": _err("Malformed body (JSON or .npy)."),
+                    "404": _err("Unknown model."),
+                    "413": _err("Body too large."),
+                    "415": _err("Unsupported content type."),
+                    "422": _err("Wrong shape, dtype, feature count or values."),
+                    "500": _err("The version failed to predict (or an injected fault)."),
+                    "503": _err("Nothing deployed, or the version is overloaded."),
+                    "504": _err("The batch timed out."),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "The process answers.",
+                "responses": {"200": _json("Alive.", _ANY_OBJECT)},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "Every desired version is loaded and warmed up.",
+                "responses": {
+                    "200": _json("Ready.", _ANY_OBJECT),
+                    "503": _json("Not ready, with the reason.", _ANY_OBJECT),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (all replicas).",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "responses": {"200": _json("OpenAPI 3.1.", _ANY_OBJECT)},
+            }
+        },
+        "/admin/deployment": {
+            "get": {
+                "operationId": "getDeployment",
+                "summary": "The deployment in force (viewer).",
+                "security": admin,
+                "responses": {"200": _json("The deployment, or null.", deployment_or_null)}
+                | _AUTH_ERRORS,
+            },
+            "put": {
+                "operationId": "putDeployment",
+                "summary": "Verify, load, warm and switch to a deployment; publish it to every "
+                "replica (operator; admin when it injects faults).",
+                "security": admin,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Deployment"}}
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        "Applied; X-Ballast-Replicas says how many replicas converged.",
+                        {"$ref": "#/components/schemas/Deployment"},
+                    ),
+                    "400": _err("Malformed JSON."),
+                    "409": _err("An artefact's sha256 does not match; nothing changed."),
+                    "413": _err("Body too large."),
+                    "422": _err("Invalid deployment or unloadable artefact; nothing changed."),
+                    "503": _err("The desired state could not be recorded; nothing changed."),
+                }
+                | _AUTH_ERRORS,
+            },
+            "delete": {
+                "operationId": "deleteDeployment",
+                "summary": "Serve nothing (admin).",
+                "security": admin,
+                "responses": {
+                    "200": _json("Cleared.", {"type": "null"}),
+                    "503": _err("The desired state could not be recorded."),
+                }
+                | _AUTH_ERRORS,
+            },
+        },
+        "/admin/stats": {
+            "get": {
+                "operationId": "stats",
+                "summary": "Per-version counters and latency percentiles (viewer).",
+                "security": admin,
+                "responses": {"200": _json("Counters.", _ANY_OBJECT)} | _AUTH_ERRORS,
+            }
+        },
+        "/admin/replicas": {
+            "get": {
+                "operationId": "replicas",
+                "summary": "This replica and its live peers (viewer).",
+                "security": admin,
+                "responses": {"200": _json("Replica states.", _ANY_OBJECT)} | _AUTH_ERRORS,
+            }
+        },
+        "/admin/shadow": {
+            "get": {
+                "operationId": "shadow",
+                "summary": "Shadow agreement with the primary and recent disagreements (viewer).",
+                "security": admin,
+                "responses": {"200": _json("Shadow report.", _ANY_OBJECT)} | _AUTH_ERRORS,
+            }
+        },
+        "/admin/reload": {
+            "post": {
+                "operationId": "reload",
+                "summary": "Read the desired state now and converge (operator).",
+                "security": admin,
+                "responses": {
+                    "200": _json("This replica's state.", _ANY_OBJECT),
+                    "409": _err("No desired-state source is configured."),
+                }
+                | _AUTH_ERRORS,
+            }
+        },
+        "/admin/tokens": {
+            "get": {
+                "operationId": "tokens",
+                "summary": "Names and roles of the configured tokens, never the tokens (admin).",
+                "security": admin,
+                "responses": {"200": _json("Principals.", _ANY_OBJECT)} | _AUTH_ERRORS,
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Ballast serving gateway", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,246 @@
+"""Desired state read from the model registry (through ``model_registry``'s public facade only).
+
+The scheme, for registered model ``M``:
+
+============================  =================================================================
+alias ``champion``            the champion (no alias: nothing is served)
+alias ``candidate``           the canary, when that version carries tag ``ballast.canary_weight``
+                              with an integer 1..100 (the percent of traffic it takes); absent or
+                              ``0``: the candidate is not served
+alias ``shadow``              the shadow; tag ``ballast.shadow_fraction`` on it (0..1, default 0)
+                              is the share of requests mirrored to it
+tag ``ballast.fault_injection``  per version, as everywhere in Ballast (demos and tests)
+============================  =================================================================
+
+Every version is downloaded and its signed manifest verified against the trusted key
+(``settings.signing_key_path``) before it can appear in a desired state; the artefact named by
+tag ``ballast.artifact`` must be in the manifest with the sha256 of tag
+``ballast.artifact_sha256``. A version that does not verify makes the whole read fail
+(:class:`DesiredStateError`), so replicas keep serving what they have.
+
+Publishing (an admin ``PUT`` on a gateway that uses this source) only writes the two tags: the
+versions must be the ones the aliases already name. Moving aliases is the registry's job
+(promotion, rollback), so a PUT naming other versions is refused with 409.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from ballast.errors import BallastError
+from ballast.manifest import SignedManifest, verify_manifest
+from ballast.release import (
+    ALIAS_CANDIDATE,
+    ALIAS_CHAMPION,
+    TAG_ARTIFACT,
+    TAG_ARTIFACT_SHA,
+    TAG_BACKEND,
+    TAG_FAULT,
+)
+from ballast.serving import Deployment, VersionSpec
+from infra.gateway.desired import DesiredStateError
+
+if TYPE_CHECKING:
+    from ballast.settings import Settings
+    from model_registry import ModelVersionInfo
+
+__all__ = [
+    "ALIAS_SHADOW",
+    "TAG_CANARY_WEIGHT",
+    "TAG_SHADOW_FRACTION",
+    "RegistryDesiredState",
+    "RegistryFacade",
+]
+
+ALIAS_SHADOW = "shadow"
+TAG_CANARY_WEIGHT = "ballast.canary_weight"
+TAG_SHADOW_FRACTION = "ballast.shadow_fraction"
+
+
+class RegistryFacade(Protocol):
+    """The part of ``model_registry.Registry`` this source uses."""
+
+    def get_by_alias(self, name: str, alias: str) -> ModelVersionInfo | None: ...
+
+    def download(self, name: str, version: str | int, dst: Path | None = None) -> Path: ...
+
+    def set_tags(self, name: str, version: str | int, tags: dict[str, str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Verified:
+    artifact_path: str
+    sha256: str
+    backend: str
+
+
+class RegistryDesiredState:
+    """Desired state of one model from registry aliases and tags (scheme in the module doc)."""
+
+    def __init__(
+        self,
+        registry: RegistryFacade,
+        model: str,
+        trusted_key: Path,
+        *,
+        poll_interval_s: float = 1.0,
+    ) -> None:
+        if not 0 < poll_interval_s <= 1.0:
+            raise ValueError("poll_interval_s must be in (0, 1]")
+        self.registry = registry
+        self.model = model
+        self.trusted_key = Path(trusted_key)
+        self.poll_interval_s = poll_interval_s
+        # Registered versions are immutable: verify each once (the gateway re-hashes the
+        # artefact itself before it loads it).
+        self._verified: dict[str, _Verified] = {}
+
+    @classmethod
+    def from_settings(cls, s: Settings, *, poll_interval_s: float = 1.0) -> RegistryDesiredState:
+        from model_registry import Registry
+
+        return cls(
+            Registry(s.tracking_uri, s.artifact_root),
+            s.model_name,
+            s.signing_key_path,
+            poll_interval_s=poll_interval_s,
+        )
+
+    def describe(self) -> str:
+        return f"registry model {self.model!r}"
+
+    def _spec(self, info: ModelVersionInfo) -> VersionSpec:
+        cached = self._verified.get(info.version)
+        if cached is None:
+            local = Path(self.registry.download(info.name, info.version))
+            manifest = verify_manifest(SignedManifest.read(local), self.trusted_key, local)
+            artifact = info.tags.get(TAG_ARTIFACT, "")
+            entry = next((f for f in manifest.files if f.path == artifact), None)
+            if entry is None or entry.sha256 != info.tags.get(TAG_ARTIFACT_SHA):
+                raise DesiredStateError(
+                    f"{info.name} version {info.version}: artefact {artifact!r} is not in its "
+                    "signed manifest with the tagged sha256"
+                )
+            cached = _Verified(
+                str(local / artifact), entry.sha256, info.tags.get(TAG_BACKEND, "onnxruntime")
+            )
+            self._verified[info.version] = cached
+        fault = info.tags.get(TAG_FAULT) or None
+        try:
+            return VersionSpec(
+                version=info.version,
+                artifact_path=cached.artifact_path,
+                sha256=cached.sha256,
+                backend=cached.backend,
+                fault=fault,
+            )
+        except ValueError as exc:
+            raise DesiredStateError(f"{info.name} version {info.version}: {exc}") from exc
+
+    def read(self) -> Deployment | None:
+        try:
+            champion = self.registry.get_by_alias(self.model, ALIAS_CHAMPION)
+            candidate = self.registry.get_by_alias(self.model, ALIAS_CANDIDATE)
+            shadow = self.registry.get_by_alias(self.model, ALIAS_SHADOW)
+            weight = _weight(candidate)
+            canary = candidate if weight and candidate is not None else None
+            if champion is not None and canary is not None and canary.version == champion.version:
+                canary, weight = None, 0  # promoted, candidate alias not cleared yet
+            fraction = _fraction(shadow)
+            serving = {v.version for v in (champion, canary) if v is not None}
+            if shadow is not None and (shadow.version in serving or not serving):
+                shadow, fraction = None, 0.0
+            if champion is None and canary is None:
+                return None
+            return Deployment(
+                model=self.model,
+                champion=None if champion is None else self._spec(champion),
+                canary=None if canary is None else self._spec(canary),
+                canary_weight=weight
+                if canary is not None and champion is not None
+                else (100 if canary is not None else 0),
+                shadow=None if shadow is None else self._spec(shadow),
+                shadow_fraction=fraction,
+            )
+        except DesiredStateError:
+            raise
+        except (BallastError, ValueError, OSError) as exc:
+            raise DesiredStateError(f"registry desired state of {self.model!r}: {exc}") from exc
+
+    def publish(self, deployment: Deployment | None, *, actor: str) -> None:
+        if deployment is None:
+            raise DesiredStateError(
+                "a registry-backed gateway serves what the aliases name; remove the champion "
+                "alias instead",
+                status=409,
+            )
+        if deployment.model != self.model:
+            raise DesiredStateError(
+                f"this gateway follows registry model {self.model!r}, not {deployment.model!r}",
+                status=409,
+            )
+        try:
+            aliases = {
+                alias: self.registry.get_by_alias(self.model, alias)
+                for alias in (ALIAS_CHAMPION, ALIAS_CANDIDATE, ALIAS_SHADOW)
+            }
+            wanted = {
+                ALIAS_CHAMPION: deployment.champion,
+                ALIAS_CANDIDATE: deployment.canary,
+                ALIAS_SHADOW: deployment.shadow,
+            }
+            for alias, spec in wanted.items():
+                info = aliases[alias]
+                if spec is not None and (info is None or info.version != spec.version):
+                    named = "no version" if info is None else f"version {info.version}"
+                    raise DesiredStateError(
+                        f"alias {alias!r} names {named}, the deployment has version "
+                        f"{spec.version}: move aliases in the registry (promote, rollback); "
+                        "the gateway only sets weights",
+                        status=409,
+                    )
+            candidate, shadow = aliases[ALIAS_CANDIDATE], aliases[ALIAS_SHADOW]
+            if candidate is not None:
+                weight = deployment.canary_weight if deployment.canary is not None else 0
+                self.registry.set_tags(
+                    self.model, candidate.version, {TAG_CANARY_WEIGHT: str(weight)}
+                )
+            if shadow is not None:
+                fraction = deployment.shadow_fraction if deployment.shadow is not None else 0.0
+                self.registry.set_tags(
+                    self.model, shadow.version, {TAG_SHADOW_FRACTION: repr(fraction)}
+                )
+        except DesiredStateError:
+            raise
+        except (BallastError, OSError) as exc:
+            raise DesiredStateError(
+                f"cannot record the desired state in the registry: {exc}"
+            ) from exc
+
+
+def _weight(info: ModelVersionInfo | None) -> int:
+    if info is None:
+        return 0
+    raw = info.tags.get(TAG_CANARY_WEIGHT, "0")
+    try:
+        weight = int(raw)
+    except ValueError:
+        raise DesiredStateError(f"tag {TAG_CANARY_WEIGHT}={raw!r} is not an integer") from None
+    if not 0 <= weight <= 100:
+        raise DesiredStateError(f"tag {TAG_CANARY_WEIGHT}={weight} is outside 0..100")
+    return weight
+
+
+def _fraction(info: ModelVersionInfo | None) -> float:
+    if info is None:
+        return 0.0
+    raw = info.tags.get(TAG_SHADOW_FRACTION, "0")
+    try:
+        fraction = float(raw)
+    except ValueError:
+        raise DesiredStateError(f"tag {TAG_SHADOW_FRACTION}={raw!r} is not a number") from None
+    if not 0.0 <= fraction <= 1.0:
+        raise DesiredStateError(f"tag {TAG_SHADOW_FRACTION}={fraction} is outside 0..1")
+    return fraction

@@ -1,0 +1,145 @@
+"""Several gateway replicas behind one listening socket (a pre-fork supervisor).
+
+The supervisor binds the socket once and starts N worker processes (``python -m infra.gateway
+--worker-fd FD ...``) that all accept on it, so the kernel spreads connections over them and a
+worker that stops never takes queued connections with it. It also gives every worker the same
+``PROMETHEUS_MULTIPROC_DIR`` (a fresh folder) so ``/metrics`` on any worker adds up all of them.
+
+A worker that dies is restarted (it reads the desired state at start and converges by itself),
+unless workers keep dying (:func:`restart_allowed`), in which case the supervisor stops them all
+and exits 1. SIGTERM or SIGINT is passed to every worker, which drains its in-flight requests;
+the supervisor exits 0 once all of them exited cleanly.
+
+The supervisor imports nothing heavy: it never loads a model itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+__all__ = ["restart_allowed", "supervise"]
+
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def restart_allowed(
+    exits: Sequence[float], now: float, *, limit: int = 5, window_s: float = 30.0
+) -> bool:
+    """A dead worker is restarted unless ``limit`` workers already died in the last ``window_s``."""
+    return sum(1 for t in exits if now - t <= window_s) < limit
+
+
+def _log(message: str) -> None:
+    print(f"supervisor[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def supervise(
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    worker_args: Sequence[str],
+    graceful_timeout: float,
+    exit_with_parent: bool,
+) -> int:
+    """Run ``workers`` replicas until SIGTERM/SIGINT; returns the process exit code."""
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        _log(f"cannot bind {host}:{port}: {exc}")
+        return 1
+    metrics_dir = tempfile.mkdtemp(prefix="ballast-gw-metrics-")
+    env = {**os.environ, METRICS_ENV: metrics_dir}
+    cmd = [sys.executable, "-m", "infra.gateway", *worker_args, "--worker-fd", str(sock.fileno())]
+    cmd.append("--exit-with-parent")  # a supervisor killed hard must not leave workers behind
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [*cmd, "--replica-id", f"w{index}-{int(time.time() * 1000) % 100000}"],
+            stdin=subprocess.DEVNULL,
+            env=env,
+            pass_fds=(sock.fileno(),),
+        )
+        _log(f"worker {index} started, pid {proc.pid}")
+        return proc
+
+    parent = os.getppid()
+    procs = [spawn(i) for i in range(workers)]
+    exits: list[float] = []
+    code = 0
+    try:
+        while not stopping:
+            if exit_with_parent and os.getppid() != parent:
+                _log("parent gone: stopping")
+                break
+            for i, proc in enumerate(procs):
+                rc = proc.poll()
+                if rc is None or stopping:
+                    continue
+                _mark_dead(proc.pid, metrics_dir)
+                now = time.monotonic()
+                _log(f"worker {i} (pid {proc.pid}) exited with {rc}")
+                if not restart_allowed(exits, now):
+                    _log("workers keep exiting: giving up")
+                    code = 1
+                    stopping = True
+                    break
+                exits.append(now)
+                procs[i] = spawn(i)
+            time.sleep(0.1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + graceful_timeout + 5.0
+        for proc in procs:
+            try:
+                rc = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait(5.0)
+            if rc != 0 and code == 0:
+                code = 1
+        sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    _log(f"stopped (exit {code})")
+    return code
+
+
+def _mark_dead(pid: int, folder: str) -> None:
+    # Drops the dead worker's live gauges; its counters stay, so totals never go backwards.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, folder)

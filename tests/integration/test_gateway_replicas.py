@@ -1,0 +1,223 @@
+"""Several gateway replicas (processes) on one machine: convergence, restarts, metrics, draining.
+
+A supervisor runs the replicas on one socket; they follow the desired state in the state folder.
+Every test starts real processes on 127.0.0.1, bounded in time, and stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ballast.gateway_client import GatewayClient
+from ballast.gateway_process import GatewayProcess
+from ballast.serving import Deployment, VersionSpec
+from ballast.settings import Settings
+from infra.gateway.desired import FileDesiredState
+from infra.gateway.testing import build_mlp_onnx, spec_for
+
+pytestmark = pytest.mark.integration
+
+MODEL = "m"
+ROW = [0.5] * 30
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[VersionSpec, VersionSpec]:
+    root = tmp_path_factory.mktemp("artefacts")
+    return (
+        spec_for(build_mlp_onnx(root / "one.onnx", seed=21), "1"),
+        spec_for(build_mlp_onnx(root / "two.onnx", seed=22), "2"),
+    )
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def board(client: GatewayClient) -> list[dict[str, Any]]:
+    # A fresh connection per look: a kept-alive one may lead to the replica a test just killed.
+    with GatewayClient(client.base_url, client._token) as fresh:
+        return list(fresh.replicas()["replicas"])
+
+
+def fresh_predict(url: str) -> httpx.Response:
+    # A new connection each time, so the kernel spreads requests over the replicas.
+    return httpx.post(
+        f"{url}/v1/models/{MODEL}/predict", json={"instances": [ROW]}, trust_env=False, timeout=10
+    )
+
+
+def requests_total(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", trust_env=False, timeout=10).text
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "ballast_requests_total"
+    )
+
+
+def test_replicas_converge_restart_into_the_right_state_and_share_metrics(
+    settings: Settings, versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
+) -> None:
+    one, two = versions
+    desired = FileDesiredState(settings.state_dir.resolve() / "gateway" / "desired.json")
+    log = tmp_path / "gw.log"
+    sent = 0
+    with (
+        GatewayProcess.start(
+            settings, log_path=log, workers=3, exit_with_parent=True, timeout=30
+        ) as gw,
+        GatewayClient(gw.url, settings.admin_token()) as client,
+    ):
+        wait_for(lambda: len(board(client)) == 3, 20, "three replicas reporting")
+
+        # A push through one replica reaches all three before the PUT answers.
+        split = Deployment(model=MODEL, champion=one, canary=two, canary_weight=30)
+        assert client.set_deployment(split) == split
+        assert {r["fingerprint"] for r in board(client)} == {split.fingerprint()}
+        answers = [fresh_predict(gw.url) for _ in range(60)]
+        sent += len(answers)
+        assert {a.status_code for a in answers} == {200}
+        assert {a.headers["X-Ballast-Version"] for a in answers} == {"1", "2"}
+
+        # A change in the source itself (as a registry change would be) is picked up by polling.
+        promoted = Deployment(model=MODEL, champion=two)
+        desired.publish(promoted, actor="test")
+        wait_for(
+            lambda: (
+                {r["fingerprint"] for r in board(client)} == {promoted.fingerprint()}
+                and all(r["ready"] for r in board(client))
+            ),
+            5,
+            "every replica on the promoted deployment",
+        )
+        answers = [fresh_predict(gw.url) for _ in range(30)]
+        sent += len(answers)
+        assert {a.headers["X-Ballast-Version"] for a in answers} == {"2"}
+
+        # Kill one replica hard: the supervisor restarts it and it comes back by itself.
+        victim = board(client)[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(
+            lambda: (
+                len(replicas := board(client)) == 3
+                and victim["pid"] not in {r["pid"] for r in replicas}
+                and all(r["ready"] and r["fingerprint"] == promoted.fingerprint() for r in replicas)
+            ),
+            20,
+            "the replacement replica serving the desired deployment",
+        )
+        answers = [fresh_predict(gw.url) for _ in range(30)]
+        sent += len(answers)
+        assert {a.headers["X-Ballast-Version"] for a in answers} == {"2"}
+
+        # Metrics add up every replica, the killed one included (counters never go back).
+        totals = {requests_total(gw.url) for _ in range(6)}
+        assert totals == {float(sent)}, f"sent {sent}, /metrics said {totals}"
+        assert gw.stop(timeout=15) == 0
+
+    # The whole gateway restarted (one process now) comes back to the desired state by itself.
+    with (
+        GatewayProcess.start(settings, log_path=log, exit_with_parent=True) as again,
+        GatewayClient(again.url, settings.admin_token()) as client,
+    ):
+        wait_for(client.ready, 10, "the restarted gateway to be ready")
+        assert client.get_deployment() == promoted
+        assert {client.predict(MODEL, [ROW]).version for _ in range(10)} == {"2"}
+    assert "worker 0" in log.read_text() and "exited with -9" in log.read_text()
+
+
+def test_switching_under_load_drops_nothing_and_sigterm_drains(
+    settings: Settings, versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
+) -> None:
+    one, two = versions
+    log = tmp_path / "gw.log"
+    gw = GatewayProcess.start(settings, log_path=log, workers=2, exit_with_parent=True)
+    outcomes: Counter[str] = Counter()
+    seen_versions: set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+    terminating = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=gw.url, trust_env=False, timeout=10) as http:
+            while not stop.is_set():
+                try:
+                    resp = http.post(f"/v1/models/{MODEL}/predict", json={"instances": [ROW]})
+                except httpx.HTTPError as exc:
+                    # After SIGTERM the server closes idle keep-alive connections and refuses new
+                    # ones: such a request never entered the gateway. Anything else is a failure.
+                    kind = "refused" if terminating.is_set() else "error"
+                    with lock:
+                        outcomes[f"{kind}:{type(exc).__name__}"] += 1
+                    if not gw.running():
+                        return
+                    time.sleep(0.01)
+                    continue
+                with lock:
+                    outcomes[str(resp.status_code)] += 1
+                    seen_versions.add(resp.headers.get("X-Ballast-Version", "?"))
+
+    try:
+        with GatewayClient(gw.url, settings.admin_token()) as admin:
+            admin.set_deployment(Deployment(model=MODEL, champion=one))
+            threads = [threading.Thread(target=load) for _ in range(4)]
+            for t in threads:
+                t.start()
+            plan = [
+                Deployment(model=MODEL, champion=one, canary=two, canary_weight=10),
+                Deployment(model=MODEL, champion=one, canary=two, canary_weight=90),
+                Deployment(model=MODEL, champion=two),
+                Deployment(model=MODEL, champion=two, canary=one, canary_weight=50),
+                Deployment(model=MODEL, champion=one),
+            ]
+            for dep in plan:
+                admin.set_deployment(dep)
+                time.sleep(0.25)
+            with lock:
+                before = dict(outcomes)
+            # SIGTERM while the load goes on: in-flight requests are answered, then it exits.
+            started = time.monotonic()
+            terminating.set()
+            code = gw.stop(timeout=15)
+            stopped_in = time.monotonic() - started
+        stop.set()
+        for t in threads:
+            t.join(15)
+    finally:
+        stop.set()
+        gw.stop()
+    ok = outcomes["200"]
+    assert before.get("200", 0) > 100, before
+    assert not [k for k in before if k != "200"], f"failures while switching: {before}"
+    assert seen_versions == {"1", "2"}
+    assert code == 0 and stopped_in < 15
+    unexpected = {k: v for k, v in outcomes.items() if k != "200" and not k.startswith("refused")}
+    assert not unexpected, outcomes
+    # Every predict request a replica answered reached its client as a 200: nothing was cut off.
+    answered = sum(
+        int(n)
+        for n in re.findall(r'"event": "gateway.stopped".*?"answered": (\d+)', log.read_text())
+    )
+    lines = [
+        json.loads(line) for line in log.read_text().splitlines() if '"gateway.stopped"' in line
+    ]
+    assert len(lines) == 2, "both replicas must log their orderly stop"
+    assert answered == ok, f"replicas answered {answered}, clients got {ok} answers ({outcomes})"

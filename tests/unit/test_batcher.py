@@ -1,0 +1,292 @@
+"""The dynamic batcher: its pure dispatch rule, and real batches on a real thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from infra.gateway.batcher import (
+    Batcher,
+    BatchFailedError,
+    BatchPolicy,
+    OverloadedError,
+    decide,
+)
+
+POLICY = BatchPolicy(max_batch_size=8, max_queue_delay_us=1000, max_inflight=1)
+
+
+# -- the pure rule ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("queued", "waited_us", "inflight", "expected"),
+    [
+        (0, 0.0, 0, None),  # nothing queued: wait for an arrival
+        (3, 0.0, 1, None),  # every slot busy: wait for a completion
+        (1, 0.0, 0, 0.0),  # idle server: go at once (no reason to wait for company)
+        (8, 0.0, 0, 0.0),  # a full batch: go
+        (20, 0.0, 0, 0.0),
+    ],
+    ids=["empty", "slots-busy", "idle-bypass", "full", "overfull"],
+)
+def test_decide_basic_cases(
+    queued: int, waited_us: float, inflight: int, expected: float | None
+) -> None:
+    assert decide(POLICY, queued, waited_us, inflight) == expected
+
+
+def test_decide_waits_out_the_queue_delay_while_another_batch_runs() -> None:
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_us=1000, max_inflight=2)
+    assert decide(policy, 3, 200.0, 1) == pytest.approx(800.0)
+    assert decide(policy, 3, 1000.0, 1) == 0.0
+    assert decide(policy, 3, 5000.0, 1) == 0.0
+    assert decide(policy, 8, 0.0, 1) == 0.0  # full: no waiting
+    assert decide(policy, 3, 0.0, 2) is None  # both slots busy
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_batch_size": 0},
+        {"max_inflight": 0},
+        {"max_queue_rows": 0},
+        {"max_queue_delay_us": -1},
+        {"timeout_s": 0},
+    ],
+)
+def test_policy_refuses_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=">="):
+        BatchPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+# -- real batches -------------------------------------------------------------------------------
+
+
+class Model:
+    """Logits = [sum(row), row[0]]; can block on a gate, fail, or return a wrong shape."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail = False
+        self.wrong_shape = False
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.calls.append(x.shape[0])
+        self.entered.set()
+        if not self.gate.wait(10):
+            raise TimeoutError("gate never opened")
+        if self.fail:
+            raise RuntimeError("boom")
+        out = np.stack([x.sum(axis=1), x[:, 0]], axis=1)
+        return out[:-1] if self.wrong_shape else out
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as p:
+        yield p
+
+
+def rows(n: int, start: float) -> np.ndarray:
+    return np.arange(start, start + n * 3, dtype=np.float32).reshape(n, 3)
+
+
+def run(coro_fn: Callable[[], object]) -> object:
+    return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+def test_requests_arriving_while_a_batch_runs_leave_together(pool: ThreadPoolExecutor) -> None:
+    model = Model()
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = Batcher("v", model, POLICY, pool)
+        model.gate.clear()
+        first = batcher.submit(rows(1, 0))  # idle: dispatched alone at once
+        await asyncio.to_thread(model.entered.wait, 5)
+        rest = [batcher.submit(rows(1, 100 * i)) for i in range(1, 6)]  # queue behind it
+        assert batcher.queued_rows == 5
+        model.gate.set()
+        return list(await asyncio.gather(first, *rest))
+
+    answers = run(scenario)
+    assert model.calls == [1, 5], "the five waiting requests must share one model call"
+    assert isinstance(answers, list)
+    for i, out in enumerate(answers):
+        x = rows(1, 100 * i)
+        np.testing.assert_allclose(out, [[x.sum(), x[0, 0]]])  # each got its own row back
+
+
+def test_batches_never_exceed_the_size_limit_and_keep_row_order(pool: ThreadPoolExecutor) -> None:
+    model = Model()
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = Batcher("v", model, POLICY, pool)
+        model.gate.clear()
+        head = batcher.submit(rows(1, 0))
+        await asyncio.to_thread(model.entered.wait, 5)
+        sizes = [3, 4, 2, 5, 1]  # 3+4 fit in 8; 2+5+1 in the next
+        futures = [batcher.submit(rows(n, 1000 * i)) for i, n in enumerate(sizes)]
+        model.gate.set()
+        await head
+        return list(await asyncio.gather(*futures))
+
+    answers = run(scenario)
+    assert model.calls[0] == 1
+    assert model.calls[1:] == [7, 8]
+    assert isinstance(answers, list)
+    for i, (n, out) in enumerate(zip([3, 4, 2, 5, 1], answers, strict=True)):
+        x = rows(n, 1000 * i)
+        np.testing.assert_allclose(out[:, 0], x.sum(axis=1))
+
+
+def test_a_request_larger_than_the_batch_limit_runs_alone(pool: ThreadPoolExecutor) -> None:
+    model = Model()
+
+    async def scenario() -> np.ndarray:
+        return await Batcher("v", model, POLICY, pool).submit(rows(20, 0))
+
+    out = run(scenario)
+    assert model.calls == [20]
+    assert isinstance(out, np.ndarray) and out.shape == (20, 2)
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong-shape"])
+def test_a_failed_batch_answers_every_member_with_an_error(
+    pool: ThreadPoolExecutor, failure: str
+) -> None:
+    model = Model()
+
+    async def scenario() -> list[object]:
+        batcher = Batcher("v7", model, POLICY, pool)
+        model.gate.clear()
+        head = batcher.submit(rows(1, 0))
+        await asyncio.to_thread(model.entered.wait, 5)
+        model.fail = failure == "raises"
+        model.wrong_shape = failure == "wrong-shape"
+        members = [batcher.submit(rows(1, i)) for i in range(4)]
+        model.gate.set()
+        return list(await asyncio.gather(head, *members, return_exceptions=True))
+
+    outcomes = run(scenario)
+    assert isinstance(outcomes, list)
+    errors = outcomes[1:]
+    assert len(errors) == 4
+    for err in errors:
+        assert isinstance(err, BatchFailedError)
+        assert err.status == 500
+        assert "version v7 failed to predict (batch of 4 requests)" in err.message
+
+
+def test_a_batch_that_hangs_fails_its_members_and_frees_the_slot(
+    pool: ThreadPoolExecutor,
+) -> None:
+    model = Model()
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_us=0, timeout_s=0.2)
+
+    async def scenario() -> tuple[object, float, np.ndarray]:
+        batcher = Batcher("v", model, policy, pool)
+        model.gate.clear()
+        started = time.perf_counter()
+        hung = batcher.submit(rows(2, 0))
+        outcome = await asyncio.gather(hung, return_exceptions=True)
+        waited = time.perf_counter() - started
+        model.gate.set()  # the stuck call finishes later; its late answer is dropped
+        after = await batcher.submit(rows(1, 5))  # the slot was freed by the watchdog
+        return outcome[0], waited, after
+
+    err, waited, after = run(scenario)  # type: ignore[misc]
+    assert isinstance(err, BatchFailedError)
+    assert err.status == 504 and "timed out after 0.2 s" in err.message
+    assert 0.15 < waited < 2.0
+    assert after.shape == (1, 2)
+
+
+def test_cancelled_requests_are_dropped_before_their_batch_runs(pool: ThreadPoolExecutor) -> None:
+    model = Model()
+
+    async def scenario() -> None:
+        batcher = Batcher("v", model, POLICY, pool)
+        model.gate.clear()
+        head = batcher.submit(rows(1, 0))
+        await asyncio.to_thread(model.entered.wait, 5)
+        gone = batcher.submit(rows(3, 0))
+        kept = batcher.submit(rows(1, 9))
+        gone.cancel()  # the client went away while queued
+        model.gate.set()
+        await head
+        assert (await kept).shape == (1, 2)
+
+    run(scenario)
+    assert model.calls == [1, 1], "the cancelled request's rows must not be computed"
+
+
+def test_a_full_queue_refuses_with_overloaded(pool: ThreadPoolExecutor) -> None:
+    model = Model()
+    policy = BatchPolicy(max_batch_size=4, max_queue_rows=6)
+
+    async def scenario() -> None:
+        batcher = Batcher("v", model, policy, pool)
+        model.gate.clear()
+        head = batcher.submit(rows(1, 0))
+        await asyncio.to_thread(model.entered.wait, 5)
+        queued = [batcher.submit(rows(3, 0)), batcher.submit(rows(3, 0))]
+        with pytest.raises(OverloadedError, match="6 rows queued"):
+            batcher.submit(rows(1, 0))
+        model.gate.set()
+        await asyncio.gather(head, *queued)
+        assert batcher.queued_rows == 0
+
+    run(scenario)
+
+
+def test_fail_queued_answers_what_is_left(pool: ThreadPoolExecutor) -> None:
+    model = Model()
+
+    async def scenario() -> object:
+        batcher = Batcher("v", model, POLICY, pool)
+        model.gate.clear()
+        head = batcher.submit(rows(1, 0))
+        await asyncio.to_thread(model.entered.wait, 5)
+        waiting = batcher.submit(rows(1, 0))
+        batcher.fail_queued("version v was unloaded")
+        model.gate.set()
+        await head
+        return (await asyncio.gather(waiting, return_exceptions=True))[0]
+
+    err = run(scenario)
+    assert isinstance(err, BatchFailedError) and err.status == 503
+    assert "unloaded" in err.message
+
+
+def test_tiny_lone_batches_run_inline_only_when_allowed(pool: ThreadPoolExecutor) -> None:
+    threads: list[str] = []
+
+    def model(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return np.zeros((x.shape[0], 2), np.float32)
+
+    idle = [True]
+    policy = BatchPolicy(inline_below_us=1e9)  # any measured call is "tiny"
+
+    async def scenario() -> None:
+        batcher = Batcher("v", model, policy, pool, inline_ok=lambda: idle[0])
+        await batcher.submit(rows(1, 0))  # first call: not measured yet, so a thread
+        await batcher.submit(rows(1, 0))  # measured and idle: on the loop
+        idle[0] = False
+        await batcher.submit(rows(1, 0))  # busy server: a thread again
+
+    run(scenario)
+    main = threading.main_thread().name
+    assert threads[0] != main
+    assert threads[1] == main
+    assert threads[2] != main
