@@ -62,7 +62,9 @@ def test_a_tampered_file_fails_with_the_stage_named_and_no_output_left(
     assert not back.exists(), "a failed decrypt must leave no output file"
 
 
-def test_status_reports_versions_and_a_stopped_gateway(runner: CliRunner, settings: Settings) -> None:
+def test_status_reports_versions_and_a_stopped_gateway(
+    runner: CliRunner, settings: Settings
+) -> None:
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "not running" in result.output
