@@ -29,6 +29,10 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(canary_app, name="canary")
 
 
+def _drop_library_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith("great_expectations")
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs.")) -> None:
     # One structured line per step; configured here, never at import time.
@@ -39,6 +43,10 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
     for noisy in ("httpx", "alembic", "mlflow", "urllib3", "botocore", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Great Expectations forces INFO on one of its loggers when imported; a filter on the root
+    # handler keeps its chatter out whatever level it sets.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_library_info)
 
 
 def _keyring(s: Settings) -> Any:

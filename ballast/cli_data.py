@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ballast.cli_shared import console, fail
+from ballast.cli_shared import console, err, fail
 from ballast.errors import BallastError
 from ballast.settings import Settings, get_settings
 
@@ -60,6 +60,67 @@ def data_decrypt(
     console.print(f"decrypted {src} -> {dst}")
 
 
+@data_app.command("put")
+def data_put(
+    src: Path = typer.Argument(..., help="Plaintext file to upload."),
+    dst: str = typer.Argument(..., help="s3://bucket/key or a local path"),
+    name: str = typer.Option(
+        None, help="Dataset name bound into the ciphertext (default: DST's file name up to '.')."
+    ),
+) -> None:
+    """Encrypt SRC while uploading it to DST (streamed; DST appears only when complete).
+
+    The ciphertext is bound to the dataset name, so a copy renamed to another dataset will not
+    decrypt.
+    """
+    from ballast.crypto import EncryptingWriter, provider_from_settings
+    from ballast.ingest import dataset_identity, dataset_name_from_uri, storage_from_settings
+    from ballast.storage import LocalStorage
+
+    s = get_settings()
+    try:
+        dataset = name or dataset_name_from_uri(dst)
+        provider = provider_from_settings(s)
+        with (
+            LocalStorage().open_read(str(src)) as fin,
+            storage_from_settings(dst, s).open_write(dst) as fout,
+            EncryptingWriter(fout, provider, dataset_identity(dataset)) as enc,
+        ):
+            enc.write_from(fin)
+    except BallastError as exc:
+        fail(exc)
+    console.print(
+        f"put {src} -> {dst} (dataset {dataset}, key {enc.key_id}, {enc.bytes_in:,} bytes)"
+    )
+
+
+@data_app.command("get")
+def data_get(
+    uri: str = typer.Argument(..., help="s3://bucket/key or a local path"),
+    dst: Path = typer.Argument(..., help="Where the plaintext goes (written 0600)."),
+    name: str = typer.Option(
+        None, help="Dataset name the ciphertext is bound to (default: URI's file name up to '.')."
+    ),
+) -> None:
+    """Download and decrypt URI to DST; DST appears only if every segment verifies."""
+    from ballast.crypto import decrypt_stream, provider_from_settings
+    from ballast.ingest import dataset_identity, dataset_name_from_uri, storage_from_settings
+    from ballast.storage import LocalStorage
+
+    s = get_settings()
+    try:
+        dataset = name or dataset_name_from_uri(uri)
+        provider = provider_from_settings(s)
+        with (
+            storage_from_settings(uri, s).open_read(uri) as fin,
+            LocalStorage().open_write(str(dst)) as fout,
+        ):
+            decrypt_stream(fin, fout, provider, dataset_identity(dataset))
+    except BallastError as exc:
+        fail(exc)
+    console.print(f"got {uri} -> {dst} (dataset {dataset})")
+
+
 @data_app.command("validate")
 def data_validate(
     src: str = typer.Argument(..., help="Encrypted dataset: local path or s3://bucket/key"),
@@ -68,7 +129,8 @@ def data_validate(
     """Decrypt SRC in memory and run its expectation suite."""
     from ballast.crypto import provider_from_settings
     from ballast.data import bundled_spec
-    from ballast.ingest import load_validated, storage_from_settings
+    from ballast.ingest import load_validated, quarantine_path, storage_from_settings
+    from ballast.validation import ExpectationsFailed
 
     s = get_settings()
     try:
@@ -77,10 +139,16 @@ def data_validate(
             provider=provider_from_settings(s),
             spec=bundled_spec(name or s.dataset_name),
             storage=storage_from_settings(src, s),
+            quarantine=quarantine_path(s),
         )
     except BallastError as exc:
+        if isinstance(exc, ExpectationsFailed):
+            err.print(f"quarantined: record appended to {quarantine_path(s)}")
         fail(exc)
-    console.print(f"[green]valid[/]: {ds.n_rows} rows, {len(ds.checks)} expectations passed")
+    console.print(
+        f"[green]valid[/]: {ds.n_rows} rows, {len(ds.checks)} expectations passed "
+        f"(sha256 {ds.sha256[:12]}, ciphertext sha256 {(ds.ciphertext_sha256 or '')[:12]})"
+    )
 
 
 @data_app.command("prepare")

@@ -10,11 +10,15 @@ import hashlib
 import io
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ballast.errors import ValidationFailed
+
+if TYPE_CHECKING:
+    from ballast.validation import ValidationReport
 
 LABEL = "label"
 
@@ -48,6 +52,11 @@ class ValidatedDataset:
     sha256: str  # of the plaintext bytes that were validated
     n_rows: int
     checks: tuple[str, ...]  # the expectations that passed, for the report
+    # Lineage: sha256 of the encrypted bytes as read from storage (None if validated from
+    # plaintext), and the Prefect artifact holding the validation report (set by the task).
+    ciphertext_sha256: str | None = None
+    validation_artifact_id: str | None = None
+    report: ValidationReport | None = field(default=None, repr=False, compare=False)
 
 
 def _snake(name: str) -> str:

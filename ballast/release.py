@@ -13,6 +13,8 @@ from ballast.decisions import CANDIDATE, CHAMPION, PREVIOUS
 # Tag keys on model versions: one vocabulary for tasks, CLI and tests.
 TAG_DATASET_SHA = "ballast.dataset_sha256"
 TAG_DATASET = "ballast.dataset"
+TAG_DATASET_CIPHERTEXT_SHA = "ballast.dataset_ciphertext_sha256"
+TAG_VALIDATION_ARTIFACT = "ballast.validation_artifact_id"
 TAG_BACKEND = "ballast.backend"
 TAG_ARTIFACT = "ballast.artifact"
 TAG_ARTIFACT_SHA = "ballast.artifact_sha256"

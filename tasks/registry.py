@@ -22,12 +22,14 @@ from ballast.release import (
     TAG_ARTIFACT_SHA,
     TAG_BACKEND,
     TAG_DATASET,
+    TAG_DATASET_CIPHERTEXT_SHA,
     TAG_DATASET_SHA,
     TAG_FAULT,
     TAG_FLOW_RUN,
     TAG_PARITY,
     TAG_REASON,
     TAG_STATUS,
+    TAG_VALIDATION_ARTIFACT,
     TAG_VERDICT,
 )
 from ballast.serving import Fault
@@ -91,6 +93,8 @@ def register_candidate(
     tags = {
         TAG_DATASET: ds.name,
         TAG_DATASET_SHA: ds.sha256,
+        TAG_DATASET_CIPHERTEXT_SHA: ds.ciphertext_sha256 or "",
+        TAG_VALIDATION_ARTIFACT: ds.validation_artifact_id or "",
         TAG_BACKEND: compiled.backend,
         TAG_ARTIFACT: compiled.path.name,
         TAG_ARTIFACT_SHA: compiled.sha256,

@@ -6,6 +6,7 @@ are judged against it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def test_first_release_is_promoted_and_served(release_env: Settings) -> None:
     assert (
         champion.tags["ballast.dataset_sha256"]
         and champion.tags["ballast.backend"] == "onnxruntime"
+    )
+    cipher_sha = hashlib.sha256(Path(s.default_dataset_uri).read_bytes()).hexdigest()
+    assert champion.tags["ballast.dataset_ciphertext_sha256"] == cipher_sha
+    assert champion.tags["ballast.validation_artifact_id"], (
+        "lineage must name the validation report"
     )
     dep = _deployment(s)
     assert dep is not None and dep.champion is not None and dep.champion.version == report.version

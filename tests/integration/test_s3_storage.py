@@ -251,3 +251,108 @@ def test_kms_rotation_rewraps_the_header_only(
     assert h1.key_id == new_arn
     assert after[h1.size :] == before[h0.size :]
     assert decrypt_bytes(after, kms, "dataset:rot") == decrypt_bytes(before, kms, "dataset:rot")
+
+
+# -- `ballast data put/get` as real processes -------------------------------------------------
+
+
+def _ballast(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ballast.cli", "data", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    # rich wraps long lines; compare messages with their whitespace normalised.
+    proc.stderr = " ".join(proc.stderr.split())
+    return proc
+
+
+@pytest.fixture
+def cli_env(endpoint: str, s3_client: Any, tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)  # the module's dummy AWS credentials are already in os.environ
+    env.update(
+        BALLAST_S3_ENDPOINT_URL=endpoint,
+        BALLAST_AWS_REGION=REGION,
+        BALLAST_KEYRING_PATH=str(tmp_path / "keys" / "keyring.json"),
+        BALLAST_STATE_DIR=str(tmp_path / "state"),
+        BALLAST_KMS_KEY_ID="",
+        COLUMNS="400",  # rich's console width when not on a terminal
+    )
+    return env
+
+
+def test_cli_put_then_get_roundtrips_through_s3_bound_to_the_dataset_name(
+    cli_env: dict[str, str], s3_client: Any, tmp_path: Path
+) -> None:
+    # Given a plaintext file of several segments and parts.
+    src = tmp_path / "iris.csv"
+    payload = os.urandom(6 * MiB + 123)
+    src.write_bytes(payload)
+    uri = f"s3://{BUCKET}/cli/iris.csv.enc"
+
+    put = _ballast(cli_env, "put", str(src), uri)
+    get = _ballast(cli_env, "get", uri, str(tmp_path / "out" / "iris.csv"))
+
+    assert put.returncode == 0, put.stderr
+    assert "dataset iris" in put.stdout
+    stored = s3_client.get_object(Bucket=BUCKET, Key="cli/iris.csv.enc")["Body"].read()
+    header = read_header(io.BytesIO(stored))
+    assert header.identity == "dataset:iris"
+    assert payload[:64] not in stored, "the object must be ciphertext"
+    assert get.returncode == 0, get.stderr
+    out = tmp_path / "out" / "iris.csv"
+    assert out.read_bytes() == payload
+    assert (out.stat().st_mode & 0o777) == 0o600
+
+
+def test_cli_get_of_a_renamed_or_tampered_object_fails_and_writes_nothing(
+    cli_env: dict[str, str], s3_client: Any, tmp_path: Path
+) -> None:
+    src = tmp_path / "wine.csv"
+    src.write_bytes(b"a,b\n1,2\n" * 1000)
+    assert _ballast(cli_env, "put", str(src), f"s3://{BUCKET}/cli/wine.csv.enc").returncode == 0
+    # A copy under another dataset's name, and a copy with one flipped byte.
+    s3_client.copy_object(
+        Bucket=BUCKET, Key="cli/beer.csv.enc", CopySource=f"{BUCKET}/cli/wine.csv.enc"
+    )
+    blob = bytearray(s3_client.get_object(Bucket=BUCKET, Key="cli/wine.csv.enc")["Body"].read())
+    blob[-5] ^= 1
+    s3_client.put_object(Bucket=BUCKET, Key="cli/wine-tampered.csv.enc", Body=bytes(blob))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    renamed = _ballast(cli_env, "get", f"s3://{BUCKET}/cli/beer.csv.enc", str(out_dir / "b.csv"))
+    tampered = _ballast(
+        cli_env,
+        "get",
+        f"s3://{BUCKET}/cli/wine-tampered.csv.enc",
+        str(out_dir / "w.csv"),
+        "--name",
+        "wine",
+    )
+    missing = _ballast(cli_env, "get", f"s3://{BUCKET}/cli/nope.csv.enc", str(out_dir / "n.csv"))
+
+    assert renamed.returncode == 2
+    assert (
+        "stage=decrypt" in renamed.stderr and "'dataset:wine', not 'dataset:beer'" in renamed.stderr
+    )
+    assert tampered.returncode == 2
+    assert "stage=decrypt" in tampered.stderr and "failed authentication" in tampered.stderr
+    assert missing.returncode == 2 and "stage=fetch" in missing.stderr
+    assert list(out_dir.iterdir()) == [], "a failed get must leave no file, not even a temp one"
+
+
+def test_cli_put_of_a_missing_file_fails_and_uploads_nothing(
+    cli_env: dict[str, str], s3_client: Any, tmp_path: Path
+) -> None:
+    uri = f"s3://{BUCKET}/cli/ghost.csv.enc"
+
+    put = _ballast(cli_env, "put", str(tmp_path / "ghost.csv"), uri)
+
+    assert put.returncode == 2 and "stage=fetch" in put.stderr and "no such file" in put.stderr
+    assert "Traceback" not in put.stderr
+    listed = s3_client.list_objects_v2(Bucket=BUCKET, Prefix="cli/ghost").get("KeyCount", 0)
+    assert listed == 0
