@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ballast.cli_data import data_app
 from ballast.cli_shared import console, fail
+from ballast.cli_stack import stack_app
 from ballast.errors import BallastError
 from ballast.settings import Settings, get_settings
 
@@ -27,6 +28,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 app.add_typer(canary_app, name="canary")
+app.add_typer(stack_app, name="stack")
 
 
 def _drop_library_info(record: logging.LogRecord) -> bool:

@@ -1,0 +1,618 @@
+"""The local Ballast stack: Prefect server and worker, MLflow server, gateway and Prometheus, as
+background processes on one machine (``ballast stack up|down|status``).
+
+Plain Python on purpose: no Prefect or MLflow import here (they run as child processes, spawned
+with this interpreter), so the CLI stays fast and the core keeps its one-way dependencies.
+
+Every process is started in a session of its own (its process group id is its pid) with its
+output in ``<state_dir>/stack/<name>.log`` and a pid file ``<name>.pid`` (JSON: pid, the kernel's
+start time of that pid, URLs). ``down`` signals exactly those process groups, after checking the
+start time so a recycled pid is never signalled: SIGTERM, then SIGKILL after a bound. One line per
+step goes to ``stack.log`` and to the caller's ``say``.
+
+Order: Prefect server, MLflow, gateway and Prometheus start together (independent of each other);
+once the Prefect server is healthy the process work pool is created if missing and the worker
+starts. ``up`` is idempotent: a component whose recorded process is alive is left alone. If a
+component fails to come up, ``up`` stops what this call started and raises :class:`StackError`
+with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from ballast.errors import BallastError
+from ballast.settings import Settings
+
+__all__ = [
+    "COMPONENTS",
+    "Component",
+    "ComponentStatus",
+    "StackConfig",
+    "StackError",
+    "default_root",
+    "deploy_all",
+    "down",
+    "plan",
+    "render_prometheus_config",
+    "status",
+    "up",
+]
+
+#: Start order (``down`` goes in reverse).
+COMPONENTS: tuple[str, ...] = (
+    "prefect-server",
+    "mlflow",
+    "gateway",
+    "prometheus",
+    "prefect-worker",
+)
+_POLL_S = 0.25
+_LOG_TAIL_BYTES = 3000
+_REPO = Path(__file__).resolve().parents[1]
+
+Say = Callable[[str], None]
+
+
+class StackError(BallastError):
+    """A stack component could not be started, stopped or inspected."""
+
+    stage = "stack"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Where the stack lives and the ports it binds (the gateway's come from Settings)."""
+
+    root: Path
+    host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    prometheus_port: int = 9090
+    worker_health_port: int = 8180
+    work_pool: str = "ballast-process"
+    # The working directory of deployed flow runs (prefect.yaml's pull step reads $BALLAST_HOME).
+    project_dir: Path = _REPO
+    # Prefect's database: empty means sqlite in the stack folder; a URL such as
+    # postgresql+asyncpg://user:pass@127.0.0.1:5432/prefect selects PostgreSQL.
+    prefect_database_url: str = ""
+    mlflow_workers: int = 1
+    components: tuple[str, ...] = COMPONENTS
+    start_timeout_s: float = 90.0
+    stop_timeout_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.components) - set(COMPONENTS)
+        if unknown:
+            raise StackError(f"unknown components {sorted(unknown)}; known: {list(COMPONENTS)}")
+        if "prefect-worker" in self.components and "prefect-server" not in self.components:
+            raise StackError("the prefect-worker needs the prefect-server in the same stack")
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.root / "prefect"
+
+
+def default_root(settings: Settings) -> Path:
+    """The stack folder: ``<state_dir>/stack``."""
+    return (settings.state_dir / "stack").resolve()
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process of the stack: how to start it and how to know it is up."""
+
+    name: str
+    argv: tuple[str, ...]
+    url: str  # what a person opens
+    health_url: str
+    port: int
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    url: str
+
+
+# -- pure parts: commands and config -----------------------------------------------------------
+
+
+def _prefect_env(config: StackConfig) -> dict[str, str]:
+    env = {
+        # Prefect's profile, sqlite database and result storage stay in the stack folder.
+        "PREFECT_HOME": str(config.prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    if config.prefect_database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = config.prefect_database_url
+    return env
+
+
+def _mlflow_backend(settings: Settings) -> str:
+    # The server shows the registry the flows write: the same store when it is a local sqlite
+    # file. A remote tracking URI is someone else's server; ours then gets its own file.
+    uri = settings.tracking_uri
+    return (
+        uri
+        if uri.startswith("sqlite:")
+        else f"sqlite:///{settings.state_dir.resolve()}/mlflow-server.db"
+    )
+
+
+def plan(settings: Settings, config: StackConfig) -> list[Component]:
+    """The components ``config`` asks for, in start order, with their commands (no side effects)."""
+    py = sys.executable
+    h = config.host
+    state = settings.state_dir.resolve()
+    everything = {
+        "prefect-server": Component(
+            name="prefect-server",
+            argv=(
+                py,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                h,
+                "--port",
+                str(config.prefect_port),
+            ),
+            url=f"http://{h}:{config.prefect_port}",
+            health_url=f"http://{h}:{config.prefect_port}/api/health",
+            port=config.prefect_port,
+            env=_prefect_env(config),
+        ),
+        "mlflow": Component(
+            name="mlflow",
+            argv=(
+                py,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                _mlflow_backend(settings),
+                "--artifacts-destination",
+                str(settings.artifact_root),
+                "--host",
+                h,
+                "--port",
+                str(config.mlflow_port),
+                "--workers",
+                str(config.mlflow_workers),
+            ),
+            url=f"http://{h}:{config.mlflow_port}",
+            health_url=f"http://{h}:{config.mlflow_port}/health",
+            port=config.mlflow_port,
+            # Its job runner (GenAI evaluation jobs, seven huey processes) is not used here.
+            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        ),
+        "gateway": Component(
+            name="gateway",
+            argv=(
+                py,
+                "-m",
+                "infra.gateway",
+                "--host",
+                settings.gateway_host,
+                "--port",
+                str(settings.gateway_port),
+            ),
+            url=settings.gateway_url,
+            health_url=f"{settings.gateway_url}/healthz",
+            port=settings.gateway_port,
+            env={"BALLAST_STATE_DIR": str(state)},
+        ),
+        "prometheus": Component(
+            name="prometheus",
+            argv=(
+                _which("prometheus"),
+                f"--config.file={config.root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={config.root / 'prometheus-data'}",
+                f"--web.listen-address={h}:{config.prometheus_port}",
+                "--storage.tsdb.retention.time=7d",
+            ),
+            url=f"http://{h}:{config.prometheus_port}",
+            health_url=f"http://{h}:{config.prometheus_port}/-/ready",
+            port=config.prometheus_port,
+        ),
+        "prefect-worker": Component(
+            name="prefect-worker",
+            argv=(
+                py,
+                "-m",
+                "prefect",
+                "worker",
+                "start",
+                "--pool",
+                config.work_pool,
+                "--type",
+                "process",
+                "--with-healthcheck",
+            ),
+            url=f"http://{h}:{config.prefect_port}/work-pools/work-pool/{config.work_pool}",
+            health_url=f"http://{h}:{config.worker_health_port}/health",
+            port=config.worker_health_port,
+            env={
+                **_prefect_env(config),
+                "PREFECT_API_URL": config.prefect_api_url,
+                "PREFECT_WORKER_WEBSERVER_HOST": h,
+                "PREFECT_WORKER_WEBSERVER_PORT": str(config.worker_health_port),
+                # Flow runs inherit the worker's environment: the same state folder and gateway
+                # as this stack, whatever their working directory.
+                "BALLAST_HOME": str(config.project_dir),
+                "BALLAST_STATE_DIR": str(state),
+                "BALLAST_GATEWAY_HOST": settings.gateway_host,
+                "BALLAST_GATEWAY_PORT": str(settings.gateway_port),
+            },
+        ),
+    }
+    return [everything[name] for name in COMPONENTS if name in config.components]
+
+
+def _which(program: str) -> str:
+    # Resolved when the command is built, so a missing binary fails before anything starts.
+    path = shutil.which(program)
+    return path or program
+
+
+def render_prometheus_config(
+    template: str, *, gateway_target: str, prometheus_target: str, rules_dir: Path
+) -> str:
+    """The reference prometheus.yml with this stack's targets and absolute rule-file paths."""
+    import yaml
+
+    doc = yaml.safe_load(template)
+    if not isinstance(doc, dict) or "scrape_configs" not in doc:
+        raise StackError("prometheus.yml template has no scrape_configs")
+    doc["rule_files"] = [str((rules_dir / f).resolve()) for f in doc.get("rule_files", [])]
+    targets = {"ballast-gateway": gateway_target, "prometheus": prometheus_target}
+    for job in doc["scrape_configs"]:
+        target = targets.get(job.get("job_name"))
+        if target is not None:
+            for sc in job.get("static_configs", []):
+                sc["targets"] = [target]
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), None if it is not running."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie has exited
+        return None
+    return int(fields[19])
+
+
+def _alive(record: Mapping[str, object]) -> bool:
+    """The recorded process still runs: same pid, same start time (not a recycled pid)."""
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return False
+    ticks = _start_ticks(pid)
+    return ticks is not None and ticks == record.get("start_ticks")
+
+
+def _healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - _LOG_TAIL_BYTES))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+class _Stack:
+    """Pid files and logs of one stack folder."""
+
+    def __init__(self, config: StackConfig, say: Say | None) -> None:
+        self.config = config
+        self._say = say
+
+    def pid_path(self, name: str) -> Path:
+        return self.config.root / f"{name}.pid"
+
+    def log_path(self, name: str) -> Path:
+        return self.config.root / f"{name}.log"
+
+    def say(self, message: str) -> None:
+        self.config.root.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        with (self.config.root / "stack.log").open("a") as fh:
+            fh.write(f"{stamp} {message}\n")
+        if self._say is not None:
+            self._say(message)
+
+    def record(self, name: str) -> dict[str, object] | None:
+        try:
+            data = json.loads(self.pid_path(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def spawn(self, comp: Component) -> int:
+        if not os.path.isabs(comp.argv[0]) and shutil.which(comp.argv[0]) is None:
+            raise StackError(
+                f"{comp.name}: {comp.argv[0]!r} is not installed"
+                + (" (apt-get install -y prometheus)" if comp.name == "prometheus" else "")
+            )
+        env = {**os.environ, **comp.env}
+        log = self.log_path(comp.name).open("ab")
+        try:
+            proc = subprocess.Popen(
+                comp.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.config.project_dir,
+                # Its own session: `down` signals the whole group (servers' own children
+                # included), and a Ctrl-C in the caller's terminal does not reach it.
+                start_new_session=True,
+            )
+        finally:
+            log.close()  # the child holds its own descriptor
+        ticks = _start_ticks(proc.pid)
+        record = {
+            "pid": proc.pid,
+            "start_ticks": ticks,
+            "name": comp.name,
+            "url": comp.url,
+            "health_url": comp.health_url,
+            "argv": list(comp.argv),
+        }
+        tmp = self.pid_path(comp.name).with_suffix(".pid.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.pid_path(comp.name))
+        self.say(f"{comp.name}: started pid={proc.pid} log={self.log_path(comp.name)}")
+        return proc.pid
+
+    def wait_healthy(self, comp: Component, deadline: float) -> None:
+        rec = self.record(comp.name) or {}
+        while time.monotonic() < deadline:
+            if not _alive(rec):
+                raise StackError(
+                    f"{comp.name} exited before it was healthy; log {self.log_path(comp.name)}:\n"
+                    f"{_tail(self.log_path(comp.name))}"
+                )
+            # Health after the liveness check: a stranger on the port must not pass for ours.
+            if _healthy(comp.health_url) and _alive(rec):
+                return
+            time.sleep(_POLL_S)
+        raise StackError(
+            f"{comp.name} not healthy at {comp.health_url} after {self.config.start_timeout_s:.0f} s; "
+            f"log {self.log_path(comp.name)}:\n{_tail(self.log_path(comp.name))}"
+        )
+
+    def stop(self, name: str) -> bool:
+        """Stop the recorded process group; True if something was running."""
+        rec = self.record(name)
+        path = self.pid_path(name)
+        if rec is None:
+            path.unlink(missing_ok=True)
+            return False
+        pid = rec.get("pid")
+        if not isinstance(pid, int) or not _alive(rec):
+            self.say(f"{name}: not running (stale pid file removed)")
+            path.unlink(missing_ok=True)
+            return False
+        self._signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        while _alive(rec) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        how = "SIGTERM"
+        if _alive(rec):
+            self._signal(pid, signal.SIGKILL)
+            how = f"SIGKILL after {self.config.stop_timeout_s:.0f} s"
+            kill_deadline = time.monotonic() + 5
+            while _alive(rec) and time.monotonic() < kill_deadline:
+                time.sleep(0.05)
+        else:
+            # The leader is gone; its group may still hold children (a server's workers).
+            self._signal(pid, signal.SIGKILL, quiet=True)
+        path.unlink(missing_ok=True)
+        self.say(f"{name}: stopped pid={pid} ({how})")
+        return True
+
+    @staticmethod
+    def _signal(pgid: int, sig: signal.Signals, *, quiet: bool = False) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            if not quiet:
+                raise StackError(f"not allowed to signal process group {pgid}: {exc}") from exc
+
+
+# -- the three commands ------------------------------------------------------------------------
+
+
+def _prepare(settings: Settings, config: StackConfig, names: Iterable[str]) -> None:
+    config.root.mkdir(parents=True, exist_ok=True)
+    names = set(names)
+    if "gateway" in names:
+        # Created before the gateway reads it (two processes must not race to write it).
+        settings.admin_token()
+    if "prometheus" in names:
+        monitoring = _REPO / "infra" / "monitoring"
+        rendered = render_prometheus_config(
+            (monitoring / "prometheus.yml").read_text(),
+            gateway_target=f"{settings.gateway_host}:{settings.gateway_port}",
+            prometheus_target=f"{config.host}:{config.prometheus_port}",
+            rules_dir=monitoring,
+        )
+        (config.root / "prometheus.yml").write_text(rendered)
+    if "prefect-server" in names:
+        config.prefect_home.mkdir(parents=True, exist_ok=True)
+
+
+def _ensure_work_pool(stack: _Stack, config: StackConfig) -> None:
+    url = f"{config.prefect_api_url}/work_pools/{config.work_pool}"
+    try:
+        found = httpx.get(url, timeout=5, trust_env=False).status_code == 200
+    except httpx.HTTPError as exc:
+        raise StackError(f"Prefect API at {config.prefect_api_url} unreachable: {exc}") from exc
+    if found:
+        stack.say(f"work-pool: {config.work_pool} exists")
+        return
+    # The CLI fills in the process worker's default job template (the REST API would not).
+    cmd = [sys.executable, "-m", "prefect", "work-pool", "create", config.work_pool]
+    cmd += ["--type", "process"]
+    env = {**os.environ, **_prefect_env(config), "PREFECT_API_URL": config.prefect_api_url}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise StackError(f"prefect work-pool create failed:\n{result.stdout}{result.stderr}")
+    stack.say(f"work-pool: created {config.work_pool} (type process)")
+
+
+def up(settings: Settings, config: StackConfig, say: Say | None = None) -> list[ComponentStatus]:
+    """Start what is not running, wait for every component's health, return their status."""
+    stack = _Stack(config, say)
+    comps = plan(settings, config)
+    running = {c.name for c in comps if _alive(stack.record(c.name) or {})}
+    for name in (c.name for c in comps if c.name in running):
+        stack.say(f"{name}: already running pid={(stack.record(name) or {}).get('pid')}")
+    to_start = [c for c in comps if c.name not in running]
+    for c in to_start:
+        if not _port_free(settings.gateway_host if c.name == "gateway" else config.host, c.port):
+            raise StackError(
+                f"{c.name}: port {c.port} is in use by a process this stack did not start"
+            )
+    _prepare(settings, config, (c.name for c in to_start))
+    started: list[str] = []
+    try:
+        # Everything but the worker starts at once; the worker needs the server's API.
+        first = [c for c in to_start if c.name != "prefect-worker"]
+        for c in first:
+            stack.spawn(c)
+            started.append(c.name)
+        deadline = time.monotonic() + config.start_timeout_s
+        for c in first:
+            stack.wait_healthy(c, deadline)
+            stack.say(f"{c.name}: healthy at {c.url}")
+        worker = next((c for c in to_start if c.name == "prefect-worker"), None)
+        if worker is not None:
+            server = next(c for c in comps if c.name == "prefect-server")
+            stack.wait_healthy(server, time.monotonic() + config.start_timeout_s)
+            _ensure_work_pool(stack, config)
+            stack.spawn(worker)
+            started.append(worker.name)
+            stack.wait_healthy(worker, time.monotonic() + config.start_timeout_s)
+            stack.say(f"{worker.name}: healthy, polling pool {config.work_pool}")
+    except BaseException:
+        # Leave nothing half-started: what this call started goes; what ran before stays.
+        for name in reversed(started):
+            stack.stop(name)
+        raise
+    return status(settings, config)
+
+
+def down(config: StackConfig, say: Say | None = None) -> list[str]:
+    """Stop every component this stack folder records, newest first. Returns the names stopped."""
+    stack = _Stack(config, say)
+    if not config.root.exists():
+        return []
+    stopped = [name for name in reversed(COMPONENTS) if stack.stop(name)]
+    if not stopped:
+        stack.say("nothing was running")
+    return stopped
+
+
+def status(settings: Settings, config: StackConfig) -> list[ComponentStatus]:
+    """What each component's pid file says, checked against the process table and its health."""
+    stack = _Stack(config, None)
+    out = []
+    for comp in plan(settings, config):
+        rec = stack.record(comp.name)
+        running = rec is not None and _alive(rec)
+        pid = rec.get("pid") if rec else None
+        url = str(rec.get("url", comp.url)) if rec else comp.url
+        health = str(rec.get("health_url", comp.health_url)) if rec else comp.health_url
+        out.append(
+            ComponentStatus(
+                name=comp.name,
+                pid=pid if isinstance(pid, int) else None,
+                running=running,
+                healthy=running and _healthy(health),
+                url=url,
+            )
+        )
+    return out
+
+
+def deploy_all(
+    config: StackConfig, say: Say | None = None, names: Sequence[str] = (), timeout: float = 300
+) -> None:
+    """``prefect deploy`` every deployment in prefect.yaml (or ``names``) to this stack's server,
+    creating the process work pool first if it is missing (deploy refuses an unknown pool)."""
+    stack = _Stack(config, say)
+    _ensure_work_pool(stack, config)
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
+    cmd += [a for n in names for a in ("--name", n)] if names else ["--all"]
+    env = {**os.environ, **_prefect_env(config), "PREFECT_API_URL": config.prefect_api_url}
+    with stack.log_path("deploy").open("ab") as log:
+        result = subprocess.run(
+            cmd,
+            env=env,
+            cwd=config.project_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
+    if result.returncode != 0:
+        raise StackError(
+            f"prefect deploy failed (exit {result.returncode}); log {stack.log_path('deploy')}:\n"
+            f"{_tail(stack.log_path('deploy'))}"
+        )
+    stack.say(
+        f"deployed {', '.join(names) if names else 'all deployments'} to {config.prefect_api_url}"
+    )

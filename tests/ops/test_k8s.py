@@ -1,0 +1,199 @@
+"""Kubernetes manifests under infra/k8s, validated offline: every object against the Kubernetes
+1.30 OpenAPI schemas in strict mode (kubernetes-validate, unknown fields refused), then the
+properties that matter here (probes, resources, non-root, wiring between objects, no secrets).
+
+No cluster runs on these machines: nothing here was applied to one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
+KUBE_VERSION = "1.30"
+NAMESPACE = "ballast"
+# Gateway API objects are CRDs, outside the core schemas: checked by hand below.
+CRD_GROUPS = ("gateway.networking.k8s.io/",)
+
+
+def manifests() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "prefect.yaml":
+            continue  # Prefect's deployment file, not a Kubernetes manifest
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out.append((path.name, doc))
+    return out
+
+
+def find(kind: str, name: str) -> dict[str, Any]:
+    hits = [d for _, d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(hits) == 1, f"expected one {kind}/{name}, found {len(hits)}"
+    return hits[0]
+
+
+def base_job_template() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((K8S / "work-pool-base-job-template.json").read_text())
+    return data
+
+
+@pytest.mark.parametrize(
+    ("source", "doc"),
+    [m for m in manifests() if not m[1]["apiVersion"].startswith(CRD_GROUPS)],
+    ids=lambda v: v if isinstance(v, str) else f"{v['kind']}/{v['metadata']['name']}",
+)
+def test_manifest_matches_the_kubernetes_schema(source: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_the_validator_refuses_an_unknown_field() -> None:
+    # Guards the guard: strict mode really rejects what a typo would produce.
+    bad = json.loads(json.dumps(find("Deployment", "ballast-gateway")))
+    container = bad["spec"]["template"]["spec"]["containers"][0]
+    container["securityContext"]["runAsNonroot"] = True  # misspelt: would silently do nothing
+    with pytest.raises(kubernetes_validate.ValidationError, match="runAsNonroot"):
+        kubernetes_validate.validate(bad, KUBE_VERSION, strict=True)
+
+
+def test_everything_lives_in_the_ballast_namespace_and_no_secret_is_committed() -> None:
+    for source, doc in manifests():
+        assert doc["kind"] != "Secret", f"{source}: Secrets are created by the operator"
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{source}: {doc['kind']}"
+    text = " ".join(p.read_text() for p in K8S.iterdir() if p.is_file())
+    for needle in ("BEGIN PRIVATE KEY", "AKIA", "password=", "PREFECT_API_KEY: "):
+        assert needle not in text
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    containers: list[dict[str, Any]] = doc["spec"]["template"]["spec"]["containers"]
+    return containers
+
+
+def test_every_deployment_runs_non_root_with_resources_and_probes() -> None:
+    deployments = [d for _, d in manifests() if d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {
+        "ballast-gateway",
+        "ballast-mlflow",
+        "prefect-worker",
+    }
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        name = d["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] > 0, name
+        assert d["spec"]["selector"]["matchLabels"].items() <= (
+            d["spec"]["template"]["metadata"]["labels"].items()
+        ), f"{name}: selector does not match its pods"
+        for c in _containers(d):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), name
+            assert {"cpu", "memory"} <= c["resources"]["limits"].keys(), name
+            assert "livenessProbe" in c, name
+            for env in c.get("env", []):
+                if any(w in env["name"] for w in ("TOKEN", "KEY", "PASSWORD", "SECRET")):
+                    assert "valueFrom" in env, f"{name}: {env['name']} must come from a Secret"
+
+
+def test_gateway_probes_ports_service_autoscaler_and_budget_fit_together() -> None:
+    dep = find("Deployment", "ballast-gateway")
+    (gw,) = _containers(dep)
+    ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert gw[probe]["httpGet"]["port"] in ports, probe
+    assert f"--port={ports['http']}" in gw["args"]
+    assert "--host=0.0.0.0" in gw["args"]
+    # Several replicas agree on what to serve only through the registry.
+    assert "--desired-state=registry" in gw["args"]
+    # The pod waits longer than the gateway drains.
+    drain = next(float(a.split("=")[1]) for a in gw["args"] if a.startswith("--graceful-timeout"))
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+
+    svc = find("Service", "ballast-gateway")
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert svc["spec"]["ports"][0]["targetPort"] in ports
+
+    hpa = find("HorizontalPodAutoscaler", "ballast-gateway")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "ballast-gateway",
+    }
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    pdb = find("PodDisruptionBudget", "ballast-gateway")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+def test_the_worker_may_run_jobs_and_polls_the_pool_the_cluster_deployments_use() -> None:
+    dep = find("Deployment", "prefect-worker")
+    sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
+    binding = find("RoleBinding", "prefect-worker")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    role = find("Role", binding["roleRef"]["name"])
+    jobs = next(r for r in role["rules"] if "jobs" in r["resources"])
+    assert {"create", "get", "watch", "delete"} <= set(jobs["verbs"])
+    (worker,) = _containers(dep)
+    assert "--type=kubernetes" in worker["args"]
+    pool = next(a.split("=", 1)[1] for a in worker["args"] if a.startswith("--pool="))
+    deployments = yaml.safe_load((K8S / "prefect.yaml").read_text())["deployments"]
+    assert {d["work_pool"]["name"] for d in deployments} == {pool}
+
+
+def test_base_job_template_passes_prefects_check_and_renders_a_valid_job() -> None:
+    from prefect.server.schemas.actions import validate_base_job_template
+    from prefect.utilities.templating import apply_values
+
+    template = base_job_template()
+    validate_base_job_template(template)  # raises on a placeholder without a variable
+    props = template["variables"]["properties"]
+    values = {k: v["default"] for k, v in props.items() if "default" in v}
+    # What the worker fills in per flow run (it turns env into a list and splits the command).
+    values["name"] = "release-abc123"
+    values["command"] = ["prefect", "flow-run", "execute"]
+    values["env"] = [{"name": k, "value": v} for k, v in values["env"].items()]
+    job = apply_values(template["job_configuration"]["job_manifest"], values)
+    assert isinstance(job, dict)
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "ballast-flow-run"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["image"] == props["image"]["default"]
+    assert container["resources"]["limits"]["memory"] == "4Gi"
+    # The account flow runs use exists and has no API rights.
+    sa = find("ServiceAccount", "ballast-flow-run")
+    assert sa["automountServiceAccountToken"] is False
+
+
+def test_cluster_deployments_mirror_the_local_ones() -> None:
+    local = yaml.safe_load((K8S.parents[1] / "prefect.yaml").read_text())["deployments"]
+    cluster = yaml.safe_load((K8S / "prefect.yaml").read_text())["deployments"]
+
+    def shape(ds: list[dict[str, Any]]) -> dict[str, tuple[str, str, object]]:
+        return {
+            d["name"]: (d["entrypoint"], d["work_pool"]["work_queue_name"], d.get("schedules"))
+            for d in ds
+        }
+
+    assert shape(cluster) == shape(local)
+
+
+def test_the_gateway_api_route_splits_by_weight_to_existing_services() -> None:
+    route = find("HTTPRoute", "ballast-gateway")
+    refs = route["spec"]["rules"][0]["backendRefs"]
+    assert sum(r["weight"] for r in refs) == 100
+    assert refs[0]["name"] == find("Service", "ballast-gateway")["metadata"]["name"]

@@ -1,0 +1,76 @@
+"""prefect.yaml without a server: the deployments, their schedules and queues, entrypoints that
+name real flows, parameters the flows accept, and no secrets. (test_deploy.py deploys it.)"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def prefect_yaml() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    return data
+
+
+def deployments() -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in prefect_yaml()["deployments"]}
+
+
+def flow_params(entrypoint: str) -> set[str]:
+    """Parameter names of the @flow function an entrypoint names (parsed, not imported)."""
+    path, func = entrypoint.split(":")
+    tree = ast.parse((REPO / path).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == func:
+            decorators = [ast.unparse(d) for d in node.decorator_list]
+            assert any(d.startswith("flow") for d in decorators), f"{entrypoint} is not a @flow"
+            return {a.arg for a in node.args.args + node.args.kwonlyargs}
+    raise AssertionError(f"{entrypoint}: no function {func}")
+
+
+def test_the_expected_deployments_exist_on_the_process_pool() -> None:
+    ds = deployments()
+    assert {"release", "nightly-retrain", "rollback"} <= set(ds)
+    assert {d["work_pool"]["name"] for d in ds.values()} == {"ballast-process"}
+
+
+def test_only_scheduled_deployments_have_schedules_and_they_use_their_own_queue() -> None:
+    for name, d in deployments().items():
+        if d.get("schedules"):
+            assert d["work_pool"]["work_queue_name"] == "scheduled", name
+        else:
+            assert d["work_pool"]["work_queue_name"] == "default", name
+    (nightly,) = deployments()["nightly-retrain"]["schedules"]
+    fields = nightly["cron"].split()
+    assert len(fields) == 5 and nightly["timezone"] == "UTC"
+
+
+def test_entrypoints_name_flows_and_parameters_are_ones_they_accept() -> None:
+    for name, d in deployments().items():
+        accepted = flow_params(d["entrypoint"])
+        assert set(d.get("parameters", {})) <= accepted, f"{name}: unknown parameters"
+        assert d.get("enforce_parameter_schema") is True, name
+    # Scheduled retraining cannot wait for a person: it approves by policy.
+    assert deployments()["nightly-retrain"]["parameters"]["approval_policy"] == "auto"
+    assert deployments()["release"]["parameters"]["approval_policy"] == "manual"
+
+
+def test_releases_run_one_at_a_time() -> None:
+    for name in ("release", "nightly-retrain"):
+        limit = deployments()[name]["concurrency_limit"]
+        assert limit == {"limit": 1, "collision_strategy": "ENQUEUE"}, name
+
+
+def test_no_secrets_in_prefect_yaml() -> None:
+    text = (REPO / "prefect.yaml").read_text()
+    assert not re.search(r"(?i)(password|secret|token|api_key)\s*:", text)
+    assert "PREFECT_API_KEY" not in text
+    for d in deployments().values():
+        env = (d["work_pool"].get("job_variables") or {}).get("env", {})
+        assert not any(re.search(r"(?i)token|key|password|secret", k) for k in env)

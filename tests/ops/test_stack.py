@@ -1,0 +1,268 @@
+"""``ballast stack``: the command plan and Prometheus config (pure), pid-file safety, and the
+whole stack as real processes on free ports: up, up again (idempotent), Prometheus scraping the
+gateway, down (every process gone, pid files removed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from ballast.settings import Settings
+from ballast.stack import (
+    COMPONENTS,
+    StackConfig,
+    StackError,
+    down,
+    plan,
+    render_prometheus_config,
+    status,
+    up,
+)
+from tests.conftest import free_port
+
+MONITORING = Path(__file__).resolve().parents[2] / "infra" / "monitoring"
+
+
+def config_for(settings: Settings, **kw: object) -> StackConfig:
+    ports = {
+        "prefect_port": free_port(),
+        "mlflow_port": free_port(),
+        "prometheus_port": free_port(),
+        "worker_health_port": free_port(),
+    }
+    return StackConfig(root=settings.state_dir.resolve() / "stack", **{**ports, **kw})  # type: ignore[arg-type]  # test helper: keywords checked by StackConfig
+
+
+def test_plan_builds_every_command_with_this_stacks_ports_and_state(settings: Settings) -> None:
+    config = config_for(settings)
+    comps = {c.name: c for c in plan(settings, config)}
+    assert list(comps) == list(COMPONENTS)
+    server = comps["prefect-server"]
+    assert server.argv[1:] == (
+        "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(config.prefect_port)
+    )  # fmt: skip
+    assert server.env["PREFECT_HOME"] == str(config.root / "prefect")
+    assert comps["gateway"].health_url == f"{settings.gateway_url}/healthz"
+    mlflow = comps["mlflow"].argv
+    assert mlflow[mlflow.index("--backend-store-uri") + 1] == settings.tracking_uri
+    assert mlflow[mlflow.index("--artifacts-destination") + 1] == str(settings.artifact_root)
+    worker = comps["prefect-worker"]
+    assert worker.env["PREFECT_API_URL"] == f"http://127.0.0.1:{config.prefect_port}/api"
+    # Flow runs inherit the worker's environment: the stack's own state folder and gateway.
+    assert worker.env["BALLAST_STATE_DIR"] == str(settings.state_dir.resolve())
+    assert worker.env["BALLAST_GATEWAY_PORT"] == str(settings.gateway_port)
+    assert Path(worker.env["BALLAST_HOME"], "prefect.yaml").is_file()
+    assert f"--web.listen-address=127.0.0.1:{config.prometheus_port}" in comps["prometheus"].argv
+    assert "PREFECT_SERVER_DATABASE_CONNECTION_URL" not in server.env  # sqlite by default
+    pg = config_for(settings, prefect_database_url="postgresql+asyncpg://u@127.0.0.1/prefect")
+    assert (
+        plan(settings, pg)[0]
+        .env["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+        .startswith("postgresql+asyncpg://")
+    )
+
+
+def test_config_refuses_unknown_components_and_a_worker_without_server(settings: Settings) -> None:
+    with pytest.raises(StackError, match="unknown components"):
+        config_for(settings, components=("gateway", "grafana"))
+    with pytest.raises(StackError, match="needs the prefect-server"):
+        config_for(settings, components=("prefect-worker",))
+
+
+def test_rendered_prometheus_config_scrapes_this_gateway_and_passes_promtool(
+    tmp_path: Path,
+) -> None:
+    text = render_prometheus_config(
+        (MONITORING / "prometheus.yml").read_text(),
+        gateway_target="127.0.0.1:18765",
+        prometheus_target="127.0.0.1:19090",
+        rules_dir=MONITORING,
+    )
+    doc = yaml.safe_load(text)
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in doc["scrape_configs"]}
+    assert jobs == {"ballast-gateway": ["127.0.0.1:18765"], "prometheus": ["127.0.0.1:19090"]}
+    assert doc["rule_files"] == [str(MONITORING / "alerts.yml")]
+    (tmp_path / "prometheus.yml").write_text(text)
+    exe = shutil.which("promtool")
+    assert exe is not None, "promtool is not installed: apt-get install -y prometheus"
+    result = subprocess.run(
+        [exe, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    with pytest.raises(StackError, match="scrape_configs"):
+        render_prometheus_config(
+            "global: {}\n", gateway_target="a:1", prometheus_target="b:2", rules_dir=tmp_path
+        )
+
+
+def test_down_never_signals_a_recycled_pid(settings: Settings) -> None:
+    # A pid file whose pid now belongs to another process (different start time) is stale:
+    # `down` removes it and leaves that process alone.
+    config = config_for(settings)
+    config.root.mkdir(parents=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        record = {"pid": bystander.pid, "start_ticks": 1, "name": "gateway", "url": "x"}
+        (config.root / "gateway.pid").write_text(json.dumps(record))
+        assert down(config) == []
+        assert bystander.poll() is None, "down signalled a process it did not start"
+        assert not (config.root / "gateway.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait(5)
+
+
+def test_a_pid_file_of_an_exited_process_reads_stopped(settings: Settings) -> None:
+    config = config_for(settings)
+    config.root.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(10)
+    record = {"pid": gone.pid, "start_ticks": None, "name": "mlflow", "url": "http://x"}
+    (config.root / "mlflow.pid").write_text(json.dumps(record))
+    mlflow = next(st for st in status(settings, config) if st.name == "mlflow")
+    assert (mlflow.pid, mlflow.running, mlflow.healthy) == (gone.pid, False, False)
+    assert down(config) == []
+    assert not (config.root / "mlflow.pid").exists()
+
+
+def test_up_refuses_a_port_someone_else_holds(settings: Settings) -> None:
+    import socket
+
+    config = config_for(settings, components=("gateway",))
+    with socket.socket() as squatter:
+        squatter.bind((settings.gateway_host, settings.gateway_port))
+        squatter.listen(1)
+        with pytest.raises(StackError, match="in use by a process this stack did not start"):
+            up(settings, config)
+    assert not (config.root / "gateway.pid").exists()
+
+
+@pytest.mark.integration
+def test_a_component_that_dies_at_start_fails_up_with_its_log_and_stops_the_rest(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prometheus with an unreadable config exits at once; the gateway started beside it must go.
+    config = config_for(settings, components=("gateway", "prometheus"), start_timeout_s=30)
+    import ballast.stack as stack_mod
+
+    def broken_config(*args: object, **kwargs: object) -> str:
+        return "scrape_configs: [ {job_name: x, static_configs: [ {targets: [1]} ] } ]\nbogus: 1\n"
+
+    monkeypatch.setattr(stack_mod, "render_prometheus_config", broken_config)
+    started = time.monotonic()
+    with pytest.raises(StackError, match="prometheus exited before it was healthy") as info:
+        up(settings, config)
+    assert time.monotonic() - started < 30
+    assert "bogus" in str(info.value)  # the log tail says why
+    assert not list(config.root.glob("*.pid"))
+    with httpx.Client(trust_env=False, timeout=1) as client, pytest.raises(httpx.HTTPError):
+        client.get(f"{settings.gateway_url}/healthz")
+
+
+# -- the whole stack ---------------------------------------------------------------------------
+
+
+def _gone(pgid: int) -> bool:
+    """No live (non-zombie) process is left in process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return False
+    return True
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[StackConfig]:
+    config = config_for(settings, start_timeout_s=120)
+    try:
+        yield config
+    finally:
+        down(config)
+
+
+@pytest.mark.integration
+def test_stack_up_is_idempotent_scrapes_the_gateway_and_down_stops_every_process(
+    settings: Settings, stack: StackConfig
+) -> None:
+    lines: list[str] = []
+    t0 = time.monotonic()
+    first = up(settings, stack, say=lines.append)
+    up_seconds = time.monotonic() - t0
+    assert [s.name for s in first] == list(COMPONENTS)
+    assert all(s.healthy for s in first), first
+    pids = {s.name: s.pid for s in first}
+    assert all(f"{name}: started pid={pid}" in "\n".join(lines) for name, pid in pids.items())
+    assert (stack.root / "stack.log").read_text().count("\n") >= len(lines)
+
+    # Again: nothing new starts.
+    lines.clear()
+    again = up(settings, stack, say=lines.append)
+    assert {s.name: s.pid for s in again} == pids
+    assert all("already running" in line for line in lines) and len(lines) == len(COMPONENTS)
+
+    # Prometheus scrapes this gateway and loaded the alert rules.
+    prom = f"http://127.0.0.1:{stack.prometheus_port}"
+    deadline = time.monotonic() + 30
+    value = None
+    with httpx.Client(trust_env=False, timeout=5) as client:
+        while time.monotonic() < deadline:
+            result = client.get(
+                f"{prom}/api/v1/query", params={"query": 'up{job="ballast-gateway"}'}
+            ).json()["data"]["result"]
+            if result:
+                value = result[0]
+                if value["value"][1] == "1":
+                    break
+            time.sleep(1)
+        assert value is not None and value["value"][1] == "1", value
+        assert value["metric"]["instance"] == f"127.0.0.1:{settings.gateway_port}"
+        rules = client.get(f"{prom}/api/v1/rules").json()["data"]["groups"]
+        assert "BallastGatewayDown" in {r["name"] for g in rules for r in g["rules"]}
+        # The worker polls the process pool it created on this server.
+        pool = client.get(f"http://127.0.0.1:{stack.prefect_port}/api/work_pools/ballast-process")
+        assert pool.status_code == 200 and pool.json()["type"] == "process"
+
+    stopped = down(stack)
+    assert stopped == list(reversed(COMPONENTS))
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in pids.values() if pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(pid) for pid in pids.values() if pid), "a process group outlived down"
+    assert not list(stack.root.glob("*.pid"))
+    assert all(not s.running for s in status(settings, stack))
+    assert up_seconds < 120
+
+
+def test_cli_reports_bad_components_as_a_typed_error_and_status_of_an_empty_stack(
+    settings: Settings,
+) -> None:
+    from typer.testing import CliRunner
+
+    from ballast.cli_stack import stack_app
+
+    runner = CliRunner()
+    bad = runner.invoke(stack_app, ["up", "--only", "gateway,grafana"])
+    assert bad.exit_code == 2
+    assert "unknown components ['grafana']" in bad.output
+    assert not (settings.state_dir / "stack").exists(), "a refused `up` left files behind"
+    shown = runner.invoke(stack_app, ["status"])
+    assert shown.exit_code == 0
+    assert shown.output.count("stopped") == len(COMPONENTS)
+    gone = runner.invoke(stack_app, ["down"])
+    assert gone.exit_code == 0 and "stopped 0 component(s)" in gone.output
