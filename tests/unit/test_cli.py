@@ -68,3 +68,26 @@ def test_status_reports_versions_and_a_stopped_gateway(
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "not running" in result.output
+
+
+def test_keys_rotate_rewraps_objects_and_retires_the_old_key(
+    runner: CliRunner, settings: Settings, tmp_path: Path
+) -> None:
+    from ballast.crypto import read_header
+
+    plain = tmp_path / "data.csv"
+    plain.write_bytes(bundled_csv_bytes())
+    enc = tmp_path / "data.enc"
+    assert runner.invoke(app, ["data", "encrypt", str(plain), str(enc)]).exit_code == 0
+    with open(enc, "rb") as fh:
+        old = read_header(fh).key_id
+    payload_before = enc.read_bytes()[-4096:]
+    rotated = runner.invoke(app, ["keys", "rotate", str(enc), "--retire-old"])
+    assert rotated.exit_code == 0, rotated.output
+    with open(enc, "rb") as fh:
+        new = read_header(fh).key_id
+    assert new != old and f"{old}  (retired)" in runner.invoke(app, ["keys", "list"]).output
+    assert enc.read_bytes()[-4096:] == payload_before, "rotation must not touch the payload"
+    back = tmp_path / "back.csv"
+    assert runner.invoke(app, ["data", "decrypt", str(enc), str(back)]).exit_code == 0
+    assert back.read_bytes() == plain.read_bytes()
