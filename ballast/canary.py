@@ -4,6 +4,11 @@ This is the one place that changes live traffic. Every exit path leaves the gate
 state: a rollback verdict sets champion-only, a promotion sets candidate-only, and any exception
 (``KeyboardInterrupt`` included) restores the deployment that was in force before the canary
 began, then re-raises. Registry alias moves are the caller's (see :mod:`ballast.decisions`).
+
+With a :class:`~ballast.judge.StreamJudge` (the sequential judge) the controller also feeds the
+judge every batch of traffic as it arrives and asks it after each batch, so a step ends as soon
+as the judge decides; :func:`step_action` says what happens after each verdict (the canary
+simulator in :mod:`ballast.simulate` follows the same rule on simulated time).
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ from typing import Literal, Protocol
 import numpy as np
 
 from ballast.decisions import validate_steps
-from ballast.judge import Judge, Observation, Verdict, VersionStats
+from ballast.judge import (
+    Judge,
+    Observation,
+    StreamJudge,
+    Verdict,
+    VersionStats,
+    is_ready,
+)
 from ballast.loadgen import VersionCounts, run_load
 from ballast.serving import Deployment, VersionSpec
 
@@ -28,15 +40,38 @@ __all__ = [
     "CanaryResult",
     "DeploymentAdmin",
     "LoadFn",
+    "StepAction",
     "StepRecord",
     "http_load",
     "run_canary",
+    "step_action",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Drives traffic for one step at the given canary weight (percent); returns what it observed.
 LoadFn = Callable[[int], list[Observation]]
+
+StepAction = Literal["stay", "advance", "end"]
+
+
+def step_action(verdict: Verdict, *, next_weight: int | None, step_done: bool) -> StepAction:
+    """What a controller does after a verdict from a stream judge (pure).
+
+    * "rollback" or "promote": end the canary.
+    * "continue" at the last step: stay (keep watching until the judge decides or time is up).
+    * "continue" before the step's minimum (samples or seconds) is done: stay.
+    * "continue" with the minimum done: advance, except into 100 %, which waits until the judge
+      says the canary is clearly good enough (:func:`~ballast.judge.is_ready`): at 100 % the
+      champion serves nothing, so there is nothing left to compare against.
+    """
+    if verdict.decision != "continue":
+        return "end"
+    if next_weight is None or not step_done:
+        return "stay"
+    if next_weight >= 100 and not is_ready(verdict):
+        return "stay"
+    return "advance"
 
 
 class DeploymentAdmin(Protocol):
@@ -161,6 +196,44 @@ def _drive_step(
             return out
 
 
+@dataclass(slots=True)
+class _StreamStep:
+    observations: list[Observation]
+    verdict: Verdict
+    baseline: VersionStats | None
+    canary: VersionStats
+
+
+def _drive_stream_step(
+    judge: StreamJudge,
+    load: LoadFn,
+    *,
+    weight: int,
+    next_weight: int | None,
+    champion: str | None,
+    candidate: str,
+    seen: list[Observation],
+    min_samples: int,
+    step_max_seconds: float,
+) -> _StreamStep:
+    """Feed each load batch to the judge and ask it at once; :func:`step_action` ends the step."""
+    deadline = time.monotonic() + step_max_seconds
+    out: list[Observation] = []
+    while True:
+        batch = load(weight)
+        out.extend(batch)
+        seen.extend(batch)
+        judge.observe(batch, weight)
+        baseline = VersionStats.from_observations(champion, seen) if champion else None
+        canary = VersionStats.from_observations(candidate, seen)
+        verdict = judge.judge(baseline, canary, weight)
+        have = sum(1 for o in out if o.version == candidate)
+        action = step_action(verdict, next_weight=next_weight, step_done=have >= min_samples)
+        # An empty batch means the load has nothing more to give: don't spin until the deadline.
+        if action != "stay" or not batch or time.monotonic() >= deadline:
+            return _StreamStep(out, verdict, baseline, canary)
+
+
 def _step_deployment(
     model: str, champion: VersionSpec | None, candidate: VersionSpec, weight: int
 ) -> Deployment:
@@ -187,10 +260,16 @@ def run_canary(
     Each step sets the canary weight, drives load (until the candidate has ``min_samples``
     answers in the step or ``step_max_seconds`` pass) and asks ``judge`` about everything seen
     since the canary began. "rollback" ends it at once with the champion alone; "continue" moves
-    to the next weight; only a "promote" at 100 % makes the candidate the champion. A last step
-    without a "promote" (too little evidence) rolls back: a canary that proved nothing is not
-    promoted. With no champion (first release) the candidate takes 100 % at once and the judge
-    works on absolute thresholds.
+    to the next weight; only a "promote" makes the candidate the champion (a judge answers it at
+    100 %, or earlier when configured to promote early). A last step without a "promote" (too
+    little evidence) rolls back: a canary that proved nothing is not promoted. With no champion
+    (first release) the candidate takes 100 % at once and the judge works on absolute thresholds.
+
+    A :class:`~ballast.judge.StreamJudge` is started for this canary, sees every load batch and
+    is asked after each one; a step then lasts until :func:`step_action` moves on (at least
+    ``min_samples`` candidate answers, the judge's word before 100 %) or ``step_max_seconds``
+    pass. A step before 100 % whose time runs out while the judge is not yet sure ends the canary
+    as inconclusive (rolled back) instead of giving the candidate all traffic.
     """
     if champion is not None and champion.version == candidate.version:
         raise ValueError(f"candidate {candidate.version} is already the champion")
@@ -205,19 +284,42 @@ def run_canary(
             before.champion.version if before.champion else None,
             champion.version,
         )
+    stream = judge if isinstance(judge, StreamJudge) else None
     started = time.monotonic()
     records: list[StepRecord] = []
     seen: list[Observation] = []
 
     with _restore_on_failure(client, model, before):
+        if stream is not None:
+            stream.start(champion.version if champion else None, candidate.version)
         for index, weight in enumerate(weights):
+            next_weight = weights[index + 1] if index + 1 < len(weights) else None
             step_started = time.monotonic()
             client.set_deployment(_step_deployment(model, champion, candidate, weight))
-            step_obs = _drive_step(load, weight, candidate.version, min_samples, step_max_seconds)
-            seen.extend(step_obs)
-            baseline = VersionStats.from_observations(champion.version, seen) if champion else None
-            canary_stats = VersionStats.from_observations(candidate.version, seen)
-            verdict = judge.judge(baseline, canary_stats, weight)
+            if stream is None:
+                step_obs = _drive_step(
+                    load, weight, candidate.version, min_samples, step_max_seconds
+                )
+                seen.extend(step_obs)
+                baseline = (
+                    VersionStats.from_observations(champion.version, seen) if champion else None
+                )
+                canary_stats = VersionStats.from_observations(candidate.version, seen)
+                verdict = judge.judge(baseline, canary_stats, weight)
+            else:
+                step = _drive_stream_step(
+                    stream,
+                    load,
+                    weight=weight,
+                    next_weight=next_weight,
+                    champion=champion.version if champion else None,
+                    candidate=candidate.version,
+                    seen=seen,
+                    min_samples=min_samples,
+                    step_max_seconds=step_max_seconds,
+                )
+                step_obs, verdict = step.observations, step.verdict
+                baseline, canary_stats = step.baseline, step.canary
             now = time.monotonic()
             record = StepRecord(
                 index=index,
@@ -241,12 +343,15 @@ def run_canary(
             )
             if on_step is not None:
                 on_step(record)
-            if verdict.decision == "rollback":
+            if verdict.decision != "continue":
                 break
+            held = stream is not None and next_weight is not None
+            if held and step_action(verdict, next_weight=next_weight, step_done=True) == "stay":
+                break  # held before 100 % and out of time: inconclusive
 
         last = records[-1]
         seconds_to_decision = last.seconds
-        if last.weight == 100 and last.verdict.decision == "promote":
+        if last.verdict.decision == "promote":
             decision: Literal["promote", "rollback"] = "promote"
             reasons = last.verdict.reasons
             final = Deployment(model=model, champion=candidate)

@@ -1,30 +1,51 @@
-"""Canary analysis: per-version statistics from observed requests, and the judge that reads them.
+"""Canary analysis: per-version statistics from observed requests, and the judges that read them.
 
 Pure: no I/O, no clocks. The controller in :mod:`ballast.canary` gathers :class:`Observation`
 records, summarises each side with :class:`VersionStats` and asks a :class:`Judge` for a
-:class:`Verdict`. :class:`ThresholdJudge` is the foundation judge (fixed thresholds, a
-minimum-sample rule); a sequential test can replace it behind the same :class:`Judge` protocol.
+:class:`Verdict`.
+
+* :class:`ThresholdJudge`: the foundation judge (fixed thresholds, a minimum-sample rule), called
+  once per step on cumulative statistics.
+* :class:`SequentialJudge`: an always-valid sequential test per metric (error rate, latency
+  tail, accuracy, prediction mix) against the champion serving at the same time, with a bounded
+  false-rollback rate however often it is asked (the statistics are in
+  :mod:`ballast.sequential`). It is a :class:`StreamJudge`: besides the :class:`Judge` call it
+  takes the time-ordered observations (:meth:`StreamJudge.observe`), which the controller feeds
+  it batch by batch.
+
+A stream judge is stateful: :meth:`StreamJudge.start` begins a canary and forgets the last one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
+
+from ballast import sequential as sq
 
 if TYPE_CHECKING:
     from ballast.settings import Settings
 
 __all__ = [
+    "READY_KEY",
     "UNKNOWN_VERSION",
     "Decision",
     "Judge",
+    "MetricPolicy",
     "Observation",
+    "ObservationBatch",
+    "SequentialConfig",
+    "SequentialJudge",
+    "StreamJudge",
+    "StreamJudgeBase",
     "ThresholdJudge",
     "Verdict",
     "VersionStats",
+    "is_ready",
     "stats_by_version",
 ]
 
@@ -38,13 +59,15 @@ UNKNOWN_VERSION = "unknown"
 class Observation:
     """One request as the client saw it.
 
-    ``correct`` is None when the label is unknown or the request failed (nothing to compare).
+    ``correct`` is None when the label is unknown or the request failed (nothing to compare);
+    ``prediction`` is the predicted class when the answer carried one.
     """
 
     version: str
     ok: bool
     latency_s: float
     correct: bool | None = None
+    prediction: int | None = None
 
 
 def _percentile_ms(latencies_s: list[float], q: float) -> float | None:
@@ -310,3 +333,628 @@ class ThresholdJudge:
         if canary.accuracy < limit:
             return [f"accuracy {canary.accuracy:.3f} below limit {limit:.3f}"]
         return []
+
+
+# ------------------------------------------------------------------------------ stream judges
+
+# Evidence key a judge sets to 0.0 while the canary is not yet clearly good enough to take all
+# traffic; a controller holds the step before 100 % until it reads 1.0.
+READY_KEY = "ready_to_promote"
+
+
+def is_ready(verdict: Verdict) -> bool:
+    """Whether ``verdict`` lets a controller move to 100 %: judges without the notion always do."""
+    return verdict.evidence.get(READY_KEY, 1.0) >= 1.0
+
+
+def _check_weight(step_weight: int) -> None:
+    if not 0 < step_weight <= 100:
+        raise ValueError(f"step_weight must lie in 1..100, got {step_weight}")
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationBatch:
+    """Time-ordered observations of one canary as columns, one entry per request.
+
+    ``canary`` tells the arm; ``correct`` is 1 right, 0 wrong, -1 unlabelled; ``prediction`` is
+    the class or -1. Requests no version answered are not in a batch: they cannot be pinned on
+    an arm (a canary that crashes its worker shows up in the champion's errors, not here).
+    """
+
+    canary: np.ndarray
+    ok: np.ndarray
+    latency_s: np.ndarray
+    correct: np.ndarray
+    prediction: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.canary)
+        if any(len(a) != n for a in (self.ok, self.latency_s, self.correct, self.prediction)):
+            raise ValueError("every column of an ObservationBatch must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.canary)
+
+    @classmethod
+    def from_observations(
+        cls,
+        observations: Iterable[Observation],
+        *,
+        canary_version: str,
+        champion_version: str | None,
+    ) -> ObservationBatch:
+        """Columns for the two arms' observations; every other version is dropped."""
+        kept = [
+            o
+            for o in observations
+            if o.version == canary_version
+            or (champion_version is not None and o.version == champion_version)
+        ]
+        n = len(kept)
+        return cls(
+            canary=np.fromiter((o.version == canary_version for o in kept), dtype=bool, count=n),
+            ok=np.fromiter((o.ok for o in kept), dtype=bool, count=n),
+            latency_s=np.fromiter((o.latency_s for o in kept), dtype=np.float64, count=n),
+            correct=np.fromiter(
+                (-1 if o.correct is None else int(o.correct) for o in kept), dtype=np.int8, count=n
+            ),
+            prediction=np.fromiter(
+                (-1 if o.prediction is None else o.prediction for o in kept),
+                dtype=np.int64,
+                count=n,
+            ),
+        )
+
+
+@runtime_checkable
+class StreamJudge(Judge, Protocol):
+    """A judge that also reads the time-ordered observations, batch by batch.
+
+    The controller calls :meth:`start` once per canary, :meth:`observe` with each batch of
+    traffic at the weight it was routed under, and :meth:`Judge.judge` whenever it wants a
+    verdict (as often as it likes: a stream judge's verdicts stay valid under repeated looks).
+    """
+
+    def start(self, champion: str | None, candidate: str) -> None: ...
+
+    def observe(self, observations: Iterable[Observation], step_weight: int) -> None: ...
+
+    def observe_batch(self, batch: ObservationBatch, step_weight: int) -> None: ...
+
+
+class StreamJudgeBase:
+    """The :meth:`start` / :meth:`observe` plumbing shared by stream judges.
+
+    Subclasses implement ``_reset`` (forget everything), ``observe_batch`` and ``judge``.
+    """
+
+    def __init__(self) -> None:
+        self._champion: str | None = None
+        self._candidate: str | None = None
+
+    def start(self, champion: str | None, candidate: str) -> None:
+        """Begin a canary of ``candidate`` against ``champion`` (None: a first release)."""
+        if not candidate or candidate == champion:
+            raise ValueError("candidate must be a version other than the champion")
+        self._champion, self._candidate = champion, candidate
+        self._reset()
+
+    def observe(self, observations: Iterable[Observation], step_weight: int) -> None:
+        """Feed one batch of observations, all routed at ``step_weight`` percent."""
+        if self._candidate is None:
+            raise RuntimeError("call start() before observe()")
+        batch = ObservationBatch.from_observations(
+            observations, canary_version=self._candidate, champion_version=self._champion
+        )
+        self.observe_batch(batch, step_weight)
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def observe_batch(self, batch: ObservationBatch, step_weight: int) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPolicy:
+    """How :class:`SequentialJudge` tests one metric. Ratios are canary over champion rates of
+    the metric's bad event (a failure, an answer slower than the champion's p95, a wrong answer).
+
+    * ``alpha``: bound on the chance that this metric ever crosses its rollback boundary while
+      the canary is no worse than the champion, however often the judge is asked.
+    * ``effect``: the ratio the test is tuned for (the centre of its prior); any worse ratio is
+      caught too, a weaker one more slowly.
+    * ``margin``: below this ratio the canary is good enough on this metric (tested always-valid
+      at ``SequentialConfig.alpha_promote``).
+    * ``abs_tolerance``: a bad-event rate under which the canary is good enough whatever the
+      champion does (None: ratio only); it settles metrics whose events are too rare for a ratio.
+    * ``critical``: a critical metric rolls the canary back on its own (as Kayenta's critical
+      metrics fail a canary); a non-critical one only blocks promotion.
+    """
+
+    alpha: float
+    effect: float
+    margin: float
+    abs_tolerance: float | None = None
+    critical: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
+        if not self.effect > 1 or not self.margin > 1:
+            raise ValueError("effect and margin must be ratios above 1")
+        if self.abs_tolerance is not None and not 0 < self.abs_tolerance < 1:
+            raise ValueError("abs_tolerance must lie in (0, 1)")
+
+
+@dataclass(frozen=True, slots=True)
+class SequentialConfig:
+    """Settings of :class:`SequentialJudge`; the defaults are the measured ones (see README).
+
+    The false-rollback bound is the sum of the critical metrics' ``alpha`` (1 % by default:
+    0.6 % on errors, the signal users feel first, 0.2 % each on latency and accuracy). ``alpha_promote`` bounds, per metric, the
+    chance of calling a canary good enough when its ratio is at or beyond the margin.
+    ``early_promote`` lets the judge answer "promote" below 100 % once every metric is good
+    enough (the controller then goes straight to the candidate alone); by default it only
+    promotes at 100 %.
+    """
+
+    errors: MetricPolicy = MetricPolicy(alpha=0.006, effect=4.0, margin=2.0, abs_tolerance=0.005)
+    latency: MetricPolicy = MetricPolicy(alpha=0.002, effect=2.0, margin=1.5)
+    accuracy: MetricPolicy = MetricPolicy(alpha=0.002, effect=2.0, margin=1.5, abs_tolerance=0.01)
+    prediction_mix: MetricPolicy = MetricPolicy(
+        alpha=0.001, effect=1.5, margin=1.25, critical=False
+    )
+    alpha_promote: float = 0.05
+    prior_spread: float = 0.5
+    latency_quantiles: tuple[float, float] = (0.95, 0.99)
+    min_reference: int = 200
+    n_classes: int = 2
+    first_release_max_error_rate: float = 0.02
+    early_promote: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha_promote < 1 or not self.prior_spread > 0:
+            raise ValueError("alpha_promote must lie in (0, 1) and prior_spread be > 0")
+        near, far = self.latency_quantiles
+        if not 0.5 <= near < far < 1:
+            raise ValueError("latency_quantiles must be (near, far) with 0.5 <= near < far < 1")
+        if self.min_reference < 1 or self.n_classes < 2:
+            raise ValueError("min_reference must be >= 1 and n_classes >= 2")
+        if not 0 < self.first_release_max_error_rate < 1:
+            raise ValueError("first_release_max_error_rate must lie in (0, 1)")
+
+    def policies(self) -> dict[str, MetricPolicy]:
+        return {
+            "errors": self.errors,
+            "latency": self.latency,
+            "accuracy": self.accuracy,
+            "prediction_mix": self.prediction_mix,
+        }
+
+    @property
+    def alpha_rollback(self) -> float:
+        """The false-rollback bound: the critical metrics' alphas added up (a union bound)."""
+        return sum(p.alpha for p in self.policies().values() if p.critical)
+
+
+class _Tally:
+    """One metric's bad events: likelihoods of the arm test (rollback, good enough, estimate)
+    and canary totals for the one-sample tests."""
+
+    __slots__ = (
+        "canary_events",
+        "canary_trials",
+        "champion_events",
+        "champion_trials",
+        "comparable",
+        "harm",
+        "mle",
+        "ready",
+    )
+
+    def __init__(self, harm: sq.RatioPrior, ready: sq.RatioPrior | None, margin: float) -> None:
+        self.harm = sq.ArmLikelihood(harm.ratios, 1.0)
+        self.ready = sq.ArmLikelihood(ready.ratios, margin) if ready is not None else None
+        self.mle = sq.ArmLikelihood(sq.MLE_RATIOS, 1.0) if ready is not None else None
+        self.canary_events = self.canary_trials = 0
+        self.champion_events = self.champion_trials = 0
+        self.comparable = 0  # canary trials seen while the champion served too
+
+    def add(
+        self,
+        w: float,
+        c_events: int,
+        c_trials: int,
+        b_events: int,
+        b_trials: int,
+        tiers: Iterable[tuple[float, int, int]] | None = None,
+    ) -> None:
+        """Counts at weight ``w``; ``tiers`` splits the events as (tier, canary, champion)."""
+        self.canary_events += c_events
+        self.canary_trials += c_trials
+        self.champion_events += b_events
+        self.champion_trials += b_trials
+        if not 0 < w < 1:
+            return
+        self.comparable += c_trials
+        for tier, c, b in tiers if tiers is not None else ((1.0, c_events, b_events),):
+            if c or b:
+                self.harm.add(w, c, b, tier)
+                if self.ready is not None and self.mle is not None:
+                    self.ready.add(w, c, b, tier)
+                    self.mle.add(w, c, b, tier)
+
+
+@dataclass(slots=True)
+class _Assessment:
+    name: str
+    critical: bool
+    has_data: bool
+    failed: bool
+    ready: bool
+    summary: str
+
+
+def _e_text(log_e: float) -> str:
+    """An e-value for a reason line; huge ones as a power of ten (exp would overflow)."""
+    return f"{math.exp(log_e):.3g}" if log_e < 40 else f"1e{log_e / math.log(10):.0f}"
+
+
+_DESCRIBE = {
+    "errors": "failed",
+    "latency": "slower than the champion's p95",
+    "accuracy": "wrong",
+    "prediction_mix": "in an over-represented class",
+}
+
+
+class SequentialJudge(StreamJudgeBase):
+    """Always-valid sequential canary judge: stops as soon as the canary is clearly worse than the
+    champion serving beside it (rollback) or clearly good enough (promote).
+
+    Method (details and references in :mod:`ballast.sequential`): for every metric, a bad event
+    (a failed request; a successful one slower than the champion's running p95, or its p99 as a
+    second tier, both taken from the champion's answers *before* it so the reference is
+    predictable; a labelled answer that is wrong; an answer of class ``k``) came from the canary
+    with probability exactly equal to its routing weight if the canary is no worse, whatever the
+    champion's own rate and however it varies over time. A mixture SPRT
+    (Robbins; Johari, Pekelis and Walsh's mSPRT) over the rate ratio turns the arm labels into an
+    e-value ``M_t``; by Ville's inequality ``P(ever M_t >= 1/alpha) <= alpha`` under the null, so
+    the judge may be asked after every request. Wald's SPRT, which needs the true ratio in
+    advance, is the floor it is measured against.
+
+    * Rollback: any critical metric's e-value reached ``1/alpha`` (once reached, it stays
+      reached). The false-rollback bound is :attr:`SequentialConfig.alpha_rollback`.
+    * Good enough: every critical metric with data passed its own test that the ratio is below
+      its margin (or the canary's own rate below ``abs_tolerance``), and no non-critical metric
+      failed. Then "promote" at 100 % (or below with ``early_promote``), and ``READY_KEY`` = 1
+      in the evidence so the controller may take the last step.
+    * Otherwise "continue".
+
+    Without a champion (first release) only the error rate can be judged: against
+    ``first_release_max_error_rate`` with two one-sample mixture tests (above it: rollback;
+    below it: good enough).
+
+    Used as a plain :class:`Judge` (cumulative statistics only, no :meth:`observe`), it judges
+    error rate and accuracy from the increments between calls; the latency test needs the stream.
+    """
+
+    def __init__(self, config: SequentialConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SequentialConfig()
+        c = self.config
+        self._policies = c.policies()
+        self._harm_priors = {
+            name: sq.harm_prior(p.effect, c.prior_spread) for name, p in self._policies.items()
+        }
+        self._promote_priors = {
+            name: sq.promote_prior(p.margin, c.prior_spread) for name, p in self._policies.items()
+        }
+        self._below = sq.one_sample_prior(below=True)
+        self._above = sq.one_sample_prior(below=False)
+        self._reset()
+
+    def _reset(self) -> None:
+        k = self.config.n_classes
+        self._tallies = {
+            name: _Tally(
+                self._harm_priors[name], self._promote_priors[name], self._policies[name].margin
+            )
+            for name in ("errors", "latency", "accuracy")
+        }
+        mix = self._policies["prediction_mix"]
+        # One tally per class, the last for "any other class".
+        self._classes = [
+            _Tally(self._harm_priors["prediction_mix"], None, mix.margin) for _ in range(k + 1)
+        ]
+        self._class_counts = np.zeros((2, k + 1), dtype=np.int64)  # [canary, champion]
+        self._reference = sq.LogHistogram()
+        self._reference_s: tuple[float, float] | None = None
+        self._max: dict[str, float] = {}
+        self._mode: Literal["stream", "summary"] | None = None
+        self._last_summary: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    # -------------------------------------------------------------------------- feeding
+
+    def observe_batch(self, batch: ObservationBatch, step_weight: int) -> None:
+        """Count each metric's bad events per arm at this weight (see the class docstring)."""
+        _check_weight(step_weight)
+        if self._mode == "summary":
+            raise RuntimeError("this judge already works from summaries; call start() first")
+        self._mode = "stream"
+        if len(batch) == 0:
+            return
+        w = step_weight / 100.0
+        can = batch.canary
+        cham = ~can
+        ok = batch.ok
+
+        def cnt(mask: np.ndarray) -> int:
+            return int(np.count_nonzero(mask))
+
+        self._tallies["errors"].add(w, cnt(can & ~ok), cnt(can), cnt(cham & ~ok), cnt(cham))
+
+        cfg = self.config
+        if self._reference.n >= cfg.min_reference:
+            # The references come from answers before this batch: they are predictable, which
+            # the arm test needs (references built from the same answers would not be).
+            near = self._reference.quantile(cfg.latency_quantiles[0])
+            far = self._reference.quantile(cfg.latency_quantiles[1])
+            assert near is not None and far is not None  # n > 0 here
+            self._reference_s = (near, far)
+            slow = ok & (batch.latency_s > near)
+            very = slow & (batch.latency_s > far)
+            tier1 = slow & ~very
+            self._tallies["latency"].add(
+                w,
+                cnt(can & slow),
+                cnt(can & ok),
+                cnt(cham & slow),
+                cnt(cham & ok),
+                tiers=(
+                    (1.0, cnt(can & tier1), cnt(cham & tier1)),
+                    (2.0, cnt(can & very), cnt(cham & very)),
+                ),
+            )
+        self._reference.add(batch.latency_s[cham & ok])
+
+        labelled = ok & (batch.correct >= 0)
+        wrong = labelled & (batch.correct == 0)
+        self._tallies["accuracy"].add(
+            w, cnt(can & wrong), cnt(can & labelled), cnt(cham & wrong), cnt(cham & labelled)
+        )
+
+        k = cfg.n_classes
+        has = ok & (batch.prediction >= 0)
+        cls = np.minimum(batch.prediction, k)
+        per_c = np.bincount(cls[can & has], minlength=k + 1)  # int64 counts
+        per_b = np.bincount(cls[cham & has], minlength=k + 1)
+        self._class_counts[0] += per_c
+        self._class_counts[1] += per_b
+        n_c, n_b = int(per_c.sum()), int(per_b.sum())
+        for i, tally in enumerate(self._classes):
+            tally.add(w, int(per_c[i]), n_c, int(per_b[i]), n_b)
+
+    def _absorb_summary(
+        self, baseline: VersionStats | None, canary: VersionStats, step_weight: int
+    ) -> None:
+        """Plain-Judge use: turn the increments of cumulative statistics into events."""
+        self._mode = "summary"
+
+        def key(s: VersionStats | None) -> tuple[int, ...]:
+            return (0, 0, 0, 0) if s is None else (s.n, s.errors, s.n_labelled, s.n_correct)
+
+        now = (key(canary), key(baseline))
+        before = self._last_summary or ((0, 0, 0, 0), (0, 0, 0, 0))
+        dc = [a - b for a, b in zip(now[0], before[0], strict=True)]
+        db = [a - b for a, b in zip(now[1], before[1], strict=True)]
+        if min(dc + db) < 0 or dc[3] > dc[2] or db[3] > db[2]:
+            raise ValueError("statistics went backwards: a judge needs cumulative VersionStats")
+        self._last_summary = now
+        w = step_weight / 100.0
+        self._tallies["errors"].add(w, dc[1], dc[0], db[1], db[0])
+        self._tallies["accuracy"].add(w, dc[2] - dc[3], dc[2], db[2] - db[3], db[2])
+
+    # -------------------------------------------------------------------------- judging
+
+    def log_e_values(self) -> dict[str, float]:
+        """Each metric's current rollback log e-value (cheap: no verdict, no evidence, and no
+        effect on the sticky maxima that :meth:`judge` keeps)."""
+        out = {name: t.harm.log_e(self._harm_priors[name]) for name, t in self._tallies.items()}
+        prior = self._harm_priors["prediction_mix"]
+        per_class = [t.harm.log_e(prior) for t in self._classes]
+        out["prediction_mix"] = float(sq.logsumexp(per_class)) - math.log(len(per_class))
+        return out
+
+    def _track(self, key: str, value: float) -> float:
+        """Running maximum: once a boundary is crossed it stays crossed (the test stopped)."""
+        best = max(self._max.get(key, 0.0), value)
+        self._max[key] = best
+        return best
+
+    def _assess_rate(self, name: str, ev: dict[str, float]) -> _Assessment:
+        policy = self._policies[name]
+        tally = self._tallies[name]
+        cfg = self.config
+        assert tally.ready is not None and tally.mle is not None  # rate metrics have all three
+        log_e = tally.harm.log_e(self._harm_priors[name])
+        best = self._track(f"{name}.harm", log_e)
+        log_threshold = math.log(1.0 / policy.alpha)
+        failed = best >= log_threshold
+
+        alpha_ratio = cfg.alpha_promote / (2 if policy.abs_tolerance is not None else 1)
+        ready_e = self._track(f"{name}.ready", tally.ready.log_e(self._promote_priors[name]))
+        ready = ready_e >= math.log(1.0 / alpha_ratio)
+        if policy.abs_tolerance is not None:
+            abs_e = self._track(
+                f"{name}.abs",
+                sq.bernoulli_log_e(
+                    tally.canary_events, tally.canary_trials, policy.abs_tolerance, self._below
+                ),
+            )
+            ev[f"{name}_abs_tolerance"] = policy.abs_tolerance
+            ev[f"{name}_abs_log_e"] = abs_e
+            ready = ready or abs_e >= math.log(2.0 / cfg.alpha_promote)
+        mle = tally.mle.argmax_ratio()
+        ev.update(
+            {
+                f"{name}_canary_events": float(tally.canary_events),
+                f"{name}_canary_trials": float(tally.canary_trials),
+                f"{name}_champion_events": float(tally.champion_events),
+                f"{name}_champion_trials": float(tally.champion_trials),
+                f"{name}_log_e": log_e,
+                f"{name}_max_log_e": best,
+                f"{name}_log_threshold": log_threshold,
+                f"{name}_p_value": min(1.0, math.exp(-best)),
+                f"{name}_alpha": policy.alpha,
+                f"{name}_effect": policy.effect,
+                f"{name}_margin": policy.margin,
+                f"{name}_ready_log_e": ready_e,
+                f"{name}_ready_log_threshold": math.log(1.0 / alpha_ratio),
+                f"{name}_ready": float(ready),
+                f"{name}_failed": float(failed),
+                f"{name}_critical": float(policy.critical),
+            }
+        )
+        if mle is not None:
+            ev[f"{name}_ratio_mle"] = mle
+        has_data = tally.comparable > 0 or (
+            policy.abs_tolerance is not None and tally.canary_trials > 0
+        )
+        c_rate = tally.canary_events / tally.canary_trials if tally.canary_trials else 0.0
+        b_rate = tally.champion_events / tally.champion_trials if tally.champion_trials else 0.0
+        ratio = f"ratio ~{mle:.2g}, " if mle is not None else ""
+        summary = (
+            f"{name}: canary {tally.canary_events}/{tally.canary_trials} {_DESCRIBE[name]} "
+            f"({c_rate:.2%}) vs champion {tally.champion_events}/{tally.champion_trials} "
+            f"({b_rate:.2%}); {ratio}e-value {_e_text(best)} of {1 / policy.alpha:.0f} "
+            f"(always-valid p = {min(1.0, math.exp(-best)):.2g})"
+        )
+        return _Assessment(name, policy.critical, has_data, failed, ready, summary)
+
+    def _assess_mix(self, ev: dict[str, float]) -> _Assessment:
+        policy = self._policies["prediction_mix"]
+        prior = self._harm_priors["prediction_mix"]
+        per_class = [t.harm.log_e(prior) for t in self._classes]
+        # Average of the per-class e-values: one e-value for "some class is over-represented".
+        log_e = float(sq.logsumexp(per_class)) - math.log(len(per_class))
+        best = self._track("prediction_mix.harm", log_e)
+        failed = best >= math.log(1.0 / policy.alpha)
+        share = self._class_counts / np.maximum(self._class_counts.sum(axis=1, keepdims=True), 1)
+        ev.update(
+            {
+                "prediction_mix_log_e": log_e,
+                "prediction_mix_max_log_e": best,
+                "prediction_mix_log_threshold": math.log(1.0 / policy.alpha),
+                "prediction_mix_p_value": min(1.0, math.exp(-best)),
+                "prediction_mix_alpha": policy.alpha,
+                "prediction_mix_effect": policy.effect,
+                "prediction_mix_failed": float(failed),
+                "prediction_mix_critical": float(policy.critical),
+                "prediction_mix_canary_n": float(self._class_counts[0].sum()),
+                "prediction_mix_champion_n": float(self._class_counts[1].sum()),
+            }
+        )
+        index = sq.psi(self._class_counts[0], self._class_counts[1])
+        if index is not None:
+            ev["prediction_mix_psi"] = index
+        for i in range(self.config.n_classes):
+            ev[f"prediction_mix_canary_share_{i}"] = float(share[0, i])
+            ev[f"prediction_mix_champion_share_{i}"] = float(share[1, i])
+        has_data = self._classes[0].comparable > 0
+        psi_text = f"PSI {index:.3f}; " if index is not None else ""
+        summary = (
+            f"prediction_mix: {psi_text}e-value {_e_text(best)} of "
+            f"{1 / policy.alpha:.0f} (always-valid p = {min(1.0, math.exp(-best)):.2g})"
+        )
+        # The mix has no good-enough test of its own: it can only fail.
+        return _Assessment("prediction_mix", policy.critical, has_data, failed, not failed, summary)
+
+    def _assess_first_release(self, ev: dict[str, float]) -> list[_Assessment]:
+        policy = self._policies["errors"]
+        cfg = self.config
+        tally = self._tallies["errors"]
+        limit = cfg.first_release_max_error_rate
+        k, n = tally.canary_events, tally.canary_trials
+        harm = self._track("errors.harm", sq.bernoulli_log_e(k, n, limit, self._above))
+        good = self._track("errors.abs", sq.bernoulli_log_e(k, n, limit, self._below))
+        failed = harm >= math.log(1.0 / policy.alpha)
+        ready = good >= math.log(1.0 / cfg.alpha_promote)
+        ev.update(
+            {
+                "errors_canary_events": float(k),
+                "errors_canary_trials": float(n),
+                "errors_limit": limit,
+                "errors_max_log_e": harm,
+                "errors_log_threshold": math.log(1.0 / policy.alpha),
+                "errors_p_value": min(1.0, math.exp(-harm)),
+                "errors_ready_log_e": good,
+                "errors_ready_log_threshold": math.log(1.0 / cfg.alpha_promote),
+                "errors_ready": float(ready),
+                "errors_failed": float(failed),
+            }
+        )
+        rate = k / n if n else 0.0
+        summary = (
+            f"errors: {k}/{n} failed ({rate:.2%}) against the first-release limit {limit:.2%}; "
+            f"e-value {_e_text(harm)} of {1 / policy.alpha:.0f}"
+        )
+        return [_Assessment("errors", True, n > 0, failed, ready, summary)]
+
+    def judge(
+        self, baseline: VersionStats | None, canary: VersionStats, step_weight: int
+    ) -> Verdict:
+        """Run every metric's tests on everything seen so far (see the class docstring)."""
+        _check_weight(step_weight)
+        if self._candidate is None:  # plain Judge use: the first call starts the canary
+            self.start(baseline.version if baseline else None, canary.version)
+        if self._mode != "stream":
+            self._absorb_summary(baseline, canary, step_weight)
+        cfg = self.config
+        ev: dict[str, float] = {
+            "step_weight": float(step_weight),
+            "alpha_rollback": cfg.alpha_rollback,
+            "alpha_promote": cfg.alpha_promote,
+            "prior_spread": cfg.prior_spread,
+            "latency_quantile_near": cfg.latency_quantiles[0],
+            "latency_quantile_far": cfg.latency_quantiles[1],
+            **canary.as_evidence("canary"),
+        }
+        if baseline is not None:
+            ev.update(baseline.as_evidence("baseline"))
+        if self._reference_s is not None:
+            ev["latency_reference_near_ms"] = self._reference_s[0] * 1000.0
+            ev["latency_reference_far_ms"] = self._reference_s[1] * 1000.0
+
+        if self._champion is None:
+            notes = ["no baseline: error rate against the first-release limit only"]
+            found = self._assess_first_release(ev)
+        else:
+            notes = []
+            found = [self._assess_rate(m, ev) for m in ("errors", "latency", "accuracy")]
+            found.append(self._assess_mix(ev))
+
+        failed = [a for a in found if a.failed and a.critical]
+        if failed:
+            ev[READY_KEY] = 0.0
+            return Verdict("rollback", tuple(f"{a.summary} (critical)" for a in failed), ev)
+
+        warnings = [a for a in found if a.failed]
+        waiting = [a for a in found if a.critical and a.has_data and not a.ready]
+        measured = [a for a in found if a.critical and a.has_data]
+        for a in found:
+            if a.critical and not a.has_data:
+                notes.append(f"{a.name}: no comparable data yet")
+        ready = bool(measured) and not waiting and not warnings
+        ev[READY_KEY] = float(ready)
+        if ready and (step_weight >= 100 or cfg.early_promote):
+            good = f"clearly good enough at {step_weight}% on {canary.n} canary requests"
+            return Verdict("promote", (good, *(a.summary for a in measured), *notes), ev)
+        lines = [f"no critical metric crossed its rollback boundary at {step_weight}%"]
+        lines += [f"held by a non-critical metric: {a.summary}" for a in warnings]
+        if ready:
+            lines.append("clearly good enough: ready for 100 %")
+        else:
+            lines += [f"not yet clearly good enough: {a.summary}" for a in waiting]
+        return Verdict("continue", (*lines, *notes), ev)

@@ -100,7 +100,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, label: int | No
         # A 200 whose body is not a prediction is a failure to serve, not a success.
         return Observation(version, False, latency)
     correct = None if label is None else prediction == label
-    return Observation(version, True, latency, correct)
+    return Observation(version, True, latency, correct, prediction)
 
 
 async def _drive(

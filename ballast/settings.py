@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     canary_min_samples: int = Field(default=40, ge=1)
     canary_step_max_seconds: float = Field(default=20.0, gt=0)
     canary_concurrency: int = Field(default=8, ge=1)
+    # threshold: fixed limits per step; sequential: always-valid tests on the request stream
+    # (ballast.judge.SequentialJudge, false-rollback rate bounded at 1 % however often it looks).
+    judge_kind: Literal["threshold", "sequential"] = "threshold"
     judge_max_error_rate: float = Field(default=0.02, ge=0, le=1)
     judge_max_latency_ratio: float = Field(default=2.0, gt=0)
     judge_latency_slack_ms: float = Field(default=5.0, ge=0)

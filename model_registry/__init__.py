@@ -7,6 +7,7 @@ made, not when this package is imported.
 """
 
 from model_registry.registry import Registry
+from model_registry.serving_peer import save_onnx_as_mlflow_model
 from model_registry.types import (
     CANDIDATE,
     CHAMPION,
@@ -24,4 +25,5 @@ __all__ = [
     "PromotionResult",
     "Registry",
     "model_uri",
+    "save_onnx_as_mlflow_model",
 ]

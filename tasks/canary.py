@@ -19,7 +19,7 @@ from ballast.canary import StepRecord, http_load, run_canary
 from ballast.errors import IntegrityError
 from ballast.gateway_client import GatewayClient
 from ballast.gateway_process import ensure_gateway
-from ballast.judge import ThresholdJudge
+from ballast.judge import Judge, SequentialJudge, ThresholdJudge
 from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import ALIAS_CHAMPION, TAG_ARTIFACT, TAG_ARTIFACT_SHA, TAG_BACKEND, TAG_FAULT
 from ballast.serving import VersionSpec
@@ -55,6 +55,13 @@ def version_spec(reg: Registry, s: Settings, info: ModelVersionInfo) -> VersionS
     )
 
 
+def _judge(s: Settings) -> Judge:
+    """A fresh judge per canary: the sequential one keeps state across looks."""
+    if s.judge_kind == "sequential":
+        return SequentialJudge()
+    return ThresholdJudge.from_settings(s)
+
+
 def _step_dict(r: StepRecord) -> dict[str, Any]:
     return {
         "step": r.index,
@@ -88,7 +95,7 @@ def canary_release(
             champion=champ_spec,
             candidate=cand_spec,
             steps=s.canary_steps,
-            judge=ThresholdJudge.from_settings(s),
+            judge=_judge(s),
             load=http_load(
                 s.gateway_url,
                 s.model_name,

@@ -183,11 +183,9 @@ def _mlflow_serve(
     conc: tuple[int, ...],
     progress: Callable[[str], None],
 ) -> list[Row]:
-    import mlflow.onnx  # the benchmark only; core code never imports mlflow
-    import onnx
+    from model_registry import save_onnx_as_mlflow_model  # the only mlflow importer
 
-    model_dir = workdir / "mlflow-model"
-    mlflow.onnx.save_model(onnx.load(str(path)), str(model_dir))
+    model_dir = save_onnx_as_mlflow_model(path, workdir / "mlflow-model")
     port = _free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     log = (workdir / "mlflow.log").open("wb")

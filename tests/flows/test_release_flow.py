@@ -176,3 +176,24 @@ def test_rollback_flow_returns_to_previous_and_the_gateway_follows(release_env: 
     dep = _deployment(s)
     assert dep is not None and dep.champion is not None and dep.champion.version == previous.version
     assert read_audit(s.audit_log)[-1]["action"] == "rollback"
+
+
+def test_sequential_judge_rolls_back_a_faulty_release_in_the_flow(
+    release_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ballast.settings import get_settings
+
+    monkeypatch.setenv("BALLAST_JUDGE_KIND", "sequential")
+    get_settings.cache_clear()
+    try:
+        s = get_settings()
+        assert s.judge_kind == "sequential"
+        champion = _registry(s).get_by_alias(s.model_name, ALIAS_CHAMPION)
+        report = release_flow(inject_fault="errors")
+        assert report.outcome == "rolled_back", report
+        assert any("error" in r for r in report.reason.split(";")), report.reason
+        after = _registry(s).get_by_alias(s.model_name, ALIAS_CHAMPION)
+        assert after is not None and champion is not None and after.version == champion.version
+    finally:
+        monkeypatch.delenv("BALLAST_JUDGE_KIND")
+        get_settings.cache_clear()

@@ -1,14 +1,34 @@
-"""The threshold judge and the statistics it reads: pure functions, table-driven."""
+"""The judges and the statistics they read: the threshold judge (table-driven), the sequential
+judge (evidence, decisions, misuse), the controller's step rule with a stream judge, and the
+Flagger and Kayenta comparison judges."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
-from ballast.judge import Observation, ThresholdJudge, Verdict, VersionStats, stats_by_version
+from ballast.canary import CanaryResult, run_canary, step_action
+from ballast.judge import (
+    READY_KEY,
+    MetricPolicy,
+    Observation,
+    ObservationBatch,
+    SequentialConfig,
+    SequentialJudge,
+    StreamJudge,
+    ThresholdJudge,
+    Verdict,
+    VersionStats,
+    is_ready,
+    stats_by_version,
+)
+from ballast.peer_judges import FlaggerJudge, KayentaJudge, mann_whitney_shift
+from ballast.serving import Deployment, VersionSpec
 from ballast.settings import Settings
+from tests.unit.test_canary import FakeAdmin
 
 
 def make_obs(
@@ -251,3 +271,382 @@ def test_from_settings_reads_the_judge_settings() -> None:
         7.0,
     )
     assert (judge.max_accuracy_drop, judge.min_samples) == (0.2, 11)
+
+
+# ---------------------------------------------------------------- SequentialJudge
+
+
+def traffic(
+    rng: np.random.Generator,
+    n: int,
+    weight: int,
+    *,
+    canary_error: float = 0.01,
+    champion_error: float = 0.01,
+    canary_latency_ms: float = 20.0,
+    canary_wrong: float = 0.02,
+    champion_wrong: float = 0.02,
+) -> ObservationBatch:
+    """``n`` requests routed at ``weight`` %: failures, log-normal latency, labelled answers."""
+    can = rng.random(n) * 100 < weight
+    ok = rng.random(n) >= np.where(can, canary_error, champion_error)
+    median = np.where(can, canary_latency_ms, 20.0) / 1000.0
+    latency = median * np.exp(rng.normal(0.0, 0.47, n))
+    wrong = rng.random(n) < np.where(can, canary_wrong, champion_wrong)
+    correct = np.where(ok, (~wrong).astype(np.int8), np.int8(-1)).astype(np.int8)
+    prediction = np.where(ok, rng.integers(0, 2, n), -1).astype(np.int64)
+    return ObservationBatch(can, ok, latency, correct, prediction)
+
+
+def feed(judge: SequentialJudge, batches: int, weight: int, seed: int = 0, **kw: float) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(batches):
+        judge.observe_batch(traffic(rng, 200, weight, **kw), weight)
+
+
+def started(config: SequentialConfig | None = None) -> SequentialJudge:
+    judge = SequentialJudge(config)
+    judge.start("1", "2")
+    return judge
+
+
+def test_sequential_judge_is_a_stream_judge_and_threshold_judge_is_not() -> None:
+    assert isinstance(SequentialJudge(), StreamJudge)
+    assert isinstance(FlaggerJudge(), StreamJudge) and isinstance(KayentaJudge(), StreamJudge)
+    assert not isinstance(JUDGE, StreamJudge)
+
+
+def test_erroring_canary_is_rolled_back_on_errors_with_its_evidence() -> None:
+    judge = started()
+    feed(judge, 30, 5, canary_error=0.08)
+    verdict = judge.judge(stats("1", 5700), stats("2", 300), 5)
+
+    assert verdict.decision == "rollback", verdict.reasons
+    assert len(verdict.reasons) == 1 and verdict.reasons[0].startswith("errors:"), verdict.reasons
+    ev = verdict.evidence
+    assert ev["errors_failed"] == 1.0 and ev["latency_failed"] == 0.0
+    assert ev["errors_log_threshold"] == pytest.approx(math.log(1 / 0.006))
+    assert ev["errors_max_log_e"] >= ev["errors_log_threshold"]
+    assert ev["errors_p_value"] <= 0.006
+    assert ev["errors_ratio_mle"] > 3.0, "8 % against 1 % is a ratio near 8"
+    assert ev["errors_canary_events"] > ev["errors_champion_events"] * 0.05
+    assert ev["alpha_rollback"] == pytest.approx(0.01)
+    assert ev[READY_KEY] == 0.0
+    assert all(isinstance(v, float) and math.isfinite(v) for v in ev.values()), ev
+
+
+def test_slow_canary_is_rolled_back_on_latency_only() -> None:
+    judge = started()
+    feed(judge, 30, 25, canary_latency_ms=40.0)
+    verdict = judge.judge(stats("1", 4500), stats("2", 1500), 25)
+    assert verdict.decision == "rollback", verdict.reasons
+    assert [r.split(":")[0] for r in verdict.reasons] == ["latency"]
+    ev = verdict.evidence
+    assert ev["latency_reference_near_ms"] < ev["latency_reference_far_ms"]
+    assert ev["latency_canary_trials"] > 0 and ev["latency_ratio_mle"] > 1.5
+
+
+def test_less_accurate_canary_is_rolled_back_on_accuracy() -> None:
+    judge = started()
+    feed(judge, 30, 25, canary_wrong=0.10)
+    verdict = judge.judge(stats("1", 4500), stats("2", 1500), 25)
+    assert verdict.decision == "rollback", verdict.reasons
+    assert verdict.reasons[0].startswith("accuracy:")
+
+
+def test_healthy_canary_becomes_ready_and_promotes_only_at_100() -> None:
+    judge = started()
+    feed(judge, 60, 50)
+    below = judge.judge(stats("1", 6000), stats("2", 6000), 50)
+    assert below.decision == "continue", below.reasons
+    assert is_ready(below), below.reasons
+    assert any("ready for 100" in r for r in below.reasons)
+    at_full = judge.judge(stats("1", 6000), stats("2", 6000), 100)
+    assert at_full.decision == "promote", at_full.reasons
+    for metric in ("errors", "latency", "accuracy"):
+        assert at_full.evidence[f"{metric}_ready"] == 1.0, metric
+
+
+def test_early_promote_promotes_below_100_when_configured() -> None:
+    judge = started(SequentialConfig(early_promote=True))
+    feed(judge, 60, 50)
+    assert judge.judge(stats("1", 6000), stats("2", 6000), 50).decision == "promote"
+
+
+def test_young_canary_is_neither_rolled_back_nor_ready() -> None:
+    judge = started()
+    feed(judge, 2, 5)
+    verdict = judge.judge(stats("1", 380), stats("2", 20), 5)
+    assert verdict.decision == "continue"
+    assert not is_ready(verdict)
+    assert any(r.startswith("not yet clearly good enough: errors") for r in verdict.reasons)
+
+
+def test_a_non_critical_metric_holds_promotion_instead_of_rolling_back() -> None:
+    config = SequentialConfig(latency=MetricPolicy(0.002, 2.0, 1.5, critical=False))
+    judge = started(config)
+    feed(judge, 40, 50, canary_latency_ms=40.0)
+    verdict = judge.judge(stats("1", 4000), stats("2", 4000), 100)
+    assert verdict.decision == "continue", verdict.reasons
+    assert verdict.evidence["latency_failed"] == 1.0
+    assert not is_ready(verdict)
+    assert any(r.startswith("held by a non-critical metric: latency") for r in verdict.reasons)
+    assert config.alpha_rollback == pytest.approx(0.008), "non-critical alphas are not spent"
+
+
+def test_a_failed_canary_stays_failed_on_later_looks() -> None:
+    judge = started()
+    feed(judge, 30, 5, canary_error=0.08)
+    assert judge.judge(stats("1", 1), stats("2", 1), 5).decision == "rollback"
+    feed(judge, 200, 50, seed=1)  # plenty of healthy traffic afterwards
+    assert judge.judge(stats("1", 2), stats("2", 2), 50).decision == "rollback"
+
+
+def test_first_release_is_judged_against_the_absolute_error_limit() -> None:
+    judge = SequentialJudge()
+    judge.start(None, "1")
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        judge.observe_batch(traffic(rng, 200, 100, canary_error=0.0), 100)
+    good = judge.judge(None, stats("1", 2000), 100)
+    assert good.decision == "promote", good.reasons
+    assert "no baseline" in good.reasons[-1]
+
+    bad = SequentialJudge()
+    bad.start(None, "1")
+    for _ in range(10):
+        bad.observe_batch(traffic(rng, 200, 100, canary_error=0.10), 100)
+    verdict = bad.judge(None, stats("1", 2000, errors=200), 100)
+    assert verdict.decision == "rollback", verdict.reasons
+    assert verdict.evidence["errors_limit"] == 0.02
+
+
+def test_plain_judge_use_reads_error_increments_from_cumulative_stats() -> None:
+    judge = SequentialJudge()  # no start(), no observe(): the Judge protocol alone
+    first = judge.judge(stats("1", 1900, errors=19), stats("2", 100, errors=1), 5)
+    assert first.decision == "continue"
+    worse = judge.judge(stats("1", 3800, errors=38), stats("2", 200, errors=21), 5)
+    assert worse.decision == "rollback", worse.reasons
+    assert worse.evidence["errors_canary_events"] == 21.0
+    with pytest.raises(ValueError, match="cumulative"):
+        judge.judge(stats("1", 100), stats("2", 10), 5)
+
+
+def test_stream_judge_misuse_is_refused() -> None:
+    judge = SequentialJudge()
+    with pytest.raises(RuntimeError, match="start"):
+        judge.observe([Observation("2", True, 0.01)], 5)
+    with pytest.raises(ValueError, match="other than the champion"):
+        judge.start("1", "1")
+    judge.judge(stats("1", 100), stats("2", 10), 5)  # summary mode from here on
+    with pytest.raises(RuntimeError, match="summaries"):
+        judge.observe_batch(traffic(np.random.default_rng(0), 10, 5), 5)
+    with pytest.raises(ValueError, match=r"1\.\.100"):
+        started().judge(None, stats("2", 1), 0)
+    with pytest.raises(ValueError, match="same length"):
+        ObservationBatch(
+            np.zeros(2, bool), np.zeros(1, bool), np.zeros(2), np.zeros(2), np.zeros(2)
+        )
+
+
+def test_observe_maps_versions_to_arms_and_drops_unknown() -> None:
+    judge = started()
+    obs = [
+        Observation("2", False, 0.01),
+        Observation("1", True, 0.01, correct=True, prediction=1),
+        Observation("unknown", False, 5.0),
+    ]
+    batch = ObservationBatch.from_observations(obs, canary_version="2", champion_version="1")
+    assert batch.canary.tolist() == [True, False]
+    assert batch.correct.tolist() == [-1, 1] and batch.prediction.tolist() == [-1, 1]
+    judge.observe(obs, 5)
+    ev = judge.judge(stats("1", 1), stats("2", 1), 5).evidence
+    assert ev["errors_canary_events"] == 1.0 and ev["errors_champion_trials"] == 1.0
+
+
+def test_start_forgets_the_previous_canary() -> None:
+    judge = started()
+    feed(judge, 30, 5, canary_error=0.08)
+    assert judge.judge(stats("1", 1), stats("2", 1), 5).decision == "rollback"
+    judge.start("1", "3")
+    assert judge.judge(stats("1", 1), stats("3", 1), 5).decision == "continue"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha_promote": 0.0},
+        {"latency_quantiles": (0.99, 0.95)},
+        {"n_classes": 1},
+        {"first_release_max_error_rate": 1.0},
+    ],
+)
+def test_nonsense_sequential_settings_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="must"):
+        SequentialConfig(**kwargs)  # type: ignore[arg-type]  # deliberately loose test input
+
+
+def test_nonsense_metric_policies_are_refused() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        MetricPolicy(alpha=0.0, effect=2.0, margin=1.5)
+    with pytest.raises(ValueError, match="above 1"):
+        MetricPolicy(alpha=0.01, effect=1.0, margin=1.5)
+
+
+# ---------------------------------------------------------------- the controller's step rule
+
+
+def verdict_of(decision: str, ready: float | None) -> Verdict:
+    ev = {} if ready is None else {READY_KEY: ready}
+    return Verdict(decision, ("x",), ev)  # type: ignore[arg-type]  # decision from the table
+
+
+@pytest.mark.parametrize(
+    ("decision", "ready", "next_weight", "done", "action"),
+    [
+        ("rollback", 0.0, 25, False, "end"),
+        ("promote", 1.0, None, True, "end"),
+        ("continue", 0.0, None, True, "stay"),
+        ("continue", 1.0, 25, False, "stay"),
+        ("continue", 0.0, 25, True, "advance"),
+        ("continue", 0.0, 100, True, "stay"),
+        ("continue", 1.0, 100, True, "advance"),
+        ("continue", None, 100, True, "advance"),
+    ],
+)
+def test_step_action(
+    decision: str, ready: float | None, next_weight: int | None, done: bool, action: str
+) -> None:
+    got = step_action(verdict_of(decision, ready), next_weight=next_weight, step_done=done)
+    assert got == action
+
+
+def spec(version: str) -> VersionSpec:
+    return VersionSpec(version=version, artifact_path=f"/a/{version}.onnx", sha256="0" * 64)
+
+
+class SeededLoad:
+    """Synthetic traffic as Observations: ``per_call`` requests per call at the given weight."""
+
+    def __init__(self, *, canary_error: float = 0.01, per_call: int = 400) -> None:
+        self.rng = np.random.default_rng(0)
+        self.calls: list[int] = []
+        self.canary_error = canary_error
+        self.per_call = per_call
+
+    def __call__(self, weight: int) -> list[Observation]:
+        self.calls.append(weight)
+        batch = traffic(self.rng, self.per_call, weight, canary_error=self.canary_error)
+        return [
+            Observation("2" if c else "1", bool(ok), float(lat), None if k < 0 else bool(k), int(p))
+            for c, ok, lat, k, p in zip(
+                batch.canary,
+                batch.ok,
+                batch.latency_s,
+                batch.correct,
+                batch.prediction,
+                strict=True,
+            )
+        ]
+
+
+def run(
+    load: SeededLoad, *, step_max_seconds: float = 5.0, min_samples: int = 20
+) -> tuple[CanaryResult, FakeAdmin]:
+    admin = FakeAdmin(Deployment(model="m", champion=spec("1")))
+    result = run_canary(
+        admin,
+        model="m",
+        champion=spec("1"),
+        candidate=spec("2"),
+        steps=(5, 25, 50, 100),
+        judge=SequentialJudge(),
+        load=load,
+        min_samples=min_samples,
+        step_max_seconds=step_max_seconds,
+    )
+    return result, admin
+
+
+def test_controller_rolls_back_an_erroring_canary_inside_the_first_step() -> None:
+    load = SeededLoad(canary_error=0.30, per_call=200)
+    result, admin = run(load, min_samples=400)
+    assert result.decision == "rollback", result.reasons
+    assert set(load.calls) == {5}, "decided within the first step"
+    assert admin.current == Deployment(model="m", champion=spec("1"))
+
+
+def test_controller_holds_before_100_until_the_judge_is_sure_then_promotes() -> None:
+    load = SeededLoad()
+    result, admin = run(load, step_max_seconds=30.0)
+    assert result.decision == "promote", result.reasons
+    per_weight = {w: load.calls.count(w) for w in (5, 25, 50, 100)}
+    assert per_weight[50] > per_weight[25], f"the 50 % step waits for the judge: {per_weight}"
+    assert per_weight[100] == 1, "at 100 % the judge is already sure"
+    assert admin.current == Deployment(model="m", champion=spec("2"))
+
+
+def test_controller_gives_up_before_100_when_the_judge_stays_unsure() -> None:
+    load = SeededLoad(per_call=20)
+    result, admin = run(load, step_max_seconds=0.2)
+    assert result.decision == "rollback"
+    assert result.reasons[0] == "inconclusive at 50%", result.reasons
+    assert 100 not in load.calls, "an unproven canary never takes all traffic"
+    assert admin.current == Deployment(model="m", champion=spec("1"))
+
+
+# ---------------------------------------------------------------- peers: Flagger, Kayenta
+
+
+def test_flagger_rolls_back_after_five_failed_checks_with_its_evidence() -> None:
+    judge = FlaggerJudge()
+    judge.start("1", "2")
+    rng = np.random.default_rng(0)
+    decisions = []
+    for _ in range(5):
+        judge.observe_batch(traffic(rng, 12000, 5, canary_error=0.05), 5)  # one 60 s interval
+        decisions.append(judge.judge(stats("1", 1), stats("2", 1), 5))
+    assert [v.decision for v in decisions] == ["continue"] * 4 + ["rollback"]
+    ev = decisions[-1].evidence
+    assert ev["failed_checks"] == 5.0 and ev["threshold"] == 5.0
+    assert ev["check_success_rate"] < ev["min_success_rate"]
+
+
+def test_flagger_is_ready_after_its_iterations_pass_and_then_promotes_at_100() -> None:
+    judge = FlaggerJudge(iterations=2)
+    judge.start("1", "2")
+    rng = np.random.default_rng(0)
+    verdicts = []
+    for _ in range(2):
+        judge.observe_batch(traffic(rng, 2000, 50, canary_error=0.0), 50)
+        verdicts.append(judge.judge(stats("1", 1), stats("2", 1), 50))
+    assert [v.decision for v in verdicts] == ["continue", "continue"]
+    assert [v.evidence[READY_KEY] for v in verdicts] == [0.0, 1.0]
+    assert judge.judge(stats("1", 1), stats("2", 1), 100).decision == "promote"
+
+
+def test_mann_whitney_shift_finds_a_known_shift() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.normal(0.0, 1.0, 60)
+    shift = mann_whitney_shift(y + 5.0, y, 0.98)
+    assert shift.estimate == pytest.approx(5.0, abs=0.5)
+    assert shift.lower < 5.0 < shift.upper
+    none = mann_whitney_shift(rng.normal(0, 1, 60), rng.normal(0, 1, 60), 0.98)
+    assert none.lower < 0.0 < none.upper
+
+
+def test_kayenta_fails_a_window_with_high_latency_and_passes_a_clean_one() -> None:
+    rng = np.random.default_rng(0)
+    slow = KayentaJudge()
+    slow.start("1", "2")
+    slow.observe_batch(traffic(rng, 4000, 25, canary_latency_ms=60.0), 25)
+    verdict = slow.judge(stats("1", 1), stats("2", 1), 25)
+    assert verdict.decision == "rollback", verdict.reasons
+    assert verdict.evidence["latency_p99_high"] == 1.0 and verdict.evidence["score"] < 75
+
+    clean = KayentaJudge()
+    clean.start("1", "2")
+    clean.observe_batch(traffic(rng, 4000, 25), 25)
+    ok = clean.judge(stats("1", 1), stats("2", 1), 25)
+    assert ok.decision == "continue" and ok.evidence[READY_KEY] == 1.0, ok.reasons
+    assert clean.judge(stats("1", 1), stats("2", 1), 100).decision == "promote"
