@@ -9,7 +9,9 @@ on threads of their own.
 
 ``POST /v1/models/{model}/predict`` is served by a plain ASGI handler in front of the Starlette
 router: it is the hot path, and Starlette's request/response objects and middleware cost about
-as much as the model itself at batch 1. Every other route goes through Starlette.
+as much as the model itself at batch 1. So are the Open Inference Protocol (KServe v2) routes
+under ``/v2`` (:mod:`infra.gateway.oip`), which share its router and batchers through
+:meth:`Gateway.infer`. Every other route goes through Starlette.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from starlette.routing import Route
 from ballast.runtime import Predictor, load_predictor
 from ballast.serving import NPY_MEDIA_TYPE, Deployment, VersionSpec
 from ballast.settings import Settings
+from infra.gateway import oip
 from infra.gateway.auth import Principal, Role, TokenTable
 from infra.gateway.batcher import Batcher, BatchFailedError, BatchPolicy, OverloadedError
 from infra.gateway.desired import (
@@ -105,6 +108,8 @@ Send = Callable[[Message], Awaitable[None]]
 _PREDICT_PREFIX = "/v1/models/"
 _PREDICT_SUFFIX = "/predict"
 _NPY = NPY_MEDIA_TYPE.encode()
+_OIP_ROOT = "/v2"  # Open Inference Protocol (infra/gateway/oip.py)
+_OIP_PREFIX = "/v2/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -848,31 +853,9 @@ class Gateway:
         self, live: Live, slot: Slot, x: np.ndarray, accept: bytes | None
     ) -> tuple[int, bytes, bytes]:
         version = slot.loaded
-        if x.shape[1] != version.n_features:
-            msg = f"version {version.version} takes {version.n_features} features, got {x.shape[1]}"
-            return 422, dumps({"error": msg}), b"application/json"
-        fault = slot.spec.fault
-        if fault == "errors" and version.fault_rng.random() < self.config.fault_error_rate:
-            return 500, dumps({"error": "injected fault"}), b"application/json"
-        if fault == "latency":
-            await asyncio.sleep(self.config.fault_latency_s)
-        batcher = version.batcher
-        assert batcher is not None  # attached before the version was published
         try:
-            future = batcher.submit(x)
-        except OverloadedError as exc:
-            return 503, dumps({"error": f"overloaded, retry later: {exc}"}), b"application/json"
-        shadow = live.shadow
-        if (
-            shadow is not None
-            and live.deployment.shadow_fraction > 0
-            and self._shadow_rng.random() < live.deployment.shadow_fraction
-        ):
-            self._mirror(live, shadow, version, x, future)
-        try:
-            logits = await future
-        except BatchFailedError as exc:
-            self._log_inference_failure(version.version, exc)
+            logits = await self.infer(live, slot, x)
+        except BadRequestError as exc:
             return exc.status, dumps({"error": exc.message}), b"application/json"
         try:
             if accept is not None and _media_type(accept) == _NPY:
@@ -885,6 +868,40 @@ class Gateway:
                 dumps({"error": f"version {version.version} failed to predict"}),
                 (b"application/json"),
             )
+
+    async def infer(self, live: Live, slot: Slot, x: np.ndarray) -> np.ndarray:
+        """Logits of ``slot`` for ``x``: fault injection, the version's batcher, shadow mirror.
+
+        Shared by the predict route and the Open Inference Protocol routes (:mod:`.oip`).
+        Any answer other than 200 raises :class:`BadRequestError` with its HTTP status.
+        """
+        version = slot.loaded
+        if x.shape[1] != version.n_features:
+            msg = f"version {version.version} takes {version.n_features} features, got {x.shape[1]}"
+            raise BadRequestError(422, "feature_mismatch", msg)
+        fault = slot.spec.fault
+        if fault == "errors" and version.fault_rng.random() < self.config.fault_error_rate:
+            raise BadRequestError(500, "injected_fault", "injected fault")
+        if fault == "latency":
+            await asyncio.sleep(self.config.fault_latency_s)
+        batcher = version.batcher
+        assert batcher is not None  # attached before the version was published
+        try:
+            future = batcher.submit(x)
+        except OverloadedError as exc:
+            raise BadRequestError(503, "overloaded", f"overloaded, retry later: {exc}") from None
+        shadow = live.shadow
+        if (
+            shadow is not None
+            and live.deployment.shadow_fraction > 0
+            and self._shadow_rng.random() < live.deployment.shadow_fraction
+        ):
+            self._mirror(live, shadow, version, x, future)
+        try:
+            return await future
+        except BatchFailedError as exc:
+            self._log_inference_failure(version.version, exc)
+            raise BadRequestError(exc.status, "inference_failed", exc.message) from None
 
     # -- shadow --------------------------------------------------------------------------------
 
@@ -1081,6 +1098,10 @@ class GatewayApp:
                         with contextlib.suppress(Exception):  # the response had started
                             await _send_json(send, 500, {"error": "internal error"})
                     return
+            # -- Open Inference Protocol (KServe v2) routes: plain ASGI, see infra/gateway/oip.py
+            if path == _OIP_ROOT or path.startswith(_OIP_PREFIX):
+                await oip.dispatch(self.gateway, scope, receive, send)
+                return
         await self.router(scope, receive, send)
 
 
