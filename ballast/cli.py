@@ -12,6 +12,7 @@ from typing import Any, cast
 import typer
 from rich.table import Table
 
+from ballast.cli_approve import approve_command, audit_app
 from ballast.cli_data import data_app
 from ballast.cli_shared import console, fail
 from ballast.cli_stack import stack_app
@@ -29,6 +30,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 app.add_typer(canary_app, name="canary")
 app.add_typer(stack_app, name="stack")
+app.add_typer(audit_app, name="audit")
+app.command("approve")(approve_command)
 
 
 def _drop_library_info(record: logging.LogRecord) -> bool:

@@ -8,7 +8,7 @@ saying "promoted" can only follow a plan that was actually applied).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +20,8 @@ __all__ = [
     "ApprovalDecision",
     "ApprovalPolicy",
     "ApprovalStatus",
+    "Authorization",
+    "authorize_approval",
     "decide_approval",
     "next_weight",
     "plan_promotion",
@@ -76,6 +78,32 @@ def decide_approval(policy: ApprovalPolicy, checks: Mapping[str, bool]) -> Appro
     if policy == "manual":
         return ApprovalDecision("needs_human", (f"all {len(checks)} checks passed; policy manual",))
     return ApprovalDecision("approved", (f"all {len(checks)} checks passed; policy auto",))
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """May this person answer the approval gate? ``reason`` says why or why not."""
+
+    allowed: bool
+    reason: str
+
+
+def authorize_approval(
+    approver: str, run_starter: str | None, roles: Mapping[str, Collection[str]]
+) -> Authorization:
+    """Four-eyes rule: the approver must hold the ``approver`` role and must not have started
+    the run. Names compare after trimming and case-folding, so "Alice " cannot approve Alice's
+    run. An unknown starter (None) does not block an approver: there is no one to compare with.
+    """
+    name = approver.strip()
+    if not name:
+        return Authorization(False, "no approver name given")
+    held = {n.strip().casefold(): set(r) for n, r in roles.items()}
+    if "approver" not in held.get(name.casefold(), set()):
+        return Authorization(False, f"{name!r} does not hold the approver role")
+    if run_starter is not None and run_starter.strip().casefold() == name.casefold():
+        return Authorization(False, f"{name!r} started this run and cannot approve it")
+    return Authorization(True, f"{name!r} holds the approver role and did not start the run")
 
 
 @dataclass(frozen=True, slots=True)

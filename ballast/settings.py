@@ -150,6 +150,12 @@ class Settings(BaseSettings):
             fh.write(token)
         return token
 
+    # --- Approval roles (issue 9, approval gate; added by the approval helper) ---------------
+    # A JSON file {"name": ["approver", "operator", "admin"], ...}, mode 0600, outside the repo;
+    # None means no file. ``approvers`` grants the approver role to more names on top of it.
+    roles_file: Path | None = None
+    approvers: tuple[str, ...] = ()
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -1,17 +1,62 @@
 """Stage 6: release approval. Policy ``auto`` decides from the checks; ``manual`` pauses the flow
-run with a typed form (Prefect renders it in the UI; ``resume_flow_run`` answers it from code)."""
+run with a typed form (Prefect renders it in the UI; ``resume_flow_run`` or ``ballast approve``
+answers it from code).
+
+Who started the run: :func:`ballast.audit.current_actor` evaluated here, in the flow's own process
+(``request_approval`` is a plain function called by the flow, not a task shipped elsewhere), so it
+is the actor that launched the run. It is recorded as ``started_by`` in the audit log, on the model
+version and in the form's description. An answer from someone without the approver role, or from
+the starter, is refused (audit action ``approval_refused``) and the run pauses again with a fresh
+pause key, waiting for a valid answer until the original timeout runs out. A timed-out approval is
+a rejection that changes nothing.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Mapping
 from typing import Any
 
+from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from ballast.audit import record
+from ballast.audit import current_actor, record
+from ballast.release import TAG_APPROVAL
+from ballast.roles import roles_from_settings
 from ballast.settings import get_settings
-from tasks.common import logger
+from tasks.common import logger, registry
+
+__all__ = [
+    "TAG_APPROVAL_BY",
+    "TAG_APPROVAL_REASON",
+    "TAG_APPROVAL_STARTED_BY",
+    "ApprovalForm",
+    "evidence_markdown",
+    "request_approval",
+]
+
+TAG_APPROVAL_BY = f"{TAG_APPROVAL}.by"
+TAG_APPROVAL_REASON = f"{TAG_APPROVAL}.reason"
+TAG_APPROVAL_STARTED_BY = f"{TAG_APPROVAL}.started_by"
+
+# Evidence sections of the form, chosen by words in the metric's name (first match wins).
+_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Evaluation against the champion", ("champion", "delta", "baseline")),
+    ("Parity (compiled vs eager)", ("parity", "max_abs", "rtol")),
+    ("Benchmark", ("latency", "throughput", "bench", "_ms", "qps", "rps")),
+    ("Data checks", ("rows", "data_", "null", "valid")),
+)
+
+
+def _section(metric: str) -> str:
+    low = metric.lower()
+    for title, words in _SECTIONS:
+        if any(w in low for w in words):
+            return title
+    return "Training and evaluation"
 
 
 class ApprovalForm(RunInput):
@@ -23,46 +68,122 @@ class ApprovalForm(RunInput):
 
 
 def evidence_markdown(
-    model: str, version: str, checks: dict[str, bool], metrics: dict[str, float]
+    model: str,
+    version: str,
+    checks: Mapping[str, bool],
+    metrics: Mapping[str, float],
+    started_by: str | None = None,
 ) -> str:
+    """The form's description: every check, then the metrics grouped into evidence sections."""
     rows = "\n".join(f"| {k} | {'pass' if v else 'FAIL'} |" for k, v in checks.items())
-    mrows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
-    return (
-        f"## Approve {model} version {version}?\n\n| check | result |\n|---|---|\n{rows}\n\n"
-        f"| metric | value |\n|---|---|\n{mrows}\n"
-    )
+    out = [f"## Approve {model} version {version}?\n"]
+    if started_by:
+        out.append(
+            f"Run started by **{started_by}**: approval needs the approver role and someone else.\n"
+        )
+    out.append(f"### Checks\n\n| check | result |\n|---|---|\n{rows}\n")
+    grouped: dict[str, list[str]] = {}
+    for k, v in sorted(metrics.items()):
+        grouped.setdefault(_section(k), []).append(f"| {k} | {v:.6g} |")
+    for title, _ in (*_SECTIONS, ("Training and evaluation", ())):
+        if title in grouped:
+            body = "\n".join(grouped[title])
+            out.append(f"### {title}\n\n| metric | value |\n|---|---|\n{body}\n")
+    return "\n".join(out)
+
+
+def _wait_for_valid_answer(
+    *,
+    model: str,
+    version: str,
+    form: Any,
+    started_by: str,
+) -> Any | None:
+    """Pause until an authorised answer arrives (returned) or the timeout runs out (None)."""
+    from ballast.decisions import authorize_approval
+
+    s = get_settings()
+    log = logger()
+    roles = roles_from_settings(s)  # a bad roles file fails here, before anyone is asked
+    deadline = time.monotonic() + s.approval_timeout_s
+    attempt = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        attempt += 1
+        try:
+            # A fresh key per attempt: Prefect keys the stored input by the pause key, so a
+            # reused key would hand back the refused answer again.
+            answer = pause_flow_run(
+                wait_for_input=form,
+                timeout=max(1, math.ceil(remaining)),
+                poll_interval=s.approval_poll_s,
+                key=f"approval-{version}-{attempt}",
+            )
+        except FlowPauseTimeout:
+            log.warning("stage=approve timed out after %d answer(s)", attempt - 1)
+            return None
+        auth = authorize_approval(answer.approver, started_by, roles)
+        if auth.allowed:
+            return answer
+        record(
+            s.audit_log,
+            "approval_refused",
+            model=model,
+            version=version,
+            approver=answer.approver,
+            approve=bool(answer.approve),
+            reason=auth.reason,
+            answer_reason=answer.reason,
+            started_by=started_by,
+        )
+        log.warning("stage=approve refused answer: %s; waiting again", auth.reason)
 
 
 def request_approval(
     *, model: str, version: str, checks: dict[str, bool], metrics: dict[str, float], policy: str
 ) -> tuple[bool, str, str]:
-    """Returns (approved, approver, reason). Must run inside a flow: it may pause the run."""
+    """Returns (approved, approver, reason). Must run inside a flow: it may pause the run.
+
+    The decision, approver, reason and starter are tagged on the model version here and written
+    to the audit log.
+    """
     from ballast.decisions import decide_approval
 
     s = get_settings()
     log = logger()
+    started_by = current_actor()
     decision = decide_approval(policy, checks)  # type: ignore[arg-type]
+    status = "approved" if decision.approved else "rejected"
     if not decision.needs_human:
         approved, approver, reason = decision.approved, "policy:auto", decision.reason
     else:
         form: Any = ApprovalForm.with_initial_data(
-            description=evidence_markdown(model, version, checks, metrics),
+            description=evidence_markdown(model, version, checks, metrics, started_by),
             approve=False,
             approver="",
             reason="",
         )
         log.info("stage=approve model=%s version=%s waiting for a human", model, version)
-        try:
-            answer = pause_flow_run(
-                wait_for_input=form, timeout=s.approval_timeout_s, poll_interval=s.approval_poll_s
-            )
-        except Exception as exc:  # FlowPauseTimeout: a timed-out approval is a rejection
-            answer = None
-            log.warning("stage=approve timed out: %s", type(exc).__name__)
+        answer = _wait_for_valid_answer(
+            model=model, version=version, form=form, started_by=started_by
+        )
         if answer is None:
-            approved, approver, reason = False, "timeout", "approval timed out"
+            approved, approver, reason, status = False, "timeout", "approval timed out", "timeout"
         else:
             approved, approver, reason = bool(answer.approve), answer.approver, answer.reason
+            status = "approved" if approved else "rejected"
+    registry(s).set_tags(
+        model,
+        version,
+        {
+            TAG_APPROVAL: status,
+            TAG_APPROVAL_BY: approver,
+            TAG_APPROVAL_REASON: reason,
+            TAG_APPROVAL_STARTED_BY: started_by,
+        },
+    )
     record(
         s.audit_log,
         "approve" if approved else "reject",
@@ -71,6 +192,7 @@ def request_approval(
         approver=approver,
         reason=reason,
         checks=checks,
+        started_by=started_by,
     )
     log.info(
         "stage=approve model=%s version=%s approved=%s by=%s", model, version, approved, approver

@@ -1,25 +1,46 @@
 """Manual approval: the run pauses with a typed form; a rejection changes nothing, an approval
-continues to the canary. Answers arrive through Prefect's API as the UI would send them."""
+continues to the canary. Answers arrive through Prefect's API as the UI would send them, or
+through ``ballast approve`` run in-process. The run's starter is ``ops-starter`` (BALLAST_ACTOR);
+alice, bob, carol and ops-starter hold the approver role."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import typer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
+from typer.testing import CliRunner
 
 from ballast.audit import read as read_audit
-from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_STATUS
-from ballast.settings import Settings
+from ballast.audit import verify_chain
+from ballast.cli_approve import approve_command
+from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_APPROVAL, TAG_STATUS
+from ballast.settings import Settings, get_settings
 from flows.release import release_flow
 from model_registry import Registry
+from tasks.approval import TAG_APPROVAL_BY, TAG_APPROVAL_REASON, TAG_APPROVAL_STARTED_BY
 
 pytestmark = pytest.mark.flow
+
+STARTER = "ops-starter"
+
+
+@pytest.fixture(scope="module")
+def approval_env(release_env: Settings) -> Iterator[Settings]:
+    """release_env plus approvers and a known starter (the flow runs in this process)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BALLAST_APPROVERS", f'["alice", "bob", "carol", "{STARTER}"]')
+        mp.setenv("BALLAST_ACTOR", STARTER)
+        get_settings.cache_clear()
+        yield get_settings()
+    get_settings.cache_clear()
 
 
 def _paused_run_id(timeout: float = 120.0) -> Any:
@@ -37,6 +58,21 @@ def _paused_run_id(timeout: float = 120.0) -> Any:
     raise AssertionError("no flow run paused for approval within the bound")
 
 
+def _wait_for(what: str, cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _state(run_id: Any) -> StateType | None:
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    return state.type if state else None
+
+
 def _run_in_thread(**kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
     box: dict[str, Any] = {}
 
@@ -51,8 +87,8 @@ def _run_in_thread(**kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, box
 
 
-def test_manual_policy_pauses_and_a_rejection_changes_nothing(release_env: Settings) -> None:
-    s = release_env
+def test_manual_policy_pauses_and_a_rejection_changes_nothing(approval_env: Settings) -> None:
+    s = approval_env
     reg = Registry(s.tracking_uri, s.artifact_root)
     champion_before = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
     thread, box = _run_in_thread()
@@ -74,8 +110,8 @@ def test_manual_policy_pauses_and_a_rejection_changes_nothing(release_env: Setti
     )
 
 
-def test_manual_approval_continues_to_the_canary(release_env: Settings) -> None:
-    s = release_env
+def test_manual_approval_continues_to_the_canary(approval_env: Settings) -> None:
+    s = approval_env
     thread, box = _run_in_thread()
     run_id = _paused_run_id()
     resume_flow_run(
@@ -86,3 +122,74 @@ def test_manual_approval_continues_to_the_canary(release_env: Settings) -> None:
     assert box["report"].outcome == "promoted"
     reg = Registry(s.tracking_uri, s.artifact_root)
     assert reg.get_by_alias(s.model_name, ALIAS_CHAMPION).version == box["report"].version  # type: ignore[union-attr]
+
+
+def test_refused_answers_keep_the_run_waiting_until_an_approver_answers_by_cli(
+    approval_env: Settings,
+) -> None:
+    s = approval_env
+    app = typer.Typer()
+    app.command("approve")(approve_command)
+    app.command("noop")(lambda: None)  # two commands, so "approve" stays a subcommand
+    thread, box = _run_in_thread()
+    run_id = _paused_run_id()
+    refused_before = sum(e["action"] == "approval_refused" for e in read_audit(s.audit_log))
+
+    # The starter holds the role but may not approve their own run: refused, the run waits again.
+    resume_flow_run(run_id, run_input={"approve": True, "approver": STARTER, "reason": "mine"})
+    _wait_for(
+        "the refusal in the audit log",
+        lambda: (
+            sum(e["action"] == "approval_refused" for e in read_audit(s.audit_log)) > refused_before
+        ),
+    )
+    _wait_for("the run to pause again", lambda: _state(run_id) == StateType.PAUSED)
+    refused = [e for e in read_audit(s.audit_log) if e["action"] == "approval_refused"][-1]
+    assert refused["approver"] == STARTER and "started this run" in refused["reason"]
+
+    # No role: refused locally by the CLI, nothing is sent, the run stays paused.
+    local = CliRunner().invoke(app, ["approve", str(run_id), "--as", "mallory", "--reason", "x"])
+    assert local.exit_code == 2 and "approver role" in local.output, local.output
+    assert _state(run_id) == StateType.PAUSED
+
+    # An approver rejects through the CLI: the run ends rejected, recorded on the version.
+    sent = CliRunner().invoke(
+        app, ["approve", str(run_id), "--as", "carol", "--reject", "--reason", "too thin"]
+    )
+    assert sent.exit_code == 0, sent.output
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    report = box["report"]
+    assert report.outcome == "rejected" and report.reason == "too thin"
+    tags = Registry(s.tracking_uri, s.artifact_root).get_version(s.model_name, report.version).tags
+    assert tags[TAG_APPROVAL] == "rejected" and tags[TAG_APPROVAL_BY] == "carol"
+    assert tags[TAG_APPROVAL_REASON] == "too thin" and tags[TAG_APPROVAL_STARTED_BY] == STARTER
+    assert verify_chain(s.audit_log) == [], "the flows' audit entries must chain"
+
+
+@pytest.fixture
+def short_timeout(approval_env: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    monkeypatch.setenv("BALLAST_APPROVAL_TIMEOUT_S", "3")
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()  # before monkeypatch restores the module's environment
+
+
+def test_a_timed_out_approval_is_a_rejection_that_changes_nothing(
+    short_timeout: Settings,
+) -> None:
+    s = short_timeout
+    reg = Registry(s.tracking_uri, s.artifact_root)
+    champion_before = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    thread, box = _run_in_thread()
+    run_id = _paused_run_id()
+    # A refused answer does not extend the wait: the deadline counts from the first pause.
+    resume_flow_run(run_id, run_input={"approve": True, "approver": "mallory", "reason": "pls"})
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    report = box["report"]
+    assert report.outcome == "rejected" and report.reason == "approval timed out"
+    version = reg.get_version(s.model_name, report.version)
+    assert version.tags[TAG_APPROVAL] == "timeout" and version.tags[TAG_STATUS] == "rejected"
+    after = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    assert (after and after.version) == (champion_before and champion_before.version)

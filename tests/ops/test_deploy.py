@@ -53,6 +53,7 @@ def release_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
         "BALLAST_CANARY_STEP_MAX_SECONDS": "8",
         "BALLAST_CANARY_MIN_SAMPLES": "30",
         "BALLAST_APPROVAL_POLL_S": "1",
+        "BALLAST_APPROVERS": '["ci"]',
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The worker asks for work every 2 s instead of 10.

@@ -19,7 +19,17 @@ def runner() -> CliRunner:
 
 def test_help_lists_every_command(runner: CliRunner) -> None:
     out = runner.invoke(app, ["--help"]).output
-    for command in ("demo", "keys", "data", "release", "serve", "rollback", "status"):
+    for command in (
+        "demo",
+        "keys",
+        "data",
+        "release",
+        "serve",
+        "rollback",
+        "status",
+        "approve",
+        "audit",
+    ):
         assert command in out, f"{command} missing from --help"
 
 

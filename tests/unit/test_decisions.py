@@ -9,6 +9,7 @@ from ballast.decisions import (
     CHAMPION,
     PREVIOUS,
     AliasPlan,
+    authorize_approval,
     decide_approval,
     next_weight,
     plan_promotion,
@@ -146,3 +147,36 @@ def test_bad_steps_are_refused(steps: tuple[int, ...]) -> None:
         validate_steps(steps)
     with pytest.raises(ValueError, match="canary steps"):
         next_weight(steps, 0)
+
+
+# -- authorize_approval: the four-eyes rule ---------------------------------------------------
+
+ROLES = {
+    "alice": frozenset({"approver"}),
+    "bob": frozenset({"operator"}),
+    "carol": frozenset({"approver", "admin"}),
+}
+
+
+@pytest.mark.parametrize(
+    ("approver", "starter", "allowed", "says"),
+    [
+        ("alice", "bob", True, "holds the approver role"),
+        ("bob", "alice", False, "does not hold the approver role"),
+        ("mallory", "alice", False, "does not hold the approver role"),
+        ("alice", "alice", False, "started this run"),
+        (" Alice ", "alice", False, "started this run"),
+        ("carol", None, True, "holds the approver role"),
+        ("", "bob", False, "no approver name"),
+    ],
+)
+def test_authorize_approval_needs_the_role_and_a_second_person(
+    approver: str, starter: str | None, allowed: bool, says: str
+) -> None:
+    auth = authorize_approval(approver, starter, ROLES)
+    assert auth.allowed is allowed, auth.reason
+    assert says in auth.reason, f"reason {auth.reason!r} does not say {says!r}"
+
+
+def test_authorize_approval_with_no_roles_configured_refuses_everyone() -> None:
+    assert not authorize_approval("alice", "bob", {}).allowed

@@ -1,0 +1,94 @@
+"""``ballast approve`` and ``ballast audit verify``: answer a paused release from the shell, and
+check the audit log's hash chain.
+
+``approve`` refuses locally (exit 2) when the name lacks the approver role, before anything is
+sent; the paused flow checks again (role, and that the approver did not start the run), because
+anyone can call Prefect's API directly. Prefect is imported inside the command so ``ballast
+--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import UUID
+
+import typer
+
+from ballast.cli_shared import console, err, fail
+from ballast.errors import BallastError
+
+__all__ = ["approve_command", "audit_app", "audit_verify"]
+
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+
+
+def approve_command(
+    run_id: str = typer.Argument(..., help="Id of the flow run paused for approval."),
+    name: str = typer.Option(..., "--as", help="Your name; it must hold the approver role."),
+    reject: bool = typer.Option(False, "--reject", help="Reject the version instead."),
+    reason: str = typer.Option(..., "--reason", help="Why (recorded on the model version)."),
+) -> None:
+    """Approve (or --reject) the release paused in flow run RUN_ID."""
+    from ballast.audit import record
+    from ballast.decisions import authorize_approval
+    from ballast.roles import roles_from_settings
+    from ballast.settings import get_settings
+
+    s = get_settings()
+    try:
+        flow_run_id = UUID(run_id)
+    except ValueError:
+        fail(BallastError(f"{run_id!r} is not a flow run id (a UUID)", stage="approve"))
+    if not reason.strip():
+        fail(BallastError("--reason must not be empty", stage="approve"))
+    try:
+        roles = roles_from_settings(s)
+    except BallastError as exc:
+        fail(exc)
+    # The starter is known only inside the run; the flow applies that half of the rule.
+    auth = authorize_approval(name, None, roles)
+    if not auth.allowed:
+        record(
+            s.audit_log,
+            "approval_refused",
+            model=s.model_name,
+            version=None,
+            approver=name,
+            approve=not reject,
+            reason=auth.reason,
+            flow_run_id=run_id,
+            where="cli",
+        )
+        fail(BallastError(f"refused: {auth.reason}", stage="approve"))
+
+    from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
+    from prefect.flow_runs import resume_flow_run
+
+    answer = {"approve": not reject, "approver": name.strip(), "reason": reason}
+    try:
+        resume_flow_run(flow_run_id, run_input=answer)
+    except ObjectNotFound:
+        fail(BallastError(f"no flow run {run_id}", stage="approve"))
+    except (NotPausedError, FlowPauseTimeout) as exc:
+        fail(BallastError(f"flow run {run_id} is not waiting for approval: {exc}", stage="approve"))
+    except RuntimeError as exc:  # Prefect's refusal, e.g. input that fails the form's schema
+        fail(BallastError(f"Prefect refused the answer: {exc}", stage="approve"))
+    verdict = "rejected" if reject else "approved"
+    console.print(f"{verdict} flow run {run_id} as {name.strip()}: sent to the paused run")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    path: Path | None = typer.Argument(None, help="Audit log (default: the one in state_dir)."),
+) -> None:
+    """Check the hash chain; exit 1 naming the first broken entry if anything was edited."""
+    from ballast.audit import verify_chain
+    from ballast.settings import get_settings
+
+    target = path or get_settings().audit_log
+    problems = verify_chain(target)
+    if problems:
+        for p in problems:
+            err.print(f"[bold red]audit[/] {p}")
+        raise typer.Exit(code=1)
+    console.print(f"audit log {target}: chain intact")

@@ -1,0 +1,85 @@
+"""The hash-chained audit log: appends chain, and edits, deletions and reorders are found."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from ballast.audit import GENESIS, line_hash, read, record, verify_chain
+
+
+def _log(tmp_path: Path, n: int = 4) -> Path:
+    path = tmp_path / "audit" / "audit.jsonl"
+    for i in range(n):
+        record(path, "approve", model="m", version=str(i), approver="alice", reason=f"r{i}")
+    return path
+
+
+def test_each_entry_holds_the_hash_of_the_previous_line(tmp_path: Path) -> None:
+    path = _log(tmp_path, 3)
+    lines = path.read_bytes().splitlines()
+    entries = read(path)
+    assert [e["version"] for e in entries] == ["0", "1", "2"]
+    assert entries[0]["prev"] == GENESIS
+    assert entries[1]["prev"] == line_hash(lines[0])
+    assert entries[2]["prev"] == line_hash(lines[1])
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, "the log must be private"
+
+
+def test_an_intact_chain_verifies(tmp_path: Path) -> None:
+    assert verify_chain(_log(tmp_path)) == []
+
+
+def test_an_edited_middle_line_is_reported_at_the_next_entry(tmp_path: Path) -> None:
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["approver"] = "mallory"
+    lines[1] = json.dumps(entry, sort_keys=True)
+    path.write_text("\n".join(lines) + "\n")
+    problems = verify_chain(path)
+    assert len(problems) == 1 and problems[0].startswith("line 3:"), problems
+
+
+def test_a_deleted_middle_line_is_reported(tmp_path: Path) -> None:
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    del lines[1]
+    path.write_text("\n".join(lines) + "\n")
+    problems = verify_chain(path)
+    assert len(problems) == 1 and problems[0].startswith("line 2:"), problems
+
+
+def test_reordered_lines_are_reported(tmp_path: Path) -> None:
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    lines[1], lines[2] = lines[2], lines[1]
+    path.write_text("\n".join(lines) + "\n")
+    assert verify_chain(path), "a swap of two entries went unnoticed"
+
+
+def test_a_deleted_first_line_is_reported(tmp_path: Path) -> None:
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[1:]) + "\n")
+    assert verify_chain(path)[0].startswith("line 1:")
+
+
+def test_garbage_and_unchained_lines_are_reported(tmp_path: Path) -> None:
+    path = _log(tmp_path, 2)
+    with path.open("a") as fh:
+        fh.write("not json\n")
+        fh.write(json.dumps({"action": "approve"}) + "\n")
+    problems = verify_chain(path)
+    assert any("not valid JSON" in p for p in problems)
+    assert any("no prev hash" in p for p in problems)
+
+
+def test_appends_after_a_long_entry_still_chain(tmp_path: Path) -> None:
+    # The last line is found by reading backwards in blocks; cross a block boundary.
+    path = tmp_path / "audit.jsonl"
+    record(path, "note", model="m", version=None, blob="x" * 10_000)
+    record(path, "note", model="m", version=None)
+    assert verify_chain(path) == []
