@@ -193,15 +193,36 @@ def status(model: str = typer.Argument(None)) -> None:
 
 @app.command()
 def demo(
-    fault: str = typer.Option("errors", help="Fault injected into release 2."),
+    fault: str = typer.Option("errors", help="Fault injected into release 2: errors | latency."),
 ) -> None:
-    """Release 1 (promoted), then a broken release 2 that the canary rolls back."""
+    """Release 1 (promoted), then a broken release 2 that the canary rolls back.
+
+    The demo works in its own state folder (``<state_dir>/demo``, made afresh each time) and on a
+    free port, so it never touches your registry, your champion or a gateway you run.
+    """
+    import os
+    import shutil
+
     from ballast.demo import run_demo
     from ballast.serving import Fault
 
-    if fault not in ("errors", "latency", "bad-weights"):
-        raise typer.BadParameter("fault must be errors, latency or bad-weights")
+    if fault not in ("errors", "latency"):
+        raise typer.BadParameter("fault must be errors or latency (bad-weights stops at the gate)")
+    # Set before the process's one settings object is first read.
+    demo_dir = Path(os.environ.get("BALLAST_STATE_DIR", ".ballast")) / "demo"
+    shutil.rmtree(demo_dir, ignore_errors=True)
+    os.environ["BALLAST_STATE_DIR"] = str(demo_dir)
+    os.environ["BALLAST_GATEWAY_PORT"] = str(_free_port())
+    get_settings.cache_clear()
     raise typer.Exit(code=run_demo(get_settings(), fault=cast(Fault, fault), console=console))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # -- bench and canary tools: each lives in its own module with an argparse main(argv) ----------
