@@ -19,6 +19,7 @@ A stream judge is stateful: :meth:`StreamJudge.start` begins a canary and forget
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
@@ -422,7 +423,7 @@ class StreamJudge(Judge, Protocol):
     def observe_batch(self, batch: ObservationBatch, step_weight: int) -> None: ...
 
 
-class StreamJudgeBase:
+class StreamJudgeBase(ABC):
     """The :meth:`start` / :meth:`observe` plumbing shared by stream judges.
 
     Subclasses implement ``_reset`` (forget everything), ``observe_batch`` and ``judge``.
@@ -448,11 +449,13 @@ class StreamJudgeBase:
         )
         self.observe_batch(batch, step_weight)
 
+    @abstractmethod
     def _reset(self) -> None:
-        raise NotImplementedError
+        """Forget everything observed (a new canary starts)."""
 
+    @abstractmethod
     def observe_batch(self, batch: ObservationBatch, step_weight: int) -> None:
-        raise NotImplementedError
+        """Take in one batch routed at ``step_weight`` percent."""
 
 
 @dataclass(frozen=True, slots=True)
