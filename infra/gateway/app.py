@@ -66,11 +66,13 @@ from infra.gateway.versions import (
 )
 from infra.gateway.wire import (
     BadRequestError,
+    ClientGoneError,
     dumps,
     encode_prediction,
     encode_probabilities_npy,
     parse_instances,
     parse_npy,
+    read_asgi_body,
     softmax,
 )
 
@@ -206,41 +208,6 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BadRequestError(413, "too_large", f"body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _read_asgi_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise BadRequestError(400, "bad_length", "invalid Content-Length header") from None
-        if length > limit:
-            raise BadRequestError(413, "too_large", f"body of {length} bytes exceeds {limit} bytes")
-    message = await receive()
-    if message["type"] != "http.request":
-        raise _ClientGone
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise BadRequestError(413, "too_large", f"body exceeds {limit} bytes")
-        return body
-    chunks = [body]
-    size = len(body)
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BadRequestError(413, "too_large", f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _default_loader(path: Path, backend: str, intra_op_threads: int) -> Predictor:
@@ -819,7 +786,7 @@ class Gateway:
                     f"content type {media.decode('latin-1')!r} is not supported: send "
                     f"application/json or {NPY_MEDIA_TYPE}",
                 )
-            body = await _read_asgi_body(receive, length, self.config.max_body_bytes)
+            body = await read_asgi_body(receive, length, self.config.max_body_bytes)
             if npy:
                 x = parse_npy(body, self.config.max_rows)
             else:
@@ -828,7 +795,7 @@ class Gateway:
             self.metrics.rejected.labels(exc.reason).inc()
             await _send_json(send, exc.status, {"error": exc.message})
             return
-        except _ClientGone:
+        except ClientGoneError:
             return
         slot = live.route(None if key is None else key.decode("latin-1"), self._rng)
         assert slot is not None  # live.slots is not empty

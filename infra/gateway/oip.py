@@ -32,7 +32,7 @@ import numpy as np
 
 from infra.gateway.batcher import BatchFailedError, OverloadedError
 from infra.gateway.versions import Live, LoadedVersion, Slot
-from infra.gateway.wire import BadRequestError, dumps, loads
+from infra.gateway.wire import BadRequestError, ClientGoneError, dumps, loads, read_asgi_body
 
 if TYPE_CHECKING:
     from infra.gateway.app import Gateway
@@ -306,23 +306,6 @@ async def _send_json(send: Send, status: int, obj: Any) -> None:
     await _send(send, status, dumps(obj), _JSON, [])
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole body (None if the client left); 413 past ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BadRequestError(413, "too_large", f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 def _serving(gw: Gateway, model: str, version: str | None) -> tuple[Live, tuple[Slot, ...]]:
     """The live snapshot and the serving slots for ``model`` (one, when pinned to ``version``)."""
     live = gw.live
@@ -419,8 +402,9 @@ async def _infer(
             except ValueError:
                 raise _bad(f"invalid {BINARY_HEADER} header {value!r}") from None
     live, slots = _serving(gw, model, version)
-    body = await _read_body(receive, gw.config.max_body_bytes)
-    if body is None:
+    try:
+        body = await read_asgi_body(receive, None, gw.config.max_body_bytes)
+    except ClientGoneError:
         return  # the client left
     # Pinned: that version. Else the predict route's router: canary weight, sticky key.
     slot = slots[0] if version is not None else live.route(key, gw._rng)

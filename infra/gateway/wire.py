@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from starlette.types import Receive
 
 __all__ = [
     "BadRequestError",
@@ -228,3 +229,39 @@ def dumps(obj: Any) -> bytes:
 def loads(body: bytes) -> Any:
     """Parse JSON bytes (orjson when present); ValueError on malformed input."""
     return _loads(body)
+
+
+class ClientGoneError(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def read_asgi_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    """The whole request body; 400/413 on a bad or oversized length, ClientGoneError if it left."""
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BadRequestError(400, "bad_length", "invalid Content-Length header") from None
+        if length > limit:
+            raise BadRequestError(413, "too_large", f"body of {length} bytes exceeds {limit} bytes")
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientGoneError
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise BadRequestError(413, "too_large", f"body exceeds {limit} bytes")
+        return body
+    chunks = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGoneError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BadRequestError(413, "too_large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
