@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-CHAMPION = "champion"
-CANDIDATE = "candidate"
-PREVIOUS = "previous"
+# One alias vocabulary for the whole project, defined with the decisions that move the aliases.
+from ballast.decisions import CANDIDATE, CHAMPION, PREVIOUS
+
+__all__ = ["CANDIDATE", "CHAMPION", "PREVIOUS", "ModelVersionInfo", "PromotionResult", "model_uri"]
 
 
 def model_uri(name: str, alias: str = CHAMPION) -> str:
