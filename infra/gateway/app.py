@@ -138,6 +138,9 @@ class GatewayConfig:
     tokens: tuple[tuple[str, Principal], ...] = ()
     # How long a PUT waits for the other replicas to serve what it published.
     converge_timeout_s: float = 5.0
+    # How long a starting replica may spend loading the desired deployment before it takes
+    # connections; past it, it starts unready and keeps converging in the background.
+    startup_sync_timeout_s: float = 60.0
     # A shadow this many rows behind gets no more mirrored requests until it catches up.
     shadow_max_queue_rows: int = 512
     shadow_log_size: int = 50  # recent disagreements kept for /admin/shadow
@@ -271,6 +274,7 @@ class Gateway:
             source=None if self.source is None else self.source.describe(),
         )
         if self.source is not None:
+            await self._first_sync()
             self._spawn(self._sync_loop())
         try:
             yield
@@ -288,6 +292,21 @@ class Gateway:
             self._loading.shutdown(wait=True)
             self._io.shutdown(wait=True)
             self._log("gateway.stopped", replica=self.replica_id, answered=self.answered)
+
+    async def _first_sync(self) -> None:
+        """Converge to the desired state before the server accepts a connection.
+
+        Replicas share one listening socket: a replica (re)started by the supervisor would
+        otherwise take connections while it still serves nothing and answer them 503. The
+        server accepts only after the lifespan starts, so load first (bounded), then join the
+        board, so a PUT on another replica waits for this one too.
+        """
+        try:
+            await asyncio.wait_for(self.sync_once(), self.config.startup_sync_timeout_s)
+        except TimeoutError:
+            self.sync_error = "the desired deployment did not load in time at start"
+            self._log("sync.startup_timeout", seconds=self.config.startup_sync_timeout_s)
+        await self._report()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -791,6 +810,15 @@ class Gateway:
                 x = parse_npy(body, self.config.max_rows)
             else:
                 x = parse_instances(body, self.config.max_rows)
+            # Reading the body awaited: a deployment may have swapped in meanwhile and retired
+            # the versions of the first snapshot. Route on the one in force now.
+            live = self.live
+            if live is None or not live.slots:
+                raise BadRequestError(503, "not_deployed", "no model version is deployed")
+            if model != live.model:
+                raise BadRequestError(
+                    404, "unknown_model", f"unknown model {model!r}; serving {live.model!r}"
+                )
         except BadRequestError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             await _send_json(send, exc.status, {"error": exc.message})

@@ -406,6 +406,9 @@ async def _infer(
         body = await read_asgi_body(receive, None, gw.config.max_body_bytes)
     except ClientGoneError:
         return  # the client left
+    # Awaiting the body may have let a deployment swap in and retire what the first snapshot
+    # held: route on the deployment in force now, never on a version being unloaded.
+    live, slots = _serving(gw, model, version)
     # Pinned: that version. Else the predict route's router: canary weight, sticky key.
     slot = slots[0] if version is not None else live.route(key, gw._rng)
     assert slot is not None  # live.slots is not empty

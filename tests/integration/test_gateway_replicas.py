@@ -155,6 +155,7 @@ def test_switching_under_load_drops_nothing_and_sigterm_drains(
     lock = threading.Lock()
     stop = threading.Event()
     terminating = threading.Event()
+    errors: list[str] = []  # the first few non-200 bodies, for the failure message
 
     def load() -> None:
         with httpx.Client(base_url=gw.url, trust_env=False, timeout=10) as http:
@@ -173,10 +174,14 @@ def test_switching_under_load_drops_nothing_and_sigterm_drains(
                     continue
                 with lock:
                     outcomes[str(resp.status_code)] += 1
+                    if resp.status_code != 200 and len(errors) < 5:
+                        errors.append(resp.text)
                     seen_versions.add(resp.headers.get("X-Ballast-Version", "?"))
 
     try:
         with GatewayClient(gw.url, settings.admin_token()) as admin:
+            # Both on the board first, so the PUT waits until both serve it.
+            wait_for(lambda: len(board(admin)) == 2, 20, "both replicas reporting")
             admin.set_deployment(Deployment(model=MODEL, champion=one))
             threads = [threading.Thread(target=load) for _ in range(4)]
             for t in threads:
@@ -206,7 +211,7 @@ def test_switching_under_load_drops_nothing_and_sigterm_drains(
         gw.stop()
     ok = outcomes["200"]
     assert before.get("200", 0) > 100, before
-    assert not [k for k in before if k != "200"], f"failures while switching: {before}"
+    assert not [k for k in before if k != "200"], f"failures while switching: {before} {errors}"
     assert seen_versions == {"1", "2"}
     assert code == 0 and stopped_in < 15
     unexpected = {k: v for k, v in outcomes.items() if k != "200" and not k.startswith("refused")}

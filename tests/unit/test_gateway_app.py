@@ -6,6 +6,7 @@ in for a predictor that blocks, fails or returns garbage where a test needs one.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
@@ -436,6 +437,59 @@ def test_unload_stops_waiting_after_its_bound(artefacts: dict[str, Path]) -> Non
         while not rec.closed and time.monotonic() < deadline:
             time.sleep(0.01)
         assert [p.name for p in rec.closed] == ["a.onnx"]  # unloaded after the bound
+
+
+@pytest.mark.parametrize("route", ["v1", "oip"])
+def test_a_swap_while_the_body_arrives_routes_to_the_new_deployment(
+    artefacts: dict[str, Path], route: str
+) -> None:
+    """A request whose body is still arriving when a deployment swaps in (and the old version
+    is unloaded) is answered by the version in force, never 503 from the unloaded one."""
+    from infra.gateway import oip
+
+    rec = Recorder()
+    app = create_app(GatewayConfig(admin_token=TOKEN), loader=rec)
+    gateway = app.state.gateway
+    if route == "v1":
+        body = json.dumps({"instances": [ROW]}).encode()
+    else:
+        tensor = {"name": "input", "shape": [1, N_FEATURES], "datatype": "FP32", "data": ROW}
+        body = json.dumps({"inputs": [tensor]}).encode()
+
+    async def scenario() -> tuple[int, dict[bytes, bytes]]:
+        async with gateway.lifespan(app):
+            await gateway.apply(champion_only(artefacts))
+            body_may_come = asyncio.Event()
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                await body_may_come.wait()
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message: Any) -> None:
+                sent.append(dict(message))
+
+            scope: dict[str, Any] = {"type": "http", "headers": [], "method": "POST"}
+            if route == "v1":
+                request = gateway.predict(scope, receive, send, MODEL)
+            else:
+                request = oip._infer(gateway, scope, receive, send, MODEL, None)
+            pending = asyncio.ensure_future(request)
+            await asyncio.sleep(0.05)  # the request now waits for its body
+            await gateway.apply(Deployment(model=MODEL, champion=spec(artefacts, "2")))
+            for _ in range(200):  # version 1 had nothing in flight: it goes at once
+                if not gateway.draining:
+                    break
+                await asyncio.sleep(0.01)
+            assert [p.name for p in rec.closed] == ["a.onnx"]
+            body_may_come.set()
+            await asyncio.wait_for(pending, 10)
+            start = sent[0]
+            return start["status"], dict(start["headers"])
+
+    status, headers = asyncio.run(scenario())
+    assert status == 200
+    assert headers[b"x-ballast-version"] == b"2"
 
 
 # -- routing ------------------------------------------------------------------------------------
@@ -1257,7 +1311,8 @@ def test_replicas_converge_on_a_push_and_a_new_one_starts_in_the_right_state(
             champion_only(artefacts).model_dump_json()
         )
     with replica(desired, board, "r3") as r3:  # started later: reads the source by itself
-        wait_for(lambda: r3.get("/readyz").status_code == 200)
+        # ... before it takes its first request (it loads during startup).
+        assert r3.get("/readyz").status_code == 200
         assert versions_seen(r3, 10) == {"1": 10}
 
 
