@@ -44,3 +44,57 @@ class ReleaseReport:
     seconds_to_decision: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     canary_steps: list[dict[str, Any]] = field(default_factory=list)
+    decision_artifact_id: str | None = None  # the Prefect markdown artifact of the decision
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def decision_markdown(
+    *,
+    model: str,
+    version: str,
+    outcome: str,
+    reasons: list[str] | tuple[str, ...],
+    champion: str | None,
+    steps: list[dict[str, Any]],
+    evidence: dict[str, Any],
+    extra: str = "",
+) -> str:
+    """The release decision as a report: outcome and reason, each canary step, the judge's
+    evidence (statistics, counts, thresholds), and optional extra sections (fault localisation)."""
+    title = {"promoted": "promoted", "rolled_back": "ROLLED BACK"}.get(outcome, outcome)
+    out = [
+        f"# {model} version {version}: {title}\n",
+        f"Champion during the canary: **{champion or 'none (first release)'}**.\n",
+        "## Reason\n",
+        *(f"- {_cell(r)}" for r in (reasons or ["(none given)"])),
+        "",
+    ]
+    if steps:
+        out += [
+            "## Canary steps\n",
+            "| step | weight % | decision | t (s) | champion n | canary n | reasons |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for st in steps:
+            out.append(
+                "| "
+                + " | ".join(
+                    _cell(st.get(k, ""))
+                    for k in ("step", "weight", "decision", "seconds", "baseline_n", "canary_n")
+                )
+                + f" | {_cell('; '.join(st.get('reasons', [])))} |"
+            )
+        out.append("")
+    flat = {k: v for k, v in sorted(evidence.items()) if k != "steps"}
+    if flat:
+        out += ["## Evidence\n", "| metric | value |", "|---|---|"]
+        out += [f"| {_cell(k)} | {_cell(v)} |" for k, v in flat.items()]
+        out.append("")
+    if extra:
+        out += [extra.rstrip(), ""]
+    return "\n".join(out)

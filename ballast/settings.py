@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     canary_min_samples: int = Field(default=40, ge=1)
     canary_step_max_seconds: float = Field(default=20.0, gt=0)
     canary_concurrency: int = Field(default=8, ge=1)
+    # Optional shadow phase before the weight steps: the candidate sees a mirrored share of
+    # traffic (its answers are discarded) for this long; 0 skips it.
+    canary_shadow_seconds: float = Field(default=0.0, ge=0)
+    canary_shadow_fraction: float = Field(default=1.0, gt=0, le=1)
+    # The shadow phase rolls back when the candidate disagrees with the champion on more than
+    # this share of mirrored requests (0.05: at most 5 % of predictions may change class).
+    canary_shadow_max_disagreement: float = Field(default=0.05, ge=0, le=1)
     # threshold: fixed limits per step; sequential: always-valid tests on the request stream
     # (ballast.judge.SequentialJudge, false-rollback rate bounded at 1 % however often it looks).
     judge_kind: Literal["threshold", "sequential"] = "threshold"
@@ -155,6 +162,28 @@ class Settings(BaseSettings):
     # None means no file. ``approvers`` grants the approver role to more names on top of it.
     roles_file: Path | None = None
     approvers: tuple[str, ...] = ()
+
+    # --- Data-parallel training (issue 7; ballast.distributed, docs/distributed-training.md) ----
+    # Processes per node: "auto" (one per visible GPU, 1 on CPU) or a positive integer. 1 on one
+    # node (the default) is plain single-process training, no torchrun.
+    train_world_size: str = "1"
+    # Several nodes: every node runs the same torchrun; they meet at the c10d rendezvous endpoint
+    # (host:port) under one job id, and state_dir must be storage every node mounts.
+    train_nnodes: int = Field(default=1, ge=1)
+    train_rdzv_endpoint: str = ""
+    train_rdzv_id: str = ""
+    # Wall-clock limit of one launch; past it every rank is stopped and the run fails.
+    train_timeout_s: float = Field(default=3600.0, gt=0)
+    # Demos and tests: sleep after each epoch so a run can be interrupted mid-way.
+    train_pause_after_epoch_s: float = Field(default=0.0, ge=0)
+
+    @field_validator("train_world_size")
+    @classmethod
+    def _world_size_auto_or_positive(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v != "auto" and not (v.isdigit() and int(v) >= 1):
+            raise ValueError("train_world_size must be 'auto' or a positive integer")
+        return v
 
 
 @lru_cache(maxsize=1)

@@ -10,12 +10,13 @@ from prefect.runtime import flow_run
 from ballast.release import ReleaseReport
 from ballast.serving import Fault
 from ballast.settings import get_settings
-from tasks.approval import request_approval
+from tasks.approval import approval_evidence, request_approval
 from tasks.canary import canary_release
 from tasks.common import logger
 from tasks.compile import compile_candidate
 from tasks.data import ingest_dataset
 from tasks.registry import close_candidate, record_promotion, register_candidate
+from tasks.report import publish_decision
 from tasks.train import quality_gate, train_model
 
 
@@ -46,7 +47,8 @@ def release_flow(
     t = lap("ingest", t)
     trained = train_model(ds, inject_fault)
     t = lap("train", t)
-    quality_gate(trained)  # QualityGateFailed stops the run before anything is compiled
+    # QualityGateFailed stops the run before anything is compiled.
+    quality = quality_gate(trained)
     t = lap("quality", t)
     staging = (s.state_dir / "staging" / run_id).resolve()
     compiled = compile_candidate(trained, staging / "build")
@@ -60,6 +62,7 @@ def release_flow(
 
     checks = {
         "data_valid": True,  # ingest raised otherwise
+        "quality_gate": quality.passed,  # raised otherwise
         "parity": compiled.parity.passed,
         "training_finite": bool(trained.metrics["train_loss"] == trained.metrics["train_loss"]),
     }
@@ -67,7 +70,7 @@ def release_flow(
         model=s.model_name,
         version=info.version,
         checks=checks,
-        metrics=trained.metrics,
+        metrics=approval_evidence(ds, trained.metrics, compiled.metrics(), quality),
         policy=approval_policy or s.approval_policy,
     )
     t = lap("approve", t)
@@ -100,6 +103,15 @@ def release_flow(
             evidence=evidence,
         )
         report.outcome = "rolled_back"
+    report.decision_artifact_id = publish_decision(
+        model=s.model_name,
+        version=info.version,
+        outcome=report.outcome,
+        reasons=outcome.reasons,
+        champion=outcome.champion,
+        steps=outcome.steps,
+        evidence=dict(outcome.evidence),
+    )
     logger().info(
         "stage=release model=%s version=%s outcome=%s seconds=%.1f",
         s.model_name,

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 from prefect import flow
 
+from ballast.release import ALIAS_CHAMPION
+from ballast.settings import get_settings
+from tasks.common import registry
+from tasks.report import publish_decision
 from tasks.rollback import rollback_to_previous
 
 
 @flow(name="rollback", flow_run_name="rollback-{model_name}")
 def rollback_flow(model_name: str | None = None) -> str:
-    return rollback_to_previous(model_name)
+    name = model_name or get_settings().model_name
+    replaced = registry().get_by_alias(name, ALIAS_CHAMPION)
+    restored = rollback_to_previous(name)
+    publish_decision(
+        model=name,
+        version=replaced.version if replaced is not None else "?",
+        outcome="rolled_back",
+        reasons=[f"manual rollback to version {restored}"],
+        champion=restored,
+        steps=[],
+        evidence={"restored": restored},
+    )
+    return restored

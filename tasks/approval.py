@@ -24,6 +24,8 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from ballast.audit import current_actor, record
+from ballast.data import ValidatedDataset
+from ballast.quality import QualityDecision
 from ballast.release import TAG_APPROVAL
 from ballast.roles import roles_from_settings
 from ballast.settings import get_settings
@@ -34,6 +36,7 @@ __all__ = [
     "TAG_APPROVAL_REASON",
     "TAG_APPROVAL_STARTED_BY",
     "ApprovalForm",
+    "approval_evidence",
     "evidence_markdown",
     "request_approval",
 ]
@@ -85,11 +88,31 @@ def evidence_markdown(
     grouped: dict[str, list[str]] = {}
     for k, v in sorted(metrics.items()):
         grouped.setdefault(_section(k), []).append(f"| {k} | {v:.6g} |")
+    grouped.setdefault(_SECTIONS[0][0], ["| (none) | no champion yet: first release |"])
     for title, _ in (*_SECTIONS, ("Training and evaluation", ())):
         if title in grouped:
             body = "\n".join(grouped[title])
             out.append(f"### {title}\n\n| metric | value |\n|---|---|\n{body}\n")
     return "\n".join(out)
+
+
+def approval_evidence(
+    ds: ValidatedDataset,
+    training: Mapping[str, float],
+    compiled: Mapping[str, float],
+    quality: QualityDecision,
+) -> dict[str, float]:
+    """Every figure an approver should see, named so :func:`evidence_markdown` sections them:
+    data checks, evaluation against the champion, parity, benchmark, training."""
+    out: dict[str, float] = {**training, **compiled}
+    out["data_rows"] = float(ds.n_rows)
+    out["data_checks_passed"] = float(len(ds.checks))
+    if quality.champion is not None:
+        out[f"champion_{quality.metric}"] = quality.champion
+    if quality.drop is not None:
+        # Positive: the candidate is better than the champion.
+        out[f"{quality.metric}_delta_vs_champion"] = -quality.drop
+    return out
 
 
 def _wait_for_valid_answer(

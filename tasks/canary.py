@@ -25,13 +25,14 @@ from ballast.release import ALIAS_CHAMPION, TAG_ARTIFACT, TAG_ARTIFACT_SHA, TAG_
 from ballast.serving import VersionSpec
 from ballast.settings import Settings, get_settings
 from model_registry import ModelVersionInfo, Registry
-from tasks.common import logger, registry
+from tasks.common import AuditedAdmin, logger, registry
 
 
 @dataclass
 class CanaryOutcome:
     decision: str  # promote | rollback
     reasons: list[str]
+    champion: str | None  # the version it was judged against (None on a first release)
     seconds_to_decision: float
     steps: list[dict[str, Any]] = field(default_factory=list)
     evidence: dict[str, float] = field(default_factory=dict)
@@ -87,7 +88,8 @@ def canary_release(
     started = ensure_gateway(s)
     if started is not None:
         log.info("stage=canary started gateway pid=%s at %s", started.pid, s.gateway_url)
-    with GatewayClient(s.gateway_url, s.admin_token()) as gw:
+    with GatewayClient(s.gateway_url, s.admin_token()) as client:
+        gw = AuditedAdmin(client, s.audit_log, why=f"canary of {cand_spec.version}")
         before = gw.get_deployment()
         result = run_canary(
             gw,
@@ -128,6 +130,7 @@ def canary_release(
     return CanaryOutcome(
         decision=result.decision,
         reasons=list(result.reasons),
+        champion=result.champion,
         seconds_to_decision=result.seconds_to_decision,
         steps=[_step_dict(r) for r in result.steps],
         evidence=dict(result.evidence),

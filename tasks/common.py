@@ -38,3 +38,33 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except BaseException as exc:
         return not not_retryable(exc)
     return False
+
+
+class AuditedAdmin:
+    """The gateway's deployment admin API with every change written to the audit log.
+
+    Only changes the gateway confirmed are recorded (a refused PUT changed nothing). ``why``
+    says which stage changed traffic (canary step, rollback, restore after a failure).
+    """
+
+    def __init__(self, client: Any, audit_path: Any, *, why: str) -> None:
+        self._client, self._audit, self.why = client, audit_path, why
+
+    def get_deployment(self) -> Any:
+        return self._client.get_deployment()
+
+    def set_deployment(self, dep: Any) -> Any:
+        from ballast.audit import record
+
+        applied = self._client.set_deployment(dep)
+        record(
+            self._audit,
+            "deployment",
+            model=dep.model,
+            version=dep.champion.version if dep.champion else None,
+            canary=dep.canary.version if dep.canary else None,
+            canary_weight=dep.canary_weight,
+            shadow=dep.shadow.version if dep.shadow else None,
+            why=self.why,
+        )
+        return applied

@@ -5,6 +5,7 @@ alice, bob, carol and ops-starter hold the approver role."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
+from prefect.input.run_input import keyset_from_paused_state
 from typer.testing import CliRunner
 
 from ballast.audit import read as read_audit
@@ -58,6 +60,16 @@ def _paused_run_id(timeout: float = 120.0) -> Any:
     raise AssertionError("no flow run paused for approval within the bound")
 
 
+def _form_description(run_id: Any) -> str:
+    """The markdown Prefect shows above the paused run's form."""
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+        assert state is not None
+        key = keyset_from_paused_state(state)["description"]
+        value = client.read_flow_run_input(key=key, flow_run_id=run_id)
+    return str(json.loads(value)) if value.startswith('"') else value
+
+
 def _wait_for(what: str, cond: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,6 +105,19 @@ def test_manual_policy_pauses_and_a_rejection_changes_nothing(approval_env: Sett
     champion_before = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
     thread, box = _run_in_thread()
     run_id = _paused_run_id()
+    # The form the approver sees carries the evidence, section by section.
+    description = _form_description(run_id)
+    for section in (
+        "### Checks",
+        "### Data checks",
+        "### Evaluation against the champion",
+        "### Parity (compiled vs eager)",
+        "### Benchmark",
+        "### Training and evaluation",
+    ):
+        assert section in description, (section, description)
+    assert "| quality_gate | pass |" in description
+    assert "no champion yet: first release" in description  # this module starts empty
     resume_flow_run(run_id, run_input={"approve": False, "approver": "bob", "reason": "not today"})
     thread.join(timeout=120)
     assert not thread.is_alive(), "the flow did not finish after the answer"

@@ -64,8 +64,13 @@ def test_first_release_is_promoted_and_served(release_env: Settings) -> None:
     dep = _deployment(s)
     assert dep is not None and dep.champion is not None and dep.champion.version == report.version
     assert dep.canary is None
-    actions = [e["action"] for e in read_audit(s.audit_log)]
-    assert actions[-3:] == ["register", "approve", "promote"], actions
+    entries = read_audit(s.audit_log)
+    decisions = [e["action"] for e in entries if e["action"] != "deployment"]
+    assert decisions[-3:] == ["register", "approve", "promote"], decisions
+    # Every traffic change was audited, ending with the candidate alone.
+    changes = [e for e in entries if e["action"] == "deployment"]
+    assert changes and changes[-1]["version"] == report.version and changes[-1]["canary"] is None
+    assert changes[-1]["why"] == f"canary of {report.version}"
 
 
 def test_faulty_release_is_rolled_back_by_the_canary(release_env: Settings) -> None:
@@ -85,6 +90,49 @@ def test_faulty_release_is_rolled_back_by_the_canary(release_env: Settings) -> N
     dep = _deployment(s)
     assert dep is not None and dep.canary is None and dep.canary_weight == 0
     assert dep.champion is not None and dep.champion.version == champion_before.version
+    # The decision is published: a markdown artifact (reason, steps, evidence) and an event.
+    markdown = _artifact_markdown(report.decision_artifact_id)
+    assert f"version {report.version}: ROLLED BACK" in markdown
+    assert "## Canary steps" in markdown and "| rollback |" in markdown
+    assert report.reason.split(";")[0] in markdown
+    event = _event("ballast.release.rolled_back", report.version)
+    assert event.payload["champion"] == champion_before.version
+    assert event.payload["reasons"] and event.resource.id == (
+        f"ballast.model.{s.model_name}.{report.version}"
+    )
+
+
+def _artifact_markdown(artifact_id: str | None) -> str:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+    assert artifact_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact_id)]))
+        )
+    assert len(found) == 1 and found[0].type == "markdown"
+    return str(found[0].data)
+
+
+def _event(name: str, version: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    """The event ``name`` about ``version`` (events reach the API asynchronously: poll)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50)
+            hits = [e for e in page.events if e.payload.get("version") == version]
+            if hits:
+                return hits[0]
+            assert time.monotonic() < deadline, f"no event {name} for version {version}"
+            time.sleep(0.5)
 
 
 def test_a_model_worse_than_the_champion_stops_at_the_quality_gate(release_env: Settings) -> None:
@@ -171,11 +219,64 @@ def test_rollback_flow_returns_to_previous_and_the_gateway_follows(release_env: 
     reg = _registry(s)
     previous = reg.get_by_alias(s.model_name, ALIAS_PREVIOUS)
     assert previous is not None, "an earlier test promoted two versions"
+    replaced_version = reg.get_by_alias(s.model_name, ALIAS_CHAMPION).version  # type: ignore[union-attr]
     assert rollback_flow() == previous.version
     assert reg.get_by_alias(s.model_name, ALIAS_CHAMPION).version == previous.version  # type: ignore[union-attr]
     dep = _deployment(s)
     assert dep is not None and dep.champion is not None and dep.champion.version == previous.version
-    assert read_audit(s.audit_log)[-1]["action"] == "rollback"
+    last = read_audit(s.audit_log)[-1]
+    assert last["action"] == "rollback" and last["gateway_updated"] is True
+    event = _event("ballast.release.rolled_back", replaced_version)
+    assert event.payload["champion"] == previous.version
+
+
+def test_rollback_with_the_gateway_down_reaches_a_gateway_started_later(
+    release_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Aliases move and the desired-state file says the restored champion, so a gateway that
+    starts afterwards serves it (not the version rolled away from)."""
+    import json
+
+    from ballast.gateway_process import GatewayProcess
+    from ballast.settings import get_settings
+    from tasks.rollback import desired_state_file, rollback_to_previous
+    from tests.conftest import free_port
+
+    s = release_env
+    reg = _registry(s)
+    champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    assert champion is not None
+    other = max(
+        (
+            v
+            for v in reg.list_versions(s.model_name)
+            if v.tags.get(TAG_STATUS) == "champion" and v.version != champion.version
+        ),
+        key=lambda v: int(v.version),
+    )
+    reg.promote(s.model_name, other.version)  # champion: other; previous: the one serving now
+    revision = json.loads(desired_state_file(s).read_text())["revision"]
+    monkeypatch.setenv("BALLAST_GATEWAY_PORT", str(free_port()))  # nothing listens there
+    get_settings.cache_clear()
+    try:
+        down = get_settings()
+        assert rollback_to_previous.fn() == champion.version
+        assert reg.get_by_alias(s.model_name, ALIAS_CHAMPION).version == champion.version  # type: ignore[union-attr]
+        doc = json.loads(desired_state_file(s).read_text())
+        assert doc["revision"] == revision + 1
+        assert doc["deployment"]["champion"]["version"] == champion.version
+        last = read_audit(s.audit_log)[-1]
+        assert last["action"] == "rollback" and last["gateway_updated"] is False
+        assert last["desired_state_written"] is True
+        with (
+            GatewayProcess.start(down, log_path=s.state_dir / "gateway-later.log") as later,
+            GatewayClient(later.url, down.admin_token()) as gw,
+        ):
+            dep = gw.get_deployment()
+        assert dep is not None and dep.champion is not None
+        assert dep.champion.version == champion.version
+    finally:
+        get_settings.cache_clear()
 
 
 def test_sequential_judge_rolls_back_a_faulty_release_in_the_flow(
