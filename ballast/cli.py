@@ -90,20 +90,41 @@ def keys_rotate(
     retire_old: bool = typer.Option(False, help="Retire the previous key after re-wrapping."),
 ) -> None:
     """Create a new current key and re-wrap the given objects' data keys (headers only)."""
+    from ballast.audit import record
     from ballast.crypto import read_header, rewrap_header
 
-    ring = _keyring(get_settings())
+    s = get_settings()
+    ring = _keyring(s)
     old = ring.current_key_id()
     new = ring.rotate()
+    rewrapped: list[str] = []
+    error: BallastError | None = None
     try:
         for path in objects or []:
             rewrap_header(path, ring, new)
+            rewrapped.append(str(path))
             with open(path, "rb") as fh:
                 console.print(f"re-wrapped {path} under {read_header(fh).key_id}")
         if retire_old:
             ring.retire(old)
     except BallastError as exc:
-        fail(exc)
+        error = exc
+    # Key ids and paths only, never key material. Written for a partial rotation too: the new
+    # key is current either way, and the log must say which objects moved under it.
+    record(
+        s.audit_log,
+        "key_rotate",
+        model=s.model_name,
+        version=None,
+        keyring=str(s.keyring_path),
+        old_key=old,
+        new_key=new,
+        rewrapped=rewrapped,
+        retired_old=retire_old and error is None,
+        error=None if error is None else str(error),
+    )
+    if error is not None:
+        fail(error)
     console.print(
         f"current key is now [bold]{new}[/] (was {old}{', retired' if retire_old else ''})"
     )

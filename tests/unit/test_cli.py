@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ballast.audit import read as read_audit
+from ballast.audit import verify_chain
 from ballast.cli import app
 from ballast.data import bundled_csv_bytes
 from ballast.settings import Settings
@@ -98,6 +100,10 @@ def test_keys_rotate_rewraps_objects_and_retires_the_old_key(
         new = read_header(fh).key_id
     assert new != old and f"{old}  (retired)" in runner.invoke(app, ["keys", "list"]).output
     assert enc.read_bytes()[-4096:] == payload_before, "rotation must not touch the payload"
+    entry = read_audit(settings.audit_log)[-1]
+    assert entry["action"] == "key_rotate" and entry["old_key"] == old and entry["new_key"] == new
+    assert entry["rewrapped"] == [str(enc)] and entry["retired_old"] is True
+    assert entry["error"] is None and verify_chain(settings.audit_log) == []
     back = tmp_path / "back.csv"
     assert runner.invoke(app, ["data", "decrypt", str(enc), str(back)]).exit_code == 0
     assert back.read_bytes() == plain.read_bytes()
