@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -37,12 +38,16 @@ from ballast.loadgen import VersionCounts, run_load
 from ballast.serving import Deployment, VersionSpec
 
 __all__ = [
+    "CanaryLeaseLost",
     "CanaryResult",
     "DeploymentAdmin",
     "LoadFn",
+    "ShadowPolicy",
+    "ShadowStats",
     "StepAction",
     "StepRecord",
     "http_load",
+    "judge_shadow",
     "run_canary",
     "step_action",
 ]
@@ -119,6 +124,144 @@ class CanaryResult:
         return self.decision == "promote"
 
 
+class CanaryLeaseLost(RuntimeError):
+    """The gateway could not be told the canary is still watched: the trial's lease may have run
+    out and the gateway gone back to the champion alone, so this canary cannot go on."""
+
+
+class _Lease:
+    """Stamps every trial deployment with a lease and renews it from a background thread.
+
+    A deployment with a canary or shadow is sent with ``lease_expires_at = now + seconds`` and
+    re-sent every ``seconds / 3`` while it is in force; anything else is sent as is and stops the
+    renewals. If a renewal fails and the lease may have run out, :meth:`check` raises
+    :class:`CanaryLeaseLost` so the controller stops instead of pushing the trial back.
+    """
+
+    def __init__(self, client: DeploymentAdmin, seconds: float) -> None:
+        self._client, self._seconds = client, seconds
+        self._lock = threading.Lock()
+        self._current: Deployment | None = None  # the trial being renewed, unstamped
+        self._valid_until = math.inf
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name="canary-lease", daemon=True)
+        self._thread.start()
+
+    def get_deployment(self) -> Deployment | None:
+        return self._client.get_deployment()
+
+    def set_deployment(self, dep: Deployment) -> Deployment:
+        with self._lock:
+            self._current = dep if dep.has_trial() else None
+            return self._send(dep)
+
+    def _send(self, dep: Deployment) -> Deployment:
+        if not dep.has_trial():
+            self._valid_until = math.inf
+            return self._client.set_deployment(dep)
+        expires = time.time() + self._seconds
+        applied = self._client.set_deployment(dep.model_copy(update={"lease_expires_at": expires}))
+        self._valid_until, self._error = expires, None
+        return applied
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self._seconds / 3):
+            with self._lock:
+                if self._current is None:
+                    continue
+                try:
+                    self._send(self._current)
+                except Exception as exc:  # the controller decides, via check()
+                    self._error = exc
+                    logger.warning("canary lease renewal failed: %r", exc)
+
+    def check(self) -> None:
+        """Raise :class:`CanaryLeaseLost` when the lease may have run out unrenewed."""
+        if self._error is not None and time.time() >= self._valid_until - self._seconds / 3:
+            raise CanaryLeaseLost(
+                f"the canary's lease could not be renewed ({self._error!r}); the gateway "
+                "drops the trial when it runs out"
+            ) from self._error
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowPolicy:
+    """The optional shadow phase before any user sees the candidate's answers.
+
+    For ``seconds`` the candidate gets a mirrored ``fraction`` of requests (answers discarded,
+    compared with the champion's). It is rolled back when more than ``max_failed_share`` of the
+    mirrored requests failed on it, or when its predicted class differs from the champion's on
+    more than ``max_disagreement`` of at least ``min_rows`` compared rows.
+    """
+
+    seconds: float
+    fraction: float = 1.0
+    max_disagreement: float = 0.05
+    min_rows: int = 50
+    max_failed_share: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not self.seconds > 0 or not 0 < self.fraction <= 1 or self.min_rows < 1:
+            raise ValueError("shadow seconds > 0, fraction in (0, 1] and min_rows >= 1 needed")
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowStats:
+    """What the gateway measured of its shadow (``GET /admin/shadow``)."""
+
+    mirrored: int
+    rows_compared: int
+    rows_agreeing: int
+    failed: int
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, object]) -> ShadowStats:
+        def n(key: str) -> int:
+            value = report.get(key) or 0
+            return int(value) if isinstance(value, int | float) else 0
+
+        return cls(n("mirrored"), n("rows_compared"), n("rows_agreeing"), n("failed"))
+
+
+def judge_shadow(stats: ShadowStats, policy: ShadowPolicy) -> Verdict:
+    """Pure: "rollback" on failures or disagreement, else "continue" (on to the weight steps).
+
+    Too few compared rows is "continue" with a reason saying so: the weight steps that follow
+    judge the candidate on live answers anyway; the shadow phase only stops the obvious.
+    """
+    failed_share = stats.failed / stats.mirrored if stats.mirrored else 0.0
+    disagreement = 1.0 - stats.rows_agreeing / stats.rows_compared if stats.rows_compared else 0.0
+    evidence = {
+        "shadow_mirrored": float(stats.mirrored),
+        "shadow_rows_compared": float(stats.rows_compared),
+        "shadow_failed": float(stats.failed),
+        "shadow_failed_share": failed_share,
+        "shadow_max_failed_share": policy.max_failed_share,
+        "shadow_disagreement": disagreement,
+        "shadow_max_disagreement": policy.max_disagreement,
+    }
+    if stats.mirrored and failed_share > policy.max_failed_share:
+        why = f"shadow failed {stats.failed} of {stats.mirrored} mirrored requests"
+        return Verdict("rollback", (why,), evidence)
+    if stats.rows_compared < policy.min_rows:
+        why = f"shadow inconclusive: {stats.rows_compared} rows compared (< {policy.min_rows})"
+        return Verdict("continue", (why,), evidence)
+    # In counts, not rates: 1 - 95/100 is a hair above 0.05 in floating point.
+    if stats.rows_compared - stats.rows_agreeing > policy.max_disagreement * stats.rows_compared:
+        why = (
+            f"shadow disagrees with the champion on {disagreement:.1%} of "
+            f"{stats.rows_compared} rows (> {policy.max_disagreement:.1%})"
+        )
+        return Verdict("rollback", (why,), evidence)
+    why = f"shadow agrees on {1 - disagreement:.1%} of {stats.rows_compared} rows"
+    return Verdict("continue", (why,), evidence)
+
+
 def http_load(
     base_url: str,
     model: str,
@@ -152,7 +295,9 @@ def http_load(
             labels,
             concurrency=concurrency,
             max_requests=budget,
-            max_seconds=max_seconds,
+            # At weight 0 (the shadow phase) the candidate answers nothing, so nothing can end
+            # the call early: come back every second and let the caller's clock decide.
+            max_seconds=max_seconds if weight > 0 else min(max_seconds, 1.0),
             stop_when=enough,
             timeout=timeout,
         )
@@ -181,14 +326,24 @@ def _restore_on_failure(
         raise
 
 
+def _no_check() -> None:
+    return None
+
+
 def _drive_step(
-    load: LoadFn, weight: int, candidate: str, min_samples: int, step_max_seconds: float
+    load: LoadFn,
+    weight: int,
+    candidate: str,
+    min_samples: int,
+    step_max_seconds: float,
+    check: Callable[[], None] = _no_check,
 ) -> list[Observation]:
     """Call ``load`` until the candidate has ``min_samples`` answers in this step or time is up."""
     deadline = time.monotonic() + step_max_seconds
     out: list[Observation] = []
     while True:
         batch = load(weight)
+        check()
         out.extend(batch)
         have = sum(1 for o in out if o.version == candidate)
         # An empty batch means the load has nothing more to give: don't spin until the deadline.
@@ -215,12 +370,14 @@ def _drive_stream_step(
     seen: list[Observation],
     min_samples: int,
     step_max_seconds: float,
+    check: Callable[[], None] = _no_check,
 ) -> _StreamStep:
     """Feed each load batch to the judge and ask it at once; :func:`step_action` ends the step."""
     deadline = time.monotonic() + step_max_seconds
     out: list[Observation] = []
     while True:
         batch = load(weight)
+        check()
         out.extend(batch)
         seen.extend(batch)
         judge.observe(batch, weight)
@@ -234,12 +391,58 @@ def _drive_stream_step(
             return _StreamStep(out, verdict, baseline, canary)
 
 
+def _rolled_back(records: list[StepRecord]) -> bool:
+    return bool(records) and records[-1].verdict.decision == "rollback"
+
+
 def _step_deployment(
     model: str, champion: VersionSpec | None, candidate: VersionSpec, weight: int
 ) -> Deployment:
     if champion is None:
         return Deployment(model=model, canary=candidate, canary_weight=100)
     return Deployment(model=model, champion=champion, canary=candidate, canary_weight=weight)
+
+
+def _shadow_phase(
+    admin: DeploymentAdmin,
+    load: LoadFn,
+    check: Callable[[], None],
+    *,
+    model: str,
+    champion: VersionSpec,
+    candidate: VersionSpec,
+    policy: ShadowPolicy,
+    reader: Callable[[], ShadowStats],
+    started: float,
+) -> StepRecord:
+    """Mirror traffic to the candidate for ``policy.seconds``, then judge what the gateway saw."""
+    phase_started = time.monotonic()
+    admin.set_deployment(
+        Deployment(
+            model=model, champion=champion, shadow=candidate, shadow_fraction=policy.fraction
+        )
+    )
+    deadline = phase_started + policy.seconds
+    seen: list[Observation] = []
+    while (left := deadline - time.monotonic()) > 0:
+        batch = load(0)
+        check()
+        seen.extend(batch)
+        if not batch:
+            time.sleep(min(left, 0.1))  # no traffic to send: wait the phase out
+    stats = reader()
+    verdict = judge_shadow(stats, policy)
+    now = time.monotonic()
+    return StepRecord(
+        index=0,
+        weight=0,
+        verdict=verdict,
+        seconds=now - started,
+        step_seconds=now - phase_started,
+        counts=dict(Counter(o.version for o in seen)),
+        baseline_n=len(seen),
+        canary_n=stats.rows_compared,
+    )
 
 
 def run_canary(
@@ -254,6 +457,9 @@ def run_canary(
     min_samples: int,
     step_max_seconds: float,
     on_step: Callable[[StepRecord], None] | None = None,
+    lease_s: float | None = None,
+    shadow: ShadowPolicy | None = None,
+    shadow_reader: Callable[[], ShadowStats] | None = None,
 ) -> CanaryResult:
     """Run a progressive canary of ``candidate`` against ``champion`` and apply the outcome.
 
@@ -270,6 +476,12 @@ def run_canary(
     ``min_samples`` candidate answers, the judge's word before 100 %) or ``step_max_seconds``
     pass. A step before 100 % whose time runs out while the judge is not yet sure ends the canary
     as inconclusive (rolled back) instead of giving the candidate all traffic.
+
+    With ``lease_s`` every trial deployment carries a lease renewed in the background: if this
+    process dies (killed, machine lost, network cut), the gateway drops the trial by itself
+    within ``lease_s`` and serves the champion alone. With a ``shadow`` policy (and a champion)
+    the candidate first gets mirrored traffic only; a shadow that fails or disagrees is rolled
+    back before any user sees one of its answers (step 0, weight 0, in ``steps``).
     """
     if champion is not None and champion.version == candidate.version:
         raise ValueError(f"candidate {candidate.version} is already the champion")
@@ -284,85 +496,114 @@ def run_canary(
             before.champion.version if before.champion else None,
             champion.version,
         )
+    if shadow is not None and shadow_reader is None:
+        raise ValueError("a shadow phase needs a shadow_reader")
     stream = judge if isinstance(judge, StreamJudge) else None
     started = time.monotonic()
     records: list[StepRecord] = []
     seen: list[Observation] = []
+    lease = _Lease(client, lease_s) if lease_s else None
+    admin: DeploymentAdmin = lease if lease is not None else client
+    check = lease.check if lease is not None else _no_check
 
-    with _restore_on_failure(client, model, before):
-        if stream is not None:
-            stream.start(champion.version if champion else None, candidate.version)
-        for index, weight in enumerate(weights):
-            next_weight = weights[index + 1] if index + 1 < len(weights) else None
-            step_started = time.monotonic()
-            client.set_deployment(_step_deployment(model, champion, candidate, weight))
-            if stream is None:
-                step_obs = _drive_step(
-                    load, weight, candidate.version, min_samples, step_max_seconds
+    def note(record: StepRecord) -> None:
+        records.append(record)
+        logger.info(
+            "canary %s step %d at %d%%: %s (%s) after %.1fs",
+            candidate.version,
+            record.index + 1,
+            record.weight,
+            record.verdict.decision,
+            "; ".join(record.verdict.reasons),
+            record.seconds,
+        )
+        if on_step is not None:
+            on_step(record)
+
+    try:
+        with _restore_on_failure(admin, model, before):
+            if shadow is not None and shadow_reader is not None and champion is not None:
+                note(
+                    _shadow_phase(
+                        admin,
+                        load,
+                        check,
+                        model=model,
+                        champion=champion,
+                        candidate=candidate,
+                        policy=shadow,
+                        reader=shadow_reader,
+                        started=started,
+                    )
                 )
-                seen.extend(step_obs)
-                baseline = (
-                    VersionStats.from_observations(champion.version, seen) if champion else None
+            if stream is not None:
+                stream.start(champion.version if champion else None, candidate.version)
+            offset = len(records)
+            for index, weight in enumerate(weights if not _rolled_back(records) else ()):
+                next_weight = weights[index + 1] if index + 1 < len(weights) else None
+                step_started = time.monotonic()
+                admin.set_deployment(_step_deployment(model, champion, candidate, weight))
+                if stream is None:
+                    step_obs = _drive_step(
+                        load, weight, candidate.version, min_samples, step_max_seconds, check
+                    )
+                    seen.extend(step_obs)
+                    baseline = (
+                        VersionStats.from_observations(champion.version, seen) if champion else None
+                    )
+                    canary_stats = VersionStats.from_observations(candidate.version, seen)
+                    verdict = judge.judge(baseline, canary_stats, weight)
+                else:
+                    step = _drive_stream_step(
+                        stream,
+                        load,
+                        weight=weight,
+                        next_weight=next_weight,
+                        champion=champion.version if champion else None,
+                        candidate=candidate.version,
+                        seen=seen,
+                        min_samples=min_samples,
+                        step_max_seconds=step_max_seconds,
+                        check=check,
+                    )
+                    step_obs, verdict = step.observations, step.verdict
+                    baseline, canary_stats = step.baseline, step.canary
+                now = time.monotonic()
+                note(
+                    StepRecord(
+                        index=offset + index,
+                        weight=weight,
+                        verdict=verdict,
+                        seconds=now - started,
+                        step_seconds=now - step_started,
+                        counts=dict(Counter(o.version for o in step_obs)),
+                        baseline_n=baseline.n if baseline else 0,
+                        canary_n=canary_stats.n,
+                    )
                 )
-                canary_stats = VersionStats.from_observations(candidate.version, seen)
-                verdict = judge.judge(baseline, canary_stats, weight)
+                if verdict.decision != "continue":
+                    break
+                held = stream is not None and next_weight is not None
+                if held and step_action(verdict, next_weight=next_weight, step_done=True) == "stay":
+                    break  # held before 100 % and out of time: inconclusive
+
+            last = records[-1]
+            seconds_to_decision = last.seconds
+            if last.verdict.decision == "promote":
+                decision: Literal["promote", "rollback"] = "promote"
+                reasons = last.verdict.reasons
+                final = Deployment(model=model, champion=candidate)
             else:
-                step = _drive_stream_step(
-                    stream,
-                    load,
-                    weight=weight,
-                    next_weight=next_weight,
-                    champion=champion.version if champion else None,
-                    candidate=candidate.version,
-                    seen=seen,
-                    min_samples=min_samples,
-                    step_max_seconds=step_max_seconds,
-                )
-                step_obs, verdict = step.observations, step.verdict
-                baseline, canary_stats = step.baseline, step.canary
-            now = time.monotonic()
-            record = StepRecord(
-                index=index,
-                weight=weight,
-                verdict=verdict,
-                seconds=now - started,
-                step_seconds=now - step_started,
-                counts=dict(Counter(o.version for o in step_obs)),
-                baseline_n=baseline.n if baseline else 0,
-                canary_n=canary_stats.n,
-            )
-            records.append(record)
-            logger.info(
-                "canary %s step %d at %d%%: %s (%s) after %.1fs",
-                candidate.version,
-                index + 1,
-                weight,
-                verdict.decision,
-                "; ".join(verdict.reasons),
-                record.seconds,
-            )
-            if on_step is not None:
-                on_step(record)
-            if verdict.decision != "continue":
-                break
-            held = stream is not None and next_weight is not None
-            if held and step_action(verdict, next_weight=next_weight, step_done=True) == "stay":
-                break  # held before 100 % and out of time: inconclusive
-
-        last = records[-1]
-        seconds_to_decision = last.seconds
-        if last.verdict.decision == "promote":
-            decision: Literal["promote", "rollback"] = "promote"
-            reasons = last.verdict.reasons
-            final = Deployment(model=model, champion=candidate)
-        else:
-            decision = "rollback"
-            reasons = last.verdict.reasons
-            if last.verdict.decision != "rollback":
-                reasons = (f"inconclusive at {last.weight}%", *reasons)
-            # Champion alone at 100 % (or nothing served, on a first release).
-            final = Deployment(model=model, champion=champion)
-        applied = client.set_deployment(final)
+                decision = "rollback"
+                reasons = last.verdict.reasons
+                if last.verdict.decision != "rollback":
+                    reasons = (f"inconclusive at {last.weight}%", *reasons)
+                # Champion alone at 100 % (or nothing served, on a first release).
+                final = Deployment(model=model, champion=champion)
+            applied = admin.set_deployment(final)
+    finally:
+        if lease is not None:
+            lease.close()
 
     logger.info(
         "canary %s: %s after %.1fs (%s)",

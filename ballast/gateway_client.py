@@ -1,7 +1,8 @@
 """A small synchronous client of the serving gateway's HTTP API (see ``infra/gateway``).
 
 Routes: ``GET /healthz``, ``GET /readyz``, ``GET|PUT /admin/deployment``, ``GET /admin/stats``,
-``GET /admin/replicas`` and ``GET /admin/shadow`` (``Authorization: Bearer <token>``),
+``GET /admin/replicas``, ``GET /admin/shadow`` and ``POST /admin/watchdog/heartbeat``
+(``Authorization: Bearer <token>``),
 ``POST /v1/models/{model}/predict`` (JSON, or a float32 array as ``application/x-npy``). Every
 refusal comes back as a :class:`GatewayHTTPError` carrying the server's own message.
 """
@@ -21,19 +22,35 @@ from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["KEY_HEADER", "VERSION_HEADER", "GatewayClient", "GatewayHTTPError"]
+__all__ = [
+    "KEY_HEADER",
+    "REQUEST_ID_HEADER",
+    "VERSION_HEADER",
+    "GatewayClient",
+    "GatewayHTTPError",
+]
 
 VERSION_HEADER = "X-Ballast-Version"
 KEY_HEADER = "X-Ballast-Key"
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 class GatewayHTTPError(GatewayError):
-    """The gateway answered with a 4xx/5xx. ``version`` is set when a model version answered."""
+    """The gateway answered with a 4xx/5xx. ``version`` is set when a model version answered;
+    ``request_id`` (inference routes) finds the gateway's log line of the failure."""
 
-    def __init__(self, message: str, *, status_code: int, version: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        version: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.version = version
+        self.request_id = request_id
 
 
 class GatewayClient:
@@ -72,6 +89,7 @@ class GatewayClient:
                 f"gateway {method} {path} -> {resp.status_code}: {_message(resp)}",
                 status_code=resp.status_code,
                 version=resp.headers.get(VERSION_HEADER),
+                request_id=resp.headers.get(REQUEST_ID_HEADER),
             )
         return resp
 
@@ -157,6 +175,20 @@ class GatewayClient:
     def shadow(self) -> dict[str, Any]:
         """Shadow agreement with the primary and recent disagreements (``/admin/shadow``)."""
         return self._admin_object("/admin/shadow")
+
+    def watchdog_heartbeat(self, model: str, healthy: bool, detail: str = "") -> None:
+        """Tell the gateway the champion watchdog ran for ``model`` and what it found.
+
+        Sets ``ballast_watchdog_heartbeat_timestamp_seconds{model}`` (now) and
+        ``ballast_watchdog_healthy{model}`` (1/0), which the BallastWatchdogSilent alert reads.
+        Needs the operator role; ``detail`` is at most 1000 characters (422 beyond).
+        """
+        self._request(
+            "POST",
+            "/admin/watchdog/heartbeat",
+            json={"model": model, "healthy": healthy, "detail": detail},
+            headers=self._admin_headers(),
+        )
 
     def close(self) -> None:
         self._http.close()

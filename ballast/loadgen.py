@@ -6,18 +6,31 @@ budget, a time budget or a caller's stop condition runs out, and returns one
 its own event loop, in a fresh thread when the caller's thread already runs one).
 :class:`LoadThread` keeps the same load going in the background until stopped (the demo's
 "live traffic"), still bounded in time.
+
+:class:`LoadProcess` runs the same load in a separate process (``python -m ballast.loadgen``),
+so the client never shares a GIL or an event loop with whoever drives the gateway meanwhile,
+and hands back every request with its start time (:class:`TimedLoad`);
+:func:`summarise_phases` cuts that into phases (rate, p50/p99, failures per phase).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from types import TracebackType
+from itertools import pairwise
+from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -28,10 +41,14 @@ from ballast.judge import UNKNOWN_VERSION, Observation
 
 __all__ = [
     "VERSION_HEADER",
+    "LoadProcess",
     "LoadThread",
+    "PhaseStats",
     "StopWhen",
+    "TimedLoad",
     "VersionCounts",
     "run_load",
+    "summarise_phases",
 ]
 
 VERSION_HEADER = "X-Ballast-Version"
@@ -303,3 +320,252 @@ class LoadThread:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# -- load from a separate process --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TimedLoad:
+    """Every completed request of a :class:`LoadProcess`, as columns in start order.
+
+    ``started`` is ``time.monotonic()`` when the request was sent: CLOCK_MONOTONIC is one clock
+    for every process of the machine, so it compares with the driver's own marks.
+    """
+
+    started: np.ndarray  # float64 seconds (monotonic)
+    latency_s: np.ndarray  # float64
+    ok: np.ndarray  # bool: HTTP 200 with a prediction
+    version: tuple[str, ...]  # "unknown" when no answer came (connection failure)
+
+    def __len__(self) -> int:
+        return len(self.started)
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseStats:
+    """One phase of a load run: what was sent in it and how it went."""
+
+    phase: str
+    seconds: float
+    requests: int
+    failures: int
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    versions: dict[str, int]
+
+
+def summarise_phases(
+    load: TimedLoad, marks: Sequence[tuple[str, float]], end: float
+) -> list[PhaseStats]:
+    """Cut ``load`` into phases: ``marks`` are (name, monotonic start) in order, ``end`` closes
+    the last one. A request belongs to the phase it was sent in; earlier ones are left out."""
+    if not marks:
+        return []
+    starts = [t for _, t in marks]
+    if any(b < a for a, b in pairwise(starts)) or end < starts[-1]:
+        raise ValueError("phase marks must be in time order and end after the last one")
+    bounds = [*starts, end]
+    out: list[PhaseStats] = []
+    for i, (name, t0) in enumerate(marks):
+        t1 = bounds[i + 1]
+        last = i == len(marks) - 1
+        sel = (load.started >= t0) & ((load.started <= t1) if last else (load.started < t1))
+        idx = np.flatnonzero(sel)
+        lat_ms = load.latency_s[idx] * 1e3
+        seconds = t1 - t0
+        out.append(
+            PhaseStats(
+                phase=name,
+                seconds=round(seconds, 3),
+                requests=int(idx.size),
+                failures=int(idx.size - np.count_nonzero(load.ok[idx])),
+                rps=round(idx.size / seconds, 1) if seconds > 0 else 0.0,
+                p50_ms=round(float(np.percentile(lat_ms, 50)), 3) if idx.size else None,
+                p99_ms=round(float(np.percentile(lat_ms, 99)), 3) if idx.size else None,
+                versions=dict(sorted(Counter(load.version[j] for j in idx.tolist()).items())),
+            )
+        )
+    return out
+
+
+class LoadProcess:
+    """``run_load`` in a child process until :meth:`stop` (or ``max_seconds``).
+
+    ``with LoadProcess(url, model, rows, workdir=d) as load: ...; result = load.stop()``.
+    The child writes its rows and results under ``workdir``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        rows: np.ndarray,
+        *,
+        workdir: Path,
+        concurrency: int = 16,
+        max_seconds: float = 600.0,
+        timeout: float = 5.0,
+    ) -> None:
+        rows = np.asarray(rows, dtype=np.float32)
+        _check_inputs(rows, None, concurrency, 1, max_seconds)
+        self._workdir = Path(workdir)
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        self._rows_path = self._workdir / "load-rows.npy"
+        self._out = self._workdir / "load-result.npz"
+        self._ready = self._workdir / "load-ready"
+        self._log = self._workdir / "load.log"
+        np.save(self._rows_path, rows, allow_pickle=False)
+        self._cmd = [
+            sys.executable,
+            "-m",
+            "ballast.loadgen",
+            "--url",
+            base_url,
+            "--model",
+            model,
+            "--rows",
+            str(self._rows_path),
+            "--concurrency",
+            str(concurrency),
+            "--seconds",
+            str(max_seconds),
+            "--timeout",
+            str(timeout),
+            "--out",
+            str(self._out),
+            "--ready",
+            str(self._ready),
+        ]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout: float = 30.0) -> LoadProcess:
+        """Spawn the child and wait until its first answer came back."""
+        for stale in (self._out, self._ready):
+            stale.unlink(missing_ok=True)
+        with self._log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self._cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + ready_timeout
+        while not self._ready.exists():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"load process did not start sending; log {self._log}:\n"
+                    + self._log.read_text(errors="replace")[-2000:]
+                )
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> TimedLoad:
+        """Stop sending (SIGTERM: in-flight requests are dropped), wait, return every request."""
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError("the load process was never started")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5.0)
+        if proc.returncode != 0 or not self._out.exists():
+            raise RuntimeError(
+                f"load process exited with {proc.returncode}; log {self._log}:\n"
+                + self._log.read_text(errors="replace")[-2000:]
+            )
+        return _read_result(self._out)
+
+    def __enter__(self) -> LoadProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5.0)
+
+
+def _read_result(path: Path) -> TimedLoad:
+    with np.load(path, allow_pickle=False) as data:
+        names = [str(v) for v in data["names"].tolist()]
+        codes = data["version"].tolist()
+        return TimedLoad(
+            started=data["started"].astype(np.float64),
+            latency_s=data["latency_s"].astype(np.float64),
+            ok=data["ok"].astype(bool),
+            version=tuple(names[c] for c in codes),
+        )
+
+
+def _child(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ballast.loadgen", description=__doc__)
+    p.add_argument("--url", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--rows", type=Path, required=True, help=".npy of float32 rows")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--out", type=Path, required=True, help="results (.npz)")
+    p.add_argument("--ready", type=Path, default=None, help="touched at the first answer")
+    args = p.parse_args(argv)
+    rows = np.load(args.rows, allow_pickle=False)
+    cancel = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        cancel.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    done: list[float] = []
+    latency: list[float] = []
+    ok: list[bool] = []
+    version: list[int] = []
+    names: dict[str, int] = {}
+    ready = args.ready
+
+    def record(obs: Observation) -> None:
+        nonlocal ready
+        done.append(time.monotonic())
+        latency.append(obs.latency_s)
+        ok.append(obs.ok)
+        version.append(names.setdefault(obs.version, len(names)))
+        if ready is not None:
+            ready.touch()
+            ready = None
+
+    run_load(
+        args.url,
+        args.model,
+        rows,
+        concurrency=args.concurrency,
+        max_requests=1 << 62,
+        max_seconds=args.seconds,
+        timeout=args.timeout,
+        cancel=cancel,
+        on_observation=record,
+    )
+    lat = np.asarray(latency, dtype=np.float64)
+    started = np.asarray(done, dtype=np.float64) - lat
+    order = np.argsort(started, kind="stable")
+    tmp = args.out.with_name(args.out.name + ".tmp.npz")
+    np.savez(
+        tmp,
+        started=started[order],
+        latency_s=lat[order],
+        ok=np.asarray(ok, dtype=bool)[order],
+        version=np.asarray(version, dtype=np.int32)[order],
+        names=np.asarray(list(names) or [UNKNOWN_VERSION]),
+    )
+    os.replace(tmp, args.out)  # the parent never reads a half-written file
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child())

@@ -46,6 +46,11 @@ class Deployment(BaseModel):
     # are recorded for comparison and never returned.
     shadow: VersionSpec | None = None
     shadow_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    # A trial (a canary or a shadow) may hold a lease: past this Unix time every replica drops
+    # the trial by itself and serves the champion alone. The release controller renews it while
+    # it runs, so a controller that dies mid-canary (flow process killed, machine lost, network
+    # cut) cannot leave a half-released version taking traffic. None: no lease (manual changes).
+    lease_expires_at: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Deployment:
@@ -67,7 +72,20 @@ class Deployment(BaseModel):
             serving = {s.version for s in (self.champion, self.canary) if s is not None}
             if self.shadow.version in serving:
                 raise ValueError("the shadow must be a version that does not serve traffic")
+        if self.lease_expires_at is not None and not self.has_trial():
+            raise ValueError("only a deployment with a canary or a shadow can hold a lease")
         return self
+
+    def has_trial(self) -> bool:
+        """A canary or a shadow is in it: something that is not the settled champion."""
+        return self.canary is not None or self.shadow is not None
+
+    def without_trial(self) -> Deployment:
+        """The champion alone (nothing at all on a first release): what an expired lease leaves."""
+        return Deployment(model=self.model, champion=self.champion)
+
+    def lease_expired(self, now: float) -> bool:
+        return self.lease_expires_at is not None and now >= self.lease_expires_at
 
     def fingerprint(self) -> str:
         """A short content hash: two replicas with the same fingerprint serve the same thing."""

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     # The shadow phase rolls back when the candidate disagrees with the champion on more than
     # this share of mirrored requests (0.05: at most 5 % of predictions may change class).
     canary_shadow_max_disagreement: float = Field(default=0.05, ge=0, le=1)
+    # The canary's lease: if the flow stops renewing it (process killed, machine lost), every
+    # gateway replica drops the canary by itself this long after the last renewal. 0: no lease.
+    canary_lease_s: float = Field(default=30.0, ge=0)
     # threshold: fixed limits per step; sequential: always-valid tests on the request stream
     # (ballast.judge.SequentialJudge, false-rollback rate bounded at 1 % however often it looks).
     judge_kind: Literal["threshold", "sequential"] = "threshold"

@@ -15,7 +15,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ballast.canary import StepRecord, http_load, run_canary
+from ballast.canary import ShadowPolicy, ShadowStats, StepRecord, http_load, run_canary
 from ballast.errors import IntegrityError
 from ballast.gateway_client import GatewayClient
 from ballast.gateway_process import ensure_gateway
@@ -61,6 +61,17 @@ def _judge(s: Settings) -> Judge:
     if s.judge_kind == "sequential":
         return SequentialJudge()
     return ThresholdJudge.from_settings(s)
+
+
+def _shadow_policy(s: Settings) -> ShadowPolicy | None:
+    if not s.canary_shadow_seconds:
+        return None
+    return ShadowPolicy(
+        seconds=s.canary_shadow_seconds,
+        fraction=s.canary_shadow_fraction,
+        max_disagreement=s.canary_shadow_max_disagreement,
+        min_rows=s.canary_min_samples,
+    )
 
 
 def _step_dict(r: StepRecord) -> dict[str, Any]:
@@ -110,6 +121,9 @@ def canary_release(
             ),
             min_samples=s.canary_min_samples,
             step_max_seconds=s.canary_step_max_seconds,
+            lease_s=s.canary_lease_s or None,
+            shadow=_shadow_policy(s),
+            shadow_reader=lambda: ShadowStats.from_report(client.shadow()),
             on_step=lambda r: log.info(
                 "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",
                 cand_spec.version,

@@ -53,6 +53,8 @@ from infra.gateway.desired import (
     ReplicaBoard,
     ReplicaStatus,
 )
+from infra.gateway.faillog import FailureLog
+from infra.gateway.heartbeat import WatchdogHeartbeat
 from infra.gateway.metrics import GatewayMetrics
 from infra.gateway.openapi import openapi_document
 from infra.gateway.versions import (
@@ -73,6 +75,7 @@ from infra.gateway.wire import (
     parse_instances,
     parse_npy,
     read_asgi_body,
+    request_id,
     softmax,
 )
 
@@ -112,6 +115,8 @@ _PREDICT_SUFFIX = "/predict"
 _NPY = NPY_MEDIA_TYPE.encode()
 _OIP_ROOT = "/v2"  # Open Inference Protocol (infra/gateway/oip.py)
 _OIP_PREFIX = "/v2/"
+# A heartbeat is three short fields; anything near this is not one.
+_HEARTBEAT_MAX_BYTES = 16 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,8 @@ class GatewayConfig:
     # How long a starting replica may spend loading the desired deployment before it takes
     # connections; past it, it starts unready and keeps converging in the background.
     startup_sync_timeout_s: float = 60.0
+    # How often a replica checks whether the lease of a canary or shadow ran out.
+    lease_check_s: float = 0.2
     # A shadow this many rows behind gets no more mirrored requests until it catches up.
     shadow_max_queue_rows: int = 512
     shadow_log_size: int = 50  # recent disagreements kept for /admin/shadow
@@ -150,6 +157,8 @@ class GatewayConfig:
     # With BatchPolicy.inline_below_us set, tiny batches run on the event loop only while the
     # server holds at most this many connections: with more, batching on threads is faster.
     inline_max_connections: int = 1
+    # Failed-request log lines per version and second; the rest are counted in a summary line.
+    failure_log_per_second: int = 20
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -181,6 +190,7 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     AdminRoute("GET", "/admin/shadow", "viewer", "shadow_report"),
     AdminRoute("PUT", "/admin/deployment", "operator", "put_deployment"),
     AdminRoute("POST", "/admin/reload", "operator", "reload"),
+    AdminRoute("POST", "/admin/watchdog/heartbeat", "operator", "watchdog_heartbeat"),
     AdminRoute("DELETE", "/admin/deployment", "admin", "delete_deployment"),
     AdminRoute("GET", "/admin/tokens", "admin", "list_tokens"),
 )
@@ -213,8 +223,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _validation_detail(errors: Any) -> str:
+    """Pydantic's errors as one bounded line: where, and what is wrong (at most 8)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:8]
+    )
+
+
 def _default_loader(path: Path, backend: str, intra_op_threads: int) -> Predictor:
     return load_predictor(path, backend, intra_op_threads=intra_op_threads)
+
+
+def _warn_json(fields: dict[str, Any]) -> None:
+    logger.warning(json.dumps(fields, default=str))
 
 
 def _now() -> str:
@@ -253,6 +274,9 @@ class Gateway:
         self.answered = 0  # predict requests answered (any status), for the drain log line
         # Open client connections, when the server tells (uvicorn's server state).
         self.open_connections: Callable[[], int] | None = None
+        self.failures = FailureLog(
+            _warn_json, replica=self.replica_id, per_second=self.config.failure_log_per_second
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -276,6 +300,8 @@ class Gateway:
         if self.source is not None:
             await self._first_sync()
             self._spawn(self._sync_loop())
+        self._spawn(self._lease_loop())
+        self._spawn(self._flush_failures())
         try:
             yield
         finally:
@@ -283,6 +309,7 @@ class Gateway:
                 task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.failures.flush(final=True)
             for version in self._all_loaded():
                 if version.batcher is not None:
                     version.batcher.fail_queued("the gateway is shutting down")
@@ -307,6 +334,12 @@ class Gateway:
             self.sync_error = "the desired deployment did not load in time at start"
             self._log("sync.startup_timeout", seconds=self.config.startup_sync_timeout_s)
         await self._report()
+
+    async def _flush_failures(self) -> None:
+        # Suppressed failures of a second that is over get their summary line within ~1 s.
+        while True:
+            await asyncio.sleep(1.0)
+            self.failures.flush()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -382,12 +415,12 @@ class Gateway:
         except ValidationError as exc:
             errors = exc.errors()
             status = 400 if errors and errors[0]["type"] == "json_invalid" else 422
-            detail = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:8]
-            )
+            detail = _validation_detail(errors)
             self.metrics.deployments.labels("", "invalid").inc()
             self._log("deployment.invalid", status=status, detail=detail, principal=who.name)
             return _error(status, f"invalid deployment: {detail}")
+        if dep.lease_expired(time.time()):
+            return _error(422, "invalid deployment: its lease_expires_at has already passed")
         if any(s.fault for s in dep.versions()) and not who.may("admin"):
             return _error(403, f"injecting faults needs the admin role; {who.name!r} is {who.role}")
         try:
@@ -432,6 +465,46 @@ class Gateway:
         self._refused = None  # an explicit reload retries a refused state at once
         await self.sync_once()
         return JSONResponse(self._replica_view())
+
+    async def _lease_loop(self) -> None:
+        """Drop a trial whose lease ran out (see ``Deployment.lease_expires_at``)."""
+        while True:
+            await asyncio.sleep(self.config.lease_check_s)
+            live = self.live
+            if live is not None and live.deployment.lease_expired(time.time()):
+                try:
+                    await self.expire_lease(live.deployment)
+                except Exception as exc:  # keep checking; the next tick retries
+                    self._log("deployment.lease_expiry_failed", error=repr(exc))
+
+    async def expire_lease(self, expired: Deployment) -> None:
+        """Serve ``expired`` without its trial here, and record that in the source."""
+        async with self._deploy_lock:
+            if self.live is None or self.live.deployment != expired:
+                return  # changed meanwhile (renewed, promoted, rolled back)
+            settled = expired.without_trial()
+            await self._apply_locked(settled)  # the champion is loaded already: no load
+            self.metrics.deployments.labels(expired.model, "lease_expired").inc()
+            self._log(
+                "deployment.lease_expired",
+                expired_at=expired.lease_expires_at,
+                dropped=[v.version for v in (expired.canary, expired.shadow) if v is not None],
+                **({} if settled.champion is None else {"champion": settled.champion.version}),
+            )
+            await self._record_expiry(expired, settled)
+
+    async def _record_expiry(self, expired: Deployment, settled: Deployment) -> None:
+        """Replace ``expired`` in the source by ``settled`` unless another replica did already."""
+        if self.source is None:
+            return
+        try:
+            if await self._in_thread(self._io, self.source.read) == expired:
+                await self._in_thread(
+                    self._io, self.source.publish, settled, actor="gateway:lease-expired"
+                )
+        except DesiredStateError as exc:
+            # Harmless: every replica treats an expired lease in the source the same way.
+            self._log("deployment.lease_record_failed", error=exc.message)
 
     async def publish(self, dep: Deployment | None, *, actor: str) -> None:
         """Apply ``dep`` here, then record it as the desired state for every replica.
@@ -584,6 +657,10 @@ class Gateway:
                     self._log("sync.unreadable", error=exc.message)
                 self.sync_error = exc.message
                 return
+            if desired is not None and desired.lease_expired(time.time()):
+                # The controller that held this trial is gone: never bring it back.
+                expired, desired = desired, desired.without_trial()
+                await self._record_expiry(expired, desired)
             self.desired = desired
             self.desired_known = True
             have = None if self.live is None else self.live.deployment.fingerprint()
@@ -697,6 +774,35 @@ class Gateway:
             }
         )
 
+    async def watchdog_heartbeat(self, request: Request, who: Principal) -> Response:
+        """The champion watchdog ran: record when, and its verdict, as gauges per model."""
+        try:
+            body = await read_body(request, _HEARTBEAT_MAX_BYTES)
+        except BadRequestError as exc:
+            return _error(exc.status, exc.message)
+        try:
+            beat = WatchdogHeartbeat.model_validate_json(body)
+        except ValidationError as exc:
+            errors = exc.errors()
+            status = 400 if errors and errors[0]["type"] == "json_invalid" else 422
+            return _error(status, f"invalid heartbeat: {_validation_detail(errors)}")
+        now = time.time()
+        self.metrics.heartbeat(beat.model, beat.healthy, now)
+        self._log(
+            "watchdog.heartbeat",
+            model=beat.model,
+            healthy=beat.healthy,
+            detail=beat.detail,
+            principal=who.name,
+        )
+        return JSONResponse(
+            {
+                "model": beat.model,
+                "healthy": beat.healthy,
+                "ts": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+            }
+        )
+
     async def list_tokens(self, request: Request, who: Principal) -> Response:
         return JSONResponse(
             {"principals": [{"name": p.name, "role": p.role} for p in self.tokens.principals()]}
@@ -778,7 +884,7 @@ class Gateway:
 
     async def predict(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
         started = time.perf_counter()
-        ctype = length = key = accept = None
+        ctype = length = key = accept = rid_header = None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 ctype = value
@@ -788,6 +894,10 @@ class Gateway:
                 key = value
             elif name == b"accept":
                 accept = value
+            elif name == b"x-request-id":
+                rid_header = value
+        rid = request_id(rid_header)
+        rid_pair = (b"x-request-id", rid.encode())
         live = self.live
         try:
             if live is None or not live.slots:
@@ -821,7 +931,10 @@ class Gateway:
                 )
         except BadRequestError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
-            await _send_json(send, exc.status, {"error": exc.message})
+            self.request_failed(rid, model, None, "predict", exc.status, exc.reason)
+            await _send(
+                send, exc.status, dumps({"error": exc.message}), b"application/json", [rid_pair]
+            )
             return
         except ClientGoneError:
             return
@@ -830,11 +943,13 @@ class Gateway:
         version = slot.loaded
         version.inflight += 1
         status = 499  # stays so only if the request is cancelled (client gone, shutdown)
+        reason, detail = "cancelled", None
         try:
-            status, body_out, media = await self._answer(live, slot, x, accept)
+            status, body_out, media, reason, detail = await self._answer(live, slot, x, accept)
             headers = [
                 (b"x-ballast-version", version.version.encode()),
                 (b"x-ballast-role", slot.role.encode()),
+                rid_pair,
             ]
             await _send(send, status, body_out, media, headers)
         finally:
@@ -843,26 +958,66 @@ class Gateway:
             elapsed = time.perf_counter() - started
             version.record(status, elapsed)
             self.metrics.observe(live.model, version.version, slot.role, status, elapsed, "predict")
+            if status != 200:
+                self.request_failed(rid, live.model, slot, "predict", status, reason, detail)
 
     async def _answer(
         self, live: Live, slot: Slot, x: np.ndarray, accept: bytes | None
-    ) -> tuple[int, bytes, bytes]:
+    ) -> tuple[int, bytes, bytes, str, str | None]:
+        """(status, body, media type, failure reason, failure detail for the log)."""
         version = slot.loaded
         try:
             logits = await self.infer(live, slot, x)
         except BadRequestError as exc:
-            return exc.status, dumps({"error": exc.message}), b"application/json"
+            return (
+                exc.status,
+                dumps({"error": exc.message}),
+                b"application/json",
+                exc.reason,
+                exc.detail,
+            )
         try:
             if accept is not None and _media_type(accept) == _NPY:
-                return 200, encode_probabilities_npy(logits, x.shape[0]), _NPY
-            return 200, encode_prediction(version.version, logits, x.shape[0]), b"application/json"
+                out, media = encode_probabilities_npy(logits, x.shape[0]), _NPY
+            else:
+                out = encode_prediction(version.version, logits, x.shape[0])
+                media = b"application/json"
         except ValueError as exc:
-            self._log_inference_failure(version.version, exc)
             return (
                 500,
                 dumps({"error": f"version {version.version} failed to predict"}),
-                (b"application/json"),
+                b"application/json",
+                "bad_output",
+                f"{type(exc).__name__}: {exc}",
             )
+        # Encoding checked the shape ([rows, classes], finite): count the answered classes.
+        self.metrics.observe_predictions(live.model, version.version, slot.role, logits)
+        return 200, out, media, "", None
+
+    def request_failed(
+        self,
+        rid: str,
+        model: str,
+        slot: Slot | None,
+        route: str,
+        status: int,
+        reason: str,
+        detail: str | None = None,
+    ) -> None:
+        """One bounded log line (:mod:`.faillog`) for an inference request answered non-2xx.
+
+        ``slot`` is None when no version was chosen (the request was refused before routing).
+        """
+        self.failures.record(
+            request_id=rid,
+            model=model[:128],
+            version=None if slot is None else slot.loaded.version,
+            role=None if slot is None else slot.role,
+            route=route,
+            status=status,
+            reason=reason,
+            error=detail,
+        )
 
     async def infer(self, live: Live, slot: Slot, x: np.ndarray) -> np.ndarray:
         """Logits of ``slot`` for ``x``: fault injection, the version's batcher, shadow mirror.
@@ -895,8 +1050,10 @@ class Gateway:
         try:
             return await future
         except BatchFailedError as exc:
-            self._log_inference_failure(version.version, exc)
-            raise BadRequestError(exc.status, "inference_failed", exc.message) from None
+            cause = exc.__cause__ or exc
+            raise BadRequestError(
+                exc.status, "inference_failed", exc.message, f"{type(cause).__name__}: {cause}"
+            ) from None
 
     # -- shadow --------------------------------------------------------------------------------
 
@@ -990,19 +1147,6 @@ class Gateway:
                         "input": x[i].tolist(),
                     }
                 )
-
-    def _log_inference_failure(self, version: str, exc: Exception) -> None:
-        cause = exc.__cause__ or exc
-        logger.warning(
-            json.dumps(
-                {
-                    "ts": _now(),
-                    "event": "predict.failed",
-                    "version": version,
-                    "error": f"{type(cause).__name__}: {cause}",
-                }
-            )
-        )
 
 
 def _media_type(value: bytes | None) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -136,7 +137,32 @@ class GatewayMetrics:
             ["model", "result"],
             registry=r,
         )
+        self.predictions = Counter(
+            "ballast_predictions",
+            "Rows answered 200, by predicted class (argmax of the row's output); the drift "
+            "alert compares each class's share with its own baseline.",
+            ["model", "version", "role", "class"],
+            registry=r,
+        )
+        # Set by POST /admin/watchdog/heartbeat. With several replicas the heartbeat lands on
+        # one of them: the newest timestamp must win whichever process wrote it, alive or not
+        # ("max"), and so must the newest health verdict ("mostrecent", not "live...").
+        self.watchdog_heartbeat = Gauge(
+            "ballast_watchdog_heartbeat_timestamp_seconds",
+            "Unix time of the champion watchdog's last heartbeat.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.watchdog_healthy = Gauge(
+            "ballast_watchdog_healthy",
+            "1 when the champion watchdog's last heartbeat found the champion healthy, else 0.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self._request_children: dict[tuple[str, str, str, str, int], Counter] = {}
+        self._class_children: dict[tuple[str, str, str, int], Counter] = {}
         self._latency_children: dict[tuple[str, str, str, str], Histogram] = {}
         self._batch_children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
         self._info_labels: set[tuple[str, str, str]] = set()
@@ -157,6 +183,33 @@ class GatewayMetrics:
             hist = self.latency.labels(model, version, role, route)
             self._latency_children[lkey] = hist
         hist.observe(seconds)
+
+    def observe_predictions(self, model: str, version: str, role: str, logits: np.ndarray) -> None:
+        """Count the predicted class of every row of ``logits`` (``[rows, classes]``).
+
+        One argmax and one bincount per answer, whatever its rows: no Python loop over rows.
+        """
+        if logits.ndim != 2 or logits.shape[1] == 0:
+            return  # no class to count (the answer's encoder refuses such output anyway)
+        if logits.shape[0] == 1:  # batch 1, the common case: skip bincount's allocation
+            self._class_child(model, version, role, int(logits[0].argmax())).inc()
+            return
+        counts = np.bincount(logits.argmax(axis=1))
+        for cls in np.flatnonzero(counts).tolist():
+            self._class_child(model, version, role, cls).inc(int(counts[cls]))
+
+    def _class_child(self, model: str, version: str, role: str, cls: int) -> Counter:
+        key = (model, version, role, cls)
+        child = self._class_children.get(key)
+        if child is None:
+            child = self.predictions.labels(model, version, role, str(cls))
+            self._class_children[key] = child
+        return child
+
+    def heartbeat(self, model: str, healthy: bool, when: float) -> None:
+        """Record a watchdog heartbeat for ``model`` at unix time ``when``."""
+        self.watchdog_heartbeat.labels(model).set(when)
+        self.watchdog_healthy.labels(model).set(1 if healthy else 0)
 
     def observe_batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
         key = (model, version)

@@ -32,7 +32,14 @@ import numpy as np
 
 from infra.gateway.batcher import BatchFailedError, OverloadedError
 from infra.gateway.versions import Live, LoadedVersion, Slot
-from infra.gateway.wire import BadRequestError, ClientGoneError, dumps, loads, read_asgi_body
+from infra.gateway.wire import (
+    BadRequestError,
+    ClientGoneError,
+    dumps,
+    loads,
+    read_asgi_body,
+    request_id,
+)
 
 if TYPE_CHECKING:
     from infra.gateway.app import Gateway
@@ -392,48 +399,67 @@ async def _infer(
     gw: Gateway, scope: Scope, receive: Receive, send: Send, model: str, version: str | None
 ) -> None:
     started = time.perf_counter()
-    key = header_length = None
+    key = header_length = rid_header = None
+    length_header: bytes | None = None
     for name, value in scope["headers"]:
         if name == b"x-ballast-key":
             key = value.decode("latin-1")
         elif name == _BINARY_HEADER:
-            try:
-                header_length = int(value)
-            except ValueError:
-                raise _bad(f"invalid {BINARY_HEADER} header {value!r}") from None
-    live, slots = _serving(gw, model, version)
+            length_header = value
+        elif name == b"x-request-id":
+            rid_header = value
+    rid = request_id(rid_header)
+    rid_pair = (b"x-request-id", rid.encode())
+    slot: Slot | None = None
     try:
+        if length_header is not None:
+            try:
+                header_length = int(length_header)
+            except ValueError:
+                raise _bad(f"invalid {BINARY_HEADER} header {length_header!r}") from None
+        live, slots = _serving(gw, model, version)
         body = await read_asgi_body(receive, None, gw.config.max_body_bytes)
+        # Awaiting the body may have let a deployment swap in and retire what the first
+        # snapshot held: route on the deployment in force now, never on a version being
+        # unloaded.
+        live, slots = _serving(gw, model, version)
+        # Pinned: that version. Else the predict route's router: canary weight, sticky key.
+        slot = slots[0] if version is not None else live.route(key, gw._rng)
+        assert slot is not None  # live.slots is not empty
+        request = parse_infer_request(
+            body, header_length, slot.loaded.n_features, gw.config.max_rows
+        )
+    except BadRequestError as exc:
+        gw.metrics.rejected.labels(exc.reason).inc()
+        gw.request_failed(rid, model, slot, "oip_infer", exc.status, exc.reason)
+        await _send(send, exc.status, dumps({"error": exc.message}), _JSON, [rid_pair])
+        return
     except ClientGoneError:
         return  # the client left
-    # Awaiting the body may have let a deployment swap in and retire what the first snapshot
-    # held: route on the deployment in force now, never on a version being unloaded.
-    live, slots = _serving(gw, model, version)
-    # Pinned: that version. Else the predict route's router: canary weight, sticky key.
-    slot = slots[0] if version is not None else live.route(key, gw._rng)
-    assert slot is not None  # live.slots is not empty
     loaded = slot.loaded
-    request = parse_infer_request(body, header_length, loaded.n_features, gw.config.max_rows)
     loaded.inflight += 1
     status = 499  # stays so only if the request is cancelled (client gone, shutdown)
+    reason, detail = "cancelled", None
     try:
         extra = [
             (b"x-ballast-version", loaded.version.encode()),
             (b"x-ballast-role", slot.role.encode()),
+            rid_pair,
         ]
         try:
             logits = await gw.infer(live, slot, request.x)
             out, json_length = encode_infer_response(model, loaded.version, request, logits)
         except BadRequestError as exc:
-            status = exc.status
+            status, reason, detail = exc.status, exc.reason, exc.detail
             await _send(send, status, dumps({"error": exc.message}), _JSON, extra)
             return
-        except ValueError:
-            status = 500
+        except ValueError as exc:
+            status, reason, detail = 500, "bad_output", f"{type(exc).__name__}: {exc}"
             msg = {"error": f"version {loaded.version} failed to predict"}
             await _send(send, status, dumps(msg), _JSON, extra)
             return
         _classes.setdefault(loaded, int(np.asarray(logits).shape[1]))
+        gw.metrics.observe_predictions(live.model, loaded.version, slot.role, np.asarray(logits))
         status = 200
         if json_length is None:
             await _send(send, status, out, _JSON, extra)
@@ -446,3 +472,5 @@ async def _infer(
         elapsed = time.perf_counter() - started
         loaded.record(status, elapsed)
         gw.metrics.observe(live.model, loaded.version, slot.role, status, elapsed, "oip_infer")
+        if status != 200:
+            gw.request_failed(rid, live.model, slot, "oip_infer", status, reason, detail)

@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse
+from infra.gateway.heartbeat import WatchdogHeartbeat
 
 __all__ = ["openapi_document"]
 
@@ -55,7 +56,7 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
     if n_features:
         row["maxItems"] = n_features
     schemas: dict[str, Any] = {}
-    for model in (Deployment, PredictResponse):
+    for model in (Deployment, PredictResponse, WatchdogHeartbeat):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -87,6 +88,15 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                         "in": "header",
                         "required": False,
                         "description": "Sticky routing key: the same key lands on the same version.",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "X-Request-Id",
+                        "in": "header",
+                        "required": False,
+                        "description": "Echoed on the answer and written on the gateway's log line "
+                        "of a failed request. Up to 128 of A-Z a-z 0-9 . _ : = + / -; otherwise "
+                        "(or when absent) the gateway makes one.",
                         "schema": {"type": "string"},
                     },
                 ],
@@ -235,6 +245,30 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                 "responses": {
                     "200": _json("This replica's state.", _ANY_OBJECT),
                     "409": _err("No desired-state source is configured."),
+                }
+                | _AUTH_ERRORS,
+            }
+        },
+        "/admin/watchdog/heartbeat": {
+            "post": {
+                "operationId": "watchdogHeartbeat",
+                "summary": "The champion watchdog ran: sets "
+                "ballast_watchdog_heartbeat_timestamp_seconds and ballast_watchdog_healthy "
+                "for the model (operator).",
+                "security": admin,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/WatchdogHeartbeat"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json("Recorded.", _ANY_OBJECT),
+                    "400": _err("Malformed JSON."),
+                    "413": _err("Body too large."),
+                    "422": _err("Invalid heartbeat (fields, types, lengths)."),
                 }
                 | _AUTH_ERRORS,
             }

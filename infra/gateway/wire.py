@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ __all__ = [
     "encode_probabilities_npy",
     "parse_instances",
     "parse_npy",
+    "request_id",
 ]
 
 try:  # orjson parses a 30-float body ~10x faster than json; it comes with prefect, not promised.
@@ -44,13 +47,29 @@ _SMALL_OUTPUT = 64
 
 
 class BadRequestError(Exception):
-    """A request refused before any version saw it; ``reason`` labels the metric."""
+    """A request refused before any version saw it; ``reason`` labels the metric.
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    ``detail`` is for the log only (an exception's type and text), never for the client.
+    """
+
+    def __init__(self, status: int, reason: str, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.detail = detail
+
+
+# A client's X-Request-Id is echoed and logged: bounded, and only characters that need no
+# escaping anywhere (headers, JSON, a shell). Anything else is replaced by one of ours.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:=+/-]{1,128}")
+
+
+def request_id(header: bytes | None) -> str:
+    """The client's ``X-Request-Id`` when it is safe to reuse, else a fresh random one."""
+    if header is not None and _REQUEST_ID.fullmatch(header):
+        return header.decode("ascii")
+    return os.urandom(8).hex()
 
 
 _SHAPE_HINT = 'expected {"instances": [[number, ...], ...]}'

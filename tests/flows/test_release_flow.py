@@ -144,15 +144,29 @@ def test_a_model_worse_than_the_champion_stops_at_the_quality_gate(release_env: 
 
 
 def test_healthy_second_release_goes_through_the_canary_and_old_champion_becomes_previous(
-    release_env: Settings,
+    release_env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from ballast.settings import get_settings
+
     s = release_env
     reg = _registry(s)
     old = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
     assert old is not None
-    report = release_flow()
+    # With a shadow phase first: mirrored traffic only, then the weight steps.
+    monkeypatch.setenv("BALLAST_CANARY_SHADOW_SECONDS", "1.5")
+    get_settings.cache_clear()
+    try:
+        report = release_flow()
+    finally:
+        monkeypatch.delenv("BALLAST_CANARY_SHADOW_SECONDS")
+        get_settings.cache_clear()
     assert report.outcome == "promoted", report
-    assert [st["weight"] for st in report.canary_steps] == list(s.canary_steps)
+    assert [st["weight"] for st in report.canary_steps] == [0, *s.canary_steps]
+    shadow = report.canary_steps[0]
+    assert shadow["canary_n"] >= s.canary_min_samples, shadow  # rows the shadow answered
+    assert "shadow agrees" in shadow["reasons"][0], shadow
+    shadowed = [e for e in read_audit(s.audit_log) if e["action"] == "deployment" and e["shadow"]]
+    assert shadowed and shadowed[-1]["shadow"] == report.version
     assert reg.get_by_alias(s.model_name, ALIAS_PREVIOUS).version == old.version  # type: ignore[union-attr]
     assert reg.get_by_alias(s.model_name, ALIAS_CHAMPION).version == report.version  # type: ignore[union-attr]
 

@@ -226,3 +226,46 @@ def test_switching_under_load_drops_nothing_and_sigterm_drains(
     ]
     assert len(lines) == 2, "both replicas must log their orderly stop"
     assert answered == ok, f"replicas answered {answered}, clients got {ok} answers ({outcomes})"
+
+
+def metric_values(url: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    text = httpx.get(f"{url}/metrics", trust_env=False, timeout=10).text
+    return {
+        frozenset(s.labels.items()): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name
+    }
+
+
+def test_heartbeat_and_class_counts_merge_across_replicas(
+    settings: Settings, versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
+) -> None:
+    one, _ = versions
+    with (
+        GatewayProcess.start(
+            settings, log_path=tmp_path / "gw.log", workers=2, exit_with_parent=True, timeout=30
+        ) as gw,
+        GatewayClient(gw.url, settings.admin_token()) as admin,
+    ):
+        wait_for(lambda: len(board(admin)) == 2, 20, "both replicas reporting")
+        admin.set_deployment(Deployment(model=MODEL, champion=one))
+        # A fresh connection per heartbeat, so both replicas receive some; the last one is
+        # unhealthy and must win on every scrape, whichever replica answers /metrics.
+        for _ in range(8):
+            with GatewayClient(gw.url, settings.admin_token()) as fresh:
+                fresh.watchdog_heartbeat(MODEL, healthy=True, detail="ok")
+        last = time.time()
+        with GatewayClient(gw.url, settings.admin_token()) as fresh:
+            fresh.watchdog_heartbeat(MODEL, healthy=False, detail="error rate 4 %")
+        answers = [fresh_predict(gw.url) for _ in range(20)]
+        assert {a.status_code for a in answers} == {200}
+        key = frozenset({"model": MODEL}.items())
+        for _ in range(6):
+            stamps = metric_values(gw.url, "ballast_watchdog_heartbeat_timestamp_seconds")
+            assert set(stamps) == {key}, stamps
+            assert last <= stamps[key] <= time.time()
+            assert metric_values(gw.url, "ballast_watchdog_healthy") == {key: 0.0}
+            classes = metric_values(gw.url, "ballast_predictions_total")
+            assert sum(classes.values()) == 20, classes
+            assert {dict(k)["role"] for k in classes} == {"champion"}

@@ -271,3 +271,124 @@ def test_bad_arguments_are_refused_before_traffic_moves(kw: dict[str, object], m
     with pytest.raises(ValueError, match=match):
         canary(admin, SyntheticLoad(), **kw)
     assert admin.history == [], "nothing may change before the arguments are checked"
+
+
+# -- shadow phase and lease -----------------------------------------------------------------------
+
+
+def shadow_load(per_call: int = 50, pause_s: float = 0.0) -> LoadFn:
+    """Traffic at weight 0: the champion answers everything (the shadow's answers are discarded)."""
+
+    def load(weight: int) -> list[Observation]:
+        assert weight == 0 or weight in STEPS
+        if pause_s:
+            time.sleep(pause_s)
+        if weight == 0:
+            return [Observation(CHAMPION.version, True, 0.010, None) for _ in range(per_call)]
+        return SyntheticLoad()(weight)
+
+    return load
+
+
+def stats_reader(rows: int, agree: int, failed: int = 0, mirrored: int | None = None) -> Any:
+    from ballast.canary import ShadowStats
+
+    return lambda: ShadowStats(
+        mirrored=rows if mirrored is None else mirrored,
+        rows_compared=rows,
+        rows_agreeing=agree,
+        failed=failed,
+    )
+
+
+def test_an_agreeing_shadow_goes_on_to_the_weight_steps() -> None:
+    from ballast.canary import ShadowPolicy
+
+    admin = FakeAdmin(CHAMPION_ONLY)
+    result = canary(
+        admin,
+        shadow_load(),
+        shadow=ShadowPolicy(seconds=0.05, max_disagreement=0.05, min_rows=50),
+        shadow_reader=stats_reader(200, 198),
+    )
+    assert result.decision == "promote", result.reasons
+    assert [s.weight for s in result.steps] == [0, *STEPS]
+    assert [s.index for s in result.steps] == [0, 1, 2, 3, 4]
+    first = admin.history[0]
+    assert first.shadow == CANDIDATE and first.canary is None and first.shadow_fraction == 1.0
+    assert result.steps[0].verdict.evidence["shadow_disagreement"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("reader", "why"),
+    [
+        (stats_reader(200, 180), "disagrees with the champion on 10.0% of 200 rows"),
+        (stats_reader(200, 200, failed=5, mirrored=100), "shadow failed 5 of 100"),
+    ],
+)
+def test_a_shadow_that_disagrees_or_fails_is_rolled_back_before_any_user_sees_it(
+    reader: Any, why: str
+) -> None:
+    from ballast.canary import ShadowPolicy
+
+    admin = FakeAdmin(CHAMPION_ONLY)
+    result = canary(admin, shadow_load(), shadow=ShadowPolicy(seconds=0.05), shadow_reader=reader)
+    assert result.decision == "rollback" and why in result.reasons[0], result.reasons
+    assert [s.weight for s in result.steps] == [0]
+    assert all(d.canary is None for d in admin.history), "no user request reached the candidate"
+    assert admin.current == CHAMPION_ONLY
+
+
+def test_judge_shadow_calls_too_few_rows_inconclusive_not_bad() -> None:
+    from ballast.canary import ShadowPolicy, ShadowStats, judge_shadow
+
+    policy = ShadowPolicy(seconds=1, min_rows=100)
+    verdict = judge_shadow(ShadowStats(10, 10, 0, 0), policy)
+    assert verdict.decision == "continue" and "inconclusive" in verdict.reasons[0]
+    assert judge_shadow(ShadowStats(0, 0, 0, 0), policy).decision == "continue"
+    assert judge_shadow(ShadowStats(100, 100, 94, 0), policy).decision == "rollback"
+    assert judge_shadow(ShadowStats(100, 100, 95, 0), policy).decision == "continue"
+
+
+def test_trial_deployments_carry_a_renewed_lease_and_the_final_one_none() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    t0 = time.time()
+    # Each load call takes 0.1 s: the lease (0.3 s, renewed every 0.1 s) is renewed meanwhile.
+    result = canary(admin, shadow_load(pause_s=0.1), lease_s=0.3)
+    assert result.decision == "promote"
+    trials = [d for d in admin.history if d.has_trial()]
+    assert trials and all(d.lease_expires_at is not None for d in trials)
+    assert all(t0 < d.lease_expires_at <= time.time() + 0.3 for d in trials)  # type: ignore[operator]
+    assert len(trials) > len(STEPS), "renewals re-send the trial in force"
+    assert admin.history[-1] == Deployment(model=MODEL, champion=CANDIDATE)
+    assert admin.history[-1].lease_expires_at is None
+
+
+def test_a_lease_that_cannot_be_renewed_stops_the_canary_and_restores() -> None:
+    from ballast.canary import CanaryLeaseLost
+
+    class Flaky(FakeAdmin):
+        """Takes every change the controller makes, but not one renewal (the same trial sent
+        again): the gateway cannot be told the canary is still watched."""
+
+        def set_deployment(self, dep: Deployment) -> Deployment:
+            last = self.current
+            if last is not None and dep.has_trial() and _unleased(dep) == _unleased(last):
+                raise GatewayError("renewal not delivered")
+            return super().set_deployment(dep)
+
+    def slow_step(weight: int) -> list[Observation]:
+        time.sleep(0.05)  # 2 candidate answers per call: the first step takes 0.5 s
+        return [Observation(CANDIDATE.version, True, 0.010, None) for _ in range(2)]
+
+    admin = Flaky(CHAMPION_ONLY)
+    started = time.monotonic()
+    with pytest.raises(CanaryLeaseLost, match="could not be renewed"):
+        canary(admin, slow_step, lease_s=0.3, step_max_seconds=10.0)
+    assert time.monotonic() - started < 2.0, "stopped within the lease, not at the step's end"
+    assert [d.canary_weight for d in admin.history] == [5, 0]
+    assert admin.current == CHAMPION_ONLY, "the pre-canary deployment is restored"
+
+
+def _unleased(dep: Deployment) -> Deployment:
+    return dep.model_copy(update={"lease_expires_at": None})

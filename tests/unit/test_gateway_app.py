@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from ballast.errors import ConfigError, GatewayError
-from ballast.gateway_client import GatewayClient
+from ballast.gateway_client import GatewayClient, GatewayHTTPError
 from ballast.manifest import build_manifest, sign_manifest
 from ballast.runtime import Predictor, load_predictor
 from ballast.serving import Deployment, Fault, VersionSpec
@@ -1511,3 +1511,270 @@ def test_registry_source_refuses_what_does_not_verify(
     reg2.aliases = {"champion": "1", "candidate": "1"}
     with pytest.raises(DesiredStateError, match="not an integer"):
         RegistryDesiredState(reg2, MODEL, stranger).read()
+
+
+# -- watchdog heartbeat and predicted classes ---------------------------------------------------
+
+HEARTBEAT = "/admin/watchdog/heartbeat"
+
+
+def test_watchdog_heartbeat_sets_the_timestamp_and_health_gauges(gw: TestClient) -> None:
+    before = time.time()
+    resp = gw.post(HEARTBEAT, json={"model": MODEL, "healthy": True, "detail": "ok"}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == MODEL and resp.json()["healthy"] is True
+    samples = metric_samples(gw)
+    key = frozenset({"model": MODEL}.items())
+    first = samples[("ballast_watchdog_heartbeat_timestamp_seconds", key)]
+    assert before <= first <= time.time()
+    assert samples[("ballast_watchdog_healthy", key)] == 1
+    time.sleep(0.01)
+    resp = gw.post(HEARTBEAT, json={"model": MODEL, "healthy": False}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    samples = metric_samples(gw)
+    assert samples[("ballast_watchdog_heartbeat_timestamp_seconds", key)] > first
+    assert samples[("ballast_watchdog_healthy", key)] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{", 400),
+        (b"[]", 422),
+        (b'{"model": "m"}', 422),
+        (b'{"healthy": true}', 422),
+        (b'{"model": "m", "healthy": "yes"}', 422),
+        (b'{"model": "m", "healthy": 1}', 422),
+        (b'{"model": "", "healthy": true}', 422),
+        (b'{"model": "a b\\"}", "healthy": true}', 422),
+        (b'{"model": "' + b"m" * 129 + b'", "healthy": true}', 422),
+        (b'{"model": "m", "healthy": true, "detail": "' + b"x" * 1001 + b'"}', 422),
+        (b'{"model": "m", "healthy": true, "extra": 1}', 422),
+    ],
+)
+def test_bad_heartbeats_are_refused_and_change_nothing(
+    gw: TestClient, body: bytes, status: int
+) -> None:
+    resp = gw.post(HEARTBEAT, content=body, headers=AUTH)
+    assert resp.status_code == status, resp.text
+    assert "error" in resp.json()
+    assert not any(name.startswith("ballast_watchdog") for name, _ in metric_samples(gw)), (
+        "a refused heartbeat must not set a gauge"
+    )
+
+
+def test_client_watchdog_heartbeat_reaches_the_gateway(gw: TestClient) -> None:
+    with GatewayClient("http://testserver", TOKEN) as client:
+        client._http = gw  # the in-process app instead of a socket (TestClient is an httpx.Client)
+        assert client.watchdog_heartbeat(MODEL, healthy=False, detail="p95 above bound") is None
+        samples = metric_samples(gw)
+        assert samples[("ballast_watchdog_healthy", frozenset({"model": MODEL}.items()))] == 0
+        with pytest.raises(GatewayHTTPError) as err:
+            client.watchdog_heartbeat(MODEL, healthy=True, detail="x" * 5000)
+        assert err.value.status_code == 422
+        # A refused prediction carries the request id the gateway logged it under.
+        with pytest.raises(GatewayHTTPError) as err:
+            client.predict("no-such-model", [ROW])
+        assert err.value.status_code == 503 and err.value.request_id
+        assert len(err.value.request_id) == 16
+
+
+def test_predictions_are_counted_by_class_on_both_routes(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    deploy(gw, with_canary(artefacts, 50))
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
+    expected: Counter[tuple[str, str, str]] = Counter()
+    for i in range(0, 40, 4):  # batches of 4 rows on /v1
+        resp = gw.post(PREDICT, json={"instances": rows[i : i + 4].tolist()})
+        assert resp.status_code == 200, resp.text
+        version, role = resp.headers["X-Ballast-Version"], resp.headers["X-Ballast-Role"]
+        for cls in resp.json()["predictions"]:
+            expected[(version, role, str(cls))] += 1
+    for row in rows[:10]:  # batch 1 on /v2
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, N_FEATURES]}]}
+        body["inputs"][0]["data"] = row.tolist()
+        resp = gw.post(f"/v2/models/{MODEL}/infer", json=body)
+        assert resp.status_code == 200, resp.text
+        logits = np.asarray(resp.json()["outputs"][0]["data"])
+        version, role = resp.headers["X-Ballast-Version"], resp.headers["X-Ballast-Role"]
+        expected[(version, role, str(int(logits.argmax())))] += 1
+    counted = {
+        (dict(labels)["version"], dict(labels)["role"], dict(labels)["class"]): value
+        for (name, labels), value in metric_samples(gw).items()
+        if name == "ballast_predictions_total"
+    }
+    assert counted == dict(expected)
+    assert sum(counted.values()) == 50
+    assert len({c for _, _, c in counted}) >= 2, "the test rows should hit several classes"
+
+
+def test_failed_requests_count_no_predicted_class(
+    gw_rec: tuple[TestClient, Recorder], artefacts: dict[str, Path]
+) -> None:
+    gw, rec = gw_rec
+    deploy(gw, champion_only(artefacts))
+    rec.fail = True
+    assert gw.post(PREDICT, json={"instances": [ROW]}).status_code == 500
+    assert gw.post(PREDICT, json={"instances": [[0.1]]}).status_code == 422
+    assert not any(name == "ballast_predictions_total" for name, _ in metric_samples(gw))
+
+
+# -- request ids and the bounded failure log ----------------------------------------------------
+
+
+def oip_body(rows: list[list[float]]) -> dict[str, Any]:
+    shape = [len(rows), len(rows[0])]
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": rows}]}
+
+
+def test_request_ids_are_echoed_or_made_on_every_inference_answer(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    infer = f"/v2/models/{MODEL}/infer"
+    # Refused before routing (nothing deployed) still carries the id.
+    resp = gw.post(PREDICT, json={"instances": [ROW]}, headers={"X-Request-Id": "abc-1"})
+    assert resp.status_code == 503 and resp.headers["X-Request-Id"] == "abc-1"
+    deploy(gw, with_canary(artefacts, 50))
+    cases = [
+        (PREDICT, {"instances": [ROW]}, 200),
+        (PREDICT, {"instances": [[0.1]]}, 422),
+        ("/v1/models/other/predict", {"instances": [ROW]}, 404),
+        (infer, oip_body([ROW]), 200),
+        (infer, oip_body([[0.1]]), 400),
+        ("/v2/models/other/infer", oip_body([ROW]), 404),
+    ]
+    for path, body, status in cases:
+        resp = gw.post(path, json=body, headers={"X-Request-Id": "req:42/a=b+c_d.e"})
+        assert resp.status_code == status, (path, resp.text)
+        assert resp.headers["X-Request-Id"] == "req:42/a=b+c_d.e", path
+    made = set()
+    for bad in ("", "x" * 129, "has space", 'quote"d', "tab\t", "ünï"):
+        for path, body in ((PREDICT, {"instances": [ROW]}), (infer, oip_body([ROW]))):
+            headers = {"X-Request-Id": bad.encode("utf-8")} if bad else {}
+            resp = gw.post(path, json=body, headers=headers)  # type: ignore[arg-type]
+            assert resp.status_code == 200
+            rid = resp.headers["X-Request-Id"]
+            assert rid != bad and len(rid) == 16 and int(rid, 16) >= 0
+            made.add(rid)
+    assert len(made) == 12, "every generated id is new"
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_700_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_failure_log_keeps_the_first_lines_per_version_and_second_and_counts_the_rest() -> None:
+    from infra.gateway.faillog import EVENT_FAILED, EVENT_SUPPRESSED, FailureLog
+
+    lines: list[dict[str, Any]] = []
+    clock = FakeClock()
+    log = FailureLog(lines.append, replica="r1", per_second=5, clock=clock)
+
+    def fail(version: str | None, i: int, reason: str = "injected_fault") -> None:
+        log.record(
+            request_id=f"id{i}",
+            model=MODEL if version else "whatever-the-client-asked",
+            version=version,
+            role="canary" if version else None,
+            route="predict",
+            status=500 if version else 404,
+            reason=reason,
+            error="RuntimeError: boom" if i == 0 else None,
+        )
+
+    for i in range(100):  # 100 failures of version 2 within one second
+        fail("2", i, "injected_fault" if i % 4 else "overloaded")
+    for i in range(3):  # and a few of version 1, and unrouted ones, in the same second
+        fail("1", 1000 + i)
+        fail(None, 2000 + i, "unknown_model")
+    assert [ln["request_id"] for ln in lines if ln["version"] == "2"] == [
+        f"id{i}" for i in range(5)
+    ]
+    assert lines[0]["error"] == "RuntimeError: boom" and lines[0]["replica"] == "r1"
+    log.flush()  # the second is not over: nothing summarised yet
+    assert not [ln for ln in lines if ln["event"] == EVENT_SUPPRESSED]
+    clock.t += 1.0
+    log.flush()
+    summaries = [ln for ln in lines if ln["event"] == EVENT_SUPPRESSED]
+    assert len(summaries) == 1
+    (summary,) = summaries
+    assert summary["version"] == "2" and summary["suppressed"] == 95 and summary["logged"] == 5
+    assert summary["reasons"] == {"injected_fault": 72, "overloaded": 23}
+    assert summary["statuses"] == {"500": 95} and summary["role"] == "canary"
+    assert summary["counts"] == [[500, "injected_fault", 72], [500, "overloaded", 23]]
+    failed = [ln for ln in lines if ln["event"] == EVENT_FAILED]
+    assert len(failed) == 5 + 3 + 3 and log.failures == 106 and log.lines == 11
+    # The next second starts a fresh budget; a final flush summarises an unfinished second.
+    for i in range(7):
+        fail("2", 3000 + i)
+    log.flush(final=True)
+    assert lines[-1]["event"] == EVENT_SUPPRESSED and lines[-1]["suppressed"] == 2
+    total = sum(1 for ln in lines if ln["event"] == EVENT_FAILED) + sum(
+        ln["suppressed"] for ln in lines if ln["event"] == EVENT_SUPPRESSED
+    )
+    assert total == log.failures == 113
+    with pytest.raises(ValueError, match="per_second"):
+        FailureLog(lines.append, replica="r", per_second=0)
+
+
+def test_failed_requests_are_logged_with_their_id_bounded_and_all_accounted_for(
+    artefacts: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ballast.gateway")
+    client, _ = make_client(failure_log_per_second=4, replica_id="replica-a")
+    failed_ids: list[str] = []
+    with client:
+        deploy(client, with_canary(artefacts, 100, fault="errors"))
+        for i in range(150):
+            path = PREDICT if i % 2 else f"/v2/models/{MODEL}/infer"
+            body = {"instances": [ROW]} if i % 2 else oip_body([ROW])
+            resp = client.post(path, json=body, headers={"X-Request-Id": f"load-{i}"})
+            if resp.status_code != 200:
+                assert resp.status_code == 500
+                failed_ids.append(resp.headers["X-Request-Id"])
+    assert 20 <= len(failed_ids) <= 80  # about 30 % of 150
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ballast.gateway"]
+    lines = [e for e in events if e["event"] == "request.failed"]
+    summaries = [e for e in events if e["event"] == "request.failures_suppressed"]
+    seconds = {ln["ts"][:19] for ln in lines}
+    assert len(lines) <= 4 * len(seconds) < len(failed_ids), "the log must be bounded"
+    assert len(lines) + sum(s["suppressed"] for s in summaries) == len(failed_ids)
+    for ln in lines:
+        assert ln["request_id"] in failed_ids
+        assert (ln["model"], ln["version"], ln["role"]) == (MODEL, "2", "canary")
+        assert ln["replica"] == "replica-a" and ln["status"] == 500
+        assert ln["reason"] == "injected_fault" and ln["route"] in {"predict", "oip_infer"}
+    assert all(s["reasons"] == {"injected_fault": s["suppressed"]} for s in summaries)
+
+
+def test_an_inference_failure_is_logged_with_its_cause(
+    gw_rec: tuple[TestClient, Recorder],
+    artefacts: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw, rec = gw_rec
+    caplog.set_level(logging.INFO, logger="ballast.gateway")
+    deploy(gw, champion_only(artefacts))
+    rec.fail = True
+    resp = gw.post(PREDICT, json={"instances": [ROW]}, headers={"X-Request-Id": "boom-1"})
+    assert resp.status_code == 500
+    rec.fail = False
+    rec.output = np.zeros((7, 3), np.float32)  # wrong row count for one row
+    resp = gw.post(PREDICT, json={"instances": [ROW]}, headers={"X-Request-Id": "shape-1"})
+    assert resp.status_code == 500
+    events = {
+        e["request_id"]: e
+        for e in (json.loads(r.getMessage()) for r in caplog.records if r.name == "ballast.gateway")
+        if e["event"] == "request.failed"
+    }
+    assert events["boom-1"]["reason"] == "inference_failed"
+    assert events["boom-1"]["error"] == "RuntimeError: boom"
+    assert events["boom-1"]["version"] == "1" and events["boom-1"]["role"] == "champion"
+    assert events["shape-1"]["status"] == 500
+    assert "shape" in events["shape-1"]["error"]

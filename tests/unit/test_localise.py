@@ -1,0 +1,222 @@
+"""Fault localisation (ballast/localise.py) on synthetic gateway logs.
+
+Lines are written as the gateway writes them: by hand for exact cases, and by the gateway's own
+FailureLog (infra/gateway/faillog.py) so the reader and the writer cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ballast.localise import EVENT_FAILED, EVENT_SUPPRESSED, default_log_paths, localise
+from infra.gateway.faillog import EVENT_FAILED as GATEWAY_FAILED
+from infra.gateway.faillog import EVENT_SUPPRESSED as GATEWAY_SUPPRESSED
+from infra.gateway.faillog import FailureLog
+
+T0 = datetime(2025, 11, 27, 5, 0, 0, tzinfo=UTC)
+
+
+def iso(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds")
+
+
+def failed(
+    t: datetime,
+    *,
+    version: str = "2",
+    replica: str = "r1",
+    status: int = 500,
+    reason: str = "injected_fault",
+    rid: str = "x",
+    model: str = "m",
+    role: str = "canary",
+) -> str:
+    return json.dumps(
+        {
+            "ts": iso(t),
+            "event": "request.failed",
+            "request_id": rid,
+            "model": model,
+            "version": version,
+            "role": role,
+            "replica": replica,
+            "route": "predict",
+            "status": status,
+            "reason": reason,
+        }
+    )
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_event_names_match_the_gateway() -> None:
+    assert (EVENT_FAILED, EVENT_SUPPRESSED) == (GATEWAY_FAILED, GATEWAY_SUPPRESSED)
+
+
+def test_report_counts_replicas_reasons_and_finds_the_first_failure(tmp_path: Path) -> None:
+    lines = [
+        "INFO:     Started server process [123]",
+        json.dumps({"ts": iso(T0), "event": "deployment.applied", "canary": "2"}),
+        failed(T0 - timedelta(minutes=5), rid="before-window"),
+        failed(T0 + timedelta(seconds=1), rid="a1", replica="r1"),
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        failed(T0 + timedelta(seconds=2), rid="a2", replica="r2", reason="inference_failed"),
+        failed(T0 + timedelta(seconds=3), rid="a3", replica="r1", status=503, reason="overloaded"),
+        failed(T0 + timedelta(seconds=3), rid="champ", version="1", role="champion"),
+        failed(T0 + timedelta(seconds=3), rid="other-model", model="n"),
+        failed(T0 + timedelta(seconds=4), rid="client", status=422, reason="feature_mismatch"),
+        failed(T0 + timedelta(seconds=4), rid="v22", version="22"),
+        '{not json but mentions "2"',
+        failed(T0 + timedelta(hours=2), rid="after-window"),
+    ]
+    log = write(tmp_path / "gateway.log", lines)
+    report = localise(
+        log, "m", "2", T0, T0 + timedelta(minutes=10), metric="error_rate 0.31 > 0.05"
+    )
+    assert report.failed and report.failures == 3 and report.logged == 3
+    assert [(r.replica, r.failures) for r in report.replicas] == [("r1", 2), ("r2", 1)]
+    assert report.replicas[0].share == pytest.approx(2 / 3)
+    assert report.first_failure == T0 + timedelta(seconds=1)
+    assert report.reasons == {"injected_fault": 1, "inference_failed": 1, "overloaded": 1}
+    assert report.statuses == {500: 2, 503: 1}
+    assert report.roles == {"canary": 3}
+    assert report.first_request_ids == ("a1", "a2", "a3")
+    assert report.metric == "error_rate 0.31 > 0.05"
+    # Context: the lines before the first failure (a quarter of 20 = 5) and after it.
+    assert report.context[0] == lines[0] and report.context[3] == lines[3]
+    assert "Traceback (most recent call last):" in report.context
+    assert report.context_source == f"{log}:4"
+    # Client errors count only when asked for.
+    with_4xx = localise(log, "m", "2", T0, T0 + timedelta(minutes=10), min_status=400)
+    assert with_4xx.failures == 4 and with_4xx.statuses[422] == 1
+
+
+def test_suppressed_summaries_are_counted_with_their_status_and_reason(tmp_path: Path) -> None:
+    summary = {
+        "ts": iso(T0 + timedelta(seconds=1.9)),
+        "event": "request.failures_suppressed",
+        "model": "m",
+        "version": "2",
+        "role": "canary",
+        "replica": "r2",
+        "first_ts": iso(T0 + timedelta(seconds=1.1)),
+        "logged": 20,
+        "suppressed": 70,
+        "reasons": {"injected_fault": 60, "feature_mismatch": 10},
+        "statuses": {"500": 60, "422": 10},
+        "counts": [[422, "feature_mismatch", 10], [500, "injected_fault", 60]],
+    }
+    log = write(
+        tmp_path / "g.log",
+        [failed(T0 + timedelta(seconds=1), replica="r2", rid="first"), json.dumps(summary)],
+    )
+    report = localise(log, "m", "2", T0)
+    assert report.failures == 61 and report.logged == 1
+    assert report.reasons == {"injected_fault": 61}
+    assert report.statuses == {500: 61}
+    assert [(r.replica, r.share) for r in report.replicas] == [("r2", 1.0)]
+    assert report.first_failure == T0 + timedelta(seconds=1)
+    assert localise(log, "m", "2", T0, min_status=400).failures == 71
+
+
+def test_lines_written_by_the_gateways_failure_log_are_read_back_in_full(tmp_path: Path) -> None:
+    out: list[dict[str, Any]] = []
+    clock = [T0.timestamp()]
+    logs = {
+        name: FailureLog(out.append, replica=name, per_second=3, clock=lambda: clock[0])
+        for name in ("replica-a", "replica-b")
+    }
+    sent = 0
+    for step in range(200):  # 2 s of failures, mostly on replica a
+        clock[0] = T0.timestamp() + step * 0.01
+        name = "replica-a" if step % 4 else "replica-b"
+        logs[name].record(
+            request_id=f"id-{step}",
+            model="m",
+            version="3",
+            role="canary",
+            route="predict",
+            status=500,
+            reason="injected_fault",
+        )
+        sent += 1
+    for log in logs.values():
+        log.flush(final=True)
+    path = write(tmp_path / "gateway.log", [json.dumps(e) for e in out])
+    report = localise([path], "m", "3", T0 - timedelta(seconds=1), T0 + timedelta(minutes=1))
+    assert report.failures == sent == 200
+    assert report.logged == 4 * 3  # 3 lines per replica and second, two seconds, two replicas
+    assert {r.replica: r.failures for r in report.replicas} == {"replica-a": 150, "replica-b": 50}
+    assert report.first_request_ids[0] == "id-0"
+    assert report.first_failure == T0
+
+
+def test_several_files_merge_and_the_earliest_first_failure_gives_the_context(
+    tmp_path: Path,
+) -> None:
+    a = write(tmp_path / "a.log", ["a-noise", failed(T0 + timedelta(seconds=5), rid="late")])
+    b = write(tmp_path / "b.log", ["b-noise", failed(T0 + timedelta(seconds=2), rid="early")])
+    missing = tmp_path / "gone.log"
+    report = localise([a, b, missing], "m", "2", T0, T0 + timedelta(minutes=1), context_lines=4)
+    assert report.failures == 2 and report.first_request_ids == ("early", "late")
+    assert report.context == ("b-noise", failed(T0 + timedelta(seconds=2), rid="early"))
+    assert report.context_source == f"{b}:2"
+    assert len(report.unreadable) == 1 and str(missing) in report.unreadable[0]
+
+
+def test_no_failure_gives_an_empty_report_and_markdown_says_so(tmp_path: Path) -> None:
+    log = write(tmp_path / "g.log", [failed(T0, version="1", role="champion")])
+    report = localise(log, "m", "2", T0 - timedelta(seconds=1), T0 + timedelta(seconds=1))
+    assert not report.failed and report.replicas == () and report.first_failure is None
+    assert report.context == () and report.context_source is None
+    md = report.to_markdown()
+    assert md.startswith("# Fault report: m version 2")
+    assert "No failed request of version 2" in md
+
+
+def test_markdown_holds_the_tables_the_metric_and_a_safe_log_block(tmp_path: Path) -> None:
+    lines = [
+        "```  a fence in the log must not end the block",
+        failed(T0, replica="r|1", rid="id-1"),
+    ]
+    log = write(tmp_path / "g.log", lines)
+    report = localise(log, "m", "2", T0, T0 + timedelta(seconds=1), metric="p95 latency")
+    md = report.to_markdown()
+    assert "**Metric that broke:** p95 latency" in md
+    assert "**1 failed requests**" in md and "2025-11-27T05:00:00.000Z" in md
+    assert "| r\\|1 | 1 | 100.0% |" in md
+    assert "| injected_fault | 1 |" in md and "| 500 | 1 |" in md
+    assert "`id-1`" in md
+    assert md.count("```") == 2, "exactly one fenced block: the log's own fence is defused"
+    assert json.loads(json.dumps(report.to_dict()))["replicas"][0]["replica"] == "r|1"
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    log = write(tmp_path / "g.log", [])
+    with pytest.raises(ValueError, match="ends"):
+        localise(log, "m", "2", T0, T0 - timedelta(seconds=1))
+    with pytest.raises(ValueError, match="context_lines"):
+        localise(log, "m", "2", T0, context_lines=-1)
+    # Naive datetimes are UTC.
+    naive = localise(log, "m", "2", T0.replace(tzinfo=None))
+    assert naive.start == T0
+
+
+def test_default_log_paths_are_the_gateways_and_the_stacks(tmp_path: Path) -> None:
+    assert default_log_paths(tmp_path) == []
+    (tmp_path / "stack").mkdir()
+    write(tmp_path / "stack" / "gateway.log", [])
+    write(tmp_path / "gateway.log", [])
+    assert default_log_paths(tmp_path) == [
+        tmp_path / "gateway.log",
+        tmp_path / "stack" / "gateway.log",
+    ]
