@@ -92,12 +92,14 @@ def keys_rotate(
     """Create a new current key and re-wrap the given objects' data keys (headers only)."""
     from ballast.audit import record
     from ballast.crypto import read_header, rewrap_header
+    from ballast.manifest import rewrap_signing_key
 
     s = get_settings()
     ring = _keyring(s)
     old = ring.current_key_id()
     new = ring.rotate()
     rewrapped: list[str] = []
+    signing_rewrapped: str | None = None
     error: BallastError | None = None
     try:
         for path in objects or []:
@@ -105,6 +107,11 @@ def keys_rotate(
             rewrapped.append(str(path))
             with open(path, "rb") as fh:
                 console.print(f"re-wrapped {path} under {read_header(fh).key_id}")
+        # The manifest signing key, when wrapped by this keyring, moves to the new key too
+        # (before the old key may be retired: afterwards nothing could unwrap it).
+        signing_rewrapped = rewrap_signing_key(s.signing_key_path, ring)
+        if signing_rewrapped:
+            console.print(f"re-wrapped the signing key {s.signing_key_path} under {new}")
         if retire_old:
             ring.retire(old)
     except BallastError as exc:
@@ -120,6 +127,7 @@ def keys_rotate(
         old_key=old,
         new_key=new,
         rewrapped=rewrapped,
+        signing_key_rewrapped=signing_rewrapped is not None,
         retired_old=retire_old and error is None,
         error=None if error is None else str(error),
     )
@@ -155,7 +163,7 @@ def release(
         approval_policy=approval,
     )
     console.print_json(json.dumps(report.__dict__, default=str))
-    if report.outcome not in ("promoted", "rolled_back", "rejected"):
+    if report.outcome not in ("promoted", "rolled_back", "rejected", "unchanged"):
         raise typer.Exit(code=1)
 
 

@@ -22,6 +22,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -186,7 +187,8 @@ class ThresholdJudge:
     * p95 latency above ``baseline p95 x max_latency_ratio + latency_slack_ms`` (the slack keeps
       sub-millisecond baselines from turning jitter into rollbacks), or above ``max_p95_ms``;
     * accuracy below ``baseline accuracy - max_accuracy_drop`` when both sides have
-      ``min_samples`` labelled answers, or below ``min_accuracy`` when set.
+      ``min_samples`` labelled answers, or below ``min_accuracy`` when set — judged on the upper
+      ``accuracy_confidence`` Wilson bound of the canary's accuracy, not its point estimate.
 
     Without a usable baseline (first release, or fewer than ``min_samples`` baseline requests) only
     the absolute limits apply. Otherwise "continue" below 100 % and "promote" at 100 %.
@@ -201,8 +203,11 @@ class ThresholdJudge:
     min_errors: int = 2
     max_p95_ms: float | None = None
     min_accuracy: float | None = None
+    accuracy_confidence: float = 0.95
 
     def __post_init__(self) -> None:
+        if not 0.5 <= self.accuracy_confidence < 1:
+            raise ValueError("accuracy_confidence must lie in [0.5, 1)")
         if self.min_samples < 1 or self.min_errors < 1:
             raise ValueError("min_samples and min_errors must be at least 1")
         if not 0 <= self.max_error_rate <= 1 or not 0 <= self.max_accuracy_drop <= 1:
@@ -331,9 +336,32 @@ class ThresholdJudge:
             return []
         limit = max(limits)
         evidence["limit_accuracy"] = limit
-        if canary.accuracy < limit:
-            return [f"accuracy {canary.accuracy:.3f} below limit {limit:.3f}"]
+        # A point estimate on a few dozen labels swings by several points: 27/30 right is 0.90
+        # for a model that is 0.97 accurate about 6 % of the time. Roll back only when even the
+        # upper end of the canary's accuracy interval is below the limit.
+        upper = wilson_upper(canary.n_correct, canary.n_labelled, self.accuracy_confidence)
+        evidence["canary_accuracy_upper"] = upper
+        evidence["accuracy_confidence"] = self.accuracy_confidence
+        if upper < limit:
+            return [
+                f"accuracy {canary.accuracy:.3f} below limit {limit:.3f} "
+                f"(upper {self.accuracy_confidence:.0%} bound {upper:.3f}, "
+                f"{canary.n_correct}/{canary.n_labelled} right)"
+            ]
         return []
+
+
+def wilson_upper(successes: int, n: int, confidence: float) -> float:
+    """One-sided upper confidence bound of a binomial proportion (Wilson score interval;
+    Wilson, JASA 22(158), 1927): the true rate is below it with probability ``confidence``."""
+    if n <= 0:
+        return 1.0
+    z = NormalDist().inv_cdf(confidence)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return min(1.0, centre + half)
 
 
 # ------------------------------------------------------------------------------ stream judges

@@ -6,8 +6,12 @@ serialised to canonical JSON (sorted keys, no whitespace, UTF-8) and signed with
 verifier holding the trusted public key can tell that neither the manifest nor any listed file
 changed, and that nothing was added to or removed from the folder.
 
-The signing key is a PKCS#8 PEM file that lives outside the repository (its path is passed in); it
-is created 0600 on first use and refused when group or others can read it.
+The signing key lives outside the repository (its path is passed in), 0600, refused when group or
+others can read it. With a key provider (the local keyring or KMS, as for datasets) it is created
+*wrapped*: the file holds the Ed25519 private key encrypted under the provider's current key plus
+the public key in the clear, so a copy of the file alone signs nothing, and ``ballast keys rotate``
+re-wraps it. Without a provider it is a plain PKCS#8 PEM (what earlier releases created; still
+read).
 """
 
 from __future__ import annotations
@@ -21,18 +25,26 @@ import stat
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ballast.errors import IntegrityError
+from ballast.errors import BallastError, IntegrityError
 from ballast.hashing import sha256_file
+
+if TYPE_CHECKING:
+    from ballast.keys import KeyProvider
 
 #: The file name the signed manifest takes inside an artefact folder; it is not listed in itself.
 SIGNED_MANIFEST_NAME = "manifest.signed.json"
+
+#: ``format`` of a signing-key file whose private key is wrapped by a key provider.
+WRAPPED_KEY_FORMAT = "ballast-wrapped-ed25519/1"
+# Authenticated with the wrap: a data key of a dataset cannot be passed off as the signing key.
+_SIGNING_KEY_CONTEXT = b"ballast/signing-key/v1"
 
 _SHA256 = r"^[0-9a-f]{64}$"
 
@@ -67,6 +79,10 @@ class Manifest(BaseModel):
     files: tuple[ArtifactFile, ...]
     metrics: dict[str, float] = Field(default_factory=dict)
     parity: dict[str, float | int | bool] = Field(default_factory=dict)
+    # Chain of custody back to the data at rest (optional: manifests from before they existed).
+    dataset_ciphertext_sha256: str | None = Field(default=None, pattern=_SHA256)
+    validation_artifact_id: str | None = None
+    content_key: str | None = Field(default=None, pattern=_SHA256)
 
     @field_validator("metrics")
     @classmethod
@@ -141,39 +157,117 @@ class SignedManifest(BaseModel):
 # --- keys -----------------------------------------------------------------------------------
 
 
-def load_or_create_signing_key(key_path: Path) -> Ed25519PrivateKey:
-    """The Ed25519 signing key at ``key_path``, created (0600, folder 0700) when missing."""
+def load_or_create_signing_key(
+    key_path: Path, provider: KeyProvider | None = None
+) -> Ed25519PrivateKey:
+    """The Ed25519 signing key at ``key_path``, created (0600, folder 0700) when missing:
+    wrapped by ``provider`` when one is given, else as a plain PEM."""
     key_path = Path(key_path)
     if not key_path.exists():
         key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        if provider is not None:
+            data = _wrapped_key_bytes(key, provider, provider.current_key_id())
+        else:
+            data = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
         try:
             # O_EXCL: two first-time signers must not overwrite each other's key.
             fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            return _read_private_key(key_path)
+            return _read_private_key(key_path, provider)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
+            fh.write(data)
         return key
-    return _read_private_key(key_path)
+    return _read_private_key(key_path, provider)
 
 
-def _read_private_key(key_path: Path) -> Ed25519PrivateKey:
+def _wrapped_key_bytes(key: Ed25519PrivateKey, provider: KeyProvider, kek_id: str) -> bytes:
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    doc = {
+        "format": WRAPPED_KEY_FORMAT,
+        "kek_id": kek_id,
+        "wrapped": base64.b64encode(provider.wrap_key(kek_id, raw, _SIGNING_KEY_CONTEXT)).decode(),
+        "public": base64.b64encode(public_key_bytes(key)).decode(),
+    }
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def _wrapped_doc(data: bytes, key_path: Path) -> dict[str, Any] | None:
+    """The parsed wrapped-key document, or None when ``data`` is a PEM."""
+    if not data.lstrip().startswith(b"{"):
+        return None
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != WRAPPED_KEY_FORMAT:
+            raise ValueError(f"unknown format {doc.get('format')!r}")
+        for field in ("kek_id", "wrapped", "public"):
+            if not isinstance(doc.get(field), str):
+                raise ValueError(f"missing {field}")
+        return dict(doc)
+    except ValueError as exc:
+        raise IntegrityError(f"signing key {key_path} is unreadable: {exc}") from exc
+
+
+def _read_private_key(key_path: Path, provider: KeyProvider | None = None) -> Ed25519PrivateKey:
     mode = key_path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise IntegrityError(
             f"signing key {key_path} is accessible to group/others "
             f"(mode {stat.S_IMODE(mode):o}); run chmod 600 on it"
         )
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    data = key_path.read_bytes()
+    doc = _wrapped_doc(data, key_path)
+    if doc is not None:
+        if provider is None:
+            raise IntegrityError(
+                f"signing key {key_path} is wrapped by key {doc['kek_id']!r}: "
+                "signing needs the key provider (keyring or KMS)"
+            )
+        raw = provider.unwrap_key(
+            doc["kek_id"], base64.b64decode(doc["wrapped"]), _SIGNING_KEY_CONTEXT
+        )
+        wrapped_key = Ed25519PrivateKey.from_private_bytes(raw)
+        if public_key_bytes(wrapped_key) != base64.b64decode(doc["public"]):
+            raise IntegrityError(f"signing key {key_path}: the private and public halves differ")
+        return wrapped_key
+    key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise IntegrityError(f"{key_path} is not an Ed25519 private key")
     return key
+
+
+def rewrap_signing_key(key_path: Path, provider: KeyProvider) -> str | None:
+    """Re-wrap a wrapped signing key under the provider's current key (after a rotation).
+
+    Returns the new key id, or None when there was nothing to do (no file, a plain PEM, or
+    already under the current key). The signing key itself, and so every signature, stays.
+    """
+    key_path = Path(key_path)
+    if not key_path.exists():
+        return None
+    doc = _wrapped_doc(key_path.read_bytes(), key_path)
+    current = provider.current_key_id()
+    if doc is None or doc["kek_id"] == current:
+        return None
+    key = _read_private_key(key_path, provider)
+    tmp = key_path.with_name(f".{key_path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(_wrapped_key_bytes(key, provider, current))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, key_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return current
 
 
 def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
@@ -189,7 +283,7 @@ def key_fingerprint(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
 
 def export_public_key(key_path: Path, dst: Path) -> Path:
     """Write the public half of the signing key at ``key_path`` to ``dst`` as PEM."""
-    pub = load_or_create_signing_key(key_path).public_key()
+    pub = _trusted_public_key(Path(key_path))
     dst = Path(dst)
     dst.write_bytes(
         pub.public_bytes(
@@ -206,6 +300,9 @@ def _trusted_public_key(trusted: bytes | Path) -> Ed25519PublicKey:
         data = trusted
     else:
         data = Path(trusted).read_bytes()
+        doc = _wrapped_doc(data, Path(trusted))
+        if doc is not None:  # a wrapped signing key carries its public half in the clear
+            return Ed25519PublicKey.from_public_bytes(base64.b64decode(doc["public"]))
     try:
         if b"PRIVATE KEY" in data:
             priv = serialization.load_pem_private_key(data, password=None)
@@ -247,6 +344,9 @@ def build_manifest(
     parity: dict[str, float | int | bool] | None = None,
     git_commit: str | None = None,
     created_at: datetime | None = None,
+    dataset_ciphertext_sha256: str | None = None,
+    validation_artifact_id: str | None = None,
+    content_key: str | None = None,
 ) -> Manifest:
     """List and hash every file in ``artifact_dir`` (except a signed manifest already there)."""
     artifact_dir = Path(artifact_dir)
@@ -268,12 +368,23 @@ def build_manifest(
         files=files,
         metrics=dict(metrics or {}),
         parity=dict(parity or {}),
+        dataset_ciphertext_sha256=dataset_ciphertext_sha256,
+        validation_artifact_id=validation_artifact_id,
+        content_key=content_key,
     )
 
 
-def sign_manifest(manifest: Manifest, key_path: Path) -> SignedManifest:
-    """Sign ``manifest`` with the key at ``key_path`` (created 0600 when missing)."""
-    key = load_or_create_signing_key(key_path)
+def sign_manifest(
+    manifest: Manifest, key_path: Path, provider: KeyProvider | None = None
+) -> SignedManifest:
+    """Sign ``manifest`` with the key at ``key_path`` (created 0600 when missing, wrapped by
+    ``provider`` when given)."""
+    try:
+        key = load_or_create_signing_key(key_path, provider)
+    except IntegrityError:
+        raise
+    except BallastError as exc:  # the provider could not unwrap it (unknown key, wrong material)
+        raise IntegrityError(f"signing key {key_path} could not be unwrapped: {exc}") from exc
     payload = manifest.canonical_bytes()
     return SignedManifest(
         payload=payload.decode("utf-8"),
@@ -340,3 +451,25 @@ def current_git_commit(repo: Path | None = None) -> str | None:
         return None
     commit = out.stdout.strip()
     return commit if out.returncode == 0 and commit else None
+
+
+def code_identity(repo: Path | None = None) -> str | None:
+    """What identifies the code that built a release: HEAD's commit, plus a hash of uncommitted
+    changes to tracked files when there are any (so an edited checkout is not taken for HEAD).
+    None outside git."""
+    commit = current_git_commit(repo)
+    if commit is None:
+        return None
+    try:
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--no-ext-diff", "--binary"],
+            cwd=repo,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return commit
+    if diff.returncode != 0 or not diff.stdout:
+        return commit
+    return f"{commit}+{hashlib.sha256(diff.stdout).hexdigest()[:16]}"

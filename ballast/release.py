@@ -5,6 +5,8 @@ The flow in ``flows/release.py`` composes these through thin tasks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +27,30 @@ TAG_VERDICT = "ballast.verdict"
 TAG_REASON = "ballast.reason"
 TAG_FLOW_RUN = "ballast.flow_run_id"
 TAG_APPROVAL = "ballast.approval"
+TAG_CONTENT_KEY = "ballast.content_key"
+TAG_CODE = "ballast.code"
 
 # One alias vocabulary, defined with the decisions that move them.
 ALIAS_CHAMPION = CHAMPION
 ALIAS_CANDIDATE = CANDIDATE
 ALIAS_PREVIOUS = PREVIOUS
+
+
+def content_key(
+    *, training_key: str, code: str | None, backend: str, precision: str, fault: str | None
+) -> str:
+    """What makes two releases the same release: the training key (dataset hash,
+    hyperparameters, seed), the code, how it was compiled and any injected fault. A release whose
+    key is already registered reuses that version instead of creating a second one."""
+    payload = {
+        "training": training_key,
+        "code": code or "unknown",
+        "backend": backend,
+        "precision": precision,
+        "fault": fault,
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -38,7 +59,8 @@ class ReleaseReport:
 
     model: str
     version: str | None = None
-    outcome: str = "pending"  # promoted | rolled_back | rejected | failed
+    # promoted | rolled_back | rejected | unchanged (this release is the champion already)
+    outcome: str = "pending"
     reason: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds_to_decision: float | None = None

@@ -7,7 +7,7 @@ import time
 from prefect import flow
 from prefect.runtime import flow_run
 
-from ballast.release import ReleaseReport
+from ballast.release import ALIAS_CHAMPION, ReleaseReport
 from ballast.serving import Fault
 from ballast.settings import get_settings
 from tasks.approval import approval_evidence, request_approval
@@ -59,6 +59,12 @@ def release_flow(
     report.version = info.version
     report.metrics = {**trained.metrics, **compiled.metrics()}
     t = lap("register", t)
+    if ALIAS_CHAMPION in info.aliases:
+        # Same data, code and parameters as the champion: nothing to approve or canary.
+        report.outcome = "unchanged"
+        report.reason = f"version {info.version} is this release and already the champion"
+        logger().info("stage=release model=%s outcome=unchanged", s.model_name)
+        return report
 
     checks = {
         "data_valid": True,  # ingest raised otherwise

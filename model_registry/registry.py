@@ -31,6 +31,7 @@ from model_registry.types import (
     CANDIDATE,
     CHAMPION,
     PREVIOUS,
+    ApprovalRecord,
     ModelVersionInfo,
     PromotionResult,
 )
@@ -365,6 +366,13 @@ class Registry:
         with _mlflow_errors(f"tagging {name!r} version {version}"):
             for key, value in tags.items():
                 self._client.set_model_version_tag(name, str(version), key, value)
+
+    def set_approval(self, name: str, version: str | int, record: ApprovalRecord) -> None:
+        """Record the version's approval status (pending, approved, rejected), who, when, why."""
+        self.set_tags(name, version, record.as_tags())
+
+    def get_approval(self, name: str, version: str | int) -> ApprovalRecord | None:
+        return ApprovalRecord.from_tags(self.get_version(name, version).tags)
 
     def set_alias(self, name: str, alias: str, version: str | int) -> None:
         with _mlflow_errors(f"setting alias {alias!r} of {name!r} to version {version}"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect.exceptions import FlowPauseTimeout
@@ -29,6 +30,7 @@ from ballast.quality import QualityDecision
 from ballast.release import TAG_APPROVAL
 from ballast.roles import roles_from_settings
 from ballast.settings import get_settings
+from model_registry import ApprovalRecord
 from tasks.common import logger, registry
 
 __all__ = [
@@ -178,7 +180,6 @@ def request_approval(
     log = logger()
     started_by = current_actor()
     decision = decide_approval(policy, checks)  # type: ignore[arg-type]
-    status = "approved" if decision.approved else "rejected"
     if not decision.needs_human:
         approved, approver, reason = decision.approved, "policy:auto", decision.reason
     else:
@@ -193,20 +194,22 @@ def request_approval(
             model=model, version=version, form=form, started_by=started_by
         )
         if answer is None:
-            approved, approver, reason, status = False, "timeout", "approval timed out", "timeout"
+            approved, approver, reason = False, "timeout", "approval timed out"
         else:
             approved, approver, reason = bool(answer.approve), answer.approver, answer.reason
-            status = "approved" if approved else "rejected"
-    registry(s).set_tags(
+    reg = registry(s)
+    # The typed record (pending -> approved | rejected; a timeout is a rejection by "timeout").
+    reg.set_approval(
         model,
         version,
-        {
-            TAG_APPROVAL: status,
-            TAG_APPROVAL_BY: approver,
-            TAG_APPROVAL_REASON: reason,
-            TAG_APPROVAL_STARTED_BY: started_by,
-        },
+        ApprovalRecord(
+            status="approved" if approved else "rejected",
+            by=approver,
+            at=datetime.now(UTC),
+            reason=reason,
+        ),
     )
+    reg.set_tags(model, version, {TAG_APPROVAL_STARTED_BY: started_by})
     record(
         s.audit_log,
         "approve" if approved else "reject",

@@ -1,12 +1,15 @@
 """Stage 5 and 8: register the candidate (signed, hashed, tagged) and move aliases.
 
-Registration is idempotent per flow run: a retried or resumed run finds the version it already
-registered (tag ``ballast.flow_run_id``) instead of creating a duplicate.
+Registration is idempotent: a release with the same content key (data, hyperparameters, seed,
+code, compile backend, fault; :func:`ballast.release.content_key`) reuses the version already
+registered, and so does a retried or resumed run (tag ``ballast.flow_run_id``). Nothing creates a
+second version of the same release.
 """
 
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import task
@@ -15,12 +18,15 @@ from prefect.cache_policies import NO_CACHE
 from ballast.audit import record
 from ballast.compile import CompiledArtifact
 from ballast.data import ValidatedDataset
-from ballast.manifest import build_manifest, current_git_commit, sign_manifest
+from ballast.keys import provider_from_settings
+from ballast.manifest import build_manifest, code_identity, sign_manifest
 from ballast.release import (
     ALIAS_CANDIDATE,
     TAG_ARTIFACT,
     TAG_ARTIFACT_SHA,
     TAG_BACKEND,
+    TAG_CODE,
+    TAG_CONTENT_KEY,
     TAG_DATASET,
     TAG_DATASET_CIPHERTEXT_SHA,
     TAG_DATASET_SHA,
@@ -31,16 +37,23 @@ from ballast.release import (
     TAG_STATUS,
     TAG_VALIDATION_ARTIFACT,
     TAG_VERDICT,
+    content_key,
 )
 from ballast.serving import Fault
 from ballast.settings import get_settings
 from ballast.training import TrainResult
-from model_registry import ModelVersionInfo
+from model_registry import ApprovalRecord, ModelVersionInfo
 from tasks.common import logger, registry
 
 
 def stage_artifacts(
-    out_dir: Path, ds: ValidatedDataset, trained: TrainResult, compiled: CompiledArtifact
+    out_dir: Path,
+    ds: ValidatedDataset,
+    trained: TrainResult,
+    compiled: CompiledArtifact,
+    *,
+    key: str | None = None,
+    code: str | None = None,
 ) -> Path:
     """Lay out what gets registered: compiled artefact, ONNX, eager weights, signed manifest."""
     import torch
@@ -65,9 +78,13 @@ def stage_artifacts(
             "rtol": compiled.parity.rtol,
             "passed": compiled.parity.passed,
         },
-        git_commit=current_git_commit(),
+        git_commit=code,
+        dataset_ciphertext_sha256=ds.ciphertext_sha256,
+        validation_artifact_id=ds.validation_artifact_id,
+        content_key=key,
     )
-    sign_manifest(manifest, s.signing_key_path).write(out_dir)
+    # The signing key is wrapped by the same key provider as the data (keyring or KMS).
+    sign_manifest(manifest, s.signing_key_path, provider_from_settings(s)).write(out_dir)
     return out_dir
 
 
@@ -83,13 +100,25 @@ def register_candidate(
 ) -> ModelVersionInfo:
     s = get_settings()
     reg = registry(s)
-    existing = reg.find_by_tag(s.model_name, TAG_FLOW_RUN, flow_run_id)
-    if existing:
-        logger().info(
-            "stage=register version=%s already registered by this run", existing[0].version
-        )
-        return existing[0]
-    artifact_dir = stage_artifacts(staging_dir, ds, trained, compiled)
+    code = code_identity()
+    key = content_key(
+        training_key=trained.checkpoint_key,
+        code=code,
+        backend=compiled.backend,
+        precision=compiled.precision,
+        fault=inject_fault,
+    )
+    for tag, value, why in (
+        (TAG_FLOW_RUN, flow_run_id, "by this run"),
+        (TAG_CONTENT_KEY, key, "for the same data, code and parameters"),
+    ):
+        existing = reg.find_by_tag(s.model_name, tag, value)
+        if existing:
+            logger().info(
+                "stage=register version=%s already registered %s", existing[0].version, why
+            )
+            return existing[0]
+    artifact_dir = stage_artifacts(staging_dir, ds, trained, compiled, key=key, code=code)
     tags = {
         TAG_DATASET: ds.name,
         TAG_DATASET_SHA: ds.sha256,
@@ -100,6 +129,8 @@ def register_candidate(
         TAG_ARTIFACT_SHA: compiled.sha256,
         TAG_PARITY: f"max_rel_err={compiled.parity.max_rel_err:.3e} rtol={compiled.parity.rtol:g}",
         TAG_FLOW_RUN: flow_run_id,
+        TAG_CONTENT_KEY: key,
+        TAG_CODE: code or "unknown",
         TAG_STATUS: "candidate",
         "ballast.accuracy": f"{trained.metrics['accuracy']:.4f}",
     }
@@ -113,6 +144,11 @@ def register_candidate(
         metric_history=trained.metric_history(),
         tags=tags,
         description=f"dataset {ds.name} sha256 {ds.sha256[:12]}, backend {compiled.backend}",
+    )
+    reg.set_approval(
+        s.model_name,
+        info.version,
+        ApprovalRecord(status="pending", by="", at=datetime.now(UTC), reason="awaiting approval"),
     )
     reg.set_alias(s.model_name, ALIAS_CANDIDATE, info.version)
     record(s.audit_log, "register", model=s.model_name, version=info.version, tags=tags)

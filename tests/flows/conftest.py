@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def release_env(
         mp.setenv("BALLAST_CANARY_STEP_MAX_SECONDS", "8")
         mp.setenv("BALLAST_CANARY_MIN_SAMPLES", "30")
         mp.setenv("BALLAST_APPROVAL_POLL_S", "1")
+        # Restored at teardown, whatever next_distinct_release() set meanwhile.
+        mp.setenv("BALLAST_LEARNING_RATE", "0.003")
         get_settings.cache_clear()
         s = get_settings()
         prepare_dataset(s)
@@ -52,3 +55,19 @@ def release_env(
         finally:
             gateway.stop()
             get_settings.cache_clear()
+
+
+_NUDGES = iter(range(1, 10_000))
+
+
+def next_distinct_release() -> None:
+    """Make the next release in this process a different release than every earlier one.
+
+    Releases with the same data, code and parameters are one release (the registry reuses its
+    version; a rerun of the champion is ``unchanged``). Tests that need several distinct healthy
+    versions nudge the learning rate by a few parts per million: a new content key, and a model
+    indistinguishable from the last one, so quality gates and canaries see the same thing.
+    """
+    nudge = next(_NUDGES)
+    os.environ["BALLAST_LEARNING_RATE"] = repr(3e-3 * (1 + nudge * 1e-6))
+    get_settings.cache_clear()

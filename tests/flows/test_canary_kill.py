@@ -55,6 +55,8 @@ def test_killing_the_flow_mid_canary_leaves_the_champion_at_100_percent(
         "BALLAST_CANARY_MIN_SAMPLES": "1000000",
         "BALLAST_CANARY_STEP_MAX_SECONDS": "300",
         "BALLAST_CANARY_CONCURRENCY": "2",
+        # A release of its own, not a rerun of the champion (which would change nothing).
+        "BALLAST_LEARNING_RATE": repr(3e-3 * (1 + 1e-6)),
     }
     log = tmp_path / "flow.log"
     with open(log, "wb") as out:

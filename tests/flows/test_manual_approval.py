@@ -28,6 +28,7 @@ from ballast.settings import Settings, get_settings
 from flows.release import release_flow
 from model_registry import Registry
 from tasks.approval import TAG_APPROVAL_BY, TAG_APPROVAL_REASON, TAG_APPROVAL_STARTED_BY
+from tests.flows.conftest import next_distinct_release
 
 pytestmark = pytest.mark.flow
 
@@ -86,6 +87,7 @@ def _state(run_id: Any) -> StateType | None:
 
 
 def _run_in_thread(**kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    next_distinct_release()  # each test's run is its own release, not a rerun of the last
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -188,6 +190,9 @@ def test_refused_answers_keep_the_run_waiting_until_an_approver_answers_by_cli(
     assert report.outcome == "rejected" and report.reason == "too thin"
     tags = Registry(s.tracking_uri, s.artifact_root).get_version(s.model_name, report.version).tags
     assert tags[TAG_APPROVAL] == "rejected" and tags[TAG_APPROVAL_BY] == "carol"
+    approval = Registry(s.tracking_uri, s.artifact_root).get_approval(s.model_name, report.version)
+    assert approval is not None and (approval.status, approval.by) == ("rejected", "carol")
+    assert approval.reason == "too thin" and approval.at.tzinfo is not None
     assert tags[TAG_APPROVAL_REASON] == "too thin" and tags[TAG_APPROVAL_STARTED_BY] == STARTER
     assert verify_chain(s.audit_log) == [], "the flows' audit entries must chain"
 
@@ -215,6 +220,8 @@ def test_a_timed_out_approval_is_a_rejection_that_changes_nothing(
     report = box["report"]
     assert report.outcome == "rejected" and report.reason == "approval timed out"
     version = reg.get_version(s.model_name, report.version)
-    assert version.tags[TAG_APPROVAL] == "timeout" and version.tags[TAG_STATUS] == "rejected"
+    approval = reg.get_approval(s.model_name, report.version)
+    assert approval is not None and approval.status == "rejected" and approval.by == "timeout"
+    assert version.tags[TAG_STATUS] == "rejected"
     after = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
     assert (after and after.version) == (champion_before and champion_before.version)

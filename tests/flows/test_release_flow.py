@@ -23,6 +23,7 @@ from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, ALIAS_PREVIOUS, TAG
 from ballast.settings import Settings
 from flows.release import release_flow
 from model_registry import Registry
+from tests.flows.conftest import next_distinct_release
 
 pytestmark = pytest.mark.flow
 
@@ -71,6 +72,33 @@ def test_first_release_is_promoted_and_served(release_env: Settings) -> None:
     changes = [e for e in entries if e["action"] == "deployment"]
     assert changes and changes[-1]["version"] == report.version and changes[-1]["canary"] is None
     assert changes[-1]["why"] == f"canary of {report.version}"
+
+
+def test_the_champion_carries_signed_custody_and_a_typed_approval(release_env: Settings) -> None:
+    from ballast.manifest import SignedManifest, verify_manifest
+
+    s = release_env
+    reg = _registry(s)
+    champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    assert champion is not None
+    local = reg.download(s.model_name, champion.version)
+    manifest = verify_manifest(SignedManifest.read(local), s.signing_key_path, local)
+    assert manifest.dataset_ciphertext_sha256 == champion.tags["ballast.dataset_ciphertext_sha256"]
+    assert manifest.validation_artifact_id == champion.tags["ballast.validation_artifact_id"]
+    assert manifest.content_key == champion.tags["ballast.content_key"]
+    # The signing key is wrapped by the key provider: no private key in the clear on disk.
+    key_file = s.signing_key_path.read_text()
+    assert "PRIVATE KEY" not in key_file and "ballast-wrapped-ed25519/1" in key_file
+    approval = reg.get_approval(s.model_name, champion.version)
+    assert approval is not None and approval.status == "approved" and approval.by == "policy:auto"
+
+
+def test_rerunning_the_champions_release_changes_nothing(release_env: Settings) -> None:
+    s = release_env
+    before = _state(s)
+    report = release_flow()  # same data, code and parameters as the champion
+    assert report.outcome == "unchanged", report
+    assert _state(s) == before, "no second version, no alias or traffic moved"
 
 
 def test_faulty_release_is_rolled_back_by_the_canary(release_env: Settings) -> None:
@@ -152,7 +180,9 @@ def test_healthy_second_release_goes_through_the_canary_and_old_champion_becomes
     reg = _registry(s)
     old = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
     assert old is not None
-    # With a shadow phase first: mirrored traffic only, then the weight steps.
+    # A release of its own (not a rerun of the champion), with a shadow phase first: mirrored
+    # traffic only, then the weight steps.
+    next_distinct_release()
     monkeypatch.setenv("BALLAST_CANARY_SHADOW_SECONDS", "1.5")
     get_settings.cache_clear()
     try:

@@ -94,6 +94,11 @@ def test_keys_rotate_rewraps_objects_and_retires_the_old_key(
     with open(enc, "rb") as fh:
         old = read_header(fh).key_id
     payload_before = enc.read_bytes()[-4096:]
+    from ballast.keys import LocalKeyring
+    from ballast.manifest import load_or_create_signing_key, public_key_bytes
+
+    ring = LocalKeyring(settings.keyring_path)
+    signing_public = public_key_bytes(load_or_create_signing_key(settings.signing_key_path, ring))
     rotated = runner.invoke(app, ["keys", "rotate", str(enc), "--retire-old"])
     assert rotated.exit_code == 0, rotated.output
     with open(enc, "rb") as fh:
@@ -104,6 +109,10 @@ def test_keys_rotate_rewraps_objects_and_retires_the_old_key(
     assert entry["action"] == "key_rotate" and entry["old_key"] == old and entry["new_key"] == new
     assert entry["rewrapped"] == [str(enc)] and entry["retired_old"] is True
     assert entry["error"] is None and verify_chain(settings.audit_log) == []
+    # The signing key moved to the new key with the data, and still opens (old key retired).
+    assert entry["signing_key_rewrapped"] is True
+    key = load_or_create_signing_key(settings.signing_key_path, LocalKeyring(settings.keyring_path))
+    assert public_key_bytes(key) == signing_public
     back = tmp_path / "back.csv"
     assert runner.invoke(app, ["data", "decrypt", str(enc), str(back)]).exit_code == 0
     assert back.read_bytes() == plain.read_bytes()

@@ -206,3 +206,88 @@ def test_current_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> N
     assert current_git_commit(tmp_path) is None
     commit = current_git_commit(Path(__file__).parent)
     assert commit is not None and re.fullmatch(r"[0-9a-f]{40}", commit)
+
+
+# -- a signing key wrapped by the key provider -------------------------------------------------
+
+
+def test_a_wrapped_signing_key_signs_verifies_and_keeps_nothing_secret_in_the_clear(
+    artifact_dir: Path, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from ballast.keys import LocalKeyring
+
+    ring = LocalKeyring(tmp_path / "keyring.json", auto_create=True)
+    key_path = tmp_path / "keys" / "signing-key"
+    manifest = build_manifest(
+        artifact_dir,
+        model_name="m",
+        dataset_sha256=DATASET,
+        backend="onnxruntime",
+        precision="fp32",
+        dataset_ciphertext_sha256="cd" * 32,
+        validation_artifact_id="a1b2",
+        content_key="ef" * 32,
+    )
+    signed = sign_manifest(manifest, key_path, ring)
+    signed.write(artifact_dir)
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    doc = json.loads(key_path.read_text())
+    assert doc["format"] == "ballast-wrapped-ed25519/1" and doc["kek_id"] == ring.current_key_id()
+    key = load_or_create_signing_key(key_path, ring)
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    assert raw not in key_path.read_bytes() and raw.hex() not in key_path.read_text()
+    # Verifying needs only the public half, which the file carries in the clear.
+    verified = verify_manifest(SignedManifest.read(artifact_dir), key_path, artifact_dir)
+    assert verified.dataset_ciphertext_sha256 == "cd" * 32
+    assert (verified.validation_artifact_id, verified.content_key) == ("a1b2", "ef" * 32)
+    # Signing without the provider, or with another keyring, is refused with the reason.
+    with pytest.raises(IntegrityError, match="needs the key provider"):
+        sign_manifest(manifest, key_path)
+    stranger = LocalKeyring(tmp_path / "other.json", auto_create=True)
+    with pytest.raises(IntegrityError, match="could not be unwrapped"):
+        sign_manifest(manifest, key_path, stranger)
+
+
+def test_rotation_rewraps_the_signing_key_and_old_signatures_still_verify(
+    artifact_dir: Path, tmp_path: Path
+) -> None:
+    from ballast.keys import LocalKeyring
+    from ballast.manifest import rewrap_signing_key
+
+    ring = LocalKeyring(tmp_path / "keyring.json", auto_create=True)
+    key_path = tmp_path / "signing-key"
+    _ = load_or_create_signing_key(key_path, ring)
+    old_kek = ring.current_key_id()
+    signed = _signed_with(artifact_dir, key_path, ring)
+    public_before = public_key_bytes(load_or_create_signing_key(key_path, ring))
+    assert rewrap_signing_key(key_path, ring) is None  # already under the current key
+    new_kek = ring.rotate()
+    assert rewrap_signing_key(key_path, ring) == new_kek
+    assert json.loads(key_path.read_text())["kek_id"] == new_kek
+    ring.retire(old_kek)  # the old key is gone for good: the signing key still opens
+    assert public_key_bytes(load_or_create_signing_key(key_path, ring)) == public_before
+    verify_manifest(signed, key_path, artifact_dir)
+
+
+def test_a_plain_pem_signing_key_is_left_alone_by_rotation(tmp_path: Path) -> None:
+    from ballast.keys import LocalKeyring
+    from ballast.manifest import rewrap_signing_key
+
+    pem = tmp_path / "signing.pem"
+    load_or_create_signing_key(pem)  # no provider: the earlier plain format
+    ring = LocalKeyring(tmp_path / "keyring.json", auto_create=True)
+    before = pem.read_bytes()
+    assert rewrap_signing_key(pem, ring) is None and pem.read_bytes() == before
+
+
+def _signed_with(artifact_dir: Path, key_path: Path, provider: object) -> SignedManifest:
+    manifest = build_manifest(
+        artifact_dir, model_name="m", dataset_sha256=DATASET, backend="ort", precision="fp32"
+    )
+    signed = sign_manifest(manifest, key_path, provider)  # type: ignore[arg-type]
+    signed.write(artifact_dir)
+    return signed

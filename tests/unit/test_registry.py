@@ -93,6 +93,8 @@ def test_public_surface_is_exactly_all() -> None:
         "CANDIDATE",
         "CHAMPION",
         "PREVIOUS",
+        "ApprovalRecord",
+        "ApprovalStatus",
         "ModelVersionInfo",
         "PromotionResult",
         "Registry",
@@ -387,3 +389,54 @@ def test_rollback_returns_to_previous_once(registry: Registry, two_versions: str
     with pytest.raises(RegistryError, match="no 'previous' alias"):
         registry.rollback_to_previous(name)
     assert registry.get_by_alias(name, "champion").version == "1"  # type: ignore[union-attr]
+
+
+# --- approval status and content keys --------------------------------------------------------
+
+
+def test_approval_record_round_trips_and_refuses_unknown_statuses(
+    registry: Registry, two_versions: str
+) -> None:
+    from datetime import UTC, datetime
+
+    from model_registry import ApprovalRecord
+
+    name = two_versions
+    assert registry.get_approval(name, "1") is None  # registered outside the release flow
+    pending = ApprovalRecord("pending", "", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "waiting")
+    registry.set_approval(name, "1", pending)
+    assert registry.get_approval(name, "1") == pending
+    decided = ApprovalRecord("approved", "alice", datetime(2026, 1, 2, 4, tzinfo=UTC), "ok")
+    registry.set_approval(name, "1", decided)
+    assert registry.get_approval(name, "1") == decided
+    assert registry.get_approval(name, "2") is None, "one version's record is its own"
+    with pytest.raises(ValueError, match="approval status"):
+        ApprovalRecord("maybe", "x", datetime.now(UTC), "r")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timezone"):
+        ApprovalRecord("approved", "x", datetime(2026, 1, 1), "r")
+    # A status written by an older release ("timeout") reads as the rejection it was.
+    registry.set_tags(name, "2", {"ballast.approval": "timeout"})
+    old = registry.get_approval(name, "2")
+    assert old is not None and old.status == "rejected"
+
+
+def test_content_key_changes_with_each_input_and_only_with_them() -> None:
+    from ballast.release import content_key
+
+    base = {
+        "training_key": "t" * 64,
+        "code": "abc123",
+        "backend": "onnxruntime",
+        "precision": "fp32",
+        "fault": None,
+    }
+    key = content_key(**base)  # type: ignore[arg-type]
+    assert key == content_key(**base) and len(key) == 64  # type: ignore[arg-type]
+    for field, other in (
+        ("training_key", "u" * 64),
+        ("code", "abc124"),
+        ("backend", "tensorrt"),
+        ("precision", "fp16"),
+        ("fault", "errors"),
+    ):
+        assert content_key(**{**base, field: other}) != key, field  # type: ignore[arg-type]
