@@ -89,3 +89,24 @@ class ApprovalRejected(BallastError):
 
 class GatewayError(BallastError):
     stage = "canary"
+
+
+class DistributedTrainingError(TrainingError):
+    """A data-parallel training launch failed: a rank exited non-zero or was killed, or the job ran
+    past its timeout. Every rank has been stopped by the time this is raised.
+
+    ``returncode`` is torchrun's exit status (None after a timeout); ``tail`` the last output lines.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        returncode: int | None = None,
+        timed_out: bool = False,
+        tail: tuple[str, ...] = (),
+    ) -> None:
+        self.returncode = returncode
+        self.timed_out = timed_out
+        self.tail = tail
+        super().__init__(message)

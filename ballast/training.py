@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -37,6 +37,28 @@ if TYPE_CHECKING:  # torch is imported lazily (3 s) so the CLI starts fast
     import torch
 
 log = logging.getLogger(__name__)
+
+
+class RankGroup(Protocol):
+    """The hooks data-parallel training needs (one process per rank; see ballast.ddp_worker).
+
+    ``train`` without one is today's single-process loop, unchanged.
+    """
+
+    rank: int
+    world_size: int
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The module to run the training forward pass through (DistributedDataParallel)."""
+        ...
+
+    def all_sum(self, value: float) -> float:
+        """``value`` summed over every rank, on every rank."""
+        ...
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable), on every rank."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -196,6 +218,7 @@ def train(
     torch_compile: bool = False,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    ranks: RankGroup | None = None,
 ) -> TrainResult:
     """Train ``model`` with Adam; returns the best epoch's weights (lowest validation loss).
 
@@ -204,6 +227,10 @@ def train(
     ``torch_compile`` compiles the training forward pass on CUDA (ignored on CPU, where it is
     slower than eager for models this small). ``checkpoint_dir`` enables per-epoch checkpoints
     and resuming (see the module docstring).
+
+    ``ranks`` trains data-parallel: every rank takes its share of each (global, ``batch_size``-row)
+    batch and gradients are averaged, so steps and effective batch match a single process; only
+    rank 0 reads and writes checkpoints (the state it resumes from is broadcast to the others).
     """
     import torch
 
@@ -238,6 +265,8 @@ def train(
         "bf16": use_bf16,
         "torch_compile": use_compile,
     }
+    if ranks is not None:  # a checkpoint resumes only under the world size that wrote it
+        hyper["world_size"] = ranks.world_size
     key = config_key(dataset_sha256=ds.sha256, hyperparameters=hyper, seed=seed)
 
     torch.manual_seed(seed)
@@ -249,7 +278,10 @@ def train(
         mean=split.x_train.mean(axis=0),
         std=split.x_train.std(axis=0),
     ).to(dev)
-    forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(net) if use_compile else net
+    fit_net = ranks.wrap(net) if ranks is not None else net
+    forward: Callable[[torch.Tensor], torch.Tensor] = (
+        torch.compile(fit_net) if use_compile else fit_net
+    )
     opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
     x = torch.as_tensor(split.x_train, dtype=torch.float32, device=dev)
     y = torch.as_tensor(split.y_train, dtype=torch.int64, device=dev)
@@ -259,9 +291,12 @@ def train(
     best_val, best_epoch, bad_epochs, stopped = math.inf, 0, 0, False
     best_state = _cpu_state(net)
     resumed_from: int | None = None
-    store = CheckpointStore(Path(checkpoint_dir), key) if checkpoint_dir is not None else None
+    writes = checkpoint_dir is not None and (ranks is None or ranks.rank == 0)
+    store = CheckpointStore(Path(checkpoint_dir), key) if writes and checkpoint_dir else None
     ckpt = store.latest() if store is not None else None
-    if store is not None and ckpt is not None:
+    if ranks is not None and checkpoint_dir is not None:
+        ckpt = ranks.broadcast(ckpt)  # rank 0's checkpoint: other nodes need no shared disk
+    if ckpt is not None:
         st = ckpt.state
         try:
             net.load_state_dict(st["model"])
@@ -279,7 +314,7 @@ def train(
             detail = " ".join(str(exc).split())[:300]
             raise TrainingError(
                 f"checkpoint {ckpt.path} does not fit this model and trainer "
-                f"({type(exc).__name__}: {detail}); remove {store.dir} to start over"
+                f"({type(exc).__name__}: {detail}); remove {ckpt.path.parent} to start over"
             ) from exc
         resumed_from = ckpt.epoch
         log.info("resuming %s from epoch %d (%s)", spec.name, ckpt.epoch, ckpt.path)
@@ -295,10 +330,23 @@ def train(
             idx = order[start : start + batch_size]
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = torch.nn.functional.cross_entropy(forward(x[idx]), y[idx])
+                if ranks is None:
+                    loss = torch.nn.functional.cross_entropy(forward(x[idx]), y[idx])
+                else:
+                    # This rank's share of the batch, summed and scaled so that DDP's average
+                    # over ranks is the mean over the whole batch (an empty share adds 0).
+                    part = idx[ranks.rank :: ranks.world_size]
+                    loss = torch.nn.functional.cross_entropy(
+                        forward(x[part]), y[part], reduction="sum"
+                    ) * (ranks.world_size / len(idx))
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            if ranks is None:
+                total += float(loss.detach()) * len(idx)
+            else:
+                total += float(loss.detach()) * len(idx) / ranks.world_size
+        if ranks is not None:
+            total = ranks.all_sum(total)
         train_loss = total / len(x)
         if not math.isfinite(train_loss):
             raise TrainingError(f"training diverged at epoch {epoch} (loss {train_loss})")
@@ -311,6 +359,8 @@ def train(
         else:
             bad_epochs += 1
         stopped = patience is not None and bad_epochs >= patience
+        if ranks is not None:
+            stopped = bool(ranks.broadcast(stopped))  # every rank stops at the same epoch
         if store is not None:
             store.save(
                 epoch,

@@ -9,10 +9,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.data import ValidatedDataset
+from ballast.distributed import Topology, resolve_world_size, train_data_parallel
 from ballast.errors import QualityGateFailed
 from ballast.quality import ChampionMetric, QualityDecision, QualityPolicy, judge_quality
 from ballast.serving import Fault
-from ballast.settings import get_settings
+from ballast.settings import Settings, get_settings
 from ballast.training import EpochRecord, TrainResult, corrupt_weights, evaluate, train
 from model_registry import CHAMPION, Registry
 from tasks.common import logger, registry
@@ -32,6 +33,10 @@ def train_model(
 
     A retried or restarted run with the same data and configuration resumes from its last
     checkpoint (``TrainResult.resumed_from_epoch``) instead of starting over.
+
+    With ``BALLAST_TRAIN_WORLD_SIZE`` above 1 (or several nodes) training runs data-parallel under
+    torchrun (:mod:`ballast.distributed`): rank output is streamed into this task's log, and a
+    failed or timed-out rank fails the task after every rank was stopped.
     """
     s = get_settings()
     log = logger()
@@ -45,23 +50,53 @@ def train_model(
             r.val_accuracy,
         )
 
-    result = train(
-        ds,
-        model=model or s.model_spec,
-        model_params=model_params,
-        hidden=s.hidden,  # model_params' own hidden, when given, wins
-        epochs=s.epochs,
-        learning_rate=s.learning_rate,
-        batch_size=s.batch_size,
-        seed=s.seed,
-        device=s.device,
-        test_fraction=s.test_fraction,
-        val_fraction=s.val_fraction,
-        patience=s.patience,
-        torch_compile=s.torch_compile,
-        checkpoint_dir=s.state_dir / "checkpoints",
-        on_epoch=on_epoch,
-    )
+    topology = _topology(s)
+    if topology.distributed:
+        log.info(
+            "stage=train launcher=torchrun nproc_per_node=%d nnodes=%d world_size=%d",
+            topology.nproc_per_node,
+            topology.nnodes,
+            topology.world_size,
+        )
+        result = train_data_parallel(
+            ds,
+            topology=topology,
+            work_dir=s.state_dir / "ddp",
+            model=model or s.model_spec,
+            model_params=model_params,
+            hidden=s.hidden,
+            epochs=s.epochs,
+            learning_rate=s.learning_rate,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            device=_resolved_device(s.device),
+            test_fraction=s.test_fraction,
+            val_fraction=s.val_fraction,
+            patience=s.patience,
+            torch_compile=s.torch_compile,
+            checkpoint_dir=s.state_dir / "checkpoints",
+            timeout_s=s.train_timeout_s,
+            pause_after_epoch_s=s.train_pause_after_epoch_s,
+            on_line=lambda line: log.info("stage=train torchrun: %s", line),
+        )
+    else:
+        result = train(
+            ds,
+            model=model or s.model_spec,
+            model_params=model_params,
+            hidden=s.hidden,  # model_params' own hidden, when given, wins
+            epochs=s.epochs,
+            learning_rate=s.learning_rate,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            device=s.device,
+            test_fraction=s.test_fraction,
+            val_fraction=s.val_fraction,
+            patience=s.patience,
+            torch_compile=s.torch_compile,
+            checkpoint_dir=s.state_dir / "checkpoints",
+            on_epoch=on_epoch,
+        )
     if inject_fault == "bad-weights":
         # Deliberately broken candidate: evaluated after corruption, so every number is honest.
         corrupt_weights(result.model, s.seed)
@@ -80,6 +115,31 @@ def train_model(
         result.metrics["roc_auc"],
     )
     return result
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _resolved_device(preference: str) -> str:
+    return "cuda" if preference == "cuda" or (preference == "auto" and _visible_gpus()) else "cpu"
+
+
+def _topology(s: Settings) -> Topology:
+    """Processes per node from the settings (the default, 1 on one node, is not distributed)."""
+    nproc = 1  # as before: train() itself checks the device
+    if s.train_world_size != "1":
+        nproc = resolve_world_size(
+            s.train_world_size, device=s.device, visible_gpus=_visible_gpus()
+        )
+    return Topology(
+        nproc_per_node=nproc,
+        nnodes=s.train_nnodes,
+        rdzv_endpoint=s.train_rdzv_endpoint,
+        rdzv_id=s.train_rdzv_id,
+    )
 
 
 def champion_metric(reg: Registry, model_name: str, metric: str) -> ChampionMetric | None:

@@ -197,3 +197,60 @@ def test_the_gateway_api_route_splits_by_weight_to_existing_services() -> None:
     refs = route["spec"]["rules"][0]["backendRefs"]
     assert sum(r["weight"] for r in refs) == 100
     assert refs[0]["name"] == find("Service", "ballast-gateway")["metadata"]["name"]
+
+
+def test_the_training_job_runs_the_torchrun_command_the_launcher_builds_on_a_shared_volume() -> (
+    None
+):
+    from ballast.distributed import SPEC_FILE, Topology, run_dir_for, torchrun_argv
+
+    job = find("Job", "ballast-train")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    # One pod per node, all at once; a failed rank fails the job, and a hung one is bounded.
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] >= 1
+    assert spec["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    assert 0 < spec["activeDeadlineSeconds"] <= 24 * 3600
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (rank,) = pod["containers"]
+    assert rank["securityContext"]["readOnlyRootFilesystem"] is True
+    assert rank["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    # Pod 0 hosts the rendezvous under the headless Service's per-pod DNS name.
+    svc = find("Service", "ballast-train")
+    assert svc["spec"]["clusterIP"] == "None" and pod["subdomain"] == svc["metadata"]["name"]
+    assert svc["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    endpoint = (
+        f"{job['metadata']['name']}-0.{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    )
+    port = svc["spec"]["ports"][0]["port"]
+    assert {p["containerPort"] for p in rank["ports"]} == {port}
+
+    # The command is exactly what ballast.distributed builds for the flow's own node; the
+    # nodes are this Job's pods plus the flow-run pod, and the spec lies where the flow writes it.
+    env = {e["name"]: e["value"] for e in rank["env"]}
+    rdzv_id = "$(BALLAST_TRAIN_RDZV_ID)"
+    state = Path(env["BALLAST_STATE_DIR"])
+    spec_path = run_dir_for(state / "ddp", rdzv_id) / SPEC_FILE
+    topology = Topology(
+        nproc_per_node=1,
+        nnodes=spec["completions"] + 1,
+        rdzv_endpoint=f"{endpoint}:{port}",
+        rdzv_id="release-0001",  # validated form; the manifest substitutes the env value
+    )
+    expected = torchrun_argv(topology, [f"--spec={spec_path}"], python="python")
+    expected = [a.replace("release-0001", rdzv_id) for a in expected]
+    assert [*rank["command"], *rank["args"]] == expected
+    assert env["BALLAST_TRAIN_RDZV_ID"] and "$(" not in env["BALLAST_TRAIN_RDZV_ID"]
+
+    # Every node mounts the same ReadWriteMany claim where BALLAST_STATE_DIR points.
+    mounts = {m["name"]: m["mountPath"] for m in rank["volumeMounts"]}
+    claim_of = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    (volume,) = claim_of
+    assert mounts[volume] == str(state)
+    pvc = find("PersistentVolumeClaim", claim_of[volume])
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -1,0 +1,262 @@
+"""The pure parts of data-parallel training (world size, torchrun argv, topology) and the
+launcher's failure handling on stand-in commands (no torch, a second or two each)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ballast.distributed import (
+    Topology,
+    backend_for,
+    launch,
+    merged_model_params,
+    resolve_world_size,
+    run_dir_for,
+    threads_per_process,
+    torchrun_argv,
+    worker_pids,
+)
+from ballast.errors import ConfigError, DistributedTrainingError, TrainingError
+from ballast.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "gpus", "expected"),
+    [
+        ("auto", "cpu", 0, 1),
+        ("auto", "cpu", 4, 1),  # CPU training never counts GPUs
+        ("auto", "auto", 0, 1),
+        ("auto", "auto", 8, 8),
+        ("auto", "cuda", 2, 2),
+        ("1", "auto", 0, 1),
+        ("2", "cpu", 0, 2),
+        (3, "cpu", 0, 3),
+        (" AUTO ", "auto", 2, 2),
+        ("2", "cuda", 4, 2),
+    ],
+)
+def test_world_size_is_one_per_visible_gpu_on_auto_and_as_given_otherwise(
+    setting: str | int, device: str, gpus: int, expected: int
+) -> None:
+    assert resolve_world_size(setting, device=device, visible_gpus=gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "gpus", "match"),
+    [
+        ("0", "cpu", 0, "positive integer"),
+        ("-2", "cpu", 0, "positive integer"),
+        ("two", "cpu", 0, "positive integer"),
+        ("3", "cuda", 2, "3 CUDA processes per node need 3 GPUs; 2 visible"),
+        ("auto", "cuda", 0, "no CUDA device"),
+        ("1", "tpu", 0, "device must be"),
+    ],
+)
+def test_world_size_refuses_what_cannot_run(
+    setting: str, device: str, gpus: int, match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        resolve_world_size(setting, device=device, visible_gpus=gpus)
+
+
+def test_one_node_runs_a_standalone_rendezvous_without_restarts() -> None:
+    argv = torchrun_argv(Topology(2), ["--spec", "/r/job.json"], python="/py")
+    assert argv == [
+        "/py",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "-m",
+        "ballast.ddp_worker",
+        "--spec",
+        "/r/job.json",
+    ]
+
+
+def test_several_nodes_pass_nnodes_and_the_rendezvous_through() -> None:
+    topo = Topology(4, nnodes=3, rdzv_endpoint="train-0.train:29400", rdzv_id="release-42")
+    argv = torchrun_argv(topo, ["--spec", "s.json"], python="py")
+    assert topo.world_size == 12 and topo.distributed
+    assert "--standalone" not in argv
+    head = argv[: argv.index("-m", 3)]
+    assert head == [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=3",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=train-0.train:29400",
+        "--rdzv-id=release-42",
+        "--nproc-per-node=4",
+        "--max-restarts=0",
+    ]
+    assert argv[-3:] == ["ballast.ddp_worker", "--spec", "s.json"]
+
+
+def test_topology_needs_a_rendezvous_for_several_nodes_and_one_process_is_not_distributed() -> None:
+    with pytest.raises(ConfigError, match="rendezvous endpoint"):
+        Topology(1, nnodes=2)
+    with pytest.raises(ConfigError, match="rendezvous endpoint"):
+        Topology(1, nnodes=2, rdzv_endpoint="h:1")  # no job id
+    with pytest.raises(ConfigError, match=">= 1"):
+        Topology(0)
+    assert not Topology(1).distributed
+    assert Topology(2).distributed
+    assert Topology(1, nnodes=2, rdzv_endpoint="h:1", rdzv_id="j").distributed
+
+
+def test_the_rendezvous_id_names_the_shared_launch_folder_so_it_must_be_a_plain_name(
+    tmp_path: Path,
+) -> None:
+    for bad in ("../etc", "a/b", "", "-x", "x" * 64):
+        with pytest.raises(ConfigError, match="rendezvous"):
+            Topology(1, nnodes=2, rdzv_endpoint="h:1", rdzv_id=bad)
+    assert run_dir_for(tmp_path, "release-7") == tmp_path.resolve() / "ddp-release-7"
+
+
+def test_a_multi_node_launch_refuses_a_rendezvous_id_already_in_use(tmp_path: Path) -> None:
+    from ballast.datasets_extra import bundled_dataset
+    from ballast.distributed import train_data_parallel
+
+    topo = Topology(1, nnodes=2, rdzv_endpoint="127.0.0.1:1", rdzv_id="busy")
+    run_dir_for(tmp_path, "busy").mkdir()
+    with pytest.raises(ConfigError, match="in use by another launch"):
+        train_data_parallel(
+            bundled_dataset("breast-cancer"),
+            topology=topo,
+            work_dir=tmp_path,
+            epochs=1,
+            learning_rate=1e-3,
+            batch_size=64,
+            seed=0,
+            model="tabular-mlp",
+        )
+    assert run_dir_for(tmp_path, "busy").is_dir(), "the other launch's folder is left alone"
+
+
+def test_backend_threads_and_model_params_follow_trains_rules() -> None:
+    assert backend_for("cuda") == "nccl" and backend_for("cpu") == "gloo"
+    assert threads_per_process(2, 2) == 1
+    assert threads_per_process(2, 16) == 8
+    assert threads_per_process(4, 2) == 1  # never zero
+    assert threads_per_process(1, None) == 1
+    assert merged_model_params(32, None) == {"hidden": 32}
+    assert merged_model_params(32, {"hidden": 8, "layers": 3}) == {"hidden": 8, "layers": 3}
+    assert merged_model_params(None, None) == {}
+
+
+def test_settings_keep_single_process_training_by_default_and_validate_the_world_size() -> None:
+    s = Settings()
+    assert s.train_world_size == "1" and s.train_nnodes == 1
+    assert Settings(train_world_size=" Auto ").train_world_size == "auto"
+    for bad in ("0", "x", "-1", "1.5"):
+        with pytest.raises(ValidationError, match="train_world_size"):
+            Settings(train_world_size=bad)
+
+
+def test_the_distributed_error_is_a_training_error_for_the_train_stage() -> None:
+    err = DistributedTrainingError("boom", returncode=1, tail=("a",))
+    assert isinstance(err, TrainingError)
+    assert str(err) == "[train] boom" and err.returncode == 1 and not err.timed_out
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for init to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_launch_streams_every_line_and_returns_on_success() -> None:
+    lines: list[str] = []
+    launch(
+        _py("import sys; print('one'); print('two', file=sys.stderr)"),
+        timeout_s=30,
+        on_line=lines.append,
+    )
+    assert sorted(lines) == ["one", "two"]
+
+
+def test_launch_raises_a_typed_error_with_the_exit_status_and_the_last_lines() -> None:
+    lines: list[str] = []
+    with pytest.raises(DistributedTrainingError, match=r"torchrun exit 3.*rank 1 failed") as info:
+        launch(
+            _py("print('rank 1 failed'); raise SystemExit(3)"), timeout_s=30, on_line=lines.append
+        )
+    assert info.value.returncode == 3 and info.value.tail[-1] == "rank 1 failed"
+    assert lines == ["rank 1 failed"]
+
+
+def test_a_launch_past_its_timeout_is_stopped_with_every_rank_it_recorded(tmp_path: Path) -> None:
+    # Given a stand-in "torchrun" that starts a "rank" in a session of its own (as torchrun
+    # does), records its pid like ballast.ddp_worker, and then hangs, as does the rank:
+    run_dir = tmp_path / "ddp-x"
+    (run_dir / "pids").mkdir(parents=True)
+    rank = (
+        "import os, time; "
+        f"open({str(run_dir / 'pids' / 'rank-0.pid')!r}, 'w').write(str(os.getpid())); "
+        "time.sleep(600)"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {rank!r}, {str(run_dir)!r}], "
+        "start_new_session=True); print('started', flush=True); time.sleep(600)"
+    )
+    started = time.monotonic()
+    with pytest.raises(DistributedTrainingError, match="within 2 s") as info:
+        launch(_py(parent), timeout_s=2, run_dir=run_dir, grace_s=3)
+    # then it fails within the timeout plus the grace period, and nothing survives.
+    assert time.monotonic() - started < 2 + 3 + 3
+    assert info.value.timed_out and info.value.returncode is None
+    (pid,) = worker_pids(run_dir)
+    assert _gone(pid), f"rank {pid} survived the launch"
+
+
+def test_the_launcher_and_the_rank_entry_point_import_without_the_control_plane() -> None:
+    # A GPU image has torch, numpy, pandas and scikit-learn only: these must import there.
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'pydantic', 'pydantic_settings', 'prefect', 'mlflow',\n"
+        "                                  'cryptography'}:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ballast.distributed, ballast.ddp_worker, ballast.training\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(_py(code), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_train_task_uses_torchrun_only_when_settings_ask_for_more_than_one_process() -> None:
+    from tasks.train import _topology
+
+    assert not _topology(Settings()).distributed, "the default stays single-process"
+    # train() itself refuses a missing GPU, as before (no earlier error of another type).
+    assert not _topology(Settings(device="cuda")).distributed
+    assert not _topology(Settings(train_world_size="auto", device="cpu")).distributed
+    two = _topology(Settings(train_world_size="2", device="cpu"))
+    assert two.distributed and two.world_size == 2
+    nodes = _topology(
+        Settings(train_nnodes=2, train_rdzv_endpoint="h:29400", train_rdzv_id="r1", device="cpu")
+    )
+    assert nodes.distributed and nodes.world_size == 2 and nodes.rdzv_id == "r1"
+    with pytest.raises(ConfigError, match="rendezvous"):
+        _topology(Settings(train_nnodes=2, device="cpu"))
