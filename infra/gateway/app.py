@@ -830,6 +830,8 @@ class Gateway:
             }
         return JSONResponse(
             {
+                # Counters are per replica: say whose they are (callers keep one series each).
+                "replica": self.replica_id,
                 "model": None if live is None else live.model,
                 "canary_weight": 0 if live is None else live.weight,
                 "shadow_fraction": 0.0 if live is None else live.deployment.shadow_fraction,

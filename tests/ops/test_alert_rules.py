@@ -21,6 +21,7 @@ RULE_NAMES = {
     "BallastPredictionDrift",
     "BallastGatewayDown",
     "BallastWatchdogSilent",
+    "BallastChampionUnhealthy",
 }
 
 
@@ -85,3 +86,30 @@ def test_the_latency_rule_unit_test_fails_when_the_objective_changes(tmp_path: P
     result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert result.returncode != 0
     assert "BallastLatencyP99High" in result.stdout + result.stderr
+
+
+def test_the_champion_unhealthy_unit_test_fails_when_the_rule_ignores_the_verdict(
+    tmp_path: Path,
+) -> None:
+    # Not vacuous: a rule that fires on a healthy champion fails the "must not fire" cases.
+    (tmp_path / "alerts.yml").write_text(
+        ALERTS.read_text().replace("ballast_watchdog_healthy == 0", "ballast_watchdog_healthy >= 0")
+    )
+    shutil.copy(MONITORING / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "BallastChampionUnhealthy" in result.stdout + result.stderr
+
+
+def test_a_stale_unhealthy_instance_does_not_fire_the_champion_alert(tmp_path: Path) -> None:
+    # Without the newest-heartbeat filter, instance a's stale 0 for model s would fire.
+    rules = ALERTS.read_text()
+    start = rules.index("ballast_watchdog_healthy == 0")
+    end = rules.index("for: 1m", start)
+    (tmp_path / "alerts.yml").write_text(
+        rules[:start] + "ballast_watchdog_healthy == 0\n        " + rules[end:]
+    )
+    shutil.copy(MONITORING / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert 'model="s"' in result.stdout + result.stderr

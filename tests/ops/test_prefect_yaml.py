@@ -36,7 +36,7 @@ def flow_params(entrypoint: str) -> set[str]:
 
 def test_the_expected_deployments_exist_on_the_process_pool() -> None:
     ds = deployments()
-    assert {"release", "nightly-retrain", "rollback"} <= set(ds)
+    assert {"release", "nightly-retrain", "rollback", "champion-watchdog"} <= set(ds)
     assert {d["work_pool"]["name"] for d in ds.values()} == {"ballast-process"}
 
 
@@ -65,6 +65,19 @@ def test_releases_run_one_at_a_time() -> None:
     for name in ("release", "nightly-retrain"):
         limit = deployments()[name]["concurrency_limit"]
         assert limit == {"limit": 1, "collision_strategy": "ENQUEUE"}, name
+
+
+def test_the_champion_watchdog_runs_every_5_minutes_one_at_a_time() -> None:
+    d = deployments()["champion-watchdog"]
+    assert d["entrypoint"] == "flows/watchdog.py:champion_watchdog_flow"
+    (schedule,) = d["schedules"]
+    assert schedule == {"interval": 300, "active": True}
+    assert d["work_pool"] == {"name": "ballast-process", "work_queue_name": "scheduled"}
+    # A run that finds the last one still going is dropped: stale checks must not pile up, and
+    # two runs must never write the detector's state at once.
+    assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert d["parameters"] == {"model_name": None, "rollback": True}
+    assert {"model_name", "rollback"} <= flow_params(d["entrypoint"])
 
 
 def test_no_secrets_in_prefect_yaml() -> None:

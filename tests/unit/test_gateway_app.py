@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -781,6 +782,7 @@ def test_stats_report_counts_and_latency_percentiles(
 ) -> None:
     empty = gw.get("/admin/stats", headers=AUTH).json()
     assert empty == {
+        "replica": str(os.getpid()),  # the default replica id: counters are per process
         "model": None,
         "canary_weight": 0,
         "shadow_fraction": 0.0,

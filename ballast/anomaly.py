@@ -1,0 +1,389 @@
+"""Online anomaly detection on a champion's live metrics: pure functions, no I/O, no clocks.
+
+The champion watchdog (:mod:`ballast.watchdog`, run every few minutes by ``flows/watchdog.py``)
+sees one *window* per run: the requests since the last run, with their error rate, the
+gateway's recent p99 latency and, where the gateway reports them, the share of each predicted
+class. Each metric is one scalar series, watched by one :class:`MetricState`:
+
+Method (robust CUSUM on an EWMA baseline)
+-----------------------------------------
+
+1. **Warm-up.** The first ``warmup`` windows with at least ``min_count`` requests set the
+   baseline: level = median, scale = 1.4826 × MAD (the median absolute deviation, scaled to
+   estimate a standard deviation under normal noise and unmoved by a few wild windows).
+   Windows with fewer requests are *insufficient data*: they change nothing.
+2. **Standardise.** Each later window's value ``x`` becomes ``z = (x - level) / scale``. The scale
+   is never below a noise floor: for a rate or a share, the binomial standard deviation
+   ``sqrt(p (1 - p) / n)`` of *this* window's ``n`` requests (so a quiet night's window, which is
+   noisier, is judged by its own noise, not by the busy afternoon's); for a value (latency), a
+   fraction of the level. Without the floor a metric that never moved (0 errors for an hour)
+   would have scale 0 and the first error would page.
+3. **Accumulate.** Page's one-sided CUSUM on the clipped score,
+   ``S = max(0, S + min(z, z_clip) - k)`` (and the mirror image for metrics that may not move
+   either way, such as class shares), breaches when ``S > h``. Clipping bounds what one window can
+   add (``z_clip - k`` < ``h``): **one noisy window never pages**; two grossly bad ones in a row
+   do, and a small sustained shift adds up over more windows. ``k`` is the slack: drifts below
+   ``k`` standard deviations are not worth a page.
+4. **Adapt.** A window with ``|z| <= z_update`` moves the EWMA level by ``alpha`` of its
+   (clipped) residual and joins the last ``mad_window`` residuals whose MAD is the scale. Windows
+   beyond ``z_update`` do not, so a fault does not become the new normal while it accumulates;
+   a ramp slower than the EWMA's memory (about ``1/alpha`` windows) is partly absorbed (the
+   benchmark measures how much that costs), which is what hard ceilings are for.
+5. **Hard ceiling** (optional, per metric): a value above an absolute limit in ``hard_consecutive``
+   windows in a row breaches even during warm-up (a new champion has no baseline yet).
+
+References: E. S. Page, "Continuous inspection schemes", Biometrika 41 (1954) (CUSUM);
+D. M. Hawkins and D. H. Olwell, *Cumulative Sum Charts and Charting for Quality Improvement*,
+Springer 1998 (ARL, the choice of k and h, winsorised scores); S. W. Roberts, "Control chart
+tests based on geometric moving averages", Technometrics 1 (1959) (EWMA); P. J. Huber, *Robust
+Statistics* (1981) and Rousseeuw & Croux, JASA 88 (1993) (MAD as a robust scale).
+
+State is plain data (:meth:`DetectorState.to_dict` / :meth:`DetectorState.from_dict`), because
+each watchdog run is a separate process: the caller persists it between runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+__all__ = [
+    "MAD_TO_SD",
+    "SCHEMA",
+    "DetectorPolicy",
+    "DetectorState",
+    "MetricSpec",
+    "MetricState",
+    "MetricVerdict",
+    "median",
+    "update_metric",
+]
+
+#: 1.4826 × MAD estimates the standard deviation of normal noise (1 / Φ⁻¹(0.75)).
+MAD_TO_SD = 1.482602218505602
+#: Version of the serialised state; a state of another schema is discarded (a fresh warm-up).
+SCHEMA = 1
+
+Kind = Literal["rate", "share", "value"]
+Direction = Literal["up", "both"]
+Status = Literal["insufficient", "warmup", "ok", "breach"]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """How one metric is judged.
+
+    ``kind``: ``rate`` and ``share`` are proportions of a window's requests (binomial noise
+    floor); ``value`` is a measurement (latency) whose floor is ``rel_floor`` of its level.
+    ``direction``: ``up`` watches increases only (errors, latency); ``both`` also decreases
+    (class shares). ``abs_floor``: the scale's absolute minimum. ``hard_ceiling``: see the module.
+    """
+
+    name: str
+    kind: Kind
+    direction: Direction = "up"
+    abs_floor: float = 0.0
+    rel_floor: float = 0.0
+    hard_ceiling: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorPolicy:
+    """The detector's knobs. Defaults: tuned with ``benchmarks/anomaly_bench.py`` for a 5-minute
+    cadence (see its docstring for the measured false-alarm rate and detection delay)."""
+
+    warmup: int = 12  # windows: one hour at a 5-minute cadence
+    min_count: int = 100  # requests in a window for it to count
+    alpha: float = 0.05  # EWMA weight of a new window: a memory of about 20 windows
+    mad_window: int = 48  # residuals kept for the scale: four hours
+    cusum_k: float = 1.5  # slack, in scale units
+    cusum_h: float = 8.0  # decision interval
+    z_clip: float = 5.0  # a window adds at most z_clip - k (3.5) to the sum: three to reach h
+    z_update: float = 3.0  # windows further out do not move the baseline
+    hard_consecutive: int = 2  # windows in a row above a hard ceiling
+
+    def __post_init__(self) -> None:
+        if self.warmup < 3 or self.min_count < 1 or self.mad_window < self.warmup:
+            raise ValueError("need warmup >= 3, min_count >= 1 and mad_window >= warmup")
+        if not 0 < self.alpha <= 1:
+            raise ValueError("alpha must lie in (0, 1]")
+        if not (0 <= self.cusum_k < self.z_clip and self.cusum_h > 0 and self.z_update > 0):
+            raise ValueError("need 0 <= cusum_k < z_clip, cusum_h > 0 and z_update > 0")
+        if self.z_clip - self.cusum_k >= self.cusum_h:
+            raise ValueError("z_clip - cusum_k must stay below cusum_h: one window must not page")
+        if self.hard_consecutive < 1:
+            raise ValueError("hard_consecutive must be >= 1")
+
+
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        raise ValueError("median of nothing")
+    mid = n // 2
+    return s[mid] if n % 2 else (s[mid - 1] + s[mid]) / 2.0
+
+
+def _mad_scale(residuals: list[float]) -> float:
+    """1.4826 × the median absolute residual (residuals are already deviations from the level)."""
+    return MAD_TO_SD * median([abs(r) for r in residuals]) if residuals else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricState:
+    """One metric's baseline and accumulators. ``level`` is None until the warm-up is over."""
+
+    warm: tuple[float, ...] = ()
+    level: float | None = None
+    residuals: tuple[float, ...] = ()
+    cusum_hi: float = 0.0
+    cusum_lo: float = 0.0
+    hard_run: int = 0
+    windows: int = 0  # windows that counted (enough requests)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["warm"], d["residuals"] = list(self.warm), list(self.residuals)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MetricState:
+        level = d.get("level")
+        return cls(
+            warm=tuple(float(v) for v in d.get("warm", ())),
+            level=None if level is None else float(level),
+            residuals=tuple(float(v) for v in d.get("residuals", ())),
+            cusum_hi=float(d.get("cusum_hi", 0.0)),
+            cusum_lo=float(d.get("cusum_lo", 0.0)),
+            hard_run=int(d.get("hard_run", 0)),
+            windows=int(d.get("windows", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricVerdict:
+    """What one window did to one metric: the evidence a report shows."""
+
+    metric: str
+    status: Status
+    value: float | None
+    count: int
+    baseline: float | None = None
+    scale: float | None = None
+    z: float | None = None
+    cusum: float = 0.0
+    threshold: float = 0.0  # the CUSUM's h, or the hard ceiling when that is what breached
+    reason: str = ""
+    rule: Literal["", "cusum", "hard_ceiling"] = ""  # what breached, when it did
+
+    @property
+    def severity(self) -> float:
+        """How far past its threshold a breach is (1 = just at it); 0 when not breached."""
+        if not self.breached or not self.threshold:
+            return 0.0
+        if self.rule == "cusum":
+            return self.cusum / self.threshold
+        return (self.value or 0.0) / self.threshold
+
+    @property
+    def breached(self) -> bool:
+        return self.status == "breach"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _noise_floor(spec: MetricSpec, level: float, count: int) -> float:
+    if spec.kind in ("rate", "share"):
+        # Binomial sd of this window's proportion; p is kept off 0 and 1 so that a metric that
+        # never moved still has a finite scale (one event in `count` is then about 1 sd).
+        p = min(max(level, 1.0 / max(count, 1)), 1.0 - 1.0 / max(count, 1))
+        binomial = math.sqrt(p * (1.0 - p) / max(count, 1))
+    else:
+        binomial = 0.0
+    return max(spec.abs_floor, spec.rel_floor * abs(level), binomial, 1e-12)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def update_metric(
+    state: MetricState,
+    spec: MetricSpec,
+    value: float | None,
+    count: int,
+    policy: DetectorPolicy,
+    overlap: float = 0.0,
+) -> tuple[MetricState, MetricVerdict]:
+    """One window of one metric: the new state and the verdict. Pure.
+
+    ``overlap``: the share of this window's value that came from requests the previous window's
+    value already covered (the gateway's p99 spans its last 2048 requests, more than one window
+    at low traffic). Overlapping windows are correlated, and a CUSUM sums them: the scale is
+    inflated by sqrt((1 + r) / (1 - r)), the long-run factor of an AR(1) series with
+    correlation r (capped at 0.9), so correlation alone does not accumulate into a breach.
+    """
+    if value is None or not math.isfinite(value) or count < policy.min_count:
+        why = f"{count} requests < {policy.min_count}" if value is not None else "no value"
+        return state, MetricVerdict(spec.name, "insufficient", value, count, reason=why)
+
+    # Hard ceiling first: it needs no baseline.
+    hard_run = (
+        state.hard_run + 1 if (spec.hard_ceiling is not None and value > spec.hard_ceiling) else 0
+    )
+    hard_breach = spec.hard_ceiling is not None and hard_run >= policy.hard_consecutive
+
+    if state.level is None:
+        warm = (*state.warm, value)
+        if len(warm) < policy.warmup:
+            new = replace(state, warm=warm, hard_run=hard_run, windows=state.windows + 1)
+            if hard_breach:
+                assert spec.hard_ceiling is not None
+                return new, MetricVerdict(
+                    spec.name,
+                    "breach",
+                    value,
+                    count,
+                    threshold=spec.hard_ceiling,
+                    reason=f"{spec.name} {_fmt(value)} above the hard ceiling "
+                    f"{_fmt(spec.hard_ceiling)} for {hard_run} windows (baseline warming up)",
+                    rule="hard_ceiling",
+                )
+            return new, MetricVerdict(
+                spec.name,
+                "warmup",
+                value,
+                count,
+                reason=f"warm-up {len(warm)}/{policy.warmup}",
+            )
+        level = median(list(warm))
+        residuals = tuple(w - level for w in warm)
+        new = MetricState(
+            warm=(), level=level, residuals=residuals, hard_run=hard_run, windows=state.windows + 1
+        )
+        scale = max(_mad_scale(list(residuals)), _noise_floor(spec, level, count))
+        status: Status = "breach" if hard_breach else "ok"
+        reason = "baseline set" if not hard_breach else f"{spec.name} above the hard ceiling"
+        return new, MetricVerdict(
+            spec.name,
+            status,
+            value,
+            count,
+            baseline=level,
+            scale=scale,
+            z=0.0,
+            threshold=spec.hard_ceiling if hard_breach and spec.hard_ceiling else policy.cusum_h,
+            reason=reason,
+            rule="hard_ceiling" if hard_breach else "",
+        )
+
+    level = state.level
+    r = min(max(overlap, 0.0), 0.9)
+    inflation = math.sqrt((1.0 + r) / (1.0 - r))
+    scale = max(_mad_scale(list(state.residuals)), _noise_floor(spec, level, count)) * inflation
+    z = (value - level) / scale
+    zc = max(min(z, policy.z_clip), -policy.z_clip)
+    hi = max(0.0, state.cusum_hi + zc - policy.cusum_k)
+    lo = max(0.0, state.cusum_lo - zc - policy.cusum_k) if spec.direction == "both" else 0.0
+    residuals = state.residuals
+    if abs(z) <= policy.z_update:
+        resid = value - level
+        level = level + policy.alpha * resid
+        residuals = (*residuals, resid)[-policy.mad_window :]
+    new = MetricState(
+        warm=(),
+        level=level,
+        residuals=residuals,
+        cusum_hi=hi,
+        cusum_lo=lo,
+        hard_run=hard_run,
+        windows=state.windows + 1,
+    )
+    cusum = max(hi, lo)
+    side = "above" if hi >= lo else "below"
+    if cusum > policy.cusum_h:
+        return new, MetricVerdict(
+            spec.name,
+            "breach",
+            value,
+            count,
+            baseline=state.level,
+            scale=scale,
+            z=z,
+            cusum=cusum,
+            threshold=policy.cusum_h,
+            reason=f"{spec.name} {_fmt(value)} {side} its baseline {_fmt(state.level)} "
+            f"(z={z:.1f}, CUSUM {cusum:.1f} > {policy.cusum_h:g})",
+            rule="cusum",
+        )
+    if hard_breach:
+        assert spec.hard_ceiling is not None
+        return new, MetricVerdict(
+            spec.name,
+            "breach",
+            value,
+            count,
+            baseline=state.level,
+            scale=scale,
+            z=z,
+            cusum=cusum,
+            threshold=spec.hard_ceiling,
+            reason=f"{spec.name} {_fmt(value)} above the hard ceiling {_fmt(spec.hard_ceiling)} "
+            f"for {hard_run} windows",
+            rule="hard_ceiling",
+        )
+    return new, MetricVerdict(
+        spec.name,
+        "ok",
+        value,
+        count,
+        baseline=state.level,
+        scale=scale,
+        z=z,
+        cusum=cusum,
+        threshold=policy.cusum_h,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorState:
+    """Everything the watchdog keeps between runs for one model.
+
+    ``version``: the champion the baseline belongs to (a new champion starts a fresh warm-up).
+    ``snapshot``: the gateway's cumulative counters at the last run, to take differences from.
+    ``metrics``: one :class:`MetricState` per metric name.
+    """
+
+    model: str
+    version: str | None = None
+    snapshot: dict[str, Any] | None = None
+    metrics: dict[str, MetricState] = field(default_factory=dict)
+    checks: int = 0
+    schema: int = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model": self.model,
+            "version": self.version,
+            "snapshot": self.snapshot,
+            "checks": self.checks,
+            "metrics": {k: v.to_dict() for k, v in sorted(self.metrics.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], model: str) -> DetectorState:
+        """The state in ``d``, or a fresh one when ``d`` is another model's or another schema's."""
+        if d.get("schema") != SCHEMA or d.get("model") != model:
+            return cls(model=model)
+        snap = d.get("snapshot")
+        return cls(
+            model=model,
+            version=None if d.get("version") is None else str(d["version"]),
+            snapshot=dict(snap) if isinstance(snap, Mapping) else None,
+            metrics={str(k): MetricState.from_dict(v) for k, v in d.get("metrics", {}).items()},
+            checks=int(d.get("checks", 0)),
+        )

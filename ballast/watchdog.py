@@ -1,0 +1,417 @@
+"""The champion watchdog's decision: pure functions over the gateway's statistics, no I/O.
+
+``flows/watchdog.py`` runs every few minutes. Each run reads the gateway's ``/admin/stats``
+(cumulative counters per loaded version, and the latency percentiles of its recent requests),
+turns the difference from the last run's counters into one :class:`Observation` (a *window*),
+and asks :func:`decide` what it means, given the detector state persisted since the last run
+(:mod:`ballast.anomaly`). :func:`plan_response` then says what to do about it.
+
+Metrics per window: the champion's error rate (5xx / requests in the window), its p99 latency
+(the gateway's percentile over its last ``window`` requests: not exactly this window's, see
+:func:`observe`), and the share of each predicted class (from the gateway's
+``ballast_predictions_total`` counter on ``/metrics``; without it drift is not watched here).
+
+Statuses: ``healthy``; ``breach`` (a metric's detector breached: evidence names it);
+``insufficient_data`` (too few requests, the first look, or a baseline still warming up: nothing
+can be judged, nothing is wrong); ``unavailable`` (no live statistics for the champion: the
+gateway is down or does not serve the registry's champion). Unavailable is alert-worthy but
+never a reason to roll back: with nothing measured there is nothing to say the previous
+version would do better, and a rollback cannot bring a dead gateway back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from ballast.anomaly import (
+    DetectorPolicy,
+    DetectorState,
+    MetricSpec,
+    MetricState,
+    MetricVerdict,
+    update_metric,
+)
+
+__all__ = [
+    "ERROR_RATE",
+    "LATENCY_P99",
+    "SHARE_PREFIX",
+    "Observation",
+    "Response",
+    "WatchdogDecision",
+    "WatchdogPolicy",
+    "decide",
+    "observe",
+    "plan_response",
+    "unavailable",
+]
+
+ERROR_RATE = "error_rate"
+LATENCY_P99 = "latency_p99_ms"
+SHARE_PREFIX = "class_share:"  # + the class label
+
+WatchdogStatus = Literal["healthy", "breach", "insufficient_data", "unavailable"]
+Action = Literal["none", "rollback", "alert"]
+
+# The key under which a replica-less answer's counters are kept.
+_ANY_REPLICA = "_"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchdogPolicy:
+    """What the watchdog watches and when it acts (knobs with defaults; flow parameters override).
+
+    ``error_rate_ceiling``: an error rate above it in ``detector.hard_consecutive`` windows in a
+    row breaches whatever the baseline (a new champion has none for its first hour).
+    ``rollback``: False makes breaches alert only (a dry run of a new policy).
+    """
+
+    detector: DetectorPolicy = field(default_factory=DetectorPolicy)
+    error_rate_ceiling: float | None = 0.05
+    latency_p99_ceiling_ms: float | None = None
+    error_abs_floor: float = 0.002  # 0.2 points: below that an error-rate move is not news
+    latency_rel_floor: float = 0.05  # 5 % of the level: p99 of a couple of thousand requests
+    latency_abs_floor_ms: float = 0.5
+    share_abs_floor: float = 0.01
+    max_classes: int = 20
+    rollback: bool = True
+
+    def spec(self, metric: str) -> MetricSpec:
+        if metric == ERROR_RATE:
+            return MetricSpec(
+                ERROR_RATE,
+                "rate",
+                "up",
+                abs_floor=self.error_abs_floor,
+                hard_ceiling=self.error_rate_ceiling,
+            )
+        if metric == LATENCY_P99:
+            return MetricSpec(
+                LATENCY_P99,
+                "value",
+                "up",
+                abs_floor=self.latency_abs_floor_ms,
+                rel_floor=self.latency_rel_floor,
+                hard_ceiling=self.latency_p99_ceiling_ms,
+            )
+        if metric.startswith(SHARE_PREFIX):
+            return MetricSpec(metric, "share", "both", abs_floor=self.share_abs_floor)
+        raise ValueError(f"unknown metric {metric!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One window of the champion's live traffic, or why there is none.
+
+    ``snapshot``: the cumulative counters to difference the next window against (per replica).
+    ``first``: no earlier counters to compare with, so this run only records them.
+    """
+
+    model: str
+    version: str | None
+    available: bool = True
+    reason: str = ""
+    requests: int = 0
+    errors: int = 0
+    latency_p99_ms: float | None = None
+    latency_count: int = 0
+    latency_window: int = 0  # requests the gateway's percentile covers
+    class_counts: Mapping[str, int] | None = None
+    replica: str | None = None
+    canary_active: bool = False
+    first: bool = False
+    snapshot: dict[str, Any] | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests > 0 else None
+
+
+def unavailable(model: str, version: str | None, reason: str) -> Observation:
+    return Observation(model=model, version=version, available=False, reason=reason)
+
+
+def _int(d: Mapping[str, Any], key: str) -> int:
+    v = d.get(key)
+    return int(v) if isinstance(v, int | float) else 0
+
+
+def observe(
+    stats: Mapping[str, Any],
+    *,
+    model: str,
+    version: str,
+    last_snapshot: Mapping[str, Any] | None,
+    replica: str | None = None,
+    class_counts: Mapping[str, int] | None = None,
+) -> Observation:
+    """The window since ``last_snapshot`` for the champion ``version`` from ``/admin/stats``.
+
+    Counters are per replica (each gateway worker process counts its own), so the snapshot keeps
+    one entry per replica, and a window is only taken against the same replica's earlier
+    counters. A version reloaded since (``loaded_at`` moved) or counters that went backwards (a
+    restart) start over from zero. The p99 is the gateway's over its last ``window`` requests: at
+    low traffic it spans more than this window, so ``latency_count`` is the number of this
+    window's requests in it (what the detector's minimum-count rule looks at).
+
+    ``class_counts``: the champion's cumulative answered rows per predicted class, all replicas
+    together (the gateway's ``ballast_predictions_total`` on ``/metrics``); None when unknown,
+    and then drift is not watched.
+    """
+    if stats.get("model") != model:
+        return unavailable(
+            model, version, f"the gateway serves {stats.get('model')!r}, not {model!r}"
+        )
+    versions = stats.get("versions")
+    v = versions.get(version) if isinstance(versions, Mapping) else None
+    if not isinstance(v, Mapping):
+        return unavailable(model, version, f"the gateway does not serve the champion {version}")
+    key = replica or _ANY_REPLICA
+    old_all = dict(last_snapshot.get("replicas", {})) if last_snapshot else {}
+    now_requests, now_errors = _int(v, "requests"), _int(v, "errors")
+    current: dict[str, Any] = {
+        "version": version,
+        "loaded_at": v.get("loaded_at"),
+        "requests": now_requests,
+        "errors": now_errors,
+    }
+    now_classes = {str(k): int(n) for k, n in class_counts.items()} if class_counts else None
+    old_classes = last_snapshot.get("classes") if last_snapshot else None
+    snapshot: dict[str, Any] = {
+        "replicas": {**old_all, key: current},
+        "classes": None if now_classes is None else {"version": version, "counts": now_classes},
+    }
+    canary_active = bool(stats.get("canary_weight", 0))
+    old = old_all.get(key)
+    if not isinstance(old, Mapping) or old.get("version") != version:
+        return Observation(
+            model=model,
+            version=version,
+            replica=replica,
+            canary_active=canary_active,
+            first=True,
+            reason="first look at this version on this replica: counters recorded",
+            snapshot=snapshot,
+        )
+    same_load = old.get("loaded_at") == current["loaded_at"]
+    if same_load and now_requests >= _int(old, "requests"):
+        requests = now_requests - _int(old, "requests")
+        errors = max(0, now_errors - _int(old, "errors"))
+    else:  # reloaded or restarted since: everything counted so far is from this window
+        requests, errors = now_requests, now_errors
+    classes = _diff(now_classes, old_classes, version)
+    lat = v.get("latency_ms")
+    p99 = lat.get("p99") if isinstance(lat, Mapping) else None
+    return Observation(
+        model=model,
+        version=version,
+        requests=requests,
+        errors=errors,
+        latency_p99_ms=float(p99) if isinstance(p99, int | float) else None,
+        latency_count=min(requests, _int(v, "window")),
+        latency_window=_int(v, "window"),
+        class_counts=classes,
+        replica=replica,
+        canary_active=canary_active,
+        snapshot=snapshot,
+    )
+
+
+def _diff(now: dict[str, int] | None, before: Any, version: str) -> dict[str, int] | None:
+    """This window's class counts: None without an earlier count of the same version to
+    difference (the first window would be the version's whole life), all of them after a reset."""
+    if now is None or not isinstance(before, Mapping) or before.get("version") != version:
+        return None
+    raw = before.get("counts")
+    old: dict[str, int] = (
+        {str(k): int(n) for k, n in raw.items()} if isinstance(raw, Mapping) else {}
+    )
+    if any(n < old.get(k, 0) for k, n in now.items()):  # counters restarted
+        return dict(now)
+    return {k: n - old.get(k, 0) for k, n in now.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class WatchdogDecision:
+    """The verdict of one run, its evidence and the detector state to persist."""
+
+    status: WatchdogStatus
+    model: str
+    version: str | None
+    verdicts: tuple[MetricVerdict, ...]
+    reasons: tuple[str, ...]
+    state: DetectorState
+    observation: Observation
+
+    @property
+    def healthy(self) -> bool:
+        """What the heartbeat reports: nothing found wrong (too little data is not wrong)."""
+        return self.status in ("healthy", "insufficient_data")
+
+    @property
+    def culprit(self) -> MetricVerdict | None:
+        """The breached metric furthest past its threshold, if any."""
+        breached = [v for v in self.verdicts if v.breached]
+        if not breached:
+            return None
+        return max(breached, key=lambda v: v.severity)
+
+    def summary(self) -> str:
+        """One line for logs and the heartbeat's detail (at most 1000 characters)."""
+        head = f"{self.status} model={self.model} version={self.version}"
+        if self.observation.replica:
+            head += f" replica={self.observation.replica}"
+        text = head + (": " + "; ".join(self.reasons) if self.reasons else "")
+        return text[:1000]
+
+    def evidence(self) -> dict[str, Any]:
+        """Plain data for the audit log and events."""
+        obs = self.observation
+        culprit = self.culprit
+        return {
+            "status": self.status,
+            "model": self.model,
+            "version": self.version,
+            "replica": obs.replica,
+            "metric": culprit.metric if culprit else None,
+            "reasons": list(self.reasons),
+            "window": {
+                "requests": obs.requests,
+                "errors": obs.errors,
+                "error_rate": obs.error_rate,
+                "latency_p99_ms": obs.latency_p99_ms,
+                "class_counts": dict(obs.class_counts) if obs.class_counts is not None else None,
+            },
+            "metrics": [v.to_dict() for v in self.verdicts],
+            "checks": self.state.checks,
+        }
+
+    def to_markdown(self) -> str:
+        obs = self.observation
+        culprit = self.culprit
+        lines = [
+            f"# Champion watchdog: {self.status}",
+            "",
+            f"- model: `{self.model}`, version: `{self.version}`, replica: `{obs.replica or '-'}`",
+        ]
+        if culprit is not None:
+            lines.append(f"- metric that broke: **{culprit.metric}** ({culprit.reason})")
+        if obs.available and not obs.first:
+            rate = "-" if obs.error_rate is None else f"{obs.error_rate:.4f}"
+            p99 = "-" if obs.latency_p99_ms is None else f"{obs.latency_p99_ms:.2f} ms"
+            lines.append(
+                f"- window: {obs.requests} requests, {obs.errors} errors (rate {rate}), p99 {p99}"
+            )
+        if obs.canary_active:
+            lines.append("- a canary is in progress")
+        lines += ["", *(f"- {r}" for r in self.reasons)]
+        if self.verdicts:
+            lines += [
+                "",
+                "| metric | status | value | baseline | scale | z | CUSUM | threshold | requests |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for v in self.verdicts:
+                lines.append(
+                    f"| {v.metric} | {v.status} | {_num(v.value)} | {_num(v.baseline)} "
+                    f"| {_num(v.scale)} | {_num(v.z)} | {v.cusum:.2f} | {_num(v.threshold)} "
+                    f"| {v.count} |"
+                )
+        return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _windows(
+    obs: Observation, policy: WatchdogPolicy
+) -> list[tuple[str, float | None, int, float]]:
+    """(metric, value, count, overlap with the previous window) for this window."""
+    overlap = 1.0 - obs.latency_count / obs.latency_window if obs.latency_window > 0 else 0.0
+    out: list[tuple[str, float | None, int, float]] = [
+        (ERROR_RATE, obs.error_rate, obs.requests, 0.0),
+        (LATENCY_P99, obs.latency_p99_ms, obs.latency_count, overlap),
+    ]
+    if obs.class_counts is not None:
+        total = sum(obs.class_counts.values())
+        for label in sorted(obs.class_counts)[: policy.max_classes]:
+            share = obs.class_counts[label] / total if total else None
+            out.append((SHARE_PREFIX + label, share, total, 0.0))
+    return out
+
+
+def decide(obs: Observation, state: DetectorState, policy: WatchdogPolicy) -> WatchdogDecision:
+    """Update the detectors with ``obs`` and judge the champion. Pure: returns the new state."""
+    if not obs.available:
+        return WatchdogDecision(
+            "unavailable", obs.model, obs.version, (), (obs.reason,), state, obs
+        )
+    reasons: list[str] = []
+    if state.version != obs.version:
+        if state.version is not None:
+            reasons.append(f"baseline reset: the champion changed from {state.version}")
+        state = DetectorState(model=obs.model, version=obs.version, snapshot=state.snapshot)
+    checks = state.checks + 1
+    if obs.first:
+        new = replace(state, snapshot=obs.snapshot, checks=checks)
+        return WatchdogDecision(
+            "insufficient_data", obs.model, obs.version, (), (*reasons, obs.reason), new, obs
+        )
+    metrics = dict(state.metrics)
+    verdicts: list[MetricVerdict] = []
+    for name, value, count, overlap in _windows(obs, policy):
+        new_metric, verdict = update_metric(
+            metrics.get(name, MetricState()),
+            policy.spec(name),
+            value,
+            count,
+            policy.detector,
+            overlap,
+        )
+        metrics[name] = new_metric
+        verdicts.append(verdict)
+    new = replace(state, snapshot=obs.snapshot, metrics=metrics, checks=checks)
+    breached = [v for v in verdicts if v.breached]
+    status: WatchdogStatus
+    if breached:
+        status = "breach"
+        reasons += [v.reason for v in breached]
+    elif any(v.status == "ok" for v in verdicts):
+        status = "healthy"
+    else:
+        status = "insufficient_data"
+        reasons += [f"{v.metric}: {v.reason}" for v in verdicts if v.reason]
+    return WatchdogDecision(
+        status, obs.model, obs.version, tuple(verdicts), tuple(reasons), new, obs
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    action: Action
+    reason: str
+
+
+def plan_response(
+    decision: WatchdogDecision, *, previous: str | None, policy: WatchdogPolicy
+) -> Response:
+    """What to do: roll back only on a breach of the version still serving as champion, outside a
+    canary (the release flow owns the deployment then), when there is a ``previous`` version."""
+    if decision.status in ("healthy", "insufficient_data"):
+        return Response("none", decision.status)
+    if decision.status == "unavailable":
+        return Response(
+            "alert", f"no live statistics ({decision.reasons[0]}): nothing to compare, no rollback"
+        )
+    if not policy.rollback:
+        return Response("alert", "breach; rollback disabled by policy")
+    if decision.observation.canary_active:
+        return Response("alert", "breach during a canary: the release flow owns the deployment")
+    if previous is None:
+        return Response("alert", f"breach, but {decision.model} has no previous version")
+    if previous == decision.version:
+        return Response("alert", f"breach, but previous is the breaching version {previous}")
+    return Response("rollback", f"breach of version {decision.version}: back to {previous}")

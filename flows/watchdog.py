@@ -1,0 +1,129 @@
+"""The champion watchdog: every few minutes, judge the champion's live health; on a breach roll
+back to ``previous`` and raise an alert (audit entry, markdown artifact, Prefect event).
+
+What it does per outcome (the decision is :func:`ballast.watchdog.decide`, the action
+:func:`ballast.watchdog.plan_response`):
+
+* healthy / insufficient data: nothing but the heartbeat (healthy);
+* breach: roll back with :func:`tasks.rollback.rollback_to_previous`, then report with the fault
+  localisation from the gateway log; with no ``previous`` (or during a canary, or with
+  ``rollback=False``) it reports without rolling back. A failed rollback is reported, then the
+  run fails;
+* unavailable (gateway down, or not serving the registry's champion): report, no rollback
+  (nothing was measured, nothing says ``previous`` would do better).
+
+Every run ends with a heartbeat to the gateway (``ballast_watchdog_healthy{model}``); it is
+unhealthy for a breach or an unavailable champion, even after a successful rollback, so the
+``BallastChampionUnhealthy`` alert fires for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from ballast.anomaly import DetectorPolicy
+from ballast.settings import get_settings
+from ballast.watchdog import WatchdogPolicy, plan_response
+from tasks.common import logger
+from tasks.rollback import rollback_to_previous
+from tasks.watchdog import check_champion, localisation_markdown, report_incident, send_heartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class WatchdogReport:
+    model: str
+    version: str | None
+    status: str  # healthy | breach | insufficient_data | unavailable
+    action: str  # none | rollback | alert
+    reason: str
+    metric: str | None = None
+    replica: str | None = None
+    rolled_back_to: str | None = None
+    artifact_id: str | None = None
+    heartbeat_sent: bool = False
+
+
+def _run_name() -> str:
+    return f"watchdog-{flow_run.parameters.get('model_name') or get_settings().model_name}"
+
+
+@flow(name="champion-watchdog", flow_run_name=_run_name, log_prints=False)
+def champion_watchdog_flow(
+    model_name: str | None = None,
+    rollback: bool = True,
+    error_rate_ceiling: float | None = 0.05,
+    latency_p99_ceiling_ms: float | None = None,
+    warmup_checks: int = 12,
+    min_requests: int = 100,
+    gateway_logs: list[str] | None = None,
+    lookback_s: float = 900.0,
+) -> WatchdogReport:
+    """``gateway_logs``: files for fault localisation (default: the gateway logs under the state
+    folder); ``lookback_s``: how far back the fault report reads them."""
+    name = model_name or get_settings().model_name
+    policy = WatchdogPolicy(
+        detector=DetectorPolicy(warmup=warmup_checks, min_count=min_requests),
+        error_rate_ceiling=error_rate_ceiling,
+        latency_p99_ceiling_ms=latency_p99_ceiling_ms,
+        rollback=rollback,
+    )
+    check = check_champion(name, policy)
+    decision = check.decision
+    response = plan_response(decision, previous=check.previous, policy=policy)
+    rolled_back_to: str | None = None
+    failure: BaseException | None = None
+    artifact_id: str | None = None
+    if response.action == "rollback":
+        try:
+            rolled_back_to = rollback_to_previous(name)
+        except Exception as exc:  # reported below, then the run fails
+            failure = exc
+    if response.action != "none":
+        localisation = ""
+        if decision.status == "breach":
+            paths = None if gateway_logs is None else [Path(p) for p in gateway_logs]
+            localisation = localisation_markdown(get_settings(), decision, paths, lookback_s)
+        artifact_id = report_incident(
+            decision,
+            response,
+            rolled_back_to=rolled_back_to,
+            rollback_error=None if failure is None else f"{type(failure).__name__}: {failure}",
+            localisation=localisation,
+        )
+    detail = decision.summary()
+    if response.action != "none":
+        detail = f"{detail} | {response.action}: {rolled_back_to or response.reason}"[:1000]
+    sent = send_heartbeat(name, decision.healthy and failure is None, detail)
+    culprit = decision.culprit
+    report = WatchdogReport(
+        model=name,
+        version=decision.version,
+        status=decision.status,
+        action=response.action,
+        reason=response.reason,
+        metric=culprit.metric if culprit else None,
+        replica=decision.observation.replica,
+        rolled_back_to=rolled_back_to,
+        artifact_id=artifact_id,
+        heartbeat_sent=sent,
+    )
+    logger().info(
+        "stage=watchdog model=%s version=%s status=%s action=%s rolled_back_to=%s heartbeat=%s",
+        name,
+        report.version,
+        report.status,
+        report.action,
+        rolled_back_to,
+        sent,
+    )
+    if failure is not None:
+        raise failure
+    return report
+
+
+if __name__ == "__main__":  # pragma: no cover
+    champion_watchdog_flow()

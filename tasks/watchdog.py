@@ -1,0 +1,311 @@
+"""Thin tasks of the champion watchdog: read the gateway, persist the detector, report, heartbeat.
+
+The decision itself is :mod:`ballast.watchdog` (pure); the rollback is
+:func:`tasks.rollback.rollback_to_previous`, called by ``flows/watchdog.py``.
+
+The detector's state lives in ``<state_dir>/watchdog/<model>.json`` between runs (each run is a
+separate process), written atomically: a run killed mid-write leaves the previous state, never
+half a file. A state that cannot be read starts a fresh warm-up rather than failing every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from ballast.anomaly import DetectorState
+from ballast.audit import record
+from ballast.errors import GatewayError
+from ballast.gateway_client import GatewayClient
+from ballast.release import ALIAS_CHAMPION, ALIAS_PREVIOUS
+from ballast.settings import Settings, get_settings
+from ballast.watchdog import (
+    Observation,
+    Response,
+    WatchdogDecision,
+    WatchdogPolicy,
+    decide,
+    observe,
+    unavailable,
+)
+from tasks.common import logger, registry
+
+#: Event names: ``ballast.watchdog.breach`` / ``ballast.watchdog.unavailable``.
+EVENT_PREFIX = "ballast.watchdog."
+
+
+@dataclass(frozen=True, slots=True)
+class WatchdogCheck:
+    """One run's look at the champion: the decision and what the registry says about rollback."""
+
+    decision: WatchdogDecision
+    previous: str | None
+
+
+def state_path(s: Settings, model: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model) or "model"
+    return s.state_dir / "watchdog" / f"{safe}.json"
+
+
+def load_state(path: Path, model: str) -> DetectorState:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return DetectorState(model=model)
+    except (OSError, ValueError) as exc:
+        logger().warning("stage=watchdog state unreadable, starting a fresh baseline: %s", exc)
+        return DetectorState(model=model)
+    if not isinstance(data, dict):
+        return DetectorState(model=model)
+    return DetectorState.from_dict(data, model)
+
+
+def save_state(path: Path, state: DetectorState) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(state.to_dict(), fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _observe_gateway(s: Settings, model: str, version: str, state: DetectorState) -> Observation:
+    try:
+        with GatewayClient(s.gateway_url, s.admin_token()) as gw:
+            stats = gw.stats()  # names the replica whose counters these are
+    except GatewayError as exc:
+        return unavailable(model, version, f"gateway at {s.gateway_url}: {exc.message}")
+    replica = stats.get("replica")
+    return observe(
+        stats,
+        model=model,
+        version=version,
+        last_snapshot=state.snapshot,
+        replica=None if replica is None else str(replica),
+        class_counts=predicted_classes(s.gateway_url, model, version),
+    )
+
+
+def predicted_classes(gateway_url: str, model: str, version: str) -> dict[str, int] | None:
+    """``version``'s answered rows per predicted class from the gateway's ``/metrics``
+    (``ballast_predictions_total``, all worker processes together); None when not exported."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        resp = httpx.get(f"{gateway_url.rstrip('/')}/metrics", timeout=5.0, trust_env=False)
+        resp.raise_for_status()
+        families = list(text_string_to_metric_families(resp.text))
+    except (httpx.HTTPError, ValueError) as exc:
+        logger().warning("stage=watchdog no class counts from /metrics: %s", exc)
+        return None
+    counts: dict[str, int] = {}
+    for family in families:
+        if family.name != "ballast_predictions":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name.endswith("_total")
+                and labels.get("model") == model
+                and labels.get("version") == version
+            ):
+                cls = labels.get("class", "?")
+                counts[cls] = counts.get(cls, 0) + int(sample.value)
+    return counts or None
+
+
+@task(name="watchdog-check", cache_policy=NO_CACHE)
+def check_champion(
+    model_name: str | None = None, policy: WatchdogPolicy | None = None
+) -> WatchdogCheck:
+    """Read the champion's live statistics, update and persist its detector, and decide."""
+    s = get_settings()
+    name = model_name or s.model_name
+    policy = policy or WatchdogPolicy()
+    reg = registry(s)
+    champion = reg.get_by_alias(name, ALIAS_CHAMPION)
+    previous = reg.get_by_alias(name, ALIAS_PREVIOUS)
+    path = state_path(s, name)
+    state = load_state(path, name)
+    if champion is None:
+        obs = Observation(
+            model=name, version=None, first=True, reason="no champion yet: nothing to watch"
+        )
+    else:
+        obs = _observe_gateway(s, name, champion.version, state)
+    decision = decide(obs, state, policy)
+    save_state(path, decision.state)
+    log = logger()
+    line = "stage=watchdog %s"
+    if decision.status == "breach":
+        log.error(line, decision.summary())
+    elif decision.status == "unavailable":
+        log.warning(line, decision.summary())
+    else:
+        log.info(line, decision.summary())
+    return WatchdogCheck(decision, previous.version if previous is not None else None)
+
+
+@task(name="watchdog-heartbeat", cache_policy=NO_CACHE)
+def send_heartbeat(model: str, healthy: bool, detail: str = "") -> bool:
+    """Tell the gateway the watchdog ran. False when it could not be told (the gateway is down:
+    its own alert and ``BallastWatchdogSilent`` cover that); never raises."""
+    s = get_settings()
+    try:
+        with GatewayClient(s.gateway_url, s.admin_token()) as gw:
+            gw.watchdog_heartbeat(model, healthy, detail[:1000])
+    except GatewayError as exc:
+        logger().warning("stage=watchdog heartbeat not sent: %s", exc)
+        return False
+    return True
+
+
+def localisation_markdown(
+    s: Settings,
+    decision: WatchdogDecision,
+    log_paths: list[Path] | None,
+    lookback_s: float,
+) -> str:
+    """The gateway log's fault report for the breaching version, or a line saying why there is
+    none. Never raises: the breach is reported with or without it."""
+    if decision.version is None:
+        return ""
+    try:
+        from ballast.localise import default_log_paths, localise
+    except ImportError as exc:  # pragma: no cover - the module ships with ballast
+        return f"_Fault localisation unavailable: {exc}_\n"
+    paths = log_paths if log_paths is not None else default_log_paths(s.state_dir)
+    if not paths:
+        return "_No gateway log found for fault localisation._\n"
+    culprit = decision.culprit
+    try:
+        report = localise(
+            paths,
+            decision.model,
+            decision.version,
+            datetime.now(UTC) - timedelta(seconds=lookback_s),
+            metric=culprit.metric if culprit else None,
+        )
+    except Exception as exc:  # a report must not be lost to a log it cannot parse
+        return f"_Fault localisation failed: {type(exc).__name__}: {exc}_\n"
+    return report.to_markdown()
+
+
+def artifact_key(model: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "watchdog-" + (re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-") or "model")
+
+
+@task(name="watchdog-report", cache_policy=NO_CACHE)
+def report_incident(
+    decision: WatchdogDecision,
+    response: Response,
+    *,
+    rolled_back_to: str | None = None,
+    rollback_error: str | None = None,
+    localisation: str = "",
+) -> str:
+    """Publish a breach or an unavailable champion: audit entry (breaches), markdown artifact,
+    Prefect event, error log. Returns the artifact id. The event is best effort."""
+    s = get_settings()
+    evidence: dict[str, Any] = {
+        **decision.evidence(),
+        "action": response.action,
+        "action_reason": response.reason,
+        "rolled_back_to": rolled_back_to,
+        "rollback_error": rollback_error,
+    }
+    if decision.status == "breach":
+        record(
+            s.audit_log,
+            "watchdog_rollback"
+            if rolled_back_to
+            else "watchdog_rollback_failed"
+            if rollback_error
+            else "watchdog_alert",
+            model=decision.model,
+            version=decision.version,
+            status=decision.status,
+            metric=evidence["metric"],
+            replica=evidence["replica"],
+            reason="; ".join(decision.reasons),
+            response=response.action,
+            response_reason=response.reason,
+            rolled_back_to=rolled_back_to,
+            rollback_error=rollback_error,
+            evidence=evidence,
+        )
+    outcome = (
+        f"rolled back to {rolled_back_to}"
+        if rolled_back_to
+        else f"rollback failed: {rollback_error}"
+        if rollback_error
+        else response.reason
+    )
+    md = decision.to_markdown() + f"\n**Action:** {response.action}: {outcome}\n"
+    if localisation:
+        md += "\n" + localisation
+    artifact_id = create_markdown_artifact(
+        markdown=md,
+        key=artifact_key(decision.model),
+        description=f"{decision.model} {decision.version}: {decision.status}, {response.action}",
+    )
+    try:
+        emit_event(
+            event=EVENT_PREFIX + decision.status,
+            resource={
+                "prefect.resource.id": f"ballast.model.{decision.model}",
+                "prefect.resource.name": decision.model,
+            },
+            related=[
+                {
+                    "prefect.resource.id": f"ballast.model.{decision.model}.{decision.version}",
+                    "prefect.resource.role": "model-version",
+                }
+            ]
+            if decision.version
+            else None,
+            payload={
+                "model": decision.model,
+                "version": decision.version,
+                "replica": evidence["replica"],
+                "metric": evidence["metric"],
+                "reasons": list(decision.reasons),
+                "action": response.action,
+                "rolled_back_to": rolled_back_to,
+                "rollback_error": rollback_error,
+                "ts": time.time(),
+            },
+        )
+    except Exception as exc:  # the artifact and the audit entry already hold the report
+        logger().warning("stage=watchdog event not sent: %r", exc)
+    logger().error(
+        "stage=watchdog model=%s version=%s status=%s action=%s metric=%s outcome=%s artifact=%s",
+        decision.model,
+        decision.version,
+        decision.status,
+        response.action,
+        evidence["metric"],
+        outcome,
+        artifact_id,
+    )
+    return str(artifact_id)

@@ -1,0 +1,273 @@
+"""The watchdog's pure decision (ballast/watchdog.py): windows from /admin/stats, verdicts, actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ballast.anomaly import DetectorPolicy, DetectorState
+from ballast.watchdog import (
+    ERROR_RATE,
+    LATENCY_P99,
+    SHARE_PREFIX,
+    Observation,
+    WatchdogDecision,
+    WatchdogPolicy,
+    decide,
+    observe,
+    plan_response,
+    unavailable,
+)
+
+POLICY = WatchdogPolicy(detector=DetectorPolicy(warmup=3, min_count=50))
+
+
+def stats(
+    requests: int,
+    errors: int,
+    *,
+    p99: float | None = 2.0,
+    version: str = "3",
+    loaded_at: str = "2026-11-27T00:00:00+00:00",
+    model: str = "m",
+    canary_weight: int = 0,
+    window: int = 2048,
+) -> dict[str, Any]:
+    """The shape of the gateway's /admin/stats body (infra/gateway/app.py: Gateway.stats)."""
+    return {
+        "model": model,
+        "canary_weight": canary_weight,
+        "shadow_fraction": 0.0,
+        "versions": {
+            version: {
+                "role": "champion",
+                "fault": None,
+                "requests": requests,
+                "errors": errors,
+                "client_errors": 0,
+                "inflight": 0,
+                "window": min(requests, window),
+                "latency_ms": {"p50": 1.0, "p95": 1.5, "p99": p99},
+                "batches": 0,
+                "queued_rows": 0,
+                "loaded_at": loaded_at,
+            }
+        },
+        "draining": [],
+    }
+
+
+def test_first_look_records_counters_and_the_next_one_is_a_window() -> None:
+    first = observe(stats(1000, 10), model="m", version="3", last_snapshot=None, replica="r1")
+    assert first.first and first.available and first.snapshot is not None
+    nxt = observe(
+        stats(1600, 13, p99=2.5), model="m", version="3", last_snapshot=first.snapshot, replica="r1"
+    )
+    assert not nxt.first
+    assert (nxt.requests, nxt.errors) == (600, 3)
+    assert nxt.error_rate == pytest.approx(0.005)
+    assert nxt.latency_p99_ms == 2.5 and nxt.latency_count == 600
+    assert nxt.latency_window == 1600 and nxt.replica == "r1"
+
+
+def test_counters_are_kept_per_replica() -> None:
+    a = observe(stats(1000, 0), model="m", version="3", last_snapshot=None, replica="a")
+    # Replica b counts its own requests: no window against a's counters.
+    b = observe(stats(50, 0), model="m", version="3", last_snapshot=a.snapshot, replica="b")
+    assert b.first
+    a2 = observe(stats(1500, 5), model="m", version="3", last_snapshot=b.snapshot, replica="a")
+    assert not a2.first and (a2.requests, a2.errors) == (500, 5)
+
+
+def test_a_reload_or_restart_starts_the_counters_over() -> None:
+    first = observe(stats(1000, 10), model="m", version="3", last_snapshot=None)
+    reloaded = observe(
+        stats(200, 1, loaded_at="2026-11-27T01:00:00+00:00"),
+        model="m",
+        version="3",
+        last_snapshot=first.snapshot,
+    )
+    assert (reloaded.requests, reloaded.errors) == (200, 1)
+    restarted = observe(stats(300, 2), model="m", version="3", last_snapshot=first.snapshot)
+    assert (restarted.requests, restarted.errors) == (300, 2)
+
+
+def test_class_counts_become_window_differences_of_the_same_version() -> None:
+    first = observe(
+        stats(100, 0), model="m", version="3", last_snapshot=None, class_counts={"0": 60, "1": 40}
+    )
+    assert first.class_counts is None
+    nxt = observe(
+        stats(300, 0),
+        model="m",
+        version="3",
+        last_snapshot=first.snapshot,
+        class_counts={"0": 100, "1": 200},
+    )
+    assert nxt.class_counts == {"0": 40, "1": 160}
+    # Without the counter nothing is assumed.
+    none = observe(stats(400, 0), model="m", version="3", last_snapshot=nxt.snapshot)
+    assert none.class_counts is None
+
+
+def test_the_gateway_not_serving_the_champion_is_unavailable() -> None:
+    other = observe(stats(10, 0, model="x"), model="m", version="3", last_snapshot=None)
+    assert not other.available and "'x'" in other.reason
+    missing = observe(stats(10, 0, version="2"), model="m", version="3", last_snapshot=None)
+    assert not missing.available and "champion 3" in missing.reason
+
+
+def run(
+    windows: list[tuple[int, int, float]], state: DetectorState | None = None
+) -> list[WatchdogDecision]:
+    """Feed cumulative (requests, errors, p99) per run through observe + decide."""
+    state = state or DetectorState(model="m")
+    out = []
+    for requests, errors, p99 in windows:
+        obs = observe(
+            stats(requests, errors, p99=p99),
+            model="m",
+            version="3",
+            last_snapshot=state.snapshot,
+            replica="r1",
+        )
+        d = decide(obs, state, POLICY)
+        state = d.state
+        out.append(d)
+    return out
+
+
+def healthy_history(n: int = 6) -> list[tuple[int, int, float]]:
+    return [(1000 * (i + 1), 2 * (i + 1), 2.0 + 0.05 * (i % 3)) for i in range(n)]
+
+
+def test_statuses_from_first_look_through_warm_up_to_healthy() -> None:
+    ds = run(healthy_history())
+    assert [d.status for d in ds] == [
+        "insufficient_data",  # first look
+        "insufficient_data",  # warm-up 1/3
+        "insufficient_data",  # warm-up 2/3
+        "healthy",  # baseline set
+        "healthy",
+        "healthy",
+    ]
+    assert all(d.healthy for d in ds)
+    assert ds[-1].state.checks == 6 and ds[-1].culprit is None
+    assert "warm-up" in " ".join(ds[1].reasons)
+
+
+def test_a_failing_champion_breaches_naming_metric_replica_and_evidence() -> None:
+    history = healthy_history()
+    requests, errors, _ = history[-1]
+    bad = [(requests + 1000 * k, errors + 300 * k, 2.0) for k in (1, 2, 3)]
+    ds = run(history + bad)
+    assert ds[-1].status == "breach" and not ds[-1].healthy
+    culprit = ds[-1].culprit
+    assert culprit is not None and culprit.metric == ERROR_RATE
+    assert culprit.value == pytest.approx(0.3) and culprit.count == 1000
+    ev = ds[-1].evidence()
+    assert ev["metric"] == ERROR_RATE and ev["replica"] == "r1" and ev["version"] == "3"
+    assert ev["window"]["errors"] == 300
+    md = ds[-1].to_markdown()
+    assert "metric that broke: **error_rate**" in md and "replica: `r1`" in md
+    assert "| error_rate | breach |" in md
+    assert ds[-1].summary().startswith("breach model=m version=3 replica=r1")
+
+
+def test_slow_latency_breaches_on_latency() -> None:
+    history = healthy_history()
+    requests, errors, _ = history[-1]
+    slow = [(requests + 1000 * k, errors + 2 * k, 40.0) for k in (1, 2, 3)]
+    ds = run(history + slow)
+    assert ds[-1].status == "breach"
+    assert ds[-1].culprit is not None and ds[-1].culprit.metric == LATENCY_P99
+
+
+def test_a_quiet_window_is_insufficient_data_not_healthy_or_breach() -> None:
+    history = healthy_history()
+    requests, errors, _ = history[-1]
+    ds = run([*history, (requests + 10, errors + 5, 90.0)])
+    assert ds[-1].status == "insufficient_data" and ds[-1].healthy
+    assert "10 requests < 50" in " ".join(ds[-1].reasons)
+
+
+def test_a_new_champion_resets_the_baseline() -> None:
+    ds = run(healthy_history())
+    state = ds[-1].state
+    obs = observe(stats(500, 0, version="4"), model="m", version="4", last_snapshot=state.snapshot)
+    d = decide(obs, state, POLICY)
+    assert d.status == "insufficient_data" and d.state.version == "4"
+    assert d.state.metrics == {} and "changed from 3" in " ".join(d.reasons)
+
+
+def test_unavailable_changes_no_state() -> None:
+    state = run(healthy_history())[-1].state
+    d = decide(unavailable("m", "3", "gateway down"), state, POLICY)
+    assert d.status == "unavailable" and not d.healthy and d.state == state
+    assert d.reasons == ("gateway down",)
+
+
+def test_class_share_drift_is_watched_when_counts_are_known() -> None:
+    state = DetectorState(model="m")
+    decisions = []
+    counts = {"0": 0, "1": 0}
+    for k in range(10):
+        pos = 370 if k < 6 else 700  # the positive share jumps from 37 % to 70 %
+        counts = {"0": counts["0"] + 1000 - pos, "1": counts["1"] + pos}
+        obs = observe(
+            stats(1000 * (k + 1), 0),
+            model="m",
+            version="3",
+            last_snapshot=state.snapshot,
+            class_counts=counts,
+        )
+        d = decide(obs, state, POLICY)
+        state = d.state
+        decisions.append(d)
+    assert decisions[-1].status == "breach"
+    culprit = decisions[-1].culprit
+    assert culprit is not None and culprit.metric.startswith(SHARE_PREFIX)
+
+
+def breach_decision(*, canary: bool = False, version: str = "3") -> WatchdogDecision:
+    obs = Observation(model="m", version=version, requests=100, errors=50, canary_active=canary)
+    return WatchdogDecision("breach", "m", version, (), ("error_rate up",), DetectorState("m"), obs)
+
+
+@pytest.mark.parametrize(
+    ("decision", "previous", "policy", "action", "words"),
+    [
+        (breach_decision(), "2", POLICY, "rollback", "back to 2"),
+        (breach_decision(), None, POLICY, "alert", "no previous"),
+        (breach_decision(canary=True), "2", POLICY, "alert", "canary"),
+        (breach_decision(), "3", POLICY, "alert", "previous is the breaching"),
+        (breach_decision(), "2", WatchdogPolicy(rollback=False), "alert", "disabled"),
+    ],
+)
+def test_plan_response_rolls_back_only_when_it_can_help(
+    decision: WatchdogDecision,
+    previous: str | None,
+    policy: WatchdogPolicy,
+    action: str,
+    words: str,
+) -> None:
+    r = plan_response(decision, previous=previous, policy=policy)
+    assert r.action == action and words in r.reason
+
+
+def test_plan_response_never_rolls_back_without_a_breach() -> None:
+    state = DetectorState("m")
+    down = decide(unavailable("m", "3", "gateway down"), state, POLICY)
+    r = plan_response(down, previous="2", policy=POLICY)
+    assert r.action == "alert" and "no rollback" in r.reason
+    (first,) = run(healthy_history(1))
+    assert plan_response(first, previous="2", policy=POLICY).action == "none"
+
+
+def test_summary_fits_the_heartbeat_detail() -> None:
+    d = breach_decision()
+    long = WatchdogDecision(
+        "breach", "m", "3", (), tuple("x" * 300 for _ in range(10)), d.state, d.observation
+    )
+    assert len(long.summary()) == 1000
