@@ -97,6 +97,8 @@ class Registry:
         self.tracking_uri = tracking_uri
         self.artifact_root = Path(artifact_root).resolve()
         self.experiment_name = experiment_name
+        # An MLflow tracking server over HTTP (else an embedded store such as sqlite).
+        self.remote = tracking_uri.startswith(("http://", "https://"))
         if tracking_uri.startswith("sqlite:///"):
             # MLflow creates the database file but not the folder it lives in.
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,11 @@ class Registry:
         with _mlflow_errors(f"setting up experiment {self.experiment_name!r}"):
             exp = self._client.get_experiment_by_name(self.experiment_name)
             if exp is None:
-                location = (self.artifact_root / self.experiment_name).as_uri()
+                # A tracking server keeps the artefacts where it was told to (proxied over its
+                # own API): a local path here would only work on the server's own machine.
+                location = (
+                    None if self.remote else (self.artifact_root / self.experiment_name).as_uri()
+                )
                 try:
                     return str(self._client.create_experiment(self.experiment_name, location))
                 except MlflowException:

@@ -3,6 +3,8 @@ without touching the champion, verification before serving, and rollback to `pre
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +44,34 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"ds": ds, "trained": trained, "compiled": compiled}
 
 
-def _register(built: dict[str, Any], s: Settings, run_id: str, tmp: Path) -> Any:
+def _register(
+    built: dict[str, Any], s: Settings, run_id: str, tmp: Path, release: str | None = None
+) -> Any:
+    """Register the shared build from flow run ``run_id``. ``release`` stands for different
+    training inputs (another content key); by default every run registers the same release."""
+    trained = built["trained"]
+    if release is not None:
+        key = hashlib.sha256(f"{trained.checkpoint_key}/{release}".encode()).hexdigest()
+        trained = dataclasses.replace(trained, checkpoint_key=key)
     return register_candidate.fn(
-        built["ds"], built["trained"], built["compiled"], tmp / run_id, flow_run_id=run_id
+        built["ds"], trained, built["compiled"], tmp / run_id, flow_run_id=run_id
     )
 
 
-def test_registering_twice_from_the_same_run_gives_one_version(
+def test_the_same_release_registers_one_version_whichever_run_registers_it(
     built: dict[str, Any], settings: Settings, tmp_path: Path
 ) -> None:
     first = _register(built, settings, "run-a", tmp_path)
-    again = _register(built, settings, "run-a", tmp_path)
+    again = _register(built, settings, "run-a", tmp_path)  # a retried run
+    rerun = _register(built, settings, "run-b", tmp_path)  # a new run of the same release
     reg = Registry(settings.tracking_uri, settings.artifact_root)
-    assert again.version == first.version
+    assert again.version == first.version == rerun.version
     assert [v.version for v in reg.list_versions(settings.model_name)] == [first.version]
-    assert ALIAS_CANDIDATE in reg.get_version(settings.model_name, first.version).aliases
-    other = _register(built, settings, "run-b", tmp_path)
+    info = reg.get_version(settings.model_name, first.version)
+    assert ALIAS_CANDIDATE in info.aliases and len(info.tags["ballast.content_key"]) == 64
+    approval = reg.get_approval(settings.model_name, first.version)
+    assert approval is not None and approval.status == "pending"
+    other = _register(built, settings, "run-c", tmp_path, release="retrained")
     assert other.version != first.version
 
 
@@ -65,9 +79,9 @@ def test_closing_a_candidate_tags_it_and_leaves_the_champion_alone(
     built: dict[str, Any], settings: Settings, tmp_path: Path
 ) -> None:
     reg = Registry(settings.tracking_uri, settings.artifact_root)
-    champ = _register(built, settings, "run-1", tmp_path)
+    champ = _register(built, settings, "run-1", tmp_path, release="one")
     reg.promote(settings.model_name, champ.version)
-    cand = _register(built, settings, "run-2", tmp_path)
+    cand = _register(built, settings, "run-2", tmp_path, release="two")
     close_candidate.fn(
         cand.version, status="rolled_back", verdict="rollback", reason="x", evidence={}
     )
@@ -99,9 +113,9 @@ def test_rollback_moves_champion_back_to_previous_without_a_gateway(
     reg = Registry(settings.tracking_uri, settings.artifact_root)
     with pytest.raises(RegistryError, match="no 'previous'"):
         rollback_to_previous.fn()
-    v1 = _register(built, settings, "r1", tmp_path)
+    v1 = _register(built, settings, "r1", tmp_path, release="one")
     reg.promote(settings.model_name, v1.version)
-    v2 = _register(built, settings, "r2", tmp_path)
+    v2 = _register(built, settings, "r2", tmp_path, release="two")
     reg.promote(settings.model_name, v2.version)
     assert reg.get_by_alias(settings.model_name, ALIAS_PREVIOUS).version == v1.version  # type: ignore[union-attr]
     assert rollback_to_previous.fn() == v1.version

@@ -1,0 +1,203 @@
+"""The registry facade against a real ``mlflow server`` over HTTP (not the embedded sqlite store).
+
+The server is a separate process on 127.0.0.1 with its own sqlite backend and artefact folder;
+the client reaches it only through its REST API and artefact proxy. Everything the release flow
+asks of the registry is exercised: registration with artefacts and a signed manifest, tags, the
+typed approval record, look-ups, downloads that verify, alias moves and their rollback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ballast.manifest import SignedManifest, build_manifest, sign_manifest, verify_manifest
+from model_registry import CANDIDATE, CHAMPION, PREVIOUS, ApprovalRecord, Registry
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+NAME = "served-model"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    served = root / "server-artifacts"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(served),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=open(root / "server.log", "wb"),  # noqa: SIM115 - closed with the process
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not become healthy"
+            time.sleep(0.5)
+        yield url, served
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _artefacts(root: Path, tag: str, key: Path) -> Path:
+    d = root / f"artefacts-{tag}"
+    d.mkdir(parents=True)
+    (d / "model.ort.onnx").write_bytes(f"onnx {tag}".encode() * 50)
+    (d / "state_dict.pt").write_bytes(f"weights {tag}".encode())
+    manifest = build_manifest(
+        d, model_name=NAME, dataset_sha256="cd" * 32, backend="onnxruntime", precision="fp32"
+    )
+    sign_manifest(manifest, key).write(d)
+    return d
+
+
+def test_the_release_flows_registry_calls_work_over_http(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, served = server
+    local_root = tmp_path / "client-artifacts"
+    reg = Registry(url, local_root)
+    assert reg.remote
+    key = tmp_path / "signing.pem"
+
+    versions = []
+    for tag in ("a", "b"):
+        info = reg.register_version(
+            NAME,
+            artifact_dir=_artefacts(tmp_path, tag, key),
+            params={"hidden": 64},
+            metrics={"accuracy": 0.97},
+            metric_history={"epoch_val_loss": [(1, 0.5), (2, 0.4)]},
+            tags={"ballast.content_key": tag * 64, "ballast.dataset": "d"},
+        )
+        versions.append(info.version)
+    assert versions == ["1", "2"]
+    # The artefacts went through the server's proxy to its folder, none to the client's.
+    assert not local_root.exists() or not any(local_root.rglob("*"))
+    assert any(p.name == "model.ort.onnx" for p in served.rglob("*"))
+
+    assert [v.version for v in reg.find_by_tag(NAME, "ballast.content_key", "b" * 64)] == ["2"]
+    assert reg.version_metrics(NAME, "2")["accuracy"] == pytest.approx(0.97)
+    assert reg.metric_history(NAME, "2", "epoch_val_loss") == [(1, 0.5), (2, 0.4)]
+
+    # A download from the server verifies against the signing key; a tampered copy does not.
+    got = reg.download(NAME, "1", tmp_path / "dl")
+    verify_manifest(SignedManifest.read(got), key, got)
+    weights = (got / "state_dict.pt").read_bytes()
+    (got / "state_dict.pt").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    with pytest.raises(Exception, match="content changed"):
+        verify_manifest(SignedManifest.read(got), key, got)
+
+    record = ApprovalRecord("approved", "alice", datetime(2026, 11, 27, 5, tzinfo=UTC), "fine")
+    reg.set_approval(NAME, "2", record)
+    assert reg.get_approval(NAME, "2") == record
+
+    reg.set_alias(NAME, CANDIDATE, "1")
+    reg.promote(NAME, "1")
+    reg.set_alias(NAME, CANDIDATE, "2")
+    moved = reg.promote(NAME, "2")
+    assert moved.previous_champion == "1" and moved.candidate_cleared
+    assert reg.get_by_alias(NAME, CHAMPION).version == "2"  # type: ignore[union-attr]
+    assert reg.get_by_alias(NAME, PREVIOUS).version == "1"  # type: ignore[union-attr]
+    assert reg.get_by_alias(NAME, CANDIDATE) is None
+    back = reg.rollback_to_previous(NAME)
+    assert back.version == "1" and reg.get_by_alias(NAME, PREVIOUS) is None
+    # A second client (another process would be the same) sees the same registry.
+    other = Registry(url, tmp_path / "elsewhere")
+    assert other.get_by_alias(NAME, CHAMPION).version == "1"  # type: ignore[union-attr]
+    assert [v.version for v in other.list_versions(NAME)] == ["1", "2"]
+
+
+def test_a_gateway_follows_the_registry_on_the_server(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The registry-backed desired state, read from the real server: the champion alias and the
+    canary weight tag decide what a gateway serves, after the manifest verified."""
+    from starlette.testclient import TestClient
+
+    from ballast.hashing import sha256_file
+    from infra.gateway.app import GatewayConfig, create_app
+    from infra.gateway.registry_source import TAG_CANARY_WEIGHT, RegistryDesiredState
+    from infra.gateway.testing import build_mlp_onnx
+
+    url, _ = server
+    reg = Registry(url, tmp_path / "unused")
+    key = tmp_path / "signing.pem"
+    model = "gateway-model"
+    for seed in (1, 2):
+        d = tmp_path / f"onnx-{seed}"
+        onnx = build_mlp_onnx(d / "model.onnx", seed=seed)
+        sign_manifest(
+            build_manifest(
+                d,
+                model_name=model,
+                dataset_sha256="cd" * 32,
+                backend="onnxruntime",
+                precision="fp32",
+            ),
+            key,
+        ).write(d)
+        reg.register_version(
+            model,
+            artifact_dir=d,
+            params={},
+            metrics={},
+            tags={"ballast.artifact": onnx.name, "ballast.artifact_sha256": sha256_file(onnx)},
+        )
+    reg.set_alias(model, CHAMPION, "1")
+    reg.set_alias(model, CANDIDATE, "2")
+    reg.set_tags(model, "2", {TAG_CANARY_WEIGHT: "30"})
+
+    source = RegistryDesiredState(reg, model, key, poll_interval_s=0.2)
+    dep = source.read()
+    assert dep is not None and dep.champion is not None and dep.canary is not None
+    assert (dep.champion.version, dep.canary.version, dep.canary_weight) == ("1", "2", 30)
+
+    app = create_app(GatewayConfig(admin_token="t", seed=5), source=source)
+    with TestClient(app) as gw:
+        assert gw.get("/readyz").status_code == 200
+        seen = {
+            gw.post(f"/v1/models/{model}/predict", json={"instances": [[0.5] * 30]}).headers[
+                "X-Ballast-Version"
+            ]
+            for _ in range(60)
+        }
+        assert seen == {"1", "2"}
