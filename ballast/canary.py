@@ -48,6 +48,7 @@ __all__ = [
     "StepRecord",
     "http_load",
     "judge_shadow",
+    "live_traffic",
     "run_canary",
     "step_action",
 ]
@@ -301,6 +302,56 @@ def http_load(
             stop_when=enough,
             timeout=timeout,
         )
+
+    return load
+
+
+def live_traffic(
+    base_url: str,
+    token: str,
+    *,
+    candidate_version: str,
+    min_samples: int,
+    max_seconds: float,
+    poll_s: float = 0.25,
+) -> LoadFn:
+    """A :data:`LoadFn` that sends nothing: it reads what real clients got from every replica
+    (``GET /admin/observations``) since the last look.
+
+    Each poll opens a new connection, so with several replicas on one socket the kernel spreads
+    the polls and every replica is read in turn; each keeps its own cursor. A replica seen for
+    the first time (or restarted) is read from that moment on. A call returns once the candidate
+    answered ``min_samples`` times or ``max_seconds`` pass (1 s at weight 0, the shadow phase).
+    Labels are unknown here, so judges see errors and latency, not accuracy.
+    """
+    from ballast.gateway_client import GatewayClient
+
+    cursors: dict[str, int] = {}
+    started_of: dict[str, float] = {}
+
+    def poll() -> list[Observation]:
+        with GatewayClient(base_url, token) as gw:
+            page = gw.observations(cursors)
+        replica, started = str(page["replica"]), float(page["started"])
+        known = started_of.get(replica) == started
+        started_of[replica] = started
+        cursors[replica] = int(page["next"])
+        if not known:
+            return []  # start watching this replica from now
+        return [
+            Observation(version=str(v), ok=bool(ok), latency_s=float(t))
+            for _, v, _, ok, t in page["observations"]
+        ]
+
+    def load(weight: int) -> list[Observation]:
+        deadline = time.monotonic() + (max_seconds if weight > 0 else min(max_seconds, 1.0))
+        out: list[Observation] = []
+        while True:
+            out.extend(poll())
+            have = sum(1 for o in out if o.version == candidate_version)
+            if have >= min_samples or time.monotonic() >= deadline:
+                return out
+            time.sleep(poll_s)
 
     return load
 

@@ -172,6 +172,19 @@ class GatewayClient:
         """The answering replica and its live peers, with what each serves (``/admin/replicas``)."""
         return self._admin_object("/admin/replicas")
 
+    def observations(self, cursors: dict[str, int], limit: int = 5000) -> dict[str, Any]:
+        """Answers the reached replica gave after its cursor in ``cursors`` (``/admin/observations``)."""
+        query = ",".join(f"{name}={seq}" for name, seq in cursors.items())
+        data = self._request(
+            "GET",
+            "/admin/observations",
+            params={"cursors": query, "limit": limit},
+            headers=self._admin_headers(),
+        ).json()
+        if not isinstance(data, dict):
+            raise GatewayError("gateway /admin/observations returned something else than an object")
+        return data
+
     def shadow(self) -> dict[str, Any]:
         """Shadow agreement with the primary and recent disagreements (``/admin/shadow``)."""
         return self._admin_object("/admin/shadow")

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # The canary's lease: if the flow stops renewing it (process killed, machine lost), every
     # gateway replica drops the canary by itself this long after the last renewal. 0: no lease.
     canary_lease_s: float = Field(default=30.0, ge=0)
+    # What the canary judges: "replay" sends held-out rows itself (labelled: accuracy too; what a
+    # laptop with no users needs), "live" reads what real clients got from the gateway.
+    canary_traffic: Literal["replay", "live"] = "replay"
     # threshold: fixed limits per step; sequential: always-valid tests on the request stream
     # (ballast.judge.SequentialJudge, false-rollback rate bounded at 1 % however often it looks).
     judge_kind: Literal["threshold", "sequential"] = "threshold"

@@ -15,7 +15,15 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ballast.canary import ShadowPolicy, ShadowStats, StepRecord, http_load, run_canary
+from ballast.canary import (
+    LoadFn,
+    ShadowPolicy,
+    ShadowStats,
+    StepRecord,
+    http_load,
+    live_traffic,
+    run_canary,
+)
 from ballast.errors import IntegrityError
 from ballast.gateway_client import GatewayClient
 from ballast.gateway_process import ensure_gateway
@@ -61,6 +69,29 @@ def _judge(s: Settings) -> Judge:
     if s.judge_kind == "sequential":
         return SequentialJudge()
     return ThresholdJudge.from_settings(s)
+
+
+def _load(s: Settings, candidate: str, rows: np.ndarray, labels: np.ndarray) -> LoadFn:
+    """Real clients' traffic as the gateway saw it, or replayed held-out rows (opt-in for
+    models with little traffic, and for the laptop demo, which has no users)."""
+    if s.canary_traffic == "live":
+        return live_traffic(
+            s.gateway_url,
+            s.admin_token(),
+            candidate_version=candidate,
+            min_samples=s.canary_min_samples,
+            max_seconds=s.canary_step_max_seconds,
+        )
+    return http_load(
+        s.gateway_url,
+        s.model_name,
+        rows,
+        labels,
+        candidate_version=candidate,
+        min_samples=s.canary_min_samples,
+        max_seconds=s.canary_step_max_seconds,
+        concurrency=s.canary_concurrency,
+    )
 
 
 def _shadow_policy(s: Settings) -> ShadowPolicy | None:
@@ -109,16 +140,7 @@ def canary_release(
             candidate=cand_spec,
             steps=s.canary_steps,
             judge=_judge(s),
-            load=http_load(
-                s.gateway_url,
-                s.model_name,
-                rows,
-                labels,
-                candidate_version=cand_spec.version,
-                min_samples=s.canary_min_samples,
-                max_seconds=s.canary_step_max_seconds,
-                concurrency=s.canary_concurrency,
-            ),
+            load=_load(s, cand_spec.version, rows, labels),
             min_samples=s.canary_min_samples,
             step_max_seconds=s.canary_step_max_seconds,
             lease_s=s.canary_lease_s or None,

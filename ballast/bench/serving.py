@@ -11,8 +11,9 @@ client's CPU is measured and reported (``client_cpu``: cores wrk used). Rows: se
 concurrency, rps, p50_ms, p99_ms. The ceiling is the same ONNX Runtime session called
 in-process (calls/s at batch 1, samples/s at batch 64).
 
-PyTriton needs Python 3.12 and a venv of its own (``--pytriton-python``); without it that peer
-is reported as not run, never guessed.
+PyTriton needs Python 3.12 and a venv of its own (``--pytriton-python PATH``: a venv with
+``nvidia-pytriton``, ``onnxruntime`` and ``numpy``; the server is ``pytriton_peer.py`` beside this
+file); without it that peer is reported as not run, never guessed.
 """
 
 from __future__ import annotations
@@ -235,6 +236,75 @@ def _mlflow_serve(
         log.close()
 
 
+def _pytriton_serve(
+    python: str,
+    workdir: Path,
+    path: Path,
+    seconds: float,
+    conc: tuple[int, ...],
+    progress: Callable[[str], None],
+) -> list[Row]:
+    """PyTriton (a real Triton server, dynamic batching, the same ORT model) under ``python``."""
+    import httpx
+
+    base = subprocess.run(
+        [python, "-c", "import sys; print(sys.base_prefix)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    # Its Python backend stub links libpython3.12.so, which pyenv keeps in the base prefix.
+    lib = os.pathsep.join(p for p in (f"{base}/lib", os.environ.get("LD_LIBRARY_PATH", "")) if p)
+    ports = [_free_port() for _ in range(3)]
+    log = (workdir / "pytriton.log").open("wb")
+    server = Path(__file__).with_name("pytriton_peer.py")
+    cmd = [python, str(server), str(path), "--port", str(ports[0])]
+    cmd += ["--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "LD_LIBRARY_PATH": lib},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{ports[0]}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                ready = httpx.get(f"{url}/v2/models/mlp/ready", trust_env=False, timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PyTriton did not start; log {workdir / 'pytriton.log'}")
+            time.sleep(0.5)
+        row = [round(0.01 * i, 3) for i in range(N_FEATURES)]
+        tensor = {"name": "input", "shape": [1, N_FEATURES], "datatype": "FP32", "data": row}
+        body = json.dumps({"inputs": [tensor]}).encode()
+        infer = f"{url}/v2/models/mlp/infer"
+        check = httpx.post(
+            infer, content=body, headers={"content-type": "application/json"}, trust_env=False
+        )
+        if check.status_code != 200:
+            raise RuntimeError(f"PyTriton refused the body: {check.text[:300]}")
+        script = _lua(workdir / "pytriton.lua", body)
+        return _measure(
+            "PyTriton (Triton, dynamic batching, ORT)", infer, script, seconds, conc, progress
+        )
+    finally:
+        # SIGTERM: PyTriton stops its Triton server and Python backend stubs itself.
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+        log.close()
+
+
 def _ceiling(path: Path, seconds: float) -> list[Row]:
     from ballast.runtime import load_predictor
 
@@ -326,10 +396,17 @@ def main(argv: list[str] | None = None) -> int:
                     rows += _mlflow_serve(workdir, path, args.seconds, conc, status.update)
                 except Exception as exc:  # a peer that cannot run is reported, not faked
                     notes.append(f"mlflow models serve not measured: {type(exc).__name__}: {exc}")
-            if "pytriton" in peers or args.pytriton_python:
+            if args.pytriton_python:
+                try:
+                    rows += _pytriton_serve(
+                        args.pytriton_python, workdir, path, args.seconds, conc, status.update
+                    )
+                except Exception as exc:  # a peer that cannot run is reported, not faked
+                    notes.append(f"PyTriton not measured: {type(exc).__name__}: {exc}")
+            elif "pytriton" in peers:
                 notes.append(
-                    "PyTriton not measured: it needs a Python 3.12 venv with nvidia-pytriton "
-                    "(see shared notes); this benchmark does not install one"
+                    "PyTriton not measured: pass --pytriton-python, a Python 3.12 venv with "
+                    "nvidia-pytriton, onnxruntime and numpy (this benchmark does not install one)"
                 )
             status.update("ORT in-process ceiling")
             ceiling = _ceiling(path, args.seconds)

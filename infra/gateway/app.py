@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -151,6 +152,8 @@ class GatewayConfig:
     # A shadow this many rows behind gets no more mirrored requests until it catches up.
     shadow_max_queue_rows: int = 512
     shadow_log_size: int = 50  # recent disagreements kept for /admin/shadow
+    # Recent answered requests kept for /admin/observations (a canary judging live traffic).
+    observation_log_size: int = 20_000
     # A desired state this replica refused is tried again after this long (artefacts may appear).
     refused_retry_s: float = 30.0
     replica_id: str = ""  # default: the process id
@@ -188,6 +191,7 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     AdminRoute("GET", "/admin/stats", "viewer", "stats"),
     AdminRoute("GET", "/admin/replicas", "viewer", "replicas"),
     AdminRoute("GET", "/admin/shadow", "viewer", "shadow_report"),
+    AdminRoute("GET", "/admin/observations", "viewer", "observations"),
     AdminRoute("PUT", "/admin/deployment", "operator", "put_deployment"),
     AdminRoute("POST", "/admin/reload", "operator", "reload"),
     AdminRoute("POST", "/admin/watchdog/heartbeat", "operator", "watchdog_heartbeat"),
@@ -271,6 +275,11 @@ class Gateway:
         self.sync_error: str | None = None
         self._refused: tuple[str, float] | None = None  # (fingerprint, retry after)
         self.disagreements: deque[dict[str, Any]] = deque(maxlen=self.config.shadow_log_size)
+        # (seq, version, role, ok, latency_s) of recent answers, oldest first, seq contiguous.
+        self._observed: deque[tuple[int, str, str, bool, float]] = deque(
+            maxlen=self.config.observation_log_size
+        )
+        self._observed_seq = 0
         self.answered = 0  # predict requests answered (any status), for the drain log line
         # Open client connections, when the server tells (uvicorn's server state).
         self.open_connections: Callable[[], int] | None = None
@@ -840,6 +849,54 @@ class Gateway:
             }
         )
 
+    def observe_request(self, version: str, role: str, status: int, elapsed_s: float) -> None:
+        """Keep one answered request for ``/admin/observations`` (cancelled ones say nothing)."""
+        if status == 499:
+            return
+        self._observed_seq += 1
+        # 4xx are the client's mistakes (bad bodies), not the version's failures.
+        self._observed.append((self._observed_seq, version, role, status < 500, elapsed_s))
+
+    async def observations(self, request: Request, who: Principal) -> Response:
+        """Answers this replica gave after a cursor: what a canary judges real traffic on.
+
+        ``cursors`` is ``replica=seq,...``; this replica reads its own entry (the caller cannot
+        know which replica a new connection reaches). Without one it only returns its current
+        position (start watching from now). ``started`` changes when the replica restarts.
+        """
+        after: int | None = None
+        raw = request.query_params.get("cursors", "")
+        try:
+            limit = min(max(int(request.query_params.get("limit", "5000")), 1), 20_000)
+            for item in filter(None, raw.split(",")):
+                name, sep, seq = item.rpartition("=")
+                position = int(seq)  # every entry must be well formed, not only this one's
+                if not sep or not name or position < 0:
+                    raise ValueError(item)
+                if name == self.replica_id:
+                    after = position
+        except ValueError:
+            return _error(400, "cursors must be replica=integer pairs and limit an integer")
+        obs = self._observed
+        items: list[tuple[int, str, str, bool, float]] = []
+        dropped = 0
+        if after is not None and obs:
+            oldest = obs[0][0]
+            dropped = max(0, oldest - after - 1)
+            start = max(0, after + 1 - oldest)
+            items = list(islice(obs, start, start + limit))
+        nxt = items[-1][0] if items else (self._observed_seq if after is None else after)
+        return JSONResponse(
+            {
+                "replica": self.replica_id,
+                "started": self._started,
+                "model": None if self.live is None else self.live.model,
+                "next": min(nxt, self._observed_seq),
+                "dropped": dropped,
+                "observations": [[q, v, r, ok, round(t, 6)] for q, v, r, ok, t in items],
+            }
+        )
+
     async def shadow_report(self, request: Request, who: Principal) -> Response:
         live = self.live
         shadow = None if live is None else live.shadow
@@ -959,6 +1016,7 @@ class Gateway:
             self.answered += 1
             elapsed = time.perf_counter() - started
             version.record(status, elapsed)
+            self.observe_request(version.version, slot.role, status, elapsed)
             self.metrics.observe(live.model, version.version, slot.role, status, elapsed, "predict")
             if status != 200:
                 self.request_failed(rid, live.model, slot, "predict", status, reason, detail)

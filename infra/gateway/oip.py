@@ -471,6 +471,7 @@ async def _infer(
         gw.answered += 1
         elapsed = time.perf_counter() - started
         loaded.record(status, elapsed)
+        gw.observe_request(loaded.version, slot.role, status, elapsed)
         gw.metrics.observe(live.model, loaded.version, slot.role, status, elapsed, "oip_infer")
         if status != 200:
             gw.request_failed(rid, live.model, slot, "oip_infer", status, reason, detail)

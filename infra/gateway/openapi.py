@@ -237,6 +237,35 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                 "responses": {"200": _json("Shadow report.", _ANY_OBJECT)} | _AUTH_ERRORS,
             }
         },
+        "/admin/observations": {
+            "get": {
+                "operationId": "observations",
+                "summary": "Recent answers of this replica after a cursor, for canary judgement (viewer).",
+                "security": admin,
+                "parameters": [
+                    {
+                        "name": "cursors",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "string",
+                            "pattern": "^([^=,]+=[0-9]+)?(,[^=,]+=[0-9]+)*$",
+                        },
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 20000},
+                    },
+                ],
+                "responses": {
+                    "200": _json("Answers after this replica's cursor.", _ANY_OBJECT),
+                    "400": _err("A malformed cursor or limit."),
+                }
+                | _AUTH_ERRORS,
+            }
+        },
         "/admin/reload": {
             "post": {
                 "operationId": "reload",

@@ -1780,3 +1780,42 @@ def test_an_inference_failure_is_logged_with_its_cause(
     assert events["boom-1"]["version"] == "1" and events["boom-1"]["role"] == "champion"
     assert events["shape-1"]["status"] == 500
     assert "shape" in events["shape-1"]["error"]
+
+
+def test_observations_come_after_the_replicas_own_cursor(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    deploy(gw, with_canary(artefacts, 50))
+    start = gw.get("/admin/observations", headers=AUTH).json()
+    assert start["observations"] == [] and start["dropped"] == 0
+    me, first = start["replica"], start["next"]
+    seen = versions_seen(gw, 40)
+    bad = gw.post(PREDICT, json={"instances": [[1.0, 2.0]]})  # a client's mistake: 422
+    assert bad.status_code == 422
+    page = gw.get(
+        "/admin/observations", params={"cursors": f"other=5,{me}={first}"}, headers=AUTH
+    ).json()
+    obs = page["observations"]
+    assert [o[0] for o in obs] == list(range(first + 1, first + 42))  # contiguous, in order
+    assert {v: sum(o[1] == v for o in obs[:40]) for v in seen} == dict(seen)
+    assert all(o[3] is True for o in obs), "4xx are the client's, not the version's failures"
+    assert page["next"] == obs[-1][0]
+    again = gw.get(
+        "/admin/observations", params={"cursors": f"{me}={page['next']}"}, headers=AUTH
+    ).json()
+    assert again["observations"] == [] and again["next"] == page["next"]
+    limited = gw.get(
+        "/admin/observations", params={"cursors": f"{me}={first}", "limit": 5}, headers=AUTH
+    ).json()
+    assert len(limited["observations"]) == 5 and limited["next"] == first + 5
+    assert gw.get("/admin/observations?cursors=x=y", headers=AUTH).status_code == 400
+
+
+def test_observations_report_what_fell_out_of_the_window(artefacts: dict[str, Path]) -> None:
+    client, _ = make_client(observation_log_size=10)
+    with client as gw:
+        deploy(gw, champion_only(artefacts))
+        me = gw.get("/admin/observations", headers=AUTH).json()["replica"]
+        versions_seen(gw, 25)
+        page = gw.get("/admin/observations", params={"cursors": f"{me}=0"}, headers=AUTH).json()
+        assert page["dropped"] == 15 and [o[0] for o in page["observations"]] == list(range(16, 26))
