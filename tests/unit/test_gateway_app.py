@@ -1819,3 +1819,14 @@ def test_observations_report_what_fell_out_of_the_window(artefacts: dict[str, Pa
         versions_seen(gw, 25)
         page = gw.get("/admin/observations", params={"cursors": f"{me}=0"}, headers=AUTH).json()
         assert page["dropped"] == 15 and [o[0] for o in page["observations"]] == list(range(16, 26))
+
+
+def test_replicas_share_the_cores_out_for_inference_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from infra.gateway import __main__ as entry
+
+    monkeypatch.setattr(entry.os, "cpu_count", lambda: 2)
+    assert [entry.default_inference_threads(w) for w in (1, 2, 3)] == [2, 1, 1]
+    monkeypatch.setattr(entry.os, "cpu_count", lambda: 16)
+    assert [entry.default_inference_threads(w) for w in (1, 4, 8)] == [4, 4, 2]
