@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
@@ -114,6 +115,7 @@ Send = Callable[[Message], Awaitable[None]]
 _PREDICT_PREFIX = "/v1/models/"
 _PREDICT_SUFFIX = "/predict"
 _NPY = NPY_MEDIA_TYPE.encode()
+_CURSORS = re.compile(r"(?:[^=,]+=[0-9]+)?(?:,[^=,]+=[0-9]+)*")
 _OIP_ROOT = "/v2"  # Open Inference Protocol (infra/gateway/oip.py)
 _OIP_PREFIX = "/v2/"
 # A heartbeat is three short fields; anything near this is not one.
@@ -865,18 +867,21 @@ class Gateway:
         position (start watching from now). ``started`` changes when the replica restarts.
         """
         after: int | None = None
+        keys = [k for k, _ in request.query_params.multi_items()]
+        if set(keys) - {"cursors", "limit"} or len(keys) != len(set(keys)):
+            return _error(400, "only cursors and limit, each at most once, are understood")
         raw = request.query_params.get("cursors", "")
-        try:
-            limit = min(max(int(request.query_params.get("limit", "5000")), 1), 20_000)
-            for item in filter(None, raw.split(",")):
-                name, sep, seq = item.rpartition("=")
-                position = int(seq)  # every entry must be well formed, not only this one's
-                if not sep or not name or position < 0:
-                    raise ValueError(item)
-                if name == self.replica_id:
-                    after = position
-        except ValueError:
+        raw_limit = request.query_params.get("limit", "5000")
+        # Exactly what the OpenAPI document promises, nothing looser.
+        if not _CURSORS.fullmatch(raw) or not raw_limit.isdigit():
             return _error(400, "cursors must be replica=integer pairs and limit an integer")
+        limit = int(raw_limit)
+        if not 1 <= limit <= 20_000:
+            return _error(400, "limit must lie in 1..20000")
+        for item in filter(None, raw.split(",")):
+            name, _, seq = item.partition("=")
+            if name == self.replica_id:
+                after = int(seq)
         obs = self._observed
         items: list[tuple[int, str, str, bool, float]] = []
         dropped = 0
