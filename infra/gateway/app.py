@@ -851,13 +851,32 @@ class Gateway:
             }
         )
 
-    def observe_request(self, version: str, role: str, status: int, elapsed_s: float) -> None:
-        """Keep one answered request for ``/admin/observations`` (cancelled ones say nothing)."""
-        if status == 499:
-            return
-        self._observed_seq += 1
-        # 4xx are the client's mistakes (bad bodies), not the version's failures.
-        self._observed.append((self._observed_seq, version, role, status < 500, elapsed_s))
+    def finish_request(
+        self,
+        live: Live,
+        slot: Slot,
+        route: str,
+        status: int,
+        started: float,
+        rid: str,
+        reason: str,
+        detail: str | None,
+    ) -> None:
+        """The bookkeeping of one routed request, whatever its route (``/v1`` or ``/v2``): the
+        version's counters, ``/admin/observations``, the metrics, and a failure log line."""
+        version = slot.loaded
+        version.inflight -= 1
+        self.answered += 1
+        elapsed = time.perf_counter() - started
+        version.record(status, elapsed)
+        if status != 499:  # a cancelled request says nothing about the version
+            self._observed_seq += 1
+            # 4xx are the client's mistakes (bad bodies), not the version's failures.
+            ok = status < 500
+            self._observed.append((self._observed_seq, version.version, slot.role, ok, elapsed))
+        self.metrics.observe(live.model, version.version, slot.role, status, elapsed, route)
+        if status != 200:
+            self.request_failed(rid, live.model, slot, route, status, reason, detail)
 
     async def observations(self, request: Request, who: Principal) -> Response:
         """Answers this replica gave after a cursor: what a canary judges real traffic on.
@@ -1017,14 +1036,7 @@ class Gateway:
             ]
             await _send(send, status, body_out, media, headers)
         finally:
-            version.inflight -= 1
-            self.answered += 1
-            elapsed = time.perf_counter() - started
-            version.record(status, elapsed)
-            self.observe_request(version.version, slot.role, status, elapsed)
-            self.metrics.observe(live.model, version.version, slot.role, status, elapsed, "predict")
-            if status != 200:
-                self.request_failed(rid, live.model, slot, "predict", status, reason, detail)
+            self.finish_request(live, slot, "predict", status, started, rid, reason, detail)
 
     async def _answer(
         self, live: Live, slot: Slot, x: np.ndarray, accept: bytes | None

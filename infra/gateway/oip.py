@@ -467,11 +467,4 @@ async def _infer(
             extra.append((_BINARY_HEADER, str(json_length).encode()))
             await _send(send, status, out, _OCTETS, extra)
     finally:
-        loaded.inflight -= 1
-        gw.answered += 1
-        elapsed = time.perf_counter() - started
-        loaded.record(status, elapsed)
-        gw.observe_request(loaded.version, slot.role, status, elapsed)
-        gw.metrics.observe(live.model, loaded.version, slot.role, status, elapsed, "oip_infer")
-        if status != 200:
-            gw.request_failed(rid, live.model, slot, "oip_infer", status, reason, detail)
+        gw.finish_request(live, slot, "oip_infer", status, started, rid, reason, detail)
