@@ -177,6 +177,56 @@ def _deploy(url: str, token: str, model: str, path: Path, split: bool) -> None:
         client.set_deployment(dep)
 
 
+def _measure_peer(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    ready_url: str,
+    infer_url: str,
+    body: bytes,
+    seconds: float,
+    conc: tuple[int, ...],
+    progress: Callable[[str], None],
+    start_timeout: float = 120.0,
+) -> list[Row]:
+    """Start a peer server in its own session, wait until ``ready_url`` answers 200, check that
+    it accepts ``body`` at ``infer_url``, measure it, and stop it (SIGTERM, then SIGKILL)."""
+    import httpx
+
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                if httpx.get(ready_url, trust_env=False, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; log {log_path}")
+            time.sleep(0.5)
+        check = httpx.post(
+            infer_url, content=body, headers={"content-type": "application/json"}, trust_env=False
+        )
+        if check.status_code != 200:
+            raise RuntimeError(f"{name} refused the body: {check.text[:300]}")
+        script = _lua(log_path.with_suffix(".lua"), body)
+        return _measure(name, infer_url, script, seconds, conc, progress)
+    finally:
+        # SIGTERM lets each peer stop its own children (PyTriton: Triton and its stubs).
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+        log.close()
+
+
 def _mlflow_serve(
     workdir: Path,
     path: Path,
@@ -188,52 +238,23 @@ def _mlflow_serve(
 
     model_dir = save_onnx_as_mlflow_model(path, workdir / "mlflow-model")
     port = _free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    log = (workdir / "mlflow.log").open("wb")
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        str(model_dir),
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--env-manager",
-        "local",
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    bindir = Path(sys.executable).parent
+    cmd = [str(bindir / "mlflow"), "models", "serve", "-m", str(model_dir)]
+    cmd += ["-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"]
+    return _measure_peer(
+        "mlflow models serve (onnx)",
+        cmd,
+        # It exits 127 unless the venv's bin is on PATH.
+        {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}"},
+        workdir / "mlflow.log",
+        f"http://127.0.0.1:{port}/ping",
+        f"http://127.0.0.1:{port}/invocations",
+        json.dumps({"inputs": {"input": [[0.1] * N_FEATURES]}}).encode(),
+        seconds,
+        conc,
+        progress,
+        start_timeout=90,
     )
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow models serve did not start; log {workdir / 'mlflow.log'}"
-                )
-            time.sleep(0.5)
-        body = json.dumps({"inputs": {"input": [[0.1] * N_FEATURES]}}).encode()
-        script = _lua(workdir / "mlflow.lua", body)
-        url = f"http://127.0.0.1:{port}/invocations"
-        check = httpx.post(
-            url, content=body, headers={"content-type": "application/json"}, trust_env=False
-        )
-        if check.status_code != 200:
-            raise RuntimeError(f"mlflow models serve refused the body: {check.text[:300]}")
-        return _measure("mlflow models serve (onnx)", url, script, seconds, conc, progress)
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(20)
-        log.close()
 
 
 def _pytriton_serve(
@@ -245,8 +266,6 @@ def _pytriton_serve(
     progress: Callable[[str], None],
 ) -> list[Row]:
     """PyTriton (a real Triton server, dynamic batching, the same ORT model) under ``python``."""
-    import httpx
-
     base = subprocess.run(
         [python, "-c", "import sys; print(sys.base_prefix)"],
         capture_output=True,
@@ -257,52 +276,24 @@ def _pytriton_serve(
     # Its Python backend stub links libpython3.12.so, which pyenv keeps in the base prefix.
     lib = os.pathsep.join(p for p in (f"{base}/lib", os.environ.get("LD_LIBRARY_PATH", "")) if p)
     ports = [_free_port() for _ in range(3)]
-    log = (workdir / "pytriton.log").open("wb")
     server = Path(__file__).with_name("pytriton_peer.py")
     cmd = [python, str(server), str(path), "--port", str(ports[0])]
     cmd += ["--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
-    proc = subprocess.Popen(
+    url = f"http://127.0.0.1:{ports[0]}/v2/models/mlp"
+    row = [round(0.01 * i, 3) for i in range(N_FEATURES)]
+    tensor = {"name": "input", "shape": [1, N_FEATURES], "datatype": "FP32", "data": row}
+    return _measure_peer(
+        "PyTriton (Triton, dynamic batching, ORT)",
         cmd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LD_LIBRARY_PATH": lib},
-        start_new_session=True,
+        {**os.environ, "LD_LIBRARY_PATH": lib},
+        workdir / "pytriton.log",
+        f"{url}/ready",
+        f"{url}/infer",
+        json.dumps({"inputs": [tensor]}).encode(),
+        seconds,
+        conc,
+        progress,
     )
-    url = f"http://127.0.0.1:{ports[0]}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                ready = httpx.get(f"{url}/v2/models/mlp/ready", trust_env=False, timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"PyTriton did not start; log {workdir / 'pytriton.log'}")
-            time.sleep(0.5)
-        row = [round(0.01 * i, 3) for i in range(N_FEATURES)]
-        tensor = {"name": "input", "shape": [1, N_FEATURES], "datatype": "FP32", "data": row}
-        body = json.dumps({"inputs": [tensor]}).encode()
-        infer = f"{url}/v2/models/mlp/infer"
-        check = httpx.post(
-            infer, content=body, headers={"content-type": "application/json"}, trust_env=False
-        )
-        if check.status_code != 200:
-            raise RuntimeError(f"PyTriton refused the body: {check.text[:300]}")
-        script = _lua(workdir / "pytriton.lua", body)
-        return _measure(
-            "PyTriton (Triton, dynamic batching, ORT)", infer, script, seconds, conc, progress
-        )
-    finally:
-        # SIGTERM: PyTriton stops its Triton server and Python backend stubs itself.
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
-        log.close()
 
 
 def _ceiling(path: Path, seconds: float) -> list[Row]:
