@@ -75,6 +75,9 @@ def request_id(header: bytes | None) -> str:
 _SHAPE_HINT = 'expected {"instances": [[number, ...], ...]}'
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def parse_instances(body: bytes, max_rows: int) -> np.ndarray:
     """Parse and validate a JSON predict body into float32 ``[rows, features]``."""
     try:
@@ -120,9 +123,12 @@ def parse_instances(body: bytes, max_rows: int) -> np.ndarray:
     # Strings, nulls, objects or all-boolean rows are refused; numpy would coerce some of them.
     if arr.dtype.kind not in "iuf":
         raise BadRequestError(422, "invalid_instances", "instances must hold only numbers")
+    # The documented limit is float32's largest finite value, checked before the cast rounds
+    # a slightly larger number down to it.
     with np.errstate(over="ignore", invalid="ignore"):
+        in_range = bool((np.abs(arr) <= _F32_MAX).all())
         x = arr.astype(np.float32)
-    if not np.isfinite(x).all():
+    if not in_range or not np.isfinite(x).all():
         raise BadRequestError(422, "invalid_instances", "instances must be finite float32 numbers")
     return x
 
