@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from infra.gateway.app import GatewayConfig, create_app
     from infra.gateway.batcher import BatchPolicy
     from infra.gateway.desired import ReplicaBoard
+    from infra.gateway.http import CoalescingHttpToolsProtocol
 
     # Admin actions are JSON lines on stderr, next to uvicorn's own lifecycle lines.
     handler = logging.StreamHandler(sys.stderr)
@@ -232,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             log_level=args.log_level,
             timeout_graceful_shutdown=args.graceful_timeout,
             server_header=False,
+            # One write per small response (see infra/gateway/http.py).
+            http=CoalescingHttpToolsProtocol,
+            # Nothing here reads the client's address; X-Forwarded-* parsing only costs.
+            proxy_headers=False,
             lifespan="on",
             host=args.host,
             port=args.port,
