@@ -54,9 +54,10 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
     p.add_argument(
         "--inline-below-us",
         type=float,
-        default=50.0,
-        help="run a lone batch on the event loop when model calls take less than this and the "
-        "server holds one connection (default 50; 0: never)",
+        default=250.0,
+        help="run batches on the event loop, one per loop iteration, while the version's model "
+        "calls take less than this many microseconds; slower ones go to inference threads "
+        "(default 250; 0: always threads)",
     )
     p.add_argument(
         "--desired-state",
@@ -242,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
         )
     )
-    app.gateway.open_connections = lambda: len(server.server_state.connections)
     if args.worker_fd is None:
         server.run()
     else:

@@ -4,7 +4,8 @@ dynamic batching, desired-state sync, a role-checked admin API, health, readines
 Build it with :func:`create_app`; ``python -m infra.gateway`` serves it with uvicorn (one
 process, or several replicas behind one socket). All mutable state lives on one
 :class:`Gateway` object per app, touched only from the event loop thread; inference runs in
-batches on worker threads (:mod:`infra.gateway.batcher`), artefact loading and desired-state I/O
+batches (:mod:`infra.gateway.batcher`: on inference threads, or on the loop itself for models
+whose calls take less than the thread hand-off would), artefact loading and desired-state I/O
 on threads of their own.
 
 ``POST /v1/models/{model}/predict`` is served by a plain ASGI handler in front of the Starlette
@@ -159,9 +160,6 @@ class GatewayConfig:
     # A desired state this replica refused is tried again after this long (artefacts may appear).
     refused_retry_s: float = 30.0
     replica_id: str = ""  # default: the process id
-    # With BatchPolicy.inline_below_us set, tiny batches run on the event loop only while the
-    # server holds at most this many connections: with more, batching on threads is faster.
-    inline_max_connections: int = 1
     # Failed-request log lines per version and second; the rest are counted in a summary line.
     failure_log_per_second: int = 20
 
@@ -283,8 +281,6 @@ class Gateway:
         )
         self._observed_seq = 0
         self.answered = 0  # predict requests answered (any status), for the drain log line
-        # Open client connections, when the server tells (uvicorn's server state).
-        self.open_connections: Callable[[], int] | None = None
         self.failures = FailureLog(
             _warn_json, replica=self.replica_id, per_second=self.config.failure_log_per_second
         )
@@ -599,12 +595,7 @@ class Gateway:
             self.config.batch,
             self._inference,
             observe=partial(self.metrics.observe_batch, model, version.version),
-            inline_ok=self._nearly_idle,
         )
-
-    def _nearly_idle(self) -> bool:
-        count = self.open_connections
-        return count is not None and count() <= self.config.inline_max_connections
 
     def _load(self, spec: VersionSpec) -> LoadedVersion:
         return load_version(

@@ -268,25 +268,70 @@ def test_fail_queued_answers_what_is_left(pool: ThreadPoolExecutor) -> None:
     assert "unloaded" in err.message
 
 
-def test_tiny_lone_batches_run_inline_only_when_allowed(pool: ThreadPoolExecutor) -> None:
-    threads: list[str] = []
+def test_fast_versions_batch_on_the_loop_per_iteration_and_slow_ones_go_back_to_threads(
+    pool: ThreadPoolExecutor,
+) -> None:
+    threads: list[tuple[str, int]] = []
+    slow = [False]
 
     def model(x: np.ndarray) -> np.ndarray:
-        threads.append(threading.current_thread().name)
-        return np.zeros((x.shape[0], 2), np.float32)
+        threads.append((threading.current_thread().name, x.shape[0]))
+        if slow[0]:  # 2 ms of CPU (the batcher times CPU, not the wall clock)
+            end = time.thread_time() + 0.002
+            while time.thread_time() < end:
+                pass
+        return np.stack([x.sum(axis=1), x[:, 0]], axis=1)
 
-    idle = [True]
-    policy = BatchPolicy(inline_below_us=1e9)  # any measured call is "tiny"
+    policy = BatchPolicy(max_batch_size=8, inline_below_us=1000.0)
+    main = threading.main_thread().name
 
     async def scenario() -> None:
-        batcher = Batcher("v", model, policy, pool, inline_ok=lambda: idle[0])
-        await batcher.submit(rows(1, 0))  # first call: not measured yet, so a thread
-        await batcher.submit(rows(1, 0))  # measured and idle: on the loop
-        idle[0] = False
-        await batcher.submit(rows(1, 0))  # busy server: a thread again
+        batcher = Batcher("v", model, policy, pool)
+        await batcher.submit(rows(1, 0))  # first call: not timed yet, so a thread
+        assert threads[-1][0] != main and batcher.on_loop()
+        # Requests queued in one loop iteration leave together, on the loop, in row order,
+        # cut at the batch limit.
+        sizes = [1, 2, 3, 4]
+        answers = await asyncio.gather(*(batcher.submit(rows(n, 10 * n)) for n in sizes))
+        assert threads[1:] == [(main, 6), (main, 4)]
+        for n, out in zip(sizes, answers, strict=True):
+            np.testing.assert_allclose(out[:, 0], rows(n, 10 * n).sum(axis=1))
+        slow[0] = True  # 2 ms calls: above the limit once the average has caught up
+        for _ in range(30):
+            await batcher.submit(rows(1, 0))
+            if not batcher.on_loop():
+                break
+        assert not batcher.on_loop()
+        await batcher.submit(rows(1, 0))
+        assert threads[-1][0] != main, "a slow version runs in threads again"
 
     run(scenario)
-    main = threading.main_thread().name
-    assert threads[0] != main
-    assert threads[1] == main
-    assert threads[2] != main
+
+
+def test_a_failing_call_on_the_loop_fails_its_members_and_the_next_batch_runs(
+    pool: ThreadPoolExecutor,
+) -> None:
+    fail = [False]
+
+    def model(x: np.ndarray) -> np.ndarray:
+        if fail[0]:
+            raise RuntimeError("boom")
+        return np.zeros((x.shape[0], 2), np.float32)
+
+    async def scenario() -> list[object]:
+        batcher = Batcher("v3", model, BatchPolicy(inline_below_us=1e9), pool)
+        await batcher.submit(rows(1, 0))  # timed in a thread
+        fail[0] = True
+        failed = await asyncio.gather(
+            batcher.submit(rows(1, 0)), batcher.submit(rows(2, 0)), return_exceptions=True
+        )
+        fail[0] = False
+        return [*failed, await batcher.submit(rows(1, 0))]
+
+    outcomes = run(scenario)
+    assert isinstance(outcomes, list)
+    *errors, ok = outcomes
+    for err in errors:
+        assert isinstance(err, BatchFailedError)
+        assert "version v3 failed to predict (batch of 2 requests)" in err.message
+    assert isinstance(ok, np.ndarray) and ok.shape == (1, 2)
