@@ -297,6 +297,8 @@ class Gateway:
         )
         self._loading = ThreadPoolExecutor(1, thread_name_prefix="gateway-load")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="gateway-io")
+        # Hot-path metric updates are written once per loop iteration (see GatewayMetrics).
+        self.metrics.defer_with(asyncio.get_running_loop().call_soon)
         self._log(
             "gateway.started",
             replica=self.replica_id,
@@ -317,6 +319,7 @@ class Gateway:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self.failures.flush(final=True)
+            self.metrics.defer_with(None)  # writes what is pending
             for version in self._all_loaded():
                 if version.batcher is not None:
                     version.batcher.fail_queued("the gateway is shutting down")
@@ -945,6 +948,7 @@ class Gateway:
         return JSONResponse({"ready": True, "model": live.model, "versions": versions})
 
     async def metrics_text(self, request: Request) -> Response:
+        self.metrics.flush()  # this replica's updates of the current loop iteration too
         body = await self._in_thread(self._io, self.metrics.render)
         return Response(body, media_type=self.metrics.content_type)
 
