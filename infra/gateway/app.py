@@ -598,6 +598,8 @@ class Gateway:
             self.config.batch,
             self._inference,
             observe=partial(self.metrics.observe_batch, model, version.version),
+            # ONNX Runtime here runs on the CPU only; TensorRT and AOTInductor may wait on a GPU.
+            loop_ok=version.spec.backend == "onnxruntime",
         )
 
     def _load(self, spec: VersionSpec) -> LoadedVersion:

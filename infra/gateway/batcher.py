@@ -24,9 +24,10 @@ Where a batch runs depends on how long the version's model calls take (a moving 
   call to a thread costs more than the call (a wake-up, a GIL hand-off and a loop wake-up per
   batch, and context switches on a box whose cores the replicas already keep busy); measured on
   the 2-core box, the 30-256-256-2 MLP at c=64 served ~25 % more requests/s this way (``ballast
-  bench serving``). The loop is held for at most about that long per batch. Loop iterations
-  grow with load, and so do these batches. No first call runs here: a version starts in
-  threads until its calls have been timed, and a batch that turns slow sends it back.
+  bench serving``). Loop iterations grow with load, and so do these batches. No first call
+  runs here: a version starts in threads until its calls have been timed, a version whose calls
+  turn slow goes back within a few calls, and a runtime that waits off the CPU (a GPU: ``loop_ok=False``,
+  its calls' CPU time says nothing of how long they hold the loop) never comes here.
 
 Every member of a batch is answered, whatever happens: a model error, a wrong output shape or a
 thread batch that outlives ``timeout_s`` fails each member with :class:`BatchFailedError`; a
@@ -130,8 +131,12 @@ class Batcher:
         pool: Executor,
         *,
         observe: BatchObserver | None = None,
+        loop_ok: bool = True,
     ) -> None:
         self.name = name
+        # False for runtimes that wait off the CPU (a GPU): CPU time cannot tell how long
+        # their calls would hold the loop.
+        self._loop_ok = loop_ok
         self.policy = policy
         self._run = run
         self._pool = pool
@@ -143,8 +148,8 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self.batches = 0
         self._loop_batch_due = False
-        # Moving average of one model call's CPU time in microseconds (inf until measured in a
-        # thread).
+        # How long one model call takes, in microseconds (inf until measured in a thread); see
+        # _timed.
         self.call_us = float("inf")
 
     @property
@@ -170,7 +175,7 @@ class Batcher:
 
     def on_loop(self) -> bool:
         """Whether batches run on the event loop now (recent calls were short enough)."""
-        return self.call_us < self.policy.inline_below_us
+        return self._loop_ok and self.call_us < self.policy.inline_below_us
 
     def _pump(self) -> None:
         if self._queue and self.on_loop():
@@ -257,14 +262,21 @@ class Batcher:
         cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._completed, batch, f))
 
     def _timed(self, x: np.ndarray) -> np.ndarray:
-        # CPU time of this thread, not wall time: in an inference thread the wall clock also
+        # This thread's CPU time, not the wall clock: in an inference thread the wall clock also
         # counts the wait to take the GIL back from a busy event loop (up to the 5 ms switch
-        # interval), which would keep a fast model off the loop exactly when it is loaded.
+        # interval), and on the loop the time the OS gave other processes; either would keep a
+        # fast model off the loop exactly when the server is loaded. (Runtimes that wait off the
+        # CPU are kept off the loop by ``loop_ok``.)
         t = time.thread_time()
         out = self._run(x)
         us = (time.thread_time() - t) * 1e6
-        # Plain float writes are atomic under the GIL; a lost update only delays the average.
-        self.call_us = us if self.call_us == float("inf") else 0.9 * self.call_us + 0.1 * us
+        # A moving average, not the last call: on a shared VM a call's CPU time now and then
+        # reads ten times its usual (time stolen by the hypervisor counts as ours), and one
+        # such call must not send the version to threads. A steadily slow model crosses the
+        # limit within a few calls. Plain float writes are atomic under the GIL; a lost update
+        # only delays the average.
+        avg = self.call_us
+        self.call_us = us if avg == float("inf") else 0.9 * avg + 0.1 * us
         return out
 
     def _expire(self, batch: _Batch) -> None:

@@ -296,16 +296,44 @@ def test_fast_versions_batch_on_the_loop_per_iteration_and_slow_ones_go_back_to_
         assert threads[1:] == [(main, 6), (main, 4)]
         for n, out in zip(sizes, answers, strict=True):
             np.testing.assert_allclose(out[:, 0], rows(n, 10 * n).sum(axis=1))
-        slow[0] = True  # 2 ms calls: above the limit once the average has caught up
-        for _ in range(30):
+        slow[0] = True  # 2 ms of CPU per call: over the limit within a few calls
+        for _ in range(10):
             await batcher.submit(rows(1, 0))
             if not batcher.on_loop():
                 break
         assert not batcher.on_loop()
+        # At twice the limit the average crosses it on the 7th call (0.9 ** 7 < 0.5).
+        assert sum(1 for name, _ in threads if name == main) <= 2 + 7
         await batcher.submit(rows(1, 0))
         assert threads[-1][0] != main, "a slow version runs in threads again"
+        slow[0] = False  # fast again: back on the loop once the average has come down
+        for _ in range(60):
+            await batcher.submit(rows(1, 0))
+            if batcher.on_loop():
+                break
+        await batcher.submit(rows(1, 0))
+        assert threads[-1][0] == main
 
     run(scenario)
+
+
+def test_a_runtime_that_waits_off_the_cpu_never_runs_on_the_loop(
+    pool: ThreadPoolExecutor,
+) -> None:
+    threads: list[str] = []
+
+    def model(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return np.zeros((x.shape[0], 2), np.float32)
+
+    async def scenario() -> None:
+        batcher = Batcher("v", model, BatchPolicy(inline_below_us=1e9), pool, loop_ok=False)
+        for _ in range(3):
+            await batcher.submit(rows(1, 0))
+        assert not batcher.on_loop()
+
+    run(scenario)
+    assert threading.main_thread().name not in threads and len(threads) == 3
 
 
 def test_a_failing_call_on_the_loop_fails_its_members_and_the_next_batch_runs(
