@@ -27,25 +27,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ballast.bench.onnx_mlp import build_mlp_onnx
-from ballast.bench.serving import HIDDEN, N_FEATURES, _deploy, _gateway, _lua, _wrk
+from ballast.bench.procstat import cpu_ticks
+from ballast.bench.serving import HIDDEN, _deploy, _gateway, _lua, _wrk, predict_body
 
 
 def _tree_cpu_ticks(port: int) -> int:
-    """Clock ticks of every process whose command line serves ``port``, and their children."""
+    """Clock ticks of the gateway serving ``port`` (supervisor and replicas)."""
     out = subprocess.run(
         ["pgrep", "-f", f"infra.gateway.*--port {port}( |$)"], capture_output=True, text=True
-    ).stdout.split()
-    pids = list(out)
-    for pid in out:
-        pids += subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split()
-    total = 0
-    for pid in set(pids):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total
+    )
+    return cpu_ticks(out.stdout.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,14 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    body = (
-        '{"instances": [[' + ", ".join(str(round(0.01 * i, 3)) for i in range(N_FEATURES)) + "]]}"
-    )
     tick = os.sysconf("SC_CLK_TCK")
     with tempfile.TemporaryDirectory(prefix="ballast-ab-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         model = build_mlp_onnx(work / "model.onnx", seed=0, hidden=HIDDEN)
-        script = _lua(work / "predict.lua", body.encode())
+        script = _lua(work / "predict.lua", predict_body())
         runs: list[tuple[str, str, int, list[float], list[float]]] = []
         for i, spec in enumerate(args.configs):
             label, _, rest = spec.partition(":")

@@ -6,7 +6,7 @@
 The app (``benchmarks/stack_app.py``) is the predict route reduced to what every stack must
 do: read a batch-1 JSON body, parse it, run the 30->256->256->2 ONNX MLP (one ORT call per
 request, no batching), answer JSON. Each stack runs it with ``--workers`` processes on
-127.0.0.1; wrk (2 threads, c=64) loads each in turn for ``--rounds`` alternating rounds, so
+127.0.0.1; wrk (c=64) loads each in turn for ``--rounds`` alternating rounds, so
 they share the machine's noise. Rows: median req/s, p99, and the server's CPU per request
 (all its processes, from /proc), which is steadier than req/s on a noisy box.
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ballast.bench.onnx_mlp import build_mlp_onnx
+from ballast.bench.procstat import cpu_ticks
+from ballast.bench.serving import HIDDEN, _free_port, _lua, _wrk, predict_body
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 _UVICORN = (
     "import sys, uvicorn; uvicorn.run('stack_app:app', host='127.0.0.1', port=int(sys.argv[1]), "
@@ -60,40 +56,6 @@ def _stacks(workers: int, port: int) -> dict[str, list[str]]:
     }
 
 
-def _cpu(pid: int) -> int:
-    """Clock ticks used by ``pid`` and its children (workers)."""
-    total = 0
-    pids = [str(pid)]
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    pids += out.split()
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total
-
-
-def _wrk(url: str, script: Path, seconds: int) -> tuple[int, float, str]:
-    out = subprocess.run(
-        ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=False,
-    ).stdout
-    n = re.search(r"(\d+) requests in", out)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
-    if not (n and rps and p99):
-        raise RuntimeError(f"wrk: {out[-400:]}")
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if bad:
-        raise RuntimeError(f"{bad.group(1)} failed responses")
-    return int(n.group(1)), float(rps.group(1)), p99.group(1)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=int, default=8)
@@ -102,17 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--granian-path", default="", help="folder with the granian package")
     args = p.parse_args(argv)
 
-    from ballast.bench.onnx_mlp import build_mlp_onnx
-
     tmp = Path(tempfile.mkdtemp(prefix="ballast-stacks-"))
-    model = build_mlp_onnx(tmp / "model.onnx", seed=0, hidden=(256, 256))
-    body = '{"instances": [[' + ", ".join(str(round(0.01 * i, 3)) for i in range(30)) + "]]}"
-    (tmp / "body.json").write_text(body)
-    script = tmp / "predict.lua"
-    script.write_text(
-        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.body = io.open("{tmp / "body.json"}"):read("a")\n'
-    )
+    model = build_mlp_onnx(tmp / "model.onnx", seed=0, hidden=HIDDEN)
+    script = _lua(tmp / "predict.lua", predict_body())
     path = [str(ROOT / "benchmarks"), str(ROOT)]
     if args.granian_path:
         path.append(args.granian_path)
@@ -134,23 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 60
         while True:
             try:
-                _wrk(url, script, 1)
-                running[name] = (proc, url)
-                break
-            except (RuntimeError, subprocess.TimeoutExpired):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    notes.append(f"{name}: did not start (log {tmp}/{len(running)}.log)")
-                    os.killpg(proc.pid, signal.SIGKILL)
+                if _wrk(url, script, 1, 1, name).errors == 0:
+                    running[name] = (proc, url)
                     break
-                time.sleep(0.5)
+            except (ValueError, subprocess.TimeoutExpired):  # not listening yet
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                notes.append(f"{name}: did not start (log {tmp}/{len(running)}.log)")
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.5)
     results: dict[str, list[tuple[float, float, str]]] = {n: [] for n in running}
     try:
         for _ in range(args.rounds):
             for name, (proc, url) in running.items():
-                before = _cpu(proc.pid)
-                n, rps, p99 = _wrk(url, script, args.seconds)
-                ticks = _cpu(proc.pid) - before
-                results[name].append((rps, ticks / os.sysconf("SC_CLK_TCK") / n * 1e6, p99))
+                before = cpu_ticks([proc.pid])
+                row = _wrk(url, script, 64, args.seconds, name)
+                ticks = cpu_ticks([proc.pid]) - before
+                if row.errors:
+                    raise SystemExit(f"{name}: {row.errors} failed requests")
+                n = max(1, round(row.rps * row.seconds))
+                cpu_us = ticks / os.sysconf("SC_CLK_TCK") / n * 1e6
+                results[name].append((row.rps, cpu_us, f"{row.p99_ms:.2f}ms"))
     finally:
         for proc, _ in running.values():
             os.killpg(proc.pid, signal.SIGTERM)

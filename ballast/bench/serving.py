@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Row", "main", "parse_wrk"]
+__all__ = ["Row", "main", "parse_wrk", "predict_body"]
 
 CONCURRENCY = (1, 16, 64, 64)
 HIDDEN = (256, 256)
@@ -52,6 +52,11 @@ class Row:
     errors: int = 0
     seconds: float = 0.0
     client_cpu: float = 0.0  # cores the load generator used
+
+
+def predict_body() -> bytes:
+    """The batch-1 JSON predict body every gateway measurement sends."""
+    return json.dumps({"instances": [[round(0.01 * i, 3) for i in range(N_FEATURES)]]}).encode()
 
 
 def _ms(text: str) -> float:
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=args.json)
     notes: list[str] = []
     rows: list[Row] = []
-    body = json.dumps({"instances": [[round(0.01 * i, 3) for i in range(N_FEATURES)]]}).encode()
+    body = predict_body()
     with tempfile.TemporaryDirectory(prefix="ballast-bench-serving-") as tmp:
         workdir = Path(tmp)
         path = build_mlp_onnx(workdir / "model.onnx", seed=0, hidden=HIDDEN)

@@ -1,0 +1,31 @@
+"""CPU time of server processes, read from /proc (Linux): what the serving benchmarks divide by
+the requests served to report CPU per request."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["cpu_ticks"]
+
+
+def cpu_ticks(pids: Iterable[int | str]) -> int:
+    """User + system clock ticks of ``pids`` and their direct children (replicas, workers).
+
+    A process that has exited counts as nothing; divide by ``os.sysconf("SC_CLK_TCK")``.
+    """
+    roots = [str(p) for p in pids]
+    every = set(roots)
+    for pid in roots:
+        out = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True, check=False)
+        every.update(out.stdout.split())
+    total = 0
+    for pid in every:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        total += int(fields[11]) + int(fields[12])
+    return total
