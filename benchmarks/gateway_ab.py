@@ -4,13 +4,19 @@
     .venv/bin/python benchmarks/gateway_ab.py --rounds 8 \\
         "loop: one" "threads: one --inline-below-us 0"             # any gateway arguments
 
-Each configuration is ``"LABEL: one|split [gateway args...]"`` and runs as its own gateway
+Each configuration is ``"LABEL: one|split[=W] [gateway args...]"`` (``split`` is a 90/10
+canary split; ``split=W`` gives the canary W percent, 0 keeps it loaded but idle) and runs as its own gateway
 (``--workers`` replicas, the 30->256->256->2 MLP of ``ballast bench serving``), all started
 before the first round. Rounds alternate between them (wrk, one thread, c=64, ``--seconds``
 each), so slow drift of a shared machine hits every configuration alike; a single run minutes
 apart can differ by +-20 % on these VMs. Reported per configuration: median req/s, median CPU
 microseconds per request of all its gateway processes (from /proc: steadier than req/s), and
-every round's req/s.
+every round's req/s (with ``--together`` every configuration is loaded at the same time in
+each round, a wrk each: they then share the cores at the same instants, which cancels the
+machine's passing disturbances better than alternation); for each configuration after the first, the median of its per-round
+changes against the first (the rounds next to each other in time) with the quartiles; the
+machine's steal time; and, from ``/metrics``, the mean rows per model call of each version
+(how well requests batch: the fixed cost of a call is shared by that many).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -39,46 +46,149 @@ def _tree_cpu_ticks(port: int) -> int:
     return cpu_ticks(out.stdout.split())
 
 
+def _machine_ticks() -> tuple[int, int]:
+    """(all CPU ticks, ticks stolen by the hypervisor) of the machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[7]  # user nice system idle iowait irq softirq steal
+
+
+def _paired(values: list[float], base: list[float]) -> str:
+    """Median change against the first configuration, each round against the same round's
+    (neighbours in time, so the machine's slow drift cancels), with the quartiles' spread."""
+    ratios = sorted(100 * (v / b - 1) for v, b in zip(values, base, strict=True))
+    if len(ratios) < 4:
+        return f"{statistics.median(ratios):+.1f}%"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):+.1f}% [{q1:+.0f},{q3:+.0f}]"
+
+
+Run = tuple[str, str, int, list[float], list[float]]  # label, url, port, req/s, CPU us/req
+
+
+def _check(label: str, errors: int) -> None:
+    if errors:
+        raise SystemExit(f"{label}: {errors} failed requests")
+
+
+def _round_together(runs: list[Run], script: Path, seconds: int, tick: int) -> float:
+    """One round with every configuration loaded at once (a wrk each, c=64): they share the
+    cores at the same instants, so a passing disturbance of the machine hits all alike. Returns
+    the round's steal time in percent."""
+    ports = [port for _, _, port, _, _ in runs]
+    before, machine = [_tree_cpu_ticks(port) for port in ports], _machine_ticks()
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [
+            pool.submit(_wrk, f"{url}/v1/models/m/predict", script, 64, seconds, label)
+            for label, url, _, _, _ in runs
+        ]
+        rows = [f.result() for f in futures]
+    after = [_tree_cpu_ticks(port) for port in ports]
+    total, stolen = (b - a for a, b in zip(machine, _machine_ticks(), strict=True))
+    for (label, _, _, rps, cpu), row, t0, t1 in zip(runs, rows, before, after, strict=True):
+        _check(label, row.errors)
+        rps.append(row.rps)
+        cpu.append((t1 - t0) / tick / max(1, round(row.rps * row.seconds)) * 1e6)
+    return 100 * stolen / max(1, total)
+
+
+def _canary_weight(mode: str) -> int | None:
+    """None for 'one', the canary's percent for 'split' (10) or 'split=W'; -1 if unreadable."""
+    if mode == "one":
+        return None
+    if mode == "split":
+        return 10
+    name, _, value = mode.partition("=")
+    if name == "split" and value.isdigit() and int(value) <= 100:
+        return int(value)
+    return -1
+
+
+def _rows_per_call(url: str) -> dict[str, float]:
+    """Mean rows per model call of each version since the gateway started (warm-up included)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name != "ballast_batch_size_rows":
+            continue
+        for sample in family.samples:
+            version = sample.labels.get("version", "?")
+            if sample.name.endswith("_sum"):
+                sums[version] = sums.get(version, 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                counts[version] = counts.get(version, 0.0) + sample.value
+    return {v: sums[v] / counts[v] for v in sums if counts.get(v)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("configs", nargs="*", default=["one version: one", "90/10 split: split"])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="load every configuration at once in each round instead of one after another",
+    )
     args = p.parse_args(argv)
     tick = os.sysconf("SC_CLK_TCK")
     with tempfile.TemporaryDirectory(prefix="ballast-ab-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         model = build_mlp_onnx(work / "model.onnx", seed=0, hidden=HIDDEN)
         script = _lua(work / "predict.lua", predict_body())
-        runs: list[tuple[str, str, int, list[float], list[float]]] = []
+        runs: list[Run] = []
         for i, spec in enumerate(args.configs):
             label, _, rest = spec.partition(":")
             mode, *extra = rest.split()
-            if mode not in ("one", "split"):
-                p.error(f"{spec!r}: say 'one' or 'split' after the label")
+            weight = _canary_weight(mode)
+            if weight == -1:
+                p.error(f"{spec!r}: say 'one', 'split' or 'split=W' (0-100) after the label")
             folder = work / f"c{i}"
             folder.mkdir()
             url, token = stack.enter_context(_gateway(folder, args.workers, extra))
-            _deploy(url, token, "m", model, mode == "split")
+            _deploy(url, token, "m", model, weight)
             runs.append((label.strip(), url, int(url.rsplit(":", 1)[1]), [], []))
         for _, url, _, _, _ in runs:  # warm-up
             _wrk(f"{url}/v1/models/m/predict", script, 16, 2, "warm-up")
-        for _ in range(args.rounds):
-            for label, url, port, rps, cpu in runs:
-                before = _tree_cpu_ticks(port)
+        steal: list[float] = []
+        for r in range(args.rounds):
+            if args.together:
+                steal.append(_round_together(runs, script, args.seconds, tick))
+                continue
+            # Every other round runs in reverse order: no configuration always goes first.
+            for label, url, port, rps, cpu in runs if r % 2 == 0 else runs[::-1]:
+                before, machine = _tree_cpu_ticks(port), _machine_ticks()
                 row = _wrk(f"{url}/v1/models/m/predict", script, 64, args.seconds, label)
                 ticks = _tree_cpu_ticks(port) - before
-                if row.errors:
-                    raise SystemExit(f"{label}: {row.errors} failed requests")
+                total, stolen = (b - a for a, b in zip(machine, _machine_ticks(), strict=True))
+                _check(label, row.errors)
                 rps.append(row.rps)
                 cpu.append(ticks / tick / max(1, round(row.rps * row.seconds)) * 1e6)
-    print(f"{'configuration':32s} {'req/s':>8s} {'CPU us/req':>11s}  req/s per round")
-    for label, _, _, rps, cpu in runs:
+                steal.append(100 * stolen / max(1, total))
+        batching = [_rows_per_call(url) for _, url, _, _, _ in runs]
+    base_rps, base_cpu = runs[0][3], runs[0][4]
+    print(
+        f"{'configuration':24s} {'req/s':>8s} {'CPU us/req':>11s} {'req/s vs first':>15s}"
+        f" {'CPU vs first':>13s}  rows/call  req/s per round"
+    )
+    for i, ((label, _, _, rps, cpu), per_call) in enumerate(zip(runs, batching, strict=True)):
         rounds = " ".join(f"{r:,.0f}" for r in rps)
+        calls = " ".join(f"v{v}:{n:.1f}" for v, n in sorted(per_call.items()))
+        rel_rps = rel_cpu = ""
+        if i:
+            rel_rps = _paired(rps, base_rps)
+            rel_cpu = _paired(cpu, base_cpu)
         print(
-            f"{label:32s} {statistics.median(rps):8,.0f} {statistics.median(cpu):11.1f}  {rounds}"
+            f"{label:24s} {statistics.median(rps):8,.0f} {statistics.median(cpu):11.1f}"
+            f" {rel_rps:>15s} {rel_cpu:>13s}  {calls:9s}  {rounds}"
         )
+    print(
+        f"steal time: median {statistics.median(steal):.1f} % of the machine, max {max(steal):.1f} %"
+    )
     return 0
 
 

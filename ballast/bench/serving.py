@@ -166,7 +166,8 @@ def _gateway(workdir: Path, workers: int, extra: list[str]) -> Iterator[tuple[st
         gw.stop()
 
 
-def _deploy(url: str, token: str, model: str, path: Path, split: bool) -> None:
+def _deploy(url: str, token: str, model: str, path: Path, canary_weight: int | None) -> None:
+    """Deploy ``path`` as version 1; with ``canary_weight``, a copy as canary version 2."""
     from ballast.gateway_client import GatewayClient
     from ballast.hashing import sha256_file
     from ballast.serving import Deployment, VersionSpec
@@ -174,13 +175,13 @@ def _deploy(url: str, token: str, model: str, path: Path, split: bool) -> None:
     sha = sha256_file(path)
     one = VersionSpec(version="1", artifact_path=str(path), sha256=sha)
     dep = Deployment(model=model, champion=one)
-    if split:
+    if canary_weight is not None:
         # The canary is a second copy of the same file: a second session, loaded and batched
         # separately, as a real canary would be.
         twin = path.with_name("canary.onnx")
         shutil.copyfile(path, twin)
         two = VersionSpec(version="2", artifact_path=str(twin), sha256=sha)
-        dep = Deployment(model=model, champion=one, canary=two, canary_weight=10)
+        dep = Deployment(model=model, champion=one, canary=two, canary_weight=canary_weight)
     with GatewayClient(url, token, timeout=60) as client:
         client.set_deployment(dep)
 
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 for label, split in setups:
                     name = f"{label}, {workers} worker{'s' if workers > 1 else ''}"
                     with _gateway(workdir, workers, args.gateway_args.split()) as (url, token):
-                        _deploy(url, token, "m", path, split)
+                        _deploy(url, token, "m", path, 10 if split else None)
                         rows += _measure(
                             name,
                             f"{url}/v1/models/m/predict",

@@ -60,6 +60,13 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
         "(default 250; 0: always threads)",
     )
     p.add_argument(
+        "--metrics-flush-ms",
+        type=float,
+        default=20.0,
+        help="write the per-request metric updates summed over this many milliseconds "
+        "(default 20; 0: every event-loop iteration). Another replica's /metrics may lag by this",
+    )
+    p.add_argument(
         "--desired-state",
         choices=["file", "registry", "none"],
         default="file",
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         tokens=tokens,
         replica_id=args.replica_id,
+        metrics_flush_s=args.metrics_flush_ms / 1e3,
     )
     source = _source(args.desired_state, settings, args.poll_interval)
     board = (

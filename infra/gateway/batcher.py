@@ -147,6 +147,7 @@ class Batcher:
         self._inflight = 0
         self._timer: asyncio.TimerHandle | None = None
         self.batches = 0
+        self.rows_total = 0  # rows in those batches
         self._loop_batch_due = False
         # How long one model call takes, in microseconds (inf until measured in a thread); see
         # _timed.
@@ -241,6 +242,7 @@ class Batcher:
         x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
         self._inflight += 1
         self.batches += 1
+        self.rows_total += x.shape[0]
         if self._observe is not None:
             self._observe(x.shape[0], [now - i.queued_at for i in items])
         return batch, x

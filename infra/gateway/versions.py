@@ -17,6 +17,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -120,12 +121,13 @@ class Live:
     def weight(self) -> int:
         return self.deployment.canary_weight
 
-    @property
+    # Cached: read on every request, and a Live never changes (a new deployment is a new Live).
+    @cached_property
     def slots(self) -> tuple[Slot, ...]:
         """The slots that take traffic (champion, canary)."""
         return tuple(s for s in (self.champion, self.canary) if s is not None)
 
-    @property
+    @cached_property
     def all_slots(self) -> tuple[Slot, ...]:
         """Every loaded slot, the shadow included."""
         return tuple(s for s in (self.champion, self.canary, self.shadow) if s is not None)

@@ -129,6 +129,8 @@ def test_replicas_converge_restart_into_the_right_state_and_share_metrics(
         assert {a.headers["X-Ballast-Version"] for a in answers} == {"2"}
 
         # Metrics add up every replica, the killed one included (counters never go back).
+        # Each replica writes its counts every 20 ms (--metrics-flush-ms): wait that out once.
+        wait_for(lambda: requests_total(gw.url) == sent, 2, f"/metrics counting {sent} requests")
         totals = {requests_total(gw.url) for _ in range(6)}
         assert totals == {float(sent)}, f"sent {sent}, /metrics said {totals}"
         assert gw.stop(timeout=15) == 0
@@ -261,6 +263,12 @@ def test_heartbeat_and_class_counts_merge_across_replicas(
         answers = [fresh_predict(gw.url) for _ in range(20)]
         assert {a.status_code for a in answers} == {200}
         key = frozenset({"model": MODEL}.items())
+        # Each replica writes its counts every 20 ms (--metrics-flush-ms): wait that out once.
+        wait_for(
+            lambda: sum(metric_values(gw.url, "ballast_predictions_total").values()) == 20,
+            2,
+            "/metrics counting the 20 answers",
+        )
         for _ in range(6):
             stamps = metric_values(gw.url, "ballast_watchdog_heartbeat_timestamp_seconds")
             assert set(stamps) == {key}, stamps

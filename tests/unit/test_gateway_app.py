@@ -777,6 +777,41 @@ def test_metrics_registries_are_per_app(artefacts: dict[str, Path]) -> None:
         assert "ballast_requests_total{" not in b.get("/metrics").text
 
 
+def test_metric_updates_are_written_every_flush_interval_and_on_scrape(
+    artefacts: dict[str, Path],
+) -> None:
+    def written(client: TestClient) -> float:
+        # What the series hold now, without /metrics (which writes pending updates first).
+        gateway = client.app.gateway  # type: ignore[attr-defined]
+        return sum(
+            s.value
+            for family in gateway.metrics.registry.collect()
+            if family.name == "ballast_requests"
+            for s in family.samples
+            if s.name == "ballast_requests_total"
+        )
+
+    slow, _ = make_client(metrics_flush_s=1.0)
+    with slow as client:
+        deploy(client, champion_only(artefacts))
+        started = time.monotonic()
+        for _ in range(3):
+            assert client.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+        if time.monotonic() - started < 0.9:  # else the interval has passed on a slow machine
+            assert written(client) == 0, "written at once, not summed for the interval"
+        deadline = time.monotonic() + 5
+        while written(client) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert written(client) == 3  # the interval passed: written without a scrape
+        client.post(PREDICT, json={"instances": [ROW]})
+        samples = metric_samples(client)  # a scrape writes what is pending first
+        assert sum(v for (name, _), v in samples.items() if name == "ballast_requests_total") == 4
+    with pytest.raises(ValueError, match="metrics_flush_s"):
+        GatewayConfig(admin_token=TOKEN, metrics_flush_s=-1)
+    with pytest.raises(ValueError, match="metrics_flush_s"):
+        GatewayConfig(admin_token=TOKEN, metrics_flush_s=5)
+
+
 def test_stats_report_counts_and_latency_percentiles(
     gw: TestClient, artefacts: dict[str, Path]
 ) -> None:

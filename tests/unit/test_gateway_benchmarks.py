@@ -1,0 +1,69 @@
+"""The gateway's A/B benchmark scripts: their argument parsing, statistics, and a short real run
+of the in-process one (its figures are the benchmark's business, not a test's)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gateway_ab  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("mode", "weight"),
+    [("one", None), ("split", 10), ("split=0", 0), ("split=35", 35), ("split=100", 100)],
+)
+def test_ab_configuration_modes(mode: str, weight: int | None) -> None:
+    assert gateway_ab._canary_weight(mode) == weight
+
+
+@pytest.mark.parametrize("mode", ["two", "split=", "split=101", "split=-5", "split=x", "one=1"])
+def test_ab_configuration_modes_refused(mode: str) -> None:
+    assert gateway_ab._canary_weight(mode) == -1
+
+
+def test_ab_paired_change_compares_each_round_with_its_neighbour() -> None:
+    base = [100.0, 200.0, 100.0, 200.0, 100.0]
+    # 10 % slower in every round, although the rounds themselves swing by 2x.
+    assert gateway_ab._paired([90.0, 180.0, 90.0, 180.0, 90.0], base).startswith("-10.0%")
+    assert gateway_ab._paired([110.0, 200.0], [100.0, 200.0]) == "+5.0%"
+
+
+def test_machine_ticks_reads_proc_stat() -> None:
+    total, stolen = gateway_ab._machine_ticks()
+    assert total > 0 and 0 <= stolen <= total
+
+
+def test_inproc_benchmark_runs_both_apps_and_reports_the_split() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gateway_inproc.py"),
+            "--blocks",
+            "4",
+            "--seconds",
+            "0.05",
+            "--clients",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    one = re.search(r"one version\s+([\d.]+) us CPU/request .* rows/call v1:([\d.]+)\n", out)
+    split = re.search(r"90/10 split\s+([\d.]+) us .* rows/call v1:([\d.]+) v2:([\d.]+)\n", out)
+    assert one and split, out
+    assert float(one[1]) > 0 and float(split[1]) > 0
+    # Eight callers at once batch together on the loop: more than one row per model call.
+    assert 1 < float(one[2]) <= 8
+    assert float(split[3]) >= 1  # the canary got traffic and its own model calls
+    assert re.search(r"split vs one: [+-][\d.]+ % \[", out), out
