@@ -7,7 +7,7 @@
 Each configuration is ``"LABEL: one|split[=W] [gateway args...]"`` (``split`` is a 90/10
 canary split; ``split=W`` gives the canary W percent, 0 keeps it loaded but idle) and runs as its own gateway
 (``--workers`` replicas, the 30->256->256->2 MLP of ``ballast bench serving``), all started
-before the first round. Rounds alternate between them (wrk, one thread, c=64, ``--seconds``
+before the first round. Rounds alternate between them (wrk, one thread, ``--concurrency`` 64, ``--seconds``
 each), so slow drift of a shared machine hits every configuration alike; a single run minutes
 apart can differ by +-20 % on these VMs. Reported per configuration: median req/s, median CPU
 microseconds per request of all its gateway processes (from /proc: steadier than req/s), and
@@ -70,15 +70,17 @@ def _check(label: str, errors: int) -> None:
         raise SystemExit(f"{label}: {errors} failed requests")
 
 
-def _round_together(runs: list[Run], script: Path, seconds: int, tick: int) -> float:
-    """One round with every configuration loaded at once (a wrk each, c=64): they share the
+def _round_together(
+    runs: list[Run], script: Path, seconds: int, tick: int, concurrency: int
+) -> float:
+    """One round with every configuration loaded at once (a wrk each): they share the
     cores at the same instants, so a passing disturbance of the machine hits all alike. Returns
     the round's steal time in percent."""
     ports = [port for _, _, port, _, _ in runs]
     before, machine = [_tree_cpu_ticks(port) for port in ports], _machine_ticks()
     with ThreadPoolExecutor(len(runs)) as pool:
         futures = [
-            pool.submit(_wrk, f"{url}/v1/models/m/predict", script, 64, seconds, label)
+            pool.submit(_wrk, f"{url}/v1/models/m/predict", script, concurrency, seconds, label)
             for label, url, _, _, _ in runs
         ]
         rows = [f.result() for f in futures]
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=64, help="wrk connections (64)")
     p.add_argument(
         "--together",
         action="store_true",
@@ -157,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         steal: list[float] = []
         for r in range(args.rounds):
             if args.together:
-                steal.append(_round_together(runs, script, args.seconds, tick))
+                steal.append(_round_together(runs, script, args.seconds, tick, args.concurrency))
                 continue
             # Every other round runs in reverse order: no configuration always goes first.
             for label, url, port, rps, cpu in runs if r % 2 == 0 else runs[::-1]:
                 before, machine = _tree_cpu_ticks(port), _machine_ticks()
-                row = _wrk(f"{url}/v1/models/m/predict", script, 64, args.seconds, label)
+                row = _wrk(
+                    f"{url}/v1/models/m/predict", script, args.concurrency, args.seconds, label
+                )
                 ticks = _tree_cpu_ticks(port) - before
                 total, stolen = (b - a for a, b in zip(machine, _machine_ticks(), strict=True))
                 _check(label, row.errors)
