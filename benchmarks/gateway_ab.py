@@ -133,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=64, help="wrk connections (64)")
     p.add_argument(
+        "--canary-hidden",
+        default="",
+        help="the canary's hidden widths, e.g. 8 (default: a copy of the champion): a tiny "
+        "canary shows how much of a split's cost is its weights in the cache",
+    )
+    p.add_argument(
         "--together",
         action="store_true",
         help="load every configuration at once in each round instead of one after another",
@@ -143,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model = build_mlp_onnx(work / "model.onnx", seed=0, hidden=HIDDEN)
         script = _lua(work / "predict.lua", predict_body())
+        canary = None
+        if args.canary_hidden:
+            widths = tuple(int(w) for w in args.canary_hidden.split(","))
+            canary = build_mlp_onnx(work / "tiny.onnx", seed=1, hidden=widths)
         runs: list[Run] = []
         for i, spec in enumerate(args.configs):
             label, _, rest = spec.partition(":")
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = work / f"c{i}"
             folder.mkdir()
             url, token = stack.enter_context(_gateway(folder, args.workers, extra))
-            _deploy(url, token, "m", model, weight)
+            _deploy(url, token, "m", model, weight, canary)
             runs.append((label.strip(), url, int(url.rsplit(":", 1)[1]), [], []))
         for _, url, _, _, _ in runs:  # warm-up
             _wrk(f"{url}/v1/models/m/predict", script, 16, 2, "warm-up")

@@ -166,21 +166,31 @@ def _gateway(workdir: Path, workers: int, extra: list[str]) -> Iterator[tuple[st
         gw.stop()
 
 
-def _deploy(url: str, token: str, model: str, path: Path, canary_weight: int | None) -> None:
-    """Deploy ``path`` as version 1; with ``canary_weight``, a copy as canary version 2."""
+def _deploy(
+    url: str,
+    token: str,
+    model: str,
+    path: Path,
+    canary_weight: int | None,
+    canary_path: Path | None = None,
+) -> None:
+    """Deploy ``path`` as version 1; with ``canary_weight``, ``canary_path`` (default: a copy
+    of ``path``) as canary version 2."""
     from ballast.gateway_client import GatewayClient
     from ballast.hashing import sha256_file
     from ballast.serving import Deployment, VersionSpec
 
-    sha = sha256_file(path)
-    one = VersionSpec(version="1", artifact_path=str(path), sha256=sha)
+    one = VersionSpec(version="1", artifact_path=str(path), sha256=sha256_file(path))
     dep = Deployment(model=model, champion=one)
     if canary_weight is not None:
-        # The canary is a second copy of the same file: a second session, loaded and batched
-        # separately, as a real canary would be.
-        twin = path.with_name("canary.onnx")
-        shutil.copyfile(path, twin)
-        two = VersionSpec(version="2", artifact_path=str(twin), sha256=sha)
+        if canary_path is None:
+            # A second copy of the same file: a second session, loaded and batched
+            # separately, as a real canary would be.
+            canary_path = path.with_name("canary.onnx")
+            shutil.copyfile(path, canary_path)
+        two = VersionSpec(
+            version="2", artifact_path=str(canary_path), sha256=sha256_file(canary_path)
+        )
         dep = Deployment(model=model, champion=one, canary=two, canary_weight=canary_weight)
     with GatewayClient(url, token, timeout=60) as client:
         client.set_deployment(dep)

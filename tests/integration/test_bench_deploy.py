@@ -1,0 +1,37 @@
+"""What the serving benchmarks deploy on a real gateway process: one version, or a canary that
+is a copy of the champion's file or a model of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ballast.bench.serving import _deploy, _gateway
+from ballast.gateway_client import GatewayClient
+from ballast.hashing import sha256_file
+from infra.gateway.testing import build_mlp_onnx
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_deploys_one_version_a_copied_canary_or_its_own(tmp_path: Path) -> None:
+    champion = build_mlp_onnx(tmp_path / "model.onnx", seed=0)
+    tiny = build_mlp_onnx(tmp_path / "tiny.onnx", seed=1, hidden=(4,))
+    with _gateway(tmp_path, 1, []) as (url, token), GatewayClient(url, token) as client:
+        _deploy(url, token, "m", champion, None)
+        dep = client.get_deployment()
+        assert dep is not None and dep.canary is None
+        assert dep.champion is not None and dep.champion.sha256 == sha256_file(champion)
+
+        _deploy(url, token, "m", champion, 10)  # a copy: same bytes, another file and session
+        dep = client.get_deployment()
+        assert dep is not None and dep.canary is not None and dep.canary_weight == 10
+        assert dep.canary.sha256 == sha256_file(champion)
+        assert Path(dep.canary.artifact_path) != champion
+
+        _deploy(url, token, "m", champion, 0, tiny)  # loaded, but no traffic
+        dep = client.get_deployment()
+        assert dep is not None and dep.canary is not None and dep.canary_weight == 0
+        assert dep.canary.sha256 == sha256_file(tiny)
+        assert {client.predict("m", [[0.5] * 30]).version for _ in range(20)} == {"1"}
