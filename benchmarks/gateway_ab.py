@@ -22,7 +22,6 @@ machine's steal time; and, from ``/metrics``, the mean rows per model call of ea
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ballast.bench.onnx_mlp import build_mlp_onnx
-from ballast.bench.procstat import cpu_ticks
+from ballast.bench.procstat import cpu_ticks, cpu_us_per_request, machine_ticks
 from ballast.bench.serving import HIDDEN, _deploy, _gateway, _lua, _wrk, predict_body
 
 
@@ -44,12 +43,6 @@ def _tree_cpu_ticks(port: int) -> int:
         ["pgrep", "-f", f"infra.gateway.*--port {port}( |$)"], capture_output=True, text=True
     )
     return cpu_ticks(out.stdout.split())
-
-
-def _machine_ticks() -> tuple[int, int]:
-    """(all CPU ticks, ticks stolen by the hypervisor) of the machine so far, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields[:8]), fields[7]  # user nice system idle iowait irq softirq steal
 
 
 def _paired(values: list[float], base: list[float]) -> str:
@@ -65,19 +58,11 @@ def _paired(values: list[float], base: list[float]) -> str:
 Run = tuple[str, str, int, list[float], list[float]]  # label, url, port, req/s, CPU us/req
 
 
-def _check(label: str, errors: int) -> None:
-    if errors:
-        raise SystemExit(f"{label}: {errors} failed requests")
-
-
-def _round_together(
-    runs: list[Run], script: Path, seconds: int, tick: int, concurrency: int
-) -> float:
-    """One round with every configuration loaded at once (a wrk each): they share the
-    cores at the same instants, so a passing disturbance of the machine hits all alike. Returns
-    the round's steal time in percent."""
+def _round(runs: list[Run], script: Path, seconds: int, concurrency: int) -> float:
+    """Load ``runs`` at once (a wrk each; one run: alone) and record each one's req/s and CPU
+    per request. Returns the machine's steal time over the round, in percent."""
     ports = [port for _, _, port, _, _ in runs]
-    before, machine = [_tree_cpu_ticks(port) for port in ports], _machine_ticks()
+    before, machine = [_tree_cpu_ticks(port) for port in ports], machine_ticks()
     with ThreadPoolExecutor(len(runs)) as pool:
         futures = [
             pool.submit(_wrk, f"{url}/v1/models/m/predict", script, concurrency, seconds, label)
@@ -85,11 +70,12 @@ def _round_together(
         ]
         rows = [f.result() for f in futures]
     after = [_tree_cpu_ticks(port) for port in ports]
-    total, stolen = (b - a for a, b in zip(machine, _machine_ticks(), strict=True))
+    total, stolen = (b - a for a, b in zip(machine, machine_ticks(), strict=True))
     for (label, _, _, rps, cpu), row, t0, t1 in zip(runs, rows, before, after, strict=True):
-        _check(label, row.errors)
+        if row.errors:
+            raise SystemExit(f"{label}: {row.errors} failed requests")
         rps.append(row.rps)
-        cpu.append((t1 - t0) / tick / max(1, round(row.rps * row.seconds)) * 1e6)
+        cpu.append(cpu_us_per_request(t1 - t0, row.rps * row.seconds))
     return 100 * stolen / max(1, total)
 
 
@@ -144,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         help="load every configuration at once in each round instead of one after another",
     )
     args = p.parse_args(argv)
-    tick = os.sysconf("SC_CLK_TCK")
     with tempfile.TemporaryDirectory(prefix="ballast-ab-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         model = build_mlp_onnx(work / "model.onnx", seed=0, hidden=HIDDEN)
@@ -169,21 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             _wrk(f"{url}/v1/models/m/predict", script, 16, 2, "warm-up")
         steal: list[float] = []
         for r in range(args.rounds):
-            if args.together:
-                steal.append(_round_together(runs, script, args.seconds, tick, args.concurrency))
+            if args.together:  # every configuration at the same instants
+                steal.append(_round(runs, script, args.seconds, args.concurrency))
                 continue
-            # Every other round runs in reverse order: no configuration always goes first.
-            for label, url, port, rps, cpu in runs if r % 2 == 0 else runs[::-1]:
-                before, machine = _tree_cpu_ticks(port), _machine_ticks()
-                row = _wrk(
-                    f"{url}/v1/models/m/predict", script, args.concurrency, args.seconds, label
-                )
-                ticks = _tree_cpu_ticks(port) - before
-                total, stolen = (b - a for a, b in zip(machine, _machine_ticks(), strict=True))
-                _check(label, row.errors)
-                rps.append(row.rps)
-                cpu.append(ticks / tick / max(1, round(row.rps * row.seconds)) * 1e6)
-                steal.append(100 * stolen / max(1, total))
+            # One after another; every other round in reverse order, so none always goes first.
+            for run in runs if r % 2 == 0 else runs[::-1]:
+                steal.append(_round([run], script, args.seconds, args.concurrency))
         batching = [_rows_per_call(url) for _, url, _, _, _ in runs]
     base_rps, base_cpu = runs[0][3], runs[0][4]
     print(

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ballast.bench.onnx_mlp import build_mlp_onnx
-from ballast.bench.procstat import cpu_ticks
+from ballast.bench.procstat import cpu_ticks, cpu_us_per_request
 from ballast.bench.serving import HIDDEN, _free_port, _lua, _wrk, predict_body
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 ticks = cpu_ticks([proc.pid]) - before
                 if row.errors:
                     raise SystemExit(f"{name}: {row.errors} failed requests")
-                n = max(1, round(row.rps * row.seconds))
-                cpu_us = ticks / os.sysconf("SC_CLK_TCK") / n * 1e6
+                cpu_us = cpu_us_per_request(ticks, row.rps * row.seconds)
                 results[name].append((row.rps, cpu_us, f"{row.p99_ms:.2f}ms"))
     finally:
         for proc, _ in running.values():

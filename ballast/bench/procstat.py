@@ -1,13 +1,14 @@
-"""CPU time of server processes, read from /proc (Linux): what the serving benchmarks divide by
-the requests served to report CPU per request."""
+"""CPU time of server processes and of the machine, read from /proc (Linux): what the serving
+benchmarks divide by the requests served to report CPU per request."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["cpu_ticks"]
+__all__ = ["cpu_ticks", "cpu_us_per_request", "machine_ticks"]
 
 
 def cpu_ticks(pids: Iterable[int | str]) -> int:
@@ -29,3 +30,14 @@ def cpu_ticks(pids: Iterable[int | str]) -> int:
         fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
         total += int(fields[11]) + int(fields[12])
     return total
+
+
+def cpu_us_per_request(ticks: int, requests: float) -> float:
+    """Microseconds of CPU per request, from clock ticks spent serving ``requests``."""
+    return ticks / os.sysconf("SC_CLK_TCK") / max(1, round(requests)) * 1e6
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(all CPU ticks, ticks stolen by the hypervisor) of the machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[7]  # user nice system idle iowait irq softirq steal

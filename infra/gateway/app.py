@@ -958,7 +958,7 @@ class Gateway:
         return JSONResponse({"ready": True, "model": live.model, "versions": versions})
 
     async def metrics_text(self, request: Request) -> Response:
-        self.metrics.flush()  # this replica's updates of the current loop iteration too
+        self.metrics.flush()  # this replica's pending updates too (written every metrics_flush_s)
         body = await self._in_thread(self._io, self.metrics.render)
         return Response(body, media_type=self.metrics.content_type)
 

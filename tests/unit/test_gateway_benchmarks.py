@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gateway_ab  # noqa: E402
 
+from ballast.bench.procstat import machine_ticks  # noqa: E402
+
 
 @pytest.mark.parametrize(
     ("mode", "weight"),
@@ -37,7 +39,7 @@ def test_ab_paired_change_compares_each_round_with_its_neighbour() -> None:
 
 
 def test_machine_ticks_reads_proc_stat() -> None:
-    total, stolen = gateway_ab._machine_ticks()
+    total, stolen = machine_ticks()
     assert total > 0 and 0 <= stolen <= total
 
 
