@@ -18,6 +18,7 @@ HTTP, where it is importable). A stack that cannot start is reported, not guesse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 notes.append(f"{name}: did not start (log {tmp}/{len(running)}.log)")
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it may have exited already
+                    os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.5)
     results: dict[str, list[tuple[float, float, str]]] = {n: [] for n in running}
