@@ -112,6 +112,9 @@ def test_replicas_converge_restart_into_the_right_state_and_share_metrics(
         sent += len(answers)
         assert {a.headers["X-Ballast-Version"] for a in answers} == {"2"}
 
+        # Counts are written every 20 ms (--metrics-flush-ms); a replica killed hard loses what
+        # it had not written yet, so the kill waits until every answer so far is counted.
+        wait_for(lambda: requests_total(gw.url) == sent, 2, f"/metrics counting {sent} requests")
         # Kill one replica hard: the supervisor restarts it and it comes back by itself.
         victim = board(client)[0]
         os.kill(victim["pid"], signal.SIGKILL)
@@ -129,7 +132,7 @@ def test_replicas_converge_restart_into_the_right_state_and_share_metrics(
         assert {a.headers["X-Ballast-Version"] for a in answers} == {"2"}
 
         # Metrics add up every replica, the killed one included (counters never go back).
-        # Each replica writes its counts every 20 ms (--metrics-flush-ms): wait that out once.
+        # The answers since the kill are written within 20 ms: wait that out once.
         wait_for(lambda: requests_total(gw.url) == sent, 2, f"/metrics counting {sent} requests")
         totals = {requests_total(gw.url) for _ in range(6)}
         assert totals == {float(sent)}, f"sent {sent}, /metrics said {totals}"
