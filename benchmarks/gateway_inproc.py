@@ -1,22 +1,35 @@
-"""The gateway's own CPU per request, one version against a 90/10 split, without HTTP.
+"""The gateway's own CPU per request for several configurations side by side, without HTTP.
 
-    .venv/bin/python benchmarks/gateway_inproc.py                 # 60 blocks of 0.25 s each
-    .venv/bin/python benchmarks/gateway_inproc.py --blocks 200 --clients 32
+    .venv/bin/python benchmarks/gateway_inproc.py                 # one version vs a 90/10 split
+    .venv/bin/python benchmarks/gateway_inproc.py --blocks 100 \\
+        "one: one" "split: split" "same session: split canary=same" "tiny: split canary=8" \\
+        "public run: split run=public"
 
 ``benchmarks/gateway_ab.py`` measures whole replicas over TCP, where the kernel's loopback work,
 the load generator and how the connections happen to spread over replicas move every round by
-+-10 % on a shared 2-core VM: a cost of a few percent drowns. This drives two gateway apps
-(one version; champion + canary at 10 %) in one process and one event loop (uvloop, as served)
-through the same ASGI entry point uvicorn calls, with ``--clients`` concurrent callers each
-sending the benchmark's batch-1 JSON body in a loop. Nothing but the app runs: no sockets, no
-HTTP parser (the same for both). Blocks alternate between the two apps, and each block's CPU
-time (this process, all threads) per request is compared with its neighbour's, so drift of the
-machine cancels. Metrics are on, in multiprocess mode, as in a replica of a multi-worker gateway.
++-10 % on a shared 2-core VM: a cost of a few percent drowns. This drives one gateway app per
+configuration in one process and one event loop (uvloop, as served) through the same ASGI
+entry point uvicorn calls, with ``--clients`` concurrent callers each sending the benchmark's
+batch-1 JSON body in a loop. Nothing but the app runs: no sockets, no HTTP parser (the same for
+all). Blocks alternate between the apps (in reverse order every other time), and each block's
+CPU time (this process, all threads) per request is compared with the first configuration's
+block next to it, so drift of the machine cancels. Metrics are on, in multiprocess mode, as in
+a replica of a multi-worker gateway.
 
-Reported: median app CPU microseconds per request of each, the split's median paired change
-with quartiles, and rows per model call. Add the HTTP and kernel share (``gateway_ab.py``
-reports the whole: about 80 us per request on this VM) to turn the difference into a share of
-a replica's cost.
+A configuration is ``"LABEL: one|split[=W] [canary=full|same|W1,W2] [run=direct|public]"``:
+
+* ``split`` routes W % (default 10) to a canary: ``full`` (default) is a model of the champion's
+  size with its own weights, as a real canary; ``same`` loads the champion's own session as the
+  canary (a diagnostic: a second version's batches and calls without a second set of weights);
+  ``8,8`` a canary of those hidden widths (its calls cost little).
+* ``run=public`` calls ONNX Runtime through ``InferenceSession.run`` instead of the session's
+  binding (see ``ballast/runtime.py``).
+
+Reported: median app CPU microseconds per request of each, the median paired change against the
+first with quartiles, rows per model call and the gateway's own moving average of a model
+call's CPU time (``Batcher.call_us``, measured in place, between requests). Add the HTTP and
+kernel share (``gateway_ab.py`` reports the whole: about 70-80 us per request on this VM) to
+turn a difference into a share of a replica's cost.
 """
 
 from __future__ import annotations
@@ -28,10 +41,50 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gateway_ab import _canary_weight  # the same modes as the HTTP benchmark
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str
+    weight: int | None  # None: one version
+    canary: str = "full"  # full | same | hidden widths "8,8"
+    run: str = "direct"  # direct | public
+
+
+def parse_config(text: str) -> Config:
+    """``"LABEL: one|split[=W] [canary=...] [run=...]"`` (see the module's docstring)."""
+    label, sep, rest = text.partition(":")
+    words = rest.split()
+    if not sep or not label.strip() or not words:
+        raise ValueError(f"want 'LABEL: one|split[=W] [options]', got {text!r}")
+    weight = _canary_weight(words[0])
+    if weight == -1:
+        raise ValueError(f"unknown mode {words[0]!r} in {text!r}: one or split[=W], W 0..100")
+    opts: dict[str, str] = {}
+    for word in words[1:]:
+        key, eq, value = word.partition("=")
+        if not eq or key not in ("canary", "run"):
+            raise ValueError(f"unknown option {word!r} in {text!r}: canary=..., run=...")
+        opts[key] = value
+    cfg = Config(label.strip(), weight, **opts)
+    if cfg.canary not in ("full", "same") and not all(
+        p.isdigit() and int(p) > 0 for p in cfg.canary.split(",")
+    ):
+        raise ValueError(f"canary= takes full, same or hidden widths like 8,8; got {cfg.canary!r}")
+    if cfg.run not in ("direct", "public"):
+        raise ValueError(f"run= takes direct or public, got {cfg.run!r}")
+    if weight is None and cfg.canary != "full":
+        raise ValueError(f"{text!r}: canary= needs split")
+    return cfg
 
 
 async def _drive(app: Any, body: bytes, clients: int, seconds: float) -> int:
@@ -80,86 +133,108 @@ async def _drive(app: Any, body: bytes, clients: int, seconds: float) -> int:
     return done
 
 
-async def _main(args: argparse.Namespace, work: Path) -> None:
+def _app(cfg: Config, config: Any, work: Path, champion: Path) -> tuple[Any, Any]:
+    """The gateway app for ``cfg`` and the deployment it serves."""
     from ballast.bench.onnx_mlp import build_mlp_onnx
-    from ballast.bench.serving import HIDDEN, predict_body
+    from ballast.bench.serving import HIDDEN
+    from ballast.runtime import OnnxRuntimePredictor
     from ballast.serving import Deployment
-    from infra.gateway.app import GatewayConfig, create_app
-    from infra.gateway.batcher import BatchPolicy
+    from infra.gateway.app import _default_loader, create_app
     from infra.gateway.testing import spec_for
 
+    sessions: dict[Path, Any] = {}
+
+    def loader(path: Path, backend: str, threads: int) -> Any:
+        key = champion if cfg.canary == "same" else path
+        if key not in sessions:
+            sessions[key] = _default_loader(key, backend, threads)
+            if cfg.run == "public" and isinstance(sessions[key], OnnxRuntimePredictor):
+                sessions[key]._direct = None
+        return sessions[key]
+
+    one = spec_for(champion, "1")
+    if cfg.weight is None:
+        return create_app(config, loader=loader), Deployment(model="m", champion=one)
+    if cfg.canary == "same":
+        canary = champion  # the loader hands out the champion's session
+    else:
+        widths = HIDDEN if cfg.canary == "full" else tuple(int(w) for w in cfg.canary.split(","))
+        canary = build_mlp_onnx(work / f"canary-{cfg.canary}.onnx", seed=1, hidden=widths)
+    dep = Deployment(
+        model="m", champion=one, canary=spec_for(canary, "2"), canary_weight=cfg.weight
+    )
+    return create_app(config, loader=loader), dep
+
+
+async def _main(args: argparse.Namespace, configs: list[Config], work: Path) -> None:
+    from ballast.bench.onnx_mlp import build_mlp_onnx
+    from ballast.bench.serving import HIDDEN, predict_body
+    from infra.gateway.app import GatewayConfig
+    from infra.gateway.batcher import BatchPolicy
+
     champion = build_mlp_onnx(work / "champion.onnx", seed=0, hidden=HIDDEN)
-    widths = tuple(int(w) for w in args.canary_hidden.split(",")) if args.canary_hidden else HIDDEN
-    canary = build_mlp_onnx(work / "canary.onnx", seed=1, hidden=widths)
     config = GatewayConfig(
         admin_token="bench",
         inference_threads=1,
         batch=BatchPolicy(inline_below_us=args.inline_below_us),
         metrics_flush_s=args.metrics_flush_ms / 1e3,
     )
-    one = Deployment(model="m", champion=spec_for(champion, "1"))
-    split = Deployment(
-        model="m",
-        champion=spec_for(champion, "1"),
-        canary=spec_for(canary, "2"),
-        canary_weight=10,
-    )
     body = predict_body()
-    apps = [("one version", create_app(config), one), ("90/10 split", create_app(config), split)]
-    cpu: dict[str, list[float]] = {label: [] for label, _, _ in apps}
-    first, second = apps[0][1], apps[1][1]
-    async with first.gateway.lifespan(first.router), second.gateway.lifespan(second.router):
+    apps = [(cfg, *_app(cfg, config, work, champion)) for cfg in configs]
+    cpu: dict[str, list[float]] = {cfg.label: [] for cfg in configs}
+    async with AsyncExitStack() as stack:
         for _, app, dep in apps:
+            await stack.enter_async_context(app.gateway.lifespan(app.router))
             await app.gateway.apply(dep)
             await _drive(app, body, args.clients, 1.0)  # warm-up: batchers move to the loop
         for block in range(args.blocks):
-            order = apps if block % 2 == 0 else apps[::-1]
-            for label, app, _ in order:
+            for cfg, app, _ in apps if block % 2 == 0 else apps[::-1]:
                 t = time.process_time()
                 n = await _drive(app, body, args.clients, args.seconds)
-                cpu[label].append((time.process_time() - t) / max(1, n) * 1e6)
-        rows = {label: _rows_per_call(app) for label, app, _ in apps}
-    base, other = (cpu[label] for label, _, _ in apps)
-    change = sorted(100 * (b / a - 1) for a, b in zip(base, other, strict=True))
-    q1, med, q3 = statistics.quantiles(change, n=4)
-    for label, _, _ in apps:
-        per_call = " ".join(f"v{v}:{n:.1f}" for v, n in sorted(rows[label].items()))
-        print(
-            f"{label:12s} {statistics.median(cpu[label]):7.1f} us CPU/request (app only)"
-            f"   rows/call {per_call}"
-        )
-    delta = statistics.median(b - a for a, b in zip(base, other, strict=True))
-    print(
-        f"split vs one: {med:+.1f} % [{q1:+.1f}, {q3:+.1f}] per paired block, "
-        f"{delta:+.2f} us per request ({args.blocks} blocks of {args.seconds:g} s each)"
-    )
+                cpu[cfg.label].append((time.process_time() - t) / max(1, n) * 1e6)
+        calls = {cfg.label: _calls(app) for cfg, app, _ in apps}
+    base = cpu[configs[0].label]
+    width = max(len(c.label) for c in configs)
+    for cfg in configs:
+        mine = cpu[cfg.label]
+        line = f"{cfg.label:{width}s} {statistics.median(mine):7.2f} us CPU/request (app only)"
+        if cfg is not configs[0]:
+            change = sorted(100 * (b / a - 1) for a, b in zip(base, mine, strict=True))
+            q1, med, q3 = statistics.quantiles(change, n=4)
+            delta = statistics.median(b - a for a, b in zip(base, mine, strict=True))
+            line += f"  {delta:+.2f} us = {med:+.1f} % [{q1:+.1f}, {q3:+.1f}]"
+        per_call = " ".join(f"v{v}:{r:.1f}" for v, (r, _) in sorted(calls[cfg.label].items()))
+        call_us = " ".join(f"v{v}:{u:.0f}" for v, (_, u) in sorted(calls[cfg.label].items()))
+        print(f"{line}   rows/call {per_call}   call us {call_us}")
+    print(f"({args.blocks} blocks of {args.seconds:g} s each; changes against {configs[0].label})")
 
 
-def _rows_per_call(app: Any) -> dict[str, float]:
-    """Mean rows per model call by version, from the app's own batchers."""
-    live = app.gateway.live
-    out: dict[str, float] = {}
-    for slot in live.slots:
-        batcher = slot.loaded.batcher
-        if batcher is not None and batcher.batches:
-            out[slot.loaded.version] = batcher.rows_total / batcher.batches
+def _calls(app: Any) -> dict[str, tuple[float, float]]:
+    """Per version: mean rows per model call, and the batcher's moving average of a call's CPU
+    microseconds, from the app's own batchers."""
+    out: dict[str, tuple[float, float]] = {}
+    for slot in app.gateway.live.slots:
+        b = slot.loaded.batcher
+        if b is not None and b.batches:
+            out[slot.loaded.version] = (b.rows_total / b.batches, b.call_us)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("configs", nargs="*", default=["one version: one", "90/10 split: split"])
     p.add_argument("--blocks", type=int, default=60, help="alternations (60)")
     p.add_argument("--seconds", type=float, default=0.25, help="length of one block (0.25)")
     p.add_argument("--clients", type=int, default=16, help="concurrent callers per app (16)")
     p.add_argument("--inline-below-us", type=float, default=250.0)
     p.add_argument("--metrics-flush-ms", type=float, default=20.0)
-    p.add_argument(
-        "--canary-hidden",
-        default="",
-        help="the canary's hidden widths, e.g. 8 (default: the champion's): a tiny canary "
-        "shows how much of the split's cost is its weights pushing the champion's out of cache",
-    )
     args = p.parse_args(argv)
+    try:
+        configs = [parse_config(c) for c in args.configs]
+    except ValueError as exc:
+        p.error(str(exc))
+    if len(configs) < 2 or len({c.label for c in configs}) != len(configs):
+        p.error("give at least two configurations with different labels")
     import uvloop
 
     with tempfile.TemporaryDirectory(prefix="ballast-inproc-") as tmp:
@@ -168,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.mkdir()
         # As in a replica of a multi-worker gateway (set before any metrics object exists).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-        uvloop.run(_main(args, work))
+        uvloop.run(_main(args, configs, work))
     return 0
 
 

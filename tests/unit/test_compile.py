@@ -41,7 +41,7 @@ from ballast.compile.tensorrt import (
 )
 from ballast.errors import CompileError, ParityError
 from ballast.hashing import sha256_file
-from ballast.runtime import load_predictor
+from ballast.runtime import OnnxRuntimePredictor, load_predictor
 
 N_FEATURES = 30
 
@@ -161,6 +161,30 @@ def test_ort_artifact_matches_eager_at_any_batch_size(
         want = eager_logits(model, rows[:n])
         assert got.shape == (n, 2) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"batch {n}")
+
+
+def test_ort_predictor_calls_the_binding_directly_with_the_public_calls_answers(
+    ort_artifact: Path, rows: np.ndarray
+) -> None:
+    predictor = load_predictor(ort_artifact, "onnxruntime")
+    assert isinstance(predictor, OnnxRuntimePredictor)
+    assert predictor._direct is not None, "onnxruntime renamed its binding: the fast path is off"
+    public = predictor._session
+    for n in (1, 2, 16, 120):
+        want = public.run(None, {"input": rows[:n]})[0]
+        np.testing.assert_array_equal(predictor.predict(rows[:n]), want, err_msg=f"batch {n}")
+    # What the public call would convert, the predictor converts first.
+    strided = np.asfortranarray(rows[:7].astype(np.float64))
+    want = public.run(None, {"input": np.ascontiguousarray(rows[:7])})[0]
+    np.testing.assert_allclose(predictor.predict(strided), want, rtol=1e-6)
+    # A wrong width is the runtime's error, as through the public call.
+    with pytest.raises(Exception, match=r"(?i)invalid dimensions"):
+        predictor.predict(np.zeros((2, N_FEATURES + 1), dtype=np.float32))
+    # Without the binding (a release that renamed it) the public call answers the same.
+    predictor._direct = None
+    np.testing.assert_array_equal(
+        predictor.predict(rows[:3]), public.run(None, {"input": rows[:3]})[0]
+    )
 
 
 def test_ort_backend_reports_a_graph_it_cannot_load_as_compile_error(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gateway_ab  # noqa: E402
+import gateway_inproc  # noqa: E402
 
 from ballast.bench.procstat import machine_ticks  # noqa: E402
 
@@ -43,7 +44,44 @@ def test_machine_ticks_reads_proc_stat() -> None:
     assert total > 0 and 0 <= stolen <= total
 
 
-def test_inproc_benchmark_runs_both_apps_and_reports_the_split() -> None:
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("one version: one", gateway_inproc.Config("one version", None)),
+        ("s: split", gateway_inproc.Config("s", 10)),
+        ("s: split=0 canary=same", gateway_inproc.Config("s", 0, canary="same")),
+        (
+            "tiny: split=25 canary=8,8 run=public",
+            gateway_inproc.Config("tiny", 25, "8,8", "public"),
+        ),
+        ("p: one run=public", gateway_inproc.Config("p", None, run="public")),
+    ],
+)
+def test_inproc_configurations(text: str, want: gateway_inproc.Config) -> None:
+    assert gateway_inproc.parse_config(text) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("no label", "want 'LABEL"),
+        (": one", "want 'LABEL"),
+        ("x:", "want 'LABEL"),
+        ("x: two", "unknown mode"),
+        ("x: split=101", "unknown mode"),
+        ("x: split canary=huge", "canary= takes"),
+        ("x: split canary=8,0", "canary= takes"),
+        ("x: split run=fast", "run= takes"),
+        ("x: split color=red", "unknown option"),
+        ("x: one canary=same", "needs split"),
+    ],
+)
+def test_inproc_configurations_refused(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        gateway_inproc.parse_config(text)
+
+
+def test_inproc_benchmark_runs_its_configurations_and_reports_the_changes() -> None:
     out = subprocess.run(
         [
             sys.executable,
@@ -54,6 +92,9 @@ def test_inproc_benchmark_runs_both_apps_and_reports_the_split() -> None:
             "0.05",
             "--clients",
             "8",
+            "one version: one",
+            "90/10 split: split",
+            "same: split=50 canary=same run=public",
         ],
         capture_output=True,
         text=True,
@@ -61,11 +102,19 @@ def test_inproc_benchmark_runs_both_apps_and_reports_the_split() -> None:
         check=True,
         cwd=ROOT,
     ).stdout
-    one = re.search(r"one version\s+([\d.]+) us CPU/request .* rows/call v1:([\d.]+)\n", out)
-    split = re.search(r"90/10 split\s+([\d.]+) us .* rows/call v1:([\d.]+) v2:([\d.]+)\n", out)
-    assert one and split, out
+    one = re.search(
+        r"one version\s+([\d.]+) us CPU/request \(app only\)   rows/call v1:([\d.]+)", out
+    )
+    split = re.search(
+        r"90/10 split\s+([\d.]+) us CPU/request \(app only\)  [+-][\d.]+ us = [+-][\d.]+ % \["
+        r".* rows/call v1:([\d.]+) v2:([\d.]+)   call us v1:(\d+) v2:(\d+)\n",
+        out,
+    )
+    same = re.search(r"same\s+([\d.]+) us .* rows/call v1:([\d.]+) v2:([\d.]+)", out)
+    assert one and split and same, out
     assert float(one[1]) > 0 and float(split[1]) > 0
     # Eight callers at once batch together on the loop: more than one row per model call.
     assert 1 < float(one[2]) <= 8
     assert float(split[3]) >= 1  # the canary got traffic and its own model calls
-    assert re.search(r"split vs one: [+-][\d.]+ % \[", out), out
+    assert 0 < int(split[4]) < 250 and 0 < int(split[5]) < 250  # timed, and on the loop
+    assert float(same[3]) >= 1  # the champion's session answers as the canary too
