@@ -16,12 +16,14 @@ CPU time (this process, all threads) per request is compared with the first conf
 block next to it, so drift of the machine cancels. Metrics are on, in multiprocess mode, as in
 a replica of a multi-worker gateway.
 
-A configuration is ``"LABEL: one|split[=W] [canary=full|same|W1,W2] [run=direct|public]"``:
+A configuration is ``"LABEL: one|split[=W] [canary=full|same|noop|W1,W2] [run=direct|public]"``:
 
 * ``split`` routes W % (default 10) to a canary: ``full`` (default) is a model of the champion's
   size with its own weights, as a real canary; ``same`` loads the champion's own session as the
   canary (a diagnostic: a second version's batches and calls without a second set of weights);
-  ``8,8`` a canary of those hidden widths (its calls cost little).
+  ``8,8`` a canary of those hidden widths (its calls cost little); ``noop`` a canary whose
+  model call returns zeros at once (a diagnostic: what the canary's batches cost without any
+  model call).
 * ``run=public`` calls ONNX Runtime through ``InferenceSession.run`` instead of the session's
   binding (see ``ballast/runtime.py``).
 
@@ -56,7 +58,7 @@ from gateway_ab import _canary_weight  # the same modes as the HTTP benchmark
 class Config:
     label: str
     weight: int | None  # None: one version
-    canary: str = "full"  # full | same | hidden widths "8,8"
+    canary: str = "full"  # full | same | noop | hidden widths "8,8"
     run: str = "direct"  # direct | public
 
 
@@ -76,10 +78,12 @@ def parse_config(text: str) -> Config:
             raise ValueError(f"unknown option {word!r} in {text!r}: canary=..., run=...")
         opts[key] = value
     cfg = Config(label.strip(), weight, **opts)
-    if cfg.canary not in ("full", "same") and not all(
+    if cfg.canary not in ("full", "same", "noop") and not all(
         p.isdigit() and int(p) > 0 for p in cfg.canary.split(",")
     ):
-        raise ValueError(f"canary= takes full, same or hidden widths like 8,8; got {cfg.canary!r}")
+        raise ValueError(
+            f"canary= takes full, same, noop or hidden widths like 8,8; got {cfg.canary!r}"
+        )
     if cfg.run not in ("direct", "public"):
         raise ValueError(f"run= takes direct or public, got {cfg.run!r}")
     if weight is None and cfg.canary != "full":
@@ -133,6 +137,18 @@ async def _drive(app: Any, body: bytes, clients: int, seconds: float) -> int:
     return done
 
 
+class _Noop:
+    """A model whose call costs nothing (canary=noop): logits of zeros for two classes."""
+
+    backend = "onnxruntime"
+    n_features = 30
+
+    def predict(self, x: Any) -> Any:
+        import numpy as np
+
+        return np.zeros((x.shape[0], 2), dtype=np.float32)
+
+
 def _app(cfg: Config, config: Any, work: Path, champion: Path) -> tuple[Any, Any]:
     """The gateway app for ``cfg`` and the deployment it serves."""
     from ballast.bench.onnx_mlp import build_mlp_onnx
@@ -145,6 +161,8 @@ def _app(cfg: Config, config: Any, work: Path, champion: Path) -> tuple[Any, Any
     sessions: dict[Path, Any] = {}
 
     def loader(path: Path, backend: str, threads: int) -> Any:
+        if cfg.canary == "noop" and path != champion:
+            return _Noop()
         key = champion if cfg.canary == "same" else path
         if key not in sessions:
             sessions[key] = _default_loader(key, backend, threads)
@@ -157,6 +175,9 @@ def _app(cfg: Config, config: Any, work: Path, champion: Path) -> tuple[Any, Any
         return create_app(config, loader=loader), Deployment(model="m", champion=one)
     if cfg.canary == "same":
         canary = champion  # the loader hands out the champion's session
+    elif cfg.canary == "noop":
+        canary = work / "noop.onnx"  # never opened: the loader hands out _Noop
+        canary.write_bytes(b"noop")
     else:
         widths = HIDDEN if cfg.canary == "full" else tuple(int(w) for w in cfg.canary.split(","))
         canary = build_mlp_onnx(work / f"canary-{cfg.canary}.onnx", seed=1, hidden=widths)

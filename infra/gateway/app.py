@@ -830,6 +830,7 @@ class Gateway:
         versions: dict[str, Any] = {}
         for slot in () if live is None else live.all_slots:
             v = slot.loaded
+            b = v.batcher
             versions[v.version] = {
                 "role": slot.role,
                 "fault": slot.spec.fault,
@@ -839,8 +840,14 @@ class Gateway:
                 "inflight": v.inflight,
                 "window": len(v.latencies),
                 "latency_ms": v.latency_ms(),
-                "batches": 0 if v.batcher is None else v.batcher.batches,
-                "queued_rows": 0 if v.batcher is None else v.batcher.queued_rows,
+                "batches": 0 if b is None else b.batches,
+                "queued_rows": 0 if b is None else b.queued_rows,
+                # Where its batches run now, and the moving average of a model call's CPU
+                # time that decides it (None until a call has been timed).
+                "batching": None if b is None else ("loop" if b.on_loop() else "threads"),
+                "model_call_us": None
+                if b is None or b.call_us == float("inf")
+                else round(b.call_us, 1),
                 "loaded_at": datetime.fromtimestamp(v.loaded_at, UTC).isoformat(),
             }
         return JSONResponse(

@@ -88,6 +88,9 @@ def test_gateway_process_serves_champion_and_canary(
 
         stats = client.stats()
         assert stats["versions"]["1"]["requests"] > 100
+        # Single-row calls of this small model are quick: timed, and batched on the event loop.
+        timed = stats["versions"]["1"]["model_call_us"]
+        assert 0 < timed < 250 and stats["versions"]["1"]["batching"] == "loop"
         metrics = httpx.get(f"{settings.gateway_url}/metrics", trust_env=False).text
         assert 'ballast_deployment_info{model="m",role="canary",version="2"} 1.0' in metrics
 

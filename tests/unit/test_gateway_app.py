@@ -46,6 +46,7 @@ from infra.gateway.auth import (
     token_sha256,
     write_tokens_file,
 )
+from infra.gateway.batcher import BatchPolicy
 from infra.gateway.desired import DesiredStateError, FileDesiredState, ReplicaBoard
 from infra.gateway.registry_source import (
     TAG_CANARY_WEIGHT,
@@ -393,6 +394,23 @@ def test_loaded_versions_are_reused_and_faults_change_without_reload(
     assert sorted(rec.loads) == ["a.onnx", "b.onnx"]
     stats = gw.get("/admin/stats", headers=AUTH).json()
     assert stats["versions"]["2"]["fault"] == "latency"
+
+
+@pytest.mark.parametrize(("inline_below_us", "where"), [(0.0, "threads"), (1e9, "loop")])
+def test_stats_say_where_a_versions_batches_run_and_how_long_its_calls_take(
+    artefacts: dict[str, Path], inline_below_us: float, where: str
+) -> None:
+    client, _ = make_client(batch=BatchPolicy(inline_below_us=inline_below_us))
+    with client as gw:
+        deploy(gw, champion_only(artefacts))
+        before = gw.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
+        # Not timed yet: a version's first batches run in threads, where their calls are timed.
+        assert (before["batching"], before["model_call_us"]) == ("threads", None)
+        for _ in range(3):
+            assert gw.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+        after = gw.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
+        assert after["batching"] == where
+        assert after["model_call_us"] > 0
 
 
 def test_retired_version_is_unloaded_only_after_its_in_flight_request(

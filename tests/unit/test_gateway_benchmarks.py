@@ -55,6 +55,7 @@ def test_machine_ticks_reads_proc_stat() -> None:
             gateway_inproc.Config("tiny", 25, "8,8", "public"),
         ),
         ("p: one run=public", gateway_inproc.Config("p", None, run="public")),
+        ("n: split canary=noop", gateway_inproc.Config("n", 10, canary="noop")),
     ],
 )
 def test_inproc_configurations(text: str, want: gateway_inproc.Config) -> None:
@@ -95,6 +96,7 @@ def test_inproc_benchmark_runs_its_configurations_and_reports_the_changes() -> N
             "one version: one",
             "90/10 split: split",
             "same: split=50 canary=same run=public",
+            "noop: split=50 canary=noop",
         ],
         capture_output=True,
         text=True,
@@ -118,3 +120,5 @@ def test_inproc_benchmark_runs_its_configurations_and_reports_the_changes() -> N
     assert float(split[3]) >= 1  # the canary got traffic and its own model calls
     assert 0 < int(split[4]) < 250 and 0 < int(split[5]) < 250  # timed, and on the loop
     assert float(same[3]) >= 1  # the champion's session answers as the canary too
+    noop = re.search(r"noop\s+([\d.]+) us .* rows/call v1:[\d.]+ v2:([\d.]+)", out)
+    assert noop and float(noop[2]) >= 1, out
