@@ -4,8 +4,10 @@
     .venv/bin/python benchmarks/gateway_ab.py --rounds 8 \\
         "loop: one" "threads: one --inline-below-us 0"             # any gateway arguments
 
-Each configuration is ``"LABEL: one|split[=W] [gateway args...]"`` (``split`` is a 90/10
-canary split; ``split=W`` gives the canary W percent, 0 keeps it loaded but idle) and runs as its own gateway
+Each configuration is ``"LABEL: one|split[=W] [canary=W1,W2] [gateway args...]"`` (``split`` is a 90/10
+canary split; ``split=W`` gives the canary W percent, 0 keeps it loaded but idle; the canary is a
+copy of the champion, or with ``canary=8`` a model of those hidden widths, whose weights take
+almost no cache) and runs as its own gateway
 (``--workers`` replicas, the 30->256->256->2 MLP of ``ballast bench serving``), all started
 before the first round. Rounds alternate between them (wrk, one thread, ``--concurrency`` 64, ``--seconds``
 each), so slow drift of a shared machine hits every configuration alike; a single run minutes
@@ -22,12 +24,16 @@ machine's steal time; and, from ``/metrics``, the mean rows per model call of ea
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,10 +45,58 @@ from ballast.bench.serving import HIDDEN, _deploy, _gateway, _lua, _wrk, predict
 
 def _tree_cpu_ticks(port: int) -> int:
     """Clock ticks of the gateway serving ``port`` (supervisor and replicas)."""
+    return cpu_ticks(_tree_pids(port))
+
+
+PERF_HZ = 1999  # samples per second of CPU time (--perf)
+
+
+def _tree_pids(port: int) -> list[str]:
+    """The supervisor serving ``port`` and its replicas (replicas do not carry --port)."""
     out = subprocess.run(
         ["pgrep", "-f", f"infra.gateway.*--port {port}( |$)"], capture_output=True, text=True
     )
-    return cpu_ticks(out.stdout.split())
+    pids = out.stdout.split()
+    for pid in list(pids):
+        kids = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True)
+        pids += kids.stdout.split()
+    return pids
+
+
+@contextmanager
+def _perf(port: int, out: Path | None) -> Iterator[None]:
+    """Sample the gateway's processes on the CPU clock into ``out`` (None: do nothing)."""
+    if out is None:
+        yield
+        return
+    cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-o", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "-p", ",".join(_tree_pids(port))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)  # attached before the load starts
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def _perf_by_dso(files: list[Path]) -> Counter[str]:
+    """Samples per shared object (the kernel, libpython, onnxruntime...) over ``files``."""
+    total: Counter[str] = Counter()
+    for f in files:
+        out = subprocess.run(
+            ["perf", "report", "-i", str(f), "--stdio", "-q", "--sort", "dso", "-F", "sample,dso"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for line in out.splitlines():
+            count, _, dso = line.strip().partition(" ")
+            if count.isdigit():
+                total[dso.strip()] += int(count)
+    return total
 
 
 def _paired(values: list[float], base: list[float]) -> str:
@@ -58,12 +112,17 @@ def _paired(values: list[float], base: list[float]) -> str:
 Run = tuple[str, str, int, list[float], list[float]]  # label, url, port, req/s, CPU us/req
 
 
-def _round(runs: list[Run], script: Path, seconds: int, concurrency: int) -> float:
+def _round(
+    runs: list[Run], script: Path, seconds: int, concurrency: int, perf: list[Path | None]
+) -> float:
     """Load ``runs`` at once (a wrk each; one run: alone) and record each one's req/s and CPU
-    per request. Returns the machine's steal time over the round, in percent."""
+    per request (``perf``: where to record each one's CPU samples, if anywhere). Returns the
+    machine's steal time over the round, in percent."""
     ports = [port for _, _, port, _, _ in runs]
     before, machine = [_tree_cpu_ticks(port) for port in ports], machine_ticks()
-    with ThreadPoolExecutor(len(runs)) as pool:
+    with ExitStack() as sampling, ThreadPoolExecutor(len(runs)) as pool:
+        for port, out in zip(ports, perf, strict=True):
+            sampling.enter_context(_perf(port, out))
         futures = [
             pool.submit(_wrk, f"{url}/v1/models/m/predict", script, concurrency, seconds, label)
             for label, url, _, _, _ in runs
@@ -89,6 +148,23 @@ def _canary_weight(mode: str) -> int | None:
     if name == "split" and value.isdigit() and int(value) <= 100:
         return int(value)
     return -1
+
+
+def _canary_widths(extra: list[str], default: str) -> tuple[int, ...] | None:
+    """The canary's hidden widths from a configuration's ``canary=W1,W2`` (removed from
+    ``extra``, the gateway's arguments) or ``--canary-hidden``; None: a copy of the champion;
+    () if unreadable."""
+    text = default
+    if extra and extra[0].startswith("canary="):
+        text = extra.pop(0).partition("=")[2]
+        if not text:
+            return ()
+    if not text:
+        return None
+    parts = text.split(",")
+    if not all(w.isdigit() and int(w) > 0 for w in parts):
+        return ()
+    return tuple(int(w) for w in parts)
 
 
 def _rows_per_call(url: str) -> dict[str, float]:
@@ -121,8 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--canary-hidden",
         default="",
-        help="the canary's hidden widths, e.g. 8 (default: a copy of the champion): a tiny "
-        "canary shows how much of a split's cost is its weights in the cache",
+        help="the canary's hidden widths, e.g. 8, for configurations without canary= "
+        "(default: a copy of the champion): a tiny canary shows how much of a split's cost is "
+        "its weights in the cache",
+    )
+    p.add_argument(
+        "--perf",
+        action="store_true",
+        help="also sample each configuration's processes with `perf record -e cpu-clock` "
+        "(Linux perf) and report its CPU per request by shared object",
     )
     p.add_argument(
         "--together",
@@ -134,17 +217,25 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model = build_mlp_onnx(work / "model.onnx", seed=0, hidden=HIDDEN)
         script = _lua(work / "predict.lua", predict_body())
-        canary = None
-        if args.canary_hidden:
-            widths = tuple(int(w) for w in args.canary_hidden.split(","))
-            canary = build_mlp_onnx(work / "tiny.onnx", seed=1, hidden=widths)
+        canaries: dict[tuple[int, ...], Path] = {}
         runs: list[Run] = []
         for i, spec in enumerate(args.configs):
             label, _, rest = spec.partition(":")
-            mode, *extra = rest.split()
+            mode, *extra = rest.split() or [""]
             weight = _canary_weight(mode)
             if weight == -1:
                 p.error(f"{spec!r}: say 'one', 'split' or 'split=W' (0-100) after the label")
+            if weight is None and extra and extra[0].startswith("canary="):
+                p.error(f"{spec!r}: canary= needs split")
+            widths = _canary_widths(extra, args.canary_hidden)
+            if widths == ():
+                p.error(f"{spec!r}: canary= takes hidden widths such as 8 or 8,8")
+            canary = None
+            if widths is not None and weight is not None:
+                if widths not in canaries:
+                    name = "canary-" + "-".join(map(str, widths)) + ".onnx"
+                    canaries[widths] = build_mlp_onnx(work / name, seed=1, hidden=widths)
+                canary = canaries[widths]
             folder = work / f"c{i}"
             folder.mkdir()
             url, token = stack.enter_context(_gateway(folder, args.workers, extra))
@@ -153,14 +244,29 @@ def main(argv: list[str] | None = None) -> int:
         for _, url, _, _, _ in runs:  # warm-up
             _wrk(f"{url}/v1/models/m/predict", script, 16, 2, "warm-up")
         steal: list[float] = []
+        samples: dict[str, list[Path]] = {label: [] for label, *_ in runs}
+
+        def perf_files(chosen: list[Run], r: int) -> list[Path | None]:
+            if not args.perf:
+                return [None] * len(chosen)
+            files = [work / f"perf-{runs.index(run)}-{r}.data" for run in chosen]
+            for run, f in zip(chosen, files, strict=True):
+                samples[run[0]].append(f)
+            return list(files)
+
         for r in range(args.rounds):
             if args.together:  # every configuration at the same instants
-                steal.append(_round(runs, script, args.seconds, args.concurrency))
+                chosen = runs
+                steal.append(
+                    _round(chosen, script, args.seconds, args.concurrency, perf_files(chosen, r))
+                )
                 continue
             # One after another; every other round in reverse order, so none always goes first.
             for run in runs if r % 2 == 0 else runs[::-1]:
-                steal.append(_round([run], script, args.seconds, args.concurrency))
+                files = perf_files([run], r)
+                steal.append(_round([run], script, args.seconds, args.concurrency, files))
         batching = [_rows_per_call(url) for _, url, _, _, _ in runs]
+        by_dso = {label: _perf_by_dso(files) for label, files in samples.items()}
     base_rps, base_cpu = runs[0][3], runs[0][4]
     print(
         f"{'configuration':24s} {'req/s':>8s} {'CPU us/req':>11s} {'req/s vs first':>15s}"
@@ -180,7 +286,29 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"steal time: median {statistics.median(steal):.1f} % of the machine, max {max(steal):.1f} %"
     )
+    if args.perf:
+        _print_perf(runs, by_dso, args.seconds)
     return 0
+
+
+def _print_perf(runs: list[Run], by_dso: dict[str, Counter[str]], seconds: int) -> None:
+    """CPU microseconds per request by shared object, from the perf samples of every round."""
+    us: dict[str, dict[str, float]] = {}
+    for label, _, _, rps, _ in runs:
+        requests = sum(rps) * seconds
+        us[label] = {d: n / PERF_HZ * 1e6 / requests for d, n in by_dso[label].items()}
+    base = runs[0][0]
+    dsos = sorted(set().union(*us.values()), key=lambda d: -us[base].get(d, 0.0))
+    print("CPU us per request by shared object (perf samples), change against the first:")
+    print(f"{'':44s}" + "".join(f"{label[:20]:>22s}" for label, *_ in runs))
+    for dso in [*dsos[:12], "all"]:
+        cells = []
+        for label, *_ in runs:
+            v = sum(us[label].values()) if dso == "all" else us[label].get(dso, 0.0)
+            b = sum(us[base].values()) if dso == "all" else us[base].get(dso, 0.0)
+            change = f" ({100 * (v / b - 1):+.0f}%)" if label != base and b else ""
+            cells.append(f"{v:.2f}{change}".rjust(22))
+        print(f"{dso[-44:]:44s}" + "".join(cells))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,27 @@ def test_ab_configuration_modes_refused(mode: str) -> None:
     assert gateway_ab._canary_weight(mode) == -1
 
 
+@pytest.mark.parametrize(
+    ("extra", "default", "widths", "left"),
+    [
+        ([], "", None, []),
+        (["--workers", "2"], "", None, ["--workers", "2"]),
+        (["canary=8"], "", (8,), []),
+        (["canary=8,4", "--metrics-flush-ms", "0"], "", (8, 4), ["--metrics-flush-ms", "0"]),
+        ([], "16", (16,), []),
+        (["canary=8"], "16", (8,), []),  # the configuration's own wins
+        (["canary="], "", (), []),
+        (["canary=8,x"], "", (), []),
+        (["canary=0"], "", (), []),
+    ],
+)
+def test_ab_canary_widths(
+    extra: list[str], default: str, widths: tuple[int, ...] | None, left: list[str]
+) -> None:
+    assert gateway_ab._canary_widths(extra, default) == widths
+    assert extra == left  # what stays goes to the gateway
+
+
 def test_ab_paired_change_compares_each_round_with_its_neighbour() -> None:
     base = [100.0, 200.0, 100.0, 200.0, 100.0]
     # 10 % slower in every round, although the rounds themselves swing by 2x.
