@@ -37,10 +37,10 @@ class OnnxRuntimePredictor:
         self.n_features: int | None = shape[1] if isinstance(shape[1], int) else None
         # The session's compiled binding, called directly. ``InferenceSession.run`` first checks
         # the feed in Python (its names, graph capture, OrtValue ownership, then a GPU provider
-        # fallback), about 2.5 us per call on the benchmark VM, a third of a 2-row call of the
-        # benchmark's MLP: here the feed is always one float32 array under the model's only
-        # input name on the CPU provider, so none of it applies. Measured by
-        # benchmarks/ort_call.py. Falls back to the public call if a release renames it.
+        # fallback): about 1 us per call on the benchmark VM (benchmarks/ort_call.py), a ninth
+        # of a 2-row call of the benchmark's MLP. Here the feed is always one float32 array
+        # under the model's only input name on the CPU provider, so none of it applies. Falls
+        # back to the public call if a release renames the binding.
         run = getattr(getattr(self._session, "_sess", None), "run", None)
         self._direct: Callable[..., list[np.ndarray]] | None = run if callable(run) else None
 

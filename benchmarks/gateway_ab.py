@@ -24,6 +24,7 @@ machine's steal time; and, from ``/metrics``, the mean rows per model call of ea
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import statistics
 import subprocess
@@ -81,6 +82,8 @@ def _perf(port: int, out: Path | None) -> Iterator[None]:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+    if not out.is_file():  # e.g. kernel.perf_event_paranoid forbids it for this user
+        raise SystemExit(f"perf record wrote nothing (exit status {proc.returncode})")
 
 
 def _perf_by_dso(files: list[Path]) -> Counter[str]:
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         help="load every configuration at once in each round instead of one after another",
     )
     args = p.parse_args(argv)
+    if args.perf and shutil.which("perf") is None:
+        p.error("--perf needs Linux perf on PATH (Debian: apt install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="ballast-ab-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         model = build_mlp_onnx(work / "model.onnx", seed=0, hidden=HIDDEN)

@@ -141,7 +141,11 @@ class _Noop:
     """A model whose call costs nothing (canary=noop): logits of zeros for two classes."""
 
     backend = "onnxruntime"
-    n_features = 30
+
+    def __init__(self) -> None:
+        from ballast.bench.serving import N_FEATURES
+
+        self.n_features = N_FEATURES
 
     def predict(self, x: Any) -> Any:
         import numpy as np
