@@ -40,28 +40,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ballast.bench.onnx_mlp import build_mlp_onnx
-from ballast.bench.procstat import cpu_ticks, cpu_us_per_request, machine_ticks
+from ballast.bench.procstat import cpu_ticks, cpu_us_per_request, machine_ticks, with_children
 from ballast.bench.serving import HIDDEN, _deploy, _gateway, _lua, _wrk, predict_body
-
-
-def _tree_cpu_ticks(port: int) -> int:
-    """Clock ticks of the gateway serving ``port`` (supervisor and replicas)."""
-    return cpu_ticks(_tree_pids(port))
-
 
 PERF_HZ = 1999  # samples per second of CPU time (--perf)
 
 
-def _tree_pids(port: int) -> list[str]:
-    """The supervisor serving ``port`` and its replicas (replicas do not carry --port)."""
+def _supervisor(port: int) -> list[str]:
+    """The gateway process serving ``port`` (its replicas do not carry --port)."""
     out = subprocess.run(
         ["pgrep", "-f", f"infra.gateway.*--port {port}( |$)"], capture_output=True, text=True
     )
-    pids = out.stdout.split()
-    for pid in list(pids):
-        kids = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True)
-        pids += kids.stdout.split()
-    return pids
+    return out.stdout.split()
+
+
+def _tree_cpu_ticks(port: int) -> int:
+    """Clock ticks of the gateway serving ``port`` (supervisor and replicas)."""
+    return cpu_ticks(_supervisor(port))
 
 
 @contextmanager
@@ -72,7 +67,7 @@ def _perf(port: int, out: Path | None) -> Iterator[None]:
         return
     cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-o", str(out)]
     proc = subprocess.Popen(
-        [*cmd, "-p", ",".join(_tree_pids(port))],
+        [*cmd, "-p", ",".join(sorted(with_children(_supervisor(port))))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -8,7 +8,17 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["cpu_ticks", "cpu_us_per_request", "machine_ticks"]
+__all__ = ["cpu_ticks", "cpu_us_per_request", "machine_ticks", "with_children"]
+
+
+def with_children(pids: Iterable[int | str]) -> set[str]:
+    """``pids`` and their direct children (a supervisor's replicas, a server's workers)."""
+    roots = [str(p) for p in pids]
+    every = set(roots)
+    for pid in roots:
+        out = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True, check=False)
+        every.update(out.stdout.split())
+    return every
 
 
 def cpu_ticks(pids: Iterable[int | str]) -> int:
@@ -16,13 +26,8 @@ def cpu_ticks(pids: Iterable[int | str]) -> int:
 
     A process that has exited counts as nothing; divide by ``os.sysconf("SC_CLK_TCK")``.
     """
-    roots = [str(p) for p in pids]
-    every = set(roots)
-    for pid in roots:
-        out = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True, check=False)
-        every.update(out.stdout.split())
     total = 0
-    for pid in every:
+    for pid in with_children(pids):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except FileNotFoundError:
