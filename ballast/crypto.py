@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ballast.errors import DecryptionError
+from ballast.errors import ConfigError, DecryptionError
 from ballast.keys import DEK_SIZE, KeyProvider, KmsKeyProvider, LocalKeyring, provider_from_settings
 from ballast.storage import atomic_write
 
@@ -151,6 +151,8 @@ def _read_exact(src: BinaryIO, n: int) -> bytes:
     got = 0
     while got < n:
         chunk = src.read(n - got)
+        if chunk is None:  # "no data yet", not EOF: taking it for EOF would seal a short object
+            raise BlockingIOError("non-blocking source has no data")
         if not chunk:
             break
         parts.append(chunk)
@@ -170,6 +172,8 @@ def _readinto_exact(src: BinaryIO, view: memoryview) -> int:
                 raise BlockingIOError("non-blocking source has no data")
         else:
             chunk = src.read(total - got)
+            if chunk is None:
+                raise BlockingIOError("non-blocking source has no data")
             n = len(chunk)
             view[got : got + n] = chunk
         if not n:
@@ -616,13 +620,23 @@ def rewrap_header(path: Path, provider: KeyProvider, new_key_id: str | None = No
     Only the header changes; payload bytes are copied verbatim, never decrypted. The new file
     replaces the old atomically, so a crash leaves either the old or the new object. A no-op if
     the object is already wrapped under the target key.
+
+    A symlink is followed: the object it points to is re-wrapped and the link stays. A file
+    with several hard links is refused: replacing one name would leave the others under the
+    old key, unreadable once that key is retired.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     with open(path, "rb") as fin:
         header = read_header(fin)
         target = new_key_id or provider.current_key_id()
         if target == header.key_id:
             return
+        links = os.fstat(fin.fileno()).st_nlink
+        if links > 1:
+            raise ConfigError(
+                f"{path} has {links} hard links; re-wrapping would leave the other names under "
+                "the old key: re-wrap a copy that has one name"
+            )
         context = _identity_bytes(header.identity)
         dek = provider.unwrap_key(header.key_id, header.wrapped_key, context)
         new_header = header.with_key(target, provider.wrap_key(target, dek, context))

@@ -42,7 +42,12 @@ def dataset_name_from_uri(uri: str) -> str:
     ``breast-cancer``, the convention ``ballast data prepare`` writes. Raises ConfigError when
     the name is not a plain dataset name (pass it explicitly then).
     """
-    path = urlparse(uri).path if "://" in uri else uri
+    if uri.startswith("s3://"):
+        path = uri[5:]  # verbatim: '#' and '?' belong to an S3 key (see parse_s3_uri)
+    elif "://" in uri:
+        path = urlparse(uri).path
+    else:
+        path = uri
     base = path.rsplit("/", 1)[-1]
     name = base.split(".", 1)[0]
     if not _NAME.fullmatch(name):

@@ -248,6 +248,10 @@ class LocalKeyring:
             not isinstance(data, dict)
             or data.get("format") != KEYRING_FORMAT
             or not isinstance(data.get("keys"), dict)
+            # Each entry is an object, and "current" a key id or null: a hand-edited file with
+            # anything else must fail here, typed, not deep inside unwrap with an AttributeError.
+            or not all(isinstance(v, dict) for v in data["keys"].values())
+            or not isinstance(data.get("current"), str | None)
         ):
             raise ConfigError(f"keyring {self.path} is not a {KEYRING_FORMAT} file")
         return data

@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -161,12 +162,20 @@ class S3Options(BaseModel):
     read_retries: int = Field(default=3, ge=0, le=20)
 
 
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    key = parsed.path.lstrip("/")
-    if parsed.scheme != "s3" or not parsed.netloc or not key:
+    """``s3://bucket/key`` -> (bucket, key), the key verbatim.
+
+    Not ``urlparse``: ``#`` and ``?`` are legal in S3 keys (the AWS CLI keeps them), and a URL
+    parser would cut them off as a fragment or query, silently naming another object.
+    """
+    scheme, sep, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    if scheme != "s3" or not sep or not _BUCKET.fullmatch(bucket) or not key:
         raise ConfigError(f"not an s3://bucket/key URI: {uri!r}")
-    return parsed.netloc, key
+    return bucket, key
 
 
 def _client_error_code(exc: Exception) -> str:

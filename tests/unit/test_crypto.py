@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from botocore.stub import Stubber
@@ -167,6 +167,66 @@ def test_short_reads_and_short_writes_are_handled(keyring: LocalKeyring) -> None
     decrypt_stream(_Trickle(bytes(sink.out)), out, keyring, IDENTITY)  # type: ignore[arg-type]
 
     assert bytes(out.out) == pt
+
+
+class _WouldBlockOnce(io.RawIOBase):
+    """A non-blocking source whose read answers None ("no data yet") once, at ``at`` bytes."""
+
+    def __init__(self, data: bytes, at: int, readinto: bool = True) -> None:
+        self.data, self.pos, self.at, self.blocked = data, 0, at, False
+        if not readinto:
+            self.readinto = None  # type: ignore[assignment]
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes | None:
+        if self.pos == self.at and not self.blocked:
+            self.blocked = True
+            return None
+        stop = len(self.data) if n < 0 else self.pos + n
+        if self.pos < self.at:
+            stop = min(stop, self.at)  # stop at ``at``, so that the next read meets it
+        out = self.data[self.pos : stop]
+        self.pos += len(out)
+        return out
+
+    def readinto(self, b: WriteableBuffer) -> int | None:
+        out = self.read(len(memoryview(b)))
+        if out is None:
+            return None
+        memoryview(b)[: len(out)] = out
+        return len(out)
+
+
+@pytest.mark.parametrize("readinto", [True, False])
+@pytest.mark.parametrize("at", [SEG, 2 * SEG, 3])
+def test_a_source_with_no_data_yet_is_not_taken_for_its_end(
+    keyring: LocalKeyring, at: int, readinto: bool
+) -> None:
+    # A non-blocking source that has no data for a moment, exactly at a segment boundary
+    # (where the writer peeks one byte to know whether the segment is the last), must not be
+    # sealed as a complete, shorter object.
+    pt = _plaintext(4 * SEG + 5)
+    dst = io.BytesIO()
+    src = _WouldBlockOnce(pt, at, readinto)
+
+    with pytest.raises(BlockingIOError):
+        encrypt_stream(src, dst, keyring, IDENTITY, SEG)  # type: ignore[arg-type]
+
+    with pytest.raises(DecryptionError, match="truncated"):
+        decrypt_bytes(dst.getvalue(), keyring, IDENTITY)
+
+
+@pytest.mark.parametrize("segments", [1, 2])
+def test_a_ciphertext_source_with_no_data_yet_raises_blocking_not_truncated(
+    keyring: LocalKeyring, segments: int
+) -> None:
+    _, ct, header_size = _encrypt(keyring, 3 * SEG + 1)
+    src = _WouldBlockOnce(ct, header_size + segments * (SEG + TAG))
+
+    with pytest.raises(BlockingIOError):
+        decrypt_stream(src, io.BytesIO(), keyring, IDENTITY)  # type: ignore[arg-type]
 
 
 def test_decrypting_reader_serves_odd_sized_reads(keyring: LocalKeyring) -> None:
@@ -456,6 +516,37 @@ def test_missing_keyring_fails_with_key_not_found(tmp_path: Path) -> None:
         ring.current_key_id()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["keys"].__setitem__(d["current"], "c2VjcmV0"),
+        lambda d: d["keys"].__setitem__(d["current"], 5),
+        lambda d: d["keys"].__setitem__(d["current"], ["kek"]),
+        lambda d: d.__setitem__("current", 7),
+        lambda d: d.__setitem__("keys", []),
+        lambda d: d.__setitem__("format", "other/1"),
+    ],
+)
+def test_a_malformed_keyring_is_a_config_error_everywhere(
+    keyring: LocalKeyring, damage: Any
+) -> None:
+    # A hand-edited or corrupted keyring must fail typed (callers catch BallastError), never
+    # with an AttributeError or TypeError from deep inside unwrap.
+    ct = encrypt_bytes(b"payload", keyring, IDENTITY, SEG)
+    data = json.loads(keyring.path.read_text())
+    damage(data)
+    keyring.path.write_text(json.dumps(data))
+
+    for call in (
+        lambda: decrypt_bytes(ct, keyring, IDENTITY),
+        keyring.key_ids,
+        keyring.current_key_id,
+        keyring.rotate,
+    ):
+        with pytest.raises(ConfigError, match="is not a ballast-keyring/1 file"):
+            call()
+
+
 def test_retired_key_cannot_decrypt_and_says_so(keyring: LocalKeyring) -> None:
     _, ct, _ = _encrypt(keyring, 10)
     old = keyring.current_key_id()
@@ -624,6 +715,45 @@ def test_rotation_rewraps_only_the_header(keyring: LocalKeyring, tmp_path: Path)
     keyring.path.write_text(json.dumps(data))
     with pytest.raises(KeyNotFoundError, match=new_id):
         decrypt_bytes(path.read_bytes(), keyring, IDENTITY)
+
+
+def test_rewrap_through_a_symlink_rewraps_the_object_and_keeps_the_link(
+    keyring: LocalKeyring, tmp_path: Path
+) -> None:
+    real = tmp_path / "store" / "obj.bin"
+    real.parent.mkdir()
+    real.write_bytes(encrypt_bytes(b"payload", keyring, IDENTITY, SEG))
+    link = tmp_path / "obj-link.bin"
+    link.symlink_to(real)
+    old = keyring.current_key_id()
+    new = keyring.rotate()
+
+    rewrap_header(link, keyring)
+    keyring.retire(old)
+
+    # The object itself moved under the new key (the old one is gone), and the link still
+    # points at it: replacing the link with a copy would strand the object under a retired key.
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert read_header(io.BytesIO(real.read_bytes())).key_id == new
+    assert decrypt_bytes(real.read_bytes(), keyring, IDENTITY) == b"payload"
+
+
+def test_rewrap_refuses_a_file_with_several_hard_links(
+    keyring: LocalKeyring, tmp_path: Path
+) -> None:
+    path = tmp_path / "obj.bin"
+    path.write_bytes(encrypt_bytes(b"payload", keyring, IDENTITY, SEG))
+    os.link(path, tmp_path / "other-name.bin")
+    old = keyring.current_key_id()
+    keyring.rotate()
+    before = path.read_bytes()
+
+    with pytest.raises(ConfigError, match="2 hard links"):
+        rewrap_header(path, keyring)
+
+    assert path.read_bytes() == before
+    assert read_header(io.BytesIO(before)).key_id == old
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
 
 
 def test_rewrap_to_an_explicit_key_and_with_a_retired_source_key(

@@ -442,13 +442,18 @@ def test_empty_plaintext_is_refused_at_validate_and_quarantined(
         ("/data/x/iris_v2.csv.enc", "iris_v2"),
         ("relative/wine.enc", "wine"),
         ("file:///srv/data/wine.csv.enc", "wine"),
+        ("s3://bucket/wine.csv.enc#v1", "wine"),
     ],
 )
 def test_dataset_name_comes_from_the_file_name(uri: str, name: str) -> None:
     assert dataset_name_from_uri(uri) == name
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/.hidden", "s3://bucket/dir/", "/data/-x.enc", ""])
+@pytest.mark.parametrize(
+    # "run#2" is not a dataset name; a URL parser would have cut it to "run" without a word.
+    "uri",
+    ["s3://bucket/.hidden", "s3://bucket/dir/", "/data/-x.enc", "", "s3://b/run#2.csv.enc"],
+)
 def test_unusable_file_names_ask_for_an_explicit_name(uri: str) -> None:
     with pytest.raises(ConfigError, match="pass --name"):
         dataset_name_from_uri(uri)

@@ -90,7 +90,33 @@ def test_storage_for_picks_the_backend_by_scheme(tmp_path: Path) -> None:
         storage_for("gs://bucket/key")
 
 
-@pytest.mark.parametrize("bad", ["s3://bucket", "s3://bucket/", "s3:///key", "http://b/k"])
+@pytest.mark.parametrize(
+    ("uri", "bucket", "key"),
+    [
+        ("s3://bucket/datasets/breast-cancer.csv.enc", "bucket", "datasets/breast-cancer.csv.enc"),
+        # '#' and '?' are part of an S3 key, not a fragment or query: cutting them off would
+        # read or overwrite another object.
+        ("s3://bucket/datasets/run#2.csv.enc", "bucket", "datasets/run#2.csv.enc"),
+        ("s3://bucket/a?b=1.enc", "bucket", "a?b=1.enc"),
+        ("s3://my.bucket-1/x.enc#v1", "my.bucket-1", "x.enc#v1"),
+    ],
+)
+def test_s3_uris_keep_the_key_verbatim(uri: str, bucket: str, key: str) -> None:
+    assert parse_s3_uri(uri) == (bucket, key)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "s3://bucket",
+        "s3://bucket/",
+        "s3:///key",
+        "http://b/k",
+        "s3://b?x/k",
+        "s3://b#x/k",
+        "s3:/b/k",
+    ],
+)
 def test_bad_s3_uris_are_refused(bad: str) -> None:
     with pytest.raises(ConfigError):
         parse_s3_uri(bad)
