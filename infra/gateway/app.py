@@ -75,6 +75,7 @@ from infra.gateway.wire import (
     dumps,
     encode_prediction,
     encode_probabilities_npy,
+    output_error,
     parse_instances,
     parse_npy,
     read_asgi_body,
@@ -116,7 +117,10 @@ Send = Callable[[Message], Awaitable[None]]
 _PREDICT_PREFIX = "/v1/models/"
 _PREDICT_SUFFIX = "/predict"
 _NPY = NPY_MEDIA_TYPE.encode()
-_CURSORS = re.compile(r"(?:[^=,]+=[0-9]+)?(?:,[^=,]+=[0-9]+)*")
+# Sequence numbers of at most 19 ASCII digits (a cursor past the end is clamped, never an
+# error); a limit of at most 5 (its range is 1..20000). The OpenAPI document says the same.
+_CURSORS = re.compile(r"(?:[^=,]+=[0-9]{1,19})?(?:,[^=,]+=[0-9]{1,19})*")
+_LIMIT = re.compile(r"[0-9]{1,5}")
 _OIP_ROOT = "/v2"  # Open Inference Protocol (infra/gateway/oip.py)
 _OIP_PREFIX = "/v2/"
 # A heartbeat is three short fields; anything near this is not one.
@@ -351,6 +355,11 @@ class Gateway:
         except TimeoutError:
             self.sync_error = "the desired deployment did not load in time at start"
             self._log("sync.startup_timeout", seconds=self.config.startup_sync_timeout_s)
+        except Exception as exc:
+            # As in the sync loop: start unready and keep converging. Failing the lifespan here
+            # would only make the supervisor restart the replica into the same failure.
+            self.sync_error = f"{type(exc).__name__}: {exc}"
+            self._log("sync.failed", error=self.sync_error, at="startup")
         await self._report()
 
     async def _flush_failures(self) -> None:
@@ -509,7 +518,14 @@ class Gateway:
                 dropped=[v.version for v in (expired.canary, expired.shadow) if v is not None],
                 **({} if settled.champion is None else {"champion": settled.champion.version}),
             )
+            # What this replica should serve is now the champion alone, source or not (without
+            # one, desired is the last accepted PUT: the expired deployment). So readiness
+            # holds at once, not after the next poll, or never without a source.
+            if self.desired == expired:
+                self.desired = settled
+                self.sync_error = None
             await self._record_expiry(expired, settled)
+        await self._report()
 
     async def _record_expiry(self, expired: Deployment, settled: Deployment) -> None:
         """Replace ``expired`` in the source by ``settled`` unless another replica did already."""
@@ -903,8 +919,11 @@ class Gateway:
         raw = request.query_params.get("cursors", "")
         raw_limit = request.query_params.get("limit", "5000")
         # Exactly what the OpenAPI document promises, nothing looser.
-        if not _CURSORS.fullmatch(raw) or not raw_limit.isdigit():
-            return _error(400, "cursors must be replica=integer pairs and limit an integer")
+        if not _CURSORS.fullmatch(raw) or not _LIMIT.fullmatch(raw_limit):
+            return _error(
+                400,
+                "cursors must be replica=integer pairs (at most 19 digits) and limit an integer",
+            )
         limit = int(raw_limit)
         if not 1 <= limit <= 20_000:
             return _error(400, "limit must lie in 1..20000")
@@ -918,7 +937,8 @@ class Gateway:
         if after is not None and obs:
             oldest = obs[0][0]
             dropped = max(0, oldest - after - 1)
-            start = max(0, after + 1 - oldest)
+            # Clamped: a cursor past the end (up to 19 digits, beyond sys.maxsize) reads nothing.
+            start = min(max(0, after + 1 - oldest), len(obs))
             items = list(islice(obs, start, start + limit))
         nxt = items[-1][0] if items else (self._observed_seq if after is None else after)
         return JSONResponse(
@@ -1071,13 +1091,14 @@ class Gateway:
             else:
                 out = encode_prediction(version.version, logits, x.shape[0])
                 media = b"application/json"
-        except ValueError as exc:
+        except ValueError as exc:  # bad shape (500), or not finite: 422 or 500 (output_error)
+            err = output_error(version.version, x, logits, exc)
             return (
-                500,
-                dumps({"error": f"version {version.version} failed to predict"}),
+                err.status,
+                dumps({"error": err.message}),
                 b"application/json",
-                "bad_output",
-                f"{type(exc).__name__}: {exc}",
+                err.reason,
+                err.detail,
             )
         # Encoding checked the shape ([rows, classes], finite): count the answered classes.
         self.metrics.observe_predictions(live.model, version.version, slot.role, logits)
@@ -1206,8 +1227,15 @@ class Gateway:
         rows = x.shape[0]
         try:
             p_cls, p_prob = softmax(primary_future.result(), rows)
-            s_cls, s_prob = softmax(shadow_future.result(), rows)
         except ValueError:
+            return  # the primary's answer is bad (its own request counts that): nothing to compare
+        try:
+            s_cls, s_prob = softmax(shadow_future.result(), rows)
+        except ValueError as exc:
+            # Non-finite output for an extreme input is the client's doing, not the shadow's.
+            if output_error(sv.version, x, shadow_future.result(), exc).status < 500:
+                self.metrics.shadow_skipped.labels(model, sv.version, "input_overflow").inc()
+                return
             sv.shadow_failed += 1
             self.metrics.shadow_skipped.labels(model, sv.version, "failed").inc()
             return

@@ -6,14 +6,17 @@ loopback and on a busy replica each ``send()`` is a syscall that also runs the r
 path, and it was the largest single cost left in the predict route (a quarter of the event
 loop's time under ``py-spy --gil``). Holding the head until the first body write halves them.
 
-Nothing else changes: the cycle still builds and checks every header, and a response whose app
-fails after starting it is closed (its held head is dropped with the connection, which is what
-a client of a half-sent response saw before: a broken response).
+Nothing else changes: the cycle still builds and checks every header. A held head is never
+lost: a response that completes without writing a body (``HEAD``: uvicorn writes none) sends it
+when the cycle reports completion, and closing the connection sends it first (so a response
+whose app fails after starting it reaches the client as uvicorn's own does: the head, then the
+connection closes).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -23,16 +26,40 @@ __all__ = ["CoalescingHttpToolsProtocol", "HeadHoldingTransport"]
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+def _nothing() -> None:
+    pass
+
+
 class HeadHoldingTransport:
     """The transport one request/response cycle writes to: it keeps the first write (the
-    response head) and sends it together with the next one (the first body chunk)."""
+    response head) and sends it together with the next one (the first body chunk).
 
-    __slots__ = ("_head", "_started", "transport")
+    It is also the cycle's ``on_response`` callback (:meth:`__call__`): a head still held when
+    the response is complete (no body was written) is sent then, before ``on_response`` runs.
+    """
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    __slots__ = ("_head", "_on_response", "_started", "transport")
+
+    def __init__(
+        self, transport: asyncio.Transport, on_response: Callable[[], None] = _nothing
+    ) -> None:
         self.transport = transport
+        self._on_response = on_response
         self._head: bytes | None = None
         self._started = False
+
+    def __call__(self) -> None:
+        if self._head is not None:  # per request: one attribute test unless a head is held
+            self.flush()
+        self._on_response()
+
+    def flush(self) -> None:
+        """Send the held head, if any, unless the connection is already going away."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            if not self.transport.is_closing():
+                self.transport.write(head)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._started:
@@ -49,7 +76,7 @@ class HeadHoldingTransport:
         self.transport.write(data)
 
     def close(self) -> None:
-        self._head = None
+        self.flush()
         self.transport.close()
 
     def is_closing(self) -> bool:
@@ -68,4 +95,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         # A new cycle was made (not an upgrade); its task is scheduled but has not run yet.
         if cycle is not None and cycle is not before and cycle.transport is self.transport:
-            cycle.transport = HeadHoldingTransport(self.transport)  # type: ignore[assignment]
+            # Completion goes through the holder too: a response with no body write (HEAD)
+            # gets its head sent before the protocol moves on to the next request.
+            holder = HeadHoldingTransport(self.transport, cycle.on_response)
+            cycle.transport = holder  # type: ignore[assignment]
+            cycle.on_response = holder

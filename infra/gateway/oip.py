@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -35,8 +36,10 @@ from infra.gateway.versions import Live, LoadedVersion, Slot
 from infra.gateway.wire import (
     BadRequestError,
     ClientGoneError,
+    NonFiniteOutputError,
     dumps,
     loads,
+    output_error,
     read_asgi_body,
     request_id,
 )
@@ -73,6 +76,8 @@ _OCTETS = b"application/octet-stream"
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 _SERVER_NAME = "ballast-gateway"
 _EXTENSIONS = ["binary_tensor_data"]
+# Up to this many logits the finiteness check runs in plain Python (as wire.softmax's does).
+_SMALL_OUTPUT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +255,15 @@ def encode_infer_response(
     rows = request.x.shape[0]
     if logits.ndim != 2 or logits.shape[0] != rows:
         raise ValueError(f"model returned shape {logits.shape} for {rows} rows")
+    flat = logits.ravel()
+    values: list[float] | None = None
+    if flat.size <= _SMALL_OUTPUT:  # batch 1's few logits: Python beats numpy's call overhead
+        values = flat.tolist()
+        finite = all(map(math.isfinite, values))
+    else:
+        finite = bool(np.isfinite(flat).all())
+    if not finite:  # JSON would carry null, binary NaN: neither is an answer
+        raise NonFiniteOutputError("model returned non-finite logits")
     output: dict[str, Any] = {
         "name": OUTPUT_NAME,
         "datatype": DATATYPE,
@@ -260,7 +274,7 @@ def encode_infer_response(
         raw = logits.tobytes()
         output["parameters"] = {"binary_data_size": len(raw)}
     else:
-        output["data"] = logits.ravel().tolist()
+        output["data"] = flat.tolist() if values is None else values
     body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": [output]}
     if request.id is not None:
         body["id"] = request.id
@@ -448,15 +462,16 @@ async def _infer(
         ]
         try:
             logits = await gw.infer(live, slot, request.x)
-            out, json_length = encode_infer_response(model, loaded.version, request, logits)
         except BadRequestError as exc:
             status, reason, detail = exc.status, exc.reason, exc.detail
             await _send(send, status, dumps({"error": exc.message}), _JSON, extra)
             return
-        except ValueError as exc:
-            status, reason, detail = 500, "bad_output", f"{type(exc).__name__}: {exc}"
-            msg = {"error": f"version {loaded.version} failed to predict"}
-            await _send(send, status, dumps(msg), _JSON, extra)
+        try:
+            out, json_length = encode_infer_response(model, loaded.version, request, logits)
+        except ValueError as exc:  # bad shape: 500; not finite: 422 or 500 (output_error)
+            err = output_error(loaded.version, request.x, logits, exc)
+            status, reason, detail = err.status, err.reason, err.detail
+            await _send(send, status, dumps({"error": err.message}), _JSON, extra)
             return
         _classes.setdefault(loaded, int(np.asarray(logits).shape[1]))
         gw.metrics.observe_predictions(live.model, loaded.version, slot.role, np.asarray(logits))

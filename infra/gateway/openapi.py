@@ -127,7 +127,10 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                     "404": _err("Unknown model."),
                     "413": _err("Body too large."),
                     "415": _err("Unsupported content type."),
-                    "422": _err("Wrong shape, dtype, feature count or values."),
+                    "422": _err(
+                        "Wrong shape, dtype, feature count or values (also: features so large,"
+                        " beyond ±1.8e19, that the model's answer overflowed)."
+                    ),
                     "500": _err("The version failed to predict (or an injected fault)."),
                     "503": _err("Nothing deployed, or the version is overloaded."),
                     "504": _err("The batch timed out."),
@@ -249,7 +252,7 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                         "required": False,
                         "schema": {
                             "type": "string",
-                            "pattern": "^([^=,]+=[0-9]+)?(,[^=,]+=[0-9]+)*$",
+                            "pattern": "^([^=,]+=[0-9]{1,19})?(,[^=,]+=[0-9]{1,19})*$",
                         },
                     },
                     {

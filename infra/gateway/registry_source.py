@@ -10,6 +10,9 @@ alias ``candidate``           the canary, when that version carries tag ``ballas
 alias ``shadow``              the shadow; tag ``ballast.shadow_fraction`` on it (0..1, default 0)
                               is the share of requests mirrored to it
 tag ``ballast.fault_injection``  per version, as everywhere in Ballast (demos and tests)
+tag ``ballast.lease_expires_at``  the trial's lease (``Deployment.lease_expires_at``, Unix
+                              seconds; ``none`` or absent: no lease), read from the canary when
+                              one is served, else from the shadow
 ============================  =================================================================
 
 Every version is downloaded and its signed manifest verified against the trusted key
@@ -18,13 +21,17 @@ tag ``ballast.artifact`` must be in the manifest with the sha256 of tag
 ``ballast.artifact_sha256``. A version that does not verify makes the whole read fail
 (:class:`DesiredStateError`), so replicas keep serving what they have.
 
-Publishing (an admin ``PUT`` on a gateway that uses this source) only writes the two tags: the
-versions must be the ones the aliases already name. Moving aliases is the registry's job
-(promotion, rollback), so a PUT naming other versions is refused with 409.
+Publishing (an admin ``PUT`` on a gateway that uses this source) only writes tags (weight,
+fraction, lease): the versions must be the ones the aliases already name. Moving aliases is the
+registry's job (promotion, rollback), so a PUT naming other versions is refused with 409. The
+lease goes on the candidate and on the shadow alike, so every replica reads the deployment a
+leased PUT applied, lease included, and drops the trial when it runs out (the replica that
+drops it first records the champion alone here: weight ``0``, lease ``none``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALIAS_SHADOW",
     "TAG_CANARY_WEIGHT",
+    "TAG_LEASE",
     "TAG_SHADOW_FRACTION",
     "RegistryDesiredState",
     "RegistryFacade",
@@ -57,6 +65,8 @@ __all__ = [
 ALIAS_SHADOW = "shadow"
 TAG_CANARY_WEIGHT = "ballast.canary_weight"
 TAG_SHADOW_FRACTION = "ballast.shadow_fraction"
+TAG_LEASE = "ballast.lease_expires_at"
+_NO_LEASE = "none"
 
 
 class RegistryFacade(Protocol):
@@ -154,6 +164,8 @@ class RegistryDesiredState:
                 shadow, fraction = None, 0.0
             if champion is None and canary is None:
                 return None
+            # The trial's lease, where publish wrote it (the canary's copy when one is served).
+            holder = canary if canary is not None else shadow
             return Deployment(
                 model=self.model,
                 champion=None if champion is None else self._spec(champion),
@@ -163,6 +175,7 @@ class RegistryDesiredState:
                 else (100 if canary is not None else 0),
                 shadow=None if shadow is None else self._spec(shadow),
                 shadow_fraction=fraction,
+                lease_expires_at=_lease(holder),
             )
         except DesiredStateError:
             raise
@@ -202,22 +215,31 @@ class RegistryDesiredState:
                         status=409,
                     )
             candidate, shadow = aliases[ALIAS_CANDIDATE], aliases[ALIAS_SHADOW]
+            expires = deployment.lease_expires_at
+            lease = {TAG_LEASE: _NO_LEASE if expires is None else repr(expires)}  # exact float
             if candidate is not None:
                 weight = deployment.canary_weight if deployment.canary is not None else 0
-                self.registry.set_tags(
-                    self.model, candidate.version, {TAG_CANARY_WEIGHT: str(weight)}
-                )
+                share = {TAG_CANARY_WEIGHT: str(weight)}
+                self._set_tags(candidate.version, share, lease, ending=not weight)
             if shadow is not None:
                 fraction = deployment.shadow_fraction if deployment.shadow is not None else 0.0
-                self.registry.set_tags(
-                    self.model, shadow.version, {TAG_SHADOW_FRACTION: repr(fraction)}
-                )
+                share = {TAG_SHADOW_FRACTION: repr(fraction)}
+                self._set_tags(shadow.version, share, lease, ending=not fraction)
         except DesiredStateError:
             raise
         except (BallastError, OSError) as exc:
             raise DesiredStateError(
                 f"cannot record the desired state in the registry: {exc}"
             ) from exc
+
+    def _set_tags(
+        self, version: str, share: dict[str, str], lease: dict[str, str], *, ending: bool
+    ) -> None:
+        """Write a version's traffic share and the lease so that a replica reading between the
+        two writes never sees its trial with a lease it must not hold: the share first when it
+        goes to 0 (the trial ends here), else the lease first."""
+        for tags in (share, lease) if ending else (lease, share):
+            self.registry.set_tags(self.model, version, tags)
 
 
 def _weight(info: ModelVersionInfo | None) -> int:
@@ -244,3 +266,18 @@ def _fraction(info: ModelVersionInfo | None) -> float:
     if not 0.0 <= fraction <= 1.0:
         raise DesiredStateError(f"tag {TAG_SHADOW_FRACTION}={fraction} is outside 0..1")
     return fraction
+
+
+def _lease(info: ModelVersionInfo | None) -> float | None:
+    if info is None:
+        return None
+    raw = info.tags.get(TAG_LEASE, _NO_LEASE)
+    if raw in (_NO_LEASE, ""):
+        return None
+    try:
+        expires = float(raw)
+    except ValueError:
+        raise DesiredStateError(f"tag {TAG_LEASE}={raw!r} is not a number") from None
+    if not (math.isfinite(expires) and expires > 0):
+        raise DesiredStateError(f"tag {TAG_LEASE}={raw!r} is not a time (Unix seconds)")
+    return expires

@@ -171,7 +171,11 @@ def load_version(
     """
     path = Path(spec.artifact_path)
     name = f"version {spec.version}"
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # ENAMETOOLONG, EACCES, EIO...: is_file() swallows only "not there"
+        raise DeploymentRefusedError(422, f"{name}: cannot read artefact {path}: {exc}") from exc
+    if not found:
         raise DeploymentRefusedError(422, f"{name}: artefact not found at {path}")
     try:
         actual = sha256_file(path)

@@ -19,9 +19,12 @@ import numpy as np
 from starlette.types import Receive
 
 __all__ = [
+    "EXTREME_INPUT",
     "BadRequestError",
+    "NonFiniteOutputError",
     "encode_prediction",
     "encode_probabilities_npy",
+    "output_error",
     "parse_instances",
     "parse_npy",
     "request_id",
@@ -159,9 +162,12 @@ def parse_npy(body: bytes, max_rows: int) -> np.ndarray:
         raise BadRequestError(400, "malformed_npy", f"unsupported .npy version {major}")
     if hlen > 4096 or start + hlen > len(body):
         raise BadRequestError(400, "malformed_npy", "truncated or oversized .npy header")
+    # The header is untrusted (if bounded) text: whatever literal_eval or np.dtype raise for it
+    # (ValueError, SyntaxError, TypeError for an unhashable key, RecursionError, ...) is the
+    # client's malformed body, never a server error.
     try:
         header = ast.literal_eval(body[start : start + hlen].decode("latin-1"))
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except Exception:
         raise BadRequestError(400, "malformed_npy", "unreadable .npy header") from None
     if (
         not isinstance(header, dict)
@@ -175,7 +181,7 @@ def parse_npy(body: bytes, max_rows: int) -> np.ndarray:
     shape: tuple[int, ...] = header["shape"]
     try:
         dtype = np.dtype(header["descr"])
-    except TypeError:
+    except Exception:
         raise BadRequestError(400, "malformed_npy", "invalid dtype in .npy header") from None
     if dtype != np.dtype("<f4") and dtype != np.dtype("=f4"):
         raise BadRequestError(
@@ -205,6 +211,41 @@ def parse_npy(body: bytes, max_rows: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+class NonFiniteOutputError(ValueError):
+    """The model answered NaN or infinity (a :class:`ValueError`, like any other bad output)."""
+
+
+# Whose fault is a non-finite answer? Inputs are checked to be finite float32, but a model
+# multiplies and sums them: a feature whose square overflows float32 (|x| > ~1.8e19) can make
+# any model overflow, while for smaller inputs only a gain beyond 1e19 could, which no sane
+# model has. So NaN or infinity in the answer to a row holding such a feature is the client's
+# doing (422, a client error); for any other row it is the version's failure (500), so a model
+# that answers NaN to ordinary input cannot pass its failures off as the clients'.
+EXTREME_INPUT = math.sqrt(_F32_MAX)
+
+
+def output_error(
+    version: str, x: np.ndarray, logits: np.ndarray, exc: ValueError
+) -> BadRequestError:
+    """The answer to a request whose output did not encode (``exc``): 422 when every row that
+    came out non-finite had an extreme input (rule above), else 500 from ``version``.
+
+    Runs only on the failure path: the successful path pays nothing for the distinction.
+    """
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, NonFiniteOutputError):
+        bad = ~np.isfinite(np.asarray(logits, dtype=np.float64)).all(axis=1)
+        if bad.any() and (np.abs(x[bad]).max(axis=1) > EXTREME_INPUT).all():
+            return BadRequestError(
+                422,
+                "input_overflow",
+                f"version {version} overflowed float32 on this input (its answer is not finite): "
+                f"features beyond ±{EXTREME_INPUT:.3g} are outside what models are served for",
+                detail,
+            )
+    return BadRequestError(500, "bad_output", f"version {version} failed to predict", detail)
+
+
 def _softmax_rows(rows: list[list[float]]) -> tuple[list[int], list[list[float]]]:
     preds: list[int] = []
     probs: list[list[float]] = []
@@ -225,11 +266,11 @@ def softmax(logits: np.ndarray, rows: int) -> tuple[list[int], list[list[float]]
     if logits.size <= _SMALL_OUTPUT:
         values = logits.tolist()
         if not all(math.isfinite(v) for row in values for v in row):
-            raise ValueError("model returned non-finite logits")
+            raise NonFiniteOutputError("model returned non-finite logits")
         return _softmax_rows(values)
     wide = logits.astype(np.float64)
     if not np.isfinite(wide).all():
-        raise ValueError("model returned non-finite logits")
+        raise NonFiniteOutputError("model returned non-finite logits")
     exp = np.exp(wide - wide.max(axis=1, keepdims=True))
     return wide.argmax(axis=1).tolist(), (exp / exp.sum(axis=1, keepdims=True)).tolist()
 

@@ -672,6 +672,65 @@ def test_inference_failure_is_a_500_from_that_version(
     assert resp.headers["X-Ballast-Version"] == "1"
 
 
+# A row the served MLPs overflow on: float32-finite, but ±3e38 summed in a layer is ∞ - ∞.
+EXTREME_ROW = [3e38, -3e38] * (N_FEATURES // 2)
+
+
+def test_an_input_that_overflows_the_model_is_the_clients_422_not_the_versions_error(
+    artefacts: dict[str, Path],
+) -> None:
+    client, _ = make_client(replica_id="r")
+    with client as gw:
+        deploy(gw, champion_only(artefacts))
+        # Given finite float32 input so large that the model's answer is NaN ...
+        for headers in ({}, {"accept": "application/x-npy"}):
+            resp = gw.post(PREDICT, json={"instances": [EXTREME_ROW]}, headers=headers)
+            # ... the client is told so with a 422, not a 500 from the version.
+            assert resp.status_code == 422, resp.text
+            assert "overflowed float32" in resp.json()["error"]
+            assert resp.headers["X-Ballast-Version"] == "1"
+        # ... and it is counted as the client's error, where a canary judge reads errors.
+        stats = gw.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
+        assert (stats["errors"], stats["client_errors"]) == (0, 2)
+        page = gw.get("/admin/observations", params={"cursors": "r=0"}, headers=AUTH).json()
+        assert [o[3] for o in page["observations"]] == [True, True], "not the version's failure"
+
+
+def test_a_model_answering_nan_to_ordinary_input_still_fails_as_the_version(
+    gw_rec: tuple[TestClient, Recorder], artefacts: dict[str, Path]
+) -> None:
+    gw, rec = gw_rec
+    deploy(gw, champion_only(artefacts))
+    # Given a broken model that answers NaN whatever it is asked ...
+    rec.output = np.array([[np.nan, 0.0]], dtype=np.float32)
+    resp = gw.post(PREDICT, json={"instances": [ROW]})
+    # ... ordinary input gets the version's 500: the 422 is no place to hide failures.
+    assert resp.status_code == 500 and resp.json() == {"error": "version 1 failed to predict"}
+    assert gw.post(PREDICT, json={"instances": [EXTREME_ROW]}).status_code == 422
+    # With an extreme row beside an ordinary one, the ordinary row's NaN is the version's ...
+    rec.output = np.array([[0.0, 1.0], [np.nan, 0.0]], dtype=np.float32)
+    resp = gw.post(PREDICT, json={"instances": [EXTREME_ROW, ROW]})
+    assert resp.status_code == 500, resp.text
+    # ... while NaN for the extreme row alone is the client's.
+    rec.output = np.array([[np.nan, 0.0], [0.0, 1.0]], dtype=np.float32)
+    resp = gw.post(PREDICT, json={"instances": [EXTREME_ROW, ROW]})
+    assert resp.status_code == 422, resp.text
+    stats = gw.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
+    assert (stats["errors"], stats["client_errors"]) == (2, 2)
+
+
+def test_an_input_overflowing_the_models_is_not_counted_as_a_shadow_failure(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    deploy(gw, with_shadow(artefacts, 1.0))
+    assert gw.post(PREDICT, json={"instances": [EXTREME_ROW]}).status_code == 422
+    assert gw.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+    wait_for(lambda: gw.get("/admin/shadow", headers=AUTH).json()["rows_compared"] == 1)
+    wait_for(lambda: gw.get("/admin/stats", headers=AUTH).json()["versions"]["3"]["inflight"] == 0)
+    report = gw.get("/admin/shadow", headers=AUTH).json()
+    assert report["mirrored"] == 2 and report["failed"] == 0, report
+
+
 def test_errors_fault_fails_about_30_percent_of_that_version_only(
     gw: TestClient, artefacts: dict[str, Path]
 ) -> None:
@@ -1082,6 +1141,13 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 NPY = {"content-type": "application/x-npy"}
+_HEADER = "{'descr': '%s', 'fortran_order': False, 'shape': (1, 30)}"
+
+
+def npy_header(header: str) -> bytes:
+    """A version 1.0 .npy body made of ``header`` alone (and 120 bytes of data)."""
+    raw = header.encode("latin-1")
+    return b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw + bytes(120)
 
 
 def test_npy_predict_matches_json_predict(gw: TestClient, artefacts: dict[str, Path]) -> None:
@@ -1119,6 +1185,12 @@ BAD_NPY: list[tuple[str, bytes, int, str]] = [
         400,
         "header",
     ),
+    # Headers that literal_eval or np.dtype choke on with TypeError, ValueError and the like.
+    ("unhashable-key", npy_header("{[]: 1}"), 400, "header"),
+    ("unhashable-descr", npy_header("{'descr': {[1]}, 'fortran_order': False}"), 400, "header"),
+    ("bad-datetime-descr", npy_header(_HEADER % "m8[Y/7]"), 400, "dtype"),
+    ("huge-subarray-descr", npy_header(_HEADER % "(99999999999,99999999999)f4"), 400, "dtype"),
+    ("unknown-descr", npy_header(_HEADER % "V99999999999999"), 400, "dtype"),
 ]
 
 
@@ -1396,6 +1468,58 @@ def test_a_desired_state_that_does_not_verify_keeps_the_replica_on_what_it_has(
         assert "malformed" in view["error"]
 
 
+def test_an_artefact_path_the_os_cannot_even_look_up_is_refused_not_a_500(
+    gw: TestClient, artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # A file name longer than any file system allows: stat() fails with ENAMETOOLONG.
+    bad = spec(artefacts, "1").model_copy(update={"artifact_path": str(tmp_path / ("a" * 300))})
+    resp = put(gw, Deployment(model=MODEL, champion=bad))
+    assert resp.status_code == 422, resp.text
+    assert "version 1: cannot read artefact" in resp.json()["error"]
+    assert "previous one stays" in resp.json()["error"]
+
+
+def test_a_replica_starts_unready_instead_of_crashing_when_its_first_sync_fails(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # Given a desired state whose artefact path the OS refuses to look up ...
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    bad = spec(artefacts, "1").model_copy(update={"artifact_path": str(tmp_path / ("a" * 300))})
+    FileDesiredState(desired).publish(Deployment(model=MODEL, champion=bad), actor="test")
+    # ... the replica still starts (a failed lifespan is a crash loop under the supervisor),
+    # unready and saying why.
+    with replica(desired, board, "r1") as r1:
+        ready = r1.get("/readyz")
+        assert ready.status_code == 503
+        assert "cannot read artefact" in ready.json()["reason"]
+
+
+class _BrokenSource:
+    """A desired-state source failing in a way it does not promise (not DesiredStateError)."""
+
+    poll_interval_s = 1.0
+
+    def describe(self) -> str:
+        return "broken"
+
+    def read(self) -> Deployment | None:
+        raise RuntimeError("source bug")
+
+    def publish(self, deployment: Deployment | None, *, actor: str) -> None:
+        raise RuntimeError("source bug")
+
+
+def test_an_unexpected_error_in_the_first_sync_is_recorded_and_the_replica_starts(
+    tmp_path: Path,
+) -> None:
+    app = create_app(GatewayConfig(admin_token=TOKEN), source=_BrokenSource())
+    with TestClient(app) as gw:  # before: the lifespan failed and the server never started
+        assert gw.get("/healthz").status_code == 200
+        assert gw.get("/readyz").status_code == 503
+        view = gw.get("/admin/replicas", headers=AUTH).json()["this"]
+        assert view["error"] == "RuntimeError: source bug"
+
+
 def test_delete_clears_the_deployment_everywhere(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -1566,6 +1690,84 @@ def test_registry_source_refuses_what_does_not_verify(
     reg2.aliases = {"champion": "1", "candidate": "1"}
     with pytest.raises(DesiredStateError, match="not an integer"):
         RegistryDesiredState(reg2, MODEL, stranger).read()
+
+
+LEASE_TAG = "ballast.lease_expires_at"  # the registry scheme: a contract with other readers
+
+
+def registry_with_candidate(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> tuple[FacadeStandIn, Path, Deployment, Deployment]:
+    """Champion 1 and candidate 2 (not served); the champion alone, and with 2 at 30 %."""
+    key = tmp_path / "keys" / "signing.pem"
+    reg = FacadeStandIn(tmp_path / "store")
+    reg.add("1", artefacts["a"], key)
+    reg.add("2", artefacts["b"], key)
+    reg.aliases = {"champion": "1", "candidate": "2"}
+    source = RegistryDesiredState(reg, MODEL, key)
+    settled = source.read()
+    reg.set_tags(MODEL, "2", {TAG_CANARY_WEIGHT: "30"})
+    trial = source.read()
+    reg.set_tags(MODEL, "2", {TAG_CANARY_WEIGHT: "0"})
+    assert settled is not None and trial is not None and trial.canary is not None
+    assert settled.lease_expires_at is None and trial.lease_expires_at is None
+    return reg, key, settled, trial
+
+
+def test_registry_source_keeps_a_deployments_lease(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    reg, key, settled, trial = registry_with_candidate(artefacts, tmp_path)
+    source = RegistryDesiredState(reg, MODEL, key)
+    # A leased canary published here reads back the same, lease included: every replica
+    # reaches the same fingerprint, and every replica drops the trial when the lease runs out.
+    expires = time.time() + 30.123456789
+    leased = trial.model_copy(update={"lease_expires_at": expires})
+    source.publish(leased, actor="t")
+    assert source.read() == leased
+    assert float(reg.versions["2"].tags[LEASE_TAG]) == expires
+    # Renewed, then ended: the tags follow (what an expired lease leaves: the champion alone).
+    renewed = leased.model_copy(update={"lease_expires_at": expires + 10})
+    source.publish(renewed, actor="t")
+    assert source.read() == renewed
+    source.publish(settled, actor="gateway:lease-expired")
+    assert source.read() == settled
+    assert reg.versions["2"].tags[TAG_CANARY_WEIGHT] == "0"
+    # A lease tag that is not a time makes the read fail, like any other unreadable tag.
+    reg.set_tags(MODEL, "2", {TAG_CANARY_WEIGHT: "30", LEASE_TAG: "soon"})
+    with pytest.raises(DesiredStateError, match="not a number"):
+        source.read()
+
+
+def test_a_leased_put_on_registry_replicas_converges_everywhere_and_expires_everywhere(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    reg, key, _, trial = registry_with_candidate(artefacts, tmp_path)
+    board = tmp_path / "replicas"
+
+    def registry_replica(name: str) -> TestClient:
+        config = GatewayConfig(
+            admin_token=TOKEN, replica_id=name, lease_check_s=0.05, converge_timeout_s=3.0
+        )
+        source = RegistryDesiredState(reg, MODEL, key, poll_interval_s=0.05)
+        return TestClient(create_app(config, source=source, board=ReplicaBoard(board)))
+
+    with registry_replica("r1") as r1, registry_replica("r2") as r2:
+        wait_for(lambda: len(ReplicaBoard(board).live()) == 2)
+        dep = trial.model_copy(update={"lease_expires_at": time.time() + 3.0})
+        # A leased PUT reaches the other replica, lease included, before the answer ...
+        resp = put(r1, dep)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Ballast-Replicas"] == "2/2"
+        time.sleep(0.2)  # a few polls: the source must not take the lease away
+        for r in (r1, r2):
+            assert r.get("/admin/deployment", headers=AUTH).json() == resp.json()
+        # ... and when it runs out, both replicas drop the canary and the registry says so.
+        for r in (r1, r2):
+            wait_for(lambda r=r: r.get("/admin/deployment", headers=AUTH).json()["canary"] is None)
+            assert r.get("/readyz").status_code == 200
+        assert reg.versions["2"].tags[TAG_CANARY_WEIGHT] == "0"
+        assert reg.versions["2"].tags[LEASE_TAG] == "none"
 
 
 # -- watchdog heartbeat and predicted classes ---------------------------------------------------
@@ -1862,6 +2064,55 @@ def test_observations_come_after_the_replicas_own_cursor(
     ).json()
     assert len(limited["observations"]) == 5 and limited["next"] == first + 5
     assert gw.get("/admin/observations?cursors=x=y", headers=AUTH).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=%C2%B2",  # a superscript two: str.isdigit() says yes, int() says no
+        "limit=%EF%BC%95",  # a fullwidth five: int() takes it, the documented grammar does not
+        "limit=" + "9" * 5000,
+        "limit=020000",
+        "cursors=r=" + "9" * 20,
+        "cursors=r=" + "9" * 5000,
+        "cursors=r=%EF%BC%95",
+    ],
+    ids=[
+        "superscript",
+        "fullwidth",
+        "5000-digits",
+        "6-digits",
+        "20-digit-cursor",
+        "5000-digit-cursor",
+        "fullwidth-cursor",
+    ],
+)
+def test_observations_refuse_out_of_grammar_numbers_with_a_400(
+    artefacts: dict[str, Path], query: str
+) -> None:
+    client, _ = make_client(replica_id="r")
+    with client as gw:
+        deploy(gw, champion_only(artefacts))
+        versions_seen(gw, 2)
+        resp = gw.get(f"/admin/observations?{query}", headers=AUTH)
+        assert resp.status_code == 400, resp.text
+        assert "integer" in resp.json()["error"]
+
+
+def test_a_cursor_beyond_the_end_reads_nothing_even_past_sys_maxsize(
+    artefacts: dict[str, Path],
+) -> None:
+    client, _ = make_client(replica_id="r")
+    with client as gw:
+        deploy(gw, champion_only(artefacts))
+        versions_seen(gw, 3)
+        for cursor in ("50", str(2**63 - 1), "9" * 19):  # the last one exceeds sys.maxsize
+            resp = gw.get("/admin/observations", params={"cursors": f"r={cursor}"}, headers=AUTH)
+            assert resp.status_code == 200, (cursor, resp.text)
+            page = resp.json()
+            assert page["observations"] == [] and page["next"] == 3 and page["dropped"] == 0
+        page = gw.get("/admin/observations", params={"cursors": "r=0"}, headers=AUTH).json()
+        assert [o[0] for o in page["observations"]] == [1, 2, 3]
 
 
 def test_observations_report_what_fell_out_of_the_window(artefacts: dict[str, Path]) -> None:

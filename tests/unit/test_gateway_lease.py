@@ -136,3 +136,48 @@ def test_replicas_drop_an_expired_trial_and_record_it_once_in_the_source(
         assert dep_now["canary"] is None and dep_now["champion"]["version"] == "1"
         assert served(r3, 20) == {"1"}
         assert r3.get("/readyz").status_code == 200
+
+
+def test_without_a_source_a_replica_is_ready_again_as_soon_as_a_lease_runs_out(
+    specs: tuple[VersionSpec, VersionSpec],
+) -> None:
+    # Given a replica with no desired-state source serving a leased canary ...
+    one, two = specs
+    app = create_app(GatewayConfig(admin_token=TOKEN, lease_check_s=0.05, seed=3))
+    with TestClient(app) as gw:
+        dep = leased(one, two, 0.5)
+        assert gw.put("/admin/deployment", content=dep.model_dump_json(), headers=AUTH).is_success
+        assert gw.get("/readyz").status_code == 200
+        # ... when the lease runs out, the champion alone is what it should serve: ready.
+        wait_for(lambda: gw.get("/admin/deployment", headers=AUTH).json()["canary"] is None)
+        ready = gw.get("/readyz")
+        assert ready.status_code == 200, f"unready after the lease ran out: {ready.json()}"
+        assert ready.json()["versions"] == {"1": "champion"}
+        assert gw.get("/v2/health/ready").status_code == 200
+        view = gw.get("/admin/replicas", headers=AUTH).json()["this"]
+        assert (
+            view["desired"]
+            == view["fingerprint"]
+            == Deployment(model=MODEL, champion=one).fingerprint()
+        )
+
+
+def test_with_a_source_readiness_holds_the_moment_a_lease_is_dropped(
+    specs: tuple[VersionSpec, VersionSpec], tmp_path: Path
+) -> None:
+    # Given a replica following a file source (polled once a second) and serving a leased
+    # canary; the lease loop is slowed down so that the test drops the trial itself.
+    one, two = specs
+    source = FileDesiredState(tmp_path / "desired.json", poll_interval_s=1.0)
+    app = create_app(GatewayConfig(admin_token=TOKEN, lease_check_s=60), source=source)
+    with TestClient(app) as gw:
+        dep = leased(one, two, 60)
+        assert gw.put("/admin/deployment", content=dep.model_dump_json(), headers=AUTH).is_success
+        gateway = app.state.gateway
+        # When the trial is dropped (what the lease loop does at expiry) ...
+        assert gw.portal is not None
+        gw.portal.call(gateway.expire_lease, dep)
+        # ... the replica is ready at once, not only after its next poll of the source.
+        ready = gw.get("/readyz")
+        assert ready.status_code == 200, f"unready until the next poll: {ready.json()}"
+        assert source.read() == Deployment(model=MODEL, champion=one)

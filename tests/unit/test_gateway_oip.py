@@ -145,6 +145,16 @@ def test_binary_response_puts_raw_little_endian_logits_after_the_header() -> Non
     np.testing.assert_array_equal(np.frombuffer(out[length:], "<f4").reshape(2, 2), logits)
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("size", [1, 64], ids=["batch-1", "wide"])
+def test_non_finite_logits_are_never_encoded_as_an_answer(binary: bool, size: int) -> None:
+    logits = np.zeros((size, 2), np.float32)
+    logits[-1, 1] = np.nan
+    req = InferRequest(x=np.zeros((size, F), np.float32), id=None, binary_output=binary)
+    with pytest.raises(ValueError, match="non-finite"):
+        encode_infer_response(MODEL, "1", req, logits)
+
+
 # -- the routes ------------------------------------------------------------------------------------
 
 
@@ -317,3 +327,50 @@ def test_server_metadata_names_the_binary_extension_and_unknown_routes_are_404(
     missing = client.get("/v2/nothing/here")
     assert missing.status_code == 404
     assert "no such route" in missing.json()["error"]
+
+
+EXTREME = [3e38, -3e38] * (F // 2)  # finite float32, but ∞ - ∞ inside the MLP
+
+
+def test_an_input_that_overflows_the_model_is_a_422_for_the_client(
+    client: TestClient, artefacts: dict[str, Path]
+) -> None:
+    deploy(client, artefacts, 0)
+    before = client.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
+    for binary in (False, True):
+        params = {"parameters": {"binary_data_output": True}} if binary else {}
+        r = client.post(INFER, content=body([EXTREME], **params))
+        assert r.status_code == 422, r.text  # before: 200 with null logits
+        assert "overflowed float32" in r.json()["error"]
+    after = client.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
+    assert after["errors"] == before["errors"], "not the version's error"
+    assert after["client_errors"] == before["client_errors"] + 2
+
+
+class _NanForAnythingButZeros:
+    """A broken model: finite for its warm-up (zeros), NaN for anything else."""
+
+    n_features = F
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        out = np.zeros((x.shape[0], 2), np.float32)
+        out[np.abs(x).max(axis=1) > 0] = np.nan
+        return out
+
+
+def test_a_model_answering_nan_to_ordinary_input_is_the_versions_500(
+    artefacts: dict[str, Path],
+) -> None:
+    app = create_app(
+        GatewayConfig(admin_token=TOKEN),
+        loader=lambda path, backend, threads: _NanForAnythingButZeros(),
+    )
+    with TestClient(app) as c:
+        dep = Deployment(model=MODEL, champion=spec_for(artefacts["1"], "1"))
+        assert c.put("/admin/deployment", content=dep.model_dump_json(), headers=AUTH).is_success
+        r = c.post(INFER, content=body([[0.3] * F]))
+        assert r.status_code == 500, r.text
+        assert r.json() == {"error": "version 1 failed to predict"}
+        assert c.post(INFER, content=body([EXTREME])).status_code == 422
+        stats = c.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
+        assert (stats["errors"], stats["client_errors"]) == (1, 1)
