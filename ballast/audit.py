@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GENESIS", "current_actor", "line_hash", "read", "record", "verify_chain"]
+__all__ = ["GENESIS", "current_actor", "find", "line_hash", "read", "record", "verify_chain"]
 
 # The ``prev`` of the first entry: no line hashes to it.
 GENESIS = "0" * 64
@@ -78,6 +78,31 @@ def read(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find(path: Path, action: str, *, model: str, version: str | None) -> list[dict[str, Any]]:
+    """The entries of ``action`` on ``model`` ``version``, oldest first ([] without a log).
+
+    For "was this already recorded?" (a retried task must not record twice). Lines that are not
+    JSON objects (a tail torn by a crash) are skipped here; :func:`verify_chain` reports them.
+    """
+    if not path.exists():
+        return []
+    found: list[dict[str, Any]] = []
+    with path.open("rb") as fh:
+        for raw in fh:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if (
+                isinstance(entry, dict)
+                and entry.get("action") == action
+                and entry.get("model") == model
+                and entry.get("version") == version
+            ):
+                found.append(entry)
+    return found
 
 
 def verify_chain(path: Path) -> list[str]:

@@ -21,13 +21,14 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import stat
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -174,15 +175,42 @@ def load_or_create_signing_key(
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-        try:
-            # O_EXCL: two first-time signers must not overwrite each other's key.
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return _read_private_key(key_path, provider)
+        if _install_new_key(key_path, data):
+            return key
+    return _read_private_key(key_path, provider)
+
+
+def _install_new_key(key_path: Path, data: bytes) -> bool:
+    """Put ``data`` at ``key_path`` only if nothing is there; False when another signer won.
+
+    The key is written and fsynced under a temporary name first and then hard-linked into place:
+    the final name never exists half-written (a crash or a concurrent first signer would otherwise
+    read an empty key), and ``link`` fails rather than overwrite a key someone else created.
+    """
+    tmp = key_path.with_name(f".{key_path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        return key
-    return _read_private_key(key_path, provider)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, key_path)
+        except FileExistsError:
+            return False
+        _fsync_dir(key_path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The new directory entry must survive a crash too, not only the file's bytes.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _wrapped_key_bytes(key: Ed25519PrivateKey, provider: KeyProvider, kek_id: str) -> bytes:
@@ -229,14 +257,28 @@ def _read_private_key(key_path: Path, provider: KeyProvider | None = None) -> Ed
                 f"signing key {key_path} is wrapped by key {doc['kek_id']!r}: "
                 "signing needs the key provider (keyring or KMS)"
             )
-        raw = provider.unwrap_key(
-            doc["kek_id"], base64.b64decode(doc["wrapped"]), _SIGNING_KEY_CONTEXT
-        )
-        wrapped_key = Ed25519PrivateKey.from_private_bytes(raw)
-        if public_key_bytes(wrapped_key) != base64.b64decode(doc["public"]):
+        try:
+            wrapped = base64.b64decode(doc["wrapped"], validate=True)
+            public = base64.b64decode(doc["public"], validate=True)
+        except ValueError as exc:
+            raise IntegrityError(f"signing key {key_path} is unreadable: {exc}") from exc
+        raw = provider.unwrap_key(doc["kek_id"], wrapped, _SIGNING_KEY_CONTEXT)
+        try:
+            wrapped_key = Ed25519PrivateKey.from_private_bytes(raw)
+        except ValueError as exc:
+            raise IntegrityError(f"signing key {key_path} is unreadable: {exc}") from exc
+        if public_key_bytes(wrapped_key) != public:
             raise IntegrityError(f"signing key {key_path}: the private and public halves differ")
         return wrapped_key
-    key = serialization.load_pem_private_key(data, password=None)
+    if not data.strip():
+        raise IntegrityError(
+            f"signing key {key_path} is empty (a crash while an earlier version created it?)"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # TypeError: an encrypted PEM; UnsupportedAlgorithm: a key type cryptography lacks.
+        raise IntegrityError(f"signing key {key_path} is unreadable: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise IntegrityError(f"{key_path} is not an Ed25519 private key")
     return key
@@ -298,22 +340,31 @@ def _trusted_public_key(trusted: bytes | Path) -> Ed25519PublicKey:
         if len(trusted) == 32:
             return Ed25519PublicKey.from_public_bytes(trusted)
         data = trusted
+        source = "trusted key"
     else:
-        data = Path(trusted).read_bytes()
+        source = f"trusted key {trusted}"
+        try:
+            data = Path(trusted).read_bytes()
+        except OSError as exc:
+            raise IntegrityError(f"{source} cannot be read: {exc}") from exc
         doc = _wrapped_doc(data, Path(trusted))
         if doc is not None:  # a wrapped signing key carries its public half in the clear
-            return Ed25519PublicKey.from_public_bytes(base64.b64decode(doc["public"]))
+            try:
+                public = base64.b64decode(doc["public"], validate=True)
+                return Ed25519PublicKey.from_public_bytes(public)
+            except ValueError as exc:  # bad base64 or not 32 bytes
+                raise IntegrityError(f"{source}: its public key is malformed: {exc}") from exc
     try:
         if b"PRIVATE KEY" in data:
             priv = serialization.load_pem_private_key(data, password=None)
             if not isinstance(priv, Ed25519PrivateKey):
-                raise IntegrityError("trusted key is not an Ed25519 key")
+                raise IntegrityError(f"{source} is not an Ed25519 key")
             return priv.public_key()
         pub = serialization.load_pem_public_key(data)
-    except ValueError as exc:
-        raise IntegrityError(f"trusted key cannot be read: {exc}") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise IntegrityError(f"{source} cannot be read: {exc}") from exc
     if not isinstance(pub, Ed25519PublicKey):
-        raise IntegrityError("trusted key is not an Ed25519 key")
+        raise IntegrityError(f"{source} is not an Ed25519 key")
     return pub
 
 
@@ -321,14 +372,22 @@ def _trusted_public_key(trusted: bytes | Path) -> Ed25519PublicKey:
 
 
 def _artifact_files(artifact_dir: Path) -> dict[str, Path]:
-    """Every regular file under ``artifact_dir`` except the signed manifest, by relative path."""
+    """Every regular file under ``artifact_dir`` except the signed manifest, by relative path.
+
+    Anything that is neither a regular file nor a folder (symlink, FIFO, socket, device) is
+    refused: it is not covered by a hash, and a FIFO would block whoever opens it."""
     found: dict[str, Path] = {}
     for p in sorted(artifact_dir.rglob("*")):
         rel = p.relative_to(artifact_dir).as_posix()
-        if p.is_symlink():
+        mode = p.lstat().st_mode  # lstat: never follows a link nor opens the entry
+        if stat.S_ISLNK(mode):
             # A link could point outside the folder and change without the folder changing.
             raise IntegrityError(f"symlink in artefact folder: {rel}")
-        if p.is_file() and rel != SIGNED_MANIFEST_NAME:
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise IntegrityError(f"not a regular file in artefact folder: {rel}")
+        if rel != SIGNED_MANIFEST_NAME:
             found[rel] = p
     return found
 

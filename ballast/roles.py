@@ -9,6 +9,7 @@ mapping this module returns.
 from __future__ import annotations
 
 import json
+import os
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -59,15 +60,32 @@ def load_roles(path: Path) -> dict[str, frozenset[str]]:
     """Read and check a roles file. A file others can read or write is refused: whoever can edit
     it can make themselves an approver."""
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        # O_NONBLOCK: opening a FIFO must not hang; mode and type are checked on the opened file,
+        # so the file read is the file checked.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError(f"roles file {path} does not exist") from None
-    if mode & 0o077:
-        raise ConfigError(f"roles file {path} has mode {mode:o}; it must be 600 (owner only)")
+    except OSError as exc:
+        raise ConfigError(f"roles file {path} cannot be read: {exc}") from None
     try:
-        data = json.loads(path.read_text())
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"roles file {path} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise ConfigError(f"roles file {path} has mode {mode:o}; it must be 600 (owner only)")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"roles file {path} cannot be read: {exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"roles file {path} is not valid JSON: {exc}") from None
+    except ValueError as exc:  # not UTF-8
+        raise ConfigError(f"roles file {path} is not UTF-8 text: {exc}") from None
     return parse_roles(data, source=str(path))
 
 

@@ -31,6 +31,7 @@ from model_registry.types import (
     CANDIDATE,
     CHAMPION,
     PREVIOUS,
+    TAG_APPROVAL,
     ApprovalRecord,
     ModelVersionInfo,
     PromotionResult,
@@ -374,8 +375,56 @@ class Registry:
                 self._client.set_model_version_tag(name, str(version), key, value)
 
     def set_approval(self, name: str, version: str | int, record: ApprovalRecord) -> None:
-        """Record the version's approval status (pending, approved, rejected), who, when, why."""
-        self.set_tags(name, version, record.as_tags())
+        """Record the version's approval status (pending, approved, rejected), who, when, why.
+
+        MLflow writes one tag per call, so the record is written evidence first and status last:
+        until the status tag changes, readers see the old record. If a write fails, the previous
+        record's tags are put back (best effort) and :class:`RegistryError` says what happened.
+        """
+        version = str(version)
+        new = record.as_tags()
+        before = self.get_version(name, version).tags
+        order = [k for k in new if k != TAG_APPROVAL] + [TAG_APPROVAL]
+        try:
+            for key in order:
+                self._client.set_model_version_tag(name, version, key, new[key])
+        except Exception as exc:
+            problems = self._restore_approval(name, version, before, order)
+            detail = getattr(exc, "message", None) or str(exc)
+            what = f"recording approval of {name!r} version {version} failed"
+            if problems:
+                raise RegistryError(
+                    f"{what} ({detail}) and restoring the previous record failed too "
+                    f"({'; '.join(problems)})"
+                ) from exc
+            raise RegistryError(f"{what}, record restored: {detail}") from exc
+
+    def _restore_approval(
+        self, name: str, version: str, before: Mapping[str, str], keys: Sequence[str]
+    ) -> list[str]:
+        """Put the approval tags back as ``before`` had them; returns what could not be restored.
+
+        The status first: if even that fails, the evidence is left as written, since it then
+        matches the (possibly new) status better than the old evidence would."""
+        from mlflow.exceptions import MlflowException
+
+        problems: list[str] = []
+        for key in [TAG_APPROVAL, *(k for k in keys if k != TAG_APPROVAL)]:
+            old = before.get(key)
+            try:
+                if old is None:
+                    try:
+                        self._client.delete_model_version_tag(name, version, key)
+                    except MlflowException as exc:
+                        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                            raise
+                else:
+                    self._client.set_model_version_tag(name, version, key, old)
+            except Exception as exc:
+                problems.append(f"{key}: {getattr(exc, 'message', None) or exc}")
+                if key == TAG_APPROVAL:
+                    break
+        return problems
 
     def get_approval(self, name: str, version: str | int) -> ApprovalRecord | None:
         return ApprovalRecord.from_tags(self.get_version(name, version).tags)

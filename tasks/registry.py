@@ -9,19 +9,23 @@ second version of the same release.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ballast.audit import record
+from ballast.audit import find, record
 from ballast.compile import CompiledArtifact
 from ballast.data import ValidatedDataset
 from ballast.keys import provider_from_settings
 from ballast.manifest import build_manifest, code_identity, sign_manifest
 from ballast.release import (
     ALIAS_CANDIDATE,
+    ALIAS_CHAMPION,
+    ALIAS_PREVIOUS,
+    TAG_APPROVAL,
     TAG_ARTIFACT,
     TAG_ARTIFACT_SHA,
     TAG_BACKEND,
@@ -42,7 +46,7 @@ from ballast.release import (
 from ballast.serving import Fault
 from ballast.settings import get_settings
 from ballast.training import TrainResult
-from model_registry import ApprovalRecord, ModelVersionInfo
+from model_registry import ApprovalRecord, ModelVersionInfo, Registry
 from tasks.common import logger, registry
 
 
@@ -117,7 +121,8 @@ def register_candidate(
             logger().info(
                 "stage=register version=%s already registered %s", existing[0].version, why
             )
-            return existing[0]
+            # A retry after a failure past register_version lands here: finish what is missing.
+            return _finish_registration(reg, s.model_name, existing[0], s.audit_log)
     artifact_dir = stage_artifacts(staging_dir, ds, trained, compiled, key=key, code=code)
     tags = {
         TAG_DATASET: ds.name,
@@ -145,15 +150,70 @@ def register_candidate(
         tags=tags,
         description=f"dataset {ds.name} sha256 {ds.sha256[:12]}, backend {compiled.backend}",
     )
-    reg.set_approval(
-        s.model_name,
-        info.version,
-        ApprovalRecord(status="pending", by="", at=datetime.now(UTC), reason="awaiting approval"),
+    return _finish_registration(reg, s.model_name, info, s.audit_log, tags=tags)
+
+
+def _finish_registration(
+    reg: Registry,
+    model: str,
+    info: ModelVersionInfo,
+    audit_log: Path,
+    *,
+    tags: Mapping[str, str] | None = None,
+) -> ModelVersionInfo:
+    """What follows ``register_version``: a pending approval record, the ``candidate`` alias and
+    the ``register`` audit entry. Each step is done only if it is missing, so a Prefect retry (or
+    a later run reusing the version) completes a registration that failed halfway and repeats
+    nothing; a version that was already decided keeps its record and aliases."""
+    version = info.version
+    approval = reg.get_approval(model, version)
+    if approval is None:
+        approval = ApprovalRecord(
+            status="pending", by="", at=datetime.now(UTC), reason="awaiting approval"
+        )
+        reg.set_approval(model, version, approval)
+    if _undecided(info, approval) and ALIAS_CANDIDATE not in info.aliases:
+        reg.set_alias(model, ALIAS_CANDIDATE, version)
+    if not _register_recorded(audit_log, model, info):
+        if tags is None:  # the tags it was registered with (the approval record came after)
+            tags = {
+                k: v
+                for k, v in info.tags.items()
+                if k != TAG_APPROVAL and not k.startswith(f"{TAG_APPROVAL}.")
+            }
+        record(audit_log, "register", model=model, version=version, tags=dict(tags))
+    final = reg.get_version(model, version)
+    logger().info(
+        "stage=register model=%s version=%s aliases=%s",
+        model,
+        version,
+        ",".join(final.aliases) or "-",
     )
-    reg.set_alias(s.model_name, ALIAS_CANDIDATE, info.version)
-    record(s.audit_log, "register", model=s.model_name, version=info.version, tags=tags)
-    logger().info("stage=register model=%s version=%s alias=candidate", s.model_name, info.version)
-    return reg.get_version(s.model_name, info.version)
+    return final
+
+
+def _undecided(info: ModelVersionInfo, approval: ApprovalRecord) -> bool:
+    """Still a candidate: no verdict, status not moved on, not (once) champion, not rejected.
+    Re-marking a decided version ``candidate`` would offer it for release again."""
+    return (
+        not info.tags.get(TAG_VERDICT)
+        and info.tags.get(TAG_STATUS, "candidate") == "candidate"
+        and ALIAS_CHAMPION not in info.aliases
+        and ALIAS_PREVIOUS not in info.aliases
+        and approval.status != "rejected"
+    )
+
+
+def _register_recorded(audit_log: Path, model: str, info: ModelVersionInfo) -> bool:
+    """Whether the audit log already holds this version's ``register`` entry. Matched on the
+    registering flow run too, so an entry left by an older store's version of the same number
+    (registry wiped, audit log kept) does not count."""
+    run = info.tags.get(TAG_FLOW_RUN)
+    for entry in find(audit_log, "register", model=model, version=info.version):
+        recorded = entry.get("tags")
+        if run is None or (isinstance(recorded, dict) and recorded.get(TAG_FLOW_RUN) == run):
+            return True
+    return False
 
 
 @task(name="record-promotion", cache_policy=NO_CACHE)

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+import tasks.registry
+from ballast.audit import read as read_audit
 from ballast.compile import compile_model
 from ballast.data import bundled_csv_bytes, bundled_spec
 from ballast.errors import IntegrityError, RegistryError
@@ -19,7 +21,7 @@ from ballast.training import train
 from ballast.validation import validate_bytes
 from model_registry import Registry
 from tasks.canary import version_spec
-from tasks.registry import close_candidate, register_candidate
+from tasks.registry import close_candidate, record_promotion, register_candidate
 from tasks.rollback import rollback_to_previous
 
 
@@ -120,3 +122,85 @@ def test_rollback_moves_champion_back_to_previous_without_a_gateway(
     assert reg.get_by_alias(settings.model_name, ALIAS_PREVIOUS).version == v1.version  # type: ignore[union-attr]
     assert rollback_to_previous.fn() == v1.version
     assert reg.get_by_alias(settings.model_name, ALIAS_CHAMPION).version == v1.version  # type: ignore[union-attr]
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, attr: str) -> None:
+    """``owner.attr`` raises once (a transient store or disk error), then works again."""
+    real = getattr(owner, attr)
+    calls: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RegistryError(f"{attr}: transient (database is locked)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, flaky)
+
+
+def _register_entries(s: Settings, version: str) -> list[dict[str, Any]]:
+    return [
+        e for e in read_audit(s.audit_log) if e["action"] == "register" and e["version"] == version
+    ]
+
+
+@pytest.mark.parametrize(
+    ("owner", "attr"),
+    [(Registry, "set_approval"), (Registry, "set_alias"), (tasks.registry, "record")],
+    ids=["approval", "candidate-alias", "audit"],
+)
+def test_a_retry_after_a_failure_past_registration_finishes_the_registration(
+    built: dict[str, Any],
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    owner: object,
+    attr: str,
+) -> None:
+    monkeypatch.setattr(tasks.registry, "code_identity", lambda: "pinned-code")
+    # Given a step after register_version fails once,
+    _fail_once(monkeypatch, owner, attr)
+    with pytest.raises(RegistryError, match="transient"):
+        _register(built, settings, "run-r", tmp_path)
+    # when Prefect retries the task (same flow run),
+    info = _register(built, settings, "run-r", tmp_path)
+    # then the one version is a whole candidate: pending approval, alias, one audit entry.
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    assert [v.version for v in reg.list_versions(settings.model_name)] == [info.version]
+    assert ALIAS_CANDIDATE in info.aliases, f"retry returned a version without the alias: {info}"
+    approval = reg.get_approval(settings.model_name, info.version)
+    assert approval is not None and approval.status == "pending", f"no pending record: {approval}"
+    entries = _register_entries(settings, info.version)
+    assert len(entries) == 1, f"want one 'register' audit entry, got {entries}"
+    assert entries[0]["tags"]["ballast.flow_run_id"] == "run-r", entries
+    # And a further retry repeats nothing.
+    again = _register(built, settings, "run-r", tmp_path)
+    assert reg.get_approval(settings.model_name, again.version) == approval
+    assert len(_register_entries(settings, info.version)) == 1, "register audited twice"
+
+
+def test_reusing_a_decided_version_never_marks_it_candidate_again(
+    built: dict[str, Any], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The content key includes uncommitted edits: pin the code so edits elsewhere in the
+    # working tree while this runs cannot turn "the same release" into a new one.
+    monkeypatch.setattr(tasks.registry, "code_identity", lambda: "pinned-code")
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    champ = _register(built, settings, "run-1", tmp_path, release="one")
+    reg.promote(settings.model_name, champ.version)
+    record_promotion.fn(champ.version, {})
+    closed = _register(built, settings, "run-2", tmp_path, release="two")
+    close_candidate.fn(
+        closed.version, status="rejected", verdict="rejected", reason="no", evidence={}
+    )
+    # Given a champion and a rejected version, when a new run registers the same releases,
+    again_champ = _register(built, settings, "run-3", tmp_path, release="one")
+    again_closed = _register(built, settings, "run-4", tmp_path, release="two")
+    # then each is reused as it stands: no candidate alias, no second register entry.
+    assert again_champ.version == champ.version and again_closed.version == closed.version
+    assert ALIAS_CHAMPION in again_champ.aliases and ALIAS_CANDIDATE not in again_champ.aliases
+    assert ALIAS_CANDIDATE not in again_closed.aliases
+    assert reg.get_by_alias(settings.model_name, ALIAS_CANDIDATE) is None
+    assert again_closed.tags[TAG_STATUS] == "rejected"
+    for version in (champ.version, closed.version):
+        assert len(_register_entries(settings, version)) == 1, f"version {version} re-audited"

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from ballast.audit import GENESIS, line_hash, read, record, verify_chain
+from ballast.audit import GENESIS, find, line_hash, read, record, verify_chain
 
 
 def _log(tmp_path: Path, n: int = 4) -> Path:
@@ -83,3 +83,18 @@ def test_appends_after_a_long_entry_still_chain(tmp_path: Path) -> None:
     record(path, "note", model="m", version=None, blob="x" * 10_000)
     record(path, "note", model="m", version=None)
     assert verify_chain(path) == []
+
+
+def test_find_returns_one_versions_entries_of_an_action_and_skips_a_torn_tail(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    assert find(path, "register", model="m", version="1") == [], "no log: nothing recorded"
+    record(path, "register", model="m", version="1", tags={"run": "a"})
+    record(path, "register", model="m", version="2")
+    record(path, "promote", model="m", version="1")
+    record(path, "register", model="other", version="1")
+    with path.open("ab") as fh:
+        fh.write(b'{"action": "register", "model": "m", "vers')  # a crash mid-append
+    (entry,) = find(path, "register", model="m", version="1")
+    assert entry["tags"] == {"run": "a"}

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import re
 import stat
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from ballast.errors import IntegrityError
@@ -291,3 +296,162 @@ def _signed_with(artifact_dir: Path, key_path: Path, provider: object) -> Signed
     signed = sign_manifest(manifest, key_path, provider)  # type: ignore[arg-type]
     signed.write(artifact_dir)
     return signed
+
+
+# -- creating the signing key: never a half-written key file -----------------------------------
+
+
+class _HeldWrites:
+    """A file object whose writes wait for ``release`` when made by ``holder`` (a thread)."""
+
+    def __init__(self, fh: Any, holder: threading.Thread, release: threading.Event) -> None:
+        self._fh, self._holder, self._release = fh, holder, release
+
+    def __enter__(self) -> _HeldWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def write(self, data: bytes) -> int:
+        if threading.current_thread() is self._holder:
+            assert self._release.wait(10), "the second signer never finished"
+        return int(self._fh.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def test_a_second_first_time_signer_never_reads_a_half_written_key(
+    key_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given signer A stopped while writing the new key, when signer B loads the key meanwhile,
+    # then B gets a whole key and A, once it finishes, uses the same key (the winner's).
+    real_fdopen = os.fdopen
+    b_done = threading.Event()
+    results: dict[str, object] = {}
+
+    def first_signer() -> None:
+        try:
+            results["a"] = load_or_create_signing_key(key_path)
+        except Exception as exc:
+            results["a"] = exc
+
+    a = threading.Thread(target=first_signer)
+    monkeypatch.setattr(
+        os, "fdopen", lambda fd, *args, **kw: _HeldWrites(real_fdopen(fd, *args, **kw), a, b_done)
+    )
+    a.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any(key_path.parent.glob("*")) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until A has created its file and is held in write()
+        b = load_or_create_signing_key(key_path)
+    finally:
+        b_done.set()
+        a.join(10)
+    assert isinstance(results["a"], Ed25519PrivateKey), f"signer A failed: {results['a']!r}"
+    on_disk = load_or_create_signing_key(key_path)
+    assert public_key_bytes(results["a"]) == public_key_bytes(b) == public_key_bytes(on_disk), (
+        "both first-time signers must end up with the one key on disk"
+    )
+    assert sorted(p.name for p in key_path.parent.iterdir()) == [key_path.name], "temp file left"
+
+
+def test_a_crash_while_writing_a_new_key_leaves_no_key_file_behind(
+    key_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fdopen = os.fdopen
+
+    class _DiskFull:
+        def __init__(self, fh: Any) -> None:
+            self._fh = fh
+
+        def __enter__(self) -> _DiskFull:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._fh.close()
+
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **kw: _DiskFull(real_fdopen(fd, *a, **kw)))
+    with pytest.raises(OSError, match="No space"):
+        load_or_create_signing_key(key_path)
+    monkeypatch.undo()
+    assert list(key_path.parent.iterdir()) == [], "a failed creation must leave no (empty) key"
+    key = load_or_create_signing_key(key_path)  # the next signer simply creates it
+    assert public_key_bytes(load_or_create_signing_key(key_path)) == public_key_bytes(key)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
+        None,  # a genuine wrapped key whose public half is bad base64
+    ],
+    ids=["empty", "corrupt-pem", "wrapped-bad-public"],
+)
+def test_an_unreadable_signing_key_is_an_integrity_error_naming_the_file(
+    tmp_path: Path, artifact_dir: Path, content: bytes | None
+) -> None:
+    from ballast.keys import LocalKeyring
+
+    key_path = tmp_path / "signing.pem"
+    ring = LocalKeyring(tmp_path / "keyring.json", auto_create=True)
+    if content is None:
+        load_or_create_signing_key(key_path, ring)
+        doc = json.loads(key_path.read_text())
+        content = json.dumps({**doc, "public": "A"}).encode()
+        key_path.unlink()
+    key_path.write_bytes(content)
+    key_path.chmod(0o600)
+    manifest = build_manifest(
+        artifact_dir, model_name="m", dataset_sha256=DATASET, backend="ort", precision="fp32"
+    )
+    with pytest.raises(IntegrityError, match=re.escape(str(key_path))):
+        sign_manifest(manifest, key_path, ring)
+
+
+# -- a malformed or missing trusted key --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "public", ["not base64!", base64.b64encode(b"\0" * 31).decode()], ids=["base64", "length"]
+)
+def test_a_malformed_trusted_wrapped_key_is_an_integrity_error_naming_it(
+    artifact_dir: Path, key_path: Path, tmp_path: Path, public: str
+) -> None:
+    signed = _signed(artifact_dir, key_path)
+    trusted = tmp_path / "trusted.json"
+    doc = {"format": "ballast-wrapped-ed25519/1", "kek_id": "k", "wrapped": "x", "public": public}
+    trusted.write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match=re.escape(str(trusted))):
+        verify_manifest(signed, trusted, artifact_dir)
+
+
+def test_a_missing_trusted_key_file_is_an_integrity_error_naming_it(
+    artifact_dir: Path, key_path: Path, tmp_path: Path
+) -> None:
+    signed = _signed(artifact_dir, key_path)
+    for trusted in (tmp_path / "nope.pem", tmp_path):  # missing, and a folder
+        with pytest.raises(IntegrityError, match=re.escape(str(trusted))):
+            verify_manifest(signed, trusted, artifact_dir)
+
+
+# -- entries that are neither files nor folders --------------------------------------------------
+
+
+def test_a_fifo_in_a_verified_folder_is_refused_without_opening_it(
+    artifact_dir: Path, key_path: Path
+) -> None:
+    signed = _signed(artifact_dir, key_path)
+    os.mkfifo(artifact_dir / "sub" / "pipe")  # opening it for reading would block: no writer
+    with pytest.raises(IntegrityError, match=r"not a regular file.*sub/pipe"):
+        verify_manifest(signed, key_path, artifact_dir)
+    with pytest.raises(IntegrityError, match=r"not a regular file.*sub/pipe"):
+        build_manifest(
+            artifact_dir, model_name="m", dataset_sha256=DATASET, backend="ort", precision="fp32"
+        )

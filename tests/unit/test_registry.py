@@ -440,3 +440,58 @@ def test_content_key_changes_with_each_input_and_only_with_them() -> None:
         ("fault", "errors"),
     ):
         assert content_key(**{**base, field: other}) != key, field  # type: ignore[arg-type]
+
+
+def _fail_once_on(registry: Registry, monkeypatch: pytest.MonkeyPatch, failing_key: str) -> None:
+    """The store refuses one write of tag ``failing_key`` (a transient error), then recovers."""
+    from mlflow.exceptions import MlflowException
+
+    real = registry._client.set_model_version_tag
+    failed: list[str] = []
+
+    def flaky(name: str, version: str, key: str, value: str) -> None:
+        if key == failing_key and not failed:
+            failed.append(key)
+            raise MlflowException("transient: connection reset")
+        real(name, version, key, value)
+
+    monkeypatch.setattr(registry._client, "set_model_version_tag", flaky)
+
+
+def test_a_failed_approval_write_never_leaves_a_new_status_with_old_evidence(
+    registry: Registry, two_versions: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from model_registry import ApprovalRecord
+
+    name = two_versions
+    pending = ApprovalRecord("pending", "", datetime(2026, 1, 2, 3, tzinfo=UTC), "awaiting")
+    registry.set_approval(name, "1", pending)
+    # Given the store fails while writing who approved, when recording an approval,
+    _fail_once_on(registry, monkeypatch, "ballast.approval.by")
+    approved = ApprovalRecord("approved", "bob", datetime(2026, 1, 2, 4, tzinfo=UTC), "looks good")
+    with pytest.raises(RegistryError) as raised:
+        registry.set_approval(name, "1", approved)
+    # then the version still carries the whole previous record, not 'approved' by nobody.
+    assert registry.get_approval(name, "1") == pending, "a half-written approval was left behind"
+    assert "record restored: transient" in str(raised.value)
+    registry.set_approval(name, "1", approved)  # a retry writes the whole new record
+    assert registry.get_approval(name, "1") == approved
+
+
+def test_a_failed_first_approval_write_leaves_no_partial_record(
+    registry: Registry, two_versions: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from model_registry import ApprovalRecord
+
+    name = two_versions
+    _fail_once_on(registry, monkeypatch, "ballast.approval")  # the status, written last
+    with pytest.raises(RegistryError) as raised:
+        registry.set_approval(name, "2", ApprovalRecord("pending", "", datetime.now(UTC), "w"))
+    tags = registry.get_version(name, "2").tags
+    assert registry.get_approval(name, "2") is None
+    assert not [k for k in tags if k.startswith("ballast.approval")], f"evidence left: {tags}"
+    assert "record restored" in str(raised.value)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,40 @@ def test_settings_approvers_add_the_role_on_top_of_the_file(
 
 def test_no_configuration_means_no_one_holds_a_role(settings: Settings) -> None:
     assert dict(roles_from_settings(settings)) == {}
+
+
+def test_a_roles_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "roles.json"
+    path.write_bytes(b'{"alice": ["approver"], "b\xff": []}')
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_roles(path)
+
+
+def test_a_roles_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "roles"
+    path.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_roles(path)
+
+
+def test_a_roles_path_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "roles.fifo"
+    os.mkfifo(path, 0o600)  # no writer: a blocking open waits for one
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_roles(path))
+        except Exception as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(5)
+    blocked = worker.is_alive()
+    if blocked:  # open the other end so the stuck reader returns and the thread ends
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+    assert not blocked, "load_roles blocked opening a FIFO"
+    assert isinstance(outcome[0], ConfigError) and "not a regular file" in str(outcome[0]), outcome
