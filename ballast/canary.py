@@ -3,7 +3,9 @@
 This is the one place that changes live traffic. Every exit path leaves the gateway in a known
 state: a rollback verdict sets champion-only, a promotion sets candidate-only, and any exception
 (``KeyboardInterrupt`` included) restores the deployment that was in force before the canary
-began, then re-raises. Registry alias moves are the caller's (see :mod:`ballast.decisions`).
+began, then re-raises. The one exception: a deployment someone else set while the canary ran
+(a forced rollback) stops the canary (:class:`CanaryPreempted`) and is left in force.
+Registry alias moves are the caller's (see :mod:`ballast.decisions`).
 
 With a :class:`~ballast.judge.StreamJudge` (the sequential judge) the controller also feeds the
 judge every batch of traffic as it arrives and asks it after each batch, so a step ends as soon
@@ -39,6 +41,7 @@ from ballast.serving import Deployment, VersionSpec
 
 __all__ = [
     "CanaryLeaseLost",
+    "CanaryPreempted",
     "CanaryResult",
     "DeploymentAdmin",
     "LoadFn",
@@ -130,35 +133,79 @@ class CanaryLeaseLost(RuntimeError):
     out and the gateway gone back to the champion alone, so this canary cannot go on."""
 
 
-class _Lease:
-    """Stamps every trial deployment with a lease and renews it from a background thread.
+class CanaryPreempted(CanaryLeaseLost):
+    """Someone else changed the gateway's deployment while the canary ran (a forced rollback, an
+    operator): their change stands, and this canary stops without sending anything more."""
 
-    A deployment with a canary or shadow is sent with ``lease_expires_at = now + seconds`` and
-    re-sent every ``seconds / 3`` while it is in force; anything else is sent as is and stops the
-    renewals. If a renewal fails and the lease may have run out, :meth:`check` raises
-    :class:`CanaryLeaseLost` so the controller stops instead of pushing the trial back.
+
+def _unstamped(dep: Deployment) -> Deployment:
+    return (
+        dep if dep.lease_expires_at is None else dep.model_copy(update={"lease_expires_at": None})
+    )
+
+
+def _describe(dep: Deployment | None) -> str:
+    if dep is None:
+        return "nothing deployed"
+    parts = [f"champion {dep.champion.version if dep.champion else None}"]
+    if dep.canary is not None:
+        parts.append(f"canary {dep.canary.version} at {dep.canary_weight}%")
+    if dep.shadow is not None:
+        parts.append(f"shadow {dep.shadow.version}")
+    return ", ".join(parts)
+
+
+class _Lease:
+    """The controller's hold on the gateway: sends its deployments, stamps and renews trial
+    leases, and notices when the deployment in force is no longer one this canary sent.
+
+    With ``seconds``, a deployment with a canary or shadow is sent with ``lease_expires_at = now
+    + seconds`` and re-sent every ``seconds / 3`` while it is in force; anything else is sent as
+    is and stops the renewals. Without ``seconds`` nothing is stamped or renewed.
+
+    Every send after the first (a renewal or the controller's next step) reads the live
+    deployment first. Anything but a deployment this canary sent means someone else changed it
+    (:class:`CanaryPreempted`) or the gateway dropped the trial when its lease ran out
+    (:class:`CanaryLeaseLost`); a renewal that failed until past the lease's validity is lost
+    too. A lost lease stays lost: nothing more is sent (re-sending would revive a trial the
+    gateway dropped, or undo the other party's change) and :meth:`check` raises.
     """
 
-    def __init__(self, client: DeploymentAdmin, seconds: float) -> None:
+    def __init__(self, client: DeploymentAdmin, seconds: float | None) -> None:
         self._client, self._seconds = client, seconds
         self._lock = threading.Lock()
         self._current: Deployment | None = None  # the trial being renewed, unstamped
+        self._sent: list[Deployment] = []  # every deployment this canary sent, unstamped
         self._valid_until = math.inf
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # the last failed renewal
+        self._lost: CanaryLeaseLost | None = None  # sticky
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew_loop, name="canary-lease", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if seconds:
+            self._thread = threading.Thread(
+                target=self._renew_loop, name="canary-lease", daemon=True
+            )
+            self._thread.start()
 
     def get_deployment(self) -> Deployment | None:
         return self._client.get_deployment()
 
     def set_deployment(self, dep: Deployment) -> Deployment:
         with self._lock:
-            self._current = dep if dep.has_trial() else None
+            self._expire_if_due()
+            if self._lost is not None:
+                raise self._lost.with_traceback(None)
+            if self._sent:
+                self._verify_ours()
+            self._current = dep if dep.has_trial() and self._seconds else None
             return self._send(dep)
 
     def _send(self, dep: Deployment) -> Deployment:
-        if not dep.has_trial():
+        plain = _unstamped(dep)
+        if plain not in self._sent:
+            # Recorded before the PUT: one that timed out may still have been applied.
+            self._sent.append(plain)
+        if not dep.has_trial() or not self._seconds:
             self._valid_until = math.inf
             return self._client.set_deployment(dep)
         expires = time.time() + self._seconds
@@ -166,28 +213,109 @@ class _Lease:
         self._valid_until, self._error = expires, None
         return applied
 
+    def _ours(self, live: Deployment | None) -> bool:
+        """``live`` is a deployment this canary sent, or what the gateway left of one of its
+        trials when the lease ran out."""
+        if live is None:
+            return False
+        plain = _unstamped(live)
+        return plain in self._sent or any(
+            d.has_trial() and plain == d.without_trial() for d in self._sent
+        )
+
+    def _verify_ours(self) -> None:
+        live = self._client.get_deployment()
+        plain = None if live is None else _unstamped(live)
+        if plain is not None and plain in self._sent:
+            return  # what we sent (or, on a lagging replica, what we sent just before)
+        if self._ours(live):
+            self._lose(
+                CanaryLeaseLost(
+                    "the canary's lease could not be renewed in time: the gateway dropped the "
+                    f"trial and serves {_describe(live)}"
+                )
+            )
+        else:
+            self._lose(
+                CanaryPreempted(
+                    f"the gateway's deployment was changed by someone else ({_describe(live)}); "
+                    "the canary stops and leaves it in place"
+                )
+            )
+        assert self._lost is not None
+        raise self._lost
+
+    def _lose(self, exc: CanaryLeaseLost) -> None:
+        if self._lost is None:
+            self._lost = exc
+            self._current = None  # no renewal may revive the trial
+            logger.warning("canary lease lost: %s", exc)
+
+    def _expire_if_due(self) -> None:
+        """A renewal failed and the lease has run out since: the gateway dropped the trial."""
+        if self._error is not None and time.time() >= self._valid_until:
+            lost = CanaryLeaseLost(
+                f"the canary's lease could not be renewed ({self._error!r}) and has run out; "
+                "the gateway dropped the trial"
+            )
+            lost.__cause__ = self._error
+            self._lose(lost)
+
     def _renew_loop(self) -> None:
+        assert self._seconds
         while not self._stop.wait(self._seconds / 3):
             with self._lock:
-                if self._current is None:
+                self._expire_if_due()
+                if self._current is None or self._lost is not None:
                     continue
                 try:
+                    self._verify_ours()
                     self._send(self._current)
+                except CanaryLeaseLost:
+                    pass  # recorded by _verify_ours; check() raises it
                 except Exception as exc:  # the controller decides, via check()
                     self._error = exc
                     logger.warning("canary lease renewal failed: %r", exc)
 
     def check(self) -> None:
-        """Raise :class:`CanaryLeaseLost` when the lease may have run out unrenewed."""
-        if self._error is not None and time.time() >= self._valid_until - self._seconds / 3:
-            raise CanaryLeaseLost(
+        """Raise :class:`CanaryLeaseLost` when the lease is lost or may run out unrenewed."""
+        # Stop a renewal period before the lease runs out: the gateway may drop the trial then.
+        due = self._seconds and time.time() >= self._valid_until - self._seconds / 3
+        if self._lost is None and self._error is not None and due:
+            lost = CanaryLeaseLost(
                 f"the canary's lease could not be renewed ({self._error!r}); the gateway "
                 "drops the trial when it runs out"
-            ) from self._error
+            )
+            lost.__cause__ = self._error
+            self._lose(lost)
+        if self._lost is not None:
+            raise self._lost.with_traceback(None)  # not the renewal thread's frames
+
+    def restore(self, dep: Deployment) -> bool:
+        """Send ``dep`` unless the live deployment is someone else's; True when it is in force.
+
+        Renewals stop first. If the live deployment cannot be read, or there is none (a
+        restarted gateway), ``dep`` is sent anyway: there is nobody's change to undo, and a
+        canary must not leave its own trial behind.
+        """
+        with self._lock:
+            self._current = None
+            try:
+                live = self._client.get_deployment()
+            except Exception as exc:
+                logger.warning("canary restore: live deployment unreadable (%r), sending it", exc)
+            else:
+                if live is not None and _unstamped(live) == dep:
+                    return True
+                if live is not None and not self._ours(live):
+                    return False
+            self._client.set_deployment(dep)
+            return True
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,23 +485,29 @@ def live_traffic(
 
 
 @contextmanager
-def _restore_on_failure(
-    client: DeploymentAdmin, model: str, before: Deployment | None
-) -> Iterator[None]:
-    """On any exception, put back the deployment read before the canary, then re-raise."""
+def _restore_on_failure(lease: _Lease, model: str, before: Deployment | None) -> Iterator[None]:
+    """On any exception, put back the deployment read before the canary, then re-raise.
+
+    Only over a deployment this canary put there: one someone else set meanwhile (a forced
+    rollback) is theirs and stays.
+    """
     try:
         yield
     except BaseException as exc:
         # Nothing deployed before means nothing should be served after.
         restore = before if before is not None else Deployment(model=model)
         try:
-            client.set_deployment(restore)
+            restored = lease.restore(restore)
         except Exception as restore_exc:
             # The original failure stays the one raised; the restore failure rides along.
             exc.add_note(f"restoring the pre-canary deployment failed too: {restore_exc!r}")
             logger.error("canary aborted (%r) and the restore failed: %r", exc, restore_exc)
         else:
-            logger.warning("canary aborted (%r): pre-canary deployment restored", exc)
+            if restored:
+                logger.warning("canary aborted (%r): pre-canary deployment restored", exc)
+            else:
+                exc.add_note("the pre-canary deployment was not restored: someone else's is live")
+                logger.warning("canary aborted (%r): someone else's deployment left live", exc)
         raise
 
 
@@ -530,7 +664,10 @@ def run_canary(
 
     With ``lease_s`` every trial deployment carries a lease renewed in the background: if this
     process dies (killed, machine lost, network cut), the gateway drops the trial by itself
-    within ``lease_s`` and serves the champion alone. With a ``shadow`` policy (and a champion)
+    within ``lease_s`` and serves the champion alone; a lease that ran out unrenewed stops the
+    canary (:class:`CanaryLeaseLost`) for good. Before each change (and each renewal) the live
+    deployment is compared with what this canary sent: one changed by someone else stops the
+    canary (:class:`CanaryPreempted`) and stays in force. With a ``shadow`` policy (and a champion)
     the candidate first gets mirrored traffic only; a shadow that fails or disagrees is rolled
     back before any user sees one of its answers (step 0, weight 0, in ``steps``).
     """
@@ -553,9 +690,11 @@ def run_canary(
     started = time.monotonic()
     records: list[StepRecord] = []
     seen: list[Observation] = []
-    lease = _Lease(client, lease_s) if lease_s else None
-    admin: DeploymentAdmin = lease if lease is not None else client
-    check = lease.check if lease is not None else _no_check
+    # Every change goes through the lease, leased or not: it notices a deployment someone else
+    # changed meanwhile, so no step, promotion or restore undoes theirs.
+    lease = _Lease(client, lease_s or None)
+    admin: DeploymentAdmin = lease
+    check = lease.check
 
     def note(record: StepRecord) -> None:
         records.append(record)
@@ -572,7 +711,7 @@ def run_canary(
             on_step(record)
 
     try:
-        with _restore_on_failure(admin, model, before):
+        with _restore_on_failure(lease, model, before):
             if shadow is not None and shadow_reader is not None and champion is not None:
                 note(
                     _shadow_phase(
@@ -653,8 +792,7 @@ def run_canary(
                 final = Deployment(model=model, champion=champion)
             applied = admin.set_deployment(final)
     finally:
-        if lease is not None:
-            lease.close()
+        lease.close()
 
     logger.info(
         "canary %s: %s after %.1fs (%s)",

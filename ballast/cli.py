@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ballast.cli_approve import approve_command, audit_app
 from ballast.cli_data import data_app
-from ballast.cli_shared import console, fail
+from ballast.cli_shared import console, err, fail
 from ballast.cli_stack import stack_app
 from ballast.errors import BallastError
 from ballast.settings import Settings, get_settings
@@ -168,11 +168,22 @@ def release(
 
 
 @app.command()
-def rollback(model: str = typer.Argument(None, help="Model name (default: settings).")) -> None:
+def rollback(
+    model: str = typer.Argument(None, help="Model name (default: settings)."),
+    force: bool = typer.Option(
+        False, "--force", help="Roll back even while a canary or shadow trial is in force."
+    ),
+) -> None:
     """Move `champion` back to `previous` and point the gateway at it."""
+    from ballast.errors import TrialInForce
     from flows.rollback import rollback_flow
 
-    result = rollback_flow(model_name=model)
+    try:
+        result = rollback_flow(model_name=model, force=force)
+    except BallastError as exc:
+        if isinstance(exc, TrialInForce):
+            err.print("a running release owns the deployment; --force abandons it")
+        fail(exc)
     console.print(result)
 
 

@@ -91,6 +91,12 @@ class GatewayError(BallastError):
     stage = "canary"
 
 
+class TrialInForce(BallastError):
+    """A canary or shadow trial is in force: the release flow owns the deployment."""
+
+    stage = "rollback"
+
+
 class DistributedTrainingError(TrainingError):
     """A data-parallel training launch failed: a rank exited non-zero or was killed, or the job ran
     past its timeout. Every rank has been stopped by the time this is raised.

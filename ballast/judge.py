@@ -63,6 +63,12 @@ class Observation:
 
     ``correct`` is None when the label is unknown or the request failed (nothing to compare);
     ``prediction`` is the predicted class when the answer carried one.
+
+    ``latency_s`` must be a finite number >= 0, else :class:`ValueError`: a NaN latency would
+    make every percentile NaN and every ``p95 > limit`` check False, so a broken measurement
+    would pass as a fast one. Refusing it (rather than counting the request as failed) stops the
+    canary at its source with the reason in the message; the controller then restores the
+    deployment that was in force, so a broken measurement can never promote.
     """
 
     version: str
@@ -70,6 +76,13 @@ class Observation:
     latency_s: float
     correct: bool | None = None
     prediction: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
+            raise ValueError(
+                f"latency_s must be a finite number >= 0, got {self.latency_s!r} "
+                f"(version {self.version})"
+            )
 
 
 def _percentile_ms(latencies_s: list[float], q: float) -> float | None:
@@ -186,6 +199,8 @@ class ThresholdJudge:
       ``min_errors`` failures, so a single failed request never decides alone;
     * p95 latency above ``baseline p95 x max_latency_ratio + latency_slack_ms`` (the slack keeps
       sub-millisecond baselines from turning jitter into rollbacks), or above ``max_p95_ms``;
+      a p95 on either side that is not a finite number (statistics not built from checked
+      :class:`Observation` records) fails closed: nothing was measured, so nothing may pass;
     * accuracy below ``baseline accuracy - max_accuracy_drop`` when both sides have
       ``min_samples`` labelled answers, or below ``min_accuracy`` when set — judged on the upper
       ``accuracy_confidence`` Wilson bound of the canary's accuracy, not its point estimate.
@@ -301,6 +316,11 @@ class ThresholdJudge:
         p95 = canary.latency_p95_ms
         if p95 is None:
             return []  # no successful request: the error check speaks for this canary
+        for side in (canary, baseline):
+            value = None if side is None else side.latency_p95_ms
+            # Every comparison with NaN is False: without this a NaN p95 passed every limit.
+            if side is not None and value is not None and not math.isfinite(value):
+                return [f"p95 latency of {side.version} is not a finite number ({value})"]
         limits: list[float] = []
         if baseline is not None and baseline.latency_p95_ms is not None:
             relative = baseline.latency_p95_ms * self.max_latency_ratio + self.latency_slack_ms
@@ -388,6 +408,8 @@ class ObservationBatch:
     ``canary`` tells the arm; ``correct`` is 1 right, 0 wrong, -1 unlabelled; ``prediction`` is
     the class or -1. Requests no version answered are not in a batch: they cannot be pinned on
     an arm (a canary that crashes its worker shows up in the champion's errors, not here).
+    Every ``latency_s`` must be finite and >= 0, else :class:`ValueError` (as for
+    :class:`Observation`: a NaN is below no reference, so it would count as a fast answer).
     """
 
     canary: np.ndarray
@@ -400,6 +422,10 @@ class ObservationBatch:
         n = len(self.canary)
         if any(len(a) != n for a in (self.ok, self.latency_s, self.correct, self.prediction)):
             raise ValueError("every column of an ObservationBatch must have the same length")
+        lat = np.asarray(self.latency_s)
+        if n and not (np.isfinite(lat).all() and (lat >= 0).all()):
+            bad = lat[~(np.isfinite(lat) & (lat >= 0))]
+            raise ValueError(f"latency_s must be finite numbers >= 0, got {bad[:3].tolist()}")
 
     def __len__(self) -> int:
         return len(self.canary)

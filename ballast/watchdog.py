@@ -120,7 +120,7 @@ class Observation:
     latency_window: int = 0  # requests the gateway's percentile covers
     class_counts: Mapping[str, int] | None = None
     replica: str | None = None
-    canary_active: bool = False
+    canary_active: bool = False  # a trial is in force: a canary at any weight, or a shadow
     first: bool = False
     snapshot: dict[str, Any] | None = None
 
@@ -183,7 +183,7 @@ def observe(
         "replicas": {**old_all, key: current},
         "classes": None if now_classes is None else {"version": version, "counts": now_classes},
     }
-    canary_active = bool(stats.get("canary_weight", 0))
+    canary_active = _trial_in_force(stats)
     old = old_all.get(key)
     if not isinstance(old, Mapping) or old.get("version") != version:
         return Observation(
@@ -216,6 +216,21 @@ def observe(
         replica=replica,
         canary_active=canary_active,
         snapshot=snapshot,
+    )
+
+
+def _trial_in_force(stats: Mapping[str, Any]) -> bool:
+    """Whether ``/admin/stats`` shows a trial (``Deployment.has_trial``): a canary at any weight
+    or a shadow. A canary's shadow phase runs at weight 0, so the weight alone misses it, and a
+    rollback then would be undone by the canary's next step or lease renewal."""
+    weight, fraction = stats.get("canary_weight"), stats.get("shadow_fraction")
+    if isinstance(weight, int | float) and weight > 0:
+        return True
+    if isinstance(fraction, int | float) and fraction > 0:
+        return True
+    versions = stats.get("versions")
+    return isinstance(versions, Mapping) and any(
+        isinstance(v, Mapping) and v.get("role") in ("canary", "shadow") for v in versions.values()
     )
 
 
@@ -305,7 +320,7 @@ class WatchdogDecision:
                 f"- window: {obs.requests} requests, {obs.errors} errors (rate {rate}), p99 {p99}"
             )
         if obs.canary_active:
-            lines.append("- a canary is in progress")
+            lines.append("- a canary (or its shadow phase) is in progress")
         lines += ["", *(f"- {r}" for r in self.reasons)]
         if self.verdicts:
             lines += [
@@ -399,7 +414,8 @@ def plan_response(
     decision: WatchdogDecision, *, previous: str | None, policy: WatchdogPolicy
 ) -> Response:
     """What to do: roll back only on a breach of the version still serving as champion, outside a
-    canary (the release flow owns the deployment then), when there is a ``previous`` version."""
+    trial (a canary at any weight or its shadow phase: the release flow owns the deployment
+    then), when there is a ``previous`` version."""
     if decision.status in ("healthy", "insufficient_data"):
         return Response("none", decision.status)
     if decision.status == "unavailable":
@@ -409,7 +425,9 @@ def plan_response(
     if not policy.rollback:
         return Response("alert", "breach; rollback disabled by policy")
     if decision.observation.canary_active:
-        return Response("alert", "breach during a canary: the release flow owns the deployment")
+        return Response(
+            "alert", "breach during a canary or shadow trial: the release flow owns the deployment"
+        )
     if previous is None:
         return Response("alert", f"breach, but {decision.model} has no previous version")
     if previous == decision.version:

@@ -12,10 +12,12 @@ from tasks.rollback import rollback_to_previous
 
 
 @flow(name="rollback", flow_run_name="rollback-{model_name}")
-def rollback_flow(model_name: str | None = None) -> str:
+def rollback_flow(model_name: str | None = None, force: bool = False) -> str:
+    """``force``: roll back even while a canary or shadow trial is in force (that release is
+    abandoned: its controller stops when it sees the change)."""
     name = model_name or get_settings().model_name
     replaced = registry().get_by_alias(name, ALIAS_CHAMPION)
-    restored = rollback_to_previous(name)
+    restored = rollback_to_previous(name, force=force)
     publish_decision(
         model=name,
         version=replaced.version if replaced is not None else "?",

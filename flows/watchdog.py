@@ -79,7 +79,9 @@ def champion_watchdog_flow(
     artifact_id: str | None = None
     if response.action == "rollback":
         try:
-            rolled_back_to = rollback_to_previous(name)
+            # The audit log says who rolled back and why: not the "manual rollback" default.
+            why = f"watchdog: {response.reason} ({'; '.join(decision.reasons)})"[:500]
+            rolled_back_to = rollback_to_previous(name, why=why)
         except Exception as exc:  # reported below, then the run fails
             failure = exc
     if response.action != "none":

@@ -30,7 +30,7 @@ from ballast.gateway_process import ensure_gateway
 from ballast.judge import Judge, SequentialJudge, ThresholdJudge
 from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import ALIAS_CHAMPION, TAG_ARTIFACT, TAG_ARTIFACT_SHA, TAG_BACKEND, TAG_FAULT
-from ballast.serving import VersionSpec
+from ballast.serving import Deployment, VersionSpec
 from ballast.settings import Settings, get_settings
 from model_registry import ModelVersionInfo, Registry
 from tasks.common import AuditedAdmin, logger, registry
@@ -158,10 +158,15 @@ def canary_release(
         if result.promoted:
             try:
                 reg.promote(s.model_name, candidate.version)
-            except BaseException:
-                # Traffic already moved; put it back so the registry's champion is what serves.
-                if before is not None:
-                    gw.set_deployment(before)
+            except BaseException as exc:
+                # Traffic already moved; put it back so the registry's champion is what serves
+                # (nothing, on a first release: the registry has no champion to serve).
+                restore = before if before is not None else Deployment(model=s.model_name)
+                try:
+                    gw.set_deployment(restore)
+                except Exception as restore_exc:
+                    exc.add_note(f"restoring the deployment failed too: {restore_exc!r}")
+                    log.error("stage=canary promotion failed and the restore failed too")
                 raise
     return CanaryOutcome(
         decision=result.decision,

@@ -3,17 +3,22 @@
 With the gateway down, the rollback still happens in the registry and is written to the
 gateway's desired-state file (when the gateway uses one), so a gateway started later serves the
 restored champion, not the version rolled away from.
+
+While a trial (a canary at any weight, or its shadow phase) is in force the release flow owns
+the deployment: a rollback then raises :class:`TrialInForce` and changes nothing, unless forced
+(``ballast rollback --force``); a forced one makes the running canary stop without touching it.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.audit import record
-from ballast.errors import RegistryError
+from ballast.errors import RegistryError, TrialInForce
 from ballast.gateway_client import GatewayClient
 from ballast.release import ALIAS_CHAMPION, ALIAS_PREVIOUS
 from ballast.serving import Deployment
@@ -27,8 +32,32 @@ def desired_state_file(s: Settings) -> Path:
     return s.state_dir.resolve() / "gateway" / "desired.json"
 
 
+def _refuse_during_trial(name: str, dep: Deployment | None, *, force: bool) -> None:
+    # A trial whose lease ran out is dead (its controller is gone): every replica drops it at
+    # its next lease check, so it does not hold a rollback up.
+    if force or dep is None or not dep.has_trial() or dep.lease_expired(time.time()):
+        return
+    trial = (
+        f"canary {dep.canary.version} at {dep.canary_weight}%"
+        if dep.canary is not None
+        else f"shadow {dep.shadow.version if dep.shadow else '?'}"
+    )
+    raise TrialInForce(
+        f"{name}: a trial is in force ({trial}); the release flow owns the deployment until it "
+        "ends. Force the rollback only if that release is to be abandoned."
+    )
+
+
 @task(name="rollback-to-previous", cache_policy=NO_CACHE)
-def rollback_to_previous(model_name: str | None = None, *, why: str = "manual rollback") -> str:
+def rollback_to_previous(
+    model_name: str | None = None, *, why: str = "manual rollback", force: bool = False
+) -> str:
+    """Move ``champion`` back to ``previous`` and point the gateway at it.
+
+    Refused with :class:`TrialInForce` while a canary or shadow trial is in force, unless
+    ``force``. If the registry move fails after the gateway switched, the gateway gets back what
+    it served before (nothing, if it served nothing), and the registry's error is raised.
+    """
     s = get_settings()
     name = model_name or s.model_name
     reg = registry(s)
@@ -42,8 +71,10 @@ def rollback_to_previous(model_name: str | None = None, *, why: str = "manual ro
     with GatewayClient(s.gateway_url, s.admin_token()) as client:
         gw = AuditedAdmin(client, s.audit_log, why=why)
         live = client.health()
+        # Read right before the change: a canary may have begun since the caller decided.
         before = gw.get_deployment() if live else None
         if live:
+            _refuse_during_trial(name, before, force=force)
             gw.set_deployment(target)
         elif desired_state_file(s).exists():
             # Imported only here: tasks normally talk to the gateway over its API.
@@ -51,14 +82,23 @@ def rollback_to_previous(model_name: str | None = None, *, why: str = "manual ro
 
             offline = FileDesiredState(desired_state_file(s))
             offline_before = offline.read()
+            _refuse_during_trial(name, offline_before, force=force)
             offline.publish(target, actor=f"rollback ({why})")
         try:
             reg.rollback_to_previous(name)
-        except BaseException:
-            if live and before is not None:
-                gw.set_deployment(before)
+        except BaseException as exc:
+            # The registry's champion did not move: the gateway must not serve `previous` either.
+            if live:
+                restore = before if before is not None else Deployment(model=name)
+                try:
+                    gw.set_deployment(restore)
+                except Exception as restore_exc:
+                    exc.add_note(f"restoring the deployment failed too: {restore_exc!r}")
             if offline is not None:
-                offline.publish(offline_before, actor="rollback failed: restored")
+                try:
+                    offline.publish(offline_before, actor="rollback failed: restored")
+                except Exception as restore_exc:
+                    exc.add_note(f"restoring the desired-state file failed too: {restore_exc!r}")
             raise
     record(
         s.audit_log,
@@ -69,6 +109,7 @@ def rollback_to_previous(model_name: str | None = None, *, why: str = "manual ro
         gateway_updated=live,
         desired_state_written=offline is not None,
         why=why,
+        forced=force,
     )
     logger().info(
         "stage=rollback model=%s champion=%s replaced=%s gateway_updated=%s desired_file=%s",

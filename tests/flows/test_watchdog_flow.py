@@ -140,6 +140,7 @@ def test_a_failing_champion_is_rolled_back_to_previous_with_a_report(env: Settin
     assert dep.champion.version == previous.version and dep.champion.fault is None
     entries = read_audit(s.audit_log)
     assert [e["action"] for e in entries[-2:]] == ["rollback", "watchdog_rollback"]
+    assert "watchdog" in entries[-2]["why"] and "error_rate" in entries[-2]["why"], entries[-2]
     audit = entries[-1]
     assert audit["version"] == champion.version and audit["rolled_back_to"] == previous.version
     assert audit["metric"] == "error_rate" and audit["replica"] == report.replica
@@ -231,7 +232,7 @@ def test_a_failed_rollback_is_reported_and_fails_the_run(
         return WatchdogCheck(decision, previous="8")
 
     @task
-    def failing_rollback(model_name: str | None = None) -> str:
+    def failing_rollback(model_name: str | None = None, *, why: str = "") -> str:
         raise IntegrityError("version 8: artefact not in its manifest")
 
     monkeypatch.setattr(fw, "check_champion", fake_check)
@@ -244,3 +245,42 @@ def test_a_failed_rollback_is_reported_and_fails_the_run(
     assert _healthy_gauge(s) == "0.0"
     arts = _artifacts(f"watchdog-{s.model_name}")
     assert any("rollback failed: IntegrityError" in a.data for a in arts)
+
+
+def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fast: the flow's body via .fn() with its tasks replaced, no harness or gateway needed."""
+    import flows.watchdog as fw
+    from ballast.anomaly import DetectorState, MetricVerdict
+    from ballast.watchdog import Observation, WatchdogDecision
+    from tasks.watchdog import WatchdogCheck
+
+    verdict = MetricVerdict(
+        "error_rate", "breach", 0.3, 100, threshold=0.05, reason="error_rate 0.3", rule="cusum"
+    )
+    decision = WatchdogDecision(
+        "breach",
+        "m",
+        "9",
+        (verdict,),
+        (verdict.reason,),
+        DetectorState("m"),
+        Observation(model="m", version="9", requests=100, errors=30, replica="r"),
+    )
+    whys: list[str] = []
+
+    def rollback(model_name: str | None = None, *, why: str = "manual rollback") -> str:
+        whys.append(why)
+        return "8"
+
+    monkeypatch.setattr(fw, "check_champion", lambda name, policy: WatchdogCheck(decision, "8"))
+    monkeypatch.setattr(fw, "rollback_to_previous", rollback)
+    monkeypatch.setattr(fw, "localisation_markdown", lambda *a, **k: "")
+    monkeypatch.setattr(fw, "report_incident", lambda *a, **k: "artifact")
+    monkeypatch.setattr(fw, "send_heartbeat", lambda *a, **k: True)
+    report = fw.champion_watchdog_flow.fn("m")
+    # The audit log's rollback entry must not read "manual rollback" for an automatic one.
+    assert report.action == "rollback" and report.rolled_back_to == "8"
+    assert len(whys) == 1 and whys[0] != "manual rollback", whys
+    assert "watchdog" in whys[0] and "error_rate 0.3" in whys[0], whys

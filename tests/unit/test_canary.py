@@ -392,3 +392,72 @@ def test_a_lease_that_cannot_be_renewed_stops_the_canary_and_restores() -> None:
 
 def _unleased(dep: Deployment) -> Deployment:
     return dep.model_copy(update={"lease_expires_at": None})
+
+
+PREVIOUS_ONLY = Deployment(model=MODEL, champion=spec("0"))
+
+
+@pytest.mark.parametrize("lease_s", [0.3, None], ids=["leased", "no-lease"])
+def test_a_deployment_changed_by_someone_else_stops_the_canary_and_stays(
+    lease_s: float | None,
+) -> None:
+    from ballast.canary import CanaryPreempted
+
+    # Given a canary whose first step is under way,
+    admin = FakeAdmin(CHAMPION_ONLY)
+    changed_at: list[int] = []
+
+    def load(weight: int) -> list[Observation]:
+        if not changed_at:
+            # when somebody else (a forced rollback) replaces the deployment mid-step,
+            admin.current = PREVIOUS_ONLY
+            changed_at.append(len(admin.history))
+            time.sleep(0.25)  # long enough for a renewal (every 0.1 s) to look
+        return SyntheticLoad()(weight)
+
+    with pytest.raises(CanaryPreempted, match="changed by someone else"):
+        canary(admin, load, lease_s=lease_s)
+    # then the canary stops without renewing, stepping, promoting or "restoring" over it.
+    assert admin.history[changed_at[0] :] == [], "the canary overwrote another party's change"
+    assert admin.current == PREVIOUS_ONLY
+
+
+def test_a_lease_that_ran_out_during_an_outage_is_lost_for_good() -> None:
+    from ballast.canary import CanaryLeaseLost
+
+    class Gateway(FakeAdmin):
+        """Unreachable while ``down``; drops a trial whose lease ran out, as every replica does."""
+
+        down = False
+
+        def get_deployment(self) -> Deployment | None:
+            if self.down:
+                raise GatewayError("gateway unreachable")
+            if self.current is not None and self.current.lease_expired(time.time()):
+                self.current = self.current.without_trial()
+            return self.current
+
+        def set_deployment(self, dep: Deployment) -> Deployment:
+            if self.down:
+                raise GatewayError("gateway unreachable")
+            return super().set_deployment(dep)
+
+    admin = Gateway(CHAMPION_ONLY)
+    outage_at: list[int] = []
+
+    def load(weight: int) -> list[Observation]:
+        if not outage_at:
+            # Given an outage longer than the lease (0.3 s), then the gateway back for a while,
+            outage_at.append(len(admin.history))
+            admin.down = True
+            time.sleep(0.6)
+            admin.down = False
+            time.sleep(0.3)  # several renewal periods with the gateway reachable again
+        return SyntheticLoad()(weight)
+
+    # when the canary looks again, then its lease is lost: no renewal revived the dropped trial.
+    with pytest.raises(CanaryLeaseLost):
+        canary(admin, load, lease_s=0.3)
+    after = admin.history[outage_at[0] :]
+    assert not any(d.has_trial() for d in after), f"a dropped trial was sent again: {after}"
+    assert admin.current == CHAMPION_ONLY, admin.current

@@ -116,3 +116,26 @@ def test_keys_rotate_rewraps_objects_and_retires_the_old_key(
     back = tmp_path / "back.csv"
     assert runner.invoke(app, ["data", "decrypt", str(enc), str(back)]).exit_code == 0
     assert back.read_bytes() == plain.read_bytes()
+
+
+def test_rollback_during_a_trial_is_refused_unless_forced(
+    runner: CliRunner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.rollback as fr
+    from ballast.errors import TrialInForce
+
+    asked: list[bool] = []
+
+    def rollback_flow(model_name: str | None = None, force: bool = False) -> str:
+        asked.append(force)
+        if not force:
+            raise TrialInForce("a trial is in force (canary 4 at 10%)")
+        return "2"
+
+    monkeypatch.setattr(fr, "rollback_flow", rollback_flow)
+    refused = runner.invoke(app, ["rollback"])
+    assert refused.exit_code == 2, refused.output
+    assert "stage=rollback" in refused.output and "--force" in refused.output, refused.output
+    forced = runner.invoke(app, ["rollback", "--force"])
+    assert forced.exit_code == 0 and "2" in forced.output, forced.output
+    assert asked == [False, True]

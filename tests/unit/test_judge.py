@@ -5,7 +5,7 @@ Flagger and Kayenta comparison judges."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -110,6 +110,13 @@ def test_as_evidence_is_flat_numbers_without_undefined_values() -> None:
     assert all(isinstance(v, float) and math.isfinite(v) for v in ev.values())
 
 
+@pytest.mark.parametrize("latency_s", [math.nan, math.inf, -0.001], ids=["nan", "inf", "neg"])
+def test_an_observation_with_an_impossible_latency_is_refused(latency_s: float) -> None:
+    # NaN made np.percentile's p95 NaN, and `NaN > limit` is False: a canary promoted.
+    with pytest.raises(ValueError, match="latency"):
+        Observation("2", True, latency_s)
+
+
 def test_stats_by_version_includes_unknown() -> None:
     obs = [*make_obs("1", 3), Observation("unknown", False, 5.0)]
     by = stats_by_version(obs)
@@ -197,6 +204,21 @@ def test_absolute_latency_and_accuracy_limits_apply_on_a_first_release() -> None
     assert wrong.evidence["limit_accuracy"] == 0.9
     fine = judge.judge(None, stats("1", 40, latency_ms=20, correct=40), 100)
     assert fine.decision == "promote", fine.reasons
+
+
+@pytest.mark.parametrize("side", ["canary", "baseline"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_threshold_judge_fails_closed_on_a_p95_that_is_not_a_number(side: str, bad: float) -> None:
+    # Given statistics built directly (not from observations) with a p95 that is not finite,
+    baseline, canary = stats("1", 400), stats("2", 40)
+    if side == "canary":
+        canary = replace(canary, latency_p95_ms=bad)
+    else:
+        baseline = replace(baseline, latency_p95_ms=bad)
+    # when judged at 100 %, then it is rolled back, not promoted on a comparison that said nothing.
+    verdict = ThresholdJudge(min_samples=40).judge(baseline, canary, 100)
+    assert verdict.decision == "rollback", verdict
+    assert any("not a finite number" in r for r in verdict.reasons), verdict.reasons
 
 
 def test_several_failures_are_all_reported() -> None:

@@ -232,3 +232,18 @@ def test_judge_latency_test_keeps_its_bound_with_a_running_reference() -> None:
         crossed += best >= math.log(1 / 0.10)
     rate = crossed / runs
     assert rate <= 0.10 + 2 * math.sqrt(0.1 * 0.9 / runs), f"latency crossed in {rate:.3f}"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -0.001], ids=["nan", "inf", "neg"])
+def test_a_batch_with_an_impossible_latency_is_refused_not_counted_as_fast(bad: float) -> None:
+    # NaN compared below every latency reference, so a NaN answer counted as a fast one.
+    latency = np.full(4, 0.01)
+    latency[2] = bad
+    with pytest.raises(ValueError, match="latency"):
+        ObservationBatch(
+            np.array([True, False, True, False]),
+            np.ones(4, dtype=bool),
+            latency,
+            np.full(4, -1, dtype=np.int8),
+            np.full(4, -1, dtype=np.int64),
+        )

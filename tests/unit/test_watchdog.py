@@ -32,14 +32,21 @@ def stats(
     loaded_at: str = "2026-11-27T00:00:00+00:00",
     model: str = "m",
     canary_weight: int = 0,
+    shadow_fraction: float = 0.0,
+    trial: dict[str, str] | None = None,
     window: int = 2048,
 ) -> dict[str, Any]:
-    """The shape of the gateway's /admin/stats body (infra/gateway/app.py: Gateway.stats)."""
+    """The shape of the gateway's /admin/stats body (infra/gateway/app.py: Gateway.stats).
+
+    ``trial`` adds idle versions by role (``{"4": "shadow"}``), as a trial deployment loads them.
+    """
+    idle = {"requests": 0, "errors": 0, "window": 0, "loaded_at": loaded_at}
     return {
         "model": model,
         "canary_weight": canary_weight,
-        "shadow_fraction": 0.0,
+        "shadow_fraction": shadow_fraction,
         "versions": {
+            **{v: {**idle, "role": role} for v, role in (trial or {}).items()},
             version: {
                 "role": "champion",
                 "fault": None,
@@ -52,7 +59,7 @@ def stats(
                 "batches": 0,
                 "queued_rows": 0,
                 "loaded_at": loaded_at,
-            }
+            },
         },
         "draining": [],
     }
@@ -228,6 +235,34 @@ def test_class_share_drift_is_watched_when_counts_are_known() -> None:
     assert decisions[-1].status == "breach"
     culprit = decisions[-1].culprit
     assert culprit is not None and culprit.metric.startswith(SHARE_PREFIX)
+
+
+@pytest.mark.parametrize(
+    "trial",
+    [
+        {"shadow_fraction": 1.0, "trial": {"4": "shadow"}},
+        {"canary_weight": 0, "trial": {"4": "canary"}},
+        {"canary_weight": 5, "trial": {"4": "canary"}},
+    ],
+    ids=["shadow-phase", "canary-at-0", "canary-at-5"],
+)
+def test_a_breach_during_any_trial_alerts_and_never_rolls_back(trial: dict[str, Any]) -> None:
+    # Given a canary's shadow phase (weight 0, a mirrored fraction) or a canary at any weight,
+    state, snap = DetectorState("m"), None
+    decisions = []
+    for requests, errors in [(1000, 0), (2000, 300), (3000, 600), (4000, 900)]:
+        obs = observe(stats(requests, errors, **trial), model="m", version="3", last_snapshot=snap)
+        snap = obs.snapshot
+        d = decide(obs, state, POLICY)
+        state = d.state
+        decisions.append(d)
+    # when the champion breaches, then the watchdog alerts: the release flow owns the deployment.
+    assert all(d.observation.canary_active for d in decisions), "a trial is in force throughout"
+    breaches = [d for d in decisions if d.status == "breach"]
+    assert breaches, [d.status for d in decisions]
+    for d in breaches:
+        r = plan_response(d, previous="2", policy=POLICY)
+        assert r.action == "alert" and "canary" in r.reason, r
 
 
 def breach_decision(*, canary: bool = False, version: str = "3") -> WatchdogDecision:

@@ -1,0 +1,80 @@
+"""FAKES of the gateway client and the registry facade for tasks called via ``.fn()``.
+
+They stand in for ``GatewayClient`` (the deployment calls only) and ``Registry`` (aliases, promote
+and rollback), so a task's guard paths (a registry move failing after traffic moved) can be made
+to happen on demand. The real gateway and MLflow are exercised in tests/flows and
+tests/integration.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from ballast.errors import GatewayError, RegistryError
+from ballast.serving import Deployment, VersionSpec
+
+
+def spec(version: str) -> VersionSpec:
+    return VersionSpec(version=version, artifact_path=f"/a/{version}.onnx", sha256="0" * 64)
+
+
+class FakeGateway:
+    """FAKE of ``GatewayClient``: an instance is also the "class" a task constructs.
+
+    ``refuse_sets`` numbers the PUTs (1-based) it refuses; a refused PUT changes nothing.
+    """
+
+    def __init__(self, current: Deployment | None, *, refuse_sets: set[int] | None = None) -> None:
+        self.current = current
+        self.sets: list[Deployment] = []
+        self._refuse = refuse_sets or set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FakeGateway:
+        return self
+
+    def __enter__(self) -> FakeGateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def health(self) -> bool:
+        return True
+
+    def get_deployment(self) -> Deployment | None:
+        return self.current
+
+    def set_deployment(self, dep: Deployment) -> Deployment:
+        self.sets.append(dep)
+        if len(self.sets) in self._refuse:
+            raise GatewayError("fake gateway refused the change")
+        self.current = dep
+        return dep
+
+    def shadow(self) -> dict[str, Any]:
+        return {}
+
+
+class FakeRegistry:
+    """FAKE of the registry facade's alias calls; ``fail`` makes promote and rollback raise."""
+
+    def __init__(self, aliases: dict[str, str], *, fail: bool = False) -> None:
+        self.aliases = dict(aliases)
+        self.fail = fail
+
+    def get_by_alias(self, name: str, alias: str) -> Any:
+        version = self.aliases.get(alias)
+        return None if version is None else SimpleNamespace(name=name, version=version, tags={})
+
+    def promote(self, name: str, version: str) -> None:
+        if self.fail:
+            raise RegistryError("tracking server unreachable")
+        if "champion" in self.aliases:
+            self.aliases["previous"] = self.aliases["champion"]
+        self.aliases["champion"] = version
+
+    def rollback_to_previous(self, name: str) -> None:
+        if self.fail:
+            raise RegistryError("tracking server unreachable")
+        self.aliases["champion"] = self.aliases.pop("previous")

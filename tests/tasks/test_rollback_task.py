@@ -1,0 +1,124 @@
+"""tasks/rollback.py via ``.fn()`` against FAKES of the gateway and the registry (tests/tasks/fakes.py):
+the refusal while a trial is in force, and the gateway restored when the registry move fails."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import tasks.rollback as tr
+from ballast.audit import read as read_audit
+from ballast.errors import RegistryError
+from ballast.serving import Deployment
+from ballast.settings import Settings
+from tests.tasks.fakes import FakeGateway, FakeRegistry, spec
+
+
+def _wire(monkeypatch: pytest.MonkeyPatch, gateway: FakeGateway, reg: FakeRegistry) -> None:
+    monkeypatch.setattr(tr, "GatewayClient", gateway)
+    monkeypatch.setattr(tr, "registry", lambda s=None: reg)
+    monkeypatch.setattr(tr, "version_spec", lambda reg, s, info: spec(info.version))
+
+
+def _audited_rollbacks(s: Settings) -> list[dict[str, object]]:
+    if not s.audit_log.exists():
+        return []
+    return [e for e in read_audit(s.audit_log) if e["action"] == "rollback"]
+
+
+def _trials(model: str) -> dict[str, Deployment]:
+    return {
+        "shadow": Deployment(
+            model=model, champion=spec("3"), shadow=spec("4"), shadow_fraction=1.0
+        ),
+        "canary-at-10": Deployment(
+            model=model, champion=spec("3"), canary=spec("4"), canary_weight=10
+        ),
+        "leased-canary": Deployment(
+            model=model,
+            champion=spec("3"),
+            canary=spec("4"),
+            canary_weight=50,
+            lease_expires_at=time.time() + 60,
+        ),
+    }
+
+
+@pytest.mark.parametrize("trial", ["shadow", "canary-at-10", "leased-canary"])
+def test_a_rollback_is_refused_while_a_trial_is_in_force_and_moves_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, trial: str
+) -> None:
+    # Given a canary (or its shadow phase) in force on the gateway,
+    live = _trials(settings.model_name)[trial]
+    gateway = FakeGateway(live)
+    reg = FakeRegistry({"champion": "3", "previous": "2"})
+    _wire(monkeypatch, gateway, reg)
+    # when the watchdog (or a person, without --force) asks for a rollback,
+    with pytest.raises(tr.TrialInForce, match="trial") as info:
+        tr.rollback_to_previous.fn(why="watchdog")
+    # then nothing moves: the release flow owns the deployment until the trial ends.
+    assert info.value.stage == "rollback"
+    assert gateway.sets == [] and gateway.current == live
+    assert reg.aliases == {"champion": "3", "previous": "2"}
+    assert _audited_rollbacks(settings) == []
+
+
+def test_a_forced_rollback_replaces_the_trial(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = FakeGateway(_trials(settings.model_name)["canary-at-10"])
+    reg = FakeRegistry({"champion": "3", "previous": "2"})
+    _wire(monkeypatch, gateway, reg)
+    assert tr.rollback_to_previous.fn(force=True) == "2"
+    assert gateway.current == Deployment(model=settings.model_name, champion=spec("2"))
+    assert reg.aliases == {"champion": "2"}
+    (entry,) = _audited_rollbacks(settings)
+    assert entry["forced"] is True
+
+
+def test_a_trial_whose_lease_ran_out_does_not_block_a_rollback(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The controller died; every replica drops the trial at its next lease check anyway.
+    dead = Deployment(
+        model=settings.model_name,
+        champion=spec("3"),
+        canary=spec("4"),
+        canary_weight=25,
+        lease_expires_at=time.time() - 1,
+    )
+    gateway = FakeGateway(dead)
+    reg = FakeRegistry({"champion": "3", "previous": "2"})
+    _wire(monkeypatch, gateway, reg)
+    assert tr.rollback_to_previous.fn() == "2"
+    assert gateway.current == Deployment(model=settings.model_name, champion=spec("2"))
+
+
+def test_a_failed_registry_move_with_nothing_deployed_before_leaves_nothing_served(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a gateway that serves nothing yet,
+    gateway = FakeGateway(None)
+    reg = FakeRegistry({"champion": "3", "previous": "2"}, fail=True)
+    _wire(monkeypatch, gateway, reg)
+    # when the registry cannot move its aliases after the gateway switched to previous,
+    with pytest.raises(RegistryError, match="unreachable"):
+        tr.rollback_to_previous.fn()
+    # then the gateway serves nothing again, not a version the registry does not call champion.
+    assert gateway.sets[0].champion == spec("2")
+    assert gateway.current == Deployment(model=settings.model_name), gateway.current
+
+
+def test_a_failed_restore_rides_along_on_the_registry_error(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = Deployment(model=settings.model_name, champion=spec("3"))
+    gateway = FakeGateway(before, refuse_sets={2})  # the switch goes through, the restore not
+    reg = FakeRegistry({"champion": "3", "previous": "2"}, fail=True)
+    _wire(monkeypatch, gateway, reg)
+    with pytest.raises(RegistryError, match="unreachable") as info:
+        tr.rollback_to_previous.fn()
+    assert gateway.sets[1] == before, "the restore was tried"
+    notes = getattr(info.value, "__notes__", [])
+    assert any("restoring the deployment" in n and "refused" in n for n in notes), notes
