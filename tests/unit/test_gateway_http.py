@@ -191,28 +191,29 @@ def test_an_app_failing_after_it_started_the_response_closes_the_connection() ->
         assert b"transfer-encoding: chunked" in data
 
 
+def _recv_until(conn: socket.socket, end: bytes) -> bytes:
+    """Bytes received until they end with ``end`` (a kept-alive connection never closes)."""
+    conn.settimeout(5)
+    buf = b""
+    while not buf.endswith(end):
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed early: {buf!r}"
+        buf += chunk
+    return buf
+
+
 def test_head_requests_are_answered_on_kept_alive_and_closing_connections() -> None:
     with _server() as port, socket.create_connection(("127.0.0.1", port)) as conn:
         # A HEAD on a kept-alive connection: its head arrives (uvicorn writes no body) ...
         conn.sendall(b"HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n")
-        conn.settimeout(5)
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            chunk = conn.recv(65536)
-            assert chunk, f"connection closed before the head arrived: {head!r}"
-            head += chunk
+        head = _recv_until(conn, b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: 5" in head
         # ... and the connection goes on: a POST pipelined behind another HEAD.
         conn.sendall(
             b"HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n"
             b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi"
         )
-        conn.settimeout(5)
-        buf = b""
-        while not buf.endswith(b"echo:hi"):
-            chunk = conn.recv(65536)
-            assert chunk, f"connection closed early: {buf!r}"
-            buf += chunk
+        buf = _recv_until(conn, b"echo:hi")
         assert buf.count(b"HTTP/1.1 200 OK") == 2 and buf.index(b"content-length: 5") < buf.index(
             b"content-length: 7"
         )
