@@ -10,12 +10,20 @@ over ``epoch-NNNNNN.pt``: a process killed mid-write (even with SIGKILL) leaves 
 checkpoints or the new one, never a torn file under a checkpoint's name. Leftover temporaries
 are removed when the store is opened. Files are read back with ``torch.load(weights_only=True)``,
 so a checkpoint can hold tensors, numbers, strings, lists and dicts, and never runs code on load.
+
+``torch.load`` does not check the CRCs of the zip it reads, so a flipped bit in tensor data would
+load silently. Each file is therefore sealed (:func:`seal`): a fixed header, the sha256 of the
+``torch.save`` bytes, then those bytes, all in the one atomically renamed file. A file whose
+digest does not match, or that has none (written before checkpoints were sealed, or not by this
+store), cannot be verified and is skipped like an unreadable one: the run resumes from the epoch
+before, or starts over. Training is deterministic for a seed, so starting over costs time only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +42,35 @@ _FILE = re.compile(r"^epoch-(\d{6})\.pt$")
 _TMP_SUFFIX = ".tmp"
 #: Bumped when the layout of the saved state changes, so an old file is not misread.
 FORMAT_VERSION = 1
+#: The start of every sealed checkpoint file; the 32-byte sha256 of the rest follows it.
+SEAL_HEADER = b"BALLAST-CHECKPOINT sha256\n"
+_DIGEST_BYTES = 32
+
+
+def seal(data: bytes) -> bytes:
+    """``data`` (what ``torch.save`` wrote) behind :data:`SEAL_HEADER` and its sha256."""
+    return SEAL_HEADER + hashlib.sha256(data).digest() + data
+
+
+def unseal(sealed: bytes) -> bytes:
+    """The ``torch.save`` bytes inside a sealed file, after checking their sha256.
+
+    Raises :class:`TrainingError` saying why the contents cannot be trusted.
+    """
+    if not sealed:
+        raise TrainingError("empty file")
+    if not sealed.startswith(SEAL_HEADER):
+        raise TrainingError(
+            "no sha256 seal (written before checkpoints were sealed, or not by Ballast), "
+            "so its contents cannot be verified"
+        )
+    start = len(SEAL_HEADER) + _DIGEST_BYTES
+    if len(sealed) < start:
+        raise TrainingError("truncated inside its seal")
+    data = sealed[start:]
+    if hashlib.sha256(data).digest() != sealed[len(SEAL_HEADER) : start]:
+        raise TrainingError("sha256 does not match its contents (corrupted or truncated)")
+    return data
 
 
 def config_key(*, dataset_sha256: str, hyperparameters: Mapping[str, Any], seed: int) -> str:
@@ -110,11 +147,14 @@ class CheckpointStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"epoch-{epoch:06d}.pt"
         payload = {**state, "format": FORMAT_VERSION, "key": self.key, "epoch": epoch}
+        buf = io.BytesIO()
+        torch.save(payload, buf)  # before any file exists: a failure here leaves nothing behind
+        sealed = seal(buf.getvalue())
         fd, tmp_name = tempfile.mkstemp(dir=self.dir, prefix=f".{final.name}.", suffix=_TMP_SUFFIX)
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
+                fh.write(sealed)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
@@ -129,15 +169,21 @@ class CheckpointStore:
     def latest(self) -> Checkpoint | None:
         """The newest readable checkpoint of this configuration, or None when there is none.
 
-        A file that cannot be read (a disk error, a file from another format version) is skipped
-        with a warning in favour of the one before it; temporaries of a killed run are removed.
+        A file that cannot be read or verified (a disk error, a flipped bit, a truncated file, a
+        file without a seal, a file from another format version) is skipped with a warning in
+        favour of the one before it; temporaries of a killed run are removed.
         """
         import torch
 
         self._remove_temporaries()
         for epoch, path in self._files():
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                data = unseal(path.read_bytes())
+            except (OSError, TrainingError) as exc:
+                log.warning("skipping unverifiable checkpoint %s: %s", path, exc)
+                continue
+            try:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except Exception as exc:
                 log.warning("skipping unreadable checkpoint %s: %s", path, exc)
                 continue

@@ -11,8 +11,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ballast.errors import ConfigError
+from ballast.quality import METRICS, QualityPolicy
+
+# The largest batch an artefact is exported for (ballast.compile.onnx_export.MAX_EXPORT_BATCH; a
+# test holds the two equal). Not imported from there: that would load the compile package with
+# every settings load.
+MAX_EXPORT_BATCH = 4096
 
 
 def _config_dir() -> Path:
@@ -73,15 +81,20 @@ class Settings(BaseSettings):
     patience: int | None = Field(default=10, ge=1)  # early stopping on validation loss
     torch_compile: bool = False  # CUDA only
 
-    # Quality gate: the candidate may not be worse than the champion beyond max_drop, nor below floor.
+    # Quality gate: the candidate may not be worse than the champion beyond max_drop (in the
+    # metric's units), nor on the wrong side of floor. The metric is one the trainer records
+    # (ballast.quality.METRICS), which also says which way is better: accuracy, roc_auc,
+    # val_accuracy (higher; floor is a minimum, 0.9 unless set) or log_loss, val_loss, train_loss
+    # (lower; floor is a maximum, none unless set). BALLAST_QUALITY_FLOOR=none: no floor.
     quality_metric: str = "accuracy"
     quality_max_drop: float = Field(default=0.01, ge=0)
-    quality_floor: float | None = 0.9
+    quality_floor: float | None = 0.9  # the default for accuracy; see _floor_follows_the_metric
 
     # Compile.
     compile_backend: Literal["auto", "onnxruntime", "tensorrt", "aotinductor"] = "auto"
     parity_rtol_fp32: float = 1e-4
     parity_rtol_fp16: float = 1e-2
+    # Batch sizes the artefact is benchmarked at; the largest is the batch it is compiled for.
     bench_batches: tuple[int, ...] = (1, 64, 1024)
 
     # Approval.
@@ -116,12 +129,63 @@ class Settings(BaseSettings):
     judge_latency_slack_ms: float = Field(default=5.0, ge=0)
     judge_max_accuracy_drop: float = Field(default=0.05, ge=0, le=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _floor_follows_the_metric(cls, data: object) -> object:
+        # An unset floor is the metric's default: 0.9 for accuracy-like scores, none for losses
+        # (0.9 as a loss ceiling would mean nothing).
+        if isinstance(data, dict) and "quality_floor" not in data:
+            spec = METRICS.get(str(data.get("quality_metric", "accuracy")))
+            if spec is not None:
+                data = {**data, "quality_floor": spec.default_floor}
+        return data
+
+    @field_validator("quality_floor", mode="before")
+    @classmethod
+    def _floor_none_from_the_environment(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().lower() in ("", "none", "null"):
+            return None
+        return v
+
+    @field_validator("quality_metric")
+    @classmethod
+    def _metric_the_trainer_records(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(
+                f"quality_metric must be one the trainer records: {', '.join(sorted(METRICS))}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _floor_fits_the_metric(self) -> Settings:
+        try:
+            self.quality_policy()  # refuses a floor outside the metric's range (accuracy 1.5)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+    @field_validator("bench_batches")
+    @classmethod
+    def _bench_batches_exportable(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(not 1 <= b <= MAX_EXPORT_BATCH for b in v):
+            raise ValueError(
+                f"bench_batches must be one or more batch sizes within 1..{MAX_EXPORT_BATCH}"
+                f" (the largest is the batch the artefact is compiled for), got {list(v)}"
+            )
+        return v
+
     @field_validator("canary_steps")
     @classmethod
     def _steps_rise_to_100(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or any(not 0 < s <= 100 for s in v) or list(v) != sorted(set(v)) or v[-1] != 100:
             raise ValueError("canary_steps must rise strictly within 1..100 and end at 100")
         return v
+
+    def quality_policy(self) -> QualityPolicy:
+        """The quality gate's policy: the metric's direction from :data:`ballast.quality.METRICS`."""
+        return QualityPolicy.for_metric(
+            self.quality_metric, max_drop=self.quality_max_drop, floor=self.quality_floor
+        )
 
     @property
     def tracking_uri(self) -> str:

@@ -59,12 +59,13 @@ def stage_artifacts(
     key: str | None = None,
     code: str | None = None,
 ) -> Path:
-    """Lay out what gets registered: compiled artefact, ONNX, eager weights, signed manifest."""
+    """Lay out what gets registered: compiled artefact and the files it needs beside it (e.g.
+    TensorRT's sidecar), ONNX, eager weights, signed manifest."""
     import torch
 
     s = get_settings()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for src in {compiled.path, compiled.onnx_path}:
+    for src in {compiled.path, compiled.onnx_path, *compiled.companions}:
         if src.parent.resolve() != out_dir.resolve():
             shutil.copy2(src, out_dir / src.name)
     torch.save(trained.model.state_dict(), out_dir / "state_dict.pt")

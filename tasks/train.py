@@ -166,9 +166,8 @@ def quality_gate(trained: TrainResult, policy: QualityPolicy | None = None) -> Q
     """Stop the release before compile when the candidate is worse than the champion beyond
     tolerance (or below the floor): raises :class:`QualityGateFailed` with the decision."""
     s = get_settings()
-    policy = policy or QualityPolicy(
-        metric=s.quality_metric, max_drop=s.quality_max_drop, floor=s.quality_floor
-    )
+    # The metric's direction comes from ballast.quality.METRICS (a loss: lower is better).
+    policy = policy or s.quality_policy()
     if policy.metric not in trained.metrics:
         raise QualityGateFailed(
             f"the candidate has no {policy.metric!r} metric; it has {sorted(trained.metrics)}"

@@ -146,6 +146,11 @@ class AOTInductorBackend:
     def available(self) -> bool:
         return self.unavailable_reason() is None
 
+    def companion_files(self, artifact: Path) -> tuple[Path, ...]:
+        """None: the ``.pt2`` package holds its code, weights and metadata."""
+        del artifact
+        return ()
+
     def compile_module(
         self, model: torch.nn.Module, example: np.ndarray, out_dir: Path, *, max_batch: int
     ) -> Path:

@@ -4,6 +4,11 @@ AOTInductor.
 ONNX Runtime and TensorRT build from the exported ONNX file (:class:`CompileBackend`);
 AOTInductor builds from the PyTorch module itself (:class:`ModuleCompileBackend`). The pipeline
 exports ONNX either way (it is registered with every version).
+
+An artefact may need files beside it to load (TensorRT's ``model.engine.json`` sidecar): the
+backend names them (``companion_files``), the pipeline records them on the
+:class:`~ballast.compile.pipeline.CompiledArtifact`, and registration copies, hashes and signs
+them with the artefact.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class CompileBackend(Protocol):
         """Build the artefact from ``onnx_path`` into ``out_dir``; returns its path."""
         ...
 
+    def companion_files(self, artifact: Path) -> tuple[Path, ...]:
+        """The files ``compile`` wrote beside ``artifact`` that loading it needs (may be ())."""
+        ...
+
 
 @runtime_checkable
 class ModuleCompileBackend(Protocol):
@@ -55,6 +64,10 @@ class ModuleCompileBackend(Protocol):
         self, model: torch.nn.Module, example: np.ndarray, out_dir: Path, *, max_batch: int
     ) -> Path:
         """Build the artefact for ``model`` (``example``: float32 rows) into ``out_dir``."""
+        ...
+
+    def companion_files(self, artifact: Path) -> tuple[Path, ...]:
+        """The files ``compile_module`` wrote beside ``artifact`` that loading it needs."""
         ...
 
 

@@ -27,6 +27,11 @@ class OnnxRuntimeBackend:
     def available(self) -> bool:
         return importlib.util.find_spec("onnxruntime") is not None
 
+    def companion_files(self, artifact: Path) -> tuple[Path, ...]:
+        """None: the optimised model is one self-contained file."""
+        del artifact
+        return ()
+
     def compile(self, onnx_path: Path, out_dir: Path, *, max_batch: int) -> Path:
         """Optimise ``onnx_path`` into ``out_dir/model.ort.onnx``.
 

@@ -7,7 +7,12 @@ The metric, per row: ``max_j |compiled_j - eager_j| / max(max_j |eager_j|, mean 
 The error is measured against the row's largest logit rather than element-wise, so a logit that
 happens to sit near zero (a row near the decision boundary) does not turn float rounding into a
 huge relative error; the batch's mean absolute logit and a tiny absolute floor keep the denominator
-away from zero when a whole row is near zero. A non-finite output counts as an infinite error.
+away from zero when a whole row is near zero.
+
+A row where either side has a NaN or an infinity is an infinite error, even where eager PyTorch and
+the artefact are non-finite at the same places: matching NaNs cannot show that the two compute the
+same thing, and a model that yields non-finite logits on rows drawn to the data's scale is not
+fit to serve. So ``passed`` needs a finite maximum relative error within ``rtol``.
 """
 
 from __future__ import annotations
@@ -49,11 +54,20 @@ def relative_errors(
     b = np.asarray(reference, dtype=np.float64)
     if a.shape != b.shape:
         raise ParityError(f"compiled output shape {a.shape} differs from eager {b.shape}")
-    diff = np.abs(a - b).max(axis=1)
-    scale = np.maximum(np.abs(b).max(axis=1), max(float(np.abs(b).mean()), atol_floor))
-    rel: np.ndarray = diff / scale
-    # NaN compares false against any tolerance; make a non-finite output fail loudly instead.
-    rel[~np.isfinite(a).all(axis=1)] = np.inf
+    if a.ndim == 0:
+        raise ParityError("expected a batch of outputs, got a scalar")
+    if a.ndim != 2:  # one row of outputs per input row
+        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    # NaN compares false against any tolerance: a non-finite value on either side (the artefact's
+    # or eager's) makes its row an infinite error, and is left out of the batch's scale so it
+    # cannot turn every other row's error into NaN.
+    finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+    rel = np.full(len(a), np.inf)
+    if finite.any():
+        fa, fb = a[finite], b[finite]
+        diff = np.abs(fa - fb).max(axis=1)
+        scale = np.maximum(np.abs(fb).max(axis=1), max(float(np.abs(fb).mean()), atol_floor))
+        rel[finite] = diff / scale
     return rel
 
 
@@ -109,10 +123,11 @@ def check_parity(
         i = int(np.argmax(rel))
         if rel[i] > max_rel or not where:
             max_rel, where = float(rel[i]), f"{source} row {i}"
+            if not np.isfinite(reference[i]).all():
+                where += ", where eager PyTorch itself is not finite"
         with np.errstate(invalid="ignore"):
-            max_abs = max(
-                max_abs, float(np.nan_to_num(np.abs(actual - reference), nan=np.inf).max())
-            )
+            diff = np.abs(actual.astype(np.float64) - reference.astype(np.float64))
+            max_abs = max(max_abs, float(np.nan_to_num(diff, nan=np.inf).max()))
 
     report = ParityReport(
         max_abs_err=max_abs,
@@ -120,7 +135,7 @@ def check_parity(
         rtol=rtol,
         n_rows=len(rows),
         n_random=max(n_random, 0),
-        passed=max_rel <= rtol,
+        passed=bool(np.isfinite(max_rel)) and max_rel <= rtol,
     )
     if not report.passed:
         err = ParityError(

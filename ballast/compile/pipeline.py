@@ -37,6 +37,8 @@ class CompiledArtifact:
     parity: ParityReport
     bench: BenchReport
     eager_bench: BenchReport
+    #: Files beside ``path`` that loading it needs (TensorRT's sidecar); registered with it.
+    companions: tuple[Path, ...] = ()
 
     def metrics(self) -> dict[str, float]:
         """Flat float metrics for the tracking store (names stable across runs)."""
@@ -97,6 +99,13 @@ def compile_model(
         artifact = chosen.compile_module(model, example_rows, out_dir, max_batch=max_batch)
     else:
         artifact = chosen.compile(onnx_path, out_dir, max_batch=max_batch)
+    # Registration copies these by name next to the artefact, where its loader looks for them.
+    companions = tuple(Path(p) for p in chosen.companion_files(artifact))
+    misplaced = [str(p) for p in companions if p.parent != artifact.parent or not p.is_file()]
+    if misplaced:
+        raise CompileError(
+            f"{chosen.name} names files its artefact needs that are not beside it: {misplaced}"
+        )
     precision = chosen.precision
     predictor = load_predictor(artifact, chosen.name, intra_op_threads=intra_op_threads)
 
@@ -146,4 +155,5 @@ def compile_model(
         parity=parity,
         bench=bench,
         eager_bench=eager,
+        companions=companions,
     )

@@ -166,6 +166,11 @@ class TensorRTBackend:
         fast = torch.cuda.get_device_capability() >= FP16_MIN_COMPUTE_CAPABILITY
         return "fp16" if has_flag and fast else "fp32"
 
+    def companion_files(self, artifact: Path) -> tuple[Path, ...]:
+        """The sidecar :class:`TensorRTPredictor` reads before it loads ``artifact``: it must be
+        registered (and signed) with the engine. Pure: needs no TensorRT."""
+        return (sidecar_path(Path(artifact)),)
+
     def compile(self, onnx_path: Path, out_dir: Path, *, max_batch: int) -> Path:
         """Build ``out_dir/model.engine`` and its sidecar ``model.engine.json``."""
         reason = self.unavailable_reason()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,15 @@ from ballast.audit import read as read_audit
 from ballast.compile import compile_model
 from ballast.data import bundled_csv_bytes, bundled_spec
 from ballast.errors import IntegrityError, RegistryError
+from ballast.hashing import sha256_file
+from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, ALIAS_PREVIOUS, TAG_STATUS
 from ballast.settings import Settings
 from ballast.training import train
 from ballast.validation import validate_bytes
 from model_registry import Registry
 from tasks.canary import version_spec
-from tasks.registry import close_candidate, record_promotion, register_candidate
+from tasks.registry import close_candidate, record_promotion, register_candidate, stage_artifacts
 from tasks.rollback import rollback_to_previous
 
 
@@ -75,6 +78,25 @@ def test_the_same_release_registers_one_version_whichever_run_registers_it(
     assert approval is not None and approval.status == "pending"
     other = _register(built, settings, "run-c", tmp_path, release="retrained")
     assert other.version != first.version
+
+
+def test_staging_copies_and_signs_the_files_the_compiled_artefact_needs_beside_it(
+    built: dict[str, Any], settings: Settings, tmp_path: Path
+) -> None:
+    # Given an artefact whose loader needs a file beside it (TensorRT: model.engine.json)
+    build = tmp_path / "build"
+    build.mkdir()
+    artefact = Path(shutil.copy2(built["compiled"].path, build))
+    companion = build / f"{artefact.name}.json"
+    companion.write_text('{"needed": "by the loader"}\n')
+    compiled = dataclasses.replace(built["compiled"], path=artefact, companions=(companion,))
+    # When it is staged for registration
+    out = stage_artifacts(tmp_path / "staged", built["ds"], built["trained"], compiled)
+    # Then the companion sits beside the artefact and the signed manifest covers it
+    assert (out / companion.name).read_bytes() == companion.read_bytes()
+    manifest = verify_manifest(SignedManifest.read(out), settings.signing_key_path, out)
+    assert manifest.file(companion.name).sha256 == sha256_file(companion), "companion not signed"
+    assert manifest.file(artefact.name).sha256 == compiled.sha256
 
 
 def test_closing_a_candidate_tags_it_and_leaves_the_champion_alone(

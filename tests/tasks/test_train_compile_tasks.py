@@ -124,6 +124,32 @@ def test_gate_refuses_a_metric_the_candidate_does_not_have(
         quality_gate.fn(train_model.fn(dataset), QualityPolicy(metric="f1"))
 
 
+@pytest.mark.parametrize(("champion_factor", "passes"), [(0.5, False), (2.0, True)])
+def test_gate_on_a_loss_metric_stops_a_higher_loss_and_passes_a_lower_one(
+    fast: Settings,
+    dataset: ValidatedDataset,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    champion_factor: float,
+    passes: bool,
+) -> None:
+    from ballast.settings import get_settings
+
+    # Given the gate configured (as an operator would) on held-out log loss
+    monkeypatch.setenv("BALLAST_QUALITY_METRIC", "log_loss")
+    get_settings.cache_clear()
+    trained = train_model.fn(dataset)
+    loss = trained.metrics["log_loss"]
+    # and a champion with half (a better model) or twice (a worse one) the candidate's loss
+    champion(get_settings(), tmp_path, metrics={"log_loss": loss * champion_factor}, tags={})
+    if passes:
+        decision = quality_gate.fn(trained)
+        assert decision.passed and decision.metric == "log_loss" and decision.floor is None
+    else:
+        with pytest.raises(QualityGateFailed, match=r"log_loss .*too much worse"):
+            quality_gate.fn(trained)
+
+
 def test_bad_weights_candidate_is_stopped_by_the_gate(
     fast: Settings, dataset: ValidatedDataset
 ) -> None:

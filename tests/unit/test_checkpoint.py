@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from ballast.checkpoint import CheckpointStore, config_key
+from ballast.checkpoint import SEAL_HEADER, CheckpointStore, config_key, seal, unseal
 from ballast.errors import TrainingError
 
 KEY = config_key(dataset_sha256="ab" * 32, hyperparameters={"hidden": 8, "lr": 0.01}, seed=1)
@@ -81,9 +83,66 @@ def test_a_file_from_another_configuration_is_not_resumed(tmp_path: Path) -> Non
 def test_loading_never_unpickles_code(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, KEY)
     store.dir.mkdir(parents=True)
-    # A pickle that would call os.system on a full unpickle: weights_only refuses it.
-    torch.save({"format": 1, "key": KEY, "epoch": 1, "x": Path("/")}, store.dir / "epoch-000001.pt")
+    # A pickle that would build an arbitrary object on a full unpickle, correctly sealed so that
+    # only torch.load's weights_only stands in its way: it refuses it.
+    buf = io.BytesIO()
+    torch.save({"format": 1, "key": KEY, "epoch": 1, "x": Path("/")}, buf)
+    (store.dir / "epoch-000001.pt").write_bytes(seal(buf.getvalue()))
     assert store.latest() is None
+
+
+def test_a_bit_flipped_in_tensor_data_is_caught_and_the_epoch_before_resumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given two checkpoints, the newest with a flipped bit inside a tensor's bytes (torch.load
+    # does not check the zip's CRCs: unsealed, this loads 1.0 as 2.0 without a word)
+    store = CheckpointStore(tmp_path, KEY)
+    store.save(1, {"weights": torch.zeros(1000)})
+    newest = store.save(2, {"weights": torch.ones(1000)})
+    raw = bytearray(newest.read_bytes())
+    i = raw.find(bytes.fromhex("0000803f"))  # float32 1.0, little-endian
+    assert i > 0, "tensor data not found in the file"
+    raw[i + 3] ^= 0x7F  # 1.0 -> 2.0
+    newest.write_bytes(bytes(raw))
+    # When the store is read, then the corrupted file is skipped with a warning
+    with caplog.at_level(logging.WARNING, logger="ballast.checkpoint"):
+        ckpt = store.latest()
+    assert ckpt is not None and ckpt.epoch == 1, "a corrupted checkpoint must not be resumed"
+    assert torch.equal(ckpt.state["weights"], torch.zeros(1000))
+    assert "sha256 does not match" in caplog.text
+
+
+@pytest.mark.parametrize("cut", [0, 10, len(SEAL_HEADER) + 5, -1])
+def test_a_truncated_checkpoint_falls_back_to_the_one_before(tmp_path: Path, cut: int) -> None:
+    store = CheckpointStore(tmp_path, KEY)
+    store.save(1, state(1.0))
+    newest = store.save(2, state(2.0))
+    newest.write_bytes(newest.read_bytes()[:cut])
+    ckpt = store.latest()
+    assert ckpt is not None and ckpt.epoch == 1
+
+
+def test_an_unsealed_checkpoint_of_an_older_version_is_not_resumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Decision: a file without a digest cannot be verified, so it is skipped like a corrupt one
+    # (the run starts over: deterministic for a seed, it only costs time).
+    store = CheckpointStore(tmp_path, KEY)
+    store.dir.mkdir(parents=True)
+    torch.save({**state(1.0), "format": 1, "key": KEY, "epoch": 1}, store.dir / "epoch-000001.pt")
+    with caplog.at_level(logging.WARNING, logger="ballast.checkpoint"):
+        assert store.latest() is None
+    assert "cannot be verified" in caplog.text
+
+
+def test_files_are_sealed_with_the_sha256_of_what_torch_saved(tmp_path: Path) -> None:
+    path = CheckpointStore(tmp_path, KEY).save(1, state(1.0))
+    raw = path.read_bytes()
+    assert raw.startswith(SEAL_HEADER)
+    loaded = torch.load(io.BytesIO(unseal(raw)), weights_only=True)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["weights"], torch.full((3,), 1.0))
+    with pytest.raises(TrainingError, match="does not match"):
+        unseal(raw[:-1] + bytes([raw[-1] ^ 1]))
 
 
 def test_save_failure_leaves_no_file_behind(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from pydantic import ValidationError
 
 from ballast.compile import (
     AOTInductorBackend,
@@ -37,11 +38,13 @@ from ballast.compile.tensorrt import (
     ENGINE_NAME,
     TensorRTPredictor,
     compatibility_problems,
+    read_sidecar,
     sidecar_path,
 )
 from ballast.errors import CompileError, ParityError
 from ballast.hashing import sha256_file
 from ballast.runtime import OnnxRuntimePredictor, load_predictor
+from ballast.settings import Settings
 
 N_FEATURES = 30
 
@@ -279,6 +282,24 @@ def test_tensorrt_predictor_refuses_an_engine_from_another_build(tmp_path: Path)
         TensorRTPredictor(engine)
 
 
+def test_tensorrt_names_the_sidecar_its_predictor_reads_as_a_companion_file(
+    tmp_path: Path,
+) -> None:
+    # Given an engine path (no TensorRT needed: naming the files is pure)
+    engine = tmp_path / ENGINE_NAME
+    # When the backend is asked what must travel with it
+    companions = TensorRTBackend().companion_files(engine)
+    # Then it is the sidecar, beside the engine, that TensorRTPredictor reads before loading
+    assert companions == (tmp_path / "model.engine.json",) == (sidecar_path(engine),)
+    companions[0].write_text(json.dumps({"tensorrt_version": "10.0"}))
+    assert read_sidecar(engine) == {"tensorrt_version": "10.0"}, "predictor reads another file"
+
+
+def test_self_contained_artefacts_have_no_companion_files(tmp_path: Path) -> None:
+    assert OnnxRuntimeBackend().companion_files(tmp_path / "model.ort.onnx") == ()
+    assert AOTInductorBackend(device="cpu").companion_files(tmp_path / "model.pt2") == ()
+
+
 # --- aotinductor: the parts that run without a build (the build: tests/integration) -----------
 
 
@@ -360,6 +381,45 @@ def test_non_finite_output_is_an_infinite_error() -> None:
     assert math.isinf(rel[0]) and rel[1] == 0
 
 
+def test_a_non_finite_eager_output_is_an_infinite_error_and_spares_the_other_rows() -> None:
+    reference = np.array([[np.nan, 1.0], [2.0, -2.0], [np.inf, 0.0]])
+    rel = relative_errors(np.array([[0.0, 1.0], [2.0, -2.0], [np.inf, 0.0]]), reference)
+    # Row 2 is non-finite on both sides at the same place: still no evidence of parity.
+    assert math.isinf(rel[0]) and math.isinf(rel[2]), rel
+    assert rel[1] == 0, "a NaN in another row must not poison this row's scale"
+
+
+class _SqrtOfFirst(torch.nn.Module):
+    """Fine on the real (positive) rows; NaN where a random row's first feature is negative."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.sqrt(x[:, 0]), -torch.sqrt(x[:, 0])], 1)
+
+
+class _ClippedSqrtOfFirst:
+    """A "compiled" version that agrees on positive rows and answers 0 where eager is NaN."""
+
+    backend = "fake"
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        s = np.sqrt(np.clip(x[:, 0], 0, None)).astype(np.float32)
+        return np.stack([s, -s], 1)
+
+
+def test_parity_fails_when_eager_is_not_finite_on_the_random_rows() -> None:
+    # Given real rows on which both agree, and random rows where eager PyTorch yields NaN
+    real = np.abs(np.random.default_rng(0).normal(1.0, 1.0, size=(50, 3))).astype(np.float32)
+    real += 0.01
+    assert (random_rows(real, 256)[:, 0] < 0).any(), "the test needs negative random rows"
+    # When parity is checked, then it fails with an infinite error instead of passing
+    with pytest.raises(ParityError, match=r"max relative error inf .*eager PyTorch itself") as e:
+        check_parity(_SqrtOfFirst(), _ClippedSqrtOfFirst(), real, rtol=1e-4)
+    report = e.value.report  # type: ignore[attr-defined]  # set by check_parity for callers
+    assert not report.passed and math.isinf(report.max_rel_err) and math.isinf(report.max_abs_err)
+    # Without the random rows both sides are finite and agree
+    assert check_parity(_SqrtOfFirst(), _ClippedSqrtOfFirst(), real, rtol=1e-4, n_random=0).passed
+
+
 def test_random_rows_follow_the_scale_of_the_real_rows(rows: np.ndarray) -> None:
     drawn = random_rows(rows, 4000, seed=3)
     assert drawn.dtype == np.float32 and drawn.shape == (4000, N_FEATURES)
@@ -438,7 +498,7 @@ def test_compile_model_returns_hashed_checked_benchmarked_artifact(
     assert art.onnx_path == tmp_path / "model.onnx" and art.onnx_sha256 == sha256_file(
         art.onnx_path
     )
-    assert art.parity.passed
+    assert art.parity.passed and art.companions == (), "an ORT model is one file"
     metrics = art.metrics()
     for key in (
         "parity_max_rel_err",
@@ -450,6 +510,54 @@ def test_compile_model_returns_hashed_checked_benchmarked_artifact(
     ):
         assert key in metrics, f"missing metric {key}"
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+class _OrtWithNotes(OnnxRuntimeBackend):
+    """An ONNX-file backend whose artefact needs a file beside it (as TensorRT's does)."""
+
+    def __init__(self, *, write_notes: bool = True) -> None:
+        super().__init__()
+        self.write_notes = write_notes
+
+    def compile(self, onnx_path: Path, out_dir: Path, *, max_batch: int) -> Path:
+        out = super().compile(onnx_path, out_dir, max_batch=max_batch)
+        if self.write_notes:
+            out.with_name("notes.json").write_text("{}")
+        return out
+
+    def companion_files(self, artifact: Path) -> tuple[Path, ...]:
+        return (artifact.with_name("notes.json"),)
+
+
+def test_compile_model_records_the_files_the_backend_says_its_artefact_needs(
+    tmp_path: Path, model: MLP, rows: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ballast.compile.pipeline.select_backend", lambda *a, **k: _OrtWithNotes())
+    art = compile_model(
+        model,
+        rows[:8],
+        rows,
+        tmp_path,
+        rtol_fp32=1e-4,
+        max_batch=64,
+        bench_batches=(1,),
+        n_random=16,
+        bench_min_time_s=0.01,
+    )
+    assert art.companions == (tmp_path / "notes.json",), "registration would leave it behind"
+
+
+def test_compile_model_refuses_a_companion_file_the_backend_did_not_write(
+    tmp_path: Path, model: MLP, rows: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        "ballast.compile.pipeline.select_backend",
+        lambda *a, **k: _OrtWithNotes(write_notes=False),
+    )
+    with pytest.raises(CompileError, match=r"not beside it: .*notes\.json"):
+        compile_model(
+            model, rows[:8], rows, tmp_path, rtol_fp32=1e-4, max_batch=64, bench_batches=(1,)
+        )
 
 
 def test_compile_model_raises_parity_error_before_returning(
@@ -472,6 +580,29 @@ def test_compile_model_refuses_a_max_batch_the_export_cannot_take(
 ) -> None:
     with pytest.raises(CompileError, match="max_batch"):
         compile_model(model, rows, rows, tmp_path, rtol_fp32=1e-4, max_batch=10_000)
+
+
+@pytest.mark.parametrize("batches", ["[]", "[0,64]", "[-1]", "[1,4097]"])
+def test_settings_refuse_bench_batches_the_compile_stage_cannot_use(
+    monkeypatch: pytest.MonkeyPatch, batches: str
+) -> None:
+    # The compile task compiles for max(bench_batches): empty, < 1 or above the export's limit
+    # would fail there with a bare ValueError or CompileError; refuse them at settings load.
+    monkeypatch.setenv("BALLAST_BENCH_BATCHES", batches)
+    with pytest.raises(ValidationError, match=r"bench_batches must be one or more .* 1\.\.4096"):
+        Settings()
+
+
+def test_settings_accept_bench_batches_up_to_the_export_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BALLAST_BENCH_BATCHES", "[1,4096]")
+    assert Settings().bench_batches == (1, 4096)
+    # Settings keep their own copy of the export's limit (importing it would load this package).
+    from ballast import settings
+    from ballast.compile.onnx_export import MAX_EXPORT_BATCH
+
+    assert settings.MAX_EXPORT_BATCH == MAX_EXPORT_BATCH == 4096
 
 
 # --- ballast bench compile (the script's plumbing; its numbers are never asserted) ---------------

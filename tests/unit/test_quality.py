@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from pydantic import ValidationError
 
 from ballast.errors import ConfigError, QualityGateFailed
-from ballast.quality import ChampionMetric, QualityPolicy, judge_quality
+from ballast.quality import METRICS, ChampionMetric, QualityPolicy, judge_quality
+from ballast.settings import Settings
 
 POLICY = QualityPolicy(metric="accuracy", max_drop=0.01, floor=0.9)
 
@@ -105,3 +107,108 @@ def test_quality_gate_failed_names_the_quality_stage_and_keeps_the_decision() ->
     err = QualityGateFailed("candidate rejected", d)
     assert str(err) == "[quality] candidate rejected" and err.stage == "quality"
     assert err.decision is d
+
+
+# --- the metric's direction, from the table of what the trainer records ----------------------
+
+
+@pytest.mark.parametrize(
+    ("metric", "higher_is_better"),
+    [
+        ("accuracy", True),
+        ("roc_auc", True),
+        ("val_accuracy", True),
+        ("log_loss", False),
+        ("val_loss", False),
+        ("train_loss", False),
+    ],
+)
+def test_each_recorded_metric_has_its_direction_from_the_table(
+    metric: str, higher_is_better: bool
+) -> None:
+    policy = QualityPolicy.for_metric(metric, max_drop=0.01, floor=None)
+    assert policy.higher_is_better is higher_is_better, f"{metric} judged the wrong way round"
+
+
+def test_the_table_covers_exactly_the_quality_metrics_the_trainer_records() -> None:
+    # ballast.training.train records these (plus best_epoch and epochs_run, which are not quality)
+    assert set(METRICS) == {
+        "accuracy",
+        "roc_auc",
+        "val_accuracy",
+        "log_loss",
+        "val_loss",
+        "train_loss",
+    }
+
+
+def test_a_policy_that_reads_a_known_metric_the_wrong_way_round_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="for log_loss lower is better"):
+        QualityPolicy(metric="log_loss", floor=None)  # higher_is_better defaults to True
+    with pytest.raises(ConfigError, match="unknown metric 'f1'"):
+        QualityPolicy.for_metric("f1", max_drop=0.01, floor=None)
+
+
+@pytest.mark.parametrize(
+    ("metric", "floor"), [("accuracy", 1.5), ("roc_auc", -0.1), ("val_loss", -1)]
+)
+def test_a_floor_the_metric_cannot_reach_is_a_config_error(metric: str, floor: float) -> None:
+    with pytest.raises(ConfigError, match="outside the values"):
+        QualityPolicy.for_metric(metric, max_drop=0.01, floor=floor)
+
+
+def _settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
+    for name in ("QUALITY_METRIC", "QUALITY_FLOOR", "QUALITY_MAX_DROP"):
+        monkeypatch.delenv(f"BALLAST_{name}", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(f"BALLAST_{name.upper()}", value)
+    return Settings()
+
+
+def test_a_loss_metric_in_the_settings_fails_a_worse_candidate_and_passes_a_better_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given the gate configured on held-out log loss, and a champion at 0.08
+    policy = _settings(monkeypatch, quality_metric="log_loss").quality_policy()
+    champion = ChampionMetric("3", 0.08, "run metric log_loss")
+    # Then a candidate with a far higher loss fails, and one with a lower loss passes
+    worse = judge_quality(2.5, champion, policy)
+    assert not worse.passed and worse.drop == pytest.approx(2.42), worse.reasons
+    better = judge_quality(0.05, champion, policy)
+    assert better.passed and better.drop == pytest.approx(-0.03), better.reasons
+
+
+def test_an_accuracy_metric_in_the_settings_still_fails_a_lower_candidate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    policy = _settings(monkeypatch, quality_metric="roc_auc").quality_policy()
+    assert policy.higher_is_better and policy.floor == 0.9
+    assert not judge_quality(0.91, ChampionMetric("3", 0.99, "run metric roc_auc"), policy).passed
+    assert judge_quality(0.99, ChampionMetric("3", 0.98, "run metric roc_auc"), policy).passed
+
+
+def test_the_floor_defaults_to_none_for_a_loss_and_to_0_9_for_a_score(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _settings(monkeypatch, quality_metric="log_loss").quality_floor is None
+    assert _settings(monkeypatch, quality_metric="val_accuracy").quality_floor == 0.9
+    assert _settings(monkeypatch).quality_floor == 0.9, "the default metric is accuracy"
+    loss = _settings(monkeypatch, quality_metric="val_loss", quality_floor="0.3")
+    assert loss.quality_floor == 0.3 and not judge_quality(0.35, None, loss.quality_policy()).passed
+    assert _settings(monkeypatch, quality_floor="none").quality_floor is None, "floor switched off"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"quality_metric": "f1"}, "quality_metric must be one the trainer records"),
+        ({"quality_metric": "best_epoch"}, "quality_metric must be one the trainer records"),
+        ({"quality_floor": "1.5"}, "outside the values accuracy can take"),
+        ({"quality_metric": "log_loss", "quality_floor": "-0.1"}, "outside the values"),
+    ],
+)
+def test_settings_refuse_a_metric_or_floor_the_gate_cannot_judge(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        _settings(monkeypatch, **env)

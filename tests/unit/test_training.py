@@ -3,6 +3,7 @@ decision, stops early, checkpoints and resumes exactly, and fault injection real
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from ballast.checkpoint import seal, unseal
 from ballast.data import ValidatedDataset
 from ballast.datasets_extra import bundled_dataset
 from ballast.errors import TrainingError
@@ -179,9 +181,11 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_training_error(
 ) -> None:
     _train(dataset, epochs=1, checkpoint_dir=tmp_path)
     (path,) = tmp_path.glob("*/epoch-000001.pt")
-    state = torch.load(path, weights_only=True)
+    state = torch.load(io.BytesIO(unseal(path.read_bytes())), weights_only=True)
     state["model"] = {"layer.weight": torch.zeros(2)}  # what a changed architecture looks like
-    torch.save(state, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path.write_bytes(seal(buf.getvalue()))  # a well-formed checkpoint, for another model
     with pytest.raises(TrainingError, match=r"does not fit this model.*remove .* to start over"):
         _train(dataset, epochs=1, checkpoint_dir=tmp_path)
 
