@@ -196,7 +196,20 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None, min=1, 
     s = get_settings()
     cmd = [sys.executable, "-m", "infra.gateway", "--host", host or s.gateway_host]
     cmd += ["--port", str(port or s.gateway_port)]
-    raise typer.Exit(code=subprocess.call(cmd, env=os.environ.copy()))
+    if os.name == "posix":
+        # This process becomes the gateway (same pid): Ctrl-C, SIGTERM and SIGHUP reach it
+        # directly and it drains; a child would be SIGKILLed by subprocess.call on Ctrl-C and
+        # left serving on SIGTERM. Nothing here has to run after it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, cmd)
+    # Elsewhere Ctrl-C reaches every process on the console: wait for the gateway's drain.
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            raise typer.Exit(code=proc.wait())
+        except KeyboardInterrupt:
+            continue
 
 
 @app.command()

@@ -8,7 +8,12 @@ the application shell (like the CLI): it composes flows, so it imports them lazi
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -19,6 +24,46 @@ from ballast.settings import Settings
 
 
 def run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool = False) -> int:
+    """Both releases and their checks; 0 if everything happened as described, else 1.
+
+    The gateway it starts is stopped on every exit path, SIGTERM and SIGHUP included (they
+    raise ``SystemExit(128 + signal)`` meanwhile), and stops itself if this process dies hard;
+    unless ``keep_serving``, which leaves it running after the demo.
+    """
+    with _stop_signals_raise():
+        return _run_demo(s, fault=fault, console=console, keep_serving=keep_serving)
+
+
+@contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` inside, so ``finally`` blocks run
+    (``timeout ballast demo``, a closed terminal); the previous handlers come back on exit.
+
+    Handlers can only be set in the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal raised
+        if raised:
+            return  # a second signal must not cut short the cleanup the first one started
+        raised = True
+        raise SystemExit(128 + signum)
+
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default then.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool) -> int:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from ballast.cli_data import prepare_dataset
@@ -31,7 +76,8 @@ def run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool 
     started = time.perf_counter()
     console.rule("[bold]Ballast demo")
     uri = prepare_dataset(s)
-    gateway = ensure_gateway(s)
+    # A gateway that ends with the demo stops itself if the demo dies without stopping it.
+    gateway = ensure_gateway(s, exit_with_parent=not keep_serving)
     console.print(f"gateway at {s.gateway_url} ({'started' if gateway else 'already running'})")
     problems: list[str] = []
     reports = []

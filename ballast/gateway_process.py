@@ -102,7 +102,9 @@ class GatewayProcess:
             cmd += ["--workers", str(workers)]
         cmd += list(extra_args)
         if exit_with_parent:
-            cmd.append("--exit-with-parent")
+            # This pid, passed explicitly: if this process dies while the gateway is still
+            # starting up, the gateway sees it was re-parented and exits instead of serving.
+            cmd += ["--exit-with-parent", "--parent-pid", str(os.getpid())]
         log_file = log_path.open("ab")
         try:
             proc = subprocess.Popen(
@@ -173,11 +175,15 @@ class GatewayProcess:
         self.stop()
 
 
-def ensure_gateway(settings: Settings, *, timeout: float = 30.0) -> GatewayProcess | None:
+def ensure_gateway(
+    settings: Settings, *, timeout: float = 30.0, exit_with_parent: bool = False
+) -> GatewayProcess | None:
     """Make sure a gateway answers at ``settings.gateway_url``.
 
     Returns None when one already answers (someone else owns it), else starts one, records its
     pid in ``state_dir/gateway.pid`` and returns it (the caller owns it and should stop it).
+    ``exit_with_parent`` (see :meth:`GatewayProcess.start`): a gateway that must not outlive
+    this process, even if it dies without stopping it.
     """
     with GatewayClient(settings.gateway_url, timeout=1.0) as client:
         if client.health():
@@ -187,7 +193,7 @@ def ensure_gateway(settings: Settings, *, timeout: float = 30.0) -> GatewayProce
             f"no gateway answers at {settings.gateway_url} and BALLAST_GATEWAY_AUTOSTART is off"
         )
     try:
-        gw = GatewayProcess.start(settings, timeout=timeout)
+        gw = GatewayProcess.start(settings, timeout=timeout, exit_with_parent=exit_with_parent)
     except GatewayError:
         # Lost a race: another caller started one on this port between our probe and our bind.
         with GatewayClient(settings.gateway_url, timeout=1.0) as client:

@@ -7,8 +7,9 @@ with this interpreter), so the CLI stays fast and the core keeps its one-way dep
 Every process is started in a session of its own (its process group id is its pid) with its
 output in ``<state_dir>/stack/<name>.log`` and a pid file ``<name>.pid`` (JSON: pid, the kernel's
 start time of that pid, URLs). ``down`` signals exactly those process groups, after checking the
-start time so a recycled pid is never signalled: SIGTERM, then SIGKILL after a bound. One line per
-step goes to ``stack.log`` and to the caller's ``say``.
+start time so a recycled pid is never signalled: SIGTERM, then SIGKILL after a bound. A group whose
+leader exited while its children still run (a server's workers, holding its port) is stopped the
+same way. One line per step goes to ``stack.log`` and to the caller's ``say``.
 
 Order: Prefect server, MLflow, gateway and Prometheus start together (independent of each other);
 once the Prefect server is healthy the process work pool is created if missing and the worker
@@ -140,14 +141,30 @@ class ComponentStatus:
 
 
 def _prefect_env(config: StackConfig) -> dict[str, str]:
-    env = {
+    """What every Prefect process of this stack gets: the server, the worker (whose flow runs
+    inherit it), and the CLI calls that create the work pool and deploy."""
+    return {
         # Prefect's profile, sqlite database and result storage stay in the stack folder.
         "PREFECT_HOME": str(config.prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
+
+
+def _prefect_server_env(config: StackConfig) -> dict[str, str]:
+    """The server's environment: only it gets the database URL (which may hold a password)."""
+    env = _prefect_env(config)
     if config.prefect_database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = config.prefect_database_url
     return env
+
+
+#: Where the Prefect database URL may come from; only the server's environment keeps them.
+_SERVER_ONLY_ENV = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "BALLAST_STACK_PREFECT_DB")
+
+
+def _without_server_secrets() -> dict[str, str]:
+    """This process's environment less the database URL, for every process but the server."""
+    return {k: v for k, v in os.environ.items() if k not in _SERVER_ONLY_ENV}
 
 
 def _mlflow_backend(settings: Settings) -> str:
@@ -183,7 +200,7 @@ def plan(settings: Settings, config: StackConfig) -> list[Component]:
             url=f"http://{h}:{config.prefect_port}",
             health_url=f"http://{h}:{config.prefect_port}/api/health",
             port=config.prefect_port,
-            env=_prefect_env(config),
+            env=_prefect_server_env(config),
         ),
         "mlflow": Component(
             name="mlflow",
@@ -300,17 +317,53 @@ def render_prometheus_config(
 # -- processes ---------------------------------------------------------------------------------
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), None if it is not running."""
+def _stat(pid: int) -> list[str] | None:
+    """Fields 3 onwards of ``/proc/<pid>/stat`` (state, ppid, pgrp, session, ... starttime at
+    [19]), None if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # a zombie has exited
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), None if it is not running."""
+    fields = _stat(pid)
+    if fields is None or fields[0] == "Z":  # a zombie has exited
         return None
     return int(fields[19])
+
+
+def _orphans(record: Mapping[str, object]) -> list[int]:
+    """Live processes left in the recorded process group after its leader exited.
+
+    ``spawn`` starts every component in a session of its own, so its group and session ids are
+    its pid; its children (a server's workers) stay in them after it exits. Empty when the
+    leader still runs, when its pid now belongs to another process (that group is not ours), or
+    when the start time was never recorded.
+    """
+    pid, ticks = record.get("pid"), record.get("start_ticks")
+    if not isinstance(pid, int) or not isinstance(ticks, int):
+        return []
+    leader = _stat(pid)
+    if leader is not None and (leader[0] != "Z" or int(leader[19]) != ticks):
+        return []
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat(int(entry.name))
+        if (
+            fields is not None
+            and fields[0] != "Z"
+            and int(fields[2]) == pid
+            and int(fields[3]) == pid
+            and int(fields[19]) >= ticks  # started after the leader: its descendants
+        ):
+            members.append(int(entry.name))
+    return sorted(members)
 
 
 def _alive(record: Mapping[str, object]) -> bool:
@@ -330,7 +383,12 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Nothing listens on ``host:port``: the servers, which bind with SO_REUSEADDR, can bind it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if os.name == "posix":
+            # As the servers do: a port whose last connections are in TIME_WAIT (for 60 s after
+            # `down`) is free to them. (On Windows the option would let a port be taken over.)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -382,7 +440,8 @@ class _Stack:
                 f"{comp.name}: {comp.argv[0]!r} is not installed"
                 + (" (apt-get install -y prometheus)" if comp.name == "prometheus" else "")
             )
-        env = {**os.environ, **comp.env}
+        inherited = os.environ if comp.name == "prefect-server" else _without_server_secrets()
+        env = {**inherited, **comp.env}
         log = self.log_path(comp.name).open("ab")
         try:
             proc = subprocess.Popen(
@@ -438,10 +497,12 @@ class _Stack:
             path.unlink(missing_ok=True)
             return False
         pid = rec.get("pid")
-        if not isinstance(pid, int) or not _alive(rec):
+        if not isinstance(pid, int):
             self.say(f"{name}: not running (stale pid file removed)")
             path.unlink(missing_ok=True)
             return False
+        if not _alive(rec):
+            return self._stop_orphans(name, pid, rec)
         self._signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.stop_timeout_s
         while _alive(rec) and time.monotonic() < deadline:
@@ -458,6 +519,37 @@ class _Stack:
             self._signal(pid, signal.SIGKILL, quiet=True)
         path.unlink(missing_ok=True)
         self.say(f"{name}: stopped pid={pid} ({how})")
+        return True
+
+    def _stop_orphans(self, name: str, pgid: int, rec: Mapping[str, object]) -> bool:
+        """The leader is gone: stop what is left of its group (e.g. mlflow's uvicorn, which
+        still holds the port); True if something was."""
+        path = self.pid_path(name)
+        orphans = _orphans(rec)
+        if not orphans:
+            self.say(f"{name}: not running (stale pid file removed)")
+            path.unlink(missing_ok=True)
+            return False
+        self.say(f"{name}: pid={pgid} exited; its process group still runs pids {orphans}")
+        # The group's id cannot be reused while members remain, so signalling it is safe.
+        self._signal(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        while _orphans(rec) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        how = "SIGTERM"
+        if _orphans(rec):
+            self._signal(pgid, signal.SIGKILL)
+            how = f"SIGKILL after {self.config.stop_timeout_s:.0f} s"
+            kill_deadline = time.monotonic() + 5
+            while _orphans(rec) and time.monotonic() < kill_deadline:
+                time.sleep(0.05)
+        left = _orphans(rec)
+        if left:
+            # The pid file stays: the next `down` tries again, and `up` refuses to start beside.
+            self.say(f"{name}: pids {left} of process group {pgid} survived SIGKILL")
+            return True
+        path.unlink(missing_ok=True)
+        self.say(f"{name}: stopped process group {pgid} (pids {orphans}; {how})")
         return True
 
     @staticmethod
@@ -505,7 +597,8 @@ def _ensure_work_pool(stack: _Stack, config: StackConfig) -> None:
     # The CLI fills in the process worker's default job template (the REST API would not).
     cmd = [sys.executable, "-m", "prefect", "work-pool", "create", config.work_pool]
     cmd += ["--type", "process"]
-    env = {**os.environ, **_prefect_env(config), "PREFECT_API_URL": config.prefect_api_url}
+    env = {**_without_server_secrets(), **_prefect_env(config)}
+    env["PREFECT_API_URL"] = config.prefect_api_url
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
         raise StackError(f"prefect work-pool create failed:\n{result.stdout}{result.stderr}")
@@ -521,6 +614,13 @@ def up(settings: Settings, config: StackConfig, say: Say | None = None) -> list[
         stack.say(f"{name}: already running pid={(stack.record(name) or {}).get('pid')}")
     to_start = [c for c in comps if c.name not in running]
     for c in to_start:
+        rec = stack.record(c.name) or {}
+        orphans = _orphans(rec)
+        if orphans:
+            raise StackError(
+                f"{c.name}: pid {rec.get('pid')} exited but its process group still runs pids "
+                f"{orphans}; `ballast stack down` stops them"
+            )
         if not _port_free(settings.gateway_host if c.name == "gateway" else config.host, c.port):
             raise StackError(
                 f"{c.name}: port {c.port} is in use by a process this stack did not start"
@@ -571,7 +671,8 @@ def status(settings: Settings, config: StackConfig) -> list[ComponentStatus]:
     out = []
     for comp in plan(settings, config):
         rec = stack.record(comp.name)
-        running = rec is not None and _alive(rec)
+        # A group whose leader exited but whose children still run (and hold the port) runs.
+        running = rec is not None and (_alive(rec) or bool(_orphans(rec)))
         pid = rec.get("pid") if rec else None
         url = str(rec.get("url", comp.url)) if rec else comp.url
         health = str(rec.get("health_url", comp.health_url)) if rec else comp.health_url
@@ -596,7 +697,8 @@ def deploy_all(
     _ensure_work_pool(stack, config)
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
     cmd += [a for n in names for a in ("--name", n)] if names else ["--all"]
-    env = {**os.environ, **_prefect_env(config), "PREFECT_API_URL": config.prefect_api_url}
+    env = {**_without_server_secrets(), **_prefect_env(config)}
+    env["PREFECT_API_URL"] = config.prefect_api_url
     with stack.log_path("deploy").open("ab") as log:
         result = subprocess.run(
             cmd,

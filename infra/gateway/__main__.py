@@ -85,6 +85,14 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
         action="store_true",
         help="shut down (gracefully) when the process that started this one dies",
     )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="with --exit-with-parent: the pid of the process starting this one; if this "
+        "process's parent is not (or no longer) that pid, it has died: exit at once "
+        "(default: the parent at start, which misses a parent that died before then)",
+    )
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
@@ -99,18 +107,22 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
 
 
 def _drained(signum: int, frame: FrameType | None) -> None:
-    # uvicorn re-raises the SIGTERM it captured once it has drained; exiting 0 then tells the
-    # owner "stopped cleanly", where dying by the signal (-15) would look like a kill.
+    # uvicorn re-raises the SIGTERM or SIGINT (Ctrl-C) it captured once it has drained; exiting 0
+    # then tells the owner "stopped cleanly", where dying by the signal (-15) would look like a
+    # kill, and a KeyboardInterrupt would end a clean stop with a traceback.
     raise SystemExit(0)
 
 
-def _watch_parent() -> None:
+def _parent_gone(parent: int) -> bool:
+    """This process was re-parented: ``parent``, the process that started it, has died."""
+    return os.getppid() != parent
+
+
+def _watch_parent(parent: int) -> None:
     # A test runner or script killed with SIGKILL cannot stop its gateway; when it is gone the
     # gateway is re-parented, and then stops itself the graceful way.
-    parent = os.getppid()
-
     def watch() -> None:
-        while os.getppid() == parent:
+        while not _parent_gone(parent):
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -130,10 +142,12 @@ def _worker_args(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if arg in ("--workers", "--host", "--port"):
+        if arg in ("--workers", "--host", "--port", "--parent-pid"):
             skip = True
             continue
-        if arg.startswith(("--workers=", "--host=", "--port=")) or arg == "--exit-with-parent":
+        if arg.startswith(("--workers=", "--host=", "--port=", "--parent-pid=")):
+            continue
+        if arg == "--exit-with-parent":
             continue
         out.append(arg)
     return out
@@ -154,6 +168,9 @@ def _source(kind: str, settings: Settings, poll: float | None) -> DesiredStateSo
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The parent at start, read before anything is imported: the fallback of --exit-with-parent
+    # without --parent-pid (a parent that died even before this line goes unnoticed).
+    parent_at_start = os.getppid()
     # Imported here, not at module level: `python -m infra.gateway --help` stays fast and
     # importing this module does nothing.
     from ballast.settings import get_settings
@@ -164,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("--workers must be >= 1", file=sys.stderr)
         return 2
+    parent: int | None = None
+    if args.exit_with_parent:
+        parent = parent_at_start if args.parent_pid is None else args.parent_pid
+        if _parent_gone(parent):
+            # Its starter died while this process started up; nobody would ever stop it.
+            print(f"parent {parent} gone before the gateway started: exiting", file=sys.stderr)
+            return 0
 
     tokens: tuple[tuple[str, Principal], ...] = ()
     if args.tokens_file is not None:
@@ -192,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             worker_args=worker_args,
             graceful_timeout=args.graceful_timeout,
-            exit_with_parent=args.exit_with_parent,
+            parent_pid=parent,
         )
 
     import uvicorn
@@ -232,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         else ReplicaBoard(settings.state_dir.resolve() / "gateway" / "replicas")
     )
     signal.signal(signal.SIGTERM, _drained)
-    if args.exit_with_parent:
-        _watch_parent()
+    signal.signal(signal.SIGINT, _drained)
+    if parent is not None:
+        _watch_parent(parent)
     app = create_app(config, source=source, board=board)
     server = uvicorn.Server(
         uvicorn.Config(

@@ -63,9 +63,13 @@ def supervise(
     workers: int,
     worker_args: Sequence[str],
     graceful_timeout: float,
-    exit_with_parent: bool,
+    parent_pid: int | None = None,
 ) -> int:
-    """Run ``workers`` replicas until SIGTERM/SIGINT; returns the process exit code."""
+    """Run ``workers`` replicas until SIGTERM/SIGINT; returns the process exit code.
+
+    With ``parent_pid`` (the process that started this one) the supervisor also stops, the
+    graceful way, once its parent is no longer that process.
+    """
     try:
         sock = _bind(host, port)
     except OSError as exc:
@@ -74,7 +78,9 @@ def supervise(
     metrics_dir = tempfile.mkdtemp(prefix="ballast-gw-metrics-")
     env = {**os.environ, METRICS_ENV: metrics_dir}
     cmd = [sys.executable, "-m", "infra.gateway", *worker_args, "--worker-fd", str(sock.fileno())]
-    cmd.append("--exit-with-parent")  # a supervisor killed hard must not leave workers behind
+    # A supervisor killed hard must not leave workers behind. Its pid is passed explicitly: a
+    # worker whose supervisor died while it started up sees at once that it was re-parented.
+    cmd += ["--exit-with-parent", "--parent-pid", str(os.getpid())]
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -93,13 +99,12 @@ def supervise(
         _log(f"worker {index} started, pid {proc.pid}")
         return proc
 
-    parent = os.getppid()
     procs = [spawn(i) for i in range(workers)]
     exits: list[float] = []
     code = 0
     try:
         while not stopping:
-            if exit_with_parent and os.getppid() != parent:
+            if parent_pid is not None and os.getppid() != parent_pid:
                 _log("parent gone: stopping")
                 break
             for i, proc in enumerate(procs):

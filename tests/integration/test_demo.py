@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from ballast.gateway_client import GatewayClient
+from ballast.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +51,73 @@ def test_demo_promotes_release_1_rolls_back_release_2_and_leaves_other_state_alo
     assert "promoted" in out and "rolled_back" in out
     assert (state / "demo" / "mlflow.db").exists(), "the demo keeps its own registry"
     assert sentinel.read_text() == "the user's own state"
+
+
+# The demo with its dataset and release flows stubbed: it starts its real gateway, then "releases"
+# for a minute, long enough to be stopped from outside.
+_STUBBED_DEMO = """
+import sys, time
+import ballast.cli_data, flows.release
+from rich.console import Console
+from ballast.demo import run_demo
+from ballast.settings import get_settings
+
+def release_flow(**kw):
+    print("releasing", flush=True)
+    time.sleep(60)
+
+ballast.cli_data.prepare_dataset = lambda s: "file:///unused"
+flows.release.release_flow = release_flow
+sys.exit(run_demo(get_settings(), fault="errors", console=Console(stderr=True)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("sig", "code"),
+    [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGHUP, 128 + signal.SIGHUP),
+     (signal.SIGKILL, -signal.SIGKILL)],
+    ids=["SIGTERM", "SIGHUP", "SIGKILL"],
+)  # fmt: skip
+def test_a_demo_stopped_from_outside_leaves_no_gateway_serving(
+    sig: signal.Signals, code: int, settings: Settings, tmp_path: Path
+) -> None:
+    # Given a demo whose gateway serves while a release runs (`timeout ballast demo`, a closed
+    # terminal, or a hard kill)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    demo = subprocess.Popen(
+        [sys.executable, "-c", _STUBBED_DEMO],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    gateway_pid = None
+    try:
+        assert demo.stdout is not None
+        assert demo.stdout.readline().strip() == "releasing", "the demo did not get going"
+        gateway_pid = int((settings.state_dir / "gateway.pid").read_text())
+        with GatewayClient(settings.gateway_url, timeout=1.0) as client:
+            assert client.health()
+            # When the demo gets the signal
+            demo.send_signal(sig)
+            assert demo.wait(20) == code
+            # Then its gateway stops, by the demo's hand or (SIGKILL) by its own
+            deadline = time.monotonic() + 15
+            while _running(gateway_pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _running(gateway_pid), "the demo's gateway outlived the demo"
+            assert not client.health()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(5)
+        if gateway_pid is not None and _running(gateway_pid):
+            os.kill(gateway_pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -203,6 +204,47 @@ def test_gateway_stops_itself_when_its_parent_is_killed(settings: Settings) -> N
         if parent.poll() is None:
             parent.kill()
             parent.wait(5)
+
+
+# The starter dies right after spawning, while the gateway is still importing: the moment a
+# gateway that records its parent only once up would take init for its parent, and serve forever.
+_STARTER_DYING_AT_SPAWN = """
+import os, subprocess
+from ballast.gateway_process import GatewayProcess
+from ballast.settings import get_settings
+
+real_popen = subprocess.Popen
+
+def popen_then_die(*args, **kwargs):
+    proc = real_popen(*args, **kwargs)
+    print(proc.pid, flush=True)
+    os._exit(0)
+
+subprocess.Popen = popen_then_die
+GatewayProcess.start(get_settings(), exit_with_parent=True)
+"""
+
+
+def test_a_gateway_whose_starter_dies_while_it_starts_up_does_not_serve(
+    settings: Settings,
+) -> None:
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _STARTER_DYING_AT_SPAWN], stdout=subprocess.PIPE, text=True
+    )
+    assert starter.stdout is not None
+    gateway_pid = int(starter.stdout.readline())
+    try:
+        assert starter.wait(10) == 0
+        deadline = time.monotonic() + 20
+        while _alive(gateway_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(gateway_pid), "an orphaned gateway kept running"
+        with GatewayClient(settings.gateway_url, timeout=1.0) as client:
+            assert not client.health()
+        assert "gone before the gateway started" in (settings.state_dir / "gateway.log").read_text()
+    finally:
+        if _alive(gateway_pid):
+            os.kill(gateway_pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

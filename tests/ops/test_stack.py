@@ -4,8 +4,12 @@ gateway, down (every process gone, pid files removed)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -266,3 +270,176 @@ def test_cli_reports_bad_components_as_a_typed_error_and_status_of_an_empty_stac
     assert shown.output.count("stopped") == len(COMPONENTS)
     gone = runner.invoke(stack_app, ["down"])
     assert gone.exit_code == 0 and "stopped 0 component(s)" in gone.output
+
+
+# -- secrets, ports in TIME_WAIT, groups whose leader exited -------------------------------------
+
+SECRET_URL = "postgresql+asyncpg://ballast:s3cret@127.0.0.1:5432/prefect"
+
+
+def test_the_prefect_database_url_reaches_the_server_and_nothing_else(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stack on PostgreSQL whose URL holds a password, also set in this environment
+    import ballast.stack as stack_mod
+
+    monkeypatch.setenv("BALLAST_STACK_PREFECT_DB", SECRET_URL)
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", SECRET_URL)
+    config = config_for(settings, prefect_database_url=SECRET_URL)
+    comps = {c.name: c for c in plan(settings, config)}
+    # Then the server is told the URL, and the worker (whose flow runs inherit it) is not
+    assert comps["prefect-server"].env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] == SECRET_URL
+    assert SECRET_URL not in comps["prefect-worker"].env.values()
+
+    # Nor the CLI calls that create the work pool and deploy
+    seen: list[dict[str, str]] = []
+
+    def fake_run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        env = kw["env"]
+        assert isinstance(env, dict)
+        seen.append(env)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(stack_mod.subprocess, "run", fake_run)
+    monkeypatch.setattr(stack_mod.httpx, "get", lambda *a, **kw: httpx.Response(404))
+    config.root.mkdir(parents=True)
+    stack_mod.deploy_all(config)
+    assert len(seen) == 2, "expected `work-pool create` and `deploy`"
+    for env in seen:
+        assert SECRET_URL not in env.values(), f"a Prefect client got the database URL: {env}"
+        assert env["PREFECT_API_URL"] == config.prefect_api_url
+
+    # And a spawned worker does not inherit it from this environment either
+    monkeypatch.undo()  # the real subprocess.run again; the environment as the test began
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", SECRET_URL)
+    monkeypatch.setenv("BALLAST_STACK_PREFECT_DB", SECRET_URL)
+    stack = stack_mod._Stack(config, None)
+    printenv = stack_mod.Component(
+        name="prefect-worker", argv=("/bin/sh", "-c", "env"), url="", health_url="", port=0
+    )
+    pid = stack.spawn(printenv)
+    deadline = time.monotonic() + 10
+    while stack_mod._start_ticks(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = stack.log_path("prefect-worker").read_text()
+    assert "PATH=" in logged, "the child printed no environment"
+    assert SECRET_URL not in logged, "the worker inherited the database URL"
+
+
+def test_a_port_in_time_wait_reads_free_as_it_is_to_the_servers() -> None:
+    # Given a port whose server closed a connection first (TIME_WAIT, 60 s on Linux)
+    from ballast.stack import _port_free
+
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        srv.listen(1)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            conn, _ = srv.accept()
+            conn.close()  # the server side closes first and so keeps the TIME_WAIT
+            time.sleep(0.1)
+    # The precondition: a bind without SO_REUSEADDR fails.
+    with socket.socket() as plain, pytest.raises(OSError, match="ddress already in use"):
+        plain.bind(("127.0.0.1", port))
+    # Then the pre-check agrees with the servers, which bind with SO_REUSEADDR
+    assert _port_free("127.0.0.1", port), "a TIME_WAIT port read as taken"
+    # While a port someone listens on still reads taken
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        assert not _port_free("127.0.0.1", squatter.getsockname()[1])
+
+
+def _spawn_orphaning_leader(config: StackConfig, shell: str) -> tuple[int, int]:
+    """A component whose leader starts ``sleep`` in its group and exits (as mlflow's CLI process
+    with its uvicorn child). Returns (leader pid, sleeper pid)."""
+    from ballast.stack import Component, _Stack
+
+    config.root.mkdir(parents=True, exist_ok=True)
+    marker, go = config.root / "sleeper.pid", config.root / "leader-may-exit"
+    # The leader waits (at most 10 s) until spawn has recorded its start time, then exits.
+    wait = f"i=0; while [ ! -e {go} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done"
+    comp = Component(
+        name="mlflow",
+        argv=("/bin/sh", "-c", f"{shell} sleep 30 & echo $! > {marker}; {wait}; exit 0"),
+        url="",
+        health_url="",
+        port=0,
+    )
+    leader = _Stack(config, None).spawn(comp)
+    go.touch()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if marker.exists() and marker.read_text().strip():
+            break
+        time.sleep(0.05)
+    sleeper = int(marker.read_text())
+    while _proc_state(leader) not in (None, "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _proc_state(leader) in (None, "Z"), "the leader did not exit"
+    assert _proc_state(sleeper) not in (None, "Z"), "the sleeper is not running"
+    return leader, sleeper
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def test_down_stops_a_group_whose_leader_exited_and_up_refuses_to_start_beside_it(
+    settings: Settings,
+) -> None:
+    config = config_for(settings, components=("mlflow",))
+    leader, sleeper = _spawn_orphaning_leader(config, "")
+    try:
+        # Status sees the group still running; up will not start a second server beside it
+        (mlflow,) = status(settings, config)
+        assert mlflow.running, "a group whose children run read as stopped"
+        with pytest.raises(StackError, match=f"still runs pids \\[{sleeper}\\]"):
+            up(settings, config)
+        lines: list[str] = []
+        assert down(config, say=lines.append) == ["mlflow"]
+        assert _gone(leader), "down left the group's children running"
+        assert any(f"stopped process group {leader}" in line for line in lines), lines
+        assert not (config.root / "mlflow.pid").exists()
+    finally:
+        _kill_group(leader)
+
+
+def test_down_kills_a_leaderless_group_that_ignores_sigterm_after_the_bound(
+    settings: Settings,
+) -> None:
+    config = config_for(settings, components=("mlflow",), stop_timeout_s=1.0)
+    leader, _ = _spawn_orphaning_leader(config, "trap '' TERM;")
+    try:
+        lines: list[str] = []
+        started = time.monotonic()
+        assert down(config, say=lines.append) == ["mlflow"]
+        assert time.monotonic() - started < 10
+        assert _gone(leader), "SIGKILL after the bound did not stop the group"
+        assert any("SIGKILL after 1 s" in line for line in lines), lines
+    finally:
+        _kill_group(leader)
+
+
+def test_down_leaves_the_group_of_a_recycled_pid_alone(settings: Settings) -> None:
+    # Given a pid file whose pid now leads someone else's session and group, with a child
+    config = config_for(settings)
+    config.root.mkdir(parents=True)
+    bystander = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    try:
+        record = {"pid": bystander.pid, "start_ticks": 1, "name": "mlflow", "url": "x"}
+        (config.root / "mlflow.pid").write_text(json.dumps(record))
+        assert down(config) == []
+        assert bystander.poll() is None and not _gone(bystander.pid), "down signalled a stranger"
+    finally:
+        _kill_group(bystander.pid)
+        bystander.wait(5)

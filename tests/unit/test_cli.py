@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +18,10 @@ from ballast.audit import read as read_audit
 from ballast.audit import verify_chain
 from ballast.cli import app
 from ballast.data import bundled_csv_bytes
+from ballast.gateway_client import GatewayClient
 from ballast.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -139,3 +149,75 @@ def test_rollback_during_a_trial_is_refused_unless_forced(
     forced = runner.invoke(app, ["rollback", "--force"])
     assert forced.exit_code == 0 and "2" in forced.output, forced.output
     assert asked == [False, True]
+
+
+# -- `ballast serve` as a real process: signals reach the gateway, which drains -----------------
+
+
+def _serve(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """`ballast serve` in a session of its own, as a terminal's foreground job would be."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ballast.cli", "serve", "--host", "127.0.0.1"],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 30
+    with GatewayClient(settings.gateway_url, timeout=1.0) as client:
+        while not client.health():
+            assert proc.poll() is None, f"serve exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"serve never healthy: {log.read_text()[-2000:]}"
+            time.sleep(0.1)
+    return proc
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    # Its whole session: under the old subprocess.call a gateway child outlived `serve`.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+@pytest.mark.integration
+def test_serve_stops_its_gateway_on_sigterm(settings: Settings, tmp_path: Path) -> None:
+    proc = _serve(settings, tmp_path / "serve.log")
+    try:
+        proc.send_signal(signal.SIGTERM)  # `kill PID`, as a service manager stops it
+        assert proc.wait(20) == 0, "the gateway did not drain and exit cleanly"
+        with GatewayClient(settings.gateway_url, timeout=1.0) as client:
+            assert not client.health(), "a gateway kept serving after `serve` got SIGTERM"
+    finally:
+        _reap(proc)
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_serve_drains_the_request_in_flight(settings: Settings, tmp_path: Path) -> None:
+    # Given a request whose body is still arriving when Ctrl-C comes
+    log = tmp_path / "serve.log"
+    proc = _serve(settings, log)
+    try:
+        body = b'{"model": "m", "healthy": true}'
+        head = (
+            b"POST /admin/watchdog/heartbeat HTTP/1.1\r\nHost: x\r\n"
+            + b"Authorization: Bearer " + settings.admin_token().encode() + b"\r\n"
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )  # fmt: skip
+        with socket.create_connection(("127.0.0.1", settings.gateway_port), timeout=10) as conn:
+            conn.sendall(head + body[:-1])
+            time.sleep(0.3)
+            # When the terminal sends SIGINT to the foreground job
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(1.5)  # longer than subprocess.call's 0.25 s before it SIGKILLs
+            # Then the request is still answered, and the gateway stops
+            conn.sendall(body[-1:])
+            status_line = conn.recv(200).split(b"\r\n")[0]
+        assert status_line.startswith(b"HTTP/1.1 "), f"no answer: {status_line!r}"
+        assert proc.wait(20) == 0, log.read_text()[-2000:]
+        assert "gateway.stopped" in log.read_text(), "the gateway did not shut down cleanly"
+        assert "Traceback" not in log.read_text(), "a clean stop ended with a traceback"
+    finally:
+        _reap(proc)
