@@ -92,11 +92,42 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def parse_csv(data: bytes) -> pd.DataFrame:
-    """Parse plaintext CSV; anything unparseable is a validation failure, not a crash."""
+    """Parse plaintext CSV; anything unparseable is a validation failure, not a crash.
+
+    Rows with more fields than the header are refused: pandas would quietly turn their leading
+    fields into the frame's index, which no expectation sees and nothing downstream keeps.
+    """
     try:
         frame = pd.read_csv(io.BytesIO(data))
+        wider = _rows_wider_than_header(data, frame)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValidationFailed("dataset is not readable CSV", [str(exc)]) from exc
+    if wider:
+        extra = frame.index.nlevels
+        raise ValidationFailed(
+            "dataset rows have more fields than its header",
+            [
+                f"the header names {len(frame.columns)} columns, the rows carry {extra} more "
+                f"field{'s' if extra != 1 else ''} (leading fields would become an unvalidated "
+                "index)"
+            ],
+        )
     if frame.empty:
         raise ValidationFailed("dataset has no rows")
     return frame
+
+
+def _rows_wider_than_header(data: bytes, frame: pd.DataFrame) -> bool:
+    """Whether ``read_csv`` took leading fields as an index (its rule: the first data row has
+    more fields than the header)."""
+    index = frame.index
+    if not (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1):
+        return True  # without leading fields read_csv always numbers the rows 0, 1, 2, ...
+    # Leading fields that happen to read 0, 1, 2, ... (a row id) also make such an index, so ask
+    # the tokenizer itself: with no header row, a second record wider than the first is an error
+    # (on_bad_lines="error"). Only the first two records are read.
+    try:
+        pd.read_csv(io.BytesIO(data), header=None, nrows=2, dtype=str, on_bad_lines="error")
+    except pd.errors.ParserError:
+        return True
+    return False

@@ -2,7 +2,8 @@
 
 Plaintext exists only in memory here and leaves only as a :class:`ValidatedDataset`. The sha256 of
 the ciphertext is computed while it streams in (no second read); the plaintext's after decryption.
-A dataset that fails validation is recorded in the quarantine log before the error propagates.
+A dataset that fails validation is recorded in the quarantine log before the error propagates
+(a log that cannot be written is logged and noted on the error, which stays the validation one).
 """
 
 from __future__ import annotations
@@ -132,13 +133,21 @@ def load_validated(
         )
     except ExpectationsFailed as exc:
         if quarantine is not None:
-            from ballast.quarantine import append_record, record_for
-
-            append_record(quarantine, record_for(exc.report, uri))
-            log.warning(
-                "quarantined %s (%s): %d failed expectations",
-                spec.name,
-                uri,
-                len(exc.report.failed),
-            )
+            _quarantine(exc, quarantine, uri, spec.name)
         raise
+
+
+def _quarantine(exc: ExpectationsFailed, path: Path, uri: str, name: str) -> None:
+    """Append the failure's record to the quarantine log. A log that cannot be written (disk
+    full, a symlink in its place) must not replace the typed validation error: it is logged and
+    noted on ``exc`` instead."""
+    from ballast.quarantine import append_record, record_for
+
+    try:
+        append_record(path, record_for(exc.report, uri))
+    except OSError as write_error:
+        # The OSError names the path and errno only; the record (aggregates) is not logged.
+        log.warning("could not quarantine %s (%s) in %s: %s", name, uri, path, write_error)
+        exc.add_note(f"the quarantine record was not written to {path}: {write_error}")
+        return
+    log.warning("quarantined %s (%s): %d failed expectations", name, uri, len(exc.report.failed))

@@ -20,7 +20,9 @@ one found on the full frame. (The one aggregate a sample can move is the label m
 positive share sits within sampling error, about ±1 % at 20k rows, of its band's edge may fail.) ``ValidationFailed`` raised here is an :class:`ExpectationsFailed`
 carrying the report. Observed values in reports are aggregates (counts, min/max, mean, dtype;
 distinct unexpected values only for set-membership checks), never individual rows: reports leave
-the plaintext boundary (Prefect artifacts, quarantine records, logs).
+the plaintext boundary (Prefect artifacts, quarantine records, logs). Column names the data
+brings and the spec lacks are only counted, with a few short non-numeric ones shown: without
+a header they are a row.
 
 Great Expectations is imported lazily (its import costs several seconds) and runs in an ephemeral
 context: nothing is written to disk.
@@ -32,7 +34,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,8 +61,10 @@ __all__ = [
 ]
 
 _NUMERIC = ("float64", "float32", "int64", "int32")
-# Features without an explicit range must still be finite: inf is never a measurement.
-FLOAT_MAX = float(np.finfo(np.float64).max)
+# Features without an explicit range must still be finite: inf is never a measurement. The bound
+# is float32's, the type features are handed over in (ValidatedDataset.features): a larger value
+# would pass in float64 and become inf in the cast.
+FLOAT_MAX = float(np.finfo(np.float32).max)
 # GE's cost is mostly fixed (about 0.2 s a run, a few ms per expectation, ~96 here) plus per-row
 # work: on 20k rows the suite takes about 0.5 s, while every check still runs on every row in
 # the first engine.
@@ -69,6 +73,10 @@ DEFAULT_GE_SAMPLE_ROWS = 20_000
 _OFFENDERS_PER_CHECK = 20
 _SAMPLE_SEED = 20_261_127
 _MAX_DISTINCT_SHOWN = 5
+# Column names the data brought that the spec does not know: without a header they are the first
+# row's values, so reports show only a few that do not look like numbers, each cut short.
+_MAX_NAMES_SHOWN = 3
+_NAME_CHARS = 24
 
 
 # -- the suite, engine-neutral --------------------------------------------------------------------
@@ -280,8 +288,10 @@ class ExpectationsFailed(ValidationFailed):
         super().__init__(message, report.failure_lines())
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Exceptions pickle as cls(*args); ours needs the report back, not the formatted text.
-        return (type(self), (self.summary, self.report))
+        # Exceptions pickle as cls(*args); ours needs the report back, not the formatted text,
+        # and any notes added on the way (e.g. a quarantine record that could not be written).
+        notes = getattr(self, "__notes__", None)
+        return (type(self), (self.summary, self.report), {"__notes__": notes} if notes else None)
 
 
 def _md(text: str) -> str:
@@ -290,7 +300,7 @@ def _md(text: str) -> str:
 
 
 def _num(x: float) -> str:
-    if isinstance(x, float) and math.isfinite(x) and abs(x) >= FLOAT_MAX:
+    if isinstance(x, float) and abs(x) == FLOAT_MAX:  # the default bound, not an observation
         return "max" if x > 0 else "-max"
     return f"{x:.6g}" if isinstance(x, float) else str(x)
 
@@ -380,15 +390,60 @@ def _mostly_ok(considered: int, unexpected: int, mostly: float) -> bool:
     return (float(considered) - float(unexpected)) / float(considered) >= mostly
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I)
+
+
+def _numeric_looking(name: str) -> bool:
+    """A name that reads as a value: a number (pandas appends ``.1``, ``.2`` to repeated names),
+    or mostly digits, as dates, phone and id numbers are."""
+    text = name.strip()
+    if _NUMBER.fullmatch(text) or _NUMBER.fullmatch(re.sub(r"\.\d+$", "", text)):
+        return True
+    alnum = [ch for ch in text if ch.isalnum()]
+    return bool(alnum) and 2 * sum(ch.isdigit() for ch in alnum) >= len(alnum)
+
+
+def _unexpected_names(extra: Sequence[str], actual: Sequence[str]) -> str:
+    """A safe summary of the data's column names the spec does not have: their count and a few
+    names that do not look like values, truncated. Never the header row when it looks like data."""
+    numbers = sum(_numeric_looking(c) for c in actual)
+    if 2 * numbers > len(actual):
+        return (
+            f"{len(extra)} columns, names withheld: the header row looks like data "
+            f"({numbers} of {len(actual)} names are numbers)"
+        )
+    shown = [
+        c if len(c) <= _NAME_CHARS else c[: _NAME_CHARS - 1] + "…"
+        for c in extra
+        if not _numeric_looking(c)
+    ][:_MAX_NAMES_SHOWN]
+    more = len(extra) - len(shown)
+    if not shown:
+        return f"{len(extra)} columns, names withheld (they look like values)"
+    return f"{shown} and {more} more" if more else f"{shown}"
+
+
+def _columns_difference(expected: Sequence[str], actual: Sequence[str]) -> str:
+    """How the data's columns differ from the spec's (spec names in full, the data's summarised)."""
+    known, seen = set(expected), set(actual)
+    missing = [c for c in expected if c not in seen]
+    extra = [c for c in actual if c not in known]
+    parts = []
+    if missing and len(missing) == len(expected) > _MAX_NAMES_SHOWN:
+        parts.append(f"missing all {len(expected)} columns of the spec")
+    elif missing:
+        parts.append(f"missing {missing}")
+    if extra:
+        parts.append(f"unexpected {_unexpected_names(extra, actual)}")
+    return ", ".join(parts) or "order differs"
+
+
 def _columns_ordered(f: _Frame, a: Mapping[str, Any]) -> Outcome:
     expected = [str(c) for c in a["column_list"]]
     actual = [str(c) for c in f.frame.columns]
     if actual == expected:
         return Outcome(True, f"{len(actual)} columns in order")
-    missing = [c for c in expected if c not in actual]
-    extra = [c for c in actual if c not in expected]
-    detail = f"missing {missing}, unexpected {extra}" if missing or extra else "order differs"
-    return Outcome(False, f"{len(actual)} columns: {detail}")
+    return Outcome(False, f"{len(actual)} columns: {_columns_difference(expected, actual)}")
 
 
 def _row_count(f: _Frame, a: Mapping[str, Any]) -> Outcome:
@@ -714,11 +769,10 @@ def validate_frame(
     )
     notes = []
     expected = [*spec.features, spec.label]
-    missing = [c for c in expected if c not in frame.columns]
-    extra = [str(c) for c in frame.columns if c not in expected]
-    if missing or extra:
+    actual = [str(c) for c in frame.columns]
+    if set(actual) != set(expected):
         # Name the difference, which is what a person needs, ahead of the per-check lines.
-        notes.append(f"columns differ from the spec: missing {missing}, unexpected {extra}")
+        notes.append(f"columns differ from the spec: {_columns_difference(expected, actual)}")
     report = ValidationReport(
         dataset=spec.name,
         rows=len(frame),
@@ -763,6 +817,32 @@ def _unreadable_report(
     )
 
 
+def _overflow_report(
+    report: ValidationReport, spec: DatasetSpec, overflow: np.ndarray
+) -> ValidationReport:
+    """``report`` failed by one more check: feature values that overflow the float32 cast (a
+    spec whose declared range goes beyond float32's)."""
+    rows = int(np.count_nonzero(overflow.any(axis=1)))
+    columns = [spec.features[i] for i in np.flatnonzero(overflow.any(axis=0))]
+    shown = f"{columns[:_MAX_DISTINCT_SHOWN]}" + (
+        f" and {len(columns) - _MAX_DISTINCT_SHOWN} more"
+        if len(columns) > _MAX_DISTINCT_SHOWN
+        else ""
+    )
+    result = ExpectationResult(
+        expectation="features_finite_as_float32",
+        column=None,
+        parameters=f"|value| <= {FLOAT_MAX:.6g} (float32 max)",
+        success=False,
+        all_rows_success=False,
+        observed=f"{rows:,} rows overflow to inf in {len(columns)} columns: {shown}",
+        unexpected_count=rows,
+        ge_success=None,
+        ge_observed="not run: checked after the suite, on the cast",
+    )
+    return replace(report, success=False, results=(*report.results, result))
+
+
 def validate_bytes(
     data: bytes,
     spec: DatasetSpec,
@@ -784,7 +864,12 @@ def validate_bytes(
         ciphertext_sha256=ciphertext_sha256,
         ge_sample_rows=ge_sample_rows,
     )
-    features = frame[list(spec.features)].to_numpy(dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow is checked right below, as a failed gate
+        features = frame[list(spec.features)].to_numpy(dtype=np.float32)
+    overflow = np.isinf(features)  # finite in float64 (the suite saw to that), not in float32
+    if overflow.any():
+        report = _overflow_report(report, spec, overflow)
+        raise ExpectationsFailed(f"dataset {spec.name!r} has values beyond float32's range", report)
     labels = frame[spec.label].to_numpy(dtype=np.int64)
     return ValidatedDataset(
         name=spec.name,

@@ -20,6 +20,7 @@ from ballast.errors import DecryptionError, ValidationFailed
 from ballast.ingest import dataset_identity, quarantine_path
 from ballast.quarantine import read_records
 from ballast.settings import Settings
+from tasks.common import not_retryable
 from tasks.data import artifact_key, ingest_dataset
 
 pytestmark = pytest.mark.flow
@@ -127,6 +128,30 @@ def test_failing_dataset_publishes_the_failed_report_quarantines_and_raises(
     assert record["ciphertext_sha256"] in art.data, (
         "the artifact and the record name the same bytes"
     )
+
+
+def test_an_unwritable_quarantine_log_still_publishes_the_report_and_raises_the_typed_error(
+    prefect_api: None, settings: Settings
+) -> None:
+    # Given failing data and a symlink where the quarantine log belongs.
+    frame = bundled_frame()
+    frame.loc[0:40, "mean_radius"] = -5.0
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    path = _encrypted(settings, buf.getvalue().encode(), "bad-log")
+    quarantine = quarantine_path(settings)
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    quarantine.symlink_to(settings.state_dir / "elsewhere.jsonl")
+    before = {a.id for a in _artifacts("validation-breast-cancer")}
+
+    with pytest.raises(ValidationFailed, match=r"^\[validate\] .*mean_radius") as info:
+        ingest_dataset.fn(str(path))
+
+    assert not_retryable(info.value), "bad input is not retried"
+    assert any("quarantine record was not written" in n for n in info.value.__notes__)
+    (art,) = [a for a in _artifacts("validation-breast-cancer") if a.id not in before]
+    assert "**FAILED**" in art.data, "the report is published although the log could not be"
+    assert not (settings.state_dir / "elsewhere.jsonl").exists()
 
 
 def test_undecryptable_dataset_publishes_nothing_and_quarantines_nothing(

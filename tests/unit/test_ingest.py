@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import stat
 import struct
 from collections.abc import Callable
@@ -429,6 +430,47 @@ def test_empty_plaintext_is_refused_at_validate_and_quarantined(
     assert stat.S_IMODE(quarantine.stat().st_mode) == 0o600, "a looser log is tightened"
     assert record["sha256"] == hashlib.sha256(b"").hexdigest()
     assert [f["expectation"] for f in record["failed"]] == ["parse_csv"]
+
+
+def _symlinked(quarantine: Path) -> Callable[[], bool]:
+    target = quarantine.parent / "elsewhere.jsonl"
+    quarantine.parent.mkdir(parents=True)
+    os.symlink(target, quarantine)
+    return lambda: not target.exists()  # O_NOFOLLOW: the link is never followed
+
+
+def _parent_is_a_file(quarantine: Path) -> Callable[[], bool]:
+    quarantine.parent.write_text("not a folder\n")  # ENOTDIR, even for root
+    return lambda: quarantine.parent.read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("break_log", [_symlinked, _parent_is_a_file])
+def test_a_quarantine_log_that_cannot_be_written_leaves_the_typed_validation_error(
+    tmp_path: Path,
+    ring: LocalKeyring,
+    spec: DatasetSpec,
+    caplog: pytest.LogCaptureFixture,
+    break_log: Callable[[Path], Callable[[], bool]],
+) -> None:
+    # Given failing data and a quarantine path that refuses the append.
+    path = _write(tmp_path, ring, b"x" + bundled_csv_bytes())  # header 'xmean_radius'
+    quarantine = tmp_path / "state" / "quarantine.jsonl"
+    nothing_written = break_log(quarantine)
+
+    with (
+        caplog.at_level("WARNING", logger="ballast.ingest"),
+        pytest.raises(ExpectationsFailed, match=r"^\[validate\] ") as info,
+    ):
+        load_validated(str(path), provider=ring, spec=spec, quarantine=quarantine)
+
+    exc = info.value
+    assert exc.__context__ is None, "the OSError must not be chained in or replace the error"
+    (note,) = exc.__notes__
+    assert note.startswith(f"the quarantine record was not written to {quarantine}: ")
+    assert any("could not quarantine" in r.getMessage() for r in caplog.records)
+    assert nothing_written()
+    again = pickle.loads(pickle.dumps(exc))
+    assert again.__notes__ == [note] and again.report == exc.report, "Prefect pickles errors"
 
 
 # -- small pieces ---------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ vectorised twin cannot drift from GE's semantics unnoticed.
 from __future__ import annotations
 
 import io
+import json
 import pickle
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
@@ -17,8 +18,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ballast.data import DatasetSpec, bundled_csv_bytes, bundled_frame, bundled_spec, sha256_bytes
+from ballast.data import (
+    DatasetSpec,
+    bundled_csv_bytes,
+    bundled_frame,
+    bundled_spec,
+    parse_csv,
+    sha256_bytes,
+)
 from ballast.errors import ValidationFailed
+from ballast.quarantine import record_for
 from ballast.validation import (
     FLOAT_MAX,
     ExpectationsFailed,
@@ -173,6 +182,134 @@ def test_a_feature_without_a_declared_range_must_still_be_finite() -> None:
         if c.expectation == "ExpectColumnValuesToBeBetween"
     }
     assert bounds == {(-FLOAT_MAX, FLOAT_MAX)}, "every feature gets finite bounds"
+
+
+def test_the_default_bound_is_float32s_so_a_value_that_would_overflow_the_cast_is_refused() -> None:
+    # Given a spec without ranges and a value finite in float64 but beyond float32 (3.4e38).
+    loose = replace(bundled_spec(), ranges={})
+    frame = bundled_frame()
+    frame.loc[3, "mean_radius"] = 1e39
+
+    with pytest.raises(ExpectationsFailed) as info:
+        validate_bytes(_csv(frame), loose)
+
+    assert float(np.finfo(np.float32).max) == FLOAT_MAX, "features are float32"
+    (failed,) = info.value.report.failed
+    assert failed.label == "expect_column_values_to_be_between(mean_radius)", str(info.value)
+    assert "max 1e+39" in failed.observed, "an observed maximum is printed, not called 'max'"
+    _assert_engines_agree(info.value.report)
+
+
+def test_features_that_overflow_float32_in_the_cast_are_refused_even_within_a_declared_range(
+    spec: DatasetSpec,
+) -> None:
+    # Given a spec whose declared range goes beyond float32, and values the suite lets through.
+    wide = replace(spec, ranges={**spec.ranges, "mean_area": (0.0, 1e300)})
+    frame = bundled_frame()
+    frame.loc[[5, 9], "mean_area"] = 1e39
+
+    with pytest.raises(ExpectationsFailed, match=r"^\[validate\] .*beyond float32") as info:
+        validate_bytes(_csv(frame), wide)
+
+    report = info.value.report
+    assert not report.success
+    (failed,) = report.failed
+    assert failed.expectation == "features_finite_as_float32"
+    assert failed.observed == "2 rows overflow to inf in 1 columns: ['mean_area']"
+    assert len(report.results) == len(suite_checks(wide)) + 1, "the suite's results are kept"
+    assert pickle.loads(pickle.dumps(info.value)).report == report
+
+
+def _wider_rows(junk: str) -> bytes:
+    header, *rows = bundled_csv_bytes().decode().splitlines()
+    return (
+        "\n".join([header] + [f"{junk.format(i=i)},{r}" for i, r in enumerate(rows)]) + "\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("junk", "extra"),
+    [
+        ("999", 1),
+        ("Jane Doe", 1),
+        ("{i}", 1),  # a row id 0, 1, 2, ...: read as the very index read_csv would make anyway
+        ("", 1),
+        ("7,Jane Doe", 2),
+        ("x,y", 2),
+        ("{i},{i}", 2),
+    ],
+)
+def test_rows_with_more_fields_than_the_header_are_refused_not_silently_indexed(
+    spec: DatasetSpec, junk: str, extra: int
+) -> None:
+    # Given every row with `extra` leading fields the header does not name.
+    with pytest.raises(ExpectationsFailed, match=r"^\[validate\] .*more fields than") as info:
+        validate_bytes(_wider_rows(junk), spec)
+
+    report = info.value.report
+    assert [r.expectation for r in report.failed] == ["parse_csv"]
+    assert f"the header names 31 columns, the rows carry {extra} more field" in str(info.value)
+    assert "Jane" not in str(info.value) and "Jane" not in report.to_markdown()
+
+
+def test_trailing_delimiters_make_rows_wider_than_the_header() -> None:
+    data = b"a,b\n1,2,\n3,4,\n"
+
+    with pytest.raises(ValidationFailed, match="rows carry 1 more field"):
+        parse_csv(data)
+
+
+def _headerless(first_row: list[str]) -> bytes:
+    _, _, *rows = bundled_csv_bytes().decode().splitlines()
+    return ("\n".join([",".join(first_row), *rows]) + "\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("first_row", "numbers"),
+    [
+        # A data row with distinctive values (the bundled first row is a patient's too).
+        ([f"{17.9912345 + k:.7f}" for k in range(30)] + ["0"], 31),
+        (["Jane Doe", "123-45-6789"] + [f"{k + 0.5123}" for k in range(28)] + ["1"], 30),
+    ],
+)
+def test_a_headerless_file_keeps_its_first_row_out_of_report_message_and_quarantine(
+    spec: DatasetSpec, first_row: list[str], numbers: int
+) -> None:
+    # Given a CSV without a header: its first data row is read as the column names.
+    with pytest.raises(ExpectationsFailed) as info:
+        validate_bytes(_headerless(first_row), spec)
+
+    report = info.value.report
+    record = json.dumps(asdict(record_for(report, "s3://bucket/x.csv.enc")))
+    texts = {
+        "exception": str(info.value),
+        "failures": " ".join(info.value.failures),
+        "markdown": report.to_markdown(),
+        "quarantine record": record,
+    }
+    for where, text in texts.items():
+        leaked = [v for v in first_row if len(v) > 1 and v in text]
+        assert not leaked, f"row values {leaked} reached the {where}"
+    said = f"the header row looks like data ({numbers} of 31 names are numbers)"
+    assert said in str(info.value) and said in report.to_markdown(), str(info.value)
+    assert "missing all 31 columns of the spec" in report.notes[0]
+
+
+def test_unexpected_column_names_are_summarised_a_few_short_non_numeric_ones_only(
+    spec: DatasetSpec,
+) -> None:
+    # Given a proper header plus extra columns, one of them named like a value.
+    frame = bundled_frame()
+    for name in ["123-45-6789", "patient_name_with_a_long_suffix", "notes", "ward", "zipcode"]:
+        frame[name] = 1.0
+
+    with pytest.raises(ExpectationsFailed) as info:
+        validate_bytes(_csv(frame), spec)
+
+    message = str(info.value)
+    assert "unexpected ['patient_name_with_a_lon…', 'notes', 'ward'] and 2 more" in message
+    assert "123-45-6789" not in message and "zipcode" not in message
+    assert "123-45-6789" not in info.value.report.to_markdown()
 
 
 @pytest.mark.parametrize("data", [b"", b"\n", b"\x00\xff\xfe garbage"])
