@@ -61,6 +61,7 @@ def approve_command(
         )
         fail(BallastError(f"refused: {auth.reason}", stage="approve"))
 
+    import httpx
     from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
 
@@ -73,6 +74,8 @@ def approve_command(
         fail(BallastError(f"flow run {run_id} is not waiting for approval: {exc}", stage="approve"))
     except RuntimeError as exc:  # Prefect's refusal, e.g. input that fails the form's schema
         fail(BallastError(f"Prefect refused the answer: {exc}", stage="approve"))
+    except httpx.HTTPError as exc:  # the API is down or answered an error the client raised
+        fail(BallastError(f"cannot reach the Prefect API: {exc}", stage="approve"))
     verdict = "rejected" if reject else "approved"
     console.print(f"{verdict} flow run {run_id} as {name.strip()}: sent to the paused run")
 

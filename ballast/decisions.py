@@ -26,6 +26,7 @@ __all__ = [
     "next_weight",
     "plan_promotion",
     "plan_rollback",
+    "prior_decision",
     "validate_steps",
 ]
 
@@ -104,6 +105,39 @@ def authorize_approval(
     if run_starter is not None and run_starter.strip().casefold() == name.casefold():
         return Authorization(False, f"{name!r} started this run and cannot approve it")
     return Authorization(True, f"{name!r} holds the approver role and did not start the run")
+
+
+# Who a timed-out approval is recorded as "by": nobody decided, so the version may be asked again.
+APPROVAL_TIMEOUT = "timeout"
+
+
+def prior_decision(
+    *,
+    status: str | None,
+    verdict: str | None,
+    approval: str | None,
+    approval_by: str | None,
+    aliases: Collection[str],
+) -> str | None:
+    """Why a version that a rerun of its release found again (same data, code and parameters)
+    must not be approved or canaried again; None while it is still open to a decision.
+
+    Decided are: a version a person (or the auto policy) rejected, one the canary rolled back or
+    promoted, one serving or once served as champion. Re-approving such a version would override
+    that decision, e.g. a nightly auto-approved run undoing a human's rejection. Not decided: an
+    approval that only timed out (nobody answered), which may be asked again.
+    """
+    if CHAMPION in aliases or PREVIOUS in aliases:
+        role = CHAMPION if CHAMPION in aliases else PREVIOUS
+        return f"it is the {role}"
+    timed_out = approval == "rejected" and approval_by == APPROVAL_TIMEOUT
+    if approval == "rejected" and not timed_out:
+        return f"its approval was rejected by {approval_by or 'someone unrecorded'}"
+    if verdict and not (timed_out and verdict == "rejected"):
+        return f"its verdict is {verdict}"
+    if status not in (None, "", "candidate") and not (timed_out and status == "rejected"):
+        return f"its status is {status}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 from ballast.release import ALIAS_CHAMPION, ReleaseReport
 from ballast.serving import Fault
 from ballast.settings import get_settings
-from tasks.approval import approval_evidence, request_approval
+from tasks.approval import approval_evidence, prior_decision_of, request_approval
 from tasks.canary import canary_release
 from tasks.common import logger
 from tasks.compile import compile_candidate
@@ -64,6 +64,19 @@ def release_flow(
         report.outcome = "unchanged"
         report.reason = f"version {info.version} is this release and already the champion"
         logger().info("stage=release model=%s outcome=unchanged", s.model_name)
+        return report
+    decided = prior_decision_of(info)
+    if decided is not None:
+        # Same release as a version decided before (rejected, rolled back): that decision
+        # stands; approving it again would override it (a nightly auto run undoing a rejection).
+        report.outcome = "unchanged"
+        report.reason = f"version {info.version} is this release and was decided before: {decided}"
+        logger().info(
+            "stage=release model=%s version=%s outcome=unchanged decided=%s",
+            s.model_name,
+            info.version,
+            decided,
+        )
         return report
 
     checks = {

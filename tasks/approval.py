@@ -26,11 +26,13 @@ from pydantic import Field
 
 from ballast.audit import current_actor, record
 from ballast.data import ValidatedDataset
+from ballast.decisions import APPROVAL_TIMEOUT, Authorization, prior_decision
+from ballast.errors import ApprovalRejected
 from ballast.quality import QualityDecision
-from ballast.release import TAG_APPROVAL
+from ballast.release import TAG_APPROVAL, TAG_STATUS, TAG_VERDICT
 from ballast.roles import roles_from_settings
 from ballast.settings import get_settings
-from model_registry import ApprovalRecord
+from model_registry import ApprovalRecord, ModelVersionInfo
 from tasks.common import logger, registry
 
 __all__ = [
@@ -40,10 +42,11 @@ __all__ = [
     "ApprovalForm",
     "approval_evidence",
     "evidence_markdown",
+    "prior_decision_of",
     "request_approval",
 ]
 
-TAG_APPROVAL_BY = f"{TAG_APPROVAL}.by"
+TAG_APPROVAL_BY = f"{TAG_APPROVAL}.by"  # model_registry.types.TAG_APPROVAL_BY
 TAG_APPROVAL_REASON = f"{TAG_APPROVAL}.reason"
 TAG_APPROVAL_STARTED_BY = f"{TAG_APPROVAL}.started_by"
 
@@ -150,6 +153,10 @@ def _wait_for_valid_answer(
             log.warning("stage=approve timed out after %d answer(s)", attempt - 1)
             return None
         auth = authorize_approval(answer.approver, started_by, roles)
+        if auth.allowed and not answer.reason.strip():
+            # The form says a reason is required, but Prefect's initial-data form drops that
+            # constraint from the schema it enforces: the gate checks it itself.
+            auth = Authorization(False, "an answer needs a reason")
         if auth.allowed:
             return answer
         record(
@@ -166,6 +173,28 @@ def _wait_for_valid_answer(
         log.warning("stage=approve refused answer: %s; waiting again", auth.reason)
 
 
+def prior_decision_of(info: ModelVersionInfo) -> str | None:
+    """Why ``info`` must not be approved or canaried again (:func:`prior_decision` on its tags);
+    None while it is open to a decision."""
+    tags = info.tags
+    return prior_decision(
+        status=tags.get(TAG_STATUS),
+        verdict=tags.get(TAG_VERDICT),
+        approval=tags.get(TAG_APPROVAL),
+        approval_by=tags.get(TAG_APPROVAL_BY),
+        aliases=info.aliases,
+    )
+
+
+def _refuse_if_decided(reg: Any, model: str, version: str) -> None:
+    why = prior_decision_of(reg.get_version(model, version))
+    if why is not None:
+        raise ApprovalRejected(
+            f"version {version} of {model} was decided before ({why}): a decision is never "
+            "overwritten"
+        )
+
+
 def request_approval(
     *, model: str, version: str, checks: dict[str, bool], metrics: dict[str, float], policy: str
 ) -> tuple[bool, str, str]:
@@ -178,6 +207,8 @@ def request_approval(
 
     s = get_settings()
     log = logger()
+    reg = registry(s)
+    _refuse_if_decided(reg, model, version)  # before anyone is asked
     started_by = current_actor()
     decision = decide_approval(policy, checks)  # type: ignore[arg-type]
     if not decision.needs_human:
@@ -194,22 +225,15 @@ def request_approval(
             model=model, version=version, form=form, started_by=started_by
         )
         if answer is None:
-            approved, approver, reason = False, "timeout", "approval timed out"
+            approved, approver, reason = False, APPROVAL_TIMEOUT, "approval timed out"
         else:
-            approved, approver, reason = bool(answer.approve), answer.approver, answer.reason
-    reg = registry(s)
-    # The typed record (pending -> approved | rejected; a timeout is a rejection by "timeout").
-    reg.set_approval(
-        model,
-        version,
-        ApprovalRecord(
-            status="approved" if approved else "rejected",
-            by=approver,
-            at=datetime.now(UTC),
-            reason=reason,
-        ),
-    )
-    reg.set_tags(model, version, {TAG_APPROVAL_STARTED_BY: started_by})
+            approved = bool(answer.approve)
+            approver, reason = answer.approver.strip(), answer.reason.strip()
+    # A second run of the same release may have decided it while this one waited.
+    _refuse_if_decided(reg, model, version)
+    # The audit entry first: it is the record of the decision (fsynced). Then the registry, the
+    # starter before the typed record, whose status goes last (pending -> approved | rejected;
+    # a timeout is a rejection by "timeout"): no status without its evidence.
     record(
         s.audit_log,
         "approve" if approved else "reject",
@@ -220,6 +244,28 @@ def request_approval(
         checks=checks,
         started_by=started_by,
     )
+    try:
+        reg.set_tags(model, version, {TAG_APPROVAL_STARTED_BY: started_by})
+        reg.set_approval(
+            model,
+            version,
+            ApprovalRecord(
+                status="approved" if approved else "rejected",
+                by=approver,
+                at=datetime.now(UTC),
+                reason=reason,
+            ),
+        )
+    except Exception as exc:
+        record(
+            s.audit_log,
+            "approval_write_failed",
+            model=model,
+            version=version,
+            approver=approver,
+            error=f"{type(exc).__name__}: {exc}"[:500],
+        )
+        raise
     log.info(
         "stage=approve model=%s version=%s approved=%s by=%s", model, version, approved, approver
     )

@@ -10,19 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.exceptions import FlowPauseTimeout
 
+import tasks.approval
 import tasks.registry
 from ballast.audit import read as read_audit
 from ballast.compile import compile_model
 from ballast.data import bundled_csv_bytes, bundled_spec
-from ballast.errors import IntegrityError, RegistryError
+from ballast.errors import ApprovalRejected, IntegrityError, RegistryError
 from ballast.hashing import sha256_file
 from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, ALIAS_PREVIOUS, TAG_STATUS
-from ballast.settings import Settings
+from ballast.settings import Settings, get_settings
 from ballast.training import train
 from ballast.validation import validate_bytes
 from model_registry import Registry
+from tasks.approval import ApprovalForm, prior_decision_of, request_approval
 from tasks.canary import version_spec
 from tasks.registry import close_candidate, record_promotion, register_candidate, stage_artifacts
 from tasks.rollback import rollback_to_previous
@@ -226,3 +229,122 @@ def test_reusing_a_decided_version_never_marks_it_candidate_again(
     assert again_closed.tags[TAG_STATUS] == "rejected"
     for version in (champ.version, closed.version):
         assert len(_register_entries(settings, version)) == 1, f"version {version} re-audited"
+
+
+# -- approval of a version its release registered again --------------------------------------
+
+
+def _answers(monkeypatch: pytest.MonkeyPatch, *answers: ApprovalForm | None) -> list[str]:
+    """Stand-in for ``pause_flow_run`` (needs a running flow): hands out ``answers`` in turn
+    (None: the pause times out). Returns the pause keys asked for."""
+    keys: list[str] = []
+    queue = list(answers)
+
+    def pause(*, wait_for_input: Any, timeout: int, poll_interval: float, key: str) -> Any:
+        keys.append(key)
+        answer = queue.pop(0)
+        if answer is None:
+            raise FlowPauseTimeout("no answer")
+        return answer
+
+    monkeypatch.setattr(tasks.approval, "pause_flow_run", pause)
+    return keys
+
+
+def _approve(s: Settings, version: str, policy: str) -> tuple[bool, str, str]:
+    return request_approval(
+        model=s.model_name,
+        version=version,
+        checks={"parity": True},
+        metrics={"accuracy": 0.97},
+        policy=policy,
+    )
+
+
+@pytest.fixture
+def approvers(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("BALLAST_APPROVERS", '["bob"]')
+    monkeypatch.setenv("BALLAST_ACTOR", "carol")  # who started the run
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def test_a_rejected_release_run_again_is_never_approved_again(
+    built: dict[str, Any], approvers: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = approvers
+    # Given a version a person rejected ...
+    info = _register(built, s, "run-a", tmp_path)
+    _answers(monkeypatch, ApprovalForm(approve=False, approver="bob", reason="not this one"))
+    assert _approve(s, info.version, "manual") == (False, "bob", "not this one")
+    close_candidate.fn(
+        info.version, status="rejected", verdict="rejected", reason="bob", evidence={}
+    )
+
+    # ... when the same release runs again (a nightly auto run), it finds that decision ...
+    again = _register(built, s, "run-b", tmp_path)
+    assert again.version == info.version
+    assert prior_decision_of(again) == "its approval was rejected by bob"
+
+    # ... and approving it anyway is refused before anyone is asked, changing nothing.
+    with pytest.raises(ApprovalRejected, match="decided before"):
+        _approve(s, info.version, "auto")
+    record_ = Registry(s.tracking_uri, s.artifact_root).get_approval(s.model_name, info.version)
+    assert record_ is not None and (record_.status, record_.by) == ("rejected", "bob")
+    assert [e["action"] for e in read_audit(s.audit_log)].count("approve") == 0
+
+
+def test_a_release_whose_approval_timed_out_may_be_asked_again(
+    built: dict[str, Any], approvers: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = approvers
+    info = _register(built, s, "run-a", tmp_path)
+    _answers(monkeypatch, None)
+    assert _approve(s, info.version, "manual") == (False, "timeout", "approval timed out")
+    close_candidate.fn(
+        info.version, status="rejected", verdict="rejected", reason="timeout", evidence={}
+    )
+
+    # Nobody decided: the next run of the same release asks again.
+    again = _register(built, s, "run-b", tmp_path)
+    assert prior_decision_of(again) is None
+    assert _approve(s, info.version, "auto")[:2] == (True, "policy:auto")
+
+
+def test_an_answer_without_a_reason_is_refused_and_the_run_asks_again(
+    built: dict[str, Any], approvers: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = approvers
+    info = _register(built, s, "run-a", tmp_path)
+    keys = _answers(
+        monkeypatch,
+        ApprovalForm(approve=True, approver="bob", reason="   "),
+        ApprovalForm(approve=True, approver="  bob\n", reason=" looks good "),
+    )
+
+    # Recorded trimmed, after one refusal that is audited.
+    assert _approve(s, info.version, "manual") == (True, "bob", "looks good")
+    assert len(keys) == 2 and keys[0] != keys[1]
+    refused = [e for e in read_audit(s.audit_log) if e["action"] == "approval_refused"]
+    assert [e["reason"] for e in refused] == ["an answer needs a reason"]
+
+
+def test_a_failed_registry_write_leaves_the_decision_audited_and_the_status_pending(
+    built: dict[str, Any], approvers: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = approvers
+    info = _register(built, s, "run-a", tmp_path)
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise RegistryError("tracking server unreachable")
+
+    monkeypatch.setattr(Registry, "set_tags", unreachable)
+    with pytest.raises(RegistryError, match="unreachable"):
+        _approve(s, info.version, "auto")
+
+    # The audit log holds the decision and the failed write; the registry no new status.
+    actions = [e["action"] for e in read_audit(s.audit_log)]
+    assert actions[-2:] == ["approve", "approval_write_failed"]
+    monkeypatch.undo()
+    record_ = Registry(s.tracking_uri, s.artifact_root).get_approval(s.model_name, info.version)
+    assert record_ is not None and record_.status == "pending"

@@ -53,6 +53,19 @@ def test_an_empty_reason_is_refused(approvers: Settings) -> None:
     assert result.exit_code == 2 and "--reason" in result.output, result.output
 
 
+def test_an_unreachable_prefect_api_is_one_line_and_exit_2(
+    approvers: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import free_port
+
+    # Nothing listens there: the client's connection error must become the command's refusal.
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "0")
+    result = CliRunner().invoke(cli(), ["approve", RUN_ID, "--as", "alice", "--reason", "ok"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "cannot reach the Prefect API" in result.output
+
+
 def test_a_world_readable_roles_file_stops_the_command(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from ballast.decisions import (
     next_weight,
     plan_promotion,
     plan_rollback,
+    prior_decision,
     validate_steps,
 )
 
@@ -180,3 +181,47 @@ def test_authorize_approval_needs_the_role_and_a_second_person(
 
 def test_authorize_approval_with_no_roles_configured_refuses_everyone() -> None:
     assert not authorize_approval("alice", "bob", {}).allowed
+
+
+# -- a release run again finds its version decided before --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        ({"approval": "rejected", "approval_by": "bob"}, "its approval was rejected by bob"),
+        (
+            {"approval": "rejected", "approval_by": "policy:auto", "verdict": "rejected"},
+            "its approval was rejected by policy:auto",
+        ),
+        ({"approval": "approved", "verdict": "rollback"}, "its verdict is rollback"),
+        ({"status": "rolled_back"}, "its status is rolled_back"),
+        ({"aliases": ("previous",)}, "it is the previous"),
+        ({"aliases": ("champion",)}, "it is the champion"),
+        # Open to a decision: never decided, approved but not canaried yet, or only timed out.
+        ({}, None),
+        ({"status": "candidate", "approval": "pending"}, None),
+        ({"approval": "approved"}, None),
+        (
+            {
+                "approval": "rejected",
+                "approval_by": "timeout",
+                "verdict": "rejected",
+                "status": "rejected",
+            },
+            None,
+        ),
+    ],
+)
+def test_prior_decision_names_what_was_decided_and_lets_only_timeouts_be_asked_again(
+    state: dict[str, object], why: str | None
+) -> None:
+    args: dict[str, object] = {
+        "status": None,
+        "verdict": None,
+        "approval": None,
+        "approval_by": None,
+        "aliases": (),
+        **state,
+    }
+    assert prior_decision(**args) == why  # type: ignore[arg-type]
