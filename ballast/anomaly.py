@@ -25,10 +25,16 @@ Method (robust CUSUM on an EWMA baseline)
    do, and a small sustained shift adds up over more windows. ``k`` is the slack: drifts below
    ``k`` standard deviations are not worth a page.
 4. **Adapt.** A window with ``|z| <= z_update`` moves the EWMA level by ``alpha`` of its
-   (clipped) residual and joins the last ``mad_window`` residuals whose MAD is the scale. Windows
-   beyond ``z_update`` do not, so a fault does not become the new normal while it accumulates;
-   a ramp slower than the EWMA's memory (about ``1/alpha`` windows) is partly absorbed (the
-   benchmark measures how much that costs), which is what hard ceilings are for.
+   residual and joins the last ``mad_window`` residuals whose MAD is the scale. Windows beyond
+   ``z_update`` on a watched side do not, so a fault does not become the new normal while it
+   accumulates; a ramp slower than the EWMA's memory (about ``1/alpha`` windows) is partly
+   absorbed (the benchmark measures how much that costs), which is what hard ceilings are for.
+   For a metric watched for increases only (``up``), a window far *below* the level is no fault:
+   it moves the level by ``alpha`` of its residual clipped to ``-z_update`` × scale (so the level
+   walks down at most ``alpha × z_update`` scales per window and settles on a new, lower plateau
+   after a high warm-up, instead of freezing above it for good), but does not join the scale's
+   residuals (a run of clipped residuals would inflate the scale, and blind the detector, until
+   they left the window).
 5. **Hard ceiling** (optional, per metric): a value above an absolute limit in ``hard_consecutive``
    windows in a row breaches even during warm-up (a new champion has no baseline yet).
 
@@ -180,12 +186,15 @@ class MetricVerdict:
 
     @property
     def severity(self) -> float:
-        """How far past its threshold a breach is (1 = just at it); 0 when not breached."""
-        if not self.breached or not self.threshold:
+        """How far past its threshold a breach is (1 = just at it); 0 when not breached.
+
+        A hard ceiling at or below 0 has no ratio to measure the excess by: any breach of it is
+        ``inf``, the most severe (the watchdog reports the most severe breach).
+        """
+        if not self.breached:
             return 0.0
-        if self.rule == "cusum":
-            return self.cusum / self.threshold
-        return (self.value or 0.0) / self.threshold
+        measure = self.cusum if self.rule == "cusum" else (self.value or 0.0)
+        return measure / self.threshold if self.threshold > 0 else math.inf
 
     @property
     def breached(self) -> bool:
@@ -227,7 +236,12 @@ def update_metric(
     correlation r (capped at 0.9), so correlation alone does not accumulate into a breach.
     """
     if value is None or not math.isfinite(value) or count < policy.min_count:
-        why = f"{count} requests < {policy.min_count}" if value is not None else "no value"
+        if value is None:
+            why = "no value"
+        elif not math.isfinite(value):
+            why = f"non-finite value ({value})"
+        else:
+            why = f"{count} requests < {policy.min_count}"
         return state, MetricVerdict(spec.name, "insufficient", value, count, reason=why)
 
     # Hard ceiling first: it needs no baseline.
@@ -275,7 +289,11 @@ def update_metric(
             baseline=level,
             scale=scale,
             z=0.0,
-            threshold=spec.hard_ceiling if hard_breach and spec.hard_ceiling else policy.cusum_h,
+            threshold=(
+                spec.hard_ceiling
+                if hard_breach and spec.hard_ceiling is not None
+                else policy.cusum_h
+            ),
             reason=reason,
             rule="hard_ceiling" if hard_breach else "",
         )
@@ -289,10 +307,14 @@ def update_metric(
     hi = max(0.0, state.cusum_hi + zc - policy.cusum_k)
     lo = max(0.0, state.cusum_lo - zc - policy.cusum_k) if spec.direction == "both" else 0.0
     residuals = state.residuals
+    resid = value - level
     if abs(z) <= policy.z_update:
-        resid = value - level
         level = level + policy.alpha * resid
         residuals = (*residuals, resid)[-policy.mad_window :]
+    elif spec.direction == "up" and z < 0:
+        # Far below an up-only metric's level: no fault, so the level follows, one clipped step
+        # at a time; the scale does not learn from it (see step 4 of the module docstring).
+        level = level + policy.alpha * max(resid, -policy.z_update * scale)
     new = MetricState(
         warm=(),
         level=level,

@@ -4,17 +4,21 @@ Routes: ``GET /healthz``, ``GET /readyz``, ``GET|PUT /admin/deployment``, ``GET 
 ``GET /admin/replicas``, ``GET /admin/shadow`` and ``POST /admin/watchdog/heartbeat``
 (``Authorization: Bearer <token>``),
 ``POST /v1/models/{model}/predict`` (JSON, or a float32 array as ``application/x-npy``). Every
-refusal comes back as a :class:`GatewayHTTPError` carrying the server's own message.
+answer but a 2xx comes back as a :class:`GatewayHTTPError` carrying the server's own message; a
+2xx whose body is not the JSON the route returns (a proxy's login page, say) as a
+:class:`~ballast.errors.GatewayError` naming the route and the start of the body.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+from pydantic import ValidationError
 
 from ballast.errors import GatewayError
 from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse
@@ -34,10 +38,14 @@ VERSION_HEADER = "X-Ballast-Version"
 KEY_HEADER = "X-Ballast-Key"
 REQUEST_ID_HEADER = "X-Request-Id"
 
+_T = TypeVar("_T")
+
 
 class GatewayHTTPError(GatewayError):
-    """The gateway answered with a 4xx/5xx. ``version`` is set when a model version answered;
-    ``request_id`` (inference routes) finds the gateway's log line of the failure."""
+    """The gateway answered with anything but a 2xx: a 4xx/5xx, or a 3xx, which is not followed
+    (an admin token goes to the gateway, never to wherever a proxy points). ``version`` is set
+    when a model version answered; ``request_id`` (inference routes) finds the gateway's log line
+    of the failure."""
 
     def __init__(
         self,
@@ -57,8 +65,8 @@ class GatewayClient:
     """``with GatewayClient(url, token) as gw: gw.set_deployment(dep)``.
 
     ``health()`` and ``ready()`` answer False when the gateway cannot be reached; every other
-    call raises :class:`~ballast.errors.GatewayError` (unreachable) or
-    :class:`GatewayHTTPError` (refused).
+    call raises :class:`~ballast.errors.GatewayError` (unreachable, or an answer that is not the
+    route's) or :class:`GatewayHTTPError` (refused).
     """
 
     def __init__(self, base_url: str, admin_token: str | None = None, timeout: float = 5.0) -> None:
@@ -84,7 +92,7 @@ class GatewayClient:
             raise GatewayError(
                 f"gateway at {self.base_url} unreachable: {type(exc).__name__}: {exc}"
             ) from exc
-        if resp.status_code >= 400:
+        if not resp.is_success:
             raise GatewayHTTPError(
                 f"gateway {method} {path} -> {resp.status_code}: {_message(resp)}",
                 status_code=resp.status_code,
@@ -92,6 +100,22 @@ class GatewayClient:
                 request_id=resp.headers.get(REQUEST_ID_HEADER),
             )
         return resp
+
+    def _call(self, method: str, path: str, parse: Callable[[Any], _T], **kwargs: Any) -> _T:
+        """``method path`` (as :meth:`_request`), its JSON body read by ``parse``.
+
+        A body that is not JSON, or that ``parse`` refuses (a pydantic ``ValidationError`` or any
+        ``ValueError``), raises :class:`GatewayError` naming the route and the body's first 200
+        characters: a caller handles one error family, never a parser's.
+        """
+        resp = self._request(method, path, **kwargs)
+        try:
+            return parse(resp.json())
+        except (ValueError, ValidationError) as exc:
+            raise GatewayError(
+                f"gateway {method} {path} -> {resp.status_code} answered an unexpected body "
+                f"({type(exc).__name__}: {_first_line(exc)}): {resp.text[:200]!r}"
+            ) from exc
 
     def _probe(self, path: str) -> bool:
         try:
@@ -110,9 +134,12 @@ class GatewayClient:
         return self._probe("/readyz")
 
     def get_deployment(self) -> Deployment | None:
-        resp = self._request("GET", "/admin/deployment", headers=self._admin_headers())
-        data = resp.json()
-        return None if data is None else Deployment.model_validate(data)
+        return self._call(
+            "GET",
+            "/admin/deployment",
+            lambda data: None if data is None else Deployment.model_validate(data),
+            headers=self._admin_headers(),
+        )
 
     def set_deployment(self, dep: Deployment) -> Deployment:
         """Apply ``dep``; returns the deployment the gateway confirms is now in force.
@@ -120,26 +147,26 @@ class GatewayClient:
         On refusal (bad hash 409, missing or unloadable artefact 422) the previous deployment
         stays in force and this raises with the gateway's reason.
         """
-        resp = self._request(
+        return self._call(
             "PUT",
             "/admin/deployment",
+            Deployment.model_validate,
             content=dep.model_dump_json(),
             headers={**self._admin_headers(), "Content-Type": "application/json"},
         )
-        return Deployment.model_validate(resp.json())
 
     def predict(
         self, model: str, instances: list[list[float]], key: str | None = None
     ) -> PredictResponse:
         """Predict ``instances``; ``key`` pins a client to one version at a given weight."""
         headers = {KEY_HEADER: key} if key is not None else {}
-        resp = self._request(
+        return self._call(
             "POST",
             f"/v1/models/{quote(model, safe='')}/predict",
+            PredictResponse.model_validate,
             json={"instances": instances},
             headers=headers,
         )
-        return PredictResponse.model_validate(resp.json())
 
     def predict_array(self, model: str, x: np.ndarray, key: str | None = None) -> PredictResponse:
         """Predict a float32 ``[rows, features]`` array sent as ``application/x-npy`` (compact)."""
@@ -150,19 +177,16 @@ class GatewayClient:
         headers = {"Content-Type": NPY_MEDIA_TYPE}
         if key is not None:
             headers[KEY_HEADER] = key
-        resp = self._request(
+        return self._call(
             "POST",
             f"/v1/models/{quote(model, safe='')}/predict",
+            PredictResponse.model_validate,
             content=buf.getvalue(),
             headers=headers,
         )
-        return PredictResponse.model_validate(resp.json())
 
     def _admin_object(self, path: str) -> dict[str, Any]:
-        data = self._request("GET", path, headers=self._admin_headers()).json()
-        if not isinstance(data, dict):
-            raise GatewayError(f"gateway {path} returned {type(data).__name__}, not an object")
-        return data
+        return self._call("GET", path, _json_object, headers=self._admin_headers())
 
     def stats(self) -> dict[str, Any]:
         """Per-version counters and recent latency percentiles (``/admin/stats``)."""
@@ -175,15 +199,13 @@ class GatewayClient:
     def observations(self, cursors: dict[str, int], limit: int = 5000) -> dict[str, Any]:
         """Answers the reached replica gave after its cursor in ``cursors`` (``/admin/observations``)."""
         query = ",".join(f"{name}={seq}" for name, seq in cursors.items())
-        data = self._request(
+        return self._call(
             "GET",
             "/admin/observations",
+            _json_object,
             params={"cursors": query, "limit": limit},
             headers=self._admin_headers(),
-        ).json()
-        if not isinstance(data, dict):
-            raise GatewayError("gateway /admin/observations returned something else than an object")
-        return data
+        )
 
     def shadow(self) -> dict[str, Any]:
         """Shadow agreement with the primary and recent disagreements (``/admin/shadow``)."""
@@ -218,7 +240,20 @@ class GatewayClient:
         self.close()
 
 
+def _json_object(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{type(data).__name__}, not an object")
+    return data
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).splitlines()
+    return lines[0] if lines else ""
+
+
 def _message(resp: httpx.Response) -> str:
+    if resp.is_redirect:
+        return f"redirect to {resp.headers.get('location')!r}, not followed"
     try:
         data = resp.json()
     except ValueError:

@@ -271,7 +271,12 @@ def _tick(
 
 
 def simulate_run(cfg: SimConfig, rng: np.random.Generator) -> RunResult:
-    """One canary from start to decision (or to ``max_seconds``: inconclusive)."""
+    """One canary from start to decision (or to ``max_seconds``: inconclusive).
+
+    Looks fall on their cadence only, up to and including ``max_seconds``: when ``max_seconds``
+    is not a multiple of the cadence, the last tick is cut short at it and has no look, so the
+    run ends inconclusive at ``max_seconds`` rather than deciding after it.
+    """
     scen = _Scenario(cfg)
     judge, cadence = make_judge(cfg)
     stream = judge if isinstance(judge, StreamJudge) else None
@@ -287,7 +292,9 @@ def simulate_run(cfg: SimConfig, rng: np.random.Generator) -> RunResult:
     canary_requests = excess = 0
     while t < cfg.max_seconds - _EPS:
         weight = weights[step]
-        batch, extra = _tick(rng, cfg, scen, weight, t, dt)
+        # The last tick stops at max_seconds: no traffic, and no look, after the canary's time.
+        tick = min(dt, cfg.max_seconds - t)
+        batch, extra = _tick(rng, cfg, scen, weight, t, tick)
         excess += extra
         canary_requests += int(np.count_nonzero(batch.canary))
         c, b = batch.canary, ~batch.canary
@@ -295,7 +302,7 @@ def simulate_run(cfg: SimConfig, rng: np.random.Generator) -> RunResult:
         champion.add(batch.ok[b], batch.latency_s[b], batch.correct[b])
         if stream is not None:
             stream.observe_batch(batch, weight)
-        t += dt
+        t = min(t + tick, cfg.max_seconds)
         if t + _EPS < next_look:
             continue
         verdict = judge.judge(champion.stats() if champion.n else None, canary.stats(), weight)

@@ -176,3 +176,71 @@ def test_state_of_another_model_or_schema_starts_fresh() -> None:
     d = DetectorState(model="m", version="3", checks=5).to_dict()
     assert DetectorState.from_dict(d, "other") == DetectorState(model="other")
     assert DetectorState.from_dict({**d, "schema": SCHEMA + 1}, "m") == DetectorState(model="m")
+
+
+def test_an_up_metric_follows_a_lower_plateau_after_a_high_warm_up_and_pages_on_a_regression() -> (
+    None
+):
+    # Given a p99 that is high while caches are cold (the warm-up) and then settles far lower
+    rng = np.random.default_rng(3)
+    st, _ = feed(LATENCY, list(120.0 + rng.normal(0, 3.0, 5)))
+    st, settled = feed(LATENCY, list(50.0 + rng.normal(0, 2.0, 288)), state=st)
+    # then the level walks down to the plateau instead of freezing at the warm-up's level
+    assert not any(v.breached for v in settled)
+    assert st.level == pytest.approx(50.0, abs=2.0), f"baseline stuck at {st.level}"
+    # and when the p99 regresses back up to twice the plateau, the watchdog pages within windows
+    st, regressed = feed(LATENCY, list(100.0 + rng.normal(0, 2.0, 48)), state=st)
+    first = next((i for i, v in enumerate(regressed) if v.breached), None)
+    assert first is not None and first <= 3, "a 2x regression after the plateau never paged"
+    # and the fault does not become the new normal: it still pages after four hours
+    assert st.level == pytest.approx(50.0, abs=2.0) and regressed[-1].breached
+
+
+def test_an_error_rate_after_a_high_warm_up_pages_on_a_regression_from_a_lower_plateau() -> None:
+    # Given 3 % errors in the first hour (under the hard ceiling), then a day at 0.1 %
+    rng = np.random.default_rng(4)
+    n = 2000
+    st, _ = feed(ERRORS, list(rng.binomial(n, 0.03, 5) / n), count=n)
+    st, settled = feed(ERRORS, list(rng.binomial(n, 0.001, 288) / n), count=n, state=st)
+    assert not any(v.breached for v in settled)
+    assert st.level is not None and st.level < 0.003, f"baseline stuck at {st.level}"
+    # When errors rise 25-fold to 2.5 % (still under the 5 % ceiling), the CUSUM pages
+    _, regressed = feed(ERRORS, list(rng.binomial(n, 0.025, 6) / n), count=n, state=st)
+    assert any(v.breached and v.rule == "cusum" for v in regressed)
+
+
+def test_a_window_far_below_moves_an_up_metric_one_clipped_step_and_not_its_scale() -> None:
+    st, _ = feed(LATENCY, [20.0, 20.4, 19.6, 20.2, 19.8])
+    assert st.level is not None
+    after, verdict = update_metric(st, LATENCY, 1.0, 1000, POLICY)
+    assert verdict.z is not None and verdict.z < -POLICY.z_update and verdict.scale is not None
+    step = POLICY.alpha * POLICY.z_update * verdict.scale
+    assert after.level == pytest.approx(st.level - step), "the residual is clipped at -z_update"
+    assert after.residuals == st.residuals, "a clipped window must not join the scale's residuals"
+    # A two-sided metric watches drops too: a window far below its level is a fault, not news.
+    st, _ = feed(SHARE, [0.37, 0.38, 0.36, 0.37, 0.375], count=5000)
+    after, _ = update_metric(st, SHARE, 0.05, 5000, POLICY)
+    assert after.level == st.level and after.residuals == st.residuals
+
+
+def test_a_hard_ceiling_of_zero_is_a_ceiling_and_its_breaches_are_infinitely_severe() -> None:
+    zero = MetricSpec("error_rate", "rate", "up", abs_floor=0.002, hard_ceiling=0.0)
+    policy = DetectorPolicy(warmup=3, min_count=10, hard_consecutive=1)
+    st = MetricState()
+    verdicts = []
+    for _ in range(4):
+        st, verdict = update_metric(st, zero, 0.01, 1000, policy)
+        verdicts.append(verdict)
+    assert all(v.breached and v.rule == "hard_ceiling" for v in verdicts)
+    # The window that sets the baseline reports the ceiling, not the CUSUM's h, as its threshold.
+    assert [v.threshold for v in verdicts] == [0.0] * 4
+    assert all(v.severity == math.inf for v in verdicts), [v.severity for v in verdicts]
+    _, ok = update_metric(st, zero, 0.0, 1000, policy)
+    assert not ok.breached and ok.severity == 0.0
+
+
+def test_a_non_finite_value_is_insufficient_for_that_reason_not_for_its_request_count() -> None:
+    for bad in (math.nan, math.inf):
+        after, verdict = update_metric(MetricState(), ERRORS, bad, 5000, POLICY)
+        assert verdict.status == "insufficient" and after == MetricState()
+        assert verdict.reason.startswith("non-finite value"), verdict.reason

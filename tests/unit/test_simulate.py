@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ballast.serving import Deployment, VersionSpec
-from ballast.simulate import SimConfig, main, route_to_canary, simulate
+from ballast.simulate import SimConfig, main, route_to_canary, simulate, simulate_run
 from infra.gateway.versions import Live, Slot
 
 # Short canaries keep these tests at a second or two each: 20 s steps, 5-minute ceiling.
@@ -127,6 +127,43 @@ def test_excess_errors_count_only_failures_the_champion_would_not_have_had() -> 
         expected = 0.04 * r.canary_requests  # 5 % against 1 % on the same requests
         assert 0 <= r.excess_errors <= r.canary_requests
         assert abs(r.excess_errors - expected) <= 4 * np.sqrt(expected) + 2, r
+
+
+@pytest.mark.parametrize(
+    ("judge", "extra"),
+    [
+        ("threshold", {"steps": (5, 100)}),  # its look at 120 s was after the 90 s limit
+        ("flagger", {"peer_interval": 100.0, "max_seconds": 150.0}),  # its look at 200 s
+    ],
+    ids=["threshold", "flagger"],
+)
+def test_a_canary_undecided_at_max_seconds_is_inconclusive_then_not_decided_after_it(
+    judge: str, extra: dict[str, Any]
+) -> None:
+    # Given a max_seconds that falls between two of the judge's looks
+    cfg = SimConfig(
+        scenario="aa", judge=judge, **{"step_seconds": 60.0, "max_seconds": 90.0} | extra
+    )
+    # When no look up to max_seconds decides
+    result = simulate_run(cfg, np.random.default_rng([0, 0]))
+    # Then the run is inconclusive at max_seconds, not decided at the next look after it
+    assert (result.decision, result.seconds) == ("inconclusive", cfg.max_seconds), result
+    assert result.reason == "out of time"
+
+
+@pytest.mark.parametrize("judge", ["sequential", "threshold", "flagger", "kayenta"])
+def test_no_run_reports_a_time_past_max_seconds(judge: str) -> None:
+    cfg = SimConfig(
+        scenario="errors",
+        judge=judge,
+        runs=4,
+        step_seconds=60.0,
+        max_seconds=130.0,
+        peer_interval=45.0,
+        look_seconds=7.0,
+    )
+    _, runs = simulate(cfg)
+    assert all(r.seconds <= cfg.max_seconds for r in runs), [r.seconds for r in runs]
 
 
 @pytest.mark.parametrize(
