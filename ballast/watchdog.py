@@ -8,8 +8,9 @@ and asks :func:`decide` what it means, given the detector state persisted since 
 
 Metrics per window: the champion's error rate (5xx / requests in the window), its p99 latency
 (the gateway's percentile over its last ``window`` requests: not exactly this window's, see
-:func:`observe`), and the share of each predicted class (from the gateway's
-``ballast_predictions_total`` counter on ``/metrics``; without it drift is not watched here).
+:func:`observe`), and the share of each predicted class (each version's ``classes`` in the same
+``/admin/stats`` answer, so from the same replica and load as the request counts; a gateway
+that does not report them gets no class window, and drift is not watched here).
 
 Statuses: ``healthy``; ``breach`` (a metric's detector breached: evidence names it);
 ``insufficient_data`` (too few requests, the first look, or a baseline still warming up: nothing
@@ -145,7 +146,6 @@ def observe(
     version: str,
     last_snapshot: Mapping[str, Any] | None,
     replica: str | None = None,
-    class_counts: Mapping[str, int] | None = None,
 ) -> Observation:
     """The window since ``last_snapshot`` for the champion ``version`` from ``/admin/stats``.
 
@@ -156,9 +156,9 @@ def observe(
     low traffic it spans more than this window, so ``latency_count`` is the number of this
     window's requests in it (what the detector's minimum-count rule looks at).
 
-    ``class_counts``: the champion's cumulative answered rows per predicted class, all replicas
-    together (the gateway's ``ballast_predictions_total`` on ``/metrics``); None when unknown,
-    and then drift is not watched.
+    Class counts (the version's ``classes``: rows answered per predicted class) are kept with
+    the request counts of the same replica and differenced under the same rules; a gateway that
+    does not report them (an older one) gives no class window, so drift is not watched.
     """
     if stats.get("model") != model:
         return unavailable(
@@ -177,12 +177,10 @@ def observe(
         "requests": now_requests,
         "errors": now_errors,
     }
-    now_classes = {str(k): int(n) for k, n in class_counts.items()} if class_counts else None
-    old_classes = last_snapshot.get("classes") if last_snapshot else None
-    snapshot: dict[str, Any] = {
-        "replicas": {**old_all, key: current},
-        "classes": None if now_classes is None else {"version": version, "counts": now_classes},
-    }
+    now_classes = _counts(v.get("classes"))
+    if now_classes is not None:
+        current["classes"] = now_classes
+    snapshot: dict[str, Any] = {"replicas": {**old_all, key: current}}
     canary_active = _trial_in_force(stats)
     old = old_all.get(key)
     if not isinstance(old, Mapping) or old.get("version") != version:
@@ -196,12 +194,14 @@ def observe(
             snapshot=snapshot,
         )
     same_load = old.get("loaded_at") == current["loaded_at"]
+    classes: dict[str, int] | None
     if same_load and now_requests >= _int(old, "requests"):
         requests = now_requests - _int(old, "requests")
         errors = max(0, now_errors - _int(old, "errors"))
+        classes = _diff(now_classes, _counts(old.get("classes")))
     else:  # reloaded or restarted since: everything counted so far is from this window
         requests, errors = now_requests, now_errors
-    classes = _diff(now_classes, old_classes, version)
+        classes = now_classes
     lat = v.get("latency_ms")
     p99 = lat.get("p99") if isinstance(lat, Mapping) else None
     return Observation(
@@ -234,18 +234,24 @@ def _trial_in_force(stats: Mapping[str, Any]) -> bool:
     )
 
 
-def _diff(now: dict[str, int] | None, before: Any, version: str) -> dict[str, int] | None:
-    """This window's class counts: None without an earlier count of the same version to
-    difference (the first window would be the version's whole life), all of them after a reset."""
-    if now is None or not isinstance(before, Mapping) or before.get("version") != version:
+def _counts(raw: Any) -> dict[str, int] | None:
+    """Per-class counts from ``/admin/stats`` or a snapshot; None when absent or malformed."""
+    if not isinstance(raw, Mapping):
         return None
-    raw = before.get("counts")
-    old: dict[str, int] = (
-        {str(k): int(n) for k, n in raw.items()} if isinstance(raw, Mapping) else {}
-    )
-    if any(n < old.get(k, 0) for k, n in now.items()):  # counters restarted
-        return dict(now)
-    return {k: n - old.get(k, 0) for k, n in now.items()}
+    if not all(isinstance(n, int | float) for n in raw.values()):
+        return None
+    return {str(k): int(n) for k, n in raw.items()}
+
+
+def _diff(now: dict[str, int] | None, before: dict[str, int] | None) -> dict[str, int] | None:
+    """This window's class counts against the same replica's and the same load's earlier ones:
+    None when either is unknown (a gateway without them) or when they went backwards (they
+    cannot, within one load: nothing is guessed from inconsistent counters)."""
+    if now is None or before is None:
+        return None
+    if any(n < before.get(k, 0) for k, n in now.items()) or any(k not in now for k in before):
+        return None
+    return {k: n - before.get(k, 0) for k, n in now.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,8 @@ def save_state(path: Path, state: DetectorState) -> None:
 def _observe_gateway(s: Settings, model: str, version: str, state: DetectorState) -> Observation:
     try:
         with GatewayClient(s.gateway_url, s.admin_token()) as gw:
-            stats = gw.stats()  # names the replica whose counters these are
+            # One answer from one replica: its request and per-class counters, and its name.
+            stats = gw.stats()
     except GatewayError as exc:
         return unavailable(model, version, f"gateway at {s.gateway_url}: {exc.message}")
     replica = stats.get("replica")
@@ -100,37 +101,7 @@ def _observe_gateway(s: Settings, model: str, version: str, state: DetectorState
         version=version,
         last_snapshot=state.snapshot,
         replica=None if replica is None else str(replica),
-        class_counts=predicted_classes(s.gateway_url, model, version),
     )
-
-
-def predicted_classes(gateway_url: str, model: str, version: str) -> dict[str, int] | None:
-    """``version``'s answered rows per predicted class from the gateway's ``/metrics``
-    (``ballast_predictions_total``, all worker processes together); None when not exported."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        resp = httpx.get(f"{gateway_url.rstrip('/')}/metrics", timeout=5.0, trust_env=False)
-        resp.raise_for_status()
-        families = list(text_string_to_metric_families(resp.text))
-    except (httpx.HTTPError, ValueError) as exc:
-        logger().warning("stage=watchdog no class counts from /metrics: %s", exc)
-        return None
-    counts: dict[str, int] = {}
-    for family in families:
-        if family.name != "ballast_predictions":
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if (
-                sample.name.endswith("_total")
-                and labels.get("model") == model
-                and labels.get("version") == version
-            ):
-                cls = labels.get("class", "?")
-                counts[cls] = counts.get(cls, 0) + int(sample.value)
-    return counts or None
 
 
 @task(name="watchdog-check", cache_policy=NO_CACHE)

@@ -625,6 +625,8 @@ class Gateway:
             # ONNX Runtime here runs on the CPU only; TensorRT and AOTInductor may wait on a GPU.
             loop_ok=version.spec.backend == "onnxruntime",
         )
+        # Per-class answers of this load, for /admin/stats (the watchdog's class shares).
+        self.metrics.tally_classes(model, version.version, version.classes)
 
     def _load(self, spec: VersionSpec) -> LoadedVersion:
         return load_version(
@@ -865,6 +867,9 @@ class Gateway:
                 if b is None or b.call_us == float("inf")
                 else round(b.call_us, 1),
                 "loaded_at": datetime.fromtimestamp(v.loaded_at, UTC).isoformat(),
+                # Rows answered 200 per predicted class since this load (same replica and
+                # load as ``requests``): what the watchdog's class shares are taken from.
+                "classes": {str(c): n for c, n in sorted(v.classes.items())},
             }
         return JSONResponse(
             {

@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The results ballast_deployments_total counts per model (the gateway's admin and sync paths).
+DEPLOYMENT_RESULTS = ("applied", "refused", "lease_expired")
 
 # Batch-1 inference of a small model answers in well under a millisecond; a faulty or overloaded
 # version in tens to hundreds of milliseconds. The buckets cover both ends.
@@ -156,9 +158,14 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        # Every replica process applies (or refuses) each change itself (the PUT's replica and
+        # each one that converges to it), and each counts it: this counts applications, not
+        # changes. Good for "did the deployment change" (increase > 0), not "how many times".
         self.deployments = Counter(
             "ballast_deployments",
-            "Deployment changes by result (applied, refused, invalid).",
+            "Deployment changes by result (applied, refused, invalid, lease_expired), counted "
+            "by every replica process that applies or refuses one: with N replicas one change "
+            "counts N times.",
             ["model", "result"],
             registry=r,
         )
@@ -188,10 +195,13 @@ class GatewayMetrics:
         )
         self._request_children: dict[tuple[str, str, str, str, int], Counter] = {}
         self._class_children: dict[tuple[str, str, str, int], Counter] = {}
+        # (model, version) -> the loaded version's own per-class tally (LoadedVersion.classes).
+        self._tallies: dict[tuple[str, str], dict[int, int]] = {}
         self._latency_children: dict[tuple[str, str, str, str], Histogram] = {}
         self._batch_children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
         self._info_labels: set[tuple[str, str, str]] = set()
         self._weight_models: set[str] = set()
+        self._deployment_models: set[str] = set()
         # Pending hot-path updates: counter child -> increment; histogram child -> [sum, count
         # per bucket...] (bounds as the series', +Inf last).
         self._counts: dict[Counter, int] = {}
@@ -253,6 +263,11 @@ class GatewayMetrics:
             self._latency_children[lkey] = hist
         self._sample(hist, LATENCY_BUCKETS, seconds)
 
+    def tally_classes(self, model: str, version: str, into: dict[int, int]) -> None:
+        """Also count ``version``'s predicted classes into ``into`` (the loaded version's own
+        tally, reported by ``/admin/stats``); a version loaded again replaces its old tally."""
+        self._tallies[(model, version)] = into
+
     def observe_predictions(self, model: str, version: str, role: str, logits: np.ndarray) -> None:
         """Count the predicted class of every row of ``logits`` (``[rows, classes]``).
 
@@ -260,12 +275,19 @@ class GatewayMetrics:
         """
         if logits.ndim != 2 or logits.shape[1] == 0:
             return  # no class to count (the answer's encoder refuses such output anyway)
+        tally = self._tallies.get((model, version))
         if logits.shape[0] == 1:  # batch 1, the common case: skip bincount's allocation
-            self._add(self._class_child(model, version, role, int(logits[0].argmax())))
+            cls = int(logits[0].argmax())
+            self._add(self._class_child(model, version, role, cls))
+            if tally is not None:
+                tally[cls] = tally.get(cls, 0) + 1
             return
         counts = np.bincount(logits.argmax(axis=1))
         for cls in np.flatnonzero(counts).tolist():
-            self._add(self._class_child(model, version, role, cls), int(counts[cls]))
+            n = int(counts[cls])
+            self._add(self._class_child(model, version, role, cls), n)
+            if tally is not None:
+                tally[cls] = tally.get(cls, 0) + n
 
     def _class_child(self, model: str, version: str, role: str, cls: int) -> Counter:
         key = (model, version, role, cls)
@@ -294,6 +316,11 @@ class GatewayMetrics:
         self, model: str, roles: dict[str, str], weight: int, shadow_fraction: float = 0.0
     ) -> None:
         """Publish the deployment now in force; ``roles`` maps version -> role."""
+        if model not in self._deployment_models:
+            # Each (model, result) series starts at 0, so that increase() sees its first event.
+            self._deployment_models.add(model)
+            for result in DEPLOYMENT_RESULTS:
+                self.deployments.labels(model, result)
         wanted = {(model, version, role) for version, role in roles.items()}
         for labels in self._info_labels - wanted:
             if self.multiprocess:

@@ -72,6 +72,10 @@ class LoadedVersion:
     shadow_rows: int = 0  # rows compared with the primary's answer
     shadow_agree: int = 0  # ... whose predicted class matched
     shadow_failed: int = 0
+    # Rows answered 200 per predicted class, this load only (GatewayMetrics.observe_predictions
+    # adds to it; /admin/stats reports it next to ``requests``, so a reader can difference both
+    # against the same replica's and the same load's earlier counts).
+    classes: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.latencies = deque(maxlen=self.window)

@@ -113,3 +113,20 @@ def test_a_stale_unhealthy_instance_does_not_fire_the_champion_alert(tmp_path: P
     result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert result.returncode != 0
     assert 'model="s"' in result.stdout + result.stderr
+
+
+def test_an_older_unhealthy_verdict_does_not_fire_when_the_newest_instance_goes_away(
+    tmp_path: Path,
+) -> None:
+    # Given the rule picking the newest heartbeat among the series present now (not over the
+    # last hour), instance a's old 0 for model s2 becomes the newest once b is gone: it fires.
+    rules = ALERTS.read_text()
+    windowed = "max_over_time(ballast_watchdog_heartbeat_timestamp_seconds[1h])"
+    assert windowed in rules
+    (tmp_path / "alerts.yml").write_text(
+        rules.replace(windowed, "ballast_watchdog_heartbeat_timestamp_seconds")
+    )
+    shutil.copy(MONITORING / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert 'model="s2"' in result.stdout + result.stderr

@@ -206,3 +206,93 @@ def test_the_gateway_exposition_passes_promtool_lint(gateway_exposition: str) ->
 def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     error = promtool_parse_errors([e for _, e in queries(dashboard())], tmp_path)
     assert error is None, error
+
+
+def _panel_expr(legend: str) -> str:
+    exprs = [
+        t["expr"]
+        for p in dashboard()["panels"]
+        for t in p.get("targets", [])
+        if t.get("legendFormat") == legend
+    ]
+    assert len(exprs) == 1, exprs
+    return str(exprs[0]).replace("$model", MODEL)
+
+
+def promtool_expr_tests(tmp_path: Path, cases: list[dict[str, Any]]) -> str:
+    """Run ``promtool test rules`` on promql_expr_test cases (alerts.yml loaded); its output."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    exe = shutil.which("promtool")
+    assert exe is not None, "promtool is not installed: apt-get install -y prometheus"
+    path = tmp_path / "panel_test.yml"
+    path.write_text(
+        yaml.safe_dump({"rule_files": [str(ALERTS)], "evaluation_interval": "15s", "tests": cases})
+    )
+    result = subprocess.run(
+        [exe, "test", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_the_healthy_panel_shows_the_verdict_the_champion_alert_reads(tmp_path: Path) -> None:
+    expr = _panel_expr("healthy")
+
+    def series(instance: str, ts: str, healthy: str) -> list[dict[str, str]]:
+        labels = f'model="{MODEL}",instance="{instance}"'
+        return [
+            {"series": f"ballast_watchdog_heartbeat_timestamp_seconds{{{labels}}}", "values": ts},
+            {"series": f"ballast_watchdog_healthy{{{labels}}}", "values": healthy},
+        ]
+
+    promtool_expr_tests(
+        tmp_path,
+        [
+            # Two pods: the newest heartbeat (b) says unhealthy, a holds a stale healthy 1: the
+            # panel shows 0, as the alert fires.
+            {
+                "interval": "1m",
+                "input_series": series("a:8765", "300x10", "1x10")
+                + series("b:8765", "600x10", "0x10"),
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": f'{{model="{MODEL}"}}', "value": 0}],
+                    }
+                ],
+            },
+            # The pod with the newest (healthy) heartbeat goes away: a's older 0 is not shown
+            # as the verdict, as it does not fire the alert.
+            {
+                "interval": "1m",
+                "input_series": series("a:8765", "_x2 120x30", "_x2 0x30")
+                + series("b:8765", "_x7 420x2", "_x7 1x2"),
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "8m",
+                        "exp_samples": [{"labels": f'{{model="{MODEL}"}}', "value": 1}],
+                    },
+                    {"expr": expr, "eval_time": "17m", "exp_samples": []},
+                ],
+            },
+        ],
+    )
+
+
+def test_the_deployment_changes_panel_says_each_replica_counts_a_change() -> None:
+    # ballast_deployments_total counts once per replica process that applies a change.
+    panels = [
+        p
+        for p in dashboard()["panels"]
+        if any("ballast_deployments_total" in t["expr"] for t in p.get("targets", []))
+    ]
+    assert panels, "no deployment changes panel"
+    for p in panels:
+        assert "once per replica" in p["title"], p["title"]
+        assert "with N replicas one change reads N" in p["description"], p["description"]

@@ -114,6 +114,8 @@ def test_check_champion_reads_the_real_gateway_and_detects_a_fault(
     assert check.decision.status == "healthy", check.decision.summary()
     obs = check.decision.observation
     assert obs.requests == 30 and obs.errors == 0 and obs.replica
+    # Class counts come from the same replica's /admin/stats answer as the request counts.
+    assert obs.class_counts is not None and sum(obs.class_counts.values()) == 30, obs
     saved = json.loads(wt.state_path(settings, model).read_text())
     assert saved["version"] == "3" and saved["checks"] == 4
     # The champion starts failing 30 % of its requests (the gateway's injected fault).

@@ -1867,6 +1867,36 @@ def test_predictions_are_counted_by_class_on_both_routes(
     assert len({c for _, _, c in counted}) >= 2, "the test rows should hit several classes"
 
 
+def test_stats_report_each_loads_answered_classes_from_both_routes(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    # Given a champion and a canary answering batches on /v1 and single rows on /v2,
+    deploy(gw, with_canary(artefacts, 50))
+    rows = np.random.default_rng(3).normal(size=(40, N_FEATURES)).astype(np.float32)
+    for i in range(0, 40, 4):
+        assert gw.post(PREDICT, json={"instances": rows[i : i + 4].tolist()}).status_code == 200
+    for row in rows[:10]:
+        assert (
+            gw.post(f"/v2/models/{MODEL}/infer", json=oip_body([row.tolist()])).status_code == 200
+        )
+    # when /admin/stats is read, then each version's classes are what /metrics counted for it
+    # (one replica here), next to its request counter,
+    per_version: dict[str, Counter[str]] = {}
+    for (name, labels), value in metric_samples(gw).items():
+        if name == "ballast_predictions_total":
+            lab = dict(labels)
+            per_version.setdefault(lab["version"], Counter())[lab["class"]] += int(value)
+    versions = gw.get("/admin/stats", headers=AUTH).json()["versions"]
+    for version in ("1", "2"):
+        assert versions[version]["classes"] == dict(per_version[version]), version
+    assert sum(sum(v["classes"].values()) for v in versions.values()) == 50
+    # and a version loaded again counts from zero, with a new loaded_at.
+    deploy(gw, Deployment(model=MODEL, champion=spec(artefacts, "2")))
+    deploy(gw, champion_only(artefacts))
+    again = gw.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
+    assert again["classes"] == {} and again["loaded_at"] != versions["1"]["loaded_at"]
+
+
 def test_failed_requests_count_no_predicted_class(
     gw_rec: tuple[TestClient, Recorder], artefacts: dict[str, Path]
 ) -> None:

@@ -136,3 +136,27 @@ def test_multiprocess_mode_sums_the_same(tmp_path: Path, monkeypatch: pytest.Mon
         values.ValueClass = values.get_value_class()
     assert b"ballast_batch_size_rows_bucket" in got
     assert _samples(got) == pytest.approx(_samples(want), rel=1e-12)
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["one-process", "multiprocess"])
+def test_deployment_results_start_at_zero_once_a_model_is_deployed(
+    multiprocess: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prometheus_client import values
+
+    if multiprocess:
+        monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    values.ValueClass = values.get_value_class()
+    try:
+        # Given a gateway that has just deployed model m (and nothing refused or expired yet),
+        m = GatewayMetrics()
+        m.set_deployment("m", {"1": "champion"}, 0)
+        text = m.render().decode()
+    finally:
+        monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+        values.ValueClass = values.get_value_class()
+    # then every result's series exists at 0, so increase() counts its first event.
+    for result in ("applied", "refused", "lease_expired"):
+        line = f'ballast_deployments_total{{model="m",result="{result}"}} 0.0'
+        assert line in text, f"{result} not pre-created at 0:\n{text}"
+    assert "N times" in text, "the HELP says each replica counts a change"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -35,13 +36,16 @@ def stats(
     shadow_fraction: float = 0.0,
     trial: dict[str, str] | None = None,
     window: int = 2048,
+    classes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The shape of the gateway's /admin/stats body (infra/gateway/app.py: Gateway.stats).
 
     ``trial`` adds idle versions by role (``{"4": "shadow"}``), as a trial deployment loads them.
+    ``classes``: the champion's answered rows per predicted class (None: an older gateway that
+    does not report them).
     """
     idle = {"requests": 0, "errors": 0, "window": 0, "loaded_at": loaded_at}
-    return {
+    body: dict[str, Any] = {
         "model": model,
         "canary_weight": canary_weight,
         "shadow_fraction": shadow_fraction,
@@ -63,6 +67,9 @@ def stats(
         },
         "draining": [],
     }
+    if classes is not None:
+        body["versions"][version]["classes"] = classes
+    return body
 
 
 def test_first_look_records_counters_and_the_next_one_is_a_window() -> None:
@@ -102,20 +109,107 @@ def test_a_reload_or_restart_starts_the_counters_over() -> None:
 
 def test_class_counts_become_window_differences_of_the_same_version() -> None:
     first = observe(
-        stats(100, 0), model="m", version="3", last_snapshot=None, class_counts={"0": 60, "1": 40}
+        stats(100, 0, classes={"0": 60, "1": 40}), model="m", version="3", last_snapshot=None
     )
     assert first.class_counts is None
     nxt = observe(
-        stats(300, 0),
+        stats(300, 0, classes={"0": 100, "1": 200}),
         model="m",
         version="3",
         last_snapshot=first.snapshot,
-        class_counts={"0": 100, "1": 200},
     )
     assert nxt.class_counts == {"0": 40, "1": 160}
     # Without the counter nothing is assumed.
     none = observe(stats(400, 0), model="m", version="3", last_snapshot=nxt.snapshot)
     assert none.class_counts is None
+
+
+def _pods_behind_a_service(seed: int, runs: int) -> list[WatchdogDecision]:
+    """Two gateway pods behind one Service, both serving the same 60/40 traffic (3000 rows each
+    per window); pod a has run for days (lifetime mix 50/50), pod b started recently. Each run's
+    /admin/stats reaches a random pod."""
+    rng = random.Random(seed)
+    pods = {
+        "a": {"0": 500_000, "1": 500_000, "req": 1_000_000},
+        "b": {"0": 6_000, "1": 4_000, "req": 10_000},
+    }
+    state = DetectorState(model="m", version="3")
+    out = []
+    for _ in range(runs):
+        for p in pods.values():
+            p["0"] += 1800
+            p["1"] += 1200
+            p["req"] += 3000
+        name = rng.choice(list(pods))
+        pod = pods[name]
+        body = stats(pod["req"], 0, loaded_at="t0-" + name, classes={"0": pod["0"], "1": pod["1"]})
+        obs = observe(body, model="m", version="3", last_snapshot=state.snapshot, replica=name)
+        d = decide(obs, state, POLICY)
+        state = d.state
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_class_windows_behind_a_service_never_mix_two_pods_counts(seed: int) -> None:
+    # Given runs that reach either of two pods with very different lifetime class mixes,
+    decisions = _pods_behind_a_service(seed, runs=80)
+    # then every class window is one pod's own window (the true 60/40 mix of 3000 rows per
+    # elapsed window), so the share detectors see the true mix and never breach.
+    windows = [d.observation.class_counts for d in decisions if d.observation.class_counts]
+    assert len(windows) > 20, "most runs should take a class window"
+    for w in windows:
+        total = sum(w.values())
+        assert total % 3000 == 0 and w["0"] / total == pytest.approx(0.6), w
+    assert all(d.status != "breach" for d in decisions), [
+        d.summary() for d in decisions if d.status == "breach"
+    ]
+
+
+def test_a_restart_is_seen_by_its_load_time_even_when_every_class_count_grew() -> None:
+    # Given a replica's counters (same replica id after the restart, as a container's pid is),
+    first = observe(
+        stats(1000, 0, classes={"0": 600, "1": 400}),
+        model="m",
+        version="3",
+        last_snapshot=None,
+        replica="1",
+    )
+    # when the gateway restarted and has since answered more of every class than before,
+    restarted = observe(
+        stats(2000, 0, loaded_at="2026-11-28T00:00:00+00:00", classes={"0": 1000, "1": 1000}),
+        model="m",
+        version="3",
+        last_snapshot=first.snapshot,
+        replica="1",
+    )
+    # then the window is everything the new load counted, not a difference with the old one.
+    assert (restarted.requests, restarted.class_counts) == (2000, {"0": 1000, "1": 1000})
+
+
+def test_a_gateway_without_class_counts_gets_no_class_window_and_no_crash() -> None:
+    # Given an older gateway whose /admin/stats has no `classes`,
+    state = DetectorState(model="m")
+    decisions = []
+    for k in range(8):
+        obs = observe(
+            stats(1000 * (k + 1), 0), model="m", version="3", last_snapshot=state.snapshot
+        )
+        d = decide(obs, state, POLICY)
+        state = d.state
+        decisions.append(d)
+    # then the watchdog judges errors and latency only: no class window, no share metric.
+    assert all(d.observation.class_counts is None for d in decisions)
+    assert decisions[-1].status == "healthy", decisions[-1].summary()
+    assert not any(v.metric.startswith(SHARE_PREFIX) for v in decisions[-1].verdicts)
+    # and counts that appear on a load first seen without them give no window yet.
+    obs = observe(
+        stats(9000, 0, classes={"0": 10, "1": 5}),
+        model="m",
+        version="3",
+        last_snapshot=state.snapshot,
+    )
+    assert obs.class_counts is None and decide(obs, state, POLICY).status != "breach"
 
 
 def test_the_gateway_not_serving_the_champion_is_unavailable() -> None:
@@ -223,11 +317,10 @@ def test_class_share_drift_is_watched_when_counts_are_known() -> None:
         pos = 370 if k < 6 else 700  # the positive share jumps from 37 % to 70 %
         counts = {"0": counts["0"] + 1000 - pos, "1": counts["1"] + pos}
         obs = observe(
-            stats(1000 * (k + 1), 0),
+            stats(1000 * (k + 1), 0, classes=counts),
             model="m",
             version="3",
             last_snapshot=state.snapshot,
-            class_counts=counts,
         )
         d = decide(obs, state, POLICY)
         state = d.state
