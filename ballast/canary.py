@@ -229,6 +229,11 @@ class _Lease:
         if plain is not None and plain in self._sent:
             return  # what we sent (or, on a lagging replica, what we sent just before)
         if self._ours(live):
+            if time.time() < self._valid_until:
+                # The lease still holds, so the gateway has not dropped the trial: this is a
+                # replica that has not caught up yet (each PUT waits only so long for all of
+                # them). Going on re-sends the trial, as a renewal always did.
+                return
             self._lose(
                 CanaryLeaseLost(
                     "the canary's lease could not be renewed in time: the gateway dropped the "
@@ -305,9 +310,9 @@ class _Lease:
             except Exception as exc:
                 logger.warning("canary restore: live deployment unreadable (%r), sending it", exc)
             else:
-                if live is not None and _unstamped(live) == dep:
-                    return True
-                if live is not None and not self._ours(live):
+                # Sent even when the answer already shows ``dep``: that may be a replica that
+                # never took the trial, while the others (and the desired state) still hold it.
+                if live is not None and not self._ours(live) and _unstamped(live) != dep:
                     return False
             self._client.set_deployment(dep)
             return True

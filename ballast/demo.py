@@ -54,7 +54,10 @@ def _stop_signals_raise() -> Iterator[None]:
         raise SystemExit(128 + signum)
 
     wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    previous = {sig: signal.signal(sig, stop) for sig in wanted}
+    # A signal the launcher ignores stays ignored (``nohup ballast demo`` must survive hangup).
+    previous = {
+        sig: signal.signal(sig, stop) for sig in wanted if signal.getsignal(sig) != signal.SIG_IGN
+    }
     try:
         yield
     finally:

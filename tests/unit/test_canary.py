@@ -461,3 +461,46 @@ def test_a_lease_that_ran_out_during_an_outage_is_lost_for_good() -> None:
     after = admin.history[outage_at[0] :]
     assert not any(d.has_trial() for d in after), f"a dropped trial was sent again: {after}"
     assert admin.current == CHAMPION_ONLY, admin.current
+
+
+class LaggingReplicas(FakeAdmin):
+    """Two replicas behind one address: every other GET reaches one that still serves what it
+    served before the canary began (a PUT waits only so long for every replica to converge)."""
+
+    def __init__(self, current: Deployment | None, *, stale_every: int = 2) -> None:
+        super().__init__(current)
+        self.stale = current
+        self.gets = 0
+        self.stale_every = stale_every  # 1: every GET reaches the lagging replica
+
+    def get_deployment(self) -> Deployment | None:
+        self.gets += 1
+        lagging = self.stale_every == 1 or self.gets % self.stale_every == 1
+        return self.stale if lagging else self.current
+
+
+def test_a_replica_that_has_not_caught_up_does_not_stop_a_healthy_canary() -> None:
+    # While the lease holds, the pre-canary deployment on one replica is that replica lagging,
+    # not the gateway dropping the trial: the canary goes on and promotes.
+    admin = LaggingReplicas(CHAMPION_ONLY)
+
+    def load(weight: int) -> list[Observation]:
+        time.sleep(0.15)  # a renewal (every 0.1 s) looks during each step
+        return SyntheticLoad()(weight)
+
+    result = canary(admin, load, lease_s=0.3)
+
+    assert result.decision == "promote", result
+    assert _unleased(admin.current) == Deployment(model=MODEL, champion=CANDIDATE)  # type: ignore[arg-type]
+
+
+def test_a_restore_is_sent_even_when_a_lagging_replica_already_shows_it() -> None:
+    # A GET answered by a replica that never took the trial must not skip the restore: the
+    # other replicas (and the desired state) still hold the candidate's share.
+    admin = LaggingReplicas(CHAMPION_ONLY, stale_every=1)
+
+    with pytest.raises(RuntimeError, match="load generator crashed"):
+        canary(admin, SyntheticLoad(raise_on_call=1), lease_s=0.3)
+
+    assert admin.history[-1] == CHAMPION_ONLY, admin.history
+    assert admin.current == CHAMPION_ONLY

@@ -53,15 +53,17 @@ def test_an_empty_reason_is_refused(approvers: Settings) -> None:
     assert result.exit_code == 2 and "--reason" in result.output, result.output
 
 
-def test_an_unreachable_prefect_api_is_one_line_and_exit_2(
-    approvers: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_unreachable_prefect_api_is_one_line_and_exit_2(approvers: Settings) -> None:
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
     from tests.conftest import free_port
 
     # Nothing listens there: the client's connection error must become the command's refusal.
-    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
-    monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "0")
-    result = CliRunner().invoke(cli(), ["approve", RUN_ID, "--as", "alice", "--reason", "ok"])
+    # (Settings in context, not the environment: a test harness elsewhere in the session may
+    # hold the API URL in Prefect's settings context.)
+    down = {PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}
+    with temporary_settings(updates=down):
+        result = CliRunner().invoke(cli(), ["approve", RUN_ID, "--as", "alice", "--reason", "ok"])
     assert result.exit_code == 2, (result.output, result.exception)
     assert "cannot reach the Prefect API" in result.output
 

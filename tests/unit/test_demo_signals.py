@@ -79,3 +79,32 @@ def test_a_stop_signal_during_the_demo_stops_its_gateway_and_exits_128_plus_the_
     # And the handlers in force before are back
     assert signal.getsignal(signal.SIGTERM) is guard
     assert signal.getsignal(signal.SIGHUP) is guard
+
+
+def test_a_signal_the_launcher_ignores_stays_ignored(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `nohup ballast demo`: SIGHUP is ignored before the demo starts and must stay so throughout.
+    import ballast.cli_data
+    import ballast.gateway_process
+    import flows.release
+    from ballast.demo import run_demo
+
+    seen: list[object] = []
+
+    def release_flow(**kw: object) -> None:
+        seen.append(signal.getsignal(signal.SIGHUP))
+        os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing happens
+        raise RuntimeError("release stopped here on purpose")
+
+    monkeypatch.setattr(ballast.cli_data, "prepare_dataset", lambda s: "file:///unused")
+    monkeypatch.setattr(ballast.gateway_process, "ensure_gateway", lambda s, **kw: FakeGateway())
+    monkeypatch.setattr(flows.release, "release_flow", release_flow)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with pytest.raises(RuntimeError, match="on purpose"):
+            run_demo(settings, fault="errors", console=Console(file=io.StringIO()))
+        assert seen == [signal.SIG_IGN]
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
