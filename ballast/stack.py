@@ -503,18 +503,8 @@ class _Stack:
             return False
         if not _alive(rec):
             return self._stop_orphans(name, pid, rec)
-        self._signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.stop_timeout_s
-        while _alive(rec) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        how = "SIGTERM"
-        if _alive(rec):
-            self._signal(pid, signal.SIGKILL)
-            how = f"SIGKILL after {self.config.stop_timeout_s:.0f} s"
-            kill_deadline = time.monotonic() + 5
-            while _alive(rec) and time.monotonic() < kill_deadline:
-                time.sleep(0.05)
-        else:
+        how = self._terminate(pid, lambda: _alive(rec))
+        if how == "SIGTERM":
             # The leader is gone; its group may still hold children (a server's workers).
             self._signal(pid, signal.SIGKILL, quiet=True)
         path.unlink(missing_ok=True)
@@ -532,17 +522,7 @@ class _Stack:
             return False
         self.say(f"{name}: pid={pgid} exited; its process group still runs pids {orphans}")
         # The group's id cannot be reused while members remain, so signalling it is safe.
-        self._signal(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.stop_timeout_s
-        while _orphans(rec) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        how = "SIGTERM"
-        if _orphans(rec):
-            self._signal(pgid, signal.SIGKILL)
-            how = f"SIGKILL after {self.config.stop_timeout_s:.0f} s"
-            kill_deadline = time.monotonic() + 5
-            while _orphans(rec) and time.monotonic() < kill_deadline:
-                time.sleep(0.05)
+        how = self._terminate(pgid, lambda: bool(_orphans(rec)))
         left = _orphans(rec)
         if left:
             # The pid file stays: the next `down` tries again, and `up` refuses to start beside.
@@ -551,6 +531,21 @@ class _Stack:
         path.unlink(missing_ok=True)
         self.say(f"{name}: stopped process group {pgid} (pids {orphans}; {how})")
         return True
+
+    def _terminate(self, pgid: int, running: Callable[[], bool]) -> str:
+        """SIGTERM the group, wait up to the stop timeout, then SIGKILL and wait up to 5 s more;
+        returns how it ended ("SIGTERM" when that sufficed)."""
+        self._signal(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not running():
+            return "SIGTERM"
+        self._signal(pgid, signal.SIGKILL)
+        kill_deadline = time.monotonic() + 5
+        while running() and time.monotonic() < kill_deadline:
+            time.sleep(0.05)
+        return f"SIGKILL after {self.config.stop_timeout_s:.0f} s"
 
     @staticmethod
     def _signal(pgid: int, sig: signal.Signals, *, quiet: bool = False) -> None:

@@ -105,14 +105,19 @@ def test_valid_dataset_in_a_flow_publishes_its_report_linked_to_the_task_run(
     assert not quarantine_path(settings).exists()
 
 
-def test_failing_dataset_publishes_the_failed_report_quarantines_and_raises(
-    prefect_api: None, settings: Settings
-) -> None:
+def _failing_dataset(settings: Settings, name: str) -> Path:
+    """The bundled data with 41 rows of mean_radius out of range, encrypted as ``name``."""
     frame = bundled_frame()
     frame.loc[0:40, "mean_radius"] = -5.0
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
-    path = _encrypted(settings, buf.getvalue().encode(), "bad")
+    return _encrypted(settings, buf.getvalue().encode(), name)
+
+
+def test_failing_dataset_publishes_the_failed_report_quarantines_and_raises(
+    prefect_api: None, settings: Settings
+) -> None:
+    path = _failing_dataset(settings, "bad")
     before = {a.id for a in _artifacts("validation-breast-cancer")}
 
     with pytest.raises(ValidationFailed, match=r"^\[validate\] .*mean_radius"):
@@ -134,11 +139,7 @@ def test_an_unwritable_quarantine_log_still_publishes_the_report_and_raises_the_
     prefect_api: None, settings: Settings
 ) -> None:
     # Given failing data and a symlink where the quarantine log belongs.
-    frame = bundled_frame()
-    frame.loc[0:40, "mean_radius"] = -5.0
-    buf = io.StringIO()
-    frame.to_csv(buf, index=False)
-    path = _encrypted(settings, buf.getvalue().encode(), "bad-log")
+    path = _failing_dataset(settings, "bad-log")
     quarantine = quarantine_path(settings)
     quarantine.parent.mkdir(parents=True, exist_ok=True)
     quarantine.symlink_to(settings.state_dir / "elsewhere.jsonl")
