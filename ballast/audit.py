@@ -56,6 +56,11 @@ def record(
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            # A write torn by a crash: end that fragment's line, or this entry would be glued
+            # onto it and lost with it. verify_chain reports the fragment; the chain goes on.
+            os.write(fd, b"\n")
         last = _last_line(fd)
         entry = {
             "ts": time.time(),
@@ -75,9 +80,19 @@ def record(
 
 
 def read(path: Path) -> list[dict[str, Any]]:
+    """Every entry, oldest first. A line that is not a JSON object (a write torn by a crash) is
+    skipped here; :func:`verify_chain` reports it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries: list[dict[str, Any]] = []
+    for line in path.read_bytes().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def find(path: Path, action: str, *, model: str, version: str | None) -> list[dict[str, Any]]:

@@ -164,6 +164,7 @@ def test_base_job_template_passes_prefects_check_and_renders_a_valid_job() -> No
     # What the worker fills in per flow run (it turns env into a list and splits the command).
     values["name"] = "release-abc123"
     values["command"] = ["prefect", "flow-run", "execute"]
+    values["env_by_name"] = dict(values["env"])
     values["env"] = [{"name": k, "value": v} for k, v in values["env"].items()]
     job = apply_values(template["job_configuration"]["job_manifest"], values)
     assert isinstance(job, dict)
@@ -177,6 +178,38 @@ def test_base_job_template_passes_prefects_check_and_renders_a_valid_job() -> No
     # The account flow runs use exists and has no API rights.
     sa = find("ServiceAccount", "ballast-flow-run")
     assert sa["automountServiceAccountToken"] is False
+    # Their state folder (audit log, watchdog detector state) outlives each Job: a claim that
+    # exists and that several Jobs may mount at once.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    state = volumes[mounts[values["env_by_name"]["BALLAST_STATE_DIR"]]]
+    claim = find("PersistentVolumeClaim", state["persistentVolumeClaim"]["claimName"])
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+
+
+def test_the_gateway_verifies_against_the_signing_key_the_flow_runs_sign_with() -> None:
+    # Without the key no version verifies, and no gateway pod ever becomes ready.
+    dep = find("Deployment", "ballast-gateway")
+    (gw,) = _containers(dep)
+    assert {"configMapRef": {"name": "ballast-config"}} in gw["envFrom"]
+    key = Path(find("ConfigMap", "ballast-config")["data"]["BALLAST_SIGNING_KEY_PATH"])
+    mount = next(m for m in gw["volumeMounts"] if key.parent == Path(m["mountPath"]))
+    assert mount["readOnly"] is True
+    volume = next(
+        v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    )
+    job_env = base_job_template()["variables"]["properties"]["env"]["default"]
+    job_volumes = base_job_template()["job_configuration"]["job_manifest"]["spec"]["template"][
+        "spec"
+    ]["volumes"]
+    (signing,) = [
+        v
+        for v in job_volumes
+        if "secret" in v and v["secret"]["secretName"] == volume["secret"]["secretName"]
+    ]
+    assert [i["path"] for i in volume["secret"]["items"]] == [key.name]
+    assert Path(job_env["BALLAST_SIGNING_KEY_PATH"]).name == key.name
+    assert signing["secret"]["items"] == volume["secret"]["items"]
 
 
 def test_cluster_deployments_mirror_the_local_ones() -> None:

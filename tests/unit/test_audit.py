@@ -98,3 +98,19 @@ def test_find_returns_one_versions_entries_of_an_action_and_skips_a_torn_tail(
         fh.write(b'{"action": "register", "model": "m", "vers')  # a crash mid-append
     (entry,) = find(path, "register", model="m", version="1")
     assert entry["tags"] == {"run": "a"}
+
+
+def test_an_entry_after_a_torn_write_is_kept_and_the_chain_goes_on(tmp_path: Path) -> None:
+    # Given a log whose last write was torn by a crash (no newline at the end) ...
+    path = _log(tmp_path, 2)
+    with path.open("ab") as fh:
+        fh.write(b'{"action": "approve", "model": "m", "vers')
+    # ... the next decision is recorded on its own line, not glued onto the fragment,
+    record(path, "promote", model="m", version="2")
+
+    assert [e["action"] for e in read(path)] == ["approve", "approve", "promote"]
+    assert find(path, "promote", model="m", version="2") != []
+    # and verify names the torn line alone: the entries after it chain on.
+    assert verify_chain(path) == ["line 3: not valid JSON"]
+    record(path, "promote", model="m", version="3")
+    assert verify_chain(path) == ["line 3: not valid JSON"]
