@@ -26,6 +26,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -65,7 +66,7 @@ def resolve_world_size(setting: str | int, *, device: str, visible_gpus: int) ->
         raise ConfigError("device 'cuda' requested but no CUDA device is visible")
     if text == "auto":
         return visible_gpus if uses_gpu else 1
-    if not text.isdigit() or int(text) < 1:
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
         raise ConfigError(f"train world size must be 'auto' or a positive integer, got {setting!r}")
     n = int(text)
     if uses_gpu and n > visible_gpus:
@@ -191,10 +192,15 @@ def stop_all(proc: subprocess.Popen[bytes], run_dir: Path | None, *, grace_s: fl
         except subprocess.TimeoutExpired:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=grace_s)
-    pids = worker_pids(run_dir) if run_dir is not None else []
+    # Only this node's live ranks of this launch: a shared folder also holds other nodes' pids,
+    # which here may name unrelated processes.
+    pids = [
+        p
+        for p in (worker_pids(run_dir) if run_dir is not None else [])
+        if _alive(p) and _is_rank_of(p, run_dir or Path())
+    ]
     for pid in pids:
-        if _alive(pid) and _is_rank_of(pid, run_dir or Path()):
-            _signal_group(pid, signal.SIGKILL)  # each rank leads its own session
+        _signal_group(pid, signal.SIGKILL)  # each rank leads its own session
     deadline = time.monotonic() + grace_s
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -393,6 +399,8 @@ def train_data_parallel(
 
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"data-parallel device must be cpu or cuda, got {device!r}")
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ConfigError(f"timeout_s must be a finite number > 0, got {timeout_s}")
     params = merged_model_params(hidden, model_params)
     run_dir = _private_run_dir(Path(work_dir), topology)
     try:

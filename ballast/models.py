@@ -13,6 +13,7 @@ torch is imported inside the factories, so importing this module is cheap.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -72,7 +73,7 @@ def _coerce(owner: str, field: dataclasses.Field[Any], value: Any) -> int:
         raise TrainingError(f"{owner}.{field.name} must be an integer, got {value!r}")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
         return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)

@@ -243,7 +243,7 @@ class Settings(BaseSettings):
     train_rdzv_endpoint: str = ""
     train_rdzv_id: str = ""
     # Wall-clock limit of one launch; past it every rank is stopped and the run fails.
-    train_timeout_s: float = Field(default=3600.0, gt=0)
+    train_timeout_s: float = Field(default=3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
     # Demos and tests: sleep after each epoch so a run can be interrupted mid-way.
     train_pause_after_epoch_s: float = Field(default=0.0, ge=0)
 

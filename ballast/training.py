@@ -243,6 +243,8 @@ def train(
         raise TrainingError(f"learning_rate must be a positive number, got {learning_rate}")
     if patience is not None and patience < 1:
         raise TrainingError(f"patience must be >= 1 or None, got {patience}")
+    if not (min_delta >= 0 and math.isfinite(min_delta)):
+        raise TrainingError(f"min_delta must be a finite number >= 0, got {min_delta}")
     spec = get_spec(model)
     overrides = dict(model_params or {})
     if hidden is not None:
@@ -392,11 +394,17 @@ def train(
         if on_epoch is not None:
             on_epoch(record)
 
+    if best_epoch == 0:
+        # best_state is still the untrained initial model: never return it as a result.
+        raise TrainingError(
+            f"no epoch produced a finite validation loss in {len(history)} epoch(s) "
+            f"(last: {history[-1].val_loss if history else 'none'})"
+        )
     net.load_state_dict(best_state)
     net = net.to("cpu").eval()
     metrics = evaluate(net, split.x_test, split.y_test)
     last = history[-1]
-    best = next(r for r in history if r.epoch == best_epoch) if best_epoch else last
+    best = next(r for r in history if r.epoch == best_epoch)
     metrics.update(
         {
             "train_loss": last.train_loss,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from ballast.datasets_extra import bundled_dataset
 from ballast.distributed import (
     Topology,
     backend_for,
@@ -18,8 +19,10 @@ from ballast.distributed import (
     merged_model_params,
     resolve_world_size,
     run_dir_for,
+    stop_all,
     threads_per_process,
     torchrun_argv,
+    train_data_parallel,
     worker_pids,
 )
 from ballast.errors import ConfigError, DistributedTrainingError, TrainingError
@@ -55,6 +58,8 @@ def test_world_size_is_one_per_visible_gpu_on_auto_and_as_given_otherwise(
         ("0", "cpu", 0, "positive integer"),
         ("-2", "cpu", 0, "positive integer"),
         ("two", "cpu", 0, "positive integer"),
+        ("²", "cpu", 0, "positive integer"),
+        ("٣", "cpu", 0, "positive integer"),
         ("3", "cuda", 2, "3 CUDA processes per node need 3 GPUs; 2 visible"),
         ("auto", "cuda", 0, "no CUDA device"),
         ("1", "tpu", 0, "device must be"),
@@ -164,6 +169,35 @@ def test_settings_keep_single_process_training_by_default_and_validate_the_world
             Settings(train_world_size=bad)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0, 8 * 86400.0])
+def test_settings_refuse_a_train_timeout_that_is_not_a_finite_positive_week_or_less(
+    bad: float,
+) -> None:
+    with pytest.raises(ValidationError, match="train_timeout_s"):
+        Settings(train_timeout_s=bad)
+    assert Settings(train_timeout_s=7 * 86400).train_timeout_s == 7 * 86400
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_data_parallel_training_refuses_a_non_finite_timeout_before_launching(
+    tmp_path: Path, bad: float
+) -> None:
+    ds = bundled_dataset("breast-cancer")
+    with pytest.raises(ConfigError, match="timeout_s must be a finite number"):
+        train_data_parallel(
+            ds,
+            topology=Topology(nproc_per_node=2),
+            work_dir=tmp_path,
+            epochs=1,
+            learning_rate=1e-3,
+            batch_size=64,
+            seed=0,
+            model="tabular-mlp",
+            timeout_s=bad,
+        )
+    assert not any(tmp_path.iterdir()), "nothing may be launched or written"
+
+
 def test_the_distributed_error_is_a_training_error_for_the_train_stage() -> None:
     err = DistributedTrainingError("boom", returncode=1, tail=("a",))
     assert isinstance(err, TrainingError)
@@ -226,6 +260,30 @@ def test_a_launch_past_its_timeout_is_stopped_with_every_rank_it_recorded(tmp_pa
     assert info.value.timed_out and info.value.returncode is None
     (pid,) = worker_pids(run_dir)
     assert _gone(pid), f"rank {pid} survived the launch"
+
+
+def test_stop_all_leaves_alone_a_pid_file_naming_a_process_that_is_not_a_rank_of_this_launch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a shared launch folder holding another node's rank pid, which here names an
+    # unrelated local process, and a torchrun that has already exited,
+    run_dir = tmp_path / "ddp-x"
+    (run_dir / "pids").mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / "pids" / "rank-3.pid").write_text(str(other.pid))
+        torchrun = subprocess.Popen([sys.executable, "-c", "pass"])
+        torchrun.wait()
+        # when every process of the launch is stopped,
+        started = time.monotonic()
+        stop_all(torchrun, run_dir, grace_s=2.0)
+        # then the unrelated process is neither killed, waited for, nor reported as a rank.
+        assert time.monotonic() - started < 1.0, "stop_all waited on a process it must ignore"
+        assert other.poll() is None, "an unrelated process was killed"
+        assert "still alive" not in caplog.text
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_the_launcher_and_the_rank_entry_point_import_without_the_control_plane() -> None:

@@ -51,6 +51,7 @@ def test_unknown_model_is_a_training_error_listing_the_known_ones() -> None:
 def test_params_apply_overrides_and_coerce_text_to_integers() -> None:
     p = get_spec(TABULAR_MLP).params({"hidden": "32", "layers": 3})
     assert p == MLPParams(hidden=32, layers=3)
+    assert get_spec(TABULAR_MLP).params({"hidden": " +16 "}) == MLPParams(hidden=16)
     assert params_as_dict(get_spec(SMALL_CNN).params()) == {"channels": 16, "hidden": 64, "side": 8}
 
 
@@ -63,6 +64,9 @@ def test_params_apply_overrides_and_coerce_text_to_integers() -> None:
         (TABULAR_MLP, {"layers": True}, r"layers must be an integer"),
         (SMALL_CNN, {"side": 7}, r"side must be even"),
         (SMALL_CNN, {"channels": "many"}, r"channels must be an integer"),
+        (TABULAR_MLP, {"hidden": "--5"}, r"hidden must be an integer"),
+        (TABULAR_MLP, {"hidden": "²"}, r"hidden must be an integer"),
+        (TABULAR_MLP, {"layers": "٣"}, r"layers must be an integer"),
     ],
 )
 def test_bad_hyperparameters_are_refused_with_the_field_named(

@@ -209,6 +209,9 @@ def test_corrupted_weights_are_measurably_worse(dataset: ValidatedDataset) -> No
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"learning_rate": float("nan")}, "learning_rate must be a positive number"),
         ({"patience": 0}, "patience must be >= 1"),
+        ({"min_delta": float("nan")}, "min_delta must be a finite number >= 0"),
+        ({"min_delta": float("inf")}, "min_delta must be a finite number >= 0"),
+        ({"min_delta": -0.1}, "min_delta must be a finite number >= 0"),
         ({"val_fraction": 0.6}, r"val_fraction must be within \(0, 0.5\)"),
         ({"model": "transformer"}, "unknown model 'transformer'"),
         ({"model": "small-cnn"}, "the dataset has 30"),
@@ -220,6 +223,23 @@ def test_bad_training_arguments_are_training_errors(
 ) -> None:
     with pytest.raises(TrainingError, match=message):
         _train(dataset, **overrides)
+
+
+def test_a_run_whose_validation_loss_is_never_finite_is_an_error_not_the_initial_weights(
+    dataset: ValidatedDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a validation loss that is NaN at every epoch (finite training loss),
+    import ballast.training as training
+
+    real = training.evaluate
+
+    def nan_loss(model: Any, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        return {**real(model, x, y), "log_loss": float("nan")}
+
+    monkeypatch.setattr(training, "evaluate", nan_loss)
+    # when training runs, then it fails instead of returning the untrained model as "best".
+    with pytest.raises(TrainingError, match="no epoch produced a finite validation loss"):
+        _train(dataset, epochs=3, patience=None)
 
 
 def test_a_class_too_rare_to_stratify_is_a_training_error(dataset: ValidatedDataset) -> None:
