@@ -56,7 +56,10 @@ def test_demo_promotes_release_1_rolls_back_release_2_and_leaves_other_state_alo
 # The demo with its dataset and release flows stubbed: it starts its real gateway, then "releases"
 # for a minute, long enough to be stopped from outside.
 _STUBBED_DEMO = """
-import sys, time
+import signal, sys, time
+# As a terminal starts it: the test runner itself may run with SIGHUP ignored (nohup), and the
+# demo rightly leaves an ignored SIGHUP ignored.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 import ballast.cli_data, flows.release
 from rich.console import Console
 from ballast.demo import run_demo
