@@ -7,6 +7,7 @@ MLflow on sqlite inside it, Prefect's ephemeral API, the gateway on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -171,6 +172,26 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"bench_batches must be one or more batch sizes within 1..{MAX_EXPORT_BATCH}"
                 f" (the largest is the batch the artefact is compiled for), got {list(v)}"
+            )
+        return v
+
+    @field_validator("model_name", "gateway_host")
+    @classmethod
+    def _a_name(cls, v: str) -> str:
+        # An empty or space-padded name would register, serve and audit under a model (or
+        # reach a host) nobody asked for.
+        if not v.strip() or v != v.strip():
+            raise ValueError(f"must be a non-empty name without surrounding spaces, got {v!r}")
+        return v
+
+    @field_validator("mlflow_tracking_uri", "s3_endpoint_url")
+    @classmethod
+    def _a_uri_or_nothing(cls, v: str) -> str:
+        # Empty: the embedded default. Anything else must say how to reach it: "localhost:5000"
+        # would be read as a URI whose scheme is "localhost", a bare path as a local file store.
+        if v and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|sqlite:/{3,4}\S+", v):
+            raise ValueError(
+                f"must be a URI with a scheme (http://host:port, sqlite:///...), got {v!r}"
             )
         return v
 
