@@ -19,7 +19,8 @@ from benchmarks.load_through_release import run
 
 @pytest.mark.integration
 def test_a_release_and_a_rollback_under_load_fail_no_request(tmp_path: Path) -> None:
-    out = run(tmp_path, phase_seconds=1.2, workers=8, replicas=2, say=lambda _: None)
+    workers = 8
+    out = run(tmp_path, phase_seconds=1.2, workers=workers, replicas=2, say=lambda _: None)
     phases = {p["phase"]: p for p in out["phases"]}
     assert list(phases) == [
         "champion v1",
@@ -37,7 +38,11 @@ def test_a_release_and_a_rollback_under_load_fail_no_request(tmp_path: Path) -> 
     assert out["requests"] == out["sent_in_all"]
     # The traffic really moved: v2 took part in the canary, v3 in its own, and once the
     # rollback's PUT returned only v2 answered.
-    assert set(phases["champion v1"]["versions"]) == {"1"}
+    # A phase holds the requests *sent* in it; the gateway routes a request when it reads it.
+    # So only requests in flight as the first canary PUT landed (at most one per connection:
+    # a closed loop) can have met the 5 % split; the champion answered all the others.
+    first = phases["champion v1"]["versions"]
+    assert set(first) <= {"1", "2"} and first["1"] > 0 and first.get("2", 0) <= workers, first
     assert set(phases["canary v2 50%"]["versions"]) == {"1", "2"}
     assert "3" in phases["canary v3 25%"]["versions"]
     assert set(out["after_rollback"]) == {"2"} and out["after_rollback"]["2"] > 0
