@@ -129,23 +129,28 @@ def test_the_rendezvous_id_names_the_shared_launch_folder_so_it_must_be_a_plain_
     assert run_dir_for(tmp_path, "release-7") == tmp_path.resolve() / "ddp-release-7"
 
 
+def _one_epoch(topology: Topology, work_dir: Path, timeout_s: float = 3600.0) -> object:
+    """One epoch of the bundled MLP, data-parallel on ``topology`` (refused before a launch in
+    the tests that call it)."""
+    return train_data_parallel(
+        bundled_dataset("breast-cancer"),
+        topology=topology,
+        work_dir=work_dir,
+        epochs=1,
+        learning_rate=1e-3,
+        batch_size=64,
+        seed=0,
+        model="tabular-mlp",
+        timeout_s=timeout_s,
+    )
+
+
 def test_a_multi_node_launch_refuses_a_rendezvous_id_already_in_use(tmp_path: Path) -> None:
-    from ballast.datasets_extra import bundled_dataset
-    from ballast.distributed import train_data_parallel
 
     topo = Topology(1, nnodes=2, rdzv_endpoint="127.0.0.1:1", rdzv_id="busy")
     run_dir_for(tmp_path, "busy").mkdir()
     with pytest.raises(ConfigError, match="in use by another launch"):
-        train_data_parallel(
-            bundled_dataset("breast-cancer"),
-            topology=topo,
-            work_dir=tmp_path,
-            epochs=1,
-            learning_rate=1e-3,
-            batch_size=64,
-            seed=0,
-            model="tabular-mlp",
-        )
+        _one_epoch(topo, tmp_path)
     assert run_dir_for(tmp_path, "busy").is_dir(), "the other launch's folder is left alone"
 
 
@@ -182,19 +187,8 @@ def test_settings_refuse_a_train_timeout_that_is_not_a_finite_positive_week_or_l
 def test_data_parallel_training_refuses_a_non_finite_timeout_before_launching(
     tmp_path: Path, bad: float
 ) -> None:
-    ds = bundled_dataset("breast-cancer")
     with pytest.raises(ConfigError, match="timeout_s must be a finite number"):
-        train_data_parallel(
-            ds,
-            topology=Topology(nproc_per_node=2),
-            work_dir=tmp_path,
-            epochs=1,
-            learning_rate=1e-3,
-            batch_size=64,
-            seed=0,
-            model="tabular-mlp",
-            timeout_s=bad,
-        )
+        _one_epoch(Topology(nproc_per_node=2), tmp_path, timeout_s=bad)
     assert not any(tmp_path.iterdir()), "nothing may be launched or written"
 
 
