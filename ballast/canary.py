@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -138,10 +138,13 @@ class CanaryPreempted(CanaryLeaseLost):
     operator): their change stands, and this canary stops without sending anything more."""
 
 
-def _unstamped(dep: Deployment) -> Deployment:
-    return (
-        dep if dep.lease_expires_at is None else dep.model_copy(update={"lease_expires_at": None})
-    )
+def _plain(dep: Deployment) -> Deployment:
+    """``dep`` without its lease stamp, paths as content addresses: what a comparison of the
+    live deployment with one this canary sent must look at (a registry-backed gateway answers
+    with its own copies' paths, not the ones the controller sent)."""
+    if dep.lease_expires_at is not None:
+        dep = dep.model_copy(update={"lease_expires_at": None})
+    return dep.content()
 
 
 def _describe(dep: Deployment | None) -> str:
@@ -201,7 +204,7 @@ class _Lease:
             return self._send(dep)
 
     def _send(self, dep: Deployment) -> Deployment:
-        plain = _unstamped(dep)
+        plain = _plain(dep)
         if plain not in self._sent:
             # Recorded before the PUT: one that timed out may still have been applied.
             self._sent.append(plain)
@@ -218,14 +221,14 @@ class _Lease:
         trials when the lease ran out."""
         if live is None:
             return False
-        plain = _unstamped(live)
+        plain = _plain(live)
         return plain in self._sent or any(
             d.has_trial() and plain == d.without_trial() for d in self._sent
         )
 
     def _verify_ours(self) -> None:
         live = self._client.get_deployment()
-        plain = None if live is None else _unstamped(live)
+        plain = None if live is None else _plain(live)
         if plain is not None and plain in self._sent:
             return  # what we sent (or, on a lagging replica, what we sent just before)
         if self._ours(live):
@@ -312,7 +315,7 @@ class _Lease:
             else:
                 # Sent even when the answer already shows ``dep``: that may be a replica that
                 # never took the trial, while the others (and the desired state) still hold it.
-                if live is not None and not self._ours(live) and _unstamped(live) != dep:
+                if live is not None and not self._ours(live) and _plain(live) != _plain(dep):
                     return False
             self._client.set_deployment(dep)
             return True
@@ -650,6 +653,7 @@ def run_canary(
     lease_s: float | None = None,
     shadow: ShadowPolicy | None = None,
     shadow_reader: Callable[[], ShadowStats] | None = None,
+    promote: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> CanaryResult:
     """Run a progressive canary of ``candidate`` against ``champion`` and apply the outcome.
 
@@ -675,6 +679,11 @@ def run_canary(
     canary (:class:`CanaryPreempted`) and stays in force. With a ``shadow`` policy (and a champion)
     the candidate first gets mirrored traffic only; a shadow that fails or disagrees is rolled
     back before any user sees one of its answers (step 0, weight 0, in ``steps``).
+
+    ``promote`` makes a promotion official where the source of truth is kept (the registry's
+    aliases): it is entered before the gateway is sent the promoted deployment, since a
+    registry-backed gateway accepts only the versions the aliases name, and it must undo itself
+    when the block raises. Then the pre-canary deployment is restored, as after any failure.
     """
     if champion is not None and champion.version == candidate.version:
         raise ValueError(f"candidate {candidate.version} is already the champion")
@@ -795,7 +804,11 @@ def run_canary(
                     reasons = (f"inconclusive at {last.weight}%", *reasons)
                 # Champion alone at 100 % (or nothing served, on a first release).
                 final = Deployment(model=model, champion=champion)
-            applied = admin.set_deployment(final)
+            if decision == "promote" and promote is not None:
+                with promote():
+                    applied = admin.set_deployment(final)
+            else:
+                applied = admin.set_deployment(final)
     finally:
         lease.close()
 

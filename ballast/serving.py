@@ -87,9 +87,36 @@ class Deployment(BaseModel):
     def lease_expired(self, now: float) -> bool:
         return self.lease_expires_at is not None and now >= self.lease_expires_at
 
+    def content(self) -> Deployment:
+        """This deployment with each artefact path replaced by its content address
+        (``sha256:<hex>``): what it serves, whoever holds the files where.
+
+        Replicas of a registry-backed gateway each fetch their own copy of a version (pods do
+        not share a disk with each other or with the release flow), so two of them serving the
+        same thing name different paths; compare and fingerprint this form, not the paths.
+        """
+
+        def located(spec: VersionSpec | None) -> VersionSpec | None:
+            if spec is None:
+                return None
+            return spec.model_copy(update={"artifact_path": f"sha256:{spec.sha256}"})
+
+        return self.model_copy(
+            update={
+                "champion": located(self.champion),
+                "canary": located(self.canary),
+                "shadow": located(self.shadow),
+            }
+        )
+
+    def same_as(self, other: Deployment | None) -> bool:
+        """Serves the same versions, traffic and lease as ``other`` (paths aside, see content)."""
+        return other is not None and self.content() == other.content()
+
     def fingerprint(self) -> str:
-        """A short content hash: two replicas with the same fingerprint serve the same thing."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """A short content hash: two replicas with the same fingerprint serve the same thing
+        (wherever each keeps the artefacts: see :meth:`content`)."""
+        return hashlib.sha256(self.content().model_dump_json().encode()).hexdigest()[:16]
 
     def versions(self) -> tuple[VersionSpec, ...]:
         """Every version this deployment loads (champion, canary, shadow)."""

@@ -495,6 +495,8 @@ class Registry:
             previous_champion=old,
             candidate_cleared=clears_candidate,
             changed=old != version,
+            moved_from={alias: before.get(alias) for alias in target},
+            moved_to=dict(target),
         )
 
     def rollback_to_previous(self, name: str) -> PromotionResult:
@@ -504,7 +506,8 @@ class Registry:
         prev = before.get(PREVIOUS)
         if prev is None:
             raise RegistryError(f"{name!r} has no {PREVIOUS!r} alias to roll back to")
-        self._move_aliases(name, before, {CHAMPION: prev, PREVIOUS: None})
+        target: dict[str, str | None] = {CHAMPION: prev, PREVIOUS: None}
+        self._move_aliases(name, before, target)
         log.info("rolled %s back to version %s from %s", name, prev, before.get(CHAMPION))
         return PromotionResult(
             name=name,
@@ -512,4 +515,23 @@ class Registry:
             previous_champion=before.get(CHAMPION),
             candidate_cleared=False,
             changed=before.get(CHAMPION) != prev,
+            moved_from={alias: before.get(alias) for alias in target},
+            moved_to=target,
         )
+
+    def undo(self, result: PromotionResult) -> None:
+        """Put back the aliases that ``result``'s move changed (a promotion or rollback whose
+        gateway side then failed), as one move that is itself undone if it fails.
+
+        Refused (:class:`RegistryError`, nothing moved) when any of them has moved again since:
+        that is someone else's change, not this one to take back.
+        """
+        now = self._aliases(result.name, missing_ok=False)
+        moved = {alias: now.get(alias) for alias in result.moved_to}
+        if moved != dict(result.moved_to):
+            raise RegistryError(
+                f"not undoing the alias move of {result.name!r}: the aliases are {moved} now, "
+                f"not {dict(result.moved_to)} as the move left them"
+            )
+        self._move_aliases(result.name, now, dict(result.moved_from))
+        log.info("undid the alias move of %s: %s", result.name, dict(result.moved_from))

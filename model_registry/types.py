@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -56,6 +57,10 @@ class PromotionResult:
     previous_champion: str | None  # the champion before the move (None if there was none)
     candidate_cleared: bool  # the candidate alias pointed at ``version`` and was removed
     changed: bool  # False when ``version`` already was the champion and nothing moved
+    # alias -> version (None: absent) before the move, for each alias it moved, and after it:
+    # what Registry.undo puts back, and checks is still in place.
+    moved_from: Mapping[str, str | None] = field(default_factory=dict, hash=False)
+    moved_to: Mapping[str, str | None] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

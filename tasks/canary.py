@@ -1,13 +1,18 @@
 """Stage 7–8: canary the candidate on the gateway, then promote or roll back.
 
-The alias move happens here, right after the gateway switched, inside one guard: if moving the
-aliases fails, the gateway goes back to the deployment it had before the canary, so registry and
-traffic never disagree about who the champion is.
+A promotion moves the registry's aliases first, then switches the gateway (a registry-backed
+gateway, as on Kubernetes, serves only what the aliases name). Both sit in one guard: if moving
+the aliases fails, the gateway goes back to the deployment it had before the canary; if the
+gateway then refuses, the alias move is undone as well. Registry and traffic never disagree
+about who the champion is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,9 @@ from ballast.gateway_process import ensure_gateway
 from ballast.judge import Judge, SequentialJudge, ThresholdJudge
 from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import ALIAS_CHAMPION, TAG_ARTIFACT, TAG_ARTIFACT_SHA, TAG_BACKEND, TAG_FAULT
-from ballast.serving import Deployment, VersionSpec
+from ballast.serving import VersionSpec
 from ballast.settings import Settings, get_settings
-from model_registry import ModelVersionInfo, Registry
+from model_registry import ModelVersionInfo, PromotionResult, Registry
 from tasks.common import AuditedAdmin, logger, registry
 
 
@@ -117,6 +122,21 @@ def _step_dict(r: StepRecord) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def promotion(reg: Registry, model: str, version: str) -> Iterator[PromotionResult]:
+    """Move the aliases to make ``version`` the champion; undo the move if the block raises."""
+    result = reg.promote(model, version)
+    try:
+        yield result
+    except BaseException as exc:
+        try:
+            reg.undo(result)
+        except Exception as undo_exc:
+            exc.add_note(f"undoing the alias move failed too: {undo_exc!r}")
+            logger().error("stage=canary promotion failed and undoing its alias move failed")
+        raise
+
+
 @task(name="canary", cache_policy=NO_CACHE)
 def canary_release(
     candidate: ModelVersionInfo, rows: np.ndarray, labels: np.ndarray
@@ -132,7 +152,6 @@ def canary_release(
         log.info("stage=canary started gateway pid=%s at %s", started.pid, s.gateway_url)
     with GatewayClient(s.gateway_url, s.admin_token()) as client:
         gw = AuditedAdmin(client, s.audit_log, why=f"canary of {cand_spec.version}")
-        before = gw.get_deployment()
         result = run_canary(
             gw,
             model=s.model_name,
@@ -146,6 +165,7 @@ def canary_release(
             lease_s=s.canary_lease_s or None,
             shadow=_shadow_policy(s),
             shadow_reader=lambda: ShadowStats.from_report(client.shadow()),
+            promote=partial(promotion, reg, s.model_name, candidate.version),
             on_step=lambda r: log.info(
                 "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",
                 cand_spec.version,
@@ -155,19 +175,6 @@ def canary_release(
                 r.seconds,
             ),
         )
-        if result.promoted:
-            try:
-                reg.promote(s.model_name, candidate.version)
-            except BaseException as exc:
-                # Traffic already moved; put it back so the registry's champion is what serves
-                # (nothing, on a first release: the registry has no champion to serve).
-                restore = before if before is not None else Deployment(model=s.model_name)
-                try:
-                    gw.set_deployment(restore)
-                except Exception as restore_exc:
-                    exc.add_note(f"restoring the deployment failed too: {restore_exc!r}")
-                    log.error("stage=canary promotion failed and the restore failed too")
-                raise
     return CanaryOutcome(
         decision=result.decision,
         reasons=list(result.reasons),

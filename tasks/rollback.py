@@ -55,8 +55,10 @@ def rollback_to_previous(
     """Move ``champion`` back to ``previous`` and point the gateway at it.
 
     Refused with :class:`TrialInForce` while a canary or shadow trial is in force, unless
-    ``force``. If the registry move fails after the gateway switched, the gateway gets back what
-    it served before (nothing, if it served nothing), and the registry's error is raised.
+    ``force``. The registry moves first (a registry-backed gateway serves only what the aliases
+    name), then the gateway; if the gateway then refuses or cannot be reached mid-change, the
+    alias move is undone and the gateway gets back what it served before (nothing, if it served
+    nothing), and the gateway's error is raised.
     """
     s = get_settings()
     name = model_name or s.model_name
@@ -75,7 +77,6 @@ def rollback_to_previous(
         before = gw.get_deployment() if live else None
         if live:
             _refuse_during_trial(name, before, force=force)
-            gw.set_deployment(target)
         elif desired_state_file(s).exists():
             # Imported only here: tasks normally talk to the gateway over its API.
             from infra.gateway.desired import FileDesiredState
@@ -83,22 +84,25 @@ def rollback_to_previous(
             offline = FileDesiredState(desired_state_file(s))
             offline_before = offline.read()
             _refuse_during_trial(name, offline_before, force=force)
-            offline.publish(target, actor=f"rollback ({why})")
+        moved = reg.rollback_to_previous(name)
         try:
-            reg.rollback_to_previous(name)
-        except BaseException as exc:
-            # The registry's champion did not move: the gateway must not serve `previous` either.
             if live:
+                gw.set_deployment(target)
+            elif offline is not None:
+                offline.publish(target, actor=f"rollback ({why})")
+        except BaseException as exc:
+            # The gateway did not take `previous`: the registry's champion must not say it does.
+            try:
+                reg.undo(moved)
+            except Exception as undo_exc:
+                exc.add_note(f"undoing the alias move failed too: {undo_exc!r}")
+            if live:
+                # A PUT that timed out may have been applied all the same.
                 restore = before if before is not None else Deployment(model=name)
                 try:
                     gw.set_deployment(restore)
                 except Exception as restore_exc:
                     exc.add_note(f"restoring the deployment failed too: {restore_exc!r}")
-            if offline is not None:
-                try:
-                    offline.publish(offline_before, actor="rollback failed: restored")
-                except Exception as restore_exc:
-                    exc.add_note(f"restoring the desired-state file failed too: {restore_exc!r}")
             raise
     record(
         s.audit_log,

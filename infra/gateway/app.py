@@ -451,7 +451,7 @@ class Gateway:
         if any(s.fault for s in dep.versions()) and not who.may("admin"):
             return _error(403, f"injecting faults needs the admin role; {who.name!r} is {who.role}")
         try:
-            await self.publish(dep, actor=who.name)
+            dep = await self.publish(dep, actor=who.name) or dep
         except DeploymentRefusedError as exc:
             self.metrics.deployments.labels(dep.model, "refused").inc()
             self._log(
@@ -532,7 +532,7 @@ class Gateway:
         if self.source is None:
             return
         try:
-            if await self._in_thread(self._io, self.source.read) == expired:
+            if expired.same_as(await self._in_thread(self._io, self.source.read)):
                 await self._in_thread(
                     self._io, self.source.publish, settled, actor="gateway:lease-expired"
                 )
@@ -540,14 +540,17 @@ class Gateway:
             # Harmless: every replica treats an expired lease in the source the same way.
             self._log("deployment.lease_record_failed", error=exc.message)
 
-    async def publish(self, dep: Deployment | None, *, actor: str) -> None:
-        """Apply ``dep`` here, then record it as the desired state for every replica.
+    async def publish(self, dep: Deployment | None, *, actor: str) -> Deployment | None:
+        """Apply ``dep`` here, then record it as the desired state for every replica; returns
+        it as applied (at the paths the source resolved it to for this replica).
 
         Refused (:class:`DeploymentRefusedError`) or not recorded (:class:`DesiredStateError`):
         the deployment that was in force stays, here and in the source.
         """
         async with self._deploy_lock:
             previous = None if self.live is None else self.live.deployment
+            if dep is not None and self.source is not None:
+                dep = await self._in_thread(self._io, self.source.resolve, dep)
             await self._apply_locked(dep)
             if self.source is not None:
                 try:
@@ -563,6 +566,7 @@ class Gateway:
             self.sync_error = None
             self._refused = None
         await self._report()
+        return dep
 
     async def apply(self, dep: Deployment | None) -> None:
         """Verify, load and warm what ``dep`` needs, then swap it in atomically (no publish)."""

@@ -76,6 +76,14 @@ class DesiredStateSource(Protocol):
         """Make ``deployment`` the desired one (None: serve nothing). DesiredStateError if refused."""
         ...
 
+    def resolve(self, deployment: Deployment) -> Deployment:
+        """``deployment`` as this replica will load it: the same versions and sha256s, at paths
+        this replica can read. A PUT names the paths its sender sees; a source that fetches
+        versions itself (the registry) swaps in its own copies. DesiredStateError if one of
+        the versions is not the one the source knows by that name.
+        """
+        ...
+
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -146,6 +154,9 @@ class FileDesiredState:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    def resolve(self, deployment: Deployment) -> Deployment:
+        return deployment  # the paths are shared: every replica reads this machine's files
 
     def publish(self, deployment: Deployment | None, *, actor: str) -> None:
         try:

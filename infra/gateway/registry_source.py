@@ -23,7 +23,10 @@ tag ``ballast.artifact`` must be in the manifest with the sha256 of tag
 
 Publishing (an admin ``PUT`` on a gateway that uses this source) only writes tags (weight,
 fraction, lease): the versions must be the ones the aliases already name. Moving aliases is the
-registry's job (promotion, rollback), so a PUT naming other versions is refused with 409. The
+registry's job (promotion, rollback), so a PUT naming other versions is refused with 409; the
+release flow moves the aliases first, then PUTs. A PUT's artefact paths are its sender's (the
+flow's pod): the replica that takes it swaps in its own verified copies (:meth:`resolve`), and
+refuses a version whose sha256, backend or fault is not the registry's. The
 lease goes on the candidate and on the shadow alike, so every replica reads the deployment a
 leased PUT applied, lease included, and drops the trial when it runs out (the replica that
 drops it first records the champion alone here: weight ``0``, lease ``none``).
@@ -73,6 +76,8 @@ class RegistryFacade(Protocol):
     """The part of ``model_registry.Registry`` this source uses."""
 
     def get_by_alias(self, name: str, alias: str) -> ModelVersionInfo | None: ...
+
+    def get_version(self, name: str, version: str | int) -> ModelVersionInfo: ...
 
     def download(self, name: str, version: str | int, dst: Path | None = None) -> Path: ...
 
@@ -181,6 +186,49 @@ class RegistryDesiredState:
             raise
         except (BallastError, ValueError, OSError) as exc:
             raise DesiredStateError(f"registry desired state of {self.model!r}: {exc}") from exc
+
+    def resolve(self, deployment: Deployment) -> Deployment:
+        """``deployment`` with each version at this replica's verified copy of it.
+
+        A PUT names the paths its sender sees (the release flow's pod), which this replica's
+        pod cannot read; the registry has the files, so fetch and verify them here. Refused
+        with 409 when a version's registered artefact is not the one the PUT names (sha256 or
+        backend), or its fault differs from the version's tag (every replica reads faults
+        from the tag, so one set by a PUT alone would hold on this replica only).
+        """
+        if deployment.model != self.model:
+            raise DesiredStateError(
+                f"this gateway follows registry model {self.model!r}, not {deployment.model!r}",
+                status=409,
+            )
+
+        def local(spec: VersionSpec | None) -> VersionSpec | None:
+            if spec is None:
+                return None
+            mine = self._spec(self.registry.get_version(self.model, spec.version))
+            for field in ("sha256", "backend", "fault"):
+                theirs, ours = getattr(spec, field), getattr(mine, field)
+                if theirs != ours:
+                    where = f"tag {TAG_FAULT}" if field == "fault" else "its signed manifest"
+                    raise DesiredStateError(
+                        f"version {spec.version}: the deployment gives {field} {theirs!r}, the "
+                        f"registry ({where}) {ours!r}",
+                        status=409,
+                    )
+            return mine
+
+        try:
+            return deployment.model_copy(
+                update={
+                    "champion": local(deployment.champion),
+                    "canary": local(deployment.canary),
+                    "shadow": local(deployment.shadow),
+                }
+            )
+        except DesiredStateError:
+            raise
+        except (BallastError, ValueError, OSError) as exc:
+            raise DesiredStateError(f"registry versions of {self.model!r}: {exc}") from exc
 
     def publish(self, deployment: Deployment | None, *, actor: str) -> None:
         if deployment is None:

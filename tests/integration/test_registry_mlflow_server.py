@@ -201,3 +201,154 @@ def test_a_gateway_follows_the_registry_on_the_server(
             for _ in range(60)
         }
         assert seen == {"1", "2"}
+
+
+def _register_mlps(reg: Registry, model: str, key: Path, root: Path) -> None:
+    """Versions 1 and 2 of ``model``: two different MLPs, each with a signed manifest."""
+    from ballast.hashing import sha256_file
+    from infra.gateway.testing import build_mlp_onnx
+
+    for seed in (1, 2):
+        d = root / f"onnx-{seed}"
+        onnx = build_mlp_onnx(d / "model.onnx", seed=seed)
+        manifest = build_manifest(
+            d, model_name=model, dataset_sha256="cd" * 32, backend="onnxruntime", precision="fp32"
+        )
+        sign_manifest(manifest, key).write(d)
+        reg.register_version(
+            model,
+            artifact_dir=d,
+            params={},
+            metrics={},
+            tags={"ballast.artifact": onnx.name, "ballast.artifact_sha256": sha256_file(onnx)},
+        )
+
+
+def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replicas(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The Kubernetes shape: gateway replicas follow the registry, each with its own copy of
+    the artefacts, and the release flow runs elsewhere (its artefact paths mean nothing to
+    them). A whole canary, its promotion and a rollback go through the admin API."""
+    from functools import partial
+
+    from starlette.testclient import TestClient
+
+    from ballast.canary import run_canary
+    from ballast.errors import GatewayError
+    from ballast.judge import Observation, ThresholdJudge
+    from ballast.serving import Deployment
+    from ballast.settings import Settings
+    from infra.gateway.app import GatewayConfig, create_app
+    from infra.gateway.desired import ReplicaBoard
+    from infra.gateway.registry_source import RegistryDesiredState
+    from tasks.canary import promotion, version_spec
+
+    url, _ = server
+    model = "k8s-model"
+    key = tmp_path / "signing.pem"
+    flow_reg = Registry(url, tmp_path / "flow-pod")
+    _register_mlps(flow_reg, model, key, tmp_path)
+    flow_reg.set_alias(model, CHAMPION, "1")
+    flow_reg.set_alias(model, CANDIDATE, "2")
+
+    # The release flow's view: verified specs at paths only its own pod could read.
+    s = Settings(model_name=model, signing_key_path=key, state_dir=tmp_path / "flow-state")
+
+    def flow_spec(version: str) -> object:
+        info = flow_reg.get_version(model, version)
+        local = version_spec(flow_reg, s, info)
+        return local.model_copy(update={"artifact_path": f"/flow-pod/{version}/model.onnx"})
+
+    champion, candidate = flow_spec("1"), flow_spec("2")
+    board = tmp_path / "replicas"
+
+    def replica(name: str) -> TestClient:
+        source = RegistryDesiredState(
+            Registry(url, tmp_path / f"pod-{name}"), model, key, poll_interval_s=0.1
+        )
+        config = GatewayConfig(admin_token="t", replica_id=name, converge_timeout_s=10.0)
+        return TestClient(create_app(config, source=source, board=ReplicaBoard(board)))
+
+    auth = {"Authorization": "Bearer t"}
+
+    class Admin:  # the controller's two calls, over the first replica's admin API
+        def __init__(self, gw: TestClient) -> None:
+            self.gw = gw
+            self.replicas: list[str] = []
+
+        def get_deployment(self) -> Deployment | None:
+            body = self.gw.get("/admin/deployment", headers=auth).json()
+            return None if body is None else Deployment.model_validate(body)
+
+        def set_deployment(self, dep: Deployment) -> Deployment:
+            r = self.gw.put("/admin/deployment", headers=auth, content=dep.model_dump_json())
+            if r.status_code != 200:
+                raise GatewayError(f"{r.status_code}: {r.text}")
+            self.replicas.append(r.headers["X-Ballast-Replicas"])
+            return Deployment.model_validate(r.json())
+
+    def served(gw: TestClient, n: int = 40) -> set[str]:
+        body = {"instances": [[0.5] * 30]}
+        return {
+            gw.post(f"/v1/models/{model}/predict", json=body).headers["X-Ballast-Version"]
+            for _ in range(n)
+        }
+
+    with replica("a") as a, replica("b") as b:
+        deadline = time.monotonic() + 30
+        while not (a.get("/readyz").status_code == b.get("/readyz").status_code == 200):
+            assert time.monotonic() < deadline, (a.get("/readyz").json(), b.get("/readyz").json())
+            time.sleep(0.1)
+        assert served(b) == {"1"}
+        admin = Admin(a)
+
+        def load(weight: int) -> list[Observation]:
+            out = []
+            for gw in (a, b):
+                for _ in range(20):
+                    t = time.perf_counter()
+                    r = gw.post(f"/v1/models/{model}/predict", json={"instances": [[0.5] * 30]})
+                    version = r.headers["X-Ballast-Version"]
+                    out.append(Observation(version, r.status_code == 200, time.perf_counter() - t))
+            return out
+
+        result = run_canary(
+            admin,
+            model=model,
+            champion=champion,  # type: ignore[arg-type]
+            candidate=candidate,  # type: ignore[arg-type]
+            steps=(50, 100),
+            judge=ThresholdJudge(min_samples=5, latency_slack_ms=1000.0),  # mechanics, not speed
+            load=load,
+            min_samples=5,
+            step_max_seconds=20,
+            promote=partial(promotion, flow_reg, model, "2"),
+        )
+        assert result.promoted, result.reasons
+        # Every PUT was taken by both replicas, though each loaded its own copies.
+        assert admin.replicas and set(admin.replicas) == {"2/2"}, admin.replicas
+        assert flow_reg.get_by_alias(model, CHAMPION).version == "2"  # type: ignore[union-attr]
+        assert flow_reg.get_by_alias(model, PREVIOUS).version == "1"  # type: ignore[union-attr]
+        assert flow_reg.get_by_alias(model, CANDIDATE) is None
+        assert served(a) == served(b) == {"2"}
+        live = admin.get_deployment()
+        assert live is not None and live.champion is not None and live.canary is None
+        assert live.champion.version == "2" and not live.champion.artifact_path.startswith(
+            "/flow-pod/"
+        )
+
+        # A rollback: the registry first, then the gateway (tasks.rollback's order).
+        flow_reg.rollback_to_previous(model)
+        admin.set_deployment(Deployment(model=model, champion=champion))  # type: ignore[arg-type]
+        assert served(a) == served(b) == {"1"}
+
+        # A PUT naming a version's artefact by another sha256 is refused, and changes nothing.
+        forged = champion.model_copy(update={"sha256": "ab" * 32})  # type: ignore[attr-defined]
+        r = a.put(
+            "/admin/deployment",
+            headers=auth,
+            content=Deployment(model=model, champion=forged).model_dump_json(),
+        )
+        assert r.status_code == 409 and "sha256" in r.text, r.text
+        assert served(a) == {"1"}

@@ -57,24 +57,52 @@ class FakeGateway:
 
 
 class FakeRegistry:
-    """FAKE of the registry facade's alias calls; ``fail`` makes promote and rollback raise."""
+    """FAKE of the registry facade's alias calls: ``fail`` makes promote and rollback raise,
+    ``fail_undo`` the undo of a move. ``log`` lists the moves and undos in order."""
 
-    def __init__(self, aliases: dict[str, str], *, fail: bool = False) -> None:
+    def __init__(
+        self, aliases: dict[str, str], *, fail: bool = False, fail_undo: bool = False
+    ) -> None:
         self.aliases = dict(aliases)
         self.fail = fail
+        self.fail_undo = fail_undo
+        self.log: list[str] = []
 
     def get_by_alias(self, name: str, alias: str) -> Any:
         version = self.aliases.get(alias)
         return None if version is None else SimpleNamespace(name=name, version=version, tags={})
 
-    def promote(self, name: str, version: str) -> None:
+    def _move(self, name: str, what: str, target: dict[str, str | None]) -> SimpleNamespace:
         if self.fail:
             raise RegistryError("tracking server unreachable")
-        if "champion" in self.aliases:
-            self.aliases["previous"] = self.aliases["champion"]
-        self.aliases["champion"] = version
+        moved_from = {alias: self.aliases.get(alias) for alias in target}
+        for alias, version in target.items():
+            if version is None:
+                self.aliases.pop(alias, None)
+            else:
+                self.aliases[alias] = version
+        self.log.append(what)
+        return SimpleNamespace(name=name, moved_from=moved_from, moved_to=dict(target))
 
-    def rollback_to_previous(self, name: str) -> None:
-        if self.fail:
-            raise RegistryError("tracking server unreachable")
-        self.aliases["champion"] = self.aliases.pop("previous")
+    def promote(self, name: str, version: str) -> SimpleNamespace:
+        target: dict[str, str | None] = {"champion": version}
+        if "champion" in self.aliases:
+            target["previous"] = self.aliases["champion"]
+        return self._move(name, f"promote {version}", target)
+
+    def rollback_to_previous(self, name: str) -> SimpleNamespace:
+        if "previous" not in self.aliases:
+            raise RegistryError("no previous")
+        return self._move(
+            name, "rollback", {"champion": self.aliases["previous"], "previous": None}
+        )
+
+    def undo(self, result: SimpleNamespace) -> None:
+        if self.fail_undo:
+            raise RegistryError("tracking server unreachable for the undo")
+        for alias, version in result.moved_from.items():
+            if version is None:
+                self.aliases.pop(alias, None)
+            else:
+                self.aliases[alias] = version
+        self.log.append("undo")

@@ -1,5 +1,6 @@
 """tasks/canary.py via ``.fn()`` against FAKES of the gateway and the registry
-(tests/tasks/fakes.py): the gateway goes back when the registry's promotion fails."""
+(tests/tasks/fakes.py): a promotion moves the registry first, and whichever side fails, the
+other is put back."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 import tasks.canary as tc
-from ballast.errors import RegistryError
+from ballast.errors import GatewayError, RegistryError
 from ballast.judge import Observation, ThresholdJudge
 from ballast.serving import Deployment
 from ballast.settings import Settings
@@ -36,6 +37,29 @@ def _candidate(version: str) -> object:
     return SimpleNamespace(name="ignored", version=version, tags={})
 
 
+def test_a_promotion_moves_the_registry_before_the_gateway(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A registry-backed gateway (Kubernetes) takes only the versions the aliases name: the
+    # promoted deployment must find the aliases already moved.
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
+    reg = FakeRegistry({"champion": "1"})
+    _wire(monkeypatch, gateway, reg)
+    champions_at_put: list[str | None] = []
+    put = gateway.set_deployment
+
+    def watching(dep: Deployment) -> Deployment:
+        champions_at_put.append(reg.aliases.get("champion"))
+        return put(dep)
+
+    monkeypatch.setattr(gateway, "set_deployment", watching)
+    outcome = tc.canary_release.fn(_candidate("2"), ROWS, LABELS)
+    assert outcome.decision == "promote"
+    assert gateway.current == Deployment(model=settings.model_name, champion=spec("2"))
+    assert champions_at_put[-1] == "2" and set(champions_at_put[:-1]) == {"1"}
+    assert reg.aliases == {"champion": "2", "previous": "1"} and reg.log == ["promote 2"]
+
+
 def test_a_failed_promotion_of_a_first_release_leaves_nothing_served(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -43,22 +67,45 @@ def test_a_failed_promotion_of_a_first_release_leaves_nothing_served(
     gateway = FakeGateway(None)
     reg = FakeRegistry({}, fail=True)
     _wire(monkeypatch, gateway, reg)
-    # when the registry cannot promote it after the gateway switched,
+    # when the registry cannot promote it,
     with pytest.raises(RegistryError, match="unreachable"):
         tc.canary_release.fn(_candidate("1"), ROWS, LABELS)
-    # then the gateway serves nothing again: it must not serve a version the registry disowns.
-    assert any(d.champion == spec("1") for d in gateway.sets), gateway.sets
+    # then the gateway is never told it is the champion, and serves nothing again.
+    assert not any(d.champion == spec("1") for d in gateway.sets), gateway.sets
     assert gateway.current == Deployment(model=settings.model_name), gateway.current
 
 
-def test_a_failed_restore_after_a_failed_promotion_rides_along_on_the_error(
+def test_a_promotion_the_gateway_refuses_is_undone_in_the_registry(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gateway = FakeGateway(None, refuse_sets={3})  # trial, promotion, then the restore refused
-    reg = FakeRegistry({}, fail=True)
+    # Given a canary that passes, and a gateway that refuses the promoted deployment (the PUT
+    # after one per step),
+    before = Deployment(model=settings.model_name, champion=spec("1"))
+    gateway = FakeGateway(before, refuse_sets={len(settings.canary_steps) + 1})
+    reg = FakeRegistry({"champion": "1"})
     _wire(monkeypatch, gateway, reg)
-    with pytest.raises(RegistryError, match="unreachable") as info:
+    with pytest.raises(GatewayError, match="refused"):
+        tc.canary_release.fn(_candidate("2"), ROWS, LABELS)
+    # then the alias move is undone, and the gateway serves the pre-canary deployment.
+    assert reg.log == ["promote 2", "undo"] and reg.aliases == {"champion": "1"}
+    assert gateway.current == before and gateway.sets[-1] == before
+
+
+@pytest.mark.parametrize("fails", ["restore", "undo"])
+def test_a_failed_restore_or_undo_after_a_failed_promotion_rides_along_on_the_error(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    # trial, promotion refused, then the restore refused too (or the registry's undo fails)
+    gateway = FakeGateway(None, refuse_sets={2, 3} if fails == "restore" else {2})
+    reg = FakeRegistry({}, fail_undo=fails == "undo")
+    _wire(monkeypatch, gateway, reg)
+    with pytest.raises(GatewayError, match="refused") as info:
         tc.canary_release.fn(_candidate("1"), ROWS, LABELS)
-    assert gateway.sets[-1] == Deployment(model=settings.model_name), "the restore was tried"
     notes = getattr(info.value, "__notes__", [])
-    assert any("restoring the deployment" in n and "refused" in n for n in notes), notes
+    if fails == "restore":
+        assert gateway.sets[-1] == Deployment(model=settings.model_name), "the restore was tried"
+        assert any("restoring the pre-canary deployment failed" in n for n in notes), notes
+        assert reg.aliases == {}
+    else:
+        assert any("undoing the alias move failed" in n for n in notes), notes
+        assert gateway.current == Deployment(model=settings.model_name)

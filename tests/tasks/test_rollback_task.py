@@ -1,5 +1,6 @@
 """tasks/rollback.py via ``.fn()`` against FAKES of the gateway and the registry (tests/tasks/fakes.py):
-the refusal while a trial is in force, and the gateway restored when the registry move fails."""
+the refusal while a trial is in force; the registry moves first, and whichever side fails,
+the other is put back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 import tasks.rollback as tr
 from ballast.audit import read as read_audit
-from ballast.errors import RegistryError
+from ballast.errors import GatewayError, RegistryError
 from ballast.serving import Deployment
 from ballast.settings import Settings
 from tests.tasks.fakes import FakeGateway, FakeRegistry, spec
@@ -95,30 +96,61 @@ def test_a_trial_whose_lease_ran_out_does_not_block_a_rollback(
     assert gateway.current == Deployment(model=settings.model_name, champion=spec("2"))
 
 
-def test_a_failed_registry_move_with_nothing_deployed_before_leaves_nothing_served(
+def test_a_rollback_moves_the_registry_before_the_gateway(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A registry-backed gateway takes only the version the champion alias names.
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("3")))
+    reg = FakeRegistry({"champion": "3", "previous": "2"})
+    _wire(monkeypatch, gateway, reg)
+    champions_at_put: list[str | None] = []
+    put = gateway.set_deployment
+
+    def watching(dep: Deployment) -> Deployment:
+        champions_at_put.append(reg.aliases.get("champion"))
+        return put(dep)
+
+    monkeypatch.setattr(gateway, "set_deployment", watching)
+    assert tr.rollback_to_previous.fn() == "2"
+    assert champions_at_put == ["2"] and reg.log == ["rollback"]
+
+
+def test_a_failed_registry_move_leaves_the_gateway_untouched(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a gateway that serves nothing yet,
     gateway = FakeGateway(None)
     reg = FakeRegistry({"champion": "3", "previous": "2"}, fail=True)
     _wire(monkeypatch, gateway, reg)
-    # when the registry cannot move its aliases after the gateway switched to previous,
+    # when the registry cannot move its aliases,
     with pytest.raises(RegistryError, match="unreachable"):
         tr.rollback_to_previous.fn()
-    # then the gateway serves nothing again, not a version the registry does not call champion.
-    assert gateway.sets[0].champion == spec("2")
-    assert gateway.current == Deployment(model=settings.model_name), gateway.current
+    # then the gateway is never pointed at previous.
+    assert gateway.sets == [] and gateway.current is None
+    assert _audited_rollbacks(settings) == []
 
 
-def test_a_failed_restore_rides_along_on_the_registry_error(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("also", ["nothing", "restore", "undo"])
+def test_a_switch_the_gateway_refuses_undoes_the_registry_move(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, also: str
 ) -> None:
+    # Given a gateway that refuses the switch to previous (and maybe the restore after it),
     before = Deployment(model=settings.model_name, champion=spec("3"))
-    gateway = FakeGateway(before, refuse_sets={2})  # the switch goes through, the restore not
-    reg = FakeRegistry({"champion": "3", "previous": "2"}, fail=True)
+    gateway = FakeGateway(before, refuse_sets={1, 2} if also == "restore" else {1})
+    reg = FakeRegistry({"champion": "3", "previous": "2"}, fail_undo=also == "undo")
     _wire(monkeypatch, gateway, reg)
-    with pytest.raises(RegistryError, match="unreachable") as info:
+    with pytest.raises(GatewayError, match="refused") as info:
         tr.rollback_to_previous.fn()
-    assert gateway.sets[1] == before, "the restore was tried"
     notes = getattr(info.value, "__notes__", [])
-    assert any("restoring the deployment" in n and "refused" in n for n in notes), notes
+    # then the champion alias is put back (unless the undo failed too, which the error says),
+    if also == "undo":
+        assert any("undoing the alias move failed" in n for n in notes), notes
+        assert reg.aliases == {"champion": "2"}
+    else:
+        assert reg.aliases == {"champion": "3", "previous": "2"}
+        assert reg.log == ["rollback", "undo"]
+    # and the gateway is sent what it served before (a refused PUT may still have applied).
+    assert gateway.sets[-1] == before and gateway.current == before
+    if also == "restore":
+        assert any("restoring the deployment" in n and "refused" in n for n in notes), notes
+    assert _audited_rollbacks(settings) == []

@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from ballast.errors import ConfigError, GatewayError
+from ballast.errors import ConfigError, GatewayError, RegistryError
 from ballast.gateway_client import GatewayClient, GatewayHTTPError
 from ballast.manifest import build_manifest, sign_manifest
 from ballast.runtime import Predictor, load_predictor
@@ -1508,6 +1508,9 @@ class _BrokenSource:
     def publish(self, deployment: Deployment | None, *, actor: str) -> None:
         raise RuntimeError("source bug")
 
+    def resolve(self, deployment: Deployment) -> Deployment:
+        raise RuntimeError("source bug")
+
 
 def test_an_unexpected_error_in_the_first_sync_is_recorded_and_the_replica_starts(
     tmp_path: Path,
@@ -1627,6 +1630,11 @@ class FacadeStandIn:
         version = self.aliases.get(alias)
         return None if version is None else self.versions[version]
 
+    def get_version(self, name: str, version: str | int) -> ModelVersionInfo:
+        if str(version) not in self.versions:
+            raise RegistryError(f"{name!r} has no version {version}")
+        return self.versions[str(version)]
+
     def download(self, name: str, version: str | int, dst: Path | None = None) -> Path:
         self.downloads += 1
         return self.root / f"v{version}"
@@ -1712,6 +1720,58 @@ def registry_with_candidate(
     assert settled is not None and trial is not None and trial.canary is not None
     assert settled.lease_expires_at is None and trial.lease_expires_at is None
     return reg, key, settled, trial
+
+
+def test_registry_source_resolves_a_put_to_its_own_verified_copies(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    reg, key, _, trial = registry_with_candidate(artefacts, tmp_path)
+    source = RegistryDesiredState(reg, MODEL, key)
+
+    def elsewhere(spec: VersionSpec) -> VersionSpec:
+        return spec.model_copy(update={"artifact_path": f"/sender/{spec.version}.onnx"})
+
+    assert trial.champion is not None and trial.canary is not None
+    sent = trial.model_copy(
+        update={"champion": elsewhere(trial.champion), "canary": elsewhere(trial.canary)}
+    )
+    # The same versions, at the source's own verified copies: what it reads, lease aside.
+    resolved = source.resolve(sent)
+    assert resolved == trial and resolved.same_as(sent) and resolved != sent
+    assert resolved.fingerprint() == sent.fingerprint()
+
+    refused = {
+        "sha256": sent.model_copy(
+            update={"canary": sent.canary.model_copy(update={"sha256": "ab" * 32})}  # type: ignore[union-attr]
+        ),
+        "fault": sent.model_copy(
+            update={"canary": sent.canary.model_copy(update={"fault": "errors"})}  # type: ignore[union-attr]
+        ),
+        "model": sent.model_copy(update={"model": "another"}),
+    }
+    for field, dep in refused.items():
+        with pytest.raises(DesiredStateError) as info:
+            source.resolve(dep)
+        assert info.value.status == 409 and field in info.value.message, info.value.message
+    unknown = sent.model_copy(
+        update={"canary": sent.canary.model_copy(update={"version": "9"})}  # type: ignore[union-attr]
+    )
+    with pytest.raises(DesiredStateError, match="no version 9"):
+        source.resolve(unknown)
+
+
+def test_a_deployments_fingerprint_and_sameness_ignore_where_the_files_are() -> None:
+    def at(path: str, sha: str = "0" * 64) -> VersionSpec:
+        return VersionSpec(version="1", artifact_path=path, sha256=sha)
+
+    here, there = (
+        Deployment(model=MODEL, champion=at("/a")),
+        Deployment(model=MODEL, champion=at("/b")),
+    )
+    assert here != there and here.same_as(there) and here.fingerprint() == there.fingerprint()
+    other = Deployment(model=MODEL, champion=at("/a", "1" * 64))
+    assert not here.same_as(other) and here.fingerprint() != other.fingerprint()
+    assert not here.same_as(None)
 
 
 def test_registry_source_keeps_a_deployments_lease(

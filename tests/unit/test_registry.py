@@ -391,6 +391,41 @@ def test_rollback_returns_to_previous_once(registry: Registry, two_versions: str
     assert registry.get_by_alias(name, "champion").version == "1"  # type: ignore[union-attr]
 
 
+def _aliases(registry: Registry, name: str) -> dict[str, str]:
+    return {alias: v.version for v in registry.list_versions(name) for alias in v.aliases}
+
+
+def test_undo_puts_back_a_promotion_and_a_rollback_exactly(
+    registry: Registry, two_versions: str
+) -> None:
+    name = two_versions
+    registry.promote(name, 1)
+    registry.set_alias(name, "candidate", 2)
+    before = _aliases(registry, name)
+    promoted = registry.promote(name, 2)  # champion 2, previous 1, candidate cleared
+    registry.undo(promoted)
+    assert _aliases(registry, name) == before == {"champion": "1", "candidate": "2"}
+
+    registry.promote(name, 2)
+    before = _aliases(registry, name)
+    back = registry.rollback_to_previous(name)
+    registry.undo(back)
+    assert _aliases(registry, name) == before == {"champion": "2", "previous": "1"}
+
+
+def test_undo_refuses_when_the_aliases_moved_again_since(
+    registry: Registry, two_versions: str
+) -> None:
+    name = two_versions
+    registry.promote(name, 1)
+    promoted = registry.promote(name, 2)
+    registry.rollback_to_previous(name)  # someone else's move after ours
+    after = _aliases(registry, name)
+    with pytest.raises(RegistryError, match="not undoing"):
+        registry.undo(promoted)
+    assert _aliases(registry, name) == after == {"champion": "1"}
+
+
 # --- approval status and content keys --------------------------------------------------------
 
 
