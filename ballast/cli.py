@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ballast.cli_approve import approve_command, audit_app
 from ballast.cli_data import data_app
-from ballast.cli_shared import console, err, fail
+from ballast.cli_shared import console, err, fail, report
 from ballast.cli_stack import stack_app
 from ballast.errors import BallastError
 from ballast.settings import Settings, get_settings
@@ -314,5 +314,15 @@ def canary_simulate(ctx: typer.Context) -> None:
     _run_main("ballast.simulate", ctx)
 
 
+def main() -> None:
+    """The ``ballast`` command: a typed error a command did not handle itself (bad settings,
+    most often) ends it as one line naming its stage, exit 2, instead of a traceback."""
+    try:
+        app()
+    except BallastError as exc:
+        report(exc)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -13,7 +13,12 @@ console = Console()
 err = Console(stderr=True)
 
 
+def report(exc: BallastError) -> None:
+    """Print a typed error as one line naming its stage."""
+    err.print(f"[bold red]error[/] stage={exc.stage}: {exc.message}")
+
+
 def fail(exc: BallastError) -> NoReturn:
     """Print a typed error as one line naming its stage, exit 2."""
-    err.print(f"[bold red]error[/] stage={exc.stage}: {exc.message}")
+    report(exc)
     raise typer.Exit(code=2)

@@ -6,14 +6,15 @@ MLflow on sqlite inside it, Prefect's ephemeral API, the gateway on 127.0.0.1.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ballast.errors import ConfigError
 from ballast.quality import METRICS, QualityPolicy
@@ -36,6 +37,11 @@ def _default_keyring() -> Path:
 
 def _default_signing_key() -> Path:
     return _config_dir() / "signing-key.pem"
+
+
+# BALLAST_* variables that other parts read, not these settings: the audit log's actor, the
+# flow-run working directory set by the stack launcher, and its Prefect database URL.
+OTHER_ENV = frozenset({"BALLAST_ACTOR", "BALLAST_HOME", "BALLAST_STACK_PREFECT_DB"})
 
 
 class Settings(BaseSettings):
@@ -165,6 +171,26 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from exc
         return self
 
+    @model_validator(mode="after")
+    def _no_unknown_ballast_variables(self) -> Settings:
+        # extra="forbid" covers keyword arguments only: a misspelt variable would be ignored
+        # and its setting would silently keep the default (BALLAST_CANARY_STEP=5,10 for
+        # BALLAST_CANARY_STEPS). Names are matched as pydantic-settings does, ignoring case.
+        known = {f"BALLAST_{name.upper()}" for name in type(self).model_fields} | OTHER_ENV
+        unknown = sorted(
+            k for k in os.environ if k.upper().startswith("BALLAST_") and k.upper() not in known
+        )
+        if unknown:
+            named = []
+            for k in unknown:
+                close = difflib.get_close_matches(k.upper(), sorted(known), n=1, cutoff=0.75)
+                named.append(f"{k} (did you mean {close[0]}?)" if close else k)
+            raise ValueError(
+                f"unknown BALLAST_* environment variable(s): {', '.join(named)}. Unset or "
+                "rename them: a misspelt name would leave its setting at the default"
+            )
+        return self
+
     @field_validator("bench_batches")
     @classmethod
     def _bench_batches_exportable(cls, v: tuple[int, ...]) -> tuple[int, ...]:
@@ -279,5 +305,23 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (read once; tests call ``get_settings.cache_clear()``)."""
-    return Settings()
+    """The process-wide settings (read once; tests call ``get_settings.cache_clear()``).
+
+    Bad settings raise :class:`ConfigError` naming each variable and what is wrong with it (one
+    line a problem), not pydantic's report with its input echoed: a value may be a secret.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors(include_input=False, include_url=False):
+            where = "BALLAST_" + "_".join(str(p) for p in e["loc"]).upper() if e["loc"] else ""
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}" if where else msg)
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+    except SettingsError as exc:  # a value pydantic-settings could not even parse (a list)
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"BALLAST_{field.group(1).upper()}" if field else "a BALLAST_* variable"
+        raise ConfigError(
+            f"invalid settings: {name} is not valid JSON (a list is written [10,50,100])"
+        ) from None

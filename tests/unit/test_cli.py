@@ -29,6 +29,21 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def test_bad_settings_end_any_command_as_one_line_and_exit_2(settings: Settings) -> None:
+    # The installed `ballast` runs ballast.cli:main, as `python -m ballast.cli` does.
+    env = {**os.environ, "BALLAST_CANARY_STEP": "5,100", "COLUMNS": "500"}  # one line, unwrapped
+    proc = subprocess.run(
+        [sys.executable, "-m", "ballast.cli", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "stage=config" in proc.stderr and "did you mean BALLAST_CANARY_STEPS?" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_help_lists_every_command(runner: CliRunner) -> None:
     out = runner.invoke(app, ["--help"]).output
     for command in (

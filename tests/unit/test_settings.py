@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from ballast.settings import Settings
+from ballast.errors import ConfigError
+from ballast.settings import OTHER_ENV, Settings, get_settings
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()  # no test leaves its environment's settings cached
 
 
 @pytest.mark.parametrize(
@@ -41,3 +51,51 @@ def test_settings_accept_uris_with_a_scheme_and_plain_names(
 ) -> None:
     monkeypatch.setenv(name, value)
     assert getattr(Settings(), name.removeprefix("BALLAST_").lower()) == value
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("BALLAST_CANARY_STEP", "BALLAST_CANARY_STEPS"),
+        ("ballast_epoch", "BALLAST_EPOCHS"),  # matched ignoring case, as the settings are read
+        ("BALLAST_NO_SUCH_THING", None),
+    ],
+)
+def test_an_unknown_ballast_variable_is_refused_with_the_name_it_may_mean(
+    monkeypatch: pytest.MonkeyPatch, name: str, hint: str | None
+) -> None:
+    # A misspelt variable would otherwise be ignored: its setting keeps the default unseen.
+    monkeypatch.setenv(name, "5")
+    with pytest.raises(ConfigError, match="unknown BALLAST_") as info:
+        get_settings()
+    assert name in info.value.message
+    assert (
+        (f"did you mean {hint}?" in info.value.message)
+        if hint
+        else "did you mean" not in (info.value.message)
+    )
+
+
+def test_variables_read_elsewhere_are_not_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in OTHER_ENV:
+        monkeypatch.setenv(name, "x")
+    assert get_settings().model_name
+
+
+def test_bad_settings_are_one_config_error_naming_each_variable_and_never_echo_a_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BALLAST_MODEL_NAME", " padded ")
+    monkeypatch.setenv("BALLAST_CANARY_STEPS", "[50, 5]")
+    monkeypatch.setenv("BALLAST_GATEWAY_ADMIN_TOKEN", "s3cr3t-token-value")
+    monkeypatch.setenv("BALLAST_EPOCHS", "many")
+    with pytest.raises(ConfigError) as info:
+        get_settings()
+    msg = info.value.message
+    for name in ("BALLAST_MODEL_NAME", "BALLAST_CANARY_STEPS", "BALLAST_EPOCHS"):
+        assert name in msg, msg
+    assert "s3cr3t" not in msg and "many" not in msg, msg
+
+    monkeypatch.setenv("BALLAST_CANARY_STEPS", "5,50,100")  # not JSON: pydantic-settings refuses
+    with pytest.raises(ConfigError, match=r"BALLAST_CANARY_STEPS is not valid JSON"):
+        get_settings()
