@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from ballast.decisions import validate_steps
+from ballast.errors import GatewayError
 from ballast.judge import (
     Judge,
     Observation,
@@ -324,6 +325,57 @@ class _Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+class CanaryTurnTimeout(GatewayError):
+    """Another trial stayed in force on the gateway longer than this canary would wait for it."""
+
+
+def trial_in_force(dep: Deployment | None, now: float) -> bool:
+    """A canary or shadow is on the gateway and no lease has ended it: another release's canary
+    (which renews its lease while it runs), or an operator's trial (no lease)."""
+    return dep is not None and dep.has_trial() and not dep.lease_expired(now)
+
+
+def wait_for_turn(
+    client: DeploymentAdmin,
+    timeout_s: float,
+    *,
+    poll_s: float = 1.0,
+    on_wait: Callable[[Deployment], None] | None = None,
+) -> Deployment | None:
+    """Wait until no trial is in force on the gateway; return its deployment then.
+
+    Release runs of different deployments (a person's release, the nightly retrain) may reach
+    their canaries at once; the later one waits here for the first to end, instead of sending
+    its trial over it. A trial whose lease ran out (its controller died) is over: the champion
+    alone is returned, which is what every replica serves at its next lease check. Raises
+    :class:`CanaryTurnTimeout` after ``timeout_s``, having sent nothing.
+
+    Two runs that look in the same instant may both go on; the first change of the one that
+    sent first is then not its own, and it stops with :class:`CanaryPreempted`, leaving the
+    other's trial in place. Traffic is never split three ways.
+    """
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        live = client.get_deployment()
+        now = time.time()
+        if not trial_in_force(live, now):
+            if live is not None and live.has_trial():  # its lease ran out: it is over
+                return live.without_trial()
+            return live
+        assert live is not None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CanaryTurnTimeout(
+                f"a trial stayed in force for over {timeout_s:g} s ({_describe(live)}); this "
+                "canary did not start and sent nothing"
+            )
+        if not waited and on_wait is not None:
+            on_wait(live)
+        waited = True
+        time.sleep(min(poll_s, left))
 
 
 @dataclass(frozen=True, slots=True)
@@ -692,7 +744,15 @@ def run_canary(
     weights = validate_steps(steps) if champion is not None else (100,)
 
     before = client.get_deployment()
-    if champion is not None and before is not None and before.champion != champion:
+    if before is not None and before.has_trial() and before.lease_expired(time.time()):
+        # A dead controller's trial, dropped at every replica's next lease check: never restore
+        # it (the gateway refuses a lease that has passed); what remains is the champion alone.
+        before = before.without_trial()
+    if (
+        champion is not None
+        and before is not None
+        and not before.same_as(before.model_copy(update={"champion": champion}))
+    ):
         logger.warning(
             "gateway champion %s differs from the canary's champion %s; canary goes on",
             before.champion.version if before.champion else None,

@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     # The canary's lease: if the flow stops renewing it (process killed, machine lost), every
     # gateway replica drops the canary by itself this long after the last renewal. 0: no lease.
     canary_lease_s: float = Field(default=30.0, ge=0)
+    # Release runs of every deployment (a person's release, the nightly retrain) take turns at
+    # the gateway: a run whose canary would start while another's runs waits this long for its
+    # turn, then fails (stage canary) without touching traffic.
+    canary_turn_timeout_s: float = Field(default=3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
     # What the canary judges: "replay" sends held-out rows itself (labelled: accuracy too; what a
     # laptop with no users needs), "live" reads what real clients got from the gateway.
     canary_traffic: Literal["replay", "live"] = "replay"

@@ -28,13 +28,21 @@ from ballast.canary import (
     http_load,
     live_traffic,
     run_canary,
+    wait_for_turn,
 )
 from ballast.errors import IntegrityError
 from ballast.gateway_client import GatewayClient
 from ballast.gateway_process import ensure_gateway
 from ballast.judge import Judge, SequentialJudge, ThresholdJudge
 from ballast.manifest import SignedManifest, verify_manifest
-from ballast.release import ALIAS_CHAMPION, TAG_ARTIFACT, TAG_ARTIFACT_SHA, TAG_BACKEND, TAG_FAULT
+from ballast.release import (
+    ALIAS_CANDIDATE,
+    ALIAS_CHAMPION,
+    TAG_ARTIFACT,
+    TAG_ARTIFACT_SHA,
+    TAG_BACKEND,
+    TAG_FAULT,
+)
 from ballast.serving import VersionSpec
 from ballast.settings import Settings, get_settings
 from model_registry import ModelVersionInfo, PromotionResult, Registry
@@ -144,14 +152,29 @@ def canary_release(
     s = get_settings()
     log = logger()
     reg = registry(s)
-    champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
     cand_spec = version_spec(reg, s, candidate)
-    champ_spec = version_spec(reg, s, champion) if champion is not None else None
     started = ensure_gateway(s)
     if started is not None:
         log.info("stage=canary started gateway pid=%s at %s", started.pid, s.gateway_url)
     with GatewayClient(s.gateway_url, s.admin_token()) as client:
         gw = AuditedAdmin(client, s.audit_log, why=f"canary of {cand_spec.version}")
+        # Another release's canary (the nightly run's, a person's) goes first: wait for it to
+        # end, then judge against the champion it leaves.
+        wait_for_turn(
+            gw,
+            s.canary_turn_timeout_s,
+            on_wait=lambda live: log.info(
+                "stage=canary version=%s waiting for the trial in force to end",
+                cand_spec.version,
+            ),
+        )
+        champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+        champ_spec = version_spec(reg, s, champion) if champion is not None else None
+        trialled = reg.get_by_alias(s.model_name, ALIAS_CANDIDATE)
+        if trialled is None or trialled.version != candidate.version:
+            # A later run registered a newer candidate meanwhile: the alias names the version
+            # on trial (a registry-backed gateway serves no other).
+            reg.set_alias(s.model_name, ALIAS_CANDIDATE, candidate.version)
         result = run_canary(
             gw,
             model=s.model_name,

@@ -72,6 +72,10 @@ class FakeRegistry:
         version = self.aliases.get(alias)
         return None if version is None else SimpleNamespace(name=name, version=version, tags={})
 
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.aliases[alias] = version
+        self.log.append(f"{alias} {version}")
+
     def _move(self, name: str, what: str, target: dict[str, str | None]) -> SimpleNamespace:
         if self.fail:
             raise RegistryError("tracking server unreachable")
@@ -88,6 +92,8 @@ class FakeRegistry:
         target: dict[str, str | None] = {"champion": version}
         if "champion" in self.aliases:
             target["previous"] = self.aliases["champion"]
+        if self.aliases.get("candidate") == version:
+            target["candidate"] = None
         return self._move(name, f"promote {version}", target)
 
     def rollback_to_previous(self, name: str) -> SimpleNamespace:

@@ -43,7 +43,7 @@ def test_a_promotion_moves_the_registry_before_the_gateway(
     # A registry-backed gateway (Kubernetes) takes only the versions the aliases name: the
     # promoted deployment must find the aliases already moved.
     gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
-    reg = FakeRegistry({"champion": "1"})
+    reg = FakeRegistry({"champion": "1", "candidate": "2"})
     _wire(monkeypatch, gateway, reg)
     champions_at_put: list[str | None] = []
     put = gateway.set_deployment
@@ -82,12 +82,13 @@ def test_a_promotion_the_gateway_refuses_is_undone_in_the_registry(
     # after one per step),
     before = Deployment(model=settings.model_name, champion=spec("1"))
     gateway = FakeGateway(before, refuse_sets={len(settings.canary_steps) + 1})
-    reg = FakeRegistry({"champion": "1"})
+    reg = FakeRegistry({"champion": "1", "candidate": "2"})
     _wire(monkeypatch, gateway, reg)
     with pytest.raises(GatewayError, match="refused"):
         tc.canary_release.fn(_candidate("2"), ROWS, LABELS)
     # then the alias move is undone, and the gateway serves the pre-canary deployment.
-    assert reg.log == ["promote 2", "undo"] and reg.aliases == {"champion": "1"}
+    assert reg.log == ["promote 2", "undo"]
+    assert reg.aliases == {"champion": "1", "candidate": "2"}
     assert gateway.current == before and gateway.sets[-1] == before
 
 
@@ -97,7 +98,7 @@ def test_a_failed_restore_or_undo_after_a_failed_promotion_rides_along_on_the_er
 ) -> None:
     # trial, promotion refused, then the restore refused too (or the registry's undo fails)
     gateway = FakeGateway(None, refuse_sets={2, 3} if fails == "restore" else {2})
-    reg = FakeRegistry({}, fail_undo=fails == "undo")
+    reg = FakeRegistry({"candidate": "1"}, fail_undo=fails == "undo")
     _wire(monkeypatch, gateway, reg)
     with pytest.raises(GatewayError, match="refused") as info:
         tc.canary_release.fn(_candidate("1"), ROWS, LABELS)
@@ -105,7 +106,62 @@ def test_a_failed_restore_or_undo_after_a_failed_promotion_rides_along_on_the_er
     if fails == "restore":
         assert gateway.sets[-1] == Deployment(model=settings.model_name), "the restore was tried"
         assert any("restoring the pre-canary deployment failed" in n for n in notes), notes
-        assert reg.aliases == {}
+        assert reg.aliases == {"candidate": "1"}
     else:
         assert any("undoing the alias move failed" in n for n in notes), notes
         assert gateway.current == Deployment(model=settings.model_name)
+
+
+def test_the_candidate_alias_names_the_version_on_trial(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a run whose candidate (2) waited for its turn while a later run registered 3,
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
+    reg = FakeRegistry({"champion": "1", "candidate": "3"})
+    _wire(monkeypatch, gateway, reg)
+    candidates_at_put: list[str | None] = []
+    put = gateway.set_deployment
+
+    def watching(dep: Deployment) -> Deployment:
+        candidates_at_put.append(reg.aliases.get("candidate"))
+        return put(dep)
+
+    monkeypatch.setattr(gateway, "set_deployment", watching)
+    tc.canary_release.fn(_candidate("2"), ROWS, LABELS)
+    # then the alias named 2 before the first trial deployment went out.
+    assert reg.log[0] == "candidate 2" and candidates_at_put[0] == "2"
+
+
+def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champion_it_leaves(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the nightly run's canary of 3 in force (leased), while this run's candidate is 4,
+    import time
+
+    other = Deployment(
+        model=settings.model_name,
+        champion=spec("1"),
+        canary=spec("3"),
+        canary_weight=50,
+        lease_expires_at=time.time() + 600,
+    )
+    gateway = FakeGateway(other)
+    reg = FakeRegistry({"champion": "1", "candidate": "3"})
+    _wire(monkeypatch, gateway, reg)
+    reads = 0
+    read = gateway.get_deployment
+
+    def the_other_canary_ends(*_: object) -> Deployment | None:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # it promotes 3 and ends, after one look of ours
+            reg.aliases = {"champion": "3", "previous": "1"}
+            gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
+        return read()
+
+    monkeypatch.setattr(gateway, "get_deployment", the_other_canary_ends)
+    outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
+    # then nothing was sent over its trial, and 4 was judged against 3, the new champion.
+    assert gateway.sets[0].champion == spec("3") and gateway.sets[0].canary == spec("4")
+    assert outcome.champion == "3" and outcome.decision == "promote"
+    assert reg.log[0] == "candidate 4"  # the alias moved only once the turn came

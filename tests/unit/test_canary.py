@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from ballast.canary import CanaryResult, LoadFn, StepRecord, run_canary
+from ballast.canary import (
+    CanaryResult,
+    CanaryTurnTimeout,
+    LoadFn,
+    StepRecord,
+    run_canary,
+    wait_for_turn,
+)
 from ballast.errors import GatewayError
 from ballast.judge import Observation, ThresholdJudge
 from ballast.serving import Deployment, VersionSpec
@@ -503,4 +510,67 @@ def test_a_restore_is_sent_even_when_a_lagging_replica_already_shows_it() -> Non
         canary(admin, SyntheticLoad(raise_on_call=1), lease_s=0.3)
 
     assert admin.history[-1] == CHAMPION_ONLY, admin.history
+    assert admin.current == CHAMPION_ONLY
+
+
+# -- taking turns with another release's canary ----------------------------------------------
+
+
+class TrialEndsAfter(FakeAdmin):
+    """The gateway shows another release's leased trial for ``reads`` reads, then its end."""
+
+    def __init__(self, reads: int, *, after: Deployment | None = CHAMPION_ONLY) -> None:
+        other = Deployment(
+            model=MODEL,
+            champion=CHAMPION,
+            canary=spec("7"),
+            canary_weight=25,
+            lease_expires_at=time.time() + 600,
+        )
+        super().__init__(other)
+        self.reads, self.after = reads, after
+
+    def get_deployment(self) -> Deployment | None:
+        self.reads -= 1
+        if self.reads < 0:
+            self.current = self.after
+        return self.current
+
+
+def test_a_canary_waits_for_the_trial_in_force_to_end_then_goes_on() -> None:
+    admin = TrialEndsAfter(3)
+    waits: list[Deployment] = []
+    live = wait_for_turn(admin, 10.0, poll_s=0.01, on_wait=waits.append)
+    assert live == CHAMPION_ONLY and admin.history == []  # nothing sent while waiting
+    assert len(waits) == 1 and waits[0].canary == spec("7")  # said once that it waits
+
+
+def test_a_canary_that_waits_too_long_gives_up_having_sent_nothing() -> None:
+    admin = TrialEndsAfter(10_000)
+    with pytest.raises(CanaryTurnTimeout, match="sent nothing") as info:
+        wait_for_turn(admin, 0.2, poll_s=0.01)
+    assert info.value.stage == "canary" and admin.history == []
+
+
+def test_an_operators_trial_without_a_lease_is_waited_for_too() -> None:
+    manual = Deployment(model=MODEL, champion=CHAMPION, canary=spec("7"), canary_weight=50)
+    with pytest.raises(CanaryTurnTimeout):
+        wait_for_turn(FakeAdmin(manual), 0.05, poll_s=0.01)
+
+
+def test_a_dead_controllers_trial_is_over_and_never_restored() -> None:
+    # Its lease ran out (the gateway drops it at its next check): no wait, and a canary that
+    # then fails restores the champion alone, not the dead trial (the gateway would refuse
+    # its passed lease, and the restore with it).
+    dead = Deployment(
+        model=MODEL,
+        champion=CHAMPION,
+        canary=spec("7"),
+        canary_weight=25,
+        lease_expires_at=time.time() - 1,
+    )
+    assert wait_for_turn(FakeAdmin(dead), 0.05, poll_s=0.01) == CHAMPION_ONLY
+    admin = FakeAdmin(dead)
+    with pytest.raises(RuntimeError, match="crashed"):
+        canary(admin, SyntheticLoad(raise_on_call=2))
     assert admin.current == CHAMPION_ONLY
