@@ -153,35 +153,14 @@ def test_a_gateway_follows_the_registry_on_the_server(
     canary weight tag decide what a gateway serves, after the manifest verified."""
     from starlette.testclient import TestClient
 
-    from ballast.hashing import sha256_file
     from infra.gateway.app import GatewayConfig, create_app
     from infra.gateway.registry_source import TAG_CANARY_WEIGHT, RegistryDesiredState
-    from infra.gateway.testing import build_mlp_onnx
 
     url, _ = server
     reg = Registry(url, tmp_path / "unused")
     key = tmp_path / "signing.pem"
     model = "gateway-model"
-    for seed in (1, 2):
-        d = tmp_path / f"onnx-{seed}"
-        onnx = build_mlp_onnx(d / "model.onnx", seed=seed)
-        sign_manifest(
-            build_manifest(
-                d,
-                model_name=model,
-                dataset_sha256="cd" * 32,
-                backend="onnxruntime",
-                precision="fp32",
-            ),
-            key,
-        ).write(d)
-        reg.register_version(
-            model,
-            artifact_dir=d,
-            params={},
-            metrics={},
-            tags={"ballast.artifact": onnx.name, "ballast.artifact_sha256": sha256_file(onnx)},
-        )
+    _register_mlps(reg, model, key, tmp_path)
     reg.set_alias(model, CHAMPION, "1")
     reg.set_alias(model, CANDIDATE, "2")
     reg.set_tags(model, "2", {TAG_CANARY_WEIGHT: "30"})

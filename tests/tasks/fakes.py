@@ -29,6 +29,13 @@ class FakeGateway:
         self.current = current
         self.sets: list[Deployment] = []
         self._refuse = refuse_sets or set()
+        self._watched: FakeRegistry | None = None
+        # The watched registry's aliases as each PUT arrived (see watch).
+        self.aliases_at_put: list[dict[str, str]] = []
+
+    def watch(self, registry: FakeRegistry) -> None:
+        """Record ``registry``'s aliases at every PUT (to check what moved first)."""
+        self._watched = registry
 
     def __call__(self, *args: Any, **kwargs: Any) -> FakeGateway:
         return self
@@ -46,6 +53,8 @@ class FakeGateway:
         return self.current
 
     def set_deployment(self, dep: Deployment) -> Deployment:
+        if self._watched is not None:
+            self.aliases_at_put.append(dict(self._watched.aliases))
         self.sets.append(dep)
         if len(self.sets) in self._refuse:
             raise GatewayError("fake gateway refused the change")

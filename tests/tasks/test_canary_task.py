@@ -45,18 +45,12 @@ def test_a_promotion_moves_the_registry_before_the_gateway(
     gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
     reg = FakeRegistry({"champion": "1", "candidate": "2"})
     _wire(monkeypatch, gateway, reg)
-    champions_at_put: list[str | None] = []
-    put = gateway.set_deployment
-
-    def watching(dep: Deployment) -> Deployment:
-        champions_at_put.append(reg.aliases.get("champion"))
-        return put(dep)
-
-    monkeypatch.setattr(gateway, "set_deployment", watching)
+    gateway.watch(reg)
     outcome = tc.canary_release.fn(_candidate("2"), ROWS, LABELS)
     assert outcome.decision == "promote"
     assert gateway.current == Deployment(model=settings.model_name, champion=spec("2"))
-    assert champions_at_put[-1] == "2" and set(champions_at_put[:-1]) == {"1"}
+    champions = [a.get("champion") for a in gateway.aliases_at_put]
+    assert champions[-1] == "2" and set(champions[:-1]) == {"1"}
     assert reg.aliases == {"champion": "2", "previous": "1"} and reg.log == ["promote 2"]
 
 
@@ -119,17 +113,10 @@ def test_the_candidate_alias_names_the_version_on_trial(
     gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
     reg = FakeRegistry({"champion": "1", "candidate": "3"})
     _wire(monkeypatch, gateway, reg)
-    candidates_at_put: list[str | None] = []
-    put = gateway.set_deployment
-
-    def watching(dep: Deployment) -> Deployment:
-        candidates_at_put.append(reg.aliases.get("candidate"))
-        return put(dep)
-
-    monkeypatch.setattr(gateway, "set_deployment", watching)
+    gateway.watch(reg)
     tc.canary_release.fn(_candidate("2"), ROWS, LABELS)
     # then the alias named 2 before the first trial deployment went out.
-    assert reg.log[0] == "candidate 2" and candidates_at_put[0] == "2"
+    assert reg.log[0] == "candidate 2" and gateway.aliases_at_put[0]["candidate"] == "2"
 
 
 def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champion_it_leaves(

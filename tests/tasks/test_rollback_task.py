@@ -103,16 +103,9 @@ def test_a_rollback_moves_the_registry_before_the_gateway(
     gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("3")))
     reg = FakeRegistry({"champion": "3", "previous": "2"})
     _wire(monkeypatch, gateway, reg)
-    champions_at_put: list[str | None] = []
-    put = gateway.set_deployment
-
-    def watching(dep: Deployment) -> Deployment:
-        champions_at_put.append(reg.aliases.get("champion"))
-        return put(dep)
-
-    monkeypatch.setattr(gateway, "set_deployment", watching)
+    gateway.watch(reg)
     assert tr.rollback_to_previous.fn() == "2"
-    assert champions_at_put == ["2"] and reg.log == ["rollback"]
+    assert [a["champion"] for a in gateway.aliases_at_put] == ["2"] and reg.log == ["rollback"]
 
 
 def test_a_failed_registry_move_leaves_the_gateway_untouched(
