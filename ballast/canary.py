@@ -204,6 +204,29 @@ class _Lease:
             self._current = dep if dep.has_trial() and self._seconds else None
             return self._send(dep)
 
+    def promote(
+        self, dep: Deployment, promotion: Callable[[], AbstractContextManager[object]]
+    ) -> Deployment:
+        """Send the promoted ``dep`` inside ``promotion`` (which moves the registry's aliases
+        and undoes that if the block raises), with renewals held off throughout.
+
+        A registry-backed gateway starts serving ``dep`` as soon as its replicas see the moved
+        aliases, before this PUT: so ``dep`` counts as this canary's from the moment the
+        aliases may move, and no renewal may send the trial back in between.
+        """
+        with self._lock:
+            self._expire_if_due()
+            if self._lost is not None:
+                raise self._lost.with_traceback(None)
+            if self._sent:
+                self._verify_ours()  # before the aliases move: someone else's change stands
+            self._current = None  # the trial ends here: nothing renews it any more
+            plain = _plain(dep)
+            if plain not in self._sent:  # replicas may serve it once any alias has moved
+                self._sent.append(plain)
+            with promotion():
+                return self._send(dep)
+
     def _send(self, dep: Deployment) -> Deployment:
         plain = _plain(dep)
         if plain not in self._sent:
@@ -865,8 +888,7 @@ def run_canary(
                 # Champion alone at 100 % (or nothing served, on a first release).
                 final = Deployment(model=model, champion=champion)
             if decision == "promote" and promote is not None:
-                with promote():
-                    applied = admin.set_deployment(final)
+                applied = lease.promote(final, promote)
             else:
                 applied = admin.set_deployment(final)
     finally:

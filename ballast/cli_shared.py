@@ -15,7 +15,8 @@ err = Console(stderr=True)
 
 def report(exc: BallastError) -> None:
     """Print a typed error as one line naming its stage."""
-    err.print(f"[bold red]error[/] stage={exc.stage}: {exc.message}")
+    # soft_wrap: one line however long, also in a log file (rich wraps at 80 columns there).
+    err.print(f"[bold red]error[/] stage={exc.stage}: {exc.message}", soft_wrap=True)
 
 
 def fail(exc: BallastError) -> NoReturn:

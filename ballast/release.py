@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,11 @@ TAG_FLOW_RUN = "ballast.flow_run_id"
 TAG_APPROVAL = "ballast.approval"
 TAG_CONTENT_KEY = "ballast.content_key"
 TAG_CODE = "ballast.code"
+# A registry-backed gateway's traffic shares and trial lease (infra/gateway/registry_source.py).
+TAG_CANARY_WEIGHT = "ballast.canary_weight"
+TAG_SHADOW_FRACTION = "ballast.shadow_fraction"
+TAG_LEASE = "ballast.lease_expires_at"
+NO_LEASE = "none"
 
 # One alias vocabulary, defined with the decisions that move them.
 ALIAS_CHAMPION = CHAMPION
@@ -120,3 +127,16 @@ def decision_markdown(
     if extra:
         out += [extra.rstrip(), ""]
     return "\n".join(out)
+
+
+def holds_trial(tags: Mapping[str, str], now: float) -> bool:
+    """Whether a version with these tags takes canary traffic on a registry-backed gateway when
+    the ``candidate`` alias names it: a weight above 0 and a lease that has not run out (or no
+    lease). Unreadable tags count as no trial, as the gateway refuses them too."""
+    try:
+        weight = int(tags.get(TAG_CANARY_WEIGHT, "0"))
+        lease = tags.get(TAG_LEASE, NO_LEASE)
+        expires = math.inf if lease in (NO_LEASE, "") else float(lease)
+    except ValueError:
+        return False
+    return weight > 0 and now < expires

@@ -42,6 +42,11 @@ def _default_signing_key() -> Path:
 # BALLAST_* variables that other parts read, not these settings: the audit log's actor, the
 # flow-run working directory set by the stack launcher, and its Prefect database URL.
 OTHER_ENV = frozenset({"BALLAST_ACTOR", "BALLAST_HOME", "BALLAST_STACK_PREFECT_DB"})
+# What Kubernetes puts in a pod's environment for a Service named ballast-* (service links;
+# infra/k8s turns them off, other manifests may not): not settings, and not misspellings.
+_SERVICE_LINK = re.compile(
+    r"^BALLAST_\w+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$"
+)
 
 
 class Settings(BaseSettings):
@@ -182,7 +187,11 @@ class Settings(BaseSettings):
         # BALLAST_CANARY_STEPS). Names are matched as pydantic-settings does, ignoring case.
         known = {f"BALLAST_{name.upper()}" for name in type(self).model_fields} | OTHER_ENV
         unknown = sorted(
-            k for k in os.environ if k.upper().startswith("BALLAST_") and k.upper() not in known
+            k
+            for k in os.environ
+            if k.upper().startswith("BALLAST_")
+            and k.upper() not in known
+            and not _SERVICE_LINK.match(k.upper())
         )
         if unknown:
             named = []
@@ -319,7 +328,8 @@ def get_settings() -> Settings:
     except ValidationError as exc:
         problems = []
         for e in exc.errors(include_input=False, include_url=False):
-            where = "BALLAST_" + "_".join(str(p) for p in e["loc"]).upper() if e["loc"] else ""
+            # The variable only: a list item's index is not part of its name.
+            where = f"BALLAST_{str(e['loc'][0]).upper()}" if e["loc"] else ""
             msg = str(e["msg"]).removeprefix("Value error, ")
             problems.append(f"{where}: {msg}" if where else msg)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -38,10 +38,13 @@ from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
+    NO_LEASE,
     TAG_ARTIFACT,
     TAG_ARTIFACT_SHA,
     TAG_BACKEND,
+    TAG_CANARY_WEIGHT,
     TAG_FAULT,
+    TAG_LEASE,
 )
 from ballast.serving import VersionSpec
 from ballast.settings import Settings, get_settings
@@ -173,7 +176,12 @@ def canary_release(
         trialled = reg.get_by_alias(s.model_name, ALIAS_CANDIDATE)
         if trialled is None or trialled.version != candidate.version:
             # A later run registered a newer candidate meanwhile: the alias names the version
-            # on trial (a registry-backed gateway serves no other).
+            # on trial (a registry-backed gateway serves no other). Any traffic share left on
+            # this version by an earlier trial goes first, so pointing the alias here does not
+            # bring that trial back before the canary's first step.
+            reg.set_tags(
+                s.model_name, candidate.version, {TAG_CANARY_WEIGHT: "0", TAG_LEASE: NO_LEASE}
+            )
             reg.set_alias(s.model_name, ALIAS_CANDIDATE, candidate.version)
         result = run_canary(
             gw,

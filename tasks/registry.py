@@ -9,6 +9,7 @@ second version of the same release.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from ballast.release import (
     TAG_VALIDATION_ARTIFACT,
     TAG_VERDICT,
     content_key,
+    holds_trial,
 )
 from ballast.serving import Fault
 from ballast.settings import get_settings
@@ -174,7 +176,11 @@ def _finish_registration(
         )
         reg.set_approval(model, version, approval)
     if _undecided(info, approval) and ALIAS_CANDIDATE not in info.aliases:
-        reg.set_alias(model, ALIAS_CANDIDATE, version)
+        current = reg.get_by_alias(model, ALIAS_CANDIDATE)
+        if current is None or not holds_trial(current.tags, time.time()):
+            reg.set_alias(model, ALIAS_CANDIDATE, version)
+        # else another run's canary holds the alias (a registry-backed gateway would drop its
+        # trial at once); this version's canary points it here when its turn comes.
     if not _register_recorded(audit_log, model, info):
         if tags is None:  # the tags it was registered with (the approval record came after)
             tags = {

@@ -283,7 +283,7 @@ class Gateway:
         self.desired: Deployment | None = None
         self.desired_known = self.source is None
         self.sync_error: str | None = None
-        self._refused: tuple[str, float] | None = None  # (fingerprint, retry after)
+        self._refused: tuple[str, float] | None = None  # (refused deployment JSON, retry after)
         self.disagreements: deque[dict[str, Any]] = deque(maxlen=self.config.shadow_log_size)
         # (seq, version, role, ok, latency_s) of recent answers, oldest first, seq contiguous.
         self._observed: deque[tuple[int, str, str, bool, float]] = deque(
@@ -706,13 +706,15 @@ class Gateway:
                 self.sync_error = None
                 return
             now = time.monotonic()
-            if self._refused is not None and self._refused[0] == want and now < self._refused[1]:
+            # Remembered with its paths: the same versions at a corrected path are worth a try.
+            exact = None if desired is None else desired.model_dump_json()
+            if self._refused is not None and self._refused[0] == exact and now < self._refused[1]:
                 return
             started = time.perf_counter()
             try:
                 await self._apply_locked(desired)
             except DeploymentRefusedError as exc:
-                self._refused = (str(want), now + self.config.refused_retry_s)
+                self._refused = (str(exact), now + self.config.refused_retry_s)
                 self.sync_error = exc.message
                 self.metrics.deployments.labels(desired.model if desired else "", "refused").inc()
                 self._log("sync.refused", reason=exc.message, fingerprint=want)

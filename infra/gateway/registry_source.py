@@ -44,10 +44,14 @@ from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
+    NO_LEASE,
     TAG_ARTIFACT,
     TAG_ARTIFACT_SHA,
     TAG_BACKEND,
+    TAG_CANARY_WEIGHT,
     TAG_FAULT,
+    TAG_LEASE,
+    TAG_SHADOW_FRACTION,
 )
 from ballast.serving import Deployment, VersionSpec
 from infra.gateway.desired import DesiredStateError
@@ -66,10 +70,7 @@ __all__ = [
 ]
 
 ALIAS_SHADOW = "shadow"
-TAG_CANARY_WEIGHT = "ballast.canary_weight"
-TAG_SHADOW_FRACTION = "ballast.shadow_fraction"
-TAG_LEASE = "ballast.lease_expires_at"
-_NO_LEASE = "none"
+_NO_LEASE = NO_LEASE
 
 
 class RegistryFacade(Protocol):

@@ -287,3 +287,56 @@ def test_the_training_job_runs_the_torchrun_command_the_launcher_builds_on_a_sha
     assert mounts[volume] == str(state)
     pvc = find("PersistentVolumeClaim", claim_of[volume])
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def _pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    specs = [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for _, d in manifests()
+        if d["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet")
+    ]
+    job = base_job_template()["job_configuration"]["job_manifest"]
+    specs.append(("base job template", job["spec"]["template"]["spec"]))
+    return specs
+
+
+def _service_link_variables() -> dict[str, str]:
+    """What Kubernetes would put in every pod's environment for this namespace's Services."""
+    env: dict[str, str] = {}
+    for _, doc in manifests():
+        if doc["kind"] != "Service":
+            continue
+        name = doc["metadata"]["name"].upper().replace("-", "_")
+        for port in doc["spec"].get("ports", []):
+            n, proto = port["port"], port.get("protocol", "TCP")
+            env[f"{name}_SERVICE_HOST"] = "10.0.0.1"
+            env[f"{name}_SERVICE_PORT"] = str(n)
+            if "name" in port:
+                env[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(n)
+            env[f"{name}_PORT"] = f"{proto.lower()}://10.0.0.1:{n}"
+            for suffix, value in (("", ""), ("_PROTO", proto.lower()), ("_PORT", str(n))):
+                env[f"{name}_PORT_{n}_{proto}{suffix}"] = value or f"tcp://10.0.0.1:{n}"
+            env[f"{name}_PORT_{n}_{proto}_ADDR"] = "10.0.0.1"
+    return env
+
+
+def test_no_pod_gets_service_variables_and_settings_would_tolerate_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Services named ballast-* would give every pod BALLAST_GATEWAY_PORT=tcp://... (clashing
+    # with the setting) and BALLAST_MLFLOW_SERVICE_HOST and the like (unknown to the settings).
+    for where, spec in _pod_specs():
+        assert spec.get("enableServiceLinks") is False, where
+    from ballast.settings import Settings, get_settings
+
+    links = _service_link_variables()
+    assert "BALLAST_MLFLOW_SERVICE_HOST" in links  # the check below checks something
+    settings = {f"BALLAST_{f.upper()}" for f in Settings.model_fields}
+    for name, value in links.items():
+        if name not in settings:  # a setting's own name is kept out by enableServiceLinks
+            monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().model_name
+    finally:
+        get_settings.cache_clear()

@@ -76,10 +76,14 @@ class FakeRegistry:
         self.fail = fail
         self.fail_undo = fail_undo
         self.log: list[str] = []
+        self.tags: dict[str, dict[str, str]] = {}
 
     def get_by_alias(self, name: str, alias: str) -> Any:
         version = self.aliases.get(alias)
         return None if version is None else SimpleNamespace(name=name, version=version, tags={})
+
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        self.tags.setdefault(version, {}).update(tags)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.aliases[alias] = version

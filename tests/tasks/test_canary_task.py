@@ -117,6 +117,8 @@ def test_the_candidate_alias_names_the_version_on_trial(
     tc.canary_release.fn(_candidate("2"), ROWS, LABELS)
     # then the alias named 2 before the first trial deployment went out.
     assert reg.log[0] == "candidate 2" and gateway.aliases_at_put[0]["candidate"] == "2"
+    # and a traffic share an earlier trial left on 2 was cleared first (not brought back).
+    assert reg.tags["2"] == {"ballast.canary_weight": "0", "ballast.lease_expires_at": "none"}
 
 
 def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champion_it_leaves(

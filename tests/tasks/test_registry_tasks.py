@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -348,3 +349,41 @@ def test_a_failed_registry_write_leaves_the_decision_audited_and_the_status_pend
     monkeypatch.undo()
     record_ = Registry(s.tracking_uri, s.artifact_root).get_approval(s.model_name, info.version)
     assert record_ is not None and record_.status == "pending"
+
+
+@pytest.mark.parametrize(
+    ("tags", "moves"),
+    [
+        ({"ballast.canary_weight": "25", "ballast.lease_expires_at": "none"}, False),
+        ({"ballast.canary_weight": "25"}, False),  # leased in an hour: still on trial
+        ({"ballast.canary_weight": "25", "ballast.lease_expires_at": "1.0"}, True),  # ran out
+        ({"ballast.canary_weight": "0"}, True),  # its trial ended
+    ],
+)
+def test_a_new_version_leaves_the_candidate_alias_to_a_version_on_trial(
+    built: dict[str, Any],
+    settings: Settings,
+    tmp_path: Path,
+    tags: dict[str, str],
+    moves: bool,
+) -> None:
+    # On a registry-backed gateway the canary follows the candidate alias: a registration that
+    # moved it would end another run's trial at once.
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    on_trial = _register(built, settings, "run-a", tmp_path)
+    if "ballast.lease_expires_at" not in tags and tags["ballast.canary_weight"] != "0":
+        tags = {**tags, "ballast.lease_expires_at": repr(time.time() + 3600)}
+    reg.set_tags(settings.model_name, on_trial.version, tags)
+    newer = _register(built, settings, "run-b", tmp_path, release="retrained")
+    named = reg.get_by_alias(settings.model_name, ALIAS_CANDIDATE)
+    assert named is not None
+    assert named.version == (newer.version if moves else on_trial.version)
+
+
+def test_holds_trial_reads_the_gateways_tags() -> None:
+    from ballast.release import holds_trial
+
+    assert holds_trial({"ballast.canary_weight": "10"}, 0.0)
+    assert not holds_trial({}, 0.0)
+    assert not holds_trial({"ballast.canary_weight": "10", "ballast.lease_expires_at": "5"}, 6.0)
+    assert not holds_trial({"ballast.canary_weight": "ten"}, 0.0)

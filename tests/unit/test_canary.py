@@ -9,6 +9,8 @@ observations. The real gateway, real requests and real ONNX models are exercised
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -574,3 +576,26 @@ def test_a_dead_controllers_trial_is_over_and_never_restored() -> None:
     with pytest.raises(RuntimeError, match="crashed"):
         canary(admin, SyntheticLoad(raise_on_call=2))
     assert admin.current == CHAMPION_ONLY
+
+
+def test_a_gateway_that_follows_the_registry_serves_the_promotion_before_its_put() -> None:
+    # A registry-backed replica polls the moved aliases and serves the new champion before the
+    # controller's PUT arrives: that is the canary's own promotion, not someone else's change.
+    class FollowsRegistry(FakeAdmin):
+        moved = False
+
+        def get_deployment(self) -> Deployment | None:
+            if self.moved:
+                return Deployment(model=MODEL, champion=CANDIDATE)
+            return self.current
+
+    admin = FollowsRegistry(CHAMPION_ONLY)
+
+    @contextmanager
+    def promotion() -> Iterator[None]:
+        admin.moved = True
+        yield
+
+    result = canary(admin, SyntheticLoad(), promote=promotion, lease_s=60.0)
+    assert result.promoted, result.reasons
+    assert admin.history[-1] == Deployment(model=MODEL, champion=CANDIDATE)

@@ -31,7 +31,7 @@ def runner() -> CliRunner:
 
 def test_bad_settings_end_any_command_as_one_line_and_exit_2(settings: Settings) -> None:
     # The installed `ballast` runs ballast.cli:main, as `python -m ballast.cli` does.
-    env = {**os.environ, "BALLAST_CANARY_STEP": "5,100", "COLUMNS": "500"}  # one line, unwrapped
+    env = {**os.environ, "BALLAST_CANARY_STEP": "5,100"}
     proc = subprocess.run(
         [sys.executable, "-m", "ballast.cli", "audit", "verify"],
         env=env,
@@ -42,6 +42,7 @@ def test_bad_settings_end_any_command_as_one_line_and_exit_2(settings: Settings)
     assert proc.returncode == 2, proc.stderr
     assert "stage=config" in proc.stderr and "did you mean BALLAST_CANARY_STEPS?" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one line, not wrapped at 80 columns
 
 
 def test_help_lists_every_command(runner: CliRunner) -> None:

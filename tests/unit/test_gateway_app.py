@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -2224,3 +2225,27 @@ def test_replicas_share_the_cores_out_for_inference_threads(
     assert [entry.default_inference_threads(w) for w in (1, 2, 3)] == [2, 1, 1]
     monkeypatch.setattr(entry.os, "cpu_count", lambda: 16)
     assert [entry.default_inference_threads(w) for w in (1, 4, 8)] == [4, 4, 2]
+
+
+def test_a_refused_deployment_put_right_at_a_new_path_is_taken_by_every_replica_at_once(
+    tmp_path: Path,
+) -> None:
+    # The desired state names version 1 at a path that is gone (the artefact moved): both
+    # replicas refuse it and hold off retrying. The same version PUT at its new path is another
+    # deployment (the paths differ, the content not), so the other replica takes it at once.
+    artefact = build_mlp_onnx(tmp_path / "old" / "a.onnx", seed=1)
+    moved = tmp_path / "new" / "a.onnx"
+    moved.parent.mkdir()
+    good = spec_for(artefact, "1")
+    shutil.move(artefact, moved)
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    FileDesiredState(desired).publish(Deployment(model=MODEL, champion=good), actor="test")
+    with replica(desired, board, "r1") as r1, replica(desired, board, "r2") as r2:
+        wait_for(lambda: "artefact not found" in r2.get("/readyz").json().get("reason", ""))
+        fixed = Deployment(
+            model=MODEL, champion=good.model_copy(update={"artifact_path": str(moved)})
+        )
+        resp = put(r1, fixed)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Ballast-Replicas"] == "2/2"
+        assert r2.get("/readyz").status_code == 200

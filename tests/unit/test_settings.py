@@ -96,6 +96,11 @@ def test_bad_settings_are_one_config_error_naming_each_variable_and_never_echo_a
         assert name in msg, msg
     assert "s3cr3t" not in msg and "many" not in msg, msg
 
+    monkeypatch.setenv("BALLAST_CANARY_STEPS", '[10, "x"]')  # an item's error names the list
+    with pytest.raises(ConfigError, match=r"BALLAST_CANARY_STEPS: ") as item:
+        get_settings()
+    assert "BALLAST_CANARY_STEPS_1" not in item.value.message
+
     monkeypatch.setenv("BALLAST_CANARY_STEPS", "5,50,100")  # not JSON: pydantic-settings refuses
     with pytest.raises(ConfigError, match=r"BALLAST_CANARY_STEPS is not valid JSON"):
         get_settings()
