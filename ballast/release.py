@@ -41,6 +41,8 @@ NO_LEASE = "none"
 ALIAS_CHAMPION = CHAMPION
 ALIAS_CANDIDATE = CANDIDATE
 ALIAS_PREVIOUS = PREVIOUS
+# The version a canary's shadow phase mirrors traffic to (read by registry-backed gateways).
+ALIAS_SHADOW = "shadow"
 
 
 def content_key(

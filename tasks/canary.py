@@ -38,6 +38,7 @@ from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
+    ALIAS_SHADOW,
     NO_LEASE,
     TAG_ARTIFACT,
     TAG_ARTIFACT_SHA,
@@ -45,6 +46,7 @@ from ballast.release import (
     TAG_CANARY_WEIGHT,
     TAG_FAULT,
     TAG_LEASE,
+    TAG_SHADOW_FRACTION,
 )
 from ballast.serving import VersionSpec
 from ballast.settings import Settings, get_settings
@@ -148,6 +150,36 @@ def promotion(reg: Registry, model: str, version: str) -> Iterator[PromotionResu
         raise
 
 
+@contextmanager
+def trial_aliases(reg: Registry, model: str, version: str, *, shadow: bool) -> Iterator[None]:
+    """Point ``candidate`` (and ``shadow``, for a shadow phase) at the version on trial for
+    the block; the ``shadow`` alias is removed after it.
+
+    A registry-backed gateway serves only the versions the aliases name. A later run may have
+    registered a newer candidate while this one waited for its turn, so the alias is pointed
+    here now; any traffic share an earlier trial left on this version is cleared first, so
+    pointing the alias here never brings that trial back.
+    """
+    trialled = reg.get_by_alias(model, ALIAS_CANDIDATE)
+    if trialled is None or trialled.version != version:
+        reg.set_tags(model, version, {TAG_CANARY_WEIGHT: "0", TAG_LEASE: NO_LEASE})
+        reg.set_alias(model, ALIAS_CANDIDATE, version)
+    if not shadow:
+        yield
+        return
+    reg.set_tags(model, version, {TAG_SHADOW_FRACTION: "0"})
+    reg.set_alias(model, ALIAS_SHADOW, version)
+    try:
+        yield
+    finally:
+        try:
+            current = reg.get_by_alias(model, ALIAS_SHADOW)
+            if current is not None and current.version == version:
+                reg.delete_alias(model, ALIAS_SHADOW)
+        except Exception as exc:  # the trial's own outcome stands; a stale alias is harmless
+            logger().warning("stage=canary could not remove the shadow alias: %r", exc)
+
+
 @task(name="canary", cache_policy=NO_CACHE)
 def canary_release(
     candidate: ModelVersionInfo, rows: np.ndarray, labels: np.ndarray
@@ -173,39 +205,31 @@ def canary_release(
         )
         champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
         champ_spec = version_spec(reg, s, champion) if champion is not None else None
-        trialled = reg.get_by_alias(s.model_name, ALIAS_CANDIDATE)
-        if trialled is None or trialled.version != candidate.version:
-            # A later run registered a newer candidate meanwhile: the alias names the version
-            # on trial (a registry-backed gateway serves no other). Any traffic share left on
-            # this version by an earlier trial goes first, so pointing the alias here does not
-            # bring that trial back before the canary's first step.
-            reg.set_tags(
-                s.model_name, candidate.version, {TAG_CANARY_WEIGHT: "0", TAG_LEASE: NO_LEASE}
+        shadowing = _shadow_policy(s) is not None and champ_spec is not None
+        with trial_aliases(reg, s.model_name, candidate.version, shadow=shadowing):
+            result = run_canary(
+                gw,
+                model=s.model_name,
+                champion=champ_spec,
+                candidate=cand_spec,
+                steps=s.canary_steps,
+                judge=_judge(s),
+                load=_load(s, cand_spec.version, rows, labels),
+                min_samples=s.canary_min_samples,
+                step_max_seconds=s.canary_step_max_seconds,
+                lease_s=s.canary_lease_s or None,
+                shadow=_shadow_policy(s),
+                shadow_reader=lambda: ShadowStats.from_report(client.shadow()),
+                promote=partial(promotion, reg, s.model_name, candidate.version),
+                on_step=lambda r: log.info(
+                    "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",
+                    cand_spec.version,
+                    r.weight,
+                    r.verdict.decision,
+                    r.canary_n,
+                    r.seconds,
+                ),
             )
-            reg.set_alias(s.model_name, ALIAS_CANDIDATE, candidate.version)
-        result = run_canary(
-            gw,
-            model=s.model_name,
-            champion=champ_spec,
-            candidate=cand_spec,
-            steps=s.canary_steps,
-            judge=_judge(s),
-            load=_load(s, cand_spec.version, rows, labels),
-            min_samples=s.canary_min_samples,
-            step_max_seconds=s.canary_step_max_seconds,
-            lease_s=s.canary_lease_s or None,
-            shadow=_shadow_policy(s),
-            shadow_reader=lambda: ShadowStats.from_report(client.shadow()),
-            promote=partial(promotion, reg, s.model_name, candidate.version),
-            on_step=lambda r: log.info(
-                "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",
-                cand_spec.version,
-                r.weight,
-                r.verdict.decision,
-                r.canary_n,
-                r.seconds,
-            ),
-        )
     return CanaryOutcome(
         decision=result.decision,
         reasons=list(result.reasons),

@@ -44,6 +44,7 @@ from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
+    ALIAS_SHADOW,
     NO_LEASE,
     TAG_ARTIFACT,
     TAG_ARTIFACT_SHA,
@@ -69,7 +70,6 @@ __all__ = [
     "RegistryFacade",
 ]
 
-ALIAS_SHADOW = "shadow"
 _NO_LEASE = NO_LEASE
 
 

@@ -213,7 +213,7 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
 
     from starlette.testclient import TestClient
 
-    from ballast.canary import run_canary
+    from ballast.canary import ShadowPolicy, ShadowStats, run_canary
     from ballast.errors import GatewayError
     from ballast.judge import Observation, ThresholdJudge
     from ballast.serving import Deployment
@@ -221,7 +221,7 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
     from infra.gateway.app import GatewayConfig, create_app
     from infra.gateway.desired import ReplicaBoard
     from infra.gateway.registry_source import RegistryDesiredState
-    from tasks.canary import promotion, version_spec
+    from tasks.canary import promotion, trial_aliases, version_spec
 
     url, _ = server
     model = "k8s-model"
@@ -292,19 +292,28 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
                     out.append(Observation(version, r.status_code == 200, time.perf_counter() - t))
             return out
 
-        result = run_canary(
-            admin,
-            model=model,
-            champion=champion,  # type: ignore[arg-type]
-            candidate=candidate,  # type: ignore[arg-type]
-            steps=(50, 100),
-            judge=ThresholdJudge(min_samples=5, latency_slack_ms=1000.0),  # mechanics, not speed
-            load=load,
-            min_samples=5,
-            step_max_seconds=20,
-            promote=partial(promotion, flow_reg, model, "2"),
-        )
+        def shadow_stats() -> ShadowStats:
+            return ShadowStats.from_report(a.get("/admin/shadow", headers=auth).json())
+
+        with trial_aliases(flow_reg, model, "2", shadow=True):
+            result = run_canary(
+                admin,
+                model=model,
+                champion=champion,  # type: ignore[arg-type]
+                candidate=candidate,  # type: ignore[arg-type]
+                steps=(50, 100),
+                judge=ThresholdJudge(min_samples=5, latency_slack_ms=1000.0),  # mechanics only
+                load=load,
+                min_samples=5,
+                step_max_seconds=20,
+                # Two different MLPs: they may disagree; this checks the mechanics.
+                shadow=ShadowPolicy(seconds=1.0, max_disagreement=1.0, min_rows=5),
+                shadow_reader=shadow_stats,
+                promote=partial(promotion, flow_reg, model, "2"),
+            )
         assert result.promoted, result.reasons
+        assert result.steps[0].weight == 0 and result.steps[0].canary_n >= 5  # the shadow ran
+        assert flow_reg.get_by_alias(model, "shadow") is None
         # Every PUT was taken by both replicas, though each loaded its own copies.
         assert admin.replicas and set(admin.replicas) == {"2/2"}, admin.replicas
         assert flow_reg.get_by_alias(model, CHAMPION).version == "2"  # type: ignore[union-attr]

@@ -85,6 +85,10 @@ class FakeRegistry:
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
         self.tags.setdefault(version, {}).update(tags)
 
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.aliases.pop(alias, None)
+        self.log.append(f"{alias} deleted")
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.aliases[alias] = version
         self.log.append(f"{alias} {version}")

@@ -154,3 +154,22 @@ def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champi
     assert gateway.sets[0].champion == spec("3") and gateway.sets[0].canary == spec("4")
     assert outcome.champion == "3" and outcome.decision == "promote"
     assert reg.log[0] == "candidate 4"  # the alias moved only once the turn came
+
+
+def test_a_shadow_phase_names_its_version_shadow_for_the_trial_only(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A registry-backed gateway mirrors only to the version the shadow alias names.
+    monkeypatch.setenv("BALLAST_CANARY_SHADOW_SECONDS", "0.2")
+    from ballast.settings import get_settings
+
+    get_settings.cache_clear()
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
+    reg = FakeRegistry({"champion": "1", "candidate": "2"})
+    _wire(monkeypatch, gateway, reg)
+    gateway.watch(reg)
+    tc.canary_release.fn(_candidate("2"), ROWS, LABELS)
+    assert gateway.sets[0].shadow == spec("2")  # the shadow phase went first,
+    assert gateway.aliases_at_put[0]["shadow"] == "2"  # with the alias in place,
+    assert "shadow" not in reg.aliases and reg.log[-1] == "shadow deleted"  # removed after
+    assert reg.tags["2"]["ballast.shadow_fraction"] == "0"
