@@ -132,13 +132,15 @@ def decision_markdown(
 
 
 def holds_trial(tags: Mapping[str, str], now: float) -> bool:
-    """Whether a version with these tags takes canary traffic on a registry-backed gateway when
-    the ``candidate`` alias names it: a weight above 0 and a lease that has not run out (or no
-    lease). Unreadable tags count as no trial, as the gateway refuses them too."""
+    """Whether a version with these tags is on trial on a registry-backed gateway: canary
+    traffic (a weight above 0) or mirrored traffic in a shadow phase (a fraction above 0), and a
+    lease that has not run out (or no lease). Unreadable tags count as no trial, as the gateway
+    refuses them too."""
     try:
         weight = int(tags.get(TAG_CANARY_WEIGHT, "0"))
+        fraction = float(tags.get(TAG_SHADOW_FRACTION, "0"))
         lease = tags.get(TAG_LEASE, NO_LEASE)
         expires = math.inf if lease in (NO_LEASE, "") else float(lease)
     except ValueError:
         return False
-    return weight > 0 and now < expires
+    return (weight > 0 or fraction > 0) and now < expires

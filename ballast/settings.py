@@ -204,6 +204,16 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("gateway_port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, v: object) -> object:
+        if isinstance(v, str) and "://" in v:
+            raise ValueError(
+                f"{v!r} is a Kubernetes service link (a Service named ballast-gateway), not a "
+                "port: set enableServiceLinks: false on the pod, or the port explicitly"
+            )
+        return v
+
     @field_validator("bench_batches")
     @classmethod
     def _bench_batches_exportable(cls, v: tuple[int, ...]) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from ballast.release import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
     ALIAS_PREVIOUS,
+    ALIAS_SHADOW,
     TAG_APPROVAL,
     TAG_ARTIFACT,
     TAG_ARTIFACT_SHA,
@@ -177,7 +178,13 @@ def _finish_registration(
         reg.set_approval(model, version, approval)
     if _undecided(info, approval) and ALIAS_CANDIDATE not in info.aliases:
         current = reg.get_by_alias(model, ALIAS_CANDIDATE)
-        if current is None or not holds_trial(current.tags, time.time()):
+        shadow = reg.get_by_alias(model, ALIAS_SHADOW)
+        on_trial = current is not None and (
+            holds_trial(current.tags, time.time())
+            # A canary with a shadow phase names its version shadow for the whole trial.
+            or (shadow is not None and shadow.version == current.version)
+        )
+        if not on_trial:
             reg.set_alias(model, ALIAS_CANDIDATE, version)
         # else another run's canary holds the alias (a registry-backed gateway would drop its
         # trial at once); this version's canary points it here when its turn comes.

@@ -7,8 +7,9 @@ alias ``champion``            the champion (no alias: nothing is served)
 alias ``candidate``           the canary, when that version carries tag ``ballast.canary_weight``
                               with an integer 1..100 (the percent of traffic it takes); absent or
                               ``0``: the candidate is not served
-alias ``shadow``              the shadow; tag ``ballast.shadow_fraction`` on it (0..1, default 0)
-                              is the share of requests mirrored to it
+alias ``shadow``              the shadow, when that version carries tag ``ballast.shadow_fraction``
+                              above 0 (up to 1: the share of requests mirrored to it); absent
+                              or ``0``: it is not served
 tag ``ballast.fault_injection``  per version, as everywhere in Ballast (demos and tests)
 tag ``ballast.lease_expires_at``  the trial's lease (``Deployment.lease_expires_at``, Unix
                               seconds; ``none`` or absent: no lease), read from the canary when
@@ -166,7 +167,10 @@ class RegistryDesiredState:
                 canary, weight = None, 0  # promoted, candidate alias not cleared yet
             fraction = _fraction(shadow)
             serving = {v.version for v in (champion, canary) if v is not None}
-            if shadow is not None and (shadow.version in serving or not serving):
+            # A shadow at 0 is no shadow, as a candidate at weight 0 is no canary: the alias may
+            # stand before and after a shadow phase, and must not load (or hold) a lease-less
+            # trial that nothing would ever end.
+            if shadow is not None and (not fraction or shadow.version in serving or not serving):
                 shadow, fraction = None, 0.0
             if champion is None and canary is None:
                 return None

@@ -387,3 +387,18 @@ def test_holds_trial_reads_the_gateways_tags() -> None:
     assert not holds_trial({}, 0.0)
     assert not holds_trial({"ballast.canary_weight": "10", "ballast.lease_expires_at": "5"}, 6.0)
     assert not holds_trial({"ballast.canary_weight": "ten"}, 0.0)
+    assert holds_trial({"ballast.shadow_fraction": "0.5"}, 0.0)  # a shadow phase is a trial
+    assert not holds_trial({"ballast.shadow_fraction": "0.0"}, 0.0)
+
+
+def test_a_new_version_leaves_the_candidate_alias_to_a_canary_named_shadow_too(
+    built: dict[str, Any], settings: Settings, tmp_path: Path
+) -> None:
+    # Between trial_aliases and the shadow phase's first PUT no share is set yet; the shadow
+    # alias naming the candidate says the trial has begun.
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    on_trial = _register(built, settings, "run-a", tmp_path)
+    reg.set_alias(settings.model_name, "shadow", on_trial.version)
+    _register(built, settings, "run-b", tmp_path, release="retrained")
+    named = reg.get_by_alias(settings.model_name, ALIAS_CANDIDATE)
+    assert named is not None and named.version == on_trial.version

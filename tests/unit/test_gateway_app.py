@@ -1775,6 +1775,23 @@ def test_a_deployments_fingerprint_and_sameness_ignore_where_the_files_are() -> 
     assert not here.same_as(None)
 
 
+def test_a_shadow_alias_at_fraction_0_serves_no_shadow(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # The alias stands before and after a canary's shadow phase: at 0 it must not load a
+    # lease-less shadow (a trial nothing would ever end, holding every later canary's turn).
+    reg, key, settled, _ = registry_with_candidate(artefacts, tmp_path)
+    reg.aliases["shadow"] = "2"
+    source = RegistryDesiredState(reg, MODEL, key)
+    for tags in ({}, {TAG_SHADOW_FRACTION: "0"}, {TAG_SHADOW_FRACTION: "0.0"}):
+        reg.set_tags(MODEL, "2", tags)
+        dep = source.read()
+        assert dep == settled and dep is not None and not dep.has_trial(), tags
+    reg.set_tags(MODEL, "2", {TAG_SHADOW_FRACTION: "0.25"})
+    dep = source.read()
+    assert dep is not None and dep.shadow is not None and dep.shadow_fraction == 0.25
+
+
 def test_registry_source_keeps_a_deployments_lease(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -104,3 +104,12 @@ def test_bad_settings_are_one_config_error_naming_each_variable_and_never_echo_a
     monkeypatch.setenv("BALLAST_CANARY_STEPS", "5,50,100")  # not JSON: pydantic-settings refuses
     with pytest.raises(ConfigError, match=r"BALLAST_CANARY_STEPS is not valid JSON"):
         get_settings()
+
+
+def test_a_kubernetes_service_link_in_the_gateway_port_is_named_as_such(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Service named ballast-gateway gives pods BALLAST_GATEWAY_PORT=tcp://IP:PORT.
+    monkeypatch.setenv("BALLAST_GATEWAY_PORT", "tcp://10.0.0.1:80")
+    with pytest.raises(ConfigError, match="Kubernetes service link"):
+        get_settings()
