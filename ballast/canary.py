@@ -354,6 +354,14 @@ class CanaryTurnTimeout(GatewayError):
     """Another trial stayed in force on the gateway longer than this canary would wait for it."""
 
 
+def _settled(dep: Deployment | None, now: float) -> Deployment | None:
+    """``dep`` as the gateway serves it once its lease checks ran: a trial whose lease ran out
+    (its controller died) is gone, the champion alone remains."""
+    if dep is not None and dep.has_trial() and dep.lease_expired(now):
+        return dep.without_trial()
+    return dep
+
+
 def trial_in_force(dep: Deployment | None, now: float) -> bool:
     """A canary or shadow is on the gateway and no lease has ended it: another release's canary
     (which renews its lease while it runs), or an operator's trial (no lease)."""
@@ -385,9 +393,7 @@ def wait_for_turn(
         live = client.get_deployment()
         now = time.time()
         if not trial_in_force(live, now):
-            if live is not None and live.has_trial():  # its lease ran out: it is over
-                return live.without_trial()
-            return live
+            return _settled(live, now)
         assert live is not None
         left = deadline - time.monotonic()
         if left <= 0:
@@ -766,15 +772,12 @@ def run_canary(
         raise ValueError("min_samples must be >= 1 and step_max_seconds > 0")
     weights = validate_steps(steps) if champion is not None else (100,)
 
-    before = client.get_deployment()
-    if before is not None and before.has_trial() and before.lease_expired(time.time()):
-        # A dead controller's trial, dropped at every replica's next lease check: never restore
-        # it (the gateway refuses a lease that has passed); what remains is the champion alone.
-        before = before.without_trial()
+    # A dead controller's trial is never restored (the gateway refuses a lease that passed).
+    before = _settled(client.get_deployment(), time.time())
     if (
         champion is not None
         and before is not None
-        and not before.same_as(before.model_copy(update={"champion": champion}))
+        and (before.champion is None or before.champion.content() != champion.content())
     ):
         logger.warning(
             "gateway champion %s differs from the canary's champion %s; canary goes on",

@@ -10,9 +10,12 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ballast.decisions import CANDIDATE, CHAMPION, PREVIOUS
+from ballast.errors import IntegrityError
+from ballast.manifest import SignedManifest, verify_manifest
 
 # Tag keys on model versions: one vocabulary for tasks, CLI and tests.
 TAG_DATASET_SHA = "ballast.dataset_sha256"
@@ -144,3 +147,34 @@ def holds_trial(tags: Mapping[str, str], now: float) -> bool:
     except ValueError:
         return False
     return (weight > 0 or fraction > 0) and now < expires
+
+
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """The file a registered version serves, once its signed manifest verified."""
+
+    path: str
+    sha256: str
+    backend: str
+
+
+def verify_version(
+    local: Path, tags: Mapping[str, str], version: str, trusted_key: Path
+) -> VerifiedArtifact:
+    """Verify the signed manifest of a version's files in ``local`` against ``trusted_key``; the
+    artefact named by tag ``ballast.artifact`` must be in it with the sha256 of tag
+    ``ballast.artifact_sha256``. :class:`IntegrityError` (or the manifest's own) otherwise.
+
+    Shared by the release flow (before it deploys a version) and a registry-backed gateway
+    (before a replica loads one)."""
+    manifest = verify_manifest(SignedManifest.read(local), trusted_key, local)
+    artifact = tags.get(TAG_ARTIFACT, "")
+    entry = next((f for f in manifest.files if f.path == artifact), None)
+    if entry is None or entry.sha256 != tags.get(TAG_ARTIFACT_SHA):
+        raise IntegrityError(
+            f"version {version}: artefact {artifact!r} is not in its signed manifest with the "
+            "tagged sha256"
+        )
+    return VerifiedArtifact(
+        str(local / artifact), entry.sha256, tags.get(TAG_BACKEND, "onnxruntime")
+    )

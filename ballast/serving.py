@@ -34,6 +34,10 @@ class VersionSpec(BaseModel):
     # ("bad-weights" is baked into the artefact itself, so the gateway ignores it).
     fault: Fault | None = None
 
+    def content(self) -> VersionSpec:
+        """This spec with its path replaced by its content address (``sha256:<hex>``)."""
+        return self.model_copy(update={"artifact_path": f"sha256:{self.sha256}"})
+
 
 class Deployment(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -95,17 +99,14 @@ class Deployment(BaseModel):
         not share a disk with each other or with the release flow), so two of them serving the
         same thing name different paths; compare and fingerprint this form, not the paths.
         """
-
-        def located(spec: VersionSpec | None) -> VersionSpec | None:
-            if spec is None:
-                return None
-            return spec.model_copy(update={"artifact_path": f"sha256:{spec.sha256}"})
-
         return self.model_copy(
             update={
-                "champion": located(self.champion),
-                "canary": located(self.canary),
-                "shadow": located(self.shadow),
+                role: None if spec is None else spec.content()
+                for role, spec in (
+                    ("champion", self.champion),
+                    ("canary", self.canary),
+                    ("shadow", self.shadow),
+                )
             }
         )
 

@@ -30,23 +30,19 @@ from ballast.canary import (
     run_canary,
     wait_for_turn,
 )
-from ballast.errors import IntegrityError
 from ballast.gateway_client import GatewayClient
 from ballast.gateway_process import ensure_gateway
 from ballast.judge import Judge, SequentialJudge, ThresholdJudge
-from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
     ALIAS_SHADOW,
     NO_LEASE,
-    TAG_ARTIFACT,
-    TAG_ARTIFACT_SHA,
-    TAG_BACKEND,
     TAG_CANARY_WEIGHT,
     TAG_FAULT,
     TAG_LEASE,
     TAG_SHADOW_FRACTION,
+    verify_version,
 )
 from ballast.serving import VersionSpec
 from ballast.settings import Settings, get_settings
@@ -67,18 +63,13 @@ class CanaryOutcome:
 def version_spec(reg: Registry, s: Settings, info: ModelVersionInfo) -> VersionSpec:
     """Fetch a version's artefacts and verify its signed manifest before anything serves it."""
     local = Path(reg.download(info.name, info.version))
-    manifest = verify_manifest(SignedManifest.read(local), s.signing_key_path, local)
-    artifact = info.tags.get(TAG_ARTIFACT, "")
-    entry = next((f for f in manifest.files if f.path == artifact), None)
-    if entry is None or entry.sha256 != info.tags.get(TAG_ARTIFACT_SHA):
-        raise IntegrityError(f"version {info.version}: artefact {artifact!r} not in its manifest")
-    fault = info.tags.get(TAG_FAULT) or None
+    verified = verify_version(local, info.tags, info.version, s.signing_key_path)
     return VersionSpec(
         version=info.version,
-        artifact_path=str(local / artifact),
-        sha256=entry.sha256,
-        backend=info.tags.get(TAG_BACKEND, "onnxruntime"),
-        fault=fault,
+        artifact_path=verified.path,
+        sha256=verified.sha256,
+        backend=verified.backend,
+        fault=info.tags.get(TAG_FAULT) or None,
     )
 
 

@@ -36,24 +36,21 @@ drops it first records the champion alone here: weight ``0``, lease ``none``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ballast.errors import BallastError
-from ballast.manifest import SignedManifest, verify_manifest
 from ballast.release import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
     ALIAS_SHADOW,
     NO_LEASE,
-    TAG_ARTIFACT,
-    TAG_ARTIFACT_SHA,
-    TAG_BACKEND,
     TAG_CANARY_WEIGHT,
     TAG_FAULT,
     TAG_LEASE,
     TAG_SHADOW_FRACTION,
+    VerifiedArtifact,
+    verify_version,
 )
 from ballast.serving import Deployment, VersionSpec
 from infra.gateway.desired import DesiredStateError
@@ -86,13 +83,6 @@ class RegistryFacade(Protocol):
     def set_tags(self, name: str, version: str | int, tags: dict[str, str]) -> None: ...
 
 
-@dataclass(frozen=True)
-class _Verified:
-    artifact_path: str
-    sha256: str
-    backend: str
-
-
 class RegistryDesiredState:
     """Desired state of one model from registry aliases and tags (scheme in the module doc)."""
 
@@ -112,7 +102,7 @@ class RegistryDesiredState:
         self.poll_interval_s = poll_interval_s
         # Registered versions are immutable: verify each once (the gateway re-hashes the
         # artefact itself before it loads it).
-        self._verified: dict[str, _Verified] = {}
+        self._verified: dict[str, VerifiedArtifact] = {}
 
     @classmethod
     def from_settings(cls, s: Settings, *, poll_interval_s: float = 1.0) -> RegistryDesiredState:
@@ -132,23 +122,16 @@ class RegistryDesiredState:
         cached = self._verified.get(info.version)
         if cached is None:
             local = Path(self.registry.download(info.name, info.version))
-            manifest = verify_manifest(SignedManifest.read(local), self.trusted_key, local)
-            artifact = info.tags.get(TAG_ARTIFACT, "")
-            entry = next((f for f in manifest.files if f.path == artifact), None)
-            if entry is None or entry.sha256 != info.tags.get(TAG_ARTIFACT_SHA):
-                raise DesiredStateError(
-                    f"{info.name} version {info.version}: artefact {artifact!r} is not in its "
-                    "signed manifest with the tagged sha256"
-                )
-            cached = _Verified(
-                str(local / artifact), entry.sha256, info.tags.get(TAG_BACKEND, "onnxruntime")
-            )
+            try:
+                cached = verify_version(local, info.tags, info.version, self.trusted_key)
+            except BallastError as exc:
+                raise DesiredStateError(f"{info.name} {exc.message}") from exc
             self._verified[info.version] = cached
         fault = info.tags.get(TAG_FAULT) or None
         try:
             return VersionSpec(
                 version=info.version,
-                artifact_path=cached.artifact_path,
+                artifact_path=cached.path,
                 sha256=cached.sha256,
                 backend=cached.backend,
                 fault=fault,
