@@ -535,7 +535,7 @@ def live_traffic(
     """A :data:`LoadFn` that sends nothing: it reads what real clients got from every replica
     (``GET /admin/observations``) since the last look.
 
-    Each poll opens a new connection, so with several replicas on one socket the kernel spreads
+    Each poll opens a new connection, so with several replicas on one port the kernel spreads
     the polls and every replica is read in turn; each keeps its own cursor. A replica seen for
     the first time (or restarted) is read from that moment on. A call returns once the candidate
     answered ``min_samples`` times or ``max_seconds`` pass (1 s at weight 0, the shadow phase).

@@ -73,7 +73,7 @@ class GatewayProcess:
         """Spawn a gateway for ``settings`` and wait (at most ``timeout`` s) until /healthz answers.
 
         ``extra_args`` go to ``python -m infra.gateway`` (e.g. ``["--seed", "3"]``).
-        ``workers`` > 1 starts a supervisor with that many replica processes on one socket
+        ``workers`` > 1 starts a supervisor with that many replica processes on one port
         (``pid`` is then the supervisor's; stopping it drains every replica).
         ``exit_with_parent`` makes the gateway stop itself if this process dies without
         stopping it (tests and benchmarks); leave it off for a gateway meant to outlive its

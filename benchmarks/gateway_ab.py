@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ballast.bench.onnx_mlp import build_mlp_onnx
+from ballast.bench.paired import paired_change
 from ballast.bench.procstat import cpu_ticks, cpu_us_per_request, machine_ticks, with_children
 from ballast.bench.serving import HIDDEN, _deploy, _gateway, _lua, _wrk, predict_body
 
@@ -99,12 +100,9 @@ def _perf_by_dso(files: list[Path]) -> Counter[str]:
 
 def _paired(values: list[float], base: list[float]) -> str:
     """Median change against the first configuration, each round against the same round's
-    (neighbours in time, so the machine's slow drift cancels), with the quartiles' spread."""
-    ratios = sorted(100 * (v / b - 1) for v, b in zip(values, base, strict=True))
-    if len(ratios) < 4:
-        return f"{statistics.median(ratios):+.1f}%"
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return f"{statistics.median(ratios):+.1f}% [{q1:+.0f},{q3:+.0f}]"
+    (neighbours in time, so the machine's slow drift cancels), with the quartiles' spread and
+    the median's 95 % interval (:mod:`ballast.bench.paired`)."""
+    return paired_change(values, base).text()
 
 
 Run = tuple[str, str, int, list[float], list[float]]  # label, url, port, req/s, CPU us/req
@@ -268,21 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         batching = [_rows_per_call(url) for _, url, _, _, _ in runs]
         by_dso = {label: _perf_by_dso(files) for label, files in samples.items()}
     base_rps, base_cpu = runs[0][3], runs[0][4]
-    print(
-        f"{'configuration':24s} {'req/s':>8s} {'CPU us/req':>11s} {'req/s vs first':>15s}"
-        f" {'CPU vs first':>13s}  rows/call  req/s per round"
-    )
-    for i, ((label, _, _, rps, cpu), per_call) in enumerate(zip(runs, batching, strict=True)):
+    print(f"{'configuration':24s} {'req/s':>8s} {'CPU us/req':>11s}  rows/call  req/s per round")
+    for (label, _, _, rps, cpu), per_call in zip(runs, batching, strict=True):
         rounds = " ".join(f"{r:,.0f}" for r in rps)
         calls = " ".join(f"v{v}:{n:.1f}" for v, n in sorted(per_call.items()))
-        rel_rps = rel_cpu = ""
-        if i:
-            rel_rps = _paired(rps, base_rps)
-            rel_cpu = _paired(cpu, base_cpu)
         print(
             f"{label:24s} {statistics.median(rps):8,.0f} {statistics.median(cpu):11.1f}"
-            f" {rel_rps:>15s} {rel_cpu:>13s}  {calls:9s}  {rounds}"
+            f"  {calls:9s}  {rounds}"
         )
+    for label, _, _, rps, cpu in runs[1:]:
+        print(f"{label} vs {runs[0][0]}, per round: req/s {_paired(rps, base_rps)}")
+        print(f"{'':{len(label) + len(runs[0][0]) + 16}s}CPU/request {_paired(cpu, base_cpu)}")
     print(
         f"steal time: median {statistics.median(steal):.1f} % of the machine, max {max(steal):.1f} %"
     )

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/load_through_release.py                    # 7 phases x 5 s
     .venv/bin/python benchmarks/load_through_release.py --seconds 70 --workers 32 --json
 
-Starts a gateway process with ``--replicas`` (default 2) replica processes on one socket and
+Starts a gateway process with ``--replicas`` (default 2) replica processes on one port and
 three small ONNX versions (a 30->256->256->2 MLP each), then drives batch-1 JSON predictions
 from a separate load process (:class:`ballast.loadgen.LoadProcess`, ``--workers`` concurrent
 keep-alive connections) while the release goes through its steps, each a PUT of the

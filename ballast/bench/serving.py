@@ -11,6 +11,11 @@ client's CPU is measured and reported (``client_cpu``: cores wrk used). Rows: se
 concurrency, rps, p50_ms, p99_ms. The ceiling is the same ONNX Runtime session called
 in-process (calls/s at batch 1, samples/s at batch 64).
 
+The split's cost against one version is not read off two rows minutes apart (on a shared VM
+they differ by up to +-20 %): both gateways run side by side and ``--split-rounds`` c=64 rounds
+alternate between them; reported is the median of the per-round changes of req/s and of the
+gateway's CPU per request, with the median's 95 % interval (``split_cost`` in the JSON).
+
 PyTriton needs Python 3.12 and a venv of its own (``--pytriton-python PATH``: a venv with
 ``nvidia-pytriton``, ``onnxruntime`` and ``numpy``; the server is ``pytriton_peer.py`` beside this
 file); without it that peer is reported as not run, never guessed.
@@ -31,11 +36,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["Row", "main", "parse_wrk", "predict_body"]
+from ballast.bench.paired import PairedChange, paired_change
+from ballast.bench.procstat import cpu_ticks, cpu_us_per_request
+
+if TYPE_CHECKING:
+    from ballast.gateway_process import GatewayProcess
+
+__all__ = ["Row", "SplitCost", "main", "parse_wrk", "predict_body"]
 
 CONCURRENCY = (1, 16, 64, 64)
 HIDDEN = (256, 256)
@@ -52,6 +64,19 @@ class Row:
     errors: int = 0
     seconds: float = 0.0
     client_cpu: float = 0.0  # cores the load generator used
+
+
+@dataclass
+class SplitCost:
+    """The 90/10 split against one version at one concurrency, in paired alternating rounds:
+    per-round percent changes of req/s and of the gateway's CPU per request (all processes)."""
+
+    workers: int
+    concurrency: int
+    rounds: int
+    seconds: float
+    rps_change: PairedChange
+    cpu_change: PairedChange
 
 
 def predict_body() -> bytes:
@@ -145,6 +170,16 @@ def _measure(
 
 @contextmanager
 def _gateway(workdir: Path, workers: int, extra: list[str]) -> Iterator[tuple[str, str]]:
+    """A gateway on a free port: its URL and admin token."""
+    with _gateway_process(workdir, workers, extra) as (gw, token):
+        yield gw.url, token
+
+
+@contextmanager
+def _gateway_process(
+    workdir: Path, workers: int, extra: list[str]
+) -> Iterator[tuple[GatewayProcess, str]]:
+    """A gateway on a free port (the process, for its CPU time) and its admin token."""
     from ballast.gateway_process import GatewayProcess
     from ballast.settings import Settings
 
@@ -161,7 +196,7 @@ def _gateway(workdir: Path, workers: int, extra: list[str]) -> Iterator[tuple[st
         exit_with_parent=True,
     )
     try:
-        yield gw.url, s.admin_token()
+        yield gw, s.admin_token()
     finally:
         gw.stop()
 
@@ -362,6 +397,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default="", help="comma list: mlflow, pytriton")
     p.add_argument("--pytriton-python", default="", help="a Python 3.12 with nvidia-pytriton")
     p.add_argument("--skip-split", action="store_true", help="only the one-version gateway")
+    p.add_argument(
+        "--split-rounds",
+        type=int,
+        default=20,
+        help="alternating c=64 rounds that measure the split's cost against one version "
+        "(default 20; 0: none)",
+    )
+    p.add_argument("--split-seconds", type=float, default=3.0, help="per round (default 3)")
     p.add_argument("--gateway-args", default="", help="extra args for python -m infra.gateway")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     return p
@@ -379,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=args.json)
     notes: list[str] = []
     rows: list[Row] = []
+    costs: list[SplitCost] = []
+    split_errors = 0
     body = predict_body()
     with tempfile.TemporaryDirectory(prefix="ballast-bench-serving-") as tmp:
         workdir = Path(tmp)
@@ -389,18 +434,31 @@ def main(argv: list[str] | None = None) -> int:
                 setups = [("gateway, 1 version", False)]
                 if not args.skip_split:
                     setups.append(("gateway, 90/10 split + metrics", True))
-                for label, split in setups:
-                    name = f"{label}, {workers} worker{'s' if workers > 1 else ''}"
-                    with _gateway(workdir, workers, args.gateway_args.split()) as (url, token):
-                        _deploy(url, token, "m", path, 10 if split else None)
-                        rows += _measure(
-                            name,
-                            f"{url}/v1/models/m/predict",
+                # Both gateways run for the whole comparison (the one not being loaded idles):
+                # the split's cost is measured in rounds that alternate between them.
+                with ExitStack() as gateways:
+                    started: list[tuple[str, str, int]] = []
+                    for label, split in setups:
+                        name = f"{label}, {workers} worker{'s' if workers > 1 else ''}"
+                        gw, token = gateways.enter_context(
+                            _gateway_process(workdir, workers, args.gateway_args.split())
+                        )
+                        _deploy(gw.url, token, "m", path, 10 if split else None)
+                        started.append((name, f"{gw.url}/v1/models/m/predict", gw.pid))
+                    for name, url, _ in started:
+                        rows += _measure(name, url, script, args.seconds, conc, status.update)
+                    if len(started) == 2 and args.split_rounds > 0:
+                        cost, errors = _split_cost(
+                            workers,
+                            started[0],
+                            started[1],
                             script,
-                            args.seconds,
-                            conc,
+                            args.split_rounds,
+                            args.split_seconds,
                             status.update,
                         )
+                        costs.append(cost)
+                        split_errors += errors
             if "mlflow" in peers:
                 try:
                     rows += _mlflow_serve(workdir, path, args.seconds, conc, status.update)
@@ -443,9 +501,62 @@ def main(argv: list[str] | None = None) -> int:
         console.print(
             f"best gateway c=64: {best_c64:,.0f} req/s = {best_c64 / ceiling[0].rps:.1%} of ORT's in-process batch-1 calls/s"
         )
+    for c in costs:
+        console.print(
+            f"split's cost at c={c.concurrency}, {c.workers} worker(s), {c.rounds} alternating "
+            f"rounds of {c.seconds:g} s: req/s {c.rps_change.text()}; "
+            f"CPU/request {c.cpu_change.text()}"
+        )
     if args.json:
-        print(json.dumps({"rows": [asdict(r) for r in rows + ceiling], "notes": notes}))
-    return 1 if any(r.errors for r in rows if "gateway" in r.server) else 0
+        print(
+            json.dumps(
+                {
+                    "rows": [asdict(r) for r in rows + ceiling],
+                    "split_cost": [asdict(c) for c in costs],
+                    "notes": notes,
+                }
+            )
+        )
+    failed = split_errors or any(r.errors for r in rows if "gateway" in r.server)
+    return 1 if failed else 0
+
+
+def _split_cost(
+    workers: int,
+    one: tuple[str, str, int],
+    split: tuple[str, str, int],
+    script: Path,
+    rounds: int,
+    seconds: float,
+    progress: Callable[[str], None],
+) -> tuple[SplitCost, int]:
+    """Alternate c=64 rounds between the one-version gateway and the split (every other round
+    the split first), each round compared with its neighbour: a round alone moves by +-10 % with
+    the machine, a few percent of cost shows only in the median of many pairs. Returns the
+    comparison and the requests that failed."""
+    concurrency = 64
+    rps: tuple[list[float], list[float]] = ([], [])
+    cpu: tuple[list[float], list[float]] = ([], [])
+    errors = 0
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            name, url, pid = (one, split)[i]
+            progress(f"split's cost: round {r + 1}/{rounds}, {name}")
+            before = cpu_ticks([pid])
+            row = _wrk(url, script, concurrency, seconds, name)
+            ticks = cpu_ticks([pid]) - before
+            errors += row.errors
+            rps[i].append(row.rps)
+            cpu[i].append(cpu_us_per_request(ticks, row.rps * row.seconds))
+    cost = SplitCost(
+        workers=workers,
+        concurrency=concurrency,
+        rounds=rounds,
+        seconds=seconds,
+        rps_change=paired_change(rps[1], rps[0]),
+        cpu_change=paired_change(cpu[1], cpu[0]),
+    )
+    return cost, errors
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """``python -m infra.gateway [--host H] [--port P] [--workers N]``: serve the gateway with uvicorn.
 
 Defaults and the admin token come from ``ballast.settings.get_settings()`` (``BALLAST_*``).
-With ``--workers N`` (N > 1) a supervisor binds the socket and runs N replica processes on it
-(:mod:`infra.gateway.supervisor`). Every replica converges to the desired state kept in
-``state_dir/gateway/desired.json`` (``--desired-state file``, the default) or in the model
-registry (``--desired-state registry``), and reports to ``state_dir/gateway/replicas/``.
+With ``--workers N`` (N > 1) a supervisor binds the port and runs N replica processes on it, a
+listening socket each (:mod:`infra.gateway.supervisor`). Every replica converges to the desired
+state kept in ``state_dir/gateway/desired.json`` (``--desired-state file``, the default) or in
+the model registry (``--desired-state registry``), and reports to ``state_dir/gateway/replicas/``.
 SIGTERM or Ctrl-C stops accepting connections and drains in-flight requests (uvicorn's graceful
 shutdown, bounded by ``--graceful-timeout``).
 """
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_fd is None:
         server.run()
     else:
-        # The supervisor's listening socket. Built with socket(fileno=...), which reads the real
+        # The socket the supervisor bound for this worker (uvicorn listens on it once the
+        # startup is done; see supervisor.py). Built with socket(fileno=...), which reads the real
         # family: uvicorn's own fd= path assumes AF_UNIX, and then TCP_NODELAY is never set
         # (40 ms per request, Nagle against delayed ACKs).
         server.run(sockets=[socket.socket(fileno=args.worker_fd)])

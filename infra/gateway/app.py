@@ -2,7 +2,7 @@
 dynamic batching, desired-state sync, a role-checked admin API, health, readiness, metrics.
 
 Build it with :func:`create_app`; ``python -m infra.gateway`` serves it with uvicorn (one
-process, or several replicas behind one socket). All mutable state lives on one
+process, or several replicas behind one port). All mutable state lives on one
 :class:`Gateway` object per app, touched only from the event loop thread; inference runs in
 batches (:mod:`infra.gateway.batcher`: on inference threads, or on the loop itself for models
 whose calls take less than the thread hand-off would), artefact loading and desired-state I/O
@@ -345,10 +345,10 @@ class Gateway:
     async def _first_sync(self) -> None:
         """Converge to the desired state before the server accepts a connection.
 
-        Replicas share one listening socket: a replica (re)started by the supervisor would
-        otherwise take connections while it still serves nothing and answer them 503. The
-        server accepts only after the lifespan starts, so load first (bounded), then join the
-        board, so a PUT on another replica waits for this one too.
+        A replica (re)started by the supervisor would otherwise take connections while it
+        still serves nothing and answer them 503. The server listens only after the lifespan
+        starts (see supervisor.py), so load first (bounded), then join the board, so a PUT on
+        another replica waits for this one too.
         """
         try:
             await asyncio.wait_for(self.sync_once(), self.config.startup_sync_timeout_s)

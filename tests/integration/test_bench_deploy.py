@@ -35,3 +35,31 @@ def test_bench_deploys_one_version_a_copied_canary_or_its_own(tmp_path: Path) ->
         assert dep is not None and dep.canary is not None and dep.canary_weight == 0
         assert dep.canary.sha256 == sha256_file(tiny)
         assert {client.predict("m", [[0.5] * 30]).version for _ in range(20)} == {"1"}
+
+
+def test_bench_serving_measures_the_split_in_alternating_rounds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A short real run of ``ballast bench serving`` (wrk, two gateway processes): its JSON
+    carries a row per server and concurrency and the split's paired comparison. The figures
+    themselves are the benchmark's business, not this test's."""
+    import json
+    import shutil
+
+    from ballast.bench.serving import main
+
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed (.ci/run installs it: apt-get install wrk)")
+    argv = ["--seconds", "1", "--concurrency", "4", "--split-rounds", "6", "--split-seconds", "1"]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    servers = [(r["server"], r["concurrency"]) for r in out["rows"]]
+    assert ("gateway, 1 version, 1 worker", 4) in servers
+    assert ("gateway, 90/10 split + metrics, 1 worker", 4) in servers
+    assert all(r["errors"] == 0 and r["rps"] > 0 for r in out["rows"] if r["concurrency"])
+    (cost,) = out["split_cost"]
+    assert (cost["workers"], cost["concurrency"], cost["rounds"]) == (1, 64, 6)
+    for change in (cost["rps_change"], cost["cpu_change"]):
+        assert change["rounds"] == 6
+        # Six rounds reach 95 % only with the extremes: the interval spans every change.
+        assert change["low"] <= change["q1"] <= change["median"] <= change["q3"] <= change["high"]

@@ -1,15 +1,17 @@
 """Several gateway replicas (processes) on one machine: convergence, restarts, metrics, draining.
 
-A supervisor runs the replicas on one socket; they follow the desired state in the state folder.
+A supervisor runs the replicas on one port (a listening socket each); they follow the desired state in the state folder.
 Every test starts real processes on 127.0.0.1, bounded in time, and stops them.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -147,6 +149,90 @@ def test_replicas_converge_restart_into_the_right_state_and_share_metrics(
         assert client.get_deployment() == promoted
         assert {client.predict(MODEL, [ROW]).version for _ in range(10)} == {"2"}
     assert "worker 0" in log.read_text() and "exited with -9" in log.read_text()
+
+
+def listeners(port: int) -> dict[str, set[int]]:
+    """The sockets listening on ``port`` (by inode) and the pids holding each, from /proc."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+            inodes.add(fields[9])
+    holders: dict[str, set[int]] = {inode: set() for inode in inodes}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in holders:
+                    holders[target[8:-1]].add(int(proc.name))
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    return holders
+
+
+def replica_per_connection(url: str, token: str, n: int) -> Counter[str]:
+    """Open ``n`` connections at once and ask each which replica accepted it."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conns = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(n)]
+    try:
+        for conn in conns:
+            conn.connect()
+        seen: Counter[str] = Counter()
+        for conn in conns:
+            conn.request("GET", "/admin/stats", headers={"Authorization": f"Bearer {token}"})
+            seen[json.loads(conn.getresponse().read())["replica"]] += 1
+        return seen
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balances on Linux")
+def test_each_replica_listens_on_a_socket_of_its_own_and_connections_spread(
+    settings: Settings, versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
+) -> None:
+    one, _ = versions
+    port = int(settings.gateway_port)
+    with (
+        GatewayProcess.start(
+            settings, log_path=tmp_path / "gw.log", workers=2, exit_with_parent=True, timeout=30
+        ) as gw,
+        GatewayClient(gw.url, settings.admin_token()) as client,
+    ):
+        wait_for(lambda: len(board(client)) == 2, 20, "both replicas reporting")
+        client.set_deployment(Deployment(model=MODEL, champion=one))
+        pids = {r["pid"] for r in board(client)}
+        # One listening socket per replica, held by that replica alone (a shared socket lets
+        # whichever replica wakes first take a burst of connections).
+        wait_for(lambda: len(listeners(port)) == 2, 10, "two listening sockets")
+        assert sorted(map(sorted, listeners(port).values())) == sorted([p] for p in pids)
+        # The kernel spreads connections over them: 64 at once land 32 +- 4 on each (the
+        # bound below fails by chance about once in 40,000 runs).
+        spread = replica_per_connection(gw.url, settings.admin_token(), 64)
+        assert len(spread) == 2 and min(spread.values()) >= 16, spread
+
+        # A replica killed hard takes its socket with it: new connections meanwhile all reach
+        # the other one instead of waiting for the replacement, which listens once started.
+        victim = board(client)[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(listeners(port)) == 1, 5, "the dead replica's socket closed")
+        answers = [fresh_predict(gw.url) for _ in range(20)]
+        assert {a.status_code for a in answers} == {200}
+        wait_for(
+            lambda: (
+                len(replicas := board(client)) == 2
+                and victim not in {r["pid"] for r in replicas}
+                and all(r["ready"] for r in replicas)
+            ),
+            20,
+            "the replacement replica ready",
+        )
+        wait_for(lambda: len(listeners(port)) == 2, 10, "the replacement's socket listening")
+        assert victim not in set().union(*listeners(port).values())
+        assert gw.stop(timeout=15) == 0
+    assert listeners(port) == {}
 
 
 def test_switching_under_load_drops_nothing_and_sigterm_drains(

@@ -53,11 +53,11 @@ def test_ab_canary_widths(
     assert extra == left  # what stays goes to the gateway
 
 
-def test_ab_paired_change_compares_each_round_with_its_neighbour() -> None:
-    base = [100.0, 200.0, 100.0, 200.0, 100.0]
+def test_ab_paired_change_reports_the_median_change_and_its_interval() -> None:
+    base = [100.0, 200.0, 100.0, 200.0, 100.0, 200.0]
     # 10 % slower in every round, although the rounds themselves swing by 2x.
-    assert gateway_ab._paired([90.0, 180.0, 90.0, 180.0, 90.0], base).startswith("-10.0%")
-    assert gateway_ab._paired([110.0, 200.0], [100.0, 200.0]) == "+5.0%"
+    text = gateway_ab._paired([90.0, 180.0, 90.0, 180.0, 90.0, 180.0], base)
+    assert text.startswith("-10.0% [-10,-10] (95% CI -10.0..-10.0, 6 rounds)")
 
 
 def test_machine_ticks_reads_proc_stat() -> None:
