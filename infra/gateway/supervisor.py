@@ -11,7 +11,8 @@ starts; the worker listens once its startup is done, so no connection waits on a
 is still loading. Its socket closes with it: connections it had not accepted when it died are
 refused (the kernel resets them) instead of waiting for its replacement, and new ones go to the
 other workers. The supervisor keeps the port bound (not listening) all along, so the port
-stays ours while a worker restarts.
+stays ours while a worker restarts, and claims it (:func:`_claim`) so that a second gateway on
+the same port fails to start instead of quietly sharing it.
 
 It also gives every worker the same ``PROMETHEUS_MULTIPROC_DIR`` (a fresh folder) so
 ``/metrics`` on any worker adds up all of them.
@@ -75,6 +76,26 @@ def _bind(host: str, port: int, *, listen: bool) -> socket.socket:
     return sock
 
 
+def _claim(port: int) -> socket.socket | None:
+    """Balanced: an abstract Unix socket named after ``port``, held while the supervisor runs.
+
+    ``SO_REUSEPORT`` lets any socket of the same user bind the port too, so a second gateway
+    started on it would not fail with "address in use": its replicas would silently take a
+    share of this one's connections. Two supervisors cannot both hold the name (whatever
+    address each binds), and the kernel frees it when the holder dies. Raises OSError when
+    another holds it.
+    """
+    if not BALANCED:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0ballast-gateway-port-{port}")
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def supervise(
     *,
     host: str,
@@ -97,6 +118,12 @@ def supervise(
         _log(f"cannot bind {host}:{port}: {exc}")
         return 1
     port = port_holder.getsockname()[1]
+    try:
+        claim = _claim(port)
+    except OSError:
+        port_holder.close()
+        _log(f"cannot bind {host}:{port}: another Ballast gateway serves port {port}")
+        return 1
     metrics_dir = tempfile.mkdtemp(prefix="ballast-gw-metrics-")
     env = {**os.environ, METRICS_ENV: metrics_dir}
     cmd = [sys.executable, "-m", "infra.gateway", *worker_args]
@@ -169,6 +196,8 @@ def supervise(
             if rc != 0 and code == 0:
                 code = 1
         port_holder.close()
+        if claim is not None:
+            claim.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         for s, handler in previous.items():
             signal.signal(s, handler)

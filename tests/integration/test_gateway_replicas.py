@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -231,6 +232,19 @@ def test_each_replica_listens_on_a_socket_of_its_own_and_connections_spread(
         )
         wait_for(lambda: len(listeners(port)) == 2, 10, "the replacement's socket listening")
         assert victim not in set().union(*listeners(port).values())
+
+        # SO_REUSEPORT would let a second gateway of the same user join the port and take a
+        # share of the connections: it is refused instead, before it starts any replica.
+        second = subprocess.run(
+            [sys.executable, "-m", "infra.gateway", "--workers", "2", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert f"another Ballast gateway serves port {port}" in second.stderr
+        assert len(listeners(port)) == 2
         assert gw.stop(timeout=15) == 0
     assert listeners(port) == {}
 
