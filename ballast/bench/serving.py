@@ -73,10 +73,10 @@ class SplitCost:
 
     workers: int
     concurrency: int
-    rounds: int
+    rounds: int  # pairs compared: a round with failed requests (either side) is left out
     seconds: float
-    rps_change: PairedChange
-    cpu_change: PairedChange
+    rps_change: PairedChange | None  # None: no round without failures
+    cpu_change: PairedChange | None
 
 
 def predict_body() -> bytes:
@@ -502,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             f"best gateway c=64: {best_c64:,.0f} req/s = {best_c64 / ceiling[0].rps:.1%} of ORT's in-process batch-1 calls/s"
         )
     for c in costs:
+        if c.rps_change is None or c.cpu_change is None:
+            console.print("[red]split's cost not measured: every round had failed requests[/]")
+            continue
         console.print(
             f"split's cost at c={c.concurrency}, {c.workers} worker(s), {c.rounds} alternating "
             f"rounds of {c.seconds:g} s: req/s {c.rps_change.text()}; "
@@ -539,22 +542,29 @@ def _split_cost(
     cpu: tuple[list[float], list[float]] = ([], [])
     errors = 0
     for r in range(rounds):
+        measured: list[tuple[float, float]] = [(0.0, 0.0), (0.0, 0.0)]
+        failed = False
         for i in (0, 1) if r % 2 == 0 else (1, 0):
             name, url, pid = (one, split)[i]
             progress(f"split's cost: round {r + 1}/{rounds}, {name}")
             before = cpu_ticks([pid])
             row = _wrk(url, script, concurrency, seconds, name)
+            # A replica that died meanwhile takes its ticks with it: the difference can shrink.
             ticks = cpu_ticks([pid]) - before
             errors += row.errors
-            rps[i].append(row.rps)
-            cpu[i].append(cpu_us_per_request(ticks, row.rps * row.seconds))
+            failed |= row.errors > 0 or row.rps <= 0 or ticks <= 0
+            measured[i] = (row.rps, cpu_us_per_request(ticks, row.rps * row.seconds))
+        if not failed:
+            for i in (0, 1):
+                rps[i].append(measured[i][0])
+                cpu[i].append(measured[i][1])
     cost = SplitCost(
         workers=workers,
         concurrency=concurrency,
-        rounds=rounds,
+        rounds=len(rps[0]),
         seconds=seconds,
-        rps_change=paired_change(rps[1], rps[0]),
-        cpu_change=paired_change(cpu[1], cpu[0]),
+        rps_change=paired_change(rps[1], rps[0]) if rps[0] else None,
+        cpu_change=paired_change(cpu[1], cpu[0]) if cpu[0] else None,
     )
     return cost, errors
 

@@ -59,11 +59,12 @@ def _log(message: str) -> None:
 BALANCED = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def _bind(host: str, port: int, *, listen: bool) -> socket.socket:
+def _bind(host: str, port: int, *, listen: bool, reuse_addr: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if BALANCED:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
@@ -74,6 +75,19 @@ def _bind(host: str, port: int, *, listen: bool) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _hold(host: str, port: int) -> socket.socket:
+    """The supervisor's own socket on the port. Balanced: it holds the port while no worker
+    listens (a bound socket that does not listen takes no connections). Otherwise: the one
+    socket every worker accepts on.
+
+    Balanced, it goes without SO_REUSEADDR: Linux lets a socket with that option bind a port
+    whose every holder has it and none listens, so while no worker listens (start-up, or every
+    worker restarting) another server could take the port, and every worker's listen() would
+    then fail.
+    """
+    return _bind(host, port, listen=not BALANCED, reuse_addr=not BALANCED)
 
 
 def _claim(port: int) -> socket.socket | None:
@@ -111,9 +125,7 @@ def supervise(
     graceful way, once its parent is no longer that process.
     """
     try:
-        # Balanced: holds the port while no worker listens (a bound socket that does not
-        # listen takes no connections). Otherwise: the one socket every worker accepts on.
-        port_holder = _bind(host, port, listen=not BALANCED)
+        port_holder = _hold(host, port)
     except OSError as exc:
         _log(f"cannot bind {host}:{port}: {exc}")
         return 1
@@ -159,10 +171,12 @@ def supervise(
         _log(f"worker {index} started, pid {proc.pid}")
         return proc
 
-    procs = [spawn(i) for i in range(workers)]
+    procs: list[subprocess.Popen[bytes]] = []
     exits: list[float] = []
     code = 0
     try:
+        for i in range(workers):
+            procs.append(spawn(i))
         while not stopping:
             if parent_pid is not None and os.getppid() != parent_pid:
                 _log("parent gone: stopping")
@@ -182,6 +196,9 @@ def supervise(
                 exits.append(now)
                 procs[i] = spawn(i)
             time.sleep(0.1)
+    except OSError as exc:  # a worker's socket could not be bound (or the worker not started)
+        _log(f"cannot start a worker: {exc}")
+        code = 1
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -69,3 +69,43 @@ def test_paired_change_refuses_what_it_cannot_compare(
 def test_interval_refuses_an_impossible_confidence(confidence: float) -> None:
     with pytest.raises(ValueError, match="confidence"):
         median_interval([1.0, 2.0, 3.0], confidence)
+
+
+def test_split_cost_leaves_out_rounds_with_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ballast bench serving``'s alternating rounds, wrk and /proc replaced by a script of
+    rounds: a round where either side failed requests (or served nothing) is no pair."""
+    from pathlib import Path
+
+    from ballast.bench import serving
+
+    # Per round and gateway (one, split): req/s, failed requests. Round 1's split failed
+    # requests, round 2's one version served nothing.
+    script = {
+        ("one", 0): (1000.0, 0),
+        ("split", 0): (950.0, 0),
+        ("one", 1): (1000.0, 0),
+        ("split", 1): (10.0, 3),
+        ("one", 2): (0.0, 0),
+        ("split", 2): (900.0, 0),
+        ("one", 3): (2000.0, 0),
+        ("split", 3): (1900.0, 0),
+    }
+    calls: list[str] = []
+    ticks = iter(range(0, 10_000, 100))
+
+    def wrk(url: str, _script: Path, c: int, seconds: float, server: str) -> serving.Row:
+        rps, errors = script[(server, len(calls) // 2)]
+        calls.append(server)
+        return serving.Row(server, c, rps, 1.0, 2.0, errors, seconds)
+
+    monkeypatch.setattr(serving, "_wrk", wrk)
+    monkeypatch.setattr(serving, "cpu_ticks", lambda pids: next(ticks))
+    cost, errors = serving._split_cost(
+        2, ("one", "u1", 1), ("split", "u2", 2), Path("x.lua"), 4, 1.0, lambda msg: None
+    )
+    # Rounds alternate which goes first; every one of them was run.
+    assert calls == ["one", "split", "split", "one", "one", "split", "split", "one"]
+    assert errors == 3
+    assert cost.rounds == 2  # rounds 0 and 3
+    assert cost.rps_change is not None and cost.rps_change.median == pytest.approx(-5.0)
+    assert cost.cpu_change is not None and cost.cpu_change.rounds == 2

@@ -1,0 +1,65 @@
+"""The supervisor's pure rule and its sockets (bound here on 127.0.0.1, never served)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+
+from infra.gateway import supervisor
+from infra.gateway.supervisor import _bind, _claim, _hold, restart_allowed
+
+
+def test_a_worker_is_restarted_unless_workers_keep_dying() -> None:
+    assert restart_allowed([], 100.0)
+    assert restart_allowed([90.0, 91.0, 92.0, 93.0], 100.0)  # 4 in the window: one more is fine
+    assert not restart_allowed([90.0, 91.0, 92.0, 93.0, 94.0], 100.0)
+    assert restart_allowed([10.0, 11.0, 12.0, 13.0, 14.0], 100.0)  # long ago
+
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="SO_REUSEPORT balances on Linux only"
+)
+
+
+@linux_only
+def test_no_other_server_can_take_the_port_while_no_worker_listens() -> None:
+    # The supervisor's holder and a worker's socket, both bound, neither listening yet (the
+    # worker is still starting): a stranger with SO_REUSEADDR must not get the port, or every
+    # worker's listen() would fail once it is ready.
+    holder = _hold("127.0.0.1", 0)
+    port = holder.getsockname()[1]
+    worker = _bind("127.0.0.1", port, listen=False)
+    try:
+        for host in ("127.0.0.1", "0.0.0.0"):
+            stranger = socket.socket()
+            stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with stranger, pytest.raises(OSError, match="in use"):
+                stranger.bind((host, port))
+        worker.listen()  # and the worker itself still can
+    finally:
+        worker.close()
+        holder.close()
+
+
+@linux_only
+def test_two_supervisors_cannot_claim_one_port() -> None:
+    first = _claim(54321)
+    assert first is not None
+    try:
+        with pytest.raises(OSError, match="in use"):
+            _claim(54321)
+        other = _claim(54322)
+        assert other is not None
+        other.close()
+    finally:
+        first.close()
+    again = _claim(54321)  # freed with its holder
+    assert again is not None
+    again.close()
+
+
+def test_without_balancing_there_is_no_claim(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "BALANCED", False)
+    assert _claim(54321) is None
