@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,22 @@ def test_replicas_converge_restart_into_the_right_state_and_share_metrics(
     assert "worker 0" in log.read_text() and "exited with -9" in log.read_text()
 
 
+@contextmanager
+def two_replicas(
+    settings: Settings, log: Path, champion: VersionSpec
+) -> Iterator[tuple[GatewayProcess, GatewayClient]]:
+    """A two-replica gateway, both on the board and serving ``champion``."""
+    with (
+        GatewayProcess.start(
+            settings, log_path=log, workers=2, exit_with_parent=True, timeout=30
+        ) as gw,
+        GatewayClient(gw.url, settings.admin_token()) as admin,
+    ):
+        wait_for(lambda: len(board(admin)) == 2, 20, "both replicas reporting")
+        admin.set_deployment(Deployment(model=MODEL, champion=champion))
+        yield gw, admin
+
+
 def listeners(port: int) -> dict[str, set[int]]:
     """The sockets listening on ``port`` (by inode) and the pids holding each, from /proc."""
     inodes = set()
@@ -196,14 +213,7 @@ def test_each_replica_listens_on_a_socket_of_its_own_and_connections_spread(
 ) -> None:
     one, _ = versions
     port = int(settings.gateway_port)
-    with (
-        GatewayProcess.start(
-            settings, log_path=tmp_path / "gw.log", workers=2, exit_with_parent=True, timeout=30
-        ) as gw,
-        GatewayClient(gw.url, settings.admin_token()) as client,
-    ):
-        wait_for(lambda: len(board(client)) == 2, 20, "both replicas reporting")
-        client.set_deployment(Deployment(model=MODEL, champion=one))
+    with two_replicas(settings, tmp_path / "gw.log", one) as (gw, client):
         pids = {r["pid"] for r in board(client)}
         # One listening socket per replica, held by that replica alone (a shared socket lets
         # whichever replica wakes first take a burst of connections).
@@ -347,14 +357,7 @@ def test_heartbeat_and_class_counts_merge_across_replicas(
     settings: Settings, versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
 ) -> None:
     one, _ = versions
-    with (
-        GatewayProcess.start(
-            settings, log_path=tmp_path / "gw.log", workers=2, exit_with_parent=True, timeout=30
-        ) as gw,
-        GatewayClient(gw.url, settings.admin_token()) as admin,
-    ):
-        wait_for(lambda: len(board(admin)) == 2, 20, "both replicas reporting")
-        admin.set_deployment(Deployment(model=MODEL, champion=one))
+    with two_replicas(settings, tmp_path / "gw.log", one) as (gw, _admin):
         # A fresh connection per heartbeat, so both replicas receive some; the last one is
         # unhealthy and must win on every scrape, whichever replica answers /metrics.
         for _ in range(8):
