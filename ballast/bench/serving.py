@@ -402,7 +402,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=20,
         help="alternating c=64 rounds that measure the split's cost against one version "
-        "(default 20; 0: none)",
+        "(default 20; 0: none). On the 2-core VM 20 pairs give a 95%% interval about 8 points "
+        "wide, 100 about 4",
     )
     p.add_argument("--split-seconds", type=float, default=3.0, help="per round (default 3)")
     p.add_argument("--gateway-args", default="", help="extra args for python -m infra.gateway")
