@@ -28,10 +28,11 @@ A configuration is ``"LABEL: one|split[=W] [canary=full|same|noop|W1,W2] [run=di
   binding (see ``ballast/runtime.py``).
 
 Reported: median app CPU microseconds per request of each, the median paired change against the
-first with quartiles, rows per model call and the gateway's own moving average of a model
-call's CPU time (``Batcher.call_us``, measured in place, between requests). Add the HTTP and
-kernel share (``gateway_ab.py`` reports the whole: about 70-80 us per request on this VM) to
-turn a difference into a share of a replica's cost.
+first with quartiles and the median's 95 % interval (:mod:`ballast.bench.paired`), rows per model
+call and the gateway's own moving average of a model call's CPU time (``Batcher.call_us``,
+measured in place, between requests). Add the HTTP and kernel share (``gateway_ab.py`` reports
+the whole: about 70-80 us per request on this VM) to turn a difference into a share of a
+replica's cost.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_ab import _canary_weight  # the same modes as the HTTP benchmark
+
+from ballast.bench.paired import paired_change
 
 
 @dataclass(frozen=True)
@@ -224,10 +227,8 @@ async def _main(args: argparse.Namespace, configs: list[Config], work: Path) -> 
         mine = cpu[cfg.label]
         line = f"{cfg.label:{width}s} {statistics.median(mine):7.2f} us CPU/request (app only)"
         if cfg is not configs[0]:
-            change = sorted(100 * (b / a - 1) for a, b in zip(base, mine, strict=True))
-            q1, med, q3 = statistics.quantiles(change, n=4)
             delta = statistics.median(b - a for a, b in zip(base, mine, strict=True))
-            line += f"  {delta:+.2f} us = {med:+.1f} % [{q1:+.1f}, {q3:+.1f}]"
+            line += f"  {delta:+.2f} us = {paired_change(mine, base).text()}"
         per_call = " ".join(f"v{v}:{r:.1f}" for v, (r, _) in sorted(calls[cfg.label].items()))
         call_us = " ".join(f"v{v}:{u:.0f}" for v, (_, u) in sorted(calls[cfg.label].items()))
         print(f"{line}   rows/call {per_call}   call us {call_us}")

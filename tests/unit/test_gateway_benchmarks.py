@@ -129,7 +129,7 @@ def test_inproc_benchmark_runs_its_configurations_and_reports_the_changes() -> N
         r"one version\s+([\d.]+) us CPU/request \(app only\)   rows/call v1:([\d.]+)", out
     )
     split = re.search(
-        r"90/10 split\s+([\d.]+) us CPU/request \(app only\)  [+-][\d.]+ us = [+-][\d.]+ % \["
+        r"90/10 split\s+([\d.]+) us CPU/request \(app only\)  [+-][\d.]+ us = [+-][\d.]+% \["
         r".* rows/call v1:([\d.]+) v2:([\d.]+)   call us v1:(\d+) v2:(\d+)\n",
         out,
     )
