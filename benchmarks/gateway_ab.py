@@ -42,33 +42,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ballast.bench.onnx_mlp import build_mlp_onnx
 from ballast.bench.paired import paired_change
 from ballast.bench.procstat import cpu_ticks, cpu_us_per_request, machine_ticks, with_children
-from ballast.bench.serving import HIDDEN, _deploy, _gateway, _lua, _wrk, predict_body
+from ballast.bench.serving import HIDDEN, _deploy, _gateway_process, _lua, _wrk, predict_body
 
 PERF_HZ = 1999  # samples per second of CPU time (--perf)
 
 
-def _supervisor(port: int) -> list[str]:
-    """The gateway process serving ``port`` (its replicas do not carry --port)."""
-    out = subprocess.run(
-        ["pgrep", "-f", f"infra.gateway.*--port {port}( |$)"], capture_output=True, text=True
-    )
-    return out.stdout.split()
-
-
-def _tree_cpu_ticks(port: int) -> int:
-    """Clock ticks of the gateway serving ``port`` (supervisor and replicas)."""
-    return cpu_ticks(_supervisor(port))
-
-
 @contextmanager
-def _perf(port: int, out: Path | None) -> Iterator[None]:
-    """Sample the gateway's processes on the CPU clock into ``out`` (None: do nothing)."""
+def _perf(pid: int, out: Path | None) -> Iterator[None]:
+    """Sample the gateway's processes (``pid`` and its replicas) on the CPU clock into ``out``
+    (None: do nothing)."""
     if out is None:
         yield
         return
     cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-o", str(out)]
     proc = subprocess.Popen(
-        [*cmd, "-p", ",".join(sorted(with_children(_supervisor(port))))],
+        [*cmd, "-p", ",".join(sorted(with_children([pid])))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -105,7 +93,7 @@ def _paired(values: list[float], base: list[float]) -> str:
     return paired_change(values, base).text()
 
 
-Run = tuple[str, str, int, list[float], list[float]]  # label, url, port, req/s, CPU us/req
+Run = tuple[str, str, int, list[float], list[float]]  # label, url, pid, req/s, CPU us/req
 
 
 def _round(
@@ -114,17 +102,18 @@ def _round(
     """Load ``runs`` at once (a wrk each; one run: alone) and record each one's req/s and CPU
     per request (``perf``: where to record each one's CPU samples, if anywhere). Returns the
     machine's steal time over the round, in percent."""
-    ports = [port for _, _, port, _, _ in runs]
-    before, machine = [_tree_cpu_ticks(port) for port in ports], machine_ticks()
+    pids = [pid for _, _, pid, _, _ in runs]
+    # The gateway process and its replicas (cpu_ticks adds the children).
+    before, machine = [cpu_ticks([pid]) for pid in pids], machine_ticks()
     with ExitStack() as sampling, ThreadPoolExecutor(len(runs)) as pool:
-        for port, out in zip(ports, perf, strict=True):
-            sampling.enter_context(_perf(port, out))
+        for pid, out in zip(pids, perf, strict=True):
+            sampling.enter_context(_perf(pid, out))
         futures = [
             pool.submit(_wrk, f"{url}/v1/models/m/predict", script, concurrency, seconds, label)
             for label, url, _, _, _ in runs
         ]
         rows = [f.result() for f in futures]
-    after = [_tree_cpu_ticks(port) for port in ports]
+    after = [cpu_ticks([pid]) for pid in pids]
     total, stolen = (b - a for a, b in zip(machine, machine_ticks(), strict=True))
     for (label, _, _, rps, cpu), row, t0, t1 in zip(runs, rows, before, after, strict=True):
         if row.errors:
@@ -236,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                 canary = canaries[widths]
             folder = work / f"c{i}"
             folder.mkdir()
-            url, token = stack.enter_context(_gateway(folder, args.workers, extra))
-            _deploy(url, token, "m", model, weight, canary)
-            runs.append((label.strip(), url, int(url.rsplit(":", 1)[1]), [], []))
+            gw, token = stack.enter_context(_gateway_process(folder, args.workers, extra))
+            _deploy(gw.url, token, "m", model, weight, canary)
+            runs.append((label.strip(), gw.url, gw.pid, [], []))
         for _, url, _, _, _ in runs:  # warm-up
             _wrk(f"{url}/v1/models/m/predict", script, 16, 2, "warm-up")
         steal: list[float] = []

@@ -169,13 +169,6 @@ def _measure(
 
 
 @contextmanager
-def _gateway(workdir: Path, workers: int, extra: list[str]) -> Iterator[tuple[str, str]]:
-    """A gateway on a free port: its URL and admin token."""
-    with _gateway_process(workdir, workers, extra) as (gw, token):
-        yield gw.url, token
-
-
-@contextmanager
 def _gateway_process(
     workdir: Path, workers: int, extra: list[str]
 ) -> Iterator[tuple[GatewayProcess, str]]:

@@ -2,17 +2,17 @@
 
 The supervisor starts N worker processes (``python -m infra.gateway --worker-fd FD ...``) and
 hands each the listening socket it serves. On Linux every worker gets a socket of its own, all
-bound to the port with ``SO_REUSEPORT``: the kernel spreads new connections evenly over them.
+bound to the port with ``SO_REUSEPORT``: the kernel spreads new connections over them by hash.
 One socket shared by every worker (elsewhere) lets whichever worker wakes first accept a burst
 of connections: measured on the 2-core VM, wrk's 64 connections landed 17-27 on one replica and
-the rest on the other (once all 64 on one), and two replicas served ~15 % fewer requests/s than
-the same two with 32 connections each. A worker's socket is bound but not listening when it
-starts; the worker listens once its startup is done, so no connection waits on a replica that
-is still loading. Its socket closes with it: connections it had not accepted when it died are
-refused (the kernel resets them) instead of waiting for its replacement, and new ones go to the
-other workers. The supervisor keeps the port bound (not listening) all along, so the port
-stays ours while a worker restarts, and claims it (:func:`_claim`) so that a second gateway on
-the same port fails to start instead of quietly sharing it.
+the rest on the other (once all 64 on one; ``benchmarks/connection_spread.py``). A worker's
+socket is bound but not listening when it starts; the worker listens once its startup is done,
+so no connection waits on a replica that is still loading. Its socket closes with it:
+connections it had not accepted when it died are refused (the kernel resets them) instead of
+waiting for its replacement, and new ones go to the other workers. The supervisor keeps the
+port bound (not listening) all along, so the port stays ours while a worker restarts, and
+claims it (:func:`_claim`) so that a second gateway on the same port fails to start instead of
+quietly sharing it.
 
 It also gives every worker the same ``PROMETHEUS_MULTIPROC_DIR`` (a fresh folder) so
 ``/metrics`` on any worker adds up all of them.

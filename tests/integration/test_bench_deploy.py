@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ballast.bench.serving import _deploy, _gateway
+from ballast.bench.serving import _deploy, _gateway_process
 from ballast.gateway_client import GatewayClient
 from ballast.hashing import sha256_file
 from infra.gateway.testing import build_mlp_onnx
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 def test_bench_deploys_one_version_a_copied_canary_or_its_own(tmp_path: Path) -> None:
     champion = build_mlp_onnx(tmp_path / "model.onnx", seed=0)
     tiny = build_mlp_onnx(tmp_path / "tiny.onnx", seed=1, hidden=(4,))
-    with _gateway(tmp_path, 1, []) as (url, token), GatewayClient(url, token) as client:
+    with _gateway_process(tmp_path, 1, []) as (gw, token), GatewayClient(gw.url, token) as client:
+        url = gw.url
         _deploy(url, token, "m", champion, None)
         dep = client.get_deployment()
         assert dep is not None and dep.canary is None
