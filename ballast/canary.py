@@ -30,6 +30,7 @@ import numpy as np
 from ballast.decisions import validate_steps
 from ballast.errors import GatewayError
 from ballast.judge import (
+    UNKNOWN_VERSION,
     Judge,
     Observation,
     StreamJudge,
@@ -50,8 +51,10 @@ __all__ = [
     "ShadowStats",
     "StepAction",
     "StepRecord",
+    "UnattributedPolicy",
     "http_load",
     "judge_shadow",
+    "judge_unattributed",
     "live_traffic",
     "run_canary",
     "step_action",
@@ -408,6 +411,47 @@ def wait_for_turn(
 
 
 @dataclass(frozen=True, slots=True)
+class UnattributedPolicy:
+    """How many of a step's requests may go unanswered by any version (client timeout,
+    connection reset: no version header) before the canary is rolled back.
+
+    Judges compare versions, so they only see answered requests: a canary that hangs on some
+    requests would otherwise be judged on the ones it answered, and promoted. These failures
+    cannot be pinned on either version; while a trial is on they are held against it (rolling
+    back is the safe side). Rolled back when at least ``min_failures`` requests of the step, and
+    more than ``max_share`` of them, went unanswered.
+    """
+
+    max_share: float = 0.01
+    min_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_share <= 1 or self.min_failures < 1:
+            raise ValueError("max_share must lie in [0, 1] and min_failures be at least 1")
+
+
+def judge_unattributed(
+    step: list[Observation], weight: int, policy: UnattributedPolicy
+) -> Verdict | None:
+    """Pure: a "rollback" verdict when too many of ``step`` got no answer from any version."""
+    blind = sum(1 for o in step if o.version == UNKNOWN_VERSION and not o.ok)
+    share = blind / len(step) if step else 0.0
+    if blind < policy.min_failures or share <= policy.max_share:
+        return None
+    evidence = {
+        "unattributed_failures": float(blind),
+        "unattributed_share": share,
+        "max_unattributed_share": policy.max_share,
+    }
+    why = (
+        f"{blind} of {len(step)} requests at {weight}% got no answer from any version "
+        f"({share:.1%} > {policy.max_share:.1%}: timeouts or dropped connections); they cannot "
+        "be pinned on a version, so the trial is not trusted"
+    )
+    return Verdict("rollback", (why,), evidence)
+
+
+@dataclass(frozen=True, slots=True)
 class ShadowPolicy:
     """The optional shadow phase before any user sees the candidate's answers.
 
@@ -735,6 +779,7 @@ def run_canary(
     shadow: ShadowPolicy | None = None,
     shadow_reader: Callable[[], ShadowStats] | None = None,
     promote: Callable[[], AbstractContextManager[object]] | None = None,
+    unattributed: UnattributedPolicy | None = None,
 ) -> CanaryResult:
     """Run a progressive canary of ``candidate`` against ``champion`` and apply the outcome.
 
@@ -745,6 +790,12 @@ def run_canary(
     100 %, or earlier when configured to promote early). A last step without a "promote" (too
     little evidence) rolls back: a canary that proved nothing is not promoted. With no champion
     (first release) the candidate takes 100 % at once and the judge works on absolute thresholds.
+
+    A step whose time (or load) ran out before the candidate answered ``min_samples`` requests
+    ends the canary as inconclusive unless the judge rolls back: more traffic (or a promotion) is
+    never given on evidence nobody saw at that weight. Requests no version answered (timeouts, dropped connections) are held
+    against the trial (:func:`judge_unattributed`, ``unattributed``): judges see only answers,
+    so a canary that hangs on some requests would otherwise be judged on the rest.
 
     A :class:`~ballast.judge.StreamJudge` is started for this canary, sees every load batch and
     is asked after each one; a step then lasts until :func:`step_action` moves on (at least
@@ -787,6 +838,7 @@ def run_canary(
     if shadow is not None and shadow_reader is None:
         raise ValueError("a shadow phase needs a shadow_reader")
     stream = judge if isinstance(judge, StreamJudge) else None
+    blind_policy = unattributed or UnattributedPolicy()
     started = time.monotonic()
     records: list[StepRecord] = []
     seen: list[Observation] = []
@@ -858,6 +910,24 @@ def run_canary(
                     )
                     step_obs, verdict = step.observations, step.verdict
                     baseline, canary_stats = step.baseline, step.canary
+                if verdict.decision != "rollback":
+                    blind = judge_unattributed(step_obs, weight, blind_policy)
+                    if blind is not None:
+                        verdict = blind
+                have = sum(1 for o in step_obs if o.version == candidate.version)
+                if stream is None and verdict.decision != "rollback" and have < min_samples:
+                    # Out of time (or load) before the candidate answered enough: going on (or
+                    # promoting) would give it more traffic on evidence nobody saw. The judge
+                    # looks at every step so far; each step must show the candidate at its
+                    # own weight. Inconclusive.
+                    why = (
+                        f"canary {candidate.version} answered {have} of {min_samples} requests "
+                        f"in this step within {step_max_seconds:g} s"
+                    )
+                    verdict = Verdict("continue", (why,), verdict.evidence)
+                    short = True
+                else:
+                    short = False
                 now = time.monotonic()
                 note(
                     StepRecord(
@@ -871,7 +941,7 @@ def run_canary(
                         canary_n=canary_stats.n,
                     )
                 )
-                if verdict.decision != "continue":
+                if verdict.decision != "continue" or short:
                     break
                 held = stream is not None and next_weight is not None
                 if held and step_action(verdict, next_weight=next_weight, step_done=True) == "stay":

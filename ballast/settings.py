@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     # The canary's lease: if the flow stops renewing it (process killed, machine lost), every
     # gateway replica drops the canary by itself this long after the last renewal. 0: no lease.
     canary_lease_s: float = Field(default=30.0, ge=0)
+    # Share of a step's requests that may get no answer from any version (client timeout,
+    # dropped connection) before the canary is rolled back (ballast.canary.UnattributedPolicy).
+    canary_max_unattributed_share: float = Field(default=0.01, ge=0, le=1)
     # Release runs of every deployment (a person's release, the nightly retrain) take turns at
     # the gateway: a run whose canary would start while another's runs waits this long for its
     # turn, then fails (stage canary) without touching traffic.

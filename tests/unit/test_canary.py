@@ -20,11 +20,13 @@ from ballast.canary import (
     CanaryTurnTimeout,
     LoadFn,
     StepRecord,
+    UnattributedPolicy,
+    judge_unattributed,
     run_canary,
     wait_for_turn,
 )
 from ballast.errors import GatewayError
-from ballast.judge import Observation, ThresholdJudge
+from ballast.judge import UNKNOWN_VERSION, Observation, ThresholdJudge
 from ballast.serving import Deployment, VersionSpec
 
 MODEL = "m"
@@ -229,7 +231,7 @@ def test_failed_first_release_leaves_nothing_served() -> None:
     assert admin.current == Deployment(model=MODEL)
 
 
-def test_too_little_evidence_at_the_last_step_is_not_promoted() -> None:
+def test_a_step_out_of_time_short_of_evidence_ends_the_canary_there() -> None:
     admin = FakeAdmin(CHAMPION_ONLY)
     # Each call gives a few candidate answers; the step clock runs out before MIN are seen.
     slow = SyntheticLoad(per_call=1)
@@ -243,9 +245,122 @@ def test_too_little_evidence_at_the_last_step_is_not_promoted() -> None:
     result = canary(admin, trickle, step_max_seconds=0.1)
     elapsed = time.monotonic() - started
     assert result.decision == "rollback"
+    assert result.reasons[0] == "inconclusive at 5%"
+    assert result.reasons[1].startswith("canary 2 answered ")
+    assert result.reasons[1].endswith(f" of {MIN} requests in this step within 0.1 s")
+    # Never more traffic on evidence nobody saw: 5 % was the most the candidate got.
+    assert [d.canary_weight for d in admin.history] == [5, 0]
+    assert admin.current == CHAMPION_ONLY
+    assert elapsed < 0.1 + 1.0, f"the step must respect step_max_seconds (took {elapsed:.2f}s)"
+
+
+def test_too_little_evidence_at_the_last_step_is_not_promoted() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    calls = [0]
+
+    def dries_up_at_100(weight: int) -> list[Observation]:
+        calls[0] += 1
+        return [] if weight == 100 else SyntheticLoad()(weight)
+
+    result = canary(admin, dries_up_at_100)
+    assert result.decision == "rollback"
     assert result.reasons[0] == "inconclusive at 100%"
     assert admin.current == CHAMPION_ONLY
-    assert elapsed < 4 * 0.1 + 1.0, f"steps must respect step_max_seconds (took {elapsed:.2f}s)"
+
+
+# -- requests no version answered ---------------------------------------------------------------
+
+
+def hanging_candidate(hang_every: int) -> LoadFn:
+    """Every ``hang_every``-th request routed to the candidate gets no answer (client timeout:
+    no version header); the rest are as healthy and fast as the champion's."""
+
+    def load(weight: int) -> list[Observation]:
+        out = []
+        for i in range(MIN):
+            out.append(Observation(CANDIDATE.version, True, 0.010, None))
+            if i % hang_every == 0:
+                out.append(Observation(UNKNOWN_VERSION, False, 5.0, None))
+        n_champion = MIN * (100 - weight) // weight
+        out += [Observation(CHAMPION.version, True, 0.010, None) for _ in range(n_champion)]
+        return out
+
+    return load
+
+
+def test_a_candidate_that_hangs_on_some_requests_is_rolled_back_not_promoted() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    result = canary(admin, hanging_candidate(hang_every=3))  # 7 of 27 of its requests hang
+    assert result.decision == "rollback"
+    # 7 unanswered of 407 requests at 5 %: 1.7 % of the step, over the 1 % tolerated.
+    assert result.reasons[0].startswith("7 of 407 requests at 5% got no answer from any version")
+    assert result.steps[-1].verdict.evidence["unattributed_failures"] == 7.0
+    assert [d.canary_weight for d in admin.history] == [5, 0]
+    assert admin.current == CHAMPION_ONLY
+
+
+def test_a_candidate_no_request_reaches_never_gets_more_than_the_first_step() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+
+    def nothing_answers_for_the_candidate(weight: int) -> list[Observation]:
+        return [Observation(CHAMPION.version, True, 0.010, None) for _ in range(40)]
+
+    result = canary(admin, nothing_answers_for_the_candidate, step_max_seconds=0.05)
+    assert result.decision == "rollback"
+    assert result.reasons == (
+        "inconclusive at 5%",
+        f"canary 2 answered 0 of {MIN} requests in this step within 0.05 s",
+    )
+    assert [d.canary_weight for d in admin.history] == [5, 0]
+
+
+def test_a_few_unanswered_requests_within_the_tolerance_do_not_stop_a_healthy_canary() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+    result = canary(admin, hanging_candidate(hang_every=MIN))  # one unanswered per step
+    assert result.decision == "promote"
+    strict = canary(
+        FakeAdmin(CHAMPION_ONLY),
+        hanging_candidate(hang_every=MIN),
+        unattributed=UnattributedPolicy(max_share=0.0, min_failures=1),
+    )
+    assert strict.decision == "rollback"
+
+
+def _obs(unanswered: int, answered: int) -> list[Observation]:
+    return [Observation(UNKNOWN_VERSION, False, 5.0, None)] * unanswered + [
+        Observation("1", True, 0.01, None)
+    ] * answered
+
+
+@pytest.mark.parametrize(
+    ("unanswered", "answered", "rolled_back"),
+    [
+        (0, 100, False),
+        (1, 0, False),  # one alone never decides (min_failures 2)
+        (2, 198, False),  # exactly 1 %: not over the limit
+        (2, 197, True),  # 2 of 199: just over
+        (3, 0, True),
+        (0, 0, False),  # nothing seen: the sample check speaks, not this one
+    ],
+)
+def test_judge_unattributed_boundaries(unanswered: int, answered: int, rolled_back: bool) -> None:
+    verdict = judge_unattributed(_obs(unanswered, answered), 25, UnattributedPolicy())
+    assert (verdict is not None) == rolled_back
+    if verdict is not None:
+        assert verdict.decision == "rollback"
+        assert verdict.evidence["unattributed_share"] == unanswered / (unanswered + answered)
+
+
+def test_judge_unattributed_ignores_failures_a_version_answered() -> None:
+    # A 500 with a version header is that version's error (the judge's business), not this.
+    failed = [Observation("2", False, 0.01, None)] * 50
+    assert judge_unattributed(failed, 50, UnattributedPolicy()) is None
+
+
+@pytest.mark.parametrize("kw", [{"max_share": -0.1}, {"max_share": 1.5}, {"min_failures": 0}])
+def test_unattributed_policy_refuses_nonsense(kw: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="max_share"):
+        UnattributedPolicy(**kw)  # type: ignore[arg-type]
 
 
 def test_step_keeps_loading_until_the_candidate_has_enough_samples() -> None:
