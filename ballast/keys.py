@@ -13,13 +13,12 @@ The byte layout of a locally wrapped key is in ``ballast/FORMAT.md``.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import json
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -192,7 +191,7 @@ class LocalKeyring:
             )
         try:
             kek = base64.b64decode(entry["kek"], validate=True)
-        except (binascii.Error, TypeError):
+        except (ValueError, TypeError):  # binascii.Error is a ValueError; so is non-ASCII text
             kek = b""
         if len(kek) != KEK_SIZE:
             raise ConfigError(f"keyring {self.path}: key {key_id!r} is not {KEK_SIZE} bytes")
@@ -290,7 +289,15 @@ class LocalKeyring:
 
 class KmsKeyProvider:
     """AWS KMS as the KEK holder. ``key_id`` may be a key id, key ARN or alias; the header records
-    the resolved key ARN, so a later alias move does not change which key unwraps old objects."""
+    the resolved key ARN, so a later alias move does not change which key unwraps old objects.
+
+    Only keys this provider trusts unwrap: ``key_id`` and ``also_trust`` (ids, ARNs or aliases:
+    old keys during a rotation), compared as resolved ARNs. The header's key id is written by
+    whoever wrote the object; KMS would decrypt with any key the caller's role may use (one in
+    another account whose policy an attacker controls included), so without this check anyone
+    who can write to the bucket could make a forged dataset decrypt as authentic ("strict mode"
+    of the AWS Encryption SDK).
+    """
 
     def __init__(
         self,
@@ -298,10 +305,13 @@ class KmsKeyProvider:
         endpoint_url: str | None = None,
         region: str | None = None,
         *,
+        also_trust: Sequence[str] = (),
         client: Any = None,
     ) -> None:
         self.key_id = key_id
+        self.also_trust = tuple(also_trust)
         self._arn: str | None = None
+        self._trusted: frozenset[str] | None = None
         if client is None:
             import boto3
             from botocore.config import Config
@@ -336,6 +346,16 @@ class KmsKeyProvider:
             self._arn = str(resp["KeyMetadata"]["Arn"])
         return self._arn
 
+    def trusted_key_ids(self) -> frozenset[str]:
+        """The ARNs of the keys this provider unwraps with (resolved once, then cached)."""
+        if self._trusted is None:
+            extra = (
+                str(self._call("describe_key", k, None, KeyId=k)["KeyMetadata"]["Arn"])
+                for k in self.also_trust
+            )
+            self._trusted = frozenset((self.current_key_id(), *extra))
+        return self._trusted
+
     def wrap_key(self, key_id: str, dek: bytes, context: bytes) -> bytes:
         if len(dek) != DEK_SIZE:
             raise ValueError(f"data key must be {DEK_SIZE} bytes, got {len(dek)}")
@@ -350,6 +370,11 @@ class KmsKeyProvider:
         return bytes(resp["CiphertextBlob"])
 
     def unwrap_key(self, key_id: str, wrapped: bytes, context: bytes) -> bytes:
+        if key_id not in self.trusted_key_ids():
+            raise KeyNotFoundError(
+                f"KMS key {key_id!r} is not trusted here (BALLAST_KMS_KEY_ID, "
+                "BALLAST_KMS_TRUSTED_KEY_IDS): the object was not written under one of our keys"
+            )
         resp = self._call(
             "decrypt",
             key_id,
@@ -387,12 +412,11 @@ class KmsKeyProvider:
 
 def provider_from_settings(settings: Settings) -> KeyProvider:
     """KMS when settings name a KMS key, else the local keyring (created on first use)."""
-    # getattr: Settings has no KMS fields yet; they are requested from the settings owner.
-    kms_key_id = getattr(settings, "kms_key_id", None)
-    if kms_key_id:
+    if settings.kms_key_id:
         return KmsKeyProvider(
-            str(kms_key_id),
-            endpoint_url=getattr(settings, "kms_endpoint_url", None) or None,
-            region=getattr(settings, "aws_region", None) or None,
+            settings.kms_key_id,
+            endpoint_url=settings.kms_endpoint_url or None,
+            region=settings.aws_region or None,
+            also_trust=settings.kms_trusted_key_ids,
         )
     return LocalKeyring(settings.keyring_path, auto_create=True)

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # empty means the local keyring.
     kms_key_id: str = ""
     kms_endpoint_url: str = ""
+    # More KMS keys whose objects may be decrypted (old keys while a rotation runs). Objects
+    # whose header names any other key are refused, whatever KMS would allow.
+    kms_trusted_key_ids: tuple[str, ...] = ()
     aws_region: str = "us-east-1"
     # S3-API endpoint for s3:// URIs (MinIO, moto, ...); empty means AWS's own.
     s3_endpoint_url: str = ""

@@ -114,10 +114,14 @@ def _local_path(uri: str) -> Path:
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"file URI with a remote host is not supported: {uri}")
-        return Path(url2pathname(parsed.path))
-    if "://" in uri:
+        path = url2pathname(parsed.path)
+    elif "://" in uri:
         raise ConfigError(f"unsupported storage URI scheme: {uri}")
-    return Path(uri)
+    else:
+        path = uri
+    if "\x00" in path:  # %00 in a file URI: open() would raise a bare ValueError
+        raise ConfigError(f"storage path contains a NUL byte: {uri!r}")
+    return Path(path)
 
 
 class LocalStorage:

@@ -228,11 +228,35 @@ def test_kms_unknown_key_is_named_and_a_wrong_key_fails(
         decrypt_bytes(
             header.with_key(gone_arn, header.wrapped_key).to_bytes() + body, kms, "dataset:kms"
         )
+    # A key we trust that did not wrap this data key: KMS itself refuses.
+    trusting = KmsKeyProvider(kms_key, endpoint_url=endpoint, region=REGION, also_trust=[other_arn])
     with pytest.raises(DecryptionError, match="KMS decrypt") as info:
         decrypt_bytes(
-            header.with_key(other_arn, header.wrapped_key).to_bytes() + body, kms, "dataset:kms"
+            header.with_key(other_arn, header.wrapped_key).to_bytes() + body,
+            trusting,
+            "dataset:kms",
         )
     assert not isinstance(info.value, KeyNotFoundError)
+
+
+def test_kms_refuses_an_object_written_under_a_key_it_does_not_trust(
+    endpoint: str, kms_client: Any, kms_key: str
+) -> None:
+    # Someone who can write to the bucket encrypts a poisoned dataset under a key of their own
+    # that the pipeline's role may also use (here: any key of the same account). KMS would
+    # decrypt it; the provider must not, unless that key is listed.
+    theirs = KmsKeyProvider(
+        kms_client.create_key()["KeyMetadata"]["KeyId"], endpoint_url=endpoint, region=REGION
+    )
+    forged = encrypt_bytes(b"a,b,label\nPOISON,1,0\n", theirs, "dataset:kms")
+    ours = KmsKeyProvider(kms_key, endpoint_url=endpoint, region=REGION)
+
+    with pytest.raises(KeyNotFoundError, match="is not trusted here"):
+        decrypt_bytes(forged, ours, "dataset:kms")
+    rotating = KmsKeyProvider(
+        kms_key, endpoint_url=endpoint, region=REGION, also_trust=[theirs.current_key_id()]
+    )
+    assert decrypt_bytes(forged, rotating, "dataset:kms") == b"a,b,label\nPOISON,1,0\n"
 
 
 def test_kms_rotation_rewraps_the_header_only(
@@ -250,7 +274,9 @@ def test_kms_rotation_rewraps_the_header_only(
     h0, h1 = read_header(io.BytesIO(before)), read_header(io.BytesIO(after))
     assert h1.key_id == new_arn
     assert after[h1.size :] == before[h0.size :]
-    assert decrypt_bytes(after, kms, "dataset:rot") == decrypt_bytes(before, kms, "dataset:rot")
+    # After the move the new key is the configured one, the old one trusted until retired.
+    moved = KmsKeyProvider(new_arn, endpoint_url=endpoint, region=REGION, also_trust=[kms_key])
+    assert decrypt_bytes(after, moved, "dataset:rot") == decrypt_bytes(before, moved, "dataset:rot")
 
 
 # -- `ballast data put/get` as real processes -------------------------------------------------

@@ -547,6 +547,19 @@ def test_a_malformed_keyring_is_a_config_error_everywhere(
             call()
 
 
+@pytest.mark.parametrize(
+    "kek", ["not base64!", "kék-non-ascii", "c2hvcnQ="], ids=["junk", "non-ascii", "short"]
+)
+def test_a_corrupt_key_entry_is_a_config_error(keyring: LocalKeyring, kek: str) -> None:
+    ct = encrypt_bytes(b"payload", keyring, IDENTITY, SEG)
+    data = json.loads(keyring.path.read_text())
+    data["keys"][keyring.current_key_id()]["kek"] = kek
+    keyring.path.write_text(json.dumps(data))
+
+    with pytest.raises(ConfigError, match="is not 32 bytes"):
+        decrypt_bytes(ct, keyring, IDENTITY)
+
+
 def test_retired_key_cannot_decrypt_and_says_so(keyring: LocalKeyring) -> None:
     _, ct, _ = _encrypt(keyring, 10)
     old = keyring.current_key_id()
@@ -913,6 +926,11 @@ def test_memory_stays_flat_for_a_200_mb_stream(tmp_path: Path) -> None:
 
 # -- KMS error mapping (the server roundtrip is in tests/integration/test_s3_storage.py) ---------
 
+# Full ARNs: botocore's stubber checks their length, as KMS does.
+K1 = "arn:aws:kms:us-east-1:111122223333:key/k1"
+NEW = "arn:aws:kms:us-east-1:111122223333:key/new"
+OLD = "arn:aws:kms:us-east-1:111122223333:key/old"
+
 
 @pytest.fixture
 def stubbed_kms() -> tuple[crypto.KmsKeyProvider, Stubber]:
@@ -922,6 +940,15 @@ def stubbed_kms() -> tuple[crypto.KmsKeyProvider, Stubber]:
         "kms", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
     )
     return crypto.KmsKeyProvider("alias/ballast", client=client), Stubber(client)
+
+
+def _resolves(stub: Stubber, alias: str, arn: str) -> None:
+    """The describe_key answer that resolves the provider's configured key to ``arn``."""
+    stub.add_response(
+        "describe_key",
+        {"KeyMetadata": {"KeyId": arn.rpartition("/")[2], "Arn": arn}},
+        {"KeyId": alias},
+    )
 
 
 @pytest.mark.parametrize(
@@ -941,10 +968,17 @@ def test_kms_errors_map_to_typed_errors_naming_the_key(
     match: str,
 ) -> None:
     kms, stub = stubbed_kms
+    _resolves(stub, "alias/ballast", K1)
     stub.add_client_error("decrypt", service_error_code=code, service_message="nope")
 
-    with stub, pytest.raises(error, match=rf"key 'arn:k1'.*{match}|{match}.*'arn:k1'") as info:
-        kms.unwrap_key("arn:k1", b"blob", b"dataset:x")
+    with (
+        stub,
+        pytest.raises(
+            error,
+            match=rf"key '{K1}'.*{match}|{match}.*'{K1}'",
+        ) as info,
+    ):
+        kms.unwrap_key(K1, b"blob", b"dataset:x")
     if error is DecryptionError:
         assert not isinstance(info.value, KeyNotFoundError)
 
@@ -955,8 +989,14 @@ def test_kms_wrap_failure_is_an_encrypt_stage_error(
     kms, stub = stubbed_kms
     stub.add_client_error("encrypt", service_error_code="AccessDeniedException")
 
-    with stub, pytest.raises(BallastError, match=r"\[encrypt\] KMS encrypt with key 'arn:k1'"):
-        kms.wrap_key("arn:k1", b"k" * 32, b"dataset:x")
+    with (
+        stub,
+        pytest.raises(
+            BallastError,
+            match=rf"\[encrypt\] KMS encrypt with key '{K1}'",
+        ),
+    ):
+        kms.wrap_key(K1, b"k" * 32, b"dataset:x")
 
 
 def test_kms_sends_the_identity_as_encryption_context(
@@ -966,21 +1006,82 @@ def test_kms_sends_the_identity_as_encryption_context(
     ctx = {"ballast:identity": "dataset:x"}
     stub.add_response(
         "encrypt",
-        {"CiphertextBlob": b"wrapped", "KeyId": "arn:k1"},
-        {"KeyId": "arn:k1", "Plaintext": b"k" * 32, "EncryptionContext": ctx},
+        {"CiphertextBlob": b"wrapped", "KeyId": K1},
+        {
+            "KeyId": K1,
+            "Plaintext": b"k" * 32,
+            "EncryptionContext": ctx,
+        },
     )
+    _resolves(stub, "alias/ballast", K1)  # unwrapping checks the key is ours first
     stub.add_response(
         "decrypt",
-        {"Plaintext": b"k" * 32, "KeyId": "arn:k1"},
-        {"KeyId": "arn:k1", "CiphertextBlob": b"wrapped", "EncryptionContext": ctx},
+        {"Plaintext": b"k" * 32, "KeyId": K1},
+        {
+            "KeyId": K1,
+            "CiphertextBlob": b"wrapped",
+            "EncryptionContext": ctx,
+        },
     )
 
     with stub:
         assert (
-            kms.unwrap_key("arn:k1", kms.wrap_key("arn:k1", b"k" * 32, b"dataset:x"), b"dataset:x")
+            kms.unwrap_key(
+                K1,
+                kms.wrap_key(K1, b"k" * 32, b"dataset:x"),
+                b"dataset:x",
+            )
             == b"k" * 32
         )
     stub.assert_no_pending_responses()
+
+
+def test_kms_refuses_a_header_naming_a_key_it_does_not_trust_without_asking_kms(
+    stubbed_kms: tuple[crypto.KmsKeyProvider, Stubber],
+) -> None:
+    # KMS would decrypt with any key the role may use: a bucket writer's own key included.
+    kms, stub = stubbed_kms
+    _resolves(stub, "alias/ballast", "arn:aws:kms:us-east-1:1:key/ours")
+
+    with stub, pytest.raises(KeyNotFoundError, match="'arn:aws:kms:us-east-1:2:key/theirs' is not"):
+        kms.unwrap_key("arn:aws:kms:us-east-1:2:key/theirs", b"blob", b"dataset:x")
+    stub.assert_no_pending_responses()  # no decrypt was sent
+
+
+def test_kms_trusts_the_extra_keys_it_is_given_by_their_arns() -> None:
+    import boto3
+
+    client = boto3.client(
+        "kms", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    kms = crypto.KmsKeyProvider("alias/new", also_trust=("alias/old",), client=client)
+    stub = Stubber(client)
+    _resolves(stub, "alias/new", NEW)
+    _resolves(stub, "alias/old", OLD)
+    stub.add_response(
+        "decrypt",
+        {"Plaintext": b"k" * 32, "KeyId": OLD},
+        {
+            "KeyId": OLD,
+            "CiphertextBlob": b"wrapped",
+            "EncryptionContext": {"ballast:identity": "dataset:x"},
+        },
+    )
+    with stub:
+        assert kms.unwrap_key(OLD, b"wrapped", b"dataset:x") == b"k" * 32
+        assert kms.trusted_key_ids() == {NEW, OLD}  # resolved once, cached
+        with pytest.raises(KeyNotFoundError, match="not trusted"):
+            kms.unwrap_key("alias/old", b"wrapped", b"dataset:x")  # ARNs only, as headers hold
+    stub.assert_no_pending_responses()
+
+
+def test_provider_from_settings_passes_the_trusted_kms_keys(settings: Settings) -> None:
+    s = settings.model_copy(
+        update={"kms_key_id": "alias/new", "kms_trusted_key_ids": ("alias/old",)}
+    )
+    provider = provider_from_settings(s)
+    assert isinstance(provider, crypto.KmsKeyProvider)
+    assert (provider.key_id, provider.also_trust) == ("alias/new", ("alias/old",))
 
 
 def test_public_names_are_exported() -> None:

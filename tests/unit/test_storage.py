@@ -47,6 +47,14 @@ def test_local_roundtrip_with_paths_and_file_uris(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("uri", ["file:///tmp/a%00b.csv", "/tmp/a\x00b.csv"])
+def test_a_nul_byte_in_a_local_path_is_a_config_error(uri: str) -> None:
+    with pytest.raises(ConfigError, match="NUL byte"), LocalStorage().open_read(uri):
+        pass
+    with pytest.raises(ConfigError, match="NUL byte"), LocalStorage().open_write(uri):
+        pass
+
+
 def test_local_write_is_atomic_when_the_writer_fails(tmp_path: Path) -> None:
     store = LocalStorage()
     fresh, existing = tmp_path / "fresh.bin", tmp_path / "existing.bin"
