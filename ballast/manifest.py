@@ -411,10 +411,16 @@ def build_manifest(
     artifact_dir = Path(artifact_dir)
     if not artifact_dir.is_dir():
         raise IntegrityError(f"artefact folder not found: {artifact_dir}")
-    files = tuple(
-        ArtifactFile(path=rel, sha256=sha256_file(p), size=p.stat().st_size)
-        for rel, p in _artifact_files(artifact_dir).items()
-    )
+    try:
+        files = tuple(
+            ArtifactFile(path=rel, sha256=sha256_file(p), size=p.stat().st_size)
+            for rel, p in _artifact_files(artifact_dir).items()
+        )
+    except ValidationError as exc:  # a name no manifest can hold (a backslash, not UTF-8)
+        problem = exc.errors()[0]
+        raise IntegrityError(
+            f"artefact folder {artifact_dir}: {problem['msg']} ({problem.get('input')!r})"
+        ) from None
     if not files:
         raise IntegrityError(f"artefact folder is empty: {artifact_dir}")
     return Manifest(

@@ -159,15 +159,34 @@ class VerifiedArtifact:
 
 
 def verify_version(
-    local: Path, tags: Mapping[str, str], version: str, trusted_key: Path
+    local: Path, tags: Mapping[str, str], version: str, trusted_key: Path, *, model: str
 ) -> VerifiedArtifact:
-    """Verify the signed manifest of a version's files in ``local`` against ``trusted_key``; the
-    artefact named by tag ``ballast.artifact`` must be in it with the sha256 of tag
-    ``ballast.artifact_sha256``. :class:`IntegrityError` (or the manifest's own) otherwise.
+    """Verify the signed manifest of version ``version`` of ``model`` (its files in ``local``)
+    against ``trusted_key``; the artefact named by tag ``ballast.artifact`` must be in it with the
+    sha256 of tag ``ballast.artifact_sha256``. :class:`IntegrityError` (or the manifest's own)
+    otherwise.
+
+    The signature says the files are ours, not which version they belong to: the manifest must
+    also name this model, and the version's content key and backend tags must be what it
+    signed, so another model's signed files (or a retagged backend) cannot pass as this version.
 
     Shared by the release flow (before it deploys a version) and a registry-backed gateway
     (before a replica loads one)."""
     manifest = verify_manifest(SignedManifest.read(local), trusted_key, local)
+    if manifest.model_name != model:
+        raise IntegrityError(
+            f"version {version}: its signed manifest is for model {manifest.model_name!r}, "
+            f"not {model!r}"
+        )
+    if (tags.get(TAG_CONTENT_KEY) or None) != manifest.content_key:
+        raise IntegrityError(
+            f"version {version}: tag {TAG_CONTENT_KEY} does not match its signed manifest"
+        )
+    if tags.get(TAG_BACKEND, manifest.backend) != manifest.backend:
+        raise IntegrityError(
+            f"version {version}: tag {TAG_BACKEND}={tags[TAG_BACKEND]!r} but its signed manifest "
+            f"says {manifest.backend!r}"
+        )
     artifact = tags.get(TAG_ARTIFACT, "")
     entry = next((f for f in manifest.files if f.path == artifact), None)
     if entry is None or entry.sha256 != tags.get(TAG_ARTIFACT_SHA):
@@ -175,6 +194,4 @@ def verify_version(
             f"version {version}: artefact {artifact!r} is not in its signed manifest with the "
             "tagged sha256"
         )
-    return VerifiedArtifact(
-        str(local / artifact), entry.sha256, tags.get(TAG_BACKEND, "onnxruntime")
-    )
+    return VerifiedArtifact(str(local / artifact), entry.sha256, manifest.backend)

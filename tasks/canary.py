@@ -64,7 +64,7 @@ class CanaryOutcome:
 def version_spec(reg: Registry, s: Settings, info: ModelVersionInfo) -> VersionSpec:
     """Fetch a version's artefacts and verify its signed manifest before anything serves it."""
     local = Path(reg.download(info.name, info.version))
-    verified = verify_version(local, info.tags, info.version, s.signing_key_path)
+    verified = verify_version(local, info.tags, info.version, s.signing_key_path, model=info.name)
     return VersionSpec(
         version=info.version,
         artifact_path=verified.path,

@@ -123,7 +123,9 @@ class RegistryDesiredState:
         if cached is None:
             local = Path(self.registry.download(info.name, info.version))
             try:
-                cached = verify_version(local, info.tags, info.version, self.trusted_key)
+                cached = verify_version(
+                    local, info.tags, info.version, self.trusted_key, model=info.name
+                )
             except BallastError as exc:
                 raise DesiredStateError(f"{info.name} {exc.message}") from exc
             self._verified[info.version] = cached

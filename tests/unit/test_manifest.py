@@ -455,3 +455,20 @@ def test_a_fifo_in_a_verified_folder_is_refused_without_opening_it(
         build_manifest(
             artifact_dir, model_name="m", dataset_sha256=DATASET, backend="ort", precision="fp32"
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [(b"a\\b", "normalised relative POSIX path"), (b"\xff.bin", "valid string")],
+    ids=["backslash", "not-utf8"],
+)
+def test_a_file_name_no_manifest_can_hold_is_an_integrity_error(
+    tmp_path: Path, name: bytes, match: str
+) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    with open(os.path.join(os.fsencode(tmp_path), name), "wb") as fh:
+        fh.write(b"x")
+    with pytest.raises(IntegrityError, match=match):
+        build_manifest(
+            tmp_path, model_name="m", dataset_sha256="cd" * 32, backend="ort", precision="fp32"
+        )
