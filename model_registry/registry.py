@@ -499,10 +499,25 @@ class Registry:
             moved_to=dict(target),
         )
 
-    def rollback_to_previous(self, name: str) -> PromotionResult:
+    def rollback_to_previous(
+        self, name: str, *, expect: Mapping[str, str | None] | None = None
+    ) -> PromotionResult:
         """Point ``champion`` back at ``previous`` and remove ``previous`` (so a second rollback
-        cannot bounce back to the version just rolled away from)."""
+        cannot bounce back to the version just rolled away from).
+
+        ``expect`` (alias -> version, None: unset) is what the caller decided on, e.g. the
+        versions it verified and will deploy: if any of them has moved since (another run
+        promoted meanwhile), :class:`RegistryError` and nothing moves. The registry has no
+        compare-and-set, so this narrows the race to this call instead of closing it.
+        """
         before = self._aliases(name, missing_ok=False)
+        if expect is not None:
+            now = {alias: before.get(alias) for alias in expect}
+            if now != dict(expect):
+                raise RegistryError(
+                    f"not rolling back {name!r}: the aliases are {now} now, not "
+                    f"{dict(expect)} as when the rollback was decided; nothing moved"
+                )
         prev = before.get(PREVIOUS)
         if prev is None:
             raise RegistryError(f"{name!r} has no {PREVIOUS!r} alias to roll back to")

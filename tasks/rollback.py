@@ -84,7 +84,15 @@ def rollback_to_previous(
             offline = FileDesiredState(desired_state_file(s))
             offline_before = offline.read()
             _refuse_during_trial(name, offline_before, force=force)
-        moved = reg.rollback_to_previous(name)
+        # Only the pair verified above: a promotion since would make `previous` another
+        # version than the one the gateway is about to be given.
+        moved = reg.rollback_to_previous(
+            name,
+            expect={
+                ALIAS_PREVIOUS: previous.version,
+                ALIAS_CHAMPION: None if champion is None else champion.version,
+            },
+        )
         try:
             if live:
                 gw.set_deployment(target)

@@ -113,7 +113,11 @@ class FakeRegistry:
             target["candidate"] = None
         return self._move(name, f"promote {version}", target)
 
-    def rollback_to_previous(self, name: str) -> SimpleNamespace:
+    def rollback_to_previous(
+        self, name: str, *, expect: dict[str, str | None] | None = None
+    ) -> SimpleNamespace:
+        if expect is not None and any(self.aliases.get(a) != v for a, v in expect.items()):
+            raise RegistryError(f"not rolling back: the aliases moved (expected {expect})")
         if "previous" not in self.aliases:
             raise RegistryError("no previous")
         return self._move(

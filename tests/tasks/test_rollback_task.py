@@ -5,6 +5,7 @@ the other is put back."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -146,4 +147,28 @@ def test_a_switch_the_gateway_refuses_undoes_the_registry_move(
     assert gateway.sets[-1] == before and gateway.current == before
     if also == "restore":
         assert any("restoring the deployment" in n and "refused" in n for n in notes), notes
+    assert _audited_rollbacks(settings) == []
+
+
+def test_a_promotion_after_the_rollback_was_decided_stops_it_before_anything_moves(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given champion 3 / previous 2, and another run's canary that promotes 4 while this
+    # rollback verifies version 2 (after it read the aliases, before it moves them),
+    before = Deployment(model=settings.model_name, champion=spec("3"))
+    gateway = FakeGateway(before)
+    reg = FakeRegistry({"champion": "3", "previous": "2"})
+    _wire(monkeypatch, gateway, reg)
+
+    def verify_while_another_run_promotes(r: object, s: object, info: Any) -> object:
+        reg.promote(settings.model_name, "4")
+        return spec(info.version)
+
+    monkeypatch.setattr(tr, "version_spec", verify_while_another_run_promotes)
+    # the rollback refuses: its `previous` (2) is no longer the registry's (3),
+    with pytest.raises(RegistryError, match="aliases moved"):
+        tr.rollback_to_previous.fn()
+    # and neither side moved: the registry keeps the promotion, the gateway what it served.
+    assert reg.aliases == {"champion": "4", "previous": "3"}
+    assert gateway.sets == [] and gateway.current == before
     assert _audited_rollbacks(settings) == []

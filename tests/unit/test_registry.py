@@ -391,6 +391,23 @@ def test_rollback_returns_to_previous_once(registry: Registry, two_versions: str
     assert registry.get_by_alias(name, "champion").version == "1"  # type: ignore[union-attr]
 
 
+def test_a_rollback_decided_on_aliases_that_moved_since_moves_nothing(
+    registry: Registry, two_versions: str
+) -> None:
+    name = two_versions
+    registry.promote(name, 1)
+    registry.promote(name, 2)  # champion 2, previous 1: what the caller saw and verified
+    seen = {"champion": "2", "previous": "1"}
+    registry.promote(name, 1)  # someone else meanwhile: champion 1, previous 2
+
+    with pytest.raises(RegistryError, match="as when the rollback was decided; nothing moved"):
+        registry.rollback_to_previous(name, expect=seen)
+    assert _aliases(registry, name) == {"champion": "1", "previous": "2"}
+
+    result = registry.rollback_to_previous(name, expect={"champion": "1", "previous": "2"})
+    assert result.version == "2" and _aliases(registry, name) == {"champion": "2"}
+
+
 def _aliases(registry: Registry, name: str) -> dict[str, str]:
     return {alias: v.version for v in registry.list_versions(name) for alias in v.aliases}
 
