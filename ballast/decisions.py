@@ -25,7 +25,7 @@ __all__ = [
     "decide_approval",
     "next_weight",
     "plan_promotion",
-    "plan_rollback",
+    "plan_rollback_to_previous",
     "prior_decision",
     "validate_steps",
 ]
@@ -142,7 +142,8 @@ def prior_decision(
 
 @dataclass(frozen=True, slots=True)
 class AliasPlan:
-    """Alias moves to apply in order: every ``set`` (alias → version), then every ``delete``."""
+    """Alias moves: every ``set`` (alias → version) and every ``delete``, applied as one move by
+    the registry facade (which puts all of them back if any fails)."""
 
     set: Mapping[str, str] = field(default_factory=dict)
     delete: tuple[str, ...] = ()
@@ -152,47 +153,50 @@ class AliasPlan:
     def empty(self) -> bool:
         return not self.set and not self.delete
 
+    def target(self) -> dict[str, str | None]:
+        """The move as alias → version, None where the alias goes away."""
+        return {**self.set, **dict.fromkeys(self.delete)}
 
-def plan_promotion(current_champion: str | None, candidate: str) -> AliasPlan:
-    """Alias moves that make ``candidate`` the champion.
 
-    ``champion`` → candidate, ``previous`` → the old champion (kept for rollback), ``candidate``
-    alias removed. Promoting the version that is already champion (a retried flow) only removes
-    the ``candidate`` alias, so a retry cannot point ``previous`` at the champion itself.
+def plan_promotion(aliases: Mapping[str, str], candidate: str) -> AliasPlan:
+    """Alias moves that make ``candidate`` the champion, given the model's ``aliases`` now.
+
+    ``champion`` → candidate, ``previous`` → the old champion (kept for rollback). The
+    ``candidate`` alias goes only when it names this version: another run may have registered a
+    newer candidate meanwhile, and its alias is not this promotion's to take. Promoting the
+    version that is already champion (a retried flow) moves nothing else, so a retry cannot
+    point ``previous`` at the champion itself.
     """
     if not candidate:
         raise ValueError("candidate version must be non-empty")
-    if current_champion == candidate:
-        return AliasPlan(delete=(CANDIDATE,), summary=f"version {candidate} is already champion")
-    moves = {CHAMPION: candidate}
-    if current_champion is not None:
-        moves[PREVIOUS] = current_champion
-        summary = f"champion {current_champion} -> {candidate}; previous = {current_champion}"
+    old = aliases.get(CHAMPION)
+    moves: dict[str, str] = {}
+    if old == candidate:
+        summary = f"version {candidate} is already champion"
+    elif old is not None:
+        moves = {CHAMPION: candidate, PREVIOUS: old}
+        summary = f"champion {old} -> {candidate}; previous = {old}"
     else:
+        moves = {CHAMPION: candidate}
         summary = f"first champion: {candidate}"
-    return AliasPlan(set=moves, delete=(CANDIDATE,), summary=summary)
+    delete = (CANDIDATE,) if aliases.get(CANDIDATE) == candidate else ()
+    return AliasPlan(set=moves, delete=delete, summary=summary)
 
 
-def plan_rollback(current_champion: str | None, previous: str | None, failed: str) -> AliasPlan:
-    """Alias moves that take ``failed`` out of service.
+def plan_rollback_to_previous(aliases: Mapping[str, str]) -> AliasPlan:
+    """Alias moves that put ``previous`` back as champion, given the model's ``aliases`` now.
 
-    * ``failed`` never became champion (a canary rollback): the champion stays, the
-      ``candidate`` alias is removed.
-    * ``failed`` is the champion (rollback after promotion): ``champion`` → ``previous`` and the
-      ``previous`` alias is removed (it now is the champion). Without a previous version there is
-      nothing to roll back to, which is an error for the caller to surface, not to guess around.
+    The ``previous`` alias goes too, so a second rollback cannot bounce back to the version just
+    rolled away from. Without a previous version (or one that is the champion already) there is
+    nothing to roll back to: an error for the caller to surface, not to guess around.
     """
-    if not failed:
-        raise ValueError("failed version must be non-empty")
-    if current_champion != failed:
-        kept = f"champion {current_champion} stays" if current_champion else "no champion"
-        return AliasPlan(delete=(CANDIDATE,), summary=f"{failed} rejected; {kept}")
-    if previous is None or previous == failed:
-        raise ValueError(f"cannot roll back champion {failed}: no previous version to restore")
+    previous, champion = aliases.get(PREVIOUS), aliases.get(CHAMPION)
+    if previous is None or previous == champion:
+        raise ValueError(f"no previous version to roll back to (champion {champion})")
     return AliasPlan(
         set={CHAMPION: previous},
         delete=(PREVIOUS,),
-        summary=f"champion {failed} -> {previous} (rollback)",
+        summary=f"champion {champion} -> {previous} (rollback)",
     )
 
 

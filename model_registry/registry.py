@@ -26,11 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ballast.decisions import plan_promotion, plan_rollback_to_previous
 from ballast.errors import RegistryError
 from model_registry.types import (
     CANDIDATE,
     CHAMPION,
-    PREVIOUS,
     TAG_APPROVAL,
     ApprovalRecord,
     ModelVersionInfo,
@@ -475,35 +475,30 @@ class Registry:
 
     def promote(self, name: str, version: str | int) -> PromotionResult:
         """Make ``version`` the champion; the old champion becomes ``previous``; a ``candidate``
-        alias on ``version`` is removed. Undone as a whole if any step fails."""
+        alias on ``version`` is removed (:func:`ballast.decisions.plan_promotion`). Undone as a
+        whole if any step fails."""
         version = str(version)
         before = self._aliases(name, missing_ok=False)
-        old = before.get(CHAMPION)
-        target: dict[str, str | None] = {}
-        if old != version:
-            if old is not None:
-                target[PREVIOUS] = old
-            target[CHAMPION] = version
-        clears_candidate = before.get(CANDIDATE) == version
-        if clears_candidate:
-            target[CANDIDATE] = None
+        plan = plan_promotion(before, version)
+        target = plan.target()
         self._move_aliases(name, before, target)
+        old = before.get(CHAMPION)
         log.info("promoted %s version %s (previous champion %s)", name, version, old)
         return PromotionResult(
             name=name,
             version=version,
             previous_champion=old,
-            candidate_cleared=clears_candidate,
+            candidate_cleared=CANDIDATE in plan.delete,
             changed=old != version,
             moved_from={alias: before.get(alias) for alias in target},
-            moved_to=dict(target),
+            moved_to=target,
         )
 
     def rollback_to_previous(
         self, name: str, *, expect: Mapping[str, str | None] | None = None
     ) -> PromotionResult:
-        """Point ``champion`` back at ``previous`` and remove ``previous`` (so a second rollback
-        cannot bounce back to the version just rolled away from).
+        """Point ``champion`` back at ``previous`` and remove ``previous``
+        (:func:`ballast.decisions.plan_rollback_to_previous`).
 
         ``expect`` (alias -> version, None: unset) is what the caller decided on, e.g. the
         versions it verified and will deploy: if any of them has moved since (another run
@@ -518,11 +513,13 @@ class Registry:
                     f"not rolling back {name!r}: the aliases are {now} now, not "
                     f"{dict(expect)} as when the rollback was decided; nothing moved"
                 )
-        prev = before.get(PREVIOUS)
-        if prev is None:
-            raise RegistryError(f"{name!r} has no {PREVIOUS!r} alias to roll back to")
-        target: dict[str, str | None] = {CHAMPION: prev, PREVIOUS: None}
+        try:
+            plan = plan_rollback_to_previous(before)
+        except ValueError as exc:
+            raise RegistryError(f"{name!r} cannot roll back: {exc}") from None
+        target = plan.target()
         self._move_aliases(name, before, target)
+        prev = plan.set[CHAMPION]
         log.info("rolled %s back to version %s from %s", name, prev, before.get(CHAMPION))
         return PromotionResult(
             name=name,

@@ -13,7 +13,7 @@ from ballast.decisions import (
     decide_approval,
     next_weight,
     plan_promotion,
-    plan_rollback,
+    plan_rollback_to_previous,
     prior_decision,
     validate_steps,
 )
@@ -61,61 +61,50 @@ def test_decide_approval_refuses_an_unknown_policy() -> None:
 
 
 @pytest.mark.parametrize(
-    ("champion", "candidate", "expected_set", "expected_delete"),
+    ("aliases", "candidate", "expected_set", "expected_delete"),
     [
-        ("3", "4", {CHAMPION: "4", PREVIOUS: "3"}, (CANDIDATE,)),
-        (None, "1", {CHAMPION: "1"}, (CANDIDATE,)),
-        ("4", "4", {}, (CANDIDATE,)),
+        ({CHAMPION: "3", CANDIDATE: "4"}, "4", {CHAMPION: "4", PREVIOUS: "3"}, (CANDIDATE,)),
+        ({CANDIDATE: "1"}, "1", {CHAMPION: "1"}, (CANDIDATE,)),
+        ({CHAMPION: "4", PREVIOUS: "3"}, "4", {}, ()),
+        ({CHAMPION: "3", CANDIDATE: "5"}, "4", {CHAMPION: "4", PREVIOUS: "3"}, ()),
     ],
-    ids=["old-champion-becomes-previous", "first-release-has-no-previous", "retry-is-idempotent"],
+    ids=[
+        "old-champion-becomes-previous",
+        "first-release-has-no-previous",
+        "retry-is-idempotent",
+        "another-runs-candidate-alias-stays",
+    ],
 )
 def test_plan_promotion(
-    champion: str | None,
+    aliases: dict[str, str],
     candidate: str,
     expected_set: dict[str, str],
     expected_delete: tuple[str, ...],
 ) -> None:
-    plan = plan_promotion(champion, candidate)
+    plan = plan_promotion(aliases, candidate)
     assert dict(plan.set) == expected_set, plan
     assert plan.delete == expected_delete
+    assert plan.target() == {**expected_set, **dict.fromkeys(expected_delete)}
     assert plan.summary
 
 
 def test_plan_promotion_refuses_an_empty_candidate() -> None:
     with pytest.raises(ValueError, match="non-empty"):
-        plan_promotion("1", "")
+        plan_promotion({CHAMPION: "1"}, "")
+
+
+def test_plan_rollback_to_previous_restores_previous_and_drops_the_alias() -> None:
+    plan = plan_rollback_to_previous({CHAMPION: "4", PREVIOUS: "3", CANDIDATE: "5"})
+    assert plan.target() == {CHAMPION: "3", PREVIOUS: None}  # the candidate is not its business
+    assert plan.summary == "champion 4 -> 3 (rollback)"
 
 
 @pytest.mark.parametrize(
-    ("champion", "previous", "failed", "expected_set", "expected_delete"),
-    [
-        ("3", "2", "4", {}, (CANDIDATE,)),
-        (None, None, "1", {}, (CANDIDATE,)),
-        ("4", "3", "4", {CHAMPION: "3"}, (PREVIOUS,)),
-    ],
-    ids=[
-        "canary-rollback-keeps-champion",
-        "failed-first-release-leaves-no-champion",
-        "promoted-version-rolls-back-to-previous",
-    ],
+    "aliases", [{CHAMPION: "4"}, {CHAMPION: "4", PREVIOUS: "4"}, {}], ids=["none", "same", "empty"]
 )
-def test_plan_rollback(
-    champion: str | None,
-    previous: str | None,
-    failed: str,
-    expected_set: dict[str, str],
-    expected_delete: tuple[str, ...],
-) -> None:
-    plan = plan_rollback(champion, previous, failed)
-    assert dict(plan.set) == expected_set, plan
-    assert plan.delete == expected_delete
-    assert not plan.empty
-
-
-@pytest.mark.parametrize(("previous"), [None, "4"], ids=["no-previous", "previous-is-the-failure"])
-def test_plan_rollback_of_the_champion_needs_a_distinct_previous(previous: str | None) -> None:
+def test_plan_rollback_to_previous_needs_a_distinct_previous(aliases: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="no previous version"):
-        plan_rollback("4", previous, "4")
+        plan_rollback_to_previous(aliases)
 
 
 def test_empty_plan_is_empty() -> None:

@@ -386,7 +386,7 @@ def test_rollback_returns_to_previous_once(registry: Registry, two_versions: str
     assert registry.get_by_alias(name, "champion").version == "1"  # type: ignore[union-attr]
     assert registry.get_by_alias(name, "previous") is None
 
-    with pytest.raises(RegistryError, match="no 'previous' alias"):
+    with pytest.raises(RegistryError, match="no previous version to roll back to"):
         registry.rollback_to_previous(name)
     assert registry.get_by_alias(name, "champion").version == "1"  # type: ignore[union-attr]
 
