@@ -23,10 +23,16 @@ Backend = Literal["onnxruntime", "tensorrt", "aotinductor"]
 NPY_MEDIA_TYPE = "application/x-npy"
 
 
+#: What a model or version name may be: it goes into URL paths (``/v1/models/{model}``) and
+#: response headers (``x-ballast-version``), so no ``/``, spaces or control characters. MLflow's
+#: version numbers and the usual model names fit.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
 class VersionSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: str = Field(min_length=1)
+    version: str = Field(pattern=NAME_PATTERN)
     artifact_path: str = Field(min_length=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     backend: Backend = "onnxruntime"
@@ -42,7 +48,7 @@ class VersionSpec(BaseModel):
 class Deployment(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field(min_length=1)
+    model: str = Field(pattern=NAME_PATTERN)
     champion: VersionSpec | None = None
     canary: VersionSpec | None = None
     canary_weight: int = Field(default=0, ge=0, le=100)
@@ -54,7 +60,7 @@ class Deployment(BaseModel):
     # the trial by itself and serves the champion alone. The release controller renews it while
     # it runs, so a controller that dies mid-canary (flow process killed, machine lost, network
     # cut) cannot leave a half-released version taking traffic. None: no lease (manual changes).
-    lease_expires_at: float | None = Field(default=None, gt=0)
+    lease_expires_at: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _consistent(self) -> Deployment:

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ballast.errors import ConfigError
 from ballast.quality import METRICS, QualityPolicy
+from ballast.serving import NAME_PATTERN
 
 # The largest batch an artefact is exported for (ballast.compile.onnx_export.MAX_EXPORT_BATCH; a
 # test holds the two equal). Not imported from there: that would load the compile package with
@@ -237,6 +238,17 @@ class Settings(BaseSettings):
         # reach a host) nobody asked for.
         if not v.strip() or v != v.strip():
             raise ValueError(f"must be a non-empty name without surrounding spaces, got {v!r}")
+        return v
+
+    @field_validator("model_name")
+    @classmethod
+    def _a_servable_name(cls, v: str) -> str:
+        # Refused here rather than by the gateway at the canary, after training and registering.
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError(
+                "must be letters, digits, '.', '_' or '-' (at most 128, starting with a letter "
+                f"or digit): the gateway serves it at /v1/models/<name>; got {v!r}"
+            )
         return v
 
     @field_validator("mlflow_tracking_uri", "s3_endpoint_url")

@@ -359,8 +359,30 @@ def test_versions_loaded_for_a_refused_deployment_are_freed(
         (b'{"model": "m", "surprise": 1}', 422),
         (b'{"model": ""}', 422),
         (b"[]", 422),
+        # Names go into URL paths and response headers: a "/" or a control character would
+        # make a version whose every answer drops the connection.
+        (b'{"model": "a/b"}', 422),
+        (
+            b'{"model": "m", "champion": {"version": "1\\n", "artifact_path": "/a", "sha256": "'
+            + b"0" * 64
+            + b'"}}',
+            422,
+        ),
+        # A lease that never runs out would hold a trial for ever (and not encode as JSON).
+        (b'{"model": "m", "lease_expires_at": 1e400}', 422),
+        (b'{"model": "m", "lease_expires_at": Infinity}', 422),
     ],
-    ids=["malformed", "weight-without-canary", "extra-field", "empty-model", "not-an-object"],
+    ids=[
+        "malformed",
+        "weight-without-canary",
+        "extra-field",
+        "empty-model",
+        "not-an-object",
+        "slash-in-model",
+        "newline-in-version",
+        "infinite-lease",
+        "infinity-lease",
+    ],
 )
 def test_invalid_deployment_bodies_are_refused(gw: TestClient, body: bytes, status: int) -> None:
     resp = gw.put("/admin/deployment", content=body, headers=AUTH)
