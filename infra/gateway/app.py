@@ -463,7 +463,9 @@ class Gateway:
             )
             return _error(exc.status, f"deployment refused, previous one stays: {exc.message}")
         except DesiredStateError as exc:
-            return _error(exc.status, f"deployment not recorded, previous one stays: {exc.message}")
+            # 500: the source could not even be put back (the message says what to do).
+            stays = "previous one stays here" if exc.status == 500 else "previous one stays"
+            return _error(exc.status, f"deployment not recorded, {stays}: {exc.message}")
         self.metrics.deployments.labels(dep.model, "applied").inc()
         converged, total = await self._await_replicas(dep.fingerprint())
         self._log(

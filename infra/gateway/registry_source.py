@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 _NO_LEASE = NO_LEASE
+# What each tag the gateway writes reads as when a version does not have it.
+_NEUTRAL = {TAG_CANARY_WEIGHT: "0", TAG_SHADOW_FRACTION: "0", TAG_LEASE: _NO_LEASE}
 
 
 class RegistryFacade(Protocol):
@@ -255,29 +257,59 @@ class RegistryDesiredState:
             candidate, shadow = aliases[ALIAS_CANDIDATE], aliases[ALIAS_SHADOW]
             expires = deployment.lease_expires_at
             lease = {TAG_LEASE: _NO_LEASE if expires is None else repr(expires)}  # exact float
+            writes: list[tuple[ModelVersionInfo, dict[str, str]]] = []
             if candidate is not None:
                 weight = deployment.canary_weight if deployment.canary is not None else 0
                 share = {TAG_CANARY_WEIGHT: str(weight)}
-                self._set_tags(candidate.version, share, lease, ending=not weight)
+                writes += [(candidate, t) for t in _ordered(share, lease, ending=not weight)]
             if shadow is not None:
                 fraction = deployment.shadow_fraction if deployment.shadow is not None else 0.0
                 share = {TAG_SHADOW_FRACTION: repr(fraction)}
-                self._set_tags(shadow.version, share, lease, ending=not fraction)
+                writes += [(shadow, t) for t in _ordered(share, lease, ending=not fraction)]
         except DesiredStateError:
             raise
         except (BallastError, OSError) as exc:
             raise DesiredStateError(
                 f"cannot record the desired state in the registry: {exc}"
             ) from exc
+        self._write_all_or_none(writes)
 
-    def _set_tags(
-        self, version: str, share: dict[str, str], lease: dict[str, str], *, ending: bool
-    ) -> None:
-        """Write a version's traffic share and the lease so that a replica reading between the
-        two writes never sees its trial with a lease it must not hold: the share first when it
-        goes to 0 (the trial ends here), else the lease first."""
-        for tags in (share, lease) if ending else (lease, share):
-            self.registry.set_tags(self.model, version, tags)
+    def _write_all_or_none(self, writes: list[tuple[ModelVersionInfo, dict[str, str]]]) -> None:
+        """Make the tag writes in order; if one fails, put back what the earlier ones changed
+        (newest first), so a refused change does not reach the replicas at their next poll."""
+        done: list[tuple[ModelVersionInfo, dict[str, str]]] = []
+        try:
+            for info, tags in writes:
+                self.registry.set_tags(self.model, info.version, tags)
+                done.append((info, tags))
+        except (BallastError, OSError) as exc:
+            problems: list[str] = []
+            for info, tags in reversed(done):
+                # A tag the version did not have reads as its neutral value (0, no lease).
+                old = {k: info.tags.get(k, _NEUTRAL[k]) for k in tags}
+                try:
+                    self.registry.set_tags(self.model, info.version, old)
+                except (BallastError, OSError) as undo_exc:
+                    problems.append(f"version {info.version}: {undo_exc}")
+            if problems:
+                raise DesiredStateError(
+                    f"cannot record the desired state in the registry ({exc}), and putting back "
+                    f"the tags already written failed too ({'; '.join(problems)}): the registry "
+                    "may hold part of the change; PUT the deployment again",
+                    status=500,
+                ) from exc
+            raise DesiredStateError(
+                f"cannot record the desired state in the registry: {exc}"
+            ) from exc
+
+
+def _ordered(
+    share: dict[str, str], lease: dict[str, str], *, ending: bool
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A version's traffic share and its lease in the order that a replica reading between the
+    two writes never sees its trial with a lease it must not hold: the share first when it
+    goes to 0 (the trial ends here), else the lease first."""
+    return (share, lease) if ending else (lease, share)
 
 
 def _weight(info: ModelVersionInfo | None) -> int:

@@ -1839,6 +1839,51 @@ def test_registry_source_keeps_a_deployments_lease(
         source.read()
 
 
+@pytest.mark.parametrize("undo_fails", [False, True], ids=["put-back", "put-back-fails"])
+def test_a_publish_that_fails_half_way_puts_back_what_it_wrote(
+    artefacts: dict[str, Path], tmp_path: Path, undo_fails: bool
+) -> None:
+    # Given champion 1, candidate 2 at 10 % and shadow 3 at 0.2, settled in the registry,
+    key = tmp_path / "keys" / "signing.pem"
+    reg = FacadeStandIn(tmp_path / "store")
+    reg.add("1", artefacts["a"], key)
+    reg.add("2", artefacts["b"], key, **{TAG_CANARY_WEIGHT: "10"})
+    reg.add("3", artefacts["b"], key, **{TAG_SHADOW_FRACTION: "0.2"})
+    reg.aliases = {"champion": "1", "candidate": "2", "shadow": "3"}
+    source = RegistryDesiredState(reg, MODEL, key)
+    before = source.read()
+    assert before is not None and before.canary_weight == 10
+    tags_before = {v: dict(reg.versions[v].tags) for v in ("2", "3")}
+    # when a leased change reaches the candidate's tags but not the shadow's,
+    change = before.model_copy(
+        update={"canary_weight": 50, "shadow_fraction": 0.5, "lease_expires_at": time.time() + 60}
+    )
+    original_set_tags = FacadeStandIn.set_tags
+
+    def write_then_lose_the_server(name: str, version: str | int, tags: dict[str, str]) -> None:
+        if undo_fails and str(version) == "2" and tags.get(TAG_CANARY_WEIGHT) == "10":
+            raise RegistryError("tracking server unreachable (the undo)")
+        if str(version) == "3":
+            raise RegistryError("tracking server unreachable")
+        original_set_tags(reg, name, version, tags)
+
+    reg.set_tags = write_then_lose_the_server  # type: ignore[method-assign]
+    with pytest.raises(DesiredStateError) as info:
+        source.publish(change, actor="t")
+    if undo_fails:
+        # then, when even the undo fails, the error says the registry may hold part of it.
+        assert info.value.status == 500 and "may hold part of the change" in info.value.message
+        return
+    # then every tag written is put back: the replicas' next poll reads what was in force.
+    assert info.value.status == 503
+    assert "cannot record the desired state" in info.value.message
+    assert {v: dict(reg.versions[v].tags) for v in ("2", "3")} == {
+        "2": {**tags_before["2"], LEASE_TAG: "none"},  # had no lease tag: reads as none
+        "3": tags_before["3"],
+    }
+    assert source.read() == before
+
+
 def test_a_leased_put_on_registry_replicas_converges_everywhere_and_expires_everywhere(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
