@@ -108,8 +108,10 @@ class Settings(BaseSettings):
 
     # Compile.
     compile_backend: Literal["auto", "onnxruntime", "tensorrt", "aotinductor"] = "auto"
-    parity_rtol_fp32: float = 1e-4
-    parity_rtol_fp16: float = 1e-2
+    # Relative error the compiled artefact may show against eager PyTorch (0 < rtol < 1: inf
+    # would switch the parity gate off, 0 or less fail every compile).
+    parity_rtol_fp32: float = Field(default=1e-4, gt=0, lt=1)
+    parity_rtol_fp16: float = Field(default=1e-2, gt=0, lt=1)
     # Batch sizes the artefact is benchmarked at; the largest is the batch it is compiled for.
     bench_batches: tuple[int, ...] = (1, 64, 1024)
 

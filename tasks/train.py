@@ -101,6 +101,13 @@ def train_model(
         # Deliberately broken candidate: evaluated after corruption, so every number is honest.
         corrupt_weights(result.model, s.seed)
         result.metrics.update(evaluate(result.model, result.split.x_test, result.split.y_test))
+        # The training-time numbers too: any of them may be the quality gate's metric, and
+        # left as they were they would vouch for the model before it was broken.
+        val = evaluate(result.model, result.split.x_val, result.split.y_val)
+        fit = evaluate(result.model, result.split.x_train, result.split.y_train)
+        result.metrics.update(
+            val_loss=val["log_loss"], val_accuracy=val["accuracy"], train_loss=fit["log_loss"]
+        )
         result.params["fault_injection"] = "bad-weights"
     log.info(
         "stage=train model=%s device=%s seconds=%.1f epochs=%d best_epoch=%d resumed_from=%s "

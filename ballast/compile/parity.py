@@ -108,6 +108,8 @@ def check_parity(
     Raises :class:`ParityError` naming the worst error, where it occurred and the limit; on success
     returns the report (``passed`` is then True).
     """
+    if not 0 < rtol < 1:  # NaN fails this too; inf would pass any finite error
+        raise ParityError(f"parity tolerance must lie in (0, 1), got {rtol!r}")
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2 or len(rows) == 0:
         raise ParityError(f"parity needs a non-empty [rows, features] array, got {rows.shape}")

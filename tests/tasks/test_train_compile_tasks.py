@@ -13,7 +13,7 @@ from ballast.data import ValidatedDataset
 from ballast.datasets_extra import bundled_dataset
 from ballast.errors import QualityGateFailed
 from ballast.quality import QualityPolicy
-from ballast.settings import Settings
+from ballast.settings import Settings, get_settings
 from ballast.training import TrainResult
 from model_registry import CHAMPION, Registry
 from tasks.compile import compile_candidate
@@ -80,9 +80,28 @@ def test_train_task_selects_the_model_by_name(fast: Settings) -> None:
 def test_bad_weights_fault_is_evaluated_after_corruption(
     fast: Settings, dataset: ValidatedDataset
 ) -> None:
+    clean = train_model.fn(dataset)
     result = train_model.fn(dataset, "bad-weights")
     assert result.params["fault_injection"] == "bad-weights"
     assert result.metrics["accuracy"] < 0.5
+    # Every number a quality gate may read describes the broken model, not the one before.
+    assert result.metrics["val_accuracy"] < 0.5 < clean.metrics["val_accuracy"]
+    assert result.metrics["val_loss"] > 2 * clean.metrics["val_loss"]
+    assert result.metrics["train_loss"] > 2 * clean.metrics["train_loss"]
+
+
+@pytest.mark.parametrize("metric", ["val_loss", "val_accuracy", "train_loss"])
+def test_bad_weights_are_stopped_whichever_metric_gates(
+    fast: Settings, dataset: ValidatedDataset, monkeypatch: pytest.MonkeyPatch, metric: str
+) -> None:
+    monkeypatch.setenv("BALLAST_QUALITY_METRIC", metric)
+    if metric == "val_accuracy":
+        monkeypatch.setenv("BALLAST_QUALITY_FLOOR", "0.9")
+    else:
+        monkeypatch.setenv("BALLAST_QUALITY_FLOOR", "0.5")  # a loss: the floor is a maximum
+    get_settings.cache_clear()
+    with pytest.raises(QualityGateFailed, match="fails the floor"):
+        quality_gate.fn(train_model.fn(dataset, "bad-weights"))
 
 
 def test_first_release_passes_the_gate_on_the_floor(

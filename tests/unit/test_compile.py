@@ -420,6 +420,16 @@ def test_parity_fails_when_eager_is_not_finite_on_the_random_rows() -> None:
     assert check_parity(_SqrtOfFirst(), _ClippedSqrtOfFirst(), real, rtol=1e-4, n_random=0).passed
 
 
+@pytest.mark.parametrize("rtol", [math.inf, math.nan, 0.0, -1e-4, 1.0])
+def test_a_parity_tolerance_outside_0_1_is_refused_before_anything_is_compared(
+    rtol: float,
+) -> None:
+    # inf would let a model 1000x off pass; 0 or less would fail every compile.
+    rows = np.ones((4, 3), dtype=np.float32)
+    with pytest.raises(ParityError, match=r"parity tolerance must lie in \(0, 1\)"):
+        check_parity(_SqrtOfFirst(), _ClippedSqrtOfFirst(), rows, rtol=rtol)
+
+
 def test_random_rows_follow_the_scale_of_the_real_rows(rows: np.ndarray) -> None:
     drawn = random_rows(rows, 4000, seed=3)
     assert drawn.dtype == np.float32 and drawn.shape == (4000, N_FEATURES)

@@ -22,6 +22,8 @@ def _fresh_settings() -> Iterator[None]:
     [
         ("BALLAST_MODEL_NAME", ""),
         ("BALLAST_MODEL_NAME", " breast-cancer-mlp"),
+        ("BALLAST_PARITY_RTOL_FP32", "inf"),
+        ("BALLAST_PARITY_RTOL_FP16", "0"),
         ("BALLAST_MODEL_NAME", "team/model"),  # the gateway serves it at /v1/models/<name>
         ("BALLAST_MODEL_NAME", "model\tv2"),
         ("BALLAST_GATEWAY_HOST", "   "),
