@@ -4,6 +4,12 @@ Each entry holds ``prev``, the sha256 of the previous line's bytes (:data:`GENES
 so editing, deleting or reordering a line in the middle breaks the chain at the next entry and
 :func:`verify_chain` names the first line where that happened. An exclusive ``flock`` around
 read-last-line + append keeps two writers from chaining onto the same predecessor.
+
+The chain alone cannot tell a log cut short, or rewritten whole with fresh hashes, from a genuine
+one. An :class:`Anchor` (entry count and the last entry's hash) kept somewhere else closes that:
+every edit at or before the anchored entry changes that entry's hash (it chains on all before
+it). Each release publishes the anchor in its Prefect report; ``ballast audit anchor`` prints it
+and ``ballast audit verify --anchor N:HASH`` checks the log against it.
 """
 
 from __future__ import annotations
@@ -13,11 +19,24 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GENESIS", "current_actor", "find", "line_hash", "read", "record", "verify_chain"]
+__all__ = [
+    "GENESIS",
+    "Anchor",
+    "anchor",
+    "current_actor",
+    "find",
+    "line_hash",
+    "read",
+    "record",
+    "verify_chain",
+]
 
 # The ``prev`` of the first entry: no line hashes to it.
 GENESIS = "0" * 64
@@ -120,20 +139,70 @@ def find(path: Path, action: str, *, model: str, version: str | None) -> list[di
     return found
 
 
-def verify_chain(path: Path) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """How far the log went when it was taken: ``entries`` lines, the last hashing to ``head``."""
+
+    entries: int
+    head: str
+
+    def text(self) -> str:
+        return f"{self.entries}:{self.head}"
+
+    @classmethod
+    def parse(cls, text: str) -> Anchor:
+        """``N:HASH`` as :meth:`text` writes it; ValueError otherwise."""
+        m = re.fullmatch(r"(\d{1,12}):([0-9a-f]{64})", text.strip())
+        if m is None:
+            raise ValueError(
+                f"an anchor is ENTRIES:SHA256 (as `ballast audit anchor` prints), got {text!r}"
+            )
+        return cls(int(m.group(1)), m.group(2))
+
+
+def _lines(path: Path) -> list[tuple[int, bytes]]:
+    """(line number, bytes) of every non-empty line."""
+    return [
+        (n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1) if raw.strip()
+    ]
+
+
+def anchor(path: Path) -> Anchor:
+    """The log's anchor now (0 entries and :data:`GENESIS` for a missing or empty log)."""
+    if not path.exists():
+        return Anchor(0, GENESIS)
+    lines = _lines(path)
+    return Anchor(len(lines), line_hash(lines[-1][1]) if lines else GENESIS)
+
+
+def verify_chain(path: Path, anchors: Sequence[Anchor] = ()) -> list[str]:
     """Problems found in the chain, first to last (empty: intact). Line numbers start at 1.
 
     A changed line breaks the ``prev`` of the line after it; a removed or reordered line breaks
-    the ``prev`` of the line now following its old neighbour. An edit to the last line cannot be
-    told from a genuine last entry by the chain alone (that needs an anchor kept elsewhere).
+    the ``prev`` of the line now following its old neighbour. An edit to the last line, a cut
+    or a rewrite of the whole log with fresh hashes cannot be told from a genuine log by the
+    chain alone: each of ``anchors`` (taken earlier, kept elsewhere) must still match its entry.
     """
     if not path.exists():
         return [f"{path}: no audit log"]
     problems: list[str] = []
-    expected = GENESIS
-    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not raw.strip():
+    lines = _lines(path)
+    for a in anchors:
+        if a.entries == 0:
             continue
+        if a.entries > len(lines):
+            problems.append(
+                f"anchor {a.text()[:20]}...: the log has {len(lines)} entries, not the "
+                f"{a.entries} it had (cut short)"
+            )
+        elif line_hash(lines[a.entries - 1][1]) != a.head:
+            problems.append(
+                f"anchor {a.text()[:20]}...: entry {a.entries} (line "
+                f"{lines[a.entries - 1][0]}) is not the one anchored: it, or an entry before "
+                "it, was rewritten"
+            )
+    expected = GENESIS
+    for n, raw in lines:
         try:
             entry = json.loads(raw)
         except json.JSONDecodeError:

@@ -83,15 +83,37 @@ def approve_command(
 @audit_app.command("verify")
 def audit_verify(
     path: Path | None = typer.Argument(None, help="Audit log (default: the one in state_dir)."),
+    anchor: list[str] = typer.Option(
+        [],
+        "--anchor",
+        help="ENTRIES:SHA256 taken earlier (`ballast audit anchor`, or a release's report): "
+        "the log must still hold that entry unchanged. Repeatable.",
+    ),
 ) -> None:
     """Check the hash chain; exit 1 naming the first broken entry if anything was edited."""
-    from ballast.audit import verify_chain
+    from ballast.audit import Anchor, verify_chain
     from ballast.settings import get_settings
 
+    try:
+        anchors = [Anchor.parse(a) for a in anchor]
+    except ValueError as exc:
+        fail(BallastError(str(exc), stage="audit"))
     target = path or get_settings().audit_log
-    problems = verify_chain(target)
+    problems = verify_chain(target, anchors)
     if problems:
         for p in problems:
             err.print(f"[bold red]audit[/] {p}")
         raise typer.Exit(code=1)
-    console.print(f"audit log {target}: chain intact")
+    held = f", {len(anchors)} anchor(s) held" if anchors else ""
+    console.print(f"audit log {target}: chain intact{held}")
+
+
+@audit_app.command("anchor")
+def audit_anchor(
+    path: Path | None = typer.Argument(None, help="Audit log (default: the one in state_dir)."),
+) -> None:
+    """Print the log's anchor (ENTRIES:SHA256): keep it elsewhere, check with verify --anchor."""
+    from ballast.audit import anchor as take_anchor
+    from ballast.settings import get_settings
+
+    typer.echo(take_anchor(path or get_settings().audit_log).text())

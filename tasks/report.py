@@ -11,7 +11,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from ballast.audit import anchor
 from ballast.release import decision_markdown
+from ballast.settings import get_settings
 from tasks.common import logger
 
 #: Event names: ``ballast.release.promoted`` / ``ballast.release.rolled_back``.
@@ -37,6 +39,10 @@ def publish_decision(
 ) -> str | None:
     """Publish the report; returns the artifact id. Never raises for the event: a decision that
     already changed traffic must not fail because a notification could not be sent."""
+    # The audit log's anchor after this release's entries, kept in Prefect's database: the
+    # chain alone cannot show a log cut short or rewritten whole (`ballast audit verify
+    # --anchor`).
+    held = anchor(get_settings().audit_log).text()
     md = decision_markdown(
         model=model,
         version=version,
@@ -47,6 +53,7 @@ def publish_decision(
         evidence=evidence,
         extra=extra,
     )
+    md += f"\nAudit log anchor: `{held}` (check with `ballast audit verify --anchor {held}`).\n"
     artifact_id = create_markdown_artifact(
         markdown=md,
         key=artifact_key(model),
@@ -59,6 +66,7 @@ def publish_decision(
         "champion": champion,
         "reasons": reasons,
         "evidence": {k: v for k, v in evidence.items() if isinstance(v, int | float | str)},
+        "audit_anchor": held,
     }
     try:
         emit_event(

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import pytest
 
+from ballast.audit import Anchor, verify_chain
 from ballast.audit import read as read_audit
 from ballast.crypto import encrypt_stream
 from ballast.data import bundled_frame
@@ -123,7 +125,14 @@ def test_faulty_release_is_rolled_back_by_the_canary(release_env: Settings) -> N
     assert f"version {report.version}: ROLLED BACK" in markdown
     assert "## Canary steps" in markdown and "| rollback |" in markdown
     assert report.reason.split(";")[0] in markdown
+    # with the audit log's anchor after the decision's entries, which the log still matches.
+    found = re.search(r"Audit log anchor: `([^`]+)`", markdown)
+    assert found is not None, markdown
+    held = Anchor.parse(found.group(1))
+    assert held.entries >= 2 and verify_chain(s.audit_log, [held]) == []
+    assert read_audit(s.audit_log)[held.entries - 1]["action"] == "rolled_back"
     event = _event("ballast.release.rolled_back", report.version)
+    assert event.payload["audit_anchor"] == held.text()
     assert event.payload["champion"] == champion_before.version
     assert event.payload["reasons"] and event.resource.id == (
         f"ballast.model.{s.model_name}.{report.version}"

@@ -7,7 +7,9 @@ import os
 import stat
 from pathlib import Path
 
-from ballast.audit import GENESIS, find, line_hash, read, record, verify_chain
+import pytest
+
+from ballast.audit import GENESIS, Anchor, anchor, find, line_hash, read, record, verify_chain
 
 
 def _log(tmp_path: Path, n: int = 4) -> Path:
@@ -114,3 +116,51 @@ def test_an_entry_after_a_torn_write_is_kept_and_the_chain_goes_on(tmp_path: Pat
     assert verify_chain(path) == ["line 3: not valid JSON"]
     record(path, "promote", model="m", version="3")
     assert verify_chain(path) == ["line 3: not valid JSON"]
+
+
+# -- anchors: what the chain alone cannot show ----------------------------------------------------
+
+
+def _rewrite_whole(path: Path, version_of_first: str) -> None:
+    """Edit the first entry and re-chain every line after it: the chain alone verifies."""
+    entries = read(path)
+    entries[0]["version"] = version_of_first
+    path.unlink()
+    prev = GENESIS
+    with path.open("wb") as fh:
+        for e in entries:
+            e["prev"] = prev
+            line = json.dumps(e, sort_keys=True).encode()
+            fh.write(line + b"\n")
+            prev = line_hash(line)
+
+
+def test_an_anchor_catches_a_log_cut_short_or_rewritten_whole(tmp_path: Path) -> None:
+    path = _log(tmp_path, 4)
+    held = anchor(path)
+    assert held.entries == 4 and held.head == line_hash(path.read_bytes().splitlines()[-1])
+    assert verify_chain(path, [held]) == []
+    record(path, "approve", model="m", version="later", approver="bob", reason="r")
+    assert verify_chain(path, [held]) == [], "entries after the anchor are the chain's business"
+
+    rewritten = tmp_path / "rewritten.jsonl"
+    rewritten.write_bytes(path.read_bytes())
+    _rewrite_whole(rewritten, "9")
+    assert verify_chain(rewritten) == [], "the chain alone cannot see this"
+    assert "entry 4 (line 4) is not the one anchored" in verify_chain(rewritten, [held])[0]
+
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:2]))
+    assert verify_chain(cut) == []
+    assert "the log has 2 entries, not the 4 it had (cut short)" in verify_chain(cut, [held])[0]
+    cut.write_bytes(b"")
+    assert "has 0 entries" in verify_chain(cut, [held])[0]
+
+
+def test_anchor_text_round_trips_and_junk_is_refused(tmp_path: Path) -> None:
+    held = anchor(_log(tmp_path, 2))
+    assert Anchor.parse(held.text()) == held
+    assert anchor(tmp_path / "missing.jsonl") == Anchor(0, GENESIS)
+    for junk in ("", "4", "4:abc", f"-1:{'a' * 64}", f"4:{'A' * 64}"):
+        with pytest.raises(ValueError, match="ENTRIES:SHA256"):
+            Anchor.parse(junk)

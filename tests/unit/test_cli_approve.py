@@ -90,3 +90,21 @@ def test_audit_verify_passes_an_intact_log_and_names_a_tampered_line(settings: S
     settings.audit_log.write_text("\n".join(lines) + "\n")
     bad = CliRunner().invoke(cli(), ["audit", "verify", str(settings.audit_log)])
     assert bad.exit_code == 1 and "line 2" in bad.output, bad.output
+
+
+def test_audit_anchor_and_verify_against_it(settings: Settings) -> None:
+    for v in ("1", "2"):
+        record(settings.audit_log, "approve", model="m", version=v)
+    taken = CliRunner().invoke(cli(), ["audit", "anchor"])
+    assert taken.exit_code == 0, taken.output
+    held = taken.output.strip()
+    assert held.startswith("2:") and len(held) == 2 + 64
+    ok = CliRunner().invoke(cli(), ["audit", "verify", "--anchor", held])
+    assert ok.exit_code == 0 and "1 anchor(s) held" in ok.output, ok.output
+    # Cut back to one entry: the chain is intact, the anchor is not.
+    first = settings.audit_log.read_text().splitlines()[0]
+    settings.audit_log.write_text(first + "\n")
+    cut = CliRunner().invoke(cli(), ["audit", "verify", "--anchor", held])
+    assert cut.exit_code == 1 and "cut short" in cut.output, cut.output
+    junk = CliRunner().invoke(cli(), ["audit", "verify", "--anchor", "yesterday"])
+    assert junk.exit_code == 2 and "ENTRIES:SHA256" in junk.output, junk.output
