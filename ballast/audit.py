@@ -169,7 +169,7 @@ def _lines(path: Path) -> list[tuple[int, bytes]]:
 
 def anchor(path: Path) -> Anchor:
     """The log's anchor now (0 entries and :data:`GENESIS` for a missing or empty log)."""
-    if not path.exists():
+    if not path.is_file():
         return Anchor(0, GENESIS)
     lines = _lines(path)
     return Anchor(len(lines), line_hash(lines[-1][1]) if lines else GENESIS)
@@ -185,6 +185,8 @@ def verify_chain(path: Path, anchors: Sequence[Anchor] = ()) -> list[str]:
     """
     if not path.exists():
         return [f"{path}: no audit log"]
+    if not path.is_file():
+        return [f"{path}: not a file (give the audit log itself)"]
     problems: list[str] = []
     lines = _lines(path)
     for a in anchors:

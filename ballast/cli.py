@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import typer
 from rich.table import Table
@@ -16,7 +16,7 @@ from ballast.cli_approve import approve_command, audit_app
 from ballast.cli_data import data_app
 from ballast.cli_shared import console, err, fail, report
 from ballast.cli_stack import stack_app
-from ballast.errors import BallastError
+from ballast.errors import BallastError, ConfigError
 from ballast.settings import Settings, get_settings
 
 app = typer.Typer(help="Ballast: release ML models you can trust.", no_args_is_help=True)
@@ -96,6 +96,10 @@ def keys_rotate(
 
     s = get_settings()
     ring = _keyring(s)
+    # Checked before the new key is made: a typo must not leave a rotation half done.
+    missing = [str(p) for p in objects or [] if not p.is_file()]
+    if missing:
+        fail(ConfigError(f"not a file: {', '.join(missing)}; nothing rotated"))
     old = ring.current_key_id()
     new = ring.rotate()
     rewrapped: list[str] = []
@@ -116,6 +120,8 @@ def keys_rotate(
             ring.retire(old)
     except BallastError as exc:
         error = exc
+    except OSError as exc:  # a file that went away or cannot be replaced mid-rotation
+        error = ConfigError(f"re-wrapping stopped: {exc}")
     # Key ids and paths only, never key material. Written for a partial rotation too: the new
     # key is current either way, and the log must say which objects moved under it.
     record(
@@ -160,7 +166,7 @@ def release(
     report = release_flow(
         dataset_uri=dataset,
         inject_fault=cast(Fault | None, inject_fault),
-        approval_policy=approval,
+        approval_policy=cast(Literal["auto", "manual"] | None, approval),
     )
     console.print_json(json.dumps(report.__dict__, default=str))
     if report.outcome not in ("promoted", "rolled_back", "rejected", "unchanged"):

@@ -28,10 +28,14 @@ def data_encrypt(
     """Encrypt SRC (AES-256-GCM envelope, streamed) to DST."""
     from ballast.crypto import encrypt_stream, provider_from_settings
     from ballast.ingest import storage_from_settings
+    from ballast.storage import LocalStorage
 
     s = get_settings()
     try:
-        with open(src, "rb") as fin, storage_from_settings(dst, s).open_write(dst) as fout:
+        with (
+            LocalStorage().open_read(str(src)) as fin,
+            storage_from_settings(dst, s).open_write(dst) as fout,
+        ):
             key_id = encrypt_stream(fin, fout, provider_from_settings(s), _identity(name))
     except BallastError as exc:
         fail(exc)

@@ -20,9 +20,14 @@ class ConfigError(BallastError):
 
 
 class FetchError(BallastError):
-    """The dataset could not be read from storage."""
+    """The dataset could not be read from storage. ``transient``: a retry may succeed (a read
+    cut off, a server error); False when the object is missing or access is denied."""
 
     stage = "fetch"
+
+    def __init__(self, message: str, *, stage: str | None = None, transient: bool = True) -> None:
+        super().__init__(message, stage=stage)
+        self.transient = transient
 
 
 class DecryptionError(BallastError):

@@ -242,6 +242,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a non-empty name without surrounding spaces, got {v!r}")
         return v
 
+    @field_validator("gateway_host")
+    @classmethod
+    def _a_host(cls, v: str) -> str:
+        # gateway_url is built as http://{host}:{port}: a URL or a port here would break it.
+        if any(c in v for c in "/:@") and not v.startswith("["):
+            raise ValueError(f"must be a host name or address, not a URL, got {v!r}")
+        return v
+
     @field_validator("model_name")
     @classmethod
     def _a_servable_name(cls, v: str) -> str:
@@ -253,7 +261,7 @@ class Settings(BaseSettings):
             )
         return v
 
-    @field_validator("mlflow_tracking_uri", "s3_endpoint_url")
+    @field_validator("mlflow_tracking_uri", "s3_endpoint_url", "kms_endpoint_url")
     @classmethod
     def _a_uri_or_nothing(cls, v: str) -> str:
         # Empty: the embedded default. Anything else must say how to reach it: "localhost:5000"

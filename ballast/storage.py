@@ -8,6 +8,7 @@ file locally, a completed multipart upload on S3; a failed upload is aborted).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -46,6 +47,9 @@ DEFAULT_PART_SIZE = 8 << 20
 # Part size doubles every this many parts: 8 MiB parts reach ~8 TB within S3's 10,000 parts.
 _PART_GROWTH_EVERY = 1000
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+# Local open() failures no retry can fix.
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
 
 
 def _store_error(message: str) -> BallastError:
@@ -136,15 +140,26 @@ class LocalStorage:
         try:
             fh = open(path, "rb")  # noqa: SIM115 - closed below, after the caller's block
         except FileNotFoundError:
-            raise FetchError(f"{uri}: no such file") from None
+            raise FetchError(f"{uri}: no such file", transient=False) from None
         except OSError as exc:
-            raise FetchError(f"{uri}: cannot open: {exc.strerror or exc}") from exc
+            raise FetchError(
+                f"{uri}: cannot open: {exc.strerror or exc}",
+                transient=exc.errno not in _PERMANENT_ERRNOS,
+            ) from exc
         with fh:
             yield fh
 
     @contextlib.contextmanager
     def open_write(self, uri: str) -> Iterator[BinaryIO]:
-        with atomic_write(_local_path(uri), mode=self.mode) as fh:
+        path = _local_path(uri)
+        # The usual mistakes, refused typed before anything is written.
+        if path.is_dir():
+            raise _store_error(f"{uri}: is a folder; give the file to write")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _store_error(f"{uri}: cannot create its folder: {exc.strerror or exc}") from exc
+        with atomic_write(path, mode=self.mode) as fh:
             yield fh
 
     def exists(self, uri: str) -> bool:
@@ -208,7 +223,9 @@ class _S3Reader(io.RawIOBase):
         except ClientError as exc:
             code = _client_error_code(exc)
             if code in _NOT_FOUND:
-                raise FetchError(f"{self._uri}: no such object ({code})") from exc
+                raise FetchError(f"{self._uri}: no such object ({code})", transient=False) from exc
+            if code in _DENIED:
+                raise FetchError(f"{self._uri}: access denied ({code})", transient=False) from exc
             if code in {"PreconditionFailed", "412"}:
                 raise FetchError(f"{self._uri}: object changed while it was being read") from exc
             raise FetchError(f"{self._uri}: get_object failed ({code}: {exc})") from exc

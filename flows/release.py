@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -30,7 +31,9 @@ def _run_name() -> str:
 def release_flow(
     dataset_uri: str | None = None,
     inject_fault: Fault | None = None,
-    approval_policy: str | None = None,
+    # A Literal, so the deployment's parameter schema refuses a typo when the run is
+    # submitted, not after training, compiling and registering.
+    approval_policy: Literal["auto", "manual"] | None = None,
 ) -> ReleaseReport:
     s = get_settings()
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")

@@ -24,20 +24,49 @@ def registry(settings: Settings | None = None) -> Registry:
     return Registry(s.tracking_uri, s.artifact_root)
 
 
+# Libraries whose own exceptions mean a network or server hiccup.
+_NETWORK_MODULES = ("httpx", "httpcore", "botocore", "urllib3", "requests")
+
+
 def not_retryable(exc: BaseException) -> bool:
-    """Bad input never gets better by retrying: only transient fetch errors are retried."""
+    """Bad input never gets better by retrying: only storage or network hiccups are retried.
+
+    A :class:`FetchError` says itself (a missing object or a denied read is not transient);
+    other typed errors are bad input; an untyped error is retried only when it is an
+    ``OSError`` or a network library's (anything else is a bug or a setting, which a retry
+    repeats).
+    """
     from ballast.errors import BallastError, FetchError
 
-    return isinstance(exc, BallastError) and not isinstance(exc, FetchError)
+    if isinstance(exc, FetchError):
+        return not exc.transient
+    if isinstance(exc, BallastError):
+        return True
+    network = type(exc).__module__.split(".")[0] in _NETWORK_MODULES
+    return not (isinstance(exc, OSError) or network)
+
+
+def _failure(state: Any) -> BaseException | None:
+    try:
+        state.result()
+    except BaseException as exc:
+        return exc
+    return None
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry unless the failure is bad input."""
-    try:
-        state.result()
-    except BaseException as exc:
-        return not not_retryable(exc)
-    return False
+    exc = _failure(state)
+    return exc is not None and not not_retryable(exc)
+
+
+def retry_registry_hiccups(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn`` for registry writes: a tracking server that went away
+    (:class:`RegistryError`) may be back; a bad signing key or manifest will not be."""
+    from ballast.errors import RegistryError
+
+    exc = _failure(state)
+    return exc is not None and (isinstance(exc, RegistryError) or not not_retryable(exc))
 
 
 class AuditedAdmin:

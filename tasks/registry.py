@@ -50,7 +50,7 @@ from ballast.serving import Fault
 from ballast.settings import get_settings
 from ballast.training import TrainResult
 from model_registry import ApprovalRecord, ModelVersionInfo, Registry
-from tasks.common import logger, registry
+from tasks.common import logger, registry, retry_registry_hiccups
 
 
 def stage_artifacts(
@@ -96,7 +96,13 @@ def stage_artifacts(
     return out_dir
 
 
-@task(name="register-candidate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 3])
+@task(
+    name="register-candidate",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 3],
+    retry_condition_fn=retry_registry_hiccups,
+)
 def register_candidate(
     ds: ValidatedDataset,
     trained: TrainResult,

@@ -87,3 +87,23 @@ def test_no_secrets_in_prefect_yaml() -> None:
     for d in deployments().values():
         env = (d["work_pool"].get("job_variables") or {}).get("env", {})
         assert not any(re.search(r"(?i)token|key|password|secret", k) for k in env)
+
+
+def test_the_release_deployment_refuses_an_unknown_approval_policy_at_submission() -> None:
+    # enforce_parameter_schema checks run parameters against this schema when a run is
+    # created: a typo must stop there, not after training, compiling and registering.
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from flows.release import release_flow
+
+    schema = parameter_schema(release_flow.fn).model_dump_for_openapi()
+    for ok in ("auto", "manual", None):
+        validate({"approval_policy": ok}, schema, raise_on_error=True)
+    for typo in ("Manual", "manul", ""):
+        try:
+            validate({"approval_policy": typo}, schema, raise_on_error=True)
+        except ValidationError:
+            continue
+        raise AssertionError(f"approval_policy={typo!r} was accepted")
+    assert all(d.get("enforce_parameter_schema") for d in deployments().values())

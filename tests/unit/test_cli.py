@@ -100,6 +100,39 @@ def test_a_tampered_file_fails_with_the_stage_named_and_no_output_left(
     assert not back.exists(), "a failed decrypt must leave no output file"
 
 
+def test_plausible_bad_paths_end_as_one_line_not_a_traceback(
+    runner: CliRunner, settings: Settings, tmp_path: Path
+) -> None:
+    plain = tmp_path / "data.csv"
+    plain.write_bytes(bundled_csv_bytes())
+    enc = tmp_path / "data.enc"
+    assert runner.invoke(app, ["data", "encrypt", str(plain), str(enc)]).exit_code == 0
+    cases = {
+        "missing source": (
+            ["data", "encrypt", str(tmp_path / "typo.csv"), str(enc)],
+            "no such file",
+        ),
+        "folder as output": (["data", "decrypt", str(enc), str(tmp_path)], "is a folder"),
+        "folder as log": (["audit", "verify", str(tmp_path)], "not a file"),
+    }
+    for what, (args, message) in cases.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code in (1, 2), (what, result.output)
+        assert message in result.output and "Traceback" not in result.output, (what, result.output)
+        assert not isinstance(result.exception, OSError), (what, result.exception)
+
+
+def test_keys_rotate_with_a_missing_file_rotates_nothing(
+    runner: CliRunner, settings: Settings, tmp_path: Path
+) -> None:
+    assert runner.invoke(app, ["keys", "create"]).exit_code == 0
+    before = runner.invoke(app, ["keys", "list"]).output
+    result = runner.invoke(app, ["keys", "rotate", str(tmp_path / "typo.enc")])
+    assert result.exit_code == 2 and "not a file" in result.output, result.output
+    assert "nothing rotated" in result.output
+    assert runner.invoke(app, ["keys", "list"]).output == before, "no new current key"
+
+
 def test_status_reports_versions_and_a_stopped_gateway(
     runner: CliRunner, settings: Settings
 ) -> None:

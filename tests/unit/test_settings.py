@@ -30,6 +30,9 @@ def _fresh_settings() -> Iterator[None]:
         ("BALLAST_MLFLOW_TRACKING_URI", "localhost:5000"),
         ("BALLAST_MLFLOW_TRACKING_URI", "/srv/mlruns"),
         ("BALLAST_S3_ENDPOINT_URL", "127.0.0.1:9000"),
+        ("BALLAST_KMS_ENDPOINT_URL", "localhost:4566"),
+        ("BALLAST_GATEWAY_HOST", "http://127.0.0.1"),
+        ("BALLAST_GATEWAY_HOST", "127.0.0.1:8765"),
     ],
 )
 def test_settings_refuse_names_and_uris_that_would_reach_the_wrong_place(

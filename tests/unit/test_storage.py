@@ -314,10 +314,11 @@ def test_part_size_grows_so_huge_objects_fit_in_10000_parts(
 
 def test_missing_object_raises_fetch_error_naming_the_uri(s3: S3Storage) -> None:
     with (
-        pytest.raises(FetchError, match=r"s3://b/nope: no such object"),
+        pytest.raises(FetchError, match=r"s3://b/nope: no such object") as info,
         s3.open_read("s3://b/nope"),
     ):
         pass
+    assert not info.value.transient, "a retry cannot make a missing object appear"
     assert not s3.exists("s3://b/nope")
 
 

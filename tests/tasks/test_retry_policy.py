@@ -1,0 +1,78 @@
+"""Which task failures Prefect retries: storage and network hiccups, never bad input."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ballast.errors import (
+    ConfigError,
+    FetchError,
+    IntegrityError,
+    RegistryError,
+    ValidationFailed,
+)
+from ballast.storage import LocalStorage
+from tasks.common import not_retryable, retry_registry_hiccups, retry_transient
+
+
+class _Failed:
+    """A task run's final state whose result raises ``exc``."""
+
+    def __init__(self, exc: BaseException | None) -> None:
+        self.exc = exc
+
+    def result(self) -> None:
+        if self.exc is not None:
+            raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "retried"),
+    [
+        (FetchError("s3://b/k: read failed at byte 9: reset"), True),
+        (FetchError("s3://b/k: no such object (NoSuchKey)", transient=False), False),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+        (httpx.ConnectError("refused"), True),
+        (ValidationFailed("mean_radius out of range"), False),
+        (ConfigError("bad setting"), False),
+        (ValueError("Invalid endpoint: localhost:4566"), False),  # a setting, not a hiccup
+        (RegistryError("tracking server unreachable"), False),
+        (None, False),  # it did not fail
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, bool) else str(v),
+)
+def test_ingest_retries_only_what_may_pass_next_time(
+    exc: BaseException | None, retried: bool
+) -> None:
+    assert retry_transient(None, None, _Failed(exc)) is retried
+    if exc is not None:
+        assert not_retryable(exc) is not retried
+
+
+@pytest.mark.parametrize(
+    ("exc", "retried"),
+    [
+        (RegistryError("tracking server unreachable"), True),
+        (OSError(errno.EIO, "I/O error"), True),
+        (IntegrityError("signing key is not 0600"), False),
+        (ValueError("bad metric"), False),
+    ],
+    ids=["registry-down", "io", "bad-key", "bug"],
+)
+def test_registration_retries_a_registry_hiccup_not_a_bad_key(
+    exc: BaseException, retried: bool
+) -> None:
+    assert retry_registry_hiccups(None, None, _Failed(exc)) is retried
+
+
+def test_a_missing_or_unreadable_local_dataset_is_not_transient(tmp_path: Path) -> None:
+    with pytest.raises(FetchError) as missing, LocalStorage().open_read(str(tmp_path / "no.csv")):
+        pass
+    assert not missing.value.transient
+    with pytest.raises(FetchError) as folder, LocalStorage().open_read(str(tmp_path)):
+        pass
+    assert not folder.value.transient and "cannot open" in folder.value.message
