@@ -102,7 +102,9 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
         help="seconds to drain in-flight requests on SIGTERM (default 10)",
     )
     p.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--replica-id", default="", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--replica-id", default="", help="name of this replica in stats (default: host-pid)"
+    )
     return p
 
 

@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import re
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
@@ -270,7 +271,9 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.tokens = TokenTable.build(self.config.admin_token, self.config.tokens)
-        self.replica_id = self.config.replica_id or str(os.getpid())
+        # The host name too: in a container every gateway is pid 1, and replicas with one name
+        # would have their counters compared with each other's (the watchdog's windows).
+        self.replica_id = self.config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self._rng = random.Random(self.config.seed)
         self._shadow_rng = random.Random(self.config.seed + 1)
         self._deploy_lock = asyncio.Lock()

@@ -117,6 +117,11 @@ def test_gateway_probes_ports_service_autoscaler_and_budget_fit_together() -> No
     assert "--host=0.0.0.0" in gw["args"]
     # Several replicas agree on what to serve only through the registry.
     assert "--desired-state=registry" in gw["args"]
+    # Each pod names itself (in a container every gateway is pid 1): the watchdog compares a
+    # replica's counters only with its own.
+    assert "--replica-id=$(POD_NAME)" in gw["args"]
+    pod_name = next(e for e in gw["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     # The pod waits longer than the gateway drains.
     drain = next(float(a.split("=")[1]) for a in gw["args"] if a.startswith("--graceful-timeout"))
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import threading
 import time
 from collections import Counter
@@ -917,7 +918,8 @@ def test_stats_report_counts_and_latency_percentiles(
 ) -> None:
     empty = gw.get("/admin/stats", headers=AUTH).json()
     assert empty == {
-        "replica": str(os.getpid()),  # the default replica id: counters are per process
+        # The default replica id: counters are per process, and per host (containers are pid 1).
+        "replica": f"{socket.gethostname()}-{os.getpid()}",
         "model": None,
         "canary_weight": 0,
         "shadow_fraction": 0.0,

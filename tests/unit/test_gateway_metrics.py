@@ -109,6 +109,16 @@ def test_without_a_scheduler_updates_are_written_at_once() -> None:
     )
 
 
+def test_queue_waits_of_seconds_land_in_buckets_of_seconds() -> None:
+    # Under overload requests wait seconds; a top bucket of 50 ms made every p99 read 50 ms.
+    m = GatewayMetrics()
+    m.observe_batch("m", "1", 4, [2.0, 2.0, 2.0, 0.0001])
+    text = m.render().decode()
+    bucket = 'ballast_queue_delay_seconds_bucket{{le="{}",model="m",version="1"}} {}'
+    assert bucket.format("1.0", "1.0") in text, text
+    assert bucket.format("2.5", "4.0") in text, text
+
+
 def test_multiprocess_mode_sums_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from prometheus_client import values
 
