@@ -792,8 +792,9 @@ def run_canary(
     (first release) the candidate takes 100 % at once and the judge works on absolute thresholds.
 
     A step whose time (or load) ran out before the candidate answered ``min_samples`` requests
-    ends the canary as inconclusive unless the judge rolls back: more traffic (or a promotion) is
-    never given on evidence nobody saw at that weight. Requests no version answered (timeouts, dropped connections) are held
+    ends the canary as inconclusive unless the judge rolls back (or a stream judge promotes on
+    evidence strong enough already): more traffic is never given on evidence nobody saw at
+    that weight. Requests no version answered (timeouts, dropped connections) are held
     against the trial (:func:`judge_unattributed`, ``unattributed``): judges see only answers,
     so a canary that hangs on some requests would otherwise be judged on the rest.
 
@@ -915,7 +916,12 @@ def run_canary(
                     if blind is not None:
                         verdict = blind
                 have = sum(1 for o in step_obs if o.version == candidate.version)
-                if stream is None and verdict.decision != "rollback" and have < min_samples:
+                # A stream judge may promote early on strong evidence; it may not advance on
+                # too little.
+                cut_short = verdict.decision == "continue" or (
+                    stream is None and verdict.decision == "promote"
+                )
+                if cut_short and have < min_samples:
                     # Out of time (or load) before the candidate answered enough: going on (or
                     # promoting) would give it more traffic on evidence nobody saw. The judge
                     # looks at every step so far; each step must show the candidate at its

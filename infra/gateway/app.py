@@ -914,8 +914,10 @@ class Gateway:
         version.record(status, elapsed)
         if status != 499:  # a cancelled request says nothing about the version
             self._observed_seq += 1
-            # 4xx are the client's mistakes (bad bodies), not the version's failures.
-            ok = status < 500
+            # 4xx are the client's mistakes (bad bodies), not the version's failures, except a
+            # width this version refuses and another serving version takes (version_mismatch):
+            # a candidate built for another input must not read as fast successes.
+            ok = status < 500 and reason != "version_mismatch"
             self._observed.append((self._observed_seq, version.version, slot.role, ok, elapsed))
         self.metrics.observe(live.model, version.version, slot.role, status, elapsed, route)
         if status != 200:
@@ -1154,7 +1156,10 @@ class Gateway:
         version = slot.loaded
         if x.shape[1] != version.n_features:
             msg = f"version {version.version} takes {version.n_features} features, got {x.shape[1]}"
-            raise BadRequestError(422, "feature_mismatch", msg)
+            # The client's mistake, unless another version serving now takes this width: then
+            # it is this version that cannot serve the traffic.
+            other = any(s.loaded.n_features == x.shape[1] for s in live.slots)
+            raise BadRequestError(422, "version_mismatch" if other else "feature_mismatch", msg)
         fault = slot.spec.fault
         if fault == "errors" and version.fault_rng.random() < self.config.fault_error_rate:
             raise BadRequestError(500, "injected_fault", "injected fault")
@@ -1194,6 +1199,11 @@ class Gateway:
         sv = shadow.loaded
         model = live.model
         if x.shape[1] != sv.n_features:
+            # A request the primary serves and the shadow cannot take is the shadow's failure:
+            # skipped silently, a candidate built for another input width would look
+            # "inconclusive" and go on to the weight steps.
+            sv.mirrored += 1
+            sv.shadow_failed += 1
             self.metrics.shadow_skipped.labels(model, sv.version, "incompatible").inc()
             return
         batcher = sv.batcher

@@ -38,6 +38,7 @@ from infra.gateway.wire import (
     ClientGoneError,
     NonFiniteOutputError,
     dumps,
+    holds_bool,
     loads,
     output_error,
     read_asgi_body,
@@ -183,7 +184,9 @@ def parse_infer_request(
             offset += size
             x = flat.reshape(rows, n_features).astype(np.float32)
         else:
-            x = _json_tensor(tensor.get("data"), rows, n_features)
+            x = _json_tensor(
+                tensor.get("data"), rows, n_features, bools=b"true" in header or b"false" in header
+            )
         if not np.isfinite(x).all():
             raise _bad(f"input {INPUT_NAME!r} must hold only finite numbers")
     if offset != len(rest):
@@ -206,7 +209,8 @@ def _binary_size(params: Any, where: str) -> int | None:
     return size
 
 
-def _json_tensor(data: Any, rows: int, n_features: int) -> np.ndarray:
+def _json_tensor(data: Any, rows: int, n_features: int, *, bools: bool = True) -> np.ndarray:
+    """``data`` as float32 ``[rows, n_features]``; ``bools``: the body may hold a boolean."""
     if not isinstance(data, list):
         raise _bad(f"input {INPUT_NAME!r} needs 'data' (a list) or binary_data_size")
     try:
@@ -214,7 +218,7 @@ def _json_tensor(data: Any, rows: int, n_features: int) -> np.ndarray:
     except (ValueError, TypeError, RecursionError):  # ragged or absurdly deep nesting
         raise _bad(f"input {INPUT_NAME!r}: 'data' must be a flat or regular nested list") from None
     # Bools, strings and nulls are refused: numpy would coerce some of them to numbers.
-    if arr.size and arr.dtype.kind not in "iuf":
+    if arr.size and (arr.dtype.kind not in "iuf" or (bools and holds_bool(data))):
         raise _bad(f"input {INPUT_NAME!r}: 'data' must hold only numbers (FP32)")
     if arr.ndim > 1 and arr.shape != (rows, n_features):
         raise _bad(

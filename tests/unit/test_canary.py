@@ -26,7 +26,7 @@ from ballast.canary import (
     wait_for_turn,
 )
 from ballast.errors import GatewayError
-from ballast.judge import UNKNOWN_VERSION, Observation, ThresholdJudge
+from ballast.judge import UNKNOWN_VERSION, Observation, SequentialJudge, ThresholdJudge
 from ballast.serving import Deployment, VersionSpec
 
 MODEL = "m"
@@ -311,6 +311,18 @@ def test_a_candidate_no_request_reaches_never_gets_more_than_the_first_step() ->
         "inconclusive at 5%",
         f"canary 2 answered 0 of {MIN} requests in this step within 0.05 s",
     )
+    assert [d.canary_weight for d in admin.history] == [5, 0]
+
+
+def test_a_stream_judge_does_not_advance_a_candidate_that_answered_too_little() -> None:
+    admin = FakeAdmin(CHAMPION_ONLY)
+
+    def champion_only(weight: int) -> list[Observation]:
+        time.sleep(0.01)
+        return [Observation(CHAMPION.version, True, 0.010, None) for _ in range(40)]
+
+    result = canary(admin, champion_only, judge=SequentialJudge(), step_max_seconds=0.05)
+    assert result.decision == "rollback" and result.reasons[0] == "inconclusive at 5%"
     assert [d.canary_weight for d in admin.history] == [5, 0]
 
 

@@ -600,6 +600,8 @@ BAD_BODIES: list[tuple[str, bytes, int | tuple[int, ...], str]] = [
     ("string", json.dumps({"instances": [[*ROW[:-1], "1.5"]]}).encode(), 422, "only numbers"),
     ("null", json.dumps({"instances": [[*ROW[:-1], None]]}).encode(), 422, "only numbers"),
     ("booleans", json.dumps({"instances": [[True] * 30]}).encode(), 422, "only numbers"),
+    # numpy reads [true, 2.5] as [1.0, 2.5]: booleans among numbers must be refused too.
+    ("a-boolean", json.dumps({"instances": [[*ROW[:-1], False]]}).encode(), 422, "only numbers"),
     ("nan", b'{"instances": [[' + b"NaN," * 29 + b"1]]}", (400, 422), ""),
     ("overflow", json.dumps({"instances": [[1e300] * 30]}).encode(), 422, "finite float32"),
     ("huge-int", json.dumps({"instances": [[10**40] * 30]}).encode(), 422, ""),
@@ -1216,6 +1218,13 @@ BAD_NPY: list[tuple[str, bytes, int, str]] = [
     ("bad-datetime-descr", npy_header(_HEADER % "m8[Y/7]"), 400, "dtype"),
     ("huge-subarray-descr", npy_header(_HEADER % "(99999999999,99999999999)f4"), 400, "dtype"),
     ("unknown-descr", npy_header(_HEADER % "V99999999999999"), 400, "dtype"),
+    # literal_eval reads hex: an int too long to print would break every message (was a 500).
+    (
+        "huge-dimension",
+        npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (0x" + "f" * 4000 + ", 30)}"),
+        400,
+        "invalid .npy header",
+    ),
 ]
 
 
@@ -1384,6 +1393,45 @@ def test_shadow_mirrors_discards_and_measures_agreement(
     assert stats["versions"]["3"]["role"] == "shadow"
     assert stats["versions"]["3"]["requests"] == 0  # mirrored requests are not its traffic
     assert gw.get("/readyz").json()["versions"] == {"1": "champion", "3": "shadow"}
+
+
+def test_a_candidate_built_for_another_input_width_fails_where_judges_look(
+    gw: TestClient, artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # The champion takes 30 features; the candidate, built for 20, refuses every row it gets.
+    narrow = build_mlp_onnx(tmp_path / "narrow.onnx", seed=3, n_features=20)
+    one = spec(artefacts, "1")
+    deploy(
+        gw, Deployment(model=MODEL, champion=one, shadow=spec_for(narrow, "2"), shadow_fraction=1.0)
+    )
+    for _ in range(10):
+        assert gw.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+    # In the shadow phase every mirrored request is its failure (was: skipped, "inconclusive").
+    report = gw.get("/admin/shadow", headers=AUTH).json()
+    assert (report["mirrored"], report["failed"]) == (10, 10)
+
+    deploy(
+        gw, Deployment(model=MODEL, champion=one, canary=spec_for(narrow, "2"), canary_weight=50)
+    )
+    start = gw.get("/admin/observations", headers=AUTH).json()
+    statuses = {gw.post(PREDICT, json={"instances": [ROW]}).status_code for _ in range(40)}
+    assert statuses == {200, 422}
+    page = gw.get(
+        "/admin/observations",
+        params={"cursors": f"{start['replica']}={start['next']}"},
+        headers=AUTH,
+    ).json()
+    ok = {v: {o[3] for o in page["observations"] if o[1] == v} for v in ("1", "2")}
+    # Live judging sees the candidate's refusals as failures, not as fast successes;
+    assert ok == {"1": {True}, "2": {False}}
+    # a width no serving version takes is still the client's mistake.
+    assert gw.post(PREDICT, json={"instances": [[0.1] * 7]}).status_code == 422
+    last = gw.get(
+        "/admin/observations",
+        params={"cursors": f"{start['replica']}={page['next']}"},
+        headers=AUTH,
+    ).json()["observations"]
+    assert [o[3] for o in last] == [True]
 
 
 def test_shadow_of_the_same_model_agrees_fully_and_fraction_is_respected(

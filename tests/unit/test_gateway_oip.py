@@ -98,6 +98,19 @@ def test_binary_input_is_read_after_the_json_header() -> None:
             {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, F], "data": ["a"] * F}]},
             "must hold only numbers",
         ),
+        (  # numpy would read the boolean as 1.0
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": [1, F],
+                        "data": [0] * 29 + [True],
+                    }
+                ]
+            },
+            "must hold only numbers",
+        ),
         (
             {
                 "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, F], "data": [0] * F}],
