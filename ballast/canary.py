@@ -581,7 +581,8 @@ def live_traffic(
 
     Each poll opens a new connection, so with several replicas on one port the kernel spreads
     the polls and every replica is read in turn; each keeps its own cursor. A replica seen for
-    the first time (or restarted) is read from that moment on. A call returns once the candidate
+    the first time (or restarted) is read from that moment on. Only answers routed at the
+    step's own weight count (each observation carries the weight it was served under). A call returns once the candidate
     answered ``min_samples`` times or ``max_seconds`` pass (1 s at weight 0, the shadow phase).
     Labels are unknown here, so judges see errors and latency, not accuracy.
     """
@@ -590,7 +591,7 @@ def live_traffic(
     cursors: dict[str, int] = {}
     started_of: dict[str, float] = {}
 
-    def poll() -> list[Observation]:
+    def poll(weight: int) -> list[Observation]:
         with GatewayClient(base_url, token) as gw:
             page = gw.observations(cursors)
         replica, started = str(page["replica"]), float(page["started"])
@@ -599,16 +600,20 @@ def live_traffic(
         cursors[replica] = int(page["next"])
         if not known:
             return []  # start watching this replica from now
+        # Only answers routed at this step's weight: a replica read late in the last step (or
+        # in the shadow phase) still holds answers served under the weight before, which would
+        # count for this step and be judged as if served at this one.
         return [
             Observation(version=str(v), ok=bool(ok), latency_s=float(t))
-            for _, v, _, ok, t in page["observations"]
+            for _, v, _, ok, t, *served in page["observations"]
+            if not served or served[0] == weight
         ]
 
     def load(weight: int) -> list[Observation]:
         deadline = time.monotonic() + (max_seconds if weight > 0 else min(max_seconds, 1.0))
         out: list[Observation] = []
         while True:
-            out.extend(poll())
+            out.extend(poll(weight))
             have = sum(1 for o in out if o.version == candidate_version)
             if have >= min_samples or time.monotonic() >= deadline:
                 return out

@@ -288,8 +288,10 @@ class Gateway:
         self.sync_error: str | None = None
         self._refused: tuple[str, float] | None = None  # (refused deployment JSON, retry after)
         self.disagreements: deque[dict[str, Any]] = deque(maxlen=self.config.shadow_log_size)
-        # (seq, version, role, ok, latency_s) of recent answers, oldest first, seq contiguous.
-        self._observed: deque[tuple[int, str, str, bool, float]] = deque(
+        # (seq, version, role, ok, latency_s, canary weight it was routed under) of recent
+        # answers, oldest first, seq contiguous. The weight lets a canary step count only the
+        # answers served at its own weight (a replica read late must not hand them on).
+        self._observed: deque[tuple[int, str, str, bool, float, int]] = deque(
             maxlen=self.config.observation_log_size
         )
         self._observed_seq = 0
@@ -918,7 +920,9 @@ class Gateway:
             # width this version refuses and another serving version takes (version_mismatch):
             # a candidate built for another input must not read as fast successes.
             ok = status < 500 and reason != "version_mismatch"
-            self._observed.append((self._observed_seq, version.version, slot.role, ok, elapsed))
+            self._observed.append(
+                (self._observed_seq, version.version, slot.role, ok, elapsed, live.weight)
+            )
         self.metrics.observe(live.model, version.version, slot.role, status, elapsed, route)
         if status != 200:
             self.request_failed(rid, live.model, slot, route, status, reason, detail)
@@ -950,7 +954,7 @@ class Gateway:
             if name == self.replica_id:
                 after = int(seq)
         obs = self._observed
-        items: list[tuple[int, str, str, bool, float]] = []
+        items: list[tuple[int, str, str, bool, float, int]] = []
         dropped = 0
         if after is not None and obs:
             oldest = obs[0][0]
@@ -966,7 +970,7 @@ class Gateway:
                 "model": None if self.live is None else self.live.model,
                 "next": min(nxt, self._observed_seq),
                 "dropped": dropped,
-                "observations": [[q, v, r, ok, round(t, 6)] for q, v, r, ok, t in items],
+                "observations": [[q, v, r, ok, round(t, 6), w] for q, v, r, ok, t, w in items],
             }
         )
 
