@@ -70,13 +70,20 @@ def test_keys_create_then_list_shows_the_current_key(runner: CliRunner, settings
     assert oct(settings.keyring_path.stat().st_mode & 0o777) == "0o600"
 
 
+def encrypted(runner: CliRunner, tmp_path: Path) -> tuple[Path, Path]:
+    """The bundled dataset as plaintext and encrypted with ``ballast data encrypt``."""
+    plain = tmp_path / "data.csv"
+    plain.write_bytes(bundled_csv_bytes())
+    enc = tmp_path / "data.enc"
+    assert runner.invoke(app, ["data", "encrypt", str(plain), str(enc)]).exit_code == 0
+    return plain, enc
+
+
 def test_data_encrypt_decrypt_validate_round_trip(
     runner: CliRunner, settings: Settings, tmp_path: Path
 ) -> None:
-    plain = tmp_path / "data.csv"
-    plain.write_bytes(bundled_csv_bytes())
-    enc, back = tmp_path / "data.enc", tmp_path / "back.csv"
-    assert runner.invoke(app, ["data", "encrypt", str(plain), str(enc)]).exit_code == 0
+    plain, enc = encrypted(runner, tmp_path)
+    back = tmp_path / "back.csv"
     assert b"mean_radius" not in enc.read_bytes(), "ciphertext must not contain plaintext"
     assert runner.invoke(app, ["data", "decrypt", str(enc), str(back)]).exit_code == 0
     assert back.read_bytes() == plain.read_bytes()
@@ -87,10 +94,8 @@ def test_data_encrypt_decrypt_validate_round_trip(
 def test_a_tampered_file_fails_with_the_stage_named_and_no_output_left(
     runner: CliRunner, settings: Settings, tmp_path: Path
 ) -> None:
-    plain = tmp_path / "data.csv"
-    plain.write_bytes(bundled_csv_bytes())
-    enc, back = tmp_path / "data.enc", tmp_path / "back.csv"
-    runner.invoke(app, ["data", "encrypt", str(plain), str(enc)])
+    _, enc = encrypted(runner, tmp_path)
+    back = tmp_path / "back.csv"
     raw = bytearray(enc.read_bytes())
     raw[-5] ^= 0xFF
     enc.write_bytes(bytes(raw))
@@ -103,10 +108,7 @@ def test_a_tampered_file_fails_with_the_stage_named_and_no_output_left(
 def test_plausible_bad_paths_end_as_one_line_not_a_traceback(
     runner: CliRunner, settings: Settings, tmp_path: Path
 ) -> None:
-    plain = tmp_path / "data.csv"
-    plain.write_bytes(bundled_csv_bytes())
-    enc = tmp_path / "data.enc"
-    assert runner.invoke(app, ["data", "encrypt", str(plain), str(enc)]).exit_code == 0
+    _, enc = encrypted(runner, tmp_path)
     cases = {
         "missing source": (
             ["data", "encrypt", str(tmp_path / "typo.csv"), str(enc)],
@@ -146,10 +148,7 @@ def test_keys_rotate_rewraps_objects_and_retires_the_old_key(
 ) -> None:
     from ballast.crypto import read_header
 
-    plain = tmp_path / "data.csv"
-    plain.write_bytes(bundled_csv_bytes())
-    enc = tmp_path / "data.enc"
-    assert runner.invoke(app, ["data", "encrypt", str(plain), str(enc)]).exit_code == 0
+    plain, enc = encrypted(runner, tmp_path)
     with open(enc, "rb") as fh:
         old = read_header(fh).key_id
     payload_before = enc.read_bytes()[-4096:]
