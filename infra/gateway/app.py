@@ -557,9 +557,14 @@ class Gateway:
         async with self._deploy_lock:
             previous = None if self.live is None else self.live.deployment
             if dep is not None and self.source is not None:
+                # Refuses what publish would refuse (a registry's aliases) before anything loads.
                 dep = await self._in_thread(self._io, self.source.resolve, dep)
+            elif dep is None and self.source is not None:
+                # Serving nothing cannot fail to load: record it first, so a source that refuses
+                # it (a registry always does) never leaves this replica serving nothing.
+                await self._in_thread(self._io, self.source.publish, None, actor=actor)
             await self._apply_locked(dep)
-            if self.source is not None:
+            if self.source is not None and dep is not None:
                 try:
                     await self._in_thread(self._io, self.source.publish, dep, actor=actor)
                 except DesiredStateError:
@@ -777,15 +782,22 @@ class Gateway:
             return 1, 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.converge_timeout_s
+        # Every replica seen live during the wait stays counted: one busy loading the change
+        # sends no heartbeat and drops off the board, and must read as not converged, not as
+        # gone.
+        expected: set[str] = set()
         while True:
-            others = [
-                s
+            others = {
+                s.replica: s
                 for s in await self._in_thread(self._io, self.board.live)
                 if s.replica != self.replica_id
-            ]
-            converged = 1 + sum(s.fingerprint == fingerprint for s in others)
-            if converged == len(others) + 1 or loop.time() >= deadline:
-                return converged, len(others) + 1
+            }
+            expected |= set(others)
+            converged = 1 + sum(
+                r in others and others[r].fingerprint == fingerprint for r in expected
+            )
+            if converged == len(expected) + 1 or loop.time() >= deadline:
+                return converged, len(expected) + 1
             await asyncio.sleep(0.02)
 
     def _replica_view(self) -> dict[str, Any]:

@@ -193,6 +193,14 @@ class RegistryDesiredState:
                 f"this gateway follows registry model {self.model!r}, not {deployment.model!r}",
                 status=409,
             )
+        # Checked here too, before the replica loads anything: a deployment publish would
+        # refuse must never take traffic in between.
+        try:
+            self._aliases_for(deployment)
+        except DesiredStateError:
+            raise
+        except (BallastError, OSError) as exc:
+            raise DesiredStateError(f"cannot read the registry's aliases: {exc}") from exc
 
         def local(spec: VersionSpec | None) -> VersionSpec | None:
             if spec is None:
@@ -222,6 +230,30 @@ class RegistryDesiredState:
         except (BallastError, ValueError, OSError) as exc:
             raise DesiredStateError(f"registry versions of {self.model!r}: {exc}") from exc
 
+    def _aliases_for(self, deployment: Deployment) -> dict[str, ModelVersionInfo | None]:
+        """The aliases now, once each version ``deployment`` names is the one its alias names
+        (409 otherwise: the gateway only sets weights)."""
+        aliases = {
+            alias: self.registry.get_by_alias(self.model, alias)
+            for alias in (ALIAS_CHAMPION, ALIAS_CANDIDATE, ALIAS_SHADOW)
+        }
+        wanted = {
+            ALIAS_CHAMPION: deployment.champion,
+            ALIAS_CANDIDATE: deployment.canary,
+            ALIAS_SHADOW: deployment.shadow,
+        }
+        for alias, spec in wanted.items():
+            info = aliases[alias]
+            if spec is not None and (info is None or info.version != spec.version):
+                named = "no version" if info is None else f"version {info.version}"
+                raise DesiredStateError(
+                    f"alias {alias!r} names {named}, the deployment has version "
+                    f"{spec.version}: move aliases in the registry (promote, rollback); "
+                    "the gateway only sets weights",
+                    status=409,
+                )
+        return aliases
+
     def publish(self, deployment: Deployment | None, *, actor: str) -> None:
         if deployment is None:
             raise DesiredStateError(
@@ -235,25 +267,7 @@ class RegistryDesiredState:
                 status=409,
             )
         try:
-            aliases = {
-                alias: self.registry.get_by_alias(self.model, alias)
-                for alias in (ALIAS_CHAMPION, ALIAS_CANDIDATE, ALIAS_SHADOW)
-            }
-            wanted = {
-                ALIAS_CHAMPION: deployment.champion,
-                ALIAS_CANDIDATE: deployment.canary,
-                ALIAS_SHADOW: deployment.shadow,
-            }
-            for alias, spec in wanted.items():
-                info = aliases[alias]
-                if spec is not None and (info is None or info.version != spec.version):
-                    named = "no version" if info is None else f"version {info.version}"
-                    raise DesiredStateError(
-                        f"alias {alias!r} names {named}, the deployment has version "
-                        f"{spec.version}: move aliases in the registry (promote, rollback); "
-                        "the gateway only sets weights",
-                        status=409,
-                    )
+            aliases = self._aliases_for(deployment)
             candidate, shadow = aliases[ALIAS_CANDIDATE], aliases[ALIAS_SHADOW]
             expires = deployment.lease_expires_at
             lease = {TAG_LEASE: _NO_LEASE if expires is None else repr(expires)}  # exact float

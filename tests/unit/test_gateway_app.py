@@ -37,6 +37,7 @@ from infra.gateway.app import (
     AdminRoute,
     BadRequestError,
     GatewayConfig,
+    _default_loader,
     create_app,
     encode_prediction,
     parse_instances,
@@ -1829,8 +1830,10 @@ def test_registry_source_resolves_a_put_to_its_own_verified_copies(
     unknown = sent.model_copy(
         update={"canary": sent.canary.model_copy(update={"version": "9"})}  # type: ignore[union-attr]
     )
-    with pytest.raises(DesiredStateError, match="no version 9"):
+    # A version no alias names is refused before the registry is even asked for its files.
+    with pytest.raises(DesiredStateError, match="the deployment has version 9") as info:
         source.resolve(unknown)
+    assert info.value.status == 409
 
 
 def test_a_deployments_fingerprint_and_sameness_ignore_where_the_files_are() -> None:
@@ -1932,6 +1935,70 @@ def test_a_publish_that_fails_half_way_puts_back_what_it_wrote(
         "3": tags_before["3"],
     }
     assert source.read() == before
+
+
+def test_a_put_counts_a_replica_gone_quiet_loading_it_as_not_yet_converged(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # A replica loading the change sends no heartbeat and drops off the board; the PUT must
+    # wait for it (or report it behind), not answer "1/1" while it still serves the old state.
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    FileDesiredState(desired).publish(champion_only(artefacts), actor="t")
+    slow = [False]
+
+    def slow_loader(path: Path, backend: str, threads: int) -> Any:
+        if slow[0]:
+            time.sleep(1.0)  # twice the board's staleness
+        return _default_loader(path, backend, threads)
+
+    def replica(name: str, loader: Any = None) -> TestClient:
+        config = GatewayConfig(admin_token=TOKEN, replica_id=name, converge_timeout_s=4.0)
+        source = FileDesiredState(desired, poll_interval_s=0.05)
+        app = create_app(
+            config, loader=loader, source=source, board=ReplicaBoard(board, stale_after_s=0.5)
+        )
+        return TestClient(app)
+
+    with replica("r1") as r1, replica("r2", slow_loader) as r2:
+        wait_for(lambda: len(ReplicaBoard(board, stale_after_s=0.5).live()) == 2)
+        slow[0] = True
+        resp = put(r1, with_canary(artefacts, 20))
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Ballast-Replicas"] == "2/2"
+        assert r2.get("/admin/deployment", headers=AUTH).json()["canary"] is not None
+
+
+def test_a_put_the_registry_refuses_never_takes_traffic_and_a_delete_never_empties(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    reg, key, settled, trial = registry_with_candidate(artefacts, tmp_path)
+    reg.add("3", artefacts["b"], key)  # registered, but no alias names it
+    loaded: list[str] = []
+
+    def recording_loader(path: Path, backend: str, threads: int) -> Any:
+        loaded.append(Path(path).parent.name)
+        return _default_loader(path, backend, threads)
+
+    source = RegistryDesiredState(reg, MODEL, key, poll_interval_s=0.05)
+    config = GatewayConfig(admin_token=TOKEN)
+    with TestClient(create_app(config, loader=recording_loader, source=source)) as r:
+        wait_for(lambda: r.get("/readyz").status_code == 200)
+        assert settled.champion is not None
+        three = trial.model_copy(
+            update={"canary": trial.canary.model_copy(update={"version": "3"})}  # type: ignore[union-attr]
+        )
+        # The aliases say no: refused before version 3 is loaded, so it never answers anyone.
+        resp = put(r, three)
+        assert resp.status_code == 409 and "alias 'candidate'" in resp.text, resp.text
+        assert "v3" not in loaded
+        # A registry gateway refuses DELETE (it serves what the aliases name): refused before
+        # anything is taken down, so the champion keeps answering throughout.
+        before = r.get("/admin/deployment", headers=AUTH).json()
+        gone = r.delete("/admin/deployment", headers=AUTH)
+        assert gone.status_code == 409, gone.text
+        assert r.get("/admin/deployment", headers=AUTH).json() == before
+        assert r.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+        assert loaded.count("v1") == 1, "the champion was not unloaded and reloaded"
 
 
 def test_a_leased_put_on_registry_replicas_converges_everywhere_and_expires_everywhere(
