@@ -19,6 +19,8 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import socket
 import sys
 import threading
 import time
@@ -78,12 +80,30 @@ class TorchRankGroup:
         return box[0]
 
 
-def _watch_parent() -> None:
-    """Exit when torchrun (our parent) is gone, instead of waiting on a collective forever."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_parent(launcher: int | None = None, rank: int = 0, run_dir: Path | None = None) -> None:
+    """Exit when torchrun (our parent) is gone, instead of waiting on a collective forever; and
+    when the launcher on this host (``launcher``) is gone, since nothing else would stop the
+    launch then. Rank 0 then removes ``run_dir``: the plaintext arrays must not outlive it."""
     parent = os.getppid()
 
     def watch() -> None:
         while True:
+            # The launcher first: its death often takes torchrun down too (a broken pipe).
+            if launcher is not None and not _alive(launcher):
+                print("the launcher is gone; this rank stops", file=sys.stderr, flush=True)
+                if rank == 0 and run_dir is not None:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                os._exit(ORPHANED)
             if os.getppid() != parent:
                 print("torchrun is gone; this rank stops", file=sys.stderr, flush=True)
                 os._exit(ORPHANED)
@@ -134,7 +154,9 @@ def run(spec_path: Path) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     _write_pid(run_dir, rank)
-    _watch_parent()
+    launcher = job.get("launcher") or {}
+    here = launcher.get("host") == socket.gethostname()
+    _watch_parent(int(launcher["pid"]) if here else None, rank, run_dir)
     cfg = dict(job["train"])
     device = cfg.pop("device")
     if device == "cuda":

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -130,7 +131,9 @@ def torchrun_argv(
     and environment run every rank)."""
     argv = [python, "-m", "torch.distributed.run"]
     if topology.nnodes == 1 and not topology.rdzv_endpoint:
-        argv.append("--standalone")  # a private rendezvous on a free local port
+        argv.append(
+            "--standalone"
+        )  # a rendezvous on a free port (its store listens on all interfaces: see the docs)
     else:
         argv += [
             f"--nnodes={topology.nnodes}",
@@ -294,8 +297,40 @@ def run_dir_for(work_dir: Path, rdzv_id: str) -> Path:
     return Path(work_dir).resolve() / f"ddp-{rdzv_id}"
 
 
+def _launcher_alive(job: Path) -> bool:
+    """Whether the launch whose spec is ``job`` may still be running (unknown: assume so)."""
+    try:
+        launcher = json.loads(job.read_text())["launcher"]
+        pid, host = int(launcher["pid"]), str(launcher["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_runs(work_dir: Path) -> list[Path]:
+    """Remove the private folders of launches whose launcher died without cleaning up (SIGKILL,
+    OOM): their decrypted arrays must not stay on disk. Returns what was removed."""
+    removed = []
+    for run_dir in sorted(work_dir.glob("ddp-*")):
+        job = run_dir / SPEC_FILE
+        if job.is_file() and not _launcher_alive(job):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            removed.append(run_dir)
+    return removed
+
+
 def _private_run_dir(work_dir: Path, topology: Topology) -> Path:
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for stale in sweep_stale_runs(work_dir):
+        log.warning("stage=train removed the folder of a launch whose launcher died: %s", stale)
     if topology.nnodes == 1:
         return Path(tempfile.mkdtemp(prefix="ddp-", dir=work_dir)).resolve()  # 0700 by mkdtemp
     run_dir = run_dir_for(work_dir, topology.rdzv_id)
@@ -434,6 +469,9 @@ def train_data_parallel(
             "threads": threads or threads_per_process(topology.nproc_per_node, os.cpu_count()),
             "collective_timeout_s": timeout_s,
             "pause_after_epoch_s": pause_after_epoch_s,
+            # Ranks on this host stop (and rank 0 removes this folder, plaintext included) if
+            # the launcher dies without cleaning up: SIGKILL, OOM, a pod deleted.
+            "launcher": {"pid": os.getpid(), "host": socket.gethostname()},
         }
         _write_private(run_dir / SPEC_FILE, lambda fh: fh.write(json.dumps(job).encode()))
         argv = torchrun_argv(topology, ["--spec", str(run_dir / SPEC_FILE)])

@@ -147,8 +147,12 @@ class GatewayProcess:
             f"log {self.log_path}:\n{_tail(self.log_path)}"
         )
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (uvicorn drains in-flight requests), then SIGKILL after ``timeout`` s."""
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (uvicorn drains in-flight requests), then SIGKILL after ``timeout`` s.
+
+        The default outlasts a multi-worker gateway's own stop (its workers' 10 s drain, then up
+        to 5 s more for the supervisor): killed before that, the supervisor never removes its
+        metrics folder."""
         try:
             if self._proc.poll() is None:
                 self._proc.send_signal(signal.SIGTERM)

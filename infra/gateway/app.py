@@ -538,11 +538,15 @@ class Gateway:
         """Replace ``expired`` in the source by ``settled`` unless another replica did already."""
         if self.source is None:
             return
+        actor = "gateway:lease-expired"
         try:
-            if expired.same_as(await self._in_thread(self._io, self.source.read)):
-                await self._in_thread(
-                    self._io, self.source.publish, settled, actor="gateway:lease-expired"
-                )
+            # Compare and write in one step where the source can (the file, under its lock):
+            # read, then publish, would overwrite a change another replica made in between.
+            replace_if = getattr(self.source, "replace_if", None)
+            if replace_if is not None:
+                await self._in_thread(self._io, replace_if, expired, settled, actor=actor)
+            elif expired.same_as(await self._in_thread(self._io, self.source.read)):
+                await self._in_thread(self._io, self.source.publish, settled, actor=actor)
         except DesiredStateError as exc:
             # Harmless: every replica treats an expired lease in the source the same way.
             self._log("deployment.lease_record_failed", error=exc.message)

@@ -161,19 +161,36 @@ class FileDesiredState:
     def publish(self, deployment: Deployment | None, *, actor: str) -> None:
         try:
             with self._locked():
-                raw = self._raw()
-                revision = 0 if raw is None else self._parse(raw)[0]
-                doc = {
-                    "revision": revision + 1,
-                    "updated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                    "updated_by": actor,
-                    "deployment": None
-                    if deployment is None
-                    else deployment.model_dump(mode="json"),
-                }
-                _atomic_write(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+                self._write_locked(self._raw(), deployment, actor)
         except OSError as exc:
             raise DesiredStateError(f"cannot write desired state {self.path}: {exc}") from exc
+
+    def replace_if(
+        self, expected: Deployment, deployment: Deployment | None, *, actor: str
+    ) -> bool:
+        """Publish ``deployment`` only while the file still holds ``expected`` (compared with
+        ``same_as``, under the lock): a replica recording an expired lease must not overwrite
+        a change published since it looked. False, writing nothing, if it changed."""
+        try:
+            with self._locked():
+                raw = self._raw()
+                current = None if raw is None else self._parse(raw)[1]
+                if not expected.same_as(current):
+                    return False
+                self._write_locked(raw, deployment, actor)
+                return True
+        except OSError as exc:
+            raise DesiredStateError(f"cannot write desired state {self.path}: {exc}") from exc
+
+    def _write_locked(self, raw: bytes | None, deployment: Deployment | None, actor: str) -> None:
+        revision = 0 if raw is None else self._parse(raw)[0]
+        doc = {
+            "revision": revision + 1,
+            "updated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "updated_by": actor,
+            "deployment": None if deployment is None else deployment.model_dump(mode="json"),
+        }
+        _atomic_write(self.path, json.dumps(doc, indent=1).encode() + b"\n")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ breast-cancer data. Parity with one process, a rank killed mid-run, and resume a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -16,7 +17,7 @@ import torch
 
 from ballast.checkpoint import CheckpointStore
 from ballast.datasets_extra import bundled_dataset
-from ballast.distributed import PID_DIR, Topology, train_data_parallel
+from ballast.distributed import PID_DIR, Topology, sweep_stale_runs, train_data_parallel
 from ballast.errors import DistributedTrainingError
 from ballast.training import TrainResult, train
 
@@ -175,3 +176,48 @@ def test_a_crashed_run_resumes_from_rank_zeros_checkpoint_and_ends_like_an_unint
     assert [p.name for p in ckpt.iterdir()] == [
         CheckpointStore(ckpt, resumed.checkpoint_key).dir.name
     ]
+
+
+def test_a_launcher_killed_mid_run_takes_the_ranks_and_the_plaintext_with_it(
+    tmp_path: Path,
+) -> None:
+    # Given a launch from a process of its own (the release's train task) that gets SIGKILLed
+    # after epoch 1 (OOM killer, a pod deleted): its cleanup never runs,
+    import subprocess
+    import sys
+
+    work, ckpt = tmp_path / "work", tmp_path / "ckpt"
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from ballast.datasets_extra import bundled_dataset\n"
+        "from ballast.distributed import Topology, train_data_parallel\n"
+        "train_data_parallel(bundled_dataset('breast-cancer'), topology=Topology(2),"
+        f" work_dir=Path({str(work)!r}), device='cpu', checkpoint_dir=Path({str(ckpt)!r}),"
+        f" timeout_s={LAUNCH_TIMEOUT_S}, threads=1, pause_after_epoch_s=1.0, epochs={EPOCHS},"
+        " learning_rate=3e-3, batch_size=64, seed=5, model='tabular-mlp',"
+        " model_params={'hidden': 16}, patience=None)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not checkpoint_epochs(ckpt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint_epochs(ckpt), "the launch never checkpointed"
+        launcher.kill()
+        launcher.wait(10)
+        # then the ranks notice within seconds and stop (they did train on, to the end),
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and processes_mentioning(str(work)):
+            time.sleep(0.1)
+        assert processes_mentioning(str(work)) == []
+        assert checkpoint_epochs(ckpt)[-1] < EPOCHS, "the orphaned ranks trained on"
+        # and the private folder with the decrypted arrays does not outlive the next launch's
+        # sweep (rank 0 removes it itself when it sees the launcher go first).
+        sweep_stale_runs(work)
+        assert list(work.glob("ddp-*")) == [], "the plaintext outlived the launch"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in processes_mentioning(str(work)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

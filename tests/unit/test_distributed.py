@@ -3,6 +3,7 @@ launcher's failure handling on stand-in commands (no torch, a second or two each
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -312,3 +313,27 @@ def test_the_train_task_uses_torchrun_only_when_settings_ask_for_more_than_one_p
     assert nodes.distributed and nodes.world_size == 2 and nodes.rdzv_id == "r1"
     with pytest.raises(ConfigError, match="rendezvous"):
         _topology(Settings(train_nnodes=2, device="cpu"))
+
+
+def test_the_sweep_removes_only_folders_whose_launcher_died_here(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    from ballast.distributed import SPEC_FILE, sweep_stale_runs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def launch(name: str, pid: int, host: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / SPEC_FILE).write_text(json.dumps({"launcher": {"pid": pid, "host": host}}))
+        (folder / "data.npz").write_bytes(b"plaintext")
+        return folder
+
+    gone = launch("ddp-gone", dead.pid, socket.gethostname())
+    running = launch("ddp-running", os.getpid(), socket.gethostname())
+    elsewhere = launch("ddp-elsewhere", dead.pid, "another-node")  # cannot tell: kept
+    (tmp_path / "ddp-old-format").mkdir()  # no spec: kept
+    assert sweep_stale_runs(tmp_path) == [gone]
+    assert not gone.exists() and running.exists() and elsewhere.exists()

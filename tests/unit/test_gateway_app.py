@@ -1937,6 +1937,24 @@ def test_a_publish_that_fails_half_way_puts_back_what_it_wrote(
     assert source.read() == before
 
 
+def test_recording_an_expired_lease_never_overwrites_a_newer_desired_state(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    source = FileDesiredState(tmp_path / "desired.json")
+    expired = with_canary(artefacts, 20).model_copy(update={"lease_expires_at": 1.0})
+    settled = champion_only(artefacts)
+    source.publish(expired, actor="controller")
+    # Another replica's PUT lands between this replica's look and its write:
+    newer = with_canary(artefacts, 50)
+    source.publish(newer, actor="operator")
+    assert source.replace_if(expired, settled, actor="gateway:lease-expired") is False
+    assert source.read() == newer and source.revision() == 2
+    # Still the expired one: replaced, in one step under the file lock.
+    source.publish(expired, actor="controller")
+    assert source.replace_if(expired, settled, actor="gateway:lease-expired") is True
+    assert source.read() == settled and source.revision() == 4
+
+
 def test_a_put_counts_a_replica_gone_quiet_loading_it_as_not_yet_converged(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
