@@ -129,6 +129,17 @@ class GatewayClient:
         """True when the gateway process answers (``/healthz``)."""
         return self._probe("/healthz")
 
+    def instance(self) -> str | None:
+        """The id ``/healthz`` says its gateway was started with (None: no answer, or none)."""
+        try:
+            resp = self._http.get("/healthz")
+            if resp.status_code != 200:
+                return None
+            value = resp.json().get("instance")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
     def ready(self) -> bool:
         """True when a deployment is set and all its versions are loaded and warm (``/readyz``)."""
         return self._probe("/readyz")

@@ -7,6 +7,7 @@ direction), so it is spawned by module name: ``python -m infra.gateway --host H 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -100,6 +101,10 @@ class GatewayProcess:
         cmd += ["--host", settings.gateway_host, "--port", str(settings.gateway_port)]
         if workers != 1:
             cmd += ["--workers", str(workers)]
+        # Proof of identity: /healthz echoes it, so another server on the port (a gateway
+        # someone else started a moment before) never passes for the one started here.
+        instance = secrets.token_hex(8)
+        cmd += ["--instance", instance]
         cmd += list(extra_args)
         if exit_with_parent:
             # This pid, passed explicitly: if this process dies while the gateway is still
@@ -122,13 +127,13 @@ class GatewayProcess:
             raise
         gw = cls(proc, settings.gateway_url, log_path, log_file)
         try:
-            gw._wait_healthy(timeout)
+            gw._wait_healthy(timeout, instance)
         except BaseException:
             gw.stop(timeout=5.0)
             raise
         return gw
 
-    def _wait_healthy(self, timeout: float) -> None:
+    def _wait_healthy(self, timeout: float, instance: str) -> None:
         deadline = time.monotonic() + timeout
         with GatewayClient(self.url, timeout=1.0) as client:
             while time.monotonic() < deadline:
@@ -137,9 +142,9 @@ class GatewayProcess:
                         f"gateway exited with code {self._proc.returncode} before it was healthy; "
                         f"log {self.log_path}:\n{_tail(self.log_path)}"
                     )
-                # The process check after the probe: another server on this port must not pass
-                # for ours.
-                if client.health() and self._proc.poll() is None:
+                # Ours only when it echoes our id: another server answering on this port first
+                # (our child is still importing) must not pass for it.
+                if client.instance() == instance:
                     return
                 time.sleep(_POLL_S)
         raise GatewayError(

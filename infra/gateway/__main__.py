@@ -101,6 +101,7 @@ def _parser(host: str, port: int) -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to drain in-flight requests on SIGTERM (default 10)",
     )
+    p.add_argument("--instance", default="", help=argparse.SUPPRESS)  # echoed by /healthz
     p.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--replica-id", default="", help="name of this replica in stats (default: host-pid)"
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens=tokens,
         replica_id=args.replica_id,
         metrics_flush_s=args.metrics_flush_ms / 1e3,
+        instance=args.instance,
     )
     source = _source(args.desired_state, settings, args.poll_interval)
     board = (

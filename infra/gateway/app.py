@@ -133,6 +133,8 @@ class GatewayConfig:
     """Everything a gateway needs; :meth:`from_settings` maps ``BALLAST_*`` settings onto it."""
 
     admin_token: str
+    # Set by whoever started this gateway (GatewayProcess), echoed by /healthz.
+    instance: str = ""
     # 4096 rows x 30 features of full-precision JSON floats is about 2.6 MB.
     max_body_bytes: int = 8 << 20
     max_admin_body_bytes: int = 1 << 20
@@ -1011,7 +1013,9 @@ class Gateway:
     # -- health, readiness, metrics, openapi ---------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        # ``instance``: the id its starter gave it (--instance), so the starter can tell its own
+        # gateway from another server that answers on the same port.
+        return JSONResponse({"status": "ok", "instance": self.config.instance or None})
 
     async def readyz(self, request: Request) -> Response:
         ready, reason = self._is_ready()

@@ -172,6 +172,42 @@ def test_start_fails_fast_with_the_log_when_the_port_is_taken(
     assert "address already in use" in str(info.value).lower()
 
 
+def test_another_server_answering_on_the_port_never_passes_for_the_one_started(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A server that answers /healthz with 200 (another gateway someone started a moment
+    # before): our child is still importing when it answers, then cannot bind and exits.
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer((settings.gateway_host, settings.gateway_port), Healthy)
+    serving = threading.Thread(target=other.serve_forever, daemon=True)
+    serving.start()
+    try:
+        with pytest.raises(GatewayError, match="exited with code"):
+            GatewayProcess.start(
+                settings, log_path=tmp_path / "gw.log", timeout=20, exit_with_parent=True
+            )
+        # ensure_gateway reads that as "someone else serves here", and records no pid of ours.
+        assert ensure_gateway(settings) is None
+        assert not (settings.state_dir / "gateway.pid").exists()
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
 _ORPHANING_PARENT = """
 import sys, time
 from ballast.gateway_process import GatewayProcess

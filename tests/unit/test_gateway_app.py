@@ -190,7 +190,7 @@ def metric_samples(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, s
 def test_healthz_answers_without_a_deployment(gw: TestClient) -> None:
     resp = gw.get("/healthz")
     assert resp.status_code == 200
-    assert resp.json() == {"status": "ok"}
+    assert resp.json() == {"status": "ok", "instance": None}  # no starter's id given
 
 
 def test_readyz_follows_the_deployment(gw: TestClient, artefacts: dict[str, Path]) -> None:
