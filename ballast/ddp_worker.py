@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ballast.distributed import DATA_FILE, PID_DIR, RESULT_FILE
+from ballast.distributed import DATA_FILE, PID_DIR, RESULT_FILE, pid_alive
 from ballast.errors import BallastError
 
 if TYPE_CHECKING:
@@ -80,16 +80,6 @@ class TorchRankGroup:
         return box[0]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _watch_parent(launcher: int | None = None, rank: int = 0, run_dir: Path | None = None) -> None:
     """Exit when torchrun (our parent) is gone, instead of waiting on a collective forever; and
     when the launcher on this host (``launcher``) is gone, since nothing else would stop the
@@ -99,7 +89,7 @@ def _watch_parent(launcher: int | None = None, rank: int = 0, run_dir: Path | No
     def watch() -> None:
         while True:
             # The launcher first: its death often takes torchrun down too (a broken pipe).
-            if launcher is not None and not _alive(launcher):
+            if launcher is not None and not pid_alive(launcher):
                 print("the launcher is gone; this rank stops", file=sys.stderr, flush=True)
                 if rank == 0 and run_dir is not None:
                     shutil.rmtree(run_dir, ignore_errors=True)

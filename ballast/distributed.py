@@ -146,7 +146,8 @@ def torchrun_argv(
     return [*argv, "-m", module, *module_args]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not; one of another user does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -200,14 +201,14 @@ def stop_all(proc: subprocess.Popen[bytes], run_dir: Path | None, *, grace_s: fl
     pids = [
         p
         for p in (worker_pids(run_dir) if run_dir is not None else [])
-        if _alive(p) and _is_rank_of(p, run_dir or Path())
+        if pid_alive(p) and _is_rank_of(p, run_dir or Path())
     ]
     for pid in pids:
         _signal_group(pid, signal.SIGKILL)  # each rank leads its own session
     deadline = time.monotonic() + grace_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if pid_alive(p)]
     if left:
         log.error("ranks still alive after SIGKILL: %s", left)
 
@@ -304,15 +305,7 @@ def _launcher_alive(job: Path) -> bool:
         pid, host = int(launcher["pid"]), str(launcher["host"])
     except (OSError, ValueError, KeyError, TypeError):
         return True
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return host != socket.gethostname() or pid_alive(pid)
 
 
 def sweep_stale_runs(work_dir: Path) -> list[Path]:
