@@ -36,11 +36,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 __all__ = ["restart_allowed", "supervise"]
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_PREFIX = "ballast-gw-metrics-"
 
 
 def restart_allowed(
@@ -136,7 +138,9 @@ def supervise(
         port_holder.close()
         _log(f"cannot bind {host}:{port}: another Ballast gateway serves port {port}")
         return 1
-    metrics_dir = tempfile.mkdtemp(prefix="ballast-gw-metrics-")
+    _sweep_metrics_dirs()
+    # The pid in the name: a supervisor killed hard cannot remove its folder, the next one does.
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     env = {**os.environ, METRICS_ENV: metrics_dir}
     cmd = [sys.executable, "-m", "infra.gateway", *worker_args]
     # A supervisor killed hard must not leave workers behind. Its pid is passed explicitly: a
@@ -210,7 +214,9 @@ def supervise(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait(5.0)
-            if rc != 0 and code == 0:
+            # -SIGTERM: a worker still starting up (no handler yet) ended by the SIGTERM sent
+            # here; as clean a stop as a drained one.
+            if rc not in (0, -signal.SIGTERM) and code == 0:
                 code = 1
         port_holder.close()
         if claim is not None:
@@ -220,6 +226,20 @@ def supervise(
             signal.signal(s, handler)
     _log(f"stopped (exit {code})")
     return code
+
+
+def _sweep_metrics_dirs() -> None:
+    """Remove the metrics folders of supervisors that died without removing theirs."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
+        pid = folder.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
+        if not pid.isdigit():
+            continue  # a folder from before the pid was in the name: not ours to judge
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's, alive
 
 
 def _mark_dead(pid: int, folder: str) -> None:

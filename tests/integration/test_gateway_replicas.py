@@ -383,3 +383,29 @@ def test_heartbeat_and_class_counts_merge_across_replicas(
             classes = metric_values(gw.url, "ballast_predictions_total")
             assert sum(classes.values()) == 20, classes
             assert {dict(k)["role"] for k in classes} == {"champion"}
+
+
+def test_a_sigterm_while_the_workers_start_up_is_a_clean_stop(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Workers still importing have no SIGTERM handler yet: the SIGTERM the supervisor passes on
+    # ends them at once. That is the stop asked for, not a failure (was: exit 1).
+    cmd = [sys.executable, "-m", "infra.gateway", "--workers", "2"]
+    cmd += ["--host", settings.gateway_host, "--port", str(settings.gateway_port)]
+    with (tmp_path / "gw.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(children.read_text().split()) < 2:
+                time.sleep(0.01)
+            workers = [int(p) for p in children.read_text().split()]
+            assert len(workers) == 2, "the supervisor never started its workers"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, (tmp_path / "gw.log").read_text()
+            # and no worker is left: the supervisor reaped both.
+            assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +67,19 @@ def test_two_supervisors_cannot_claim_one_port() -> None:
 def test_without_balancing_there_is_no_claim(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(supervisor, "BALANCED", False)
     assert _claim(54321) is None
+
+
+def test_a_dead_supervisors_metrics_folder_is_swept_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / f"{supervisor.METRICS_PREFIX}{dead.pid}-abc123"
+    mine = tmp_path / f"{supervisor.METRICS_PREFIX}{os.getpid()}-def456"
+    old = tmp_path / f"{supervisor.METRICS_PREFIX}tfzxfgib"  # before the pid was in the name
+    for folder in (gone, mine, old):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"\0")
+    supervisor._sweep_metrics_dirs()
+    assert not gone.exists() and mine.exists() and old.exists()
