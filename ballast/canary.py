@@ -582,8 +582,9 @@ def live_traffic(
     Each poll opens a new connection, so with several replicas on one port the kernel spreads
     the polls and every replica is read in turn; each keeps its own cursor. A replica seen for
     the first time (or restarted) is read from that moment on. Only answers routed at the
-    step's own weight count (each observation carries the weight it was served under). A call returns once the candidate
-    answered ``min_samples`` times or ``max_seconds`` pass (1 s at weight 0, the shadow phase).
+    step's own weight count (each observation carries the weight it was served under). A call
+    returns once the candidate answered ``min_samples`` times or ``max_seconds`` pass (1 s at
+    weight 0, the shadow phase).
     Labels are unknown here, so judges see errors and latency, not accuracy.
     """
     from ballast.gateway_client import GatewayClient
@@ -926,7 +927,8 @@ def run_canary(
                 cut_short = verdict.decision == "continue" or (
                     stream is None and verdict.decision == "promote"
                 )
-                if cut_short and have < min_samples:
+                short = cut_short and have < min_samples
+                if short:
                     # Out of time (or load) before the candidate answered enough: going on (or
                     # promoting) would give it more traffic on evidence nobody saw. The judge
                     # looks at every step so far; each step must show the candidate at its
@@ -936,9 +938,6 @@ def run_canary(
                         f"in this step within {step_max_seconds:g} s"
                     )
                     verdict = Verdict("continue", (why,), verdict.evidence)
-                    short = True
-                else:
-                    short = False
                 now = time.monotonic()
                 note(
                     StepRecord(
