@@ -183,7 +183,17 @@ class FileDesiredState:
             raise DesiredStateError(f"cannot write desired state {self.path}: {exc}") from exc
 
     def _write_locked(self, raw: bytes | None, deployment: Deployment | None, actor: str) -> None:
-        revision = 0 if raw is None else self._parse(raw)[0]
+        revision = 0
+        if raw is not None:
+            try:
+                revision = self._parse(raw)[0]
+            except DesiredStateError:
+                # A publish states the whole desired deployment, so it is what repairs a
+                # corrupt file (refusing it left every PUT failing until someone deleted the
+                # file by hand). The bytes are kept beside it for whoever looks into why.
+                _atomic_write(
+                    self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}"), raw
+                )
         doc = {
             "revision": revision + 1,
             "updated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),

@@ -1542,6 +1542,29 @@ def test_a_desired_state_that_does_not_verify_keeps_the_replica_on_what_it_has(
         assert "malformed" in view["error"]
 
 
+def test_a_put_repairs_a_corrupt_desired_state_and_keeps_its_bytes_aside(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    FileDesiredState(desired).publish(champion_only(artefacts), actor="test")
+    with replica(desired, board, "r1") as r1, replica(desired, board, "r2") as r2:
+        wait_for(lambda: r1.get("/readyz").status_code == 200)
+        desired.write_text("{broken")  # a disk fault, a hand edit gone wrong
+        # Before: every PUT answered 503 "malformed" until someone deleted the file.
+        resp = put(r1, with_canary(artefacts, 20))
+        assert resp.status_code == 200, resp.text
+        assert FileDesiredState(desired).read() == with_canary(artefacts, 20)
+        assert [p.read_text() for p in tmp_path.glob("desired.json.corrupt-*")] == ["{broken"]
+        wait_for(lambda: r2.get("/admin/deployment", headers=AUTH).json()["canary"] is not None)
+    # A conditional write still refuses what it cannot compare with.
+    desired.write_text("{broken")
+    with pytest.raises(DesiredStateError, match="malformed"):
+        FileDesiredState(desired).replace_if(
+            with_canary(artefacts, 20), champion_only(artefacts), actor="t"
+        )
+    assert desired.read_text() == "{broken"
+
+
 def test_an_artefact_path_the_os_cannot_even_look_up_is_refused_not_a_500(
     gw: TestClient, artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
