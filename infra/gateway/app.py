@@ -105,6 +105,9 @@ ROLE_HEADER = "X-Ballast-Role"
 KEY_HEADER = "X-Ballast-Key"
 # "converged/total": how many live replicas serve what a PUT just published.
 REPLICAS_HEADER = "X-Ballast-Replicas"
+# How often a replica with a board writes its status there: well inside the board's staleness
+# (ReplicaBoard.stale_after_s, 3 s by default).
+HEARTBEAT_S = 0.5
 
 logger = logging.getLogger("ballast.gateway")
 
@@ -328,6 +331,7 @@ class Gateway:
         if self.source is not None:
             await self._first_sync()
             self._spawn(self._sync_loop())
+            self._spawn(self._heartbeat_loop())
         self._spawn(self._lease_loop())
         self._spawn(self._flush_failures())
         try:
@@ -687,18 +691,21 @@ class Gateway:
     async def _sync_loop(self) -> None:
         assert self.source is not None
         interval = self.source.poll_interval_s
-        last_report = 0.0
         while True:
             try:
                 await self.sync_once()
             except Exception as exc:  # never let the loop die: log and poll again
                 self.sync_error = f"{type(exc).__name__}: {exc}"
                 self._log("sync.failed", error=self.sync_error)
-            now = time.monotonic()
-            if now - last_report >= 0.5:
-                await self._report()
-                last_report = now
             await asyncio.sleep(interval)
+
+    async def _heartbeat_loop(self) -> None:
+        # Its own task, not a step of the sync loop: a load can take longer than the board's
+        # staleness, and a replica busy loading must stay on the board (serving the old
+        # fingerprint, unready), not vanish from it as if it had died.
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await self._report()
 
     async def sync_once(self) -> None:
         """Read the desired state and converge to it (no-op when already there)."""
@@ -788,8 +795,8 @@ class Gateway:
             return 1, 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.converge_timeout_s
-        # Every replica seen live during the wait stays counted: one busy loading the change
-        # sends no heartbeat and drops off the board, and must read as not converged, not as
+        # Every replica seen live during the wait stays counted: one whose heartbeat lapses
+        # (a stalled process, a slow disk under the board) must read as not converged, not as
         # gone.
         expected: set[str] = set()
         while True:

@@ -2009,6 +2009,40 @@ def test_a_put_counts_a_replica_gone_quiet_loading_it_as_not_yet_converged(
         assert r2.get("/admin/deployment", headers=AUTH).json()["canary"] is not None
 
 
+def test_a_replica_busy_loading_stays_on_the_board_with_its_old_state(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # Its heartbeat is its own task: a load longer than the board's staleness must not make
+    # the replica look dead (before, it vanished from the board until the load ended).
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    FileDesiredState(desired).publish(champion_only(artefacts), actor="t")
+    slow = [False]
+
+    def slow_loader(path: Path, backend: str, threads: int) -> Any:
+        if slow[0]:
+            time.sleep(2.5)  # more than twice the board's staleness below
+        return _default_loader(path, backend, threads)
+
+    config = GatewayConfig(admin_token=TOKEN, replica_id="r2")
+    source = FileDesiredState(desired, poll_interval_s=0.05)
+    watch = ReplicaBoard(board, stale_after_s=1.0)
+    app = create_app(config, loader=slow_loader, source=source, board=watch)
+    with TestClient(app):
+        wait_for(lambda: [s.ready for s in watch.live()] == [True])
+        old = watch.live()[0].fingerprint
+        slow[0] = True
+        source.publish(with_canary(artefacts, 20), actor="t")
+        seen = []
+        deadline = time.monotonic() + 2.0  # inside the load
+        while time.monotonic() < deadline:
+            seen.append([(s.replica, s.fingerprint, s.ready) for s in watch.live()])
+            time.sleep(0.1)
+        assert ("r2", old, False) in {x for row in seen for x in row}, seen
+        assert all(len(row) == 1 and row[0][1] == old for row in seen), seen
+        new = with_canary(artefacts, 20).fingerprint()
+        wait_for(lambda: [(s.fingerprint, s.ready) for s in watch.live()] == [(new, True)])
+
+
 def test_a_put_the_registry_refuses_never_takes_traffic_and_a_delete_never_empties(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
