@@ -53,6 +53,16 @@ class OnnxRuntimePredictor:
         return np.asarray(out[0], dtype=np.float32)
 
 
+def companion_files(path: Path, backend: str) -> tuple[Path, ...]:
+    """The files beside ``path`` that ``load_predictor`` reads too (the compile backends'
+    ``companion_files``, without building a backend): TensorRT's sidecar, else none."""
+    if backend == "tensorrt":
+        from ballast.compile.tensorrt import sidecar_path
+
+        return (sidecar_path(Path(path)),)
+    return ()
+
+
 def load_predictor(path: Path, backend: str, *, intra_op_threads: int = 1) -> Predictor:
     """Open a compiled artefact with the runtime for ``backend``."""
     if backend == "onnxruntime":

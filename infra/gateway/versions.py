@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 import zlib
 from collections import deque
@@ -23,8 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ballast.hashing import sha256_file
-from ballast.runtime import Predictor
+from ballast.runtime import Predictor, companion_files
 from ballast.serving import Deployment, VersionSpec
 
 if TYPE_CHECKING:
@@ -160,6 +162,19 @@ def _feature_count(predictor: Predictor) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
+def _copy_hashing(src: Path, dst: Path) -> str:
+    """Copy ``src`` to a new file ``dst`` (0600) through one open; the sha256 of what was copied."""
+    digest = hashlib.sha256()
+    with (
+        src.open("rb") as fin,
+        open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fout,
+    ):
+        while chunk := fin.read(1 << 20):
+            digest.update(chunk)
+            fout.write(chunk)
+    return digest.hexdigest()
+
+
 def load_version(
     spec: VersionSpec,
     *,
@@ -181,20 +196,33 @@ def load_version(
         raise DeploymentRefusedError(422, f"{name}: cannot read artefact {path}: {exc}") from exc
     if not found:
         raise DeploymentRefusedError(422, f"{name}: artefact not found at {path}")
-    try:
-        actual = sha256_file(path)
-    except OSError as exc:
-        raise DeploymentRefusedError(422, f"{name}: cannot read artefact {path}: {exc}") from exc
-    if actual != spec.sha256:
-        raise DeploymentRefusedError(
-            409, f"{name}: sha256 mismatch for {path}: expected {spec.sha256}, file has {actual}"
-        )
-    try:
-        predictor = loader(path, spec.backend, intra_op_threads)
-    except Exception as exc:
-        raise DeploymentRefusedError(
-            422, f"{name}: {spec.backend} could not load {path}: {type(exc).__name__}: {exc}"
-        ) from exc
+    # The runtime loads a private copy made from the very bytes that were hashed. Hashing the
+    # file and then letting the runtime open it again by name would serve whatever the path
+    # holds by then: anyone able to write there could swap the file between the two opens.
+    with tempfile.TemporaryDirectory(prefix="ballast-load-") as private:  # mode 0700
+        copy = Path(private) / path.name
+        try:
+            actual = _copy_hashing(path, copy)
+            for extra in companion_files(path, spec.backend):
+                if extra.is_file():  # else the runtime says what is missing
+                    shutil.copyfile(extra, Path(private) / extra.name)
+        except OSError as exc:
+            raise DeploymentRefusedError(
+                422, f"{name}: cannot read artefact {path}: {exc}"
+            ) from exc
+        if actual != spec.sha256:
+            raise DeploymentRefusedError(
+                409,
+                f"{name}: sha256 mismatch for {path}: expected {spec.sha256}, file has {actual}",
+            )
+        try:
+            # Every runtime here reads its artefact whole while loading, so the copy can go
+            # once this returns.
+            predictor = loader(copy, spec.backend, intra_op_threads)
+        except Exception as exc:
+            raise DeploymentRefusedError(
+                422, f"{name}: {spec.backend} could not load {path}: {type(exc).__name__}: {exc}"
+            ) from exc
     n_features = _feature_count(predictor)
     if n_features is None:
         raise DeploymentRefusedError(

@@ -102,6 +102,28 @@ def test_predictor_matches_eager_at_any_batch_including_above_max_batch(
         np.testing.assert_allclose(out, eager_logits(trained.model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_the_gateway_serves_a_package_from_its_private_copy_after_the_copy_is_gone(
+    compiled: CompiledArtifact, trained: TrainResult
+) -> None:
+    # The gateway loads a private copy of the hashed bytes and removes it once the runtime has
+    # loaded: the package must keep answering without its file.
+    from ballast.serving import VersionSpec
+    from infra.gateway.app import _default_loader
+    from infra.gateway.versions import load_version
+
+    spec = VersionSpec(
+        version="1",
+        artifact_path=str(compiled.path),
+        sha256=sha256_file(compiled.path),
+        backend="aotinductor",
+    )
+    loaded = load_version(spec, loader=_default_loader, intra_op_threads=1, seed=0, window=10)
+    x = trained.split.x_test[:5].astype(np.float32)
+    np.testing.assert_allclose(
+        loaded.predictor.predict(x), eager_logits(trained.model, x), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_predictor_refuses_rows_of_the_wrong_width(compiled: CompiledArtifact) -> None:
     with pytest.raises(ValueError, match=r"expected \[batch, 64\] input"):
         load_predictor(compiled.path, "aotinductor").predict(np.zeros((2, 30), np.float32))

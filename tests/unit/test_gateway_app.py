@@ -341,6 +341,34 @@ def test_refused_deployment_keeps_the_previous_one(
     assert rec.closed == []  # the champion in force was not unloaded
 
 
+def test_the_runtime_loads_the_bytes_that_were_verified_not_what_the_path_holds_later(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # Someone who can write where the artefact lives swaps it right after the hash check: the
+    # gateway must still serve the verified model (it loads a private copy of the hashed bytes).
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(artefacts["a"], path)
+    verified = spec_for(path, "1")
+    opened: list[Path] = []
+
+    def swapping_loader(p: Path, backend: str, threads: int) -> Any:
+        shutil.copyfile(artefacts["b"], path)  # the swap, between the check and the load
+        opened.append(Path(p))
+        return _default_loader(p, backend, threads)
+
+    with TestClient(create_app(GatewayConfig(admin_token=TOKEN), loader=swapping_loader)) as gw:
+        assert put(gw, Deployment(model=MODEL, champion=verified)).status_code == 200
+        rows = np.random.default_rng(3).standard_normal((4, N_FEATURES)).astype(np.float32)
+        got = gw.post(PREDICT, json={"instances": rows.tolist()}).json()["probabilities"]
+    want = load_predictor(artefacts["a"], "onnxruntime").predict(rows)
+    swapped = load_predictor(artefacts["b"], "onnxruntime").predict(rows)
+    probs = np.exp(want) / np.exp(want).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.array(got), probs, rtol=1e-5)
+    assert not np.allclose(want, swapped)  # the swap would have shown
+    # The copy was private (0700 folder) and is gone once loaded.
+    assert len(opened) == 1 and opened[0] != path and not opened[0].parent.exists()
+
+
 def test_versions_loaded_for_a_refused_deployment_are_freed(
     gw_rec: tuple[TestClient, Recorder], artefacts: dict[str, Path]
 ) -> None:
@@ -2051,7 +2079,7 @@ def test_a_put_the_registry_refuses_never_takes_traffic_and_a_delete_never_empti
     loaded: list[str] = []
 
     def recording_loader(path: Path, backend: str, threads: int) -> Any:
-        loaded.append(Path(path).parent.name)
+        loaded.append(str(path))  # a private copy's path: only the count tells
         return _default_loader(path, backend, threads)
 
     source = RegistryDesiredState(reg, MODEL, key, poll_interval_s=0.05)
@@ -2063,9 +2091,10 @@ def test_a_put_the_registry_refuses_never_takes_traffic_and_a_delete_never_empti
             update={"canary": trial.canary.model_copy(update={"version": "3"})}  # type: ignore[union-attr]
         )
         # The aliases say no: refused before version 3 is loaded, so it never answers anyone.
+        loads = len(loaded)
         resp = put(r, three)
         assert resp.status_code == 409 and "alias 'candidate'" in resp.text, resp.text
-        assert "v3" not in loaded
+        assert len(loaded) == loads
         # A registry gateway refuses DELETE (it serves what the aliases name): refused before
         # anything is taken down, so the champion keeps answering throughout.
         before = r.get("/admin/deployment", headers=AUTH).json()
@@ -2073,7 +2102,7 @@ def test_a_put_the_registry_refuses_never_takes_traffic_and_a_delete_never_empti
         assert gone.status_code == 409, gone.text
         assert r.get("/admin/deployment", headers=AUTH).json() == before
         assert r.post(PREDICT, json={"instances": [ROW]}).status_code == 200
-        assert loaded.count("v1") == 1, "the champion was not unloaded and reloaded"
+        assert len(loaded) == loads == 1, "nothing but the champion loaded, once"
 
 
 def test_a_leased_put_on_registry_replicas_converges_everywhere_and_expires_everywhere(
