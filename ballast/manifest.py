@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ballast.errors import BallastError, IntegrityError
 from ballast.hashing import sha256_file
+from ballast.private_files import PrivateFileError, read_private
 
 if TYPE_CHECKING:
     from ballast.keys import KeyProvider
@@ -243,13 +244,12 @@ def _wrapped_doc(data: bytes, key_path: Path) -> dict[str, Any] | None:
 
 
 def _read_private_key(key_path: Path, provider: KeyProvider | None = None) -> Ed25519PrivateKey:
-    mode = key_path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise IntegrityError(
-            f"signing key {key_path} is accessible to group/others "
-            f"(mode {stat.S_IMODE(mode):o}); run chmod 600 on it"
-        )
-    data = key_path.read_bytes()
+    try:
+        data = read_private(key_path, "signing key")
+    except PrivateFileError as exc:
+        if exc.missing:
+            raise FileNotFoundError(key_path) from None
+        raise IntegrityError(exc.message) from None
     doc = _wrapped_doc(data, key_path)
     if doc is not None:
         if provider is None:

@@ -9,13 +9,12 @@ mapping this module returns.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal, get_args
 
 from ballast.errors import ConfigError
+from ballast.private_files import PrivateFileError, read_private
 from ballast.settings import Settings
 
 __all__ = [
@@ -60,26 +59,9 @@ def load_roles(path: Path) -> dict[str, frozenset[str]]:
     """Read and check a roles file. A file others can read or write is refused: whoever can edit
     it can make themselves an approver."""
     try:
-        # O_NONBLOCK: opening a FIFO must not hang; mode and type are checked on the opened file,
-        # so the file read is the file checked.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ConfigError(f"roles file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"roles file {path} cannot be read: {exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"roles file {path} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise ConfigError(f"roles file {path} has mode {mode:o}; it must be 600 (owner only)")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"roles file {path} cannot be read: {exc}") from None
-    finally:
-        os.close(fd)
+        raw = read_private(path, "roles file")
+    except PrivateFileError as exc:
+        raise ConfigError(exc.message) from None
     try:
         data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:

@@ -6,6 +6,7 @@ MLflow on sqlite inside it, Prefect's ephemeral API, the gateway on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -17,6 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ballast.errors import ConfigError
+from ballast.private_files import PrivateFileError, read_private
 from ballast.quality import METRICS, QualityPolicy
 from ballast.serving import NAME_PATTERN
 
@@ -314,15 +316,42 @@ class Settings(BaseSettings):
         if self.gateway_admin_token is not None:
             return self.gateway_admin_token.get_secret_value()
         path = self.state_dir / "admin-token"
-        if path.exists():
-            return path.read_text().strip()
+        try:
+            return self._read_admin_token(path)
+        except FileNotFoundError:
+            pass
         import secrets
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token)
+        # Written whole under a private name, then linked into place: processes starting
+        # together (the gateway's workers) never read a half-written file, and exactly one
+        # token wins; the others read it.
+        tmp = path.with_name(f".admin-token.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self._read_admin_token(path)
+
+    @staticmethod
+    def _read_admin_token(path: Path) -> str:
+        """FileNotFoundError when there is none yet; ConfigError when it is unusable."""
+        try:
+            token = read_private(path, "admin token file").decode("utf-8").strip()
+        except PrivateFileError as exc:
+            if exc.missing:
+                raise FileNotFoundError(path) from None
+            raise ConfigError(exc.message) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"admin token file {path} is not UTF-8 text") from None
+        if len(token) < 16:
+            raise ConfigError(f"admin token file {path} holds no token of 16 characters or more")
         return token
 
     # --- Approval roles (issue 9, approval gate; added by the approval helper) ---------------

@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ballast.errors import ConfigError
+from ballast.private_files import PrivateFileError, read_private
 
 __all__ = [
     "ROLES",
@@ -97,17 +97,12 @@ def load_tokens_file(path: Path) -> list[tuple[str, Principal]]:
     """Read a tokens file (format in the module docstring); ConfigError naming what is wrong."""
     path = Path(path)
     try:
-        st = path.stat()
-    except OSError as exc:
-        raise ConfigError(f"tokens file {path} cannot be read: {exc}") from exc
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"tokens file {path} is accessible to group/others (mode "
-            f"{stat.S_IMODE(st.st_mode):o}); run chmod 600 on it"
-        )
+        raw = read_private(path, "tokens file")
+    except PrivateFileError as exc:
+        raise ConfigError(exc.message) from None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ConfigError(f"tokens file {path} is not valid JSON: {exc}") from exc
     entries = data.get("tokens") if isinstance(data, dict) else None
     if not isinstance(entries, list):
@@ -131,6 +126,10 @@ def load_tokens_file(path: Path) -> list[tuple[str, Principal]]:
         if token is not None:
             if not isinstance(token, str) or len(token) < 16:
                 raise ConfigError(f"{where}: 'token' must be a string of at least 16 characters")
+            if token != token.strip() or any(c.isspace() for c in token):
+                # A client's bearer token cannot carry spaces (RFC 6750), and the server strips
+                # what it is sent: such an entry would load and never match.
+                raise ConfigError(f"{where}: 'token' must not contain spaces")
             digest = token_sha256(token)
         elif not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
             raise ConfigError(f"{where}: 'sha256' must be 64 lowercase hex digits")

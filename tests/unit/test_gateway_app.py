@@ -1174,8 +1174,22 @@ def test_tokens_file_is_read_with_hashes_or_tokens(tmp_path: Path) -> None:
             0o600,
             "used twice",
         ),
+        (
+            '{"tokens": [{"name": "x", "role": "viewer", "token": " ' + "t" * 20 + '"}]}',
+            0o600,
+            "must not contain spaces",  # it loaded, and could never authenticate
+        ),
     ],
-    ids=["world-readable", "malformed", "bad-role", "short-token", "no-secret", "bad-hash", "dup"],
+    ids=[
+        "world-readable",
+        "malformed",
+        "bad-role",
+        "short-token",
+        "no-secret",
+        "bad-hash",
+        "dup",
+        "spaces",
+    ],
 )
 def test_bad_tokens_files_are_refused_with_the_reason(
     tmp_path: Path, content: str, mode: int, message: str
@@ -1185,6 +1199,24 @@ def test_bad_tokens_files_are_refused_with_the_reason(
     path.chmod(mode)
     with pytest.raises(ConfigError, match=message):
         load_tokens_file(path)
+
+
+def test_a_fifo_in_place_of_the_tokens_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    os.mkfifo(path, 0o600)
+    outcome: list[BaseException] = []
+    reader = threading.Thread(target=lambda: _capture(outcome, load_tokens_file, path))
+    reader.start()
+    reader.join(timeout=5)
+    assert not reader.is_alive(), "gateway start-up hung on a FIFO"  # before: blocked for ever
+    assert isinstance(outcome[0], ConfigError) and "not a regular file" in str(outcome[0])
+
+
+def _capture(into: list[BaseException], fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except BaseException as exc:  # handed to the test thread
+        into.append(exc)
 
 
 # -- binary bodies ------------------------------------------------------------------------------

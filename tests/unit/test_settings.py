@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import stat
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +123,42 @@ def test_a_kubernetes_service_link_in_the_gateway_port_is_named_as_such(
     monkeypatch.setenv("BALLAST_GATEWAY_PORT", "tcp://10.0.0.1:80")
     with pytest.raises(ConfigError, match="Kubernetes service link"):
         get_settings()
+
+
+def test_the_admin_token_file_must_be_owner_only(tmp_path: Path) -> None:
+    s = Settings(state_dir=tmp_path)
+    token = s.admin_token()
+    path = tmp_path / "admin-token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(token) >= 16
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        s.admin_token()  # before: read and used as it was
+
+
+def test_processes_starting_together_share_one_admin_token(tmp_path: Path) -> None:
+    # Before: O_EXCL create, then write: a racer crashed (FileExistsError) or read '' (and the
+    # gateway refused to start on an empty token).
+    for trial in range(10):
+        s = Settings(state_dir=tmp_path / str(trial))
+        start = threading.Barrier(6)
+        got: list[str | BaseException] = []
+
+        def racer(
+            settings: Settings = s,
+            barrier: threading.Barrier = start,
+            out: list[str | BaseException] = got,
+        ) -> None:
+            barrier.wait()
+            try:
+                out.append(settings.admin_token())
+            except BaseException as exc:  # reported below
+                out.append(exc)
+
+        threads = [threading.Thread(target=racer) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert len(got) == 6 and len(set(got)) == 1, got
+        assert isinstance(got[0], str) and len(got[0]) >= 16
+        assert [p.name for p in (tmp_path / str(trial)).iterdir()] == ["admin-token"]
