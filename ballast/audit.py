@@ -161,10 +161,9 @@ class Anchor:
 
 
 def _lines(path: Path) -> list[tuple[int, bytes]]:
-    """(line number, bytes) of every non-empty line."""
-    return [
-        (n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1) if raw.strip()
-    ]
+    """(line number, bytes) of every non-empty line. A line of blanks is an entry (a broken
+    one): ``record`` chains onto it as the last line, so verifying must not skip it."""
+    return [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1) if raw]
 
 
 def anchor(path: Path) -> Anchor:

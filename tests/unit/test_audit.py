@@ -79,6 +79,21 @@ def test_garbage_and_unchained_lines_are_reported(tmp_path: Path) -> None:
     assert any("no prev hash" in p for p in problems)
 
 
+def test_a_line_of_blanks_is_reported_and_the_next_entry_chains_onto_it(
+    tmp_path: Path,
+) -> None:
+    # Before: verifying skipped it (and the anchor ignored it) while record() chained onto it,
+    # so the insertion went unseen and the next genuine entry was the one reported as tampered.
+    path = _log(tmp_path, 2)
+    before = anchor(path)
+    with path.open("a") as fh:
+        fh.write("   \n")
+    assert any("line 3: not valid JSON" in p for p in verify_chain(path)), verify_chain(path)
+    assert anchor(path) != before
+    record(path, "approve", model="m", version="9", approver="alice", reason="after")
+    assert [p for p in verify_chain(path) if "line 4" in p] == []
+
+
 def test_appends_after_a_long_entry_still_chain(tmp_path: Path) -> None:
     # The last line is found by reading backwards in blocks; cross a block boundary.
     path = tmp_path / "audit.jsonl"
