@@ -335,6 +335,10 @@ class _Lease:
         """
         with self._lock:
             self._current = None
+            if isinstance(self._lost, CanaryPreempted):
+                # Already seen: someone else's change is in force. A failed or empty read now
+                # must not make this canary send its old deployment over theirs.
+                return False
             try:
                 live = self._client.get_deployment()
             except Exception as exc:
@@ -623,6 +627,41 @@ def live_traffic(
     return load
 
 
+def _serves(dep: Deployment, champion: VersionSpec) -> bool:
+    return dep.champion is not None and dep.champion.content() == champion.content()
+
+
+def _await_champion(
+    client: DeploymentAdmin,
+    live: Deployment,
+    champion: VersionSpec,
+    settle_s: float,
+    *,
+    poll_s: float = 0.5,
+) -> Deployment | None:
+    """The live deployment once it serves ``champion``, the one the release read as champion
+    (None if the gateway serves nothing by then: the canary sets it up from scratch).
+
+    Waits up to ``settle_s`` (a replica still converging on a recent change); after that, a
+    gateway serving another champion means someone changed it since the release read the
+    registry (a rollback, by a person or the watchdog). Going on would send ``champion`` back
+    to the gateway in the first step, undoing their change, and would judge the candidate
+    against a version they took out of service: :class:`CanaryPreempted`, with nothing sent.
+    """
+    deadline = time.monotonic() + settle_s
+    current: Deployment | None = live
+    while current is not None and not _serves(current, champion):
+        if time.monotonic() >= deadline:
+            raise CanaryPreempted(
+                f"the gateway serves {_describe(current)}, not champion {champion.version} "
+                "that this release read from the registry: someone changed the champion since "
+                "(a rollback?). The canary did not start and sent nothing; run the release again."
+            )
+        time.sleep(poll_s)
+        current = _settled(client.get_deployment(), time.time())
+    return current
+
+
 @contextmanager
 def _restore_on_failure(lease: _Lease, model: str, before: Deployment | None) -> Iterator[None]:
     """On any exception, put back the deployment read before the canary, then re-raise.
@@ -786,6 +825,7 @@ def run_canary(
     shadow_reader: Callable[[], ShadowStats] | None = None,
     promote: Callable[[], AbstractContextManager[object]] | None = None,
     unattributed: UnattributedPolicy | None = None,
+    champion_settle_s: float = 10.0,
 ) -> CanaryResult:
     """Run a progressive canary of ``candidate`` against ``champion`` and apply the outcome.
 
@@ -832,16 +872,8 @@ def run_canary(
 
     # A dead controller's trial is never restored (the gateway refuses a lease that passed).
     before = _settled(client.get_deployment(), time.time())
-    if (
-        champion is not None
-        and before is not None
-        and (before.champion is None or before.champion.content() != champion.content())
-    ):
-        logger.warning(
-            "gateway champion %s differs from the canary's champion %s; canary goes on",
-            before.champion.version if before.champion else None,
-            champion.version,
-        )
+    if champion is not None and before is not None:
+        before = _await_champion(client, before, champion, champion_settle_s)
     if shadow is not None and shadow_reader is None:
         raise ValueError("a shadow phase needs a shadow_reader")
     stream = judge if isinstance(judge, StreamJudge) else None

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from ballast.release import ALIAS_CHAMPION
 from ballast.settings import get_settings
-from tasks.common import registry
 from tasks.report import publish_decision
 from tasks.rollback import rollback_to_previous
 
@@ -16,15 +14,14 @@ def rollback_flow(model_name: str | None = None, force: bool = False) -> str:
     """``force``: roll back even while a canary or shadow trial is in force (that release is
     abandoned: its controller stops when it sees the change)."""
     name = model_name or get_settings().model_name
-    replaced = registry().get_by_alias(name, ALIAS_CHAMPION)
-    restored = rollback_to_previous(name, force=force)
+    done = rollback_to_previous(name, force=force)
     publish_decision(
         model=name,
-        version=replaced.version if replaced is not None else "?",
+        version=done.replaced or "?",
         outcome="rolled_back",
-        reasons=[f"manual rollback to version {restored}"],
-        champion=restored,
+        reasons=[f"manual rollback to version {done.restored}"],
+        champion=done.restored,
         steps=[],
-        evidence={"restored": restored},
+        evidence={"restored": done.restored, "replaced": done.replaced},
     )
-    return restored
+    return done.restored

@@ -12,6 +12,7 @@ the deployment: a rollback then raises :class:`TrialInForce` and changes nothing
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
@@ -25,6 +26,14 @@ from ballast.serving import Deployment
 from ballast.settings import Settings, get_settings
 from tasks.canary import version_spec
 from tasks.common import AuditedAdmin, logger, registry
+
+
+@dataclass(frozen=True, slots=True)
+class RolledBack:
+    """What a rollback did: ``restored`` is champion now, ``replaced`` was (None: no champion)."""
+
+    restored: str
+    replaced: str | None
 
 
 def desired_state_file(s: Settings) -> Path:
@@ -51,7 +60,7 @@ def _refuse_during_trial(name: str, dep: Deployment | None, *, force: bool) -> N
 @task(name="rollback-to-previous", cache_policy=NO_CACHE)
 def rollback_to_previous(
     model_name: str | None = None, *, why: str = "manual rollback", force: bool = False
-) -> str:
+) -> RolledBack:
     """Move ``champion`` back to ``previous`` and point the gateway at it.
 
     Refused with :class:`TrialInForce` while a canary or shadow trial is in force, unless
@@ -131,4 +140,6 @@ def rollback_to_previous(
         live,
         offline is not None,
     )
-    return previous.version
+    # What moved, as read right before the move: a caller that read the champion earlier may
+    # have seen one a promotion has replaced since.
+    return RolledBack(previous.version, champion.version if champion else None)

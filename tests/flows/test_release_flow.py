@@ -313,7 +313,7 @@ def test_rollback_with_the_gateway_down_reaches_a_gateway_started_later(
     get_settings.cache_clear()
     try:
         down = get_settings()
-        assert rollback_to_previous.fn() == champion.version
+        assert rollback_to_previous.fn().restored == champion.version
         assert reg.get_by_alias(s.model_name, ALIAS_CHAMPION).version == champion.version  # type: ignore[union-attr]
         doc = json.loads(desired_state_file(s).read_text())
         assert doc["revision"] == revision + 1

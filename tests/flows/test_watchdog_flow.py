@@ -211,6 +211,7 @@ def test_a_failed_rollback_is_reported_and_fails_the_run(
     from ballast.anomaly import DetectorState, MetricVerdict
     from ballast.errors import IntegrityError
     from ballast.watchdog import Observation, WatchdogDecision
+    from tasks.rollback import RolledBack
     from tasks.watchdog import WatchdogCheck
 
     s = env
@@ -232,7 +233,7 @@ def test_a_failed_rollback_is_reported_and_fails_the_run(
         return WatchdogCheck(decision, previous="8")
 
     @task
-    def failing_rollback(model_name: str | None = None, *, why: str = "") -> str:
+    def failing_rollback(model_name: str | None = None, *, why: str = "") -> RolledBack:
         raise IntegrityError("version 8: artefact not in its manifest")
 
     monkeypatch.setattr(fw, "check_champion", fake_check)
@@ -254,6 +255,7 @@ def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
     import flows.watchdog as fw
     from ballast.anomaly import DetectorState, MetricVerdict
     from ballast.watchdog import Observation, WatchdogDecision
+    from tasks.rollback import RolledBack
     from tasks.watchdog import WatchdogCheck
 
     verdict = MetricVerdict(
@@ -270,9 +272,9 @@ def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
     )
     whys: list[str] = []
 
-    def rollback(model_name: str | None = None, *, why: str = "manual rollback") -> str:
+    def rollback(model_name: str | None = None, *, why: str = "manual rollback") -> RolledBack:
         whys.append(why)
-        return "8"
+        return RolledBack(restored="8", replaced="9")
 
     monkeypatch.setattr(fw, "check_champion", lambda name, policy: WatchdogCheck(decision, "8"))
     monkeypatch.setattr(fw, "rollback_to_previous", rollback)

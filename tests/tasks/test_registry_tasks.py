@@ -146,7 +146,7 @@ def test_rollback_moves_champion_back_to_previous_without_a_gateway(
     v2 = _register(built, settings, "r2", tmp_path, release="two")
     reg.promote(settings.model_name, v2.version)
     assert reg.get_by_alias(settings.model_name, ALIAS_PREVIOUS).version == v1.version  # type: ignore[union-attr]
-    assert rollback_to_previous.fn() == v1.version
+    assert rollback_to_previous.fn().restored == v1.version
     assert reg.get_by_alias(settings.model_name, ALIAS_CHAMPION).version == v1.version  # type: ignore[union-attr]
 
 

@@ -72,7 +72,7 @@ def test_a_forced_rollback_replaces_the_trial(
     gateway = FakeGateway(_trials(settings.model_name)["canary-at-10"])
     reg = FakeRegistry({"champion": "3", "previous": "2"})
     _wire(monkeypatch, gateway, reg)
-    assert tr.rollback_to_previous.fn(force=True) == "2"
+    assert tr.rollback_to_previous.fn(force=True).restored == "2"
     assert gateway.current == Deployment(model=settings.model_name, champion=spec("2"))
     assert reg.aliases == {"champion": "2"}
     (entry,) = _audited_rollbacks(settings)
@@ -93,7 +93,7 @@ def test_a_trial_whose_lease_ran_out_does_not_block_a_rollback(
     gateway = FakeGateway(dead)
     reg = FakeRegistry({"champion": "3", "previous": "2"})
     _wire(monkeypatch, gateway, reg)
-    assert tr.rollback_to_previous.fn() == "2"
+    assert tr.rollback_to_previous.fn().restored == "2"
     assert gateway.current == Deployment(model=settings.model_name, champion=spec("2"))
 
 
@@ -105,7 +105,8 @@ def test_a_rollback_moves_the_registry_before_the_gateway(
     reg = FakeRegistry({"champion": "3", "previous": "2"})
     _wire(monkeypatch, gateway, reg)
     gateway.watch(reg)
-    assert tr.rollback_to_previous.fn() == "2"
+    # What moved, as read at the move (the flow's report names these, not an earlier read).
+    assert tr.rollback_to_previous.fn() == tr.RolledBack(restored="2", replaced="3")
     assert [a["champion"] for a in gateway.aliases_at_put] == ["2"] and reg.log == ["rollback"]
 
 

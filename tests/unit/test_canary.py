@@ -558,6 +558,66 @@ def test_a_deployment_changed_by_someone_else_stops_the_canary_and_stays(
     assert admin.current == PREVIOUS_ONLY
 
 
+def test_a_rollback_between_reading_the_champion_and_the_first_step_is_not_undone() -> None:
+    from ballast.canary import CanaryPreempted
+
+    # The release read champion 1 from the registry; a rollback (the watchdog's) then put
+    # version 0 on the gateway. Before: "canary goes on", and its first step sent champion 1
+    # back, undoing the rollback; a rollback verdict then left 1 at 100 %.
+    admin = FakeAdmin(PREVIOUS_ONLY)
+    with pytest.raises(CanaryPreempted, match="did not start and sent nothing"):
+        canary(admin, SyntheticLoad(), champion_settle_s=0.3)
+    assert admin.history == [] and admin.current == PREVIOUS_ONLY
+
+
+def test_a_gateway_still_converging_on_the_champion_is_waited_for() -> None:
+    admin = FakeAdmin(PREVIOUS_ONLY)
+    gets = [0]
+    real_get = admin.get_deployment
+
+    def converging() -> Deployment | None:
+        gets[0] += 1
+        if gets[0] == 3:  # the last replica caught up with the promotion of version 1
+            admin.current = CHAMPION_ONLY
+        return real_get()
+
+    admin.get_deployment = converging  # type: ignore[method-assign]
+    result = canary(admin, SyntheticLoad(), champion_settle_s=5.0)
+    assert result.decision == "promote"
+    assert admin.history[0].champion == CHAMPION
+
+
+def test_a_preempted_canary_never_restores_over_the_other_change_even_if_a_read_fails() -> None:
+    from ballast.canary import CanaryPreempted
+
+    class Flaky(FakeAdmin):
+        """Once the canary has seen the other party's change, every further read fails."""
+
+        seen = False
+
+        def get_deployment(self) -> Deployment | None:
+            if self.seen:
+                raise GatewayError("GET timed out")
+            self.seen = self.current == PREVIOUS_ONLY
+            return self.current
+
+    admin = Flaky(CHAMPION_ONLY)
+    changed_at: list[int] = []
+
+    def load(weight: int) -> list[Observation]:
+        if not changed_at:
+            admin.current = PREVIOUS_ONLY  # a forced rollback mid-step
+            changed_at.append(len(admin.history))
+        return SyntheticLoad()(weight)
+
+    with pytest.raises(CanaryPreempted):
+        canary(admin, load)
+    # Before: restore() read again, the read failed, and it sent the pre-canary deployment
+    # (champion 1) over the forced rollback.
+    assert admin.history[changed_at[0] :] == [], admin.history
+    assert admin.current == PREVIOUS_ONLY
+
+
 def test_a_lease_that_ran_out_during_an_outage_is_lost_for_good() -> None:
     from ballast.canary import CanaryLeaseLost
 
