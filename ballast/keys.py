@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import secrets
 import stat
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 DEK_SIZE = 32
+logger = logging.getLogger(__name__)
+
 KEK_SIZE = 32
 WRAP_NONCE_SIZE = 12
 KEYRING_FORMAT = "ballast-keyring/1"
@@ -341,24 +344,46 @@ class KmsKeyProvider:
         return {KMS_CONTEXT_KEY: context.decode("utf-8")}
 
     def current_key_id(self) -> str:
+        return self._current_arn(None)
+
+    def _current_arn(self, error: type[DecryptionError] | None) -> str:
         if self._arn is None:
-            resp = self._call("describe_key", self.key_id, None, KeyId=self.key_id)
+            resp = self._call("describe_key", self.key_id, error, KeyId=self.key_id)
             self._arn = str(resp["KeyMetadata"]["Arn"])
         return self._arn
 
     def trusted_key_ids(self) -> frozenset[str]:
-        """The ARNs of the keys this provider unwraps with (resolved once, then cached)."""
+        """The ARNs of the keys this provider unwraps with, as far as they still resolve (an
+        extra key that no longer does is left out, with a warning: it must not stop objects
+        under the current key from decrypting)."""
         if self._trusted is None:
-            extra = (
-                str(self._call("describe_key", k, None, KeyId=k)["KeyMetadata"]["Arn"])
-                for k in self.also_trust
+            extra = (self._extra_arn(k) for k in self.also_trust)
+            self._trusted = frozenset(
+                (self._current_arn(DecryptionError), *(a for a in extra if a is not None))
             )
-            self._trusted = frozenset((self.current_key_id(), *extra))
         return self._trusted
+
+    def _extra_arn(self, key: str) -> str | None:
+        if _is_key_arn(key):
+            return key  # nothing to resolve
+        try:
+            resp = self._call("describe_key", key, DecryptionError, KeyId=key)
+        except DecryptionError as exc:  # KeyNotFoundError too
+            logger.warning("trusted KMS key %r left out: %s", key, exc)
+            return None
+        return str(resp["KeyMetadata"]["Arn"])
 
     def wrap_key(self, key_id: str, dek: bytes, context: bytes) -> bytes:
         if len(dek) != DEK_SIZE:
             raise ValueError(f"data key must be {DEK_SIZE} bytes, got {len(dek)}")
+        # The header records ``key_id`` as given, and unwrap compares key ARNs only: an alias
+        # or a bare id there would make the object unreadable for good (and a re-wrap would
+        # have replaced the readable original by then).
+        if not _is_key_arn(key_id):
+            raise ConfigError(
+                f"KMS key {key_id!r} is not a key ARN: give the key's ARN "
+                "(arn:aws:kms:<region>:<account>:key/<id>), which the object's header records"
+            )
         resp = self._call(
             "encrypt",
             key_id,
@@ -408,6 +433,11 @@ class KmsKeyProvider:
         except BotoCoreError as exc:
             text = f"KMS {op} with key {key_id!r} failed: {exc}"
             raise (error(text) if error else _encrypt_error(text)) from exc
+
+
+def _is_key_arn(key: str) -> bool:
+    """``arn:aws:kms:<region>:<account>:key/<id>``: what a header records (not an alias ARN)."""
+    return key.startswith("arn:") and ":key/" in key
 
 
 def provider_from_settings(settings: Settings) -> KeyProvider:

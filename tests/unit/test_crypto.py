@@ -1075,6 +1075,58 @@ def test_kms_trusts_the_extra_keys_it_is_given_by_their_arns() -> None:
     stub.assert_no_pending_responses()
 
 
+def test_kms_wraps_only_under_a_trusted_key_arn_so_the_header_stays_readable(
+    stubbed_kms: tuple[crypto.KmsKeyProvider, Stubber],
+) -> None:
+    # Before: an alias went into the header as given, and unwrap (ARNs only) refused it for
+    # ever; a re-wrap had replaced the readable original by then.
+    kms, stub = stubbed_kms
+    alias_arn = "arn:aws:kms:us-east-1:1:alias/ballast"
+    with stub:
+        for key in ("alias/ballast", K1.rpartition("/")[2], alias_arn):
+            with pytest.raises(ConfigError, match="give the key's ARN"):
+                kms.wrap_key(key, b"k" * 32, b"dataset:x")
+    stub.assert_no_pending_responses()  # no encrypt was sent
+
+
+def test_a_trusted_kms_key_that_no_longer_resolves_does_not_stop_decryption() -> None:
+    import boto3
+
+    client = boto3.client(
+        "kms", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    kms = crypto.KmsKeyProvider("alias/new", also_trust=("alias/deleted", OLD), client=client)
+    stub = Stubber(client)
+    _resolves(stub, "alias/new", NEW)
+    stub.add_client_error(
+        "describe_key",
+        service_error_code="NotFoundException",
+        expected_params={"KeyId": "alias/deleted"},
+    )
+    stub.add_response(
+        "decrypt",
+        {"Plaintext": b"k" * 32, "KeyId": NEW},
+        {
+            "KeyId": NEW,
+            "CiphertextBlob": b"wrapped",
+            "EncryptionContext": {"ballast:identity": "dataset:x"},
+        },
+    )
+    with stub:
+        assert kms.unwrap_key(NEW, b"wrapped", b"dataset:x") == b"k" * 32
+        assert kms.trusted_key_ids() == {NEW, OLD}  # an ARN needs no lookup
+    stub.assert_no_pending_responses()
+
+
+def test_kms_key_lookup_failing_while_decrypting_is_a_decryption_error(
+    stubbed_kms: tuple[crypto.KmsKeyProvider, Stubber],
+) -> None:
+    kms, stub = stubbed_kms
+    stub.add_client_error("describe_key", service_error_code="AccessDeniedException")
+    with stub, pytest.raises(DecryptionError, match="describe_key"):
+        kms.unwrap_key(K1, b"blob", b"dataset:x")  # was a BallastError of stage "encrypt"
+
+
 def test_provider_from_settings_passes_the_trusted_kms_keys(settings: Settings) -> None:
     s = settings.model_copy(
         update={"kms_key_id": "alias/new", "kms_trusted_key_ids": ("alias/old",)}
