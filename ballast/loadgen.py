@@ -175,10 +175,14 @@ async def _drive(
                     pending, timeout=_POLL_S, return_when=asyncio.FIRST_EXCEPTION
                 )
                 failed = any(not t.cancelled() and t.exception() is not None for t in done)
-                if failed or loop.time() >= deadline or (cancel is not None and cancel.is_set()):
-                    # Out of time, told to stop, or a callback broke: drop what is in flight.
-                    # After a stop condition, in-flight requests still finish (bounded by the
-                    # deadline) so slow answers are not systematically left out.
+                if failed:
+                    break  # a callback broke: raised below
+                if loop.time() >= deadline or (cancel is not None and cancel.is_set()):
+                    # Out of time or told to stop: nothing more is sent, and what is in flight
+                    # is waited for (each request ends within ``timeout``). Dropping it would
+                    # leave out exactly the requests that hang: a server that stops answering
+                    # near the end would read as 0 failures.
+                    _, pending = await asyncio.wait(pending, timeout=timeout + 1.0)
                     break
         finally:
             for task in pending:
@@ -208,8 +212,8 @@ def run_load(
 ) -> list[Observation]:
     """Send batch-1 predictions (row ``i`` of ``rows``, cycling) and record what came back.
 
-    Stops at the first of: ``max_requests`` issued, ``max_seconds`` elapsed (in-flight requests
-    are then dropped), ``stop_when(counts)`` true (checked after every answer, with running
+    Stops at the first of: ``max_requests`` issued, ``max_seconds`` elapsed (requests in flight
+    are then waited for, up to ``timeout``), ``stop_when(counts)`` true (checked after every answer, with running
     counts per version), or ``cancel`` set. Each observation carries the version from the
     ``X-Ballast-Version`` header (``"unknown"`` when no answer came), ``ok`` = HTTP 200 with a
     prediction, the client-side latency, and ``correct`` when ``labels`` are given.
@@ -460,7 +464,8 @@ class LoadProcess:
         return self
 
     def stop(self, timeout: float = 30.0) -> TimedLoad:
-        """Stop sending (SIGTERM: in-flight requests are dropped), wait, return every request."""
+        """Stop sending (SIGTERM; requests in flight are waited for, up to the request timeout),
+        wait, return every request."""
         proc = self._proc
         if proc is None:
             raise RuntimeError("the load process was never started")

@@ -24,16 +24,21 @@ def with_children(pids: Iterable[int | str]) -> set[str]:
 def cpu_ticks(pids: Iterable[int | str]) -> int:
     """User + system clock ticks of ``pids`` and their direct children (replicas, workers).
 
-    A process that has exited counts as nothing; divide by ``os.sysconf("SC_CLK_TCK")``.
+    The roots' counts include the children they have reaped (cutime, cstime): a replica that
+    exits between two reads moves its ticks into its parent's, instead of taking them along
+    and making the difference shrink. Divide by ``os.sysconf("SC_CLK_TCK")``.
     """
+    roots = {str(p) for p in pids}
     total = 0
-    for pid in with_children(pids):
+    for pid in with_children(roots):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except FileNotFoundError:
             continue
         fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        total += int(fields[11]) + int(fields[12])
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if pid in roots:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime: reaped children
     return total
 
 

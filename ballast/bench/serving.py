@@ -84,21 +84,34 @@ def predict_body() -> bytes:
     return json.dumps({"instances": [[round(0.01 * i, 3) for i in range(N_FEATURES)]]}).encode()
 
 
+# wrk prints times with the unit it picks (units.c): us/ms/s below a second, and from 0.85 of
+# the next unit up, m and h (a 55 s run reads "0.92m").
+_TIME_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
 def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
     if m is None:
-        raise ValueError(f"unreadable wrk latency {text!r}")
-    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+        raise ValueError(f"unreadable wrk time {text!r}")
+    return float(m.group(1)) * _TIME_MS[m.group(2)]
+
+
+def _positive_int(text: str) -> int:
+    # wrk's -d takes whole seconds: "-d2.5s" makes it print its usage and exit.
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of seconds, at least 1")
+    return value
 
 
 def parse_wrk(out: str) -> tuple[int, float, float, float, int]:
     """(requests, seconds, p50 ms, p99 ms, non-2xx) from ``wrk --latency`` output."""
-    total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    total = re.search(r"(\d+) requests in ([\d.]+(?:us|ms|s|m|h)),", out)
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
     if not (total and p50 and p99):
         raise ValueError(f"could not parse wrk output:\n{out}")
-    seconds = float(total.group(2)) * (1e-3 if total.group(3) == "ms" else 1.0)
+    seconds = _ms(total.group(2)) / 1e3
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     failures = int(bad.group(1)) if bad else 0
@@ -114,6 +127,8 @@ def _free_port() -> int:
 
 
 def _wrk(url: str, script: Path, concurrency: int, seconds: float, server: str) -> Row:
+    if seconds < 1 or seconds != int(seconds):
+        raise ValueError(f"wrk runs whole seconds (at least 1), not {seconds:g}")
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk not found (apt-get install wrk)")
@@ -126,7 +141,7 @@ def _wrk(url: str, script: Path, concurrency: int, seconds: float, server: str) 
         wrk,
         f"-t{threads}",
         f"-c{concurrency}",
-        f"-d{seconds:g}s",
+        f"-d{int(seconds)}s",
         "--latency",
         "-s",
         str(script),
@@ -160,7 +175,7 @@ def _measure(
     progress: Callable[[str], None],
 ) -> list[Row]:
     progress(f"{server}: warm-up")
-    _wrk(url, script, 16, min(3.0, seconds), server)
+    _wrk(url, script, 16, min(3, seconds), server)
     rows = []
     for c in concurrency:
         progress(f"{server}: c={c} for {seconds:g} s")
@@ -357,22 +372,26 @@ def _ceiling(path: Path, seconds: float) -> list[Row]:
         )
         for _ in range(200):
             predictor.predict(x)
-        n, started = 0, time.perf_counter()
+        # Every call timed on its own: p50 and p99 are percentiles of calls, and the rate
+        # counts the calls' time alone (the ceiling: no loop or clock reads in it).
+        calls: list[int] = []
+        started = time.perf_counter()
         while time.perf_counter() - started < min(seconds, 5.0):
             for _ in range(100):
+                t = time.perf_counter_ns()
                 predictor.predict(x)
-            n += 100
-        elapsed = time.perf_counter() - started
-        per_call_ms = elapsed / n * 1e3
+                calls.append(time.perf_counter_ns() - t)
+        busy_s = sum(calls) / 1e9
+        ordered = sorted(calls)
         rows.append(
             Row(
                 f"ORT in-process, batch {batch} (samples/s)",
                 0,
-                n * batch / elapsed,
-                per_call_ms,
-                per_call_ms,
+                len(calls) * batch / busy_s,
+                ordered[len(ordered) // 2] / 1e6,
+                ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1e6,
                 0,
-                elapsed,
+                busy_s,
             )
         )
     return rows
@@ -384,7 +403,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--seconds", type=float, default=20.0, help="per measurement (default 20)")
+    p.add_argument("--seconds", type=_positive_int, default=20, help="per measurement (default 20)")
     p.add_argument("--concurrency", default="1,16,64,64", help="wrk connections per run")
     p.add_argument("--workers", default="1", help="gateway replica counts to try, e.g. 1,2")
     p.add_argument("--peers", default="", help="comma list: mlflow, pytriton")
@@ -398,7 +417,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default 20; 0: none). On the 2-core VM 20 pairs give a 95%% interval about 8 points "
         "wide, 100 about 4",
     )
-    p.add_argument("--split-seconds", type=float, default=3.0, help="per round (default 3)")
+    p.add_argument("--split-seconds", type=_positive_int, default=3, help="per round (default 3)")
     p.add_argument("--gateway-args", default="", help="extra args for python -m infra.gateway")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     return p

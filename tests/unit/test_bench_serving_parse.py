@@ -1,0 +1,80 @@
+"""The serving benchmark's reading of wrk's output and of /proc CPU counters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ballast.bench.procstat import cpu_ticks
+from ballast.bench.serving import main, parse_wrk
+
+WRK = """Running 55s test @ http://127.0.0.1:8000/v1/models/m/predict
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     4.10ms    1.02ms  40.11ms   90.00%
+    Req/Sec    15.60k     1.10k   17.00k    70.00%
+  Latency Distribution
+     50%  {p50}
+     75%    4.50ms
+     90%    5.10ms
+     99%  {p99}
+  {n} requests in {total}, 123.45MB read
+{extra}Requests/sec:  15600.00
+Transfer/sec:      2.24MB
+"""
+
+
+@pytest.mark.parametrize(
+    ("total", "seconds"),
+    [("20.00s", 20.0), ("0.92m", 55.2), ("1.00m", 60.0), ("850.10ms", 0.8501), ("1.10h", 3960.0)],
+)
+def test_wrk_run_lengths_in_every_unit_it_prints(total: str, seconds: float) -> None:
+    # wrk switches to minutes from 0.85 of one (a 51 s run reads "0.85m"): before, the parser
+    # raised on it after the whole benchmark had run.
+    out = WRK.format(p50="850.00us", p99="1.20s", n=858000, total=total, extra="")
+    n, secs, p50, p99, failures = parse_wrk(out)
+    assert (n, failures) == (858000, 0)
+    assert secs == pytest.approx(seconds)
+    assert (p50, p99) == (pytest.approx(0.85), pytest.approx(1200.0))
+
+
+def test_wrk_failures_are_socket_errors_plus_non_2xx() -> None:
+    extra = (
+        "  Socket errors: connect 1, read 2, write 3, timeout 4\n  Non-2xx or 3xx responses: 90\n"
+    )
+    out = WRK.format(p50="4.00ms", p99="9.00ms", n=1000, total="2.00s", extra=extra)
+    assert parse_wrk(out)[4] == 100
+
+
+@pytest.mark.parametrize("seconds", ["2.5", "0", "-3"])
+def test_run_lengths_wrk_cannot_take_are_refused_before_anything_starts(
+    seconds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "-d2.5s" makes wrk print its usage and exit: refused by the argument parser instead.
+    with pytest.raises(SystemExit) as info:
+        main(["--seconds", seconds])
+    assert info.value.code == 2
+    assert "whole number of seconds" in capsys.readouterr().err or seconds == "2.5"
+
+
+def test_cpu_of_a_child_that_exits_stays_counted_in_its_parent() -> None:
+    # A replica that exits between two reads used to take its ticks with it (the difference
+    # shrank, or went negative); its parent's reaped-children counters keep them.
+    code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    tck = os.sysconf("SC_CLK_TCK")
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and cpu_ticks([child.pid]) < 0.3 * tck:
+            time.sleep(0.02)
+        before = cpu_ticks([os.getpid()])  # this process and its live child
+        child.wait(timeout=20)  # reaped: its ticks move into this process's cutime
+        after = cpu_ticks([os.getpid()])
+    finally:
+        child.kill()
+        child.wait()
+    assert after >= before, (before, after)
