@@ -25,6 +25,7 @@ demo: $(STAMP)  ## Run the demo: release 1 promoted, release 2 (faulty) rolled b
 	$(BIN)/ballast demo
 
 test: $(STAMP)  ## Run the whole test suite (unit, flows, integration against real servers)
+	bash infra/system-deps.sh
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)  ## Unit tests only
@@ -39,7 +40,7 @@ fmt: $(STAMP)  ## Format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## Run the benchmark scripts
+bench: $(STAMP)  ## Run the compile benchmark (benchmarks/ holds the others; see their --help)
 	$(BIN)/python benchmarks/compile_bench.py
 
 clean:  ## Remove state (.ballast) and caches, keep .venv

@@ -52,6 +52,12 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     # handler keeps its chatter out whatever level it sets.
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_library_info)
+    # Bad settings stop every command here, before it does anything, even one that reads none
+    # of them: a typo'd BALLAST_* variable is caught at once, not by the next command that
+    # happens to read it. A subcommand's --help is parsed after this callback runs, and must
+    # work whatever the environment holds.
+    if "--help" not in sys.argv[1:]:
+        get_settings()
 
 
 def _keyring(s: Settings) -> Any:

@@ -183,12 +183,34 @@ class Settings(BaseSettings):
             )
         return v
 
+    # Checks across fields have no one field to blame: their messages name the variables.
     @model_validator(mode="after")
     def _floor_fits_the_metric(self) -> Settings:
         try:
             self.quality_policy()  # refuses a floor outside the metric's range (accuracy 1.5)
         except ConfigError as exc:
-            raise ValueError(str(exc)) from exc
+            raise ValueError(
+                f"BALLAST_QUALITY_FLOOR (with BALLAST_QUALITY_METRIC): {exc.message}"
+            ) from exc
+        return self
+
+    @model_validator(mode="after")
+    def _training_topology(self) -> Settings:
+        # Checked here, when settings load, not at the train stage after ingest has run.
+        from ballast.distributed import Topology
+
+        try:
+            Topology(
+                nproc_per_node=1,
+                nnodes=self.train_nnodes,
+                rdzv_endpoint=self.train_rdzv_endpoint,
+                rdzv_id=self.train_rdzv_id,
+            )
+        except ConfigError as exc:
+            raise ValueError(
+                "BALLAST_TRAIN_NNODES / BALLAST_TRAIN_RDZV_ENDPOINT / BALLAST_TRAIN_RDZV_ID: "
+                f"{exc.message}"
+            ) from exc
         return self
 
     @model_validator(mode="after")

@@ -29,11 +29,17 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def test_bad_settings_end_any_command_as_one_line_and_exit_2(settings: Settings) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["audit", "verify"], ["canary", "simulate"]],  # the second reads no settings itself
+)
+def test_bad_settings_end_any_command_as_one_line_and_exit_2(
+    settings: Settings, command: list[str]
+) -> None:
     # The installed `ballast` runs ballast.cli:main, as `python -m ballast.cli` does.
     env = {**os.environ, "BALLAST_CANARY_STEP": "5,100"}
     proc = subprocess.run(
-        [sys.executable, "-m", "ballast.cli", "audit", "verify"],
+        [sys.executable, "-m", "ballast.cli", *command],
         env=env,
         capture_output=True,
         text=True,

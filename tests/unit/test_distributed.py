@@ -311,8 +311,9 @@ def test_the_train_task_uses_torchrun_only_when_settings_ask_for_more_than_one_p
         Settings(train_nnodes=2, train_rdzv_endpoint="h:29400", train_rdzv_id="r1", device="cpu")
     )
     assert nodes.distributed and nodes.world_size == 2 and nodes.rdzv_id == "r1"
-    with pytest.raises(ConfigError, match="rendezvous"):
-        _topology(Settings(train_nnodes=2, device="cpu"))
+    # Refused when settings load now, before any stage runs.
+    with pytest.raises(ValidationError, match="rendezvous"):
+        Settings(train_nnodes=2, device="cpu")
 
 
 def test_the_sweep_removes_only_folders_whose_launcher_died_here(tmp_path: Path) -> None:

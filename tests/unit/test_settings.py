@@ -125,6 +125,25 @@ def test_a_kubernetes_service_link_in_the_gateway_port_is_named_as_such(
         get_settings()
 
 
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"BALLAST_TRAIN_NNODES": "3"}, "BALLAST_TRAIN_NNODES"),
+        ({"BALLAST_TRAIN_RDZV_ID": "bad id!"}, "BALLAST_TRAIN_RDZV_ID"),
+        ({"BALLAST_QUALITY_FLOOR": "1.5"}, "BALLAST_QUALITY_FLOOR"),
+    ],
+)
+def test_settings_checked_across_fields_are_refused_at_load_naming_their_variables(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], names: str
+) -> None:
+    # Before: a bad multi-node set-up loaded fine and failed at the train stage, after ingest;
+    # a bad floor was refused without naming its variable.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=names):
+        get_settings()
+
+
 def test_the_admin_token_file_must_be_owner_only(tmp_path: Path) -> None:
     s = Settings(state_dir=tmp_path)
     token = s.admin_token()
