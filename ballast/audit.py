@@ -75,6 +75,11 @@ def record(
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            # An existing log open to others (made by hand, copied in) is made private, as a
+            # new one is: whoever may write it may rewrite history from there on.
+            os.fchmod(fd, 0o600)
         end = os.lseek(fd, 0, os.SEEK_END)
         if end and os.pread(fd, 1, end - 1) != b"\n":
             # A write torn by a crash: end that fragment's line, or this entry would be glued

@@ -94,6 +94,14 @@ def test_a_line_of_blanks_is_reported_and_the_next_entry_chains_onto_it(
     assert [p for p in verify_chain(path) if "line 4" in p] == []
 
 
+def test_a_log_open_to_others_is_made_private_at_the_next_entry(tmp_path: Path) -> None:
+    path = _log(tmp_path, 1)
+    path.chmod(0o666)
+    record(path, "approve", model="m", version="1", approver="alice", reason="r")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # before: stayed 0666
+    assert verify_chain(path) == []
+
+
 def test_appends_after_a_long_entry_still_chain(tmp_path: Path) -> None:
     # The last line is found by reading backwards in blocks; cross a block boundary.
     path = tmp_path / "audit.jsonl"
