@@ -88,6 +88,24 @@ def keys_list() -> None:
         console.print(f"{key_id}  (retired)")
 
 
+@keys_app.command("export-public")
+def keys_export_public(
+    out: Path = typer.Argument(..., help="Where to write the PEM (overwritten)."),
+) -> None:
+    """Write the public half of the manifest signing key (BALLAST_SIGNING_KEY_PATH) as PEM:
+    what verifiers (gateway pods) are given instead of the private key."""
+    from ballast.manifest import export_public_key
+
+    s = get_settings()
+    if not s.signing_key_path.is_file():
+        fail(ConfigError(f"no signing key at {s.signing_key_path}; nothing to export"))
+    try:
+        export_public_key(s.signing_key_path, out)
+    except OSError as exc:
+        fail(ConfigError(f"cannot write {out}: {exc}"))
+    console.print(f"wrote the public signing key to {out}")
+
+
 @keys_app.command("rotate")
 def keys_rotate(
     objects: list[Path] = typer.Argument(

@@ -1033,6 +1033,26 @@ class Gateway:
         versions = {s.loaded.version: s.role for s in live.all_slots}
         return JSONResponse({"ready": True, "model": live.model, "versions": versions})
 
+    async def serving(self, request: Request) -> Response:
+        """Takes traffic: serves a verified, warmed deployment, whether or not it is the desired
+        one yet. What a load balancer's readiness check wants: ``/readyz`` turns 503 on every
+        replica at once while a change loads (they all read it within a poll), though each
+        keeps answering with what it has."""
+        live = self.live
+        if live is None or not live.slots:
+            reason = "no deployment set" if live is None else "the deployment has no versions"
+            return JSONResponse({"serving": False, "reason": reason}, status_code=503)
+        desired, why = self._is_ready()
+        body: dict[str, Any] = {
+            "serving": True,
+            "model": live.model,
+            "versions": {s.loaded.version: s.role for s in live.all_slots},
+            "desired_loaded": desired,
+        }
+        if not desired:
+            body["reason"] = why
+        return JSONResponse(body)
+
     async def metrics_text(self, request: Request) -> Response:
         self.metrics.flush()  # this replica's pending updates too (written every metrics_flush_s)
         body = await self._in_thread(self._io, self.metrics.render)
@@ -1438,6 +1458,7 @@ def create_app(
     routes = [
         Route("/healthz", gw.healthz, methods=["GET"]),
         Route("/readyz", gw.readyz, methods=["GET"]),
+        Route("/readyz/serving", gw.serving, methods=["GET"]),
         Route("/metrics", gw.metrics_text, methods=["GET"]),
         Route("/openapi.json", gw.openapi, methods=["GET"]),
     ]

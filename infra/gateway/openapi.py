@@ -154,6 +154,17 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                 },
             }
         },
+        "/readyz/serving": {
+            "get": {
+                "operationId": "serving",
+                "summary": "Takes traffic: a verified version is loaded and warmed (the desired "
+                "deployment may still be loading): the readiness check for a load balancer.",
+                "responses": {
+                    "200": _json("Serving; desired_loaded says if the change is in.", _ANY_OBJECT),
+                    "503": _json("Serving nothing, with the reason.", _ANY_OBJECT),
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "operationId": "metrics",

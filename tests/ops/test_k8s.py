@@ -101,7 +101,8 @@ def test_every_deployment_runs_non_root_with_resources_and_probes() -> None:
             assert {"cpu", "memory"} <= c["resources"]["limits"].keys(), name
             assert "livenessProbe" in c, name
             for env in c.get("env", []):
-                if any(w in env["name"] for w in ("TOKEN", "KEY", "PASSWORD", "SECRET")):
+                secretish = any(w in env["name"] for w in ("TOKEN", "KEY", "PASSWORD", "SECRET"))
+                if secretish and not env["name"].endswith("_PATH"):  # a path names no secret
                     assert "valueFrom" in env, f"{name}: {env['name']} must come from a Secret"
 
 
@@ -109,7 +110,11 @@ def test_gateway_probes_ports_service_autoscaler_and_budget_fit_together() -> No
     dep = find("Deployment", "ballast-gateway")
     (gw,) = _containers(dep)
     ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
-    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Serving (not "the desired deployment loaded"): else each canary load empties the Service.
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz/serving"
+    # Longer than the first sync may take (then the gateway starts unready and keeps going).
+    startup = gw["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] > 60 + 10
     assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert gw[probe]["httpGet"]["port"] in ports, probe
@@ -192,29 +197,50 @@ def test_base_job_template_passes_prefects_check_and_renders_a_valid_job() -> No
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
 
 
-def test_the_gateway_verifies_against_the_signing_key_the_flow_runs_sign_with() -> None:
-    # Without the key no version verifies, and no gateway pod ever becomes ready.
+def test_gateway_pods_verify_with_the_public_key_and_flow_runs_sign_with_a_private_copy() -> None:
+    # Gateway pods only verify: they get the public half (a ConfigMap), never the private key.
     dep = find("Deployment", "ballast-gateway")
     (gw,) = _containers(dep)
     assert {"configMapRef": {"name": "ballast-config"}} in gw["envFrom"]
-    key = Path(find("ConfigMap", "ballast-config")["data"]["BALLAST_SIGNING_KEY_PATH"])
+    env = {e["name"]: e.get("value") for e in gw["env"]}
+    key = Path(env["BALLAST_SIGNING_KEY_PATH"])  # overrides ballast-config's private path
     mount = next(m for m in gw["volumeMounts"] if key.parent == Path(m["mountPath"]))
     assert mount["readOnly"] is True
-    volume = next(
-        v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
-    )
+    pod_volumes = dep["spec"]["template"]["spec"]["volumes"]
+    volume = next(v for v in pod_volumes if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "ballast-signing-public"
+    assert [i["path"] for i in volume["configMap"]["items"]] == [key.name]
+    assert not any("secret" in v and "signing" in v["secret"]["secretName"] for v in pod_volumes)
+
+    # Flow runs sign: the Secret is copied into a private folder 0600 first (the signer refuses
+    # a key group can read, and with fsGroup set the kubelet makes Secret files 0440).
+    spec = base_job_template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     job_env = base_job_template()["variables"]["properties"]["env"]["default"]
-    job_volumes = base_job_template()["job_configuration"]["job_manifest"]["spec"]["template"][
-        "spec"
-    ]["volumes"]
-    (signing,) = [
-        v
-        for v in job_volumes
-        if "secret" in v and v["secret"]["secretName"] == volume["secret"]["secretName"]
-    ]
-    assert [i["path"] for i in volume["secret"]["items"]] == [key.name]
-    assert Path(job_env["BALLAST_SIGNING_KEY_PATH"]).name == key.name
-    assert signing["secret"]["items"] == volume["secret"]["items"]
+    signing = Path(job_env["BALLAST_SIGNING_KEY_PATH"])
+    assert signing == Path(find("ConfigMap", "ballast-config")["data"]["BALLAST_SIGNING_KEY_PATH"])
+    (init,) = spec["initContainers"]
+    script = init["command"][-1]
+    assert "install -m 600" in script and str(signing) in script
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    copied = next(m for m in init["volumeMounts"] if Path(m["mountPath"]) == signing.parent)
+    assert "emptyDir" in volumes[copied["name"]]
+    (main,) = spec["containers"]
+    assert any(
+        m["name"] == copied["name"] and Path(m["mountPath"]) == signing.parent
+        for m in main["volumeMounts"]
+    )
+    source = next(m for m in init["volumeMounts"] if m["name"] != copied["name"])
+    assert volumes[source["name"]]["secret"]["secretName"] == "ballast-signing-key"
+    assert source["mountPath"] in script
+
+
+def test_a_release_that_waits_as_long_as_its_settings_allow_is_not_killed_by_its_job() -> None:
+    from ballast.settings import Settings
+
+    s = Settings()
+    longest_waits = s.approval_timeout_s + s.canary_turn_timeout_s + s.train_timeout_s
+    deadline = base_job_template()["variables"]["properties"]["active_deadline_seconds"]
+    assert deadline["default"] > longest_waits + 1800  # and half an hour for the canary
 
 
 def test_cluster_deployments_mirror_the_local_ones() -> None:
@@ -292,6 +318,15 @@ def test_the_training_job_runs_the_torchrun_command_the_launcher_builds_on_a_sha
     assert mounts[volume] == str(state)
     pvc = find("PersistentVolumeClaim", claim_of[volume])
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    # ... and it is the flow runs' own claim, where the release's pod writes the job (it was
+    # another claim, so the ranks never found the job file).
+    job_spec = base_job_template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    flow_claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in job_spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert flow_claims == {claim_of[volume]}
 
 
 def _pod_specs() -> list[tuple[str, dict[str, Any]]]:

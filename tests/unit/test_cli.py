@@ -275,3 +275,23 @@ def test_ctrl_c_on_serve_drains_the_request_in_flight(settings: Settings, tmp_pa
         assert "Traceback" not in log.read_text(), "a clean stop ended with a traceback"
     finally:
         _reap(proc)
+
+
+def test_keys_export_public_writes_a_pem_that_verifies_and_holds_no_private_key(
+    runner: CliRunner, settings: Settings, tmp_path: Path
+) -> None:
+    from ballast.manifest import load_or_create_signing_key, public_key_bytes
+
+    missing = runner.invoke(app, ["keys", "export-public", str(tmp_path / "pub.pem")])
+    assert missing.exit_code == 2 and "no signing key" in missing.output
+    key = load_or_create_signing_key(settings.signing_key_path)
+    result = runner.invoke(app, ["keys", "export-public", str(tmp_path / "pub.pem")])
+    assert result.exit_code == 0, result.output
+    pem = (tmp_path / "pub.pem").read_bytes()
+    assert b"PUBLIC KEY" in pem and b"PRIVATE" not in pem
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    loaded = serialization.load_pem_public_key(pem)
+    assert isinstance(loaded, Ed25519PublicKey)
+    assert public_key_bytes(loaded) == public_key_bytes(key)

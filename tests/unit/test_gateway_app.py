@@ -2087,7 +2087,7 @@ def test_a_replica_busy_loading_stays_on_the_board_with_its_old_state(
     source = FileDesiredState(desired, poll_interval_s=0.05)
     watch = ReplicaBoard(board, stale_after_s=1.0)
     app = create_app(config, loader=slow_loader, source=source, board=watch)
-    with TestClient(app):
+    with TestClient(app) as client:
         wait_for(lambda: [s.ready for s in watch.live()] == [True])
         old = watch.live()[0].fingerprint
         slow[0] = True
@@ -2099,8 +2099,23 @@ def test_a_replica_busy_loading_stays_on_the_board_with_its_old_state(
             time.sleep(0.1)
         assert ("r2", old, False) in {x for row in seen for x in row}, seen
         assert all(len(row) == 1 and row[0][1] == old for row in seen), seen
+        # Still loading: not ready (the change is not in), yet serving what it has; that is
+        # what a load balancer's readiness check must look at, or every replica would leave
+        # the Service at once during each load.
+        assert client.get("/readyz").status_code == 503
+        serving = client.get("/readyz/serving")
+        assert serving.status_code == 200 and serving.json()["desired_loaded"] is False
+        assert client.post(PREDICT, json={"instances": [ROW]}).status_code == 200
         new = with_canary(artefacts, 20).fingerprint()
         wait_for(lambda: [(s.fingerprint, s.ready) for s in watch.live()] == [(new, True)])
+
+
+def test_serving_readiness_is_503_only_while_nothing_is_served(gw: TestClient) -> None:
+    resp = gw.get("/readyz/serving")
+    assert resp.status_code == 503 and resp.json() == {
+        "serving": False,
+        "reason": "no deployment set",
+    }
 
 
 def test_a_put_the_registry_refuses_never_takes_traffic_and_a_delete_never_empties(
