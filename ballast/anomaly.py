@@ -36,7 +36,11 @@ Method (robust CUSUM on an EWMA baseline)
    residuals (a run of clipped residuals would inflate the scale, and blind the detector, until
    they left the window).
 5. **Hard ceiling** (optional, per metric): a value above an absolute limit in ``hard_consecutive``
-   windows in a row breaches even during warm-up (a new champion has no baseline yet).
+   windows in a row breaches even during warm-up (a new champion has no baseline yet). A window
+   short of ``min_count`` requests still counts for a ``rate`` when it is conclusive on its own:
+   a one-sided binomial test says its errors are too many for a true rate at the ceiling (p <
+   ``hard_alpha``), so a champion failing every request at low traffic is caught. Any other
+   window breaks the run: "in a row" means consecutive windows, quiet ones included.
 
 References: E. S. Page, "Continuous inspection schemes", Biometrika 41 (1954) (CUSUM);
 D. M. Hawkins and D. H. Olwell, *Cumulative Sum Charts and Charting for Quality Improvement*,
@@ -109,6 +113,8 @@ class DetectorPolicy:
     z_clip: float = 5.0  # a window adds at most z_clip - k (3.5) to the sum: three to reach h
     z_update: float = 3.0  # windows further out do not move the baseline
     hard_consecutive: int = 2  # windows in a row above a hard ceiling
+    # A window short of min_count counts above a rate's ceiling only at this significance.
+    hard_alpha: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.warmup < 3 or self.min_count < 1 or self.mad_window < self.warmup:
@@ -121,6 +127,8 @@ class DetectorPolicy:
             raise ValueError("z_clip - cusum_k must stay below cusum_h: one window must not page")
         if self.hard_consecutive < 1:
             raise ValueError("hard_consecutive must be >= 1")
+        if not 0 < self.hard_alpha < 0.5:
+            raise ValueError("hard_alpha must be in (0, 0.5)")
 
 
 def median(values: list[float]) -> float:
@@ -219,6 +227,19 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _conclusively_above(spec: MetricSpec, value: float | None, count: int, alpha: float) -> bool:
+    """A short window of a ``rate`` whose errors a true rate at the hard ceiling would produce
+    with probability below ``alpha`` (one-sided binomial test)."""
+    if spec.kind != "rate" or spec.hard_ceiling is None or value is None or count < 1:
+        return False
+    if not math.isfinite(value) or value <= spec.hard_ceiling:
+        return False
+    from scipy.stats import binom
+
+    errors = round(value * count)
+    return bool(binom.sf(errors - 1, count, spec.hard_ceiling) < alpha)
+
+
 def update_metric(
     state: MetricState,
     spec: MetricSpec,
@@ -242,7 +263,29 @@ def update_metric(
             why = f"non-finite value ({value})"
         else:
             why = f"{count} requests < {policy.min_count}"
-        return state, MetricVerdict(spec.name, "insufficient", value, count, reason=why)
+        if _conclusively_above(spec, value, count, policy.hard_alpha):
+            assert spec.hard_ceiling is not None and value is not None
+            hard_run = state.hard_run + 1
+            new = replace(state, hard_run=hard_run)
+            if hard_run >= policy.hard_consecutive:
+                return new, MetricVerdict(
+                    spec.name,
+                    "breach",
+                    value,
+                    count,
+                    threshold=spec.hard_ceiling,
+                    reason=f"{spec.name} {_fmt(value)} above the hard ceiling "
+                    f"{_fmt(spec.hard_ceiling)} for {hard_run} windows ({why}, but conclusive: "
+                    f"binomial p < {policy.hard_alpha:g})",
+                    rule="hard_ceiling",
+                )
+            return new, MetricVerdict(
+                spec.name, "insufficient", value, count, reason=f"{why}; above the hard ceiling"
+            )
+        # Not evidence of a breach: a run of windows above the ceiling is broken here.
+        return replace(state, hard_run=0), MetricVerdict(
+            spec.name, "insufficient", value, count, reason=why
+        )
 
     # Hard ceiling first: it needs no baseline.
     hard_run = (

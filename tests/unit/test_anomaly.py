@@ -244,3 +244,36 @@ def test_a_non_finite_value_is_insufficient_for_that_reason_not_for_its_request_
         after, verdict = update_metric(MetricState(), ERRORS, bad, 5000, POLICY)
         assert verdict.status == "insufficient" and after == MetricState()
         assert verdict.reason.startswith("non-finite value"), verdict.reason
+
+
+def test_a_short_window_conclusively_above_the_hard_ceiling_counts() -> None:
+    # Before: a window short of min_count was "insufficient" before the ceiling was looked at,
+    # so a champion failing all of its 99 requests a window read healthy for ever.
+    policy = DetectorPolicy(warmup=5, min_count=100)
+    state, verdicts = MetricState(), []
+    for _ in range(2):
+        state, v = update_metric(state, ERRORS, 1.0, 99, policy)
+        verdicts.append(v)
+    assert [v.status for v in verdicts] == ["insufficient", "breach"]
+    assert verdicts[-1].rule == "hard_ceiling" and "conclusive" in verdicts[-1].reason
+
+
+def test_a_short_window_with_too_little_evidence_stays_insufficient() -> None:
+    # 1 error in 10 requests against a 5 % ceiling: p = 0.40, nothing to act on.
+    policy = DetectorPolicy(warmup=5, min_count=100)
+    state = MetricState()
+    for _ in range(5):
+        state, v = update_metric(state, ERRORS, 0.1, 10, policy)
+        assert v.status == "insufficient" and state.hard_run == 0
+
+
+def test_windows_above_the_hard_ceiling_must_be_consecutive() -> None:
+    # Before: the quiet windows between two bad ones (hours apart) kept the run alive.
+    policy = DetectorPolicy(warmup=5, min_count=100)
+    state, v = update_metric(MetricState(), ERRORS, 0.06, 200, policy)
+    assert state.hard_run == 1
+    for _ in range(36):  # a quiet night: 0 errors in 90 requests a window
+        state, v = update_metric(state, ERRORS, 0.0, 90, policy)
+    assert state.hard_run == 0
+    state, v = update_metric(state, ERRORS, 0.06, 200, policy)
+    assert v.status != "breach" and state.hard_run == 1
