@@ -38,8 +38,12 @@ __all__ = [
 # The gateway's event names (infra/gateway/faillog.py; ballast does not import infra).
 EVENT_FAILED = "request.failed"
 EVENT_SUPPRESSED = "request.failures_suppressed"
-# Longer lines are not the gateway's failure lines; in the context they are cut to this.
+# Lines are shown in the context cut to this.
 _MAX_LINE_CHARS = 2000
+# Lines are parsed up to this: a gateway failure line is bounded (its error text to 300
+# characters), but JSON writes each non-ASCII one as a 6-character escape, so a line can pass
+# 2000 characters. Anything longer is read in pieces and skipped: memory stays bounded.
+_MAX_PARSE_CHARS = 64 * 1024
 _MAX_REQUEST_IDS = 10
 
 
@@ -254,14 +258,22 @@ def _scan(
     first: _FileFirst | None = None
     needle = json.dumps(version)  # the version as it appears in a JSON line, quotes included
     with path.open("r", encoding="utf-8", errors="replace") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.rstrip("\n")[:_MAX_LINE_CHARS]
+        lineno, whole = 0, True
+        while raw := fh.readline(_MAX_PARSE_CHARS):
+            # A piece of an over-long line (not a line of its own) is skipped.
+            # (short of the limit without a newline: the file's last line)
+            piece_of_long, whole = not whole, raw.endswith("\n") or len(raw) < _MAX_PARSE_CHARS
+            if piece_of_long:
+                continue
+            lineno += 1
+            full = raw.rstrip("\n")
+            line = full[:_MAX_LINE_CHARS]
             if first is not None and first.after_left > 0:
                 first.context.append(line)
                 first.after_left -= 1
             found = None
-            if needle in line and line.startswith("{"):
-                found = _failure(line, model, version, start, end, min_status)
+            if whole and needle in full and full.startswith("{"):
+                found = _failure(full, model, version, start, end, min_status)
             if found is not None:
                 ts, n, event = found
                 _count(tally, event, n, ts, min_status)

@@ -9,7 +9,9 @@ The log is append-only, mode 0600.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["QUARANTINE_FILE", "QuarantineRecord", "append_record", "read_records", "record_for"]
 
 QUARANTINE_FILE = "quarantine.jsonl"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,20 @@ def append_record(path: Path, record: QuarantineRecord) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(asdict(record), sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    # O_NONBLOCK: a FIFO put in the log's place must not hang ingest (it is refused below).
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o600)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
         os.fchmod(fd, 0o600)  # an older file created under a looser umask is tightened too
         # One write of an O_APPEND fd: concurrent writers never interleave inside a line.
+        start = os.lseek(fd, 0, os.SEEK_END)
         written = os.write(fd, line)
         if written != len(line):
+            # A half line would swallow the next record and make the log unreadable: take it
+            # back (a concurrent writer's line after it is unlikely; this is a full disk).
+            os.ftruncate(fd, start)
             raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
         os.fsync(fd)
     finally:
@@ -72,9 +84,22 @@ def append_record(path: Path, record: QuarantineRecord) -> None:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """All records in ``path`` (empty if it does not exist)."""
+    """All records in ``path`` (empty if it does not exist). A line that is not a record (torn
+    by a crash mid-write) is skipped, with a warning: it must not hide the others."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            logger.warning("quarantine log %s line %d is not a record; skipped", path, n)
+    return records

@@ -67,9 +67,14 @@ def load_state(path: Path, model: str) -> DetectorState:
     except (OSError, ValueError) as exc:
         logger().warning("stage=watchdog state unreadable, starting a fresh baseline: %s", exc)
         return DetectorState(model=model)
-    if not isinstance(data, dict):
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return DetectorState.from_dict(data, model)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        # JSON, but not a state this version reads (a hand edit, an older format).
+        logger().warning("stage=watchdog state malformed, starting a fresh baseline: %s", exc)
         return DetectorState(model=model)
-    return DetectorState.from_dict(data, model)
 
 
 def save_state(path: Path, state: DetectorState) -> None:

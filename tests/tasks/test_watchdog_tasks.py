@@ -75,6 +75,10 @@ def test_an_unreadable_state_starts_a_fresh_baseline(settings: Settings) -> None
     path.write_text("[1, 2]")
     assert wt.load_state(path, "m") == DetectorState(model="m")
     assert wt.load_state(path.with_name("absent.json"), "m") == DetectorState(model="m")
+    # JSON, but not a state (a hand edit): before, every run failed on it for good.
+    for doc in ('{"metrics": {"error_rate": null}}', '{"metrics": [1]}', '{"checks": "many"}'):
+        path.write_text(doc)
+        assert wt.load_state(path, "m") == DetectorState(model="m"), doc
 
 
 @pytest.fixture

@@ -160,6 +160,31 @@ def test_lines_written_by_the_gateways_failure_log_are_read_back_in_full(tmp_pat
     assert report.first_failure == T0
 
 
+def test_a_failure_line_past_2000_characters_is_still_counted(tmp_path: Path) -> None:
+    # A non-ASCII error message: JSON writes each character as a 6-character escape, so the
+    # gateway's own line passes 2000 characters. Before: cut to 2000, unparsable, dropped.
+    out: list[dict[str, Any]] = []
+    log = FailureLog(out.append, replica="r", per_second=10, clock=lambda: T0.timestamp())
+    for rid, error in (("abc", "é" * 300), ("def", "plain")):
+        log.record(
+            request_id=rid,
+            model="m",
+            version="3",
+            role="canary",
+            route="predict",
+            status=500,
+            reason="model_error",
+            error=error,
+        )
+    lines = [json.dumps(e) for e in out]
+    assert len(lines[0]) > 2000
+    tail = "x" * 100_000  # and a line with no end in sight is skipped, not held whole
+    path = write(tmp_path / "gateway.log", [*lines, tail])
+    report = localise([path], "m", "3", T0 - timedelta(seconds=1), T0 + timedelta(minutes=1))
+    assert report.failures == 2
+    assert report.first_request_ids == ("abc", "def")
+
+
 def test_several_files_merge_and_the_earliest_first_failure_gives_the_context(
     tmp_path: Path,
 ) -> None:
