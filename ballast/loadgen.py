@@ -182,7 +182,8 @@ async def _drive(
                     # is waited for (each request ends within ``timeout``). Dropping it would
                     # leave out exactly the requests that hang: a server that stops answering
                     # near the end would read as 0 failures.
-                    _, pending = await asyncio.wait(pending, timeout=timeout + 1.0)
+                    if pending:
+                        _, pending = await asyncio.wait(pending, timeout=timeout + 1.0)
                     break
         finally:
             for task in pending:

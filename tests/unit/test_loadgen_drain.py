@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -15,8 +16,9 @@ import pytest
 from ballast.loadgen import run_load
 
 
-@pytest.fixture
-def hangs_after_10() -> Iterator[tuple[str, list[int]]]:
+@contextmanager
+def _server(wait_s: Callable[[int], float]) -> Iterator[tuple[str, list[int]]]:
+    """A JSON predict endpoint that answers its n-th request after ``wait_s(n)`` seconds."""
     seen = [0]
     lock = threading.Lock()
     release = threading.Event()
@@ -32,8 +34,7 @@ def hangs_after_10() -> Iterator[tuple[str, list[int]]]:
             with lock:
                 seen[0] += 1
                 n = seen[0]
-            if n > 10:
-                release.wait(10)  # hung: never answers within the client's timeout
+            release.wait(wait_s(n))
             body = json.dumps({"predictions": [0]}).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
@@ -51,6 +52,13 @@ def hangs_after_10() -> Iterator[tuple[str, list[int]]]:
         release.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def hangs_after_10() -> Iterator[tuple[str, list[int]]]:
+    # Requests after the 10th hang: never answered within the client's timeout.
+    with _server(lambda n: 10.0 if n > 10 else 0.0) as served:
+        yield served
 
 
 def test_requests_hanging_when_the_run_ends_are_counted_as_failures(
@@ -72,3 +80,23 @@ def test_requests_hanging_when_the_run_ends_are_counted_as_failures(
     assert seen[0] == 14
     assert len(obs) == 14 and sum(not o.ok for o in obs) == 4
     assert time.monotonic() - started < 5  # waited for, within the request timeout
+
+
+def test_a_run_stopped_with_nothing_in_flight_ends_cleanly(
+    hangs_after_10: tuple[str, list[int]],
+) -> None:
+    # Every worker done in the same look that finds the stop: nothing is left to wait for
+    # (waiting on nothing raised "Set of Tasks/Futures is empty" and failed the canary).
+    url, _ = hangs_after_10
+    stop = threading.Event()
+    stop.set()
+    obs = run_load(
+        url,
+        "m",
+        np.zeros((4, 3), np.float32),
+        concurrency=2,
+        max_requests=9,
+        max_seconds=5,
+        cancel=stop,
+    )
+    assert obs == []
