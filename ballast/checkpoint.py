@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 _FILE = re.compile(r"^epoch-(\d{6})\.pt$")
 _TMP_SUFFIX = ".tmp"
+# A temporary file older than this is a killed run's (a save writes and renames in seconds).
+_STALE_TMP_S = 3600.0
 #: Bumped when the layout of the saved state changes, so an old file is not misread.
 FORMAT_VERSION = 1
 #: The start of every sealed checkpoint file; the 32-byte sha256 of the rest follows it.
@@ -134,9 +137,14 @@ class CheckpointStore:
         return sorted(e for e, _ in self._files())
 
     def _remove_temporaries(self) -> None:
+        # Only a killed run's: another process saving into this folder right now (a retry
+        # started while a timed-out attempt still runs) must not lose its temporary file.
         if self.dir.is_dir():
+            stale = time.time() - _STALE_TMP_S
             for p in self.dir.glob(f"*{_TMP_SUFFIX}"):
-                p.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    if p.stat().st_mtime < stale:
+                        p.unlink(missing_ok=True)
 
     def save(self, epoch: int, state: Mapping[str, Any]) -> Path:
         """Write ``state`` as the checkpoint of ``epoch`` (atomic), then drop all but the newest."""
@@ -162,7 +170,11 @@ class CheckpointStore:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self.dir)
-        for _, old in self._files()[self.keep :]:
+        # Files of later epochs are left from a run this one superseded (it resumed from an
+        # earlier epoch because they did not verify): they would outrank, and so delete, every
+        # checkpoint this run writes. The newest ``keep`` up to this epoch stay.
+        older = [p for e, p in self._files() if e <= epoch]
+        for old in [p for e, p in self._files() if e > epoch] + older[self.keep :]:
             old.unlink(missing_ok=True)
         return final
 

@@ -57,6 +57,9 @@ class ValidatedDataset:
     ciphertext_sha256: str | None = None
     validation_artifact_id: str | None = None
     report: ValidationReport | None = field(default=None, repr=False, compare=False)
+    # The classes the dataset's spec declares (its largest + 1): a sample may lack some, and the
+    # model must still have one output each. None: as many as the labels show.
+    n_classes: int | None = None
 
 
 def _snake(name: str) -> str:

@@ -65,12 +65,12 @@ def bundled_dataset(name: BundledName) -> ValidatedDataset:
     No expectation suite runs: the data is scikit-learn's own, not input from outside. Anything
     that reads a dataset from storage must go through :func:`ballast.validation.validate_bytes`.
     """
-    from ballast.data import bundled_frame
+    from ballast.data import bundled_frame, bundled_spec
 
     if name == DIGITS:
-        frame, raw = digits_frame(), digits_csv_bytes()
+        frame, raw, spec = digits_frame(), digits_csv_bytes(), digits_spec()
     elif name == BREAST_CANCER:
-        frame, raw = bundled_frame(), bundled_csv_bytes()
+        frame, raw, spec = bundled_frame(), bundled_csv_bytes(), bundled_spec()
     else:
         raise ConfigError(f"unknown bundled dataset {name!r}; known: {BREAST_CANCER}, {DIGITS}")
     features = tuple(c for c in frame.columns if c != LABEL)
@@ -82,4 +82,5 @@ def bundled_dataset(name: BundledName) -> ValidatedDataset:
         sha256=sha256_bytes(raw),
         n_rows=len(frame),
         checks=(),
+        n_classes=max(spec.classes) + 1,
     )

@@ -184,6 +184,7 @@ def run(spec_path: Path) -> int:
             sha256=meta["sha256"],
             n_rows=len(labels),
             checks=(),
+            n_classes=meta.get("n_classes"),
         )
         ckpt = cfg.pop("checkpoint_dir")
         result = train(

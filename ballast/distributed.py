@@ -357,7 +357,7 @@ def read_result(
     import torch
 
     from ballast.models import get_spec
-    from ballast.training import EpochRecord, TrainResult, split_dataset
+    from ballast.training import EpochRecord, TrainResult, class_count, split_dataset
 
     if not path.is_file():
         raise DistributedTrainingError(f"rank 0 wrote no result ({path.name} is missing)")
@@ -367,7 +367,7 @@ def read_result(
     net = spec.build(
         spec.params(model_params),
         n_features=ds.features.shape[1],
-        n_classes=int(max(ds.labels.max(), 1)) + 1,
+        n_classes=class_count(ds),
         mean=np.asarray(split.x_train.mean(axis=0)),
         std=np.asarray(split.x_train.std(axis=0)),
     )
@@ -442,6 +442,7 @@ def train_data_parallel(
                 "name": ds.name,
                 "sha256": ds.sha256,
                 "feature_names": list(ds.feature_names),
+                "n_classes": ds.n_classes,
             },
             "train": {
                 "epochs": epochs,

@@ -124,6 +124,19 @@ def _stratified(
     return x_a, x_b, y_a, y_b
 
 
+def class_count(ds: ValidatedDataset) -> int:
+    """The model's output classes: as many as the dataset's spec declares (a sample missing its
+    last class must not make a narrower model, serving another shape than the champion), else
+    as many as the labels show. Labels outside them are refused here, not mid-epoch."""
+    labels = ds.labels
+    n = ds.n_classes if ds.n_classes is not None else int(max(labels.max(), 1)) + 1
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n):
+        raise TrainingError(
+            f"labels must be classes 0..{n - 1}, got {int(labels.min())}..{int(labels.max())}"
+        )
+    return n
+
+
 def split_dataset(
     ds: ValidatedDataset, *, test_fraction: float, seed: int, val_fraction: float = 0.15
 ) -> Split:
@@ -272,7 +285,7 @@ def train(
     key = config_key(dataset_sha256=ds.sha256, hyperparameters=hyper, seed=seed)
 
     torch.manual_seed(seed)
-    n_classes = int(max(ds.labels.max(), 1)) + 1
+    n_classes = class_count(ds)
     net = spec.build(
         hp,
         n_features=ds.features.shape[1],

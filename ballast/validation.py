@@ -881,4 +881,5 @@ def validate_bytes(
         checks=tuple(r.expectation for r in report.results),
         ciphertext_sha256=ciphertext_sha256,
         report=report,
+        n_classes=max(spec.classes) + 1,
     )

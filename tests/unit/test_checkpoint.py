@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,33 @@ def test_a_killed_writers_temporary_is_ignored_and_removed(tmp_path: Path) -> No
     store.save(1, state(1.0))
     torn = store.dir / ".epoch-000002.pt.x1y2.tmp"
     torn.write_bytes(b"\x80half a pickle")
+    hour_ago = time.time() - 3700
+    os.utime(torn, (hour_ago, hour_ago))
+    live = store.dir / ".epoch-000002.pt.a1b2.tmp"  # another process, saving right now
+    live.write_bytes(b"\x80being written")
     ckpt = store.latest()
     assert ckpt is not None and ckpt.epoch == 1
     assert not torn.exists(), "the temporary of an interrupted write must be cleaned up"
+    # Before: removed too, and that process's rename then failed with FileNotFoundError.
+    assert live.exists()
+
+
+def test_stale_later_epochs_never_push_out_the_checkpoints_a_new_run_writes(
+    tmp_path: Path,
+) -> None:
+    # Files of epochs 9 and 10 that do not verify: the run starts over. Before, each new
+    # checkpoint was deleted as soon as written (9 and 10 outranked it), so a crash restarted
+    # from scratch again.
+    store = CheckpointStore(tmp_path, KEY, keep=2)
+    store.dir.mkdir(parents=True)
+    for epoch in (9, 10):
+        (store.dir / f"epoch-{epoch:06d}.pt").write_bytes(b"corrupt")
+    assert store.latest() is None
+    for epoch in (1, 2, 3):
+        store.save(epoch, state(float(epoch)))
+    assert store.epochs() == [2, 3]
+    ckpt = store.latest()
+    assert ckpt is not None and ckpt.epoch == 3
 
 
 def test_an_unreadable_newest_file_falls_back_to_the_one_before(tmp_path: Path) -> None:

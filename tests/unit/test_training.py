@@ -3,6 +3,7 @@ decision, stops early, checkpoints and resumes exactly, and fault injection real
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,6 +250,33 @@ def test_a_class_too_rare_to_stratify_is_a_training_error(dataset: ValidatedData
         "odd", dataset.features, labels, dataset.feature_names, "0" * 64, dataset.n_rows, ()
     )
     with pytest.raises(TrainingError, match="cannot carve the test split"):
+        _train(odd)
+
+
+def test_a_sample_missing_its_last_class_still_gets_a_model_of_every_class(
+    digits: ValidatedDataset,
+) -> None:
+    # Before: 9 outputs for digits without a 9, another serving shape than a 10-class champion.
+    keep = digits.labels != 9
+    sample = dataclasses.replace(
+        digits,
+        features=digits.features[keep],
+        labels=digits.labels[keep],
+        n_rows=int(keep.sum()),
+    )
+    assert sample.n_classes == 10
+    result = _train(sample, epochs=1)
+    out = result.model(torch.zeros((2, digits.features.shape[1])))
+    assert out.shape == (2, 10)
+
+
+def test_labels_outside_the_declared_classes_are_a_training_error_before_training(
+    dataset: ValidatedDataset,
+) -> None:
+    labels = dataset.labels.copy()
+    labels[labels == 0] = -1  # before: IndexError in the first batch
+    odd = dataclasses.replace(dataset, labels=labels)
+    with pytest.raises(TrainingError, match=r"labels must be classes 0..1, got -1..1"):
         _train(odd)
 
 
