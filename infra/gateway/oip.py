@@ -384,8 +384,15 @@ async def dispatch(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> N
             elif parts[1] == "live":
                 await _send_json(send, 200, {"live": True})
             else:
-                ready, reason = gw._is_ready()
-                await _send_json(send, 200 if ready else 503, {"ready": ready, "reason": reason})
+                # Ready for inferencing (the protocol's meaning): serving a verified version,
+                # as /readyz/serving, even while a change loads (/readyz would say 503 on every
+                # replica at once then).
+                now = gw.live
+                ready = now is not None and bool(now.slots)
+                state: dict[str, Any] = {"ready": ready}
+                if not ready:
+                    state["reason"] = "no model version is served"
+                await _send_json(send, 200 if ready else 503, state)
             return
         raise BadRequestError(404, "not_found", f"no such route {scope['path']!r}")
     except BadRequestError as exc:
@@ -407,10 +414,26 @@ def _allow(method: str, allowed: str) -> None:
 
 
 async def _model_ready(gw: Gateway, send: Send, model: str, version: str | None) -> None:
-    _serving(gw, model, version)  # 404 / 503 when it is not there
-    ready, reason = gw._is_ready()
-    body = {"name": model, "ready": ready}
-    await _send_json(send, 200 if ready else 503, body if ready else {**body, "error": reason})
+    # Served (loaded, verified, warmed) means ready for inferencing, whether or not a change of
+    # deployment is loading meanwhile; 404 / 503 when it is not served.
+    _serving(gw, model, version)
+    body: dict[str, Any] = {"name": model, "ready": True}
+    if version is not None:
+        body["version"] = version
+    await _send_json(send, 200, body)
+
+
+def _as_another_version_reads_it(
+    body: bytes, header_length: int | None, live: Live, slot: Slot, gw: Gateway
+) -> InferRequest | None:
+    """The request parsed at the width of another version serving now, or None."""
+    widths = {s.loaded.n_features for s in live.slots} - {slot.loaded.n_features}
+    for width in sorted(widths):
+        try:
+            return parse_infer_request(body, header_length, width, gw.config.max_rows)
+        except BadRequestError:
+            continue
+    return None
 
 
 async def _infer(
@@ -444,12 +467,22 @@ async def _infer(
         # Pinned: that version. Else the predict route's router: canary weight, sticky key.
         slot = slots[0] if version is not None else live.route(key, gw._rng)
         assert slot is not None  # live.slots is not empty
-        request = parse_infer_request(
-            body, header_length, slot.loaded.n_features, gw.config.max_rows
-        )
+        try:
+            request = parse_infer_request(
+                body, header_length, slot.loaded.n_features, gw.config.max_rows
+            )
+        except BadRequestError:
+            # Fit for another serving version (a canary built for another input width): the
+            # routed version's failure, which gw.infer answers 422 version_mismatch and
+            # records against it, as on the predict route; not the client's mistake.
+            other = _as_another_version_reads_it(body, header_length, live, slot, gw)
+            if other is None:
+                raise
+            request = other
     except BadRequestError as exc:
         gw.metrics.rejected.labels(exc.reason).inc()
-        gw.request_failed(rid, model, slot, "oip_infer", exc.status, exc.reason)
+        # The client's request, not a version's doing (as on the predict route).
+        gw.request_failed(rid, model, None, "oip_infer", exc.status, exc.reason)
         await _send(send, exc.status, dumps({"error": exc.message}), _JSON, [rid_pair])
         return
     except ClientGoneError:

@@ -387,3 +387,87 @@ def test_a_model_answering_nan_to_ordinary_input_is_the_versions_500(
         assert c.post(INFER, content=body([EXTREME])).status_code == 422
         stats = c.get("/admin/stats", headers=AUTH).json()["versions"]["1"]
         assert (stats["errors"], stats["client_errors"]) == (1, 1)
+
+
+def test_a_canary_of_another_width_fails_its_oip_share_on_the_record(
+    client: TestClient, artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # Before: its share came back 400 "the model takes [n, 20]" (the client's mistake) and was
+    # never recorded, so the canary's error rate stayed clean.
+    narrow = build_mlp_onnx(tmp_path / "narrow.onnx", seed=3, n_features=20)
+    dep = Deployment(
+        model=MODEL,
+        champion=spec_for(artefacts["1"], "1"),
+        canary=spec_for(narrow, "w20"),
+        canary_weight=50,
+    )
+    r = client.put("/admin/deployment", content=dep.model_dump_json(), headers=AUTH)
+    assert r.status_code == 200, r.text
+    start = client.get("/admin/observations", headers=AUTH).json()
+    rows = [[0.1] * F]
+    answers = [client.post(INFER, content=body(rows)) for _ in range(40)]
+    assert {a.status_code for a in answers} == {200, 422}
+    refused = [a for a in answers if a.status_code == 422]
+    assert all(a.headers["x-ballast-version"] == "w20" for a in refused)
+    page = client.get(
+        "/admin/observations",
+        params={"cursors": f"{start['replica']}={start['next']}"},
+        headers=AUTH,
+    ).json()
+    ok = {v: {o[3] for o in page["observations"] if o[1] == v} for v in ("1", "w20")}
+    assert ok == {"1": {True}, "w20": {False}}
+    # A width no serving version takes is still the client's 400.
+    assert client.post(INFER, content=body([[0.1] * 7])).status_code == 400
+
+
+def test_ready_routes_say_ready_while_a_served_model_answers(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # "Ready for inferencing": a replica loading a change keeps serving what it has, and its
+    # OIP ready routes must say so (they answered 503, as /readyz does, during every load).
+    import threading
+    import time
+
+    from infra.gateway.app import _default_loader
+    from infra.gateway.desired import FileDesiredState
+
+    loading = threading.Event()
+    release = threading.Event()
+    release.set()
+
+    def gated(path: Path, backend: str, threads: int) -> Any:
+        if not release.is_set():
+            loading.set()
+            release.wait(10)
+        return _default_loader(path, backend, threads)
+
+    source = FileDesiredState(tmp_path / "desired.json", poll_interval_s=0.05)
+    source.publish(Deployment(model=MODEL, champion=spec_for(artefacts["1"], "1")), actor="t")
+    config = GatewayConfig(admin_token=TOKEN)
+    with TestClient(create_app(config, loader=gated, source=source)) as c:
+        assert c.get("/v2/health/ready").status_code == 200
+        release.clear()
+        change = Deployment(
+            model=MODEL,
+            champion=spec_for(artefacts["1"], "1"),
+            canary=spec_for(artefacts["2"], "2"),
+            canary_weight=10,
+        )
+        source.publish(change, actor="t")
+        assert loading.wait(5)
+        try:
+            assert c.get("/readyz").status_code == 503  # the change is not in yet
+            assert c.get("/v2/health/ready").status_code == 200
+            assert c.get(f"/v2/models/{MODEL}/ready").status_code == 200
+            assert c.get(f"/v2/models/{MODEL}/versions/1/ready").json() == {
+                "name": MODEL,
+                "ready": True,
+                "version": "1",
+            }
+            assert c.get(f"/v2/models/{MODEL}/versions/2/ready").status_code == 404
+        finally:
+            release.set()
+        deadline = time.monotonic() + 10
+        while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get(f"/v2/models/{MODEL}/versions/2/ready").status_code == 200
