@@ -5,6 +5,7 @@ Flagger and Kayenta comparison judges."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -552,15 +553,30 @@ def spec(version: str) -> VersionSpec:
 class SeededLoad:
     """Synthetic traffic as Observations: ``per_call`` requests per call at the given weight."""
 
-    def __init__(self, *, canary_error: float = 0.01, per_call: int = 400) -> None:
+    def __init__(
+        self,
+        *,
+        canary_error: float = 0.01,
+        per_call: int = 400,
+        canary_per_weight: int | None = None,
+    ) -> None:
         self.rng = np.random.default_rng(0)
         self.calls: list[int] = []
         self.canary_error = canary_error
         self.per_call = per_call
+        # Traffic stops at each weight once the canary has answered this many requests there:
+        # the evidence then does not depend on how many calls the machine fits in a step's time.
+        self.canary_per_weight = canary_per_weight
+        self.canary_seen: dict[int, int] = {}
 
     def __call__(self, weight: int) -> list[Observation]:
         self.calls.append(weight)
+        cap = self.canary_per_weight
+        if cap is not None and self.canary_seen.get(weight, 0) >= cap:
+            time.sleep(0.01)
+            return []
         batch = traffic(self.rng, self.per_call, weight, canary_error=self.canary_error)
+        self.canary_seen[weight] = self.canary_seen.get(weight, 0) + int(np.sum(batch.canary))
         return [
             Observation("2" if c else "1", bool(ok), float(lat), None if k < 0 else bool(k), int(p))
             for c, ok, lat, k, p in zip(
@@ -611,9 +627,11 @@ def test_controller_holds_before_100_until_the_judge_is_sure_then_promotes() -> 
 
 
 def test_controller_gives_up_before_100_when_the_judge_stays_unsure() -> None:
-    load = SeededLoad(per_call=20)
-    result, admin = run(load, step_max_seconds=0.2)
-    assert result.decision == "rollback"
+    # About 40 canary answers at each weight, however fast the machine: enough for each step's
+    # minimum (20), never enough for the judge to be sure.
+    load = SeededLoad(per_call=100, canary_per_weight=40)
+    result, admin = run(load, step_max_seconds=1.0)
+    assert result.decision == "rollback", result.reasons
     assert result.reasons[0] == "inconclusive at 50%", result.reasons
     assert 100 not in load.calls, "an unproven canary never takes all traffic"
     assert admin.current == Deployment(model="m", champion=spec("1"))
