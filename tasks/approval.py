@@ -151,6 +151,7 @@ def _wait_for_valid_answer(
             )
         except FlowPauseTimeout:
             log.warning("stage=approve timed out after %d answer(s)", attempt - 1)
+            _running_again()
             return None
         auth = authorize_approval(answer.approver, started_by, roles)
         if auth.allowed and not answer.reason.strip():
@@ -171,6 +172,22 @@ def _wait_for_valid_answer(
             started_by=started_by,
         )
         log.warning("stage=approve refused answer: %s; waiting again", auth.reason)
+
+
+def _running_again() -> None:
+    """Take the run out of Paused after its pause timed out. Prefect leaves it Paused, and its
+    server refuses any later move out of a pause past its deadline: the run, which goes on to
+    record the timeout as a rejection and end normally, would finish Failed ("never resumed")
+    and keep showing the form meanwhile."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Running
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(ctx.flow_run.id, Running(), force=True)
 
 
 def prior_decision_of(info: ModelVersionInfo) -> str | None:

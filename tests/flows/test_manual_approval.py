@@ -131,6 +131,9 @@ def test_manual_policy_pauses_and_a_rejection_changes_nothing(approval_env: Sett
     assert ALIAS_CANDIDATE not in version.aliases
     after = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
     assert (after and after.version) == (champion_before and champion_before.version)
+    # The run ends as it returned: Completed. Before, Prefect's server refused the move out of
+    # a pause past its deadline, and the run ended Failed ("never resumed").
+    assert _state(run_id) == StateType.COMPLETED
     last = read_audit(s.audit_log)[-2]  # the reject entry, then the candidate's closing entry
     assert (
         last["action"] == "reject" and last["approver"] == "bob" and last["reason"] == "not today"
@@ -225,3 +228,6 @@ def test_a_timed_out_approval_is_a_rejection_that_changes_nothing(
     assert version.tags[TAG_STATUS] == "rejected"
     after = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
     assert (after and after.version) == (champion_before and champion_before.version)
+    # The run ends as it returned: Completed. Before, Prefect's server refused the move out of
+    # a pause past its deadline, and the run ended Failed ("never resumed").
+    assert _state(run_id) == StateType.COMPLETED
