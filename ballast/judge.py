@@ -289,6 +289,10 @@ class ThresholdJudge:
             *self._latency(usable, canary, evidence),
             *self._accuracy(usable, canary, evidence),
         ]
+        if canary.n_ok == 0:
+            # Fails closed: a champion that fails everything too lifts the error limit past
+            # 100 %, and latency and accuracy then have nothing to measure.
+            failures.append(f"canary {canary.version} answered none of {canary.n} requests")
         if failures:
             return Verdict("rollback", tuple(failures), evidence)
         decision: Decision = "promote" if step_weight >= 100 else "continue"
@@ -1004,6 +1008,11 @@ class SequentialJudge(StreamJudgeBase):
             if a.critical and not a.has_data:
                 notes.append(f"{a.name}: no comparable data yet")
         ready = bool(measured) and not waiting and not warnings
+        if canary.n_ok == 0:
+            # Fails closed: errors alike on both sides read as "no worse", and latency and
+            # accuracy then have nothing to measure: nothing says this canary works.
+            ready = False
+            notes.append(f"canary {canary.version} answered none of {canary.n} requests")
         ev[READY_KEY] = float(ready)
         if ready and (step_weight >= 100 or cfg.early_promote):
             good = f"clearly good enough at {step_weight}% on {canary.n} canary requests"

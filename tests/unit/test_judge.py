@@ -707,3 +707,20 @@ def test_wilson_upper_bound_matches_its_definition() -> None:
     for p, n in ((0.9, 60), (0.97, 30), (0.8, 200)):
         cover = sum(binom.pmf(k, n, p) for k in range(n + 1) if wilson_upper(k, n, 0.95) >= p)
         assert cover > 0.9, (p, n, cover)
+
+
+def test_a_canary_that_answers_nothing_is_never_promoted_even_beside_a_broken_champion() -> None:
+    # Before: the champion failing everything too lifted the error limit past 100 % (threshold)
+    # or made the errors alike (sequential), latency and accuracy had nothing to measure, and
+    # both judges promoted a candidate that never answered.
+    threshold = ThresholdJudge(min_samples=20).judge(
+        stats("1", 100, errors=100), stats("2", 100, errors=100), 100
+    )
+    assert threshold.decision == "rollback"
+    assert "answered none of 100 requests" in threshold.reasons[-1]
+
+    judge = started()
+    feed(judge, 200, 100, canary_error=1.0, champion_error=1.0)
+    verdict = judge.judge(stats("1", 6000, errors=6000), stats("2", 6000, errors=6000), 100)
+    assert verdict.decision != "promote", verdict.reasons
+    assert any("answered none" in r for r in verdict.reasons)
