@@ -8,6 +8,7 @@ saying "promoted" can only follow a plan that was actually applied).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,6 +28,7 @@ __all__ = [
     "plan_promotion",
     "plan_rollback_to_previous",
     "prior_decision",
+    "release_checks",
     "validate_steps",
 ]
 
@@ -59,6 +61,29 @@ class ApprovalDecision:
     def reason(self) -> str:
         """The reasons as one line, for audit records and logs."""
         return "; ".join(self.reasons)
+
+
+def release_checks(
+    *,
+    quality_passed: bool,
+    quality_compared: bool,
+    parity_passed: bool,
+    metrics: Mapping[str, float],
+) -> dict[str, bool]:
+    """The checks an approval (the ``auto`` policy's included) is decided on. Pure.
+
+    ``quality_compared``: the quality gate had a champion or a floor to judge by; a first
+    release judged on a loss has neither, and "passed" would then mean no bar at all.
+    Training's losses must be finite: infinity compared false with nothing and passed.
+    """
+    losses = [metrics.get(m, math.nan) for m in ("train_loss", "val_loss")]
+    return {
+        "data_valid": True,  # ingest raised otherwise
+        "quality_gate": quality_passed,
+        "quality_measured": quality_compared,
+        "parity": parity_passed,
+        "training_finite": all(math.isfinite(v) for v in losses),
+    }
 
 
 def decide_approval(policy: ApprovalPolicy, checks: Mapping[str, bool]) -> ApprovalDecision:

@@ -8,6 +8,7 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
+from ballast.decisions import release_checks
 from ballast.release import ALIAS_CHAMPION, ReleaseReport
 from ballast.serving import Fault
 from ballast.settings import get_settings
@@ -82,12 +83,12 @@ def release_flow(
         )
         return report
 
-    checks = {
-        "data_valid": True,  # ingest raised otherwise
-        "quality_gate": quality.passed,  # raised otherwise
-        "parity": compiled.parity.passed,
-        "training_finite": bool(trained.metrics["train_loss"] == trained.metrics["train_loss"]),
-    }
+    checks = release_checks(
+        quality_passed=quality.passed,  # raised otherwise
+        quality_compared=quality.champion is not None or quality.floor is not None,
+        parity_passed=compiled.parity.passed,
+        metrics=trained.metrics,
+    )
     approved, approver, reason = request_approval(
         model=s.model_name,
         version=info.version,

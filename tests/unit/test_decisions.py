@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ballast.decisions import (
@@ -15,6 +17,7 @@ from ballast.decisions import (
     plan_promotion,
     plan_rollback_to_previous,
     prior_decision,
+    release_checks,
     validate_steps,
 )
 
@@ -214,3 +217,24 @@ def test_prior_decision_names_what_was_decided_and_lets_only_timeouts_be_asked_a
         **state,
     }
     assert prior_decision(**args) == why  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("compared", "metrics", "approved"),
+    [
+        (True, {"train_loss": 0.2, "val_loss": 0.3}, True),
+        # A first release judged on a loss with no floor: the gate passed with no bar at all.
+        (False, {"train_loss": 0.2, "val_loss": 0.3}, False),
+        # Infinity compared false with nothing, so only NaN was caught before.
+        (True, {"train_loss": math.inf, "val_loss": 0.3}, False),
+        (True, {"train_loss": 0.2, "val_loss": math.nan}, False),
+        (True, {"train_loss": 0.2}, False),  # a loss not reported is not a finite loss
+    ],
+)
+def test_auto_approval_needs_a_gate_that_measured_and_finite_losses(
+    compared: bool, metrics: dict[str, float], approved: bool
+) -> None:
+    checks = release_checks(
+        quality_passed=True, quality_compared=compared, parity_passed=True, metrics=metrics
+    )
+    assert decide_approval("auto", checks).approved is approved, checks
