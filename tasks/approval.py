@@ -203,6 +203,10 @@ def prior_decision_of(info: ModelVersionInfo) -> str | None:
     )
 
 
+def _approval_tags(info: ModelVersionInfo) -> tuple[str | None, str | None]:
+    return info.tags.get(TAG_APPROVAL), info.tags.get(TAG_APPROVAL_BY)
+
+
 def _refuse_if_decided(reg: Any, model: str, version: str) -> None:
     why = prior_decision_of(reg.get_version(model, version))
     if why is not None:
@@ -226,6 +230,7 @@ def request_approval(
     log = logger()
     reg = registry(s)
     _refuse_if_decided(reg, model, version)  # before anyone is asked
+    asked = _approval_tags(reg.get_version(model, version))
     started_by = current_actor()
     decision = decide_approval(policy, checks)  # type: ignore[arg-type]
     if not decision.needs_human:
@@ -246,7 +251,27 @@ def request_approval(
         else:
             approved = bool(answer.approve)
             approver, reason = answer.approver.strip(), answer.reason.strip()
-    # A second run of the same release may have decided it while this one waited.
+    # A second run of the same release may have decided it while this one waited: its
+    # decision stands (an approval included: a rejection here would overwrite it under a trial
+    # in progress), and this answer is recorded as superseded, not lost.
+    now = reg.get_version(model, version)
+    if _approval_tags(now) != asked:
+        record(
+            s.audit_log,
+            "approval_superseded",
+            model=model,
+            version=version,
+            approver=approver,
+            approve=approved,
+            reason=reason,
+            decided=now.tags.get(TAG_APPROVAL),
+            decided_by=now.tags.get(TAG_APPROVAL_BY),
+        )
+        raise ApprovalRejected(
+            f"version {version} of {model} was {now.tags.get(TAG_APPROVAL)} by "
+            f"{now.tags.get(TAG_APPROVAL_BY)} (another run) while this one waited: that "
+            "decision stands; this answer is in the audit log, not applied"
+        )
     _refuse_if_decided(reg, model, version)
     # The audit entry first: it is the record of the decision (fsynced). Then the registry, the
     # starter before the typed record, whose status goes last (pending -> approved | rejected;
@@ -262,7 +287,13 @@ def request_approval(
         started_by=started_by,
     )
     try:
-        reg.set_tags(model, version, {TAG_APPROVAL_STARTED_BY: started_by})
+        reopened = {TAG_APPROVAL_STARTED_BY: started_by}
+        if approved and now.tags.get(TAG_APPROVAL_BY) == APPROVAL_TIMEOUT:
+            # An earlier ask timed out and closed the candidate (status and verdict
+            # "rejected"); approved now, it is a candidate again. Left as they were, those tags
+            # would block the version for good as "its verdict is rejected".
+            reopened.update({TAG_STATUS: "candidate", TAG_VERDICT: ""})
+        reg.set_tags(model, version, reopened)
         reg.set_approval(
             model,
             version,

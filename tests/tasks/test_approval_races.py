@@ -1,0 +1,93 @@
+"""The approval step against another run of the same release, and after an earlier timeout.
+
+The registry here is a FAKE (an in-memory stand-in for the facade's get_version / set_tags /
+set_approval, nothing else); the real registry's approval record is tested in
+tests/unit/test_registry.py. The human's answer is handed in by replacing the wait for it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+import tasks.approval as ta
+from ballast.audit import read as read_audit
+from ballast.errors import ApprovalRejected
+from ballast.settings import Settings
+from model_registry import ApprovalRecord, ModelVersionInfo
+
+
+class FakeRegistry:
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.tags = dict(tags)
+
+    def get_version(self, model: str, version: str) -> ModelVersionInfo:
+        return ModelVersionInfo(model, version, (), dict(self.tags), None, "", 0)
+
+    def set_tags(self, model: str, version: str, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+
+    def set_approval(self, model: str, version: str, record: ApprovalRecord) -> None:
+        self.tags.update(record.as_tags())
+
+
+def _answer(approve: bool, approver: str, reason: str) -> Any:
+    return ta.ApprovalForm(approve=approve, approver=approver, reason=reason)
+
+
+def _ask(monkeypatch: pytest.MonkeyPatch, reg: FakeRegistry, during_wait: Any, answer: Any) -> Any:
+    monkeypatch.setattr(ta, "registry", lambda *a: reg)
+
+    def wait(**kwargs: Any) -> Any:
+        during_wait()
+        return answer
+
+    monkeypatch.setattr(ta, "_wait_for_valid_answer", wait)
+    return ta.request_approval(
+        model="m", version="5", checks={"parity": True}, metrics={}, policy="manual"
+    )
+
+
+def test_an_answer_after_another_run_decided_is_recorded_not_applied(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = FakeRegistry({"ballast.status": "candidate", "ballast.approval": "pending"})
+
+    def nightly_auto_approves() -> None:
+        at = datetime.now(UTC)
+        reg.set_approval(
+            "m", "5", ApprovalRecord(status="approved", by="policy:auto", at=at, reason="ok")
+        )
+
+    # Before: bob's rejection overwrote the approval a trial was running under.
+    with pytest.raises(ApprovalRejected, match=r"approved by policy:auto \(another run\)"):
+        _ask(monkeypatch, reg, nightly_auto_approves, _answer(False, "bob", "too thin"))
+    assert (reg.tags["ballast.approval"], reg.tags["ballast.approval.by"]) == (
+        "approved",
+        "policy:auto",
+    )
+    last = read_audit(settings.audit_log)[-1]
+    assert last["action"] == "approval_superseded"
+    assert (last["approver"], last["approve"], last["reason"]) == ("bob", False, "too thin")
+
+
+def test_an_approval_after_an_earlier_timeout_reopens_the_candidate(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The earlier ask timed out and closed the candidate; a rerun of the release asks again.
+    reg = FakeRegistry(
+        {
+            "ballast.status": "rejected",
+            "ballast.verdict": "rejected",
+            "ballast.approval": "rejected",
+            "ballast.approval.by": "timeout",
+        }
+    )
+    approved, by, _ = _ask(monkeypatch, reg, lambda: None, _answer(True, "alice", "fine"))
+    assert (approved, by) == (True, "alice")
+    # Before: status and verdict stayed "rejected", and a canary that crashed left the version
+    # blocked for good as "its verdict is rejected", though alice approved it.
+    assert reg.tags["ballast.status"] == "candidate" and reg.tags["ballast.verdict"] == ""
+    assert ta.prior_decision_of(reg.get_version("m", "5")) is None
