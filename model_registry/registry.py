@@ -351,11 +351,21 @@ class Registry:
     ) -> list[str]:
         """Best-effort rollback of a failed registration; returns what could not be undone."""
         problems: list[str] = []
-        if version is not None:
+        versions = [] if version is None else [version]
+        if version is None and run_id is not None:
+            # create_model_version may have failed after the version was saved (a lost answer,
+            # a timed-out wait for it to be ready): found by its run, or it would stay behind,
+            # complete with its content key, and a rerun would reuse it as if registered.
             try:
-                self._client.delete_model_version(name, version)
+                found = self._client.search_model_versions(f"run_id = '{run_id}'")
+                versions = [str(mv.version) for mv in found if mv.name == name]
             except Exception as exc:
-                problems.append(f"delete version {version}: {exc}")
+                problems.append(f"look for a version of run {run_id}: {exc}")
+        for v in versions:
+            try:
+                self._client.delete_model_version(name, v)
+            except Exception as exc:
+                problems.append(f"delete version {v}: {exc}")
         if created_model:
             try:
                 if not self.list_versions(name):
@@ -539,11 +549,18 @@ class Registry:
         that is someone else's change, not this one to take back.
         """
         now = self._aliases(result.name, missing_ok=False)
-        moved = {alias: now.get(alias) for alias in result.moved_to}
-        if moved != dict(result.moved_to):
+        # An alias the move only removed (a promotion clears `candidate`) may since have been
+        # set by someone else (the next release's registration): theirs, left as it is, and
+        # no reason to leave champion and previous on a version the gateway does not serve.
+        cleared = {a for a, v in result.moved_to.items() if v is None}
+        taken = {a for a in cleared if now.get(a) is not None}
+        moved = {a: now.get(a) for a in result.moved_to if a not in taken}
+        expected = {a: v for a, v in result.moved_to.items() if a not in taken}
+        if moved != expected:
             raise RegistryError(
                 f"not undoing the alias move of {result.name!r}: the aliases are {moved} now, "
-                f"not {dict(result.moved_to)} as the move left them"
+                f"not {expected} as the move left them"
             )
-        self._move_aliases(result.name, now, dict(result.moved_from))
+        back = {a: v for a, v in result.moved_from.items() if a not in taken}
+        self._move_aliases(result.name, now, back)
         log.info("undid the alias move of %s: %s", result.name, dict(result.moved_from))

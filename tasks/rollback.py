@@ -21,7 +21,13 @@ from prefect.cache_policies import NO_CACHE
 from ballast.audit import record
 from ballast.errors import RegistryError, TrialInForce
 from ballast.gateway_client import GatewayClient
-from ballast.release import ALIAS_CHAMPION, ALIAS_PREVIOUS
+from ballast.release import (
+    ALIAS_CHAMPION,
+    ALIAS_PREVIOUS,
+    TAG_REASON,
+    TAG_STATUS,
+    TAG_VERDICT,
+)
 from ballast.serving import Deployment
 from ballast.settings import Settings, get_settings
 from tasks.canary import version_spec
@@ -121,6 +127,18 @@ def rollback_to_previous(
                 except Exception as restore_exc:
                     exc.add_note(f"restoring the deployment failed too: {restore_exc!r}")
             raise
+    if champion is not None and champion.version != previous.version:
+        # The version rolled away from is decided: a rerun of its release (same content key)
+        # must not offer it again. Its promotion tags may be missing (record_promotion is a
+        # later task), so they are not what says so. Best effort: the rollback itself stands.
+        try:
+            reg.set_tags(
+                name,
+                champion.version,
+                {TAG_STATUS: "rolled_back", TAG_VERDICT: "rollback", TAG_REASON: why[:500]},
+            )
+        except Exception as exc:
+            logger().warning("stage=rollback could not tag version %s: %s", champion.version, exc)
     record(
         s.audit_log,
         "rollback",

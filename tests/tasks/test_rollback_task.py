@@ -108,6 +108,10 @@ def test_a_rollback_moves_the_registry_before_the_gateway(
     # What moved, as read at the move (the flow's report names these, not an earlier read).
     assert tr.rollback_to_previous.fn() == tr.RolledBack(restored="2", replaced="3")
     assert [a["champion"] for a in gateway.aliases_at_put] == ["2"] and reg.log == ["rollback"]
+    # The version rolled away from is decided, whatever its promotion tags say (a failed
+    # record_promotion left them at "candidate", and a rerun offered it again).
+    assert reg.tags["3"]["ballast.status"] == "rolled_back"
+    assert reg.tags["3"]["ballast.verdict"] == "rollback"
 
 
 def test_a_failed_registry_move_leaves_the_gateway_untouched(

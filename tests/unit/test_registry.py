@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -262,6 +263,28 @@ def test_failure_after_the_version_exists_deletes_that_version(
     assert run.info.status == "FAILED"
 
 
+def test_a_version_saved_by_a_create_call_that_then_failed_is_deleted_too(
+    registry: Registry,
+    client: MlflowClient,
+    name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The store saved the version, then the answer was lost (a 504, a read timeout): the
+    # facade never learnt its number. Before, it stayed, complete with its tags, and a rerun
+    # reused it as if it had been registered.
+    real = registry._client.create_model_version
+
+    def saved_then_lost(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        raise ConnectionError("504 Gateway Timeout")
+
+    monkeypatch.setattr(registry._client, "create_model_version", saved_then_lost)
+    with pytest.raises(RegistryError, match="while creating the model version: 504"):
+        register(registry, name, make_artifacts(tmp_path, "a"))
+    assert registry.list_versions(name) == []
+
+
 def test_find_by_tag_finds_the_version_with_that_value(
     registry: Registry, two_versions: str
 ) -> None:
@@ -441,6 +464,22 @@ def test_undo_refuses_when_the_aliases_moved_again_since(
     with pytest.raises(RegistryError, match="not undoing"):
         registry.undo(promoted)
     assert _aliases(registry, name) == after == {"champion": "1"}
+
+
+def test_undo_of_a_promotion_leaves_a_candidate_set_since_and_restores_the_rest(
+    registry: Registry, two_versions: str, tmp_path: Path
+) -> None:
+    name = two_versions
+    registry.promote(name, 1)
+    registry.set_alias(name, "candidate", 2)
+    promoted = registry.promote(name, 2)  # champion 2, previous 1, candidate cleared
+    # The next release registers meanwhile and takes the candidate alias; then the promotion's
+    # gateway switch fails. Before: the undo was refused, leaving champion on a version the
+    # gateway does not serve.
+    third = register(registry, name, make_artifacts(tmp_path, "c"))
+    registry.set_alias(name, "candidate", third.version)
+    registry.undo(promoted)
+    assert _aliases(registry, name) == {"champion": "1", "candidate": third.version}
 
 
 # --- approval status and content keys --------------------------------------------------------
