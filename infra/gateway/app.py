@@ -1257,6 +1257,13 @@ class Gateway:
             sv.shadow_failed += 1
             self.metrics.shadow_skipped.labels(model, sv.version, "incompatible").inc()
             return
+        if shadow.spec.fault == "errors" and sv.fault_rng.random() < self.config.fault_error_rate:
+            # The fault is this version's wherever its traffic comes from: the shadow phase
+            # must see it as the weight steps would (it passed every injected fault before).
+            sv.mirrored += 1
+            sv.shadow_failed += 1
+            self.metrics.shadow_skipped.labels(model, sv.version, "failed").inc()
+            return
         batcher = sv.batcher
         assert batcher is not None
         if batcher.queued_rows >= self.config.shadow_max_queue_rows:
@@ -1313,6 +1320,12 @@ class Gateway:
             if output_error(sv.version, x, shadow_future.result(), exc).status < 500:
                 self.metrics.shadow_skipped.labels(model, sv.version, "input_overflow").inc()
                 return
+            sv.shadow_failed += 1
+            self.metrics.shadow_skipped.labels(model, sv.version, "failed").inc()
+            return
+        if np.shape(s_prob) != np.shape(p_prob):
+            # Another number of classes: its answers cannot replace the primary's (another
+            # serving shape), so they fail, before anything is counted as agreement.
             sv.shadow_failed += 1
             self.metrics.shadow_skipped.labels(model, sv.version, "failed").inc()
             return

@@ -1526,6 +1526,46 @@ def test_a_failing_shadow_never_touches_the_primary_answer(
     wait_for(lambda: gw.get("/admin/shadow", headers=AUTH).json()["failed"] >= 1)
 
 
+def test_a_shadows_injected_errors_fail_its_mirrored_requests(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    # Before: the fault applied to routed traffic only, so a candidate released with
+    # --inject-fault errors passed the shadow phase clean.
+    dep = Deployment(
+        model=MODEL,
+        champion=spec(artefacts, "1"),
+        shadow=spec(artefacts, "2", "errors"),
+        shadow_fraction=1.0,
+    )
+    deploy(gw, dep)
+    for _ in range(40):
+        assert gw.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+    wait_for(lambda: gw.get("/admin/shadow", headers=AUTH).json()["mirrored"] == 40)
+    report = gw.get("/admin/shadow", headers=AUTH).json()
+    assert 0 < report["failed"] < 40, report  # about 30 % (fault_error_rate)
+
+
+def test_a_shadow_with_another_number_of_classes_fails_instead_of_crashing_the_compare(
+    gw: TestClient, artefacts: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    three = build_mlp_onnx(tmp_path / "three.onnx", seed=4, classes=3)
+    dep = Deployment(
+        model=MODEL,
+        champion=spec(artefacts, "1"),
+        shadow=spec_for(three, "3"),
+        shadow_fraction=1.0,
+    )
+    deploy(gw, dep)
+    for _ in range(10):
+        assert gw.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+    wait_for(lambda: gw.get("/admin/shadow", headers=AUTH).json()["failed"] == 10)
+    report = gw.get("/admin/shadow", headers=AUTH).json()
+    # Before: counted as compared rows (agreement on argmax over other classes), then a
+    # broadcasting error in a done-callback for each request.
+    assert report["rows_compared"] == 0, report
+    assert "could not be broadcast" not in caplog.text
+
+
 def test_shadow_deployments_are_validated() -> None:
     a = VersionSpec(version="1", artifact_path="/x", sha256="0" * 64)
     with pytest.raises(ValueError, match="shadow_fraction must be 0"):
