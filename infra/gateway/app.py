@@ -779,7 +779,23 @@ class Gateway:
             heartbeat=time.time(),
             started=self._started,
             error=self.sync_error,
+            shadow=self._shadow_counts(),
         )
+
+    def _shadow_counts(self) -> dict[str, Any] | None:
+        live = self.live
+        shadow = None if live is None else live.shadow
+        if shadow is None:
+            return None
+        v = shadow.loaded
+        return {
+            "version": v.version,
+            "sha256": v.spec.sha256,
+            "mirrored": v.mirrored,
+            "rows": v.shadow_rows,
+            "agree": v.shadow_agree,
+            "failed": v.shadow_failed,
+        }
 
     async def _report(self) -> None:
         if self.board is None or self._io is None:
@@ -1001,18 +1017,33 @@ class Gateway:
 
     async def shadow_report(self, request: Request, who: Principal) -> Response:
         live = self.live
-        shadow = None if live is None else live.shadow
+        own = self._shadow_counts()
         body: dict[str, Any] = {"shadow": None}
-        if shadow is not None:
-            v = shadow.loaded
+        if live is not None and own is not None:
+            # Every replica's counts (from the board, up to a heartbeat old), this one's as of
+            # now: the connection reached one replica, the shadow's traffic reached them all.
+            total = dict(own)
+            replicas = [self.replica_id]
+            board = [] if self.board is None else await self._in_thread(self._io, self.board.live)
+            for peer in board:
+                theirs = peer.shadow
+                if peer.replica == self.replica_id or not theirs:
+                    continue
+                if (theirs.get("version"), theirs.get("sha256")) != (own["version"], own["sha256"]):
+                    continue  # a replica still on another shadow
+                replicas.append(peer.replica)
+                for key in ("mirrored", "rows", "agree", "failed"):
+                    total[key] += int(theirs.get(key) or 0)
+            rows, agree = total["rows"], total["agree"]
             body = {
-                "shadow": v.version,
-                "fraction": live.deployment.shadow_fraction if live else 0.0,
-                "mirrored": v.mirrored,
-                "rows_compared": v.shadow_rows,
-                "rows_agreeing": v.shadow_agree,
-                "agreement_rate": (v.shadow_agree / v.shadow_rows) if v.shadow_rows else None,
-                "failed": v.shadow_failed,
+                "shadow": own["version"],
+                "fraction": live.deployment.shadow_fraction,
+                "mirrored": total["mirrored"],
+                "rows_compared": rows,
+                "rows_agreeing": agree,
+                "agreement_rate": (agree / rows) if rows else None,
+                "failed": total["failed"],
+                "replicas": sorted(replicas),
             }
         body["recent_disagreements"] = list(self.disagreements)
         return JSONResponse(body)

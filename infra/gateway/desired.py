@@ -212,6 +212,9 @@ class ReplicaStatus:
     heartbeat: float  # time.time() of the last report
     started: float
     error: str | None = None  # why the desired state is not applied, if it is not
+    # Its shadow's counters (version, mirrored, rows, agree, failed): /admin/shadow on any
+    # replica adds up every replica's, as the canary's shadow phase reads one of them.
+    shadow: dict[str, Any] | None = None
 
 
 def _alive(pid: int) -> bool:

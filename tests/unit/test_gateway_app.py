@@ -1566,6 +1566,25 @@ def test_a_shadow_with_another_number_of_classes_fails_instead_of_crashing_the_c
     assert "could not be broadcast" not in caplog.text
 
 
+def test_the_shadow_report_adds_up_every_replicas_counts(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # Before: it answered with the one replica the connection reached, so the shadow phase
+    # judged about 1/N of the compared rows (and missed failures on the other replicas).
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    FileDesiredState(desired).publish(with_shadow(artefacts, 1.0), actor="test")
+    with replica(desired, board, "r1") as r1, replica(desired, board, "r2") as r2:
+        wait_for(lambda: r1.get("/readyz").status_code == 200)
+        wait_for(lambda: r2.get("/readyz").status_code == 200)
+        for client, n in ((r1, 6), (r2, 4)):
+            for _ in range(n):
+                assert client.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+        wait_for(lambda: r1.get("/admin/shadow", headers=AUTH).json()["mirrored"] == 10)
+        report = r1.get("/admin/shadow", headers=AUTH).json()
+        assert (report["rows_compared"], report["replicas"]) == (10, ["r1", "r2"])
+        assert r2.get("/admin/shadow", headers=AUTH).json()["mirrored"] == 10
+
+
 def test_shadow_deployments_are_validated() -> None:
     a = VersionSpec(version="1", artifact_path="/x", sha256="0" * 64)
     with pytest.raises(ValueError, match="shadow_fraction must be 0"):
