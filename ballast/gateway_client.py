@@ -61,6 +61,11 @@ class GatewayHTTPError(GatewayError):
         self.request_id = request_id
 
 
+# How long a deployment change may take to be answered: loading and warming the versions, then
+# the gateway's wait for its peers (converge_timeout_s, 5 s), with a wide margin for big models.
+CHANGE_TIMEOUT_S = 120.0
+
+
 class GatewayClient:
     """``with GatewayClient(url, token) as gw: gw.set_deployment(dep)``.
 
@@ -69,9 +74,17 @@ class GatewayClient:
     route's) or :class:`GatewayHTTPError` (refused).
     """
 
-    def __init__(self, base_url: str, admin_token: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        admin_token: str | None = None,
+        timeout: float = 5.0,
+        change_timeout: float = CHANGE_TIMEOUT_S,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._token = admin_token
+        # A token pasted with its newline (a Secret made from a file) is still the token.
+        self._token = admin_token.strip() if admin_token else admin_token
+        self._change_timeout = change_timeout
         # trust_env=False: a proxy from the environment must never see admin tokens or traffic.
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, trust_env=False)
 
@@ -88,10 +101,13 @@ class GatewayClient:
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             resp = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeEncodeError) as exc:
+            # The message may quote the request's headers (an illegal header value): never the
+            # token.
+            detail = str(exc).replace(self._token, "***") if self._token else str(exc)
             raise GatewayError(
-                f"gateway at {self.base_url} unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
+                f"gateway at {self.base_url} unreachable: {type(exc).__name__}: {detail}"
+            ) from None
         if not resp.is_success:
             raise GatewayHTTPError(
                 f"gateway {method} {path} -> {resp.status_code}: {_message(resp)}",
@@ -164,6 +180,10 @@ class GatewayClient:
             Deployment.model_validate,
             content=dep.model_dump_json(),
             headers={**self._admin_headers(), "Content-Type": "application/json"},
+            # The gateway answers once the change is applied (new versions verified, loaded,
+            # warmed) and its peers converged, or its wait for them ran out (5 s): far longer
+            # than a read. Timing out sooner reported applied changes as failures.
+            timeout=httpx.Timeout(5.0, read=self._change_timeout),
         )
 
     def predict(

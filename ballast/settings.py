@@ -336,7 +336,9 @@ class Settings(BaseSettings):
     def admin_token(self) -> str:
         """The gateway admin token: from the environment, else a random one kept in state_dir (0600)."""
         if self.gateway_admin_token is not None:
-            return self.gateway_admin_token.get_secret_value()
+            # A Secret made from a file often ends in a newline: never part of the token (an
+            # illegal header value, and the client would send it stripped).
+            return self.gateway_admin_token.get_secret_value().strip()
         path = self.state_dir / "admin-token"
         try:
             return self._read_admin_token(path)

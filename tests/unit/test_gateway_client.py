@@ -111,3 +111,66 @@ def test_well_formed_answers_still_parse() -> None:
         assert gw.get_deployment() is None
         assert gw.predict("m", [[1.0]]).version == "1"
         assert gw.stats() == {"versions": {}}
+
+
+def test_a_change_is_waited_for_as_long_as_the_gateway_takes_to_apply_it() -> None:
+    # The gateway answers a PUT once the versions are loaded and its peers converged (up to
+    # its own 5 s wait): before, the 5 s read timeout reported such applied changes as
+    # failures ("unreachable"), and the audit log never had them.
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            time.sleep(0.6)
+            body = json.dumps({"model": "m"}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self._answer()
+
+        do_GET = _answer  # noqa: N815 - http.server's naming
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with GatewayClient(url, admin_token="t", timeout=0.3, change_timeout=5.0) as gw:
+            assert gw.set_deployment(Deployment(model="m")) == Deployment(model="m")
+            with pytest.raises(GatewayError, match="ReadTimeout"):
+                gw.get_deployment()  # a read keeps the short timeout
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_admin_token_never_appears_in_an_error() -> None:
+    secret = "s3cr3t-tok€n-value"  # not Latin-1: refused as a header value by the HTTP library
+    gw = client(lambda _: httpx.Response(200, content=b"null"))
+    gw._token = secret
+    with gw, pytest.raises(GatewayError) as info:
+        gw.get_deployment()
+    assert secret not in str(info.value) and info.value.__cause__ is None
+    # A token with the newline of the file it came from is the token.
+    seen: list[str] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        return httpx.Response(200, content=b"null")
+
+    padded = GatewayClient("http://gw", admin_token="abc-token\n")
+    padded._http = httpx.Client(base_url="http://gw", transport=httpx.MockTransport(record))
+    with padded:
+        padded.get_deployment()
+    assert seen == ["Bearer abc-token"]
