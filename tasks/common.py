@@ -78,6 +78,7 @@ class AuditedAdmin:
 
     def __init__(self, client: Any, audit_path: Any, *, why: str) -> None:
         self._client, self._audit, self.why = client, audit_path, why
+        self._last: Any = None  # the last change recorded, without its lease stamp
 
     def get_deployment(self) -> Any:
         return self._client.get_deployment()
@@ -86,6 +87,12 @@ class AuditedAdmin:
         from ballast.audit import record
 
         applied = self._client.set_deployment(dep)
+        unstamped = dep.model_copy(update={"lease_expires_at": None})
+        if unstamped == self._last:
+            # A lease renewal (or a re-send to a lagging replica) changes no traffic: one entry
+            # per change, not one every few seconds that reads like a step.
+            return applied
+        self._last = unstamped
         record(
             self._audit,
             "deployment",

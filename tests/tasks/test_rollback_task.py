@@ -177,3 +177,21 @@ def test_a_promotion_after_the_rollback_was_decided_stops_it_before_anything_mov
     assert reg.aliases == {"champion": "4", "previous": "3"}
     assert gateway.sets == [] and gateway.current == before
     assert _audited_rollbacks(settings) == []
+
+
+def test_lease_renewals_are_not_audited_as_traffic_changes(settings: Settings) -> None:
+    # Before: every renewal (each lease_s / 3) wrote a "deployment" entry like a real step.
+    from ballast.audit import read as read_audit
+    from tasks.common import AuditedAdmin
+
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
+    gw = AuditedAdmin(gateway, settings.audit_log, why="canary of 2")
+    trial = Deployment(
+        model=settings.model_name, champion=spec("1"), canary=spec("2"), canary_weight=5
+    )
+    for stamp in (100.0, 110.0, 120.0):  # the step, then two renewals
+        gw.set_deployment(trial.model_copy(update={"lease_expires_at": time.time() + stamp}))
+    gw.set_deployment(trial.model_copy(update={"canary_weight": 25}))  # the next step
+    entries = [e for e in read_audit(settings.audit_log) if e["action"] == "deployment"]
+    assert [e["canary_weight"] for e in entries] == [5, 25]
+    assert len(gateway.sets) == 4  # every renewal was still sent
