@@ -114,6 +114,7 @@ class _Batch:
     dispatched_at: float
     done: bool = False
     watchdog: asyncio.TimerHandle | None = None
+    expired: bool = False  # answered by the watchdog; its call still holds a thread
 
 
 # (rows in the batch, seconds each member queued) — for metrics; called on the event loop.
@@ -149,6 +150,9 @@ class Batcher:
         self.batches = 0
         self.rows_total = 0  # rows in those batches
         self._loop_batch_due = False
+        # Batches the watchdog answered whose model call has not returned: each still holds an
+        # inference thread (shared by every version) and its max_inflight slot until it does.
+        self.stuck = 0
         # How long one model call takes, in microseconds (inf until measured in a thread); see
         # _timed.
         self.call_us = float("inf")
@@ -166,6 +170,12 @@ class Batcher:
         n = x.shape[0]
         if self._rows and self._rows + n > self.policy.max_queue_rows:
             raise OverloadedError(f"version {self.name} has {self._rows} rows queued")
+        if self.stuck and self._inflight >= self.policy.max_inflight:
+            # Queued now, it could wait for ever behind calls that do not return.
+            raise OverloadedError(
+                f"version {self.name} has {self.stuck} batch(es) stuck past "
+                f"{self.policy.timeout_s:g} s"
+            )
         fut: asyncio.Future[np.ndarray] = self._loop.create_future()
         self._queue.append(_Item(x, fut, time.perf_counter()))
         self._rows += n
@@ -270,28 +280,50 @@ class Batcher:
         # fast model off the loop exactly when the server is loaded. (Runtimes that wait off the
         # CPU are kept off the loop by ``loop_ok``.)
         t = time.thread_time()
-        out = self._run(x)
-        us = (time.thread_time() - t) * 1e6
-        # A moving average, not the last call: on a shared VM a call's CPU time now and then
-        # reads ten times its usual (time stolen by the hypervisor counts as ours), and one
-        # such call must not send the version to threads. A steadily slow model crosses the
-        # limit within a few calls. Plain float writes are atomic under the GIL; a lost update
-        # only delays the average.
-        avg = self.call_us
-        self.call_us = us if avg == float("inf") else 0.9 * avg + 0.1 * us
-        return out
+        try:
+            return self._run(x)
+        finally:
+            # Failed calls are timed too: a model whose calls turn slow and raise must leave
+            # the loop like one whose calls turn slow and answer.
+            us = (time.thread_time() - t) * 1e6
+            # A moving average, not the last call: on a shared VM a call's CPU time now and
+            # then reads ten times its usual (time stolen by the hypervisor counts as ours),
+            # and one such call must not send the version to threads. A steadily slow model
+            # crosses the limit within a few calls. Plain float writes are atomic under the
+            # GIL; a lost update only delays the average.
+            avg = self.call_us
+            self.call_us = us if avg == float("inf") else 0.9 * avg + 0.1 * us
 
     def _expire(self, batch: _Batch) -> None:
         batch.watchdog = None
+        if batch.done:
+            return
         err = BatchFailedError(
             f"version {self.name}: batch of {len(batch.items)} request(s) timed out after "
             f"{self.policy.timeout_s:g} s",
             status=504,
         )
-        self._finish(batch, err, None)
+        # Its members are answered now, but the call still runs in its thread: the batch keeps
+        # its max_inflight slot until the call returns (_completed). Freeing it here sent the
+        # next batch at once, and a stalled model took a thread of the shared pool every
+        # timeout_s until no version had one left.
+        batch.done = batch.expired = True
+        self.stuck += 1
+        self._answer(batch.items, err, None)
+        if self._inflight >= self.policy.max_inflight:
+            self.fail_queued(
+                f"version {self.name}: a batch is stuck past {self.policy.timeout_s:g} s",
+                status=504,
+            )
 
     def _completed(self, batch: _Batch, cf: Future[np.ndarray]) -> None:
-        if batch.done:  # already failed by the watchdog
+        if batch.expired:  # answered by the watchdog: only its slot is left to give back
+            cf.exception()  # retrieved, so never reported as unobserved
+            self.stuck -= 1
+            self._inflight -= 1
+            self._pump()
+            return
+        if batch.done:
             return
         exc = cf.exception()
         self._finish(batch, exc, None if exc is not None else cf.result())
@@ -335,9 +367,9 @@ class Batcher:
                 item.future.set_result(out if n == 1 else out[start:stop])
             start = stop
 
-    def fail_queued(self, message: str) -> None:
-        """Fail everything still queued (the version is being unloaded)."""
-        err = BatchFailedError(message, status=503)
+    def fail_queued(self, message: str, *, status: int = 503) -> None:
+        """Fail everything still queued (the version is being unloaded, or is stuck)."""
+        err = BatchFailedError(message, status=status)
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -187,7 +188,7 @@ def test_a_failed_batch_answers_every_member_with_an_error(
         assert "version v7 failed to predict (batch of 4 requests)" in err.message
 
 
-def test_a_batch_that_hangs_fails_its_members_and_frees_the_slot(
+def test_a_batch_that_hangs_fails_its_members_and_its_slot_returns_with_the_call(
     pool: ThreadPoolExecutor,
 ) -> None:
     model = Model()
@@ -200,8 +201,15 @@ def test_a_batch_that_hangs_fails_its_members_and_frees_the_slot(
         hung = batcher.submit(rows(2, 0))
         outcome = await asyncio.gather(hung, return_exceptions=True)
         waited = time.perf_counter() - started
+        # Until the stuck call returns it keeps its slot (and its thread): no new work.
+        with pytest.raises(OverloadedError, match=r"stuck past 0\.2 s"):
+            batcher.submit(rows(1, 5))
         model.gate.set()  # the stuck call finishes later; its late answer is dropped
-        after = await batcher.submit(rows(1, 5))  # the slot was freed by the watchdog
+        for _ in range(200):
+            if not batcher.stuck:
+                break
+            await asyncio.sleep(0.01)
+        after = await batcher.submit(rows(1, 5))  # the slot came back with the call
         return outcome[0], waited, after
 
     err, waited, after = run(scenario)  # type: ignore[misc]
@@ -363,3 +371,66 @@ def test_a_failing_call_on_the_loop_fails_its_members_and_the_next_batch_runs(
         assert isinstance(err, BatchFailedError)
         assert "version v3 failed to predict (batch of 2 requests)" in err.message
     assert isinstance(ok, np.ndarray) and ok.shape == (1, 2)
+
+
+def test_a_stalled_version_never_takes_more_threads_than_its_slots(
+    pool: ThreadPoolExecutor,
+) -> None:
+    # Before: the watchdog freed the slot while the call still ran, so each timeout_s sent
+    # another batch into the shared pool, until a healthy version found no thread and 504'd.
+    stalled, running, peak = threading.Event(), [0], [0]
+
+    def stuck(x: np.ndarray) -> np.ndarray:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        stalled.wait(10)
+        running[0] -= 1
+        return np.zeros((x.shape[0], 2), np.float32)
+
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_us=0, timeout_s=0.1)
+
+    async def scenario() -> np.ndarray:
+        a = Batcher("a", stuck, policy, pool)
+        b = Batcher("b", lambda x: np.ones((x.shape[0], 2), np.float32), policy, pool)
+        for _ in range(4):
+            with contextlib.suppress(BatchFailedError, OverloadedError):
+                await a.submit(rows(1, 0))
+            await asyncio.sleep(0.15)
+        try:
+            return await b.submit(rows(1, 0))
+        finally:
+            stalled.set()
+
+    out = run(scenario)
+    assert peak[0] == 1
+    assert np.asarray(out).shape == (1, 2)
+
+
+def test_calls_that_turn_slow_and_fail_send_the_version_back_to_threads(
+    pool: ThreadPoolExecutor,
+) -> None:
+    # Before: only calls that returned were timed, so a model failing slowly stayed on the
+    # event loop for good and blocked the server on every call.
+    slow = [False]
+
+    def model(x: np.ndarray) -> np.ndarray:
+        if slow[0]:
+            t = time.thread_time()
+            while time.thread_time() - t < 0.005:  # 5 ms of CPU, then fail
+                pass
+            raise RuntimeError("boom")
+        return np.zeros((x.shape[0], 2), np.float32)
+
+    async def scenario() -> bool:
+        batcher = Batcher("v", model, BatchPolicy(inline_below_us=1000), pool)
+        await batcher.submit(rows(1, 0))  # fast: timed in a thread, then on the loop
+        assert batcher.on_loop()
+        slow[0] = True
+        for _ in range(40):
+            with contextlib.suppress(BatchFailedError):
+                await batcher.submit(rows(1, 0))
+            if not batcher.on_loop():
+                break
+        return batcher.on_loop()
+
+    assert run(scenario) is False
