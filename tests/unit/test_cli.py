@@ -295,3 +295,45 @@ def test_keys_export_public_writes_a_pem_that_verifies_and_holds_no_private_key(
     loaded = serialization.load_pem_public_key(pem)
     assert isinstance(loaded, Ed25519PublicKey)
     assert public_key_bytes(loaded) == public_key_bytes(key)
+
+
+def test_the_demo_never_points_at_your_registry_data_keys_or_gateway(
+    runner: CliRunner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    import ballast.demo
+
+    seen: list[Settings] = []
+    monkeypatch.setattr(ballast.demo, "run_demo", lambda s, **kw: seen.append(s) or 0)
+    mine = {
+        "BALLAST_MLFLOW_TRACKING_URI": "sqlite:////tmp/users-own-registry.db",
+        "BALLAST_MODEL_NAME": "users-prod-model",
+        "BALLAST_DATASET_URI": "s3://users-bucket/data.csv.enc",
+        "BALLAST_GATEWAY_HOST": "gateway.prod.internal",
+    }
+    for name, value in mine.items():
+        monkeypatch.setenv(name, value)
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    (s,) = seen
+    # Before: the demo registered and promoted in the user's registry, under their model name.
+    assert s.mlflow_tracking_uri == "" and s.dataset_uri == ""
+    assert s.model_name != "users-prod-model" and s.gateway_host == "127.0.0.1"
+    assert s.state_dir == settings.state_dir / "demo"
+
+    # A second demo while one runs is refused (it would delete the first's state under it).
+    lock = os.open(settings.state_dir / "demo.lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        monkeypatch.setenv("BALLAST_STATE_DIR", str(settings.state_dir))
+        again = subprocess.run(
+            [sys.executable, "-m", "ballast.cli", "demo"],
+            env={**os.environ},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(lock)
+    assert again.returncode == 2 and "another ballast demo is running" in again.stderr
