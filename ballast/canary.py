@@ -571,6 +571,10 @@ def http_load(
     return load
 
 
+# Consecutive failed reads of /admin/observations a live-traffic canary rides out.
+_MAX_POLL_FAILURES = 5
+
+
 def live_traffic(
     base_url: str,
     token: str,
@@ -596,9 +600,20 @@ def live_traffic(
     cursors: dict[str, int] = {}
     started_of: dict[str, float] = {}
 
+    failures = [0]
+
     def poll(weight: int) -> list[Observation]:
-        with GatewayClient(base_url, token) as gw:
-            page = gw.observations(cursors)
+        try:
+            with GatewayClient(base_url, token) as gw:
+                page = gw.observations(cursors)
+        except GatewayError:
+            # One replica's hiccup (a 503, a stall) loses nothing: the next poll reads on from
+            # the same cursors. Only a gateway gone for several polls in a row ends the canary.
+            failures[0] += 1
+            if failures[0] > _MAX_POLL_FAILURES:
+                raise
+            return []
+        failures[0] = 0
         replica, started = str(page["replica"]), float(page["started"])
         known = started_of.get(replica) == started
         started_of[replica] = started

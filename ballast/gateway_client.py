@@ -66,6 +66,19 @@ class GatewayHTTPError(GatewayError):
 CHANGE_TIMEOUT_S = 120.0
 
 
+def _observations_page(data: Any) -> dict[str, Any]:
+    page = _json_object(data)
+    ok = (
+        isinstance(page.get("replica"), str)
+        and isinstance(page.get("started"), int | float)
+        and isinstance(page.get("next"), int)
+        and isinstance(page.get("observations"), list)
+    )
+    if not ok:
+        raise ValueError("an observations page has replica, started, next and observations")
+    return page
+
+
 class GatewayClient:
     """``with GatewayClient(url, token) as gw: gw.set_deployment(dep)``.
 
@@ -233,7 +246,7 @@ class GatewayClient:
         return self._call(
             "GET",
             "/admin/observations",
-            _json_object,
+            _observations_page,
             params={"cursors": query, "limit": limit},
             headers=self._admin_headers(),
         )

@@ -831,3 +831,43 @@ def test_live_traffic_counts_only_answers_served_at_the_steps_weight(
     # The first look only finds where the replica is; the second reads after it.
     got = load(25)
     assert [(o.version, o.ok) for o in got] == [("2", True), ("1", True)]
+
+
+def test_live_traffic_rides_out_a_few_failed_reads_but_not_a_gateway_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ballast import gateway_client
+    from ballast.canary import live_traffic
+
+    page = {"replica": "r1", "started": 1.0, "next": 10, "observations": []}
+    answers: list[object] = [
+        page,
+        GatewayError("503"),
+        GatewayError("stall"),
+        {**page, "next": 11, "observations": [[11, "2", "canary", True, 0.01, 25]]},
+    ]
+
+    class Client:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def observations(self, cursors: dict[str, int]) -> object:
+            answer = answers.pop(0) if answers else GatewayError("gone")
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    monkeypatch.setattr(gateway_client, "GatewayClient", Client)
+    load = live_traffic(
+        "http://gw", "t", candidate_version="2", min_samples=1, max_seconds=5, poll_s=0.01
+    )
+    # Before: the first failed read raised out of the step and aborted the canary.
+    assert [(o.version, o.ok) for o in load(25)] == [("2", True)]
+    with pytest.raises(GatewayError, match="gone"):
+        load(25)  # six failed reads in a row: the gateway is gone
