@@ -227,6 +227,22 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _hard_breach(
+    spec: MetricSpec, value: float, count: int, hard_run: int, note: str
+) -> MetricVerdict:
+    assert spec.hard_ceiling is not None
+    return MetricVerdict(
+        spec.name,
+        "breach",
+        value,
+        count,
+        threshold=spec.hard_ceiling,
+        reason=f"{spec.name} {_fmt(value)} above the hard ceiling {_fmt(spec.hard_ceiling)} "
+        f"for {hard_run} windows ({note})",
+        rule="hard_ceiling",
+    )
+
+
 def _conclusively_above(spec: MetricSpec, value: float | None, count: int, alpha: float) -> bool:
     """A short window of a ``rate`` whose errors a true rate at the hard ceiling would produce
     with probability below ``alpha`` (one-sided binomial test)."""
@@ -268,17 +284,8 @@ def update_metric(
             hard_run = state.hard_run + 1
             new = replace(state, hard_run=hard_run)
             if hard_run >= policy.hard_consecutive:
-                return new, MetricVerdict(
-                    spec.name,
-                    "breach",
-                    value,
-                    count,
-                    threshold=spec.hard_ceiling,
-                    reason=f"{spec.name} {_fmt(value)} above the hard ceiling "
-                    f"{_fmt(spec.hard_ceiling)} for {hard_run} windows ({why}, but conclusive: "
-                    f"binomial p < {policy.hard_alpha:g})",
-                    rule="hard_ceiling",
-                )
+                why = f"{why}, but conclusive: binomial p < {policy.hard_alpha:g}"
+                return new, _hard_breach(spec, value, count, hard_run, why)
             return new, MetricVerdict(
                 spec.name, "insufficient", value, count, reason=f"{why}; above the hard ceiling"
             )
@@ -298,17 +305,7 @@ def update_metric(
         if len(warm) < policy.warmup:
             new = replace(state, warm=warm, hard_run=hard_run, windows=state.windows + 1)
             if hard_breach:
-                assert spec.hard_ceiling is not None
-                return new, MetricVerdict(
-                    spec.name,
-                    "breach",
-                    value,
-                    count,
-                    threshold=spec.hard_ceiling,
-                    reason=f"{spec.name} {_fmt(value)} above the hard ceiling "
-                    f"{_fmt(spec.hard_ceiling)} for {hard_run} windows (baseline warming up)",
-                    rule="hard_ceiling",
-                )
+                return new, _hard_breach(spec, value, count, hard_run, "baseline warming up")
             return new, MetricVerdict(
                 spec.name,
                 "warmup",
