@@ -20,6 +20,8 @@ with the tail of its log.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -27,8 +29,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -600,8 +603,56 @@ def _ensure_work_pool(stack: _Stack, config: StackConfig) -> None:
     stack.say(f"work-pool: created {config.work_pool} (type process)")
 
 
+@contextlib.contextmanager
+def _one_at_a_time(config: StackConfig) -> Iterator[None]:
+    """Hold the stack folder's lock: two ``up`` at once both spawned, and the loser's pid file
+    overwrote the winner's, leaving a gateway that ``down`` could not see."""
+    config.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.root / "stack.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackError(
+                f"another `ballast stack up` or `down` is running on {config.root}"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where ``up`` was: its cleanup runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A SIGTERM (``timeout``, a cancelled job) cleans up like Ctrl-C: what this call started
+    goes. Main thread only (the only place a handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def up(settings: Settings, config: StackConfig, say: Say | None = None) -> list[ComponentStatus]:
     """Start what is not running, wait for every component's health, return their status."""
+    try:
+        with _one_at_a_time(config), _sigterm_as_interrupt():
+            return _up(settings, config, say)
+    except _Terminated:
+        raise SystemExit(128 + signal.SIGTERM) from None  # what was started is stopped
+
+
+def _up(settings: Settings, config: StackConfig, say: Say | None) -> list[ComponentStatus]:
     stack = _Stack(config, say)
     comps = plan(settings, config)
     running = {c.name for c in comps if _alive(stack.record(c.name) or {})}
@@ -654,7 +705,8 @@ def down(config: StackConfig, say: Say | None = None) -> list[str]:
     stack = _Stack(config, say)
     if not config.root.exists():
         return []
-    stopped = [name for name in reversed(COMPONENTS) if stack.stop(name)]
+    with _one_at_a_time(config):
+        stopped = [name for name in reversed(COMPONENTS) if stack.stop(name)]
     if not stopped:
         stack.say("nothing was running")
     return stopped
