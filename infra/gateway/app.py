@@ -1064,15 +1064,28 @@ class Gateway:
         versions = {s.loaded.version: s.role for s in live.all_slots}
         return JSONResponse({"ready": True, "model": live.model, "versions": versions})
 
+    def serves(self) -> bool:
+        """A verified, warmed version answers here now (the desired one may still be loading)."""
+        return self.live is not None and bool(self.live.slots)
+
+    def injected_error(self, slot: Slot) -> bool:
+        """Whether this request to ``slot`` fails by its injected ``errors`` fault (drawn from
+        the version's own seeded RNG)."""
+        return (
+            slot.spec.fault == "errors"
+            and slot.loaded.fault_rng.random() < self.config.fault_error_rate
+        )
+
     async def serving(self, request: Request) -> Response:
         """Takes traffic: serves a verified, warmed deployment, whether or not it is the desired
         one yet. What a load balancer's readiness check wants: ``/readyz`` turns 503 on every
         replica at once while a change loads (they all read it within a poll), though each
         keeps answering with what it has."""
         live = self.live
-        if live is None or not live.slots:
+        if not self.serves():
             reason = "no deployment set" if live is None else "the deployment has no versions"
             return JSONResponse({"serving": False, "reason": reason}, status_code=503)
+        assert live is not None
         desired, why = self._is_ready()
         body: dict[str, Any] = {
             "serving": True,
@@ -1243,7 +1256,7 @@ class Gateway:
             other = any(s.loaded.n_features == x.shape[1] for s in live.slots)
             raise BadRequestError(422, "version_mismatch" if other else "feature_mismatch", msg)
         fault = slot.spec.fault
-        if fault == "errors" and version.fault_rng.random() < self.config.fault_error_rate:
+        if self.injected_error(slot):
             raise BadRequestError(500, "injected_fault", "injected fault")
         if fault == "latency":
             await asyncio.sleep(self.config.fault_latency_s)
@@ -1288,7 +1301,7 @@ class Gateway:
             sv.shadow_failed += 1
             self.metrics.shadow_skipped.labels(model, sv.version, "incompatible").inc()
             return
-        if shadow.spec.fault == "errors" and sv.fault_rng.random() < self.config.fault_error_rate:
+        if self.injected_error(shadow):
             # The fault is this version's wherever its traffic comes from: the shadow phase
             # must see it as the weight steps would (it passed every injected fault before).
             sv.mirrored += 1

@@ -387,8 +387,7 @@ async def dispatch(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> N
                 # Ready for inferencing (the protocol's meaning): serving a verified version,
                 # as /readyz/serving, even while a change loads (/readyz would say 503 on every
                 # replica at once then).
-                now = gw.live
-                ready = now is not None and bool(now.slots)
+                ready = gw.serves()
                 state: dict[str, Any] = {"ready": ready}
                 if not ready:
                     state["reason"] = "no model version is served"
