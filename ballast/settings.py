@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     judge_max_latency_ratio: float = Field(default=2.0, gt=0)
     judge_latency_slack_ms: float = Field(default=5.0, ge=0)
     judge_max_accuracy_drop: float = Field(default=0.05, ge=0, le=1)
+    # The threshold judge rolls back on errors only when the lower bound of the canary's error
+    # rate at this one-sided confidence is above the limit (ballast.judge.ThresholdJudge).
+    judge_error_confidence: float = Field(default=0.9, ge=0.5, lt=1)
 
     @model_validator(mode="before")
     @classmethod
