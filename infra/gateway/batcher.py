@@ -169,6 +169,10 @@ class Batcher:
         """Queue validated rows; the future resolves to their logits or a BatchFailedError."""
         n = x.shape[0]
         if self._rows and self._rows + n > self.policy.max_queue_rows:
+            # Rows of requests cancelled while queued (clients gone) stay in the queue until a
+            # batch is formed; they must not refuse live ones. Purged only here, at the limit.
+            self._drop_cancelled()
+        if self._rows and self._rows + n > self.policy.max_queue_rows:
             raise OverloadedError(f"version {self.name} has {self._rows} rows queued")
         if self.stuck and self._inflight >= self.policy.max_inflight:
             # Queued now, it could wait for ever behind calls that do not return.
@@ -366,6 +370,12 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(out if n == 1 else out[start:stop])
             start = stop
+
+    def _drop_cancelled(self) -> None:
+        live = deque(item for item in self._queue if not item.future.done())
+        if len(live) != len(self._queue):
+            self._queue = live
+            self._rows = sum(item.x.shape[0] for item in live)
 
     def fail_queued(self, message: str, *, status: int = 503) -> None:
         """Fail everything still queued (the version is being unloaded, or is stuck)."""

@@ -257,6 +257,32 @@ def test_a_full_queue_refuses_with_overloaded(pool: ThreadPoolExecutor) -> None:
     run(scenario)
 
 
+def test_rows_of_cancelled_requests_do_not_fill_the_queue(pool: ThreadPoolExecutor) -> None:
+    # Before: cancelled requests' rows counted until the running batch ended, and the version
+    # answered 503 to live requests meanwhile.
+    model = Model()
+    policy = BatchPolicy(max_batch_size=4, max_queue_rows=6)
+
+    async def scenario() -> None:
+        batcher = Batcher("v", model, policy, pool)
+        model.gate.clear()
+        head = batcher.submit(rows(1, 0))
+        await asyncio.to_thread(model.entered.wait, 5)
+        gone = [batcher.submit(rows(3, 0)), batcher.submit(rows(3, 0))]
+        for fut in gone:
+            fut.cancel()
+        kept = batcher.submit(rows(2, 0))  # refused before the fix: 6 rows queued
+        assert batcher.queued_rows == 2
+        more = batcher.submit(rows(3, 0))
+        with pytest.raises(OverloadedError, match="5 rows queued"):  # live rows still count
+            batcher.submit(rows(2, 0))
+        model.gate.set()
+        await head
+        assert (await kept).shape == (2, 2) and (await more).shape == (3, 2)
+
+    run(scenario)
+
+
 def test_fail_queued_answers_what_is_left(pool: ThreadPoolExecutor) -> None:
     model = Model()
 
