@@ -665,6 +665,7 @@ class Gateway:
         )
 
     def _retire(self, version: LoadedVersion) -> None:
+        version.retired = True
         self.draining.append(version)
         self._spawn(self._unload_when_idle(version))
 
@@ -1269,6 +1270,9 @@ class Gateway:
         shadow = live.shadow
         if (
             shadow is not None
+            # ``live`` is the deployment this request was routed on; across an injected
+            # latency sleep its shadow may have been retired and unloaded since.
+            and not shadow.loaded.retired
             and live.deployment.shadow_fraction > 0
             and self._shadow_rng.random() < live.deployment.shadow_fraction
         ):

@@ -78,6 +78,9 @@ class LoadedVersion:
     # adds to it; /admin/stats reports it next to ``requests``, so a reader can difference both
     # against the same replica's and the same load's earlier counts).
     classes: dict[int, int] = field(default_factory=dict)
+    # Set when a deployment no longer holds this version: it drains and is unloaded. A request
+    # routed before the swap may still mirror to it as a shadow; it must not (see Gateway.infer).
+    retired: bool = False
 
     def __post_init__(self) -> None:
         self.latencies = deque(maxlen=self.window)

@@ -1495,6 +1495,35 @@ def test_a_candidate_built_for_another_input_width_fails_where_judges_look(
     assert [o[3] for o in last] == [True]
 
 
+def test_a_request_never_mirrors_to_a_shadow_retired_while_it_slept(
+    artefacts: dict[str, Path],
+) -> None:
+    # A request routed on a deployment with a shadow sleeps out an injected latency; meanwhile
+    # the shadow is removed (and unloaded, having nothing in flight). Before: the request then
+    # mirrored to the unloaded version.
+    client, rec = make_client(fault_latency_s=1.0)
+    with client as gw:
+        one = spec(artefacts, "1", "latency")
+        shadowed = Deployment(
+            model=MODEL, champion=one, shadow=spec_for(artefacts["b"], "3"), shadow_fraction=1.0
+        )
+        deploy(gw, shadowed)
+        gateway = client.app.state.gateway  # type: ignore[attr-defined]
+        old_shadow = gateway.live.shadow.loaded
+        answers: list[Any] = []
+        slow = threading.Thread(
+            target=lambda: answers.append(gw.post(PREDICT, json={"instances": [ROW]})),
+            daemon=True,
+        )
+        slow.start()
+        wait_for(lambda: gateway.live.champion.loaded.inflight == 1)
+        deploy(gw, Deployment(model=MODEL, champion=one))
+        wait_for(lambda: [p.name for p in rec.closed] == ["b.onnx"])
+        slow.join(10)
+        assert answers[0].status_code == 200
+        assert old_shadow.retired and old_shadow.mirrored == 0
+
+
 def test_shadow_of_the_same_model_agrees_fully_and_fraction_is_respected(
     gw: TestClient, artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
