@@ -67,6 +67,8 @@ def approve_command(
 
     answer = {"approve": not reject, "approver": name.strip(), "reason": reason}
     try:
+        what = _waiting_for(flow_run_id)
+        console.print(f"flow run {what}")
         resume_flow_run(flow_run_id, run_input=answer)
     except ObjectNotFound:
         fail(BallastError(f"no flow run {run_id}", stage="approve"))
@@ -78,6 +80,28 @@ def approve_command(
         fail(BallastError(f"cannot reach the Prefect API: {exc}", stage="approve"))
     verdict = "rejected" if reject else "approved"
     console.print(f"{verdict} flow run {run_id} as {name.strip()}: sent to the paused run")
+
+
+def _waiting_for(flow_run_id: UUID) -> str:
+    """What the paused run asks about ("NAME (ID) asks approval of version V"), read before any
+    answer is sent, so the approver sees which release they answer. The release flow pauses
+    with the key ``approval-<version>-<attempt>`` (tasks/approval.py); a run paused for
+    anything else, or not paused, is refused."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import NotPausedError
+
+    from ballast.release import PAUSE_KEY_PREFIX
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+    state = run.state
+    if state is None or not state.is_paused():
+        raise NotPausedError(f"its state is {state.name if state else 'unknown'}")
+    key = state.state_details.pause_key or ""
+    version = key.removeprefix(PAUSE_KEY_PREFIX).rpartition("-")[0]
+    if not key.startswith(PAUSE_KEY_PREFIX) or not version:
+        raise NotPausedError(f"it is paused for something else (pause key {key!r})")
+    return f"{run.name} ({flow_run_id}) asks approval of version {version}"
 
 
 @audit_app.command("verify")

@@ -29,6 +29,7 @@ __all__ = [
     "plan_rollback_to_previous",
     "prior_decision",
     "release_checks",
+    "stale_evidence",
     "validate_steps",
 ]
 
@@ -112,6 +113,29 @@ class Authorization:
 
     allowed: bool
     reason: str
+
+
+def stale_evidence(compared: str | None, current: str | None) -> str | None:
+    """Why an approval given on evidence measured against champion ``compared`` (None: there
+    was none) no longer holds now that the champion is ``current``; None while it holds.
+
+    The approver saw the candidate weighed against one champion. If another release or a
+    rollback moved the alias while the approval waited (hours, for a human), that comparison
+    says nothing about the champion the canary would now run against.
+    """
+    if compared == current:
+        return None
+    if current is None:
+        return f"the champion (version {compared}) lost its alias while the approval waited"
+    if compared is None:
+        return (
+            f"version {current} became the champion while the approval waited; the candidate "
+            "was never compared with it"
+        )
+    return (
+        f"the champion moved from version {compared} to {current} while the approval waited; "
+        f"the evidence compared the candidate with version {compared}"
+    )
 
 
 def authorize_approval(

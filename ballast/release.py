@@ -32,6 +32,9 @@ TAG_VERDICT = "ballast.verdict"
 TAG_REASON = "ballast.reason"
 TAG_FLOW_RUN = "ballast.flow_run_id"
 TAG_APPROVAL = "ballast.approval"
+# The release flow pauses for approval under the key "approval-<version>-<attempt>" (a fresh key
+# per attempt; tasks/approval.py); `ballast approve` reads the version back from it.
+PAUSE_KEY_PREFIX = "approval-"
 TAG_CONTENT_KEY = "ballast.content_key"
 TAG_CODE = "ballast.code"
 # A registry-backed gateway's traffic shares and trial lease (infra/gateway/registry_source.py).

@@ -95,6 +95,7 @@ def release_flow(
         checks=checks,
         metrics=approval_evidence(ds, trained.metrics, compiled.metrics(), quality),
         policy=approval_policy or s.approval_policy,
+        compared_champion=quality.champion_version,
     )
     t = lap("approve", t)
     if not approved:

@@ -29,7 +29,7 @@ from ballast.data import ValidatedDataset
 from ballast.decisions import APPROVAL_TIMEOUT, Authorization, prior_decision
 from ballast.errors import ApprovalRejected
 from ballast.quality import QualityDecision
-from ballast.release import TAG_APPROVAL, TAG_STATUS, TAG_VERDICT
+from ballast.release import PAUSE_KEY_PREFIX, TAG_APPROVAL, TAG_STATUS, TAG_VERDICT
 from ballast.roles import roles_from_settings
 from ballast.settings import get_settings
 from model_registry import ApprovalRecord, ModelVersionInfo
@@ -147,7 +147,7 @@ def _wait_for_valid_answer(
                 wait_for_input=form,
                 timeout=max(1, math.ceil(remaining)),
                 poll_interval=s.approval_poll_s,
-                key=f"approval-{version}-{attempt}",
+                key=f"{PAUSE_KEY_PREFIX}{version}-{attempt}",
             )
         except FlowPauseTimeout:
             log.warning("stage=approve timed out after %d answer(s)", attempt - 1)
@@ -217,14 +217,25 @@ def _refuse_if_decided(reg: Any, model: str, version: str) -> None:
 
 
 def request_approval(
-    *, model: str, version: str, checks: dict[str, bool], metrics: dict[str, float], policy: str
+    *,
+    model: str,
+    version: str,
+    checks: dict[str, bool],
+    metrics: dict[str, float],
+    policy: str,
+    compared_champion: str | None,
 ) -> tuple[bool, str, str]:
     """Returns (approved, approver, reason). Must run inside a flow: it may pause the run.
+
+    ``compared_champion`` is the champion the evidence was measured against (None: none). An
+    approval given after the champion moved is refused (:func:`ballast.decisions.stale_evidence`)
+    and recorded in the audit log; the version stays undecided, so the release run again weighs
+    it against the champion of the day.
 
     The decision, approver, reason and starter are tagged on the model version here and written
     to the audit log.
     """
-    from ballast.decisions import decide_approval
+    from ballast.decisions import CHAMPION, decide_approval, stale_evidence
 
     s = get_settings()
     log = logger()
@@ -273,6 +284,25 @@ def request_approval(
             "decision stands; this answer is in the audit log, not applied"
         )
     _refuse_if_decided(reg, model, version)
+    if approved:
+        champion = reg.get_by_alias(model, CHAMPION)
+        stale = stale_evidence(compared_champion, None if champion is None else champion.version)
+        if stale is not None:
+            record(
+                s.audit_log,
+                "approval_stale",
+                model=model,
+                version=version,
+                approver=approver,
+                reason=reason,
+                stale=stale,
+                started_by=started_by,
+            )
+            raise ApprovalRejected(
+                f"approval of version {version} of {model} not applied: {stale}. The answer is "
+                "in the audit log; run the release again to weigh the candidate against the "
+                "champion now"
+            )
     # The audit entry first: it is the record of the decision (fsynced). Then the registry, the
     # starter before the typed record, whose status goes last (pending -> approved | rejected;
     # a timeout is a rejection by "timeout"): no status without its evidence.

@@ -188,6 +188,9 @@ def test_refused_answers_keep_the_run_waiting_until_an_approver_answers_by_cli(
     )
     assert sent.exit_code == 0, sent.output
     thread.join(timeout=120)
+    # The CLI said which release it answered before sending anything.
+    said = " ".join(sent.output.split())  # rich wraps lines at the terminal's width
+    assert f"asks approval of version {box['report'].version}" in said, said
     assert not thread.is_alive() and "error" not in box, box.get("error")
     report = box["report"]
     assert report.outcome == "rejected" and report.reason == "too thin"
@@ -198,6 +201,34 @@ def test_refused_answers_keep_the_run_waiting_until_an_approver_answers_by_cli(
     assert approval.reason == "too thin" and approval.at.tzinfo is not None
     assert tags[TAG_APPROVAL_REASON] == "too thin" and tags[TAG_APPROVAL_STARTED_BY] == STARTER
     assert verify_chain(s.audit_log) == [], "the flows' audit entries must chain"
+
+
+def test_an_approval_given_after_the_champion_moved_is_not_applied(
+    approval_env: Settings,
+) -> None:
+    s = approval_env
+    reg = Registry(s.tracking_uri, s.artifact_root)
+    if reg.get_by_alias(s.model_name, ALIAS_CHAMPION) is None:
+        next_distinct_release()
+        assert release_flow(approval_policy="auto").outcome == "promoted"
+    champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    assert champion is not None
+    thread, box = _run_in_thread()
+    run_id = _paused_run_id()
+    # The evidence weighed the candidate against this champion; a rollback with no previous
+    # version (here: the alias removed) changes that while the approval waits.
+    reg.delete_alias(s.model_name, ALIAS_CHAMPION)
+    try:
+        resume_flow_run(run_id, run_input={"approve": True, "approver": "alice", "reason": "ok"})
+        thread.join(timeout=120)
+    finally:
+        reg.set_alias(s.model_name, ALIAS_CHAMPION, champion.version)
+    assert not thread.is_alive()
+    assert "lost its alias" in str(box.get("error")), box
+    stale = [e for e in read_audit(s.audit_log) if e["action"] == "approval_stale"][-1]
+    assert stale["approver"] == "alice" and champion.version in stale["stale"]
+    # Nothing was decided: the version is still pending, so a rerun asks again.
+    assert reg.get_approval(s.model_name, stale["version"]).status == "pending"  # type: ignore[union-attr]
 
 
 @pytest.fixture

@@ -20,8 +20,15 @@ from model_registry import ApprovalRecord, ModelVersionInfo
 
 
 class FakeRegistry:
-    def __init__(self, tags: dict[str, str]) -> None:
+    def __init__(self, tags: dict[str, str], champion: str | None = None) -> None:
         self.tags = dict(tags)
+        self.champion = champion
+
+    def get_by_alias(self, model: str, alias: str) -> ModelVersionInfo | None:
+        assert alias == "champion"
+        if self.champion is None:
+            return None
+        return ModelVersionInfo(model, self.champion, ("champion",), {}, None, "", 0)
 
     def get_version(self, model: str, version: str) -> ModelVersionInfo:
         return ModelVersionInfo(model, version, (), dict(self.tags), None, "", 0)
@@ -37,7 +44,13 @@ def _answer(approve: bool, approver: str, reason: str) -> Any:
     return ta.ApprovalForm(approve=approve, approver=approver, reason=reason)
 
 
-def _ask(monkeypatch: pytest.MonkeyPatch, reg: FakeRegistry, during_wait: Any, answer: Any) -> Any:
+def _ask(
+    monkeypatch: pytest.MonkeyPatch,
+    reg: FakeRegistry,
+    during_wait: Any,
+    answer: Any,
+    compared_champion: str | None = None,
+) -> Any:
     monkeypatch.setattr(ta, "registry", lambda *a: reg)
 
     def wait(**kwargs: Any) -> Any:
@@ -46,7 +59,12 @@ def _ask(monkeypatch: pytest.MonkeyPatch, reg: FakeRegistry, during_wait: Any, a
 
     monkeypatch.setattr(ta, "_wait_for_valid_answer", wait)
     return ta.request_approval(
-        model="m", version="5", checks={"parity": True}, metrics={}, policy="manual"
+        model="m",
+        version="5",
+        checks={"parity": True},
+        metrics={},
+        policy="manual",
+        compared_champion=compared_champion,
     )
 
 
@@ -91,3 +109,54 @@ def test_an_approval_after_an_earlier_timeout_reopens_the_candidate(
     # blocked for good as "its verdict is rejected", though alice approved it.
     assert reg.tags["ballast.status"] == "candidate" and reg.tags["ballast.verdict"] == ""
     assert ta.prior_decision_of(reg.get_version("m", "5")) is None
+
+
+@pytest.mark.parametrize(
+    ("compared", "after", "says"),
+    [
+        ("3", "4", "moved from version 3 to 4"),
+        (None, "4", "version 4 became the champion"),
+        ("3", None, "lost its alias"),
+    ],
+)
+def test_an_approval_given_after_the_champion_moved_is_recorded_not_applied(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    compared: str | None,
+    after: str | None,
+    says: str,
+) -> None:
+    # The approver weighed the candidate against one champion; another release (or a
+    # rollback) moved the alias while the approval waited.
+    reg = FakeRegistry({"ballast.status": "candidate", "ballast.approval": "pending"}, compared)
+
+    def another_release_promotes() -> None:
+        reg.champion = after
+
+    with pytest.raises(ApprovalRejected, match=says):
+        _ask(monkeypatch, reg, another_release_promotes, _answer(True, "bob", "ok"), compared)
+    assert reg.tags["ballast.approval"] == "pending"  # undecided: a rerun asks again
+    last = read_audit(settings.audit_log)[-1]
+    assert last["action"] == "approval_stale" and says in last["stale"]
+    assert (last["approver"], last["reason"]) == ("bob", "ok")
+
+
+def test_a_rejection_stands_whatever_the_champion_did(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = FakeRegistry({"ballast.status": "candidate", "ballast.approval": "pending"}, "3")
+
+    def another_release_promotes() -> None:
+        reg.champion = "4"
+
+    approved = _ask(monkeypatch, reg, another_release_promotes, _answer(False, "bob", "no"), "3")
+    assert approved == (False, "bob", "no")
+    assert reg.tags["ballast.approval"] == "rejected"
+
+
+def test_an_approval_against_the_same_champion_is_applied(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = FakeRegistry({"ballast.status": "candidate", "ballast.approval": "pending"}, "3")
+    assert _ask(monkeypatch, reg, lambda: None, _answer(True, "bob", "ok"), "3")[0] is True
+    assert reg.tags["ballast.approval"] == "approved"

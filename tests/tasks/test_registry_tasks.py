@@ -253,12 +253,14 @@ def _answers(monkeypatch: pytest.MonkeyPatch, *answers: ApprovalForm | None) -> 
 
 
 def _approve(s: Settings, version: str, policy: str) -> tuple[bool, str, str]:
+    champion = Registry(s.tracking_uri, s.artifact_root).get_by_alias(s.model_name, ALIAS_CHAMPION)
     return request_approval(
         model=s.model_name,
         version=version,
         checks={"parity": True},
         metrics={"accuracy": 0.97},
         policy=policy,
+        compared_champion=None if champion is None else champion.version,
     )
 
 

@@ -238,3 +238,22 @@ def test_auto_approval_needs_a_gate_that_measured_and_finite_losses(
         quality_passed=True, quality_compared=compared, parity_passed=True, metrics=metrics
     )
     assert decide_approval("auto", checks).approved is approved, checks
+
+
+@pytest.mark.parametrize(
+    ("compared", "current", "stale"),
+    [
+        ("3", "3", None),
+        (None, None, None),
+        ("3", "4", "moved from version 3 to 4"),
+        (None, "4", "version 4 became the champion"),
+        ("3", None, "version 3) lost its alias"),
+    ],
+)
+def test_stale_evidence(compared: str | None, current: str | None, stale: str | None) -> None:
+    from ballast.decisions import stale_evidence
+
+    got = stale_evidence(compared, current)
+    assert (got is None) == (stale is None), got
+    if stale is not None:
+        assert got is not None and stale in got
