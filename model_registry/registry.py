@@ -379,6 +379,16 @@ class Registry:
                 problems.append(f"mark run {run_id} FAILED: {exc}")
         return problems
 
+    def discard_version(self, name: str, info: ModelVersionInfo) -> None:
+        """Delete a version this process registered a moment ago and nobody uses yet (no alias,
+        no decision): its run is marked FAILED and keeps its artefacts, as after a failed
+        registration. Raises :class:`RegistryError` if any of it fails."""
+        if info.aliases:
+            raise RegistryError(f"version {info.version} of {name!r} holds {info.aliases}")
+        problems = self._undo_registration(name, info.run_id, info.version, created_model=False)
+        if problems:
+            raise RegistryError(f"discarding version {info.version}: {'; '.join(problems)}")
+
     def set_tags(self, name: str, version: str | int, tags: Mapping[str, str]) -> None:
         with _mlflow_errors(f"tagging {name!r} version {version}"):
             for key, value in tags.items():

@@ -160,6 +160,29 @@ def register_candidate(
         tags=tags,
         description=f"dataset {ds.name} sha256 {ds.sha256[:12]}, backend {compiled.backend}",
     )
+    # Two runs of the same release may both have found nothing above and registered one each
+    # (MLflow has no unique tags to stop them). Version numbers only grow, so whichever run
+    # registered second sees both versions now: the first one is the release, the later one is
+    # dropped before anything (alias, approval, audit entry) points at it.
+    twins = reg.find_by_tag(s.model_name, TAG_CONTENT_KEY, key)
+    first = min([info, *twins], key=lambda v: int(v.version))
+    if first.version != info.version:
+        reg.discard_version(s.model_name, info)
+        record(
+            s.audit_log,
+            "register_duplicate_dropped",
+            model=s.model_name,
+            version=info.version,
+            kept=first.version,
+            flow_run_id=flow_run_id,
+        )
+        logger().info(
+            "stage=register version=%s dropped: version %s is the same release, registered by "
+            "another run at the same time",
+            info.version,
+            first.version,
+        )
+        return _finish_registration(reg, s.model_name, first, s.audit_log)
     return _finish_registration(reg, s.model_name, info, s.audit_log, tags=tags)
 
 

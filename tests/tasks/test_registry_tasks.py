@@ -205,6 +205,35 @@ def test_a_retry_after_a_failure_past_registration_finishes_the_registration(
     assert len(_register_entries(settings, info.version)) == 1, "register audited twice"
 
 
+def test_two_runs_registering_the_same_release_at_once_keep_one_version(
+    built: dict[str, Any], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run b looked for the release before run a's version existed (both found nothing), so
+    # both registered. Before: two versions of one release, each a candidate in turn.
+    monkeypatch.setattr(tasks.registry, "code_identity", lambda: "pinned-code")
+    first = _register(built, settings, "run-a", tmp_path)
+    real = Registry.find_by_tag
+    calls = {"n": 0}
+
+    def blind_before_registering(self: Registry, name: str, key: str, value: str) -> Any:
+        calls["n"] += 1
+        return [] if calls["n"] <= 2 else real(self, name, key, value)  # the two look-ups
+
+    monkeypatch.setattr(Registry, "find_by_tag", blind_before_registering)
+    second = _register(built, settings, "run-b", tmp_path)
+    monkeypatch.setattr(Registry, "find_by_tag", real)
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    assert second.version == first.version
+    assert [v.version for v in reg.list_versions(settings.model_name)] == [first.version]
+    assert ALIAS_CANDIDATE in reg.get_version(settings.model_name, first.version).aliases
+    assert len(_register_entries(settings, first.version)) == 1
+    dropped = [
+        e for e in read_audit(settings.audit_log) if e["action"] == "register_duplicate_dropped"
+    ]
+    assert len(dropped) == 1 and dropped[0]["kept"] == first.version
+    assert int(dropped[0]["version"]) > int(first.version)
+
+
 def test_reusing_a_decided_version_never_marks_it_candidate_again(
     built: dict[str, Any], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -285,6 +285,19 @@ def test_a_version_saved_by_a_create_call_that_then_failed_is_deleted_too(
     assert registry.list_versions(name) == []
 
 
+def test_discard_version_deletes_it_and_fails_its_run_but_never_one_with_an_alias(
+    registry: Registry, client: MlflowClient, two_versions: str
+) -> None:
+    name = two_versions
+    second = registry.get_version(name, "2")
+    registry.set_alias(name, "candidate", "1")
+    with pytest.raises(RegistryError, match="holds"):
+        registry.discard_version(name, registry.get_version(name, "1"))
+    registry.discard_version(name, second)
+    assert [v.version for v in registry.list_versions(name)] == ["1"]
+    assert client.get_run(str(second.run_id)).info.status == "FAILED"
+
+
 def test_find_by_tag_finds_the_version_with_that_value(
     registry: Registry, two_versions: str
 ) -> None:
