@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -339,16 +340,34 @@ def _start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+# Set in every component's environment (a fresh value per start) and inherited by its
+# children: how `down` tells a leaderless group's members from a stranger's processes. Not a
+# BALLAST_* name, which settings would refuse as unknown in the processes that inherit it.
+STACK_TOKEN_ENV = "_BALLAST_STACK_TOKEN"
+
+
+def _carries(pid: int, token: str) -> bool:
+    """Whether process ``pid``'s environment holds this start's token (False when it cannot be
+    read: another user's process is not ours either)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"{STACK_TOKEN_ENV}={token}".encode() in environ.split(b"\0")
+
+
 def _orphans(record: Mapping[str, object]) -> list[int]:
     """Live processes left in the recorded process group after its leader exited.
 
     ``spawn`` starts every component in a session of its own, so its group and session ids are
     its pid; its children (a server's workers) stay in them after it exits. Empty when the
     leader still runs, when its pid now belongs to another process (that group is not ours), or
-    when the start time was never recorded.
+    when the start time or the start's token was never recorded. A member must carry the
+    token: once the whole group has gone, the pid may lead a stranger's session, whose own
+    leader may exit in turn, leaving its children in a group of that same number.
     """
-    pid, ticks = record.get("pid"), record.get("start_ticks")
-    if not isinstance(pid, int) or not isinstance(ticks, int):
+    pid, ticks, token = record.get("pid"), record.get("start_ticks"), record.get("token")
+    if not isinstance(pid, int) or not isinstance(ticks, int) or not isinstance(token, str):
         return []
     leader = _stat(pid)
     if leader is not None and (leader[0] != "Z" or int(leader[19]) != ticks):
@@ -364,6 +383,7 @@ def _orphans(record: Mapping[str, object]) -> list[int]:
             and int(fields[2]) == pid
             and int(fields[3]) == pid
             and int(fields[19]) >= ticks  # started after the leader: its descendants
+            and _carries(int(entry.name), token)
         ):
             members.append(int(entry.name))
     return sorted(members)
@@ -444,7 +464,8 @@ class _Stack:
                 + (" (apt-get install -y prometheus)" if comp.name == "prometheus" else "")
             )
         inherited = os.environ if comp.name == "prefect-server" else _without_server_secrets()
-        env = {**inherited, **comp.env}
+        token = secrets.token_hex(16)
+        env = {**inherited, **comp.env, STACK_TOKEN_ENV: token}
         log = self.log_path(comp.name).open("ab")
         try:
             proc = subprocess.Popen(
@@ -464,6 +485,7 @@ class _Stack:
         record = {
             "pid": proc.pid,
             "start_ticks": ticks,
+            "token": token,
             "name": comp.name,
             "url": comp.url,
             "health_url": comp.health_url,

@@ -443,3 +443,26 @@ def test_down_leaves_the_group_of_a_recycled_pid_alone(settings: Settings) -> No
     finally:
         _kill_group(bystander.pid)
         bystander.wait(5)
+
+
+def test_down_leaves_a_strangers_leaderless_group_on_a_recycled_pid_alone(
+    settings: Settings,
+) -> None:
+    # Given a pid file whose pid, after our whole group had gone, led a stranger's session
+    # whose leader then exited, leaving a child in a group of that same number. Before: down
+    # took the child for our orphan and killed it.
+    config = config_for(settings)
+    config.root.mkdir(parents=True)
+    marker = config.root / "stranger-child.pid"
+    stranger = subprocess.Popen(
+        ["/bin/sh", "-c", f"sleep 30 & echo $! > {marker}; exit 0"], start_new_session=True
+    )
+    stranger.wait(5)  # reaped: the pid names no process, its group lives on in the child
+    child = int(marker.read_text())
+    try:
+        record = {"pid": stranger.pid, "start_ticks": 1, "token": "ours", "name": "mlflow"}
+        (config.root / "mlflow.pid").write_text(json.dumps(record))
+        assert down(config) == []
+        assert _proc_state(child) not in (None, "Z"), "down killed a stranger's process"
+    finally:
+        _kill_group(stranger.pid)
