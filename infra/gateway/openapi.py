@@ -325,6 +325,8 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
             }
         },
     }
+    schemas.update(_oip_schemas(n_features))
+    paths.update(_oip_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "Ballast serving gateway", "version": "1"},
@@ -333,4 +335,218 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
+    }
+
+
+# -- the Open Inference Protocol (infra/gateway/oip.py) ---------------------------------------
+
+
+def _oip_schemas(n_features: int | None) -> dict[str, Any]:
+    """Request and response bodies of the KServe v2 REST protocol as the gateway takes them:
+    one ``input`` FP32 ``[n, features]`` tensor, one ``logits`` output. What JSON Schema cannot
+    say: ``data`` must hold exactly n x features numbers (flat or nested as the shape), and a
+    tensor with ``binary_data_size`` takes its bytes from after the JSON header instead."""
+    number = {"type": "number", "minimum": -_F32_MAX, "maximum": _F32_MAX}
+    width: dict[str, Any] = {"const": n_features} if n_features else {"type": "integer"}
+    flags = {
+        "type": "object",
+        "properties": {"binary_data_output": {"type": "boolean"}},
+    }
+    return {
+        "OipInferRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "parameters": flags,
+                "inputs": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "datatype", "shape"],
+                        "properties": {
+                            "name": {"const": "input"},
+                            "datatype": {"const": "FP32"},
+                            "shape": {
+                                "type": "array",
+                                "prefixItems": [
+                                    {"type": "integer", "minimum": 1, "maximum": 4096},
+                                    width,
+                                ],
+                                "minItems": 2,
+                                "maxItems": 2,
+                            },
+                            "data": {
+                                "type": "array",
+                                "items": {"anyOf": [number, {"type": "array", "items": number}]},
+                            },
+                            "parameters": {
+                                "type": "object",
+                                "properties": {
+                                    "binary_data_size": {"type": "integer", "minimum": 0}
+                                },
+                            },
+                        },
+                    },
+                },
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"const": "logits"},
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"binary_data": {"type": "boolean"}},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "OipInferResponse": {
+            "type": "object",
+            "required": ["model_name", "model_version", "outputs"],
+            "properties": {
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+                "id": {"type": "string"},
+                "outputs": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "datatype", "shape"],
+                        "properties": {
+                            "name": {"const": "logits"},
+                            "datatype": {"const": "FP32"},
+                            "shape": {"type": "array", "items": {"type": "integer"}},
+                            "data": {"type": "array", "items": {"type": "number"}},
+                            "parameters": _ANY_OBJECT,
+                        },
+                    },
+                },
+            },
+        },
+    }
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _oip_paths() -> dict[str, Any]:
+    not_served = {
+        "404": _err("Unknown model, or no serving version of that name."),
+        "503": _err("Nothing deployed."),
+    }
+    infer_errors = {
+        "400": _err(
+            "Malformed request: JSON, tensor name, datatype, shape, data or the "
+            "binary extension's sizes."
+        ),
+        "413": _err("Body too large."),
+        "422": _err("Values the model cannot answer, or the routed version takes another width."),
+        "500": _err("The version failed to predict (or an injected fault)."),
+        "503": _err("Nothing deployed, or the version is overloaded."),
+        "504": _err("The batch timed out."),
+        "404": _err("Unknown model, or no serving version of that name."),
+    }
+    binary = {"type": "string", "format": "binary"}
+
+    def infer(summary: str, versioned: bool) -> dict[str, Any]:
+        params = [_path_param("model")] + ([_path_param("version")] if versioned else [])
+        params += [
+            {
+                "name": "Inference-Header-Content-Length",
+                "in": "header",
+                "required": False,
+                "description": "Binary tensor data extension: length of the JSON part of the "
+                "body; raw little-endian tensor bytes follow it.",
+                "schema": {"type": "integer", "minimum": 0},
+            },
+            {
+                "name": "X-Request-Id",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+            },
+        ]
+        if not versioned:
+            params.append(
+                {
+                    "name": "X-Ballast-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "Sticky routing key, as on the predict route.",
+                    "schema": {"type": "string"},
+                }
+            )
+        return {
+            "post": {
+                "operationId": "oipInferVersion" if versioned else "oipInfer",
+                "summary": summary,
+                "parameters": params,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/OipInferRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The logits; with binary output requested, a JSON "
+                        "header then the raw bytes (application/octet-stream).",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/OipInferResponse"}
+                            },
+                            "application/octet-stream": {"schema": binary},
+                        },
+                    }
+                }
+                | infer_errors,
+            }
+        }
+
+    def get(op: str, summary: str, params: list[dict[str, Any]], errors: dict[str, Any]) -> Any:
+        return {
+            "get": {
+                "operationId": op,
+                "summary": summary,
+                "parameters": params,
+                "responses": {"200": _json("OK.", _ANY_OBJECT)} | errors,
+            }
+        }
+
+    model, version = [_path_param("model")], [_path_param("model"), _path_param("version")]
+    return {
+        "/v2": get("oipServer", "Server metadata (Open Inference Protocol).", [], {}),
+        "/v2/health/live": get("oipLive", "The process answers.", [], {}),
+        "/v2/health/ready": get(
+            "oipReady",
+            "Serving a verified version.",
+            [],
+            {"503": _json("Serving nothing.", _ANY_OBJECT)},
+        ),
+        "/v2/models/{model}": get("oipModel", "Model metadata.", model, not_served),
+        "/v2/models/{model}/ready": get("oipModelReady", "The model is served.", model, not_served),
+        "/v2/models/{model}/versions/{version}": get(
+            "oipModelVersion", "Metadata of a serving version.", version, not_served
+        ),
+        "/v2/models/{model}/versions/{version}/ready": get(
+            "oipModelVersionReady", "The version is served.", version, not_served
+        ),
+        "/v2/models/{model}/infer": infer(
+            "Infer with the version the router picks (canary weight, sticky key, shadow).", False
+        ),
+        "/v2/models/{model}/versions/{version}/infer": infer(
+            "Infer with one serving version, pinned (no split).", True
+        ),
     }

@@ -111,11 +111,20 @@ def fuzz(
             path_parameters = {"model": MODEL} if "{model}" in operation.path else None
             strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
 
+            skip = list(excluded)
+            if operation.path.endswith("/infer"):
+                # The infer body's data must hold exactly rows x features numbers, as its shape
+                # says, which JSON Schema cannot express: a schema-valid body may still be
+                # refused (400), so "valid data must be accepted" is left out for it.
+                skip.append(positive_data_acceptance)
+
             @FUZZ
             @given(case=strategy)
             def check(case: schemathesis.Case) -> None:
+                # Run at once below, in this iteration: the loop variable is the right one.
                 case.call_and_validate(
-                    headers=auth_for(case, token), excluded_checks=list(excluded)
+                    headers=auth_for(case, token),
+                    excluded_checks=skip,  # noqa: B023
                 )
 
             try:
@@ -134,8 +143,10 @@ def test_every_operation_answers_as_documented_and_never_5xx(
     done = fuzz(api, VIEWER)
     positive = {d.removeprefix("positive ") for d in done if d.startswith("positive")}
     operations = {f"{r.ok().method.upper()} {r.ok().path}" for r in api.get_all_operations()}
-    assert positive == operations and len(operations) >= 12, done
+    assert positive == operations and len(operations) >= 21, done
     assert "negative POST /v1/models/{model}/predict" in done
+    assert "negative POST /v2/models/{model}/infer" in done
+    assert "negative POST /v2/models/{model}/versions/{version}/infer" in done
     assert "negative PUT /admin/deployment" in done
 
 

@@ -1839,6 +1839,48 @@ def test_openapi_document_lists_every_route(gw: TestClient) -> None:
     assert "Deployment" in doc["components"]["schemas"]
 
 
+def test_openapi_document_describes_the_open_inference_protocol_as_served(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    import jsonschema
+
+    deploy(gw, champion_only(artefacts))
+    doc = gw.get("/openapi.json").json()
+    for path in (
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{model}",
+        "/v2/models/{model}/ready",
+        "/v2/models/{model}/versions/{version}",
+        "/v2/models/{model}/versions/{version}/ready",
+    ):
+        assert "get" in doc["paths"][path], path
+    schemas = doc["components"]["schemas"]
+    request = schemas["OipInferRequest"]
+    # The deployed model's width is in the document, as for the predict route.
+    shape = request["properties"]["inputs"]["items"]["properties"]["shape"]
+    assert shape["prefixItems"][1] == {"const": N_FEATURES}
+    body = {
+        "id": "r1",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, N_FEATURES], "data": ROW}],
+    }
+    jsonschema.validate(body, request)
+    for path in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
+        op = doc["paths"][path]["post"]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == "#/components/schemas/OipInferRequest"
+        assert {"400", "404", "413", "422", "500", "503", "504"} <= set(op["responses"])
+    answer = gw.post(f"/v2/models/{MODEL}/versions/1/infer", json=body)
+    assert answer.status_code == 200, answer.text
+    jsonschema.validate(answer.json(), schemas["OipInferResponse"])
+    # A body the schema refuses is refused by the server too.
+    wrong = {"inputs": [{**body["inputs"][0], "datatype": "FP64"}]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(wrong, request)
+    assert gw.post(f"/v2/models/{MODEL}/infer", json=wrong).status_code == 400
+
+
 # -- desired state from the registry (facade stand-in; manifests and signatures are real) -------
 
 
