@@ -759,6 +759,8 @@ class SequentialJudge(StreamJudgeBase):
         self._class_counts = np.zeros((2, k + 1), dtype=np.int64)  # [canary, champion]
         self._reference = sq.LogHistogram()
         self._reference_s: tuple[float, float] | None = None
+        # Seeded: the same observations give the same verdicts (tests, simulations, replays).
+        self._tie_rng = np.random.default_rng(0)
         self._max: dict[str, float] = {}
         self._mode: Literal["stream", "summary"] | None = None
         self._last_summary: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -787,12 +789,18 @@ class SequentialJudge(StreamJudgeBase):
         if self._reference.n >= cfg.min_reference:
             # The references come from answers before this batch: they are predictable, which
             # the arm test needs (references built from the same answers would not be).
-            near = self._reference.quantile(cfg.latency_quantiles[0])
-            far = self._reference.quantile(cfg.latency_quantiles[1])
+            ref = self._reference
+            q_near, q_far = cfg.latency_quantiles
+            near, far = ref.quantile(q_near), ref.quantile(q_far)
             assert near is not None and far is not None  # n > 0 here
             self._reference_s = (near, far)
-            slow = ok & (batch.latency_s > near)
-            very = slow & (batch.latency_s > far)
+            # Ties at the reference broken at random (LogHistogram.exceeds): before, answers
+            # had to be strictly above the quantile's bin, and with constant latency (or a
+            # coarse clock) none ever was on either side, so the latency test could never
+            # find a canary good enough. One draw per answer for both tiers: very within slow.
+            u = self._tie_rng.random(len(batch))
+            slow = ok & ref.exceeds(batch.latency_s, q_near, u)
+            very = slow & ref.exceeds(batch.latency_s, q_far, u)
             tier1 = slow & ~very
             self._tallies["latency"].add(
                 w,

@@ -343,12 +343,36 @@ class LogHistogram:
     def upper_edge(self, index: int) -> float:
         return float(10 ** (self._log_lo + (index + 1) / self._per))
 
-    def quantile(self, q: float) -> float | None:
-        """The upper edge of the bin holding the ``q``-quantile (so at most about 1-q of the
-        values lie above it); None when empty."""
+    def quantile_bin(self, q: float) -> int | None:
+        """Index of the bin holding the ``q``-quantile; None when empty."""
         if not 0 < q < 1:
             raise ValueError("q must lie in (0, 1)")
         if self.n == 0:
             return None
         index = int(np.searchsorted(np.cumsum(self.counts), q * self.n, side="left"))
-        return self.upper_edge(min(index, self._nbins - 1))
+        return min(index, self._nbins - 1)
+
+    def quantile(self, q: float) -> float | None:
+        """The upper edge of the bin holding the ``q``-quantile (so at most about 1-q of the
+        values lie above it); None when empty."""
+        index = self.quantile_bin(q)
+        return None if index is None else self.upper_edge(index)
+
+    def exceeds(self, values: np.ndarray, q: float, u: np.ndarray) -> np.ndarray:
+        """Which ``values`` count as above the ``q``-quantile, ties broken at random: those in a
+        higher bin than the quantile's, and those in its bin when their uniform draw ``u`` is
+        below the share that brings the reference's own rate above to 1-q.
+
+        Without the draw, values tied in the quantile's bin (constant latency, a coarse clock)
+        are either never above (nothing to test on either side) or all above (a slower
+        canary hides among them). With it, each side's rate is 1-q when it is distributed as
+        the reference, whatever the ties; a value is judged on its bin only, and the draws
+        are independent of the values, so two alike sides still count alike."""
+        index = self.quantile_bin(q)
+        if index is None:
+            return np.zeros(np.shape(values), dtype=bool)
+        above = int(self.counts[index + 1 :].sum())
+        tied = int(self.counts[index])
+        share = 0.0 if tied == 0 else min(1.0, max(0.0, ((1 - q) * self.n - above) / tied))
+        idx = self._index(values)
+        return (idx > index) | ((idx == index) & (u < share))

@@ -4,6 +4,7 @@ Flagger and Kayenta comparison judges."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, replace
@@ -398,6 +399,27 @@ def test_healthy_canary_becomes_ready_and_promotes_only_at_100() -> None:
     assert at_full.decision == "promote", at_full.reasons
     for metric in ("errors", "latency", "accuracy"):
         assert at_full.evidence[f"{metric}_ready"] == 1.0, metric
+
+
+def test_a_canary_as_fast_as_a_constant_latency_champion_becomes_ready() -> None:
+    # Every answer on both sides takes exactly 5 ms (a coarse clock does much the same).
+    # Before: nothing was ever slower than the champion's p95, the latency test never
+    # settled, and such a canary ended inconclusive.
+    rng = np.random.default_rng(0)
+    judge = started()
+    for _ in range(60):
+        batch = traffic(rng, 200, 50)
+        batch = dataclasses.replace(batch, latency_s=np.full(len(batch), 0.005))
+        judge.observe_batch(batch, 50)
+    verdict = judge.judge(stats("1", 6000), stats("2", 6000), 100)
+    assert verdict.evidence["latency_ready"] == 1.0, verdict.reasons
+    # And a canary slower than that constant is still caught.
+    slow = started()
+    for _ in range(60):
+        batch = traffic(rng, 200, 50)
+        lat = np.where(batch.canary, 0.006, 0.005)
+        slow.observe_batch(dataclasses.replace(batch, latency_s=lat), 50)
+    assert slow.judge(stats("1", 6000), stats("2", 6000), 50).decision == "rollback"
 
 
 def test_early_promote_promotes_below_100_when_configured() -> None:

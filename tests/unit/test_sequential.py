@@ -156,6 +156,33 @@ def test_log_histogram_quantile_brackets_numpy() -> None:
     assert sq.LogHistogram().quantile(0.5) is None
 
 
+@pytest.mark.parametrize("kind", ["continuous", "constant", "coarse clock"])
+def test_exceeds_counts_one_minus_q_of_values_like_the_reference_whatever_the_ties(
+    kind: str,
+) -> None:
+    rng = np.random.default_rng(4)
+
+    def draw(n: int) -> np.ndarray:
+        values = np.exp(rng.normal(math.log(0.02), 0.5, size=n))
+        if kind == "constant":
+            return np.full(n, 0.005)
+        if kind == "coarse clock":
+            return np.ceil(values * 100) / 100  # 10 ms ticks: a few values, many ties
+        return values
+
+    h = sq.LogHistogram()
+    h.add(draw(20_000))
+    fresh = draw(200_000)
+    for q in (0.95, 0.99):
+        rate = float(h.exceeds(fresh, q, rng.random(fresh.size)).mean())
+        assert rate == pytest.approx(1 - q, abs=0.004), (kind, q, rate)
+    # A value above every tie always counts; one below never does.
+    top = float(fresh.max()) * 2
+    assert h.exceeds(np.array([top]), 0.95, np.array([0.999])).all()
+    assert not h.exceeds(np.array([1e-4]), 0.95, np.array([0.0])).any()
+    assert not sq.LogHistogram().exceeds(np.array([1.0]), 0.95, np.array([0.0])).any()
+
+
 # ---------------------------------------------------------------- Monte-Carlo: validity, power
 
 
