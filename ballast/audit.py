@@ -67,6 +67,14 @@ def _last_line(fd: int) -> bytes | None:
     return stripped or None
 
 
+def writable_audit_log(path: Path) -> None:
+    """Raise ``OSError`` unless an entry could be appended to ``path`` now (its folder made,
+    the log opened for appending as :func:`record` opens it): checked before an action that
+    must not happen unrecorded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600))
+
+
 def record(
     path: Path, action: str, *, model: str, version: str | None, **detail: Any
 ) -> dict[str, Any]:
@@ -211,7 +219,7 @@ def verify_chain(path: Path, anchors: Sequence[Anchor] = ()) -> list[str]:
     for n, raw in lines:
         try:
             entry = json.loads(raw)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not even UTF-8 (a tampered byte)
             problems.append(f"line {n}: not valid JSON")
             expected = line_hash(raw)
             continue

@@ -101,6 +101,8 @@ def keys_export_public(
         fail(ConfigError(f"no signing key at {s.signing_key_path}; nothing to export"))
     try:
         export_public_key(s.signing_key_path, out)
+    except BallastError as exc:
+        fail(exc)
     except OSError as exc:
         fail(ConfigError(f"cannot write {out}: {exc}"))
     console.print(f"wrote the public signing key to {out}")
@@ -114,16 +116,29 @@ def keys_rotate(
     retire_old: bool = typer.Option(False, help="Retire the previous key after re-wrapping."),
 ) -> None:
     """Create a new current key and re-wrap the given objects' data keys (headers only)."""
-    from ballast.audit import record
+    from ballast.audit import record, writable_audit_log
     from ballast.crypto import read_header, rewrap_header
     from ballast.manifest import rewrap_signing_key
 
     s = get_settings()
     ring = _keyring(s)
-    # Checked before the new key is made: a typo must not leave a rotation half done.
+    # Checked before the new key is made: a typo, a plaintext file or an unwritable audit log
+    # must not leave a rotation half done.
     missing = [str(p) for p in objects or [] if not p.is_file()]
     if missing:
         fail(ConfigError(f"not a file: {', '.join(missing)}; nothing rotated"))
+    for path in objects or []:
+        try:
+            with open(path, "rb") as fh:
+                read_header(fh)
+        except BallastError as exc:
+            fail(ConfigError(f"{path}: {exc}; nothing rotated"))
+        except OSError as exc:
+            fail(ConfigError(f"cannot read {path}: {exc}; nothing rotated"))
+    try:
+        writable_audit_log(s.audit_log)
+    except OSError as exc:
+        fail(ConfigError(f"the audit log {s.audit_log} cannot be written ({exc}); nothing rotated"))
     old = ring.current_key_id()
     new = ring.rotate()
     rewrapped: list[str] = []

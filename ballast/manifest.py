@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ballast.errors import BallastError, IntegrityError
+from ballast.errors import BallastError, ConfigError, IntegrityError
 from ballast.hashing import sha256_file
 from ballast.private_files import PrivateFileError, read_private
 
@@ -324,14 +324,20 @@ def key_fingerprint(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
 
 
 def export_public_key(key_path: Path, dst: Path) -> Path:
-    """Write the public half of the signing key at ``key_path`` to ``dst`` as PEM."""
-    pub = _trusted_public_key(Path(key_path))
+    """Write the public half of the signing key at ``key_path`` to ``dst`` as PEM (atomically:
+    a failed write leaves ``dst`` as it was). Refuses (:class:`ConfigError`) to write over the
+    key itself, which would destroy the only copy of the private half."""
+    from ballast.storage import atomic_write
+
     dst = Path(dst)
-    dst.write_bytes(
-        pub.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    if dst.exists() and os.path.samefile(dst, key_path):
+        raise ConfigError(f"{dst} is the signing key itself; write the public key elsewhere")
+    pub = _trusted_public_key(Path(key_path))
+    pem = pub.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    with atomic_write(dst, mode=0o644) as fh:  # public: readable by the pods that verify
+        fh.write(pem)
     return dst
 
 

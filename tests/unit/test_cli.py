@@ -141,6 +141,27 @@ def test_keys_rotate_with_a_missing_file_rotates_nothing(
     assert runner.invoke(app, ["keys", "list"]).output == before, "no new current key"
 
 
+def test_keys_rotate_with_a_plaintext_file_or_an_unwritable_log_rotates_nothing(
+    runner: CliRunner, settings: Settings, tmp_path: Path
+) -> None:
+    # Before: the new key was made current, then re-wrapping (or the audit entry) failed.
+    plain, enc = encrypted(runner, tmp_path)
+    before = runner.invoke(app, ["keys", "list"]).output
+    mixed = runner.invoke(app, ["keys", "rotate", str(enc), str(plain)])
+    assert mixed.exit_code == 2 and "nothing rotated" in mixed.output, mixed.output
+    assert "not a Ballast encrypted object" in mixed.output
+    settings.audit_log.parent.mkdir(parents=True, exist_ok=True)
+    settings.audit_log.unlink(missing_ok=True)
+    settings.audit_log.mkdir()  # an audit log nothing can be appended to
+    try:
+        unlogged = runner.invoke(app, ["keys", "rotate", str(enc)])
+    finally:
+        settings.audit_log.rmdir()
+    assert unlogged.exit_code == 2 and "audit log" in unlogged.output, unlogged.output
+    assert "Traceback" not in unlogged.output
+    assert runner.invoke(app, ["keys", "list"]).output == before, "no new current key"
+
+
 def test_status_reports_versions_and_a_stopped_gateway(
     runner: CliRunner, settings: Settings
 ) -> None:
@@ -295,6 +316,11 @@ def test_keys_export_public_writes_a_pem_that_verifies_and_holds_no_private_key(
     loaded = serialization.load_pem_public_key(pem)
     assert isinstance(loaded, Ed25519PublicKey)
     assert public_key_bytes(loaded) == public_key_bytes(key)
+    # Before: exporting over the key itself replaced the only copy of the private half.
+    private = settings.signing_key_path.read_bytes()
+    over = runner.invoke(app, ["keys", "export-public", str(settings.signing_key_path)])
+    assert over.exit_code == 2 and "signing key itself" in over.output, over.output
+    assert settings.signing_key_path.read_bytes() == private
 
 
 def test_the_demo_never_points_at_your_registry_data_keys_or_gateway(

@@ -90,6 +90,11 @@ def test_audit_verify_passes_an_intact_log_and_names_a_tampered_line(settings: S
     settings.audit_log.write_text("\n".join(lines) + "\n")
     bad = CliRunner().invoke(cli(), ["audit", "verify", str(settings.audit_log)])
     assert bad.exit_code == 1 and "line 2" in bad.output, bad.output
+    # A byte that is not UTF-8 is named too (was: UnicodeDecodeError).
+    raw = settings.audit_log.read_bytes().replace(b'"approve"', b'"appr\xffve"', 1)
+    settings.audit_log.write_bytes(raw)
+    garbled = CliRunner().invoke(cli(), ["audit", "verify", str(settings.audit_log)])
+    assert garbled.exit_code == 1 and "line 1: not valid JSON" in garbled.output, garbled.output
 
 
 def test_audit_anchor_and_verify_against_it(settings: Settings) -> None:
