@@ -288,6 +288,27 @@ class Settings(BaseSettings):
             )
         return v
 
+    @field_validator("dataset_name")
+    @classmethod
+    def _a_file_name(cls, v: str) -> str:
+        # It names a file under state_dir/datasets: "../x" would write outside it, "" a
+        # hidden ".csv.enc".
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v) or ".." in v:
+            raise ValueError(
+                "must be letters, digits, '.', '_' or '-' (at most 128, starting with a letter "
+                f"or digit, no '..'): it names a file under state_dir/datasets; got {v!r}"
+            )
+        return v
+
+    @field_validator("state_dir")
+    @classmethod
+    def _a_folder(cls, v: Path) -> Path:
+        # Every command writes under it (audit log, keys, registry): a file here failed later,
+        # half way, with a traceback.
+        if v.exists() and not v.is_dir():
+            raise ValueError(f"must be a folder (or not exist yet), but {str(v)!r} is a file")
+        return v
+
     @field_validator("mlflow_tracking_uri", "s3_endpoint_url", "kms_endpoint_url")
     @classmethod
     def _a_uri_or_nothing(cls, v: str) -> str:

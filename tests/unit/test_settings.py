@@ -36,6 +36,9 @@ def _fresh_settings() -> Iterator[None]:
         ("BALLAST_KMS_ENDPOINT_URL", "localhost:4566"),
         ("BALLAST_GATEWAY_HOST", "http://127.0.0.1"),
         ("BALLAST_GATEWAY_HOST", "127.0.0.1:8765"),
+        ("BALLAST_DATASET_NAME", "../../escape"),  # a file under state_dir/datasets
+        ("BALLAST_DATASET_NAME", ""),
+        ("BALLAST_DATASET_NAME", "a/b"),
     ],
 )
 def test_settings_refuse_names_and_uris_that_would_reach_the_wrong_place(
@@ -54,6 +57,7 @@ def test_settings_refuse_names_and_uris_that_would_reach_the_wrong_place(
         ("BALLAST_MLFLOW_TRACKING_URI", ""),
         ("BALLAST_S3_ENDPOINT_URL", "http://127.0.0.1:9000"),
         ("BALLAST_GATEWAY_HOST", "ballast-gateway"),
+        ("BALLAST_DATASET_NAME", "credit.v2"),
     ],
 )
 def test_settings_accept_uris_with_a_scheme_and_plain_names(
@@ -181,3 +185,14 @@ def test_processes_starting_together_share_one_admin_token(tmp_path: Path) -> No
         assert len(got) == 6 and len(set(got)) == 1, got
         assert isinstance(got[0], str) and len(got[0]) >= 16
         assert [p.name for p in (tmp_path / str(trial)).iterdir()] == ["admin-token"]
+
+
+def test_a_state_dir_that_is_a_file_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: commands failed later, half way, with FileExistsError tracebacks.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("BALLAST_STATE_DIR", str(afile))
+    with pytest.raises(ValueError, match="state_dir"):
+        Settings()
