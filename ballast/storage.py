@@ -159,7 +159,11 @@ class LocalStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _store_error(f"{uri}: cannot create its folder: {exc.strerror or exc}") from exc
-        with atomic_write(path, mode=self.mode) as fh:
+        with contextlib.ExitStack() as stack:
+            try:  # the temp file beside it: a folder not writable, a name too long for it
+                fh = stack.enter_context(atomic_write(path, mode=self.mode))
+            except OSError as exc:
+                raise _store_error(f"{uri}: cannot write there: {exc.strerror or exc}") from exc
             yield fh
 
     def exists(self, uri: str) -> bool:

@@ -121,6 +121,11 @@ def test_plausible_bad_paths_end_as_one_line_not_a_traceback(
             "no such file",
         ),
         "folder as output": (["data", "decrypt", str(enc), str(tmp_path)], "is a folder"),
+        # A name that fits, whose temp file beside it does not (was: OSError traceback).
+        "no room for the temp file": (
+            ["data", "decrypt", str(enc), str(tmp_path / ("n" * 250))],
+            "cannot write there",
+        ),
         "folder as log": (["audit", "verify", str(tmp_path)], "not a file"),
     }
     for what, (args, message) in cases.items():
