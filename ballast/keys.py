@@ -239,8 +239,13 @@ class LocalKeyring:
             ) from None
         except OSError as exc:
             raise ConfigError(f"cannot open keyring {self.path}: {exc}") from exc
+        try:
+            # Checked before reading: fdopen of a folder raises IsADirectoryError, untyped.
+            self._check_secure(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
         with os.fdopen(fd, "rb") as fh:
-            self._check_secure(os.fstat(fh.fileno()))
             raw = fh.read()
         try:
             data = json.loads(raw)

@@ -626,6 +626,17 @@ def test_keyring_symlink_is_refused(keyring: LocalKeyring, tmp_path: Path) -> No
         LocalKeyring(link).current_key_id()
 
 
+def test_a_keyring_path_that_is_a_folder_is_a_typed_error(tmp_path: Path) -> None:
+    folder = tmp_path / "k" / "dir"
+    folder.mkdir(parents=True, mode=0o700)
+    os.chmod(folder.parent, 0o700)
+    # Before: IsADirectoryError from fdopen, untyped.
+    with pytest.raises(ConfigError, match="not a regular file"):
+        LocalKeyring(folder).current_key_id()
+    with pytest.raises(ConfigError, match="not a regular file"):
+        LocalKeyring(folder).create_key()
+
+
 def test_concurrent_first_use_agrees_on_one_key(tmp_path: Path) -> None:
     import threading
 
