@@ -16,7 +16,7 @@ from ballast.cli_approve import approve_command, audit_app
 from ballast.cli_data import data_app
 from ballast.cli_shared import console, err, fail, report
 from ballast.cli_stack import stack_app
-from ballast.errors import BallastError, ConfigError
+from ballast.errors import BallastError, ConfigError, redact_uri_credentials
 from ballast.settings import Settings, get_settings
 
 app = typer.Typer(help="Ballast: release ML models you can trust.", no_args_is_help=True)
@@ -267,7 +267,7 @@ def status(model: str = typer.Argument(None)) -> None:
     s = get_settings()
     name = model or s.model_name
     reg = Registry(s.tracking_uri, s.artifact_root)
-    table = Table(title=f"{name} in {s.tracking_uri}")
+    table = Table(title=f"{name} in {redact_uri_credentials(s.tracking_uri)}")
     for col in ("version", "aliases", "status", "verdict", "accuracy"):
         table.add_column(col)
     for v in reg.list_versions(name):

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
+# "scheme://user:password@host": the userinfo of a URI quoted in a message (a tracking URI with
+# credentials, say, echoed back by a library's error) is never printed or logged.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_uri_credentials(text: str) -> str:
+    """``text`` with the user and password of every URI in it replaced by ``***``."""
+    return _USERINFO.sub(r"\1***@", text)
+
 
 class BallastError(Exception):
-    """Base class. ``stage`` is the release stage that refused the input."""
+    """Base class. ``stage`` is the release stage that refused the input. URI credentials in
+    the message are redacted (:func:`redact_uri_credentials`)."""
 
     stage: str = "ballast"
 
     def __init__(self, message: str, *, stage: str | None = None) -> None:
         if stage is not None:
             self.stage = stage
+        message = redact_uri_credentials(message)
         self.message = message
         super().__init__(f"[{self.stage}] {message}")
 

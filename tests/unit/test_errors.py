@@ -1,0 +1,35 @@
+"""Typed errors: what their messages may carry."""
+
+from __future__ import annotations
+
+import pytest
+
+from ballast.errors import BallastError, RegistryError, redact_uri_credentials
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        (
+            "API request to http://alice:s3cretPW@127.0.0.1:9/api/2.0/x failed",
+            "API request to http://***@127.0.0.1:9/api/2.0/x failed",
+        ),
+        ("s3://key:secret@bucket/a and https://u@h/p", "s3://***@bucket/a and https://***@h/p"),
+        (
+            "postgresql+psycopg://ballast:pw@db:5432/mlflow",
+            "postgresql+psycopg://***@db:5432/mlflow",
+        ),
+        ("http://127.0.0.1:5000/api and mail me@example.com", None),  # nothing to hide
+    ],
+)
+def test_redact_uri_credentials(text: str, want: str | None) -> None:
+    assert redact_uri_credentials(text) == (text if want is None else want)
+
+
+def test_an_error_never_carries_uri_credentials() -> None:
+    # Before: MLflow's connection errors quoted the tracking URI, password included, and the
+    # CLI printed them.
+    exc = RegistryError("reading versions: API request to http://alice:s3cretPW@h:9/api failed")
+    assert "s3cretPW" not in str(exc) and "s3cretPW" not in exc.message
+    assert "http://***@h:9/api" in exc.message
+    assert str(BallastError("plain", stage="fetch")) == "[fetch] plain"
