@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ballast.cli_approve import approve_command, audit_app
 from ballast.cli_data import data_app
-from ballast.cli_shared import console, err, fail, report
+from ballast.cli_shared import console, err, fail, prefect_unreachable, report
 from ballast.cli_stack import stack_app
 from ballast.errors import BallastError, ConfigError, redact_uri_credentials
 from ballast.settings import Settings, get_settings
@@ -202,11 +202,16 @@ def release(
         raise typer.BadParameter("inject-fault must be errors, latency or bad-weights")
     if approval not in (None, "auto", "manual"):
         raise typer.BadParameter("approval must be auto or manual")
-    report = release_flow(
-        dataset_uri=dataset,
-        inject_fault=cast(Fault | None, inject_fault),
-        approval_policy=cast(Literal["auto", "manual"] | None, approval),
-    )
+    try:
+        report = release_flow(
+            dataset_uri=dataset,
+            inject_fault=cast(Fault | None, inject_fault),
+            approval_policy=cast(Literal["auto", "manual"] | None, approval),
+        )
+    except BallastError as exc:  # bad data, a failed gate, a refused approval: one line
+        fail(exc)
+    except RuntimeError as exc:
+        fail(prefect_unreachable(exc))
     console.print_json(json.dumps(report.__dict__, default=str))
     if report.outcome not in ("promoted", "rolled_back", "rejected", "unchanged"):
         raise typer.Exit(code=1)
@@ -229,6 +234,8 @@ def rollback(
         if isinstance(exc, TrialInForce):
             err.print("a running release owns the deployment; --force abandons it")
         fail(exc)
+    except RuntimeError as exc:
+        fail(prefect_unreachable(exc))
     console.print(result)
 
 

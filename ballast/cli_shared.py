@@ -7,7 +7,7 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
-from ballast.errors import BallastError
+from ballast.errors import BallastError, ConfigError
 
 console = Console()
 err = Console(stderr=True)
@@ -17,6 +17,17 @@ def report(exc: BallastError) -> None:
     """Print a typed error as one line naming its stage."""
     # soft_wrap: one line however long, also in a log file (rich wraps at 80 columns there).
     err.print(f"[bold red]error[/] stage={exc.stage}: {exc.message}", soft_wrap=True)
+
+
+def prefect_unreachable(exc: RuntimeError) -> BallastError:
+    """Prefect's "Failed to reach API at URL" as a typed error; any other RuntimeError is
+    re-raised as it is (a bug, which must keep its traceback)."""
+    if "Failed to reach API" not in str(exc):
+        raise exc
+    return ConfigError(
+        f"cannot reach the Prefect API ({exc}); start it (ballast stack up) or unset "
+        "PREFECT_API_URL to run on a temporary local server"
+    )
 
 
 def fail(exc: BallastError) -> NoReturn:

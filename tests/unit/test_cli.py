@@ -368,3 +368,18 @@ def test_the_demo_never_points_at_your_registry_data_keys_or_gateway(
     finally:
         os.close(lock)
     assert again.returncode == 2 and "another ballast demo is running" in again.stderr
+
+
+def test_rollback_with_the_prefect_api_down_is_one_line_and_exit_2(
+    runner: CliRunner, settings: Settings
+) -> None:
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from tests.conftest import free_port
+
+    # Before: Prefect's RuntimeError ("Failed to reach API") came out as a traceback.
+    down = {PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}
+    with temporary_settings(updates=down):
+        result = runner.invoke(app, ["rollback"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "cannot reach the Prefect API" in result.output and "Traceback" not in result.output
