@@ -18,10 +18,39 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ballast.errors import BallastError
 from ballast.models import MODELS, TABULAR_MLP
+
+
+def _at_least(low: int | float, kind: type = int) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` >= ``low`` (bad values exit 2 before training)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value >= low:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _check_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse paths that could only fail after training (exit 2, nothing written)."""
+    ckpt = args.checkpoint_dir
+    if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
+        ap.error(f"--checkpoint-dir {ckpt} is a file, not a folder")
+    out = args.weights_out
+    if out is not None:
+        if out.is_dir():
+            ap.error(f"--weights-out {out} is a folder; give the file to write")
+        if out.parent.exists() and not out.parent.is_dir():
+            ap.error(f"--weights-out {out}: {out.parent} is a file, not a folder")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,21 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="model hyperparameter"
     )
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--learning-rate", type=float, default=3e-3)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=_at_least(1), default=30)
+    ap.add_argument("--learning-rate", type=_at_least(1e-12, float), default=3e-3)
+    ap.add_argument("--batch-size", type=_at_least(1), default=64)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--patience", type=int, default=10, help="0 disables early stopping")
+    ap.add_argument("--patience", type=_at_least(0), default=10, help="0 disables early stopping")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    ap.add_argument("--threads", type=_at_least(1), default=1, help="torch intra-op threads on CPU")
     ap.add_argument("--checkpoint-dir", type=Path, default=None)
     ap.add_argument("--weights-out", type=Path, default=None, help="save the final state_dict")
-    ap.add_argument("--pause-after-epoch", type=float, default=0.0, metavar="SECONDS")
+    ap.add_argument(
+        "--pause-after-epoch", type=_at_least(0.0, float), default=0.0, metavar="SECONDS"
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    _check_paths(ap, args)
     import torch
 
     from ballast.datasets_extra import bundled_dataset
@@ -88,11 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     except BallastError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    except OSError as exc:  # a checkpoint folder that cannot be written, found mid-run
+        print(f"[train] {exc}", file=sys.stderr)
+        return 1
     if args.weights_out is not None:
-        args.weights_out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.weights_out.with_name(args.weights_out.name + ".tmp")
-        torch.save(result.model.state_dict(), tmp)
-        os.replace(tmp, args.weights_out)  # a killed run never leaves half a weights file
+        try:
+            args.weights_out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(result.model.state_dict(), tmp)
+            os.replace(tmp, args.weights_out)  # a killed run never leaves half a weights file
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            print(f"[train] cannot write --weights-out {args.weights_out}: {exc}", file=sys.stderr)
+            return 1
     print(
         json.dumps(
             {

@@ -293,3 +293,30 @@ def test_evaluate_reports_nan_auc_when_the_rows_miss_a_class(dataset: ValidatedD
     only_ones = result.split.y_test == 1
     m = evaluate(result.model, result.split.x_test[only_ones], result.split.y_test[only_ones])
     assert np.isnan(m["roc_auc"]) and 0 <= m["accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--epochs", "0"], "--epochs: must be >= 1"),
+        (["--batch-size", "-3"], "--batch-size: must be >= 1"),
+        (["--learning-rate", "nan"], "--learning-rate: must be >="),
+        (["--weights-out", "{tmp}"], "is a folder"),
+        (["--checkpoint-dir", "{file}"], "is a file, not a folder"),
+    ],
+)
+def test_training_cli_refuses_bad_arguments_before_training(
+    args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --epochs 0 exited 1 after setup, and a folder as --weights-out failed only after
+    # training, leaving a stray .tmp file.
+    from ballast.training_cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = [a.format(tmp=tmp_path, file=afile) for a in args]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"], "nothing written"
