@@ -31,6 +31,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(canary_app, name="canary")
 app.add_typer(stack_app, name="stack")
 app.add_typer(audit_app, name="audit")
+_GROUPS = ("keys", "data", "bench", "canary", "stack", "audit")
 app.command("approve")(approve_command)
 
 
@@ -56,7 +57,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     # of them: a typo'd BALLAST_* variable is caught at once, not by the next command that
     # happens to read it. A subcommand's --help is parsed after this callback runs, and must
     # work whatever the environment holds.
-    if "--help" not in sys.argv[1:]:
+    # A bare group ("ballast keys") prints its help too.
+    args = sys.argv[1:]
+    if not ({"--help", "-h"} & set(args)) and args not in ([g] for g in _GROUPS):
         get_settings()
 
 
@@ -246,6 +249,13 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None, min=1, 
     import subprocess
 
     s = get_settings()
+    if host is not None:
+        from ballast.settings import check_host
+
+        try:  # what BALLAST_GATEWAY_HOST is held to: a name or address, not a URL
+            check_host(host)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--host") from None
     cmd = [sys.executable, "-m", "infra.gateway", "--host", host or s.gateway_host]
     cmd += ["--port", str(port or s.gateway_port)]
     if os.name == "posix":

@@ -52,6 +52,16 @@ _SERVICE_LINK = re.compile(
 )
 
 
+def check_host(v: str) -> str:
+    """A host name or address the gateway may bind or be reached at (``ValueError`` if not)."""
+    # gateway_url is built as http://{host}:{port}: a URL or a port here would break it.
+    if any(c in v for c in "/:@") and not v.startswith("["):
+        raise ValueError(f"must be a host name or address, not a URL, got {v!r}")
+    if not v.strip() or v != v.strip():
+        raise ValueError(f"must be a non-empty name without surrounding spaces, got {v!r}")
+    return v
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BALLAST_", frozen=True, extra="forbid")
 
@@ -272,10 +282,7 @@ class Settings(BaseSettings):
     @field_validator("gateway_host")
     @classmethod
     def _a_host(cls, v: str) -> str:
-        # gateway_url is built as http://{host}:{port}: a URL or a port here would break it.
-        if any(c in v for c in "/:@") and not v.startswith("["):
-            raise ValueError(f"must be a host name or address, not a URL, got {v!r}")
-        return v
+        return check_host(v)
 
     @field_validator("model_name")
     @classmethod

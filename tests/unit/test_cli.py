@@ -383,3 +383,37 @@ def test_rollback_with_the_prefect_api_down_is_one_line_and_exit_2(
         result = runner.invoke(app, ["rollback"])
     assert result.exit_code == 2, (result.output, result.exception)
     assert "cannot reach the Prefect API" in result.output and "Traceback" not in result.output
+
+
+def test_help_of_a_bare_group_or_with_h_works_whatever_the_environment(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    ballast = str(Path(sys.executable).with_name("ballast"))
+    env = {**os.environ, "BALLAST_NO_SUCH_SETTING": "1"}
+
+    def run(*args: str, clean: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [ballast, *args],
+            env={**env, "BALLAST_STATE_DIR": str(tmp_path)}
+            if not clean
+            else {k: v for k, v in env.items() if k != "BALLAST_NO_SUCH_SETTING"}
+            | {"BALLAST_STATE_DIR": str(tmp_path / "state")},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # Before: both stopped on the unknown variable instead of printing their help.
+    assert "Usage: ballast keys" in run("keys").stdout
+    data_help = run("bench", "data", "-h")
+    assert data_help.returncode == 0 and "usage: ballast bench data" in data_help.stdout
+    # A command still stops on it.
+    status = run("status")
+    assert status.returncode == 2 and "BALLAST_NO_SUCH_SETTING" in status.stdout + status.stderr
+    # And serve holds --host to what BALLAST_GATEWAY_HOST is held to (was: started, then failed).
+    bad_host = run("serve", "--host", "http://bad", clean=True)
+    assert bad_host.returncode == 2 and "--host" in bad_host.stdout + bad_host.stderr
+    assert not (tmp_path / "state").exists(), "nothing written"
