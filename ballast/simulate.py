@@ -82,6 +82,7 @@ __all__ = [
 
 SCENARIOS = ("aa", "errors", "latency", "drift", "slow-drift")
 JUDGES = ("sequential", "threshold", "flagger", "kayenta")
+MAX_RATE = 1e5  # requests per second
 DEFAULT_EFFECTS = {"aa": 0.0, "errors": 0.05, "latency": 0.5, "drift": 0.05, "slow-drift": 0.01}
 
 _Z99 = 2.3263478740408408  # standard normal 99th percentile
@@ -118,8 +119,10 @@ class SimConfig:
         if self.judge not in JUDGES:
             raise ValueError(f"unknown judge {self.judge!r}; choose from {JUDGES}")
         validate_steps(self.steps)
-        if self.runs < 1 or not self.rate > 0:
-            raise ValueError("runs must be >= 1 and rate > 0")
+        # Simulated traffic is drawn in memory per tick: 10^5 req/s is beyond any canary here,
+        # and a larger (or infinite) rate ran out of memory instead of answering.
+        if self.runs < 1 or not 0 < self.rate <= MAX_RATE:
+            raise ValueError(f"runs must be >= 1 and rate in (0, {MAX_RATE:g}]")
         if not (self.step_seconds >= 1 and self.max_seconds >= self.step_seconds):
             raise ValueError("need step_seconds >= 1 and max_seconds >= step_seconds")
         if not (self.look_seconds >= 0.1 and self.peer_interval >= 1):

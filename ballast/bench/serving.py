@@ -404,7 +404,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--seconds", type=_positive_int, default=20, help="per measurement (default 20)")
-    p.add_argument("--concurrency", default="1,16,64,64", help="wrk connections per run")
+    p.add_argument(
+        "--concurrency",
+        type=_concurrencies,
+        default=_concurrencies("1,16,64,64"),
+        help="wrk connections per run, comma-separated",
+    )
     p.add_argument("--workers", default="1", help="gateway replica counts to try, e.g. 1,2")
     p.add_argument("--peers", default="", help="comma list: mlflow, pytriton")
     p.add_argument("--pytriton-python", default="", help="a Python 3.12 with nvidia-pytriton")
@@ -423,6 +428,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _concurrencies(text: str) -> tuple[int, ...]:
+    """``"1,16,64"`` as connection counts, each >= 1 (argparse type: bad input exits 2)."""
+    try:
+        values = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"want comma-separated whole numbers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every concurrency must be >= 1, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -430,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     from ballast.bench.onnx_mlp import build_mlp_onnx
 
     args = _parser().parse_args(argv)
-    conc = tuple(int(c) for c in args.concurrency.split(","))
+    conc: tuple[int, ...] = args.concurrency
     peers = {p for p in args.peers.split(",") if p}
     console = Console(stderr=args.json)
     notes: list[str] = []

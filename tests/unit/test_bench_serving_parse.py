@@ -61,6 +61,17 @@ def test_run_lengths_wrk_cannot_take_are_refused_before_anything_starts(
     assert "whole number of seconds" in capsys.readouterr().err or seconds == "2.5"
 
 
+@pytest.mark.parametrize("conc", ["abc", "1,,64", "0", "16,-1"])
+def test_concurrencies_that_are_not_counts_are_refused_before_anything_starts(
+    conc: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: "abc" was a ValueError traceback, "0" and "-1" were accepted.
+    with pytest.raises(SystemExit) as info:
+        main(["--concurrency", conc])
+    assert info.value.code == 2
+    assert "--concurrency" in capsys.readouterr().err
+
+
 def test_cpu_of_a_child_that_exits_stays_counted_in_its_parent() -> None:
     # A replica that exits between two reads used to take its ticks with it (the difference
     # shrank, or went negative); its parent's reaped-children counters keep them.

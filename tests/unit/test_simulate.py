@@ -186,3 +186,10 @@ def test_bad_arguments_exit_with_code_2_and_a_message(
         code = int(exc.code or 0)
     assert code == 2
     assert capsys.readouterr().err.strip(), "the refusal says why"
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("inf"), float("nan"), 1e12])
+def test_rates_the_simulation_cannot_draw_are_refused(rate: float) -> None:
+    # Before: 1e12 ran out of memory (3.6 TiB), inf raised numpy's "lam value too large".
+    with pytest.raises(ValueError, match="rate in"):
+        SimConfig(rate=rate)
