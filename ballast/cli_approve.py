@@ -138,6 +138,15 @@ def audit_anchor(
 ) -> None:
     """Print the log's anchor (ENTRIES:SHA256): keep it elsewhere, check with verify --anchor."""
     from ballast.audit import anchor as take_anchor
+    from ballast.audit import verify_chain
     from ballast.settings import get_settings
 
-    typer.echo(take_anchor(path or get_settings().audit_log).text())
+    target = path or get_settings().audit_log
+    if path is not None and not path.is_file():
+        fail(BallastError(f"{path} is not a file: no audit log to anchor", stage="audit"))
+    # An anchor vouches for everything before it: taken on a broken chain (or on a file that
+    # is no audit log at all) it would vouch for that.
+    problems = verify_chain(target) if target.is_file() else []
+    if problems:
+        fail(BallastError(f"{target}: {problems[0]}; not anchored", stage="audit"))
+    typer.echo(take_anchor(target).text())

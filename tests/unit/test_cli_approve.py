@@ -113,3 +113,15 @@ def test_audit_anchor_and_verify_against_it(settings: Settings) -> None:
     assert cut.exit_code == 1 and "cut short" in cut.output, cut.output
     junk = CliRunner().invoke(cli(), ["audit", "verify", "--anchor", "yesterday"])
     assert junk.exit_code == 2 and "ENTRIES:SHA256" in junk.output, junk.output
+
+
+def test_audit_anchor_refuses_a_folder_or_a_file_that_is_no_intact_log(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Before: a folder anchored as "0:000..." and a CSV got an anchor, exit 0 both.
+    folder = CliRunner().invoke(cli(), ["audit", "anchor", str(tmp_path)])
+    assert folder.exit_code == 2 and "not a file" in folder.output, folder.output
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n1,2\n")
+    not_a_log = CliRunner().invoke(cli(), ["audit", "anchor", str(csv)])
+    assert not_a_log.exit_code == 2 and "not anchored" in not_a_log.output, not_a_log.output
