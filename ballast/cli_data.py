@@ -147,7 +147,12 @@ def data_validate(
         )
     except BallastError as exc:
         if isinstance(exc, ExpectationsFailed):
-            err.print(f"quarantined: record appended to {quarantine_path(s)}")
+            if exc.quarantined:
+                err.print(f"quarantined: record appended to {quarantine_path(s)}")
+            else:
+                err.print(
+                    f"NOT quarantined: the record could not be written to {quarantine_path(s)}"
+                )
         fail(exc)
     console.print(
         f"[green]valid[/]: {ds.n_rows} rows, {len(ds.checks)} expectations passed "

@@ -149,5 +149,7 @@ def _quarantine(exc: ExpectationsFailed, path: Path, uri: str, name: str) -> Non
         # The OSError names the path and errno only; the record (aggregates) is not logged.
         log.warning("could not quarantine %s (%s) in %s: %s", name, uri, path, write_error)
         exc.add_note(f"the quarantine record was not written to {path}: {write_error}")
+        exc.quarantined = False
         return
+    exc.quarantined = True
     log.warning("quarantined %s (%s): %d failed expectations", name, uri, len(exc.report.failed))

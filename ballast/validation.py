@@ -285,13 +285,18 @@ class ExpectationsFailed(ValidationFailed):
     def __init__(self, message: str, report: ValidationReport) -> None:
         self.summary = message
         self.report = report
+        # Whether its quarantine record was written (None: none was attempted).
+        self.quarantined: bool | None = None
         super().__init__(message, report.failure_lines())
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exceptions pickle as cls(*args); ours needs the report back, not the formatted text,
         # and any notes added on the way (e.g. a quarantine record that could not be written).
+        state: dict[str, Any] = {"quarantined": self.quarantined}
         notes = getattr(self, "__notes__", None)
-        return (type(self), (self.summary, self.report), {"__notes__": notes} if notes else None)
+        if notes:
+            state["__notes__"] = notes
+        return (type(self), (self.summary, self.report), state)
 
 
 def _md(text: str) -> str:

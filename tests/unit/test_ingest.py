@@ -395,6 +395,7 @@ def test_failing_data_is_quarantined_before_the_error_propagates(
         load_validated(str(path), provider=ring, spec=spec, quarantine=quarantine)
 
     (record,) = read_records(quarantine)
+    assert info.value.quarantined is True
     assert stat.S_IMODE(quarantine.stat().st_mode) == 0o600
     assert record["dataset"] == NAME and record["uri"] == str(path)
     assert record["stage"] == "validate" and record["rows"] == 569
@@ -471,6 +472,8 @@ def test_a_quarantine_log_that_cannot_be_written_leaves_the_typed_validation_err
     assert nothing_written()
     again = pickle.loads(pickle.dumps(exc))
     assert again.__notes__ == [note] and again.report == exc.report, "Prefect pickles errors"
+    # What the CLI reads to say "quarantined" or not (it said "quarantined" regardless).
+    assert exc.quarantined is False and again.quarantined is False
 
 
 # -- small pieces ---------------------------------------------------------------------------------
