@@ -27,6 +27,8 @@ def _components(only: str | None) -> tuple[str, ...]:
     if not only:
         return COMPONENTS
     wanted = tuple(n.strip() for n in only.split(",") if n.strip())
+    if not wanted:  # "," or " ": almost surely a mistake; doing nothing would hide it
+        raise typer.BadParameter(f"names no component: {only!r}", param_hint="--only")
     # Keep the start order whatever order they were given in.
     return tuple(n for n in COMPONENTS if n in wanted) + tuple(
         n for n in wanted if n not in COMPONENTS

@@ -264,6 +264,9 @@ def test_cli_reports_bad_components_as_a_typed_error_and_status_of_an_empty_stac
     bad = runner.invoke(stack_app, ["up", "--only", "gateway,grafana"])
     assert bad.exit_code == 2
     assert "unknown components ['grafana']" in bad.output
+    # Before: "," started nothing, printed an empty table and exited 0.
+    empty = runner.invoke(stack_app, ["up", "--only", ","])
+    assert empty.exit_code == 2 and "names no component" in empty.output, empty.output
     assert not (settings.state_dir / "stack").exists(), "a refused `up` left files behind"
     shown = runner.invoke(stack_app, ["status"])
     assert shown.exit_code == 0
