@@ -68,7 +68,30 @@ def _sizes(text: str) -> list[int]:
 
 
 def _counts(text: str) -> list[int]:
-    return [int(float(t)) for t in text.split(",") if t.strip()]
+    try:
+        values = [int(float(t)) for t in text.split(",") if t.strip()]
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"want comma-separated counts, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every count must be >= 1, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not an existing folder")
+    return path
 
 
 def human(n: int) -> str:
@@ -510,8 +533,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="rows for the whole-frame Great Expectations baseline (0 skips; default 1000000)",
     )
-    p.add_argument("--repeat", type=int, default=3, help="best of N for throughput timings")
-    p.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    p.add_argument("--repeat", type=_positive, default=3, help="best of N for throughput timings")
+    p.add_argument("--dir", type=_folder, default=None, help="work directory (default: a temp dir)")
     p.add_argument(
         "--skip", default="", help="comma list of parts to skip: decrypt,rss,validation,baseline"
     )

@@ -89,3 +89,19 @@ def test_cpu_of_a_child_that_exits_stays_counted_in_its_parent() -> None:
         child.kill()
         child.wait()
     assert after >= before, (before, after)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--dir", "/no/such/folder"], ["--repeat", "0"], ["--repeat", "-3"], ["--rows", "0"]],
+)
+def test_bench_data_refuses_bad_arguments_before_anything_starts(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a missing --dir was a FileNotFoundError traceback; --repeat 0 was accepted.
+    from ballast.bench.data import main as data_main
+
+    with pytest.raises(SystemExit) as info:
+        data_main(args)
+    assert info.value.code == 2
+    assert args[0] in capsys.readouterr().err
