@@ -341,6 +341,26 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
 # -- the Open Inference Protocol (infra/gateway/oip.py) ---------------------------------------
 
 
+def _one_tensor(name: str, shape: dict[str, Any], data: dict[str, Any], params: Any) -> Any:
+    """A list holding exactly one FP32 tensor called ``name``."""
+    return {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 1,
+        "items": {
+            "type": "object",
+            "required": ["name", "datatype", "shape"],
+            "properties": {
+                "name": {"const": name},
+                "datatype": {"const": "FP32"},
+                "shape": shape,
+                "data": data,
+                "parameters": params,
+            },
+        },
+    }
+
+
 def _oip_schemas(n_features: int | None) -> dict[str, Any]:
     """Request and response bodies of the KServe v2 REST protocol as the gateway takes them:
     one ``input`` FP32 ``[n, features]`` tensor, one ``logits`` output. What JSON Schema cannot
@@ -348,9 +368,16 @@ def _oip_schemas(n_features: int | None) -> dict[str, Any]:
     tensor with ``binary_data_size`` takes its bytes from after the JSON header instead."""
     number = {"type": "number", "minimum": -_F32_MAX, "maximum": _F32_MAX}
     width: dict[str, Any] = {"const": n_features} if n_features else {"type": "integer"}
-    flags = {
+    rows_by_width = {
+        "type": "array",
+        "prefixItems": [{"type": "integer", "minimum": 1, "maximum": 4096}, width],
+        "minItems": 2,
+        "maxItems": 2,
+    }
+    nested = {"type": "array", "items": {"anyOf": [number, {"type": "array", "items": number}]}}
+    sizes = {
         "type": "object",
-        "properties": {"binary_data_output": {"type": "boolean"}},
+        "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
     }
     return {
         "OipInferRequest": {
@@ -358,39 +385,11 @@ def _oip_schemas(n_features: int | None) -> dict[str, Any]:
             "required": ["inputs"],
             "properties": {
                 "id": {"type": "string"},
-                "parameters": flags,
-                "inputs": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "datatype", "shape"],
-                        "properties": {
-                            "name": {"const": "input"},
-                            "datatype": {"const": "FP32"},
-                            "shape": {
-                                "type": "array",
-                                "prefixItems": [
-                                    {"type": "integer", "minimum": 1, "maximum": 4096},
-                                    width,
-                                ],
-                                "minItems": 2,
-                                "maxItems": 2,
-                            },
-                            "data": {
-                                "type": "array",
-                                "items": {"anyOf": [number, {"type": "array", "items": number}]},
-                            },
-                            "parameters": {
-                                "type": "object",
-                                "properties": {
-                                    "binary_data_size": {"type": "integer", "minimum": 0}
-                                },
-                            },
-                        },
-                    },
+                "parameters": {
+                    "type": "object",
+                    "properties": {"binary_data_output": {"type": "boolean"}},
                 },
+                "inputs": _one_tensor("input", rows_by_width, nested, sizes),
                 "outputs": {
                     "type": "array",
                     "items": {
@@ -414,22 +413,12 @@ def _oip_schemas(n_features: int | None) -> dict[str, Any]:
                 "model_name": {"type": "string"},
                 "model_version": {"type": "string"},
                 "id": {"type": "string"},
-                "outputs": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "datatype", "shape"],
-                        "properties": {
-                            "name": {"const": "logits"},
-                            "datatype": {"const": "FP32"},
-                            "shape": {"type": "array", "items": {"type": "integer"}},
-                            "data": {"type": "array", "items": {"type": "number"}},
-                            "parameters": _ANY_OBJECT,
-                        },
-                    },
-                },
+                "outputs": _one_tensor(
+                    "logits",
+                    {"type": "array", "items": {"type": "integer"}},
+                    {"type": "array", "items": {"type": "number"}},
+                    _ANY_OBJECT,
+                ),
             },
         },
     }
