@@ -375,31 +375,33 @@ def _oip_schemas(n_features: int | None) -> dict[str, Any]:
         "maxItems": 2,
     }
     nested = {"type": "array", "items": {"anyOf": [number, {"type": "array", "items": number}]}}
+    # The server reads null as absent for every optional field (oip.py), so the document
+    # allows it: a schema stricter than the server fails schemathesis' negative checks.
     sizes = {
-        "type": "object",
-        "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+        "type": ["object", "null"],
+        "properties": {"binary_data_size": {"type": ["integer", "null"], "minimum": 0}},
     }
     return {
         "OipInferRequest": {
             "type": "object",
             "required": ["inputs"],
             "properties": {
-                "id": {"type": "string"},
+                "id": {"type": ["string", "null"]},
                 "parameters": {
-                    "type": "object",
-                    "properties": {"binary_data_output": {"type": "boolean"}},
+                    "type": ["object", "null"],
+                    "properties": {"binary_data_output": {"type": ["boolean", "null"]}},
                 },
                 "inputs": _one_tensor("input", rows_by_width, nested, sizes),
                 "outputs": {
-                    "type": "array",
+                    "type": ["array", "null"],
                     "items": {
                         "type": "object",
                         "required": ["name"],
                         "properties": {
                             "name": {"const": "logits"},
                             "parameters": {
-                                "type": "object",
-                                "properties": {"binary_data": {"type": "boolean"}},
+                                "type": ["object", "null"],
+                                "properties": {"binary_data": {"type": ["boolean", "null"]}},
                             },
                         },
                     },

@@ -1874,6 +1874,20 @@ def test_openapi_document_describes_the_open_inference_protocol_as_served(
     answer = gw.post(f"/v2/models/{MODEL}/versions/1/infer", json=body)
     assert answer.status_code == 200, answer.text
     jsonschema.validate(answer.json(), schemas["OipInferResponse"])
+    # The server reads null as absent: the document must allow it, or schemathesis' negative
+    # checks would fail on a null it generates and the server accepts.
+    tensor = body["inputs"][0]
+    for nulls in (
+        {"id": None, "parameters": None, "outputs": None},
+        {"parameters": {"binary_data_output": None}},
+        {"outputs": [{"name": "logits", "parameters": {"binary_data": None}}]},
+        {"inputs": [{**tensor, "parameters": None}]},
+        {"inputs": [{**tensor, "parameters": {"binary_data_size": None}}]},
+    ):
+        loose = {**body, **nulls}
+        jsonschema.validate(loose, request)
+        served = gw.post(f"/v2/models/{MODEL}/infer", json=loose)
+        assert served.status_code == 200, (nulls, served.text)
     # A body the schema refuses is refused by the server too.
     wrong = {"inputs": [{**body["inputs"][0], "datatype": "FP64"}]}
     with pytest.raises(jsonschema.ValidationError):
