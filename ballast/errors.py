@@ -5,13 +5,24 @@ from __future__ import annotations
 import re
 
 # "scheme://user:password@host": the userinfo of a URI quoted in a message (a tracking URI with
-# credentials, say, echoed back by a library's error) is never printed or logged.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+# credentials, say, echoed back by a library's error) is never printed or logged. Up to the
+# last "@" of the word: SQLAlchemy (MLflow's database store) takes "/" and "@" unencoded in a
+# password.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(\S*)@")
+
+
+def _redacted(m: re.Match[str]) -> str:
+    info = m.group(2)
+    # "host/path?q=a@b" is no userinfo (no ":", a path before the "@"): left alone. Anything
+    # with a ":" could be "user:password" and is hidden, even "host:port/...?q=a@b".
+    if ":" in info or not any(c in info for c in "/?#"):
+        return f"{m.group(1)}***@"
+    return m.group(0)
 
 
 def redact_uri_credentials(text: str) -> str:
     """``text`` with the user and password of every URI in it replaced by ``***``."""
-    return _USERINFO.sub(r"\1***@", text)
+    return _USERINFO.sub(_redacted, text)
 
 
 class BallastError(Exception):

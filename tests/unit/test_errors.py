@@ -20,6 +20,10 @@ from ballast.errors import BallastError, RegistryError, redact_uri_credentials
             "postgresql+psycopg://***@db:5432/mlflow",
         ),
         ("http://127.0.0.1:5000/api and mail me@example.com", None),  # nothing to hide
+        # Unencoded "/" and "@" in a password, as SQLAlchemy takes them (review finding).
+        ("postgresql://ballast:s3cr/et@db:5432/m", "postgresql://***@db:5432/m"),
+        ("postgresql://ballast:p@ss@db:5432/m", "postgresql://***@db:5432/m"),
+        ("see http://corp.example/?q=a@b", None),  # an "@" in a query is no userinfo
     ],
 )
 def test_redact_uri_credentials(text: str, want: str | None) -> None:
