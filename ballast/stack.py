@@ -362,13 +362,16 @@ def _orphans(record: Mapping[str, object]) -> list[int]:
     ``spawn`` starts every component in a session of its own, so its group and session ids are
     its pid; its children (a server's workers) stay in them after it exits. Empty when the
     leader still runs, when its pid now belongs to another process (that group is not ours), or
-    when the start time or the start's token was never recorded. A member must carry the
-    token: once the whole group has gone, the pid may lead a stranger's session, whose own
+    when the start time was never recorded. A member must carry the start's token (when the
+    pid file has one): once the whole group has gone, the pid may lead a stranger's session, whose own
     leader may exit in turn, leaving its children in a group of that same number.
     """
     pid, ticks, token = record.get("pid"), record.get("start_ticks"), record.get("token")
-    if not isinstance(pid, int) or not isinstance(ticks, int) or not isinstance(token, str):
+    if not isinstance(pid, int) or not isinstance(ticks, int):
         return []
+    # A pid file written before tokens existed: the checks below without the token (as
+    # before), or `down` would forget our own orphans holding their ports.
+    token = token if isinstance(token, str) else None
     leader = _stat(pid)
     if leader is not None and (leader[0] != "Z" or int(leader[19]) != ticks):
         return []
@@ -383,7 +386,7 @@ def _orphans(record: Mapping[str, object]) -> list[int]:
             and int(fields[2]) == pid
             and int(fields[3]) == pid
             and int(fields[19]) >= ticks  # started after the leader: its descendants
-            and _carries(int(entry.name), token)
+            and (token is None or _carries(int(entry.name), token))
         ):
             members.append(int(entry.name))
     return sorted(members)

@@ -469,3 +469,21 @@ def test_down_leaves_a_strangers_leaderless_group_on_a_recycled_pid_alone(
         assert _proc_state(child) not in (None, "Z"), "down killed a stranger's process"
     finally:
         _kill_group(stranger.pid)
+
+
+def test_down_still_stops_our_leaderless_group_from_a_pid_file_without_a_token(
+    settings: Settings,
+) -> None:
+    # A pid file written before tokens existed (review finding: down called it stale, deleted
+    # it and left mlflow's workers holding the port).
+    config = config_for(settings, components=("mlflow",))
+    leader, _ = _spawn_orphaning_leader(config, "")
+    try:
+        pid_file = config.root / "mlflow.pid"
+        record = json.loads(pid_file.read_text())
+        del record["token"]
+        pid_file.write_text(json.dumps(record))
+        assert down(config) == ["mlflow"]
+        assert _gone(leader), "down left our orphans running"
+    finally:
+        _kill_group(leader)
