@@ -15,6 +15,7 @@ same moment are not serialised against each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -385,9 +386,15 @@ class Registry:
         registration. Raises :class:`RegistryError` if any of it fails."""
         if info.aliases:
             raise RegistryError(f"version {info.version} of {name!r} holds {info.aliases}")
-        problems = self._undo_registration(name, info.run_id, info.version, created_model=False)
-        if problems:
-            raise RegistryError(f"discarding version {info.version}: {'; '.join(problems)}")
+        with _mlflow_errors(f"discarding version {info.version} of {name!r}"):
+            try:
+                self._client.delete_model_version(name, info.version)
+            except OSError as exc:  # a connection reset: a retry may succeed
+                raise RegistryError(f"discarding version {info.version}: {exc}") from exc
+        # Only once it is gone: a version still listed must not point at a FAILED run.
+        if info.run_id is not None:
+            with contextlib.suppress(Exception):
+                self._client.set_terminated(info.run_id, "FAILED")
 
     def set_tags(self, name: str, version: str | int, tags: Mapping[str, str]) -> None:
         with _mlflow_errors(f"tagging {name!r} version {version}"):

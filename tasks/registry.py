@@ -131,8 +131,10 @@ def register_candidate(
             logger().info(
                 "stage=register version=%s already registered %s", existing[0].version, why
             )
-            # A retry after a failure past register_version lands here: finish what is missing.
-            return _finish_registration(reg, s.model_name, existing[0], s.audit_log)
+            # A retry after a failure past register_version lands here: finish what is missing
+            # (the duplicate check included, when that is what failed).
+            kept = _keep_first(reg, s.model_name, existing[0], key, flow_run_id, s.audit_log)
+            return _finish_registration(reg, s.model_name, kept, s.audit_log)
     artifact_dir = stage_artifacts(staging_dir, ds, trained, compiled, key=key, code=code)
     tags = {
         TAG_DATASET: ds.name,
@@ -160,30 +162,52 @@ def register_candidate(
         tags=tags,
         description=f"dataset {ds.name} sha256 {ds.sha256[:12]}, backend {compiled.backend}",
     )
-    # Two runs of the same release may both have found nothing above and registered one each
-    # (MLflow has no unique tags to stop them). Version numbers only grow, so whichever run
-    # registered second sees both versions now: the first one is the release, the later one is
-    # dropped before anything (alias, approval, audit entry) points at it.
-    twins = reg.find_by_tag(s.model_name, TAG_CONTENT_KEY, key)
-    first = min([info, *twins], key=lambda v: int(v.version))
-    if first.version != info.version:
-        reg.discard_version(s.model_name, info)
-        record(
-            s.audit_log,
-            "register_duplicate_dropped",
-            model=s.model_name,
-            version=info.version,
-            kept=first.version,
-            flow_run_id=flow_run_id,
-        )
-        logger().info(
-            "stage=register version=%s dropped: version %s is the same release, registered by "
-            "another run at the same time",
-            info.version,
-            first.version,
-        )
-        return _finish_registration(reg, s.model_name, first, s.audit_log)
+    kept = _keep_first(reg, s.model_name, info, key, flow_run_id, s.audit_log)
+    if kept.version != info.version:
+        return _finish_registration(reg, s.model_name, kept, s.audit_log)
     return _finish_registration(reg, s.model_name, info, s.audit_log, tags=tags)
+
+
+def _keep_first(
+    reg: Registry, model: str, info: ModelVersionInfo, key: str, flow_run_id: str, audit_log: Path
+) -> ModelVersionInfo:
+    """The version of this release to go on with: the first one registered.
+
+    Two runs of the same release may both have found nothing and registered one each (MLflow
+    has no unique tags to stop them). Version numbers only grow, so whichever run registered
+    second sees both versions afterwards: the first one is the release, and ``info``, if later
+    and not yet pointed at by any alias, is discarded. A retry of a run whose discard failed
+    comes back here and finishes it.
+    """
+    twins = reg.find_by_tag(model, TAG_CONTENT_KEY, key)
+    first = min([info, *twins], key=lambda v: int(v.version))
+    if first.version == info.version:
+        return info
+    if info.aliases:  # finished by an earlier attempt: in use, never dropped now
+        logger().warning(
+            "stage=register version=%s and %s are the same release; keeping %s (it holds %s)",
+            first.version,
+            info.version,
+            info.version,
+            info.aliases,
+        )
+        return info
+    reg.discard_version(model, info)
+    record(
+        audit_log,
+        "register_duplicate_dropped",
+        model=model,
+        version=info.version,
+        kept=first.version,
+        flow_run_id=flow_run_id,
+    )
+    logger().info(
+        "stage=register version=%s dropped: version %s is the same release, registered by "
+        "another run at the same time",
+        info.version,
+        first.version,
+    )
+    return first
 
 
 def _finish_registration(

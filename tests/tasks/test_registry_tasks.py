@@ -234,6 +234,40 @@ def test_two_runs_registering_the_same_release_at_once_keep_one_version(
     assert int(dropped[0]["version"]) > int(first.version)
 
 
+def test_a_retry_after_a_failed_discard_still_keeps_the_first_version(
+    built: dict[str, Any], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review finding: the duplicate's delete failed (a connection reset), Prefect retried the
+    # task, and the retry found the duplicate by its own flow-run tag and finished it.
+    from mlflow import MlflowClient
+
+    monkeypatch.setattr(tasks.registry, "code_identity", lambda: "pinned-code")
+    first = _register(built, settings, "run-a", tmp_path)
+    real_find, real_delete = Registry.find_by_tag, MlflowClient.delete_model_version
+    calls = {"n": 0}
+
+    def blind_before_registering(self: Registry, name: str, key: str, value: str) -> Any:
+        calls["n"] += 1
+        return [] if calls["n"] <= 2 else real_find(self, name, key, value)
+
+    def reset(self: MlflowClient, name: str, version: str) -> None:
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(Registry, "find_by_tag", blind_before_registering)
+    monkeypatch.setattr(MlflowClient, "delete_model_version", reset)
+    with pytest.raises(RegistryError, match="discarding version"):
+        _register(built, settings, "run-b", tmp_path)
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    (dup,) = [v for v in reg.list_versions(settings.model_name) if v.version != first.version]
+    assert reg._client.get_run(str(dup.run_id)).info.status != "FAILED", "still listed"
+    monkeypatch.setattr(Registry, "find_by_tag", real_find)
+    monkeypatch.setattr(MlflowClient, "delete_model_version", real_delete)
+    retried = _register(built, settings, "run-b", tmp_path)  # Prefect's retry
+    assert retried.version == first.version
+    assert [v.version for v in reg.list_versions(settings.model_name)] == [first.version]
+    assert ALIAS_CANDIDATE in reg.get_version(settings.model_name, first.version).aliases
+
+
 def test_reusing_a_decided_version_never_marks_it_candidate_again(
     built: dict[str, Any], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
