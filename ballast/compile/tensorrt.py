@@ -22,10 +22,12 @@ API notes that shaped the code:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,13 +224,6 @@ class TensorRTBackend:
 
         out_dir.mkdir(parents=True, exist_ok=True)
         engine_path = out_dir / ENGINE_NAME
-        engine_path.write_bytes(bytes(serialized))
-        # Persist the timing cache so the next build of a similar network skips kernel timing.
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, cache_path)
-
         sidecar = {
             "tensorrt_version": trt.__version__,
             "compute_capability": compute_capability,
@@ -241,8 +236,38 @@ class TensorRTBackend:
             "opt_batch": opt,
             "max_batch": max_batch,
         }
-        sidecar_path(engine_path).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        # Sidecar first, engine last, each by rename: an engine is never beside another
+        # build's sidecar (or none), whatever fails in between.
+        _replace_with(
+            sidecar_path(engine_path), (json.dumps(sidecar, indent=2) + "\n").encode("utf-8")
+        )
+        _replace_with(engine_path, bytes(serialized))
+        _save_timing_cache(cache_path, bytes(config.get_timing_cache().serialize()))
         return engine_path
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path`` and rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _save_timing_cache(cache_path: Path, data: bytes) -> None:
+    """Keep the timing cache for the next build, best effort: it only saves build time, so a
+    folder that cannot be written (a read-only home) or another build saving at the same
+    moment (each writes its own temp file) never fails a built engine."""
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        _replace_with(cache_path, data)
+    except OSError as exc:
+        log.warning("timing cache %s not saved: %s", cache_path, exc)
 
 
 class TensorRTPredictor:

@@ -661,3 +661,38 @@ def test_bench_goal_needs_every_model_at_every_goal_batch() -> None:
     assert not goal_check(rows, "onnxruntime", ["a", "b"])["met"]
     assert goal_check(rows, "onnxruntime", ["a"])["met"]
     assert not goal_check(rows[:1], "onnxruntime", ["a"])["met"], "a missing batch is not met"
+
+
+def test_tensorrt_timing_cache_is_saved_best_effort_each_build_with_its_own_temp_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review finding: every build wrote the same "<cache>.tmp"; two builds at once failed the
+    # second one's compile (FileNotFoundError) after its engine was written, with no sidecar.
+    # These helpers need no TensorRT; the build that calls them is untested here (no GPU).
+    import threading
+
+    from ballast.compile.tensorrt import _replace_with, _save_timing_cache
+
+    cache = tmp_path / "shared" / "timing.cache"
+    barrier = threading.Barrier(8)
+
+    def save(i: int) -> None:
+        barrier.wait()
+        _save_timing_cache(cache, bytes([i]) * 1000)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = cache.read_bytes()
+    assert len(data) == 1000 and len(set(data)) == 1, "one whole cache, not a mix"
+    assert [p.name for p in cache.parent.iterdir()] == ["timing.cache"], "no temp files left"
+    # A folder that cannot be written: a warning, never an error.
+    blocker = tmp_path / "ro"
+    blocker.write_text("")
+    with caplog.at_level("WARNING"):
+        _save_timing_cache(blocker / "timing.cache", b"x")
+    assert any("not saved" in r.getMessage() for r in caplog.records)
+    _replace_with(tmp_path / "f", b"1")
+    assert (tmp_path / "f").read_bytes() == b"1"
