@@ -102,8 +102,10 @@ def check_parity(
     rtol: float,
     n_random: int = 256,
     seed: int = 0,
+    n_single: int = 4,
 ) -> ParityReport:
-    """Compare ``predictor`` with eager ``model`` on ``rows`` and ``n_random`` random rows.
+    """Compare ``predictor`` with eager ``model`` on ``rows``, ``n_random`` random rows, and the
+    first ``n_single`` rows sent one at a time (batch 1).
 
     Raises :class:`ParityError` naming the worst error, where it occurred and the limit; on success
     returns the report (``passed`` is then True).
@@ -116,11 +118,24 @@ def check_parity(
     sets = {"held-out": rows}
     if n_random > 0:
         sets["random"] = random_rows(rows, n_random, seed=seed)
+    # Batch 1 is what serving sends most, and where a dynamic batch axis or a shape
+    # specialisation goes wrong: a few held-out rows, one call each.
+    singles = rows[:n_single]
+    sets["held-out one at a time"] = singles
+
+    def run(source: str, x: np.ndarray) -> np.ndarray:
+        if source == "held-out one at a time":
+            return np.concatenate(
+                [np.asarray(predictor.predict(x[i : i + 1])) for i in range(len(x))]
+            )
+        return np.asarray(predictor.predict(x))
 
     max_abs, max_rel, where = 0.0, 0.0, ""
     for source, x in sets.items():
+        if len(x) == 0:
+            continue
         reference = eager_logits(model, x)
-        actual = np.asarray(predictor.predict(x))
+        actual = run(source, x)
         rel = relative_errors(actual, reference)
         i = int(np.argmax(rel))
         if rel[i] > max_rel or not where:

@@ -447,6 +447,27 @@ def test_parity_passes_for_the_compiled_model(
     assert (report.n_rows, report.n_random, report.rtol) == (120, 64, 1e-4)
 
 
+def test_parity_catches_an_artefact_wrong_only_at_batch_1(
+    ort_artifact: Path, model: MLP, rows: np.ndarray
+) -> None:
+    # Review finding: the gate called predict with all rows and 256 random ones only, so an
+    # artefact wrong at batch 1 (serving's usual size) passed.
+    real = load_predictor(ort_artifact, "onnxruntime")
+    sizes: list[int] = []
+
+    class WrongAlone:
+        backend = "onnxruntime"
+
+        def predict(self, x: np.ndarray) -> np.ndarray:
+            sizes.append(len(x))
+            y = real.predict(x)
+            return y if len(x) > 1 else -y
+
+    with pytest.raises(ParityError, match=r"held-out one at a time row 0"):
+        check_parity(model, WrongAlone(), rows, rtol=1e-4, n_random=8)
+    assert 1 in sizes
+
+
 def test_parity_fails_for_another_models_artefact_naming_error_and_limit(
     ort_artifact: Path, rows: np.ndarray
 ) -> None:
