@@ -28,7 +28,9 @@ def compile_candidate(
         backend=backend or s.compile_backend,
         rtol_fp32=s.parity_rtol_fp32,
         rtol_fp16=s.parity_rtol_fp16,
-        max_batch=max(s.bench_batches),
+        # At least 2: a dynamic batch axis needs it (AOTInductor refuses 1), and
+        # BALLAST_BENCH_BATCHES='[1]' is a valid setting.
+        max_batch=max(2, *s.bench_batches),
         bench_batches=s.bench_batches,
     )
     speedups = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -183,3 +184,27 @@ def test_compile_task_builds_a_parity_checked_artefact(
     compiled = compile_candidate.fn(trained, tmp_path / "build", backend="onnxruntime")
     assert compiled.backend == "onnxruntime" and compiled.parity.passed
     assert compiled.bench.batches == (1, 64) and compiled.path.is_file()
+
+
+def test_compile_task_asks_for_a_dynamic_batch_of_at_least_2_whatever_bench_batches(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, dataset: ValidatedDataset, tmp_path: Path
+) -> None:
+    # Review finding: BALLAST_BENCH_BATCHES='[1]' is valid, and AOTInductor refused the
+    # max_batch=1 the task then asked for, after training.
+    import tasks.compile
+
+    monkeypatch.setenv("BALLAST_BENCH_BATCHES", "[1]")
+    monkeypatch.setenv("BALLAST_EPOCHS", "2")
+    get_settings.cache_clear()
+    asked: dict[str, Any] = {}
+
+    def record_call(*args: Any, **kwargs: Any) -> Any:
+        asked.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tasks.compile, "compile_model", record_call)
+    trained = train_model.fn(dataset)
+    with pytest.raises(RuntimeError, match="stop here"):
+        compile_candidate.fn(trained, tmp_path / "build", backend="aotinductor")
+    get_settings.cache_clear()
+    assert asked["max_batch"] == 2 and asked["bench_batches"] == (1,)
