@@ -14,7 +14,7 @@ from ballast.serving import Fault
 from ballast.settings import get_settings
 from tasks.approval import approval_evidence, prior_decision_of, request_approval
 from tasks.canary import canary_release
-from tasks.common import logger
+from tasks.common import logger, remove_staging
 from tasks.compile import compile_candidate
 from tasks.data import ingest_dataset
 from tasks.registry import close_candidate, record_promotion, register_candidate
@@ -55,11 +55,21 @@ def release_flow(
     quality = quality_gate(trained)
     t = lap("quality", t)
     staging = (s.state_dir / "staging" / run_id).resolve()
-    compiled = compile_candidate(trained, staging / "build")
-    t = lap("compile", t)
-    info = register_candidate(
-        ds, trained, compiled, staging / "artifacts", flow_run_id=run_id, inject_fault=inject_fault
-    )
+    try:
+        compiled = compile_candidate(trained, staging / "build")
+        t = lap("compile", t)
+        info = register_candidate(
+            ds,
+            trained,
+            compiled,
+            staging / "artifacts",
+            flow_run_id=run_id,
+            inject_fault=inject_fault,
+        )
+    finally:
+        # The registry holds its own copy now (or nothing was registered): a run's build
+        # files (a TensorRT engine is hundreds of MB) must not pile up run after run.
+        remove_staging(staging)
     report.version = info.version
     report.metrics = {**trained.metrics, **compiled.metrics()}
     t = lap("register", t)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 from prefect.exceptions import MissingContextError
@@ -17,6 +19,17 @@ def logger() -> Any:
         return get_run_logger()
     except MissingContextError:  # called via .fn() in tests or from the CLI
         return logging.getLogger("ballast")
+
+
+def remove_staging(path: Path) -> None:
+    """Delete a run's staging folder (compile outputs, the files registered), best effort: a
+    leftover is disk space, not a failed release."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger().warning("stage=register staging %s not removed: %s", path, exc)
 
 
 def registry(settings: Settings | None = None) -> Registry:

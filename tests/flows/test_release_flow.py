@@ -93,6 +93,9 @@ def test_the_champion_carries_signed_custody_and_a_typed_approval(release_env: S
     assert "PRIVATE KEY" not in key_file and "ballast-wrapped-ed25519/1" in key_file
     approval = reg.get_approval(s.model_name, champion.version)
     assert approval is not None and approval.status == "approved" and approval.by == "policy:auto"
+    # The registry holds the files: no run leaves its build and staging folders behind.
+    staging = s.state_dir / "staging"
+    assert not staging.exists() or list(staging.iterdir()) == [], list(staging.iterdir())
 
 
 def test_rerunning_the_champions_release_changes_nothing(release_env: Settings) -> None:
