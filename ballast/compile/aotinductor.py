@@ -91,9 +91,15 @@ def read_package_metadata(path: Path) -> dict[str, str]:
 
 
 def compatibility_problems(
-    meta: Mapping[str, str], *, torch_version: str, cuda_available: bool, cpu_capability: str
+    meta: Mapping[str, str],
+    *,
+    torch_version: str,
+    cuda_available: bool,
+    cpu_capability: str,
+    compute_capability: str | None = None,
 ) -> list[str]:
-    """Why a package with ``meta`` cannot run here (empty when it can)."""
+    """Why a package with ``meta`` cannot run here (empty when it can). ``compute_capability``
+    is this GPU's, as AOTInductor records it (``major * 10 + minor``: "90" for an H100)."""
     problems = []
     built_with = meta.get(META + "torch_version")
     if built_with is not None and built_with != torch_version:
@@ -101,10 +107,32 @@ def compatibility_problems(
     device = meta.get("AOTI_DEVICE_KEY") or meta.get(META + "device")
     if device == "cuda" and not cuda_available:
         problems.append("built for CUDA, and no CUDA GPU is visible")
+    built_cc = meta.get("AOTI_COMPUTE_CAPABILITY", "")
+    if (
+        device == "cuda"
+        and cuda_available
+        and built_cc.isdigit()
+        and compute_capability is not None
+        and built_cc != compute_capability
+    ):
+        # Its kernels are compiled for one GPU architecture (as a TensorRT engine is): refused
+        # at load, not failed at the first request.
+        problems.append(
+            f"built for GPU compute capability {built_cc}, this GPU is {compute_capability}"
+        )
     isa = meta.get("AOTI_CPU_ISA", "")
     if device == "cpu" and isa and _isa_level(isa) > _isa_level(cpu_capability):
         problems.append(f"built for CPU instruction set {isa}, this CPU offers {cpu_capability}")
     return problems
+
+
+def _this_gpu_capability() -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return str(major * 10 + minor)
 
 
 class AOTInductorBackend:
@@ -231,6 +259,7 @@ class AOTInductorPredictor:
             torch_version=torch.__version__,
             cuda_available=torch.cuda.is_available(),
             cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            compute_capability=_this_gpu_capability(),
         )
         if problems:
             raise CompileError(f"package {path} cannot run here: " + "; ".join(problems))

@@ -315,6 +315,14 @@ def test_aoti_compatibility_names_torch_version_device_and_cpu_isa() -> None:
     cuda = {"AOTI_DEVICE_KEY": "cuda"}
     assert aoti_problems(cuda, **here) == ["built for CUDA, and no CUDA GPU is visible"]  # type: ignore[arg-type]
     assert aoti_problems(cuda, **{**here, "cuda_available": True}) == []  # type: ignore[arg-type]
+    # Review finding: a package built for one GPU architecture loaded on another without a
+    # word (the TensorRT path refused the same move).
+    h100 = {"AOTI_DEVICE_KEY": "cuda", "AOTI_COMPUTE_CAPABILITY": "90"}
+    on_gpu = {**here, "cuda_available": True}
+    assert aoti_problems(h100, **on_gpu, compute_capability="90") == []  # type: ignore[arg-type]
+    assert aoti_problems(h100, **on_gpu, compute_capability="80") == [  # type: ignore[arg-type]
+        "built for GPU compute capability 90, this GPU is 80"
+    ]
 
 
 def test_aoti_device_cuda_without_a_gpu_is_unavailable_and_build_refuses(
