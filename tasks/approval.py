@@ -241,6 +241,15 @@ def request_approval(
     log = logger()
     reg = registry(s)
     _refuse_if_decided(reg, model, version)  # before anyone is asked
+    # The champion may have moved already while this run compiled and registered: nobody is
+    # asked to approve evidence that no longer holds.
+    champion = reg.get_by_alias(model, CHAMPION)
+    stale = stale_evidence(compared_champion, None if champion is None else champion.version)
+    if stale is not None:
+        raise ApprovalRejected(
+            f"version {version} of {model} not put to approval: {stale}. Run the release again "
+            "to weigh the candidate against the champion now"
+        )
     asked = _approval_tags(reg.get_version(model, version))
     started_by = current_actor()
     decision = decide_approval(policy, checks)  # type: ignore[arg-type]

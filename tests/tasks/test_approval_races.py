@@ -160,3 +160,22 @@ def test_an_approval_against_the_same_champion_is_applied(
     reg = FakeRegistry({"ballast.status": "candidate", "ballast.approval": "pending"}, "3")
     assert _ask(monkeypatch, reg, lambda: None, _answer(True, "bob", "ok"), "3")[0] is True
     assert reg.tags["ballast.approval"] == "approved"
+
+
+def test_nobody_is_asked_when_the_champion_moved_before_the_approval(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = FakeRegistry({"ballast.status": "candidate", "ballast.approval": "pending"}, "4")
+    asked: list[object] = []
+    monkeypatch.setattr(ta, "registry", lambda *a: reg)
+    monkeypatch.setattr(ta, "_wait_for_valid_answer", lambda **kw: asked.append(kw))
+    with pytest.raises(ApprovalRejected, match="not put to approval: the champion moved"):
+        ta.request_approval(
+            model="m",
+            version="5",
+            checks={"parity": True},
+            metrics={},
+            policy="manual",
+            compared_champion="3",
+        )
+    assert asked == [] and reg.tags["ballast.approval"] == "pending"
