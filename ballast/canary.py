@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -492,6 +492,61 @@ class ShadowStats:
             return int(value) if isinstance(value, int | float) else 0
 
         return cls(n("mirrored"), n("rows_compared"), n("rows_agreeing"), n("failed"))
+
+    @classmethod
+    def merged(cls, reports: Iterable[Mapping[str, object]]) -> ShadowStats:
+        """The counts of every replica any of ``reports`` covered, each counted once.
+
+        Behind a Kubernetes Service each poll reaches one pod, whose report adds up its own
+        workers only (``by_replica``). A replica's counts only grow while its shadow stays, so
+        its largest ones seen are its latest. Reports without ``by_replica`` (an older gateway)
+        count as a whole, the last one read.
+        """
+        latest: dict[str, tuple[int, int, int, int]] = {}
+        whole: ShadowStats | None = None
+        for report in reports:
+            by = report.get("by_replica")
+            if not isinstance(by, Mapping):
+                whole = cls.from_report(report)
+                continue
+            for replica, counts in by.items():
+                if not isinstance(counts, Mapping):
+                    continue
+                c = cls.from_report(
+                    {
+                        "mirrored": counts.get("mirrored"),
+                        "rows_compared": counts.get("rows"),
+                        "rows_agreeing": counts.get("agree"),
+                        "failed": counts.get("failed"),
+                    }
+                )
+                mine = (c.mirrored, c.rows_compared, c.rows_agreeing, c.failed)
+                if str(replica) not in latest or mine > latest[str(replica)]:
+                    latest[str(replica)] = mine
+        if not latest:
+            return whole or cls(0, 0, 0, 0)
+        return cls(*(sum(col) for col in zip(*latest.values(), strict=True)))
+
+
+def read_shadow(
+    fetch: Callable[[], Mapping[str, object]], *, max_polls: int = 8, settle: int = 2
+) -> ShadowStats:
+    """Poll ``GET /admin/shadow`` until ``settle`` polls in a row bring no replica not seen
+    before (at most ``max_polls``), and add up every replica's counts once (:meth:`merged`).
+    One gateway's first report covers all its replicas: three polls then."""
+    reports: list[Mapping[str, object]] = []
+    seen: set[str] = set()
+    quiet = 0
+    for _ in range(max_polls):
+        report = fetch()
+        reports.append(report)
+        by = report.get("by_replica")
+        new = set(map(str, by)) - seen if isinstance(by, Mapping) else set()
+        seen |= new
+        quiet = 0 if new else quiet + 1
+        if quiet >= settle:
+            break
+    return ShadowStats.merged(reports)
 
 
 def judge_shadow(stats: ShadowStats, policy: ShadowPolicy) -> Verdict:

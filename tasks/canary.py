@@ -23,11 +23,11 @@ from prefect.cache_policies import NO_CACHE
 from ballast.canary import (
     LoadFn,
     ShadowPolicy,
-    ShadowStats,
     StepRecord,
     UnattributedPolicy,
     http_load,
     live_traffic,
+    read_shadow,
     run_canary,
     wait_for_turn,
 )
@@ -212,7 +212,7 @@ def canary_release(
                 lease_s=s.canary_lease_s or None,
                 unattributed=UnattributedPolicy(max_share=s.canary_max_unattributed_share),
                 shadow=_shadow_policy(s),
-                shadow_reader=lambda: ShadowStats.from_report(client.shadow()),
+                shadow_reader=lambda: read_shadow(client.shadow),
                 promote=partial(promotion, reg, s.model_name, candidate.version),
                 on_step=lambda r: log.info(
                     "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",

@@ -1023,8 +1023,9 @@ class Gateway:
         if live is not None and own is not None:
             # Every replica's counts (from the board, up to a heartbeat old), this one's as of
             # now: the connection reached one replica, the shadow's traffic reached them all.
+            keys = ("mirrored", "rows", "agree", "failed")
             total = dict(own)
-            replicas = [self.replica_id]
+            by_replica = {self.replica_id: {k: int(own[k]) for k in keys}}
             board = [] if self.board is None else await self._in_thread(self._io, self.board.live)
             for peer in board:
                 theirs = peer.shadow
@@ -1032,9 +1033,10 @@ class Gateway:
                     continue
                 if (theirs.get("version"), theirs.get("sha256")) != (own["version"], own["sha256"]):
                     continue  # a replica still on another shadow
-                replicas.append(peer.replica)
-                for key in ("mirrored", "rows", "agree", "failed"):
-                    total[key] += int(theirs.get(key) or 0)
+                by_replica[peer.replica] = {k: int(theirs.get(k) or 0) for k in keys}
+                for key in keys:
+                    total[key] += by_replica[peer.replica][key]
+            replicas = list(by_replica)
             rows, agree = total["rows"], total["agree"]
             body = {
                 "shadow": own["version"],
@@ -1045,6 +1047,9 @@ class Gateway:
                 "agreement_rate": (agree / rows) if rows else None,
                 "failed": total["failed"],
                 "replicas": sorted(replicas),
+                # Per replica, so a reader reaching several boards (one per Kubernetes pod,
+                # through a Service) can add them up without counting one twice.
+                "by_replica": by_replica,
             }
         body["recent_disagreements"] = list(self.disagreements)
         return JSONResponse(body)

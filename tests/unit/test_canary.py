@@ -871,3 +871,31 @@ def test_live_traffic_rides_out_a_few_failed_reads_but_not_a_gateway_gone(
     assert [(o.version, o.ok) for o in load(25)] == [("2", True)]
     with pytest.raises(GatewayError, match="gone"):
         load(25)  # six failed reads in a row: the gateway is gone
+
+
+def test_shadow_counts_of_several_pods_are_added_once_each() -> None:
+    # Behind a Kubernetes Service each poll reaches one pod, whose report adds up its own
+    # workers only. Before: the controller read once and judged one pod's share.
+    from ballast.canary import ShadowStats, read_shadow
+
+    def pod(by: dict[str, tuple[int, int, int, int]]) -> dict[str, object]:
+        keys = ("mirrored", "rows", "agree", "failed")
+        return {"by_replica": {r: dict(zip(keys, c, strict=True)) for r, c in by.items()}}
+
+    a = pod({"a1": (10, 10, 9, 0), "a2": (5, 5, 5, 0)})
+    b_early, b_late = pod({"b1": (4, 4, 4, 1)}), pod({"b1": (7, 7, 6, 1)})
+    polls = iter([a, b_early, a, b_late, a, b_late, a, a, a])
+    stats = read_shadow(lambda: next(polls))
+    # a1 + a2 + b1's latest counts, none twice.
+    assert stats == ShadowStats(mirrored=22, rows_compared=22, rows_agreeing=20, failed=1)
+    # One gateway (every replica on one board): its first report is everything; 3 polls.
+    calls: list[int] = []
+
+    def one() -> dict[str, object]:
+        calls.append(1)
+        return a
+
+    assert read_shadow(one) == ShadowStats(15, 15, 14, 0) and len(calls) == 3
+    # A gateway without per-replica counts: its report as a whole.
+    old = {"mirrored": 3, "rows_compared": 3, "rows_agreeing": 2, "failed": 0}
+    assert read_shadow(lambda: old) == ShadowStats(3, 3, 2, 0)

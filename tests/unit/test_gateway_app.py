@@ -1611,6 +1611,8 @@ def test_the_shadow_report_adds_up_every_replicas_counts(
         wait_for(lambda: r1.get("/admin/shadow", headers=AUTH).json()["mirrored"] == 10)
         report = r1.get("/admin/shadow", headers=AUTH).json()
         assert (report["rows_compared"], report["replicas"]) == (10, ["r1", "r2"])
+        by = report["by_replica"]
+        assert (by["r1"]["mirrored"], by["r2"]["mirrored"]) == (6, 4)
         assert r2.get("/admin/shadow", headers=AUTH).json()["mirrored"] == 10
 
 
