@@ -18,26 +18,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from ballast.argtypes import at_least
 from ballast.errors import BallastError
 from ballast.models import MODELS, TABULAR_MLP
-
-
-def _at_least(low: int | float, kind: type = int) -> Callable[[str], int | float]:
-    """An argparse type: a number of ``kind`` >= ``low`` (bad values exit 2 before training)."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value >= low:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
-        return value
-
-    return parse
 
 
 def _check_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -60,17 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="model hyperparameter"
     )
-    ap.add_argument("--epochs", type=_at_least(1), default=30)
-    ap.add_argument("--learning-rate", type=_at_least(1e-12, float), default=3e-3)
-    ap.add_argument("--batch-size", type=_at_least(1), default=64)
+    ap.add_argument("--epochs", type=at_least(1), default=30)
+    ap.add_argument("--learning-rate", type=at_least(1e-12, float), default=3e-3)
+    ap.add_argument("--batch-size", type=at_least(1), default=64)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--patience", type=_at_least(0), default=10, help="0 disables early stopping")
+    ap.add_argument("--patience", type=at_least(0), default=10, help="0 disables early stopping")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--threads", type=_at_least(1), default=1, help="torch intra-op threads on CPU")
+    ap.add_argument("--threads", type=at_least(1), default=1, help="torch intra-op threads on CPU")
     ap.add_argument("--checkpoint-dir", type=Path, default=None)
     ap.add_argument("--weights-out", type=Path, default=None, help="save the final state_dict")
     ap.add_argument(
-        "--pause-after-epoch", type=_at_least(0.0, float), default=0.0, metavar="SECONDS"
+        "--pause-after-epoch", type=at_least(0.0, float), default=0.0, metavar="SECONDS"
     )
     return ap
 

@@ -45,6 +45,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from ballast.argtypes import at_least, counts, existing_folder
+
 if TYPE_CHECKING:
     import pandas as pd
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -65,33 +67,6 @@ def parse_size(text: str) -> int:
 
 def _sizes(text: str) -> list[int]:
     return [parse_size(t) for t in text.split(",") if t.strip()]
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(float(t)) for t in text.split(",") if t.strip()]
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"want comma-separated counts, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"every count must be >= 1, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _folder(text: str) -> Path:
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is not an existing folder")
-    return path
 
 
 def human(n: int) -> str:
@@ -258,7 +233,8 @@ _CHILD = textwrap.dedent(
     """
     import hashlib, io, json, os, resource, sys, time
     from pathlib import Path
-    from ballast.bench.data import Generated, Null
+    from ballast.argtypes import at_least, counts, existing_folder
+from ballast.bench.data import Generated, Null
     from ballast.crypto import LocalKeyring, decrypt_stream, encrypt_stream
 
     mode, keyring, path, size = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
@@ -526,15 +502,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--decrypt-sizes", type=_sizes, default=None, help="default 64M,1G")
     p.add_argument("--rss-sizes", type=_sizes, default=None, help="default 10M,1G,5G")
-    p.add_argument("--rows", type=_counts, default=None, help="default 1000000,10000000")
+    p.add_argument(
+        "--rows",
+        type=counts(lambda t: int(float(t)), skip_empty=True),
+        default=None,
+        help="default 1000000,10000000",
+    )
     p.add_argument(
         "--ge-baseline-rows",
         type=int,
         default=None,
         help="rows for the whole-frame Great Expectations baseline (0 skips; default 1000000)",
     )
-    p.add_argument("--repeat", type=_positive, default=3, help="best of N for throughput timings")
-    p.add_argument("--dir", type=_folder, default=None, help="work directory (default: a temp dir)")
+    p.add_argument("--repeat", type=at_least(1), default=3, help="best of N for throughput timings")
+    p.add_argument(
+        "--dir", type=existing_folder, default=None, help="work directory (default: a temp dir)"
+    )
     p.add_argument(
         "--skip", default="", help="comma list of parts to skip: decrypt,rss,validation,baseline"
     )

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ballast.argtypes import counts
 from ballast.bench.paired import PairedChange, paired_change
 from ballast.bench.procstat import cpu_ticks, cpu_us_per_request
 
@@ -406,8 +407,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=_positive_int, default=20, help="per measurement (default 20)")
     p.add_argument(
         "--concurrency",
-        type=_concurrencies,
-        default=_concurrencies("1,16,64,64"),
+        type=counts(),
+        default=[1, 16, 64, 64],
         help="wrk connections per run, comma-separated",
     )
     p.add_argument("--workers", default="1", help="gateway replica counts to try, e.g. 1,2")
@@ -428,19 +429,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _concurrencies(text: str) -> tuple[int, ...]:
-    """``"1,16,64"`` as connection counts, each >= 1 (argparse type: bad input exits 2)."""
-    try:
-        values = tuple(int(c) for c in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"want comma-separated whole numbers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"every concurrency must be >= 1, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -448,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     from ballast.bench.onnx_mlp import build_mlp_onnx
 
     args = _parser().parse_args(argv)
-    conc: tuple[int, ...] = args.concurrency
+    conc = tuple(args.concurrency)
     peers = {p for p in args.peers.split(",") if p}
     console = Console(stderr=args.json)
     notes: list[str] = []
