@@ -476,6 +476,11 @@ class ShadowPolicy:
             raise ValueError("shadow seconds > 0, fraction in (0, 1] and min_rows >= 1 needed")
 
 
+def _count(value: object) -> int:
+    """A count from a JSON report: a number, else 0."""
+    return int(value) if isinstance(value, int | float) else 0
+
+
 @dataclass(frozen=True, slots=True)
 class ShadowStats:
     """What the gateway measured of its shadow (``GET /admin/shadow``)."""
@@ -487,11 +492,8 @@ class ShadowStats:
 
     @classmethod
     def from_report(cls, report: Mapping[str, object]) -> ShadowStats:
-        def n(key: str) -> int:
-            value = report.get(key) or 0
-            return int(value) if isinstance(value, int | float) else 0
-
-        return cls(n("mirrored"), n("rows_compared"), n("rows_agreeing"), n("failed"))
+        keys = ("mirrored", "rows_compared", "rows_agreeing", "failed")
+        return cls(*(_count(report.get(k)) for k in keys))
 
     @classmethod
     def merged(cls, reports: Iterable[Mapping[str, object]]) -> ShadowStats:
@@ -502,7 +504,7 @@ class ShadowStats:
         its largest ones seen are its latest. Reports without ``by_replica`` (an older gateway)
         count as a whole, the last one read.
         """
-        latest: dict[str, tuple[int, int, int, int]] = {}
+        latest: dict[str, tuple[int, ...]] = {}
         whole: ShadowStats | None = None
         for report in reports:
             by = report.get("by_replica")
@@ -512,15 +514,8 @@ class ShadowStats:
             for replica, counts in by.items():
                 if not isinstance(counts, Mapping):
                     continue
-                c = cls.from_report(
-                    {
-                        "mirrored": counts.get("mirrored"),
-                        "rows_compared": counts.get("rows"),
-                        "rows_agreeing": counts.get("agree"),
-                        "failed": counts.get("failed"),
-                    }
-                )
-                mine = (c.mirrored, c.rows_compared, c.rows_agreeing, c.failed)
+                # The gateway's per-replica names (infra/gateway/app.py shadow_report).
+                mine = tuple(_count(counts.get(k)) for k in ("mirrored", "rows", "agree", "failed"))
                 if str(replica) not in latest or mine > latest[str(replica)]:
                     latest[str(replica)] = mine
         if not latest:

@@ -31,7 +31,6 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(canary_app, name="canary")
 app.add_typer(stack_app, name="stack")
 app.add_typer(audit_app, name="audit")
-_GROUPS = ("keys", "data", "bench", "canary", "stack", "audit")
 app.command("approve")(approve_command)
 
 
@@ -59,7 +58,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     # work whatever the environment holds.
     # A bare group ("ballast keys") prints its help too.
     args = sys.argv[1:]
-    if not ({"--help", "-h"} & set(args)) and args not in ([g] for g in _GROUPS):
+    bare_group = len(args) == 1 and args[0] in {g.name for g in app.registered_groups}
+    if not ({"--help", "-h"} & set(args)) and not bare_group:
         get_settings()
 
 

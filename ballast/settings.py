@@ -52,14 +52,20 @@ _SERVICE_LINK = re.compile(
 )
 
 
+def check_name(v: str) -> str:
+    # An empty or space-padded name would register, serve and audit under a model (or reach a
+    # host) nobody asked for.
+    if not v.strip() or v != v.strip():
+        raise ValueError(f"must be a non-empty name without surrounding spaces, got {v!r}")
+    return v
+
+
 def check_host(v: str) -> str:
     """A host name or address the gateway may bind or be reached at (``ValueError`` if not)."""
     # gateway_url is built as http://{host}:{port}: a URL or a port here would break it.
     if any(c in v for c in "/:@") and not v.startswith("["):
         raise ValueError(f"must be a host name or address, not a URL, got {v!r}")
-    if not v.strip() or v != v.strip():
-        raise ValueError(f"must be a non-empty name without surrounding spaces, got {v!r}")
-    return v
+    return check_name(v)
 
 
 class Settings(BaseSettings):
@@ -270,14 +276,10 @@ class Settings(BaseSettings):
             )
         return v
 
-    @field_validator("model_name", "gateway_host")
+    @field_validator("model_name")
     @classmethod
     def _a_name(cls, v: str) -> str:
-        # An empty or space-padded name would register, serve and audit under a model (or
-        # reach a host) nobody asked for.
-        if not v.strip() or v != v.strip():
-            raise ValueError(f"must be a non-empty name without surrounding spaces, got {v!r}")
-        return v
+        return check_name(v)
 
     @field_validator("gateway_host")
     @classmethod

@@ -207,6 +207,14 @@ def _approval_tags(info: ModelVersionInfo) -> tuple[str | None, str | None]:
     return info.tags.get(TAG_APPROVAL), info.tags.get(TAG_APPROVAL_BY)
 
 
+def _stale(reg: Any, model: str, compared_champion: str | None) -> str | None:
+    """Why evidence weighed against ``compared_champion`` no longer holds (None: it holds)."""
+    from ballast.decisions import CHAMPION, stale_evidence
+
+    champion = reg.get_by_alias(model, CHAMPION)
+    return stale_evidence(compared_champion, None if champion is None else champion.version)
+
+
 def _refuse_if_decided(reg: Any, model: str, version: str) -> None:
     why = prior_decision_of(reg.get_version(model, version))
     if why is not None:
@@ -235,7 +243,7 @@ def request_approval(
     The decision, approver, reason and starter are tagged on the model version here and written
     to the audit log.
     """
-    from ballast.decisions import CHAMPION, decide_approval, stale_evidence
+    from ballast.decisions import decide_approval
 
     s = get_settings()
     log = logger()
@@ -243,8 +251,7 @@ def request_approval(
     _refuse_if_decided(reg, model, version)  # before anyone is asked
     # The champion may have moved already while this run compiled and registered: nobody is
     # asked to approve evidence that no longer holds.
-    champion = reg.get_by_alias(model, CHAMPION)
-    stale = stale_evidence(compared_champion, None if champion is None else champion.version)
+    stale = _stale(reg, model, compared_champion)
     if stale is not None:
         raise ApprovalRejected(
             f"version {version} of {model} not put to approval: {stale}. Run the release again "
@@ -294,8 +301,7 @@ def request_approval(
         )
     _refuse_if_decided(reg, model, version)
     if approved:
-        champion = reg.get_by_alias(model, CHAMPION)
-        stale = stale_evidence(compared_champion, None if champion is None else champion.version)
+        stale = _stale(reg, model, compared_champion)
         if stale is not None:
             record(
                 s.audit_log,

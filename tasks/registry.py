@@ -132,8 +132,11 @@ def register_candidate(
                 "stage=register version=%s already registered %s", existing[0].version, why
             )
             # A retry after a failure past register_version lands here: finish what is missing
-            # (the duplicate check included, when that is what failed).
-            kept = _keep_first(reg, s.model_name, existing[0], key, flow_run_id, s.audit_log)
+            # (the duplicate check included, when that is what failed; a version found by its
+            # content key is the first of its release already: oldest first).
+            kept = existing[0]
+            if tag == TAG_FLOW_RUN:
+                kept = _keep_first(reg, s.model_name, kept, key, flow_run_id, s.audit_log)
             return _finish_registration(reg, s.model_name, kept, s.audit_log)
     artifact_dir = stage_artifacts(staging_dir, ds, trained, compiled, key=key, code=code)
     tags = {
@@ -163,9 +166,9 @@ def register_candidate(
         description=f"dataset {ds.name} sha256 {ds.sha256[:12]}, backend {compiled.backend}",
     )
     kept = _keep_first(reg, s.model_name, info, key, flow_run_id, s.audit_log)
-    if kept.version != info.version:
-        return _finish_registration(reg, s.model_name, kept, s.audit_log)
-    return _finish_registration(reg, s.model_name, info, s.audit_log, tags=tags)
+    # The tags are this version's: another kept version's are read back from the registry.
+    own_tags = tags if kept is info else None
+    return _finish_registration(reg, s.model_name, kept, s.audit_log, tags=own_tags)
 
 
 def _keep_first(

@@ -1024,7 +1024,6 @@ class Gateway:
             # Every replica's counts (from the board, up to a heartbeat old), this one's as of
             # now: the connection reached one replica, the shadow's traffic reached them all.
             keys = ("mirrored", "rows", "agree", "failed")
-            total = dict(own)
             by_replica = {self.replica_id: {k: int(own[k]) for k in keys}}
             board = [] if self.board is None else await self._in_thread(self._io, self.board.live)
             for peer in board:
@@ -1034,9 +1033,7 @@ class Gateway:
                 if (theirs.get("version"), theirs.get("sha256")) != (own["version"], own["sha256"]):
                     continue  # a replica still on another shadow
                 by_replica[peer.replica] = {k: int(theirs.get(k) or 0) for k in keys}
-                for key in keys:
-                    total[key] += by_replica[peer.replica][key]
-            replicas = list(by_replica)
+            total = {k: sum(c[k] for c in by_replica.values()) for k in keys}
             rows, agree = total["rows"], total["agree"]
             body = {
                 "shadow": own["version"],
@@ -1046,7 +1043,7 @@ class Gateway:
                 "rows_agreeing": agree,
                 "agreement_rate": (agree / rows) if rows else None,
                 "failed": total["failed"],
-                "replicas": sorted(replicas),
+                "replicas": sorted(by_replica),
                 # Per replica, so a reader reaching several boards (one per Kubernetes pod,
                 # through a Service) can add them up without counting one twice.
                 "by_replica": by_replica,
