@@ -323,32 +323,31 @@ def demo(
 
     if fault not in ("errors", "latency"):
         raise typer.BadParameter("fault must be errors or latency (bad-weights stops at the gate)")
-    import fcntl
+    import contextlib
+
+    from ballast.locks import held_or_refused
 
     # Set before the process's one settings object is first read.
     parent = Path(os.environ.get("BALLAST_STATE_DIR", ".ballast"))
     demo_dir = parent / "demo"
     if demo_dir.is_symlink():
         fail(ConfigError(f"{demo_dir} is a symlink: the demo deletes and remakes that folder"))
-    parent.mkdir(parents=True, exist_ok=True)
     # One demo at a time: a second would delete the first's state under it.
-    lock = os.open(parent / "demo.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fail(ConfigError(f"another ballast demo is running in {parent}"))
-    shutil.rmtree(demo_dir, ignore_errors=True)
-    os.environ["BALLAST_STATE_DIR"] = str(demo_dir)
-    os.environ["BALLAST_GATEWAY_PORT"] = str(_free_port())
-    # Nothing of yours: your registry, dataset, model name, KMS key and gateway stay out of it
-    # (settings that point elsewhere fall back to the demo folder's own).
-    for name in _DEMO_RESETS:
-        os.environ.pop(name, None)
-    get_settings.cache_clear()
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            busy = ConfigError(f"another ballast demo is running in {parent}")
+            held.enter_context(held_or_refused(parent / "demo.lock", busy))
+        except ConfigError as exc:
+            fail(exc)
+        shutil.rmtree(demo_dir, ignore_errors=True)
+        os.environ["BALLAST_STATE_DIR"] = str(demo_dir)
+        os.environ["BALLAST_GATEWAY_PORT"] = str(_free_port())
+        # Nothing of yours: your registry, dataset, model name, KMS key and gateway stay out
+        # of it (settings that point elsewhere fall back to the demo folder's own).
+        for name in _DEMO_RESETS:
+            os.environ.pop(name, None)
+        get_settings.cache_clear()
         code = run_demo(get_settings(), fault=cast(Fault, fault), console=console)
-    finally:
-        os.close(lock)
     raise typer.Exit(code=code)
 
 

@@ -21,7 +21,6 @@ with the tail of its log.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -40,6 +39,7 @@ from pathlib import Path
 import httpx
 
 from ballast.errors import BallastError
+from ballast.locks import held_or_refused
 from ballast.settings import Settings
 
 __all__ = [
@@ -628,22 +628,11 @@ def _ensure_work_pool(stack: _Stack, config: StackConfig) -> None:
     stack.say(f"work-pool: created {config.work_pool} (type process)")
 
 
-@contextlib.contextmanager
-def _one_at_a_time(config: StackConfig) -> Iterator[None]:
+def _one_at_a_time(config: StackConfig) -> contextlib.AbstractContextManager[None]:
     """Hold the stack folder's lock: two ``up`` at once both spawned, and the loser's pid file
     overwrote the winner's, leaving a gateway that ``down`` could not see."""
-    config.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(config.root / "stack.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StackError(
-                f"another `ballast stack up` or `down` is running on {config.root}"
-            ) from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    busy = StackError(f"another `ballast stack up` or `down` is running on {config.root}")
+    return held_or_refused(config.root / "stack.lock", busy)
 
 
 class _Terminated(KeyboardInterrupt):
