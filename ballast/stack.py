@@ -363,8 +363,8 @@ def _orphans(record: Mapping[str, object]) -> list[int]:
     its pid; its children (a server's workers) stay in them after it exits. Empty when the
     leader still runs, when its pid now belongs to another process (that group is not ours), or
     when the start time was never recorded. A member must carry the start's token (when the
-    pid file has one): once the whole group has gone, the pid may lead a stranger's session, whose own
-    leader may exit in turn, leaving its children in a group of that same number.
+    pid file has one): once the whole group has gone, the pid may lead a stranger's session,
+    whose own leader may exit in turn, leaving its children in a group of that same number.
     """
     pid, ticks, token = record.get("pid"), record.get("start_ticks"), record.get("token")
     if not isinstance(pid, int) or not isinstance(ticks, int):
