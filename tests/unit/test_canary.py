@@ -788,64 +788,10 @@ def test_a_gateway_that_follows_the_registry_serves_the_promotion_before_its_put
     assert admin.history[-1] == Deployment(model=MODEL, champion=CANDIDATE)
 
 
-def test_live_traffic_counts_only_answers_served_at_the_steps_weight(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A replica read late hands over answers served at the weight before (5 %) together with
-    # this step's (25 %): only the latter count for this step.
-    import ballast.gateway_client as gateway_client
-    from ballast.canary import live_traffic
-
-    pages = iter(
-        [
-            {"replica": "r1", "started": 1.0, "next": 10, "observations": []},  # first look
-            {
-                "replica": "r1",
-                "started": 1.0,
-                "next": 14,
-                "observations": [
-                    [11, "2", "canary", False, 0.01, 5],
-                    [12, "1", "champion", True, 0.01, 5],
-                    [13, "2", "canary", True, 0.01, 25],
-                    [14, "1", "champion", True, 0.01, 25],
-                ],
-            },
-        ]
-    )
-
-    class Client:
-        def __init__(self, *args: object) -> None:
-            pass
-
-        def __enter__(self) -> Client:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def observations(self, cursors: dict[str, int]) -> dict[str, object]:
-            return next(pages)
-
-    monkeypatch.setattr(gateway_client, "GatewayClient", Client)
-    load = live_traffic("http://gw", "t", candidate_version="2", min_samples=1, max_seconds=5)
-    # The first look only finds where the replica is; the second reads after it.
-    got = load(25)
-    assert [(o.version, o.ok) for o in got] == [("2", True), ("1", True)]
-
-
-def test_live_traffic_rides_out_a_few_failed_reads_but_not_a_gateway_gone(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _scripted_gateway(monkeypatch: pytest.MonkeyPatch, answers: list[object]) -> None:
+    """GatewayClient replaced by one whose /admin/observations hands out ``answers`` in turn
+    (an exception is raised; past the end: GatewayError "gone")."""
     from ballast import gateway_client
-    from ballast.canary import live_traffic
-
-    page = {"replica": "r1", "started": 1.0, "next": 10, "observations": []}
-    answers: list[object] = [
-        page,
-        GatewayError("503"),
-        GatewayError("stall"),
-        {**page, "next": 11, "observations": [[11, "2", "canary", True, 0.01, 25]]},
-    ]
 
     class Client:
         def __init__(self, *args: object) -> None:
@@ -864,6 +810,53 @@ def test_live_traffic_rides_out_a_few_failed_reads_but_not_a_gateway_gone(
             return answer
 
     monkeypatch.setattr(gateway_client, "GatewayClient", Client)
+
+
+def test_live_traffic_counts_only_answers_served_at_the_steps_weight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A replica read late hands over answers served at the weight before (5 %) together with
+    # this step's (25 %): only the latter count for this step.
+    from ballast.canary import live_traffic
+
+    _scripted_gateway(
+        monkeypatch,
+        [
+            {"replica": "r1", "started": 1.0, "next": 10, "observations": []},  # first look
+            {
+                "replica": "r1",
+                "started": 1.0,
+                "next": 14,
+                "observations": [
+                    [11, "2", "canary", False, 0.01, 5],
+                    [12, "1", "champion", True, 0.01, 5],
+                    [13, "2", "canary", True, 0.01, 25],
+                    [14, "1", "champion", True, 0.01, 25],
+                ],
+            },
+        ],
+    )
+    load = live_traffic("http://gw", "t", candidate_version="2", min_samples=1, max_seconds=5)
+    # The first look only finds where the replica is; the second reads after it.
+    got = load(25)
+    assert [(o.version, o.ok) for o in got] == [("2", True), ("1", True)]
+
+
+def test_live_traffic_rides_out_a_few_failed_reads_but_not_a_gateway_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ballast.canary import live_traffic
+
+    page = {"replica": "r1", "started": 1.0, "next": 10, "observations": []}
+    _scripted_gateway(
+        monkeypatch,
+        [
+            page,
+            GatewayError("503"),
+            GatewayError("stall"),
+            {**page, "next": 11, "observations": [[11, "2", "canary", True, 0.01, 25]]},
+        ],
+    )
     load = live_traffic(
         "http://gw", "t", candidate_version="2", min_samples=1, max_seconds=5, poll_s=0.01
     )
