@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import Counter
@@ -674,7 +675,13 @@ def live_traffic(
         # in the shadow phase) still holds answers served under the weight before, which would
         # count for this step and be judged as if served at this one.
         return [
-            Observation(version=str(v), ok=bool(ok), latency_s=float(t))
+            Observation(
+                version=str(v),
+                ok=bool(ok),
+                latency_s=float(t),
+                # The routing key's pseudonym (sticky traffic), from gateways that report it.
+                key=str(served[1]) if len(served) > 1 and served[1] is not None else None,
+            )
             for _, v, _, ok, t, *served in page["observations"]
             if not served or served[0] == weight
         ]
@@ -824,11 +831,13 @@ def _rolled_back(records: list[StepRecord]) -> bool:
 
 
 def _step_deployment(
-    model: str, champion: VersionSpec | None, candidate: VersionSpec, weight: int
+    model: str, champion: VersionSpec | None, candidate: VersionSpec, weight: int, key_salt: str
 ) -> Deployment:
-    if champion is None:
+    if champion is None:  # every key goes to the candidate: nothing to salt
         return Deployment(model=model, canary=candidate, canary_weight=100)
-    return Deployment(model=model, champion=champion, canary=candidate, canary_weight=weight)
+    return Deployment(
+        model=model, champion=champion, canary=candidate, canary_weight=weight, key_salt=key_salt
+    )
 
 
 def _shadow_phase(
@@ -946,6 +955,8 @@ def run_canary(
     started = time.monotonic()
     records: list[StepRecord] = []
     seen: list[Observation] = []
+    # A fresh draw of which routing keys go to the canary, per canary (see Deployment.key_salt).
+    key_salt = secrets.token_hex(8)
     # Every change goes through the lease, leased or not: it notices a deployment someone else
     # changed meanwhile, so no step, promotion or restore undoes theirs.
     lease = _Lease(client, lease_s or None)
@@ -988,7 +999,7 @@ def run_canary(
             for index, weight in enumerate(weights if not _rolled_back(records) else ()):
                 next_weight = weights[index + 1] if index + 1 < len(weights) else None
                 step_started = time.monotonic()
-                admin.set_deployment(_step_deployment(model, champion, candidate, weight))
+                admin.set_deployment(_step_deployment(model, champion, candidate, weight, key_salt))
                 if stream is None:
                     step_obs = _drive_step(
                         load, weight, candidate.version, min_samples, step_max_seconds, check

@@ -47,6 +47,7 @@ __all__ = [
     "ThresholdJudge",
     "Verdict",
     "VersionStats",
+    "clustered_effective_n",
     "is_ready",
     "stats_by_version",
 ]
@@ -76,6 +77,9 @@ class Observation:
     latency_s: float
     correct: bool | None = None
     prediction: int | None = None
+    # The routing key's pseudonym when the request carried one (sticky routing: every request
+    # of a key went to the same version), else None. See :class:`ballast.sequential.KeyedArms`.
+    key: str | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
@@ -110,12 +114,17 @@ class VersionStats:
     n_labelled: int
     n_correct: int
     accuracy: float | None
+    # The error rate's effective sample size when some requests carried a routing key (sticky
+    # traffic: a client's requests fail together); None: every request an independent draw.
+    # See clustered_effective_n.
+    n_effective: float | None = None
 
     @classmethod
     def from_observations(cls, version: str, observations: Iterable[Observation]) -> VersionStats:
         """Summarise the observations whose ``version`` matches (others are ignored)."""
         n = errors = n_labelled = n_correct = 0
         ok_latencies: list[float] = []
+        by_key: dict[str, list[int]] = {}  # key -> [requests, errors]
         for o in observations:
             if o.version != version:
                 continue
@@ -127,6 +136,24 @@ class VersionStats:
             if o.correct is not None:
                 n_labelled += 1
                 n_correct += int(o.correct)
+            if o.key:
+                cell = by_key.setdefault(o.key, [0, 0])
+                cell[0] += 1
+                cell[1] += int(not o.ok)
+        n_effective = None
+        if by_key:
+            sizes = np.array(list(by_key.values()), dtype=np.float64)
+            keyed_n, keyed_e = sizes.sum(axis=0)
+            # Unkeyed requests are clusters of one: n = 1, e = 0 or 1 (so e^2 = e n = e).
+            free_n, free_e = n - keyed_n, errors - keyed_e
+            n_effective = clustered_effective_n(
+                n,
+                errors,
+                sum_n2=float(np.sum(sizes[:, 0] ** 2)) + free_n,
+                sum_en=float(np.sum(sizes[:, 0] * sizes[:, 1])) + free_e,
+                sum_e2=float(np.sum(sizes[:, 1] ** 2)) + free_e,
+                clusters=len(by_key) + int(free_n),
+            )
         return cls(
             version=version,
             n=n,
@@ -139,6 +166,7 @@ class VersionStats:
             n_labelled=n_labelled,
             n_correct=n_correct,
             accuracy=n_correct / n_labelled if n_labelled else None,
+            n_effective=n_effective,
         )
 
     def as_evidence(self, prefix: str) -> dict[str, float]:
@@ -153,8 +181,32 @@ class VersionStats:
             "p99_ms": self.latency_p99_ms,
             "n_labelled": self.n_labelled,
             "accuracy": self.accuracy,
+            "n_effective": self.n_effective,
         }
         return {f"{prefix}_{k}": float(v) for k, v in values.items() if v is not None}
+
+
+def clustered_effective_n(
+    n: float, errors: float, *, sum_n2: float, sum_en: float, sum_e2: float, clusters: int
+) -> float:
+    """How many independent requests ``n`` requests in ``clusters`` (sticky keys) are worth for
+    their error rate: ``n`` over the design effect (Kish), from the ratio estimator's
+    cluster-robust variance ``K/(K-1) * sum_c (e_c - r n_c)^2 / n^2`` against the binomial
+    ``r (1 - r) / n``. The sums run over clusters of ``n_c`` requests with ``e_c`` errors.
+
+    Never more than ``n``: clusters that happen to agree better than independent draws would
+    are not read as extra evidence. A client that fails a lot on one side makes the rate far
+    less certain than its request count says; the threshold judge's interval widens to match.
+    """
+    if n <= 0 or errors <= 0 or errors >= n or clusters < 2:
+        return float(n)
+    r = errors / n
+    spread = max(0.0, sum_e2 - 2.0 * r * sum_en + r * r * sum_n2)
+    var_clustered = clusters / (clusters - 1) * spread / (n * n)
+    var_binomial = r * (1.0 - r) / n
+    if var_clustered <= var_binomial:
+        return float(n)
+    return float(n * var_binomial / var_clustered)
 
 
 def stats_by_version(observations: Iterable[Observation]) -> dict[str, VersionStats]:
@@ -316,7 +368,12 @@ class ThresholdJudge:
         # interval is above the limit. On the point estimate, 2 errors in 60 requests of a
         # canary exactly as good as a 1 % champion read 3.3 % > 2 %, and an identical canary
         # was rolled back in about one run in ten (``ballast canary simulate --judge threshold``).
-        lower = wilson_lower(canary.errors, canary.n, self.error_confidence)
+        # Sticky traffic: as many independent requests as its clusters are worth.
+        if canary.n_effective is None:
+            lower = wilson_lower(canary.errors, canary.n, self.error_confidence)
+        else:
+            n = canary.n_effective
+            lower = wilson_lower(canary.error_rate * n, n, self.error_confidence)
         evidence["canary_error_rate_lower"] = lower
         evidence["error_confidence"] = self.error_confidence
         if lower > limit and canary.errors >= self.min_errors:
@@ -387,7 +444,7 @@ class ThresholdJudge:
         return []
 
 
-def _wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
+def _wilson(successes: float, n: float, confidence: float) -> tuple[float, float]:
     """Centre and half-width of the one-sided Wilson score interval (Wilson, JASA 22(158), 1927)."""
     z = NormalDist().inv_cdf(confidence)
     p = successes / n
@@ -397,7 +454,7 @@ def _wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
     return centre, half
 
 
-def wilson_upper(successes: int, n: int, confidence: float) -> float:
+def wilson_upper(successes: float, n: float, confidence: float) -> float:
     """One-sided upper confidence bound of a binomial proportion: the true rate is below it
     with probability ``confidence``."""
     if n <= 0 or successes >= n:
@@ -406,7 +463,7 @@ def wilson_upper(successes: int, n: int, confidence: float) -> float:
     return min(1.0, centre + half)
 
 
-def wilson_lower(successes: int, n: int, confidence: float) -> float:
+def wilson_lower(successes: float, n: float, confidence: float) -> float:
     """One-sided lower confidence bound of a binomial proportion: the true rate is above it
     with probability ``confidence``."""
     if n <= 0 or successes <= 0:
@@ -448,10 +505,13 @@ class ObservationBatch:
     latency_s: np.ndarray
     correct: np.ndarray
     prediction: np.ndarray
+    # Routing keys (str; "" for a request without one), or None when no request had one.
+    key: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.canary)
-        if any(len(a) != n for a in (self.ok, self.latency_s, self.correct, self.prediction)):
+        columns = (self.ok, self.latency_s, self.correct, self.prediction)
+        if any(len(a) != n for a in columns) or (self.key is not None and len(self.key) != n):
             raise ValueError("every column of an ObservationBatch must have the same length")
         lat = np.asarray(self.latency_s)
         if n and not (np.isfinite(lat).all() and (lat >= 0).all()):
@@ -488,6 +548,11 @@ class ObservationBatch:
                 (-1 if o.prediction is None else o.prediction for o in kept),
                 dtype=np.int64,
                 count=n,
+            ),
+            key=(
+                np.array([o.key or "" for o in kept], dtype=object)
+                if any(o.key for o in kept)
+                else None
             ),
         )
 
@@ -627,8 +692,9 @@ class SequentialConfig:
 
 
 class _Tally:
-    """One metric's bad events: likelihoods of the arm test (rollback, good enough, estimate)
-    and canary totals for the one-sample tests."""
+    """One metric's bad events: likelihoods of the arm test (rollback, good enough, estimate),
+    canary totals for the one-sample tests, and what its bad events revealed of sticky keys'
+    arms."""
 
     __slots__ = (
         "canary_events",
@@ -636,6 +702,10 @@ class _Tally:
         "champion_events",
         "champion_trials",
         "comparable",
+        "first_bad",
+        "first_trial",
+        "free_events",
+        "free_trials",
         "harm",
         "mle",
         "ready",
@@ -648,6 +718,13 @@ class _Tally:
         self.canary_events = self.canary_trials = 0
         self.champion_events = self.champion_trials = 0
         self.comparable = 0  # canary trials seen while the champion served too
+        # The canary's unkeyed events and trials: a one-sample test of its rate needs requests
+        # drawn independently, which sticky keys are not (a client's requests err together).
+        self.free_events = self.free_trials = 0
+        # Sticky keys (KeyedArms): each key's first bad answer feeds the rollback test, its
+        # first answer the good-enough test and the estimate.
+        self.first_bad = sq.KeyedArms()
+        self.first_trial = sq.KeyedArms()
 
     def add(
         self,
@@ -656,22 +733,67 @@ class _Tally:
         c_trials: int,
         b_events: int,
         b_trials: int,
-        tiers: Iterable[tuple[float, int, int]] | None = None,
+        cells: tuple[list[sq.CellCounts], list[sq.CellCounts]],
+        free: tuple[int, int] | None = None,
     ) -> None:
-        """Counts at weight ``w``; ``tiers`` splits the events as (tier, canary, champion)."""
+        """Totals at weight ``w``, the arm test's cells (for the rollback test, for the
+        good-enough test and the estimate: see :meth:`cells`), and the canary's unkeyed
+        (events, trials) when some were keyed (None: all were unkeyed)."""
         self.canary_events += c_events
         self.canary_trials += c_trials
+        f_events, f_trials = (c_events, c_trials) if free is None else free
+        self.free_events += f_events
+        self.free_trials += f_trials
         self.champion_events += b_events
         self.champion_trials += b_trials
         if not 0 < w < 1:
             return
         self.comparable += c_trials
-        for tier, c, b in tiers if tiers is not None else ((1.0, c_events, b_events),):
-            if c or b:
-                self.harm.add(w, c, b, tier)
-                if self.ready is not None and self.mle is not None:
-                    self.ready.add(w, c, b, tier)
-                    self.mle.add(w, c, b, tier)
+        harm_cells, ready_cells = cells
+        for cell in harm_cells:
+            if cell.canary or cell.champion:
+                self.harm.add(cell.weight, cell.canary, cell.champion, cell.tier)
+        if self.ready is None or self.mle is None:
+            return
+        for cell in ready_cells:
+            if cell.canary or cell.champion:
+                self.ready.add(cell.weight, cell.canary, cell.champion, cell.tier)
+                self.mle.add(cell.weight, cell.canary, cell.champion, cell.tier)
+
+    def cells(
+        self,
+        w: float,
+        can: np.ndarray,
+        trials: np.ndarray,
+        bad: np.ndarray,
+        keys: np.ndarray | None,
+        keyed: np.ndarray | None,
+        tier: np.ndarray | None = None,
+    ) -> tuple[list[sq.CellCounts], list[sq.CellCounts]]:
+        """The arm test's cells for bad events ``bad`` among ``trials``, for the rollback test
+        and for the good-enough test: an unkeyed event is a draw at ``w`` in both; keyed ones
+        count as :class:`ballast.sequential.KeyedArms` says (first bad answer of a key for the
+        rollback test, first answer for the other)."""
+        free = bad if keyed is None else bad & ~keyed
+        if tier is None:
+            out = [sq.CellCounts(w, _count(can & free), _count(~can & free))]
+        else:
+            out = [
+                sq.CellCounts(
+                    w, _count(can & free & (tier == t)), _count(~can & free & (tier == t)), t
+                )
+                for t in (1.0, 2.0)
+            ]
+        if keys is None or keyed is None:
+            return out, out
+        keyed_bad = bad & keyed
+        harm = self.first_bad.events(w, can, keys, keyed_bad, bad, tier)
+        ready = self.first_trial.events(w, can, keys, trials & keyed, bad, tier)
+        return out + harm, out + ready
+
+
+def _count(mask: np.ndarray) -> int:
+    return int(np.count_nonzero(mask))
 
 
 @dataclass(slots=True)
@@ -757,6 +879,7 @@ class SequentialJudge(StreamJudgeBase):
             _Tally(self._harm_priors["prediction_mix"], None, mix.margin) for _ in range(k + 1)
         ]
         self._class_counts = np.zeros((2, k + 1), dtype=np.int64)  # [canary, champion]
+        self._canary_rows = self._canary_keyed = 0
         self._reference = sq.LogHistogram()
         self._reference_s: tuple[float, float] | None = None
         # Seeded: the same observations give the same verdicts (tests, simulations, replays).
@@ -779,11 +902,30 @@ class SequentialJudge(StreamJudgeBase):
         can = batch.canary
         cham = ~can
         ok = batch.ok
+        keys = batch.key
+        keyed = None if keys is None else keys != ""
+        cnt = _count
+        self._canary_rows += cnt(can)
+        if keyed is not None:
+            self._canary_keyed += cnt(can & keyed)
 
-        def cnt(mask: np.ndarray) -> int:
-            return int(np.count_nonzero(mask))
+        # The canary's unkeyed rows, for the one-sample tests (None: every row is unkeyed).
+        free = None if keyed is None else can & ~keyed
 
-        self._tallies["errors"].add(w, cnt(can & ~ok), cnt(can), cnt(cham & ~ok), cnt(cham))
+        def unkeyed(events: np.ndarray, trials: np.ndarray) -> tuple[int, int] | None:
+            return None if free is None else (cnt(free & events), cnt(free & trials))
+
+        errors = self._tallies["errors"]
+        failed = ~ok
+        errors.add(
+            w,
+            cnt(can & failed),
+            cnt(can),
+            cnt(cham & failed),
+            cnt(cham),
+            errors.cells(w, can, can | cham, failed, keys, keyed),
+            unkeyed(failed, can),
+        )
 
         cfg = self.config
         if self._reference.n >= cfg.min_reference:
@@ -801,24 +943,30 @@ class SequentialJudge(StreamJudgeBase):
             u = self._tie_rng.random(len(batch))
             slow = ok & ref.exceeds(batch.latency_s, q_near, u)
             very = slow & ref.exceeds(batch.latency_s, q_far, u)
-            tier1 = slow & ~very
-            self._tallies["latency"].add(
+            # Tier 2 above the far quantile, tier 1 between (see ArmLikelihood.add).
+            tier = np.where(very, 2.0, 1.0)
+            latency = self._tallies["latency"]
+            latency.add(
                 w,
                 cnt(can & slow),
                 cnt(can & ok),
                 cnt(cham & slow),
                 cnt(cham & ok),
-                tiers=(
-                    (1.0, cnt(can & tier1), cnt(cham & tier1)),
-                    (2.0, cnt(can & very), cnt(cham & very)),
-                ),
+                latency.cells(w, can, ok, slow, keys, keyed, tier),
             )
         self._reference.add(batch.latency_s[cham & ok])
 
         labelled = ok & (batch.correct >= 0)
         wrong = labelled & (batch.correct == 0)
-        self._tallies["accuracy"].add(
-            w, cnt(can & wrong), cnt(can & labelled), cnt(cham & wrong), cnt(cham & labelled)
+        accuracy = self._tallies["accuracy"]
+        accuracy.add(
+            w,
+            cnt(can & wrong),
+            cnt(can & labelled),
+            cnt(cham & wrong),
+            cnt(cham & labelled),
+            accuracy.cells(w, can, labelled, wrong, keys, keyed),
+            unkeyed(wrong, labelled),
         )
 
         k = cfg.n_classes
@@ -830,7 +978,12 @@ class SequentialJudge(StreamJudgeBase):
         self._class_counts[1] += per_b
         n_c, n_b = int(per_c.sum()), int(per_b.sum())
         for i, tally in enumerate(self._classes):
-            tally.add(w, int(per_c[i]), n_c, int(per_b[i]), n_b)
+            if keys is None:
+                same = [sq.CellCounts(w, int(per_c[i]), int(per_b[i]))]
+                cells = (same, same)
+            else:
+                cells = tally.cells(w, can, has, has & (cls == i), keys, keyed)
+            tally.add(w, int(per_c[i]), n_c, int(per_b[i]), n_b, cells)
 
     def _absorb_summary(
         self, baseline: VersionStats | None, canary: VersionStats, step_weight: int
@@ -849,8 +1002,10 @@ class SequentialJudge(StreamJudgeBase):
             raise ValueError("statistics went backwards: a judge needs cumulative VersionStats")
         self._last_summary = now
         w = step_weight / 100.0
-        self._tallies["errors"].add(w, dc[1], dc[0], db[1], db[0])
-        self._tallies["accuracy"].add(w, dc[2] - dc[3], dc[2], db[2] - db[3], db[2])
+        errors = [sq.CellCounts(w, dc[1], db[1])]
+        self._tallies["errors"].add(w, dc[1], dc[0], db[1], db[0], (errors, errors))
+        wrong = [sq.CellCounts(w, dc[2] - dc[3], db[2] - db[3])]
+        self._tallies["accuracy"].add(w, dc[2] - dc[3], dc[2], db[2] - db[3], db[2], (wrong, wrong))
 
     # -------------------------------------------------------------------------- judging
 
@@ -885,8 +1040,10 @@ class SequentialJudge(StreamJudgeBase):
         if policy.abs_tolerance is not None:
             abs_e = self._track(
                 f"{name}.abs",
+                # Unkeyed answers only: a few sticky clients that rarely err must not vouch
+                # for a canary that fails the others.
                 sq.bernoulli_log_e(
-                    tally.canary_events, tally.canary_trials, policy.abs_tolerance, self._below
+                    tally.free_events, tally.free_trials, policy.abs_tolerance, self._below
                 ),
             )
             ev[f"{name}_abs_tolerance"] = policy.abs_tolerance
@@ -1058,4 +1215,11 @@ class SequentialJudge(StreamJudgeBase):
             lines.append("clearly good enough: ready for 100 %")
         else:
             lines += [f"not yet clearly good enough: {a.summary}" for a in waiting]
+            if self._canary_keyed:
+                lines.append(
+                    f"{self._canary_keyed} of {self._canary_rows} canary answers carried a "
+                    "routing key (sticky): only each key's first answer can show the canary "
+                    "good enough, so few keys give little evidence"
+                )
+        ev["canary_keyed_share"] = self._canary_keyed / max(1, self._canary_rows)
         return Verdict("continue", (*lines, *notes), ev)

@@ -41,6 +41,7 @@ TAG_CODE = "ballast.code"
 TAG_CANARY_WEIGHT = "ballast.canary_weight"
 TAG_SHADOW_FRACTION = "ballast.shadow_fraction"
 TAG_LEASE = "ballast.lease_expires_at"
+TAG_KEY_SALT = "ballast.key_salt"  # Deployment.key_salt, on the candidate
 NO_LEASE = "none"
 
 # One alias vocabulary, defined with the decisions that move them.

@@ -61,6 +61,11 @@ class Deployment(BaseModel):
     # it runs, so a controller that dies mid-canary (flow process killed, machine lost, network
     # cut) cannot leave a half-released version taking traffic. None: no lease (manual changes).
     lease_expires_at: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # Salts the hash that sends a routing key (``X-Ballast-Key``) to the canary or the
+    # champion. The release controller draws one per canary, so each canary gets its own random
+    # set of keys (a heavy or unusual client is not on the canary side of every release, nor
+    # of every rerun of one); None salts with the canary's version.
+    key_salt: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,64}$")
 
     @model_validator(mode="after")
     def _consistent(self) -> Deployment:

@@ -24,6 +24,15 @@ the champion would have served):
   champion's answers; ``--label-share`` of answers come back labelled (the replay generator
   sends held-out rows with their labels).
 
+Sticky traffic (``--keys N``): requests carry one of ``N`` routing keys, drawn with Zipf
+popularity (``--key-skew``), and the gateway's keyed routing sends a key to the canary iff its
+bucket (uniform per canary: the hash is salted with the canary's version) is below the weight.
+Keys differ (``--key-spread S``, 0: alike): each key's error rate is its arm's times a
+log-normal factor of mean 1 and log-sd ``S``, its latencies are multiplied by a log-normal
+factor of log-sd ``S/4``, and its share of positive answers has logit-sd ``S`` around
+``positive_share``. ``--hide-keys`` hands the judge the batches without their keys (how the
+judges read sticky traffic before they knew of keys).
+
 Scenarios and what ``--effect`` means in each (default in brackets): ``aa`` (the canary is the
 champion), ``errors`` (canary error rate [0.05]), ``latency`` (relative p99 increase [0.5]),
 ``drift`` (share of flipped answers [0.05]), ``slow-drift`` (flip share growing per minute
@@ -62,6 +71,7 @@ from ballast.judge import (
     StreamJudge,
     ThresholdJudge,
     VersionStats,
+    clustered_effective_n,
 )
 from ballast.peer_judges import FlaggerJudge, KayentaJudge
 from ballast.sequential import LogHistogram
@@ -83,6 +93,7 @@ __all__ = [
 SCENARIOS = ("aa", "errors", "latency", "drift", "slow-drift")
 JUDGES = ("sequential", "threshold", "flagger", "kayenta")
 MAX_RATE = 1e5  # requests per second
+MAX_KEYS = 1_000_000
 DEFAULT_EFFECTS = {"aa": 0.0, "errors": 0.05, "latency": 0.5, "drift": 0.05, "slow-drift": 0.01}
 
 _Z99 = 2.3263478740408408  # standard normal 99th percentile
@@ -112,6 +123,10 @@ class SimConfig:
     latency_median_ms: float = 20.0
     latency_p99_ms: float = 60.0
     positive_share: float = 0.37
+    keys: int = 0  # 0: requests carry no routing key (random routing)
+    key_skew: float = 1.1
+    key_spread: float = 1.0
+    hide_keys: bool = False
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -134,6 +149,8 @@ class SimConfig:
             raise ValueError("need 0 < latency_median_ms < latency_p99_ms")
         if self.effect is not None and self.effect < 0:
             raise ValueError("effect must be >= 0")
+        if not (0 <= self.keys <= MAX_KEYS and self.key_skew >= 0 and self.key_spread >= 0):
+            raise ValueError(f"need keys in [0, {MAX_KEYS}], key_skew >= 0 and key_spread >= 0")
 
     @property
     def effect_size(self) -> float:
@@ -204,18 +221,45 @@ class _Scenario:
 class _Counters:
     """Running per-arm totals, to hand judges cumulative :class:`VersionStats` cheaply."""
 
-    def __init__(self, version: str) -> None:
+    def __init__(self, version: str, keys: int = 0) -> None:
         self.version = version
         self.n = self.errors = self.labelled = self.correct = 0
         self.hist = LogHistogram()
+        # Requests and errors per routing key (sticky traffic), for VersionStats.n_effective.
+        self.key_n = np.zeros(keys)
+        self.key_e = np.zeros(keys)
 
-    def add(self, ok: np.ndarray, latency_s: np.ndarray, correct: np.ndarray) -> None:
+    def add(
+        self,
+        ok: np.ndarray,
+        latency_s: np.ndarray,
+        correct: np.ndarray,
+        ids: np.ndarray | None = None,
+    ) -> None:
         self.n += int(ok.size)
         self.errors += int(ok.size - np.count_nonzero(ok))
         self.hist.add(latency_s[ok])
         lab = correct[correct >= 0]
         self.labelled += int(lab.size)
         self.correct += int(np.count_nonzero(lab == 1))
+        if ids is not None:
+            size = len(self.key_n)
+            self.key_n += np.bincount(ids, minlength=size)
+            self.key_e += np.bincount(ids, weights=(~ok).astype(np.float64), minlength=size)
+
+    def n_effective(self) -> float | None:
+        if not len(self.key_n):
+            return None
+        seen = self.key_n > 0
+        kn, ke = self.key_n[seen], self.key_e[seen]
+        return clustered_effective_n(
+            self.n,
+            self.errors,
+            sum_n2=float(np.sum(kn * kn)),
+            sum_en=float(np.sum(kn * ke)),
+            sum_e2=float(np.sum(ke * ke)),
+            clusters=int(np.count_nonzero(seen)),
+        )
 
     def stats(self) -> VersionStats:
         def pct(q: float) -> float | None:
@@ -235,6 +279,7 @@ class _Counters:
             n_labelled=self.labelled,
             n_correct=self.correct,
             accuracy=self.correct / self.labelled if self.labelled else None,
+            n_effective=self.n_effective(),
         )
 
 
@@ -249,19 +294,59 @@ def make_judge(cfg: SimConfig) -> tuple[Judge, float | None]:
     return KayentaJudge(), cfg.peer_interval
 
 
+class _Keys:
+    """One canary's routing keys: popularity, buckets (salted per canary) and how each differs."""
+
+    def __init__(self, cfg: SimConfig, rng: np.random.Generator) -> None:
+        n, spread = cfg.keys, cfg.key_spread
+        popularity = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** cfg.key_skew
+        self.cum = np.cumsum(popularity / popularity.sum())
+        self.names = np.array([f"k{i}" for i in range(n)], dtype=object)
+        self.bucket = rng.random(n)
+        self.error_factor = np.exp(spread * rng.standard_normal(n) - spread**2 / 2)
+        self.log_latency = spread / 4 * rng.standard_normal(n)
+        p = cfg.positive_share
+        if 0 < p < 1:
+            logit = math.log(p / (1 - p)) + spread * rng.standard_normal(n)
+            self.positive = 1.0 / (1.0 + np.exp(-logit))
+        else:
+            self.positive = np.full(n, p)
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.minimum(np.searchsorted(self.cum, rng.random(n)), len(self.cum) - 1)
+
+
 def _tick(
-    rng: np.random.Generator, cfg: SimConfig, scen: _Scenario, weight: int, t: float, dt: float
-) -> tuple[ObservationBatch, int]:
-    """``dt`` seconds of traffic at ``weight``: the batch the judge sees, and the excess errors."""
+    rng: np.random.Generator,
+    cfg: SimConfig,
+    scen: _Scenario,
+    weight: int,
+    t: float,
+    dt: float,
+    keys: _Keys | None = None,
+) -> tuple[ObservationBatch, int, np.ndarray | None]:
+    """``dt`` seconds of traffic at ``weight``: the batch the judge sees, the excess errors,
+    and each request's key index (None: unkeyed traffic)."""
     n = int(rng.poisson(cfg.rate * dt))
-    can = route_to_canary(rng.random(n), weight)
+    ids = None
+    if keys is None:
+        can = route_to_canary(rng.random(n), weight)
+        error_factor: np.ndarray | float = 1.0
+        log_latency: np.ndarray | float = 0.0
+        positive: np.ndarray | float = cfg.positive_share
+    else:
+        ids = keys.draw(rng, n)
+        can = route_to_canary(keys.bucket[ids], weight)
+        error_factor, log_latency = keys.error_factor[ids], keys.log_latency[ids]
+        positive = keys.positive[ids]
     e = rng.random(n)
-    fail_b = e < cfg.champion_error_rate
-    fail_c = e < scen.error_c
+    fail_b = e < cfg.champion_error_rate * error_factor
+    fail_c = e < scen.error_c * error_factor
     ok = ~np.where(can, fail_c, fail_b)
     z = rng.standard_normal(n)
-    latency = cfg.latency_median_ms / 1000.0 * np.exp(z * np.where(can, scen.sigma_c, scen.sigma_b))
-    y = rng.random(n) < cfg.positive_share
+    sigma = np.where(can, scen.sigma_c, scen.sigma_b)
+    latency = cfg.latency_median_ms / 1000.0 * np.exp(z * sigma + log_latency)
+    y = rng.random(n) < positive
     champion_right = rng.random(n) < cfg.champion_accuracy
     answer = np.where(champion_right, y, ~y)
     flip = rng.random(n) < scen.flip_rate(t)
@@ -270,7 +355,8 @@ def _tick(
     correct = np.where(labelled, (answer == y).astype(np.int8), np.int8(-1)).astype(np.int8)
     prediction = np.where(ok, answer.astype(np.int64), -1)
     excess = int(np.count_nonzero(can & fail_c & ~fail_b))
-    return ObservationBatch(can, ok, latency, correct, prediction), excess
+    key = None if keys is None or cfg.hide_keys else keys.names[ids]
+    return ObservationBatch(can, ok, latency, correct, prediction, key), excess, ids
 
 
 def simulate_run(cfg: SimConfig, rng: np.random.Generator) -> RunResult:
@@ -281,11 +367,14 @@ def simulate_run(cfg: SimConfig, rng: np.random.Generator) -> RunResult:
     run ends inconclusive at ``max_seconds`` rather than deciding after it.
     """
     scen = _Scenario(cfg)
+    keys = _Keys(cfg, rng) if cfg.keys else None
     judge, cadence = make_judge(cfg)
     stream = judge if isinstance(judge, StreamJudge) else None
     if stream is not None:
         stream.start("1", "2")
-    champion, canary = _Counters("1"), _Counters("2")
+    # With --hide-keys the judges see no keys at all: no per-key counts either.
+    clustered = cfg.keys if keys is not None and not cfg.hide_keys else 0
+    champion, canary = _Counters("1", clustered), _Counters("2", clustered)
     weights = cfg.steps
     # One batch of traffic per look: the judge cannot tell finer ticks apart, since the weight
     # only changes at a look too.
@@ -297,12 +386,15 @@ def simulate_run(cfg: SimConfig, rng: np.random.Generator) -> RunResult:
         weight = weights[step]
         # The last tick stops at max_seconds: no traffic, and no look, after the canary's time.
         tick = min(dt, cfg.max_seconds - t)
-        batch, extra = _tick(rng, cfg, scen, weight, t, tick)
+        batch, extra, ids = _tick(rng, cfg, scen, weight, t, tick, keys)
         excess += extra
         canary_requests += int(np.count_nonzero(batch.canary))
         c, b = batch.canary, ~batch.canary
-        canary.add(batch.ok[c], batch.latency_s[c], batch.correct[c])
-        champion.add(batch.ok[b], batch.latency_s[b], batch.correct[b])
+        c_ids = b_ids = None
+        if clustered and ids is not None:
+            c_ids, b_ids = ids[c], ids[b]
+        canary.add(batch.ok[c], batch.latency_s[c], batch.correct[c], c_ids)
+        champion.add(batch.ok[b], batch.latency_s[b], batch.correct[b], b_ids)
         if stream is not None:
             stream.observe_batch(batch, weight)
         t = min(t + tick, cfg.max_seconds)
@@ -457,6 +549,20 @@ def _parser() -> argparse.ArgumentParser:
         help="the bundled model scores 0.986 on its held-out rows",
     )
     p.add_argument("--label-share", type=float, default=d.label_share)
+    p.add_argument(
+        "--keys",
+        type=int,
+        default=d.keys,
+        help="routing keys the requests carry (sticky routing; default 0: none)",
+    )
+    p.add_argument("--key-skew", type=float, default=d.key_skew, help="Zipf exponent of keys")
+    p.add_argument(
+        "--key-spread",
+        type=float,
+        default=d.key_spread,
+        help="how much keys differ in errors, latency and classes (0: alike)",
+    )
+    p.add_argument("--hide-keys", action="store_true", help="judge the batches without their keys")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line")
     return p
 
@@ -521,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
                 effect=args.effect,
                 champion_accuracy=args.champion_accuracy,
                 label_share=args.label_share,
+                keys=args.keys,
+                key_skew=args.key_skew,
+                key_spread=args.key_spread,
+                hide_keys=args.hide_keys,
             )
             for scenario in args.scenario
             for judge in args.judge

@@ -296,7 +296,7 @@ class Gateway:
         # (seq, version, role, ok, latency_s, canary weight it was routed under) of recent
         # answers, oldest first, seq contiguous. The weight lets a canary step count only the
         # answers served at its own weight (a replica read late must not hand them on).
-        self._observed: deque[tuple[int, str, str, bool, float, int]] = deque(
+        self._observed: deque[tuple[int, str, str, bool, float, int, str | None]] = deque(
             maxlen=self.config.observation_log_size
         )
         self._observed_seq = 0
@@ -948,22 +948,32 @@ class Gateway:
         rid: str,
         reason: str,
         detail: str | None,
+        *,
+        key_id: str | None = None,
+        pinned: bool = False,
     ) -> None:
         """The bookkeeping of one routed request, whatever its route (``/v1`` or ``/v2``): the
-        version's counters, ``/admin/observations``, the metrics, and a failure log line."""
+        version's counters, ``/admin/observations``, the metrics, and a failure log line.
+
+        ``key_id`` is the routing key's pseudonym (sticky routing); ``pinned`` a request that
+        named its version (``/v2/models/M/versions/V/infer``).
+        """
         version = slot.loaded
         version.inflight -= 1
         self.answered += 1
         elapsed = time.perf_counter() - started
         version.record(status, elapsed)
-        if status != 499:  # a cancelled request says nothing about the version
+        # A cancelled request says nothing about the version; a pinned one was not routed by
+        # the split, so the canary's judge (which reads the arm of each answer as drawn at the
+        # weight) must not see it.
+        if status != 499 and not pinned:
             self._observed_seq += 1
             # 4xx are the client's mistakes (bad bodies), not the version's failures, except a
             # width this version refuses and another serving version takes (version_mismatch):
             # a candidate built for another input must not read as fast successes.
             ok = status < 500 and reason != "version_mismatch"
             self._observed.append(
-                (self._observed_seq, version.version, slot.role, ok, elapsed, live.weight)
+                (self._observed_seq, version.version, slot.role, ok, elapsed, live.weight, key_id)
             )
         self.metrics.observe(live.model, version.version, slot.role, status, elapsed, route)
         if status != 200:
@@ -996,7 +1006,7 @@ class Gateway:
             if name == self.replica_id:
                 after = int(seq)
         obs = self._observed
-        items: list[tuple[int, str, str, bool, float, int]] = []
+        items: list[tuple[int, str, str, bool, float, int, str | None]] = []
         dropped = 0
         if after is not None and obs:
             oldest = obs[0][0]
@@ -1012,7 +1022,9 @@ class Gateway:
                 "model": None if self.live is None else self.live.model,
                 "next": min(nxt, self._observed_seq),
                 "dropped": dropped,
-                "observations": [[q, v, r, ok, round(t, 6), w] for q, v, r, ok, t, w in items],
+                "observations": [
+                    [q, v, r, ok, round(t, 6), w, k] for q, v, r, ok, t, w, k in items
+                ],
             }
         )
 
@@ -1169,7 +1181,8 @@ class Gateway:
             return
         except ClientGoneError:
             return
-        slot = live.route(None if key is None else key.decode("latin-1"), self._rng)
+        key_id = None if key is None else live.key_id(key.decode("latin-1"))
+        slot = live.route(key_id, self._rng)
         assert slot is not None  # live.slots is not empty
         version = slot.loaded
         version.inflight += 1
@@ -1184,7 +1197,9 @@ class Gateway:
             ]
             await _send(send, status, body_out, media, headers)
         finally:
-            self.finish_request(live, slot, "predict", status, started, rid, reason, detail)
+            self.finish_request(
+                live, slot, "predict", status, started, rid, reason, detail, key_id=key_id
+            )
 
     async def _answer(
         self, live: Live, slot: Slot, x: np.ndarray, accept: bytes | None

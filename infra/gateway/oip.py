@@ -464,7 +464,8 @@ async def _infer(
         # unloaded.
         live, slots = _serving(gw, model, version)
         # Pinned: that version. Else the predict route's router: canary weight, sticky key.
-        slot = slots[0] if version is not None else live.route(key, gw._rng)
+        key_id = None if key is None or version is not None else live.key_id(key)
+        slot = slots[0] if version is not None else live.route(key_id, gw._rng)
         assert slot is not None  # live.slots is not empty
         try:
             request = parse_infer_request(
@@ -518,4 +519,15 @@ async def _infer(
             extra.append((_BINARY_HEADER, str(json_length).encode()))
             await _send(send, status, out, _OCTETS, extra)
     finally:
-        gw.finish_request(live, slot, "oip_infer", status, started, rid, reason, detail)
+        gw.finish_request(
+            live,
+            slot,
+            "oip_infer",
+            status,
+            started,
+            rid,
+            reason,
+            detail,
+            key_id=key_id,
+            pinned=version is not None,
+        )

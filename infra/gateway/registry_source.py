@@ -14,6 +14,8 @@ tag ``ballast.fault_injection``  per version, as everywhere in Ballast (demos an
 tag ``ballast.lease_expires_at``  the trial's lease (``Deployment.lease_expires_at``, Unix
                               seconds; ``none`` or absent: no lease), read from the canary when
                               one is served, else from the shadow
+tag ``ballast.key_salt``      on the candidate: the canary's routing-key salt
+                              (``Deployment.key_salt``; empty or absent: none)
 ============================  =================================================================
 
 Every version is downloaded and its signed manifest verified against the trusted key
@@ -47,6 +49,7 @@ from ballast.release import (
     NO_LEASE,
     TAG_CANARY_WEIGHT,
     TAG_FAULT,
+    TAG_KEY_SALT,
     TAG_LEASE,
     TAG_SHADOW_FRACTION,
     VerifiedArtifact,
@@ -70,7 +73,12 @@ __all__ = [
 
 _NO_LEASE = NO_LEASE
 # What each tag the gateway writes reads as when a version does not have it.
-_NEUTRAL = {TAG_CANARY_WEIGHT: "0", TAG_SHADOW_FRACTION: "0", TAG_LEASE: _NO_LEASE}
+_NEUTRAL = {
+    TAG_CANARY_WEIGHT: "0",
+    TAG_SHADOW_FRACTION: "0",
+    TAG_LEASE: _NO_LEASE,
+    TAG_KEY_SALT: "",
+}
 
 
 class RegistryFacade(Protocol):
@@ -173,6 +181,7 @@ class RegistryDesiredState:
                 shadow=None if shadow is None else self._spec(shadow),
                 shadow_fraction=fraction,
                 lease_expires_at=_lease(holder),
+                key_salt=(canary.tags.get(TAG_KEY_SALT) or None) if canary is not None else None,
             )
         except DesiredStateError:
             raise
@@ -275,7 +284,10 @@ class RegistryDesiredState:
             if candidate is not None:
                 weight = deployment.canary_weight if deployment.canary is not None else 0
                 share = {TAG_CANARY_WEIGHT: str(weight)}
-                writes += [(candidate, t) for t in _ordered(share, lease, ending=not weight)]
+                # The salt rides with the lease, which goes first when a canary starts: no
+                # replica reads the new weight with another canary's salt.
+                salted = lease | {TAG_KEY_SALT: deployment.key_salt or ""}
+                writes += [(candidate, t) for t in _ordered(share, salted, ending=not weight)]
             if shadow is not None:
                 fraction = deployment.shadow_fraction if deployment.shadow is not None else 0.0
                 share = {TAG_SHADOW_FRACTION: repr(fraction)}

@@ -141,8 +141,22 @@ class Live:
         """Every loaded slot, the shadow included."""
         return tuple(s for s in (self.champion, self.canary, self.shadow) if s is not None)
 
-    def route(self, key: str | None, rng: random.Random) -> Slot | None:
-        """Pick the slot for one request: sticky by ``key`` when given, else weighted random."""
+    @cached_property
+    def _salt(self) -> bytes:
+        dep = self.deployment
+        salt = dep.key_salt or ("" if dep.canary is None else dep.canary.version)
+        return salt.encode() + b"\0"
+
+    def key_id(self, key: str) -> str:
+        """A routing key's pseudonym under this deployment's salt: 16 hex digits, the same in
+        every replica. It decides the key's version (:meth:`route`) and is what
+        ``/admin/observations`` reports instead of the key, so that the canary's judge can
+        tell sticky traffic apart (:class:`ballast.sequential.KeyedArms`)."""
+        return hashlib.blake2b(self._salt + key.encode("latin-1"), digest_size=8).hexdigest()
+
+    def route(self, key_id: str | None, rng: random.Random) -> Slot | None:
+        """Pick the slot for one request: sticky by ``key_id`` (:meth:`key_id`) when given, else
+        weighted random."""
         champion, canary = self.champion, self.canary
         if canary is None or champion is None:
             return champion or canary
@@ -151,11 +165,10 @@ class Live:
             return champion
         if weight >= 100:
             return canary
-        if key is not None:
+        if key_id is not None:
             # Buckets below the weight go to the canary, so raising the weight only moves keys
             # from champion to canary, never back: a client does not flap between versions.
-            digest = hashlib.blake2b(key.encode("latin-1"), digest_size=8).digest()
-            bucket = int.from_bytes(digest, "big") % _BUCKETS
+            bucket = int(key_id, 16) % _BUCKETS
             return canary if bucket < weight * (_BUCKETS // 100) else champion
         return canary if rng.random() * 100.0 < weight else champion
 

@@ -137,6 +137,13 @@ def test_healthy_candidate_walks_every_step_and_becomes_champion() -> None:
     assert [s.weight for s in result.steps] == list(STEPS)
     assert [s.verdict.decision for s in result.steps] == ["continue"] * 3 + ["promote"]
     assert [d.canary_weight for d in admin.history[:4]] == list(STEPS)
+    # One salt for every step of this canary (a key keeps its side as the weight grows), a
+    # fresh one for the next canary (see Deployment.key_salt).
+    salts = {d.key_salt for d in admin.history[:4]}
+    assert len(salts) == 1 and None not in salts
+    again = FakeAdmin(CHAMPION_ONLY)
+    canary(again, SyntheticLoad())
+    assert again.history[0].key_salt not in salts
     assert admin.current == Deployment(model=MODEL, champion=CANDIDATE), admin.current
     assert result.final_deployment == admin.current
     assert seen == list(result.steps), "on_step sees every step, in order"
@@ -840,6 +847,23 @@ def test_live_traffic_counts_only_answers_served_at_the_steps_weight(
     # The first look only finds where the replica is; the second reads after it.
     got = load(25)
     assert [(o.version, o.ok) for o in got] == [("2", True), ("1", True)]
+
+
+def test_live_traffic_hands_the_judge_each_answers_key_pseudonym(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ballast.canary import live_traffic
+
+    page = {"replica": "r1", "started": 1.0, "next": 10, "observations": []}
+    rows = [
+        [11, "2", "canary", True, 0.01, 25, "00ff00ff00ff00ff"],
+        [12, "1", "champion", True, 0.01, 25, None],
+        [13, "1", "champion", False, 0.01, 25],  # a gateway from before pseudonyms
+    ]
+    _scripted_gateway(monkeypatch, [page, {**page, "next": 13, "observations": rows}])
+    load = live_traffic("http://gw", "t", candidate_version="2", min_samples=1, max_seconds=5)
+    got = load(25)
+    assert [o.key for o in got] == ["00ff00ff00ff00ff", None, None]
 
 
 def test_live_traffic_rides_out_a_few_failed_reads_but_not_a_gateway_gone(

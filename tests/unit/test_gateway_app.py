@@ -610,6 +610,45 @@ def test_sticky_keys_stay_on_one_version_and_only_move_to_the_canary(
     assert all(at60[k] == "2" for k, v in at30.items() if v == "2")  # never moved back
 
 
+def test_each_key_salt_sends_its_own_random_keys_to_the_canary_and_reports_pseudonyms(
+    gw: TestClient, artefacts: dict[str, Path]
+) -> None:
+    # Unsalted, the same keys went to the canary in every release: a heavy or unusual client
+    # on that side was on it every time. Each canary now draws its own salt.
+    keys = [f"user-{i}" for i in range(200)]
+
+    def on_canary(salt: str | None) -> set[str]:
+        deploy(gw, with_canary(artefacts, 50).model_copy(update={"key_salt": salt}))
+        start = gw.get("/admin/observations", headers=AUTH).json()
+        out = {k for k in keys if versions_seen(gw, 1, headers={"X-Ballast-Key": k})["2"]}
+        page = gw.get(
+            "/admin/observations",
+            params={"cursors": f"{start['replica']}={start['next']}"},
+            headers=AUTH,
+        ).json()
+        pseudonyms = [o[6] for o in page["observations"]]
+        # One pseudonym per key, 16 hex digits, never the key itself.
+        assert len(set(pseudonyms)) == len(keys)
+        assert all(len(p) == 16 and int(p, 16) >= 0 for p in pseudonyms)
+        assert not set(pseudonyms) & set(keys)
+        return out
+
+    a, again, b = on_canary("a1"), on_canary("a1"), on_canary("b2")
+    assert a == again, "the same salt routes every key the same way"
+    # Independent halves overlap in about a quarter of the keys; the same set would be all.
+    assert 0.15 < len(a & b) / len(keys) < 0.35, (len(a), len(b), len(a & b))
+    start = gw.get("/admin/observations", headers=AUTH).json()
+    versions_seen(gw, 1)
+    page = gw.get(
+        "/admin/observations",
+        params={"cursors": f"{start['replica']}={start['next']}"},
+        headers=AUTH,
+    ).json()
+    assert [o[6] for o in page["observations"]] == [None], "an unkeyed request has none"
+    with pytest.raises(ValueError, match="key_salt"):
+        Deployment.model_validate({**with_canary(artefacts, 50).model_dump(), "key_salt": "x!"})
+
+
 # -- bad requests -------------------------------------------------------------------------------
 
 # orjson refuses NaN as JSON (400); the stdlib fallback parses it and the finiteness check
@@ -2121,6 +2160,23 @@ def test_registry_source_keeps_a_deployments_lease(
         source.read()
 
 
+def test_registry_source_keeps_a_canarys_key_salt(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # Every replica must route a key the same way: the salt travels with the desired state.
+    reg, key, settled, trial = registry_with_candidate(artefacts, tmp_path)
+    source = RegistryDesiredState(reg, MODEL, key)
+    salted = trial.model_copy(update={"key_salt": "c0ffee", "lease_expires_at": time.time() + 30})
+    source.publish(salted, actor="t")
+    assert source.read() == salted
+    assert reg.versions["2"].tags["ballast.key_salt"] == "c0ffee"
+    source.publish(settled, actor="t")
+    assert source.read() == settled
+    reg.set_tags(MODEL, "2", {TAG_CANARY_WEIGHT: "30", "ballast.key_salt": "not hex"})
+    with pytest.raises(DesiredStateError, match="key_salt"):
+        source.read()
+
+
 @pytest.mark.parametrize("undo_fails", [False, True], ids=["put-back", "put-back-fails"])
 def test_a_publish_that_fails_half_way_puts_back_what_it_wrote(
     artefacts: dict[str, Path], tmp_path: Path, undo_fails: bool
@@ -2160,7 +2216,8 @@ def test_a_publish_that_fails_half_way_puts_back_what_it_wrote(
     assert info.value.status == 503
     assert "cannot record the desired state" in info.value.message
     assert {v: dict(reg.versions[v].tags) for v in ("2", "3")} == {
-        "2": {**tags_before["2"], LEASE_TAG: "none"},  # had no lease tag: reads as none
+        # Had no lease or salt tag: put back as their neutral values (no lease, no salt).
+        "2": {**tags_before["2"], LEASE_TAG: "none", "ballast.key_salt": ""},
         "3": tags_before["3"],
     }
     assert source.read() == before

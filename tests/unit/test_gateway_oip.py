@@ -260,6 +260,25 @@ def test_sticky_key_keeps_one_version_across_oip_requests(
     assert unkeyed == {"1", "2"}, "without a key the 50 % split reaches both versions"
 
 
+def test_the_canary_judge_sees_routed_oip_answers_with_their_key_but_never_pinned_ones(
+    client: TestClient, artefacts: dict[str, Path]
+) -> None:
+    # A request that names its version was not drawn at the weight: counting it would tell the
+    # judge that the canary's arm took more (or fewer) answers than the split sent it.
+    deploy(client, artefacts, 50)
+    start = client.get("/admin/observations", headers=AUTH).json()
+    pinned = client.post(f"/v2/models/{MODEL}/versions/2/infer", content=body([[0.1] * F]))
+    keyed = client.post(INFER, content=body([[0.1] * F]), headers={"X-Ballast-Key": "user-3"})
+    assert pinned.status_code == keyed.status_code == 200
+    page = client.get(
+        "/admin/observations",
+        params={"cursors": f"{start['replica']}={start['next']}"},
+        headers=AUTH,
+    ).json()
+    (only,) = page["observations"]
+    assert only[1] == keyed.json()["model_version"] and len(only[6]) == 16
+
+
 def test_binary_infer_round_trips_and_pinned_version_bypasses_the_split(
     client: TestClient, artefacts: dict[str, Path]
 ) -> None:

@@ -752,6 +752,36 @@ def test_wilson_lower_bound_matches_its_definition() -> None:
         assert cover > 0.85, (p, n, cover)
 
 
+def test_sticky_clusters_are_worth_fewer_requests_for_the_error_rate() -> None:
+    from ballast.judge import clustered_effective_n
+
+    def obs(key: str | None, ok: bool) -> Observation:
+        return Observation("2", ok, 0.01, key=key)
+
+    # 400 requests with 8 errors, unkeyed: the binomial sample, no effective size.
+    free = [obs(None, i % 50 != 0) for i in range(400)]
+    assert VersionStats.from_observations("2", free).n_effective is None
+    # Over 40 keys, the 8 errors from 8 keys (one each): little clumping.
+    even = [obs(f"k{i % 40}", not (i % 40 == i // 40 and i < 320)) for i in range(400)]
+    n_even = VersionStats.from_observations("2", even).n_effective
+    assert n_even is not None and n_even > 300
+    # All 8 errors from one key of 40: the rate rests on one client.
+    clumped = [obs(f"k{i % 40}", not (i % 40 == 0 and i < 320)) for i in range(400)]
+    stats_c = VersionStats.from_observations("2", clumped)
+    assert stats_c.errors == 8 and stats_c.n_effective is not None and stats_c.n_effective < 60
+    # Known cases of the formula: singletons are worth about themselves, never more than n.
+    assert clustered_effective_n(100, 10, sum_n2=100, sum_en=10, sum_e2=10, clusters=100) == (
+        pytest.approx(99.0)
+    )
+    assert clustered_effective_n(100, 0, sum_n2=1e4, sum_en=0, sum_e2=0, clusters=1) == 100
+    # The threshold judge's interval widens with it: 8/400 clumped is no longer above 1 %.
+    judge = ThresholdJudge(min_samples=20, max_error_rate=0.01, error_margin=0.0)
+    base = VersionStats.from_observations("1", [Observation("1", True, 0.01)] * 400)
+    unclumped = replace(stats_c, n_effective=None)
+    assert judge.judge(base, unclumped, 25).decision == "rollback"
+    assert judge.judge(base, stats_c, 25).decision != "rollback"
+
+
 def test_threshold_judge_false_rollbacks_are_controlled_in_simulation() -> None:
     from ballast.simulate import SimConfig, simulate
 

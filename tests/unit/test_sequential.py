@@ -274,3 +274,134 @@ def test_a_batch_with_an_impossible_latency_is_refused_not_counted_as_fast(bad: 
             np.full(4, -1, dtype=np.int8),
             np.full(4, -1, dtype=np.int64),
         )
+
+
+# ---------------------------------------------------------------- sticky keys
+
+
+def _keyed(
+    arms: sq.KeyedArms,
+    weight: float,
+    rows: list[tuple[str, bool, bool]],
+    tiers: list[float] | None = None,
+    *,
+    first_bad: bool = False,
+) -> list[tuple[float, float, int, int]]:
+    """``rows`` of (key, on the canary, bad): the cells, as plain tuples. ``first_bad``: only
+    bad answers are trials (the rollback test's use)."""
+    keys = np.array([k for k, _, _ in rows], dtype=object)
+    canary = np.array([c for _, c, _ in rows], dtype=bool)
+    bad = np.array([b for _, _, b in rows], dtype=bool)
+    tier = None if tiers is None else np.array(tiers)
+    trials = bad if first_bad else np.ones(len(rows), dtype=bool)
+    cells = arms.events(weight, canary, keys, trials, bad, tier)
+    return sorted((c.weight, c.tier, int(c.canary), int(c.champion)) for c in cells)
+
+
+def test_a_keys_first_answer_is_the_draw_and_its_later_ones_are_not() -> None:
+    arms = sq.KeyedArms()
+    rows = [("a", False, False), ("a", False, True), ("b", True, True), ("", True, True)]
+    # a: its first answer was good (a draw that found nothing), so its failure after it is no
+    # evidence; b failed first time: one canary event; the unkeyed row is the caller's.
+    assert _keyed(arms, 0.05, rows) == [(0.05, 1.0, 1, 0)]
+    assert _keyed(arms, 0.05, [("a", False, True), ("b", True, True)]) == []
+    # Counting first bad answers (the rollback test), a's failure is its draw.
+    assert _keyed(sq.KeyedArms(), 0.05, rows, first_bad=True) == [(0.05, 1.0, 1, 1)]
+
+
+def test_a_weight_rise_draws_again_only_for_keys_that_could_move() -> None:
+    arms = sq.KeyedArms()
+    _keyed(arms, 0.05, [("champ", False, True), ("can", True, True)])
+    got = _keyed(arms, 0.25, [("champ", True, True), ("can", True, True), ("new", False, True)])
+    # champ was known at or above 5 %: at 25 % it is on the canary with probability 20/95.
+    assert got == [(pytest.approx(0.20 / 0.95), 1.0, 1, 0), (0.25, 1.0, 0, 1)]
+    # Now champ is known in [5 %, 25 %): on the canary at any higher weight, so no evidence.
+    assert _keyed(arms, 0.5, [("champ", True, True), ("can", True, True)]) == []
+
+
+def test_keyed_events_keep_their_tier() -> None:
+    arms = sq.KeyedArms()
+    got = _keyed(arms, 0.25, [("a", True, True), ("b", False, True)], tiers=[2.0, 1.0])
+    assert got == [(0.25, 1.0, 0, 1), (0.25, 2.0, 1, 0)]
+
+
+def _sticky_runs(
+    ratio: float, first_bad: bool, runs: int = 300, seed: int = 7
+) -> list[tuple[float, float, int]]:
+    """Per simulated canary of 50 sticky keys whose error rates differ widely, where the canary
+    multiplies every key's rate by ``ratio``: the canary excess of the counted events over their
+    share under that ratio (``w rho / (w rho + 1 - w)``), its binomial variance, and the
+    canary events."""
+    rng = np.random.default_rng(seed)
+    n_keys, weights = 50, (0.05, 0.25, 0.5)
+    out = []
+    for _ in range(runs):
+        bucket = rng.random(n_keys)
+        # A few keys err a lot, most rarely; at most 15 %, so that five times it is a rate.
+        rate = np.minimum(rng.gamma(0.3, 1.0, n_keys) / 3, 0.15)
+        arms = sq.KeyedArms()
+        excess = variance = 0.0
+        canary_events = 0
+        for w in weights:
+            for _ in range(5):  # looks per step
+                ids = rng.integers(0, n_keys, 60)
+                can = bucket[ids] < w
+                bad = rng.random(60) < rate[ids] * np.where(can, ratio, 1.0)
+                keys = np.array([f"k{i}" for i in ids], dtype=object)
+                trials = bad if first_bad else np.ones(60, dtype=bool)
+                for c in arms.events(w, can, keys, trials, bad):
+                    n = c.canary + c.champion
+                    share = float(sq.arm_share(c.weight, ratio))
+                    excess += c.canary - share * n
+                    variance += share * (1 - share) * n
+                    canary_events += int(c.canary)
+        out.append((excess, variance, canary_events))
+    return out
+
+
+def _dispersion(runs: list[tuple[float, float, int]]) -> float:
+    return float(np.mean([e * e for e, _, _ in runs]) / np.mean([v for _, v, _ in runs]))
+
+
+@pytest.mark.parametrize("first_bad", [False, True], ids=["first-answer", "first-bad"])
+def test_keyed_cells_are_independent_draws_under_the_null_however_keys_differ(
+    first_bad: bool,
+) -> None:
+    # The claim the rollback bound rests on: whatever the keys' behaviour, with buckets uniform
+    # and independent of it, each cell's canary count is a binomial draw at its share, so a
+    # canary's excess has mean 0 and the binomial variance.
+    runs = _sticky_runs(1.0, first_bad)
+    assert sum(v for _, v, _ in runs) > 250, "the check needs events"
+    assert 0.6 < _dispersion(runs) < 1.4
+    assert abs(sum(e for e, _, _ in runs)) < 4 * math.sqrt(sum(v for _, v, _ in runs))
+
+
+def test_counting_every_keyed_event_as_a_draw_is_overdispersed() -> None:
+    # What the judge did before it knew of keys: unbiased, but one erring key on the canary
+    # moves the count by all its events at once.
+    rng = np.random.default_rng(7)
+    ex2 = var = 0.0
+    for _ in range(300):
+        bucket, rate = rng.random(50), rng.gamma(0.3, 1.0, 50) / 3
+        e = v = 0.0
+        for w in (0.05, 0.25, 0.5):
+            ids = rng.integers(0, 50, 300)
+            bad = rng.random(300) < rate[ids]
+            e += np.count_nonzero(bad & (bucket[ids] < w)) - w * np.count_nonzero(bad)
+            v += w * (1 - w) * np.count_nonzero(bad)
+        ex2, var = ex2 + e * e, var + v
+    assert ex2 / var > 3.0
+
+
+@pytest.mark.parametrize("first_bad", [False, True], ids=["first-answer", "first-bad"])
+def test_only_first_answers_keep_the_ratio_under_an_alternative(first_bad: bool) -> None:
+    # The good-enough test needs P(canary | counted bad event) = w rho / (w rho + 1 - w) under
+    # every ratio rho, not only rho = 1. First answers keep it; first bad answers fall short
+    # of it (a key that errs often fails early on either side), which would make a canary
+    # failing five times as often look better than it is.
+    runs = _sticky_runs(5.0, first_bad, runs=200)
+    excess, variance = sum(e for e, _, _ in runs), sum(v for _, v, _ in runs)
+    if first_bad:
+        assert excess < -8 * math.sqrt(variance), (excess, variance)
+    else:
+        assert abs(excess) < 4 * math.sqrt(variance), (excess, variance)

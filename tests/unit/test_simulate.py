@@ -4,6 +4,7 @@ qualitative picture on small run counts (the 200-run measurement is a script, no
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict
 from typing import Any
@@ -42,6 +43,26 @@ def test_simulated_routing_is_the_gateways_unkeyed_routing(weight: int) -> None:
     gateway = [live.route(None, gateway_rng) is live.canary for _ in range(2000)]
     simulated = route_to_canary(np.array([draws.random() for _ in range(2000)]), weight)
     assert simulated.tolist() == [bool(g) and weight > 0 for g in gateway]
+
+
+@pytest.mark.parametrize("weight", [5, 25, 50])
+def test_simulated_keyed_routing_is_the_gateways_keyed_routing(weight: int) -> None:
+    # The simulation sends a key to the canary iff its bucket (uniform in [0, 1)) is below the
+    # weight; the gateway iff its salted hash falls in one of the weight's buckets.
+    champion, canary = spec("1"), spec("2")
+    dep = Deployment(
+        model="m", champion=champion, canary=canary, canary_weight=weight, key_salt="5eed"
+    )
+    live = Live(
+        dep,
+        Slot("champion", champion, None),  # type: ignore[arg-type]  # no model needed
+        Slot("canary", canary, None),  # type: ignore[arg-type]
+    )
+    ids = [live.key_id(f"user-{i}") for i in range(2000)]
+    gateway = [live.route(k, random.Random(0)) is live.canary for k in ids]
+    bucket = np.array([(int(k, 16) % 10_000) / 10_000 for k in ids])
+    assert route_to_canary(bucket, weight).tolist() == gateway
+    assert abs(sum(gateway) / 2000 - weight / 100) < 4 * math.sqrt(weight * (100 - weight)) / 4472
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
@@ -109,6 +130,20 @@ def test_sequential_judge_rolls_back_bad_canaries_and_promotes_a_copy() -> None:
     summary, runs = simulate(SimConfig(scenario="aa", runs=6, **FAST))
     assert summary.promote_rate == 1.0, summary
     assert all(r.excess_errors == 0 for r in runs), "a copy of the champion fails nothing extra"
+
+
+def test_sticky_keys_no_longer_roll_back_identical_canaries_nor_promote_bad_ones() -> None:
+    # 200 keys that differ (some err or are slow far more than others), all traffic sticky.
+    # Judged as if each request were routed at random, half of these identical canaries were
+    # rolled back; judged per key, none is.
+    keyed = {"keys": 200, **FAST}
+    blind, _ = simulate(SimConfig(runs=12, hide_keys=True, **keyed))
+    aware, _ = simulate(SimConfig(runs=12, **keyed))
+    assert blind.rollback_rate >= 0.25, blind
+    assert aware.rollback_rate == 0.0, aware
+    # A canary failing five times as often: caught in most runs, good enough in none.
+    bad, _ = simulate(SimConfig(scenario="errors", runs=12, **keyed))
+    assert bad.rollback_rate >= 0.5 and bad.promote_rate == 0.0, bad
 
 
 def test_flagger_rolls_back_healthy_canaries_at_a_one_percent_error_rate() -> None:
