@@ -57,7 +57,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     # happens to read it. A subcommand's --help is parsed after this callback runs, and must
     # work whatever the environment holds.
     # A bare group ("ballast keys") prints its help too.
-    args = sys.argv[1:]
+    # Global options ("ballast -v keys") do not make a group less bare.
+    args = [a for a in sys.argv[1:] if a not in ("-v", "--verbose")]
     bare_group = len(args) == 1 and args[0] in {g.name for g in app.registered_groups}
     if not ({"--help", "-h"} & set(args)) and not bare_group:
         get_settings()

@@ -408,6 +408,7 @@ def test_help_of_a_bare_group_or_with_h_works_whatever_the_environment(tmp_path:
 
     # Before: both stopped on the unknown variable instead of printing their help.
     assert "Usage: ballast keys" in run("keys").stdout
+    assert "Usage: ballast keys" in run("-v", "keys").stdout, "a global option changes nothing"
     data_help = run("bench", "data", "-h")
     assert data_help.returncode == 0 and "usage: ballast bench data" in data_help.stdout
     # A command still stops on it.
