@@ -880,6 +880,7 @@ class SequentialJudge(StreamJudgeBase):
         ]
         self._class_counts = np.zeros((2, k + 1), dtype=np.int64)  # [canary, champion]
         self._canary_rows = self._canary_keyed = 0
+        self._key_index: dict[str, int] = {}
         self._reference = sq.LogHistogram()
         self._reference_s: tuple[float, float] | None = None
         # Seeded: the same observations give the same verdicts (tests, simulations, replays).
@@ -902,8 +903,8 @@ class SequentialJudge(StreamJudgeBase):
         can = batch.canary
         cham = ~can
         ok = batch.ok
-        keys = batch.key
-        keyed = None if keys is None else keys != ""
+        keys = None if batch.key is None else self._key_indices(batch.key)
+        keyed = None if keys is None else keys >= 0
         cnt = _count
         self._canary_rows += cnt(can)
         if keyed is not None:
@@ -984,6 +985,17 @@ class SequentialJudge(StreamJudgeBase):
             else:
                 cells = tally.cells(w, can, has, has & (cls == i), keys, keyed)
             tally.add(w, int(per_c[i]), n_c, int(per_b[i]), n_b, cells)
+
+    def _key_indices(self, keys: np.ndarray) -> np.ndarray:
+        """A stable index per routing key seen in this canary (-1: no key), for KeyedArms."""
+        unique, inverse = np.unique(keys, return_inverse=True)
+        table = self._key_index
+        index = np.fromiter(
+            (table.setdefault(k, len(table)) if k else -1 for k in unique),
+            dtype=np.int64,
+            count=len(unique),
+        )
+        return index[inverse.reshape(-1)]
 
     def _absorb_summary(
         self, baseline: VersionStats | None, canary: VersionStats, step_weight: int

@@ -294,13 +294,16 @@ class KeyedArms:
     five times as often was found good enough in 6 of 100 simulated canaries with 200 keys.
     """
 
-    __slots__ = ("_known",)
+    __slots__ = ("_hi", "_lo")
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[float, float]] = {}
+        # The interval [lo, hi) each key's bucket is known to lie in, by key index.
+        self._lo = np.zeros(0)
+        self._hi = np.ones(0)
 
     def __len__(self) -> int:
-        return len(self._known)
+        """Keys whose arm something is known of."""
+        return int(np.count_nonzero((self._lo > 0) | (self._hi < 1)))
 
     def events(
         self,
@@ -311,32 +314,42 @@ class KeyedArms:
         bad: np.ndarray,
         tiers: np.ndarray | None = None,
     ) -> list[CellCounts]:
-        """Cells of the arm test for the keyed ``trials`` (rows whose key is not "") at
-        ``weight``, in row order: each key's first trial while its arm is uncertain is a draw,
-        counted when ``bad``. Updates what is known of each key's bucket."""
-        cells: dict[tuple[float, float], list[int]] = {}
-        known = self._known
-        rows = np.flatnonzero(trials & (keys != ""))
-        if not len(rows):
+        """Cells of the arm test for the keyed ``trials`` at ``weight``: ``keys`` are key
+        indices (>= 0; -1: no key), the same index for the same key in every call. Each key's
+        first trial in the batch is a draw while its arm is uncertain, counted when ``bad``
+        (later ones at this weight find it known). Updates what is known of each key."""
+        rows = np.flatnonzero(trials & (keys >= 0))
+        if not rows.size:
             return []
-        # Only a key's first trial in the batch can be a draw: after it, its arm at this
-        # weight is known. (Sticky traffic repeats its busy keys: this is most of the batch.)
         _, first = np.unique(keys[rows], return_index=True)
-        for i in rows[np.sort(first)]:
-            key = keys[i]
-            lo, hi = known.get(key, (0.0, 1.0))
-            share = (min(max(weight, lo), hi) - lo) / (hi - lo)
-            if not 0.0 < share < 1.0:
-                # The arm was known (or, were it the other one, the salt changed): no evidence.
-                continue
-            on_canary = bool(canary[i])
-            known[key] = (lo, weight) if on_canary else (weight, hi)
-            if not bad[i]:
-                continue
-            tier = 1.0 if tiers is None else float(tiers[i])
-            cell = cells.setdefault((share, tier), [0, 0])
-            cell[0 if on_canary else 1] += 1
-        return [CellCounts(w, c, b, t) for (w, t), (c, b) in cells.items()]
+        rows = rows[first]
+        ids = keys[rows]
+        size = int(ids.max()) + 1
+        if size > self._lo.size:
+            grow = max(size, 2 * self._lo.size) - self._lo.size
+            self._lo = np.concatenate([self._lo, np.zeros(grow)])
+            self._hi = np.concatenate([self._hi, np.ones(grow)])
+        lo, hi = self._lo[ids], self._hi[ids]
+        share = (np.clip(weight, lo, hi) - lo) / (hi - lo)
+        # Outside (0, 1) the arm was known (or, were it the other one, the salt changed).
+        draw = (share > 0.0) & (share < 1.0)
+        rows, ids, lo, hi, share = rows[draw], ids[draw], lo[draw], hi[draw], share[draw]
+        on_canary = canary[rows].astype(bool)
+        self._lo[ids] = np.where(on_canary, lo, weight)
+        self._hi[ids] = np.where(on_canary, weight, hi)
+        counted = bad[rows].astype(bool)
+        if not counted.any():
+            return []
+        share, on_canary = share[counted], on_canary[counted]
+        tier = np.ones(share.size) if tiers is None else np.asarray(tiers)[rows[counted]]
+        cells, which = np.unique(np.stack([share, tier], axis=1), axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        n = len(cells)
+        c = np.bincount(which[on_canary], minlength=n)
+        b = np.bincount(which[~on_canary], minlength=n)
+        return [
+            CellCounts(float(w), int(c[i]), int(b[i]), float(t)) for i, (w, t) in enumerate(cells)
+        ]
 
 
 def _lse1(a: np.ndarray) -> float:
