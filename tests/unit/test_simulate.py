@@ -209,8 +209,10 @@ def test_no_run_reports_a_time_past_max_seconds(judge: str) -> None:
         ["--steps", "50,25,100"],
         ["--runs", "0"],
         ["--champion-error-rate", "2"],
+        ["--keys", "-1"],
+        ["--keys", "10", "--key-spread", "-1"],
     ],
-    ids=["scenario", "judge", "steps", "runs", "rate"],
+    ids=["scenario", "judge", "steps", "runs", "rate", "keys", "key-spread"],
 )
 def test_bad_arguments_exit_with_code_2_and_a_message(
     args: list[str], capsys: pytest.CaptureFixture[str]
