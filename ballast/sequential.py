@@ -301,10 +301,6 @@ class KeyedArms:
         self._lo = np.zeros(0)
         self._hi = np.ones(0)
 
-    def __len__(self) -> int:
-        """Keys whose arm something is known of."""
-        return int(np.count_nonzero((self._lo > 0) | (self._hi < 1)))
-
     def events(
         self,
         weight: float,

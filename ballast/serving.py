@@ -89,6 +89,9 @@ class Deployment(BaseModel):
                 raise ValueError("the shadow must be a version that does not serve traffic")
         if self.lease_expires_at is not None and not self.has_trial():
             raise ValueError("only a deployment with a canary or a shadow can hold a lease")
+        if self.key_salt is not None and self.canary is None:
+            # Nothing to route keys between; a registry-backed gateway would not keep it.
+            raise ValueError("only a deployment with a canary can hold a key_salt")
         return self
 
     def has_trial(self) -> bool:

@@ -293,8 +293,8 @@ class Gateway:
         self.sync_error: str | None = None
         self._refused: tuple[str, float] | None = None  # (refused deployment JSON, retry after)
         self.disagreements: deque[dict[str, Any]] = deque(maxlen=self.config.shadow_log_size)
-        # (seq, version, role, ok, latency_s, canary weight it was routed under) of recent
-        # answers, oldest first, seq contiguous. The weight lets a canary step count only the
+        # (seq, version, role, ok, latency_s, canary weight it was routed under, routing key's
+        # pseudonym or None) of recent answers, oldest first, seq contiguous. The weight lets a canary step count only the
         # answers served at its own weight (a replica read late must not hand them on).
         self._observed: deque[tuple[int, str, str, bool, float, int, str | None]] = deque(
             maxlen=self.config.observation_log_size

@@ -286,7 +286,7 @@ class RegistryDesiredState:
                 share = {TAG_CANARY_WEIGHT: str(weight)}
                 # The salt rides with the lease, which goes first when a canary starts: no
                 # replica reads the new weight with another canary's salt.
-                salted = lease | {TAG_KEY_SALT: deployment.key_salt or ""}
+                salted = {TAG_KEY_SALT: deployment.key_salt or ""} | lease  # salt first
                 writes += [(candidate, t) for t in _ordered(share, salted, ending=not weight)]
             if shadow is not None:
                 fraction = deployment.shadow_fraction if deployment.shadow is not None else 0.0

@@ -647,6 +647,10 @@ def test_each_key_salt_sends_its_own_random_keys_to_the_canary_and_reports_pseud
     assert [o[6] for o in page["observations"]] == [None], "an unkeyed request has none"
     with pytest.raises(ValueError, match="key_salt"):
         Deployment.model_validate({**with_canary(artefacts, 50).model_dump(), "key_salt": "x!"})
+    # Without a canary there is nothing to route keys between (and a registry-backed gateway
+    # would not keep it, so its replicas would never agree with the PUT).
+    with pytest.raises(ValueError, match="only a deployment with a canary can hold a key_salt"):
+        Deployment.model_validate({**champion_only(artefacts).model_dump(), "key_salt": "ab"})
 
 
 # -- bad requests -------------------------------------------------------------------------------
@@ -2167,9 +2171,21 @@ def test_registry_source_keeps_a_canarys_key_salt(
     reg, key, settled, trial = registry_with_candidate(artefacts, tmp_path)
     source = RegistryDesiredState(reg, MODEL, key)
     salted = trial.model_copy(update={"key_salt": "c0ffee", "lease_expires_at": time.time() + 30})
+    writes: list[list[str]] = []
+    original_set_tags = reg.set_tags
+
+    def recording(name: str, version: str | int, tags: dict[str, str]) -> None:
+        writes.append(list(tags))
+        original_set_tags(name, version, tags)
+
+    reg.set_tags = recording  # type: ignore[method-assign]
     source.publish(salted, actor="t")
     assert source.read() == salted
     assert reg.versions["2"].tags["ballast.key_salt"] == "c0ffee"
+    # The salt before the lease, both before the weight: a replica reading between two writes
+    # (MLflow writes one tag per call) never sees a live lease and weight with an older salt.
+    flat = [tag for w in writes for tag in w]
+    assert flat.index("ballast.key_salt") < flat.index(LEASE_TAG) < flat.index(TAG_CANARY_WEIGHT)
     source.publish(settled, actor="t")
     assert source.read() == settled
     reg.set_tags(MODEL, "2", {TAG_CANARY_WEIGHT: "30", "ballast.key_salt": "not hex"})
