@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -119,20 +118,12 @@ class VersionStats:
     # traffic: a client's requests fail together); None: every request an independent draw.
     # See clustered_effective_n.
     n_effective: float | None = None
-    # Sticky traffic only (else None): the clusters behind ``n_effective`` (keys, plus each
-    # unkeyed request), and the p95 of the successful answers without the key that gave most of
-    # them, with how many such answers are left: a p95 breach that one client explains is that
-    # client's, not the version's (ThresholdJudge._latency).
-    n_clusters: int | None = None
-    p95_ms_without_top_key: float | None = None
-    n_ok_without_top_key: int | None = None
 
     @classmethod
     def from_observations(cls, version: str, observations: Iterable[Observation]) -> VersionStats:
         """Summarise the observations whose ``version`` matches (others are ignored)."""
         n = errors = n_labelled = n_correct = 0
         ok_latencies: list[float] = []
-        ok_keys: list[str | None] = []
         by_key: dict[str, list[int]] = {}  # key -> [requests, errors]
         for o in observations:
             if o.version != version:
@@ -140,7 +131,6 @@ class VersionStats:
             n += 1
             if o.ok:
                 ok_latencies.append(o.latency_s)
-                ok_keys.append(o.key)
             else:
                 errors += 1
             if o.correct is not None:
@@ -150,21 +140,13 @@ class VersionStats:
                 cell = by_key.setdefault(o.key, [0, 0])
                 cell[0] += 1
                 cell[1] += int(not o.ok)
-        n_effective = p95_rest = None
-        n_clusters = n_rest = None
+        n_effective = None
         if by_key:
             sizes = np.array(list(by_key.values()), dtype=np.float64)
             keyed_n, keyed_e = sizes.sum(axis=0)
-            free_n = n - keyed_n
             n_effective = clustered_effective_n(
-                sizes[:, 0], sizes[:, 1], free_n=free_n, free_e=errors - keyed_e
+                sizes[:, 0], sizes[:, 1], free_n=n - keyed_n, free_e=errors - keyed_e
             )
-            n_clusters = len(by_key) + int(free_n)
-            names = [k for k in ok_keys if k]
-            if names:
-                top = Counter(names).most_common(1)[0][0]
-                rest = [lat for lat, k in zip(ok_latencies, ok_keys, strict=True) if k != top]
-                p95_rest, n_rest = _percentile_ms(rest, 95), len(rest)
         return cls(
             version=version,
             n=n,
@@ -178,9 +160,6 @@ class VersionStats:
             n_correct=n_correct,
             accuracy=n_correct / n_labelled if n_labelled else None,
             n_effective=n_effective,
-            n_clusters=n_clusters,
-            p95_ms_without_top_key=p95_rest,
-            n_ok_without_top_key=n_rest,
         )
 
     def as_evidence(self, prefix: str) -> dict[str, float]:
@@ -196,9 +175,6 @@ class VersionStats:
             "n_labelled": self.n_labelled,
             "accuracy": self.accuracy,
             "n_effective": self.n_effective,
-            "n_clusters": self.n_clusters,
-            "p95_ms_without_top_key": self.p95_ms_without_top_key,
-            "n_ok_without_top_key": self.n_ok_without_top_key,
         }
         return {f"{prefix}_{k}": float(v) for k, v in values.items() if v is not None}
 
@@ -226,8 +202,16 @@ def clustered_effective_n(
     undoes that.
 
     Never more than ``n``: clusters that happen to agree better than independent draws would
-    are not read as extra evidence. A single client (one key, nothing unkeyed) is worth one
-    draw: nothing says how clients differ, and its rate may be all its own.
+    are not read as extra evidence. Never less than the clusters' effective number
+    ``n^2 / sum_c n_c^2`` (Kish): the design effect of clients that each always or never fail
+    (intra-cluster correlation 1), the most that binomial outcomes allow. Without that floor the
+    ratio to the binomial variance, which vanishes as the rate nears 100 %, read a canary
+    failing nearly every request of its heaviest client (and answering one request elsewhere)
+    as worth a thousandth of a request, and promoted it. A single client (one key, nothing
+    unkeyed) counts as ``n`` independent requests, as before: nothing says how clients differ,
+    and counted as one draw a canary failing 20 % of the requests of a deployment's only client
+    was promoted in 62 % of simulated canaries (rolled back in 97 % as ``n``); one draw would
+    have cut the false rollbacks of identical canaries over 10 keys from 3.5 % to none.
     """
     kn = np.asarray(key_n, dtype=np.float64)
     ke = np.asarray(key_e, dtype=np.float64)
@@ -236,9 +220,7 @@ def clustered_effective_n(
     clusters = int(np.count_nonzero(kn)) + int(free_n)
     if n <= 0:
         return 0.0
-    if clusters < 2:
-        return min(n, 1.0)
-    if errors <= 0 or errors >= n:
+    if clusters < 2 or errors <= 0 or errors >= n:
         return float(n)
     r = errors / n
     seen = kn > 0
@@ -254,7 +236,8 @@ def clustered_effective_n(
     var_binomial = r * (1.0 - r) / n
     if var_clustered <= var_binomial:
         return float(n)
-    return float(n * var_binomial / var_clustered)
+    floor = min(n, n * n / (float(np.sum(kn * kn)) + free_n))
+    return max(floor, n * var_binomial / var_clustered)
 
 
 def stats_by_version(observations: Iterable[Observation]) -> dict[str, VersionStats]:
@@ -300,14 +283,11 @@ class ThresholdJudge:
       lower ``error_confidence`` Wilson bound of the canary's error rate, not its point
       estimate (simulated, at 20 req/s: an identical canary rolled back in 2.2 % of runs
       instead of 11.9 %, a canary failing 3 % against a 1 % champion still in 93 %); with
-      sticky traffic the bound counts the clients' effective sample size and Student's t on
-      clusters - 1 degrees of freedom (:func:`clustered_effective_n`);
+      sticky traffic, on the clients' effective sample size (:func:`clustered_effective_n`);
     * p95 latency above ``baseline p95 x max_latency_ratio + latency_slack_ms`` (the slack keeps
       sub-millisecond baselines from turning jitter into rollbacks), or above ``max_p95_ms``;
       a p95 on either side that is not a finite number (statistics not built from checked
       :class:`Observation` records) fails closed: nothing was measured, so nothing may pass;
-      with sticky traffic the breach must also hold without the canary's heaviest client,
-      unless fewer than ``min_samples`` answers are left without it;
     * accuracy below ``baseline accuracy - max_accuracy_drop`` when both sides have
       ``min_samples`` labelled answers, or below ``min_accuracy`` when set — judged on the upper
       ``accuracy_confidence`` Wilson bound of the canary's accuracy, not its point estimate.
@@ -420,18 +400,12 @@ class ThresholdJudge:
         # interval is above the limit. On the point estimate, 2 errors in 60 requests of a
         # canary exactly as good as a 1 % champion read 3.3 % > 2 %, and an identical canary
         # was rolled back in about one run in ten (``ballast canary simulate --judge threshold``).
-        # Sticky traffic: as many independent requests as its clusters are worth, and the
-        # interval's width from Student's t on clusters - 1 degrees of freedom: the spread
-        # between a handful of clients is itself a rough estimate (with 10 keys and the normal
-        # quantile, an identical canary was rolled back on its error rate in 3.5 % of
-        # simulated canaries; with t, none in 400).
+        # Sticky traffic: as many independent requests as its clusters are worth.
         if canary.n_effective is None:
             lower = wilson_lower(canary.errors, canary.n, self.error_confidence)
         else:
-            n, df = canary.n_effective, _cluster_df(canary.n_clusters)
-            if df is not None:
-                evidence["canary_error_df"] = float(df)
-            lower = wilson_lower(canary.error_rate * n, n, self.error_confidence, df=df)
+            n = canary.n_effective
+            lower = wilson_lower(canary.error_rate * n, n, self.error_confidence)
         evidence["canary_error_rate_lower"] = lower
         evidence["error_confidence"] = self.error_confidence
         if lower > limit and canary.errors >= self.min_errors:
@@ -463,24 +437,9 @@ class ThresholdJudge:
             return []
         limit = min(limits)
         evidence["limit_p95_ms"] = limit
-        if p95 <= limit:
-            return []
-        # Sticky traffic: a breach that one client explains is that client's. With one key
-        # carrying most of the canary's traffic its p95 is that client's, and a slow client
-        # routed to an identical canary rolled it back (6 % of simulated canaries, 200 keys
-        # with Zipf(2) popularity; 2 % when the breach must hold without that key too). A
-        # version that is slow is slow for the other clients as well. Too few answers left
-        # without the key: the plain p95 decides (fails closed).
-        rest = canary.p95_ms_without_top_key
-        left = canary.n_ok_without_top_key or 0
-        if rest is not None and left >= self.min_samples:
-            evidence["canary_p95_ms_without_top_key"] = rest
-            if not math.isfinite(rest):
-                return [f"p95 latency of {canary.version} is not a finite number ({rest})"]
-            if rest <= limit:
-                evidence["p95_breach_one_key"] = 1.0
-                return []
-        return [f"p95 latency {p95:.1f} ms above limit {limit:.1f} ms"]
+        if p95 > limit:
+            return [f"p95 latency {p95:.1f} ms above limit {limit:.1f} ms"]
+        return []
 
     def _accuracy(
         self, baseline: VersionStats | None, canary: VersionStats, evidence: dict[str, float]
@@ -517,26 +476,9 @@ class ThresholdJudge:
         return []
 
 
-def _quantile(confidence: float, df: int | None = None) -> float:
-    """The one-sided ``confidence`` quantile: normal, or Student's t on ``df`` degrees of
-    freedom when given."""
-    if df is None:
-        return NormalDist().inv_cdf(confidence)
-    from scipy.stats import t as student
-
-    return float(student.ppf(confidence, df))
-
-
-def _cluster_df(clusters: int | None) -> int | None:
-    """Degrees of freedom for a rate over ``clusters`` sticky clusters: ``clusters - 1``; None
-    (the normal quantile) with fewer than two, where the rate is one draw (see
-    :func:`clustered_effective_n`)."""
-    return None if clusters is None or clusters < 2 else clusters - 1
-
-
-def _wilson(successes: float, n: float, z: float) -> tuple[float, float]:
-    """Centre and half-width of the Wilson score interval at quantile ``z`` (Wilson, JASA
-    22(158), 1927)."""
+def _wilson(successes: float, n: float, confidence: float) -> tuple[float, float]:
+    """Centre and half-width of the one-sided Wilson score interval (Wilson, JASA 22(158), 1927)."""
+    z = NormalDist().inv_cdf(confidence)
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -544,21 +486,21 @@ def _wilson(successes: float, n: float, z: float) -> tuple[float, float]:
     return centre, half
 
 
-def wilson_upper(successes: float, n: float, confidence: float, *, df: int | None = None) -> float:
+def wilson_upper(successes: float, n: float, confidence: float) -> float:
     """One-sided upper confidence bound of a binomial proportion: the true rate is below it
-    with probability ``confidence``. ``df``: Student's t quantile instead of the normal one."""
+    with probability ``confidence``."""
     if n <= 0 or successes >= n:
         return 1.0
-    centre, half = _wilson(successes, n, _quantile(confidence, df))
+    centre, half = _wilson(successes, n, confidence)
     return min(1.0, centre + half)
 
 
-def wilson_lower(successes: float, n: float, confidence: float, *, df: int | None = None) -> float:
+def wilson_lower(successes: float, n: float, confidence: float) -> float:
     """One-sided lower confidence bound of a binomial proportion: the true rate is above it
-    with probability ``confidence``. ``df``: Student's t quantile instead of the normal one."""
+    with probability ``confidence``."""
     if n <= 0 or successes <= 0:
         return 0.0
-    centre, half = _wilson(successes, n, _quantile(confidence, df))
+    centre, half = _wilson(successes, n, confidence)
     return max(0.0, centre - half)
 
 

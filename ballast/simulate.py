@@ -221,18 +221,13 @@ class _Scenario:
 class _Counters:
     """Running per-arm totals, to hand judges cumulative :class:`VersionStats` cheaply."""
 
-    def __init__(self, version: str, keys: int = 0, *, key_latencies: bool = False) -> None:
+    def __init__(self, version: str, keys: int = 0) -> None:
         self.version = version
         self.n = self.errors = self.labelled = self.correct = 0
         self.hist = LogHistogram()
         # Requests and errors per routing key (sticky traffic), for VersionStats.n_effective.
         self.key_n = np.zeros(keys)
         self.key_e = np.zeros(keys)
-        # Successful answers' latencies and keys, for the p95 without the heaviest key (only
-        # the threshold judge reads it, at the end of each step: kept only for it).
-        self._key_latencies = key_latencies and keys > 0
-        self._ok_latency: list[np.ndarray] = []
-        self._ok_ids: list[np.ndarray] = []
 
     def add(
         self,
@@ -251,18 +246,11 @@ class _Counters:
             size = len(self.key_n)
             self.key_n += np.bincount(ids, minlength=size)
             self.key_e += np.bincount(ids, weights=(~ok).astype(np.float64), minlength=size)
-            if self._key_latencies:
-                self._ok_latency.append(latency_s[ok])
-                self._ok_ids.append(ids[ok])
 
-    def _without_top_key(self) -> tuple[float | None, int | None]:
-        if not self._ok_latency:
-            return None, None
-        latency, ids = np.concatenate(self._ok_latency), np.concatenate(self._ok_ids)
-        if not ids.size:
-            return None, None
-        rest = latency[ids != np.argmax(np.bincount(ids))]
-        return (float(np.percentile(rest, 95) * 1000.0) if rest.size else None), int(rest.size)
+    def n_effective(self) -> float | None:
+        if not len(self.key_n):
+            return None
+        return clustered_effective_n(self.key_n, self.key_e)
 
     def stats(self) -> VersionStats:
         def pct(q: float) -> float | None:
@@ -270,8 +258,6 @@ class _Counters:
             return None if v is None else v * 1000.0
 
         n_ok = self.n - self.errors
-        keyed = len(self.key_n) > 0
-        rest_p95, rest_n = self._without_top_key()
         return VersionStats(
             version=self.version,
             n=self.n,
@@ -284,10 +270,7 @@ class _Counters:
             n_labelled=self.labelled,
             n_correct=self.correct,
             accuracy=self.correct / self.labelled if self.labelled else None,
-            n_effective=clustered_effective_n(self.key_n, self.key_e) if keyed else None,
-            n_clusters=int(np.count_nonzero(self.key_n)) if keyed else None,
-            p95_ms_without_top_key=rest_p95,
-            n_ok_without_top_key=rest_n,
+            n_effective=self.n_effective(),
         )
 
 
@@ -382,9 +365,7 @@ def simulate_run(cfg: SimConfig, rng: np.random.Generator) -> RunResult:
         stream.start("1", "2")
     # With --hide-keys the judges see no keys at all: no per-key counts either.
     clustered = cfg.keys if keys is not None and not cfg.hide_keys else 0
-    per_key = cfg.judge == "threshold"
-    champion = _Counters("1", clustered, key_latencies=per_key)
-    canary = _Counters("2", clustered, key_latencies=per_key)
+    champion, canary = _Counters("1", clustered), _Counters("2", clustered)
     weights = cfg.steps
     # One batch of traffic per look: the judge cannot tell finer ticks apart, since the weight
     # only changes at a look too.

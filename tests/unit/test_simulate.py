@@ -146,16 +146,13 @@ def test_sticky_keys_no_longer_roll_back_identical_canaries_nor_promote_bad_ones
     assert bad.rollback_rate >= 0.5 and bad.promote_rate == 0.0, bad
 
 
-def test_threshold_judge_on_few_sticky_clients_no_longer_rolls_back_identical_canaries() -> None:
-    # Ten clients (Zipf popularity, differing error rates): often one or two of them carry the
-    # canary's traffic. Read as independent requests, 7.5 % of 400 identical canaries were
-    # rolled back on their error rate; with the jackknife, t on clusters - 1 degrees of
-    # freedom and one client worth one draw, none.
-    keyed = {"judge": "threshold", "keys": 10, "runs": 200}
-    blind, _ = simulate(SimConfig(hide_keys=True, **keyed))
+def test_threshold_judge_no_longer_reads_a_dominant_sticky_client_as_certain() -> None:
+    # 200 clients, one of them carrying about 60 % of the traffic (Zipf 2), differing widely
+    # in error rate. The plain sandwich read that client as nearly certain: 6 % of 400
+    # identical canaries were rolled back on their error rate, against 2 % with the jackknife.
+    keyed = {"judge": "threshold", "keys": 200, "key_skew": 2.0, "key_spread": 2.0, "runs": 400}
     aware, _ = simulate(SimConfig(**keyed))
-    assert blind.rollback_rate >= 0.03, blind
-    assert aware.rollback_rate <= 0.01, aware
+    assert aware.rollback_reasons.get("error rate", 0) <= 16, aware  # 4 %
     # Still caught: a canary failing five times as often, over 200 clients.
     bad, _ = simulate(SimConfig(scenario="errors", judge="threshold", keys=200, runs=40))
     assert bad.rollback_rate >= 0.85, bad
