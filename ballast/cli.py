@@ -12,7 +12,7 @@ from typing import Any, Literal, cast
 import typer
 from rich.table import Table
 
-from ballast.cli_approve import approve_command, audit_app
+from ballast.cli_approve import approve_command, approver_key_command, audit_app
 from ballast.cli_data import data_app
 from ballast.cli_shared import console, err, fail, prefect_unreachable, report
 from ballast.cli_stack import stack_app
@@ -32,6 +32,7 @@ app.add_typer(canary_app, name="canary")
 app.add_typer(stack_app, name="stack")
 app.add_typer(audit_app, name="audit")
 app.command("approve")(approve_command)
+app.command("approver-key")(approver_key_command)
 
 
 def _drop_library_info(record: logging.LogRecord) -> bool:

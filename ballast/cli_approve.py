@@ -1,5 +1,6 @@
-"""``ballast approve`` and ``ballast audit verify``: answer a paused release from the shell, and
-check the audit log's hash chain.
+"""``ballast approve``, ``ballast approver-key`` and ``ballast audit verify``: answer a paused
+release from the shell (signed with the approver's key where one is registered), make such a
+key, and check the audit log's hash chain.
 
 ``approve`` refuses locally (exit 2) when the name lacks the approver role, before anything is
 sent; the paused flow checks again (role, and that the approver did not start the run), because
@@ -10,6 +11,7 @@ anyone can call Prefect's API directly. Prefect is imported inside the command s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 import typer
@@ -17,7 +19,10 @@ import typer
 from ballast.cli_shared import console, err, fail
 from ballast.errors import BallastError
 
-__all__ = ["approve_command", "audit_app", "audit_verify"]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+__all__ = ["approve_command", "approver_key_command", "audit_app", "audit_verify"]
 
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 
@@ -27,6 +32,12 @@ def approve_command(
     name: str = typer.Option(..., "--as", help="Your name; it must hold the approver role."),
     reject: bool = typer.Option(False, "--reject", help="Reject the version instead."),
     reason: str = typer.Option(..., "--reason", help="Why (recorded on the model version)."),
+    key: Path | None = typer.Option(
+        None,
+        "--key",
+        help="Your approval key (default BALLAST_APPROVER_KEY_FILE): signs the answer. Needed "
+        "when the roles file registers your key.",
+    ),
 ) -> None:
     """Approve (or --reject) the release paused in flow run RUN_ID."""
     from ballast.audit import record
@@ -61,14 +72,27 @@ def approve_command(
         )
         fail(BallastError(f"refused: {auth.reason}", stage="approve"))
 
+    signer = _signer(name, key if key is not None else s.approver_key_file)
+
     import httpx
     from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
 
+    from ballast.approval_signing import approval_message, sign_approval
+
     answer = {"approve": not reject, "approver": name.strip(), "reason": reason}
     try:
-        what = _waiting_for(flow_run_id)
+        what, pause_key = _waiting_for(flow_run_id)
         console.print(f"flow run {what}")
+        if signer is not None:
+            message = approval_message(
+                flow_run_id=str(flow_run_id),
+                pause_key=pause_key,
+                approve=not reject,
+                approver=name,
+                reason=reason,
+            )
+            answer["signature"] = sign_approval(signer, message)
         resume_flow_run(flow_run_id, run_input=answer)
     except ObjectNotFound:
         fail(BallastError(f"no flow run {run_id}", stage="approve"))
@@ -79,12 +103,81 @@ def approve_command(
     except httpx.HTTPError as exc:  # the API is down or answered an error the client raised
         fail(BallastError(f"cannot reach the Prefect API: {exc}", stage="approve"))
     verdict = "rejected" if reject else "approved"
-    console.print(f"{verdict} flow run {run_id} as {name.strip()}: sent to the paused run")
+    signed = ", signed" if signer is not None else ""
+    console.print(f"{verdict} flow run {run_id} as {name.strip()}{signed}: sent to the paused run")
 
 
-def _waiting_for(flow_run_id: UUID) -> str:
-    """What the paused run asks about ("NAME (ID) asks approval of version V"), read before any
-    answer is sent, so the approver sees which release they answer. The release flow pauses
+def approver_key_command(
+    path: Path = typer.Argument(..., help="Where to write the new private key (0600)."),
+    name: str = typer.Option(..., "--as", help="Whose key: the name in the roles file."),
+) -> None:
+    """Make an approval key: the private half goes to PATH (keep it outside the repository),
+    the public half is printed as the roles-file entry to register."""
+    import json
+
+    from ballast.approval_signing import create_approver_key, public_key_text
+
+    if not name.strip():
+        fail(BallastError("--as must not be empty", stage="approve"))
+    try:
+        key = create_approver_key(path)
+    except BallastError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(BallastError(f"cannot write {path}: {exc}", stage="approve"))
+    entry = {name.strip(): {"roles": ["approver"], "approval_key": public_key_text(key)}}
+    err.print(f"wrote {path} (0600); register its public key in the roles file:")
+    print(json.dumps(entry))
+
+
+def _signer(name: str, key_file: Path | None) -> Ed25519PrivateKey | None:
+    """The key to sign ``name``'s answer with (None: answer by name), or exit 2 with the reason
+    when the paused run would refuse the answer: a registered key and no key file, a key file
+    that is not the registered key, a key file for a name without one, or no key where
+    signatures are required."""
+    from ballast.approval_signing import load_approver_key, public_key_text
+    from ballast.roles import approval_keys_from_settings
+    from ballast.settings import get_settings
+
+    s = get_settings()
+    try:
+        keys = {n.strip().casefold(): k for n, k in approval_keys_from_settings(s).items()}
+        registered = keys.get(name.strip().casefold())
+        if key_file is None:
+            if registered is not None:
+                raise BallastError(
+                    f"{name.strip()!r} has a registered approval key: pass --key FILE (or set "
+                    "BALLAST_APPROVER_KEY_FILE) to sign the answer",
+                    stage="approve",
+                )
+            if s.approval_signatures == "required":
+                raise BallastError(
+                    "signed approvals are required (BALLAST_APPROVAL_SIGNATURES=required): "
+                    "pass --key FILE",
+                    stage="approve",
+                )
+            return None
+        signer = load_approver_key(key_file)
+        if registered is None:
+            raise BallastError(
+                f'{name.strip()!r} has no registered approval key: add "approval_key": '
+                f'"{public_key_text(signer)}" to their entry in the roles file',
+                stage="approve",
+            )
+        if public_key_text(registered) != public_key_text(signer):
+            raise BallastError(
+                f"{key_file} is not the approval key registered for {name.strip()!r}",
+                stage="approve",
+            )
+        return signer
+    except BallastError as exc:
+        fail(exc)
+
+
+def _waiting_for(flow_run_id: UUID) -> tuple[str, str]:
+    """What the paused run asks about ("NAME (ID) asks approval of version V") and its pause key
+    (which a signed answer covers), read before any answer is sent, so the approver sees which
+    release they answer. The release flow pauses
     with the key ``approval-<version>-<attempt>`` (tasks/approval.py); a run paused for
     anything else, or not paused, is refused."""
     from prefect.client.orchestration import get_client
@@ -101,7 +194,7 @@ def _waiting_for(flow_run_id: UUID) -> str:
     version = key.removeprefix(PAUSE_KEY_PREFIX).rpartition("-")[0]
     if not key.startswith(PAUSE_KEY_PREFIX) or not version:
         raise NotPausedError(f"it is paused for something else (pause key {key!r})")
-    return f"{run.name} ({flow_run_id}) asks approval of version {version}"
+    return f"{run.name} ({flow_run_id}) asks approval of version {version}", key
 
 
 @audit_app.command("verify")

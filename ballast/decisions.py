@@ -11,7 +11,10 @@ import itertools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 __all__ = [
     "CANDIDATE",
@@ -23,6 +26,7 @@ __all__ = [
     "ApprovalStatus",
     "Authorization",
     "authorize_approval",
+    "authorize_signature",
     "decide_approval",
     "next_weight",
     "plan_promotion",
@@ -154,6 +158,44 @@ def authorize_approval(
     if run_starter is not None and run_starter.strip().casefold() == name.casefold():
         return Authorization(False, f"{name!r} started this run and cannot approve it")
     return Authorization(True, f"{name!r} holds the approver role and did not start the run")
+
+
+def authorize_signature(
+    approver: str,
+    signature: str,
+    message: bytes,
+    keys: Mapping[str, Ed25519PublicKey],
+    *,
+    required: bool,
+) -> Authorization:
+    """Is this answer signed as it must be? An approver whose key is registered (``keys``, by
+    name, compared as :func:`authorize_approval` does) must sign ``message`` with it, or anyone
+    could answer in their name; with ``required`` every answer must be signed by a registered
+    key. Others answer by name alone."""
+    from ballast.approval_signing import verify_approval
+
+    name = approver.strip()
+    by_name = {n.strip().casefold(): k for n, k in keys.items()}
+    key = by_name.get(name.casefold())
+    if key is None:
+        if required:
+            return Authorization(
+                False, f"{name!r} has no registered approval key: signatures are required"
+            )
+        if signature.strip():
+            return Authorization(
+                False, f"{name!r} sent a signature but has no registered approval key"
+            )
+        return Authorization(True, f"{name!r} has no registered approval key: answered by name")
+    if not signature.strip():
+        return Authorization(
+            False, f"{name!r} has a registered approval key: the answer must be signed"
+        )
+    if not verify_approval(key, message, signature):
+        return Authorization(
+            False, f"the signature does not match {name!r}'s key for this run, pause and answer"
+        )
+    return Authorization(True, f"signed with {name!r}'s registered key")
 
 
 # Who a timed-out approval is recorded as "by": nobody decided, so the version may be asked again.

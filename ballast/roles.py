@@ -2,6 +2,8 @@
 
 Roles come from a JSON file kept outside the repository (``{"alice": ["approver"], ...}``) that
 must be readable by its owner only (mode 0600, like the keyring), plus ``settings.approvers``.
+An entry may also be ``{"roles": [...], "approval_key": "<base64>"}``: that name's approvals
+must then be signed with the matching key (:mod:`ballast.approval_signing`).
 Nothing here decides an approval; :func:`ballast.decisions.authorize_approval` does, from the
 mapping this module returns.
 """
@@ -13,6 +15,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal, get_args
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ballast.approval_signing import parse_public_key
 from ballast.errors import ConfigError
 from ballast.private_files import PrivateFileError, read_private
 from ballast.settings import Settings
@@ -22,8 +27,10 @@ __all__ = [
     "ROLES",
     "Role",
     "Roles",
+    "approval_keys_from_settings",
     "load_roles",
     "merge_approvers",
+    "parse_approval_keys",
     "parse_roles",
     "roles_from_settings",
 ]
@@ -36,14 +43,27 @@ APPROVER: Role = "approver"
 Roles = Mapping[str, frozenset[str]]
 
 
-def parse_roles(data: object, *, source: str = "roles") -> dict[str, frozenset[str]]:
-    """Check a decoded roles document: names are non-empty strings, roles are known ones."""
+def _entries(data: object, source: str) -> list[tuple[str, list[str], str | None]]:
+    """(name, roles, approval key text) per entry; an entry is a list of roles, or an object
+    ``{"roles": [...], "approval_key": "<base64 Ed25519 public key>"}``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected an object mapping names to lists of roles")
-    out: dict[str, frozenset[str]] = {}
-    for name, roles in data.items():
+    out: list[tuple[str, list[str], str | None]] = []
+    for name, entry in data.items():
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{source}: names must be non-empty strings, got {name!r}")
+        key: str | None = None
+        roles = entry
+        if isinstance(entry, dict):
+            extra = sorted(set(entry) - {"roles", "approval_key"})
+            if extra:
+                raise ConfigError(
+                    f"{source}: unknown field(s) {extra} for {name!r}; known: approval_key, roles"
+                )
+            roles = entry.get("roles")
+            key = entry.get("approval_key")
+            if key is not None and not isinstance(key, str):
+                raise ConfigError(f"{source}: approval_key of {name!r} must be a string")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise ConfigError(f"{source}: roles of {name!r} must be a list of strings")
         unknown = sorted(set(roles) - ROLES)
@@ -51,24 +71,49 @@ def parse_roles(data: object, *, source: str = "roles") -> dict[str, frozenset[s
             raise ConfigError(
                 f"{source}: unknown role(s) {unknown} for {name!r}; known: {sorted(ROLES)}"
             )
-        out[name.strip()] = frozenset(roles)
+        out.append((name.strip(), roles, key))
     return out
 
 
-def load_roles(path: Path) -> dict[str, frozenset[str]]:
-    """Read and check a roles file. A file others can read or write is refused: whoever can edit
-    it can make themselves an approver."""
+def parse_roles(data: object, *, source: str = "roles") -> dict[str, frozenset[str]]:
+    """Check a decoded roles document: names are non-empty strings, roles are known ones."""
+    return {name: frozenset(roles) for name, roles, _ in _entries(data, source)}
+
+
+def parse_approval_keys(data: object, *, source: str = "roles") -> dict[str, Ed25519PublicKey]:
+    """The approval keys a roles document registers, by name (see
+    :mod:`ballast.approval_signing`); names without one are absent."""
+    out: dict[str, Ed25519PublicKey] = {}
+    for name, _, key in _entries(data, source):
+        if key is not None:
+            out[name] = parse_public_key(key, source=f"{source}: approval_key of {name!r}")
+    return out
+
+
+def _read_document(path: Path) -> object:
     try:
         raw = read_private(path, "roles file")
     except PrivateFileError as exc:
         raise ConfigError(exc.message) from None
     try:
-        data = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"roles file {path} is not valid JSON: {exc}") from None
     except ValueError as exc:  # not UTF-8
         raise ConfigError(f"roles file {path} is not UTF-8 text: {exc}") from None
-    return parse_roles(data, source=str(path))
+
+
+def load_roles(path: Path) -> dict[str, frozenset[str]]:
+    """Read and check a roles file. A file others can read or write is refused: whoever can edit
+    it can make themselves an approver."""
+    return parse_roles(_read_document(path), source=str(path))
+
+
+def approval_keys_from_settings(s: Settings) -> dict[str, Ed25519PublicKey]:
+    """The approval keys the roles file registers (none without a roles file)."""
+    if s.roles_file is None:
+        return {}
+    return parse_approval_keys(_read_document(s.roles_file), source=str(s.roles_file))
 
 
 def merge_approvers(roles: Mapping[str, frozenset[str]], approvers: Iterable[str]) -> Roles:

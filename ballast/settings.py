@@ -416,6 +416,12 @@ class Settings(BaseSettings):
     # None means no file. ``approvers`` grants the approver role to more names on top of it.
     roles_file: Path | None = None
     approvers: tuple[str, ...] = ()
+    # Signed approvals (ballast.approval_signing): "registered" requires a signature from every
+    # approver whose key the roles file registers (names without one answer by name, as
+    # before); "required" refuses any unsigned answer. ``approver_key_file`` is this user's
+    # private key (0600, outside the repository), read by ``ballast approve`` to sign.
+    approval_signatures: Literal["registered", "required"] = "registered"
+    approver_key_file: Path | None = None
 
     # --- Data-parallel training (issue 7; ballast.distributed, docs/distributed-training.md) ----
     # Processes per node: "auto" (one per visible GPU, 1 on CPU) or a positive integer. 1 on one

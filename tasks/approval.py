@@ -30,7 +30,7 @@ from ballast.decisions import APPROVAL_TIMEOUT, Authorization, prior_decision
 from ballast.errors import ApprovalRejected
 from ballast.quality import QualityDecision
 from ballast.release import PAUSE_KEY_PREFIX, TAG_APPROVAL, TAG_STATUS, TAG_VERDICT
-from ballast.roles import roles_from_settings
+from ballast.roles import approval_keys_from_settings, roles_from_settings
 from ballast.settings import get_settings
 from model_registry import ApprovalRecord, ModelVersionInfo
 from tasks.common import logger, registry
@@ -73,6 +73,13 @@ class ApprovalForm(RunInput):
     approve: bool = Field(default=False, description="Approve this version for the canary")
     approver: str = Field(min_length=1, description="Your name (recorded in the audit log)")
     reason: str = Field(min_length=1, description="Why (recorded on the model version)")
+    signature: str = Field(
+        default="",
+        description=(
+            "Your signature of this answer, if your approval key is registered "
+            "(`ballast approve RUN_ID --as NAME --reason ... --key FILE` signs and sends it)"
+        ),
+    )
 
 
 def evidence_markdown(
@@ -128,11 +135,14 @@ def _wait_for_valid_answer(
     started_by: str,
 ) -> Any | None:
     """Pause until an authorised answer arrives (returned) or the timeout runs out (None)."""
-    from ballast.decisions import authorize_approval
+    from ballast.approval_signing import approval_message
+    from ballast.decisions import authorize_approval, authorize_signature
 
     s = get_settings()
     log = logger()
     roles = roles_from_settings(s)  # a bad roles file fails here, before anyone is asked
+    keys = approval_keys_from_settings(s)
+    run_id = _flow_run_id()
     deadline = time.monotonic() + s.approval_timeout_s
     attempt = 0
     while True:
@@ -140,14 +150,16 @@ def _wait_for_valid_answer(
         if remaining <= 0:
             return None
         attempt += 1
+        # A fresh key per attempt: Prefect keys the stored input by the pause key, so a reused
+        # key would hand back the refused answer again (and a signature, which covers the key,
+        # cannot be replayed on a later pause).
+        pause_key = f"{PAUSE_KEY_PREFIX}{version}-{attempt}"
         try:
-            # A fresh key per attempt: Prefect keys the stored input by the pause key, so a
-            # reused key would hand back the refused answer again.
             answer = pause_flow_run(
                 wait_for_input=form,
                 timeout=max(1, math.ceil(remaining)),
                 poll_interval=s.approval_poll_s,
-                key=f"{PAUSE_KEY_PREFIX}{version}-{attempt}",
+                key=pause_key,
             )
         except FlowPauseTimeout:
             log.warning("stage=approve timed out after %d answer(s)", attempt - 1)
@@ -158,6 +170,21 @@ def _wait_for_valid_answer(
             # The form says a reason is required, but Prefect's initial-data form drops that
             # constraint from the schema it enforces: the gate checks it itself.
             auth = Authorization(False, "an answer needs a reason")
+        if auth.allowed:
+            message = approval_message(
+                flow_run_id=run_id,
+                pause_key=pause_key,
+                approve=bool(answer.approve),
+                approver=answer.approver,
+                reason=answer.reason,
+            )
+            auth = authorize_signature(
+                answer.approver,
+                answer.signature,
+                message,
+                keys,
+                required=s.approval_signatures == "required",
+            )
         if auth.allowed:
             return answer
         record(
@@ -170,8 +197,20 @@ def _wait_for_valid_answer(
             reason=auth.reason,
             answer_reason=answer.reason,
             started_by=started_by,
+            signed=bool(answer.signature.strip()),
         )
         log.warning("stage=approve refused answer: %s; waiting again", auth.reason)
+
+
+def _flow_run_id() -> str:
+    """The id of the flow run this code runs in (what a signed answer names); "" outside one,
+    where no signature can match (nothing but a run pauses for an answer)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return ""
+    return str(ctx.flow_run.id)
 
 
 def _running_again() -> None:
@@ -260,6 +299,7 @@ def request_approval(
     asked = _approval_tags(reg.get_version(model, version))
     started_by = current_actor()
     decision = decide_approval(policy, checks)  # type: ignore[arg-type]
+    signed = False
     if not decision.needs_human:
         approved, approver, reason = decision.approved, "policy:auto", decision.reason
     else:
@@ -278,6 +318,7 @@ def request_approval(
         else:
             approved = bool(answer.approve)
             approver, reason = answer.approver.strip(), answer.reason.strip()
+            signed = bool(answer.signature.strip())  # checked: a bad signature never gets here
     # A second run of the same release may have decided it while this one waited: its
     # decision stands (an approval included: a rejection here would overwrite it under a trial
     # in progress), and this answer is recorded as superseded, not lost.
@@ -330,6 +371,7 @@ def request_approval(
         reason=reason,
         checks=checks,
         started_by=started_by,
+        signed=signed,
     )
     try:
         reopened = {TAG_APPROVAL_STARTED_BY: started_by}

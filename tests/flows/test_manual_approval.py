@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -262,3 +263,106 @@ def test_a_timed_out_approval_is_a_rejection_that_changes_nothing(
     # The run ends as it returned: Completed. Before, Prefect's server refused the move out of
     # a pause past its deadline, and the run ended Failed ("never resumed").
     assert _state(run_id) == StateType.COMPLETED
+
+
+@pytest.fixture
+def dave_signs(
+    approval_env: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Path]:
+    """dave holds the approver role with a registered approval key (yielded: his key file)."""
+    from ballast.approval_signing import create_approver_key, public_key_text
+
+    folder = tmp_path_factory.mktemp("dave")
+    key_file = folder / "dave.pem"
+    key = create_approver_key(key_file)
+    roles = folder / "roles.json"
+    roles.write_text(
+        json.dumps({"dave": {"roles": ["approver"], "approval_key": public_key_text(key)}})
+    )
+    roles.chmod(0o600)
+    monkeypatch.setenv("BALLAST_ROLES_FILE", str(roles))
+    get_settings.cache_clear()
+    yield key_file
+    get_settings.cache_clear()  # before monkeypatch restores the module's environment
+
+
+def _refusals(s: Settings) -> list[dict[str, Any]]:
+    return [e for e in read_audit(s.audit_log) if e["action"] == "approval_refused"]
+
+
+def test_a_registered_approver_must_sign_and_a_signature_fits_one_pause_only(
+    dave_signs: Path,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ballast.approval_signing import approval_message, load_approver_key, sign_approval
+
+    s = get_settings()
+    app = typer.Typer()
+    app.command("approve")(approve_command)
+    app.command("noop")(lambda: None)
+    thread, box = _run_in_thread()
+    run_id = _paused_run_id()
+
+    def answer_and_expect_refusal(run_input: dict[str, Any], why: str) -> None:
+        before = len(_refusals(s))
+        resume_flow_run(run_id, run_input=run_input)
+        _wait_for("the refusal in the audit log", lambda: len(_refusals(s)) > before)
+        _wait_for("the run to pause again", lambda: _state(run_id) == StateType.PAUSED)
+        refused = _refusals(s)[-1]
+        assert refused["approver"] == "dave" and why in refused["reason"], refused
+
+    def signed(key: Ed25519PrivateKey, pause_key: str) -> dict[str, Any]:
+        msg = approval_message(
+            flow_run_id=str(run_id), pause_key=pause_key, approve=True, approver="dave", reason="ok"
+        )
+        return {
+            "approve": True,
+            "approver": "dave",
+            "reason": "ok",
+            "signature": sign_approval(key, msg),
+        }
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state is not None and state.state_details.pause_key is not None
+    first_pause = state.state_details.pause_key  # approval-<version>-1
+    version_key = first_pause.rpartition("-")[0]
+    # Typing dave's name is no longer enough: anyone could.
+    answer_and_expect_refusal(
+        {"approve": True, "approver": "dave", "reason": "ok"}, "must be signed"
+    )
+    # Signed with another key: refused.
+    answer_and_expect_refusal(
+        signed(Ed25519PrivateKey.generate(), f"{version_key}-2"), "does not match"
+    )
+    # dave's real signature, but for the first pause: not replayable on the third.
+    answer_and_expect_refusal(signed(load_approver_key(dave_signs), first_pause), "does not match")
+    # Through the CLI without the key: refused locally, nothing sent.
+    local = CliRunner().invoke(app, ["approve", str(run_id), "--as", "dave", "--reason", "ok"])
+    assert local.exit_code == 2 and "registered approval key" in local.output, local.output
+    # With it: signed for this pause, accepted.
+    sent = CliRunner().invoke(
+        app,
+        [
+            "approve",
+            str(run_id),
+            "--as",
+            "dave",
+            "--reject",
+            "--reason",
+            "signed no",
+            "--key",
+            str(dave_signs),
+        ],
+    )
+    assert sent.exit_code == 0, sent.output
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    report = box["report"]
+    assert report.outcome == "rejected" and report.reason == "signed no"
+    decided = [e for e in read_audit(s.audit_log) if e["action"] == "reject"][-1]
+    assert decided["approver"] == "dave" and decided["signed"] is True
+    assert verify_chain(s.audit_log) == []
