@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -76,8 +76,24 @@ def verify_approval(public_key: Ed25519PublicKey, message: bytes, signature: str
     return True
 
 
+_P = 2**255 - 19
+# The y coordinates of the eight points of small order (1, 2, 4, 8): a "public key" there lets
+# anyone make signatures that verify (OpenSSL's Ed25519 verify does not refuse them), e.g. the
+# all-zero placeholder key. Each y stands for the point and its negation.
+_SMALL_ORDER_Y = frozenset(
+    {
+        0,
+        1,
+        _P - 1,
+        2707385501144840649318225287225658788936804267575313519463743609750303402022,
+        55188659117513257062467267217118295137698188065244968500265048394206261417927,
+    }
+)
+
+
 def parse_public_key(text: str, *, source: str = "approval key") -> Ed25519PublicKey:
-    """A registered key: the raw 32-byte Ed25519 public key, base64. Anything else is a
+    """A registered key: the raw 32-byte Ed25519 public key, base64. Anything else, and keys
+    anyone could sign for (points of small order, non-canonical encodings), is a
     :class:`ConfigError` naming ``source``."""
     try:
         raw = base64.b64decode(text.strip(), validate=True)
@@ -85,7 +101,16 @@ def parse_public_key(text: str, *, source: str = "approval key") -> Ed25519Publi
         raise ConfigError(f"{source}: not base64") from None
     if len(raw) != 32:
         raise ConfigError(f"{source}: an Ed25519 public key is 32 bytes, got {len(raw)}")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if y >= _P or y in _SMALL_ORDER_Y:
+        raise ConfigError(
+            f"{source}: a weak key (a point of small order or a non-canonical encoding): anyone "
+            "could sign for it; make one with `ballast approver-key`"
+        )
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: not an Ed25519 public key: {exc}") from None
 
 
 def public_key_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
@@ -109,10 +134,14 @@ def create_approver_key(path: Path) -> Ed25519PrivateKey:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise ConfigError(f"{path} exists: refusing to write a new key over it") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)  # a half-written key would block the next try ("exists")
+        raise
     return key
 
 
@@ -124,7 +153,7 @@ def load_approver_key(path: Path) -> Ed25519PrivateKey:
         raise ConfigError(exc.message) from None
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"approver key {path} is not an unencrypted PEM key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"approver key {path} is not an Ed25519 key")

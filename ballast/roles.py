@@ -49,9 +49,16 @@ def _entries(data: object, source: str) -> list[tuple[str, list[str], str | None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected an object mapping names to lists of roles")
     out: list[tuple[str, list[str], str | None]] = []
+    seen: dict[str, str] = {}
     for name, entry in data.items():
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{source}: names must be non-empty strings, got {name!r}")
+        # Names compare trimmed and case-folded everywhere (authorize_approval): two entries
+        # that meet there would let the later one decide "alice"'s roles and key unseen.
+        folded = name.strip().casefold()
+        if folded in seen:
+            raise ConfigError(f"{source}: {name!r} and {seen[folded]!r} name the same person")
+        seen[folded] = name
         key: str | None = None
         roles = entry
         if isinstance(entry, dict):
@@ -90,17 +97,36 @@ def parse_approval_keys(data: object, *, source: str = "roles") -> dict[str, Ed2
     return out
 
 
+class _DuplicateName(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json keeps the last of two equal keys: a second "alice" entry would drop the first's
+    # approval key without a word.
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateName(f"{key!r} appears twice")
+        out[key] = value
+    return out
+
+
 def _read_document(path: Path) -> object:
     try:
         raw = read_private(path, "roles file")
     except PrivateFileError as exc:
         raise ConfigError(exc.message) from None
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"roles file {path} is not UTF-8 text: {exc}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"roles file {path} is not valid JSON: {exc}") from None
-    except ValueError as exc:  # not UTF-8
-        raise ConfigError(f"roles file {path} is not UTF-8 text: {exc}") from None
+    except _DuplicateName as exc:
+        raise ConfigError(f"roles file {path}: {exc}") from None
 
 
 def load_roles(path: Path) -> dict[str, frozenset[str]]:

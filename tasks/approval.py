@@ -14,6 +14,7 @@ a rejection that changes nothing.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -133,9 +134,10 @@ def _wait_for_valid_answer(
     version: str,
     form: Any,
     started_by: str,
-) -> Any | None:
-    """Pause until an authorised answer arrives (returned) or the timeout runs out (None)."""
-    from ballast.approval_signing import approval_message
+) -> tuple[Any, dict[str, str]] | None:
+    """Pause until an authorised answer arrives or the timeout runs out (None). Returned with
+    the answer: what its signature covered, for the audit log ({} when unsigned)."""
+    from ballast.approval_signing import approval_message, public_key_text
     from ballast.decisions import authorize_approval, authorize_signature
 
     s = get_settings()
@@ -151,9 +153,10 @@ def _wait_for_valid_answer(
             return None
         attempt += 1
         # A fresh key per attempt: Prefect keys the stored input by the pause key, so a reused
-        # key would hand back the refused answer again (and a signature, which covers the key,
-        # cannot be replayed on a later pause).
-        pause_key = f"{PAUSE_KEY_PREFIX}{version}-{attempt}"
+        # key would hand back the refused answer again. The random part makes every pause's key
+        # new even when a retried run counts its attempts from 1 again: a signature covers the
+        # key, so an answer read back from an earlier pause cannot be replayed on this one.
+        pause_key = f"{PAUSE_KEY_PREFIX}{version}-{attempt}-{secrets.token_hex(8)}"
         try:
             answer = pause_flow_run(
                 wait_for_input=form,
@@ -186,7 +189,18 @@ def _wait_for_valid_answer(
                 required=s.approval_signatures == "required",
             )
         if auth.allowed:
-            return answer
+            proof: dict[str, str] = {}
+            if answer.signature.strip():
+                key = {n.strip().casefold(): k for n, k in keys.items()}[
+                    answer.approver.strip().casefold()
+                ]
+                proof = {
+                    "signature": answer.signature.strip(),
+                    "pause_key": pause_key,
+                    "flow_run_id": run_id,
+                    "approval_key": public_key_text(key),
+                }
+            return answer, proof
         record(
             s.audit_log,
             "approval_refused",
@@ -299,7 +313,7 @@ def request_approval(
     asked = _approval_tags(reg.get_version(model, version))
     started_by = current_actor()
     decision = decide_approval(policy, checks)  # type: ignore[arg-type]
-    signed = False
+    proof: dict[str, str] = {}
     if not decision.needs_human:
         approved, approver, reason = decision.approved, "policy:auto", decision.reason
     else:
@@ -310,15 +324,15 @@ def request_approval(
             reason="",
         )
         log.info("stage=approve model=%s version=%s waiting for a human", model, version)
-        answer = _wait_for_valid_answer(
+        waited = _wait_for_valid_answer(
             model=model, version=version, form=form, started_by=started_by
         )
-        if answer is None:
+        if waited is None:
             approved, approver, reason = False, APPROVAL_TIMEOUT, "approval timed out"
         else:
+            answer, proof = waited  # a signature here was checked: a bad one never gets back
             approved = bool(answer.approve)
             approver, reason = answer.approver.strip(), answer.reason.strip()
-            signed = bool(answer.signature.strip())  # checked: a bad signature never gets here
     # A second run of the same release may have decided it while this one waited: its
     # decision stands (an approval included: a rejection here would overwrite it under a trial
     # in progress), and this answer is recorded as superseded, not lost.
@@ -371,7 +385,9 @@ def request_approval(
         reason=reason,
         checks=checks,
         started_by=started_by,
-        signed=signed,
+        signed=bool(proof),
+        # What the signature covered, so anyone can check it again later with the key.
+        **({"signed_by": proof} if proof else {}),
     )
     try:
         reopened = {TAG_APPROVAL_STARTED_BY: started_by}

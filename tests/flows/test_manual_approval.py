@@ -297,7 +297,13 @@ def test_a_registered_approver_must_sign_and_a_signature_fits_one_pause_only(
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from ballast.approval_signing import approval_message, load_approver_key, sign_approval
+    from ballast.approval_signing import (
+        approval_message,
+        load_approver_key,
+        public_key_text,
+        sign_approval,
+        verify_approval,
+    )
 
     s = get_settings()
     app = typer.Typer()
@@ -325,19 +331,19 @@ def test_a_registered_approver_must_sign_and_a_signature_fits_one_pause_only(
             "signature": sign_approval(key, msg),
         }
 
-    with get_client(sync_client=True) as client:
-        state = client.read_flow_run(run_id).state
-    assert state is not None and state.state_details.pause_key is not None
-    first_pause = state.state_details.pause_key  # approval-<version>-1
-    version_key = first_pause.rpartition("-")[0]
+    def pause_key() -> str:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+        assert state is not None and state.state_details.pause_key is not None
+        return state.state_details.pause_key
+
+    first_pause = pause_key()  # approval-<version>-1-<random>
     # Typing dave's name is no longer enough: anyone could.
     answer_and_expect_refusal(
         {"approve": True, "approver": "dave", "reason": "ok"}, "must be signed"
     )
     # Signed with another key: refused.
-    answer_and_expect_refusal(
-        signed(Ed25519PrivateKey.generate(), f"{version_key}-2"), "does not match"
-    )
+    answer_and_expect_refusal(signed(Ed25519PrivateKey.generate(), pause_key()), "does not match")
     # dave's real signature, but for the first pause: not replayable on the third.
     answer_and_expect_refusal(signed(load_approver_key(dave_signs), first_pause), "does not match")
     # Through the CLI without the key: refused locally, nothing sent.
@@ -365,4 +371,17 @@ def test_a_registered_approver_must_sign_and_a_signature_fits_one_pause_only(
     assert report.outcome == "rejected" and report.reason == "signed no"
     decided = [e for e in read_audit(s.audit_log) if e["action"] == "reject"][-1]
     assert decided["approver"] == "dave" and decided["signed"] is True
+    # The entry holds what the signature covered: anyone with the key can check it again.
+    proof = decided["signed_by"]
+    assert proof["flow_run_id"] == str(run_id) and proof["pause_key"] != first_pause
+    assert proof["pause_key"].rsplit("-", 2)[0] == first_pause.rsplit("-", 2)[0]  # same version
+    again = approval_message(
+        flow_run_id=proof["flow_run_id"],
+        pause_key=proof["pause_key"],
+        approve=False,
+        approver="dave",
+        reason="signed no",
+    )
+    assert verify_approval(load_approver_key(dave_signs).public_key(), again, proof["signature"])
+    assert proof["approval_key"] == public_key_text(load_approver_key(dave_signs))
     assert verify_chain(s.audit_log) == []

@@ -55,7 +55,7 @@ def _ask(
 
     def wait(**kwargs: Any) -> Any:
         during_wait()
-        return answer
+        return None if answer is None else (answer, {})  # (the answer, its unsigned proof)
 
     monkeypatch.setattr(ta, "_wait_for_valid_answer", wait)
     return ta.request_approval(

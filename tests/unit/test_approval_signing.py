@@ -197,3 +197,61 @@ def test_approver_key_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli(), ["approver-key", str(path), "--as", "alice"])
     assert result.exit_code == 2 and "refusing to write a new key over it" in result.output
     assert path.read_text() == "someone's only copy"
+
+
+@pytest.mark.parametrize(
+    "raw_hex",
+    [
+        "01" + "00" * 31,  # the identity: order 1
+        "ec" + "ff" * 30 + "7f",  # order 2
+        "00" * 32,  # order 4: the all-zero placeholder
+        "00" * 31 + "80",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "ed" + "ff" * 30 + "7f",  # y = p: not canonical
+        "ee" + "ff" * 31,
+    ],
+)
+def test_keys_anyone_could_sign_for_are_refused(raw_hex: str) -> None:
+    import base64
+
+    text = base64.b64encode(bytes.fromhex(raw_hex)).decode()
+    with pytest.raises(ConfigError, match="weak key"):
+        parse_public_key(text)
+    with pytest.raises(ConfigError, match="weak key"):
+        parse_approval_keys({"alice": {"roles": ["approver"], "approval_key": text}})
+
+
+def test_two_entries_for_one_person_are_refused(tmp_path: Path, settings: Settings) -> None:
+    key = public_key_text(Ed25519PrivateKey.generate())
+    # Names meet trimmed and case-folded: the later entry would decide alice's key unseen.
+    with pytest.raises(ConfigError, match="name the same person"):
+        parse_approval_keys(
+            {"alice": {"roles": ["approver"], "approval_key": key}, "Alice ": ["approver"]}
+        )
+    # The same name twice in the file: json would keep the last and drop alice's key.
+    roles = tmp_path / "roles.json"
+    roles.write_text(
+        '{"alice": {"roles": ["approver"], "approval_key": "' + key + '"}, "alice": ["approver"]}'
+    )
+    roles.chmod(0o600)
+    from ballast.roles import load_roles
+
+    with pytest.raises(ConfigError, match="'alice' appears twice"):
+        load_roles(roles)
+
+
+# secp112r1: a PEM key cryptography refuses with UnsupportedAlgorithm, not ValueError.
+_UNSUPPORTED_PEM = """-----BEGIN EC PRIVATE KEY-----
+MD4CAQEEDlqsYO1UXKsWFz2idvmFoAcGBSuBBAAGoSADHgAEQq/EkdnYQ0Io4vxg
+ei8WQq4yB7ijOExYHkfXBg==
+-----END EC PRIVATE KEY-----
+"""
+
+
+def test_a_key_of_an_unsupported_kind_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "ec.pem"
+    path.write_text(_UNSUPPORTED_PEM)
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="not an unencrypted PEM key"):
+        load_approver_key(path)
