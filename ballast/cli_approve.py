@@ -178,7 +178,7 @@ def _waiting_for(flow_run_id: UUID) -> tuple[str, str]:
     """What the paused run asks about ("NAME (ID) asks approval of version V") and its pause key
     (which a signed answer covers), read before any answer is sent, so the approver sees which
     release they answer. The release flow pauses
-    with the key ``approval-<version>-<attempt>-<random>`` (tasks/approval.py); a run paused for
+    with the key ``approval-<version>-<attempt>-<question>`` (tasks/approval.py); a run paused for
     anything else, or not paused, is refused."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import NotPausedError
@@ -191,7 +191,7 @@ def _waiting_for(flow_run_id: UUID) -> tuple[str, str]:
     if state is None or not state.is_paused():
         raise NotPausedError(f"its state is {state.name if state else 'unknown'}")
     key = state.state_details.pause_key or ""
-    # approval-<version>-<attempt>-<random> (approval-<version>-<attempt> before signatures)
+    # approval-<version>-<attempt>-<question> (approval-<version>-<attempt> before signatures)
     parts = key.removeprefix(PAUSE_KEY_PREFIX).rsplit("-", 2)
     version = parts[0] if len(parts) == 3 else "-".join(parts[:-1])
     if not key.startswith(PAUSE_KEY_PREFIX) or not version:

@@ -13,8 +13,8 @@ a rejection that changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import math
-import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -134,6 +134,7 @@ def _wait_for_valid_answer(
     version: str,
     form: Any,
     started_by: str,
+    compared_champion: str | None = None,
 ) -> tuple[Any, dict[str, str]] | None:
     """Pause until an authorised answer arrives or the timeout runs out (None). Returned with
     the answer: what its signature covered, for the audit log ({} when unsigned)."""
@@ -145,6 +146,7 @@ def _wait_for_valid_answer(
     roles = roles_from_settings(s)  # a bad roles file fails here, before anyone is asked
     keys = approval_keys_from_settings(s)
     run_id = _flow_run_id()
+    question = hashlib.sha256(f"champion={compared_champion or ''}".encode()).hexdigest()[:12]
     deadline = time.monotonic() + s.approval_timeout_s
     attempt = 0
     while True:
@@ -153,10 +155,12 @@ def _wait_for_valid_answer(
             return None
         attempt += 1
         # A fresh key per attempt: Prefect keys the stored input by the pause key, so a reused
-        # key would hand back the refused answer again. The random part makes every pause's key
-        # new even when a retried run counts its attempts from 1 again: a signature covers the
-        # key, so an answer read back from an earlier pause cannot be replayed on this one.
-        pause_key = f"{PAUSE_KEY_PREFIX}{version}-{attempt}-{secrets.token_hex(8)}"
+        # key would hand back the refused answer again. A rerun of the same flow run counts its
+        # attempts from 1 again and so meets the keys of its earlier run: an answer given there
+        # (a worker killed while the release waited) carries over, signature included, only
+        # while the question is the same: the same version weighed against the same champion,
+        # which the last part of the key names. After the champion moved it is a new question.
+        pause_key = f"{PAUSE_KEY_PREFIX}{version}-{attempt}-{question}"
         try:
             answer = pause_flow_run(
                 wait_for_input=form,
@@ -325,7 +329,11 @@ def request_approval(
         )
         log.info("stage=approve model=%s version=%s waiting for a human", model, version)
         waited = _wait_for_valid_answer(
-            model=model, version=version, form=form, started_by=started_by
+            model=model,
+            version=version,
+            form=form,
+            started_by=started_by,
+            compared_champion=compared_champion,
         )
         if waited is None:
             approved, approver, reason = False, APPROVAL_TIMEOUT, "approval timed out"

@@ -76,6 +76,10 @@ def api(gateway: str) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_url(f"{gateway}/openapi.json")
 
 
+# Headers that frame the HTTP message itself, handled by the server before the app.
+_TRANSPORT_HEADERS = frozenset({"content-length", "transfer-encoding", "host", "connection"})
+
+
 def auth_for(case: schemathesis.Case, token: str) -> dict[str, str] | None:
     """The token to send, unless the case's headers are the invalid part on purpose.
 
@@ -121,6 +125,12 @@ def fuzz(
             @FUZZ
             @given(case=strategy)
             def check(case: schemathesis.Case) -> None:
+                # Extra headers of a negative case may be named Content-Length & co with a
+                # garbage value: the HTTP server refuses such a request (400, text) before the
+                # app sees it. That tests uvicorn's parser, not this API: they are dropped.
+                if case.headers:
+                    for name in [n for n in case.headers if n.lower() in _TRANSPORT_HEADERS]:
+                        del case.headers[name]
                 # Run at once below, in this iteration: the loop variable is the right one.
                 case.call_and_validate(
                     headers=auth_for(case, token),
