@@ -179,3 +179,32 @@ def test_nobody_is_asked_when_the_champion_moved_before_the_approval(
             compared_champion="3",
         )
     assert asked == [] and reg.tags["ballast.approval"] == "pending"
+
+
+def test_a_pause_key_names_the_version_the_attempt_and_the_champion_compared_against(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rerun of a flow run meets the pause keys of its earlier run (Prefect hands back an
+    # answer stored under the same key): only the same question may find the same key.
+    monkeypatch.setenv("BALLAST_APPROVERS", '["alice"]')
+    from ballast.settings import get_settings
+
+    get_settings.cache_clear()
+    keys: list[str] = []
+
+    def pause(**kwargs: Any) -> Any:
+        keys.append(kwargs["key"])
+        return _answer(True, "alice", "ok")
+
+    monkeypatch.setattr(ta, "pause_flow_run", pause)
+
+    def key_for(champion: str | None) -> str:
+        ta._wait_for_valid_answer(
+            model="m", version="5", form=None, started_by="bob", compared_champion=champion
+        )
+        return keys[-1]
+
+    three, again, four, none = key_for("3"), key_for("3"), key_for("4"), key_for(None)
+    assert three == again and three.startswith("approval-5-1-")
+    assert len({three, four, none}) == 3
+    get_settings.cache_clear()
