@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ballast.errors import ConfigError
-from ballast.private_files import PrivateFileError, read_private
+from ballast.private_files import read_private_config
 
 __all__ = [
     "PURPOSE",
@@ -34,6 +35,7 @@ __all__ = [
     "load_approver_key",
     "parse_public_key",
     "public_key_text",
+    "registered_key",
     "sign_approval",
     "verify_approval",
 ]
@@ -56,6 +58,13 @@ def approval_message(
         "reason": reason.strip(),
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def registered_key(keys: Mapping[str, Ed25519PublicKey], name: str) -> Ed25519PublicKey | None:
+    """``name``'s registered key, names compared trimmed and case-folded (as the role check
+    compares them); None when it has none."""
+    folded = name.strip().casefold()
+    return next((k for n, k in keys.items() if n.strip().casefold() == folded), None)
 
 
 def sign_approval(key: Ed25519PrivateKey, message: bytes) -> str:
@@ -147,10 +156,7 @@ def create_approver_key(path: Path) -> Ed25519PrivateKey:
 
 def load_approver_key(path: Path) -> Ed25519PrivateKey:
     """The private key at ``path``; refused unless only its owner can read it."""
-    try:
-        pem = read_private(path, "approver key")
-    except PrivateFileError as exc:
-        raise ConfigError(exc.message) from None
+    pem = read_private_config(path, "approver key")
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:

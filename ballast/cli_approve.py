@@ -135,14 +135,13 @@ def _signer(name: str, key_file: Path | None) -> Ed25519PrivateKey | None:
     when the paused run would refuse the answer: a registered key and no key file, a key file
     that is not the registered key, a key file for a name without one, or no key where
     signatures are required."""
-    from ballast.approval_signing import load_approver_key, public_key_text
+    from ballast.approval_signing import load_approver_key, public_key_text, registered_key
     from ballast.roles import approval_keys_from_settings
     from ballast.settings import get_settings
 
     s = get_settings()
     try:
-        keys = {n.strip().casefold(): k for n, k in approval_keys_from_settings(s).items()}
-        registered = keys.get(name.strip().casefold())
+        registered = registered_key(approval_keys_from_settings(s), name)
         if key_file is None:
             if registered is not None:
                 raise BallastError(

@@ -172,11 +172,10 @@ def authorize_signature(
     name, compared as :func:`authorize_approval` does) must sign ``message`` with it, or anyone
     could answer in their name; with ``required`` every answer must be signed by a registered
     key. Others answer by name alone."""
-    from ballast.approval_signing import verify_approval
+    from ballast.approval_signing import registered_key, verify_approval
 
     name = approver.strip()
-    by_name = {n.strip().casefold(): k for n, k in keys.items()}
-    key = by_name.get(name.casefold())
+    key = registered_key(keys, name)
     if key is None:
         if required:
             return Authorization(

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["PrivateFileError", "read_private"]
+__all__ = ["PrivateFileError", "read_private", "read_private_config"]
 
 
 class PrivateFileError(Exception):
@@ -50,3 +50,14 @@ def read_private(path: Path, what: str) -> bytes:
         raise PrivateFileError(f"{what} {path} cannot be read: {exc}") from None
     finally:
         os.close(fd)
+
+
+def read_private_config(path: Path, what: str) -> bytes:
+    """:func:`read_private` for configuration read at start-up: a refusal is a
+    :class:`ballast.errors.ConfigError` with the same message."""
+    from ballast.errors import ConfigError
+
+    try:
+        return read_private(path, what)
+    except PrivateFileError as exc:
+        raise ConfigError(exc.message) from None

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ballast.approval_signing import parse_public_key
 from ballast.errors import ConfigError
-from ballast.private_files import PrivateFileError, read_private
+from ballast.private_files import read_private_config
 from ballast.settings import Settings
 
 __all__ = [
@@ -113,10 +113,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def _read_document(path: Path) -> object:
-    try:
-        raw = read_private(path, "roles file")
-    except PrivateFileError as exc:
-        raise ConfigError(exc.message) from None
+    raw = read_private_config(path, "roles file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -138,7 +138,7 @@ def _wait_for_valid_answer(
 ) -> tuple[Any, dict[str, str]] | None:
     """Pause until an authorised answer arrives or the timeout runs out (None). Returned with
     the answer: what its signature covered, for the audit log ({} when unsigned)."""
-    from ballast.approval_signing import approval_message, public_key_text
+    from ballast.approval_signing import approval_message, public_key_text, registered_key
     from ballast.decisions import authorize_approval, authorize_signature
 
     s = get_settings()
@@ -195,9 +195,8 @@ def _wait_for_valid_answer(
         if auth.allowed:
             proof: dict[str, str] = {}
             if answer.signature.strip():
-                key = {n.strip().casefold(): k for n, k in keys.items()}[
-                    answer.approver.strip().casefold()
-                ]
+                key = registered_key(keys, answer.approver)
+                assert key is not None  # authorize_signature accepted a signature by it
                 proof = {
                     "signature": answer.signature.strip(),
                     "pause_key": pause_key,
