@@ -5,7 +5,7 @@ never leaves a rank behind.
   (``auto``: one per visible GPU, 1 on CPU).
 - :func:`torchrun_argv` builds ``python -m torch.distributed.run ...`` (torchrun with this
   interpreter): ``--standalone`` on one node, ``--nnodes`` / ``--rdzv-*`` passed through for a
-  cluster; no restarts (a failed rank fails the job; resume comes from checkpoints instead).
+  cluster; no elastic restarts (a failed rank fails the job; resume comes from checkpoints).
 - :func:`launch` runs it in its own process group, streams every output line to a callback and
   enforces a wall-clock timeout; on a failure or timeout it stops torchrun and every rank (ranks
   run in sessions of their own, found through the pid files they write) and raises
@@ -13,7 +13,9 @@ never leaves a rank behind.
 - :func:`train_data_parallel` is ``ballast.training.train`` over N processes: it writes the
   validated arrays to a private (0700) folder, launches :mod:`ballast.ddp_worker` on every rank,
   reads back rank 0's result as the same :class:`~ballast.training.TrainResult` and deletes the
-  folder (the plaintext with it) on every exit path.
+  folder (the plaintext with it) on every exit path. A one-node launch whose rank crashed (SIGABRT,
+  SIGSEGV, SIGBUS) before the first epoch ended, the signature of a transport fault while the
+  ranks connect, is relaunched once (:func:`relaunchable`); anything later or anything else fails.
 
 Nothing here imports pydantic, Prefect, MLflow or cryptography: a GPU image with only torch,
 numpy, pandas and scikit-learn runs it (``benchmarks/ddp_bench.py``). Configuration is passed in
@@ -54,6 +56,21 @@ WORKER_MODULE = "ballast.ddp_worker"
 #: Files inside one launch's private folder.
 SPEC_FILE, DATA_FILE, RESULT_FILE, PID_DIR = "job.json", "data.npz", "result.pt", "pids"
 TAIL_LINES = 40
+#: How many of a launch's error-looking lines its error message keeps (the first ones: the
+#: cause comes before the ranks its failure took down and torchrun's summary).
+ERROR_LINES = 5
+_ERROR_LINE = re.compile(
+    r"terminate called|what\(\):|Traceback|Error|Exception|Segmentation fault|Aborted|Killed"
+)
+# torchrun's failure summary: "Root Cause (first observed failure):" then "exitcode  : -6 (...".
+_ROOT_CAUSE = "Root Cause (first observed failure):"
+_EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+#: Signals that, before the first epoch, mean a fault in the ranks' transport or runtime (gloo
+#: aborts on some connection races while the mesh forms) rather than a decision to stop
+#: (SIGKILL, SIGTERM: an operator, the OOM killer) or an error in the job (an exit status).
+RELAUNCH_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS})
+_SIGNALS = frozenset(int(s) for s in signal.Signals)
+_EPOCH_LINE = re.compile(r"^stage=train rank=0 .*\bepoch=\d+")
 
 
 def resolve_world_size(setting: str | int, *, device: str, visible_gpus: int) -> int:
@@ -231,6 +248,7 @@ def launch(
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    errors: list[str] = []
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -245,6 +263,8 @@ def launch(
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
             tail.append(line)
+            if len(errors) < ERROR_LINES and _ERROR_LINE.search(line):
+                errors.append(line.strip())
             if on_line is not None:
                 try:
                     on_line(line)
@@ -274,12 +294,95 @@ def launch(
             tail=tuple(tail),
         )
     if rc != 0:
+        root = root_cause_signal(tail)
+        killed = f", rank killed by {signal.Signals(root).name}" if root in _SIGNALS else ""
         raise DistributedTrainingError(
-            f"data-parallel training failed after {seconds:.1f} s (torchrun exit {rc}); every "
-            f"rank was stopped. Last output: {' | '.join(list(tail)[-5:])}",
+            f"data-parallel training failed after {seconds:.1f} s (torchrun exit {rc}{killed}); "
+            f"every rank was stopped. First errors: {' | '.join(errors) or 'none printed'}. "
+            f"Last output: {' | '.join(list(tail)[-5:])}",
             returncode=rc,
             tail=tuple(tail),
+            errors=tuple(errors),
+            root_signal=root,
+            seconds=seconds,
         )
+
+
+def root_cause_signal(lines: Iterable[str]) -> int | None:
+    """The signal that killed torchrun's root-cause rank, from its failure summary (None: the
+    rank exited with a status, or there is no summary)."""
+    in_root = False
+    for line in lines:
+        if line.strip() == _ROOT_CAUSE:
+            in_root = True
+        elif in_root and (m := _EXITCODE.match(line)):
+            code = int(m.group(1))
+            return -code if code < 0 else None
+    return None
+
+
+def relaunchable(err: DistributedTrainingError, *, epoch_ended: bool, nnodes: int) -> bool:
+    """Whether a failed launch is worth one more: a rank crashed by a fault signal before any
+    epoch ended, on a launch this process controls alone (one node: other nodes' agents fail
+    with it and are started by someone else). A timeout, an exit status (a Python error, an
+    orphaned rank), SIGKILL or SIGTERM, or a crash after training began fail at once."""
+    return (
+        nnodes == 1
+        and not err.timed_out
+        and not epoch_ended
+        and err.root_signal is not None
+        and err.root_signal in RELAUNCH_SIGNALS
+    )
+
+
+def _launch_relaunching(
+    argv: list[str],
+    topology: Topology,
+    *,
+    timeout_s: float,
+    on_line: Callable[[str], None] | None,
+    env: Mapping[str, str],
+    run_dir: Path,
+) -> None:
+    """:func:`launch`, and once more when :func:`relaunchable` says so, within ``timeout_s`` in
+    all."""
+    epoch_ended = threading.Event()
+
+    def watch(line: str) -> None:
+        if _EPOCH_LINE.match(line):
+            epoch_ended.set()
+        if on_line is not None:
+            on_line(line)
+
+    started = time.monotonic()
+    try:
+        launch(argv, timeout_s=timeout_s, on_line=watch, env=env, run_dir=run_dir)
+        return
+    except DistributedTrainingError as err:
+        if not relaunchable(err, epoch_ended=epoch_ended.is_set(), nnodes=topology.nnodes):
+            raise
+        first = err
+    left = timeout_s - (time.monotonic() - started)
+    log.warning(
+        "stage=train relaunch=1 reason=%s after_s=%.1f errors=%s",
+        signal.Signals(first.root_signal or signal.SIGABRT).name,
+        first.seconds or 0.0,
+        " | ".join(first.errors) or "none printed",
+    )
+    shutil.rmtree(run_dir / PID_DIR, ignore_errors=True)  # the first launch's pids are stale
+    try:
+        launch(argv, timeout_s=max(left, 1.0), on_line=watch, env=env, run_dir=run_dir)
+    except DistributedTrainingError as err:
+        raise DistributedTrainingError(
+            f"{err.message} (relaunched once after the first launch's rank crashed while "
+            f"starting: {first.message})",
+            returncode=err.returncode,
+            timed_out=err.timed_out,
+            tail=err.tail,
+            errors=err.errors,
+            root_signal=err.root_signal,
+            seconds=err.seconds,
+        ) from first
 
 
 def merged_model_params(
@@ -477,7 +580,9 @@ def train_data_parallel(
             job["backend"],
             run_dir,
         )
-        launch(argv, timeout_s=timeout_s, on_line=on_line, env=env, run_dir=run_dir)
+        _launch_relaunching(
+            argv, topology, timeout_s=timeout_s, on_line=on_line, env=env, run_dir=run_dir
+        )
         return read_result(
             run_dir / RESULT_FILE,
             ds,

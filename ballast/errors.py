@@ -130,7 +130,10 @@ class DistributedTrainingError(TrainingError):
     """A data-parallel training launch failed: a rank exited non-zero or was killed, or the job ran
     past its timeout. Every rank has been stopped by the time this is raised.
 
-    ``returncode`` is torchrun's exit status (None after a timeout); ``tail`` the last output lines.
+    ``returncode`` is torchrun's exit status (None after a timeout); ``tail`` the last output
+    lines; ``errors`` the first error-looking lines (the cause is usually among them);
+    ``root_signal`` the signal that killed the first rank to fail (None: it exited with a
+    status); ``seconds`` how long the launch ran.
     """
 
     def __init__(
@@ -140,8 +143,14 @@ class DistributedTrainingError(TrainingError):
         returncode: int | None = None,
         timed_out: bool = False,
         tail: tuple[str, ...] = (),
+        errors: tuple[str, ...] = (),
+        root_signal: int | None = None,
+        seconds: float | None = None,
     ) -> None:
         self.returncode = returncode
         self.timed_out = timed_out
         self.tail = tail
+        self.errors = errors
+        self.root_signal = root_signal
+        self.seconds = seconds
         super().__init__(message)

@@ -100,6 +100,58 @@ def kill_rank_after(
     return t, lambda: seen.get("epoch", -1)
 
 
+def abort_rank_at_start(work: Path, rank: int, times: int) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGABRTs ``rank`` of the first ``times`` launches as soon as it has written
+    its pid (before the process group forms: gloo's own aborts happen there); returns it and the
+    pids it aborted."""
+    aborted: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while len(aborted) < times and time.monotonic() < deadline:
+            for pid_file in work.glob(f"ddp-*/{PID_DIR}/rank-{rank}.pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    pid = int(pid_file.read_text())
+                    if pid not in aborted:
+                        os.kill(pid, signal.SIGABRT)
+                        aborted.append(pid)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    return t, aborted
+
+
+def test_a_rank_crashing_while_the_ranks_connect_is_relaunched_once(
+    tmp_path: Path, two_ranks: TrainResult, caplog: pytest.LogCaptureFixture
+) -> None:
+    work = tmp_path / "work"
+    # Given a launch whose rank 1 aborts before the first epoch (as gloo does on some connection
+    # races; CI saw one),
+    killer, aborted = abort_rank_at_start(work, rank=1, times=1)
+    with caplog.at_level("WARNING", logger="ballast.distributed"):
+        result = ddp(work)
+    killer.join(timeout=5)
+    # then the launch is relaunched once, says so, and trains as if nothing had happened.
+    assert len(aborted) == 1
+    assert any("relaunch=1 reason=SIGABRT" in r.getMessage() for r in caplog.records)
+    assert [r.epoch for r in result.history] == list(range(1, EPOCHS + 1))
+    assert result.metrics["accuracy"] == two_ranks.metrics["accuracy"]
+    assert processes_mentioning(str(work)) == [] and list(work.iterdir()) == []
+
+
+def test_a_rank_that_crashes_at_every_start_fails_after_one_relaunch(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    killer, aborted = abort_rank_at_start(work, rank=1, times=2)
+    with pytest.raises(DistributedTrainingError, match="relaunched once") as info:
+        ddp(work)
+    killer.join(timeout=5)
+    assert len(aborted) == 2, "a second relaunch must not happen"
+    assert info.value.root_signal == signal.SIGABRT
+    assert "rank killed by SIGABRT" in str(info.value)
+    assert processes_mentioning(str(work)) == [] and list(work.iterdir()) == []
+
+
 def test_two_gloo_ranks_reach_the_accuracy_of_one_process_on_the_same_data_and_seed(
     two_ranks: TrainResult,
 ) -> None:

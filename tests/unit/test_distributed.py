@@ -18,7 +18,9 @@ from ballast.distributed import (
     backend_for,
     launch,
     merged_model_params,
+    relaunchable,
     resolve_world_size,
+    root_cause_signal,
     run_dir_for,
     stop_all,
     threads_per_process,
@@ -230,6 +232,95 @@ def test_launch_raises_a_typed_error_with_the_exit_status_and_the_last_lines() -
         )
     assert info.value.returncode == 3 and info.value.tail[-1] == "rank 1 failed"
     assert lines == ["rank 1 failed"]
+
+
+# torchrun's failure summary as it prints it: other failures first, then the root cause.
+SUMMARY = """
+============================================================
+ballast.ddp_worker FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-28_12:00:01
+  host      : box
+  rank      : 0 (local_rank: 0)
+  exitcode  : {other} (pid: 11)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 11
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-28_12:00:00
+  host      : box
+  rank      : 1 (local_rank: 1)
+  exitcode  : {root} (pid: 12)
+  error_file: <N/A>
+  traceback : Signal 6 (SIGABRT) received by PID 12
+============================================================"""
+
+
+def test_a_failed_launch_names_the_signal_that_killed_the_root_rank_and_its_first_errors() -> None:
+    # Given a stand-in torchrun whose rank 1 printed gloo's abort, then noise, then the summary,
+    script = (
+        "import sys\n"
+        "print('stage=train rank=0 starting')\n"
+        "print(\"terminate called after throwing an instance of 'gloo::IoException'\", "
+        "file=sys.stderr)\n"
+        "print('  what():  [pair.cc:589] Read error [127.0.0.1]:3977: Connection reset by peer')\n"
+        "for i in range(60): print(f'noise {i}')\n"
+        f"print({SUMMARY.format(other=-15, root=-6)!r})\n"
+        "raise SystemExit(1)\n"
+    )
+    with pytest.raises(DistributedTrainingError) as info:
+        launch(_py(script), timeout_s=30)
+    err = info.value
+    # then the error says which signal killed the root cause (not the other rank's SIGTERM) and
+    # keeps the first error lines, which scrolled out of the last-lines tail long ago.
+    assert err.root_signal == 6 and err.returncode == 1 and not err.timed_out
+    assert err.errors[:2] == (
+        "terminate called after throwing an instance of 'gloo::IoException'",
+        "what():  [pair.cc:589] Read error [127.0.0.1]:3977: Connection reset by peer",
+    )
+    assert "noise 0" not in err.tail
+    assert "rank killed by SIGABRT" in str(err)
+    assert "First errors: terminate called after throwing" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (SUMMARY.format(other=-15, root=-6).splitlines(), 6),
+        (SUMMARY.format(other=-6, root=-11).splitlines(), 11),
+        (SUMMARY.format(other=-6, root=1).splitlines(), None),  # a Python error in the root rank
+        (["exitcode  : -6 (pid: 3)"], None),  # no summary: nothing to trust
+        ([], None),
+    ],
+)
+def test_root_cause_signal_reads_the_root_cause_section_only(
+    lines: list[str], expected: int | None
+) -> None:
+    assert root_cause_signal(lines) == expected
+
+
+@pytest.mark.parametrize(
+    ("root_signal", "timed_out", "epoch_ended", "nnodes", "expected"),
+    [
+        (6, False, False, 1, True),  # gloo aborting while the ranks connect
+        (11, False, False, 1, True),
+        (7, False, False, 1, True),  # SIGBUS
+        (6, False, True, 1, False),  # training had begun: a crash then is the job's
+        (6, False, False, 2, False),  # other nodes' agents are not ours to restart
+        (6, True, False, 1, False),
+        (9, False, False, 1, False),  # SIGKILL: an operator or the OOM killer decided
+        (15, False, False, 1, False),
+        (None, False, False, 1, False),  # an exit status: a Python error, an orphaned rank
+    ],
+)
+def test_only_a_rank_crash_before_the_first_epoch_on_one_node_is_relaunched(
+    root_signal: int | None, timed_out: bool, epoch_ended: bool, nnodes: int, expected: bool
+) -> None:
+    err = DistributedTrainingError("x", returncode=1, timed_out=timed_out, root_signal=root_signal)
+    assert relaunchable(err, epoch_ended=epoch_ended, nnodes=nnodes) is expected
 
 
 def test_a_launch_past_its_timeout_is_stopped_with_every_rank_it_recorded(tmp_path: Path) -> None:
