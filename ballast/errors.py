@@ -11,10 +11,20 @@ import re
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(\S*)@")
 
 
+_HOST_PORT = re.compile(r"[^:@/?#]+:[0-9]{1,5}")
+
+
 def _redacted(m: re.Match[str]) -> str:
     info = m.group(2)
     # "host/path?q=a@b" is no userinfo (no ":", a path before the "@"): left alone. Anything
-    # with a ":" could be "user:password" and is hidden, even "host:port/...?q=a@b".
+    # with a ":" could be "user:password" (unencoded "/" and "@" included, as SQLAlchemy takes
+    # them) and is hidden, except "host:port" followed by a query or fragment holding the "@"
+    # ("http://h:5000/x?owner=a@b"): hiding that hid the host, and a password that is digits
+    # followed by "?" is not worth it.
+    authority = re.split(r"[/?#]", info, maxsplit=1)[0]
+    query = re.search(r"[?#]", info)
+    if query is not None and "@" not in info[: query.start()] and _HOST_PORT.fullmatch(authority):
+        return m.group(0)
     if ":" in info or not any(c in info for c in "/?#"):
         return f"{m.group(1)}***@"
     return m.group(0)

@@ -24,6 +24,11 @@ from ballast.errors import BallastError, RegistryError, redact_uri_credentials
         ("postgresql://ballast:s3cr/et@db:5432/m", "postgresql://***@db:5432/m"),
         ("postgresql://ballast:p@ss@db:5432/m", "postgresql://***@db:5432/m"),
         ("see http://corp.example/?q=a@b", None),  # an "@" in a query is no userinfo
+        # nor with a port before it (this hid the host, review finding of stop 20)
+        ("see http://h:5000?owner=a@b and http://h:5000/x/y#me@z", None),
+        ("http://u:pw@h:5000/x?owner=a@b", "http://***@b"),  # credentials too: all hidden
+        ("http://user:s3cr/et?x@h:1/", "http://***@h:1/"),  # a password, not a port
+        ("http://h:5000/a@b/c", "http://***@b/c"),  # an "@" in a path: cannot tell, hidden
     ],
 )
 def test_redact_uri_credentials(text: str, want: str | None) -> None:
