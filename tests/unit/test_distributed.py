@@ -235,28 +235,29 @@ def test_launch_raises_a_typed_error_with_the_exit_status_and_the_last_lines() -
 
 
 # torchrun's failure summary as it prints it: other failures first, then the root cause.
-SUMMARY = """
-============================================================
-ballast.ddp_worker FAILED
-------------------------------------------------------------
-Failures:
-[1]:
-  time      : 2026-11-28_12:00:01
-  host      : box
-  rank      : 0 (local_rank: 0)
-  exitcode  : {other} (pid: 11)
-  error_file: <N/A>
-  traceback : Signal 15 (SIGTERM) received by PID 11
-------------------------------------------------------------
-Root Cause (first observed failure):
-[0]:
-  time      : 2026-11-28_12:00:00
-  host      : box
-  rank      : 1 (local_rank: 1)
-  exitcode  : {root} (pid: 12)
-  error_file: <N/A>
-  traceback : Signal 6 (SIGABRT) received by PID 12
-============================================================"""
+def _failure(idx: int, rank: int, exitcode: str, pid: int, traceback: str) -> str:
+    return (
+        f"[{idx}]:\n  time      : 2026-11-28_12:00:0{idx}\n  host      : box\n"
+        f"  rank      : {rank} (local_rank: {rank})\n  exitcode  : {exitcode} (pid: {pid})\n"
+        f"  error_file: <N/A>\n  traceback : {traceback}"
+    )
+
+
+BORDER, SECTION = "=" * 60, "-" * 60
+SUMMARY = "\n".join(
+    [
+        "",
+        BORDER,
+        "ballast.ddp_worker FAILED",
+        SECTION,
+        "Failures:",
+        _failure(1, 0, "{other}", 11, "Signal 15 (SIGTERM) received by PID 11"),
+        SECTION,
+        "Root Cause (first observed failure):",
+        _failure(0, 1, "{root}", 12, "Signal 6 (SIGABRT) received by PID 12"),
+        BORDER,
+    ]
+)
 
 
 def test_a_failed_launch_names_the_signal_that_killed_the_root_rank_and_its_first_errors() -> None:
