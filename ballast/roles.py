@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -25,8 +26,10 @@ from ballast.settings import Settings
 __all__ = [
     "APPROVER",
     "ROLES",
+    "ApprovalConfig",
     "Role",
     "Roles",
+    "approval_config_from_settings",
     "approval_keys_from_settings",
     "load_roles",
     "merge_approvers",
@@ -134,9 +137,28 @@ def load_roles(path: Path) -> dict[str, frozenset[str]]:
 
 def approval_keys_from_settings(s: Settings) -> dict[str, Ed25519PublicKey]:
     """The approval keys the roles file registers (none without a roles file)."""
+    return dict(approval_config_from_settings(s).keys)
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalConfig:
+    """Who may approve and with which keys, from one reading of the roles file."""
+
+    roles: Roles
+    keys: Mapping[str, Ed25519PublicKey]
+
+
+def approval_config_from_settings(s: Settings) -> ApprovalConfig:
+    """The configured roles (the roles file plus ``settings.approvers``) and approval keys, read
+    from the file once: both halves describe the same version of it."""
     if s.roles_file is None:
-        return {}
-    return parse_approval_keys(_read_document(s.roles_file), source=str(s.roles_file))
+        return ApprovalConfig(merge_approvers({}, s.approvers), {})
+    document = _read_document(s.roles_file)
+    source = str(s.roles_file)
+    return ApprovalConfig(
+        merge_approvers(parse_roles(document, source=source), s.approvers),
+        parse_approval_keys(document, source=source),
+    )
 
 
 def merge_approvers(roles: Mapping[str, frozenset[str]], approvers: Iterable[str]) -> Roles:
@@ -149,5 +171,4 @@ def merge_approvers(roles: Mapping[str, frozenset[str]], approvers: Iterable[str
 
 def roles_from_settings(s: Settings) -> Roles:
     """The configured roles: the roles file (if any) plus ``settings.approvers``."""
-    base = load_roles(s.roles_file) if s.roles_file is not None else {}
-    return merge_approvers(base, s.approvers)
+    return approval_config_from_settings(s).roles

@@ -28,11 +28,11 @@ from pydantic import Field
 from ballast.audit import current_actor, record
 from ballast.data import ValidatedDataset
 from ballast.decisions import APPROVAL_TIMEOUT, Authorization, prior_decision
-from ballast.errors import ApprovalRejected
+from ballast.errors import ApprovalRejected, ConfigError
 from ballast.quality import QualityDecision
 from ballast.release import PAUSE_KEY_PREFIX, TAG_APPROVAL, TAG_STATUS, TAG_VERDICT
-from ballast.roles import approval_keys_from_settings, roles_from_settings
-from ballast.settings import get_settings
+from ballast.roles import ApprovalConfig, approval_config_from_settings
+from ballast.settings import Settings, get_settings
 from model_registry import ApprovalRecord, ModelVersionInfo
 from tasks.common import logger, registry
 
@@ -143,8 +143,7 @@ def _wait_for_valid_answer(
 
     s = get_settings()
     log = logger()
-    roles = roles_from_settings(s)  # a bad roles file fails here, before anyone is asked
-    keys = approval_keys_from_settings(s)
+    approval_config_from_settings(s)  # a bad roles file fails here, before anyone is asked
     run_id = _flow_run_id()
     question = hashlib.sha256(f"champion={compared_champion or ''}".encode()).hexdigest()[:12]
     deadline = time.monotonic() + s.approval_timeout_s
@@ -172,12 +171,16 @@ def _wait_for_valid_answer(
             log.warning("stage=approve timed out after %d answer(s)", attempt - 1)
             _running_again()
             return None
-        auth = authorize_approval(answer.approver, started_by, roles)
+        # Read again for every answer: a pause can last hours, and a role revoked or a key
+        # replaced meanwhile (it leaked) must bind the answers given after the change.
+        config, auth = _current_config(s)
+        if config is not None:
+            auth = authorize_approval(answer.approver, started_by, config.roles)
         if auth.allowed and not answer.reason.strip():
             # The form says a reason is required, but Prefect's initial-data form drops that
             # constraint from the schema it enforces: the gate checks it itself.
             auth = Authorization(False, "an answer needs a reason")
-        if auth.allowed:
+        if auth.allowed and config is not None:
             message = approval_message(
                 flow_run_id=run_id,
                 pause_key=pause_key,
@@ -189,13 +192,14 @@ def _wait_for_valid_answer(
                 answer.approver,
                 answer.signature,
                 message,
-                keys,
+                config.keys,
                 required=s.approval_signatures == "required",
             )
         if auth.allowed:
             proof: dict[str, str] = {}
             if answer.signature.strip():
-                key = registered_key(keys, answer.approver)
+                assert config is not None
+                key = registered_key(config.keys, answer.approver)
                 assert key is not None  # authorize_signature accepted a signature by it
                 proof = {
                     "signature": answer.signature.strip(),
@@ -217,6 +221,18 @@ def _wait_for_valid_answer(
             signed=bool(answer.signature.strip()),
         )
         log.warning("stage=approve refused answer: %s; waiting again", auth.reason)
+
+
+def _current_config(s: Settings) -> tuple[ApprovalConfig | None, Authorization]:
+    """The roles file as it is now, or None and a refusal when it cannot be read (being
+    replaced, made readable by others): the answer is refused, never judged on an older copy,
+    and the run asks again."""
+    try:
+        return approval_config_from_settings(s), Authorization(True, "")
+    except ConfigError as exc:
+        return None, Authorization(
+            False, f"the roles file cannot be read now ({exc.message}); answer again once it can"
+        )
 
 
 def _flow_run_id() -> str:

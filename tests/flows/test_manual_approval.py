@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
@@ -21,6 +22,14 @@ from prefect.flow_runs import resume_flow_run
 from prefect.input.run_input import keyset_from_paused_state
 from typer.testing import CliRunner
 
+from ballast.approval_signing import (
+    approval_message,
+    create_approver_key,
+    load_approver_key,
+    public_key_text,
+    sign_approval,
+    verify_approval,
+)
 from ballast.audit import read as read_audit
 from ballast.audit import verify_chain
 from ballast.cli_approve import approve_command
@@ -272,8 +281,6 @@ def dave_signs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Path]:
     """dave holds the approver role with a registered approval key (yielded: his key file)."""
-    from ballast.approval_signing import create_approver_key, public_key_text
-
     folder = tmp_path_factory.mktemp("dave")
     key_file = folder / "dave.pem"
     key = create_approver_key(key_file)
@@ -292,19 +299,38 @@ def _refusals(s: Settings) -> list[dict[str, Any]]:
     return [e for e in read_audit(s.audit_log) if e["action"] == "approval_refused"]
 
 
+def _pause_key(run_id: Any) -> str:
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state is not None and state.state_details.pause_key is not None
+    return state.state_details.pause_key
+
+
+def _signed(run_id: Any, key: Ed25519PrivateKey, pause_key: str, approver: str) -> dict[str, Any]:
+    """An approving answer by ``approver`` signed with ``key`` for the pause ``pause_key``."""
+    msg = approval_message(
+        flow_run_id=str(run_id), pause_key=pause_key, approve=True, approver=approver, reason="ok"
+    )
+    return {
+        "approve": True,
+        "approver": approver,
+        "reason": "ok",
+        "signature": sign_approval(key, msg),
+    }
+
+
+def _expect_refusal(s: Settings, run_id: Any, run_input: dict[str, Any], why: str) -> None:
+    before = len(_refusals(s))
+    resume_flow_run(run_id, run_input=run_input)
+    _wait_for("the refusal in the audit log", lambda: len(_refusals(s)) > before)
+    _wait_for("the run to pause again", lambda: _state(run_id) == StateType.PAUSED)
+    refused = _refusals(s)[-1]
+    assert refused["approver"] == run_input["approver"] and why in refused["reason"], refused
+
+
 def test_a_registered_approver_must_sign_and_a_signature_fits_one_pause_only(
     dave_signs: Path,
 ) -> None:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from ballast.approval_signing import (
-        approval_message,
-        load_approver_key,
-        public_key_text,
-        sign_approval,
-        verify_approval,
-    )
-
     s = get_settings()
     app = typer.Typer()
     app.command("approve")(approve_command)
@@ -313,37 +339,20 @@ def test_a_registered_approver_must_sign_and_a_signature_fits_one_pause_only(
     run_id = _paused_run_id()
 
     def answer_and_expect_refusal(run_input: dict[str, Any], why: str) -> None:
-        before = len(_refusals(s))
-        resume_flow_run(run_id, run_input=run_input)
-        _wait_for("the refusal in the audit log", lambda: len(_refusals(s)) > before)
-        _wait_for("the run to pause again", lambda: _state(run_id) == StateType.PAUSED)
-        refused = _refusals(s)[-1]
-        assert refused["approver"] == "dave" and why in refused["reason"], refused
+        _expect_refusal(s, run_id, run_input, why)
 
     def signed(key: Ed25519PrivateKey, pause_key: str) -> dict[str, Any]:
-        msg = approval_message(
-            flow_run_id=str(run_id), pause_key=pause_key, approve=True, approver="dave", reason="ok"
-        )
-        return {
-            "approve": True,
-            "approver": "dave",
-            "reason": "ok",
-            "signature": sign_approval(key, msg),
-        }
+        return _signed(run_id, key, pause_key, "dave")
 
-    def pause_key() -> str:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(run_id).state
-        assert state is not None and state.state_details.pause_key is not None
-        return state.state_details.pause_key
-
-    first_pause = pause_key()  # approval-<version>-1-<random>
+    first_pause = _pause_key(run_id)  # approval-<version>-1-<question>
     # Typing dave's name is no longer enough: anyone could.
     answer_and_expect_refusal(
         {"approve": True, "approver": "dave", "reason": "ok"}, "must be signed"
     )
     # Signed with another key: refused.
-    answer_and_expect_refusal(signed(Ed25519PrivateKey.generate(), pause_key()), "does not match")
+    answer_and_expect_refusal(
+        signed(Ed25519PrivateKey.generate(), _pause_key(run_id)), "does not match"
+    )
     # dave's real signature, but for the first pause: not replayable on the third.
     answer_and_expect_refusal(signed(load_approver_key(dave_signs), first_pause), "does not match")
     # Through the CLI without the key: refused locally, nothing sent.
@@ -385,3 +394,50 @@ def test_a_registered_approver_must_sign_and_a_signature_fits_one_pause_only(
     assert verify_approval(load_approver_key(dave_signs).public_key(), again, proof["signature"])
     assert proof["approval_key"] == public_key_text(load_approver_key(dave_signs))
     assert verify_chain(s.audit_log) == []
+
+
+def _rewrite(path: Path, document: object) -> None:
+    """Replace the roles file as an operator would: a new file, owner-only, renamed over it."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(json.dumps(document))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def test_a_key_replaced_or_a_role_revoked_during_the_pause_binds_the_next_answer(
+    dave_signs: Path, tmp_path: Path
+) -> None:
+    s = get_settings()
+    assert s.roles_file is not None
+    thread, box = _run_in_thread()
+    run_id = _paused_run_id()
+    old_key = load_approver_key(dave_signs)
+    # While the run waits, dave's key leaks and is replaced in the roles file:
+    new_key = create_approver_key(tmp_path / "dave-new.pem")
+    _rewrite(
+        s.roles_file,
+        {"dave": {"roles": ["approver"], "approval_key": public_key_text(new_key)}},
+    )
+    # then an answer signed with the leaked key is refused, though it was valid at the pause,
+    _expect_refusal(
+        s, run_id, _signed(run_id, old_key, _pause_key(run_id), "dave"), "does not match"
+    )
+    # and once dave's approver role is revoked, even his new key does not make him one.
+    _rewrite(s.roles_file, {"dave": {"roles": [], "approval_key": public_key_text(new_key)}})
+    _expect_refusal(
+        s, run_id, _signed(run_id, new_key, _pause_key(run_id), "dave"), "approver role"
+    )
+    # A roles file that cannot be trusted now refuses every answer instead of using an old copy,
+    s.roles_file.chmod(0o644)
+    _expect_refusal(
+        s,
+        run_id,
+        {"approve": False, "approver": "alice", "reason": "no"},
+        "roles file cannot be read now",
+    )
+    # and once it can, an approver's answer decides.
+    s.roles_file.chmod(0o600)
+    resume_flow_run(run_id, run_input={"approve": False, "approver": "alice", "reason": "no"})
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    assert box["report"].outcome == "rejected" and box["report"].reason == "no"
