@@ -876,7 +876,9 @@ class SequentialJudge(StreamJudgeBase):
 
     Without a champion (first release) only the error rate can be judged: against
     ``first_release_max_error_rate`` with two one-sample mixture tests (above it: rollback;
-    below it: good enough).
+    below it: good enough). With sticky traffic the good-enough test counts the answers at the
+    clients' effective sample size (:func:`clustered_effective_n`; approximate), the rollback
+    test every answer.
 
     Used as a plain :class:`Judge` (cumulative statistics only, no :meth:`observe`), it judges
     error rate and accuracy from the increments between calls; the latency test needs the stream.
@@ -913,6 +915,10 @@ class SequentialJudge(StreamJudgeBase):
         self._class_counts = np.zeros((2, k + 1), dtype=np.int64)  # [canary, champion]
         self._canary_rows = self._canary_keyed = 0
         self._key_index: dict[str, int] = {}
+        # The canary's answers and errors per routing key (by key index): its clients' effective
+        # sample size for the one-sample test of a first release.
+        self._key_n = np.zeros(0)
+        self._key_e = np.zeros(0)
         self._reference = sq.LogHistogram()
         self._reference_s: tuple[float, float] | None = None
         # Seeded: the same observations give the same verdicts (tests, simulations, replays).
@@ -939,8 +945,15 @@ class SequentialJudge(StreamJudgeBase):
         keyed = None if keys is None else keys >= 0
         cnt = _count
         self._canary_rows += cnt(can)
-        if keyed is not None:
+        if keys is not None and keyed is not None:
             self._canary_keyed += cnt(can & keyed)
+            mine = can & keyed
+            size = len(self._key_index)
+            if self._key_n.size < size:
+                self._key_n = np.pad(self._key_n, (0, size - self._key_n.size))
+                self._key_e = np.pad(self._key_e, (0, size - self._key_e.size))
+            self._key_n += np.bincount(keys[mine], minlength=size)
+            self._key_e += np.bincount(keys[mine & ~ok], minlength=size)
 
         # The canary's unkeyed rows, for the one-sample tests (None: every row is unkeyed).
         free = None if keyed is None else can & ~keyed
@@ -1175,13 +1188,31 @@ class SequentialJudge(StreamJudgeBase):
         limit = cfg.first_release_max_error_rate
         k, n = tally.canary_events, tally.canary_trials
         harm = self._track("errors.harm", sq.bernoulli_log_e(k, n, limit, self._above))
-        good = self._track("errors.abs", sq.bernoulli_log_e(k, n, limit, self._below))
+        # Sticky traffic: a client's requests fail together, so its answers are worth fewer
+        # independent ones; counted each as one, a few clients that happened not to fail
+        # vouched for the release as if they were thousands. The good-enough test counts the
+        # answers at the clients' effective sample size (Kish's design effect, as the threshold
+        # judge's error interval: an approximation, not an exact e-process). The rollback test
+        # keeps every answer: over-counting there errs on the safe side.
+        n_eff = float(n)
+        if self._key_n.size and n:
+            n_eff = clustered_effective_n(
+                self._key_n,
+                self._key_e,
+                free_n=float(tally.free_trials),
+                free_e=float(tally.free_events),
+            )
+        scale = n_eff / n if n else 1.0
+        good = self._track(
+            "errors.abs", sq.bernoulli_log_e(k * scale, n * scale, limit, self._below)
+        )
         failed = harm >= math.log(1.0 / policy.alpha)
         ready = good >= math.log(1.0 / cfg.alpha_promote)
         ev.update(
             {
                 "errors_canary_events": float(k),
                 "errors_canary_trials": float(n),
+                "errors_canary_n_effective": n_eff,
                 "errors_limit": limit,
                 "errors_max_log_e": harm,
                 "errors_log_threshold": math.log(1.0 / policy.alpha),
@@ -1193,9 +1224,10 @@ class SequentialJudge(StreamJudgeBase):
             }
         )
         rate = k / n if n else 0.0
+        worth = f" (worth {n_eff:.0f} independent answers)" if n_eff < n else ""
         summary = (
-            f"errors: {k}/{n} failed ({rate:.2%}) against the first-release limit {limit:.2%}; "
-            f"e-value {_e_text(harm)} of {1 / policy.alpha:.0f}"
+            f"errors: {k}/{n} failed ({rate:.2%}){worth} against the first-release limit "
+            f"{limit:.2%}; e-value {_e_text(harm)} of {1 / policy.alpha:.0f}"
         )
         return [_Assessment("errors", True, n > 0, failed, ready, summary)]
 
@@ -1260,10 +1292,14 @@ class SequentialJudge(StreamJudgeBase):
         else:
             lines += [f"not yet clearly good enough: {a.summary}" for a in waiting]
             if self._canary_keyed:
+                how = (
+                    "count at their clients' effective sample size"
+                    if self._champion is None
+                    else "only each key's first answer can show the canary good enough"
+                )
                 lines.append(
                     f"{self._canary_keyed} of {self._canary_rows} canary answers carried a "
-                    "routing key (sticky): only each key's first answer can show the canary "
-                    "good enough, so few keys give little evidence"
+                    f"routing key (sticky): {how}, so few keys give little evidence"
                 )
         ev["canary_keyed_share"] = self._canary_keyed / max(1, self._canary_rows)
         return Verdict("continue", (*lines, *notes), ev)

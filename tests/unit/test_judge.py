@@ -476,6 +476,41 @@ def test_first_release_is_judged_against_the_absolute_error_limit() -> None:
     assert verdict.evidence["errors_limit"] == 0.02
 
 
+def test_a_first_release_on_a_few_sticky_clients_is_not_vouched_for_by_their_volume() -> None:
+    """Three clients, 3,000 answers, 15 errors all from the smallest client (3 % of its
+    requests): 0.5 % overall, but three clients say little about the next ones. Counted as
+    3,000 independent answers this was promoted; at the clients' effective size it is not yet.
+    The same answers without keys, or spread over many clients, still promote."""
+
+    def clients(sizes_errors: list[tuple[str | None, int, int]]) -> list[Observation]:
+        out = []
+        for key, size, errors in sizes_errors:
+            out += [Observation("1", i >= errors, 0.01, key=key) for i in range(size)]
+        return out
+
+    def first_release(observations: list[Observation]) -> Verdict:
+        judge = SequentialJudge()
+        judge.start(None, "1")
+        for start in range(0, len(observations), 500):  # as the controller feeds load batches
+            judge.observe(observations[start : start + 500], 100)
+        errors = sum(not o.ok for o in observations)
+        return judge.judge(None, stats("1", len(observations), errors=errors), 100)
+
+    few = first_release(clients([("a", 1500, 0), ("b", 1000, 0), ("c", 500, 15)]))
+    assert few.decision == "continue" and not is_ready(few), few.reasons
+    assert few.evidence["errors_canary_n_effective"] < 200, few.evidence
+    assert any("worth 88 independent answers" in r for r in few.reasons), few.reasons
+
+    unkeyed = first_release(clients([(None, 1500, 0), (None, 1000, 0), (None, 500, 15)]))
+    assert unkeyed.decision == "promote", unkeyed.reasons
+    assert unkeyed.evidence["errors_canary_n_effective"] == 3000
+
+    # 1,000 clients of 3 answers, 15 of them failing once: as good as independent answers.
+    many = first_release(clients([(f"k{i}", 3, int(i < 15)) for i in range(1000)]))
+    assert many.decision == "promote", many.reasons
+    assert many.evidence["errors_canary_n_effective"] > 2000
+
+
 def test_plain_judge_use_reads_error_increments_from_cumulative_stats() -> None:
     judge = SequentialJudge()  # no start(), no observe(): the Judge protocol alone
     first = judge.judge(stats("1", 1900, errors=19), stats("2", 100, errors=1), 5)
