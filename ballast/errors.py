@@ -11,23 +11,36 @@ import re
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(\S*)@")
 
 
-_HOST_PORT = re.compile(r"[^:@/?#]+:[0-9]{1,5}")
+_HOST = re.compile(r"[^:@/?#]+(:[0-9]{1,5})?")
+
+
+def _hidden(info: str) -> str:
+    """What stands for ``info`` (all between ``scheme://`` and the token's last ``@``)."""
+    cut = min((i for i in (info.find(c) for c in "/?#") if i >= 0), default=len(info))
+    if "@" in info[:cut] and cut < len(info):
+        # "user@host/path?q=a@b": RFC 3986's userinfo ends at the authority's last "@"; the
+        # rest goes through these rules again (its query may hold credentials of its own).
+        return "***@" + _hidden(info[info.rfind("@", 0, cut) + 1 :])
+    query = info.find("?")
+    if (
+        query >= 0
+        and not any(c in info[:query] for c in "@#")
+        and "=" in info[query:]
+        and _HOST.fullmatch(info[:cut])
+    ):
+        # "host:port/path?name=a@b": the "@" is in the query, which is hidden up to it (it may
+        # hold a URI with credentials, "?url=https://user:token@git..."), the host kept.
+        # Only a query of name=value form counts: a password may hold "?" too.
+        return f"{info[: query + 1]}***@"
+    # Anything else with a ":" could be "user:password" (unencoded "/", "#", "?" and "@"
+    # included, as SQLAlchemy takes them) and is hidden; "host/path#a@b" is left alone.
+    if ":" in info or cut == len(info):
+        return "***@"
+    return f"{info}@"
 
 
 def _redacted(m: re.Match[str]) -> str:
-    info = m.group(2)
-    # "host/path?q=a@b" is no userinfo (no ":", a path before the "@"): left alone. Anything
-    # with a ":" could be "user:password" (unencoded "/" and "@" included, as SQLAlchemy takes
-    # them) and is hidden, except "host:port" followed by a query or fragment holding the "@"
-    # ("http://h:5000/x?owner=a@b"): hiding that hid the host, and a password that is digits
-    # followed by "?" is not worth it.
-    authority = re.split(r"[/?#]", info, maxsplit=1)[0]
-    query = re.search(r"[?#]", info)
-    if query is not None and "@" not in info[: query.start()] and _HOST_PORT.fullmatch(authority):
-        return m.group(0)
-    if ":" in info or not any(c in info for c in "/?#"):
-        return f"{m.group(1)}***@"
-    return m.group(0)
+    return m.group(1) + _hidden(m.group(2))
 
 
 def redact_uri_credentials(text: str) -> str:

@@ -23,11 +23,30 @@ from ballast.errors import BallastError, RegistryError, redact_uri_credentials
         # Unencoded "/" and "@" in a password, as SQLAlchemy takes them (review finding).
         ("postgresql://ballast:s3cr/et@db:5432/m", "postgresql://***@db:5432/m"),
         ("postgresql://ballast:p@ss@db:5432/m", "postgresql://***@db:5432/m"),
-        ("see http://corp.example/?q=a@b", None),  # an "@" in a query is no userinfo
-        # nor with a port before it (this hid the host, review finding of stop 20)
-        ("see http://h:5000?owner=a@b and http://h:5000/x/y#me@z", None),
-        ("http://u:pw@h:5000/x?owner=a@b", "http://***@b"),  # credentials too: all hidden
-        ("http://user:s3cr/et?x@h:1/", "http://***@h:1/"),  # a password, not a port
+        ("see http://corp.example/?q=a@b", "see http://corp.example/?***@b"),  # no userinfo
+        ("see http://corp.example/a#q@b", None),  # nor in a fragment, without a ":"
+        # A token as the user, and an "@" in the query after it (review finding)
+        (
+            "https://ghp_TOKEN@github.com/org/repo?ref=a@b",
+            "https://***@github.com/org/repo?***@b",
+        ),
+        # nor with a port before it: the host stays, the query up to the "@" is hidden (it
+        # may hold a URI with credentials of its own)
+        ("see http://h:5000?owner=a@b", "see http://h:5000?***@b"),
+        (
+            "fetch http://proxy:8080/f?url=https://deploy:ghp_S3CRET@git.example/r.git failed",
+            "fetch http://proxy:8080/f?***@git.example/r.git failed",
+        ),
+        (
+            "GET http://gw:8000/?next=postgresql://ballast:hunter2@db:5432/mlflow",
+            "GET http://gw:8000/?***@db:5432/mlflow",
+        ),
+        ("http://u:pw@h:5000/x?owner=a@b", "http://***@h:5000/x?***@b"),  # credentials too
+        # Passwords that look like a port and a query or fragment (review findings)
+        ("http://user:s3cr/et?x@h:1/", "http://***@h:1/"),
+        ("postgresql://ballast:2024#Winter@db:5432/m", "postgresql://***@db:5432/m"),
+        ("redis://default:123?abc@cache:6379/0", "redis://***@cache:6379/0"),
+        ("http://h:5000/x/y#me@z", "http://***@z"),  # an "@" in a fragment: hidden
         ("http://h:5000/a@b/c", "http://***@b/c"),  # an "@" in a path: cannot tell, hidden
     ],
 )
