@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ballast.errors import ConfigError, DistributedTrainingError
+from ballast.errors import ConfigError, DistributedTrainingError, redact_uri_credentials
 
 if TYPE_CHECKING:
     from ballast.data import ValidatedDataset
@@ -59,11 +59,16 @@ TAIL_LINES = 40
 #: How many of a launch's error-looking lines its error message keeps (the first ones: the
 #: cause comes before the ranks its failure took down and torchrun's summary).
 ERROR_LINES = 5
+# A rank's own report (ballast.ddp_worker prints "rank=N [stage] ..." for a BallastError and logs
+# "rank=N ERROR ..."), listed first; then anything that looks like an error (a C++ abort, a
+# Python exception), torchrun's own traceback included.
+_RANK_ERROR_LINE = re.compile(r"^rank=\S+ (\[\w+\]|ERROR|CRITICAL)")
 _ERROR_LINE = re.compile(
     r"terminate called|what\(\):|Traceback|Error|Exception|Segmentation fault|Aborted|Killed"
 )
-# torchrun's failure summary: "Root Cause (first observed failure):" then "exitcode  : -6 (...".
-_ROOT_CAUSE = "Root Cause (first observed failure):"
+# torchrun's failure summary: "Failures:" and "Root Cause (first observed failure):", each
+# rank's block with an "exitcode  : -6 (pid: ...)" line.
+_FAILURES, _ROOT_CAUSE = "Failures:", "Root Cause (first observed failure):"
 _EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 #: Signals that, before the first epoch, mean a fault in the ranks' transport or runtime (gloo
 #: aborts on some connection races while the mesh forms) rather than a decision to stop
@@ -248,7 +253,8 @@ def launch(
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    errors: list[str] = []
+    rank_errors: list[str] = []
+    other_errors: list[str] = []
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -261,10 +267,14 @@ def launch(
     def pump() -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
+            # Redacted here, before anything keeps or logs it: a rank may print a URI with
+            # credentials (a tracking server's, an object store's).
+            line = redact_uri_credentials(raw.decode("utf-8", "replace").rstrip())
             tail.append(line)
-            if len(errors) < ERROR_LINES and _ERROR_LINE.search(line):
-                errors.append(line.strip())
+            if len(rank_errors) < ERROR_LINES and _RANK_ERROR_LINE.match(line):
+                rank_errors.append(line.strip())
+            elif len(other_errors) < ERROR_LINES and _ERROR_LINE.search(line):
+                other_errors.append(line.strip())
             if on_line is not None:
                 try:
                     on_line(line)
@@ -294,7 +304,9 @@ def launch(
             tail=tuple(tail),
         )
     if rc != 0:
-        root = root_cause_signal(tail)
+        errors = (rank_errors + other_errors)[:ERROR_LINES]
+        root_code, codes = summary_exitcodes(tail)
+        root = -root_code if root_code is not None and root_code < 0 else None
         killed = f", rank killed by {signal.Signals(root).name}" if root in _SIGNALS else ""
         raise DistributedTrainingError(
             f"data-parallel training failed after {seconds:.1f} s (torchrun exit {rc}{killed}); "
@@ -305,33 +317,49 @@ def launch(
             errors=tuple(errors),
             root_signal=root,
             seconds=seconds,
+            exitcodes=codes,
         )
 
 
-def root_cause_signal(lines: Iterable[str]) -> int | None:
-    """The signal that killed torchrun's root-cause rank, from its failure summary (None: the
-    rank exited with a status, or there is no summary)."""
-    in_root = False
+def summary_exitcodes(lines: Iterable[str]) -> tuple[int | None, tuple[int, ...]]:
+    """From torchrun's failure summary: the root-cause rank's exit code (negative: the signal
+    that killed it; None: no summary) and every failed rank's, the root's included."""
+    section: str | None = None
+    root: int | None = None
+    codes: list[int] = []
     for line in lines:
-        if line.strip() == _ROOT_CAUSE:
-            in_root = True
-        elif in_root and (m := _EXITCODE.match(line)):
-            code = int(m.group(1))
-            return -code if code < 0 else None
-    return None
+        if line.strip() in (_FAILURES, _ROOT_CAUSE):
+            section = line.strip()
+        elif section is not None and (m := _EXITCODE.match(line)):
+            codes.append(int(m.group(1)))
+            if section == _ROOT_CAUSE and root is None:
+                root = codes[-1]
+    return root, tuple(codes)
+
+
+def root_cause_signal(lines: Iterable[str]) -> int | None:
+    """The signal that killed torchrun's root-cause rank (None: it exited with a status, or
+    there is no summary)."""
+    root, _ = summary_exitcodes(lines)
+    return -root if root is not None and root < 0 else None
 
 
 def relaunchable(err: DistributedTrainingError, *, epoch_ended: bool, nnodes: int) -> bool:
     """Whether a failed launch is worth one more: a rank crashed by a fault signal before any
     epoch ended, on a launch this process controls alone (one node: other nodes' agents fail
-    with it and are started by someone else). A timeout, an exit status (a Python error, an
-    orphaned rank), SIGKILL or SIGTERM, or a crash after training began fail at once."""
+    with it and are started by someone else), and no rank failed otherwise. A timeout, an exit
+    status (a Python error, an orphaned rank) of any rank, SIGKILL, or a crash after training
+    began fail at once. Every rank's code counts, not only the root cause's: torchrun stamps
+    failures to the second and breaks ties by rank, so a rank that raised and another that
+    aborted when its peer vanished can show the abort as the root cause."""
+    benign = {-int(s) for s in RELAUNCH_SIGNALS} | {-int(signal.SIGTERM)}  # SIGTERM: torchrun's
     return (
         nnodes == 1
         and not err.timed_out
         and not epoch_ended
         and err.root_signal is not None
         and err.root_signal in RELAUNCH_SIGNALS
+        and all(code in benign for code in err.exitcodes)
     )
 
 
@@ -363,6 +391,8 @@ def _launch_relaunching(
             raise
         first = err
     left = timeout_s - (time.monotonic() - started)
+    if left <= (first.seconds or 0.0):
+        raise first  # not even the time the failed start took is left: the crash stands
     log.warning(
         "stage=train relaunch=1 reason=%s after_s=%.1f errors=%s",
         signal.Signals(first.root_signal or signal.SIGABRT).name,
@@ -371,7 +401,7 @@ def _launch_relaunching(
     )
     shutil.rmtree(run_dir / PID_DIR, ignore_errors=True)  # the first launch's pids are stale
     try:
-        launch(argv, timeout_s=max(left, 1.0), on_line=watch, env=env, run_dir=run_dir)
+        launch(argv, timeout_s=left, on_line=watch, env=env, run_dir=run_dir)
     except DistributedTrainingError as err:
         raise DistributedTrainingError(
             f"{err.message} (relaunched once after the first launch's rank crashed while "
@@ -382,6 +412,7 @@ def _launch_relaunching(
             errors=err.errors,
             root_signal=err.root_signal,
             seconds=err.seconds,
+            exitcodes=err.exitcodes,
         ) from first
 
 

@@ -156,7 +156,8 @@ class DistributedTrainingError(TrainingError):
     ``returncode`` is torchrun's exit status (None after a timeout); ``tail`` the last output
     lines; ``errors`` the first error-looking lines (the cause is usually among them);
     ``root_signal`` the signal that killed the first rank to fail (None: it exited with a
-    status); ``seconds`` how long the launch ran.
+    status); ``exitcodes`` every failed rank's exit code from torchrun's summary (negative: a
+    signal); ``seconds`` how long the launch ran. Output lines are kept redacted.
     """
 
     def __init__(
@@ -169,7 +170,9 @@ class DistributedTrainingError(TrainingError):
         errors: tuple[str, ...] = (),
         root_signal: int | None = None,
         seconds: float | None = None,
+        exitcodes: tuple[int, ...] = (),
     ) -> None:
+        self.exitcodes = exitcodes
         self.returncode = returncode
         self.timed_out = timed_out
         self.tail = tail

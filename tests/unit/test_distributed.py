@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from ballast.datasets_extra import bundled_dataset
 from ballast.distributed import (
     Topology,
+    _launch_relaunching,
     backend_for,
     launch,
     merged_model_params,
@@ -285,6 +286,33 @@ def test_a_failed_launch_names_the_signal_that_killed_the_root_rank_and_its_firs
     assert "noise 0" not in err.tail
     assert "rank killed by SIGABRT" in str(err)
     assert "First errors: terminate called after throwing" in str(err)
+    assert err.exitcodes == (-15, -6)
+
+
+def test_a_ranks_own_report_comes_first_and_no_line_keeps_a_secret() -> None:
+    # Given a rank that failed with Ballast's own error (after a log line naming a URI with a
+    # password), then torchrun's traceback and summary,
+    lines: list[str] = []
+    script = (
+        "import sys\n"
+        "print('rank=1 INFO x tracking at http://ci:hunter2@mlflow:5000/api')\n"
+        "print('Traceback (most recent call last):')\n"
+        "print('torch.distributed.elastic.multiprocessing.errors.ChildFailedError:')\n"
+        "print(\"rank=1 [train] unknown model 'nope' (postgresql://u:hunter2@db/m)\", "
+        "file=sys.stderr)\n"
+        f"print({SUMMARY.format(other=-15, root=1)!r})\n"
+        "raise SystemExit(1)\n"
+    )
+    with pytest.raises(DistributedTrainingError) as info:
+        launch(_py(script), timeout_s=30, on_line=lines.append)
+    err = info.value
+    # then the rank's report leads the first errors (Ballast's errors carry no "Error"),
+    assert err.errors[0] == "rank=1 [train] unknown model 'nope' (postgresql://***@db/m)"
+    assert "First errors: rank=1 [train] unknown model" in str(err)
+    # and the password reaches neither the error, its lines, nor the line callback.
+    assert err.root_signal is None and err.exitcodes == (-15, 1)
+    kept = [str(err), *err.errors, *err.tail, *lines]
+    assert not any("hunter2" in text for text in kept), kept
 
 
 @pytest.mark.parametrize(
@@ -304,24 +332,72 @@ def test_root_cause_signal_reads_the_root_cause_section_only(
 
 
 @pytest.mark.parametrize(
-    ("root_signal", "timed_out", "epoch_ended", "nnodes", "expected"),
+    ("codes", "timed_out", "epoch_ended", "nnodes", "expected"),
     [
-        (6, False, False, 1, True),  # gloo aborting while the ranks connect
-        (11, False, False, 1, True),
-        (7, False, False, 1, True),  # SIGBUS
-        (6, False, True, 1, False),  # training had begun: a crash then is the job's
-        (6, False, False, 2, False),  # other nodes' agents are not ours to restart
-        (6, True, False, 1, False),
-        (9, False, False, 1, False),  # SIGKILL: an operator or the OOM killer decided
-        (15, False, False, 1, False),
-        (None, False, False, 1, False),  # an exit status: a Python error, an orphaned rank
+        ((-6,), False, False, 1, True),  # gloo aborting while the ranks connect
+        ((-15, -11), False, False, 1, True),  # the other rank stopped by torchrun
+        ((-7,), False, False, 1, True),  # SIGBUS
+        ((-6,), False, True, 1, False),  # training had begun: a crash then is the job's
+        ((-6,), False, False, 2, False),  # other nodes' agents are not ours to restart
+        ((-6,), True, False, 1, False),
+        ((-9,), False, False, 1, False),  # SIGKILL: an operator or the OOM killer decided
+        ((-15,), False, False, 1, False),
+        ((1,), False, False, 1, False),  # an exit status: a Python error, an orphaned rank
+        # A rank raised, its peer aborted in the same second and torchrun's tie-break named
+        # the abort the root cause (review finding): the Python error decides, no relaunch.
+        ((1, -6), False, False, 1, False),
+        ((-9, -6), False, False, 1, False),
     ],
 )
 def test_only_a_rank_crash_before_the_first_epoch_on_one_node_is_relaunched(
-    root_signal: int | None, timed_out: bool, epoch_ended: bool, nnodes: int, expected: bool
+    codes: tuple[int, ...], timed_out: bool, epoch_ended: bool, nnodes: int, expected: bool
 ) -> None:
-    err = DistributedTrainingError("x", returncode=1, timed_out=timed_out, root_signal=root_signal)
+    root = -codes[-1] if codes[-1] < 0 else None  # the summary lists the root cause last
+    err = DistributedTrainingError(
+        "x", returncode=1, timed_out=timed_out, root_signal=root, exitcodes=codes
+    )
     assert relaunchable(err, epoch_ended=epoch_ended, nnodes=nnodes) is expected
+
+
+def test_no_relaunch_when_the_time_left_is_shorter_than_the_failed_start(tmp_path: Path) -> None:
+    # Given a stand-in torchrun that takes 2 s to crash with a relaunchable summary and
+    # counts its launches,
+    count = tmp_path / "launches"
+    script = (
+        "import time\n"
+        f"p = {str(count)!r}\n"
+        "open(p, 'a').write('x')\n"
+        "time.sleep(2.0)\n"
+        f"print({SUMMARY.format(other=-15, root=-6)!r})\n"
+        "raise SystemExit(1)\n"
+    )
+    run_dir = tmp_path / "ddp-x"
+    run_dir.mkdir()
+    # when less than that is left of the launch's time after it,
+    with pytest.raises(DistributedTrainingError, match="rank killed by SIGABRT") as info:
+        _launch_relaunching(
+            _py(script),
+            Topology(2),
+            timeout_s=3.5,
+            on_line=None,
+            env=dict(os.environ),
+            run_dir=run_dir,
+        )
+    # then the crash stands: one launch, its own error, no relaunch past the time given.
+    assert count.read_text() == "x"
+    assert "relaunched" not in str(info.value)
+    # With time enough, the same crash is relaunched once, and the second failure says so.
+    count.unlink()
+    with pytest.raises(DistributedTrainingError, match="relaunched once"):
+        _launch_relaunching(
+            _py(script),
+            Topology(2),
+            timeout_s=30,
+            on_line=None,
+            env=dict(os.environ),
+            run_dir=run_dir,
+        )
+    assert count.read_text() == "xx"
 
 
 def test_a_launch_past_its_timeout_is_stopped_with_every_rank_it_recorded(tmp_path: Path) -> None:
