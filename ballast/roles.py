@@ -170,5 +170,8 @@ def merge_approvers(roles: Mapping[str, frozenset[str]], approvers: Iterable[str
 
 
 def roles_from_settings(s: Settings) -> Roles:
-    """The configured roles: the roles file (if any) plus ``settings.approvers``."""
-    return approval_config_from_settings(s).roles
+    """The configured roles: the roles file (if any) plus ``settings.approvers``. Approval keys
+    are not parsed: another person's malformed key must not turn a refusal the CLI audits
+    into a configuration error."""
+    base = load_roles(s.roles_file) if s.roles_file is not None else {}
+    return merge_approvers(base, s.approvers)

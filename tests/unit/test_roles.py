@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from ballast.errors import ConfigError
-from ballast.roles import load_roles, parse_roles, roles_from_settings
+from ballast.roles import (
+    approval_config_from_settings,
+    load_roles,
+    parse_roles,
+    roles_from_settings,
+)
 from ballast.settings import Settings, get_settings
 
 
@@ -71,6 +76,29 @@ def test_settings_approvers_add_the_role_on_top_of_the_file(
     roles = roles_from_settings(get_settings())
     assert roles["bob"] == frozenset({"operator", "approver"})
     assert roles["dave"] == frozenset({"approver"})
+
+
+def test_roles_alone_ignore_a_bad_approval_key_that_the_approval_config_refuses(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bob's key is garbage: a paused run must not judge anyone on such a file, but the CLI's
+    # check of mallory's role (audited as a refusal) needs the roles only.
+    path = _write(
+        tmp_path / "roles.json",
+        {"bob": {"roles": ["approver"], "approval_key": "not base64!"}, "carol": ["approver"]},
+    )
+    monkeypatch.setenv("BALLAST_ROLES_FILE", str(path))
+    monkeypatch.setenv("BALLAST_APPROVERS", '["dave"]')
+    get_settings.cache_clear()
+    s = get_settings()
+    assert roles_from_settings(s)["carol"] == frozenset({"approver"})
+    with pytest.raises(ConfigError, match="approval_key of 'bob'"):
+        approval_config_from_settings(s)
+    # A good file gives both halves from one reading, settings.approvers included.
+    _write(path, {"carol": ["approver"]})
+    config = approval_config_from_settings(s)
+    assert dict(config.roles) == {"carol": {"approver"}, "dave": {"approver"}}
+    assert dict(config.keys) == {}
 
 
 def test_no_configuration_means_no_one_holds_a_role(settings: Settings) -> None:
