@@ -373,30 +373,24 @@ def test_no_relaunch_when_the_time_left_is_shorter_than_the_failed_start(tmp_pat
     )
     run_dir = tmp_path / "ddp-x"
     run_dir.mkdir()
+
+    env = dict(os.environ)
+
+    def launch_within(seconds: float) -> None:
+        _launch_relaunching(
+            _py(script), Topology(2), timeout_s=seconds, on_line=None, env=env, run_dir=run_dir
+        )
+
     # when less than that is left of the launch's time after it,
     with pytest.raises(DistributedTrainingError, match="rank killed by SIGABRT") as info:
-        _launch_relaunching(
-            _py(script),
-            Topology(2),
-            timeout_s=3.5,
-            on_line=None,
-            env=dict(os.environ),
-            run_dir=run_dir,
-        )
+        launch_within(3.5)
     # then the crash stands: one launch, its own error, no relaunch past the time given.
     assert count.read_text() == "x"
     assert "relaunched" not in str(info.value)
     # With time enough, the same crash is relaunched once, and the second failure says so.
     count.unlink()
     with pytest.raises(DistributedTrainingError, match="relaunched once"):
-        _launch_relaunching(
-            _py(script),
-            Topology(2),
-            timeout_s=30,
-            on_line=None,
-            env=dict(os.environ),
-            run_dir=run_dir,
-        )
+        launch_within(30)
     assert count.read_text() == "xx"
 
 
