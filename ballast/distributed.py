@@ -69,7 +69,10 @@ _ERROR_LINE = re.compile(
 # torchrun's failure summary: "Failures:" and "Root Cause (first observed failure):", each
 # rank's block with an "exitcode  : -6 (pid: ...)" line.
 _FAILURES, _ROOT_CAUSE = "Failures:", "Root Cause (first observed failure):"
-_EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+_EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)(?:\s*\(pid:\s*(\d+)\))?")
+# torchrun's own stop of the ranks still running once one failed.
+_TERMINATING = re.compile(r"Sending process (\d+) closing signal SIGTERM")
+SUMMARY_LINES = 20_000  # what is kept of torchrun's summary (7 lines per failed rank)
 #: Signals that, before the first epoch, mean a fault in the ranks' transport or runtime (gloo
 #: aborts on some connection races while the mesh forms) rather than a decision to stop
 #: (SIGKILL, SIGTERM: an operator, the OOM killer) or an error in the job (an exit status).
@@ -255,6 +258,10 @@ def launch(
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     rank_errors: list[str] = []
     other_errors: list[str] = []
+    # torchrun's failure summary from its last "Failures:" line on (one block per failed rank:
+    # with many ranks it outgrows the tail), and the pids torchrun itself sent SIGTERM.
+    summary: list[str] = []
+    terminated: set[int] = set()
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -271,6 +278,12 @@ def launch(
             # credentials (a tracking server's, an object store's).
             line = redact_uri_credentials(raw.decode("utf-8", "replace").rstrip())
             tail.append(line)
+            if line.strip() == _FAILURES:
+                summary[:] = [line]
+            elif summary and len(summary) < SUMMARY_LINES:
+                summary.append(line)
+            if (m := _TERMINATING.search(line)) is not None:
+                terminated.add(int(m.group(1)))
             if len(rank_errors) < ERROR_LINES and _RANK_ERROR_LINE.match(line):
                 rank_errors.append(line.strip())
             elif len(other_errors) < ERROR_LINES and _ERROR_LINE.search(line):
@@ -305,7 +318,7 @@ def launch(
         )
     if rc != 0:
         errors = (rank_errors + other_errors)[:ERROR_LINES]
-        root_code, codes = summary_exitcodes(tail)
+        root_code, failures = summary_failures(summary)
         root = -root_code if root_code is not None and root_code < 0 else None
         killed = f", rank killed by {signal.Signals(root).name}" if root in _SIGNALS else ""
         raise DistributedTrainingError(
@@ -317,30 +330,36 @@ def launch(
             errors=tuple(errors),
             root_signal=root,
             seconds=seconds,
-            exitcodes=codes,
+            failures=failures,
+            terminated=frozenset(terminated),
         )
 
 
-def summary_exitcodes(lines: Iterable[str]) -> tuple[int | None, tuple[int, ...]]:
-    """From torchrun's failure summary: the root-cause rank's exit code (negative: the signal
-    that killed it; None: no summary) and every failed rank's, the root's included."""
+def summary_failures(
+    lines: Iterable[str],
+) -> tuple[int | None, tuple[tuple[int, int | None], ...]]:
+    """From torchrun's failure summary (read from its last ``Failures:`` line): the root-cause
+    rank's exit code (negative: the signal that killed it; None: no summary) and every failed
+    rank's (exit code, pid), the root's included."""
     section: str | None = None
     root: int | None = None
-    codes: list[int] = []
+    failures: list[tuple[int, int | None]] = []
     for line in lines:
-        if line.strip() in (_FAILURES, _ROOT_CAUSE):
-            section = line.strip()
+        if line.strip() == _FAILURES:
+            section, root, failures = _FAILURES, None, []
+        elif line.strip() == _ROOT_CAUSE and section is not None:
+            section = _ROOT_CAUSE
         elif section is not None and (m := _EXITCODE.match(line)):
-            codes.append(int(m.group(1)))
+            failures.append((int(m.group(1)), int(m.group(2)) if m.group(2) else None))
             if section == _ROOT_CAUSE and root is None:
-                root = codes[-1]
-    return root, tuple(codes)
+                root = failures[-1][0]
+    return root, tuple(failures)
 
 
 def root_cause_signal(lines: Iterable[str]) -> int | None:
     """The signal that killed torchrun's root-cause rank (None: it exited with a status, or
     there is no summary)."""
-    root, _ = summary_exitcodes(lines)
+    root, _ = summary_failures(lines)
     return -root if root is not None and root < 0 else None
 
 
@@ -352,14 +371,22 @@ def relaunchable(err: DistributedTrainingError, *, epoch_ended: bool, nnodes: in
     began fail at once. Every rank's code counts, not only the root cause's: torchrun stamps
     failures to the second and breaks ties by rank, so a rank that raised and another that
     aborted when its peer vanished can show the abort as the root cause."""
-    benign = {-int(s) for s in RELAUNCH_SIGNALS} | {-int(signal.SIGTERM)}  # SIGTERM: torchrun's
+    faults = {-int(s) for s in RELAUNCH_SIGNALS}
+
+    def explained(code: int, pid: int | None) -> bool:
+        # A fault signal, or the SIGTERM torchrun itself sent the ranks still running (a
+        # SIGTERM from anyone else is a decision to stop).
+        sigterm = code == -int(signal.SIGTERM) and pid is not None and pid in err.terminated
+        return code in faults or sigterm
+
     return (
         nnodes == 1
         and not err.timed_out
         and not epoch_ended
         and err.root_signal is not None
         and err.root_signal in RELAUNCH_SIGNALS
-        and all(code in benign for code in err.exitcodes)
+        and bool(err.failures)
+        and all(explained(code, pid) for code, pid in err.failures)
     )
 
 
@@ -412,7 +439,8 @@ def _launch_relaunching(
             errors=err.errors,
             root_signal=err.root_signal,
             seconds=err.seconds,
-            exitcodes=err.exitcodes,
+            failures=err.failures,
+            terminated=err.terminated,
         ) from first
 
 

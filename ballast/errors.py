@@ -8,7 +8,9 @@ import re
 # credentials, say, echoed back by a library's error) is never printed or logged. Up to the
 # last "@" of the word: SQLAlchemy (MLflow's database store) takes "/" and "@" unencoded in a
 # password.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(\S*)@")
+# No word boundary before the scheme: "DB_postgresql://u:pw@db" holds one too.
+_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]{0,31}://)(\S*)@")
+_WORD = re.compile(r"\S+")
 
 
 _HOST = re.compile(r"[^:@/?#]+(:[0-9]{1,5})?")
@@ -17,20 +19,26 @@ _HOST = re.compile(r"[^:@/?#]+(:[0-9]{1,5})?")
 def _hidden(info: str) -> str:
     """What stands for ``info`` (all between ``scheme://`` and the token's last ``@``)."""
     cut = min((i for i in (info.find(c) for c in "/?#") if i >= 0), default=len(info))
-    if "@" in info[:cut] and cut < len(info):
-        # "user@host/path?q=a@b": RFC 3986's userinfo ends at the authority's last "@"; the
+    if "@" in info[:cut] and ":" not in info[:cut] and cut < len(info):
+        # "token@host/path?q=a@b": RFC 3986's userinfo ends at the authority's last "@"; the
         # rest goes through these rules again (its query may hold credentials of its own).
+        # Not with a ":" before the cut: "user:p@ss/word@db" is a password holding "@" and "/".
         return "***@" + _hidden(info[info.rfind("@", 0, cut) + 1 :])
     query = info.find("?")
+    nested = info.find("://", query) if query >= 0 else -1
     if (
         query >= 0
         and not any(c in info[:query] for c in "@#")
+        # an "@" in the query before any URI in it: "tok?en@db/?url=...": credentials
+        and "@" not in info[query : nested if nested >= 0 else len(info)]
         and "=" in info[query:]
         and _HOST.fullmatch(info[:cut])
+        and (":" not in info or "://" in info[query:])
     ):
-        # "host:port/path?name=a@b": the "@" is in the query, which is hidden up to it (it may
-        # hold a URI with credentials, "?url=https://user:token@git..."), the host kept.
-        # Only a query of name=value form counts: a password may hold "?" too.
+        # "host/path?name=a@b" or "host:port/path?url=https://user:token@git...": the "@" is
+        # in the query, which is hidden up to it (it may hold a URI with credentials), the
+        # host kept. Only a query of name=value form counts, and with a ":" anywhere only one
+        # that holds a URI: "user:2024?x=Winter@db" and "tok?en@db:1?a=b" are credentials.
         return f"{info[: query + 1]}***@"
     # Anything else with a ":" could be "user:password" (unencoded "/", "#", "?" and "@"
     # included, as SQLAlchemy takes them) and is hidden; "host/path#a@b" is left alone.
@@ -43,9 +51,21 @@ def _redacted(m: re.Match[str]) -> str:
     return m.group(1) + _hidden(m.group(2))
 
 
+def _redacted_word(m: re.Match[str]) -> str:
+    word = m.group(0)
+    if "://" not in word or "@" not in word:
+        return word
+    # Only up to the word's last "@", where every userinfo ends: each scan then ends at the
+    # first "scheme://" (linear time; the whole word made long lines quadratic).
+    end = word.rfind("@") + 1
+    return _USERINFO.sub(_redacted, word[:end]) + word[end:]
+
+
 def redact_uri_credentials(text: str) -> str:
     """``text`` with the user and password of every URI in it replaced by ``***``."""
-    return _USERINFO.sub(_redacted, text)
+    if "@" not in text or "://" not in text:
+        return text
+    return _WORD.sub(_redacted_word, text)
 
 
 class BallastError(Exception):
@@ -156,8 +176,9 @@ class DistributedTrainingError(TrainingError):
     ``returncode`` is torchrun's exit status (None after a timeout); ``tail`` the last output
     lines; ``errors`` the first error-looking lines (the cause is usually among them);
     ``root_signal`` the signal that killed the first rank to fail (None: it exited with a
-    status); ``exitcodes`` every failed rank's exit code from torchrun's summary (negative: a
-    signal); ``seconds`` how long the launch ran. Output lines are kept redacted.
+    status); ``failures`` every failed rank's (exit code, pid) from torchrun's summary (a
+    negative code: a signal), ``exitcodes`` their codes; ``terminated`` the pids torchrun
+    itself sent SIGTERM; ``seconds`` how long the launch ran. Output lines are kept redacted.
     """
 
     def __init__(
@@ -170,9 +191,11 @@ class DistributedTrainingError(TrainingError):
         errors: tuple[str, ...] = (),
         root_signal: int | None = None,
         seconds: float | None = None,
-        exitcodes: tuple[int, ...] = (),
+        failures: tuple[tuple[int, int | None], ...] = (),
+        terminated: frozenset[int] = frozenset(),
     ) -> None:
-        self.exitcodes = exitcodes
+        self.failures = failures
+        self.terminated = terminated
         self.returncode = returncode
         self.timed_out = timed_out
         self.tail = tail
@@ -180,3 +203,7 @@ class DistributedTrainingError(TrainingError):
         self.root_signal = root_signal
         self.seconds = seconds
         super().__init__(message)
+
+    @property
+    def exitcodes(self) -> tuple[int, ...]:
+        return tuple(code for code, _ in self.failures)

@@ -286,7 +286,7 @@ def test_a_failed_launch_names_the_signal_that_killed_the_root_rank_and_its_firs
     assert "noise 0" not in err.tail
     assert "rank killed by SIGABRT" in str(err)
     assert "First errors: terminate called after throwing" in str(err)
-    assert err.exitcodes == (-15, -6)
+    assert err.failures == ((-15, 11), (-6, 12))
 
 
 def test_a_ranks_own_report_comes_first_and_no_line_keeps_a_secret() -> None:
@@ -335,7 +335,7 @@ def test_root_cause_signal_reads_the_root_cause_section_only(
     ("codes", "timed_out", "epoch_ended", "nnodes", "expected"),
     [
         ((-6,), False, False, 1, True),  # gloo aborting while the ranks connect
-        ((-15, -11), False, False, 1, True),  # the other rank stopped by torchrun
+        ((-15, -11), False, False, 1, True),  # the other rank stopped by torchrun (pid 1)
         ((-7,), False, False, 1, True),  # SIGBUS
         ((-6,), False, True, 1, False),  # training had begun: a crash then is the job's
         ((-6,), False, False, 2, False),  # other nodes' agents are not ours to restart
@@ -347,16 +347,67 @@ def test_root_cause_signal_reads_the_root_cause_section_only(
         # the abort the root cause (review finding): the Python error decides, no relaunch.
         ((1, -6), False, False, 1, False),
         ((-9, -6), False, False, 1, False),
+        ((), False, False, 1, False),  # no summary read: nothing to go on
     ],
 )
 def test_only_a_rank_crash_before_the_first_epoch_on_one_node_is_relaunched(
     codes: tuple[int, ...], timed_out: bool, epoch_ended: bool, nnodes: int, expected: bool
 ) -> None:
-    root = -codes[-1] if codes[-1] < 0 else None  # the summary lists the root cause last
+    root = -codes[-1] if codes and codes[-1] < 0 else 6  # the summary lists the root cause last
+    failures = tuple((code, pid) for pid, code in enumerate(codes, start=1))
     err = DistributedTrainingError(
-        "x", returncode=1, timed_out=timed_out, root_signal=root, exitcodes=codes
+        "x",
+        returncode=1,
+        timed_out=timed_out,
+        root_signal=root,
+        failures=failures,
+        terminated=frozenset({1}),  # torchrun said it sent pid 1 SIGTERM
     )
     assert relaunchable(err, epoch_ended=epoch_ended, nnodes=nnodes) is expected
+
+
+def test_a_sigterm_torchrun_did_not_send_is_a_decision_to_stop() -> None:
+    # rank 1 (pid 2) was SIGTERMed by someone else, then its peer aborted (review finding)
+    err = DistributedTrainingError(
+        "x", returncode=1, root_signal=6, failures=((-15, 2), (-6, 3)), terminated=frozenset({7})
+    )
+    assert not relaunchable(err, epoch_ended=False, nnodes=1)
+    ours = DistributedTrainingError(
+        "x", returncode=1, root_signal=6, failures=((-15, 2), (-6, 3)), terminated=frozenset({2})
+    )
+    assert relaunchable(ours, epoch_ended=False, nnodes=1)
+
+
+def test_the_summary_of_many_failed_ranks_is_read_whole(tmp_path: Path) -> None:
+    # Given 8 ranks, one of which raised (exit 1) while the root cause shown is an abort, whose
+    # summary (7 lines a rank) outgrows the 40 kept lines (review finding),
+    blocks = [_failure(i + 1, i, "-15", 100 + i, "Signal 15") for i in range(6)]
+    blocks.append(_failure(7, 6, "1", 106, "RuntimeError"))
+    summary = "\n".join(
+        [
+            BORDER,
+            "ballast.ddp_worker FAILED",
+            SECTION,
+            "Failures:",
+            *blocks,
+            SECTION,
+            "Root Cause (first observed failure):",
+            _failure(0, 7, "-6", 107, "Signal 6 (SIGABRT) received by PID 107"),
+            BORDER,
+        ]
+    )
+    terms = "".join(
+        f"print('W Sending process {100 + i} closing signal SIGTERM')\n" for i in range(6)
+    )
+    script = f"{terms}print({summary!r})\nraise SystemExit(1)\n"
+    with pytest.raises(DistributedTrainingError) as info:
+        launch(_py(script), timeout_s=30)
+    err = info.value
+    # then every rank's code is known, and the Python error forbids a relaunch.
+    assert err.root_signal == 6 and len(err.tail) == 40
+    assert sorted(err.exitcodes) == [-15] * 6 + [-6, 1]
+    assert err.terminated == frozenset(range(100, 106))
+    assert not relaunchable(err, epoch_ended=False, nnodes=1)
 
 
 def test_no_relaunch_when_the_time_left_is_shorter_than_the_failed_start(tmp_path: Path) -> None:
@@ -368,6 +419,7 @@ def test_no_relaunch_when_the_time_left_is_shorter_than_the_failed_start(tmp_pat
         f"p = {str(count)!r}\n"
         "open(p, 'a').write('x')\n"
         "time.sleep(2.0)\n"
+        "print('W Sending process 11 closing signal SIGTERM')\n"
         f"print({SUMMARY.format(other=-15, root=-6)!r})\n"
         "raise SystemExit(1)\n"
     )

@@ -32,7 +32,7 @@ from ballast.errors import BallastError, RegistryError, redact_uri_credentials
         ),
         # nor with a port before it: the host stays, the query up to the "@" is hidden (it
         # may hold a URI with credentials of its own)
-        ("see http://h:5000?owner=a@b", "see http://h:5000?***@b"),
+        ("see http://h:5000?owner=a@b", "see http://***@b"),  # or a password "5000?owner=a"
         (
             "fetch http://proxy:8080/f?url=https://deploy:ghp_S3CRET@git.example/r.git failed",
             "fetch http://proxy:8080/f?***@git.example/r.git failed",
@@ -41,7 +41,21 @@ from ballast.errors import BallastError, RegistryError, redact_uri_credentials
             "GET http://gw:8000/?next=postgresql://ballast:hunter2@db:5432/mlflow",
             "GET http://gw:8000/?***@db:5432/mlflow",
         ),
-        ("http://u:pw@h:5000/x?owner=a@b", "http://***@h:5000/x?***@b"),  # credentials too
+        ("http://u:pw@h:5000/x?owner=a@b", "http://***@b"),  # credentials too: all hidden
+        # Passwords holding "@" then "/", "?" or "#", or digits then a query (second review)
+        ("postgresql://ballast:p@ss/word@db:5432/m", "postgresql://***@db:5432/m"),
+        ("postgresql://ballast:p@ss?word@db:5432/m", "postgresql://***@db:5432/m"),
+        ("postgresql://ballast:p@ss#word@db:5432/m", "postgresql://***@db:5432/m"),
+        ("redis://default:hunter2@/x@cache:6379/0", "redis://***@cache:6379/0"),
+        ("postgresql://ballast:2024?x=Winter@db:5432/m", "postgresql://***@db:5432/m"),
+        ("postgresql://ballast:12/hunter2?k=v@db:5432/m", "postgresql://***@db:5432/m"),
+        ("https://ghp_Pm?Pm@db:1?ref=a@b", "https://***@b"),  # a token holding a "?"
+        ("s3://tok?en@db/c?url=https://alice@h:1?q", "s3://***@h:1?q"),
+        # a scheme right after "_" or a digit is still a scheme
+        (
+            "DB_postgresql://ballast:pw@db/m and 1redis://u:pw@c",
+            "DB_postgresql://***@db/m and 1redis://***@c",
+        ),
         # Passwords that look like a port and a query or fragment (review findings)
         ("http://user:s3cr/et?x@h:1/", "http://***@h:1/"),
         ("postgresql://ballast:2024#Winter@db:5432/m", "postgresql://***@db:5432/m"),
