@@ -233,8 +233,7 @@ _CHILD = textwrap.dedent(
     """
     import hashlib, io, json, os, resource, sys, time
     from pathlib import Path
-    from ballast.argtypes import at_least, counts, existing_folder
-from ballast.bench.data import Generated, Null
+    from ballast.bench.data import Generated, Null
     from ballast.crypto import LocalKeyring, decrypt_stream, encrypt_stream
 
     mode, keyring, path, size = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])

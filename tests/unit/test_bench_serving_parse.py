@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,13 @@ def test_bench_data_refuses_bad_arguments_before_anything_starts(
         data_main(args)
     assert info.value.code == 2
     assert args[0] in capsys.readouterr().err
+
+
+def test_bench_data_measures_peak_memory_in_child_processes(tmp_path: Path) -> None:
+    # The children run a script held in a string; an import line pasted into it at the wrong
+    # indent (a refactor did) broke `ballast bench data` while every other test passed.
+    from ballast.bench.data import bench_rss
+
+    row = bench_rss(1 << 20, tmp_path)
+    assert row.size_bytes == 1 << 20 and row.verified
+    assert row.encrypt_peak_rss_mib > 0 and row.decrypt_peak_rss_mib > 0
