@@ -83,12 +83,16 @@ def export_onnx(
     was_training = target.training
     target.eval()
     arg = _forward_arg_name(target)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    # The traced example must fit the dynamic range (8 rows with max_batch=2 was a constraint
+    # violation: `ballast bench compile --batches 1`), and the range must admit its 2 rows.
+    dim_max = max(max_batch, 2)
+    traced = example[: min(len(example), 8, dim_max)]
+    batch = torch.export.Dim("batch", min=1, max=dim_max)
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(
                 target,
-                (torch.from_numpy(example[: min(len(example), 8)].copy()),),
+                (torch.from_numpy(traced.copy()),),
                 str(path),
                 dynamo=True,
                 dynamic_shapes={arg: {0: batch}},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from pydantic import ValidationError
@@ -130,6 +131,19 @@ def test_export_prints_nothing_to_stdout(
 ) -> None:
     export_onnx(model, rows[:1], tmp_path / "m.onnx")
     assert capfd.readouterr().out == "", "exporter progress must stay out of our output"
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 5])
+def test_export_with_a_small_batch_limit_traces_an_example_that_fits(
+    tmp_path: Path, model: MLP, rows: np.ndarray, max_batch: int
+) -> None:
+    # Before: 8 example rows were traced against a batch range of 1..2, a constraint violation
+    # (`ballast bench compile --batches 1`).
+    path = export_onnx(model, rows[:16], tmp_path / "m.onnx", max_batch=max_batch)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in {1, max(max_batch, 2)}:
+        (out,) = session.run(None, {"input": rows[:n].astype(np.float32)})
+        assert out.shape[0] == n
 
 
 def test_export_leaves_the_callers_model_in_its_mode(tmp_path: Path, rows: np.ndarray) -> None:
