@@ -102,7 +102,7 @@ class LocalKeyring:
         if self.auto_create:
             return self._create_key(only_if_none=True)
         raise KeyNotFoundError(
-            f"keyring {self.path} has no current key; create one with LocalKeyring.create_key()"
+            f"keyring {self.path} has no current key; create one with `ballast keys create`"
         )
 
     def wrap_key(self, key_id: str, dek: bytes, context: bytes) -> bytes:
@@ -235,7 +235,7 @@ class LocalKeyring:
             if missing_ok:
                 return {}
             raise KeyNotFoundError(
-                f"no keyring at {self.path}; create one with LocalKeyring.create_key()"
+                f"no keyring at {self.path}; create one with `ballast keys create`"
             ) from None
         except OSError as exc:
             raise ConfigError(f"cannot open keyring {self.path}: {exc}") from exc

@@ -467,5 +467,6 @@ def get_settings() -> Settings:
         field = re.search(r'field "(\w+)"', str(exc))
         name = f"BALLAST_{field.group(1).upper()}" if field else "a BALLAST_* variable"
         raise ConfigError(
-            f"invalid settings: {name} is not valid JSON (a list is written [10,50,100])"
+            f"invalid settings: {name} is not valid JSON (a list is written "
+            '[10,50,100] or ["alice","bob"])'
         ) from None

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from ballast.settings import get_settings
 from tasks.report import publish_decision
 from tasks.rollback import rollback_to_previous
 
 
-@flow(name="rollback", flow_run_name="rollback-{model_name}")
+def _run_name() -> str:
+    """The model rolled back: the parameter, else the configured one (not "rollback-None")."""
+    return f"rollback-{flow_run.parameters.get('model_name') or get_settings().model_name}"
+
+
+@flow(name="rollback", flow_run_name=_run_name)
 def rollback_flow(model_name: str | None = None, force: bool = False) -> str:
     """``force``: roll back even while a canary or shadow trial is in force (that release is
     abandoned: its controller stops when it sees the change)."""

@@ -512,7 +512,7 @@ def test_missing_keyring_fails_with_key_not_found(tmp_path: Path) -> None:
 
     with pytest.raises(KeyNotFoundError, match="no keyring"):
         ring.unwrap_key("abc", b"x" * 60, b"ctx")
-    with pytest.raises(KeyNotFoundError, match="create_key"):
+    with pytest.raises(KeyNotFoundError, match="ballast keys create"):
         ring.current_key_id()
 
 
