@@ -44,6 +44,8 @@ def _table(statuses: list[ComponentStatus]) -> Table:
             state = "[green]healthy[/]"
         elif st.running:
             state = "[yellow]running, not healthy[/]"
+        elif st.answering:
+            state = "[yellow]answering, not started by the stack[/]"
         else:
             state = "[red]stopped[/]"
         table.add_row(st.name, str(st.pid or ""), state, st.url)
@@ -100,17 +102,23 @@ def stack_up(
 def stack_down(
     timeout: float = typer.Option(15.0, min=0, help="Seconds between SIGTERM and SIGKILL."),
 ) -> None:
-    """Stop every process `stack up` started (by pid), remove the pid files."""
+    """Stop every process `stack up` started (by pid), remove the pid files; and the gateway a
+    release started (it keeps serving the champion after the release ends)."""
+    from ballast.gateway_process import stop_recorded_gateway
     from ballast.stack import StackConfig, default_root, down
 
+    s = get_settings()
     try:
         stopped = down(
-            StackConfig(root=default_root(get_settings()), stop_timeout_s=timeout),
+            StackConfig(root=default_root(s), stop_timeout_s=timeout),
             say=console.print,
         )
     except BallastError as exc:
         fail(exc)
     console.print(f"stopped {len(stopped)} component(s)")
+    gateway = stop_recorded_gateway(s, timeout=timeout)
+    if gateway is not None:
+        console.print(f"stopped the gateway a release started (pid {gateway})")
 
 
 @stack_app.command("status")

@@ -21,7 +21,7 @@ from ballast.errors import GatewayError
 from ballast.gateway_client import GatewayClient
 from ballast.settings import Settings
 
-__all__ = ["GatewayProcess", "ensure_gateway"]
+__all__ = ["GatewayProcess", "ensure_gateway", "stop_recorded_gateway"]
 
 _POLL_S = 0.1
 _LOG_TAIL_BYTES = 4000
@@ -213,3 +213,33 @@ def ensure_gateway(
     pid_path.write_text(f"{gw.pid}\n")
     gw.pid_path = pid_path
     return gw
+
+
+def _is_gateway(pid: int) -> bool:
+    """Whether ``pid`` runs ``python -m infra.gateway`` (not a recycled pid)."""
+    try:
+        return b"infra.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def stop_recorded_gateway(settings: Settings, *, timeout: float = 20.0) -> int | None:
+    """Stop the gateway a release started (:func:`ensure_gateway` records it in
+    ``state_dir/gateway.pid`` and leaves it serving the champion); returns its pid, or None when
+    no such gateway runs. A pid file naming anything else (a recycled pid) is only removed."""
+    pid_path = settings.state_dir / "gateway.pid"
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not _is_gateway(pid):
+        pid_path.unlink(missing_ok=True)
+        return None
+    os.kill(pid, signal.SIGTERM)  # uvicorn drains in-flight requests first
+    deadline = time.monotonic() + timeout
+    while _is_gateway(pid) and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+    if _is_gateway(pid):
+        os.kill(pid, signal.SIGKILL)
+    pid_path.unlink(missing_ok=True)
+    return pid

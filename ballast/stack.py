@@ -139,6 +139,8 @@ class ComponentStatus:
     running: bool
     healthy: bool
     url: str
+    # Not started by this stack, but its health check answers (a gateway a release started).
+    answering: bool = False
 
 
 # -- pure parts: commands and config -----------------------------------------------------------
@@ -744,6 +746,7 @@ def status(settings: Settings, config: StackConfig) -> list[ComponentStatus]:
                 running=running,
                 healthy=running and _healthy(health),
                 url=url,
+                answering=not running and _healthy(health),
             )
         )
     return out
