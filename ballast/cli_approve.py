@@ -10,6 +10,9 @@ anyone can call Prefect's API directly. Prefect is imported inside the command s
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -74,16 +77,31 @@ def approve_command(
 
     signer = _signer(name, key if key is not None else s.approver_key_file)
 
-    import httpx
-    from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
 
     from ballast.approval_signing import approval_message, sign_approval
 
     answer = {"approve": not reject, "approver": name.strip(), "reason": reason}
-    try:
-        what, pause_key = _waiting_for(flow_run_id)
-        console.print(f"flow run {what}")
+    with _prefect_errors(run_id):
+        what, pause_key, starter = _waiting_for(flow_run_id)
+    console.print(f"flow run {what}")
+    # The other half of the rule, where the run's form says who started it: refused here
+    # rather than "sent" and then refused by the run.
+    mine = authorize_approval(name, starter, roles)
+    if not mine.allowed:
+        record(
+            s.audit_log,
+            "approval_refused",
+            model=s.model_name,
+            version=None,
+            approver=name,
+            approve=not reject,
+            reason=mine.reason,
+            flow_run_id=run_id,
+            where="cli",
+        )
+        fail(BallastError(f"refused: {mine.reason}", stage="approve"))
+    with _prefect_errors(run_id):
         if signer is not None:
             message = approval_message(
                 flow_run_id=str(flow_run_id),
@@ -94,14 +112,6 @@ def approve_command(
             )
             answer["signature"] = sign_approval(signer, message)
         resume_flow_run(flow_run_id, run_input=answer)
-    except ObjectNotFound:
-        fail(BallastError(f"no flow run {run_id}", stage="approve"))
-    except (NotPausedError, FlowPauseTimeout) as exc:
-        fail(BallastError(f"flow run {run_id} is not waiting for approval: {exc}", stage="approve"))
-    except RuntimeError as exc:  # Prefect's refusal, e.g. input that fails the form's schema
-        fail(BallastError(f"Prefect refused the answer: {exc}", stage="approve"))
-    except httpx.HTTPError as exc:  # the API is down or answered an error the client raised
-        fail(BallastError(f"cannot reach the Prefect API: {exc}", stage="approve"))
     verdict = "rejected" if reject else "approved"
     signed = ", signed" if signer is not None else ""
     console.print(f"{verdict} flow run {run_id} as {name.strip()}{signed}: sent to the paused run")
@@ -173,29 +183,63 @@ def _signer(name: str, key_file: Path | None) -> Ed25519PrivateKey | None:
         fail(exc)
 
 
-def _waiting_for(flow_run_id: UUID) -> tuple[str, str]:
-    """What the paused run asks about ("NAME (ID) asks approval of version V") and its pause key
-    (which a signed answer covers), read before any answer is sent, so the approver sees which
-    release they answer. The release flow pauses
-    with the key ``approval-<version>-<attempt>-<question>`` (tasks/approval.py); a run paused for
-    anything else, or not paused, is refused."""
+@contextmanager
+def _prefect_errors(run_id: str) -> Iterator[None]:
+    """Prefect's and the network's failures as one typed line each (exit 2)."""
+    import httpx
+    from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
+
+    try:
+        yield
+    except ObjectNotFound:
+        fail(BallastError(f"no flow run {run_id}", stage="approve"))
+    except (NotPausedError, FlowPauseTimeout) as exc:
+        fail(BallastError(f"flow run {run_id} is not waiting for approval: {exc}", stage="approve"))
+    except typer.Exit:
+        raise  # click's Exit is a RuntimeError: not Prefect's refusal
+    except RuntimeError as exc:  # Prefect's refusal, e.g. input that fails the form's schema
+        fail(BallastError(f"Prefect refused the answer: {exc}", stage="approve"))
+    except httpx.HTTPError as exc:  # the API is down or answered an error the client raised
+        fail(BallastError(f"cannot reach the Prefect API: {exc}", stage="approve"))
+
+
+def _waiting_for(flow_run_id: UUID) -> tuple[str, str, str | None]:
+    """What the paused run asks about ("NAME (ID) asks approval of version V"), its pause key
+    (which a signed answer covers) and who started it (as its form says; None if it does not),
+    read before any answer is sent, so the approver sees which release they answer. The release
+    flow pauses with the key ``approval-<version>-<attempt>-<question>`` (tasks/approval.py); a
+    run paused for anything else, or not paused, is refused."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import NotPausedError
+    from prefect.input.run_input import keyset_from_paused_state
 
     from ballast.release import PAUSE_KEY_PREFIX
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run_id)
-    state = run.state
-    if state is None or not state.is_paused():
-        raise NotPausedError(f"its state is {state.name if state else 'unknown'}")
+        state = run.state
+        if state is None or not state.is_paused():
+            raise NotPausedError(f"its state is {state.name if state else 'unknown'}")
+        starter = None
+        try:
+            description = client.read_flow_run_input(
+                key=keyset_from_paused_state(state)["description"], flow_run_id=flow_run_id
+            )
+            found = _STARTED_BY.search(description)
+            starter = found.group(1) if found else None
+        except Exception:  # no description: the run applies the rule itself
+            starter = None
     key = state.state_details.pause_key or ""
     # approval-<version>-<attempt>-<question> (approval-<version>-<attempt> before signatures)
     parts = key.removeprefix(PAUSE_KEY_PREFIX).rsplit("-", 2)
     version = parts[0] if len(parts) == 3 else "-".join(parts[:-1])
     if not key.startswith(PAUSE_KEY_PREFIX) or not version:
         raise NotPausedError(f"it is paused for something else (pause key {key!r})")
-    return f"{run.name} ({flow_run_id}) asks approval of version {version}", key
+    return f"{run.name} ({flow_run_id}) asks approval of version {version}", key, starter
+
+
+# tasks/approval.py's form description: "Run started by **NAME**: approval needs ..."
+_STARTED_BY = re.compile(r"Run started by \*\*(.+?)\*\*:")
 
 
 @audit_app.command("verify")

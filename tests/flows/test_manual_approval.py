@@ -191,6 +191,14 @@ def test_refused_answers_keep_the_run_waiting_until_an_approver_answers_by_cli(
     local = CliRunner().invoke(app, ["approve", str(run_id), "--as", "mallory", "--reason", "x"])
     assert local.exit_code == 2 and "approver role" in local.output, local.output
     assert _state(run_id) == StateType.PAUSED
+    # The starter through the CLI: refused there too (the run's form names the starter), not
+    # "sent" and then refused by the run.
+    refusals = len(_refusals(s))
+    own = CliRunner().invoke(app, ["approve", str(run_id), "--as", STARTER, "--reason", "mine"])
+    said = " ".join(own.output.split())
+    assert own.exit_code == 2 and "started this run" in said and "sent" not in said, said
+    assert len(_refusals(s)) == refusals + 1 and _refusals(s)[-1]["where"] == "cli"
+    assert _state(run_id) == StateType.PAUSED
 
     # An approver rejects through the CLI: the run ends rejected, recorded on the version.
     sent = CliRunner().invoke(
