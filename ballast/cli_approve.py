@@ -25,6 +25,8 @@ from ballast.errors import BallastError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from ballast.decisions import Authorization
+
 __all__ = ["approve_command", "approver_key_command", "audit_app", "audit_verify"]
 
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
@@ -43,7 +45,6 @@ def approve_command(
     ),
 ) -> None:
     """Approve (or --reject) the release paused in flow run RUN_ID."""
-    from ballast.audit import record
     from ballast.decisions import authorize_approval
     from ballast.roles import roles_from_settings
     from ballast.settings import get_settings
@@ -61,19 +62,7 @@ def approve_command(
         fail(exc)
     # The starter is known only inside the run; the flow applies that half of the rule.
     auth = authorize_approval(name, None, roles)
-    if not auth.allowed:
-        record(
-            s.audit_log,
-            "approval_refused",
-            model=s.model_name,
-            version=None,
-            approver=name,
-            approve=not reject,
-            reason=auth.reason,
-            flow_run_id=run_id,
-            where="cli",
-        )
-        fail(BallastError(f"refused: {auth.reason}", stage="approve"))
+    _refuse_unless(auth, name=name, approve=not reject, run_id=run_id)
 
     signer = _signer(name, key if key is not None else s.approver_key_file)
 
@@ -88,19 +77,7 @@ def approve_command(
     # The other half of the rule, where the run's form says who started it: refused here
     # rather than "sent" and then refused by the run.
     mine = authorize_approval(name, starter, roles)
-    if not mine.allowed:
-        record(
-            s.audit_log,
-            "approval_refused",
-            model=s.model_name,
-            version=None,
-            approver=name,
-            approve=not reject,
-            reason=mine.reason,
-            flow_run_id=run_id,
-            where="cli",
-        )
-        fail(BallastError(f"refused: {mine.reason}", stage="approve"))
+    _refuse_unless(mine, name=name, approve=not reject, run_id=run_id)
     with _prefect_errors(run_id):
         if signer is not None:
             message = approval_message(
@@ -181,6 +158,28 @@ def _signer(name: str, key_file: Path | None) -> Ed25519PrivateKey | None:
         return signer
     except BallastError as exc:
         fail(exc)
+
+
+def _refuse_unless(auth: Authorization, *, name: str, approve: bool, run_id: str) -> None:
+    """Exit 2 with the reason, audited as the run would audit it, unless ``auth`` allows."""
+    if auth.allowed:
+        return
+    from ballast.audit import record
+    from ballast.settings import get_settings
+
+    s = get_settings()
+    record(
+        s.audit_log,
+        "approval_refused",
+        model=s.model_name,
+        version=None,
+        approver=name,
+        approve=approve,
+        reason=auth.reason,
+        flow_run_id=run_id,
+        where="cli",
+    )
+    fail(BallastError(f"refused: {auth.reason}", stage="approve"))
 
 
 @contextmanager
