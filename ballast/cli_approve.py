@@ -10,7 +10,6 @@ anyone can call Prefect's API directly. Prefect is imported inside the command s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -212,7 +211,7 @@ def _waiting_for(flow_run_id: UUID) -> tuple[str, str, str | None]:
     from prefect.exceptions import NotPausedError
     from prefect.input.run_input import keyset_from_paused_state
 
-    from ballast.release import PAUSE_KEY_PREFIX
+    from ballast.release import PAUSE_KEY_PREFIX, started_by_in
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run_id)
@@ -224,8 +223,7 @@ def _waiting_for(flow_run_id: UUID) -> tuple[str, str, str | None]:
             description = client.read_flow_run_input(
                 key=keyset_from_paused_state(state)["description"], flow_run_id=flow_run_id
             )
-            found = _STARTED_BY.search(description)
-            starter = found.group(1) if found else None
+            starter = started_by_in(description)
         except Exception:  # no description: the run applies the rule itself
             starter = None
     key = state.state_details.pause_key or ""
@@ -235,10 +233,6 @@ def _waiting_for(flow_run_id: UUID) -> tuple[str, str, str | None]:
     if not key.startswith(PAUSE_KEY_PREFIX) or not version:
         raise NotPausedError(f"it is paused for something else (pause key {key!r})")
     return f"{run.name} ({flow_run_id}) asks approval of version {version}", key, starter
-
-
-# tasks/approval.py's form description: "Run started by **NAME**: approval needs ..."
-_STARTED_BY = re.compile(r"Run started by \*\*(.+?)\*\*:")
 
 
 @audit_app.command("verify")

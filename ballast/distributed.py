@@ -319,7 +319,7 @@ def launch(
     if rc != 0:
         errors = (rank_errors + other_errors)[:ERROR_LINES]
         root_code, failures = summary_failures(summary)
-        root = -root_code if root_code is not None and root_code < 0 else None
+        root = _killed_by(root_code)
         killed = f", rank killed by {signal.Signals(root).name}" if root in _SIGNALS else ""
         raise DistributedTrainingError(
             f"data-parallel training failed after {seconds:.1f} s (torchrun exit {rc}{killed}); "
@@ -359,8 +359,12 @@ def summary_failures(
 def root_cause_signal(lines: Iterable[str]) -> int | None:
     """The signal that killed torchrun's root-cause rank (None: it exited with a status, or
     there is no summary)."""
-    root, _ = summary_failures(lines)
-    return -root if root is not None and root < 0 else None
+    return _killed_by(summary_failures(lines)[0])
+
+
+def _killed_by(exitcode: int | None) -> int | None:
+    """The signal a negative exit code stands for (None: an exit status, or no code)."""
+    return -exitcode if exitcode is not None and exitcode < 0 else None
 
 
 def relaunchable(err: DistributedTrainingError, *, epoch_ended: bool, nnodes: int) -> bool:

@@ -947,6 +947,8 @@ class SequentialJudge(StreamJudgeBase):
         self._canary_rows += cnt(can)
         if keys is not None and keyed is not None:
             self._canary_keyed += cnt(can & keyed)
+        if keys is not None and keyed is not None and self._champion is None:
+            # Per-client counts feed the first release's one-sample test only.
             mine = can & keyed
             size = len(self._key_index)
             if self._key_n.size < size:

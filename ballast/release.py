@@ -35,6 +35,21 @@ TAG_APPROVAL = "ballast.approval"
 # The release flow pauses for approval under the key "approval-<version>-<attempt>" (a fresh key
 # per attempt; tasks/approval.py); `ballast approve` reads the version back from it.
 PAUSE_KEY_PREFIX = "approval-"
+# The approval form's line naming the run's starter: tasks/approval.py writes it, `ballast
+# approve` reads it back to refuse the starter's own answer before sending it.
+STARTED_BY_LINE = "Run started by **{}**: approval needs the approver role and someone else."
+
+
+def started_by_in(description: str) -> str | None:
+    """The starter an approval form's description names (None: it names none)."""
+    head, _, rest = STARTED_BY_LINE.partition("{}")
+    start = description.find(head)
+    if start < 0:
+        return None
+    end = description.find(rest, start + len(head))
+    return description[start + len(head) : end] if end >= 0 else None
+
+
 TAG_CONTENT_KEY = "ballast.content_key"
 TAG_CODE = "ballast.code"
 # A registry-backed gateway's traffic shares and trial lease (infra/gateway/registry_source.py).

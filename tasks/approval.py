@@ -30,7 +30,13 @@ from ballast.data import ValidatedDataset
 from ballast.decisions import APPROVAL_TIMEOUT, Authorization, prior_decision
 from ballast.errors import ApprovalRejected, ConfigError
 from ballast.quality import QualityDecision
-from ballast.release import PAUSE_KEY_PREFIX, TAG_APPROVAL, TAG_STATUS, TAG_VERDICT
+from ballast.release import (
+    PAUSE_KEY_PREFIX,
+    STARTED_BY_LINE,
+    TAG_APPROVAL,
+    TAG_STATUS,
+    TAG_VERDICT,
+)
 from ballast.roles import ApprovalConfig, approval_config_from_settings
 from ballast.settings import Settings, get_settings
 from model_registry import ApprovalRecord, ModelVersionInfo
@@ -94,9 +100,7 @@ def evidence_markdown(
     rows = "\n".join(f"| {k} | {'pass' if v else 'FAIL'} |" for k, v in checks.items())
     out = [f"## Approve {model} version {version}?\n"]
     if started_by:
-        out.append(
-            f"Run started by **{started_by}**: approval needs the approver role and someone else.\n"
-        )
+        out.append(STARTED_BY_LINE.format(started_by) + "\n")
     out.append(f"### Checks\n\n| check | result |\n|---|---|\n{rows}\n")
     grouped: dict[str, list[str]] = {}
     for k, v in sorted(metrics.items()):
