@@ -41,6 +41,22 @@ def counts(
     return parse
 
 
+def names(*allowed: str) -> Callable[[str], list[str]]:
+    """Comma-separated names, each one of ``allowed`` ("" is none): a name misspelt is refused
+    rather than silently measuring less than was asked for."""
+
+    def parse(text: str) -> list[str]:
+        values = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown: {', '.join(unknown)} (choose from {', '.join(allowed)})"
+            )
+        return values
+
+    return parse
+
+
 def existing_folder(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():

@@ -285,7 +285,9 @@ def status(model: str = typer.Argument(None)) -> None:
 
     s = get_settings()
     name = model or s.model_name
-    reg = Registry(s.tracking_uri, s.artifact_root)
+    # Asked interactively: an MLflow server that is not there is said in seconds, not after
+    # MLflow's minutes of retries.
+    reg = Registry(s.tracking_uri, s.artifact_root, probe_timeout_s=3.0)
     table = Table(title=f"{name} in {redact_uri_credentials(s.tracking_uri)}")
     for col in ("version", "aliases", "status", "verdict", "accuracy"):
         table.add_column(col)

@@ -112,8 +112,26 @@ def approver_key_command(
     except OSError as exc:
         fail(BallastError(f"cannot write {path}: {exc}", stage="approve"))
     entry = {name.strip(): {"roles": ["approver"], "approval_key": public_key_text(key)}}
+    repo = _git_work_tree(path)
+    if repo is not None:
+        # Written anyway (the name may be git-ignored), but a private key one `git add -A` away
+        # from a commit is worth a word.
+        err.print(
+            f"warning: {path} is inside the git work tree {repo}: move it outside the "
+            "repository so it cannot be committed",
+            soft_wrap=True,
+            markup=False,
+        )
     err.print(f"wrote {path} (0600); register its public key in the roles file:")
     print(json.dumps(entry))
+
+
+def _git_work_tree(path: Path) -> Path | None:
+    """The nearest folder above ``path`` holding ``.git`` (a work tree), if any."""
+    for folder in path.resolve().parents:
+        if (folder / ".git").exists():
+            return folder
+    return None
 
 
 def _signer(name: str, key_file: Path | None) -> Ed25519PrivateKey | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import socket
 import tempfile
 import time
 import urllib.parse
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ballast.decisions import plan_promotion, plan_rollback_to_previous
-from ballast.errors import RegistryError
+from ballast.errors import RegistryError, redact_uri_credentials
 from model_registry.types import (
     CANDIDATE,
     CHAMPION,
@@ -59,6 +60,22 @@ def _mlflow_errors(action: str) -> Iterator[None]:
         yield
     except MlflowException as exc:
         raise RegistryError(f"{action}: {exc.message}") from exc
+
+
+def _probe(tracking_uri: str, timeout_s: float) -> None:
+    """Fail at once when nothing listens at a tracking server's address. MLflow retries a
+    refused connection with back-off for minutes, which suits a release riding out a restart,
+    not someone asking what is deployed."""
+    parsed = urllib.parse.urlsplit(tracking_uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
+    except OSError as exc:
+        where = redact_uri_credentials(tracking_uri)
+        raise RegistryError(
+            f"the MLflow server at {where} does not answer ({exc.strerror or exc}); "
+            "is it running, and is BALLAST_MLFLOW_TRACKING_URI right?"
+        ) from None
 
 
 def _quoted(value: str) -> str:
@@ -92,7 +109,12 @@ class Registry:
     """
 
     def __init__(
-        self, tracking_uri: str, artifact_root: Path, *, experiment_name: str = "ballast"
+        self,
+        tracking_uri: str,
+        artifact_root: Path,
+        *,
+        experiment_name: str = "ballast",
+        probe_timeout_s: float | None = None,
     ) -> None:
         from mlflow import MlflowClient
 
@@ -101,6 +123,8 @@ class Registry:
         self.experiment_name = experiment_name
         # An MLflow tracking server over HTTP (else an embedded store such as sqlite).
         self.remote = tracking_uri.startswith(("http://", "https://"))
+        if self.remote and probe_timeout_s is not None:
+            _probe(tracking_uri, probe_timeout_s)
         if tracking_uri.startswith("sqlite:///"):
             # MLflow creates the database file but not the folder it lives in.
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

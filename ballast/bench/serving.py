@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ballast.argtypes import counts
+from ballast.argtypes import counts, names
 from ballast.bench.paired import PairedChange, paired_change
 from ballast.bench.procstat import cpu_ticks, cpu_us_per_request
 
@@ -411,8 +411,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[1, 16, 64, 64],
         help="wrk connections per run, comma-separated",
     )
-    p.add_argument("--workers", default="1", help="gateway replica counts to try, e.g. 1,2")
-    p.add_argument("--peers", default="", help="comma list: mlflow, pytriton")
+    p.add_argument(
+        "--workers", type=counts(), default=[1], help="gateway replica counts to try, e.g. 1,2"
+    )
+    p.add_argument(
+        "--peers", type=names("mlflow", "pytriton"), default=[], help="comma list: mlflow, pytriton"
+    )
     p.add_argument("--pytriton-python", default="", help="a Python 3.12 with nvidia-pytriton")
     p.add_argument("--skip-split", action="store_true", help="only the one-version gateway")
     p.add_argument(
@@ -437,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     conc = tuple(args.concurrency)
-    peers = {p for p in args.peers.split(",") if p}
+    peers = set(args.peers)
     console = Console(stderr=args.json)
     notes: list[str] = []
     rows: list[Row] = []
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build_mlp_onnx(workdir / "model.onnx", seed=0, hidden=HIDDEN)
         script = _lua(workdir / "predict.lua", body)
         with console.status("measuring") as status:
-            for workers in (int(w) for w in args.workers.split(",")):
+            for workers in args.workers:
                 setups = [("gateway, 1 version", False)]
                 if not args.skip_split:
                     setups.append(("gateway, 90/10 split + metrics", True))

@@ -199,6 +199,18 @@ def test_approver_key_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
     assert path.read_text() == "someone's only copy"
 
 
+def test_approver_key_warns_when_written_inside_a_git_work_tree(tmp_path: Path) -> None:
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    inside = tmp_path / "repo" / "keys" / "alice.pem"
+    outside = tmp_path / "elsewhere" / "alice.pem"
+    warned = CliRunner().invoke(cli(), ["approver-key", str(inside), "--as", "alice"])
+    quiet = CliRunner().invoke(cli(), ["approver-key", str(outside), "--as", "alice"])
+    assert warned.exit_code == 0 and quiet.exit_code == 0, warned.output + quiet.output
+    assert "inside the git work tree" in warned.output and str(tmp_path / "repo") in warned.output
+    assert "warning" not in quiet.output
+    assert inside.exists() and outside.exists()
+
+
 @pytest.mark.parametrize(
     "raw_hex",
     [

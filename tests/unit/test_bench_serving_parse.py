@@ -73,6 +73,24 @@ def test_concurrencies_that_are_not_counts_are_refused_before_anything_starts(
     assert "--concurrency" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--peers", "triton", "triton"),  # before: ignored, the run measured no peer
+        ("--peers", "mlflow,pytritn", "pytritn"),
+        ("--workers", "two", "--workers"),  # before: a ValueError traceback after the build
+        ("--workers", "0", "--workers"),
+    ],
+)
+def test_peers_and_replica_counts_are_checked_before_anything_starts(
+    option: str, value: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([option, value])
+    assert info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 def test_cpu_of_a_child_that_exits_stays_counted_in_its_parent() -> None:
     # A replica that exits between two reads used to take its ticks with it (the difference
     # shrank, or went negative); its parent's reaped-children counters keep them.

@@ -20,6 +20,7 @@ from ballast.cli import app
 from ballast.data import bundled_csv_bytes
 from ballast.gateway_client import GatewayClient
 from ballast.settings import Settings
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,6 +174,25 @@ def test_status_reports_versions_and_a_stopped_gateway(
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "not running" in result.output
+
+
+def test_status_says_at_once_that_no_mlflow_server_answers(settings: Settings) -> None:
+    # Before: MLflow retried the refused connection with back-off for about four minutes.
+    uri = f"http://ops:s3cret@127.0.0.1:{free_port()}"
+    env = {**os.environ, "BALLAST_MLFLOW_TRACKING_URI": uri}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ballast.cli", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "does not answer" in proc.stderr, proc.stderr
+    assert "BALLAST_MLFLOW_TRACKING_URI" in proc.stderr and "s3cret" not in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 60, "refused at once, not after MLflow's retries"
 
 
 def test_keys_rotate_rewraps_objects_and_retires_the_old_key(
