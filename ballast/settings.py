@@ -12,10 +12,17 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from ballast.errors import ConfigError
 from ballast.private_files import PrivateFileError, read_private
@@ -456,17 +463,61 @@ def get_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = []
-        for e in exc.errors(include_input=False, include_url=False):
-            # The variable only: a list item's index is not part of its name.
-            where = f"BALLAST_{str(e['loc'][0]).upper()}" if e["loc"] else ""
-            msg = str(e["msg"]).removeprefix("Value error, ")
-            problems.append(f"{where}: {msg}" if where else msg)
-        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
-    except SettingsError as exc:  # a value pydantic-settings could not even parse (a list)
-        field = re.search(r'field "(\w+)"', str(exc))
-        name = f"BALLAST_{field.group(1).upper()}" if field else "a BALLAST_* variable"
-        raise ConfigError(
-            f"invalid settings: {name} is not valid JSON (a list is written "
+        problems = _problems(exc)
+    except SettingsError:
+        # pydantic-settings stops at the first value it cannot parse as JSON (a list): read
+        # again, leaving out every such value, so each problem is named at once.
+        unparsable, rest = _read_leaving_out_unparsable()
+        problems = [
+            f"BALLAST_{f.upper()} is not valid JSON (a list is written "
             '[10,50,100] or ["alice","bob"])'
-        ) from None
+            for f in unparsable
+        ] or ["a BALLAST_* variable is not valid JSON"]
+        problems += _problems(rest) if rest is not None else []
+    raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for e in exc.errors(include_input=False, include_url=False):
+        # The variable only: a list item's index is not part of its name.
+        where = f"BALLAST_{str(e['loc'][0]).upper()}" if e["loc"] else ""
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        problems.append(f"{where}: {msg}" if where else msg)
+    return problems
+
+
+def _read_leaving_out_unparsable() -> tuple[list[str], ValidationError | None]:
+    """The fields whose variable is not valid JSON, and what else is wrong with the settings
+    read without them (None: nothing)."""
+    unparsable: list[str] = []
+
+    class Lenient(EnvSettingsSource):
+        def prepare_field_value(
+            self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+        ) -> Any:
+            try:
+                return super().prepare_field_value(field_name, field, value, value_is_complex)
+            except ValueError:
+                unparsable.append(field_name)
+                return None  # left out: the field keeps its default
+
+    class Reading(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, Lenient(settings_cls), dotenv_settings, file_secret_settings)
+
+    try:
+        Reading()
+    except ValidationError as exc:
+        return unparsable, exc
+    except SettingsError:
+        return unparsable, None
+    return unparsable, None

@@ -119,6 +119,17 @@ def test_bad_settings_are_one_config_error_naming_each_variable_and_never_echo_a
     with pytest.raises(ConfigError, match=r"BALLAST_CANARY_STEPS is not valid JSON"):
         get_settings()
 
+    # Before: pydantic-settings stopped at the first list it could not parse, so the other list
+    # and the bad number were only named on the next tries.
+    monkeypatch.setenv("BALLAST_APPROVERS", "carol,dave")
+    with pytest.raises(ConfigError) as every:
+        get_settings()
+    msg = every.value.message
+    assert "BALLAST_CANARY_STEPS is not valid JSON" in msg, msg
+    assert "BALLAST_APPROVERS is not valid JSON" in msg, msg
+    assert "BALLAST_EPOCHS: " in msg and "BALLAST_MODEL_NAME: " in msg, msg
+    assert "s3cr3t" not in msg and "carol" not in msg, msg
+
 
 def test_a_kubernetes_service_link_in_the_gateway_port_is_named_as_such(
     monkeypatch: pytest.MonkeyPatch,
