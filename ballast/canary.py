@@ -140,7 +140,24 @@ class CanaryLeaseLost(RuntimeError):
 
 class CanaryPreempted(CanaryLeaseLost):
     """Someone else changed the gateway's deployment while the canary ran (a forced rollback, an
-    operator): their change stands, and this canary stops without sending anything more."""
+    operator, another release's canary): their change stands, and this canary stops without
+    sending anything more. ``live`` is the deployment found (None: unknown or nothing)."""
+
+    def __init__(self, message: str, *, live: Deployment | None = None) -> None:
+        super().__init__(message)
+        self.live = live
+
+
+def another_trial_took_over(exc: CanaryPreempted, candidate: str, now: float) -> bool:
+    """The canary of ``candidate`` was stopped by another trial now in force (a canary or shadow
+    of another version, leased or not), not by a person settling the gateway: that release's
+    turn, after which this one may try again. A rollback, a champion changed, or a trial of this
+    very version (its own, left by a lease that ran out) is an answer, not a turn."""
+    live = exc.live
+    if not trial_in_force(live, now):
+        return False
+    assert live is not None
+    return candidate not in {v.version for v in (live.canary, live.shadow) if v is not None}
 
 
 def _plain(dep: Deployment) -> Deployment:
@@ -275,7 +292,8 @@ class _Lease:
             self._lose(
                 CanaryPreempted(
                     f"the gateway's deployment was changed by someone else ({_describe(live)}); "
-                    "the canary stops and leaves it in place"
+                    "the canary stops and leaves it in place",
+                    live=live,
                 )
             )
         assert self._lost is not None
@@ -391,9 +409,10 @@ def wait_for_turn(
     alone is returned, which is what every replica serves at its next lease check. Raises
     :class:`CanaryTurnTimeout` after ``timeout_s``, having sent nothing.
 
-    Two runs that look in the same instant may both go on; the first change of the one that
-    sent first is then not its own, and it stops with :class:`CanaryPreempted`, leaving the
-    other's trial in place. Traffic is never split three ways.
+    Two runs that look in the same instant may both go on: the one that finds the other's trial
+    when its canary begins, or at its next change, stops with :class:`CanaryPreempted`, leaving
+    that trial in place (:func:`another_trial_took_over` says so; the release task then waits
+    here again and starts over). Traffic is never split three ways.
     """
     deadline = time.monotonic() + timeout_s
     waited = False
@@ -727,7 +746,8 @@ def _await_champion(
             raise CanaryPreempted(
                 f"the gateway serves {_describe(current)}, not champion {champion.version} "
                 "that this release read from the registry: someone changed the champion since "
-                "(a rollback?). The canary did not start and sent nothing; run the release again."
+                "(a rollback?). The canary did not start and sent nothing; run the release again.",
+                live=current,
             )
         time.sleep(poll_s)
         current = _settled(client.get_deployment(), time.time())
@@ -946,6 +966,14 @@ def run_canary(
 
     # A dead controller's trial is never restored (the gateway refuses a lease that passed).
     before = _settled(client.get_deployment(), time.time())
+    if trial_in_force(before, time.time()):
+        # Another canary began since the caller's wait_for_turn (two runs saw the last one end
+        # within a poll of each other): sending ours now would overwrite its trial.
+        raise CanaryPreempted(
+            f"another trial is in force ({_describe(before)}); the canary did not start and "
+            "sent nothing",
+            live=before,
+        )
     if champion is not None and before is not None:
         before = _await_champion(client, before, champion, champion_settle_s)
     if shadow is not None and shadow_reader is None:

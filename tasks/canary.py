@@ -9,6 +9,7 @@ about who the champion is.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,10 +22,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.canary import (
+    CanaryPreempted,
+    CanaryResult,
     LoadFn,
     ShadowPolicy,
     StepRecord,
     UnattributedPolicy,
+    another_trial_took_over,
     http_load,
     live_traffic,
     read_shadow,
@@ -172,6 +176,53 @@ def trial_aliases(reg: Registry, model: str, version: str, *, shadow: bool) -> I
             logger().warning("stage=canary could not remove the shadow alias: %r", exc)
 
 
+def _canary_once(
+    s: Settings,
+    reg: Registry,
+    gw: AuditedAdmin,
+    client: GatewayClient,
+    candidate: ModelVersionInfo,
+    cand_spec: VersionSpec,
+    rows: np.ndarray,
+    labels: np.ndarray,
+) -> CanaryResult:
+    """One canary of ``cand_spec`` against the champion the registry names now."""
+    log = logger()
+    champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
+    champ_spec = version_spec(reg, s, champion) if champion is not None else None
+    shadowing = _shadow_policy(s) is not None and champ_spec is not None
+    with trial_aliases(reg, s.model_name, candidate.version, shadow=shadowing):
+        return run_canary(
+            gw,
+            model=s.model_name,
+            champion=champ_spec,
+            candidate=cand_spec,
+            steps=s.canary_steps,
+            judge=_judge(s),
+            load=_load(s, cand_spec.version, rows, labels),
+            min_samples=s.canary_min_samples,
+            step_max_seconds=s.canary_step_max_seconds,
+            lease_s=s.canary_lease_s or None,
+            unattributed=UnattributedPolicy(max_share=s.canary_max_unattributed_share),
+            shadow=_shadow_policy(s),
+            shadow_reader=lambda: read_shadow(client.shadow),
+            promote=partial(promotion, reg, s.model_name, candidate.version),
+            on_step=lambda r: log.info(
+                "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",
+                cand_spec.version,
+                r.weight,
+                r.verdict.decision,
+                r.canary_n,
+                r.seconds,
+            ),
+        )
+
+
+# How many times a release starts its canary when other releases' canaries keep taking the
+# gateway first (each start waits up to BALLAST_CANARY_TURN_TIMEOUT_S for its turn).
+CANARY_TURNS = 3
+
+
 @task(name="canary", cache_policy=NO_CACHE)
 def canary_release(
     candidate: ModelVersionInfo, rows: np.ndarray, labels: np.ndarray
@@ -185,44 +236,36 @@ def canary_release(
         log.info("stage=canary started gateway pid=%s at %s", started.pid, s.gateway_url)
     with GatewayClient(s.gateway_url, s.admin_token()) as client:
         gw = AuditedAdmin(client, s.audit_log, why=f"canary of {cand_spec.version}")
-        # Another release's canary (the nightly run's, a person's) goes first: wait for it to
-        # end, then judge against the champion it leaves.
-        wait_for_turn(
-            gw,
-            s.canary_turn_timeout_s,
-            on_wait=lambda live: log.info(
-                "stage=canary version=%s waiting for the trial in force to end",
-                cand_spec.version,
-            ),
-        )
-        champion = reg.get_by_alias(s.model_name, ALIAS_CHAMPION)
-        champ_spec = version_spec(reg, s, champion) if champion is not None else None
-        shadowing = _shadow_policy(s) is not None and champ_spec is not None
-        with trial_aliases(reg, s.model_name, candidate.version, shadow=shadowing):
-            result = run_canary(
+        for turn in range(1, CANARY_TURNS + 1):
+            # Another release's canary (the nightly run's, a person's) goes first: wait for it
+            # to end, then judge against the champion it leaves.
+            wait_for_turn(
                 gw,
-                model=s.model_name,
-                champion=champ_spec,
-                candidate=cand_spec,
-                steps=s.canary_steps,
-                judge=_judge(s),
-                load=_load(s, cand_spec.version, rows, labels),
-                min_samples=s.canary_min_samples,
-                step_max_seconds=s.canary_step_max_seconds,
-                lease_s=s.canary_lease_s or None,
-                unattributed=UnattributedPolicy(max_share=s.canary_max_unattributed_share),
-                shadow=_shadow_policy(s),
-                shadow_reader=lambda: read_shadow(client.shadow),
-                promote=partial(promotion, reg, s.model_name, candidate.version),
-                on_step=lambda r: log.info(
-                    "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",
+                s.canary_turn_timeout_s,
+                on_wait=lambda live: log.info(
+                    "stage=canary version=%s waiting for the trial in force to end",
                     cand_spec.version,
-                    r.weight,
-                    r.verdict.decision,
-                    r.canary_n,
-                    r.seconds,
                 ),
             )
+            try:
+                result = _canary_once(s, reg, gw, client, candidate, cand_spec, rows, labels)
+                break
+            except CanaryPreempted as exc:
+                # Runs waiting for the same trial see it end within a poll of each other and
+                # both go on; the one whose trial was overwritten waits for the other's turn
+                # to end and starts again. A person's rollback is an answer: it stops here.
+                if turn == CANARY_TURNS or not another_trial_took_over(
+                    exc, cand_spec.version, time.time()
+                ):
+                    raise
+                log.warning(
+                    "stage=canary version=%s another release's canary took the gateway (%s); "
+                    "waiting for its turn to end, then starting again (turn %d of %d)",
+                    cand_spec.version,
+                    exc,
+                    turn + 1,
+                    CANARY_TURNS,
+                )
     return CanaryOutcome(
         decision=result.decision,
         reasons=list(result.reasons),

@@ -156,6 +156,79 @@ def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champi
     assert reg.log[0] == "candidate 4"  # the alias moved only once the turn came
 
 
+def test_a_canary_whose_trial_another_release_overwrote_waits_its_turn_and_starts_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    # Given two runs that saw the last trial end within a poll of each other: ours (4) sent
+    # its first step, then the nightly run's canary of 3 was sent over it.
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
+    reg = FakeRegistry({"champion": "1"})
+    _wire(monkeypatch, gateway, reg)
+    other = Deployment(
+        model=settings.model_name,
+        champion=spec("1"),
+        canary=spec("3"),
+        canary_weight=10,
+        lease_expires_at=time.time() + 600,
+    )
+    put = gateway.set_deployment
+
+    def overwritten_after_our_first_step(dep: Deployment) -> Deployment:
+        applied = put(dep)
+        if len(gateway.sets) == 1:
+            gateway.current = other  # the other run's PUT, not one of ours
+        return applied
+
+    reads = 0
+    read = gateway.get_deployment
+
+    def the_other_canary_ends(*_: object) -> Deployment | None:
+        nonlocal reads
+        if gateway.current == other:
+            reads += 1
+            if reads == 3:  # seen by our lease check, then by our wait: then 3 is promoted
+                reg.aliases = {"champion": "3", "previous": "1"}
+                gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
+        return read()
+
+    monkeypatch.setattr(gateway, "set_deployment", overwritten_after_our_first_step)
+    monkeypatch.setattr(gateway, "get_deployment", the_other_canary_ends)
+    outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
+
+    # then ours stopped without touching the other's trial, waited for it to end and ran again,
+    # judged against 3, the champion that canary left.
+    assert gateway.sets[0].champion == spec("1") and gateway.sets[0].canary == spec("4")
+    steps = [(d.champion, d.canary) for d in gateway.sets[1:-1]]
+    assert steps and set(steps) == {(spec("3"), spec("4"))}, steps
+    assert gateway.sets[-1].champion == spec("4") and gateway.sets[-1].canary is None
+    assert outcome.champion == "3" and outcome.decision == "promote"
+
+
+def test_a_rollback_during_the_canary_is_not_waited_out(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ballast.canary import CanaryPreempted
+
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
+    reg = FakeRegistry({"champion": "1"})
+    _wire(monkeypatch, gateway, reg)
+    put = gateway.set_deployment
+    rolled_back = Deployment(model=settings.model_name, champion=spec("0"))
+
+    def rollback_after_our_first_step(dep: Deployment) -> Deployment:
+        applied = put(dep)
+        if len(gateway.sets) == 1:
+            gateway.current = rolled_back  # a person's forced rollback
+        return applied
+
+    monkeypatch.setattr(gateway, "set_deployment", rollback_after_our_first_step)
+    with pytest.raises(CanaryPreempted, match="changed by someone else"):
+        tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
+    assert len(gateway.sets) == 1 and gateway.current == rolled_back
+
+
 def test_a_shadow_phase_names_its_version_shadow_for_the_trial_only(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -577,6 +577,68 @@ def test_a_rollback_between_reading_the_champion_and_the_first_step_is_not_undon
     assert admin.history == [] and admin.current == PREVIOUS_ONLY
 
 
+def test_another_trial_in_force_when_the_canary_begins_is_not_overwritten() -> None:
+    from ballast.canary import CanaryPreempted, another_trial_took_over
+
+    # Two runs saw the last trial end within a poll of each other; the other sent its trial
+    # first. Before: this one's first step overwrote it.
+    other = Deployment(
+        model=MODEL,
+        champion=CHAMPION,
+        canary=spec("3"),
+        canary_weight=10,
+        lease_expires_at=time.time() + 60,
+    )
+    admin = FakeAdmin(other)
+    with pytest.raises(CanaryPreempted, match="another trial is in force") as info:
+        canary(admin, SyntheticLoad())
+    assert admin.history == [] and admin.current == other
+    assert info.value.live == other
+    assert another_trial_took_over(info.value, CANDIDATE.version, time.time())
+
+
+def _preempted(live: Deployment | None) -> object:
+    from ballast.canary import CanaryPreempted
+
+    return CanaryPreempted("stopped", live=live)
+
+
+@pytest.mark.parametrize(
+    ("live", "took_over"),
+    [
+        # another release's canary or shadow, leased or not: its turn, then ours again
+        (Deployment(model=MODEL, champion=CHAMPION, canary=spec("3"), canary_weight=10), True),
+        (Deployment(model=MODEL, champion=CHAMPION, shadow=spec("3"), shadow_fraction=1.0), True),
+        # a person's answer: a rollback, another champion, nothing served
+        (PREVIOUS_ONLY, False),
+        (CHAMPION_ONLY, False),
+        (None, False),
+        # a trial of this very version is not another release's
+        (Deployment(model=MODEL, champion=CHAMPION, canary=CANDIDATE, canary_weight=10), False),
+        # a trial whose lease ran out is over: the gateway serves the champion alone
+        (
+            Deployment(
+                model=MODEL,
+                champion=CHAMPION,
+                canary=spec("3"),
+                canary_weight=10,
+                lease_expires_at=1.0,
+            ),
+            False,
+        ),
+    ],
+    ids=["canary", "shadow", "rollback", "champion", "nothing", "own-version", "expired"],
+)
+def test_only_another_releases_trial_counts_as_its_turn(
+    live: Deployment | None, took_over: bool
+) -> None:
+    from ballast.canary import CanaryPreempted, another_trial_took_over
+
+    exc = _preempted(live)
+    assert isinstance(exc, CanaryPreempted)
+    assert another_trial_took_over(exc, CANDIDATE.version, time.time()) is took_over
+
+
 def test_a_gateway_still_converging_on_the_champion_is_waited_for() -> None:
     admin = FakeAdmin(PREVIOUS_ONLY)
     gets = [0]
