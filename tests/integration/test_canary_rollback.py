@@ -277,7 +277,7 @@ def test_load_stops_when_asked_and_within_its_time_bound(live: Live) -> None:
         max_requests=1_000_000,
         max_seconds=0.5,
     )
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5  # a million requests would take minutes
     assert obs, "half a second is plenty for some answers"
 
     stopped = run_load(

@@ -100,7 +100,7 @@ def test_a_demo_stopped_from_outside_leaves_no_gateway_serving(
         assert demo.stdout is not None
         assert demo.stdout.readline().strip() == "releasing", "the demo did not get going"
         gateway_pid = int((settings.state_dir / "gateway.pid").read_text())
-        with GatewayClient(settings.gateway_url, timeout=1.0) as client:
+        with GatewayClient(settings.gateway_url, timeout=10.0) as client:
             assert client.health()
             # When the demo gets the signal
             demo.send_signal(sig)

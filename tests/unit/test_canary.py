@@ -244,7 +244,10 @@ def test_a_step_out_of_time_short_of_evidence_ends_the_canary_there() -> None:
     slow = SyntheticLoad(per_call=1)
     original = slow.__call__
 
+    calls = [0]
+
     def trickle(weight: int) -> list[Observation]:
+        calls[0] += 1
         time.sleep(0.04)
         return original(weight)
 
@@ -258,7 +261,9 @@ def test_a_step_out_of_time_short_of_evidence_ends_the_canary_there() -> None:
     # Never more traffic on evidence nobody saw: 5 % was the most the candidate got.
     assert [d.canary_weight for d in admin.history] == [5, 0]
     assert admin.current == CHAMPION_ONLY
-    assert elapsed < 0.1 + 1.0, f"the step must respect step_max_seconds (took {elapsed:.2f}s)"
+    # Calls counted, not time: a stalled machine can only make fewer of them fit in 0.1 s.
+    assert calls[0] <= 3, f"the step must respect step_max_seconds ({calls[0]} load calls)"
+    assert elapsed < 10, f"the step must respect step_max_seconds (took {elapsed:.2f}s)"
 
 
 def test_too_little_evidence_at_the_last_step_is_not_promoted() -> None:
@@ -395,7 +400,7 @@ def test_empty_load_does_not_spin_until_the_deadline() -> None:
     admin = FakeAdmin(CHAMPION_ONLY)
     started = time.monotonic()
     result = canary(admin, lambda weight: [], step_max_seconds=30.0)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 10  # spinning would take the step's 30 s
     assert result.decision == "rollback"
 
 
@@ -528,7 +533,7 @@ def test_a_lease_that_cannot_be_renewed_stops_the_canary_and_restores() -> None:
     started = time.monotonic()
     with pytest.raises(CanaryLeaseLost, match="could not be renewed"):
         canary(admin, slow_step, lease_s=0.3, step_max_seconds=10.0)
-    assert time.monotonic() - started < 2.0, "stopped within the lease, not at the step's end"
+    assert time.monotonic() - started < 5, "stopped within the lease, not at the step's end"
     assert [d.canary_weight for d in admin.history] == [5, 0]
     assert admin.current == CHAMPION_ONLY, "the pre-canary deployment is restored"
 
@@ -750,10 +755,14 @@ def test_a_replica_that_has_not_caught_up_does_not_stop_a_healthy_canary() -> No
     admin = LaggingReplicas(CHAMPION_ONLY)
 
     def load(weight: int) -> list[Observation]:
-        time.sleep(0.15)  # a renewal (every 0.1 s) looks during each step
+        # A renewal looks (two GETs: one may reach the lagging replica) during each step. The
+        # lease is long enough that a stalled CI machine cannot let it run out meanwhile.
+        seen, deadline = admin.gets, time.monotonic() + 10
+        while admin.gets < seen + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         return SyntheticLoad()(weight)
 
-    result = canary(admin, load, lease_s=0.3)
+    result = canary(admin, load, lease_s=3.0)
 
     assert result.decision == "promote", result
     assert _unleased(admin.current) == Deployment(model=MODEL, champion=CANDIDATE)  # type: ignore[arg-type]

@@ -411,14 +411,14 @@ def test_the_summary_of_many_failed_ranks_is_read_whole(tmp_path: Path) -> None:
 
 
 def test_no_relaunch_when_the_time_left_is_shorter_than_the_failed_start(tmp_path: Path) -> None:
-    # Given a stand-in torchrun that takes 2 s to crash with a relaunchable summary and
+    # Given a stand-in torchrun that takes 3 s to crash with a relaunchable summary and
     # counts its launches,
     count = tmp_path / "launches"
     script = (
         "import time\n"
         f"p = {str(count)!r}\n"
         "open(p, 'a').write('x')\n"
-        "time.sleep(2.0)\n"
+        "time.sleep(3.0)\n"
         "print('W Sending process 11 closing signal SIGTERM')\n"
         f"print({SUMMARY.format(other=-15, root=-6)!r})\n"
         "raise SystemExit(1)\n"
@@ -435,7 +435,7 @@ def test_no_relaunch_when_the_time_left_is_shorter_than_the_failed_start(tmp_pat
 
     # when less than that is left of the launch's time after it,
     with pytest.raises(DistributedTrainingError, match="rank killed by SIGABRT") as info:
-        launch_within(3.5)
+        launch_within(6.0)  # seconds to spare on a stalled machine, less than a second start
     # then the crash stands: one launch, its own error, no relaunch past the time given.
     assert count.read_text() == "x"
     assert "relaunched" not in str(info.value)
@@ -485,9 +485,9 @@ def test_stop_all_leaves_alone_a_pid_file_naming_a_process_that_is_not_a_rank_of
         torchrun.wait()
         # when every process of the launch is stopped,
         started = time.monotonic()
-        stop_all(torchrun, run_dir, grace_s=2.0)
+        stop_all(torchrun, run_dir, grace_s=10.0)
         # then the unrelated process is neither killed, waited for, nor reported as a rank.
-        assert time.monotonic() - started < 1.0, "stop_all waited on a process it must ignore"
+        assert time.monotonic() - started < 5, "stop_all waited on a process it must ignore"
         assert other.poll() is None, "an unrelated process was killed"
         assert "still alive" not in caplog.text
     finally:

@@ -2296,37 +2296,51 @@ def test_a_replica_busy_loading_stays_on_the_board_with_its_old_state(
     desired, board = tmp_path / "desired.json", tmp_path / "replicas"
     FileDesiredState(desired).publish(champion_only(artefacts), actor="t")
     slow = [False]
+    loaded = threading.Event()
 
     def slow_loader(path: Path, backend: str, threads: int) -> Any:
         if slow[0]:
-            time.sleep(2.5)  # more than twice the board's staleness below
+            loaded.wait(30)  # until the test has watched the board for longer than its staleness
         return _default_loader(path, backend, threads)
 
     config = GatewayConfig(admin_token=TOKEN, replica_id="r2")
     source = FileDesiredState(desired, poll_interval_s=0.05)
     watch = ReplicaBoard(board, stale_after_s=1.0)
     app = create_app(config, loader=slow_loader, source=source, board=watch)
-    with TestClient(app) as client:
-        wait_for(lambda: [s.ready for s in watch.live()] == [True])
-        old = watch.live()[0].fingerprint
-        slow[0] = True
-        source.publish(with_canary(artefacts, 20), actor="t")
-        seen = []
-        deadline = time.monotonic() + 2.0  # inside the load
-        while time.monotonic() < deadline:
-            seen.append([(s.replica, s.fingerprint, s.ready) for s in watch.live()])
-            time.sleep(0.1)
-        assert ("r2", old, False) in {x for row in seen for x in row}, seen
-        assert all(len(row) == 1 and row[0][1] == old for row in seen), seen
-        # Still loading: not ready (the change is not in), yet serving what it has; that is
-        # what a load balancer's readiness check must look at, or every replica would leave
-        # the Service at once during each load.
-        assert client.get("/readyz").status_code == 503
-        serving = client.get("/readyz/serving")
-        assert serving.status_code == 200 and serving.json()["desired_loaded"] is False
-        assert client.post(PREDICT, json={"instances": [ROW]}).status_code == 200
-        new = with_canary(artefacts, 20).fingerprint()
-        wait_for(lambda: [(s.fingerprint, s.ready) for s in watch.live()] == [(new, True)])
+    try:
+        with TestClient(app) as client:
+            wait_for(lambda: [s.ready for s in watch.live()] == [True])
+            old = watch.live()[0].fingerprint
+            slow[0] = True
+            source.publish(with_canary(artefacts, 20), actor="t")
+            # Heartbeats counted, not time slept: a stalled machine may skip a sample, never
+            # fake one. Every row read during the load shows r2 alive, serving its old state.
+            beats: set[float] = set()
+            rows = []
+            deadline = time.monotonic() + 20
+            while not (len(beats) >= 3 and max(beats) - min(beats) > 1.5):
+                assert time.monotonic() < deadline, (beats, rows)
+                live = watch.live()
+                rows.append([(s.replica, s.fingerprint, s.ready) for s in live])
+                beats |= {s.heartbeat for s in live if not s.ready}
+                time.sleep(0.1)
+            assert ("r2", old, False) in {x for row in rows for x in row}, rows
+            assert all(len(row) == 1 and row[0][1] == old for row in rows), rows
+            # Still loading: not ready (the change is not in), yet serving what it has; that is
+            # what a load balancer's readiness check must look at, or every replica would leave
+            # the Service at once during each load.
+            assert client.get("/readyz").status_code == 503
+            serving = client.get("/readyz/serving")
+            assert serving.status_code == 200 and serving.json()["desired_loaded"] is False
+            assert client.post(PREDICT, json={"instances": [ROW]}).status_code == 200
+            loaded.set()
+            new = with_canary(artefacts, 20).fingerprint()
+            wait_for(
+                lambda: [(s.fingerprint, s.ready) for s in watch.live()] == [(new, True)],
+                timeout=15,
+            )
+    finally:
+        loaded.set()
 
 
 def test_serving_readiness_is_503_only_while_nothing_is_served(gw: TestClient) -> None:

@@ -65,17 +65,21 @@ def test_an_unrenewed_canary_lease_leaves_the_champion_alone(
     one, two = specs
     app = create_app(GatewayConfig(admin_token=TOKEN, lease_check_s=0.05, seed=3))
     with TestClient(app) as gw:
-        dep = leased(one, two, 1.0)
+        # Leases of seconds, so a stalled CI machine cannot let one run out between two lines.
+        dep = leased(one, two, 3.0)
         assert gw.put("/admin/deployment", content=dep.model_dump_json(), headers=AUTH).is_success
         assert served(gw, 40) == {"1", "2"}
         # A renewal (same trial, later expiry) keeps it going past the first expiry.
-        renewed = dep.model_copy(update={"lease_expires_at": time.time() + 1.5})
+        renewed = dep.model_copy(update={"lease_expires_at": time.time() + 6.0})
         assert gw.put(
             "/admin/deployment", content=renewed.model_dump_json(), headers=AUTH
         ).is_success
-        time.sleep(1.1)
+        assert dep.lease_expires_at is not None
+        time.sleep(max(0.0, dep.lease_expires_at + 0.5 - time.time()))
         assert gw.get("/admin/deployment", headers=AUTH).json()["canary"] is not None
-        wait_for(lambda: gw.get("/admin/deployment", headers=AUTH).json()["canary"] is None)
+        wait_for(
+            lambda: gw.get("/admin/deployment", headers=AUTH).json()["canary"] is None, timeout=15
+        )
         now = Deployment.model_validate(gw.get("/admin/deployment", headers=AUTH).json())
         assert now == Deployment(model=MODEL, champion=one)
         assert served(gw, 40) == {"1"}
@@ -117,11 +121,16 @@ def test_replicas_drop_an_expired_trial_and_record_it_once_in_the_source(
 
     with replica("r1") as r1, replica("r2") as r2:
         wait_for(lambda: len(ReplicaBoard(board).live()) == 2)
-        dep = leased(one, two, 1.0, shadow=None)
+        # A lease of seconds: it must outlast the PUT, r2 converging and r2's GET on a stalled
+        # CI machine.
+        dep = leased(one, two, 4.0, shadow=None)
         assert r1.put("/admin/deployment", content=dep.model_dump_json(), headers=AUTH).is_success
         assert r2.get("/admin/deployment", headers=AUTH).json()["canary"]["version"] == "2"
         for r in (r1, r2):
-            wait_for(lambda r=r: r.get("/admin/deployment", headers=AUTH).json()["canary"] is None)
+            wait_for(
+                lambda r=r: r.get("/admin/deployment", headers=AUTH).json()["canary"] is None,
+                timeout=15,
+            )
         doc = json.loads(desired.read_text())
         assert doc["deployment"]["canary"] is None and doc["deployment"]["lease_expires_at"] is None
         # Recorded by a replica (both may, racing: the same content twice is harmless).

@@ -192,13 +192,13 @@ def test_reading_metrics_of_an_unknown_version_is_a_registry_error(
         registry.version_metrics(two_versions, 99)
 
 
-def test_registering_a_version_takes_well_under_a_second(
+def test_registering_a_version_takes_under_five_seconds(
     registry: Registry, name: str, tmp_path: Path
 ) -> None:
     register(registry, name, make_artifacts(tmp_path, "warm"))
     start = time.perf_counter()
     register(registry, name, make_artifacts(tmp_path, "timed"))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5  # ~0.07 s here; MLflow model flavours take seconds
 
 
 def test_missing_or_empty_artefact_folder_is_refused_before_any_run(
