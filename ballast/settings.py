@@ -519,5 +519,5 @@ def _read_leaving_out_unparsable() -> tuple[list[str], ValidationError | None]:
     except ValidationError as exc:
         return unparsable, exc
     except SettingsError:
-        return unparsable, None
+        pass  # what the lenient source cannot catch is reported as "not valid JSON" anyway
     return unparsable, None
