@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -30,6 +30,7 @@ import numpy as np
 
 from ballast.decisions import validate_steps
 from ballast.errors import GatewayError
+from ballast.gateway_client import GatewayHTTPError
 from ballast.judge import (
     UNKNOWN_VERSION,
     Judge,
@@ -93,7 +94,12 @@ class DeploymentAdmin(Protocol):
 
     def get_deployment(self) -> Deployment | None: ...
 
-    def set_deployment(self, dep: Deployment) -> Deployment: ...
+    def set_deployment(
+        self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+    ) -> Deployment:
+        """Apply ``dep``; with ``expect``, only while one of those is in force (else a
+        :class:`~ballast.gateway_client.GatewayHTTPError` with status 412)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +202,17 @@ class _Lease:
     gateway dropped, or undo the other party's change) and :meth:`check` raises.
     """
 
-    def __init__(self, client: DeploymentAdmin, seconds: float | None) -> None:
+    def __init__(
+        self,
+        client: DeploymentAdmin,
+        seconds: float | None,
+        *,
+        first_over: Deployment | Literal[False] | None = False,
+    ) -> None:
         self._client, self._seconds = client, seconds
+        # The deployment the first change must replace (a compare-and-set: another run's change
+        # since this canary looked fails it, 412); False: no condition.
+        self._first_over = first_over
         self._lock = threading.Lock()
         self._current: Deployment | None = None  # the trial being renewed, unstamped
         self._sent: list[Deployment] = []  # every deployment this canary sent, unstamped
@@ -215,7 +230,11 @@ class _Lease:
     def get_deployment(self) -> Deployment | None:
         return self._client.get_deployment()
 
-    def set_deployment(self, dep: Deployment) -> Deployment:
+    def set_deployment(
+        self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+    ) -> Deployment:
+        if expect:
+            raise ValueError("the lease sets the conditions of its changes itself")
         with self._lock:
             self._expire_if_due()
             if self._lost is not None:
@@ -249,16 +268,43 @@ class _Lease:
                 return self._send(dep)
 
     def _send(self, dep: Deployment) -> Deployment:
+        first = not self._sent
         plain = _plain(dep)
         if plain not in self._sent:
             # Recorded before the PUT: one that timed out may still have been applied.
             self._sent.append(plain)
-        if not dep.has_trial() or not self._seconds:
-            self._valid_until = math.inf
-            return self._client.set_deployment(dep)
-        expires = time.time() + self._seconds
-        applied = self._client.set_deployment(dep.model_copy(update={"lease_expires_at": expires}))
-        self._valid_until, self._error = expires, None
+        expect: tuple[Deployment | None, ...] = ()
+        if first and self._first_over is not False:
+            expect = (self._first_over,)
+        stamped, expires = dep, math.inf
+        if dep.has_trial() and self._seconds:
+            expires = time.time() + self._seconds
+            stamped = dep.model_copy(update={"lease_expires_at": expires})
+        try:
+            applied = self._client.set_deployment(stamped, expect=expect)
+        except GatewayHTTPError as exc:
+            if exc.status_code != 412 or not expect:
+                raise
+            # Another change landed between this canary's look and its first change (another
+            # release's canary that saw the same trial end): theirs stands, nothing of ours
+            # was applied.
+            self._sent.clear()
+            try:
+                live = self._client.get_deployment()
+            except Exception:  # the 412 already says enough; the turn logic reads again
+                live = None
+            self._lose(
+                CanaryPreempted(
+                    f"the gateway's deployment changed after the canary looked ({_describe(live)});"
+                    " the canary did not start and sent nothing",
+                    live=live,
+                )
+            )
+            assert self._lost is not None
+            raise self._lost from None
+        self._valid_until = expires
+        if expires != math.inf:
+            self._error = None
         return applied
 
     def _ours(self, live: Deployment | None) -> bool:
@@ -987,7 +1033,7 @@ def run_canary(
     key_salt = secrets.token_hex(8)
     # Every change goes through the lease, leased or not: it notices a deployment someone else
     # changed meanwhile, so no step, promotion or restore undoes theirs.
-    lease = _Lease(client, lease_s or None)
+    lease = _Lease(client, lease_s or None, first_over=before)
     admin: DeploymentAdmin = lease
     check = lease.check
 

@@ -12,7 +12,7 @@ answer but a 2xx comes back as a :class:`GatewayHTTPError` carrying the server's
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -21,7 +21,7 @@ import httpx
 from pydantic import ValidationError
 
 from ballast.errors import GatewayError
-from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse
+from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse, deployment_etag
 
 if TYPE_CHECKING:
     import numpy as np
@@ -181,18 +181,25 @@ class GatewayClient:
             headers=self._admin_headers(),
         )
 
-    def set_deployment(self, dep: Deployment) -> Deployment:
+    def set_deployment(
+        self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+    ) -> Deployment:
         """Apply ``dep``; returns the deployment the gateway confirms is now in force.
 
         On refusal (bad hash 409, missing or unloadable artefact 422) the previous deployment
-        stays in force and this raises with the gateway's reason.
+        stays in force and this raises with the gateway's reason. With ``expect``, only while
+        the desired state in force is one of those deployments (None: nothing deployed), a
+        compare-and-set: else :class:`GatewayHTTPError` with status 412 and nothing changes.
         """
+        headers = {**self._admin_headers(), "Content-Type": "application/json"}
+        if expect:
+            headers["If-Match"] = ", ".join(f'"{deployment_etag(d)}"' for d in expect)
         return self._call(
             "PUT",
             "/admin/deployment",
             Deployment.model_validate,
             content=dep.model_dump_json(),
-            headers={**self._admin_headers(), "Content-Type": "application/json"},
+            headers=headers,
             # The gateway answers once the change is applied (new versions verified, loaded,
             # warmed) and its peers converged, or its wait for them ran out (5 s): far longer
             # than a read. Timing out sooner reported applied changes as failures.

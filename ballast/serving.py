@@ -138,6 +138,26 @@ class Deployment(BaseModel):
         return tuple(s for s in (self.champion, self.canary, self.shadow) if s is not None)
 
 
+def deployment_etag(dep: Deployment | None) -> str:
+    """The entity tag of a deployment as ``/admin/deployment`` serves it (``ETag``, unquoted):
+    its fingerprint, or ``none`` when nothing is deployed."""
+    return "none" if dep is None else dep.fingerprint()
+
+
+def precondition_holds(tags: frozenset[str], current: Deployment | None, now: float) -> bool:
+    """Whether a change sent with ``If-Match: tags`` may replace ``current`` (the desired state).
+
+    ``*`` matches anything. A trial whose lease ran out is matched as what it has become, the
+    champion alone: its controller may no longer renew or step it, and a release that saw the
+    gateway serve the champion alone may begin over it.
+    """
+    if "*" in tags:
+        return True
+    if current is not None and current.has_trial() and current.lease_expired(now):
+        current = current.without_trial()
+    return deployment_etag(current) in tags
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -96,10 +96,10 @@ class AuditedAdmin:
     def get_deployment(self) -> Any:
         return self._client.get_deployment()
 
-    def set_deployment(self, dep: Any) -> Any:
+    def set_deployment(self, dep: Any, *, expect: Any = ()) -> Any:
         from ballast.audit import record
 
-        applied = self._client.set_deployment(dep)
+        applied = self._client.set_deployment(dep, expect=expect)
         unstamped = dep.model_copy(update={"lease_expires_at": None})
         if unstamped == self._last:
             # A lease renewal (or a re-send to a lagging replica) changes no traffic: one entry

@@ -46,7 +46,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ballast.runtime import Predictor, load_predictor
-from ballast.serving import NPY_MEDIA_TYPE, Deployment, VersionSpec
+from ballast.serving import (
+    NPY_MEDIA_TYPE,
+    Deployment,
+    VersionSpec,
+    deployment_etag,
+    precondition_holds,
+)
 from ballast.settings import Settings
 from infra.gateway import oip
 from infra.gateway.auth import Principal, Role, TokenTable
@@ -214,6 +220,36 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     AdminRoute("DELETE", "/admin/deployment", "admin", "delete_deployment"),
     AdminRoute("GET", "/admin/tokens", "admin", "list_tokens"),
 )
+
+
+class PreconditionFailedError(Exception):
+    """A change's If-Match does not name the desired state in force (``current``: its tag)."""
+
+    def __init__(self, current: str) -> None:
+        super().__init__(current)
+        self.current = current
+
+
+_ENTITY_TAG = re.compile(r'\s*((?:W/)?"[^"\s]*")\s*(?:,|$)')
+
+
+def parse_if_match(value: str) -> frozenset[str]:
+    """The tags of an ``If-Match`` header (RFC 9110: ``*`` or a list of quoted tags), unquoted;
+    empty when malformed. A weak tag keeps its ``W/`` and so never matches (If-Match compares
+    strongly)."""
+    value = value.strip()
+    if value == "*":
+        return frozenset({"*"})
+    tags: set[str] = set()
+    pos = 0
+    while pos < len(value):
+        m = _ENTITY_TAG.match(value, pos)
+        if m is None or m.end() == pos:
+            return frozenset()
+        tag = m.group(1)
+        tags.add(tag[1:-1] if tag.startswith('"') else tag)
+        pos = m.end()
+    return frozenset(tags)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -440,7 +476,12 @@ class Gateway:
 
     async def get_deployment(self, request: Request, who: Principal) -> Response:
         live = self.live
-        return JSONResponse(None if live is None else live.deployment.model_dump(mode="json"))
+        dep = None if live is None else live.deployment
+        return JSONResponse(
+            None if dep is None else dep.model_dump(mode="json"),
+            # What a change conditional on this deployment sends back as If-Match.
+            headers={"ETag": f'"{deployment_etag(dep)}"'},
+        )
 
     async def put_deployment(self, request: Request, who: Principal) -> Response:
         started = time.perf_counter()
@@ -461,8 +502,29 @@ class Gateway:
             return _error(422, "invalid deployment: its lease_expires_at has already passed")
         if any(s.fault for s in dep.versions()) and not who.may("admin"):
             return _error(403, f"injecting faults needs the admin role; {who.name!r} is {who.role}")
+        if_match = request.headers.get("if-match", "")
+        expect = None if "if-match" not in request.headers else parse_if_match(if_match)
+        if expect is not None and not expect:
+            return _error(
+                400, f'malformed If-Match header {if_match[:200]!r}: want "tag", ... or *'
+            )
         try:
-            dep = await self.publish(dep, actor=who.name) or dep
+            dep = await self.publish(dep, actor=who.name, expect=expect) or dep
+        except PreconditionFailedError as exc:
+            self.metrics.deployments.labels(dep.model, "precondition_failed").inc()
+            self._log(
+                "deployment.precondition_failed",
+                expected=sorted(expect or ()),
+                current=exc.current,
+                principal=who.name,
+                **_summary(dep),
+            )
+            return _error(
+                412,
+                f"deployment not applied, the one in force stays: it is {exc.current}, not "
+                f"what If-Match names ({if_match[:200]})",
+                headers={"ETag": f'"{exc.current}"'},
+            )
         except DeploymentRefusedError as exc:
             self.metrics.deployments.labels(dep.model, "refused").inc()
             self._log(
@@ -557,15 +619,33 @@ class Gateway:
             # Harmless: every replica treats an expired lease in the source the same way.
             self._log("deployment.lease_record_failed", error=exc.message)
 
-    async def publish(self, dep: Deployment | None, *, actor: str) -> Deployment | None:
+    async def _desired_now(self) -> Deployment | None:
+        """The desired state every replica converges on: the source's, else what is live here."""
+        if self.source is not None:
+            return await self._in_thread(self._io, self.source.read)
+        return None if self.live is None else self.live.deployment
+
+    async def publish(
+        self, dep: Deployment | None, *, actor: str, expect: frozenset[str] | None = None
+    ) -> Deployment | None:
         """Apply ``dep`` here, then record it as the desired state for every replica; returns
         it as applied (at the paths the source resolved it to for this replica).
 
         Refused (:class:`DeploymentRefusedError`) or not recorded (:class:`DesiredStateError`):
-        the deployment that was in force stays, here and in the source.
+        the deployment that was in force stays, here and in the source. With ``expect`` (an
+        If-Match), only while the desired state has one of those tags
+        (:func:`ballast.serving.precondition_holds`), else :class:`PreconditionFailedError`
+        and nothing changes. A file source checks and writes in one step under its lock; other
+        sources (the registry, which has no conditional write) are checked right before the
+        write, so two replicas changing at the same moment can still both pass.
         """
         async with self._deploy_lock:
             previous = None if self.live is None else self.live.deployment
+            if expect is not None:
+                # Checked before anything loads: a change that lost the race costs nothing.
+                current = await self._desired_now()
+                if not precondition_holds(expect, current, time.time()):
+                    raise PreconditionFailedError(deployment_etag(current))
             if dep is not None and self.source is not None:
                 # Refuses what publish would refuse (a registry's aliases) before anything loads.
                 dep = await self._in_thread(self._io, self.source.resolve, dep)
@@ -576,8 +656,8 @@ class Gateway:
             await self._apply_locked(dep)
             if self.source is not None and dep is not None:
                 try:
-                    await self._in_thread(self._io, self.source.publish, dep, actor=actor)
-                except DesiredStateError:
+                    await self._in_thread(self._io, self._record, dep, actor, expect)
+                except (DesiredStateError, PreconditionFailedError):
                     try:
                         await self._apply_locked(previous)
                     except DeploymentRefusedError as exc:  # pragma: no cover - loaded a moment ago
@@ -589,6 +669,27 @@ class Gateway:
             self._refused = None
         await self._report()
         return dep
+
+    def _record(self, dep: Deployment, actor: str, expect: frozenset[str] | None) -> None:
+        """Write ``dep`` to the source (in an I/O thread); with ``expect``, only while it holds."""
+        assert self.source is not None
+        if expect is None:
+            self.source.publish(dep, actor=actor)
+            return
+        current: list[Deployment | None] = []
+
+        def holds(desired: Deployment | None) -> bool:
+            current.append(desired)
+            return precondition_holds(expect, desired, time.time())
+
+        publish_if = getattr(self.source, "publish_if", None)
+        if publish_if is not None:
+            if publish_if(holds, dep, actor=actor):
+                return
+        elif holds(self.source.read()):
+            self.source.publish(dep, actor=actor)
+            return
+        raise PreconditionFailedError(deployment_etag(current[-1]))
 
     async def apply(self, dep: Deployment | None) -> None:
         """Verify, load and warm what ``dep`` needs, then swap it in atomically (no publish)."""

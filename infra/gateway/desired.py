@@ -29,7 +29,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,11 +171,21 @@ class FileDesiredState:
         """Publish ``deployment`` only while the file still holds ``expected`` (compared with
         ``same_as``, under the lock): a replica recording an expired lease must not overwrite
         a change published since it looked. False, writing nothing, if it changed."""
+        return self.publish_if(expected.same_as, deployment, actor=actor)
+
+    def publish_if(
+        self,
+        holds: Callable[[Deployment | None], bool],
+        deployment: Deployment | None,
+        *,
+        actor: str,
+    ) -> bool:
+        """Publish ``deployment`` only if ``holds(current desired state)``, read and written
+        under the lock (a compare-and-set). False, writing nothing, if it does not hold."""
         try:
             with self._locked():
                 raw = self._raw()
-                current = None if raw is None else self._parse(raw)[1]
-                if not expected.same_as(current):
+                if not holds(None if raw is None else self._parse(raw)[1]):
                     return False
                 self._write_locked(raw, deployment, actor)
                 return True

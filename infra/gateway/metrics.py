@@ -182,9 +182,9 @@ class GatewayMetrics:
         # changes. Good for "did the deployment change" (increase > 0), not "how many times".
         self.deployments = Counter(
             "ballast_deployments",
-            "Deployment changes by result (applied, refused, invalid, lease_expired), counted "
-            "by every replica process that applies or refuses one: with N replicas one change "
-            "counts N times.",
+            "Deployment changes by result (applied, refused, invalid, precondition_failed, "
+            "lease_expired), counted by every replica process that applies or refuses one: "
+            "with N replicas one change counts N times.",
             ["model", "result"],
             registry=r,
         )

@@ -187,7 +187,8 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
         "/admin/deployment": {
             "get": {
                 "operationId": "getDeployment",
-                "summary": "The deployment in force (viewer).",
+                "summary": "The deployment in force (viewer). Its ETag is what a change "
+                "conditional on it sends as If-Match.",
                 "security": admin,
                 "responses": {"200": _json("The deployment, or null.", deployment_or_null)}
                 | _AUTH_ERRORS,
@@ -197,6 +198,16 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                 "summary": "Verify, load, warm and switch to a deployment; publish it to every "
                 "replica (operator; admin when it injects faults).",
                 "security": admin,
+                "parameters": [
+                    {
+                        "name": "If-Match",
+                        "in": "header",
+                        "required": False,
+                        "description": "Apply only while the desired state in force has one of "
+                        'these ETags (as GET answers them; "none": nothing deployed), or *.',
+                        "schema": {"type": "string"},
+                    }
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -208,8 +219,9 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                         "Applied; X-Ballast-Replicas says how many replicas converged.",
                         {"$ref": "#/components/schemas/Deployment"},
                     ),
-                    "400": _err("Malformed JSON."),
+                    "400": _err("Malformed JSON or If-Match."),
                     "409": _err("An artefact's sha256 does not match; nothing changed."),
+                    "412": _err("If-Match does not name the deployment in force; nothing changed."),
                     "413": _err("Body too large."),
                     "422": _err("Invalid deployment or unloadable artefact; nothing changed."),
                     "503": _err("The desired state could not be recorded; nothing changed."),

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -216,7 +216,7 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
     from ballast.canary import ShadowPolicy, ShadowStats, run_canary
     from ballast.errors import GatewayError
     from ballast.judge import Observation, ThresholdJudge
-    from ballast.serving import Deployment
+    from ballast.serving import Deployment, deployment_etag
     from ballast.settings import Settings
     from infra.gateway.app import GatewayConfig, create_app
     from infra.gateway.desired import ReplicaBoard
@@ -260,8 +260,13 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
             body = self.gw.get("/admin/deployment", headers=auth).json()
             return None if body is None else Deployment.model_validate(body)
 
-        def set_deployment(self, dep: Deployment) -> Deployment:
-            r = self.gw.put("/admin/deployment", headers=auth, content=dep.model_dump_json())
+        def set_deployment(
+            self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+        ) -> Deployment:
+            headers = dict(auth)
+            if expect:
+                headers["If-Match"] = ", ".join(f'"{deployment_etag(d)}"' for d in expect)
+            r = self.gw.put("/admin/deployment", headers=headers, content=dep.model_dump_json())
             if r.status_code != 200:
                 raise GatewayError(f"{r.status_code}: {r.text}")
             self.replicas.append(r.headers["X-Ballast-Replicas"])

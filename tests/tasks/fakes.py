@@ -8,11 +8,14 @@ tests/integration.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
 from ballast.errors import GatewayError, RegistryError
-from ballast.serving import Deployment, VersionSpec
+from ballast.gateway_client import GatewayHTTPError
+from ballast.serving import Deployment, VersionSpec, deployment_etag, precondition_holds
 
 
 def spec(version: str) -> VersionSpec:
@@ -52,7 +55,13 @@ class FakeGateway:
     def get_deployment(self) -> Deployment | None:
         return self.current
 
-    def set_deployment(self, dep: Deployment) -> Deployment:
+    def set_deployment(
+        self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+    ) -> Deployment:
+        # If-Match as the gateway checks it: a change that lost a race changes nothing.
+        tags = frozenset(deployment_etag(d) for d in expect)
+        if expect and not precondition_holds(tags, self.current, time.time()):
+            raise GatewayHTTPError("fake gateway: 412 precondition failed", status_code=412)
         if self._watched is not None:
             self.aliases_at_put.append(dict(self._watched.aliases))
         self.sets.append(dep)

@@ -4,6 +4,8 @@ other is put back."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -175,8 +177,8 @@ def test_a_canary_whose_trial_another_release_overwrote_waits_its_turn_and_start
     )
     put = gateway.set_deployment
 
-    def overwritten_after_our_first_step(dep: Deployment) -> Deployment:
-        applied = put(dep)
+    def overwritten_after_our_first_step(dep: Deployment, **kw: Any) -> Deployment:
+        applied = put(dep, **kw)
         if len(gateway.sets) == 1:
             gateway.current = other  # the other run's PUT, not one of ours
         return applied
@@ -206,6 +208,59 @@ def test_a_canary_whose_trial_another_release_overwrote_waits_its_turn_and_start
     assert outcome.champion == "3" and outcome.decision == "promote"
 
 
+def test_a_trial_sent_between_our_look_and_our_first_step_is_never_overwritten(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    # Given the nightly run's canary of 3 sent in the moment between our look (nothing in
+    # force) and our first step: the window the first step's If-Match closes.
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
+    reg = FakeRegistry({"champion": "1"})
+    _wire(monkeypatch, gateway, reg)
+    other = Deployment(
+        model=settings.model_name,
+        champion=spec("1"),
+        canary=spec("3"),
+        canary_weight=10,
+        lease_expires_at=time.time() + 600,
+    )
+    put = gateway.set_deployment
+    refused: list[Deployment] = []
+
+    def the_other_run_puts_first(dep: Deployment, **kw: Any) -> Deployment:
+        if not gateway.sets and not refused:
+            gateway.current = other  # the other run's PUT lands first
+            try:
+                return put(dep, **kw)
+            except Exception:
+                refused.append(dep)
+                raise
+        return put(dep, **kw)
+
+    reads = 0
+    read = gateway.get_deployment
+
+    def the_other_canary_ends(*_: object) -> Deployment | None:
+        nonlocal reads
+        if gateway.current == other:
+            reads += 1
+            if reads == 3:
+                reg.aliases = {"champion": "3", "previous": "1"}
+                gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
+        return read()
+
+    monkeypatch.setattr(gateway, "set_deployment", the_other_run_puts_first)
+    monkeypatch.setattr(gateway, "get_deployment", the_other_canary_ends)
+    outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
+
+    # then our first step was refused (412) and changed nothing: the other trial stayed until
+    # it ended; ours waited its turn and ran against 3.
+    assert [(d.champion, d.canary) for d in refused] == [(spec("1"), spec("4"))]
+    assert gateway.sets[0].champion == spec("3") and gateway.sets[0].canary == spec("4")
+    assert outcome.champion == "3" and outcome.decision == "promote"
+
+
 def test_a_rollback_during_the_canary_is_not_waited_out(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -217,8 +272,8 @@ def test_a_rollback_during_the_canary_is_not_waited_out(
     put = gateway.set_deployment
     rolled_back = Deployment(model=settings.model_name, champion=spec("0"))
 
-    def rollback_after_our_first_step(dep: Deployment) -> Deployment:
-        applied = put(dep)
+    def rollback_after_our_first_step(dep: Deployment, **kw: Any) -> Deployment:
+        applied = put(dep, **kw)
         if len(gateway.sets) == 1:
             gateway.current = rolled_back  # a person's forced rollback
         return applied

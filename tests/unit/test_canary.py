@@ -9,7 +9,7 @@ observations. The real gateway, real requests and real ONNX models are exercised
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,8 +26,9 @@ from ballast.canary import (
     wait_for_turn,
 )
 from ballast.errors import GatewayError
+from ballast.gateway_client import GatewayHTTPError
 from ballast.judge import UNKNOWN_VERSION, Observation, SequentialJudge, ThresholdJudge
-from ballast.serving import Deployment, VersionSpec
+from ballast.serving import Deployment, VersionSpec, deployment_etag, precondition_holds
 
 MODEL = "m"
 STEPS = (5, 25, 50, 100)
@@ -54,7 +55,13 @@ class FakeAdmin:
     def get_deployment(self) -> Deployment | None:
         return self.current
 
-    def set_deployment(self, dep: Deployment) -> Deployment:
+    def set_deployment(
+        self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+    ) -> Deployment:
+        # If-Match as the gateway checks it (a compare-and-set on the deployment in force).
+        tags = frozenset(deployment_etag(d) for d in expect)
+        if expect and not precondition_holds(tags, self.current, time.time()):
+            raise GatewayHTTPError("fake admin: 412 precondition failed", status_code=412)
         if self._fail_on_set is not None and len(self.history) + 1 == self._fail_on_set:
             self.history.append(dep)
             raise GatewayError("fake admin refused the change")
@@ -519,11 +526,13 @@ def test_a_lease_that_cannot_be_renewed_stops_the_canary_and_restores() -> None:
         """Takes every change the controller makes, but not one renewal (the same trial sent
         again): the gateway cannot be told the canary is still watched."""
 
-        def set_deployment(self, dep: Deployment) -> Deployment:
+        def set_deployment(
+            self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+        ) -> Deployment:
             last = self.current
             if last is not None and dep.has_trial() and _unleased(dep) == _unleased(last):
                 raise GatewayError("renewal not delivered")
-            return super().set_deployment(dep)
+            return super().set_deployment(dep, expect=expect)
 
     def slow_step(weight: int) -> list[Observation]:
         time.sleep(0.05)  # 2 candidate answers per call: the first step takes 0.5 s
@@ -707,10 +716,12 @@ def test_a_lease_that_ran_out_during_an_outage_is_lost_for_good() -> None:
                 self.current = self.current.without_trial()
             return self.current
 
-        def set_deployment(self, dep: Deployment) -> Deployment:
+        def set_deployment(
+            self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+        ) -> Deployment:
             if self.down:
                 raise GatewayError("gateway unreachable")
-            return super().set_deployment(dep)
+            return super().set_deployment(dep, expect=expect)
 
     admin = Gateway(CHAMPION_ONLY)
     outage_at: list[int] = []
