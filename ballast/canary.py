@@ -147,11 +147,16 @@ class CanaryLeaseLost(RuntimeError):
 class CanaryPreempted(CanaryLeaseLost):
     """Someone else changed the gateway's deployment while the canary ran (a forced rollback, an
     operator, another release's canary): their change stands, and this canary stops without
-    sending anything more. ``live`` is the deployment found (None: unknown or nothing)."""
+    sending anything more. ``live`` is the deployment found (None: unknown or nothing).
+    ``raced``: the canary's first change was refused (412) because another change landed
+    after its look; nothing of it was applied, so it may begin again from a new look."""
 
-    def __init__(self, message: str, *, live: Deployment | None = None) -> None:
+    def __init__(
+        self, message: str, *, live: Deployment | None = None, raced: bool = False
+    ) -> None:
         super().__init__(message)
         self.live = live
+        self.raced = raced
 
 
 def another_trial_took_over(exc: CanaryPreempted, candidate: str, now: float) -> bool:
@@ -298,6 +303,7 @@ class _Lease:
                     f"the gateway's deployment changed after the canary looked ({_describe(live)});"
                     " the canary did not start and sent nothing",
                     live=live,
+                    raced=True,
                 )
             )
             assert self._lost is not None

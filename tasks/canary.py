@@ -252,15 +252,17 @@ def canary_release(
                 break
             except CanaryPreempted as exc:
                 # Runs waiting for the same trial see it end within a poll of each other and
-                # both go on; the one whose trial was overwritten waits for the other's turn
-                # to end and starts again. A person's rollback is an answer: it stops here.
-                if turn == CANARY_TURNS or not another_trial_took_over(
-                    exc, cand_spec.version, time.time()
+                # both go on; the one whose trial was overwritten, or whose first change lost
+                # the race (412, nothing applied), waits for the other's turn to end and
+                # starts again from a new look. A person's rollback mid-canary is an answer:
+                # it stops here.
+                if turn == CANARY_TURNS or not (
+                    exc.raced or another_trial_took_over(exc, cand_spec.version, time.time())
                 ):
                     raise
                 log.warning(
-                    "stage=canary version=%s another release's canary took the gateway (%s); "
-                    "waiting for its turn to end, then starting again (turn %d of %d)",
+                    "stage=canary version=%s another release's change took the gateway first "
+                    "(%s); waiting for its turn to end, then starting again (turn %d of %d)",
                     cand_spec.version,
                     exc,
                     turn + 1,

@@ -261,6 +261,38 @@ def test_a_trial_sent_between_our_look_and_our_first_step_is_never_overwritten(
     assert outcome.champion == "3" and outcome.decision == "promote"
 
 
+def test_a_promotion_landing_between_our_look_and_our_first_step_starts_ours_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the previous run's promotion of 3 landing (registry, then gateway) after our look
+    # but before our first step:
+    gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
+    reg = FakeRegistry({"champion": "1"})
+    _wire(monkeypatch, gateway, reg)
+    put = gateway.set_deployment
+    refused: list[Deployment] = []
+
+    def promotion_lands_first(dep: Deployment, **kw: Any) -> Deployment:
+        if not gateway.sets and not refused:
+            reg.aliases = {"champion": "3", "previous": "1"}
+            gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
+            try:
+                return put(dep, **kw)
+            except Exception:
+                refused.append(dep)
+                raise
+        return put(dep, **kw)
+
+    monkeypatch.setattr(gateway, "set_deployment", promotion_lands_first)
+    outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
+
+    # then our step over 1 was refused and changed nothing (it would have brought 1 back),
+    # and ours began again from a new look, against 3.
+    assert [(d.champion, d.canary) for d in refused] == [(spec("1"), spec("4"))]
+    assert all(d.champion in (spec("3"), spec("4")) for d in gateway.sets)
+    assert outcome.champion == "3" and outcome.decision == "promote"
+
+
 def test_a_rollback_during_the_canary_is_not_waited_out(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -611,6 +611,36 @@ def test_another_trial_in_force_when_the_canary_begins_is_not_overwritten() -> N
     assert another_trial_took_over(info.value, CANDIDATE.version, time.time())
 
 
+def test_a_trial_sent_between_the_look_and_the_first_step_is_not_overwritten() -> None:
+    from ballast.canary import CanaryPreempted
+
+    # The other run's trial lands after this canary's look: its first step carries If-Match
+    # (the deployment it looked at), so the gateway refuses it (412) and nothing is sent after.
+    other = Deployment(
+        model=MODEL,
+        champion=CHAMPION,
+        canary=spec("3"),
+        canary_weight=10,
+        lease_expires_at=time.time() + 60,
+    )
+
+    class Racing(FakeAdmin):
+        def set_deployment(
+            self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+        ) -> Deployment:
+            assert not self.history or not expect, "only the first change is conditional"
+            if not self.history:
+                assert expect == (CHAMPION_ONLY,), expect
+                self.current = other
+            return super().set_deployment(dep, expect=expect)
+
+    admin = Racing(CHAMPION_ONLY)
+    with pytest.raises(CanaryPreempted, match="changed after the canary looked") as info:
+        canary(admin, SyntheticLoad(), lease_s=30.0)
+    assert admin.history == [] and admin.current == other  # no restore over theirs either
+    assert info.value.raced and info.value.live == other
+
+
 def _preempted(live: Deployment | None) -> object:
     from ballast.canary import CanaryPreempted
 
