@@ -20,11 +20,11 @@ import math
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NoReturn, Protocol
 
 import numpy as np
 
@@ -216,11 +216,16 @@ class _Lease:
     ) -> None:
         self._client, self._seconds = client, seconds
         # The deployment the first change must replace (a compare-and-set: another run's change
-        # since this canary looked fails it, 412); False: no condition.
+        # since this canary looked fails it, 412); False: no condition on any change. Later
+        # steps and renewals must replace one of this canary's own (``_stamped``), so a change
+        # landing between their look (_verify_ours) and their PUT is not overwritten either.
         self._first_over = first_over
         self._lock = threading.Lock()
         self._current: Deployment | None = None  # the trial being renewed, unstamped
         self._sent: list[Deployment] = []  # every deployment this canary sent, unstamped
+        # The latest deployments sent, as sent (lease stamps and all): what the gateway may hold
+        # of ours (a PUT that timed out may have been applied, a replica may lag).
+        self._stamped: deque[Deployment] = deque(maxlen=32)
         self._valid_until = math.inf
         self._error: BaseException | None = None  # the last failed renewal
         self._lost: CanaryLeaseLost | None = None  # sticky
@@ -270,48 +275,68 @@ class _Lease:
             if plain not in self._sent:  # replicas may serve it once any alias has moved
                 self._sent.append(plain)
             with promotion():
-                return self._send(dep)
+                # Unconditional: a registry-backed gateway may serve ``dep`` already (the moved
+                # aliases), and it was checked as ours just above.
+                return self._send(dep, conditional=False)
 
-    def _send(self, dep: Deployment) -> Deployment:
+    def _send(self, dep: Deployment, *, conditional: bool = True) -> Deployment:
         first = not self._sent
         plain = _plain(dep)
         if plain not in self._sent:
             # Recorded before the PUT: one that timed out may still have been applied.
             self._sent.append(plain)
         expect: tuple[Deployment | None, ...] = ()
-        if first and self._first_over is not False:
-            expect = (self._first_over,)
+        if self._first_over is not False and conditional:
+            expect = (self._first_over,) if first else tuple(self._stamped)
         stamped, expires = dep, math.inf
         if dep.has_trial() and self._seconds:
             expires = time.time() + self._seconds
             stamped = dep.model_copy(update={"lease_expires_at": expires})
+        self._stamped.append(stamped)
         try:
             applied = self._client.set_deployment(stamped, expect=expect)
         except GatewayHTTPError as exc:
             if exc.status_code != 412 or not expect:
                 raise
-            # Another change landed between this canary's look and its first change (another
-            # release's canary that saw the same trial end): theirs stands, nothing of ours
-            # was applied.
-            self._sent.clear()
-            try:
-                live = self._client.get_deployment()
-            except Exception:  # the 412 already says enough; the turn logic reads again
-                live = None
-            self._lose(
-                CanaryPreempted(
-                    f"the gateway's deployment changed after the canary looked ({_describe(live)});"
-                    " the canary did not start and sent nothing",
-                    live=live,
-                    raced=True,
-                )
-            )
-            assert self._lost is not None
-            raise self._lost from None
+            self._lose_race(first)
         self._valid_until = expires
         if expires != math.inf:
             self._error = None
         return applied
+
+    def _lose_race(self, first: bool) -> NoReturn:
+        """A change refused by its If-Match (412): the deployment in force is no longer the one
+        this canary looked at. Nothing of this change was applied."""
+        if first:
+            self._sent.clear()
+            self._stamped.clear()
+        try:
+            live = self._client.get_deployment()
+        except Exception:  # the 412 already says enough; whoever handles this reads again
+            live = None
+        if first:
+            # Another change landed between this canary's look and its first change (another
+            # release's canary that saw the same trial end): theirs stands.
+            lost: CanaryLeaseLost = CanaryPreempted(
+                f"the gateway's deployment changed after the canary looked ({_describe(live)});"
+                " the canary did not start and sent nothing",
+                live=live,
+                raced=True,
+            )
+        elif live is not None and self._ours(live) and live.without_trial() == live:
+            lost = CanaryLeaseLost(
+                "the gateway dropped the canary's trial when its lease ran out "
+                f"(it serves {_describe(live)})"
+            )
+        else:
+            lost = CanaryPreempted(
+                f"the gateway's deployment was changed by someone else ({_describe(live)}); "
+                "the canary stops and leaves it in place",
+                live=live,
+            )
+        self._lose(lost)
+        assert self._lost is not None
+        raise self._lost from None
 
     def _ours(self, live: Deployment | None) -> bool:
         """``live`` is a deployment this canary sent, or what the gateway left of one of its

@@ -641,6 +641,55 @@ def test_a_trial_sent_between_the_look_and_the_first_step_is_not_overwritten() -
     assert info.value.raced and info.value.live == other
 
 
+def test_a_rollback_between_a_steps_look_and_its_change_is_not_overwritten() -> None:
+    from ballast.canary import CanaryPreempted
+
+    # A person's rollback lands in the moment between the second step's look (is the trial in
+    # force still ours?) and its PUT: the PUT names this canary's deployments in If-Match, so
+    # the gateway refuses it and the rollback stands.
+    rolled_back = Deployment(model=MODEL, champion=spec("0"))
+
+    class Racing(FakeAdmin):
+        def set_deployment(
+            self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+        ) -> Deployment:
+            if len(self.history) == 1:
+                assert expect and all(d is not None and d.canary == CANDIDATE for d in expect)
+                self.current = rolled_back
+            return super().set_deployment(dep, expect=expect)
+
+    admin = Racing(CHAMPION_ONLY)
+    with pytest.raises(CanaryPreempted, match="changed by someone else") as info:
+        canary(admin, SyntheticLoad())
+    assert len(admin.history) == 1 and admin.current == rolled_back
+    assert info.value.live == rolled_back and not info.value.raced
+
+
+def test_a_renewal_refused_because_the_lease_ran_out_loses_the_lease() -> None:
+    from ballast.canary import CanaryLeaseLost, CanaryPreempted
+
+    # The gateway dropped the trial (its lease ran out) between a renewal's look and its PUT.
+    class Expiring(FakeAdmin):
+        def set_deployment(
+            self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+        ) -> Deployment:
+            last = self.current
+            if last is not None and dep.has_trial() and _unleased(dep) == _unleased(last):
+                self.current = last.without_trial()  # what the gateway's lease check leaves
+            return super().set_deployment(dep, expect=expect)
+
+    def slow_step(weight: int) -> list[Observation]:
+        time.sleep(0.05)
+        return [Observation(CANDIDATE.version, True, 0.010, None) for _ in range(2)]
+
+    admin = Expiring(CHAMPION_ONLY)
+    with pytest.raises(CanaryLeaseLost, match="lease ran out") as info:
+        canary(admin, slow_step, lease_s=0.3, step_max_seconds=10.0)
+    assert not isinstance(info.value, CanaryPreempted)
+    # Nothing revived the trial: the champion alone is in force (restored as it was).
+    assert admin.current is not None and not admin.current.has_trial()
+
+
 def _preempted(live: Deployment | None) -> object:
     from ballast.canary import CanaryPreempted
 
