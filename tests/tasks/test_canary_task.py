@@ -123,34 +123,54 @@ def test_the_candidate_alias_names_the_version_on_trial(
     assert reg.tags["2"] == {"ballast.canary_weight": "0", "ballast.lease_expires_at": "none"}
 
 
-def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champion_it_leaves(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given the nightly run's canary of 3 in force (leased), while this run's candidate is 4,
+def _nightly_canary_of_3(settings: Settings, weight: int = 10) -> Deployment:
+    """Another release's trial in force: the nightly run's canary of 3 over champion 1."""
     import time
 
-    other = Deployment(
+    return Deployment(
         model=settings.model_name,
         champion=spec("1"),
         canary=spec("3"),
-        canary_weight=50,
+        canary_weight=weight,
         lease_expires_at=time.time() + 600,
     )
-    gateway = FakeGateway(other)
-    reg = FakeRegistry({"champion": "1", "candidate": "3"})
-    _wire(monkeypatch, gateway, reg)
+
+
+def _promote_3_on_a_look(
+    monkeypatch: pytest.MonkeyPatch,
+    gateway: FakeGateway,
+    reg: FakeRegistry,
+    look: int,
+    *,
+    while_in_force: Deployment | None = None,
+) -> None:
+    """The other canary promotes 3 (registry, then gateway) at our ``look``-th read of the
+    gateway, counting only reads while ``while_in_force`` is live when it is given."""
+    assert gateway.current is not None
+    model = gateway.current.model
     reads = 0
     read = gateway.get_deployment
 
     def the_other_canary_ends(*_: object) -> Deployment | None:
         nonlocal reads
-        reads += 1
-        if reads == 2:  # it promotes 3 and ends, after one look of ours
-            reg.aliases = {"champion": "3", "previous": "1"}
-            gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
+        if while_in_force is None or gateway.current == while_in_force:
+            reads += 1
+            if reads == look:
+                reg.aliases = {"champion": "3", "previous": "1"}
+                gateway.current = Deployment(model=model, champion=spec("3"))
         return read()
 
     monkeypatch.setattr(gateway, "get_deployment", the_other_canary_ends)
+
+
+def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champion_it_leaves(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the nightly run's canary of 3 in force (leased), while this run's candidate is 4,
+    gateway = FakeGateway(_nightly_canary_of_3(settings, weight=50))
+    reg = FakeRegistry({"champion": "1", "candidate": "3"})
+    _wire(monkeypatch, gateway, reg)
+    _promote_3_on_a_look(monkeypatch, gateway, reg, 2)  # it ends after one look of ours
     outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
     # then nothing was sent over its trial, and 4 was judged against 3, the new champion.
     assert gateway.sets[0].champion == spec("3") and gateway.sets[0].canary == spec("4")
@@ -161,20 +181,12 @@ def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champi
 def test_a_canary_whose_trial_another_release_overwrote_waits_its_turn_and_starts_again(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import time
-
     # Given two runs that saw the last trial end within a poll of each other: ours (4) sent
     # its first step, then the nightly run's canary of 3 was sent over it.
     gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
     reg = FakeRegistry({"champion": "1"})
     _wire(monkeypatch, gateway, reg)
-    other = Deployment(
-        model=settings.model_name,
-        champion=spec("1"),
-        canary=spec("3"),
-        canary_weight=10,
-        lease_expires_at=time.time() + 600,
-    )
+    other = _nightly_canary_of_3(settings)
     put = gateway.set_deployment
 
     def overwritten_after_our_first_step(dep: Deployment, **kw: Any) -> Deployment:
@@ -183,20 +195,9 @@ def test_a_canary_whose_trial_another_release_overwrote_waits_its_turn_and_start
             gateway.current = other  # the other run's PUT, not one of ours
         return applied
 
-    reads = 0
-    read = gateway.get_deployment
-
-    def the_other_canary_ends(*_: object) -> Deployment | None:
-        nonlocal reads
-        if gateway.current == other:
-            reads += 1
-            if reads == 3:  # seen by our lease check, then by our wait: then 3 is promoted
-                reg.aliases = {"champion": "3", "previous": "1"}
-                gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
-        return read()
-
     monkeypatch.setattr(gateway, "set_deployment", overwritten_after_our_first_step)
-    monkeypatch.setattr(gateway, "get_deployment", the_other_canary_ends)
+    # seen by our lease check, then by our wait: then 3 is promoted
+    _promote_3_on_a_look(monkeypatch, gateway, reg, 3, while_in_force=other)
     outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
 
     # then ours stopped without touching the other's trial, waited for it to end and ran again,
@@ -211,20 +212,12 @@ def test_a_canary_whose_trial_another_release_overwrote_waits_its_turn_and_start
 def test_a_trial_sent_between_our_look_and_our_first_step_is_never_overwritten(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import time
-
     # Given the nightly run's canary of 3 sent in the moment between our look (nothing in
     # force) and our first step: the window the first step's If-Match closes.
     gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
     reg = FakeRegistry({"champion": "1"})
     _wire(monkeypatch, gateway, reg)
-    other = Deployment(
-        model=settings.model_name,
-        champion=spec("1"),
-        canary=spec("3"),
-        canary_weight=10,
-        lease_expires_at=time.time() + 600,
-    )
+    other = _nightly_canary_of_3(settings)
     put = gateway.set_deployment
     refused: list[Deployment] = []
 
@@ -238,20 +231,8 @@ def test_a_trial_sent_between_our_look_and_our_first_step_is_never_overwritten(
                 raise
         return put(dep, **kw)
 
-    reads = 0
-    read = gateway.get_deployment
-
-    def the_other_canary_ends(*_: object) -> Deployment | None:
-        nonlocal reads
-        if gateway.current == other:
-            reads += 1
-            if reads == 3:
-                reg.aliases = {"champion": "3", "previous": "1"}
-                gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
-        return read()
-
     monkeypatch.setattr(gateway, "set_deployment", the_other_run_puts_first)
-    monkeypatch.setattr(gateway, "get_deployment", the_other_canary_ends)
+    _promote_3_on_a_look(monkeypatch, gateway, reg, 3, while_in_force=other)
     outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
 
     # then our first step was refused (412) and changed nothing: the other trial stayed until
