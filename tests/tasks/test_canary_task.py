@@ -4,6 +4,7 @@ other is put back."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -163,6 +164,28 @@ def _promote_3_on_a_look(
     monkeypatch.setattr(gateway, "get_deployment", the_other_canary_ends)
 
 
+def _lands_before_our_first_put(
+    monkeypatch: pytest.MonkeyPatch, gateway: FakeGateway, land: Callable[[], None]
+) -> list[Deployment]:
+    """``land`` (another party's change) happens between our look and our first PUT; returns
+    the list our refused PUTs are recorded in."""
+    put = gateway.set_deployment
+    refused: list[Deployment] = []
+
+    def racing_put(dep: Deployment, **kw: Any) -> Deployment:
+        if not gateway.sets and not refused:
+            land()
+            try:
+                return put(dep, **kw)
+            except Exception:
+                refused.append(dep)
+                raise
+        return put(dep, **kw)
+
+    monkeypatch.setattr(gateway, "set_deployment", racing_put)
+    return refused
+
+
 def test_a_canary_waits_for_another_releases_trial_and_judges_against_the_champion_it_leaves(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,20 +241,11 @@ def test_a_trial_sent_between_our_look_and_our_first_step_is_never_overwritten(
     reg = FakeRegistry({"champion": "1"})
     _wire(monkeypatch, gateway, reg)
     other = _nightly_canary_of_3(settings)
-    put = gateway.set_deployment
-    refused: list[Deployment] = []
 
-    def the_other_run_puts_first(dep: Deployment, **kw: Any) -> Deployment:
-        if not gateway.sets and not refused:
-            gateway.current = other  # the other run's PUT lands first
-            try:
-                return put(dep, **kw)
-            except Exception:
-                refused.append(dep)
-                raise
-        return put(dep, **kw)
+    def the_other_run_puts_first() -> None:
+        gateway.current = other
 
-    monkeypatch.setattr(gateway, "set_deployment", the_other_run_puts_first)
+    refused = _lands_before_our_first_put(monkeypatch, gateway, the_other_run_puts_first)
     _promote_3_on_a_look(monkeypatch, gateway, reg, 3, while_in_force=other)
     outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
 
@@ -250,21 +264,12 @@ def test_a_promotion_landing_between_our_look_and_our_first_step_starts_ours_aga
     gateway = FakeGateway(Deployment(model=settings.model_name, champion=spec("1")))
     reg = FakeRegistry({"champion": "1"})
     _wire(monkeypatch, gateway, reg)
-    put = gateway.set_deployment
-    refused: list[Deployment] = []
 
-    def promotion_lands_first(dep: Deployment, **kw: Any) -> Deployment:
-        if not gateway.sets and not refused:
-            reg.aliases = {"champion": "3", "previous": "1"}
-            gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
-            try:
-                return put(dep, **kw)
-            except Exception:
-                refused.append(dep)
-                raise
-        return put(dep, **kw)
+    def the_promotion_lands() -> None:
+        reg.aliases = {"champion": "3", "previous": "1"}
+        gateway.current = Deployment(model=settings.model_name, champion=spec("3"))
 
-    monkeypatch.setattr(gateway, "set_deployment", promotion_lands_first)
+    refused = _lands_before_our_first_put(monkeypatch, gateway, the_promotion_lands)
     outcome = tc.canary_release.fn(_candidate("4"), ROWS, LABELS)
 
     # then our step over 1 was refused and changed nothing (it would have brought 1 back),
