@@ -50,7 +50,12 @@ from infra.gateway.auth import (
     write_tokens_file,
 )
 from infra.gateway.batcher import BatchPolicy
-from infra.gateway.desired import DesiredStateError, FileDesiredState, ReplicaBoard
+from infra.gateway.desired import (
+    DesiredStateError,
+    FileDesiredState,
+    ReplicaBoard,
+    ReplicaStatus,
+)
 from infra.gateway.registry_source import (
     TAG_CANARY_WEIGHT,
     TAG_SHADOW_FRACTION,
@@ -2257,35 +2262,78 @@ def test_recording_an_expired_lease_never_overwrites_a_newer_desired_state(
     assert source.read() == settled and source.revision() == 4
 
 
-def test_a_put_counts_a_replica_gone_quiet_loading_it_as_not_yet_converged(
+def test_a_put_waits_for_a_replica_still_loading_it(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
-    # A replica loading the change sends no heartbeat and drops off the board; the PUT must
+    # A replica still loading the change (a second here) serves the old state; the PUT must
     # wait for it (or report it behind), not answer "1/1" while it still serves the old state.
+    # The board's staleness is three heartbeats: at one heartbeat (0.5 s, as before) a beat
+    # written a few milliseconds late dropped r2 from about 1 read in 100, and a PUT that read
+    # the board at that moment answered "1/1".
     desired, board = tmp_path / "desired.json", tmp_path / "replicas"
     FileDesiredState(desired).publish(champion_only(artefacts), actor="t")
     slow = [False]
 
     def slow_loader(path: Path, backend: str, threads: int) -> Any:
         if slow[0]:
-            time.sleep(1.0)  # twice the board's staleness
+            time.sleep(1.0)
         return _default_loader(path, backend, threads)
 
     def replica(name: str, loader: Any = None) -> TestClient:
         config = GatewayConfig(admin_token=TOKEN, replica_id=name, converge_timeout_s=4.0)
         source = FileDesiredState(desired, poll_interval_s=0.05)
         app = create_app(
-            config, loader=loader, source=source, board=ReplicaBoard(board, stale_after_s=0.5)
+            config, loader=loader, source=source, board=ReplicaBoard(board, stale_after_s=1.5)
         )
         return TestClient(app)
 
     with replica("r1") as r1, replica("r2", slow_loader) as r2:
-        wait_for(lambda: len(ReplicaBoard(board, stale_after_s=0.5).live()) == 2)
+        wait_for(lambda: len(ReplicaBoard(board, stale_after_s=1.5).live()) == 2)
         slow[0] = True
         resp = put(r1, with_canary(artefacts, 20))
         assert resp.status_code == 200, resp.text
         assert resp.headers["X-Ballast-Replicas"] == "2/2"
         assert r2.get("/admin/deployment", headers=AUTH).json()["canary"] is not None
+
+
+def test_a_put_counts_a_replica_that_goes_quiet_during_its_wait_as_behind(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # A replica seen live when the PUT began, that then stops reporting (a stalled process, a
+    # slow disk under the board) and never converges, must read as behind ("1/2"), not as
+    # gone: a PUT must not say every replica serves the change once one has simply vanished.
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    FileDesiredState(desired).publish(champion_only(artefacts), actor="t")
+    quiet, freed = threading.Event(), threading.Event()
+
+    class StallingBoard(ReplicaBoard):
+        def report(self, status: ReplicaStatus) -> None:
+            if not quiet.is_set():
+                super().report(status)
+
+    def stuck_loader(path: Path, backend: str, threads: int) -> Any:
+        if quiet.is_set():
+            freed.wait(30)
+        return _default_loader(path, backend, threads)
+
+    def replica(name: str, board_: ReplicaBoard, loader: Any = None) -> TestClient:
+        config = GatewayConfig(admin_token=TOKEN, replica_id=name, converge_timeout_s=5.0)
+        source = FileDesiredState(desired, poll_interval_s=0.05)
+        return TestClient(create_app(config, loader=loader, source=source, board=board_))
+
+    watch = ReplicaBoard(board, stale_after_s=2.0)
+    r2_board = StallingBoard(board, stale_after_s=2.0)
+    with replica("r1", watch) as r1, replica("r2", r2_board, stuck_loader):
+        try:
+            wait_for(lambda: len(watch.live()) == 2)
+            quiet.set()
+            resp = put(r1, with_canary(artefacts, 20))
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["X-Ballast-Replicas"] == "1/2"
+            # r2 had gone off the board before the wait ended (2 s stale, 5 s wait).
+            assert [s.replica for s in watch.live()] == ["r1"]
+        finally:
+            freed.set()
 
 
 def test_a_replica_busy_loading_stays_on_the_board_with_its_old_state(
