@@ -149,6 +149,13 @@ class RegistryError(BallastError):
     stage = "register"
 
 
+class RegistryUnreachable(RegistryError):
+    """Nothing answers at the tracking server's address (found by a quick probe, before any
+    registry call): said as the registry's problem, not a registration's."""
+
+    stage = "registry"
+
+
 class IntegrityError(BallastError):
     """An artefact's hash or signed manifest does not verify."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ballast.decisions import plan_promotion, plan_rollback_to_previous
-from ballast.errors import RegistryError, redact_uri_credentials
+from ballast.errors import RegistryError, RegistryUnreachable, redact_uri_credentials
 from model_registry.types import (
     CANDIDATE,
     CHAMPION,
@@ -72,7 +72,7 @@ def _probe(tracking_uri: str, timeout_s: float) -> None:
         socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
     except OSError as exc:
         where = redact_uri_credentials(tracking_uri)
-        raise RegistryError(
+        raise RegistryUnreachable(
             f"the MLflow server at {where} does not answer ({exc.strerror or exc}); "
             "is it running, and is BALLAST_MLFLOW_TRACKING_URI right?"
         ) from None

@@ -189,7 +189,7 @@ def test_status_says_at_once_that_no_mlflow_server_answers(settings: Settings) -
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "does not answer" in proc.stderr, proc.stderr
+    assert "stage=registry:" in proc.stderr and "does not answer" in proc.stderr, proc.stderr
     assert "BALLAST_MLFLOW_TRACKING_URI" in proc.stderr and "s3cret" not in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert time.monotonic() - started < 60, "refused at once, not after MLflow's retries"
