@@ -514,7 +514,7 @@ class Gateway:
             self.metrics.deployments.labels(dep.model, "precondition_failed").inc()
             self._log(
                 "deployment.precondition_failed",
-                expected=sorted(expect or ()),
+                expected=sorted(expect or ())[:8],  # bounded: the header is the client's
                 current=exc.current,
                 principal=who.name,
                 **_summary(dep),
