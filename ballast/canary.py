@@ -212,11 +212,11 @@ class _Lease:
         client: DeploymentAdmin,
         seconds: float | None,
         *,
-        first_over: Deployment | Literal[False] | None = False,
+        first_over: Deployment | None,
     ) -> None:
         self._client, self._seconds = client, seconds
         # The deployment the first change must replace (a compare-and-set: another run's change
-        # since this canary looked fails it, 412); False: no condition on any change. Later
+        # since this canary looked fails it, 412; None: nothing deployed). Later
         # steps and renewals must replace one of this canary's own (``_stamped``), so a change
         # landing between their look (_verify_ours) and their PUT is not overwritten either.
         self._first_over = first_over
@@ -286,7 +286,7 @@ class _Lease:
             # Recorded before the PUT: one that timed out may still have been applied.
             self._sent.append(plain)
         expect: tuple[Deployment | None, ...] = ()
-        if self._first_over is not False and conditional:
+        if conditional:
             expect = (self._first_over,) if first else tuple(self._stamped)
         stamped, expires = dep, math.inf
         if dep.has_trial() and self._seconds:

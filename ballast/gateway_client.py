@@ -21,7 +21,7 @@ import httpx
 from pydantic import ValidationError
 
 from ballast.errors import GatewayError
-from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse, deployment_etag
+from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse, if_match_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -193,7 +193,7 @@ class GatewayClient:
         """
         headers = {**self._admin_headers(), "Content-Type": "application/json"}
         if expect:
-            headers["If-Match"] = ", ".join(f'"{deployment_etag(d)}"' for d in expect)
+            headers["If-Match"] = if_match_header(expect)
         return self._call(
             "PUT",
             "/admin/deployment",

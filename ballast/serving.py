@@ -12,6 +12,7 @@ written by an older client still validates.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -142,6 +143,11 @@ def deployment_etag(dep: Deployment | None) -> str:
     """The entity tag of a deployment as ``/admin/deployment`` serves it (``ETag``, unquoted):
     its fingerprint, or ``none`` when nothing is deployed."""
     return "none" if dep is None else dep.fingerprint()
+
+
+def if_match_header(expect: Sequence[Deployment | None]) -> str:
+    """The ``If-Match`` value naming ``expect`` (None: nothing deployed)."""
+    return ", ".join(f'"{deployment_etag(d)}"' for d in expect)
 
 
 def precondition_holds(tags: frozenset[str], current: Deployment | None, now: float) -> bool:

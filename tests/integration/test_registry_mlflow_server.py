@@ -216,7 +216,7 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
     from ballast.canary import ShadowPolicy, ShadowStats, run_canary
     from ballast.errors import GatewayError
     from ballast.judge import Observation, ThresholdJudge
-    from ballast.serving import Deployment, deployment_etag
+    from ballast.serving import Deployment, if_match_header
     from ballast.settings import Settings
     from infra.gateway.app import GatewayConfig, create_app
     from infra.gateway.desired import ReplicaBoard
@@ -265,7 +265,7 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
         ) -> Deployment:
             headers = dict(auth)
             if expect:
-                headers["If-Match"] = ", ".join(f'"{deployment_etag(d)}"' for d in expect)
+                headers["If-Match"] = if_match_header(expect)
             r = self.gw.put("/admin/deployment", headers=headers, content=dep.model_dump_json())
             if r.status_code != 200:
                 raise GatewayError(f"{r.status_code}: {r.text}")
