@@ -14,7 +14,14 @@ from rich.table import Table
 
 from ballast.cli_approve import approve_command, approver_key_command, audit_app
 from ballast.cli_data import data_app
-from ballast.cli_shared import console, err, fail, prefect_unreachable, report
+from ballast.cli_shared import (
+    console,
+    err,
+    fail,
+    no_server_telemetry,
+    prefect_unreachable,
+    report,
+)
 from ballast.cli_stack import stack_app
 from ballast.errors import BallastError, ConfigError, redact_uri_credentials
 from ballast.settings import Settings, get_settings
@@ -208,11 +215,12 @@ def release(
     if approval not in (None, "auto", "manual"):
         raise typer.BadParameter("approval must be auto or manual")
     try:
-        report = release_flow(
-            dataset_uri=dataset,
-            inject_fault=cast(Fault | None, inject_fault),
-            approval_policy=cast(Literal["auto", "manual"] | None, approval),
-        )
+        with no_server_telemetry():
+            report = release_flow(
+                dataset_uri=dataset,
+                inject_fault=cast(Fault | None, inject_fault),
+                approval_policy=cast(Literal["auto", "manual"] | None, approval),
+            )
     except BallastError as exc:  # bad data, a failed gate, a refused approval: one line
         fail(exc)
     except RuntimeError as exc:
@@ -234,7 +242,8 @@ def rollback(
     from flows.rollback import rollback_flow
 
     try:
-        result = rollback_flow(model_name=model, force=force)
+        with no_server_telemetry():
+            result = rollback_flow(model_name=model, force=force)
     except BallastError as exc:
         if isinstance(exc, TrialInForce):
             err.print("a running release owns the deployment; --force abandons it")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import typer
@@ -28,6 +31,23 @@ def prefect_unreachable(exc: RuntimeError) -> BallastError:
         f"cannot reach the Prefect API ({exc}); start it (ballast stack up) or unset "
         "PREFECT_API_URL to run on a temporary local server"
     )
+
+
+@contextmanager
+def no_server_telemetry() -> Iterator[None]:
+    """A temporary Prefect server started inside this block sends no usage telemetry.
+
+    Offline its telemetry service logs an ERROR line on every run that starts one;
+    a local run has no business phoning home anyway. A value set in the environment wins.
+    """
+    if "PREFECT_SERVER_ANALYTICS_ENABLED" in os.environ:
+        yield
+        return
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    # The temporary server's process takes the settings in force when it starts.
+    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        yield
 
 
 def fail(exc: BallastError) -> NoReturn:

@@ -70,6 +70,7 @@ def _run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from ballast.cli_data import prepare_dataset
+    from ballast.cli_shared import no_server_telemetry
     from ballast.gateway_client import GatewayClient
     from ballast.gateway_process import ensure_gateway
     from ballast.release import ALIAS_CHAMPION, TAG_STATUS
@@ -86,7 +87,7 @@ def _run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool
     reports = []
     try:
         # The heartbeat thread costs ~1.2 s per flow run at exit; the demo has no use for it.
-        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with no_server_telemetry(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             for label, inject in (
                 ("release 1 (healthy)", None),
                 (f"release 2 (fault: {fault})", fault),

@@ -33,10 +33,10 @@ def test_demo_promotes_release_1_rolls_back_release_2_and_leaves_other_state_alo
         "BALLAST_SIGNING_KEY_PATH": str(tmp_path / "keys" / "signing-key.pem"),
         "BALLAST_EPOCHS": "20",
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "COLUMNS": "200",
     }
     env.pop("BALLAST_GATEWAY_PORT", None)
+    env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the demo turns telemetry off itself
     proc = subprocess.run(
         [sys.executable, "-m", "ballast.cli", "demo"],
         cwd=REPO,
@@ -48,6 +48,7 @@ def test_demo_promotes_release_1_rolls_back_release_2_and_leaves_other_state_alo
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "demo passed" in out
+    assert "Failed to send telemetry" not in out, "a local run must not phone home"
     assert "promoted" in out and "rolled_back" in out
     assert (state / "demo" / "mlflow.db").exists(), "the demo keeps its own registry"
     assert sentinel.read_text() == "the user's own state"

@@ -251,6 +251,42 @@ def test_rollback_during_a_trial_is_refused_unless_forced(
     assert asked == [False, True]
 
 
+@pytest.mark.parametrize(("env", "sent"), [(None, False), ("true", True)])
+def test_a_temporary_prefect_server_sends_no_telemetry_unless_the_environment_says_so(
+    runner: CliRunner,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    env: str | None,
+    sent: bool,
+) -> None:
+    # Offline, Prefect's telemetry service logs an ERROR on every run that starts its own server.
+    from prefect.settings import get_current_settings
+
+    import flows.rollback as fr
+
+    if env is None:
+        monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
+    else:
+        monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", env)
+    seen: list[tuple[bool, str | None]] = []
+
+    def rollback_flow(model_name: str | None = None, force: bool = False) -> str:
+        # What the temporary server's process would be started with, from inside the flow call.
+        current = get_current_settings()
+        server_env = current.to_environment_variables(exclude_unset=True)
+        seen.append(
+            (current.server.analytics_enabled, server_env.get("PREFECT_SERVER_ANALYTICS_ENABLED"))
+        )
+        return "2"
+
+    monkeypatch.setattr(fr, "rollback_flow", rollback_flow)
+    result = runner.invoke(app, ["rollback"])
+    assert result.exit_code == 0, result.output
+    assert seen[0][0] is sent
+    if env is None:
+        assert seen == [(False, "False")]
+
+
 # -- `ballast serve` as a real process: signals reach the gateway, which drains -----------------
 
 
