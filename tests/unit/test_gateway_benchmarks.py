@@ -143,3 +143,30 @@ def test_inproc_benchmark_runs_its_configurations_and_reports_the_changes() -> N
     assert float(same[3]) >= 1  # the champion's session answers as the canary too
     noop = re.search(r"noop\s+([\d.]+) us .* rows/call v1:[\d.]+ v2:([\d.]+)", out)
     assert noop and float(noop[2]) >= 1, out
+
+
+def test_fused_call_benchmark_checks_both_answers_and_reports_every_case() -> None:
+    # The script asserts the merged session answers what the two sessions answer, then times.
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "ort_fused.py"),
+            "--rows",
+            "4,2",
+            "--blocks",
+            "2",
+            "--calls",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
+    )
+    assert "Shape mismatch" not in out.stderr, out.stderr[-2000:]  # one batch axis per input
+    rows = dict(
+        re.findall(r"^ *(champion|two calls|fused|fused, no canary) +([\d.]+) ", out.stdout, re.M)
+    )
+    assert set(rows) == {"champion", "two calls", "fused", "fused, no canary"}, out.stdout
+    assert all(float(v) > 0 for v in rows.values())
