@@ -17,6 +17,10 @@ serving`` (two seeds: two different sets of weights):
 
 Both sessions are called through the compiled binding, as ``OnnxRuntimePredictor`` does.
 Warm calls back to back: in a serving process between requests every call costs more, alike.
+
+Not adopted by the gateway whatever it saves: in one call, a canary that is slow or fails slows
+or fails the champion's rows of the same call, so the judge, which compares the two versions'
+latencies and errors, would see the canary's faults on both arms.
 """
 
 from __future__ import annotations
