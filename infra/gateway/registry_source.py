@@ -22,7 +22,9 @@ Every version is downloaded and its signed manifest verified against the trusted
 (``settings.signing_key_path``) before it can appear in a desired state; the artefact named by
 tag ``ballast.artifact`` must be in the manifest with the sha256 of tag
 ``ballast.artifact_sha256``. A version that does not verify makes the whole read fail
-(:class:`DesiredStateError`), so replicas keep serving what they have.
+(:class:`DesiredStateError`), so replicas keep serving what they have; its copy is removed,
+and it is not fetched again for ``REFUSED_RETRY_S`` (30 s) unless its tags or the trusted key's
+file change. Verified copies live in the source's own temporary folder, removed with it.
 
 Publishing (an admin ``PUT`` on a gateway that uses this source) only writes tags (weight,
 fraction, lease): the versions must be the ones the aliases already name. Moving aliases is the
@@ -38,6 +40,9 @@ drops it first records the champion alone here: weight ``0``, lease ``none``).
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -113,6 +118,13 @@ class RegistryDesiredState:
         # Registered versions are immutable: verify each once (the gateway re-hashes the
         # artefact itself before it loads it).
         self._verified: dict[str, VerifiedArtifact] = {}
+        # Versions that did not verify, with what was checked (their tags, the trusted key's
+        # file) and when: polled every second, a refused version would otherwise be fetched
+        # again each time. Retried at once when a tag or the key file changes.
+        self._refused: dict[str, tuple[object, float, str]] = {}
+        # This source's copies of the versions' files, one folder per version, removed when a
+        # version is refused and with the source (a finalizer, also at interpreter exit).
+        self._copies: tempfile.TemporaryDirectory[str] | None = None
 
     @classmethod
     def from_settings(cls, s: Settings, *, poll_interval_s: float = 1.0) -> RegistryDesiredState:
@@ -125,20 +137,17 @@ class RegistryDesiredState:
             poll_interval_s=poll_interval_s,
         )
 
+    # How long a version that did not verify is refused without fetching it again, while its
+    # tags and the trusted key's file stay as they were.
+    REFUSED_RETRY_S = 30.0
+
     def describe(self) -> str:
         return f"registry model {self.model!r}"
 
     def _spec(self, info: ModelVersionInfo) -> VersionSpec:
         cached = self._verified.get(info.version)
         if cached is None:
-            local = Path(self.registry.download(info.name, info.version))
-            try:
-                cached = verify_version(
-                    local, info.tags, info.version, self.trusted_key, model=info.name
-                )
-            except BallastError as exc:
-                raise DesiredStateError(f"{info.name} {exc.message}") from exc
-            self._verified[info.version] = cached
+            cached = self._fetch_and_verify(info)
         fault = info.tags.get(TAG_FAULT) or None
         try:
             return VersionSpec(
@@ -150,6 +159,42 @@ class RegistryDesiredState:
             )
         except ValueError as exc:
             raise DesiredStateError(f"{info.name} version {info.version}: {exc}") from exc
+
+    def _fetch_and_verify(self, info: ModelVersionInfo) -> VerifiedArtifact:
+        try:
+            st = self.trusted_key.stat()
+            key_file: object = (st.st_ino, st.st_size, st.st_mtime_ns)  # a new key: retried
+        except OSError:
+            key_file = None
+        checked = (tuple(sorted(info.tags.items())), key_file)
+        refused = self._refused.get(info.version)
+        if (
+            refused is not None
+            and refused[0] == checked
+            and time.monotonic() - refused[1] < self.REFUSED_RETRY_S
+        ):
+            raise DesiredStateError(refused[2])
+        if self._copies is None:
+            self._copies = tempfile.TemporaryDirectory(prefix="ballast-registry-")
+        folder = Path(self._copies.name) / f"v{info.version}"
+        shutil.rmtree(folder, ignore_errors=True)  # a copy cut off by an earlier failure
+        verified = None
+        try:
+            local = Path(self.registry.download(info.name, info.version, folder))
+            try:
+                verified = verify_version(
+                    local, info.tags, info.version, self.trusted_key, model=info.name
+                )
+            except BallastError as exc:
+                message = f"{info.name} {exc.message}"
+                self._refused[info.version] = (checked, time.monotonic(), message)
+                raise DesiredStateError(message) from exc
+        finally:
+            if verified is None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._refused.pop(info.version, None)
+        self._verified[info.version] = verified
+        return verified
 
     def read(self) -> Deployment | None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -2049,6 +2050,56 @@ def test_registry_source_refuses_what_does_not_verify(
     reg2.aliases = {"champion": "1", "candidate": "1"}
     with pytest.raises(DesiredStateError, match="not an integer"):
         RegistryDesiredState(reg2, MODEL, stranger).read()
+
+
+class CopyingStandIn(FacadeStandIn):
+    """Downloads as a remote store does: a copy of the version's files under ``dst``."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.copies: list[Path] = []
+
+    def download(self, name: str, version: str | int, dst: Path | None = None) -> Path:
+        assert dst is not None, "a source that does not say where leaves its copies behind"
+        self.downloads += 1
+        target = dst / "model"
+        shutil.copytree(self.root / f"v{version}", target)
+        self.copies.append(target)
+        return target
+
+
+def test_a_refused_version_leaves_no_copy_and_is_not_fetched_every_poll(
+    artefacts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = tmp_path / "keys" / "signing.pem"
+    stranger = tmp_path / "other" / "key.pem"
+    reg = CopyingStandIn(tmp_path / "store")
+    reg.add("1", artefacts["a"], stranger)  # signed by a key the gateway does not trust
+    reg.add("2", artefacts["a"], key)
+    reg.aliases = {"champion": "1"}
+    source = RegistryDesiredState(reg, MODEL, key)
+    for _ in range(5):  # five polls
+        with pytest.raises(DesiredStateError, match="signed by key"):
+            source.read()
+    assert reg.downloads == 1, "a refused version is fetched once per retry window, not per poll"
+    assert reg.copies and not any(c.exists() for c in reg.copies), "its copy was removed"
+    # The window ends, or what was checked changes (a tag, the trusted key): fetched again.
+    monkeypatch.setattr(RegistryDesiredState, "REFUSED_RETRY_S", 0.0)
+    with pytest.raises(DesiredStateError, match="signed by key"):
+        source.read()
+    assert reg.downloads == 2
+    monkeypatch.setattr(RegistryDesiredState, "REFUSED_RETRY_S", 3600.0)
+    shutil.copy(stranger, key)  # the operator trusts the key it was signed with after all
+    dep = source.read()
+    assert reg.downloads == 3 and dep is not None and dep.champion is not None
+    assert Path(dep.champion.artifact_path).exists()  # a verified copy stays while the source lives
+    reg.aliases = {"champion": "2"}
+    with pytest.raises(DesiredStateError, match="signed by key"):  # 2 was signed by the old key
+        source.read()
+    copies = Path(reg.copies[0]).parents[1]
+    del source
+    gc.collect()
+    assert not copies.exists(), "the source's copies go with it"
 
 
 LEASE_TAG = "ballast.lease_expires_at"  # the registry scheme: a contract with other readers
