@@ -68,6 +68,22 @@ def redact_uri_credentials(text: str) -> str:
     return _WORD.sub(_redacted_word, text)
 
 
+class RedactedCause(Exception):
+    """Stands in, as ``__cause__``, for a library's exception whose message may hold a URI with
+    credentials (MLflow's say "API request to http://user:password@host/... failed")."""
+
+
+def redacted_cause(exc: BaseException) -> RedactedCause:
+    """``exc`` as its type's name and its message with URI credentials hidden, keeping its
+    traceback (where it was raised) and dropping its own causes (their messages may hold the
+    same URI). Use as ``raise BallastError(...) from redacted_cause(exc)``: a logged traceback
+    (Prefect logs a failed task's with its causes) then shows no password."""
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return RedactedCause(f"{name}: {redact_uri_credentials(str(exc))}").with_traceback(
+        exc.__traceback__
+    )
+
+
 class BallastError(Exception):
     """Base class. ``stage`` is the release stage that refused the input. URI credentials in
     the message are redacted (:func:`redact_uri_credentials`)."""

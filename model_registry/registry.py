@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ballast.decisions import plan_promotion, plan_rollback_to_previous
-from ballast.errors import RegistryError, RegistryUnreachable, redact_uri_credentials
+from ballast.errors import (
+    RegistryError,
+    RegistryUnreachable,
+    redact_uri_credentials,
+    redacted_cause,
+)
 from model_registry.types import (
     CANDIDATE,
     CHAMPION,
@@ -59,7 +64,7 @@ def _mlflow_errors(action: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
-        raise RegistryError(f"{action}: {exc.message}") from exc
+        raise RegistryError(f"{action}: {exc.message}") from redacted_cause(exc)
 
 
 def _probe(tracking_uri: str, timeout_s: float) -> None:
@@ -168,7 +173,9 @@ class Registry:
         except MlflowException as exc:
             if missing_ok and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return {}
-            raise RegistryError(f"reading aliases of {name!r}: {exc.message}") from exc
+            raise RegistryError(f"reading aliases of {name!r}: {exc.message}") from redacted_cause(
+                exc
+            )
         return {alias: str(v) for alias, v in (model.aliases or {}).items()}
 
     @staticmethod
@@ -360,7 +367,7 @@ class Registry:
             msg = f"registering {name!r} failed while {step}: {detail}"
             if undo:
                 msg += f" (and undoing it failed: {'; '.join(undo)})"
-            raise RegistryError(msg) from exc
+            raise RegistryError(msg) from redacted_cause(exc)
 
     def _remote_files(self, run_id: str, path: str) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -414,7 +421,9 @@ class Registry:
             try:
                 self._client.delete_model_version(name, info.version)
             except OSError as exc:  # a connection reset: a retry may succeed
-                raise RegistryError(f"discarding version {info.version}: {exc}") from exc
+                raise RegistryError(
+                    f"discarding version {info.version}: {exc}"
+                ) from redacted_cause(exc)
         # Only once it is gone: a version still listed must not point at a FAILED run.
         if info.run_id is not None:
             with contextlib.suppress(Exception):
@@ -447,8 +456,8 @@ class Registry:
                 raise RegistryError(
                     f"{what} ({detail}) and restoring the previous record failed too "
                     f"({'; '.join(problems)})"
-                ) from exc
-            raise RegistryError(f"{what}, record restored: {detail}") from exc
+                ) from redacted_cause(exc)
+            raise RegistryError(f"{what}, record restored: {detail}") from redacted_cause(exc)
 
     def _restore_approval(
         self, name: str, version: str, before: Mapping[str, str], keys: Sequence[str]
@@ -522,7 +531,7 @@ class Registry:
                     f"moving aliases of {name!r} failed ({detail}) and restoring them failed "
                     f"too ({'; '.join(problems)}); aliases before were {before}"
                 )
-            raise RegistryError(msg) from exc
+            raise RegistryError(msg) from redacted_cause(exc)
 
     def promote(self, name: str, version: str | int) -> PromotionResult:
         """Make ``version`` the champion; the old champion becomes ``previous``; a ``candidate``

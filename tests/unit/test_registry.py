@@ -599,3 +599,26 @@ def test_a_failed_first_approval_write_leaves_no_partial_record(
     assert registry.get_approval(name, "2") is None
     assert not [k for k in tags if k.startswith("ballast.approval")], f"evidence left: {tags}"
     assert "record restored" in str(raised.value)
+
+
+def test_a_logged_registry_error_shows_no_password_anywhere_in_its_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prefect logs a failed task with its traceback, causes included: MLflow's own exception,
+    # chained as the cause, quoted the tracking URI with its password.
+    import socket
+    import traceback
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "".join(["s3cret", "PW"])  # not in any source line a traceback quotes
+    uri = f"http://alice:{secret}@127.0.0.1:{port}/"
+    with pytest.raises(RegistryError) as info:
+        Registry(uri, tmp_path / "artifacts")
+    logged = "".join(traceback.format_exception(info.value))
+    assert "MlflowException" in logged, logged  # what failed is still said, and where
+    assert "http://***@127.0.0.1" in logged
+    assert secret not in logged, logged
