@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from ballast.audit import find, record
 from ballast.compile import CompiledArtifact
 from ballast.data import ValidatedDataset
+from ballast.errors import IntegrityError
 from ballast.keys import provider_from_settings
 from ballast.manifest import build_manifest, code_identity, sign_manifest
 from ballast.release import (
@@ -91,6 +92,20 @@ def stage_artifacts(
         validation_artifact_id=ds.validation_artifact_id,
         content_key=key,
     )
+    # The manifest hashes the staged bytes; the tags carry the hashes taken at compile, where
+    # parity was checked. Bytes changed in between (a build folder rewritten) must not be
+    # signed and registered as the artefact that passed.
+    for path, compiled_sha in (
+        (compiled.path, compiled.sha256),
+        (compiled.onnx_path, compiled.onnx_sha256),
+    ):
+        staged = manifest.file(path.name).sha256
+        if staged != compiled_sha:
+            raise IntegrityError(
+                f"{path.name} changed between compile and registration: sha256 {staged[:12]} "
+                f"staged, {compiled_sha[:12]} compiled and checked for parity; nothing registered",
+                stage="register",
+            )
     # The signing key is wrapped by the same key provider as the data (keyring or KMS).
     sign_manifest(manifest, s.signing_key_path, provider_from_settings(s)).write(out_dir)
     return out_dir

@@ -20,7 +20,7 @@ from ballast.compile import compile_model
 from ballast.data import bundled_csv_bytes, bundled_spec
 from ballast.errors import ApprovalRejected, IntegrityError, RegistryError
 from ballast.hashing import sha256_file
-from ballast.manifest import SignedManifest, verify_manifest
+from ballast.manifest import SIGNED_MANIFEST_NAME, SignedManifest, verify_manifest
 from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, ALIAS_PREVIOUS, TAG_STATUS
 from ballast.settings import Settings, get_settings
 from ballast.training import train
@@ -133,6 +133,30 @@ def test_a_tampered_artefact_is_refused_before_it_can_serve(
             version_spec(reg, settings, info)
     finally:
         artefact.write_bytes(backup)
+
+
+@pytest.mark.parametrize("which", ["path", "onnx_path"])
+def test_an_artefact_changed_after_compile_is_never_signed_or_registered(
+    built: dict[str, Any], settings: Settings, tmp_path: Path, which: str
+) -> None:
+    # Its compile-time hash (checked for parity, put in the tags) no longer names its bytes.
+    build = tmp_path / "build"
+    build.mkdir()
+    compiled = built["compiled"]
+    changed = {
+        name: Path(shutil.copy2(getattr(compiled, name), build)) for name in ("path", "onnx_path")
+    }
+    data = changed[which].read_bytes()
+    changed[which].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit
+    compiled = dataclasses.replace(compiled, **changed)
+    with pytest.raises(IntegrityError, match="changed between compile and registration") as info:
+        register_candidate.fn(
+            built["ds"], built["trained"], compiled, tmp_path / "stage", flow_run_id="run-x"
+        )
+    assert info.value.stage == "register"
+    assert not (tmp_path / "stage" / SIGNED_MANIFEST_NAME).exists(), "nothing signed"
+    reg = Registry(settings.tracking_uri, settings.artifact_root)
+    assert reg.list_versions(settings.model_name) == [], "nothing registered"
 
 
 def test_rollback_moves_champion_back_to_previous_without_a_gateway(
