@@ -368,6 +368,12 @@ class Registry:
             if undo:
                 msg += f" (and undoing it failed: {'; '.join(undo)})"
             raise RegistryError(msg) from redacted_cause(exc)
+        except BaseException:
+            # Stopped part-way (Prefect's TerminationSignal on SIGTERM, Ctrl-C, a cancelled
+            # task): undone as a failure is, then the stop goes on. Left, the version would stand
+            # with its run RUNNING, and a rerun would reuse it by its flow-run or content key.
+            self._undo_registration(name, run_id, version, created_model)
+            raise
 
     def _remote_files(self, run_id: str, path: str) -> dict[str, int]:
         found: dict[str, int] = {}

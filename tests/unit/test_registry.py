@@ -263,6 +263,31 @@ def test_failure_after_the_version_exists_deletes_that_version(
     assert run.info.status == "FAILED"
 
 
+def test_a_stop_signal_after_the_version_exists_undoes_it_and_goes_on(
+    registry: Registry,
+    client: MlflowClient,
+    name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SIGTERM reaches a Prefect task as TerminationSignal, a BaseException: no Exception handler
+    # sees it, and the version stood with its run RUNNING, reused by a rerun.
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    def stopped(*args: Any, **kwargs: Any) -> None:
+        raise TerminationSignal(signal.SIGTERM)
+
+    monkeypatch.setattr(registry._client, "set_tag", stopped)  # right after the version exists
+    with pytest.raises(TerminationSignal):  # the stop goes on, not turned into an error
+        register(registry, name, make_artifacts(tmp_path, "a"))
+    assert registry.list_versions(name) == []
+    assert client.search_registered_models(f"name='{name}'") == []
+    (run,) = runs_of(client, registry, name)
+    assert run.info.status == "FAILED"
+
+
 def test_a_version_saved_by_a_create_call_that_then_failed_is_deleted_too(
     registry: Registry,
     client: MlflowClient,
