@@ -417,17 +417,32 @@ def test_promoting_the_champion_again_changes_nothing(
     assert registry.get_by_alias(two_versions, "previous").version == "1"  # type: ignore[union-attr]
 
 
-def test_failed_promotion_restores_every_alias(registry: Registry, two_versions: str) -> None:
+def test_failed_promotion_restores_every_alias(
+    registry: Registry, two_versions: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     name = two_versions
     registry.promote(name, 1)
-    registry.promote(name, 2)  # champion 2, previous 1
-    before = [v.aliases for v in registry.list_versions(name)]
+    registry.set_alias(name, "candidate", 2)
+    before = _aliases(registry, name)  # champion 1, candidate 2
 
-    # "previous" moves to 2 first, then setting champion to a version that does not exist fails.
+    # Promoting 2 moves champion to 2 first; the next write (previous -> 1) fails part-way.
+    real = registry._client.set_registered_model_alias
+
+    def cut_off(model: str, alias: str, version: str) -> None:
+        if alias == "previous":
+            raise ConnectionError("connection reset")
+        real(model, alias, version)
+
+    monkeypatch.setattr(registry._client, "set_registered_model_alias", cut_off)
+    with pytest.raises(RegistryError, match="aliases restored"):
+        registry.promote(name, 2)
+    monkeypatch.undo()
+    assert _aliases(registry, name) == before, "champion back on 1, candidate still on 2"
+
+    # A version that does not exist fails on the first write: nothing moved.
     with pytest.raises(RegistryError, match="aliases restored"):
         registry.promote(name, 99)
-
-    assert [v.aliases for v in registry.list_versions(name)] == before
+    assert _aliases(registry, name) == before
 
 
 def test_promoting_in_an_unknown_model_is_a_registry_error(registry: Registry) -> None:
