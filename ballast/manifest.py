@@ -429,20 +429,26 @@ def build_manifest(
         ) from None
     if not files:
         raise IntegrityError(f"artefact folder is empty: {artifact_dir}")
-    return Manifest(
-        model_name=model_name,
-        created_at=created_at or datetime.now(UTC),
-        git_commit=git_commit,
-        dataset_sha256=dataset_sha256,
-        backend=backend,
-        precision=precision,
-        files=files,
-        metrics=dict(metrics or {}),
-        parity=dict(parity or {}),
-        dataset_ciphertext_sha256=dataset_ciphertext_sha256,
-        validation_artifact_id=validation_artifact_id,
-        content_key=content_key,
-    )
+    try:
+        return Manifest(
+            model_name=model_name,
+            created_at=created_at or datetime.now(UTC),
+            git_commit=git_commit,
+            dataset_sha256=dataset_sha256,
+            backend=backend,
+            precision=precision,
+            files=files,
+            metrics=dict(metrics or {}),
+            parity=dict(parity or {}),
+            dataset_ciphertext_sha256=dataset_ciphertext_sha256,
+            validation_artifact_id=validation_artifact_id,
+            content_key=content_key,
+        )
+    except ValidationError as exc:  # a non-finite metric, a malformed hash: typed, one line
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise IntegrityError(f"manifest of {artifact_dir}: {problems}") from None
 
 
 def sign_manifest(

@@ -8,6 +8,7 @@ second version of the same release.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Mapping
@@ -73,7 +74,11 @@ def stage_artifacts(
         if src.parent.resolve() != out_dir.resolve():
             shutil.copy2(src, out_dir / src.name)
     torch.save(trained.model.state_dict(), out_dir / "state_dict.pt")
-    metrics = {**trained.metrics, **compiled.metrics()}
+    # A metric the hold-out cannot define (ROC AUC when it holds one class: NaN) is left out;
+    # a signed manifest holds only numbers.
+    metrics = {
+        k: v for k, v in {**trained.metrics, **compiled.metrics()}.items() if math.isfinite(v)
+    }
     manifest = build_manifest(
         out_dir,
         model_name=s.model_name,

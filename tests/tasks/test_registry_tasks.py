@@ -103,6 +103,19 @@ def test_staging_copies_and_signs_the_files_the_compiled_artefact_needs_beside_i
     assert manifest.file(artefact.name).sha256 == compiled.sha256
 
 
+def test_a_metric_the_hold_out_cannot_define_is_left_out_of_the_manifest(
+    built: dict[str, Any], settings: Settings, tmp_path: Path
+) -> None:
+    # evaluate() gives ROC AUC as NaN when the hold-out holds one class; staging failed on it
+    # with an untyped pydantic error.
+    trained = built["trained"]
+    trained = dataclasses.replace(trained, metrics={**trained.metrics, "roc_auc": float("nan")})
+    out = stage_artifacts(tmp_path / "staged", built["ds"], trained, built["compiled"])
+    manifest = verify_manifest(SignedManifest.read(out), settings.signing_key_path, out)
+    assert "roc_auc" not in manifest.metrics
+    assert manifest.metrics["accuracy"] == trained.metrics["accuracy"]
+
+
 def test_closing_a_candidate_tags_it_and_leaves_the_champion_alone(
     built: dict[str, Any], settings: Settings, tmp_path: Path
 ) -> None:

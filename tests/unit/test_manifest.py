@@ -193,7 +193,7 @@ def test_missing_signed_manifest_file_is_an_integrity_error(tmp_path: Path) -> N
 
 
 def test_manifest_refuses_non_finite_metrics_and_escaping_paths(artifact_dir: Path) -> None:
-    with pytest.raises(ValidationError, match="finite"):
+    with pytest.raises(IntegrityError, match=r"metrics: .*finite: loss"):
         build_manifest(
             artifact_dir,
             model_name="m",
