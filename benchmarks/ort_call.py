@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _per_call_us(call: Callable[[], object], calls: int) -> float:
+def per_call_us(call: Callable[[], object], calls: int) -> float:
     t = time.thread_time()
     for _ in range(calls):
         call()
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             pair = [("direct", direct), ("public", public)]
             for block in range(args.blocks):
                 for label, pred in pair if block % 2 == 0 else pair[::-1]:
-                    times[label].append(_per_call_us(partial(pred.predict, x), args.calls))
+                    times[label].append(per_call_us(partial(pred.predict, x), args.calls))
             saved = statistics.median(
                 b - a for a, b in zip(times["direct"], times["public"], strict=True)
             )

@@ -29,7 +29,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ort_call import per_call_us
 
 
 def _fused(champion: Path, canary: Path, out: Path) -> Path:
@@ -72,13 +72,6 @@ def _binding(path: Path) -> Callable[..., list[np.ndarray]]:
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     run: Callable[..., list[np.ndarray]] = session._sess.run
     return run
-
-
-def _per_call_us(call: Callable[[], Any], calls: int) -> float:
-    t = time.thread_time()
-    for _ in range(calls):
-        call()
-    return (time.thread_time() - t) / calls * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         order = list(cases)
         for block in range(args.blocks):
             for label in order if block % 2 == 0 else order[::-1]:
-                times[label].append(_per_call_us(cases[label], args.calls))
+                times[label].append(per_call_us(cases[label], args.calls))
     print(f"champion {n_champion} rows, canary {n_canary} rows; median us per iteration")
     base = times["two calls"]
     for label in order:
