@@ -272,6 +272,37 @@ class Registry:
             )
         return Path(path)
 
+    def local_copy(self, name: str, version: str | int, cache: Path) -> Path:
+        """The version's files on this machine, kept for as long as something may serve them.
+
+        On a local artefact store: the store's own folder (read it, never write to it). From a
+        remote store: ``cache/<name>/<version>``, downloaded once and reused (registered files
+        never change; callers verify them before use). The download goes to a temporary sibling
+        that is renamed into place, so one cut off never looks complete, and two processes
+        fetching at once keep one copy. :meth:`download` without ``dst`` leaves a new temporary
+        folder per call, gone at the next reboot while a gateway's desired state still names it.
+        """
+        with _mlflow_errors(f"locating {name!r} version {version}"):
+            uri = self._client.get_model_version_download_uri(name, str(version))
+        if _local_path(uri) is not None:
+            return self.download(name, version)
+        target = Path(cache) / name / str(version)
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
+        try:
+            got = self.download(name, version, partial)
+            try:
+                got.rename(target)
+            except OSError:
+                if not target.is_dir():  # not another process's copy: a real failure
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return target
+
+    # --- writing -------------------------------------------------------------------------------
     # --- writing -------------------------------------------------------------------------------
 
     def register_version(

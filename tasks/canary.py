@@ -9,6 +9,7 @@ about who the champion is.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from ballast.canary import (
     run_canary,
     wait_for_turn,
 )
+from ballast.errors import BallastError
 from ballast.gateway_client import GatewayClient
 from ballast.gateway_process import ensure_gateway
 from ballast.judge import Judge, SequentialJudge, ThresholdJudge
@@ -67,8 +69,16 @@ class CanaryOutcome:
 
 def version_spec(reg: Registry, s: Settings, info: ModelVersionInfo) -> VersionSpec:
     """Fetch a version's artefacts and verify its signed manifest before anything serves it."""
-    local = Path(reg.download(info.name, info.version))
-    verified = verify_version(local, info.tags, info.version, s.signing_key_path, model=info.name)
+    cache = s.state_dir / "versions"
+    local = Path(reg.local_copy(info.name, info.version, cache))
+    try:
+        verified = verify_version(
+            local, info.tags, info.version, s.signing_key_path, model=info.name
+        )
+    except BallastError:
+        if local.is_relative_to(cache):  # our copy, never the store's own folder
+            shutil.rmtree(local, ignore_errors=True)  # the next try fetches it again
+        raise
     return VersionSpec(
         version=info.version,
         artifact_path=verified.path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -126,6 +127,18 @@ def test_the_release_flows_registry_calls_work_over_http(
     with pytest.raises(Exception, match="content changed"):
         verify_manifest(SignedManifest.read(got), key, got)
 
+    # The release flow's copy: kept under the cache, fetched once, nothing left in TMPDIR.
+    cache = tmp_path / "state" / "versions"
+    temp_before = set(Path(tempfile.gettempdir()).glob("ballast-model-*"))
+    kept = reg.local_copy(NAME, "1", cache)
+    assert kept == cache / NAME / "1"
+    verify_manifest(SignedManifest.read(kept), key, kept)
+    stamp = (kept / "state_dict.pt").stat().st_mtime_ns
+    assert reg.local_copy(NAME, "1", cache) == kept
+    assert (kept / "state_dict.pt").stat().st_mtime_ns == stamp, "fetched again"
+    assert [p.name for p in (cache / NAME).iterdir()] == ["1"], "a partial folder was left"
+    assert set(Path(tempfile.gettempdir()).glob("ballast-model-*")) == temp_before
+
     record = ApprovalRecord("approved", "alice", datetime(2026, 11, 27, 5, tzinfo=UTC), "fine")
     reg.set_approval(NAME, "2", record)
     assert reg.get_approval(NAME, "2") == record
@@ -214,7 +227,7 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
     from starlette.testclient import TestClient
 
     from ballast.canary import ShadowPolicy, ShadowStats, run_canary
-    from ballast.errors import GatewayError
+    from ballast.errors import GatewayError, IntegrityError
     from ballast.judge import Observation, ThresholdJudge
     from ballast.serving import Deployment, if_match_header
     from ballast.settings import Settings
@@ -240,6 +253,16 @@ def test_a_canary_promotes_and_a_rollback_returns_through_registry_backed_replic
         return local.model_copy(update={"artifact_path": f"/flow-pod/{version}/model.onnx"})
 
     champion, candidate = flow_spec("1"), flow_spec("2")
+    # Its copies are kept in its state folder; a copy that no longer verifies is removed, and
+    # the next look fetches it again.
+    kept = s.state_dir / "versions" / model / "1"
+    artefact = kept / "model.onnx"
+    good = artefact.read_bytes()
+    artefact.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(IntegrityError):
+        version_spec(flow_reg, s, flow_reg.get_version(model, "1"))
+    assert not kept.exists()
+    assert flow_spec("1") == champion and artefact.read_bytes() == good
     board = tmp_path / "replicas"
 
     def replica(name: str) -> TestClient:
