@@ -140,14 +140,19 @@ class RegistryDesiredState:
     # How long a version that did not verify is refused without fetching it again, while its
     # tags and the trusted key's file stay as they were.
     REFUSED_RETRY_S = 30.0
+    # Verified copies kept (most recently used): a deployment's three versions and room for
+    # the versions before them, so a rollback needs no download.
+    KEEP_VERSIONS = 6
 
     def describe(self) -> str:
         return f"registry model {self.model!r}"
 
     def _spec(self, info: ModelVersionInfo) -> VersionSpec:
-        cached = self._verified.get(info.version)
+        cached = self._verified.pop(info.version, None)
         if cached is None:
             cached = self._fetch_and_verify(info)
+        self._verified[info.version] = cached  # most recently used last
+        self._forget_old()
         fault = info.tags.get(TAG_FAULT) or None
         try:
             return VersionSpec(
@@ -193,8 +198,18 @@ class RegistryDesiredState:
             if verified is None:
                 shutil.rmtree(folder, ignore_errors=True)
         self._refused.pop(info.version, None)
-        self._verified[info.version] = verified
         return verified
+
+    def _forget_old(self) -> None:
+        """Keep the copies of the most recently used versions only: a replica that follows
+        the registry for months would otherwise keep every version it ever served. Beyond the
+        three a deployment names, a few more stay for a rollback; one forgotten is fetched and
+        verified again if it is ever named again."""
+        while len(self._verified) > self.KEEP_VERSIONS:
+            version = next(iter(self._verified))
+            del self._verified[version]
+            if self._copies is not None:
+                shutil.rmtree(Path(self._copies.name) / f"v{version}", ignore_errors=True)
 
     def read(self) -> Deployment | None:
         try:

@@ -2102,6 +2102,33 @@ def test_a_refused_version_leaves_no_copy_and_is_not_fetched_every_poll(
     assert not copies.exists(), "the source's copies go with it"
 
 
+def test_a_registry_source_keeps_copies_of_its_recent_versions_only(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    key = tmp_path / "keys" / "signing.pem"
+    reg = CopyingStandIn(tmp_path / "store")
+    keep = RegistryDesiredState.KEEP_VERSIONS
+    versions = [str(v) for v in range(1, keep + 3)]
+    for v in versions:
+        reg.add(v, artefacts["a"], key)
+    source = RegistryDesiredState(reg, MODEL, key)
+    for v in versions:  # a release a day: each becomes the champion in turn
+        reg.aliases = {"champion": v}
+        assert source.read() is not None
+    copies = reg.copies[0].parent.parent
+    assert sorted(p.name for p in copies.iterdir()) == sorted(f"v{v}" for v in versions[-keep:])
+    assert reg.downloads == len(versions)
+    reg.aliases = {"champion": versions[-keep]}  # a rollback to a version still kept
+    assert source.read() is not None and reg.downloads == len(versions)
+    reg.aliases = {"champion": "1"}  # one long forgotten: fetched and verified again
+    dep = source.read()
+    assert (
+        dep is not None and dep.champion is not None and Path(dep.champion.artifact_path).exists()
+    )
+    assert reg.downloads == len(versions) + 1
+    assert len(list(copies.iterdir())) == keep
+
+
 LEASE_TAG = "ballast.lease_expires_at"  # the registry scheme: a contract with other readers
 
 
