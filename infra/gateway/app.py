@@ -657,7 +657,9 @@ class Gateway:
             if self.source is not None and dep is not None:
                 try:
                     await self._in_thread(self._io, self._record, dep, actor, expect)
-                except (DesiredStateError, PreconditionFailedError):
+                except BaseException:
+                    # Whatever stopped the write (a refusal, a lost race, a bug, a cancel):
+                    # this replica must not go on serving what no other replica will.
                     try:
                         await self._apply_locked(previous)
                     except DeploymentRefusedError as exc:  # pragma: no cover - loaded a moment ago

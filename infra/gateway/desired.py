@@ -127,7 +127,17 @@ class FileDesiredState:
             revision = int(doc["revision"])
             dep = doc["deployment"]
             return revision, None if dep is None else Deployment.model_validate(dep)
-        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+        # ArithmeticError: a revision of 1e400 (int() of infinity); RecursionError: nesting
+        # deeper than the parser goes. Untyped, either answered a PUT with 500 and skipped the
+        # repair of a corrupt file.
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            ValidationError,
+            ArithmeticError,
+            RecursionError,
+        ) as exc:
             raise DesiredStateError(f"desired state {self.path} is malformed: {exc}") from exc
 
     def read(self) -> Deployment | None:

@@ -24,15 +24,13 @@ import contextlib
 import logging
 import math
 import time
-import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from infra.gateway.batcher import BatchFailedError, OverloadedError
-from infra.gateway.versions import Live, LoadedVersion, Slot
+from infra.gateway.versions import Live, Slot
 from infra.gateway.wire import (
     BadRequestError,
     ClientGoneError,
@@ -300,25 +298,6 @@ def model_metadata(live: Live, slots: tuple[Slot, ...], classes: int) -> dict[st
     }
 
 
-# Classes per loaded version, learnt from its warm-up-sized answer; dies with the version.
-_classes: weakref.WeakKeyDictionary[LoadedVersion, int] = weakref.WeakKeyDictionary()
-
-
-async def _class_count(version: LoadedVersion) -> int:
-    known = _classes.get(version)
-    if known is None:
-        batcher = version.batcher
-        assert batcher is not None  # attached before the version was published
-        try:
-            out = await batcher.submit(np.zeros((1, version.n_features), np.float32))
-        except (OverloadedError, BatchFailedError) as exc:
-            raise BadRequestError(
-                503, "metadata_unavailable", f"version {version.version} did not answer: {exc}"
-            ) from None
-        known = _classes[version] = int(np.asarray(out).shape[1])
-    return known
-
-
 async def _send(
     send: Send, status: int, body: bytes, media: bytes, extra: list[tuple[bytes, bytes]]
 ) -> None:
@@ -373,7 +352,9 @@ async def dispatch(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> N
                     await _model_ready(gw, send, model, version)
                 else:
                     live, slots = _serving(gw, model, version)
-                    classes = await _class_count(slots[0].loaded)
+                    # Learnt at warm-up: asking the version's batcher instead sent a request
+                    # that no unload waited for (the version could go while it ran).
+                    classes = slots[0].loaded.n_classes
                     await _send_json(send, 200, model_metadata(live, slots, classes))
                 return
         elif parts in ([], ["health", "live"], ["health", "ready"]):
@@ -510,7 +491,6 @@ async def _infer(
             status, reason, detail = err.status, err.reason, err.detail
             await _send(send, status, dumps({"error": err.message}), _JSON, extra)
             return
-        _classes.setdefault(loaded, int(np.asarray(logits).shape[1]))
         gw.metrics.observe_predictions(live.model, loaded.version, slot.role, np.asarray(logits))
         status = 200
         if json_length is None:

@@ -62,6 +62,7 @@ class LoadedVersion:
     n_features: int
     fault_rng: random.Random
     window: int
+    n_classes: int  # columns of its answers, learnt at warm-up
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     requests: int = 0
@@ -273,5 +274,10 @@ def load_version(
     # Per-version fault RNG, seeded from the version so runs are reproducible.
     rng = random.Random(seed * 1_000_003 + zlib.crc32(spec.version.encode()))
     return LoadedVersion(
-        spec=spec, predictor=predictor, n_features=n_features, fault_rng=rng, window=window
+        spec=spec,
+        predictor=predictor,
+        n_features=n_features,
+        fault_rng=rng,
+        window=window,
+        n_classes=int(out.shape[1]),
     )

@@ -209,6 +209,8 @@ def test_health_readiness_and_metadata_follow_the_deployment(
     assert client.get("/v2/health/ready").status_code == 503
     assert client.get(f"/v2/models/{MODEL}").status_code == 503
     deploy(client, artefacts, 0)
+    live = client.app.gateway.live  # type: ignore[attr-defined]
+    batches = [s.loaded.batcher.batches for s in live.all_slots]
     assert client.get("/v2/health/ready").json()["ready"] is True
     assert client.get(f"/v2/models/{MODEL}/ready").status_code == 200
     meta = client.get(f"/v2/models/{MODEL}").json()
@@ -218,6 +220,9 @@ def test_health_readiness_and_metadata_follow_the_deployment(
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]
     pinned = client.get(f"/v2/models/{MODEL}/versions/2").json()
     assert pinned["outputs"][0]["shape"] == [-1, 3], "version 2 has three classes"
+    # Learnt at warm-up: metadata runs no model call (one sent through the version's batcher
+    # was waited for by no unload, so a version switch could close the model under it).
+    assert [s.loaded.batcher.batches for s in live.all_slots] == batches
     missing = client.get("/v2/models/other")
     assert missing.status_code == 404
     assert "unknown model 'other'" in missing.json()["error"]
