@@ -251,8 +251,13 @@ class Registry:
         never write to it. With ``dst`` (or for a remote store) the files are copied to
         ``dst/model`` (a new temporary folder when ``dst`` is None) and that folder is returned.
         """
+        return self._fetch(name, version, self._download_uri(name, version), dst)
+
+    def _download_uri(self, name: str, version: str | int) -> str:
         with _mlflow_errors(f"locating {name!r} version {version}"):
-            uri = self._client.get_model_version_download_uri(name, str(version))
+            return str(self._client.get_model_version_download_uri(name, str(version)))
+
+    def _fetch(self, name: str, version: str | int, uri: str, dst: Path | None) -> Path:
         local = _local_path(uri)
         if local is not None:
             if not local.is_dir():
@@ -282,17 +287,16 @@ class Registry:
         fetching at once keep one copy. :meth:`download` without ``dst`` leaves a new temporary
         folder per call, gone at the next reboot while a gateway's desired state still names it.
         """
-        with _mlflow_errors(f"locating {name!r} version {version}"):
-            uri = self._client.get_model_version_download_uri(name, str(version))
+        uri = self._download_uri(name, version)
         if _local_path(uri) is not None:
-            return self.download(name, version)
+            return self._fetch(name, version, uri, None)
         target = Path(cache) / name / str(version)
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
         try:
-            got = self.download(name, version, partial)
+            got = self._fetch(name, version, uri, partial)
             try:
                 got.rename(target)
             except OSError:
@@ -302,7 +306,6 @@ class Registry:
             shutil.rmtree(partial, ignore_errors=True)
         return target
 
-    # --- writing -------------------------------------------------------------------------------
     # --- writing -------------------------------------------------------------------------------
 
     def register_version(
