@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ballast.errors import BallastError, ConfigError, DecryptionError, KeyNotFoundError
+from ballast.errors import (
+    BallastError,
+    ConfigError,
+    DecryptionError,
+    KeyNotFoundError,
+    redacted_cause,
+)
 from ballast.storage import atomic_write
 
 if TYPE_CHECKING:
@@ -432,12 +438,12 @@ class KmsKeyProvider:
             if code in {"NotFoundException", "DisabledException", "KMSInvalidStateException"}:
                 raise KeyNotFoundError(
                     f"KMS key {key_id!r} is unavailable ({code}: {msg})"
-                ) from exc
+                ) from redacted_cause(exc)
             text = f"KMS {op} with key {key_id!r} failed ({code}: {msg})"
-            raise (error(text) if error else _encrypt_error(text)) from exc
+            raise (error(text) if error else _encrypt_error(text)) from redacted_cause(exc)
         except BotoCoreError as exc:
             text = f"KMS {op} with key {key_id!r} failed: {exc}"
-            raise (error(text) if error else _encrypt_error(text)) from exc
+            raise (error(text) if error else _encrypt_error(text)) from redacted_cause(exc)
 
 
 def _is_key_arn(key: str) -> bool:

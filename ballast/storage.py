@@ -23,7 +23,13 @@ from urllib.request import url2pathname
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ballast.errors import BallastError, ConfigError, FetchError
+from ballast.errors import (
+    BallastError,
+    ConfigError,
+    FetchError,
+    redact_uri_credentials,
+    redacted_cause,
+)
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -145,7 +151,7 @@ class LocalStorage:
             raise FetchError(
                 f"{uri}: cannot open: {exc.strerror or exc}",
                 transient=exc.errno not in _PERMANENT_ERRNOS,
-            ) from exc
+            ) from redacted_cause(exc)
         with fh:
             yield fh
 
@@ -158,12 +164,16 @@ class LocalStorage:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _store_error(f"{uri}: cannot create its folder: {exc.strerror or exc}") from exc
+            raise _store_error(
+                f"{uri}: cannot create its folder: {exc.strerror or exc}"
+            ) from redacted_cause(exc)
         with contextlib.ExitStack() as stack:
             try:  # the temp file beside it: a folder not writable, a name too long for it
                 fh = stack.enter_context(atomic_write(path, mode=self.mode))
             except OSError as exc:
-                raise _store_error(f"{uri}: cannot write there: {exc.strerror or exc}") from exc
+                raise _store_error(
+                    f"{uri}: cannot write there: {exc.strerror or exc}"
+                ) from redacted_cause(exc)
             yield fh
 
     def exists(self, uri: str) -> bool:
@@ -227,14 +237,22 @@ class _S3Reader(io.RawIOBase):
         except ClientError as exc:
             code = _client_error_code(exc)
             if code in _NOT_FOUND:
-                raise FetchError(f"{self._uri}: no such object ({code})", transient=False) from exc
+                raise FetchError(
+                    f"{self._uri}: no such object ({code})", transient=False
+                ) from redacted_cause(exc)
             if code in _DENIED:
-                raise FetchError(f"{self._uri}: access denied ({code})", transient=False) from exc
+                raise FetchError(
+                    f"{self._uri}: access denied ({code})", transient=False
+                ) from redacted_cause(exc)
             if code in {"PreconditionFailed", "412"}:
-                raise FetchError(f"{self._uri}: object changed while it was being read") from exc
-            raise FetchError(f"{self._uri}: get_object failed ({code}: {exc})") from exc
+                raise FetchError(
+                    f"{self._uri}: object changed while it was being read"
+                ) from redacted_cause(exc)
+            raise FetchError(f"{self._uri}: get_object failed ({code}: {exc})") from redacted_cause(
+                exc
+            )
         except BotoCoreError as exc:
-            raise FetchError(f"{self._uri}: get_object failed: {exc}") from exc
+            raise FetchError(f"{self._uri}: get_object failed: {exc}") from redacted_cause(exc)
 
     def readable(self) -> bool:
         return True
@@ -254,8 +272,13 @@ class _S3Reader(io.RawIOBase):
                 if attempt > self._retries:
                     raise FetchError(
                         f"{self._uri}: read failed at byte {self._pos}: {exc}"
-                    ) from exc
-                log.warning("%s: read failed at byte %d (%s); resuming", self._uri, self._pos, exc)
+                    ) from redacted_cause(exc)
+                log.warning(
+                    "%s: read failed at byte %d (%s); resuming",
+                    self._uri,
+                    self._pos,
+                    redact_uri_credentials(str(exc)),
+                )
                 self._body.close()
                 extra: dict[str, Any] = {"Range": f"bytes={self._pos}-"}
                 if self._etag:
@@ -312,7 +335,7 @@ class _S3Writer(io.RawIOBase):
         try:
             return dict(getattr(self._client, op)(Bucket=self._bucket, Key=self._key, **kwargs))
         except (ClientError, BotoCoreError) as exc:
-            raise _store_error(f"{self._uri}: {op} failed: {exc}") from exc
+            raise _store_error(f"{self._uri}: {op} failed: {exc}") from redacted_cause(exc)
 
     def _upload_part(self) -> None:
         if self._upload_id is None:
@@ -352,7 +375,11 @@ class _S3Writer(io.RawIOBase):
                     Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
                 )
             except Exception as exc:  # the original error matters more; a lifecycle rule cleans up
-                log.warning("%s: abort_multipart_upload failed: %s", self._uri, exc)
+                log.warning(
+                    "%s: abort_multipart_upload failed: %s",
+                    self._uri,
+                    redact_uri_credentials(str(exc)),
+                )
             self._upload_id = None
 
 
@@ -425,9 +452,9 @@ class S3Storage:
         except ClientError as exc:
             if _client_error_code(exc) in _NOT_FOUND:
                 return False
-            raise FetchError(f"{uri}: head_object failed: {exc}") from exc
+            raise FetchError(f"{uri}: head_object failed: {exc}") from redacted_cause(exc)
         except BotoCoreError as exc:
-            raise FetchError(f"{uri}: head_object failed: {exc}") from exc
+            raise FetchError(f"{uri}: head_object failed: {exc}") from redacted_cause(exc)
         return True
 
 

@@ -375,3 +375,55 @@ def test_object_replaced_during_a_resumed_read_is_an_error(s3: S3Storage, fake: 
 
     with pytest.raises(FetchError, match="changed"):
         read_while_replaced()
+
+
+def test_an_endpoint_password_reaches_neither_a_logged_traceback_nor_the_resume_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # botocore quotes the endpoint URL, password included, in its own exceptions; Prefect logs a
+    # failed task's traceback with its causes.
+    import logging
+    import socket
+    import traceback
+
+    from botocore.exceptions import ReadTimeoutError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    secret = "".join(["S3cret", "PW"])  # in no source line a traceback quotes
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://minio:{secret}@127.0.0.1:{s.getsockname()[1]}"
+    with (
+        pytest.raises(FetchError) as info,
+        S3Storage(endpoint_url=url, region="us-east-1").open_read("s3://b/k"),
+    ):
+        pass
+    logged = "".join(traceback.format_exception(info.value))
+    assert "EndpointConnectionError" in logged and "http://***@127.0.0.1" in logged, logged
+    assert secret not in logged, logged
+
+    class Body:  # drops the connection once, then answers
+        def __init__(self, data: bytes, fail: bool) -> None:
+            self.data, self.fail = io.BytesIO(data), fail
+
+        def read(self, n: int) -> bytes:
+            if self.fail:
+                self.fail = False
+                raise ReadTimeoutError(endpoint_url=url + "/b/k")
+            return self.data.read(n)
+
+        def close(self) -> None:
+            pass
+
+    class Client:
+        calls = 0
+
+        def get_object(self, **kw: Any) -> dict[str, Any]:
+            Client.calls += 1
+            return {"Body": Body(b"data", Client.calls == 1), "ETag": '"e"', "ContentLength": 4}
+
+    with caplog.at_level(logging.WARNING, logger="ballast.storage"):
+        with S3Storage(client=Client()).open_read("s3://b/k") as fh:
+            assert fh.read() == b"data"
+    assert "resuming" in caplog.text and secret not in caplog.text, caplog.text
