@@ -423,7 +423,9 @@ def test_an_endpoint_password_reaches_neither_a_logged_traceback_nor_the_resume_
             Client.calls += 1
             return {"Body": Body(b"data", Client.calls == 1), "ETag": '"e"', "ContentLength": 4}
 
-    with caplog.at_level(logging.WARNING, logger="ballast.storage"):
-        with S3Storage(client=Client()).open_read("s3://b/k") as fh:
-            assert fh.read() == b"data"
+    with (
+        caplog.at_level(logging.WARNING, logger="ballast.storage"),
+        S3Storage(client=Client()).open_read("s3://b/k") as fh,
+    ):
+        assert fh.read() == b"data"
     assert "resuming" in caplog.text and secret not in caplog.text, caplog.text
