@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -134,6 +134,36 @@ def _local_path(uri: str) -> Path:
     return Path(path)
 
 
+class _LocalReader(io.RawIOBase):
+    """A local file whose read errors (EIO from a failing disk, a dropped NFS mount) are
+    :class:`FetchError`, as the S3 reader's are; only opening it was typed before."""
+
+    def __init__(self, fh: io.BufferedReader, uri: str) -> None:
+        super().__init__()
+        self._fh, self._uri = fh, uri
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: WriteableBuffer) -> int:
+        try:
+            return self._fh.readinto(b)
+        except OSError as exc:
+            raise self._failed(exc) from redacted_cause(exc)
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return self._fh.read(-1 if size is None else size)
+        except OSError as exc:
+            raise self._failed(exc) from redacted_cause(exc)
+
+    def _failed(self, exc: OSError) -> FetchError:
+        return FetchError(
+            f"{self._uri}: read failed: {exc.strerror or exc}",
+            transient=exc.errno not in _PERMANENT_ERRNOS,
+        )
+
+
 class LocalStorage:
     """Plain files; ``uri`` is a path or a ``file://`` URI. New files get ``mode`` (0600)."""
 
@@ -153,7 +183,7 @@ class LocalStorage:
                 transient=exc.errno not in _PERMANENT_ERRNOS,
             ) from redacted_cause(exc)
         with fh:
-            yield fh
+            yield cast(BinaryIO, _LocalReader(fh, uri))
 
     @contextlib.contextmanager
     def open_write(self, uri: str) -> Iterator[BinaryIO]:

@@ -429,3 +429,19 @@ def test_an_endpoint_password_reaches_neither_a_logged_traceback_nor_the_resume_
     ):
         assert fh.read() == b"data"
     assert "resuming" in caplog.text and secret not in caplog.text, caplog.text
+
+
+def test_a_local_read_that_fails_after_the_open_is_a_fetch_error() -> None:
+    # /proc/self/mem opens, then its first read at offset 0 fails with EIO: as a failing disk
+    # or a dropped NFS mount would, after the open. Before, a bare OSError with no stage.
+    with (
+        pytest.raises(FetchError, match="read failed: Input/output error") as info,
+        LocalStorage().open_read("/proc/self/mem") as fh,
+    ):
+        fh.read(16)
+    assert info.value.stage == "fetch" and info.value.transient
+    with (
+        pytest.raises(FetchError, match="read failed"),
+        LocalStorage().open_read("/proc/self/mem") as fh,
+    ):
+        fh.readinto(bytearray(16))  # type: ignore[attr-defined]
