@@ -119,6 +119,15 @@ class DecryptionError(BallastError):
     stage = "decrypt"
 
 
+class KeyServiceUnavailable(BallastError):
+    """The key service (KMS) could not be reached, timed out, throttled us or failed inside:
+    nothing is known about the data, and a retry may succeed (``transient``). Not a
+    :class:`DecryptionError`, which says the data or its key is bad."""
+
+    stage = "decrypt"
+    transient = True
+
+
 class KeyNotFoundError(DecryptionError):
     """The key id in a header is not in the key provider (unknown or retired)."""
 

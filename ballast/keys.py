@@ -32,6 +32,7 @@ from ballast.errors import (
     ConfigError,
     DecryptionError,
     KeyNotFoundError,
+    KeyServiceUnavailable,
     redacted_cause,
 )
 from ballast.storage import atomic_write
@@ -435,15 +436,60 @@ class KmsKeyProvider:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             msg = exc.response.get("Error", {}).get("Message", "")
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in _KMS_TRANSIENT or status >= 500:
+                raise KeyServiceUnavailable(
+                    f"KMS {op} with key {key_id!r} failed ({code}: {msg}); a retry may succeed",
+                    stage="decrypt" if error else "encrypt",
+                ) from redacted_cause(exc)
             if code in {"NotFoundException", "DisabledException", "KMSInvalidStateException"}:
                 raise KeyNotFoundError(
                     f"KMS key {key_id!r} is unavailable ({code}: {msg})"
                 ) from redacted_cause(exc)
             text = f"KMS {op} with key {key_id!r} failed ({code}: {msg})"
             raise (error(text) if error else _encrypt_error(text)) from redacted_cause(exc)
-        except BotoCoreError as exc:
+        except _transport_errors() as exc:  # a BotoCoreError: the service was not reached
+            raise KeyServiceUnavailable(
+                f"KMS {op} with key {key_id!r} failed: {exc}; a retry may succeed",
+                stage="decrypt" if error else "encrypt",
+            ) from redacted_cause(exc)
+        except BotoCoreError as exc:  # credentials, parameters: a retry repeats it
             text = f"KMS {op} with key {key_id!r} failed: {exc}"
             raise (error(text) if error else _encrypt_error(text)) from redacted_cause(exc)
+
+
+# KMS answers that say nothing about the key or the data: retry later.
+_KMS_TRANSIENT = frozenset(
+    {
+        "ThrottlingException",
+        "LimitExceededException",
+        "RequestLimitExceeded",
+        "KMSInternalException",
+        "DependencyTimeoutException",
+        "ServiceUnavailable",
+    }
+)
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """botocore's errors for a service that was not reached or did not answer in time."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectionError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        HTTPClientError,
+        ReadTimeoutError,
+    )
+
+    return (
+        ConnectionError,
+        EndpointConnectionError,
+        ConnectTimeoutError,
+        ReadTimeoutError,
+        ConnectionClosedError,
+        HTTPClientError,
+    )
 
 
 def _is_key_arn(key: str) -> bool:

@@ -44,17 +44,16 @@ _NETWORK_MODULES = ("httpx", "httpcore", "botocore", "urllib3", "requests")
 def not_retryable(exc: BaseException) -> bool:
     """Bad input never gets better by retrying: only storage or network hiccups are retried.
 
-    A :class:`FetchError` says itself (a missing object or a denied read is not transient);
-    other typed errors are bad input; an untyped error is retried only when it is an
-    ``OSError`` or a network library's (anything else is a bug or a setting, which a retry
-    repeats).
+    A :class:`FetchError` or :class:`KeyServiceUnavailable` says itself (a missing object or a
+    denied read is not transient; a KMS outage is); other typed errors are bad input; an
+    untyped error is retried only when it is an ``OSError`` or a network library's (anything
+    else is a bug or a setting, which a retry repeats).
     """
-    from ballast.errors import BallastError, FetchError
+    from ballast.errors import BallastError
 
-    if isinstance(exc, FetchError):
-        return not exc.transient
     if isinstance(exc, BallastError):
-        return True
+        # FetchError and KeyServiceUnavailable say themselves whether a retry may succeed.
+        return not getattr(exc, "transient", False)
     network = type(exc).__module__.split(".")[0] in _NETWORK_MODULES
     return not (isinstance(exc, OSError) or network)
 
