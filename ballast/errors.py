@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # "scheme://user:password@host": the userinfo of a URI quoted in a message (a tracking URI with
 # credentials, say, echoed back by a library's error) is never printed or logged. Up to the
@@ -96,6 +97,18 @@ class BallastError(Exception):
         message = redact_uri_credentials(message)
         self.message = message
         super().__init__(f"[{self.stage}] {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Prefect pickles task errors. Exceptions pickle as cls(*args), which fed the formatted
+        # "[stage] message" back through __init__ ("[fetch] [fetch] ..."), lost a stage given
+        # at raise time and any subclass's own fields (FetchError.transient): rebuild as is.
+        return (_rebuild, (type(self), self.args), dict(self.__dict__))
+
+
+def _rebuild(cls: type[BallastError], args: tuple[Any, ...]) -> BallastError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    return exc
 
 
 class ConfigError(BallastError):

@@ -75,3 +75,27 @@ def test_an_error_never_carries_uri_credentials() -> None:
     assert "s3cretPW" not in str(exc) and "s3cretPW" not in exc.message
     assert "http://***@h:9/api" in exc.message
     assert str(BallastError("plain", stage="fetch")) == "[fetch] plain"
+
+
+def test_every_typed_error_survives_a_pickle_round_trip_as_it_was() -> None:
+    # Prefect pickles task errors; before, the stage prefix doubled ("[fetch] [fetch] ..."),
+    # a stage given at raise time fell back to the class's, and FetchError.transient was lost.
+    import pickle
+
+    import ballast.errors as errors
+
+    classes = [
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, BallastError) and c.__module__ == errors.__name__
+    ]
+    assert len(classes) > 10
+    for cls in classes:
+        exc = cls("s3://b/k: no such object")
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is cls
+        assert (str(again), again.message, again.stage) == (str(exc), exc.message, exc.stage)
+    store = pickle.loads(pickle.dumps(BallastError("x: put_object failed", stage="store")))
+    assert (str(store), store.stage) == ("[store] x: put_object failed", "store")
+    fetch = pickle.loads(pickle.dumps(errors.FetchError("gone", transient=False)))
+    assert fetch.transient is False and str(fetch) == "[fetch] gone"
