@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as settings.dataset_name, '..' aside
 
 
 def dataset_identity(name: str) -> str:
@@ -37,7 +37,8 @@ def dataset_identity(name: str) -> str:
 
 
 def dataset_name_from_uri(uri: str) -> str:
-    """The dataset name a storage location implies: its file name up to the first dot.
+    """The dataset name a storage location implies: its file name less ``.csv.enc`` (or
+    ``.enc``), else up to the first dot.
 
     ``s3://bucket/datasets/breast-cancer.csv.enc`` and ``/data/breast-cancer.csv.enc`` both name
     ``breast-cancer``, the convention ``ballast data prepare`` writes. Raises ConfigError when
@@ -50,8 +51,16 @@ def dataset_name_from_uri(uri: str) -> str:
     else:
         path = uri
     base = path.rsplit("/", 1)[-1]
-    name = base.split(".", 1)[0]
-    if not _NAME.fullmatch(name):
+    # The convention's suffixes come off; anything else is cut at the first dot. A name may
+    # hold dots itself ("iris.v2" writes iris.v2.csv.enc): cutting at the first dot named it
+    # "iris", and its data then failed to decrypt under the wrong identity.
+    for suffix in (".csv.enc", ".enc"):
+        if base.endswith(suffix):
+            name = base[: -len(suffix)]
+            break
+    else:
+        name = base.split(".", 1)[0]
+    if not _NAME.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"cannot derive a dataset name from {uri!r} (file name {base!r}); pass --name"
         )

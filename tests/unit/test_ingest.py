@@ -488,6 +488,8 @@ def test_a_quarantine_log_that_cannot_be_written_leaves_the_typed_validation_err
         ("relative/wine.enc", "wine"),
         ("file:///srv/data/wine.csv.enc", "wine"),
         ("s3://bucket/wine.csv.enc#v1", "wine"),
+        ("/data/iris.v2.csv.enc", "iris.v2"),  # what `data prepare` writes for that name
+        ("s3://bucket/iris.v2.enc", "iris.v2"),
     ],
 )
 def test_dataset_name_comes_from_the_file_name(uri: str, name: str) -> None:
@@ -497,7 +499,14 @@ def test_dataset_name_comes_from_the_file_name(uri: str, name: str) -> None:
 @pytest.mark.parametrize(
     # "run#2" is not a dataset name; a URL parser would have cut it to "run" without a word.
     "uri",
-    ["s3://bucket/.hidden", "s3://bucket/dir/", "/data/-x.enc", "", "s3://b/run#2.csv.enc"],
+    [
+        "s3://bucket/.hidden",
+        "s3://bucket/dir/",
+        "/data/-x.enc",
+        "",
+        "s3://b/run#2.csv.enc",
+        "/data/a..b.csv.enc",  # settings refuse '..' in a name too
+    ],
 )
 def test_unusable_file_names_ask_for_an_explicit_name(uri: str) -> None:
     with pytest.raises(ConfigError, match="pass --name"):
