@@ -68,7 +68,10 @@ class CanaryOutcome:
 
 
 def version_spec(reg: Registry, s: Settings, info: ModelVersionInfo) -> VersionSpec:
-    """Fetch a version's artefacts and verify its signed manifest before anything serves it."""
+    """Fetch a version's artefacts and verify its signed manifest before anything serves it.
+
+    From a remote store the copy is kept under ``state_dir/versions`` (a file-backed gateway's
+    desired state names it), fetched once; a copy that fails verification is removed."""
     cache = s.state_dir / "versions"
     local = Path(reg.local_copy(info.name, info.version, cache))
     try:
