@@ -294,6 +294,12 @@ class Registry:
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        # A process killed mid-download leaves its partial folder; one an hour old is dead.
+        stale = time.time() - 3600
+        for old in target.parent.glob(f".{version}.partial-*"):
+            with contextlib.suppress(OSError):
+                if old.stat().st_mtime < stale:
+                    shutil.rmtree(old, ignore_errors=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
         try:
             got = self._fetch(name, version, uri, partial)

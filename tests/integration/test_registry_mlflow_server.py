@@ -130,13 +130,17 @@ def test_the_release_flows_registry_calls_work_over_http(
     # The release flow's copy: kept under the cache, fetched once, nothing left in TMPDIR.
     cache = tmp_path / "state" / "versions"
     temp_before = set(Path(tempfile.gettempdir()).glob("ballast-model-*"))
+    dead, live = cache / NAME / ".1.partial-dead", cache / NAME / ".1.partial-live"
+    for folder in (dead, live):  # left by processes killed mid-download, long ago and just now
+        folder.mkdir(parents=True)
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
     kept = reg.local_copy(NAME, "1", cache)
     assert kept == cache / NAME / "1"
     verify_manifest(SignedManifest.read(kept), key, kept)
     stamp = (kept / "state_dict.pt").stat().st_mtime_ns
     assert reg.local_copy(NAME, "1", cache) == kept
     assert (kept / "state_dict.pt").stat().st_mtime_ns == stamp, "fetched again"
-    assert [p.name for p in (cache / NAME).iterdir()] == ["1"], "a partial folder was left"
+    assert sorted(p.name for p in (cache / NAME).iterdir()) == [".1.partial-live", "1"]
     assert set(Path(tempfile.gettempdir()).glob("ballast-model-*")) == temp_before
 
     record = ApprovalRecord("approved", "alice", datetime(2026, 11, 27, 5, tzinfo=UTC), "fine")
