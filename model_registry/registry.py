@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 ARTIFACT_SUBDIR = "model"
 #: Run tag naming the model version a run produced (lineage from run to version).
 RUN_VERSION_TAG = "ballast.registered_version"
+# Copies of versions fetched from a remote store kept besides the aliased ones (local_copy).
+KEEP_COPIES = 5
+KEEP_COPIES_FOR_S = 3600.0
 _BATCH = 100  # MLflow's per-request limit is 100 params / 1000 metrics; 100 covers both
 
 
@@ -292,6 +296,7 @@ class Registry:
             return self._fetch(name, version, uri, None)
         target = Path(cache) / name / str(version)
         if target.is_dir():
+            self._used(name, target)
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         # A process killed mid-download leaves its partial folder; one an hour old is dead.
@@ -310,7 +315,32 @@ class Registry:
                     raise
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+        self._used(name, target)
         return target
+
+    def _used(self, name: str, target: Path) -> None:
+        """Mark ``target`` used now and remove the model's other copies nothing is likely to
+        need: one folder per version ever released filled the disk. Kept: the versions an alias
+        names (a rollback's target, what a restarted file-backed gateway reloads), the
+        ``KEEP_COPIES`` most recently used, and any used within ``KEEP_COPIES_FOR_S`` (another
+        run's canary). A removed version is fetched again if it is ever named. Best effort: a
+        failure here never fails the caller."""
+        now = time.time()
+        with contextlib.suppress(OSError):
+            os.utime(target, (now, now))
+        try:
+            keep = set(self._aliases(name).values()) | {target.name}
+        except RegistryError:
+            return  # without the aliases nothing is known to be unused
+        copies: list[tuple[float, Path]] = []
+        for folder in target.parent.iterdir():
+            if folder.name.isdigit() and folder.name not in keep:
+                with contextlib.suppress(OSError):
+                    copies.append((folder.stat().st_mtime, folder))
+        copies.sort(reverse=True)
+        for used_at, folder in copies[KEEP_COPIES:]:
+            if used_at < now - KEEP_COPIES_FOR_S:
+                shutil.rmtree(folder, ignore_errors=True)
 
     # --- writing -------------------------------------------------------------------------------
 

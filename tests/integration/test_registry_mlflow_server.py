@@ -163,6 +163,54 @@ def test_the_release_flows_registry_calls_work_over_http(
     assert [v.version for v in other.list_versions(NAME)] == ["1", "2"]
 
 
+def test_kept_copies_are_pruned_to_the_aliased_and_recently_used(
+    server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One folder per version ever released filled the disk: each use of a copy removes the
+    model's copies that no alias names, that are not among the KEEP_COPIES most recently used
+    and that nothing used within the last hour."""
+    from model_registry import registry as registry_module
+
+    url, _ = server
+    reg = Registry(url, tmp_path / "unused")
+    key = tmp_path / "signing.pem"
+    model = "pruned-model"
+    for tag in ("a", "b"):
+        reg.register_version(
+            model,
+            artifact_dir=_artefacts(tmp_path / model, tag, key),
+            params={},
+            metrics={},
+            tags={},
+        )
+    reg.set_alias(model, CHAMPION, "1")
+    cache = tmp_path / "versions"
+    folder = cache / model
+    now = time.time()
+    # Copies earlier releases left: 10..19 last used 2..11 hours ago, 30 five minutes ago.
+    ages = {str(10 + i): 7200.0 + 3600 * i for i in range(10)} | {"30": 300.0}
+    for version, age in [("1", 9e4), *ages.items()]:
+        (folder / version).mkdir(parents=True)
+        (folder / version / "w").write_bytes(b"x")
+        os.utime(folder / version, (now - age, now - age))
+    other = cache / "another-model" / "3"  # another model's copies are not this one's to prune
+    other.mkdir(parents=True)
+    os.utime(other, (now - 9e4, now - 9e4))
+
+    got = reg.local_copy(model, "2", cache)
+    assert got == folder / "2"
+    kept = sorted((p.name for p in folder.iterdir() if not p.name.startswith(".")), key=int)
+    recent = sorted(ages, key=ages.__getitem__)[: registry_module.KEEP_COPIES]
+    # "1": the champion alias names it (however old); "2": just used; "30": used 5 min ago.
+    assert kept == sorted({"1", "2", "30", *recent}, key=int)
+    assert "19" not in kept and other.is_dir()
+    # Reuse marks a copy used; with no copies kept by count, what an hour saw used stays.
+    monkeypatch.setattr(registry_module, "KEEP_COPIES", 0)
+    assert reg.local_copy(model, "1", cache) == folder / "1"
+    assert (folder / "1").stat().st_mtime >= now - 5
+    assert sorted(p.name for p in folder.iterdir()) == ["1", "2", "30"]
+
+
 def test_a_gateway_follows_the_registry_on_the_server(
     server: tuple[str, Path], tmp_path: Path
 ) -> None:
