@@ -13,6 +13,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from ballast.errors import ConfigError
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -25,6 +27,7 @@ __all__ = [
     "ApprovalPolicy",
     "ApprovalStatus",
     "Authorization",
+    "approval_policy_for",
     "authorize_approval",
     "authorize_signature",
     "decide_approval",
@@ -91,6 +94,24 @@ def release_checks(
     }
 
 
+def approval_policy_for(
+    requested: ApprovalPolicy | None, configured: ApprovalPolicy, environment: str
+) -> ApprovalPolicy:
+    """The approval policy of one release run: ``requested`` (a run parameter) or else the
+    settings' ``configured`` one. Auto-approval is for dev only: in staging or prod a person
+    approves every release, whoever submits the run and with whatever parameters, so ``auto``
+    there is a :class:`ConfigError` (raised before the run ingests or trains anything)."""
+    policy = requested or configured
+    if policy not in ("auto", "manual"):
+        raise ConfigError(f"unknown approval policy {policy!r}: auto or manual")
+    if policy == "auto" and environment != "dev":
+        raise ConfigError(
+            f"approval policy auto is for dev only; this is {environment!r}, where a person "
+            "approves every release (policy manual)"
+        )
+    return policy
+
+
 def decide_approval(policy: ApprovalPolicy, checks: Mapping[str, bool]) -> ApprovalDecision:
     """Decide the approval gate from the release checks (parity, integrity, metrics, ...).
 
@@ -152,6 +173,13 @@ def authorize_approval(
     name = approver.strip()
     if not name:
         return Authorization(False, "no approver name given")
+    folded = name.casefold()
+    if folded == APPROVAL_TIMEOUT or folded.startswith("policy:"):
+        # What the release records as "by" when no person decided: a person by that name
+        # would have their rejection read as a timeout (and the version asked again).
+        return Authorization(
+            False, f"{name!r} is reserved for decisions no person made (timeout, policy:...)"
+        )
     held = {n.strip().casefold(): set(r) for n, r in roles.items()}
     if "approver" not in held.get(name.casefold(), set()):
         return Authorization(False, f"{name!r} does not hold the approver role")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ballast.errors import BallastError
 
-__all__ = ["held_or_refused"]
+__all__ = ["held", "held_or_refused"]
 
 
 @contextlib.contextmanager
@@ -25,6 +26,28 @@ def held_or_refused(path: Path, busy: BallastError) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise busy from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def held(path: Path, timeout_s: float, busy: BallastError) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created 0600, its folder too) for the block, waiting
+    up to ``timeout_s`` for another holder to let go; then raise ``busy``. Released when the
+    holder dies, as :func:`held_or_refused`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise busy from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)  # releases the lock

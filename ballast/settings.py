@@ -140,7 +140,13 @@ class Settings(BaseSettings):
     # Batch sizes the artefact is benchmarked at; the largest is the batch it is compiled for.
     bench_batches: tuple[int, ...] = (1, 64, 1024)
 
-    # Approval.
+    # Where this runs: dev (a laptop on the embedded defaults), staging or prod. Auto-approval
+    # is for dev only: elsewhere a person approves every release, so approval_policy defaults
+    # to manual there and refuses auto (ballast.decisions.approval_policy_for also refuses a
+    # run that asks for auto, before it ingests anything).
+    environment: Literal["dev", "staging", "prod"] = "dev"
+
+    # Approval. Default: auto in dev, manual elsewhere (_policy_follows_the_environment).
     approval_policy: Literal["auto", "manual"] = "auto"
     approval_timeout_s: int = Field(default=3600, ge=1)
     # How often a paused run checks for an answer (Prefect moves resume and timeout in these steps).
@@ -193,6 +199,14 @@ class Settings(BaseSettings):
                 data = {**data, "quality_floor": spec.default_floor}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_follows_the_environment(cls, data: object) -> object:
+        if isinstance(data, dict) and "approval_policy" not in data:
+            dev = str(data.get("environment", "dev")).strip().lower() == "dev"
+            data = {**data, "approval_policy": "auto" if dev else "manual"}
+        return data
+
     @field_validator("quality_floor", mode="before")
     @classmethod
     def _floor_none_from_the_environment(cls, v: object) -> object:
@@ -217,6 +231,18 @@ class Settings(BaseSettings):
         except ConfigError as exc:
             raise ValueError(
                 f"BALLAST_QUALITY_FLOOR (with BALLAST_QUALITY_METRIC): {exc.message}"
+            ) from exc
+        return self
+
+    @model_validator(mode="after")
+    def _auto_approval_in_dev_only(self) -> Settings:
+        from ballast.decisions import approval_policy_for
+
+        try:
+            approval_policy_for(None, self.approval_policy, self.environment)
+        except ConfigError as exc:
+            raise ValueError(
+                f"BALLAST_APPROVAL_POLICY (with BALLAST_ENVIRONMENT): {exc.message}"
             ) from exc
         return self
 
@@ -271,6 +297,17 @@ class Settings(BaseSettings):
                 f"{v!r} is a Kubernetes service link (a Service named ballast-gateway), not a "
                 "port: set enableServiceLinks: false on the pod, or the port explicitly"
             )
+        return v
+
+    @field_validator("gateway_admin_token")
+    @classmethod
+    def _a_strong_admin_token(cls, v: SecretStr | None) -> SecretStr | None:
+        # The admin role's token: as long as the token file's and the tokens file's (16+), so
+        # this is not the one path that takes "a". Never echoed.
+        if v is not None:
+            token = v.get_secret_value().strip()
+            if len(token) < 16 or any(c.isspace() for c in token):
+                raise ValueError("must be at least 16 characters, with no whitespace inside")
         return v
 
     @field_validator("bench_batches")

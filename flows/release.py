@@ -8,7 +8,7 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from ballast.decisions import release_checks
+from ballast.decisions import approval_policy_for, release_checks
 from ballast.release import ALIAS_CHAMPION, ReleaseReport
 from ballast.serving import Fault
 from ballast.settings import get_settings
@@ -37,6 +37,8 @@ def release_flow(
     approval_policy: Literal["auto", "manual"] | None = None,
 ) -> ReleaseReport:
     s = get_settings()
+    # Refused here, before anything is ingested or trained: auto-approval outside dev.
+    policy = approval_policy_for(approval_policy, s.approval_policy, s.environment)
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
     report = ReleaseReport(model=s.model_name)
     t0 = time.perf_counter()
@@ -104,7 +106,7 @@ def release_flow(
         version=info.version,
         checks=checks,
         metrics=approval_evidence(ds, trained.metrics, compiled.metrics(), quality),
-        policy=approval_policy or s.approval_policy,
+        policy=policy,
         compared_champion=quality.champion_version,
     )
     t = lap("approve", t)

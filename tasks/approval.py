@@ -13,6 +13,7 @@ a rejection that changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -26,9 +27,12 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from ballast.audit import current_actor, record
+from ballast.canary import trial_in_force
 from ballast.data import ValidatedDataset
 from ballast.decisions import APPROVAL_TIMEOUT, Authorization, prior_decision
-from ballast.errors import ApprovalRejected, ConfigError
+from ballast.errors import ApprovalRejected, ConfigError, GatewayError
+from ballast.gateway_client import GatewayClient
+from ballast.locks import held
 from ballast.quality import QualityDecision
 from ballast.release import (
     PAUSE_KEY_PREFIX,
@@ -36,6 +40,7 @@ from ballast.release import (
     TAG_APPROVAL,
     TAG_STATUS,
     TAG_VERDICT,
+    holds_trial,
 )
 from ballast.roles import ApprovalConfig, approval_config_from_settings
 from ballast.settings import Settings, get_settings
@@ -300,6 +305,50 @@ def _refuse_if_decided(reg: Any, model: str, version: str) -> None:
         )
 
 
+# How long a run waits for another run on this machine to finish writing its decision on the
+# same version (a few registry writes; a minute means the registry is failing).
+DECIDING_TIMEOUT_S = 60.0
+
+
+def _deciding(s: Settings, model: str, version: str) -> contextlib.AbstractContextManager[None]:
+    """One run on this machine at a time between the last look at a version's approval and the
+    last write of its decision. Runs on different machines (a cluster's workers share no
+    state_dir) are not serialised by it: MLflow offers no conditional write."""
+    digest = hashlib.sha256(f"{model}\0{version}".encode()).hexdigest()[:24]
+    return held(
+        s.state_dir / "locks" / f"approval-{digest}.lock",
+        DECIDING_TIMEOUT_S,
+        ApprovalRejected(
+            f"another run held version {version} of {model}'s approval for over "
+            f"{DECIDING_TIMEOUT_S:g} s; this answer was neither applied nor recorded: run the "
+            "release again"
+        ),
+    )
+
+
+def _on_trial(s: Settings, model: str, version: str, tags: Mapping[str, str]) -> str | None:
+    """How ``version`` is on trial now (a canary or shadow on the gateway: another run's canary),
+    or None when it is not. A gateway that does not answer its health check serves nothing; one
+    that answers but whose deployment cannot be read is taken as possibly holding the trial."""
+    now = time.time()
+    if holds_trial(tags, now):
+        return "is on trial on the registry-backed gateway"
+    with GatewayClient(s.gateway_url, s.admin_token()) as client:
+        if not client.health():
+            return None
+        try:
+            live = client.get_deployment()
+        except GatewayError as exc:
+            return f"may be on trial (the gateway's deployment could not be read: {exc})"
+    if live is None or live.model != model or not trial_in_force(live, now):
+        return None
+    trial = {
+        live.canary.version if live.canary else None,
+        live.shadow.version if live.shadow else None,
+    }
+    return "is on trial on the gateway" if version in trial else None
+
+
 def request_approval(
     *,
     model: str,
@@ -319,9 +368,11 @@ def request_approval(
     The decision, approver, reason and starter are tagged on the model version here and written
     to the audit log.
     """
-    from ballast.decisions import decide_approval
+    from ballast.decisions import approval_policy_for, decide_approval
 
     s = get_settings()
+    # The flow checked this at its start; checked again for any other caller.
+    checked = approval_policy_for(policy, s.approval_policy, s.environment)  # type: ignore[arg-type]
     log = logger()
     reg = registry(s)
     _refuse_if_decided(reg, model, version)  # before anyone is asked
@@ -335,7 +386,7 @@ def request_approval(
         )
     asked = _approval_tags(reg.get_version(model, version))
     started_by = current_actor()
-    decision = decide_approval(policy, checks)  # type: ignore[arg-type]
+    decision = decide_approval(checked, checks)
     proof: dict[str, str] = {}
     if not decision.needs_human:
         approved, approver, reason = decision.approved, "policy:auto", decision.reason
@@ -360,90 +411,133 @@ def request_approval(
             answer, proof = waited  # a signature here was checked: a bad one never gets back
             approved = bool(answer.approve)
             approver, reason = answer.approver.strip(), answer.reason.strip()
-    # A second run of the same release may have decided it while this one waited: its
-    # decision stands (an approval included: a rejection here would overwrite it under a trial
-    # in progress), and this answer is recorded as superseded, not lost.
-    now = reg.get_version(model, version)
-    if _approval_tags(now) != asked:
-        record(
-            s.audit_log,
-            "approval_superseded",
-            model=model,
-            version=version,
-            approver=approver,
-            approve=approved,
-            reason=reason,
-            decided=now.tags.get(TAG_APPROVAL),
-            decided_by=now.tags.get(TAG_APPROVAL_BY),
-        )
-        raise ApprovalRejected(
-            f"version {version} of {model} was {now.tags.get(TAG_APPROVAL)} by "
-            f"{now.tags.get(TAG_APPROVAL_BY)} (another run) while this one waited: that "
-            "decision stands; this answer is in the audit log, not applied"
-        )
-    _refuse_if_decided(reg, model, version)
-    if approved:
-        stale = _stale(reg, model, compared_champion)
-        if stale is not None:
+    # From the last look to the last write, one run on this machine at a time: two runs
+    # deciding the same version at once both passed the look and both wrote.
+    with _deciding(s, model, version):
+        now = reg.get_version(model, version)
+        # A second run of the same release may have decided it while this one waited: its
+        # decision stands (an approval included: a rejection here would overwrite it under a
+        # trial in progress), and this answer is recorded as superseded, not lost.
+        if _approval_tags(now) != asked:
             record(
                 s.audit_log,
-                "approval_stale",
+                "approval_superseded",
                 model=model,
                 version=version,
                 approver=approver,
+                approve=approved,
                 reason=reason,
-                stale=stale,
-                started_by=started_by,
+                decided=now.tags.get(TAG_APPROVAL),
+                decided_by=now.tags.get(TAG_APPROVAL_BY),
             )
             raise ApprovalRejected(
-                f"approval of version {version} of {model} not applied: {stale}. The answer is "
-                "in the audit log; run the release again to weigh the candidate against the "
-                "champion now"
+                f"version {version} of {model} was {now.tags.get(TAG_APPROVAL)} by "
+                f"{now.tags.get(TAG_APPROVAL_BY)} (another run) while this one waited: that "
+                "decision stands; this answer is in the audit log, not applied"
             )
-    # The audit entry first: it is the record of the decision (fsynced). Then the registry, the
-    # starter before the typed record, whose status goes last (pending -> approved | rejected;
-    # a timeout is a rejection by "timeout"): no status without its evidence.
-    record(
-        s.audit_log,
-        "approve" if approved else "reject",
-        model=model,
-        version=version,
-        approver=approver,
-        reason=reason,
-        checks=checks,
-        started_by=started_by,
-        signed=bool(proof),
-        # What the signature covered, so anyone can check it again later with the key.
-        **({"signed_by": proof} if proof else {}),
-    )
-    try:
-        reopened = {TAG_APPROVAL_STARTED_BY: started_by}
-        if approved and now.tags.get(TAG_APPROVAL_BY) == APPROVAL_TIMEOUT:
-            # An earlier ask timed out and closed the candidate (status and verdict
-            # "rejected"); approved now, it is a candidate again. Left as they were, those tags
-            # would block the version for good as "its verdict is rejected".
-            reopened.update({TAG_STATUS: "candidate", TAG_VERDICT: ""})
-        reg.set_tags(model, version, reopened)
-        reg.set_approval(
-            model,
-            version,
-            ApprovalRecord(
-                status="approved" if approved else "rejected",
-                by=approver,
-                at=datetime.now(UTC),
+        decided = prior_decision_of(now)
+        if decided is not None:
+            # Decided meanwhile by another way (a canary's verdict, a promotion): the answer
+            # is recorded, not lost, and not applied.
+            record(
+                s.audit_log,
+                "approval_superseded",
+                model=model,
+                version=version,
+                approver=approver,
+                approve=approved,
                 reason=reason,
-            ),
-        )
-    except Exception as exc:
+                decided=decided,
+            )
+            raise ApprovalRejected(
+                f"version {version} of {model} was decided while this answer waited "
+                f"({decided}): a decision is never overwritten; the answer is in the audit log"
+            )
+        if not approved and asked[0] == "approved":
+            # Approved before this run asked (another run of the same release, whose canary
+            # may be running on that approval now): a rejection written here would close the
+            # candidate under that trial without stopping it.
+            trial = _on_trial(s, model, version, now.tags)
+            if trial is not None:
+                record(
+                    s.audit_log,
+                    "approval_superseded",
+                    model=model,
+                    version=version,
+                    approver=approver,
+                    approve=approved,
+                    reason=reason,
+                    decided="approved",
+                    decided_by=asked[1],
+                    trial=trial,
+                )
+                raise ApprovalRejected(
+                    f"version {version} of {model} was approved by {asked[1]} and {trial}: "
+                    "this rejection is in the audit log, not applied. To stop that release, "
+                    "roll it back (ballast rollback --force)"
+                )
+        if approved:
+            stale = _stale(reg, model, compared_champion)
+            if stale is not None:
+                record(
+                    s.audit_log,
+                    "approval_stale",
+                    model=model,
+                    version=version,
+                    approver=approver,
+                    reason=reason,
+                    stale=stale,
+                    started_by=started_by,
+                )
+                raise ApprovalRejected(
+                    f"approval of version {version} of {model} not applied: {stale}. The "
+                    "answer is in the audit log; run the release again to weigh the candidate "
+                    "against the champion now"
+                )
+        # The audit entry first: it is the record of the decision (fsynced). Then the registry, the
+        # starter before the typed record, whose status goes last (pending -> approved | rejected;
+        # a timeout is a rejection by "timeout"): no status without its evidence.
         record(
             s.audit_log,
-            "approval_write_failed",
+            "approve" if approved else "reject",
             model=model,
             version=version,
             approver=approver,
-            error=f"{type(exc).__name__}: {exc}"[:500],
+            reason=reason,
+            checks=checks,
+            started_by=started_by,
+            signed=bool(proof),
+            # What the signature covered, so anyone can check it again later with the key.
+            **({"signed_by": proof} if proof else {}),
         )
-        raise
+        try:
+            reopened = {TAG_APPROVAL_STARTED_BY: started_by}
+            if approved and now.tags.get(TAG_APPROVAL_BY) == APPROVAL_TIMEOUT:
+                # An earlier ask timed out and closed the candidate (status and verdict
+                # "rejected"); approved now, it is a candidate again. Left as they were, those tags
+                # would block the version for good as "its verdict is rejected".
+                reopened.update({TAG_STATUS: "candidate", TAG_VERDICT: ""})
+            reg.set_tags(model, version, reopened)
+            reg.set_approval(
+                model,
+                version,
+                ApprovalRecord(
+                    status="approved" if approved else "rejected",
+                    by=approver,
+                    at=datetime.now(UTC),
+                    reason=reason,
+                ),
+            )
+        except Exception as exc:
+            record(
+                s.audit_log,
+                "approval_write_failed",
+                model=model,
+                version=version,
+                approver=approver,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
+            raise
     log.info(
         "stage=approve model=%s version=%s approved=%s by=%s", model, version, approved, approver
     )

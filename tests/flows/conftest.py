@@ -38,7 +38,7 @@ def release_env(
         mp.setenv("BALLAST_KEYRING_PATH", str(root / "keys" / "keyring.json"))
         mp.setenv("BALLAST_SIGNING_KEY_PATH", str(root / "keys" / "signing-key.pem"))
         mp.setenv("BALLAST_GATEWAY_PORT", str(free_port()))
-        mp.setenv("BALLAST_GATEWAY_ADMIN_TOKEN", "flow-test-token")
+        mp.setenv("BALLAST_GATEWAY_ADMIN_TOKEN", "flow-test-token-0")
         mp.setenv("BALLAST_EPOCHS", "15")
         mp.setenv("BALLAST_BENCH_BATCHES", "[1,64]")
         mp.setenv("BALLAST_CANARY_STEP_MAX_SECONDS", "8")

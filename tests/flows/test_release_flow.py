@@ -17,12 +17,18 @@ from ballast.audit import Anchor, verify_chain
 from ballast.audit import read as read_audit
 from ballast.crypto import encrypt_stream
 from ballast.data import bundled_frame
-from ballast.errors import DecryptionError, KeyNotFoundError, QualityGateFailed, ValidationFailed
+from ballast.errors import (
+    ConfigError,
+    DecryptionError,
+    KeyNotFoundError,
+    QualityGateFailed,
+    ValidationFailed,
+)
 from ballast.gateway_client import GatewayClient
 from ballast.ingest import dataset_identity
 from ballast.keys import LocalKeyring
 from ballast.release import ALIAS_CANDIDATE, ALIAS_CHAMPION, ALIAS_PREVIOUS, TAG_STATUS
-from ballast.settings import Settings
+from ballast.settings import Settings, get_settings
 from flows.release import release_flow
 from model_registry import Registry
 from tests.flows.conftest import next_distinct_release
@@ -237,6 +243,23 @@ def test_dataset_failing_validation_stops_the_run_and_changes_nothing(
     frame.to_csv(buf, index=False)
     with pytest.raises(ValidationFailed, match=r"\[validate\].*mean_radius"):
         release_flow(dataset_uri=_write(s, buf.getvalue().encode()))
+    assert _state(s) == before
+
+
+def test_a_run_asking_for_auto_approval_outside_dev_is_refused_before_it_ingests(
+    release_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = release_env
+    before = _state(s)
+    monkeypatch.setenv("BALLAST_ENVIRONMENT", "prod")
+    get_settings.cache_clear()
+    try:
+        # A dataset that does not exist: had the run ingested, it would fail on that instead.
+        with pytest.raises(ConfigError, match="dev only"):
+            release_flow(dataset_uri=str(s.state_dir / "missing.csv.enc"), approval_policy="auto")
+    finally:
+        monkeypatch.delenv("BALLAST_ENVIRONMENT")
+        get_settings.cache_clear()
     assert _state(s) == before
 
 

@@ -50,7 +50,7 @@ def gateway(
     settings = Settings(
         state_dir=state,
         gateway_port=_free_port(),
-        gateway_admin_token="oip-admin-token",
+        gateway_admin_token="oip-admin-token-0",
         keyring_path=state / "keyring.json",
         signing_key_path=state / "signing-key.pem",
     )

@@ -243,6 +243,30 @@ def test_a_release_that_waits_as_long_as_its_settings_allow_is_not_killed_by_its
     assert deadline["default"] > longest_waits + 1800  # and half an hour for the canary
 
 
+def test_the_cluster_is_not_dev_so_a_person_approves_every_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ballast.errors import ConfigError
+    from ballast.settings import get_settings
+
+    data = find("ConfigMap", "ballast-config")["data"]
+    assert data["BALLAST_ENVIRONMENT"] == "prod"
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().approval_policy == "manual"
+        # No cluster deployment asks for auto: the run would be refused at its start.
+        cluster = yaml.safe_load((K8S / "prefect.yaml").read_text())["deployments"]
+        assert all(d.get("parameters", {}).get("approval_policy") != "auto" for d in cluster)
+        monkeypatch.setenv("BALLAST_APPROVAL_POLICY", "auto")
+        get_settings.cache_clear()
+        with pytest.raises(ConfigError, match="dev only"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+
+
 def test_cluster_deployments_mirror_the_local_ones() -> None:
     local = yaml.safe_load((K8S.parents[1] / "prefect.yaml").read_text())["deployments"]
     cluster = yaml.safe_load((K8S / "prefect.yaml").read_text())["deployments"]

@@ -56,8 +56,8 @@ def test_entrypoints_name_flows_and_parameters_are_ones_they_accept() -> None:
         accepted = flow_params(d["entrypoint"])
         assert set(d.get("parameters", {})) <= accepted, f"{name}: unknown parameters"
         assert d.get("enforce_parameter_schema") is True, name
-    # Scheduled retraining cannot wait for a person: it approves by policy.
-    assert deployments()["nightly-retrain"]["parameters"]["approval_policy"] == "auto"
+    # Scheduled retraining follows the settings: auto-approved in dev only, a person elsewhere.
+    assert deployments()["nightly-retrain"]["parameters"]["approval_policy"] is None
     assert deployments()["release"]["parameters"]["approval_policy"] == "manual"
 
 

@@ -2,12 +2,14 @@
 
 The registry here is a FAKE (an in-memory stand-in for the facade's get_version / set_tags /
 set_approval, nothing else); the real registry's approval record is tested in
-tests/unit/test_registry.py. The human's answer is handed in by replacing the wait for it.
+tests/unit/test_registry.py. The gateway, where one is needed, is a real gateway process. The human's answer is handed in by replacing the wait for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +17,11 @@ import pytest
 import tasks.approval as ta
 from ballast.audit import read as read_audit
 from ballast.errors import ApprovalRejected
+from ballast.gateway_client import GatewayClient
+from ballast.gateway_process import GatewayProcess
+from ballast.serving import Deployment
 from ballast.settings import Settings
+from infra.gateway.testing import build_mlp_onnx, spec_for
 from model_registry import ApprovalRecord, ModelVersionInfo
 
 
@@ -208,3 +214,162 @@ def test_a_pause_key_names_the_version_the_attempt_and_the_champion_compared_aga
     assert three == again and three.startswith("approval-5-1-")
     assert len({three, four, none}) == 3
     get_settings.cache_clear()
+
+
+_APPROVED = {
+    "ballast.status": "candidate",
+    "ballast.approval": "approved",
+    "ballast.approval.by": "policy:auto",
+}
+
+
+def test_a_rejection_is_not_written_over_the_approval_a_registry_trial_runs_under(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The nightly run approved version 5 and its canary runs on a registry-backed gateway (the
+    # weight tag); a person's release of the same content asks again and bob rejects.
+    reg = FakeRegistry({**_APPROVED, "ballast.canary_weight": "25"})
+    # Before: the rejection was written and the flow closed the candidate under the trial.
+    with pytest.raises(ApprovalRejected, match=r"on trial.*rollback --force"):
+        _ask(monkeypatch, reg, lambda: None, _answer(False, "bob", "no"))
+    assert (reg.tags["ballast.approval"], reg.tags["ballast.approval.by"]) == (
+        "approved",
+        "policy:auto",
+    )
+    last = read_audit(settings.audit_log)[-1]
+    assert (last["action"], last["approver"], last["decided_by"]) == (
+        "approval_superseded",
+        "bob",
+        "policy:auto",
+    )
+
+
+@pytest.fixture
+def gateway_serving_5_as_canary(settings: Settings, tmp_path: Path) -> Iterator[GatewayClient]:
+    """A real gateway process: version 3 of `settings.model_name` champion, 5 its canary."""
+    three = spec_for(build_mlp_onnx(tmp_path / "three.onnx", seed=3), "3")
+    five = spec_for(build_mlp_onnx(tmp_path / "five.onnx", seed=5), "5")
+    with (
+        GatewayProcess.start(
+            settings, log_path=tmp_path / "gw.log", timeout=30, exit_with_parent=True
+        ),
+        GatewayClient(settings.gateway_url, settings.admin_token()) as client,
+    ):
+        client.set_deployment(
+            Deployment(model=settings.model_name, champion=three, canary=five, canary_weight=25)
+        )
+        yield client
+
+
+def test_a_rejection_is_not_written_over_the_approval_a_gateway_trial_runs_under(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, gateway_serving_5_as_canary: GatewayClient
+) -> None:
+    reg = FakeRegistry(dict(_APPROVED))  # a file-backed gateway puts no tags on the version
+    monkeypatch.setattr(ta, "registry", lambda *a: reg)
+    monkeypatch.setattr(
+        ta, "_wait_for_valid_answer", lambda **kw: (_answer(False, "bob", "no"), {})
+    )
+    with pytest.raises(ApprovalRejected, match="is on trial on the gateway"):
+        ta.request_approval(
+            model=settings.model_name,
+            version="5",
+            checks={"parity": True},
+            metrics={},
+            policy="manual",
+            compared_champion=None,
+        )
+    assert reg.tags["ballast.approval"] == "approved"
+    # The trial ended (the canary left the gateway): the same answer is a rejection like any.
+    dep = gateway_serving_5_as_canary.get_deployment()
+    assert dep is not None
+    gateway_serving_5_as_canary.set_deployment(dep.without_trial())
+    approved, by, _ = ta.request_approval(
+        model=settings.model_name,
+        version="5",
+        checks={"parity": True},
+        metrics={},
+        policy="manual",
+        compared_champion=None,
+    )
+    assert (approved, by, reg.tags["ballast.approval"]) == (False, "bob", "rejected")
+
+
+def test_an_approved_version_no_gateway_serves_takes_a_rejection(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Approved by a run that died before its canary; nothing listens at the gateway's address.
+    reg = FakeRegistry(dict(_APPROVED))
+    approved, _, _ = _ask(monkeypatch, reg, lambda: None, _answer(False, "bob", "changed my mind"))
+    assert not approved and reg.tags["ballast.approval"] == "rejected"
+
+
+def test_an_answer_to_a_version_a_canary_decided_meanwhile_is_in_the_audit_log(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bob was asked about version 5 while another run's canary, running on an earlier approval
+    # of it, ended in a rollback: the approval tags did not change, the verdict did.
+    reg = FakeRegistry(dict(_APPROVED))
+
+    def canary_rolls_back() -> None:
+        reg.tags.update({"ballast.status": "rolled_back", "ballast.verdict": "rollback"})
+
+    with pytest.raises(ApprovalRejected, match="decided while this answer waited"):
+        _ask(monkeypatch, reg, canary_rolls_back, _answer(True, "bob", "ship it"))
+    # Before: refused without a trace of bob's answer anywhere.
+    last = read_audit(settings.audit_log)[-1]
+    assert (last["action"], last["approver"], last["approve"]) == (
+        "approval_superseded",
+        "bob",
+        True,
+    )
+    assert "rollback" in last["decided"]
+
+
+def test_two_runs_deciding_one_version_at_once_write_one_decision(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run B decides while run A is between its last look and its last write (B starts inside
+    # A's first registry write). Before: both passed the look and both wrote; the registry
+    # kept A's rejection while B went on to the canary on its approval.
+    reg = FakeRegistry({"ballast.status": "candidate", "ballast.approval": "pending"})
+    monkeypatch.setattr(ta, "DECIDING_TIMEOUT_S", 0.3, raising=False)
+    monkeypatch.setattr(ta, "registry", lambda *a: reg)
+    monkeypatch.setattr(
+        ta, "_wait_for_valid_answer", lambda **kw: (_answer(False, "bob", "thin"), {})
+    )
+    run_b: list[object] = []
+    first_write = reg.set_tags
+
+    def set_tags(model: str, version: str, tags: dict[str, str]) -> None:
+        if not run_b:
+            run_b.append("started")
+            try:
+                run_b.append(
+                    ta.request_approval(
+                        model="m",
+                        version="5",
+                        checks={"parity": True},
+                        metrics={},
+                        policy="auto",
+                        compared_champion=None,
+                    )
+                )
+            except ApprovalRejected as exc:
+                run_b.append(exc)
+        first_write(model, version, tags)
+
+    monkeypatch.setattr(reg, "set_tags", set_tags)
+    approved, by, _ = ta.request_approval(
+        model="m",
+        version="5",
+        checks={"parity": True},
+        metrics={},
+        policy="manual",
+        compared_champion=None,
+    )
+    assert (approved, by) == (False, "bob")
+    _, b = run_b
+    assert isinstance(b, ApprovalRejected) and "another run held" in str(b), b
+    assert (reg.tags["ballast.approval"], reg.tags["ballast.approval.by"]) == ("rejected", "bob")
+    decisions = [e for e in read_audit(settings.audit_log) if e["action"] in ("approve", "reject")]
+    assert [(e["action"], e["approver"]) for e in decisions] == [("reject", "bob")]

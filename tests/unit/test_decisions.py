@@ -11,6 +11,7 @@ from ballast.decisions import (
     CHAMPION,
     PREVIOUS,
     AliasPlan,
+    approval_policy_for,
     authorize_approval,
     decide_approval,
     next_weight,
@@ -20,6 +21,7 @@ from ballast.decisions import (
     release_checks,
     validate_steps,
 )
+from ballast.errors import ConfigError
 
 ALL_PASS = {"parity": True, "integrity": True, "metrics": True}
 ONE_FAILS = {"parity": True, "integrity": False, "metrics": True}
@@ -56,6 +58,30 @@ def test_decide_approval(
     assert decision.needs_human is (status == "needs_human")
     assert decision.reasons, "every decision says why"
     assert decision.reason == "; ".join(decision.reasons)
+
+
+@pytest.mark.parametrize(
+    ("requested", "configured", "environment", "want"),
+    [
+        (None, "auto", "dev", "auto"),
+        ("manual", "auto", "dev", "manual"),  # a run may always ask for a person
+        ("auto", "manual", "dev", "auto"),
+        (None, "manual", "prod", "manual"),
+        ("manual", "manual", "staging", "manual"),
+        ("auto", "manual", "prod", None),  # a run parameter cannot go around the settings
+        ("auto", "manual", "staging", None),
+        (None, "auto", "prod", None),
+        ("yolo", "manual", "dev", None),
+    ],
+)
+def test_approval_policy_for_allows_auto_in_dev_only(
+    requested: str | None, configured: str, environment: str, want: str | None
+) -> None:
+    if want is None:
+        with pytest.raises(ConfigError):
+            approval_policy_for(requested, configured, environment)  # type: ignore[arg-type]
+    else:
+        assert approval_policy_for(requested, configured, environment) == want  # type: ignore[arg-type]
 
 
 def test_decide_approval_refuses_an_unknown_policy() -> None:
@@ -169,6 +195,15 @@ def test_authorize_approval_needs_the_role_and_a_second_person(
     auth = authorize_approval(approver, starter, ROLES)
     assert auth.allowed is allowed, auth.reason
     assert says in auth.reason, f"reason {auth.reason!r} does not say {says!r}"
+
+
+@pytest.mark.parametrize("name", ["timeout", " Timeout ", "policy:auto", "Policy:manual"])
+def test_names_the_release_records_for_no_person_cannot_approve(name: str) -> None:
+    # Before: a roles entry "Timeout" could answer, and a rejection "by timeout" reopened the
+    # version to the next run, as if nobody had answered.
+    roles = {name.strip(): ["approver"]}
+    auth = authorize_approval(name, "bob", roles)
+    assert not auth.allowed and "reserved" in auth.reason, auth.reason
 
 
 def test_authorize_approval_with_no_roles_configured_refuses_everyone() -> None:

@@ -159,6 +159,42 @@ def test_settings_checked_across_fields_are_refused_at_load_naming_their_variabl
         get_settings()
 
 
+def test_auto_approval_is_the_default_in_dev_only_and_refused_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: no notion of environment; auto (the default) approved releases anywhere.
+    assert (get_settings().environment, get_settings().approval_policy) == ("dev", "auto")
+    for env in ("staging", "prod"):
+        monkeypatch.setenv("BALLAST_ENVIRONMENT", env)
+        get_settings.cache_clear()
+        assert get_settings().approval_policy == "manual"  # the default follows
+        monkeypatch.setenv("BALLAST_APPROVAL_POLICY", "auto")
+        get_settings.cache_clear()
+        with pytest.raises(ConfigError, match=r"BALLAST_APPROVAL_POLICY.*dev only") as info:
+            get_settings()
+        assert "BALLAST_ENVIRONMENT" in info.value.message
+        monkeypatch.delenv("BALLAST_APPROVAL_POLICY")
+    monkeypatch.setenv("BALLAST_ENVIRONMENT", "production")  # not a known environment
+    get_settings.cache_clear()
+    with pytest.raises(ConfigError, match="BALLAST_ENVIRONMENT"):
+        get_settings()
+
+
+@pytest.mark.parametrize("token", ["xq7", "fifteen-chars-x", "sixteen chars xx"])
+def test_a_weak_admin_token_in_the_environment_is_refused_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    # Before: any non-empty value was the admin role's token; the token file and the tokens
+    # file already required 16 characters.
+    monkeypatch.setenv("BALLAST_GATEWAY_ADMIN_TOKEN", token)
+    with pytest.raises(ConfigError, match="BALLAST_GATEWAY_ADMIN_TOKEN") as info:
+        get_settings()
+    assert token not in info.value.message
+    monkeypatch.setenv("BALLAST_GATEWAY_ADMIN_TOKEN", " sixteen-chars-xx\n")  # as from a file
+    get_settings.cache_clear()
+    assert get_settings().admin_token() == "sixteen-chars-xx"
+
+
 def test_the_admin_token_file_must_be_owner_only(tmp_path: Path) -> None:
     s = Settings(state_dir=tmp_path)
     token = s.admin_token()
