@@ -18,8 +18,11 @@ machine with only torch, numpy, pandas and scikit-learn).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -135,6 +138,20 @@ def class_count(ds: ValidatedDataset) -> int:
             f"labels must be classes 0..{n - 1}, got {int(labels.min())}..{int(labels.max())}"
         )
     return n
+
+
+@functools.cache
+def training_code_identity() -> str:
+    """A hash of the code that decides what training produces: this module, the model
+    definitions, the checkpoint format, and torch's version. Part of the checkpoint key."""
+    import torch
+
+    from ballast import checkpoint, models
+
+    digest = hashlib.sha256(torch.__version__.encode())
+    for module in (sys.modules[__name__], models, checkpoint):
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def split_dataset(
@@ -282,7 +299,14 @@ def train(
     }
     if ranks is not None:  # a checkpoint resumes only under the world size that wrote it
         hyper["world_size"] = ranks.world_size
-    key = config_key(dataset_sha256=ds.sha256, hyperparameters=hyper, seed=seed)
+    # The code too: a checkpoint written by other training code (another activation, loss or
+    # normalisation with the same shapes) would resume, train 0 epochs and be released as this
+    # code's model.
+    key = config_key(
+        dataset_sha256=ds.sha256,
+        hyperparameters={**hyper, "training_code": training_code_identity()},
+        seed=seed,
+    )
 
     torch.manual_seed(seed)
     n_classes = class_count(ds)

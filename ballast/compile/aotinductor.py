@@ -197,7 +197,9 @@ class AOTInductorBackend:
             raise CompileError(f"max_batch must be >= 2 for a dynamic batch, got {max_batch}")
         # A batch of 1 would let torch.export specialise the batch dimension to 1.
         rows = np.repeat(example, 2, axis=0) if example.shape[0] < 2 else example
-        rows = rows[: min(len(rows), 8)]
+        # Never more rows than max_batch: a trace of 8 under a batch range ending below 8 is a
+        # constraint violation (BALLAST_BENCH_BATCHES='[1,4]'), as in onnx_export.
+        rows = rows[: min(len(rows), 8, max_batch)]
         device = self.device
         target = copy.deepcopy(model).to(device).eval()
         arg = _forward_arg_name(target)

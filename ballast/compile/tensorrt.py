@@ -214,6 +214,11 @@ class TensorRTBackend:
         compute_capability, device_name = _cuda_device()
         cache_path = self.timing_cache or _default_timing_cache(trt.__version__, compute_capability)
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        if cache is None:
+            # A corrupt blob gives no cache (trtexec checks the same); passing None on would be
+            # a TypeError on this and every later build, the bad file staying where it is.
+            log.warning("timing cache %s is unreadable; starting a new one", cache_path)
+            cache = config.create_timing_cache(b"")
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             log.warning("timing cache %s does not match this build; starting a new one", cache_path)
             config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
@@ -304,8 +309,10 @@ class TensorRTPredictor:
             raise CompileError(f"expected one input and one output tensor, got {names}")
         self._input, self._output = inputs[0], outputs[0]
         to_torch = {trt.float32: torch.float32, trt.float16: torch.float16}
-        self._in_dtype = to_torch[self._engine.get_tensor_dtype(self._input)]
-        self._out_dtype = to_torch[self._engine.get_tensor_dtype(self._output)]
+        dtypes = [self._engine.get_tensor_dtype(n) for n in (self._input, self._output)]
+        if any(d not in to_torch for d in dtypes):
+            raise CompileError(f"{path}: engine I/O types {dtypes} are not float32 or float16")
+        self._in_dtype, self._out_dtype = (to_torch[d] for d in dtypes)
         self._device = torch.device("cuda", torch.cuda.current_device())
         self._stream = torch.cuda.Stream(device=self._device)
         # An execution context is not safe to drive from two threads at once.
@@ -326,7 +333,13 @@ class TensorRTPredictor:
 
         with self._lock, torch.cuda.stream(self._stream):
             inp = torch.from_numpy(x).to(self._device).to(self._in_dtype)
-            self._context.set_input_shape(self._input, tuple(inp.shape))
+            if not self._context.set_input_shape(self._input, tuple(inp.shape)):
+                # Outside the engine's optimisation profile (a sidecar that disagrees with it):
+                # said here, not as a negative dimension in torch.empty below.
+                raise CompileError(
+                    f"TensorRT refused input shape {tuple(inp.shape)} (profile up to "
+                    f"{self.max_batch} rows)"
+                )
             out: torch.Tensor = torch.empty(
                 tuple(self._context.get_tensor_shape(self._output)),
                 dtype=self._out_dtype,

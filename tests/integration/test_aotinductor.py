@@ -30,7 +30,9 @@ from ballast.training import TrainResult, train
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_BATCH = 256
+# Below the 8 example rows the pipeline traces with (BALLAST_BENCH_BATCHES='[1,4]'): the build
+# once failed on exactly that ("8 not in range [2, 4]"). Batches above it run in chunks.
+MAX_BATCH = 4
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def compiled(trained: TrainResult, tmp_path_factory: pytest.TempPathFactory) -> 
         backend="aotinductor",
         rtol_fp32=1e-4,
         max_batch=MAX_BATCH,
-        bench_batches=(1, 64),
+        bench_batches=(1, MAX_BATCH),
         bench_min_time_s=0.05,
     )
 
@@ -76,9 +78,9 @@ def test_pipeline_builds_a_hashed_package_that_passes_parity(compiled: CompiledA
     assert compiled.onnx_path.is_file(), "ONNX is exported for the registry either way"
     assert compiled.parity.passed and compiled.parity.max_rel_err <= 1e-4
     assert compiled.parity.n_rows == 450 and compiled.parity.n_random == 256
-    assert compiled.bench.runtime == "aotinductor" and compiled.bench.batches == (1, 64)
+    assert compiled.bench.runtime == "aotinductor" and compiled.bench.batches == (1, MAX_BATCH)
     assert compiled.eager_bench.threads == 1, "eager timed with the same thread count"
-    assert "speedup_b64_vs_eager" in compiled.metrics()
+    assert f"speedup_b{MAX_BATCH}_vs_eager" in compiled.metrics()
     assert not list(compiled.path.parent.glob(".aoti-*")), "the staging folder is gone"
 
 

@@ -118,3 +118,24 @@ def test_compile_model_with_tensorrt_passes_parity(
     assert art.backend == "tensorrt" and art.parity.passed
     assert art.precision in {"fp16", "fp32"}
     assert "speedup_b1_vs_eager" in art.metrics()
+
+
+def test_a_corrupt_timing_cache_starts_a_new_one(
+    tmp_path: Path, model: MLP, rows: np.ndarray
+) -> None:
+    # create_timing_cache gives None for a blob it cannot read: before, every build after a
+    # corrupt cache file failed with a TypeError.
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"not a timing cache" * 64)
+    onnx_path = export_onnx(model, rows[:4], tmp_path / "model.onnx")
+    path = TensorRTBackend(fp16=False, timing_cache=cache).compile(onnx_path, tmp_path, max_batch=8)
+    assert path.stat().st_size > 0 and cache.read_bytes()[:18] != b"not a timing cache"
+
+
+def test_a_shape_outside_the_engines_profile_is_a_compile_error(
+    engine: tuple[Path, Path], rows: np.ndarray
+) -> None:
+    predictor = TensorRTPredictor(engine[0])
+    predictor.max_batch = 1000  # as a sidecar that disagrees with the engine (built for 128)
+    with pytest.raises(CompileError, match="refused input shape"):
+        predictor.predict(np.resize(rows, (300, N_FEATURES)))

@@ -177,6 +177,21 @@ def test_another_configuration_does_not_resume_from_these_checkpoints(
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
+def test_checkpoints_of_other_training_code_are_not_resumed(
+    dataset: ValidatedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ballast.training as training
+
+    first = _train(dataset, epochs=3, checkpoint_dir=tmp_path)
+    # Before: a code change that keeps the shapes (ReLU -> GELU) resumed the finished run,
+    # trained 0 epochs and returned the old code's weights.
+    monkeypatch.setattr(training, "training_code_identity", lambda: "edited-code", raising=False)
+    calls: list[object] = []
+    again = _train(dataset, epochs=3, checkpoint_dir=tmp_path, on_epoch=calls.append)
+    assert again.resumed_from_epoch is None and len(calls) == 3
+    assert again.checkpoint_key != first.checkpoint_key
+
+
 def test_a_checkpoint_that_does_not_fit_the_model_is_a_training_error(
     dataset: ValidatedDataset, tmp_path: Path
 ) -> None:
