@@ -949,14 +949,18 @@ def _shadow_phase(
     reader: Callable[[], ShadowStats],
     started: float,
 ) -> StepRecord:
-    """Mirror traffic to the candidate for ``policy.seconds``, then judge what the gateway saw."""
+    """Mirror traffic to the candidate for ``policy.seconds`` from the moment the gateway serves
+    the shadow, then judge what the gateway saw."""
     phase_started = time.monotonic()
     admin.set_deployment(
         Deployment(
             model=model, champion=champion, shadow=candidate, shadow_fraction=policy.fraction
         )
     )
-    deadline = phase_started + policy.seconds
+    # From the answer, not the request: the change loads and warms the candidate on every
+    # replica first. Counted from the request, a load slower than the phase (a big model, a
+    # busy box) left no time for traffic and the shadow was judged on nothing.
+    deadline = time.monotonic() + policy.seconds
     seen: list[Observation] = []
     while (left := deadline - time.monotonic()) > 0:
         batch = load(0)

@@ -494,6 +494,29 @@ def test_a_shadow_that_disagrees_or_fails_is_rolled_back_before_any_user_sees_it
     assert admin.current == CHAMPION_ONLY
 
 
+def test_the_shadow_phase_runs_its_length_after_the_gateway_took_the_change() -> None:
+    from ballast.canary import ShadowPolicy
+
+    class SlowToLoad(FakeAdmin):
+        def set_deployment(
+            self, dep: Deployment, *, expect: Sequence[Deployment | None] = ()
+        ) -> Deployment:
+            if dep.shadow is not None:
+                time.sleep(0.3)  # loading and warming the candidate on every replica
+            return super().set_deployment(dep, expect=expect)
+
+    # Before: the phase's 0.2 s ran out while the change loaded; no traffic was sent at all.
+    result = canary(
+        SlowToLoad(CHAMPION_ONLY),
+        shadow_load(),
+        shadow=ShadowPolicy(seconds=0.2, max_disagreement=0.05, min_rows=50),
+        shadow_reader=stats_reader(200, 198),
+    )
+    shadow = result.steps[0]
+    assert shadow.weight == 0 and shadow.baseline_n >= 50, shadow
+    assert shadow.step_seconds >= 0.5, shadow
+
+
 def test_judge_shadow_calls_too_few_rows_inconclusive_not_bad() -> None:
     from ballast.canary import ShadowPolicy, ShadowStats, judge_shadow
 

@@ -160,6 +160,39 @@ def test_export_keys_the_dynamic_batch_by_forwards_argument_name(
     assert load_predictor(out, "onnxruntime").predict(rows[:5]).shape == (5, 3)
 
 
+def test_the_saved_onnxruntime_model_holds_no_layout_rewrites_for_the_build_cpu(
+    tmp_path: Path,
+) -> None:
+    # Before: saved at ORT_ENABLE_ALL, the small CNN's convolutions were NCHWc nodes laid out
+    # for the build machine's vector width (ONNX Runtime: run such a model on the same
+    # hardware); serving now lays them out for its own CPU when it loads the model.
+    import onnx
+    import torch
+
+    from ballast.models import SMALL_CNN, get_spec
+
+    spec = get_spec(SMALL_CNN)
+    torch.manual_seed(0)
+    net = spec.build(
+        spec.params({"channels": 8}),
+        n_features=64,
+        n_classes=10,
+        mean=np.zeros(64, dtype=np.float32),
+        std=np.ones(64, dtype=np.float32),
+    ).eval()
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    out = OnnxRuntimeBackend().compile(
+        export_onnx(net, x[:2], tmp_path / "cnn.onnx"), tmp_path, max_batch=8
+    )
+    domains = {node.domain for node in onnx.load(out).graph.node}
+    assert not any("nchwc" in d for d in domains), domains
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(
+        load_predictor(out, "onnxruntime").predict(x), want, rtol=1e-4, atol=1e-5
+    )
+
+
 def test_export_refuses_an_example_that_is_not_a_2d_batch(tmp_path: Path, model: MLP) -> None:
     with pytest.raises(CompileError, match="batch, features"):
         export_onnx(model, np.zeros(N_FEATURES, dtype=np.float32), tmp_path / "m.onnx")
