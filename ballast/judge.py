@@ -807,21 +807,28 @@ class _Tally:
         count as :class:`ballast.sequential.KeyedArms` says (first bad answer of a key for the
         rollback test, first answer for the other)."""
         free = bad if keyed is None else bad & ~keyed
+        # The good-enough test (and the estimate) count every bad event at tier 1: its null
+        # is "the ratio of bad events is the margin", and the tier-2 null (the margin squared)
+        # holds only for a tail stretched in exactly that shape. A canary at the margin above
+        # the champion's p95 whose p99 share was not 2.25 times the champion's read as good
+        # enough in 22-54 % of runs against the 5 % bound. The rollback test keeps the tiers:
+        # its null ratio is 1 for both, so they only add power there.
+        flat = [sq.CellCounts(w, _count(can & free), _count(~can & free))]
         if tier is None:
-            out = [sq.CellCounts(w, _count(can & free), _count(~can & free))]
+            harm_out = flat
         else:
-            out = [
+            harm_out = [
                 sq.CellCounts(
                     w, _count(can & free & (tier == t)), _count(~can & free & (tier == t)), t
                 )
                 for t in (1.0, 2.0)
             ]
         if keys is None or keyed is None:
-            return out, out
+            return harm_out, flat
         keyed_bad = bad & keyed
         harm = self.first_bad.events(w, can, keys, keyed_bad, bad, tier)
-        ready = self.first_trial.events(w, can, keys, trials & keyed, bad, tier)
-        return out + harm, out + ready
+        ready = self.first_trial.events(w, can, keys, trials & keyed, bad, None)
+        return harm_out + harm, flat + ready
 
 
 def _count(mask: np.ndarray) -> int:
@@ -1277,7 +1284,19 @@ class SequentialJudge(StreamJudgeBase):
         for a in found:
             if a.critical and not a.has_data:
                 notes.append(f"{a.name}: no comparable data yet")
-        ready = bool(measured) and not waiting and not warnings
+        # Against a champion, errors and latency must both have been compared (accuracy may
+        # have no labels: live traffic). Before, one large batch made the error test ready
+        # before the latency reference existed, and a 10x slower canary went to 100 % and was
+        # promoted with latency never compared.
+        unmeasured = [
+            a.name
+            for a in found
+            if self._champion is not None
+            and a.name in ("errors", "latency")
+            and a.critical
+            and not a.has_data
+        ]
+        ready = bool(measured) and not waiting and not warnings and not unmeasured
         if canary.n_ok == 0:
             # Fails closed: errors alike on both sides read as "no worse", and latency and
             # accuracy then have nothing to measure: nothing says this canary works.
@@ -1293,6 +1312,9 @@ class SequentialJudge(StreamJudgeBase):
             lines.append("clearly good enough: ready for 100 %")
         else:
             lines += [f"not yet clearly good enough: {a.summary}" for a in waiting]
+            lines += [
+                f"not yet clearly good enough: {name} not compared yet" for name in unmeasured
+            ]
             if self._canary_keyed:
                 how = (
                     "count at their clients' effective sample size"
