@@ -241,8 +241,10 @@ class TensorRTBackend:
             "opt_batch": opt,
             "max_batch": max_batch,
         }
-        # Sidecar first, engine last, each by rename: an engine is never beside another
-        # build's sidecar (or none), whatever fails in between.
+        # The old engine goes first, then the sidecar, the engine last, each by rename: a failure
+        # in between leaves no engine (refused at load), never an engine beside another build's
+        # sidecar.
+        engine_path.unlink(missing_ok=True)
         _replace_with(
             sidecar_path(engine_path), (json.dumps(sidecar, indent=2) + "\n").encode("utf-8")
         )
