@@ -12,12 +12,16 @@ Method (robust CUSUM on an EWMA baseline)
    baseline: level = median, scale = 1.4826 × MAD (the median absolute deviation, scaled to
    estimate a standard deviation under normal noise and unmoved by a few wild windows).
    Windows with fewer requests are *insufficient data*: they change nothing.
-2. **Standardise.** Each later window's value ``x`` becomes ``z = (x - level) / scale``. The scale
-   is never below a noise floor: for a rate or a share, the binomial standard deviation
-   ``sqrt(p (1 - p) / n)`` of *this* window's ``n`` requests (so a quiet night's window, which is
-   noisier, is judged by its own noise, not by the busy afternoon's); for a value (latency), a
-   fraction of the level. Without the floor a metric that never moved (0 errors for an hour)
-   would have scale 0 and the first error would page.
+2. **Standardise.** Each later window's value ``x`` becomes ``z = (x - level) / scale``. For a
+   rate or a share the scale is taken at *this* window's ``n`` requests: the recent residuals'
+   spread (1.4826 x MAD) is split into the binomial noise of the windows it came from and the
+   windows' own wobble ``tau`` beyond it, and put together again as
+   ``sqrt(p (1 - p) / n + tau^2)``, so a quiet night's window is judged by its own noise and a
+   busy afternoon's by its own (the spread of quiet windows applied to busy ones made a doubled
+   error rate read as z 1.3). For a value (latency), the spread itself. The scale is never
+   below a floor (a fraction of the level for a value; the binomial noise, kept off p = 0, for
+   a rate): without it a metric that never moved (0 errors for an hour) would have scale 0 and
+   the first error would page.
 3. **Accumulate.** Page's one-sided CUSUM on the clipped score,
    ``S = max(0, S + min(z, z_clip) - k)`` (and the mirror image for metrics that may not move
    either way, such as class shares), breaches when ``S > h``. Clipping bounds what one window can
@@ -74,7 +78,7 @@ __all__ = [
 #: 1.4826 × MAD estimates the standard deviation of normal noise (1 / Φ⁻¹(0.75)).
 MAD_TO_SD = 1.482602218505602
 #: Version of the serialised state; a state of another schema is discarded (a fresh warm-up).
-SCHEMA = 1
+SCHEMA = 2  # 2: the request counts of warm-up and residual windows are kept
 
 Kind = Literal["rate", "share", "value"]
 Direction = Literal["up", "both"]
@@ -150,8 +154,10 @@ class MetricState:
     """One metric's baseline and accumulators. ``level`` is None until the warm-up is over."""
 
     warm: tuple[float, ...] = ()
+    warm_counts: tuple[int, ...] = ()  # each warm-up window's requests
     level: float | None = None
     residuals: tuple[float, ...] = ()
+    residual_counts: tuple[int, ...] = ()  # each residual window's requests (see _scale)
     cusum_hi: float = 0.0
     cusum_lo: float = 0.0
     hard_run: int = 0
@@ -160,6 +166,7 @@ class MetricState:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["warm"], d["residuals"] = list(self.warm), list(self.residuals)
+        d["warm_counts"], d["residual_counts"] = list(self.warm_counts), list(self.residual_counts)
         return d
 
     @classmethod
@@ -167,8 +174,10 @@ class MetricState:
         level = d.get("level")
         return cls(
             warm=tuple(float(v) for v in d.get("warm", ())),
+            warm_counts=tuple(int(v) for v in d.get("warm_counts", ())),
             level=None if level is None else float(level),
             residuals=tuple(float(v) for v in d.get("residuals", ())),
+            residual_counts=tuple(int(v) for v in d.get("residual_counts", ())),
             cusum_hi=float(d.get("cusum_hi", 0.0)),
             cusum_lo=float(d.get("cusum_lo", 0.0)),
             hard_run=int(d.get("hard_run", 0)),
@@ -212,15 +221,38 @@ class MetricVerdict:
         return asdict(self)
 
 
-def _noise_floor(spec: MetricSpec, level: float, count: int) -> float:
+def _binomial_sd(level: float, count: int) -> float:
+    """The sd of a proportion ``level`` over ``count`` requests; p is kept off 0 and 1 so that a
+    metric that never moved still has a finite scale (one event in ``count`` is about 1 sd)."""
+    n = max(count, 1)
+    p = min(max(level, 1.0 / n), 1.0 - 1.0 / n)
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def _scale(
+    spec: MetricSpec, level: float, count: int, residuals: list[float], counts: list[int]
+) -> float:
+    """The sd a window of ``count`` requests is judged by: 1.4826 x the MAD of the recent
+    residuals, and for a rate or a share that spread taken apart into the binomial noise of
+    the windows it came from and the windows' own wobble beyond it (``tau``, the same at any
+    traffic), put together again at this window's traffic: sqrt(binomial(count)^2 + tau^2).
+
+    So a busy window is judged by a busy window's noise and a quiet night's by its own. Before,
+    the MAD was applied as it was: four hours of quiet night windows (their spread mostly
+    binomial noise of ~150 requests) set the scale of the busy morning's windows of 2000, and an
+    error rate four times the baseline read as z 0.5. Never below the metric's floors."""
+    spread = _mad_scale(residuals)
     if spec.kind in ("rate", "share"):
-        # Binomial sd of this window's proportion; p is kept off 0 and 1 so that a metric that
-        # never moved still has a finite scale (one event in `count` is then about 1 sd).
-        p = min(max(level, 1.0 / max(count, 1)), 1.0 - 1.0 / max(count, 1))
-        binomial = math.sqrt(p * (1.0 - p) / max(count, 1))
+        own = _binomial_sd(level, count)
+        if len(counts) == len(residuals) and counts:
+            pool = median([_binomial_sd(level, c) ** 2 for c in counts])
+            tau2 = max(0.0, spread * spread - pool)
+            noise = math.sqrt(own * own + tau2)
+        else:  # residuals without their counts: the old rule
+            noise = max(spread, own)
     else:
-        binomial = 0.0
-    return max(spec.abs_floor, spec.rel_floor * abs(level), binomial, 1e-12)
+        noise = spread
+    return max(spec.abs_floor, spec.rel_floor * abs(level), noise, 1e-12)
 
 
 def _fmt(x: float) -> str:
@@ -302,8 +334,13 @@ def update_metric(
 
     if state.level is None:
         warm = (*state.warm, value)
+        counts = (*state.warm_counts, count)
+        if len(counts) != len(warm):  # values without their counts: start the warm-up again
+            warm, counts = (value,), (count,)
         if len(warm) < policy.warmup:
-            new = replace(state, warm=warm, hard_run=hard_run, windows=state.windows + 1)
+            new = replace(
+                state, warm=warm, warm_counts=counts, hard_run=hard_run, windows=state.windows + 1
+            )
             if hard_breach:
                 return new, _hard_breach(spec, value, count, hard_run, "baseline warming up")
             return new, MetricVerdict(
@@ -316,9 +353,14 @@ def update_metric(
         level = median(list(warm))
         residuals = tuple(w - level for w in warm)
         new = MetricState(
-            warm=(), level=level, residuals=residuals, hard_run=hard_run, windows=state.windows + 1
+            warm=(),
+            level=level,
+            residuals=residuals,
+            residual_counts=counts,
+            hard_run=hard_run,
+            windows=state.windows + 1,
         )
-        scale = max(_mad_scale(list(residuals)), _noise_floor(spec, level, count))
+        scale = _scale(spec, level, count, list(residuals), list(counts))
         status: Status = "breach" if hard_breach else "ok"
         reason = "baseline set" if not hard_breach else f"{spec.name} above the hard ceiling"
         return new, MetricVerdict(
@@ -341,16 +383,19 @@ def update_metric(
     level = state.level
     r = min(max(overlap, 0.0), 0.9)
     inflation = math.sqrt((1.0 + r) / (1.0 - r))
-    scale = max(_mad_scale(list(state.residuals)), _noise_floor(spec, level, count)) * inflation
+    scale = (
+        _scale(spec, level, count, list(state.residuals), list(state.residual_counts)) * inflation
+    )
     z = (value - level) / scale
     zc = max(min(z, policy.z_clip), -policy.z_clip)
     hi = max(0.0, state.cusum_hi + zc - policy.cusum_k)
     lo = max(0.0, state.cusum_lo - zc - policy.cusum_k) if spec.direction == "both" else 0.0
-    residuals = state.residuals
+    residuals, counts = state.residuals, state.residual_counts
     resid = value - level
     if abs(z) <= policy.z_update:
         level = level + policy.alpha * resid
         residuals = (*residuals, resid)[-policy.mad_window :]
+        counts = (*counts, count)[-policy.mad_window :]
     elif spec.direction == "up" and z < 0:
         # Far below an up-only metric's level: no fault, so the level follows, one clipped step
         # at a time; the scale does not learn from it (see step 4 of the module docstring).
@@ -359,6 +404,7 @@ def update_metric(
         warm=(),
         level=level,
         residuals=residuals,
+        residual_counts=counts,
         cusum_hi=hi,
         cusum_lo=lo,
         hard_run=hard_run,

@@ -139,6 +139,10 @@ def _int(d: Mapping[str, Any], key: str) -> int:
     return int(v) if isinstance(v, int | float) else 0
 
 
+# Replicas whose counters the watchdog's state keeps (see observe).
+SNAPSHOT_REPLICAS = 64
+
+
 def observe(
     stats: Mapping[str, Any],
     *,
@@ -180,7 +184,16 @@ def observe(
     now_classes = _counts(v.get("classes"))
     if now_classes is not None:
         current["classes"] = now_classes
-    snapshot: dict[str, Any] = {"replicas": {**old_all, key: current}}
+    # Only the champion's counters, the most recently seen replicas last and at most
+    # SNAPSHOT_REPLICAS of them: replica ids are host-pid, and every restart added an entry
+    # that was read and rewritten every run for ever.
+    kept = {
+        k: e
+        for k, e in old_all.items()
+        if k != key and isinstance(e, Mapping) and e.get("version") == version
+    }
+    kept[key] = current
+    snapshot: dict[str, Any] = {"replicas": dict(list(kept.items())[-SNAPSHOT_REPLICAS:])}
     canary_active = _trial_in_force(stats)
     old = old_all.get(key)
     if not isinstance(old, Mapping) or old.get("version") != version:

@@ -81,7 +81,9 @@ def champion_watchdog_flow(
         try:
             # The audit log says who rolled back and why: not the "manual rollback" default.
             why = f"watchdog: {response.reason} ({'; '.join(decision.reasons)})"[:500]
-            rolled_back_to = rollback_to_previous(name, why=why).restored
+            rolled_back_to = rollback_to_previous(
+                name, why=why, expect_champion=decision.version
+            ).restored
         except Exception as exc:  # reported below, then the run fails
             failure = exc
     if response.action != "none":

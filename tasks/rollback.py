@@ -65,9 +65,17 @@ def _refuse_during_trial(name: str, dep: Deployment | None, *, force: bool) -> N
 
 @task(name="rollback-to-previous", cache_policy=NO_CACHE)
 def rollback_to_previous(
-    model_name: str | None = None, *, why: str = "manual rollback", force: bool = False
+    model_name: str | None = None,
+    *,
+    why: str = "manual rollback",
+    force: bool = False,
+    expect_champion: str | None = None,
 ) -> RolledBack:
     """Move ``champion`` back to ``previous`` and point the gateway at it.
+
+    ``expect_champion``: roll back only while that version is the champion (the watchdog's
+    judged version): a champion promoted since was never judged, and its ``previous`` may be
+    the very version that breached. Otherwise :class:`RegistryError`, nothing moved.
 
     Refused with :class:`TrialInForce` while a canary or shadow trial is in force, unless
     ``force``. The registry moves first (a registry-backed gateway serves only what the aliases
@@ -82,6 +90,12 @@ def rollback_to_previous(
     champion = reg.get_by_alias(name, ALIAS_CHAMPION)
     if previous is None:
         raise RegistryError(f"{name} has no 'previous' version to roll back to")
+    current = None if champion is None else champion.version
+    if expect_champion is not None and current != expect_champion:
+        raise RegistryError(
+            f"{name}'s champion is version {current}, not the judged version {expect_champion}: "
+            "it changed since; nothing was rolled back"
+        )
     spec = version_spec(reg, s, previous)  # verify before anything moves
     target = Deployment(model=name, champion=spec)
     offline = None

@@ -179,6 +179,21 @@ def test_a_promotion_after_the_rollback_was_decided_stops_it_before_anything_mov
     assert _audited_rollbacks(settings) == []
 
 
+def test_a_rollback_for_a_judged_champion_refuses_once_another_is_champion(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watchdog judged version 3; version 4 was promoted before its rollback ran. Before,
+    # it rolled 4 back to 3, the version that breached.
+    before = Deployment(model=settings.model_name, champion=spec("4"))
+    gateway = FakeGateway(before)
+    reg = FakeRegistry({"champion": "4", "previous": "3"})
+    _wire(monkeypatch, gateway, reg)
+    with pytest.raises(RegistryError, match="not the judged version 3"):
+        tr.rollback_to_previous.fn(expect_champion="3")
+    assert reg.aliases == {"champion": "4", "previous": "3"} and gateway.sets == []
+    assert tr.rollback_to_previous.fn(expect_champion="4") == tr.RolledBack("3", "4")
+
+
 def test_lease_renewals_are_not_audited_as_traffic_changes(settings: Settings) -> None:
     # Before: every renewal (each lease_s / 3) wrote a "deployment" entry like a real step.
     from ballast.audit import read as read_audit

@@ -277,3 +277,25 @@ def test_windows_above_the_hard_ceiling_must_be_consecutive() -> None:
     assert state.hard_run == 0
     state, v = update_metric(state, ERRORS, 0.06, 200, policy)
     assert v.status != "breach" and state.hard_run == 1
+
+
+def test_a_busy_window_is_judged_by_a_busy_windows_noise_after_quiet_ones() -> None:
+    from ballast.watchdog import ERROR_RATE, WatchdogPolicy
+
+    policy = WatchdogPolicy()
+    spec, detector = policy.spec(ERROR_RATE), policy.detector
+    rng = np.random.default_rng(0)
+    state = MetricState()
+    for i in range(96):  # eight hours: an hour of 2000 requests a window, then one of 150, ...
+        n = 150 if (i // 12) % 2 else 2000
+        state, _ = update_metric(state, spec, rng.binomial(n, 0.01) / n, n, detector)
+    _, busy = update_metric(state, spec, 0.01, 2000, detector)
+    _, quiet = update_metric(state, spec, 0.01, 150, detector)
+    binomial_busy = math.sqrt(0.01 * 0.99 / 2000)
+    # Before: the quiet windows' spread set every window's scale (0.0052 for a busy one, 2.4x
+    # its binomial noise): an error rate doubling to 2 % read as z 1.3, under the slack, and
+    # never added up.
+    assert busy.scale is not None and quiet.scale is not None
+    assert busy.scale < 1.3 * binomial_busy and quiet.scale > 3 * busy.scale
+    _, doubled = update_metric(state, spec, 0.02, 2000, detector)
+    assert doubled.z is not None and doubled.z > 2.5

@@ -94,6 +94,24 @@ def test_counters_are_kept_per_replica() -> None:
     assert not a2.first and (a2.requests, a2.errors) == (500, 5)
 
 
+def test_the_snapshot_keeps_the_champions_most_recent_replicas_only() -> None:
+    from ballast.watchdog import SNAPSHOT_REPLICAS
+
+    snap = observe(stats(10, 0, version="2"), model="m", version="2", last_snapshot=None).snapshot
+    # Before: every replica id (host-pid: each restart is a new one) stayed for ever.
+    for pid in range(SNAPSHOT_REPLICAS + 10):
+        snap = observe(
+            stats(1000, 0), model="m", version="3", last_snapshot=snap, replica=f"h-{pid}"
+        ).snapshot
+    replicas = snap["replicas"]
+    assert len(replicas) == SNAPSHOT_REPLICAS and "h-0" not in replicas
+    assert all(e["version"] == "3" for e in replicas.values())  # the old champion's are gone
+    # A replica seen again is kept as the most recent, with its window taken as before.
+    again = observe(stats(1500, 5), model="m", version="3", last_snapshot=snap, replica="h-10")
+    assert (again.requests, again.errors) == (500, 5)
+    assert list(again.snapshot["replicas"])[-1] == "h-10"
+
+
 def test_a_reload_or_restart_starts_the_counters_over() -> None:
     first = observe(stats(1000, 10), model="m", version="3", last_snapshot=None)
     reloaded = observe(
