@@ -11,8 +11,15 @@ STAMP := $(VENV)/.installed
 help:  ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
 
+# Python 3.11 or 3.12 (pyproject.toml); a .venv made with another is made again (before, one made
+# by an unsupported python3 was reused for ever, whatever PY said).
+SUPPORTED := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))
+
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@if ! $(BIN)/python -c '$(SUPPORTED)' 2>/dev/null; then \
+	  $(PY) -c '$(SUPPORTED)' || { echo "Ballast needs Python 3.11 or 3.12; $(PY) is $$($(PY) -V 2>&1): run make PY=python3.12"; exit 1; }; \
+	  echo "creating $(VENV) with $(PY)"; rm -rf $(VENV); $(PY) -m venv $(VENV); \
+	fi
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The constraints file pins every transitive version that was tested together (torch exactly).
 	# compat mode: a .pth puts the repo on sys.path, so packages added later import without reinstalling.

@@ -46,6 +46,17 @@ def _drop_library_info(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or not record.name.startswith("great_expectations")
 
 
+def _no_traceback_for_typed_errors(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed task's and flow's exception with its traceback; for our typed
+    errors (bad data, a refused gate, a missing version) the message is the whole story and the
+    command ends with it on one line. Any other exception keeps its traceback; -v keeps all."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, BallastError):
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs.")) -> None:
     # One structured line per step; configured here, never at import time.
@@ -60,6 +71,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     # handler keeps its chatter out whatever level it sets.
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_library_info)
+        if not verbose:
+            handler.addFilter(_no_traceback_for_typed_errors)
     # Bad settings stop every command here, before it does anything, even one that reads none
     # of them: a typo'd BALLAST_* variable is caught at once, not by the next command that
     # happens to read it. A subcommand's --help is parsed after this callback runs, and must
@@ -222,6 +235,10 @@ def release(
                 approval_policy=cast(Literal["auto", "manual"] | None, approval),
             )
     except BallastError as exc:  # bad data, a failed gate, a refused approval: one line
+        default = Path(get_settings().default_dataset_uri)
+        if dataset is None and exc.stage == "fetch" and not default.exists():
+            # The first thing a new user meets: say how to make the dataset.
+            console.print(f"no dataset at {default}: `ballast data prepare` makes it")
         fail(exc)
     except RuntimeError as exc:
         fail(prefect_unreachable(exc))
@@ -359,8 +376,20 @@ def demo(
         # of it (settings that point elsewhere fall back to the demo folder's own).
         for name in _DEMO_RESETS:
             os.environ.pop(name, None)
+        # The demo is a dev sandbox: it approves by policy whatever environment you are in.
+        os.environ["BALLAST_ENVIRONMENT"] = "dev"
         get_settings.cache_clear()
-        code = run_demo(get_settings(), fault=cast(Fault, fault), console=console)
+        try:
+            code = run_demo(get_settings(), fault=cast(Fault, fault), console=console)
+        except BallastError as exc:
+            fail(exc)
+        except RuntimeError as exc:  # PREFECT_API_URL set to a server that is down
+            fail(prefect_unreachable(exc))
+        except KeyboardInterrupt:
+            console.print(
+                "interrupted: the demo's gateway is stopped, its state left in " + str(demo_dir)
+            )
+            raise typer.Exit(code=130) from None
     raise typer.Exit(code=code)
 
 
@@ -375,6 +404,7 @@ _DEMO_RESETS = (
     "BALLAST_GATEWAY_HOST",
     "BALLAST_GATEWAY_ADMIN_TOKEN",
     "BALLAST_GATEWAY_AUTOSTART",
+    "BALLAST_APPROVAL_POLICY",
 )
 
 

@@ -66,7 +66,8 @@ def stack_up(
         "",
         envvar="BALLAST_STACK_PREFECT_DB",
         help="Prefect database URL, e.g. postgresql+asyncpg://u:p@127.0.0.1:5432/prefect "
-        "(default: sqlite in the stack folder).",
+        "(default: sqlite in the stack folder). With a password, set BALLAST_STACK_PREFECT_DB "
+        "instead: a command-line argument is visible to every user in `ps`.",
     ),
     deploy: bool = typer.Option(False, help="Then `prefect deploy --all` to the new server."),
     timeout: float = typer.Option(90.0, min=1, help="Seconds each component may take to start."),

@@ -67,7 +67,11 @@ def _stop_signals_raise() -> Iterator[None]:
 
 
 def _run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool) -> int:
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import (
+        PREFECT_CLIENT_MAX_RETRIES,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
     from ballast.cli_data import prepare_dataset
     from ballast.cli_shared import no_server_telemetry
@@ -87,7 +91,10 @@ def _run_demo(s: Settings, *, fault: Fault, console: Console, keep_serving: bool
     reports = []
     try:
         # The heartbeat thread costs ~1.2 s per flow run at exit; the demo has no use for it.
-        with no_server_telemetry(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        # One retry: Ctrl-C stops the temporary server too (same process group), and the engine
+        # spent about 80 s retrying to report the crash to it.
+        demo_settings = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_CLIENT_MAX_RETRIES: 1}
+        with no_server_telemetry(), temporary_settings(demo_settings):
             for label, inject in (
                 ("release 1 (healthy)", None),
                 (f"release 2 (fault: {fault})", fault),

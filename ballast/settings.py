@@ -76,7 +76,11 @@ def check_host(v: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BALLAST_", frozen=True, extra="forbid")
+    # allow_inf_nan=False: no setting means anything at inf or nan, and some switched a safety
+    # off unseen (BALLAST_CANARY_LEASE_S=inf sent the gateway no lease at all: inf is JSON null).
+    model_config = SettingsConfigDict(
+        env_prefix="BALLAST_", frozen=True, extra="forbid", allow_inf_nan=False
+    )
 
     # Where run state lives (MLflow store, artefacts, audit log, gateway token). Git-ignored.
     state_dir: Path = Path(".ballast")
@@ -368,9 +372,8 @@ class Settings(BaseSettings):
         # Empty: the embedded default. Anything else must say how to reach it: "localhost:5000"
         # would be read as a URI whose scheme is "localhost", a bare path as a local file store.
         if v and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|sqlite:/{3,4}\S+", v):
-            raise ValueError(
-                f"must be a URI with a scheme (http://host:port, sqlite:///...), got {v!r}"
-            )
+            # Not echoed: a value without a scheme ("user:password@host") is not redacted.
+            raise ValueError("must be a URI with a scheme (http://host:port, sqlite:///...)")
         return v
 
     @field_validator("canary_steps")

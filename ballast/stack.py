@@ -638,13 +638,19 @@ def _one_at_a_time(config: StackConfig) -> contextlib.AbstractContextManager[Non
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where ``up`` was: its cleanup runs as for Ctrl-C."""
+    """SIGTERM or SIGHUP, raised where ``up`` was: its cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """A SIGTERM (``timeout``, a cancelled job) cleans up like Ctrl-C: what this call started
-    goes. Main thread only (the only place a handler can be set)."""
+    """A SIGTERM (``timeout``, a cancelled job) or SIGHUP (the terminal closed) cleans up like
+    Ctrl-C: what this call started goes (on SIGHUP, before, it stayed running, orphaned). A
+    signal the launcher ignores stays ignored (``nohup``). Main thread only (the only place a
+    handler can be set)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -652,11 +658,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise _Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {
+        sig: signal.signal(sig, interrupt)
+        for sig in wanted
+        if signal.getsignal(sig) != signal.SIG_IGN
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def up(settings: Settings, config: StackConfig, say: Say | None = None) -> list[ComponentStatus]:
@@ -664,8 +676,8 @@ def up(settings: Settings, config: StackConfig, say: Say | None = None) -> list[
     try:
         with _one_at_a_time(config), _sigterm_as_interrupt():
             return _up(settings, config, say)
-    except _Terminated:
-        raise SystemExit(128 + signal.SIGTERM) from None  # what was started is stopped
+    except _Terminated as exc:
+        raise SystemExit(128 + exc.signum) from None  # what was started is stopped
 
 
 def _up(settings: Settings, config: StackConfig, say: Say | None) -> list[ComponentStatus]:

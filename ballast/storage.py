@@ -127,6 +127,10 @@ def _local_path(uri: str) -> Path:
         path = url2pathname(parsed.path)
     elif "://" in uri:
         raise ConfigError(f"unsupported storage URI scheme: {uri}")
+    elif re.match(r"(?i)(s3|file|https?|gs|az):/", uri):
+        # A scheme with a slash missing ("s3:/bucket/key") is a typo, not a folder named "s3:"
+        # (before, `data encrypt x.csv s3:/bad` wrote ./s3:/bad and said it was done).
+        raise ConfigError(f"{uri!r} looks like a URI missing a slash: write s3://bucket/key")
     else:
         path = uri
     if "\x00" in path:  # %00 in a file URI: open() would raise a bare ValueError

@@ -195,6 +195,34 @@ def test_base_job_template_passes_prefects_check_and_renders_a_valid_job() -> No
     state = volumes[mounts[values["env_by_name"]["BALLAST_STATE_DIR"]]]
     claim = find("PersistentVolumeClaim", state["persistentVolumeClaim"]["claimName"])
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    # The admin token reaches every flow run from a Secret that must exist (before: optional and
+    # documented nowhere, so a run made a random token of its own and met 401 at the canary,
+    # after training, compiling and registering); gateway.yaml says how to create it.
+    (release,) = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e]
+    assert release == {"name": "ballast-release", "optional": False}
+    header = (K8S / "gateway.yaml").read_text()
+    assert "secret generic ballast-release" in header
+    assert "BALLAST_GATEWAY_ADMIN_TOKEN=$TOKEN" in header and "admin-token=$TOKEN" in header
+
+
+def test_no_secret_reaches_a_command_line() -> None:
+    # Before: mlflow ran through `sh -c` to expand the store URI (with its password) into
+    # --backend-store-uri, readable in /proc/PID/cmdline. mlflow reads it from the environment.
+    for _, doc in manifests():
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in spec.get("containers", []):
+            line = " ".join([*container.get("command", []), *container.get("args", [])])
+            secret_vars = [
+                e["name"]
+                for e in container.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})
+            ]
+            assert not any(f"${name}" in line or f"$({name})" in line for name in secret_vars), line
+            assert "sh -c" not in line and container.get("command", [""])[0] != "/bin/sh", line
+    (mlflow,) = find("Deployment", "ballast-mlflow")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"] for e in mlflow["env"]}
+    assert {"MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION"} <= env
+    assert not any("store-uri" in a or "artifacts-destination" in a for a in mlflow["args"])
 
 
 def test_gateway_pods_verify_with_the_public_key_and_flow_runs_sign_with_a_private_copy() -> None:

@@ -475,3 +475,43 @@ def test_help_of_a_bare_group_or_with_h_works_whatever_the_environment(tmp_path:
     bad_host = run("serve", "--host", "http://bad", clean=True)
     assert bad_host.returncode == 2 and "--host" in bad_host.stdout + bad_host.stderr
     assert not (tmp_path / "state").exists(), "nothing written"
+
+
+def test_logged_failures_of_typed_errors_carry_no_traceback_unless_verbose() -> None:
+    import logging
+
+    from ballast.cli import _no_traceback_for_typed_errors
+    from ballast.errors import RegistryError
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord(
+            "prefect.task_runs", logging.ERROR, __file__, 1, "failed", (), info
+        )
+
+    # Before: Prefect's task and flow loggers printed two tracebacks above the one-line error.
+    typed = record(RegistryError("no 'previous' version to roll back to"))
+    assert _no_traceback_for_typed_errors(typed) and typed.exc_info is None
+    assert "Traceback" not in logging.Formatter().format(typed)
+    bug = record(KeyError("a bug"))  # anything else keeps its traceback
+    assert _no_traceback_for_typed_errors(bug) and bug.exc_info is not None
+    assert "Traceback" in logging.Formatter().format(bug)
+
+
+def test_the_demo_with_the_prefect_api_down_is_one_line_and_exit_2(
+    runner: CliRunner, settings: Settings
+) -> None:
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from tests.conftest import free_port
+
+    # Before: `stack up` prints an export of PREFECT_API_URL; after `stack down`, `make demo`
+    # ended in three tracebacks (release and rollback said one line).
+    down = {PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}
+    with temporary_settings(updates=down):
+        result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "cannot reach the Prefect API" in result.output and "Traceback" not in result.output

@@ -243,3 +243,30 @@ def test_a_state_dir_that_is_a_file_is_refused_at_load(
     monkeypatch.setenv("BALLAST_STATE_DIR", str(afile))
     with pytest.raises(ValueError, match="state_dir"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BALLAST_CANARY_LEASE_S", "inf"),  # before: loaded, and the gateway got no lease
+        ("BALLAST_CANARY_STEP_MAX_SECONDS", "inf"),
+        ("BALLAST_JUDGE_MAX_LATENCY_RATIO", "nan"),
+        ("BALLAST_CANARY_SHADOW_SECONDS", "Infinity"),
+    ],
+)
+def test_no_setting_takes_inf_or_nan(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        get_settings()
+
+
+def test_a_uri_without_a_scheme_is_refused_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: "got 'ops:s3cret@mlflow.internal:5000'": redaction only knows scheme://user:pass@.
+    monkeypatch.setenv("BALLAST_MLFLOW_TRACKING_URI", "ops:s3cret@mlflow.internal:5000")
+    with pytest.raises(ConfigError, match="BALLAST_MLFLOW_TRACKING_URI") as info:
+        get_settings()
+    assert "s3cret" not in info.value.message

@@ -30,3 +30,42 @@ def test_up_and_down_refuse_while_another_holds_the_stack(
     finally:
         os.close(held)
     assert sorted(p.name for p in config.root.iterdir()) == ["gateway.pid", "stack.lock"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_up_cleans_up_as_ctrl_c_and_exits_128_plus_it(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: str
+) -> None:
+    import signal
+    import time
+
+    import ballast.stack as stack
+
+    signum = getattr(signal, sig)
+    cleaned: list[str] = []
+
+    def starting(*args: object) -> None:
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler interrupts this
+            raise AssertionError("the signal never arrived")
+        except KeyboardInterrupt:  # where _up stops what it started on Ctrl-C
+            cleaned.append("stopped what was started")
+            raise
+
+    def outer(signum: int, frame: object) -> None:  # reached only if `up` did not take over
+        raise AssertionError(f"signal {signum} reached the handler in force before `up`")
+
+    # A handler of the test's own (under `nohup` the signal would be ignored, and stay so).
+    before = signal.signal(signum, outer)
+    try:
+        monkeypatch.setattr(stack, "_up", starting)
+        config = StackConfig(root=tmp_path / "stack")
+        config.root.mkdir()
+        # Before: SIGHUP (the terminal closed) killed `up`, MLflow and the gateway left running.
+        with pytest.raises(SystemExit) as info:
+            up(settings, config)
+        assert info.value.code == 128 + signum and cleaned == ["stopped what was started"]
+        assert signal.getsignal(signum) is outer
+    finally:
+        signal.signal(signum, before)

@@ -96,6 +96,11 @@ def test_storage_for_picks_the_backend_by_scheme(tmp_path: Path) -> None:
     assert isinstance(s3, S3Storage)
     with pytest.raises(ConfigError, match="scheme"):
         storage_for("gs://bucket/key")
+    # A slash short of a URI is a typo, not a folder "s3:" (before: written there, "done").
+    for typo in ("s3:/bucket/key", "S3:/bucket/key", "file:/tmp/x"):
+        with pytest.raises(ConfigError, match="missing a slash"):
+            storage_for(typo)
+    assert not (tmp_path / "s3:").exists()
 
 
 @pytest.mark.parametrize(
