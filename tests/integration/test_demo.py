@@ -34,6 +34,10 @@ def test_demo_promotes_release_1_rolls_back_release_2_and_leaves_other_state_alo
         "BALLAST_EPOCHS": "20",
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "COLUMNS": "200",
+        # A user's own environment (a cluster's): the demo is a dev sandbox all the same, and
+        # approves by policy (else it would refuse auto, or wait for a person).
+        "BALLAST_ENVIRONMENT": "prod",
+        "BALLAST_APPROVAL_POLICY": "manual",
     }
     env.pop("BALLAST_GATEWAY_PORT", None)
     env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the demo turns telemetry off itself
