@@ -45,6 +45,7 @@ __all__ = [
     "WatchdogPolicy",
     "decide",
     "observe",
+    "observe_replicas",
     "plan_response",
     "unavailable",
 ]
@@ -227,6 +228,72 @@ def observe(
         latency_window=_int(v, "window"),
         class_counts=classes,
         replica=replica,
+        canary_active=canary_active,
+        snapshot=snapshot,
+    )
+
+
+def observe_replicas(
+    stats: Mapping[str, Any],
+    *,
+    model: str,
+    version: str,
+    last_snapshot: Mapping[str, Any] | None,
+) -> Observation:
+    """One window over every replica ``/admin/stats`` reports: the answering replica's counters
+    and those its peers last put on the board (``replicas``), each differenced against its own
+    earlier counters (:func:`observe`) and then added up.
+
+    From one replica's answer alone, a replica failing every request was one window in K: the
+    healthy replicas' windows reset the hard ceiling's run and wore its CUSUM down (with four
+    replicas a quarter of all traffic failing went unhandled for over an hour). The p99 is the
+    highest of the replicas' (percentiles do not add), with that replica's counts.
+    """
+    me = stats.get("replica")
+    parts: list[tuple[str | None, Mapping[str, Any]]] = [(None if me is None else str(me), stats)]
+    peers = stats.get("replicas")
+    for peer in peers if isinstance(peers, list) else []:
+        if (
+            isinstance(peer, Mapping)
+            and isinstance(peer.get("replica"), str)
+            and peer["replica"] != me
+        ):
+            parts.append((peer["replica"], {**stats, "versions": peer.get("versions")}))
+    snapshot: dict[str, Any] | None = None if last_snapshot is None else dict(last_snapshot)
+    seen: list[Observation] = []
+    for i, (rid, part) in enumerate(parts):
+        obs = observe(part, model=model, version=version, last_snapshot=snapshot, replica=rid)
+        if not obs.available:
+            if i == 0:
+                return obs  # the answering replica does not serve the champion: as before
+            continue  # a peer between deployments: its counters wait for the next run
+        snapshot = obs.snapshot
+        seen.append(obs)
+    if len(seen) == 1:
+        return seen[0]
+    windows = [o for o in seen if not o.first]
+    canary_active = any(o.canary_active for o in seen)
+    if not windows:
+        return replace(seen[0], snapshot=snapshot, canary_active=canary_active)
+    classes: dict[str, int] | None = {}
+    for o in windows:
+        if o.class_counts is None or classes is None:
+            classes = None
+            continue
+        for k, n in o.class_counts.items():
+            classes[k] = classes.get(k, 0) + n
+    timed = [o for o in windows if o.latency_p99_ms is not None and o.latency_count > 0]
+    tail = max(timed, key=lambda o: o.latency_p99_ms or 0.0) if timed else None
+    return Observation(
+        model=model,
+        version=version,
+        requests=sum(o.requests for o in windows),
+        errors=sum(o.errors for o in windows),
+        latency_p99_ms=None if tail is None else tail.latency_p99_ms,
+        latency_count=0 if tail is None else tail.latency_count,
+        latency_window=0 if tail is None else tail.latency_window,
+        class_counts=classes,
+        replica=f"{len(windows)} replicas",
         canary_active=canary_active,
         snapshot=snapshot,
     )

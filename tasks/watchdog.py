@@ -37,7 +37,7 @@ from ballast.watchdog import (
     WatchdogDecision,
     WatchdogPolicy,
     decide,
-    observe,
+    observe_replicas,
     unavailable,
 )
 from tasks.common import logger, registry
@@ -95,18 +95,11 @@ def save_state(path: Path, state: DetectorState) -> None:
 def _observe_gateway(s: Settings, model: str, version: str, state: DetectorState) -> Observation:
     try:
         with GatewayClient(s.gateway_url, s.admin_token()) as gw:
-            # One answer from one replica: its request and per-class counters, and its name.
+            # One answer from one replica: its counters and its peers' (from the board).
             stats = gw.stats()
     except GatewayError as exc:
         return unavailable(model, version, f"gateway at {s.gateway_url}: {exc.message}")
-    replica = stats.get("replica")
-    return observe(
-        stats,
-        model=model,
-        version=version,
-        last_snapshot=state.snapshot,
-        replica=None if replica is None else str(replica),
-    )
+    return observe_replicas(stats, model=model, version=version, last_snapshot=state.snapshot)
 
 
 @task(name="watchdog-check", cache_policy=NO_CACHE)

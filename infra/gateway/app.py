@@ -884,6 +884,7 @@ class Gateway:
             started=self._started,
             error=self.sync_error,
             shadow=self._shadow_counts(),
+            versions=self._versions_stats(),
         )
 
     def _shadow_counts(self) -> dict[str, Any] | None:
@@ -1001,7 +1002,8 @@ class Gateway:
 
     # -- admin: stats --------------------------------------------------------------------------
 
-    async def stats(self, request: Request, who: Principal) -> Response:
+    def _versions_stats(self) -> dict[str, Any]:
+        """Per version this replica serves: its counters since it was loaded (see stats)."""
         live = self.live
         versions: dict[str, Any] = {}
         for slot in () if live is None else live.all_slots:
@@ -1029,6 +1031,11 @@ class Gateway:
                 # load as ``requests``): what the watchdog's class shares are taken from.
                 "classes": {str(c): n for c, n in sorted(v.classes.items())},
             }
+        return versions
+
+    async def stats(self, request: Request, who: Principal) -> Response:
+        live = self.live
+        board = [] if self.board is None else await self._in_thread(self._io, self.board.live)
         return JSONResponse(
             {
                 # Counters are per replica: say whose they are (callers keep one series each).
@@ -1036,8 +1043,17 @@ class Gateway:
                 "model": None if live is None else live.model,
                 "canary_weight": 0 if live is None else live.weight,
                 "shadow_fraction": 0.0 if live is None else live.deployment.shadow_fraction,
-                "versions": versions,
+                "versions": self._versions_stats(),
                 "draining": [v.version for v in self.draining],
+                # The other live replicas' counters as their last heartbeat (HEARTBEAT_S) put
+                # them on the board: the champion watchdog adds every replica's window up, so
+                # one replica failing all its requests is not diluted by the healthy ones its
+                # single answer would otherwise come from.
+                "replicas": [
+                    {"replica": r.replica, "versions": r.versions}
+                    for r in board
+                    if r.replica != self.replica_id and r.versions is not None
+                ],
             }
         )
 

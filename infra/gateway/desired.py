@@ -235,6 +235,9 @@ class ReplicaStatus:
     # Its shadow's counters (version, mirrored, rows, agree, failed): /admin/shadow on any
     # replica adds up every replica's, as the canary's shadow phase reads one of them.
     shadow: dict[str, Any] | None = None
+    # Its per-version counters (as /admin/stats gives them): /admin/stats on any replica lists
+    # every other replica's, for the champion watchdog.
+    versions: dict[str, Any] | None = None
 
 
 def _alive(pid: int) -> bool:

@@ -409,3 +409,40 @@ def test_a_sigterm_while_the_workers_start_up_is_a_clean_stop(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_admin_stats_on_any_replica_carries_every_replicas_counters(
+    settings: Settings, versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
+) -> None:
+    # The champion watchdog reads /admin/stats once per run from whichever replica answers;
+    # before, that was one replica's counters only, and a replica failing all its requests
+    # was diluted by the healthy ones.
+    from ballast.watchdog import observe_replicas
+
+    one, _ = versions
+    with two_replicas(settings, tmp_path / "gw.log", one) as (gw, _admin):
+
+        def every_replica() -> dict[str, int]:
+            with GatewayClient(gw.url, settings.admin_token()) as fresh:
+                stats = fresh.stats()
+            mine = {stats["replica"]: stats["versions"][one.version]["requests"]}
+            return mine | {
+                p["replica"]: p["versions"][one.version]["requests"] for p in stats["replicas"]
+            }
+
+        wait_for(lambda: len(every_replica()) == 2, 5, "both replicas on the board")
+        with GatewayClient(gw.url, settings.admin_token()) as fresh:
+            first = observe_replicas(
+                fresh.stats(), model=MODEL, version=one.version, last_snapshot=None
+            )
+        assert first.first and len(first.snapshot["replicas"]) == 2  # type: ignore[index]
+        answers = [fresh_predict(gw.url) for _ in range(40)]
+        assert {a.status_code for a in answers} == {200}
+        # Each replica's board entry is at most a heartbeat (0.5 s) old: wait for all 40.
+        wait_for(lambda: sum(every_replica().values()) == 40, 5, "the board counting all 40")
+        with GatewayClient(gw.url, settings.admin_token()) as fresh:
+            window = observe_replicas(
+                fresh.stats(), model=MODEL, version=one.version, last_snapshot=first.snapshot
+            )
+        assert (window.requests, window.errors, window.first) == (40, 0, False), window
+        assert window.class_counts is not None and sum(window.class_counts.values()) == 40

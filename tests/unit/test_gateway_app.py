@@ -1005,6 +1005,7 @@ def test_stats_report_counts_and_latency_percentiles(
         "shadow_fraction": 0.0,
         "versions": {},
         "draining": [],
+        "replicas": [],  # no peers: a gateway without a replica board
     }
     deploy(gw, with_canary(artefacts, 50))
     seen = versions_seen(gw, 100)

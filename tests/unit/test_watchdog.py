@@ -112,6 +112,68 @@ def test_the_snapshot_keeps_the_champions_most_recent_replicas_only() -> None:
     assert list(again.snapshot["replicas"])[-1] == "h-10"
 
 
+def _with_peers(own: dict[str, Any], me: str, peers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``own`` (a stats body) as replica ``me``, with ``peers``' versions on the board."""
+    return own | {
+        "replica": me,
+        "replicas": [{"replica": r, "versions": body["versions"]} for r, body in peers.items()],
+    }
+
+
+def test_every_replicas_window_is_added_up_and_a_failing_one_is_not_diluted() -> None:
+    from ballast.watchdog import observe_replicas
+
+    snap = single_snap = None
+    # Four replicas, one of which fails every request; every run reaches some replica.
+    totals = {r: [0, 0] for r in "abcd"}
+    policy = WatchdogPolicy()
+    state = single = DetectorState(model="m")
+    statuses, single_statuses = [], []
+    for run in range(14):
+        for r, counts in totals.items():
+            counts[0] += 500
+            if r == "d" and run >= 12:
+                counts[1] += 500  # replica d fails all its requests from run 12 on
+        bodies = {r: stats(n, e, classes={"0": n - e, "1": 0}) for r, (n, e) in totals.items()}
+        me = "abcd"[run % 4]  # the replica that happens to answer
+        obs = observe_replicas(
+            _with_peers(bodies[me], me, {r: b for r, b in bodies.items() if r != me}),
+            model="m",
+            version="3",
+            last_snapshot=snap,
+        )
+        snap = obs.snapshot
+        # As before: the answering replica's counters alone.
+        alone = observe(bodies[me], model="m", version="3", last_snapshot=single_snap, replica=me)
+        single_snap = alone.snapshot
+        single_decision = decide(alone, single, policy)
+        single = single_decision.state
+        single_statuses.append(single_decision.status)
+        if run == 0:
+            assert obs.first and set(obs.snapshot["replicas"]) == set("abcd")  # type: ignore[index]
+            continue
+        assert (obs.requests, obs.replica) == (2000, "4 replicas")
+        assert obs.class_counts is not None and sum(obs.class_counts.values()) == 2000 - obs.errors
+        decision = decide(obs, state, policy)
+        state = decision.state
+        statuses.append(decision.status)
+    # A quarter of all requests failing is 25 % errors in each window: above the 5 % ceiling
+    # twice in a row. Before: one replica per run, and d's bad windows were one in four.
+    assert statuses[-1] == "breach" and "breach" not in statuses[:-2], statuses
+    assert "breach" not in single_statuses, single_statuses
+
+
+def test_a_peer_between_deployments_is_left_for_the_next_run() -> None:
+    from ballast.watchdog import observe_replicas
+
+    mine = stats(100, 0)
+    other = stats(50, 0, version="9")  # serves another version right now
+    obs = observe_replicas(
+        _with_peers(mine, "a", {"b": other}), model="m", version="3", last_snapshot=None
+    )
+    assert obs.first and set(obs.snapshot["replicas"]) == {"a"}  # type: ignore[index]
+
+
 def test_a_reload_or_restart_starts_the_counters_over() -> None:
     first = observe(stats(1000, 10), model="m", version="3", last_snapshot=None)
     reloaded = observe(
