@@ -411,47 +411,43 @@ def request_approval(
             answer, proof = waited  # a signature here was checked: a bad one never gets back
             approved = bool(answer.approve)
             approver, reason = answer.approver.strip(), answer.reason.strip()
+
     # From the last look to the last write, one run on this machine at a time: two runs
     # deciding the same version at once both passed the look and both wrote.
+    def superseded(message: str, **decided: Any) -> ApprovalRejected:
+        """The answer into the audit log, not applied: the error to stop this run with."""
+        record(
+            s.audit_log,
+            "approval_superseded",
+            model=model,
+            version=version,
+            approver=approver,
+            approve=approved,
+            reason=reason,
+            **decided,
+        )
+        return ApprovalRejected(message)
+
     with _deciding(s, model, version):
         now = reg.get_version(model, version)
         # A second run of the same release may have decided it while this one waited: its
         # decision stands (an approval included: a rejection here would overwrite it under a
         # trial in progress), and this answer is recorded as superseded, not lost.
         if _approval_tags(now) != asked:
-            record(
-                s.audit_log,
-                "approval_superseded",
-                model=model,
-                version=version,
-                approver=approver,
-                approve=approved,
-                reason=reason,
+            raise superseded(
+                f"version {version} of {model} was {now.tags.get(TAG_APPROVAL)} by "
+                f"{now.tags.get(TAG_APPROVAL_BY)} (another run) while this one waited: that "
+                "decision stands; this answer is in the audit log, not applied",
                 decided=now.tags.get(TAG_APPROVAL),
                 decided_by=now.tags.get(TAG_APPROVAL_BY),
             )
-            raise ApprovalRejected(
-                f"version {version} of {model} was {now.tags.get(TAG_APPROVAL)} by "
-                f"{now.tags.get(TAG_APPROVAL_BY)} (another run) while this one waited: that "
-                "decision stands; this answer is in the audit log, not applied"
-            )
         decided = prior_decision_of(now)
         if decided is not None:
-            # Decided meanwhile by another way (a canary's verdict, a promotion): the answer
-            # is recorded, not lost, and not applied.
-            record(
-                s.audit_log,
-                "approval_superseded",
-                model=model,
-                version=version,
-                approver=approver,
-                approve=approved,
-                reason=reason,
-                decided=decided,
-            )
-            raise ApprovalRejected(
+            # Decided meanwhile by another way (a canary's verdict, a promotion).
+            raise superseded(
                 f"version {version} of {model} was decided while this answer waited "
-                f"({decided}): a decision is never overwritten; the answer is in the audit log"
+                f"({decided}): a decision is never overwritten; the answer is in the audit log",
+                decided=decided,
             )
         if not approved and asked[0] == "approved":
             # Approved before this run asked (another run of the same release, whose canary
@@ -459,22 +455,13 @@ def request_approval(
             # candidate under that trial without stopping it.
             trial = _on_trial(s, model, version, now.tags)
             if trial is not None:
-                record(
-                    s.audit_log,
-                    "approval_superseded",
-                    model=model,
-                    version=version,
-                    approver=approver,
-                    approve=approved,
-                    reason=reason,
+                raise superseded(
+                    f"version {version} of {model} was approved by {asked[1]} and {trial}: "
+                    "this rejection is in the audit log, not applied. To stop that release, "
+                    "roll it back (ballast rollback --force)",
                     decided="approved",
                     decided_by=asked[1],
                     trial=trial,
-                )
-                raise ApprovalRejected(
-                    f"version {version} of {model} was approved by {asked[1]} and {trial}: "
-                    "this rejection is in the audit log, not applied. To stop that release, "
-                    "roll it back (ballast rollback --force)"
                 )
         if approved:
             stale = _stale(reg, model, compared_champion)

@@ -46,6 +46,18 @@ class FakeRegistry:
         self.tags.update(record.as_tags())
 
 
+def _request(model: str = "m", policy: str = "manual", champion: str | None = None) -> Any:
+    """request_approval of version 5 with one passed check."""
+    return ta.request_approval(
+        model=model,
+        version="5",
+        checks={"parity": True},
+        metrics={},
+        policy=policy,
+        compared_champion=champion,
+    )
+
+
 def _answer(approve: bool, approver: str, reason: str) -> Any:
     return ta.ApprovalForm(approve=approve, approver=approver, reason=reason)
 
@@ -270,27 +282,13 @@ def test_a_rejection_is_not_written_over_the_approval_a_gateway_trial_runs_under
         ta, "_wait_for_valid_answer", lambda **kw: (_answer(False, "bob", "no"), {})
     )
     with pytest.raises(ApprovalRejected, match="is on trial on the gateway"):
-        ta.request_approval(
-            model=settings.model_name,
-            version="5",
-            checks={"parity": True},
-            metrics={},
-            policy="manual",
-            compared_champion=None,
-        )
+        _request(settings.model_name)
     assert reg.tags["ballast.approval"] == "approved"
     # The trial ended (the canary left the gateway): the same answer is a rejection like any.
     dep = gateway_serving_5_as_canary.get_deployment()
     assert dep is not None
     gateway_serving_5_as_canary.set_deployment(dep.without_trial())
-    approved, by, _ = ta.request_approval(
-        model=settings.model_name,
-        version="5",
-        checks={"parity": True},
-        metrics={},
-        policy="manual",
-        compared_champion=None,
-    )
+    approved, by, _ = _request(settings.model_name)
     assert (approved, by, reg.tags["ballast.approval"]) == (False, "bob", "rejected")
 
 
@@ -344,29 +342,13 @@ def test_two_runs_deciding_one_version_at_once_write_one_decision(
         if not run_b:
             run_b.append("started")
             try:
-                run_b.append(
-                    ta.request_approval(
-                        model="m",
-                        version="5",
-                        checks={"parity": True},
-                        metrics={},
-                        policy="auto",
-                        compared_champion=None,
-                    )
-                )
+                run_b.append(_request(policy="auto"))
             except ApprovalRejected as exc:
                 run_b.append(exc)
         first_write(model, version, tags)
 
     monkeypatch.setattr(reg, "set_tags", set_tags)
-    approved, by, _ = ta.request_approval(
-        model="m",
-        version="5",
-        checks={"parity": True},
-        metrics={},
-        policy="manual",
-        compared_champion=None,
-    )
+    approved, by, _ = _request()
     assert (approved, by) == (False, "bob")
     _, b = run_b
     assert isinstance(b, ApprovalRejected) and "another run held" in str(b), b
