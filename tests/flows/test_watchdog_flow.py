@@ -233,7 +233,9 @@ def test_a_failed_rollback_is_reported_and_fails_the_run(
         return WatchdogCheck(decision, previous="8")
 
     @task
-    def failing_rollback(model_name: str | None = None, *, why: str = "") -> RolledBack:
+    def failing_rollback(
+        model_name: str | None = None, *, why: str = "", expect_champion: str | None = None
+    ) -> RolledBack:
         raise IntegrityError("version 8: artefact not in its manifest")
 
     monkeypatch.setattr(fw, "check_champion", fake_check)
@@ -271,9 +273,16 @@ def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
         Observation(model="m", version="9", requests=100, errors=30, replica="r"),
     )
     whys: list[str] = []
+    expected: list[str | None] = []
 
-    def rollback(model_name: str | None = None, *, why: str = "manual rollback") -> RolledBack:
+    def rollback(
+        model_name: str | None = None,
+        *,
+        why: str = "manual rollback",
+        expect_champion: str | None = None,
+    ) -> RolledBack:
         whys.append(why)
+        expected.append(expect_champion)
         return RolledBack(restored="8", replaced="9")
 
     monkeypatch.setattr(fw, "check_champion", lambda name, policy: WatchdogCheck(decision, "8"))
@@ -286,3 +295,5 @@ def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
     assert report.action == "rollback" and report.rolled_back_to == "8"
     assert len(whys) == 1 and whys[0] != "manual rollback", whys
     assert "watchdog" in whys[0] and "error_rate 0.3" in whys[0], whys
+    # Only while the judged version is still the champion.
+    assert expected == ["9"]
