@@ -485,7 +485,9 @@ class DetectorState:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], model: str) -> DetectorState:
         """The state in ``d``, or a fresh one when ``d`` is another model's or another schema's."""
-        if d.get("schema") != SCHEMA or d.get("model") != model:
+        # Schema 1 had no request counts: its residuals are judged by the old rule until
+        # counted ones replace them (see _scale), its baseline and snapshot kept.
+        if d.get("schema") not in (1, SCHEMA) or d.get("model") != model:
             return cls(model=model)
         snap = d.get("snapshot")
         return cls(

@@ -235,8 +235,9 @@ def release(
                 approval_policy=cast(Literal["auto", "manual"] | None, approval),
             )
     except BallastError as exc:  # bad data, a failed gate, a refused approval: one line
-        default = Path(get_settings().default_dataset_uri)
-        if dataset is None and exc.stage == "fetch" and not default.exists():
+        default = get_settings().default_dataset_uri
+        local = "://" not in default
+        if dataset is None and exc.stage == "fetch" and local and not Path(default).exists():
             # The first thing a new user meets: say how to make the dataset.
             console.print(f"no dataset at {default}: `ballast data prepare` makes it")
         fail(exc)

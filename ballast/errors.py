@@ -187,6 +187,11 @@ class RegistryError(BallastError):
     stage = "register"
 
 
+class ChampionChanged(RegistryError):
+    """The champion is no longer the version a decision was made about (the watchdog's
+    rollback after a promotion): nothing was changed."""
+
+
 class RegistryUnreachable(RegistryError):
     """Nothing answers at the tracking server's address (found by a quick probe, before any
     registry call): said as the registry's problem, not a registration's."""

@@ -239,6 +239,7 @@ def observe_replicas(
     model: str,
     version: str,
     last_snapshot: Mapping[str, Any] | None,
+    min_count: int = 1,
 ) -> Observation:
     """One window over every replica ``/admin/stats`` reports: the answering replica's counters
     and those its peers last put on the board (``replicas``), each differenced against its own
@@ -247,7 +248,9 @@ def observe_replicas(
     From one replica's answer alone, a replica failing every request was one window in K: the
     healthy replicas' windows reset the hard ceiling's run and wore its CUSUM down (with four
     replicas a quarter of all traffic failing went unhandled for over an hour). The p99 is the
-    highest of the replicas' (percentiles do not add), with that replica's counts.
+    highest of the replicas' (percentiles do not add) among those with ``min_count`` requests in
+    the window (the detector's minimum: a quiet replica's p99 would leave latency unjudged on
+    every run), with that replica's counts; the busiest replica's when none has that many.
     """
     me = stats.get("replica")
     parts: list[tuple[str | None, Mapping[str, Any]]] = [(None if me is None else str(me), stats)]
@@ -283,7 +286,11 @@ def observe_replicas(
         for k, n in o.class_counts.items():
             classes[k] = classes.get(k, 0) + n
     timed = [o for o in windows if o.latency_p99_ms is not None and o.latency_count > 0]
-    tail = max(timed, key=lambda o: o.latency_p99_ms or 0.0) if timed else None
+    enough = [o for o in timed if o.latency_count >= min_count]
+    if enough:
+        tail: Observation | None = max(enough, key=lambda o: o.latency_p99_ms or 0.0)
+    else:
+        tail = max(timed, key=lambda o: o.latency_count) if timed else None
     return Observation(
         model=model,
         version=version,

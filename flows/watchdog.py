@@ -26,6 +26,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from ballast.anomaly import DetectorPolicy
+from ballast.errors import ChampionChanged
 from ballast.settings import get_settings
 from ballast.watchdog import WatchdogPolicy, plan_response
 from tasks.common import logger
@@ -76,6 +77,7 @@ def champion_watchdog_flow(
     response = plan_response(decision, previous=check.previous, policy=policy)
     rolled_back_to: str | None = None
     failure: BaseException | None = None
+    skipped: str | None = None
     artifact_id: str | None = None
     if response.action == "rollback":
         try:
@@ -84,6 +86,10 @@ def champion_watchdog_flow(
             rolled_back_to = rollback_to_previous(
                 name, why=why, expect_champion=decision.version
             ).restored
+        except ChampionChanged as exc:
+            # Promoted since it was judged: the breaching version serves no more, and the new
+            # champion was never judged. Reported, not a failed run.
+            skipped = exc.message
         except Exception as exc:  # reported below, then the run fails
             failure = exc
     if response.action != "none":
@@ -95,7 +101,11 @@ def champion_watchdog_flow(
             decision,
             response,
             rolled_back_to=rolled_back_to,
-            rollback_error=None if failure is None else f"{type(failure).__name__}: {failure}",
+            rollback_error=(
+                f"{type(failure).__name__}: {failure}"
+                if failure is not None
+                else (None if skipped is None else f"not rolled back: {skipped}")
+            ),
             localisation=localisation,
         )
     detail = decision.summary()

@@ -310,18 +310,24 @@ def _refuse_if_decided(reg: Any, model: str, version: str) -> None:
 DECIDING_TIMEOUT_S = 60.0
 
 
+class _DecisionLockBusy(ApprovalRejected):
+    """Another run held the version's decision lock for over DECIDING_TIMEOUT_S."""
+
+
 def _deciding(s: Settings, model: str, version: str) -> contextlib.AbstractContextManager[None]:
-    """One run on this machine at a time between the last look at a version's approval and the
-    last write of its decision. Runs on different machines (a cluster's workers share no
-    state_dir) are not serialised by it: MLflow offers no conditional write."""
+    """One run at a time between the last look at a version's approval and the last write of
+    its decision, among runs whose state_dir is the same folder on a filesystem where ``flock``
+    holds between them: one machine; a volume shared by a cluster's Jobs only where its
+    filesystem supports ``flock`` across nodes. MLflow offers no conditional write that would
+    serialise the rest."""
     digest = hashlib.sha256(f"{model}\0{version}".encode()).hexdigest()[:24]
     return held(
         s.state_dir / "locks" / f"approval-{digest}.lock",
         DECIDING_TIMEOUT_S,
-        ApprovalRejected(
+        _DecisionLockBusy(
             f"another run held version {version} of {model}'s approval for over "
-            f"{DECIDING_TIMEOUT_S:g} s; this answer was neither applied nor recorded: run the "
-            "release again"
+            f"{DECIDING_TIMEOUT_S:g} s; this answer was not applied (it is in the audit log): "
+            "run the release again"
         ),
     )
 
@@ -428,7 +434,11 @@ def request_approval(
         )
         return ApprovalRejected(message)
 
-    with _deciding(s, model, version):
+    with contextlib.ExitStack() as held_lock:
+        try:
+            held_lock.enter_context(_deciding(s, model, version))
+        except _DecisionLockBusy as exc:  # audited like any answer not applied
+            raise superseded(exc.message, decided="unknown: another run held the lock") from None
         now = reg.get_version(model, version)
         # A second run of the same release may have decided it while this one waited: its
         # decision stands (an approval included: a rejection here would overwrite it under a

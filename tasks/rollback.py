@@ -19,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.audit import record
-from ballast.errors import RegistryError, TrialInForce
+from ballast.errors import ChampionChanged, RegistryError, TrialInForce
 from ballast.gateway_client import GatewayClient
 from ballast.release import (
     ALIAS_CHAMPION,
@@ -92,7 +92,7 @@ def rollback_to_previous(
         raise RegistryError(f"{name} has no 'previous' version to roll back to")
     current = None if champion is None else champion.version
     if expect_champion is not None and current != expect_champion:
-        raise RegistryError(
+        raise ChampionChanged(
             f"{name}'s champion is version {current}, not the judged version {expect_champion}: "
             "it changed since; nothing was rolled back"
         )

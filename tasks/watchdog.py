@@ -92,14 +92,18 @@ def save_state(path: Path, state: DetectorState) -> None:
         raise
 
 
-def _observe_gateway(s: Settings, model: str, version: str, state: DetectorState) -> Observation:
+def _observe_gateway(
+    s: Settings, model: str, version: str, state: DetectorState, min_count: int
+) -> Observation:
     try:
         with GatewayClient(s.gateway_url, s.admin_token()) as gw:
             # One answer from one replica: its counters and its peers' (from the board).
             stats = gw.stats()
     except GatewayError as exc:
         return unavailable(model, version, f"gateway at {s.gateway_url}: {exc.message}")
-    return observe_replicas(stats, model=model, version=version, last_snapshot=state.snapshot)
+    return observe_replicas(
+        stats, model=model, version=version, last_snapshot=state.snapshot, min_count=min_count
+    )
 
 
 @task(name="watchdog-check", cache_policy=NO_CACHE)
@@ -120,7 +124,7 @@ def check_champion(
             model=name, version=None, first=True, reason="no champion yet: nothing to watch"
         )
     else:
-        obs = _observe_gateway(s, name, champion.version, state)
+        obs = _observe_gateway(s, name, champion.version, state, policy.detector.min_count)
     decision = decide(obs, state, policy)
     save_state(path, decision.state)
     log = logger()

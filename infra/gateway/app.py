@@ -884,7 +884,7 @@ class Gateway:
             started=self._started,
             error=self.sync_error,
             shadow=self._shadow_counts(),
-            versions=self._versions_stats(),
+            versions=self._versions_stats(self.live),
         )
 
     def _shadow_counts(self) -> dict[str, Any] | None:
@@ -1002,9 +1002,8 @@ class Gateway:
 
     # -- admin: stats --------------------------------------------------------------------------
 
-    def _versions_stats(self) -> dict[str, Any]:
-        """Per version this replica serves: its counters since it was loaded (see stats)."""
-        live = self.live
+    def _versions_stats(self, live: Live | None) -> dict[str, Any]:
+        """Per version ``live`` serves here: its counters since it was loaded (see stats)."""
         versions: dict[str, Any] = {}
         for slot in () if live is None else live.all_slots:
             v = slot.loaded
@@ -1034,8 +1033,8 @@ class Gateway:
         return versions
 
     async def stats(self, request: Request, who: Principal) -> Response:
-        live = self.live
         board = [] if self.board is None else await self._in_thread(self._io, self.board.live)
+        live = self.live  # after the await: one deployment for every field below
         return JSONResponse(
             {
                 # Counters are per replica: say whose they are (callers keep one series each).
@@ -1043,7 +1042,7 @@ class Gateway:
                 "model": None if live is None else live.model,
                 "canary_weight": 0 if live is None else live.weight,
                 "shadow_fraction": 0.0 if live is None else live.deployment.shadow_fraction,
-                "versions": self._versions_stats(),
+                "versions": self._versions_stats(live),
                 "draining": [v.version for v in self.draining],
                 # The other live replicas' counters as their last heartbeat (HEARTBEAT_S) put
                 # them on the board: the champion watchdog adds every replica's window up, so

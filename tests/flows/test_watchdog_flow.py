@@ -297,3 +297,45 @@ def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
     assert "watchdog" in whys[0] and "error_rate 0.3" in whys[0], whys
     # Only while the judged version is still the champion.
     assert expected == ["9"]
+
+
+def test_a_champion_promoted_since_it_was_judged_is_reported_not_a_failed_run(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fast: the flow's body via .fn() with its tasks replaced."""
+    import flows.watchdog as fw
+    from ballast.anomaly import DetectorState, MetricVerdict
+    from ballast.errors import ChampionChanged
+    from ballast.watchdog import Observation, WatchdogDecision
+    from tasks.watchdog import WatchdogCheck
+
+    verdict = MetricVerdict(
+        "error_rate", "breach", 0.3, 100, threshold=0.05, reason="error_rate 0.3", rule="cusum"
+    )
+    decision = WatchdogDecision(
+        "breach",
+        "m",
+        "9",
+        (verdict,),
+        (verdict.reason,),
+        DetectorState("m"),
+        Observation(model="m", version="9", requests=100, errors=30, replica="r"),
+    )
+    reported: list[str | None] = []
+
+    def rollback(*a: object, **k: object) -> None:
+        raise ChampionChanged("m's champion is version 10, not the judged version 9")
+
+    def report_incident(*a: object, **k: object) -> str:
+        reported.append(k.get("rollback_error"))  # type: ignore[arg-type]
+        return "artifact"
+
+    monkeypatch.setattr(fw, "check_champion", lambda name, policy: WatchdogCheck(decision, "8"))
+    monkeypatch.setattr(fw, "rollback_to_previous", rollback)
+    monkeypatch.setattr(fw, "localisation_markdown", lambda *a, **k: "")
+    monkeypatch.setattr(fw, "report_incident", report_incident)
+    monkeypatch.setattr(fw, "send_heartbeat", lambda *a, **k: True)
+    # Before: the RegistryError failed the run and the report said "rollback failed".
+    report = fw.champion_watchdog_flow.fn("m")
+    assert report.rolled_back_to is None and report.action == "rollback"
+    assert reported == ["not rolled back: m's champion is version 10, not the judged version 9"]

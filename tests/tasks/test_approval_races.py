@@ -352,6 +352,8 @@ def test_two_runs_deciding_one_version_at_once_write_one_decision(
     assert (approved, by) == (False, "bob")
     _, b = run_b
     assert isinstance(b, ApprovalRejected) and "another run held" in str(b), b
+    held_out = [e for e in read_audit(settings.audit_log) if e["action"] == "approval_superseded"]
+    assert [(e["approver"], e["approve"]) for e in held_out] == [("policy:auto", True)]
     assert (reg.tags["ballast.approval"], reg.tags["ballast.approval.by"]) == ("rejected", "bob")
     decisions = [e for e in read_audit(settings.audit_log) if e["action"] in ("approve", "reject")]
     assert [(e["action"], e["approver"]) for e in decisions] == [("reject", "bob")]

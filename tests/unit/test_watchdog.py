@@ -163,6 +163,48 @@ def test_every_replicas_window_is_added_up_and_a_failing_one_is_not_diluted() ->
     assert "breach" not in single_statuses, single_statuses
 
 
+def test_the_p99_comes_from_a_replica_with_enough_requests_to_judge() -> None:
+    from ballast.watchdog import observe_replicas
+
+    def bodies(n_a: int, n_b: int) -> dict[str, Any]:
+        busy = stats(n_a, 0, p99=50.0)  # its p99 rose from 5 ms
+        quiet = stats(n_b, 0, p99=60.0)  # a quiet replica, slow as ever
+        return _with_peers(busy, "a", {"b": quiet})
+
+    first = observe_replicas(bodies(1000, 40), model="m", version="3", last_snapshot=None)
+    obs = observe_replicas(
+        bodies(2000, 80), model="m", version="3", last_snapshot=first.snapshot, min_count=100
+    )
+    # Before: the highest p99 with its replica's 40 requests: latency "insufficient" every run.
+    assert (obs.latency_p99_ms, obs.latency_count) == (50.0, 1000)
+    quiet_only = observe_replicas(
+        bodies(1010, 80), model="m", version="3", last_snapshot=first.snapshot, min_count=100
+    )
+    assert quiet_only.latency_count == 40  # none has enough: the busiest replica's
+
+
+def test_a_state_from_before_request_counts_keeps_its_baseline() -> None:
+    from ballast.anomaly import MetricState, update_metric
+
+    old = {
+        "schema": 1,
+        "model": "m",
+        "version": "3",
+        "snapshot": {"replicas": {"a": {"version": "3", "requests": 5}}},
+        "checks": 40,
+        "metrics": {"error_rate": {"warm": [], "level": 0.01, "residuals": [0.001, -0.002, 0.0]}},
+    }
+    state = DetectorState.from_dict(old, "m")
+    # Before: discarded, an hour of warm-up again after the upgrade.
+    assert state.version == "3" and state.snapshot == old["snapshot"] and state.checks == 40
+    metric = state.metrics["error_rate"]
+    assert metric.level == 0.01 and metric.residual_counts == ()
+    spec = POLICY.spec(ERROR_RATE)
+    _, verdict = update_metric(metric, spec, 0.011, 1000, POLICY.detector)
+    assert verdict.status == "ok" and verdict.scale is not None
+    assert MetricState.from_dict(metric.to_dict()) == metric
+
+
 def test_a_peer_between_deployments_is_left_for_the_next_run() -> None:
     from ballast.watchdog import observe_replicas
 
