@@ -250,14 +250,12 @@ def test_a_failed_rollback_is_reported_and_fails_the_run(
     assert any("rollback failed: IntegrityError" in a.data for a in arts)
 
 
-def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Fast: the flow's body via .fn() with its tasks replaced, no harness or gateway needed."""
+def _fast_breach_flow(monkeypatch: pytest.MonkeyPatch, rollback: Any, report_incident: Any) -> Any:
+    """The flow's body via .fn() with its tasks replaced (no harness or gateway): version 9 of
+    model m breached on its error rate, previous is 8. Returns the flow's report."""
     import flows.watchdog as fw
     from ballast.anomaly import DetectorState, MetricVerdict
     from ballast.watchdog import Observation, WatchdogDecision
-    from tasks.rollback import RolledBack
     from tasks.watchdog import WatchdogCheck
 
     verdict = MetricVerdict(
@@ -272,6 +270,19 @@ def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
         DetectorState("m"),
         Observation(model="m", version="9", requests=100, errors=30, replica="r"),
     )
+    monkeypatch.setattr(fw, "check_champion", lambda name, policy: WatchdogCheck(decision, "8"))
+    monkeypatch.setattr(fw, "rollback_to_previous", rollback)
+    monkeypatch.setattr(fw, "localisation_markdown", lambda *a, **k: "")
+    monkeypatch.setattr(fw, "report_incident", report_incident)
+    monkeypatch.setattr(fw, "send_heartbeat", lambda *a, **k: True)
+    return fw.champion_watchdog_flow.fn("m")
+
+
+def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.rollback import RolledBack
+
     whys: list[str] = []
     expected: list[str | None] = []
 
@@ -285,12 +296,7 @@ def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
         expected.append(expect_champion)
         return RolledBack(restored="8", replaced="9")
 
-    monkeypatch.setattr(fw, "check_champion", lambda name, policy: WatchdogCheck(decision, "8"))
-    monkeypatch.setattr(fw, "rollback_to_previous", rollback)
-    monkeypatch.setattr(fw, "localisation_markdown", lambda *a, **k: "")
-    monkeypatch.setattr(fw, "report_incident", lambda *a, **k: "artifact")
-    monkeypatch.setattr(fw, "send_heartbeat", lambda *a, **k: True)
-    report = fw.champion_watchdog_flow.fn("m")
+    report = _fast_breach_flow(monkeypatch, rollback, lambda *a, **k: "artifact")
     # The audit log's rollback entry must not read "manual rollback" for an automatic one.
     assert report.action == "rollback" and report.rolled_back_to == "8"
     assert len(whys) == 1 and whys[0] != "manual rollback", whys
@@ -302,25 +308,8 @@ def test_an_automatic_rollback_says_it_was_the_watchdog_and_why(
 def test_a_champion_promoted_since_it_was_judged_is_reported_not_a_failed_run(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Fast: the flow's body via .fn() with its tasks replaced."""
-    import flows.watchdog as fw
-    from ballast.anomaly import DetectorState, MetricVerdict
     from ballast.errors import ChampionChanged
-    from ballast.watchdog import Observation, WatchdogDecision
-    from tasks.watchdog import WatchdogCheck
 
-    verdict = MetricVerdict(
-        "error_rate", "breach", 0.3, 100, threshold=0.05, reason="error_rate 0.3", rule="cusum"
-    )
-    decision = WatchdogDecision(
-        "breach",
-        "m",
-        "9",
-        (verdict,),
-        (verdict.reason,),
-        DetectorState("m"),
-        Observation(model="m", version="9", requests=100, errors=30, replica="r"),
-    )
     reported: list[str | None] = []
 
     def rollback(*a: object, **k: object) -> None:
@@ -330,12 +319,7 @@ def test_a_champion_promoted_since_it_was_judged_is_reported_not_a_failed_run(
         reported.append(k.get("rollback_error"))  # type: ignore[arg-type]
         return "artifact"
 
-    monkeypatch.setattr(fw, "check_champion", lambda name, policy: WatchdogCheck(decision, "8"))
-    monkeypatch.setattr(fw, "rollback_to_previous", rollback)
-    monkeypatch.setattr(fw, "localisation_markdown", lambda *a, **k: "")
-    monkeypatch.setattr(fw, "report_incident", report_incident)
-    monkeypatch.setattr(fw, "send_heartbeat", lambda *a, **k: True)
     # Before: the RegistryError failed the run and the report said "rollback failed".
-    report = fw.champion_watchdog_flow.fn("m")
+    report = _fast_breach_flow(monkeypatch, rollback, report_incident)
     assert report.rolled_back_to is None and report.action == "rollback"
     assert reported == ["not rolled back: m's champion is version 10, not the judged version 9"]
