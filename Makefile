@@ -12,13 +12,15 @@ help:  ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
 
 # Python 3.11 or 3.12 (pyproject.toml); a .venv made with another is made again (before, one made
-# by an unsupported python3 was reused for ever, whatever PY said).
+# by an unsupported python3 was reused for ever, whatever PY said), and so is one without pip (a
+# `venv` that failed half-way, e.g. Debian without python3-venv, left a python but no pip).
 SUPPORTED := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))
 
 $(STAMP): pyproject.toml constraints.txt
-	@if ! $(BIN)/python -c '$(SUPPORTED)' 2>/dev/null; then \
+	@if ! { $(BIN)/python -c '$(SUPPORTED)' && $(BIN)/python -m pip --version; } >/dev/null 2>&1; then \
 	  $(PY) -c '$(SUPPORTED)' || { echo "Ballast needs Python 3.11 or 3.12; $(PY) is $$($(PY) -V 2>&1): run make PY=python3.12"; exit 1; }; \
-	  echo "creating $(VENV) with $(PY)"; rm -rf $(VENV); $(PY) -m venv $(VENV); \
+	  echo "creating $(VENV) with $(PY)"; rm -rf $(VENV); \
+	  $(PY) -m venv $(VENV) || { rm -rf $(VENV); echo "$(PY) -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }; \
 	fi
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The constraints file pins every transitive version that was tested together (torch exactly).

@@ -6,6 +6,7 @@ direction), so it is spawned by module name: ``python -m infra.gateway --host H 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -19,6 +20,7 @@ from typing import IO
 
 from ballast.errors import GatewayError
 from ballast.gateway_client import GatewayClient
+from ballast.procinfo import start_ticks
 from ballast.settings import Settings
 
 __all__ = ["GatewayProcess", "ensure_gateway", "stop_recorded_gateway"]
@@ -210,36 +212,72 @@ def ensure_gateway(
                 return None
         raise
     pid_path = settings.state_dir / "gateway.pid"
-    pid_path.write_text(f"{gw.pid}\n")
+    # The pid with its start time: only that process is ever signalled for it, not another
+    # program (or another checkout's gateway) that got the number after ours exited.
+    record = {"pid": gw.pid, "start_ticks": start_ticks(gw.pid)}
+    tmp = pid_path.with_name(f"{pid_path.name}.tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(pid_path)
     gw.pid_path = pid_path
     return gw
 
 
 def _is_gateway(pid: int) -> bool:
-    """Whether ``pid`` runs ``python -m infra.gateway`` (not a recycled pid)."""
+    """Whether ``pid`` runs ``python -m infra.gateway``."""
     try:
         return b"infra.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
 
+def _recorded(pid_path: Path) -> tuple[int, int | None] | None:
+    """The pid file's pid and start time (None for a file of an older release: a bare pid)."""
+    try:
+        text = pid_path.read_text().strip()
+    except OSError:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(data, int):
+        return data, None
+    if isinstance(data, dict) and isinstance(data.get("pid"), int):
+        ticks = data.get("start_ticks")
+        return data["pid"], ticks if isinstance(ticks, int) else None
+    return None
+
+
 def stop_recorded_gateway(settings: Settings, *, timeout: float = 20.0) -> int | None:
     """Stop the gateway a release started (:func:`ensure_gateway` records it in
     ``state_dir/gateway.pid`` and leaves it serving the champion); returns its pid, or None when
-    no such gateway runs. A pid file naming anything else (a recycled pid) is only removed."""
+    no such gateway runs. A pid file naming any other process (the pid recycled: another start
+    time, or not a gateway) is only removed."""
     pid_path = settings.state_dir / "gateway.pid"
-    try:
-        pid = int(pid_path.read_text().strip())
-    except (OSError, ValueError):
+    recorded = _recorded(pid_path)
+    if recorded is None:
         return None
-    if not _is_gateway(pid):
+    pid, ticks = recorded
+
+    def ours() -> bool:
+        # Checked before every signal: the process may exit, and its pid be reused, meanwhile.
+        if ticks is not None and start_ticks(pid) != ticks:
+            return False
+        return _is_gateway(pid)
+
+    if not ours():
         pid_path.unlink(missing_ok=True)
         return None
-    os.kill(pid, signal.SIGTERM)  # uvicorn drains in-flight requests first
-    deadline = time.monotonic() + timeout
-    while _is_gateway(pid) and time.monotonic() < deadline:
-        time.sleep(_POLL_S)
-    if _is_gateway(pid):
-        os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGTERM)  # uvicorn drains in-flight requests first
+        deadline = time.monotonic() + timeout
+        while ours() and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        if ours():
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it exited between the check and the signal
+    except PermissionError as exc:
+        raise GatewayError(f"not allowed to stop the gateway pid {pid}: {exc}") from exc
     pid_path.unlink(missing_ok=True)
     return pid

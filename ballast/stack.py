@@ -40,6 +40,7 @@ import httpx
 
 from ballast.errors import BallastError
 from ballast.locks import held_or_refused
+from ballast.procinfo import listening_inodes, socket_inodes, start_ticks, stat_fields
 from ballast.settings import Settings
 
 __all__ = [
@@ -164,13 +165,20 @@ def _prefect_server_env(config: StackConfig) -> dict[str, str]:
     return env
 
 
-#: Where the Prefect database URL may come from; only the server's environment keeps them.
-_SERVER_ONLY_ENV = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "BALLAST_STACK_PREFECT_DB")
+#: Where the Prefect database's URL and credentials may come from; only the server's
+#: environment keeps them. Prefect reads each setting under its PREFECT_SERVER_DATABASE_* name
+#: and the older PREFECT_API_DATABASE_* alias (URL, password, user, host, ...).
+_SERVER_ONLY_ENV = ("BALLAST_STACK_PREFECT_DB",)
+_SERVER_ONLY_PREFIXES = ("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")
+
+
+def _server_only(name: str) -> bool:
+    return name in _SERVER_ONLY_ENV or name.upper().startswith(_SERVER_ONLY_PREFIXES)
 
 
 def _without_server_secrets() -> dict[str, str]:
-    """This process's environment less the database URL, for every process but the server."""
-    return {k: v for k, v in os.environ.items() if k not in _SERVER_ONLY_ENV}
+    """This process's environment less the database settings, for every process but the server."""
+    return {k: v for k, v in os.environ.items() if not _server_only(k)}
 
 
 def _mlflow_backend(settings: Settings) -> str:
@@ -296,7 +304,7 @@ def plan(settings: Settings, config: StackConfig) -> list[Component]:
 
 
 def _which(program: str) -> str:
-    # Resolved when the command is built, so a missing binary fails before anything starts.
+    # Resolved when the command is built; `up` checks every program before it starts any.
     path = shutil.which(program)
     return path or program
 
@@ -323,23 +331,9 @@ def render_prometheus_config(
 # -- processes ---------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields 3 onwards of ``/proc/<pid>/stat`` (state, ppid, pgrp, session, ... starttime at
-    [19]), None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    return stat.rsplit(")", 1)[1].split()
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), None if it is not running."""
-    fields = _stat(pid)
-    if fields is None or fields[0] == "Z":  # a zombie has exited
-        return None
-    return int(fields[19])
+# Shared with the gateway's pid file (ballast.gateway_process); the old names stay for callers.
+_stat = stat_fields
+_start_ticks = start_ticks
 
 
 # Set in every component's environment (a fresh value per start) and inherited by its
@@ -358,25 +352,16 @@ def _carries(pid: int, token: str) -> bool:
     return f"{STACK_TOKEN_ENV}={token}".encode() in environ.split(b"\0")
 
 
-def _orphans(record: Mapping[str, object]) -> list[int]:
-    """Live processes left in the recorded process group after its leader exited.
-
-    ``spawn`` starts every component in a session of its own, so its group and session ids are
-    its pid; its children (a server's workers) stay in them after it exits. Empty when the
-    leader still runs, when its pid now belongs to another process (that group is not ours), or
-    when the start time was never recorded. A member must carry the start's token (when the
-    pid file has one): once the whole group has gone, the pid may lead a stranger's session,
-    whose own leader may exit in turn, leaving its children in a group of that same number.
-    """
+def _members(record: Mapping[str, object]) -> list[int]:
+    """Live processes of the recorded process group that are this start's: in the group (and
+    session) ``spawn`` gave the leader, started no earlier than it, and carrying the start's
+    token (when the pid file has one). The leader itself is one while it runs."""
     pid, ticks, token = record.get("pid"), record.get("start_ticks"), record.get("token")
     if not isinstance(pid, int) or not isinstance(ticks, int):
         return []
     # A pid file written before tokens existed: the checks below without the token (as
     # before), or `down` would forget our own orphans holding their ports.
     token = token if isinstance(token, str) else None
-    leader = _stat(pid)
-    if leader is not None and (leader[0] != "Z" or int(leader[19]) != ticks):
-        return []
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -392,6 +377,43 @@ def _orphans(record: Mapping[str, object]) -> list[int]:
         ):
             members.append(int(entry.name))
     return sorted(members)
+
+
+def _orphans(record: Mapping[str, object]) -> list[int]:
+    """Live processes left in the recorded process group after its leader exited.
+
+    ``spawn`` starts every component in a session of its own, so its group and session ids are
+    its pid; its children (a server's workers) stay in them after it exits. Empty when the
+    leader still runs, when its pid now belongs to another process (that group is not ours), or
+    when the start time was never recorded. A member must carry the start's token (when the
+    pid file has one): once the whole group has gone, the pid may lead a stranger's session,
+    whose own leader may exit in turn, leaving its children in a group of that same number.
+    """
+    pid, ticks = record.get("pid"), record.get("start_ticks")
+    if not isinstance(pid, int) or not isinstance(ticks, int):
+        return []
+    leader = _stat(pid)
+    if leader is not None and (leader[0] != "Z" or int(leader[19]) != ticks):
+        return []
+    return _members(record)
+
+
+def _holds_port(record: Mapping[str, object], port: int) -> bool:
+    """Whether every socket listening on ``port`` is held by the recorded start's processes.
+
+    Between ``up``'s "port free?" check and the server's own bind (seconds of imports) another
+    program can take the port; its health endpoint would then answer for ours, and ours would
+    fail to bind and exit after ``up`` called it healthy. True where ``/proc/net/tcp`` cannot
+    be read (there only the liveness check is left)."""
+    listeners = listening_inodes(port)
+    if listeners is None:
+        return True
+    if not listeners:
+        return False
+    ours: set[int] = set()
+    for pid in _members(record):
+        ours |= socket_inodes(pid)
+    return listeners <= ours
 
 
 def _alive(record: Mapping[str, object]) -> bool:
@@ -434,6 +456,14 @@ def _tail(path: Path) -> str:
         return "(no log)"
 
 
+def _require_program(comp: Component) -> None:
+    if not os.path.isabs(comp.argv[0]) and shutil.which(comp.argv[0]) is None:
+        raise StackError(
+            f"{comp.name}: {comp.argv[0]!r} is not installed"
+            + (" (apt-get install -y prometheus)" if comp.name == "prometheus" else "")
+        )
+
+
 class _Stack:
     """Pid files and logs of one stack folder."""
 
@@ -448,7 +478,7 @@ class _Stack:
         return self.config.root / f"{name}.log"
 
     def say(self, message: str) -> None:
-        self.config.root.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.config.root)
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         with (self.config.root / "stack.log").open("a") as fh:
             fh.write(f"{stamp} {message}\n")
@@ -463,11 +493,7 @@ class _Stack:
         return data if isinstance(data, dict) else None
 
     def spawn(self, comp: Component) -> int:
-        if not os.path.isabs(comp.argv[0]) and shutil.which(comp.argv[0]) is None:
-            raise StackError(
-                f"{comp.name}: {comp.argv[0]!r} is not installed"
-                + (" (apt-get install -y prometheus)" if comp.name == "prometheus" else "")
-            )
+        _require_program(comp)
         inherited = os.environ if comp.name == "prefect-server" else _without_server_secrets()
         token = secrets.token_hex(16)
         env = {**inherited, **comp.env, STACK_TOKEN_ENV: token}
@@ -483,6 +509,9 @@ class _Stack:
                 # Its own session: `down` signals the whole group (servers' own children
                 # included), and a Ctrl-C in the caller's terminal does not reach it.
                 start_new_session=True,
+                # What the servers and flow runs write (databases, registry, artefacts, logs,
+                # the audit log) is the user's alone, as the admin token already is.
+                umask=0o077,
             )
         finally:
             log.close()  # the child holds its own descriptor
@@ -510,8 +539,9 @@ class _Stack:
                     f"{comp.name} exited before it was healthy; log {self.log_path(comp.name)}:\n"
                     f"{_tail(self.log_path(comp.name))}"
                 )
-            # Health after the liveness check: a stranger on the port must not pass for ours.
-            if _healthy(comp.health_url) and _alive(rec):
+            # Health after the liveness check, and the port held by this start's processes: a
+            # stranger on the port must not pass for ours.
+            if _healthy(comp.health_url) and _alive(rec) and _holds_port(rec, comp.port):
                 return
             time.sleep(_POLL_S)
         raise StackError(
@@ -534,9 +564,12 @@ class _Stack:
         if not _alive(rec):
             return self._stop_orphans(name, pid, rec)
         how = self._terminate(pid, lambda: _alive(rec))
-        if how == "SIGTERM":
-            # The leader is gone; its group may still hold children (a server's workers).
-            self._signal(pid, signal.SIGKILL, quiet=True)
+        if how == "SIGTERM" and _orphans(rec):
+            # The leader is gone but its group still holds children (a server's workers, still
+            # draining): they get the same bound, and only this start's processes are signalled.
+            # (A SIGKILL to the group at once cut their drain short, and once the leader was
+            # reaped the number could name a stranger's group.)
+            return self._stop_orphans(name, pid, rec)
         path.unlink(missing_ok=True)
         self.say(f"{name}: stopped pid={pid} ({how})")
         return True
@@ -591,8 +624,16 @@ class _Stack:
 # -- the three commands ------------------------------------------------------------------------
 
 
+def _private_dir(path: Path) -> None:
+    """``path`` exists and only its owner can enter it (logs, pid files and Prefect's database
+    live in the stack folder)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
 def _prepare(settings: Settings, config: StackConfig, names: Iterable[str]) -> None:
-    config.root.mkdir(parents=True, exist_ok=True)
+    _private_dir(config.root)
     names = set(names)
     if "gateway" in names:
         # Created before the gateway reads it (two processes must not race to write it).
@@ -645,27 +686,61 @@ class _Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A SIGTERM (``timeout``, a cancelled job) or SIGHUP (the terminal closed) cleans up like
-    Ctrl-C: what this call started goes (on SIGHUP, before, it stayed running, orphaned). A
-    signal the launcher ignores stays ignored (``nohup``). Main thread only (the only place a
-    handler can be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _StopSignals:
+    """SIGTERM (``timeout``, a cancelled job), SIGHUP (the terminal closed) and SIGINT (Ctrl-C)
+    while ``up`` runs: the first one is raised where ``up`` was, so its cleanup runs; later ones
+    are ignored until that cleanup is done (a second Ctrl-C or ``timeout``'s second signal cut
+    it short, leaving servers running that no pid file named). In :meth:`deferred` sections (a
+    process started but not yet recorded) the first one waits for the section's end."""
 
-    def interrupt(signum: int, frame: object) -> None:
+    def __init__(self) -> None:
+        self.fired: int | None = None
+        self._pending: int | None = None
+        self._deferring = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.fired is not None:
+            return  # the first one's cleanup is running: let it finish
+        if self._deferring:
+            self._pending = signum
+            return
+        self._raise(signum)
+
+    def _raise(self, signum: int) -> None:
+        self.fired = signum
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise _Terminated(signum)
 
-    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending is not None and self.fired is None:
+            self._raise(self._pending)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[_StopSignals]:
+    """:class:`_StopSignals` in force for the block. A signal the launcher ignores stays ignored
+    (``nohup``). Main thread only (the only place a handler can be set); elsewhere nothing is
+    caught or deferred."""
+    guard = _StopSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    wanted = [signal.SIGTERM, signal.SIGINT]
+    wanted += [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
     previous = {
-        sig: signal.signal(sig, interrupt)
+        sig: signal.signal(sig, guard.handler)
         for sig in wanted
         if signal.getsignal(sig) != signal.SIG_IGN
     }
     try:
-        yield
+        yield guard
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
@@ -674,20 +749,32 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def up(settings: Settings, config: StackConfig, say: Say | None = None) -> list[ComponentStatus]:
     """Start what is not running, wait for every component's health, return their status."""
     try:
-        with _one_at_a_time(config), _sigterm_as_interrupt():
-            return _up(settings, config, say)
+        with _one_at_a_time(config), _stop_signals() as signals:
+            return _up(settings, config, say, signals)
     except _Terminated as exc:
         raise SystemExit(128 + exc.signum) from None  # what was started is stopped
 
 
-def _up(settings: Settings, config: StackConfig, say: Say | None) -> list[ComponentStatus]:
+def _up(
+    settings: Settings, config: StackConfig, say: Say | None, signals: _StopSignals
+) -> list[ComponentStatus]:
     stack = _Stack(config, say)
     comps = plan(settings, config)
     running = {c.name for c in comps if _alive(stack.record(c.name) or {})}
-    for name in (c.name for c in comps if c.name in running):
-        stack.say(f"{name}: already running pid={(stack.record(name) or {}).get('pid')}")
+    for c in comps:
+        if c.name not in running:
+            continue
+        rec = stack.record(c.name) or {}
+        if rec.get("health_url", c.health_url) != c.health_url:
+            # Left alone it would be waited for at the address asked for, where nothing answers.
+            raise StackError(
+                f"{c.name} already runs (pid {rec.get('pid')}) at {rec.get('url')}, not at "
+                f"{c.url} as asked; use its ports, or `ballast stack down` first"
+            )
+        stack.say(f"{c.name}: already running pid={rec.get('pid')}")
     to_start = [c for c in comps if c.name not in running]
     for c in to_start:
+        _require_program(c)  # a missing program fails before anything starts
         rec = stack.record(c.name) or {}
         orphans = _orphans(rec)
         if orphans:
@@ -705,8 +792,9 @@ def _up(settings: Settings, config: StackConfig, say: Say | None) -> list[Compon
         # Everything but the worker starts at once; the worker needs the server's API.
         first = [c for c in to_start if c.name != "prefect-worker"]
         for c in first:
-            stack.spawn(c)
-            started.append(c.name)
+            with signals.deferred():  # started is recorded before a stop signal is raised
+                stack.spawn(c)
+                started.append(c.name)
         deadline = time.monotonic() + config.start_timeout_s
         for c in first:
             stack.wait_healthy(c, deadline)
@@ -716,12 +804,15 @@ def _up(settings: Settings, config: StackConfig, say: Say | None) -> list[Compon
             server = next(c for c in comps if c.name == "prefect-server")
             stack.wait_healthy(server, time.monotonic() + config.start_timeout_s)
             _ensure_work_pool(stack, config)
-            stack.spawn(worker)
-            started.append(worker.name)
+            with signals.deferred():
+                stack.spawn(worker)
+                started.append(worker.name)
             stack.wait_healthy(worker, time.monotonic() + config.start_timeout_s)
             stack.say(f"{worker.name}: healthy, polling pool {config.work_pool}")
     except BaseException:
         # Leave nothing half-started: what this call started goes; what ran before stays.
+        if signals.fired is not None and started:
+            stack.say(f"stopping {', '.join(started)} (further stop signals wait for this)")
         for name in reversed(started):
             stack.stop(name)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,7 +105,7 @@ def test_a_demo_stopped_from_outside_leaves_no_gateway_serving(
     try:
         assert demo.stdout is not None
         assert demo.stdout.readline().strip() == "releasing", "the demo did not get going"
-        gateway_pid = int((settings.state_dir / "gateway.pid").read_text())
+        gateway_pid = json.loads((settings.state_dir / "gateway.pid").read_text())["pid"]
         with GatewayClient(settings.gateway_url, timeout=10.0) as client:
             assert client.health()
             # When the demo gets the signal

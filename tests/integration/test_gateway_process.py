@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,8 @@ import pytest
 
 from ballast.errors import GatewayError
 from ballast.gateway_client import GatewayClient, GatewayHTTPError
-from ballast.gateway_process import GatewayProcess, ensure_gateway
+from ballast.gateway_process import GatewayProcess, ensure_gateway, stop_recorded_gateway
+from ballast.procinfo import start_ticks
 from ballast.serving import Deployment, VersionSpec
 from ballast.settings import Settings
 from infra.gateway.testing import build_mlp_onnx, spec_for
@@ -149,11 +151,39 @@ def test_ensure_gateway_starts_once_and_records_its_pid(settings: Settings) -> N
     assert started is not None
     try:
         pid_file = settings.state_dir / "gateway.pid"
-        assert pid_file.read_text().strip() == str(started.pid)
+        record = json.loads(pid_file.read_text())
+        assert record == {"pid": started.pid, "start_ticks": start_ticks(started.pid)}
         assert ensure_gateway(settings) is None  # already answering: someone else's
     finally:
         started.stop()
     assert not pid_file.exists()
+
+
+def test_stop_recorded_gateway_never_signals_a_process_that_got_the_pid_later(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a pid file whose pid now runs another program that even looks like a gateway (a
+    # stranger's, or another checkout's gateway, started after ours exited)
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "--log", "x/infra.gateway.log"]
+    )
+    try:
+        pid_file = settings.state_dir / "gateway.pid"
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        ticks = start_ticks(stranger.pid)
+        assert ticks is not None
+        pid_file.write_text(json.dumps({"pid": stranger.pid, "start_ticks": ticks - 1}))
+        # Then it is left alone and the stale file removed
+        assert stop_recorded_gateway(settings, timeout=2) is None
+        assert stranger.poll() is None, "a recycled pid was signalled"
+        assert not pid_file.exists()
+        # While the process the file was written for is stopped
+        pid_file.write_text(json.dumps({"pid": stranger.pid, "start_ticks": ticks}))
+        assert stop_recorded_gateway(settings, timeout=5) == stranger.pid
+        assert stranger.wait(5) == -signal.SIGTERM
+    finally:
+        stranger.kill()
+        stranger.wait(5)
 
 
 def test_start_fails_fast_with_the_log_when_the_port_is_taken(

@@ -487,3 +487,263 @@ def test_down_still_stops_our_leaderless_group_from_a_pid_file_without_a_token(
         assert _gone(leader), "down left our orphans running"
     finally:
         _kill_group(leader)
+
+
+def test_down_lets_a_groups_children_drain_after_their_leader_exits(settings: Settings) -> None:
+    # Given a component whose leader exits at once on SIGTERM while its child needs a second to
+    # drain (a server whose workers finish in-flight work). Before: the group got SIGKILL the
+    # moment the leader was gone, and the drain was cut short.
+    from ballast.stack import Component, _Stack
+
+    config = config_for(settings, components=("mlflow",), stop_timeout_s=10.0)
+    config.root.mkdir(parents=True, exist_ok=True)
+    drained, ready = config.root / "drained", config.root / "child-ready"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        "def stop(*a):\n"
+        "    time.sleep(1.0)\n"
+        f"    pathlib.Path({str(drained)!r}).write_text('yes')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).write_text('yes')\n"
+        "time.sleep(60)\n"
+    )
+    script = config.root / "child.py"
+    script.write_text(child)
+    comp = Component(
+        name="mlflow",
+        argv=("/bin/sh", "-c", f"trap 'exit 0' TERM; {sys.executable} {script} & wait"),
+        url="",
+        health_url="",
+        port=0,
+    )
+    leader = _Stack(config, None).spawn(comp)
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the child never started"
+        # When the stack is stopped
+        assert down(config) == ["mlflow"]
+        # Then the child finished its drain, and nothing of the group is left
+        assert drained.exists(), "the child was killed before it drained"
+        assert _gone(leader)
+    finally:
+        _kill_group(leader)
+
+
+def test_the_database_settings_under_every_prefect_name_reach_only_the_server(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prefect reads its database settings under PREFECT_SERVER_DATABASE_* and the older
+    # PREFECT_API_DATABASE_* names; before, only the URL under its new name was kept back.
+    from ballast.stack import _without_server_secrets
+
+    leaked = {
+        "PREFECT_API_DATABASE_CONNECTION_URL": SECRET_URL,
+        "PREFECT_SERVER_DATABASE_PASSWORD": "s3cret",
+        "PREFECT_API_DATABASE_PASSWORD": "s3cret",
+        "PREFECT_SERVER_DATABASE_USER": "ballast",
+    }
+    for name, value in leaked.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PREFECT_SERVER_API_PORT", "4200")  # other server settings may pass
+    env = _without_server_secrets()
+    assert not set(leaked) & set(env)
+    assert env["PREFECT_SERVER_API_PORT"] == "4200"
+
+
+def test_what_components_write_and_the_stack_folder_are_the_users_alone(
+    settings: Settings,
+) -> None:
+    from ballast.stack import Component, _Stack, _start_ticks
+
+    config = config_for(settings, components=("mlflow",))
+    config.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    config.root.chmod(0o755)
+    written = config.root / "written-by-child"
+    stack = _Stack(config, None)
+    stack.say("a line")  # the folder is made private on first use
+    comp = Component(
+        name="mlflow", argv=("/bin/sh", "-c", f"echo x > {written}"), url="", health_url="", port=0
+    )
+    pid = stack.spawn(comp)
+    deadline = time.monotonic() + 10
+    while _start_ticks(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert config.root.stat().st_mode & 0o777 == 0o700
+
+
+def test_up_checks_every_program_before_it_starts_any(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the gateway was started, then stopped again when prometheus turned out missing.
+    import ballast.stack as stack_mod
+
+    monkeypatch.setattr(stack_mod, "_which", lambda program: "no-such-prometheus-binary")
+    config = config_for(settings, components=("gateway", "prometheus"))
+    with pytest.raises(StackError, match="'no-such-prometheus-binary' is not installed"):
+        up(settings, config)
+    assert not list(config.root.glob("*.pid")) and not (config.root / "gateway.log").exists()
+
+
+def test_up_refuses_a_running_component_at_other_ports_than_asked(settings: Settings) -> None:
+    # A component already running on other ports would be waited for at the new ones, where
+    # nothing answers (a 90 s wait, then a failure that did not say why).
+    config = config_for(settings, components=("mlflow",))
+    config.root.mkdir(parents=True, exist_ok=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        from ballast.stack import _start_ticks
+
+        record = {
+            "pid": sleeper.pid,
+            "start_ticks": _start_ticks(sleeper.pid),
+            "name": "mlflow",
+            "url": "http://127.0.0.1:5999",
+            "health_url": "http://127.0.0.1:5999/health",
+        }
+        (config.root / "mlflow.pid").write_text(json.dumps(record))
+        with pytest.raises(
+            StackError, match=r"already runs .* at http://127\.0\.0\.1:5999, not at"
+        ):
+            up(settings, config)
+        assert sleeper.poll() is None  # left running: it is not this call's to stop
+    finally:
+        sleeper.kill()
+        sleeper.wait(5)
+
+
+def test_the_port_counts_as_ours_only_while_our_processes_hold_it(settings: Settings) -> None:
+    from ballast.stack import Component, _holds_port, _Stack
+
+    config = config_for(settings, components=("mlflow",))
+    config.root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    serve = f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(30)"
+    stack = _Stack(config, None)
+    pid = stack.spawn(
+        Component(
+            name="mlflow", argv=(sys.executable, "-c", serve), url="", health_url="", port=port
+        )
+    )
+    try:
+        rec = stack.record("mlflow")
+        assert rec is not None
+        deadline = time.monotonic() + 10
+        while not _holds_port(rec, port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _holds_port(rec, port), "our own listener did not count as ours"
+        assert not _holds_port(rec, free_port()), "a port nobody listens on counted as ours"
+        with socket.socket() as stranger:
+            stranger.bind(("127.0.0.1", 0))
+            stranger.listen(1)
+            assert not _holds_port(rec, stranger.getsockname()[1]), "a stranger's port was ours"
+    finally:
+        _kill_group(pid)
+
+
+@pytest.mark.integration
+def test_up_never_takes_a_server_that_took_the_port_after_the_check_for_ours(
+    settings: Settings,
+) -> None:
+    # Given another program that binds the gateway's port after `up` checked it was free but
+    # before our gateway (still importing) binds it, and answers its health check. Before: `up`
+    # called the component healthy, and ours exited a moment later ("address in use").
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    config = config_for(settings, components=("gateway",), start_timeout_s=30)
+    servers: list[http.server.HTTPServer] = []
+
+    def squat() -> None:
+        deadline = time.monotonic() + 20
+        while not (config.root / "gateway.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        srv = http.server.HTTPServer((settings.gateway_host, settings.gateway_port), Healthy)
+        servers.append(srv)
+        srv.serve_forever(poll_interval=0.1)
+
+    squatter = threading.Thread(target=squat, daemon=True)
+    squatter.start()
+    try:
+        with pytest.raises(StackError, match="gateway exited before it was healthy"):
+            up(settings, config)
+        assert servers, "the stranger never bound the port"
+        assert not list(config.root.glob("*.pid"))
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+        down(config)
+
+
+_UP_WITH_A_STUBBORN_COMPONENT = """
+import sys
+from pathlib import Path
+from ballast import stack
+from ballast.settings import Settings
+
+root, port = Path(sys.argv[1]), int(sys.argv[2])
+comp = stack.Component(
+    name="mlflow",
+    argv=("/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"),
+    url="",
+    health_url=f"http://127.0.0.1:{port}/never",
+    port=port,
+)
+stack.plan = lambda settings, config: [comp]
+config = stack.StackConfig(
+    root=root, components=("mlflow",), start_timeout_s=60, stop_timeout_s=2
+)
+stack.up(Settings(state_dir=root.parent), config, say=lambda m: print(m, flush=True))
+"""
+
+
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+def test_a_second_stop_signal_does_not_cut_ups_cleanup_short(
+    settings: Settings, tmp_path: Path, second: str
+) -> None:
+    # Given `up` waiting for a component that ignores SIGTERM (its stop takes the 2 s bound)
+    root = settings.state_dir.resolve() / "stack"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _UP_WITH_A_STUBBORN_COMPONENT, str(root), str(free_port())],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (root / "mlflow.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        record = json.loads((root / "mlflow.pid").read_text())
+        # When it is told to stop, and again while it stops what it started (Ctrl-C twice;
+        # `timeout`, then a supervisor's second signal). Before: the second one ended the
+        # launcher mid-cleanup, and the component ran on with its pid file left behind.
+        launcher.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        launcher.send_signal(getattr(signal, second))
+        out, _ = launcher.communicate(timeout=30)
+        # Then it still stopped what it started, and exits as for the first signal
+        assert launcher.returncode == 128 + signal.SIGTERM, out
+        assert _gone(record["pid"]), "the component outlived `up`"
+        assert not (root / "mlflow.pid").exists()
+        assert "stopping mlflow" in out and "mlflow: stopped" in out, out
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(5)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            _kill_group(json.loads((root / "mlflow.pid").read_text())["pid"])
