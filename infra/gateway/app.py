@@ -326,6 +326,7 @@ class Gateway:
         # What the desired-state source last said (with a source), else the last accepted PUT.
         self.desired: Deployment | None = None
         self.desired_known = self.source is None
+        self._startup_sync = True  # the next sync_once is this process's first read
         self.sync_error: str | None = None
         self._refused: tuple[str, float] | None = None  # (refused deployment JSON, retry after)
         self.disagreements: deque[dict[str, Any]] = deque(maxlen=self.config.shadow_log_size)
@@ -829,6 +830,9 @@ class Gateway:
                 await self._record_expiry(expired, desired)
             self.desired = desired
             self.desired_known = True
+            # This process's first read: what it applies now is a (re)started replica catching
+            # up with a deployment that was already in force, not a change.
+            startup, self._startup_sync = self._startup_sync, False
             have = None if self.live is None else self.live.deployment.fingerprint()
             want = None if desired is None else desired.fingerprint()
             if want == have:
@@ -850,7 +854,9 @@ class Gateway:
                 return
             self._refused = None
             self.sync_error = None
-            self.metrics.deployments.labels(desired.model if desired else "", "applied").inc()
+            self.metrics.deployments.labels(
+                desired.model if desired else "", "startup" if startup else "applied"
+            ).inc()
             self._log(
                 "sync.applied",
                 fingerprint=want,
@@ -1387,10 +1393,14 @@ class Gateway:
         version = slot.loaded
         if x.shape[1] != version.n_features:
             msg = f"version {version.version} takes {version.n_features} features, got {x.shape[1]}"
-            # The client's mistake, unless another version serving now takes this width: then
-            # it is this version that cannot serve the traffic.
-            other = any(s.loaded.n_features == x.shape[1] for s in live.slots)
-            raise BadRequestError(422, "version_mismatch" if other else "feature_mismatch", msg)
+            # The client's mistake (422), unless another version serving now takes this width:
+            # then this version cannot serve the deployment's traffic, a server error (500)
+            # that its error rate, the canary's error-budget alerts and the watchdog all count.
+            # (A 422 read as the client's, so a canary refusing all its traffic kept a clean
+            # error rate in /metrics and /admin/stats.)
+            if any(s.loaded.n_features == x.shape[1] for s in live.slots):
+                raise BadRequestError(500, "version_mismatch", msg)
+            raise BadRequestError(422, "feature_mismatch", msg)
         fault = slot.spec.fault
         if self.injected_error(slot):
             raise BadRequestError(500, "injected_fault", "injected fault")

@@ -22,7 +22,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The results ballast_deployments_total counts per model (the gateway's admin and sync paths).
-DEPLOYMENT_RESULTS = ("applied", "refused", "lease_expired")
+# Every one exists from the start: a series born at 1 reads as no increase to Prometheus.
+DEPLOYMENT_RESULTS = ("applied", "startup", "refused", "precondition_failed", "lease_expired")
 
 # Batch-1 inference of a small model answers in well under a millisecond; a faulty or overloaded
 # version in tens to hundreds of milliseconds. The buckets cover both ends.
@@ -184,7 +185,8 @@ class GatewayMetrics:
             "ballast_deployments",
             "Deployment changes by result (applied, refused, invalid, precondition_failed, "
             "lease_expired), counted by every replica process that applies or refuses one: "
-            "with N replicas one change counts N times.",
+            "with N replicas one change counts N times. startup: a (re)started replica "
+            "loading the deployment already in force (not a change).",
             ["model", "result"],
             registry=r,
         )

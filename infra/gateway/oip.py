@@ -454,7 +454,7 @@ async def _infer(
             )
         except BadRequestError:
             # Fit for another serving version (a canary built for another input width): the
-            # routed version's failure, which gw.infer answers 422 version_mismatch and
+            # routed version's failure, which gw.infer answers 500 version_mismatch and
             # records against it, as on the predict route; not the client's mistake.
             other = _as_another_version_reads_it(body, header_length, live, slot, gw)
             if other is None:

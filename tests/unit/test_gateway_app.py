@@ -1527,7 +1527,16 @@ def test_a_candidate_built_for_another_input_width_fails_where_judges_look(
     )
     start = gw.get("/admin/observations", headers=AUTH).json()
     statuses = {gw.post(PREDICT, json={"instances": [ROW]}).status_code for _ in range(40)}
-    assert statuses == {200, 422}
+    assert statuses == {200, 500}
+    # counted as the candidate's errors where the alerts and the watchdog read them
+    stats = gw.get("/admin/stats", headers=AUTH).json()["versions"]
+    assert stats["2"]["errors"] > 0 and stats["1"]["errors"] == 0
+    failed = {
+        (dict(labels)["version"], dict(labels)["role"]): value
+        for (name, labels), value in metric_samples(gw).items()
+        if name == "ballast_requests_total" and dict(labels).get("status") == "500"
+    }
+    assert set(failed) == {("2", "canary")} and failed["2", "canary"] > 0
     page = gw.get(
         "/admin/observations",
         params={"cursors": f"{start['replica']}={start['next']}"},
@@ -3008,3 +3017,24 @@ def test_a_refused_deployment_put_right_at_a_new_path_is_taken_by_every_replica_
         assert resp.status_code == 200, resp.text
         assert resp.headers["X-Ballast-Replicas"] == "2/2"
         assert r2.get("/readyz").status_code == 200
+
+
+def test_a_restarted_replica_loading_the_deployment_in_force_is_not_counted_as_a_change(
+    artefacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # Before: its catch-up counted as "applied", summed over replicas, so the dashboard marked
+    # a deployment change at every replica restart.
+    desired, board = tmp_path / "desired.json", tmp_path / "replicas"
+    FileDesiredState(desired).publish(champion_only(artefacts), actor="test")
+
+    def deployments(client: TestClient, result: str) -> float:
+        key = ("ballast_deployments_total", frozenset({"model": MODEL, "result": result}.items()))
+        return metric_samples(client).get(key, 0.0)
+
+    with replica(desired, board, "r1") as r1:
+        wait_for(lambda: r1.get("/readyz").status_code == 200)
+        assert deployments(r1, "startup") == 1 and deployments(r1, "applied") == 0
+        # while a change it converges to later is one
+        FileDesiredState(desired).publish(with_canary(artefacts, 20), actor="test")
+        wait_for(lambda: deployments(r1, "applied") == 1)
+        assert deployments(r1, "startup") == 1

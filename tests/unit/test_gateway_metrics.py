@@ -166,7 +166,7 @@ def test_deployment_results_start_at_zero_once_a_model_is_deployed(
         monkeypatch.delenv(MULTIPROC_ENV, raising=False)
         values.ValueClass = values.get_value_class()
     # then every result's series exists at 0, so increase() counts its first event.
-    for result in ("applied", "refused", "lease_expired"):
+    for result in ("applied", "startup", "refused", "precondition_failed", "lease_expired"):
         line = f'ballast_deployments_total{{model="m",result="{result}"}} 0.0'
         assert line in text, f"{result} not pre-created at 0:\n{text}"
     assert "N times" in text, "the HELP says each replica counts a change"
