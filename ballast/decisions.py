@@ -112,6 +112,29 @@ def approval_policy_for(
     return policy
 
 
+def require_approvers(policy: ApprovalPolicy, roles: Mapping[str, Collection[str]]) -> None:
+    """A manual release needs someone who may approve it: with nobody holding the approver role
+    every answer is refused, and the run would train, compile and register, then wait out the
+    approval timeout for nothing. A :class:`ConfigError` at the run's start instead."""
+    if policy != "manual":
+        return
+    if not any("approver" in held for name, held in roles.items() if name.strip()):
+        raise ConfigError(
+            "approval policy manual, but nobody holds the approver role: name them in "
+            "BALLAST_APPROVERS (a JSON list) or in the roles file (BALLAST_ROLES_FILE)"
+        )
+
+
+def fault_allowed(fault: str | None, environment: str) -> None:
+    """An injected fault (a rehearsal of a rollback) fails or slows real answers of the canary:
+    allowed in dev and staging, a :class:`ConfigError` in prod (at the run's start)."""
+    if fault is not None and environment == "prod":
+        raise ConfigError(
+            f"inject_fault={fault!r} is a rehearsal: it fails the canary's share of real "
+            "traffic, so prod refuses it (rehearse in dev or staging)"
+        )
+
+
 def decide_approval(policy: ApprovalPolicy, checks: Mapping[str, bool]) -> ApprovalDecision:
     """Decide the approval gate from the release checks (parity, integrity, metrics, ...).
 

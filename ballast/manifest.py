@@ -530,13 +530,35 @@ def current_git_commit(repo: Path | None = None) -> str | None:
     return commit if out.returncode == 0 and commit else None
 
 
+#: The packages whose code builds, registers and serves a release (for source_identity).
+CODE_PACKAGES = ("ballast", "tasks", "flows", "model_registry", "infra")
+_PROJECT = Path(__file__).resolve().parents[1]
+
+
+def source_identity(root: Path | None = None) -> str | None:
+    """A hash of every ``.py`` file of :data:`CODE_PACKAGES` under ``root`` (this checkout by
+    default), with their paths: what identifies the code where there is no git (a container
+    image holds the sources, not the repository). None if there are none."""
+    base = _PROJECT if root is None else root
+    digest = hashlib.sha256()
+    found = False
+    for package in CODE_PACKAGES:
+        for path in sorted((base / package).rglob("*.py")):
+            digest.update(path.relative_to(base).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+            found = True
+    return f"src-{digest.hexdigest()[:24]}" if found else None
+
+
 def code_identity(repo: Path | None = None) -> str | None:
     """What identifies the code that built a release: HEAD's commit, plus a hash of uncommitted
     changes to tracked files when there are any (so an edited checkout is not taken for HEAD).
-    None outside git."""
+    Outside git (an image built from the sources) a hash of the sources themselves
+    (:func:`source_identity`): before, "unknown", so an image with fixed compile or manifest
+    code registered nothing new for the same data. None only where neither is found."""
     commit = current_git_commit(repo)
     if commit is None:
-        return None
+        return source_identity(repo)
     try:
         diff = subprocess.run(
             ["git", "diff", "HEAD", "--no-ext-diff", "--binary"],

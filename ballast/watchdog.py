@@ -80,6 +80,18 @@ class WatchdogPolicy:
     max_classes: int = 20
     rollback: bool = True
 
+    def __post_init__(self) -> None:
+        # A ceiling of 5 (meant as 5 %) never trips; a negative one breaches every window and
+        # rolls back a healthy champion.
+        if self.error_rate_ceiling is not None and not 0 < self.error_rate_ceiling <= 1:
+            raise ValueError(
+                f"error_rate_ceiling is a fraction in (0, 1], got {self.error_rate_ceiling}"
+            )
+        if self.latency_p99_ceiling_ms is not None and not self.latency_p99_ceiling_ms > 0:
+            raise ValueError(
+                f"latency_p99_ceiling_ms must be > 0, got {self.latency_p99_ceiling_ms}"
+            )
+
     def spec(self, metric: str) -> MetricSpec:
         if metric == ERROR_RATE:
             return MetricSpec(

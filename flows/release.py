@@ -8,12 +8,18 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from ballast.decisions import approval_policy_for, release_checks
+from ballast.decisions import (
+    approval_policy_for,
+    fault_allowed,
+    release_checks,
+    require_approvers,
+)
 from ballast.release import ALIAS_CHAMPION, ReleaseReport
+from ballast.roles import approval_config_from_settings
 from ballast.serving import Fault
 from ballast.settings import get_settings
 from tasks.approval import approval_evidence, prior_decision_of, request_approval
-from tasks.canary import canary_release
+from tasks.canary import canary_release, fetch_candidate
 from tasks.common import logger, remove_staging
 from tasks.compile import compile_candidate
 from tasks.data import ingest_dataset
@@ -37,8 +43,11 @@ def release_flow(
     approval_policy: Literal["auto", "manual"] | None = None,
 ) -> ReleaseReport:
     s = get_settings()
-    # Refused here, before anything is ingested or trained: auto-approval outside dev.
+    # Refused here, before anything is ingested or trained: auto-approval outside dev, a
+    # manual release nobody may approve (a bad roles file too), a rehearsed fault in prod.
     policy = approval_policy_for(approval_policy, s.approval_policy, s.environment)
+    require_approvers(policy, approval_config_from_settings(s).roles)
+    fault_allowed(inject_fault, s.environment)
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
     report = ReleaseReport(model=s.model_name)
     t0 = time.perf_counter()
@@ -121,7 +130,10 @@ def release_flow(
         report.outcome, report.reason = "rejected", reason
         return report
 
-    outcome = canary_release(info, trained.split.x_test, trained.split.y_test)
+    # Fetched and verified in a task of its own, retried: a registry hiccup here must not
+    # throw away an approval (the canary itself is never retried).
+    spec = fetch_candidate(info)
+    outcome = canary_release(info, trained.split.x_test, trained.split.y_test, spec=spec)
     lap("canary", t)
     report.canary_steps = outcome.steps
     report.seconds_to_decision = round(outcome.seconds_to_decision, 3)

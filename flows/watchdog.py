@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow
 from prefect.runtime import flow_run
+from pydantic import Field
 
 from ballast.anomaly import DetectorPolicy
 from ballast.errors import ChampionChanged
@@ -56,12 +58,14 @@ def _run_name() -> str:
 def champion_watchdog_flow(
     model_name: str | None = None,
     rollback: bool = True,
-    error_rate_ceiling: float | None = 0.05,
-    latency_p99_ceiling_ms: float | None = None,
-    warmup_checks: int = 12,
-    min_requests: int = 100,
+    # Ranges in the parameter schema: a deployment refuses a bad value when the run is
+    # submitted (a ceiling of 5 meant as 5 % never trips; a negative one rolls back at once).
+    error_rate_ceiling: Annotated[float, Field(gt=0, le=1)] | None = 0.05,
+    latency_p99_ceiling_ms: Annotated[float, Field(gt=0)] | None = None,
+    warmup_checks: Annotated[int, Field(ge=3)] = 12,
+    min_requests: Annotated[int, Field(ge=1)] = 100,
     gateway_logs: list[str] | None = None,
-    lookback_s: float = 900.0,
+    lookback_s: Annotated[float, Field(gt=0)] = 900.0,
 ) -> WatchdogReport:
     """``gateway_logs``: files for fault localisation (default: the gateway logs under the state
     folder); ``lookback_s``: how far back the fault report reads them."""

@@ -54,7 +54,7 @@ from ballast.release import (
 from ballast.serving import VersionSpec
 from ballast.settings import Settings, get_settings
 from model_registry import ModelVersionInfo, PromotionResult, Registry
-from tasks.common import AuditedAdmin, logger, registry
+from tasks.common import AuditedAdmin, logger, registry, retry_registry_hiccups
 
 
 @dataclass
@@ -236,14 +236,32 @@ def _canary_once(
 CANARY_TURNS = 3
 
 
+@task(
+    name="fetch-candidate",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    retry_condition_fn=retry_registry_hiccups,
+)
+def fetch_candidate(candidate: ModelVersionInfo) -> VersionSpec:
+    """The candidate's artefacts fetched and verified (:func:`version_spec`), before the canary."""
+    s = get_settings()
+    return version_spec(registry(s), s, candidate)
+
+
 @task(name="canary", cache_policy=NO_CACHE)
 def canary_release(
-    candidate: ModelVersionInfo, rows: np.ndarray, labels: np.ndarray
+    candidate: ModelVersionInfo,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    *,
+    spec: VersionSpec | None = None,
 ) -> CanaryOutcome:
+    """``spec``: the candidate as :func:`fetch_candidate` verified it (fetched here if None)."""
     s = get_settings()
     log = logger()
     reg = registry(s)
-    cand_spec = version_spec(reg, s, candidate)
+    cand_spec = spec if spec is not None else version_spec(reg, s, candidate)
     started = ensure_gateway(s)
     if started is not None:
         log.info("stage=canary started gateway pid=%s at %s", started.pid, s.gateway_url)

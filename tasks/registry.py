@@ -306,7 +306,16 @@ def _register_recorded(audit_log: Path, model: str, info: ModelVersionInfo) -> b
     return False
 
 
-@task(name="record-promotion", cache_policy=NO_CACHE)
+# Both run after the canary moved traffic: a registry hiccup must not leave the version
+# unrecorded (a rolled-back candidate still tagged "candidate" is offered again). Idempotent,
+# so retried: tags set again, the candidate alias removed only while it names this version.
+@task(
+    name="record-promotion",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    retry_condition_fn=retry_registry_hiccups,
+)
 def record_promotion(version: str, evidence: dict[str, object]) -> None:
     """Tag and audit a promotion (the alias move itself happened with the traffic switch)."""
     s = get_settings()
@@ -316,7 +325,13 @@ def record_promotion(version: str, evidence: dict[str, object]) -> None:
     logger().info("stage=decide model=%s version=%s decision=promote", s.model_name, version)
 
 
-@task(name="reject-candidate", cache_policy=NO_CACHE)
+@task(
+    name="reject-candidate",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    retry_condition_fn=retry_registry_hiccups,
+)
 def close_candidate(
     version: str, *, status: str, verdict: str, reason: str, evidence: dict[str, object]
 ) -> None:

@@ -54,11 +54,17 @@ def publish_decision(
         extra=extra,
     )
     md += f"\nAudit log anchor: `{held}` (check with `ballast audit verify --anchor {held}`).\n"
-    artifact_id = create_markdown_artifact(
-        markdown=md,
-        key=artifact_key(model),
-        description=f"{model} {version}: {outcome}",
-    )
+    try:
+        artifact_id: object = create_markdown_artifact(
+            markdown=md,
+            key=artifact_key(model),
+            description=f"{model} {version}: {outcome}",
+        )
+    except Exception as exc:
+        # Traffic already changed: a Prefect API hiccup must not fail the run. The anchor is
+        # in this line of the run's log instead.
+        logger().warning("stage=report artifact not created (audit anchor %s): %r", held, exc)
+        artifact_id = None
     payload = {
         "model": model,
         "version": version,
@@ -86,4 +92,4 @@ def publish_decision(
         outcome,
         artifact_id,
     )
-    return str(artifact_id)
+    return None if artifact_id is None else str(artifact_id)

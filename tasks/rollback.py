@@ -19,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.audit import record
-from ballast.errors import ChampionChanged, RegistryError, TrialInForce
+from ballast.errors import ChampionChanged, GatewayError, RegistryError, TrialInForce
 from ballast.gateway_client import GatewayClient
 from ballast.release import (
     ALIAS_CHAMPION,
@@ -45,6 +45,16 @@ class RolledBack:
 def desired_state_file(s: Settings) -> Path:
     """Where a gateway with the default (file) desired-state source reads what to serve."""
     return s.state_dir.resolve() / "gateway" / "desired.json"
+
+
+def _refuse_another_model(name: str, dep: Deployment | None) -> None:
+    """The gateway serves one model: a rollback of ``name`` while it serves another would
+    replace that model (its clients would meet 404). Not waived by ``force``."""
+    if dep is not None and dep.model != name and dep.versions():
+        raise GatewayError(
+            f"the gateway serves model {dep.model!r}, not {name!r}: rolling {name} back there "
+            "would replace it; nothing was rolled back"
+        )
 
 
 def _refuse_during_trial(name: str, dep: Deployment | None, *, force: bool) -> None:
@@ -105,6 +115,7 @@ def rollback_to_previous(
         # Read right before the change: a canary may have begun since the caller decided.
         before = gw.get_deployment() if live else None
         if live:
+            _refuse_another_model(name, before)
             _refuse_during_trial(name, before, force=force)
         elif desired_state_file(s).exists():
             # Imported only here: tasks normally talk to the gateway over its API.
@@ -112,6 +123,7 @@ def rollback_to_previous(
 
             offline = FileDesiredState(desired_state_file(s))
             offline_before = offline.read()
+            _refuse_another_model(name, offline_before)
             _refuse_during_trial(name, offline_before, force=force)
         # Only the pair verified above: a promotion since would make `previous` another
         # version than the one the gateway is about to be given.

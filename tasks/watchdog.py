@@ -196,9 +196,10 @@ def report_incident(
     rolled_back_to: str | None = None,
     rollback_error: str | None = None,
     localisation: str = "",
-) -> str:
+) -> str | None:
     """Publish a breach or an unavailable champion: audit entry (breaches), markdown artifact,
-    Prefect event, error log. Returns the artifact id. The event is best effort."""
+    Prefect event, error log. Returns the artifact id (None if it could not be created): the
+    artifact and the event are best effort."""
     s = get_settings()
     evidence: dict[str, Any] = {
         **decision.evidence(),
@@ -237,11 +238,18 @@ def report_incident(
     md = decision.to_markdown() + f"\n**Action:** {response.action}: {outcome}\n"
     if localisation:
         md += "\n" + localisation
-    artifact_id = create_markdown_artifact(
-        markdown=md,
-        key=artifact_key(decision.model),
-        description=f"{decision.model} {decision.version}: {decision.status}, {response.action}",
-    )
+    try:
+        artifact_id: object = create_markdown_artifact(
+            markdown=md,
+            key=artifact_key(decision.model),
+            description=f"{decision.model} {decision.version}: {decision.status}, {response.action}",
+        )
+    except Exception as exc:
+        # The audit entry (breaches) and the error line below still report it; a Prefect API
+        # hiccup must not replace a rollback's own failure as the run's error, nor skip the
+        # heartbeat the flow sends next.
+        logger().warning("stage=watchdog artifact not created: %r", exc)
+        artifact_id = None
     try:
         emit_event(
             event=EVENT_PREFIX + decision.status,
@@ -281,4 +289,4 @@ def report_incident(
         outcome,
         artifact_id,
     )
-    return str(artifact_id)
+    return None if artifact_id is None else str(artifact_id)

@@ -263,6 +263,43 @@ def test_a_run_asking_for_auto_approval_outside_dev_is_refused_before_it_ingests
     assert _state(s) == before
 
 
+@pytest.mark.parametrize(
+    ("env", "kwargs", "match"),
+    [
+        # A manual release nobody may approve: before, it trained, compiled and registered,
+        # then waited out the approval timeout (an hour) for an answer nobody could give.
+        ({"BALLAST_APPROVERS": "[]"}, {"approval_policy": "manual"}, "nobody holds the approver"),
+        # A rehearsed fault fails real users' requests at the canary weight.
+        (
+            {"BALLAST_ENVIRONMENT": "prod", "BALLAST_APPROVERS": '["alice"]'},
+            {"approval_policy": "manual", "inject_fault": "errors"},
+            "prod refuses it",
+        ),
+    ],
+    ids=["manual-without-approvers", "fault-in-prod"],
+)
+def test_a_run_that_cannot_end_well_is_refused_before_it_ingests(
+    release_env: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    kwargs: dict[str, str],
+    match: str,
+) -> None:
+    s = release_env
+    before = _state(s)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=match):
+            release_flow(dataset_uri=str(s.state_dir / "missing.csv.enc"), **kwargs)
+    finally:
+        for name in env:
+            monkeypatch.delenv(name)
+        get_settings.cache_clear()
+    assert _state(s) == before
+
+
 def test_tampered_ciphertext_stops_the_run_and_changes_nothing(release_env: Settings) -> None:
     s = release_env
     before = _state(s)

@@ -210,3 +210,20 @@ def test_lease_renewals_are_not_audited_as_traffic_changes(settings: Settings) -
     entries = [e for e in read_audit(settings.audit_log) if e["action"] == "deployment"]
     assert [e["canary_weight"] for e in entries] == [5, 25]
     assert len(gateway.sets) == 4  # every renewal was still sent
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_rollback_of_a_model_the_gateway_does_not_serve_is_refused(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, force: bool
+) -> None:
+    # Before: `rollback(model_name=other)` replaced the model the gateway served, and its
+    # clients met 404; --force is about trials, not about another model.
+    live = Deployment(model=settings.model_name, champion=spec("3"))
+    gateway = FakeGateway(live)
+    reg = FakeRegistry({"champion": "7", "previous": "6"})
+    _wire(monkeypatch, gateway, reg)
+    with pytest.raises(GatewayError, match=r"serves model .* nothing was rolled back"):
+        tr.rollback_to_previous.fn("other-model", force=force)
+    assert gateway.sets == [] and gateway.current == live
+    assert reg.aliases == {"champion": "7", "previous": "6"}
+    assert _audited_rollbacks(settings) == []

@@ -257,3 +257,20 @@ def test_localisation_is_guarded(settings: Settings, tmp_path: Path) -> None:
     missing = wt.localisation_markdown(settings, d, [tmp_path / "absent.log"], 900)
     assert "Fault report" in missing or "failed" in missing
     assert os.path.exists(log)
+
+
+def test_an_artifact_that_cannot_be_created_does_not_fail_the_report(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, published: dict[str, list[dict[str, Any]]]
+) -> None:
+    # Before: a Prefect API hiccup here replaced a failed rollback's own error as the run's
+    # error and skipped the heartbeat the flow sends next.
+    def broken(**kw: Any) -> None:
+        raise RuntimeError("artifacts down")
+
+    monkeypatch.setattr(wt, "create_markdown_artifact", broken)
+    d = _breach(settings)
+    assert wt.report_incident.fn(d, Response("rollback", "back to 2"), rolled_back_to="2") is None
+    (entry,) = read_audit(settings.audit_log)
+    assert entry["action"] == "watchdog_rollback"
+    (ev,) = published["events"]  # the event still goes out
+    assert ev["payload"]["rolled_back_to"] == "2"

@@ -292,3 +292,28 @@ def test_stale_evidence(compared: str | None, current: str | None, stale: str | 
     assert (got is None) == (stale is None), got
     if stale is not None:
         assert got is not None and stale in got
+
+
+def test_a_manual_release_needs_somebody_who_may_approve_it() -> None:
+    from ballast.decisions import require_approvers
+
+    with pytest.raises(ConfigError, match="nobody holds the approver role"):
+        require_approvers("manual", {})
+    with pytest.raises(ConfigError, match="BALLAST_APPROVERS"):
+        require_approvers("manual", {"alice": {"viewer"}, " ": {"approver"}})
+    require_approvers("manual", {"alice": {"approver"}})
+    require_approvers("auto", {})  # nobody is asked
+
+
+@pytest.mark.parametrize(
+    ("environment", "refused"), [("dev", False), ("staging", False), ("prod", True)]
+)
+def test_a_rehearsed_fault_is_refused_in_prod_only(environment: str, refused: bool) -> None:
+    from ballast.decisions import fault_allowed
+
+    fault_allowed(None, "prod")
+    if refused:
+        with pytest.raises(ConfigError, match="prod refuses it"):
+            fault_allowed("errors", environment)
+    else:
+        fault_allowed("errors", environment)

@@ -213,6 +213,25 @@ def test_current_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> N
     assert commit is not None and re.fullmatch(r"[0-9a-f]{40}", commit)
 
 
+def test_code_outside_git_is_identified_by_its_sources(tmp_path: Path) -> None:
+    # An image built from the sources has no .git: before, every image read as code "unknown",
+    # so a fixed compile stage registered nothing new for the same data.
+    from ballast.manifest import code_identity
+
+    for package in ("ballast", "tasks"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "m.py").write_text("X = 1\n")
+    first = code_identity(tmp_path)
+    assert first is not None and re.fullmatch(r"src-[0-9a-f]{24}", first)
+    assert code_identity(tmp_path) == first  # stable
+    (tmp_path / "tasks" / "m.py").write_text("X = 2\n")
+    assert code_identity(tmp_path) not in (None, first)  # any change is another identity
+    (tmp_path / "tasks" / "m.py").write_text("X = 1\n")
+    (tmp_path / "tasks" / "m.py").rename(tmp_path / "tasks" / "n.py")
+    assert code_identity(tmp_path) != first  # so is a moved file
+    assert code_identity(tmp_path / "empty") is None
+
+
 # -- a signing key wrapped by the key provider -------------------------------------------------
 
 

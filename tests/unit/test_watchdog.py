@@ -521,3 +521,15 @@ def test_summary_fits_the_heartbeat_detail() -> None:
         "breach", "m", "3", (), tuple("x" * 300 for _ in range(10)), d.state, d.observation
     )
     assert len(long.summary()) == 1000
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"error_rate_ceiling": 5.0}, {"error_rate_ceiling": 0.0}, {"latency_p99_ceiling_ms": -1.0}],
+)
+def test_a_watchdog_policy_refuses_ceilings_that_never_trip_or_always_do(
+    bad: dict[str, float],
+) -> None:
+    with pytest.raises(ValueError, match=r"error_rate_ceiling|latency_p99_ceiling_ms"):
+        WatchdogPolicy(**bad)  # type: ignore[arg-type]
+    WatchdogPolicy(error_rate_ceiling=None, latency_p99_ceiling_ms=None)  # both off is fine
