@@ -131,7 +131,10 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                         "Wrong shape, dtype, feature count or values (also: features so large,"
                         " beyond ±1.8e19, that the model's answer overflowed)."
                     ),
-                    "500": _err("The version failed to predict (or an injected fault)."),
+                    "500": _err(
+                        "The version failed to predict (or an injected fault), or it refuses a"
+                        " feature count another serving version takes (version_mismatch)."
+                    ),
                     "503": _err("Nothing deployed, or the version is overloaded."),
                     "504": _err("The batch timed out."),
                 },
@@ -453,8 +456,11 @@ def _oip_paths() -> dict[str, Any]:
             "binary extension's sizes."
         ),
         "413": _err("Body too large."),
-        "422": _err("Values the model cannot answer, or the routed version takes another width."),
-        "500": _err("The version failed to predict (or an injected fault)."),
+        "422": _err("Values the model cannot answer."),
+        "500": _err(
+            "The version failed to predict (or an injected fault), or the routed version refuses"
+            " a width another serving version takes (version_mismatch)."
+        ),
         "503": _err("Nothing deployed, or the version is overloaded."),
         "504": _err("The batch timed out."),
         "404": _err("Unknown model, or no serving version of that name."),

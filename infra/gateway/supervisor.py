@@ -18,8 +18,8 @@ It also gives every worker the same ``PROMETHEUS_MULTIPROC_DIR`` (a fresh folder
 ``/metrics`` on any worker adds up all of them.
 
 A worker that dies is restarted (it reads the desired state at start and converges by itself),
-unless workers keep dying (:func:`restart_allowed`), in which case the supervisor stops them all
-and exits 1. SIGTERM or SIGINT is passed to every worker, which drains its in-flight requests;
+after a delay that grows while its slot keeps dying (:func:`restart_delay`); once no worker runs
+and every slot keeps dying (:func:`give_up`) the supervisor exits 1. SIGTERM or SIGINT is passed to every worker, which drains its in-flight requests;
 the supervisor exits 0 once all of them exited cleanly.
 
 The supervisor imports nothing heavy: it never loads a model itself.
@@ -39,17 +39,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["restart_allowed", "supervise"]
+__all__ = ["give_up", "restart_delay", "supervise"]
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_PREFIX = "ballast-gw-metrics-"
 
 
-def restart_allowed(
-    exits: Sequence[float], now: float, *, limit: int = 5, window_s: float = 30.0
-) -> bool:
-    """A dead worker is restarted unless ``limit`` workers already died in the last ``window_s``."""
-    return sum(1 for t in exits if now - t <= window_s) < limit
+#: A dead worker's slot is started again after 0.5 s, doubling per death in a row up to 30 s;
+#: a worker that lived STABLE_S resets its slot.
+RESTART_BASE_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0
+GIVE_UP_AFTER = 5
+
+
+def restart_delay(deaths_in_a_row: int) -> float:
+    """Seconds before a slot whose worker died for the ``deaths_in_a_row``-th time in a row
+    (each within STABLE_S of its start) gets a new one: a crash loop backs off instead of
+    spinning, a single death is replaced at once."""
+    return min(RESTART_MAX_S, RESTART_BASE_S * 2 ** max(0, deaths_in_a_row - 1))
+
+
+def give_up(deaths_in_a_row: Sequence[int], alive: int, *, limit: int = GIVE_UP_AFTER) -> bool:
+    """Stop the gateway (exit 1, for whoever runs it to see) only when no worker runs and every
+    slot's worker died ``limit`` times in a row: a start that can never work. One slot's crash
+    loop (an OOM under a burst) must not take down the workers still serving; before, five
+    deaths in 30 s anywhere stopped them all."""
+    return alive == 0 and all(n >= limit for n in deaths_in_a_row)
 
 
 def _log(message: str) -> None:
@@ -175,40 +191,58 @@ def supervise(
         _log(f"worker {index} started, pid {proc.pid}")
         return proc
 
-    procs: list[subprocess.Popen[bytes]] = []
-    exits: list[float] = []
+    # Per slot: its worker (None while it waits to be restarted), when that one started, when
+    # the next one is due, and how many of its workers died in a row.
+    procs: list[subprocess.Popen[bytes] | None] = []
+    started_at: list[float] = []
+    due: list[float] = [0.0] * workers
+    deaths = [0] * workers
     code = 0
     try:
         for i in range(workers):
             procs.append(spawn(i))
+            started_at.append(time.monotonic())
         while not stopping:
             if parent_pid is not None and os.getppid() != parent_pid:
                 _log("parent gone: stopping")
                 break
             for i, proc in enumerate(procs):
+                now = time.monotonic()
+                if proc is None:
+                    if now >= due[i] and not stopping:
+                        procs[i], started_at[i] = spawn(i), now
+                    continue
                 rc = proc.poll()
                 if rc is None or stopping:
+                    if rc is None and deaths[i] and now - started_at[i] >= STABLE_S:
+                        deaths[i] = 0  # it lived: the slot's next death starts over
                     continue
                 _mark_dead(proc.pid, metrics_dir)
-                now = time.monotonic()
-                _log(f"worker {i} (pid {proc.pid}) exited with {rc}")
-                if not restart_allowed(exits, now):
-                    _log("workers keep exiting: giving up")
+                deaths[i] = deaths[i] + 1 if now - started_at[i] < STABLE_S else 1
+                procs[i] = None
+                if give_up(deaths, sum(p is not None for p in procs)):
+                    _log(
+                        f"worker {i} (pid {proc.pid}) exited with {rc}; every worker keeps exiting: giving up"
+                    )
                     code = 1
                     stopping = True
                     break
-                exits.append(now)
-                procs[i] = spawn(i)
+                due[i] = now + restart_delay(deaths[i])
+                _log(
+                    f"worker {i} (pid {proc.pid}) exited with {rc}; a new one in "
+                    f"{restart_delay(deaths[i]):g} s ({deaths[i]} in a row)"
+                )
             time.sleep(0.1)
     except OSError as exc:  # a worker's socket could not be bound (or the worker not started)
         _log(f"cannot start a worker: {exc}")
         code = 1
     finally:
-        for proc in procs:
+        running = [p for p in procs if p is not None]
+        for proc in running:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + graceful_timeout + 5.0
-        for proc in procs:
+        for proc in running:
             try:
                 rc = proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

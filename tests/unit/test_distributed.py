@@ -439,10 +439,15 @@ def test_no_relaunch_when_the_time_left_is_shorter_than_the_failed_start(tmp_pat
     # then the crash stands: one launch, its own error, no relaunch past the time given.
     assert count.read_text() == "x"
     assert "relaunched" not in str(info.value)
-    # With time enough, the same crash is relaunched once, and the second failure says so.
+    # With time enough, the same crash is relaunched twice, and the last failure says so.
+    count.unlink()
+    with pytest.raises(DistributedTrainingError, match="relaunched 2 times"):
+        launch_within(60)
+    assert count.read_text() == "xxx"
+    # With time for one relaunch only, the second failure stands, saying it was relaunched once.
     count.unlink()
     with pytest.raises(DistributedTrainingError, match="relaunched once"):
-        launch_within(30)
+        launch_within(9.0)  # 3 s per start: the third would not have its 3 s
     assert count.read_text() == "xx"
 
 

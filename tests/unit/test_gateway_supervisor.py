@@ -12,14 +12,28 @@ from pathlib import Path
 import pytest
 
 from infra.gateway import supervisor
-from infra.gateway.supervisor import _bind, _claim, _hold, restart_allowed
+from infra.gateway.supervisor import _bind, _claim, _hold, give_up, restart_delay
 
 
-def test_a_worker_is_restarted_unless_workers_keep_dying() -> None:
-    assert restart_allowed([], 100.0)
-    assert restart_allowed([90.0, 91.0, 92.0, 93.0], 100.0)  # 4 in the window: one more is fine
-    assert not restart_allowed([90.0, 91.0, 92.0, 93.0, 94.0], 100.0)
-    assert restart_allowed([10.0, 11.0, 12.0, 13.0, 14.0], 100.0)  # long ago
+def test_a_dying_slot_backs_off_and_only_a_start_that_never_works_stops_the_gateway() -> None:
+    # One death is replaced at once; a crash loop backs off, up to 30 s.
+    assert [restart_delay(n) for n in (1, 2, 3, 4, 5, 6, 7, 20)] == [
+        0.5,
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        16.0,
+        30.0,
+        30.0,
+    ]
+    # One slot crash-looping while another serves: keep serving (before: five deaths in 30 s
+    # anywhere stopped every worker, the healthy ones too).
+    assert not give_up([9, 0], alive=1)
+    assert not give_up([9, 5], alive=1)
+    # Every slot dying at every start, none running: stop, for whoever runs it to see.
+    assert give_up([5, 5], alive=0)
+    assert not give_up([5, 4], alive=0)  # one slot has a try left
 
 
 linux_only = pytest.mark.skipif(
