@@ -77,6 +77,40 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+_NAMED_SELECTOR = re.compile(r"(?<![\w.:$])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^{}]*)\}")
+_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+
+
+def selector_labels(expr: str) -> dict[str, set[str]]:
+    """Label names each metric's selector matches on (``m{a="x", b=~"y"}`` -> ``{m: {a, b}}``)."""
+    text = _STRING.sub('""', substitute_grafana(expr))
+    out: dict[str, set[str]] = {}
+    for m in _NAMED_SELECTOR.finditer(text):
+        out.setdefault(m.group(1), set()).update(_MATCHER.findall(m.group(2)))
+    return out
+
+
+def grouping_labels(expr: str) -> set[str]:
+    """Label names in ``by``/``without``/``on``/``ignoring``/``group_*`` lists."""
+    text = _STRING.sub('""', substitute_grafana(expr))
+    names: set[str] = set()
+    for m in _GROUPING.finditer(text):
+        inner = m.group(0)[m.group(0).index("(") + 1 : -1]
+        names.update(n.strip() for n in inner.split(",") if n.strip())
+    return names
+
+
+def exported_labels(exposition: str) -> dict[str, set[str]]:
+    """Series name -> every label name its samples carry."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
 def exported_names(exposition: str) -> set[str]:
     """Every series name a text exposition offers: its samples, and the names its TYPE lines
     promise (a histogram's _bucket/_sum/_count, a counter's own name) even before a sample."""

@@ -25,11 +25,14 @@ from ballast.settings import get_settings
 from infra.gateway.testing import build_mlp_onnx, spec_for
 from tests.conftest import free_port
 from tests.ops.promql import (
+    exported_labels,
     exported_names,
+    grouping_labels,
     metric_names,
     promtool_parse_errors,
     recorded_names,
     rule_exprs,
+    selector_labels,
 )
 
 MONITORING = Path(__file__).resolve().parents[2] / "infra" / "monitoring"
@@ -166,6 +169,36 @@ def test_every_alert_rule_names_an_exported_or_recorded_series(gateway_expositio
     used = set().union(*(metric_names(e) for e in rule_exprs(ALERTS).values()))
     unknown = used - known
     assert not unknown, f"alert rules read series nobody exports: {sorted(unknown)}"
+
+
+# Labels Prometheus adds at scrape time, and the histogram bucket label.
+SCRAPE_LABELS = {"instance", "job", "le"}
+
+
+@pytest.mark.integration
+def test_every_label_a_query_or_rule_matches_or_groups_by_is_one_the_series_carry(
+    gateway_exposition: str,
+) -> None:
+    # A renamed label (status -> code) or a typo blanks a panel and silences an alert while
+    # every metric name still checks out.
+    carried = exported_labels(gateway_exposition)
+    vocabulary = set().union(*carried.values()) | SCRAPE_LABELS
+    exprs = [*queries(dashboard()), *rule_exprs(ALERTS).items()]
+    wrong: dict[str, list[str]] = {}
+    for where, expr in exprs:
+        for metric, labels in selector_labels(expr).items():
+            if metric in carried:
+                wrong.setdefault(where, []).extend(
+                    f"{metric}{{{label}}}"
+                    for label in sorted(labels - carried[metric] - SCRAPE_LABELS)
+                )
+        wrong.setdefault(where, []).extend(sorted(grouping_labels(expr) - vocabulary))
+    wrong = {where: found for where, found in wrong.items() if found}
+    assert not wrong, f"labels no exported series carries: {wrong}"
+    # The check reads something: the request counter's selectors were matched by status.
+    assert any(
+        "status" in selector_labels(expr).get("ballast_requests_total", set()) for _, expr in exprs
+    )
 
 
 @pytest.mark.integration

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.promql import exported_names, metric_names, promtool_parse_errors
+from tests.ops.promql import (
+    exported_labels,
+    exported_names,
+    grouping_labels,
+    metric_names,
+    promtool_parse_errors,
+    selector_labels,
+)
 
 
 @pytest.mark.parametrize(
@@ -55,3 +62,19 @@ def test_promtool_reports_an_expression_that_does_not_parse(tmp_path: Path) -> N
     assert promtool_parse_errors(["rate(x[5m])", "sum by (le) (y)"], tmp_path) is None
     error = promtool_parse_errors(["rate(x[5m]"], tmp_path)
     assert error is not None and "parse error" in error.lower()
+
+
+def test_label_readers_find_matchers_and_grouping_lists() -> None:
+    expr = (
+        'sum by (version, role) (rate(ballast_requests_total{model="$model", status=~"5..",'
+        ' note="a,b{c=1}"}[5m])) / ignoring (class) group_left sum(y{le!="+Inf"}) and on (model) z'
+    )
+    assert selector_labels(expr) == {
+        "ballast_requests_total": {"model", "status", "note"},
+        "y": {"le"},
+    }
+    assert grouping_labels(expr) == {"version", "role", "class", "model"}
+    exposition = (
+        '# TYPE r counter\nr_total{model="m",status="200"} 1.0\nr_total{model="m",route="p"} 2.0\n'
+    )
+    assert exported_labels(exposition) == {"r_total": {"model", "status", "route"}}
