@@ -22,6 +22,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The results ballast_deployments_total counts per model (the gateway's admin and sync paths).
+# The routes that answer predictions (ballast_requests_total's route label).
+SERVED_ROUTES = ("predict", "oip_infer")
 # Every one exists from the start: a series born at 1 reads as no increase to Prometheus.
 DEPLOYMENT_RESULTS = ("applied", "startup", "refused", "precondition_failed", "lease_expired")
 
@@ -343,6 +345,12 @@ class GatewayMetrics:
             for result in DEPLOYMENT_RESULTS:
                 self.deployments.labels(model, result)
         wanted = {(model, version, role) for version, role in roles.items()}
+        for labels in wanted - self._info_labels:
+            # Each serving version's failure series start at 0 too: a series born at 1 reads as
+            # no increase, and the canary's first errors (before a scrape) would not count
+            # against its error budget.
+            for route in SERVED_ROUTES:
+                self.requests.labels(*labels, route, "500")
         for labels in self._info_labels - wanted:
             if self.multiprocess:
                 self.deployment_info.labels(*labels).set(0)

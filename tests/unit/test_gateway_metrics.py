@@ -170,3 +170,10 @@ def test_deployment_results_start_at_zero_once_a_model_is_deployed(
         line = f'ballast_deployments_total{{model="m",result="{result}"}} 0.0'
         assert line in text, f"{result} not pre-created at 0:\n{text}"
     assert "N times" in text, "the HELP says each replica counts a change"
+    # and so does each serving version's failure count, on every route that predicts.
+    for route in ("predict", "oip_infer"):
+        line = (
+            f'ballast_requests_total{{model="m",role="champion",route="{route}",'
+            f'status="500",version="1"}} 0.0'
+        )
+        assert line in text, f"{route} failures not pre-created at 0:\n{text}"
