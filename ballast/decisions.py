@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -112,16 +112,34 @@ def approval_policy_for(
     return policy
 
 
-def require_approvers(policy: ApprovalPolicy, roles: Mapping[str, Collection[str]]) -> None:
+def require_approvers(
+    policy: ApprovalPolicy,
+    roles: Callable[[], Mapping[str, Collection[str]]],
+    *,
+    keys: Callable[[], Collection[str]] | None = None,
+) -> None:
     """A manual release needs someone who may approve it: with nobody holding the approver role
-    every answer is refused, and the run would train, compile and register, then wait out the
-    approval timeout for nothing. A :class:`ConfigError` at the run's start instead."""
+    (or, when signatures are required, nobody of them with a registered key; ``keys`` gives
+    the names that have one) every answer is refused, and the run would train, compile and
+    register, then wait out the approval timeout for nothing. A :class:`ConfigError` at the
+    run's start instead. ``roles`` and ``keys`` are read only for a manual release: an auto
+    release must not fail on a roles file it never needs."""
     if policy != "manual":
         return
-    if not any("approver" in held for name, held in roles.items() if name.strip()):
+    approvers = {
+        name.strip().casefold()
+        for name, held in roles().items()
+        if name.strip() and "approver" in held
+    }
+    if not approvers:
         raise ConfigError(
             "approval policy manual, but nobody holds the approver role: name them in "
             "BALLAST_APPROVERS (a JSON list) or in the roles file (BALLAST_ROLES_FILE)"
+        )
+    if keys is not None and not approvers & {n.strip().casefold() for n in keys()}:
+        raise ConfigError(
+            "approval signatures are required (BALLAST_APPROVAL_SIGNATURES=required), but no "
+            "approver has a registered key: add one to the roles file (`ballast approver-key`)"
         )
 
 

@@ -8,7 +8,10 @@ reads return None, and callers fall back to what they can check.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
+import sys
 from pathlib import Path
 
 __all__ = ["listening_inodes", "socket_inodes", "start_ticks", "stat_fields"]
@@ -35,9 +38,33 @@ def start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
-def listening_inodes(port: int) -> set[int] | None:
-    """Inodes of the TCP sockets listening on ``port`` (any address, IPv4 and IPv6), or None
-    where ``/proc/net/tcp`` cannot be read (not Linux)."""
+def _address(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address column of /proc/net/tcp{,6}: 32-bit words in the host's byte order."""
+    raw = bytes.fromhex(hex_ip)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(raw)
+
+
+def _host_addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """What ``host`` (a literal or a name) stands for; empty if it does not resolve."""
+    try:
+        return {ipaddress.ip_address(host.strip("[]"))}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return set()
+    return {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+
+
+def listening_inodes(port: int, host: str | None = None) -> set[int] | None:
+    """Inodes of the TCP sockets listening on ``port``, or None where ``/proc/net/tcp`` cannot
+    be read (not Linux). With ``host``, only those a connection to ``host:port`` could reach:
+    bound to one of its addresses or to a wildcard (``0.0.0.0``, ``::``); a listener on another
+    address of the machine is someone else's business."""
+    wanted = None if host is None else _host_addresses(host)
     found: set[int] = set()
     read_any = False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -51,8 +78,15 @@ def listening_inodes(port: int) -> set[int] | None:
             cols = line.split()
             if len(cols) < 10 or cols[3] != _LISTEN:
                 continue
-            if int(cols[1].rsplit(":", 1)[1], 16) == port:
-                found.add(int(cols[9]))
+            hex_ip, hex_port = cols[1].rsplit(":", 1)
+            if int(hex_port, 16) != port:
+                continue
+            if wanted is not None:
+                addr = _address(hex_ip)
+                mapped = getattr(addr, "ipv4_mapped", None)
+                if not (addr.is_unspecified or addr in wanted or mapped in wanted):
+                    continue
+            found.add(int(cols[9]))
     return found if read_any else None
 
 

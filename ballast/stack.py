@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -398,14 +399,14 @@ def _orphans(record: Mapping[str, object]) -> list[int]:
     return _members(record)
 
 
-def _holds_port(record: Mapping[str, object], port: int) -> bool:
+def _holds_port(record: Mapping[str, object], port: int, host: str | None = None) -> bool:
     """Whether every socket listening on ``port`` is held by the recorded start's processes.
 
     Between ``up``'s "port free?" check and the server's own bind (seconds of imports) another
     program can take the port; its health endpoint would then answer for ours, and ours would
     fail to bind and exit after ``up`` called it healthy. True where ``/proc/net/tcp`` cannot
     be read (there only the liveness check is left)."""
-    listeners = listening_inodes(port)
+    listeners = listening_inodes(port, host)
     if listeners is None:
         return True
     if not listeners:
@@ -541,7 +542,8 @@ class _Stack:
                 )
             # Health after the liveness check, and the port held by this start's processes: a
             # stranger on the port must not pass for ours.
-            if _healthy(comp.health_url) and _alive(rec) and _holds_port(rec, comp.port):
+            host = urlsplit(comp.health_url).hostname
+            if _healthy(comp.health_url) and _alive(rec) and _holds_port(rec, comp.port, host):
                 return
             time.sleep(_POLL_S)
         raise StackError(
@@ -563,18 +565,22 @@ class _Stack:
             return False
         if not _alive(rec):
             return self._stop_orphans(name, pid, rec)
+        began = time.monotonic()
         how = self._terminate(pid, lambda: _alive(rec))
         if how == "SIGTERM" and _orphans(rec):
             # The leader is gone but its group still holds children (a server's workers, still
             # draining): they get the same bound, and only this start's processes are signalled.
             # (A SIGKILL to the group at once cut their drain short, and once the leader was
             # reaped the number could name a stranger's group.)
-            return self._stop_orphans(name, pid, rec)
+            left = self.config.stop_timeout_s - (time.monotonic() - began)
+            return self._stop_orphans(name, pid, rec, timeout=max(1.0, left))
         path.unlink(missing_ok=True)
         self.say(f"{name}: stopped pid={pid} ({how})")
         return True
 
-    def _stop_orphans(self, name: str, pgid: int, rec: Mapping[str, object]) -> bool:
+    def _stop_orphans(
+        self, name: str, pgid: int, rec: Mapping[str, object], *, timeout: float | None = None
+    ) -> bool:
         """The leader is gone: stop what is left of its group (e.g. mlflow's uvicorn, which
         still holds the port); True if something was."""
         path = self.pid_path(name)
@@ -585,7 +591,7 @@ class _Stack:
             return False
         self.say(f"{name}: pid={pgid} exited; its process group still runs pids {orphans}")
         # The group's id cannot be reused while members remain, so signalling it is safe.
-        how = self._terminate(pgid, lambda: bool(_orphans(rec)))
+        how = self._terminate(pgid, lambda: bool(_orphans(rec)), timeout)
         left = _orphans(rec)
         if left:
             # The pid file stays: the next `down` tries again, and `up` refuses to start beside.
@@ -595,11 +601,14 @@ class _Stack:
         self.say(f"{name}: stopped process group {pgid} (pids {orphans}; {how})")
         return True
 
-    def _terminate(self, pgid: int, running: Callable[[], bool]) -> str:
-        """SIGTERM the group, wait up to the stop timeout, then SIGKILL and wait up to 5 s more;
-        returns how it ended ("SIGTERM" when that sufficed)."""
+    def _terminate(
+        self, pgid: int, running: Callable[[], bool], timeout: float | None = None
+    ) -> str:
+        """SIGTERM the group, wait up to ``timeout`` (the stop timeout), then SIGKILL and wait
+        up to 5 s more; returns how it ended ("SIGTERM" when that sufficed)."""
+        bound = self.config.stop_timeout_s if timeout is None else timeout
         self._signal(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.stop_timeout_s
+        deadline = time.monotonic() + bound
         while running() and time.monotonic() < deadline:
             time.sleep(0.1)
         if not running():
@@ -608,7 +617,7 @@ class _Stack:
         kill_deadline = time.monotonic() + 5
         while running() and time.monotonic() < kill_deadline:
             time.sleep(0.05)
-        return f"SIGKILL after {self.config.stop_timeout_s:.0f} s"
+        return f"SIGKILL after {bound:.0f} s"
 
     @staticmethod
     def _signal(pgid: int, sig: signal.Signals, *, quiet: bool = False) -> None:
@@ -691,16 +700,18 @@ class _StopSignals:
     while ``up`` runs: the first one is raised where ``up`` was, so its cleanup runs; later ones
     are ignored until that cleanup is done (a second Ctrl-C or ``timeout``'s second signal cut
     it short, leaving servers running that no pid file named). In :meth:`deferred` sections (a
-    process started but not yet recorded) the first one waits for the section's end."""
+    process started but not yet recorded) the first one waits for the section's end. Once
+    :meth:`cleaning` (a cleanup after any failure) none interrupts."""
 
     def __init__(self) -> None:
         self.fired: int | None = None
         self._pending: int | None = None
         self._deferring = False
+        self._cleaning = False
 
     def handler(self, signum: int, frame: object) -> None:
-        if self.fired is not None:
-            return  # the first one's cleanup is running: let it finish
+        if self.fired is not None or self._cleaning:
+            return  # a cleanup is running: let it finish
         if self._deferring:
             self._pending = signum
             return
@@ -712,6 +723,10 @@ class _StopSignals:
             raise KeyboardInterrupt
         raise _Terminated(signum)
 
+    def cleaning(self) -> None:
+        """A cleanup starts (after a signal or any other failure): signals no longer interrupt."""
+        self._cleaning = True
+
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         self._deferring = True
@@ -719,8 +734,10 @@ class _StopSignals:
             yield
         finally:
             self._deferring = False
-        if self._pending is not None and self.fired is None:
-            self._raise(self._pending)
+            pending, self._pending = self._pending, None
+            if pending is not None and self.fired is None and not self._cleaning:
+                # Raised even when the section failed: the signal decides how `up` exits.
+                self._raise(pending)
 
 
 @contextlib.contextmanager
@@ -811,6 +828,7 @@ def _up(
             stack.say(f"{worker.name}: healthy, polling pool {config.work_pool}")
     except BaseException:
         # Leave nothing half-started: what this call started goes; what ran before stays.
+        signals.cleaning()
         if signals.fired is not None and started:
             stack.say(f"stopping {', '.join(started)} (further stop signals wait for this)")
         for name in reversed(started):

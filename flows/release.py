@@ -46,7 +46,13 @@ def release_flow(
     # Refused here, before anything is ingested or trained: auto-approval outside dev, a
     # manual release nobody may approve (a bad roles file too), a rehearsed fault in prod.
     policy = approval_policy_for(approval_policy, s.approval_policy, s.environment)
-    require_approvers(policy, approval_config_from_settings(s).roles)
+    require_approvers(
+        policy,
+        lambda: approval_config_from_settings(s).roles,
+        keys=(lambda: approval_config_from_settings(s).keys)
+        if s.approval_signatures == "required"
+        else None,
+    )
     fault_allowed(inject_fault, s.environment)
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
     report = ReleaseReport(model=s.model_name)

@@ -62,7 +62,8 @@ def champion_watchdog_flow(
     # submitted (a ceiling of 5 meant as 5 % never trips; a negative one rolls back at once).
     error_rate_ceiling: Annotated[float, Field(gt=0, le=1)] | None = 0.05,
     latency_p99_ceiling_ms: Annotated[float, Field(gt=0)] | None = None,
-    warmup_checks: Annotated[int, Field(ge=3)] = 12,
+    # At most the detector's MAD window (48 checks, DetectorPolicy.mad_window).
+    warmup_checks: Annotated[int, Field(ge=3, le=48)] = 12,
     min_requests: Annotated[int, Field(ge=1)] = 100,
     gateway_logs: list[str] | None = None,
     lookback_s: Annotated[float, Field(gt=0)] = 900.0,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -321,8 +322,24 @@ def record_promotion(version: str, evidence: dict[str, object]) -> None:
     s = get_settings()
     reg = registry(s)
     reg.set_tags(s.model_name, version, {TAG_STATUS: "champion", TAG_VERDICT: "promote"})
-    record(s.audit_log, "promote", model=s.model_name, version=version, evidence=evidence)
+    _record_once(s.audit_log, "promote", model=s.model_name, version=version, evidence=evidence)
     logger().info("stage=decide model=%s version=%s decision=promote", s.model_name, version)
+
+
+def _record_once(audit_log: Path, action: str, *, model: str, version: str, **detail: Any) -> None:
+    """Audit once per task run: a retry after the entry was written (its fsync failed, say)
+    must not write it twice. The task run's id is kept in the entry; outside Prefect (``.fn()``)
+    there is none, and every call records."""
+    from prefect.runtime import task_run
+
+    run_id = task_run.get_id()
+    if run_id is not None and any(
+        e.get("task_run") == str(run_id)
+        for e in find(audit_log, action, model=model, version=version)
+    ):
+        return
+    extra = {} if run_id is None else {"task_run": str(run_id)}
+    record(audit_log, action, model=model, version=version, **detail, **extra)
 
 
 @task(
@@ -344,7 +361,7 @@ def close_candidate(
     current = reg.get_by_alias(s.model_name, ALIAS_CANDIDATE)
     if current is not None and current.version == version:
         reg.delete_alias(s.model_name, ALIAS_CANDIDATE)
-    record(
+    _record_once(
         s.audit_log, status, model=s.model_name, version=version, reason=reason, evidence=evidence
     )
     logger().info(

@@ -326,7 +326,7 @@ class Gateway:
         # What the desired-state source last said (with a source), else the last accepted PUT.
         self.desired: Deployment | None = None
         self.desired_known = self.source is None
-        self._startup_sync = True  # the next sync_once is this process's first read
+        self._startup_sync = True  # until this process first converges (sync_once)
         self.sync_error: str | None = None
         self._refused: tuple[str, float] | None = None  # (refused deployment JSON, retry after)
         self.disagreements: deque[dict[str, Any]] = deque(maxlen=self.config.shadow_log_size)
@@ -830,12 +830,14 @@ class Gateway:
                 await self._record_expiry(expired, desired)
             self.desired = desired
             self.desired_known = True
-            # This process's first read: what it applies now is a (re)started replica catching
-            # up with a deployment that was already in force, not a change.
-            startup, self._startup_sync = self._startup_sync, False
+            # Until this process first converges, what it applies is a (re)started replica
+            # catching up with a deployment already in force, not a change: even when its first
+            # try was refused or timed out and a later one succeeds.
+            startup = self._startup_sync
             have = None if self.live is None else self.live.deployment.fingerprint()
             want = None if desired is None else desired.fingerprint()
             if want == have:
+                self._startup_sync = False
                 self.sync_error = None
                 return
             now = time.monotonic()
@@ -854,6 +856,7 @@ class Gateway:
                 return
             self._refused = None
             self.sync_error = None
+            self._startup_sync = False
             self.metrics.deployments.labels(
                 desired.model if desired else "", "startup" if startup else "applied"
             ).inc()
@@ -1090,7 +1093,11 @@ class Gateway:
         # A cancelled request says nothing about the version; a pinned one was not routed by
         # the split, so the canary's judge (which reads the arm of each answer as drawn at the
         # weight) must not see it.
-        if status != 499 and not pinned:
+        # The champion refusing a width a candidate takes (422 version_mismatch): clients
+        # ahead of the champion, not its failure; counted as one it loosened the canary's
+        # error limit (the judge's baseline is the champion's failure rate).
+        champion_refused = slot.role == "champion" and reason == "version_mismatch"
+        if status != 499 and not pinned and not champion_refused:
             self._observed_seq += 1
             # 4xx are the client's mistakes (bad bodies), not the version's failures, except a
             # width this version refuses and another serving version takes (version_mismatch):
@@ -1394,12 +1401,14 @@ class Gateway:
         if x.shape[1] != version.n_features:
             msg = f"version {version.version} takes {version.n_features} features, got {x.shape[1]}"
             # The client's mistake (422), unless another version serving now takes this width:
-            # then this version cannot serve the deployment's traffic, a server error (500)
-            # that its error rate, the canary's error-budget alerts and the watchdog all count.
-            # (A 422 read as the client's, so a canary refusing all its traffic kept a clean
-            # error rate in /metrics and /admin/stats.)
+            # then a candidate (canary) cannot serve the deployment's traffic, a server error
+            # (500) that its error rate, the canary's error-budget alerts and the judge count (a
+            # 422 read as the client's: a canary refusing all its traffic kept a clean error
+            # rate). The champion refusing the width a candidate takes is still the client's
+            # request, 422, and the judge leaves it out: neither version's failure.
             if any(s.loaded.n_features == x.shape[1] for s in live.slots):
-                raise BadRequestError(500, "version_mismatch", msg)
+                status = 422 if slot.role == "champion" else 500
+                raise BadRequestError(status, "version_mismatch", msg)
             raise BadRequestError(422, "feature_mismatch", msg)
         fault = slot.spec.fault
         if self.injected_error(slot):

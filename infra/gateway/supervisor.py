@@ -55,17 +55,18 @@ GIVE_UP_AFTER = 5
 
 def restart_delay(deaths_in_a_row: int) -> float:
     """Seconds before a slot whose worker died for the ``deaths_in_a_row``-th time in a row
-    (each within STABLE_S of its start) gets a new one: a crash loop backs off instead of
-    spinning, a single death is replaced at once."""
+    (each within STABLE_S of its start) gets a new one: 0.5 s after a single death, doubling
+    while the slot keeps dying, so a crash loop backs off instead of spinning."""
     return min(RESTART_MAX_S, RESTART_BASE_S * 2 ** max(0, deaths_in_a_row - 1))
 
 
-def give_up(deaths_in_a_row: Sequence[int], alive: int, *, limit: int = GIVE_UP_AFTER) -> bool:
-    """Stop the gateway (exit 1, for whoever runs it to see) only when no worker runs and every
-    slot's worker died ``limit`` times in a row: a start that can never work. One slot's crash
-    loop (an OOM under a burst) must not take down the workers still serving; before, five
-    deaths in 30 s anywhere stopped them all."""
-    return alive == 0 and all(n >= limit for n in deaths_in_a_row)
+def give_up(deaths_in_a_row: Sequence[int], *, limit: int = GIVE_UP_AFTER) -> bool:
+    """Stop the gateway (exit 1, for whoever runs it to see) only when every slot's worker died
+    ``limit`` times in a row: a start that can never work. One slot's crash loop (an OOM under
+    a burst) must not take down the workers still serving; before, five deaths in 30 s
+    anywhere stopped them all. (Not "and none runs": a slot's next worker, still starting,
+    would keep that from ever being true while slots die out of step.)"""
+    return all(n >= limit for n in deaths_in_a_row)
 
 
 def _log(message: str) -> None:
@@ -220,7 +221,7 @@ def supervise(
                 _mark_dead(proc.pid, metrics_dir)
                 deaths[i] = deaths[i] + 1 if now - started_at[i] < STABLE_S else 1
                 procs[i] = None
-                if give_up(deaths, sum(p is not None for p in procs)):
+                if give_up(deaths):
                     _log(
                         f"worker {i} (pid {proc.pid}) exited with {rc}; every worker keeps exiting: giving up"
                     )

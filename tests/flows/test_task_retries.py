@@ -63,6 +63,7 @@ def test_a_registry_hiccup_while_recording_a_promotion_is_retried(
         {"error_rate_ceiling": -0.1},  # every window a breach: a healthy champion rolled back
         {"latency_p99_ceiling_ms": 0.0},
         {"warmup_checks": 1},
+        {"warmup_checks": 49},  # beyond the detector's MAD window: it would fail mid-run
         {"min_requests": 0},
     ],
     ids=lambda d: next(iter(d)),
@@ -76,3 +77,32 @@ def test_the_watchdog_refuses_out_of_range_parameters_before_it_looks(
 
     with pytest.raises(ParameterTypeError):
         champion_watchdog_flow(**bad)
+
+
+def test_a_retry_after_the_audit_entry_was_written_does_not_write_it_twice(
+    flaky: _FlakyRegistry, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The entry is written, then its fsync fails: Prefect retries the task (an OSError may be a
+    # hiccup), and the retry must not record the promotion a second time (review finding).
+    from ballast.audit import find
+
+    flaky.tag_calls = 1  # the registry answers from the start here
+    real_record, calls = treg.record, []
+
+    def written_then_failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        entry = real_record(*args, **kwargs)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")  # as an fsync failing after the write
+        return entry
+
+    monkeypatch.setattr(treg, "record", written_then_failing)
+    treg.record_promotion("2", {"steps": []})
+    entries = find(settings.audit_log, "promote", model=settings.model_name, version="2")
+    assert len(calls) == 1 and len(entries) == 1, entries
+
+
+def test_the_watchdog_warmup_bound_is_the_detectors_window() -> None:
+    from ballast.anomaly import DetectorPolicy
+
+    assert DetectorPolicy().mad_window == 48  # the le= of warmup_checks in flows/watchdog.py

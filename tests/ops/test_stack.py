@@ -640,6 +640,13 @@ def test_the_port_counts_as_ours_only_while_our_processes_hold_it(settings: Sett
             stranger.bind(("127.0.0.1", 0))
             stranger.listen(1)
             assert not _holds_port(rec, stranger.getsockname()[1]), "a stranger's port was ours"
+        # A listener on the same port at another address is not in the way of ours (review:
+        # an unrelated [::1] listener kept the component from ever being called healthy).
+        with socket.socket(socket.AF_INET6) as elsewhere:
+            elsewhere.bind(("::1", port))
+            elsewhere.listen(1)
+            assert _holds_port(rec, port, "127.0.0.1")
+            assert not _holds_port(rec, port, "::1"), "the other address's listener was ours"
     finally:
         _kill_group(pid)
 

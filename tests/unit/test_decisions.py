@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -297,12 +298,24 @@ def test_stale_evidence(compared: str | None, current: str | None, stale: str | 
 def test_a_manual_release_needs_somebody_who_may_approve_it() -> None:
     from ballast.decisions import require_approvers
 
+    def roles(found: dict[str, set[str]]) -> Any:
+        return lambda: found
+
     with pytest.raises(ConfigError, match="nobody holds the approver role"):
-        require_approvers("manual", {})
+        require_approvers("manual", roles({}))
     with pytest.raises(ConfigError, match="BALLAST_APPROVERS"):
-        require_approvers("manual", {"alice": {"viewer"}, " ": {"approver"}})
-    require_approvers("manual", {"alice": {"approver"}})
-    require_approvers("auto", {})  # nobody is asked
+        require_approvers("manual", roles({"alice": {"viewer"}, " ": {"approver"}}))
+    require_approvers("manual", roles({"alice": {"approver"}}))
+
+    # An auto release never reads the roles (a roles file it does not need must not fail it).
+    def unreadable() -> dict[str, set[str]]:
+        raise ConfigError("roles file has mode 644")
+
+    require_approvers("auto", unreadable)
+    # With signatures required, an approver must have a registered key.
+    with pytest.raises(ConfigError, match="no approver has a registered key"):
+        require_approvers("manual", roles({"alice": {"approver"}}), keys=lambda: {"bob"})
+    require_approvers("manual", roles({"Alice": {"approver"}}), keys=lambda: {"alice "})
 
 
 @pytest.mark.parametrize(

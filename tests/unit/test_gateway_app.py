@@ -1553,6 +1553,22 @@ def test_a_candidate_built_for_another_input_width_fails_where_judges_look(
         headers=AUTH,
     ).json()["observations"]
     assert [o[3] for o in last] == [True]
+    # Clients already sending the candidate's width: the champion's refusals are theirs (422),
+    # not the champion's errors, and the judge leaves them out (review: they counted as the
+    # champion's failures, a watchdog breach and a looser canary limit).
+    at = gw.get("/admin/observations", headers=AUTH).json()
+    narrow_row = [0.1] * 20
+    answers = [gw.post(PREDICT, json={"instances": [narrow_row]}) for _ in range(40)]
+    assert {a.status_code for a in answers} == {200, 422}
+    assert all(a.headers["x-ballast-version"] == "1" for a in answers if a.status_code == 422)
+    stats = gw.get("/admin/stats", headers=AUTH).json()["versions"]
+    assert stats["1"]["errors"] == 0
+    seen = gw.get(
+        "/admin/observations",
+        params={"cursors": f"{at['replica']}={at['next']}"},
+        headers=AUTH,
+    ).json()["observations"]
+    assert {o[1] for o in seen} == {"2"} and all(o[3] for o in seen)
 
 
 def test_a_request_never_mirrors_to_a_shadow_retired_while_it_slept(

@@ -29,11 +29,29 @@ def test_a_dying_slot_backs_off_and_only_a_start_that_never_works_stops_the_gate
     ]
     # One slot crash-looping while another serves: keep serving (before: five deaths in 30 s
     # anywhere stopped every worker, the healthy ones too).
-    assert not give_up([9, 0], alive=1)
-    assert not give_up([9, 5], alive=1)
-    # Every slot dying at every start, none running: stop, for whoever runs it to see.
-    assert give_up([5, 5], alive=0)
-    assert not give_up([5, 4], alive=0)  # one slot has a try left
+    assert not give_up([9, 0])
+    # Every slot dying at every start: stop, for whoever runs it to see.
+    assert give_up([5, 5]) and give_up([5, 7])
+    assert not give_up([5, 4])  # one slot has a try left
+
+
+@pytest.mark.integration
+def test_a_supervisor_whose_workers_can_never_start_backs_off_then_gives_up() -> None:
+    import time
+
+    # Workers that exit at once (an option they refuse): each slot is restarted after 0.5, 1,
+    # 2 and 4 s, then the supervisor gives up with exit 1 (before: five restarts at once).
+    started = time.monotonic()
+    code = supervisor.supervise(
+        host="127.0.0.1",
+        port=0,
+        workers=2,
+        worker_args=["--no-such-option"],
+        graceful_timeout=1.0,
+    )
+    took = time.monotonic() - started
+    assert code == 1
+    assert took >= 0.5 + 1 + 2 + 4, f"no back-off: gave up after {took:.1f} s"
 
 
 linux_only = pytest.mark.skipif(

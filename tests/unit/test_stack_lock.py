@@ -69,3 +69,31 @@ def test_a_stop_signal_during_up_cleans_up_as_ctrl_c_and_exits_128_plus_it(
         assert signal.getsignal(signum) is outer
     finally:
         signal.signal(signum, before)
+
+
+def test_a_stop_signal_held_back_while_a_process_starts_is_raised_even_if_the_start_failed() -> (
+    None
+):
+    # Review: a spawn that raised dropped the pending signal, so `up` exited 1 instead of
+    # 128+signal, and its cleanup could then be cut short by the next one.
+    import signal
+
+    from ballast.stack import _StopSignals, _Terminated
+
+    guard = _StopSignals()
+
+    def failing_start() -> None:
+        with guard.deferred():
+            guard.handler(signal.SIGTERM, None)  # arrives while the process starts: held back
+            raise RuntimeError("spawn failed")
+
+    with pytest.raises(_Terminated) as info:
+        failing_start()
+    assert info.value.signum == signal.SIGTERM and guard.fired == signal.SIGTERM
+    assert isinstance(info.value.__context__, RuntimeError)
+    # Once a cleanup runs (after any failure), no signal interrupts it.
+    calm = _StopSignals()
+    calm.cleaning()
+    calm.handler(signal.SIGINT, None)
+    calm.handler(signal.SIGTERM, None)
+    assert calm.fired is None
