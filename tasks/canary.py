@@ -54,7 +54,7 @@ from ballast.release import (
 from ballast.serving import VersionSpec
 from ballast.settings import Settings, get_settings
 from model_registry import ModelVersionInfo, PromotionResult, Registry
-from tasks.common import AuditedAdmin, logger, registry, retry_registry_hiccups
+from tasks.common import AuditedAdmin, idempotent_registry_task, logger, registry
 
 
 @dataclass
@@ -236,13 +236,7 @@ def _canary_once(
 CANARY_TURNS = 3
 
 
-@task(
-    name="fetch-candidate",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 5, 15],
-    retry_condition_fn=retry_registry_hiccups,
-)
+@idempotent_registry_task("fetch-candidate")
 def fetch_candidate(candidate: ModelVersionInfo) -> VersionSpec:
     """The candidate's artefacts fetched and verified (:func:`version_spec`), before the canary."""
     s = get_settings()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
@@ -79,6 +82,23 @@ def retry_registry_hiccups(task: Any, task_run: Any, state: Any) -> bool:
 
     exc = _failure(state)
     return exc is not None and (isinstance(exc, RegistryError) or not not_retryable(exc))
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def idempotent_registry_task(name: str) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """A task whose registry reads and writes may be repeated (tags set again, an alias moved
+    only while it names this version, audit entries once per task run): Prefect retries it on
+    a registry hiccup (:func:`retry_registry_hiccups`), 1, 5 and 15 s apart."""
+    return task(
+        name=name,
+        cache_policy=NO_CACHE,
+        retries=3,
+        retry_delay_seconds=[1, 5, 15],
+        retry_condition_fn=retry_registry_hiccups,
+    )
 
 
 class AuditedAdmin:

@@ -53,7 +53,7 @@ from ballast.serving import Fault
 from ballast.settings import get_settings
 from ballast.training import TrainResult
 from model_registry import ApprovalRecord, ModelVersionInfo, Registry
-from tasks.common import logger, registry, retry_registry_hiccups
+from tasks.common import idempotent_registry_task, logger, registry, retry_registry_hiccups
 
 
 def stage_artifacts(
@@ -310,13 +310,7 @@ def _register_recorded(audit_log: Path, model: str, info: ModelVersionInfo) -> b
 # Both run after the canary moved traffic: a registry hiccup must not leave the version
 # unrecorded (a rolled-back candidate still tagged "candidate" is offered again). Idempotent,
 # so retried: tags set again, the candidate alias removed only while it names this version.
-@task(
-    name="record-promotion",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 5, 15],
-    retry_condition_fn=retry_registry_hiccups,
-)
+@idempotent_registry_task("record-promotion")
 def record_promotion(version: str, evidence: dict[str, object]) -> None:
     """Tag and audit a promotion (the alias move itself happened with the traffic switch)."""
     s = get_settings()
@@ -342,13 +336,7 @@ def _record_once(audit_log: Path, action: str, *, model: str, version: str, **de
     record(audit_log, action, model=model, version=version, **detail, **extra)
 
 
-@task(
-    name="reject-candidate",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 5, 15],
-    retry_condition_fn=retry_registry_hiccups,
-)
+@idempotent_registry_task("reject-candidate")
 def close_candidate(
     version: str, *, status: str, verdict: str, reason: str, evidence: dict[str, object]
 ) -> None:
