@@ -538,3 +538,56 @@ def plan_response(
     if previous == decision.version:
         return Response("alert", f"breach, but previous is the breaching version {previous}")
     return Response("rollback", f"breach of version {decision.version}: back to {previous}")
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """The last alert reported without a rollback: which version, in which state, why, when."""
+
+    version: str | None
+    status: str
+    reason: str
+    at: float  # seconds since the epoch
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "status": self.status,
+            "reason": self.reason,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> AlertRecord:
+        version, status, reason, at = (data.get(k) for k in ("version", "status", "reason", "at"))
+        if not (
+            (version is None or isinstance(version, str))
+            and isinstance(status, str)
+            and isinstance(reason, str)
+            and isinstance(at, int | float)
+        ):
+            raise ValueError(f"not an alert record: {dict(data)!r}")
+        return cls(version, status, reason, float(at))
+
+
+def repeats_alert(
+    last: AlertRecord | None,
+    decision: WatchdogDecision,
+    response: Response,
+    *,
+    now: float,
+    every_s: float,
+) -> bool:
+    """Whether this alert is the one already reported less than ``every_s`` ago: the same
+    version, in the same state, for the same reason (a breach that cannot be rolled back, an
+    unavailable champion). Such a run reports nothing new: its heartbeat keeps the alert
+    firing in Prometheus, whose Alertmanager decides when to remind; before, every run (every
+    5 min) wrote another audit entry, artifact and event. A rollback always reports."""
+    return (
+        response.action == "alert"
+        and last is not None
+        and last.version == decision.version
+        and last.status == decision.status
+        and last.reason == response.reason
+        and 0 <= now - last.at < every_s
+    )

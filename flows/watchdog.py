@@ -12,6 +12,10 @@ What it does per outcome (the decision is :func:`ballast.watchdog.decide`, the a
 * unavailable (gateway down, or not serving the registry's champion): report, no rollback
   (nothing was measured, nothing says ``previous`` would do better).
 
+An alert without a rollback (those two, or a breach with nothing to roll back to) is reported
+once, then again only every ``realert_after_s`` while it lasts (the heartbeat keeps Prometheus's
+alert firing between); a healthy run or a rollback ends the incident.
+
 Every run ends with a heartbeat to the gateway (``ballast_watchdog_healthy{model}``); it is
 unhealthy for a breach or an unavailable champion, even after a successful rollback, so the
 ``BallastChampionUnhealthy`` alert fires for it.
@@ -19,6 +23,7 @@ unhealthy for a breach or an unavailable champion, even after a successful rollb
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -30,10 +35,18 @@ from pydantic import Field
 from ballast.anomaly import DetectorPolicy
 from ballast.errors import ChampionChanged
 from ballast.settings import get_settings
-from ballast.watchdog import WatchdogPolicy, plan_response
+from ballast.watchdog import AlertRecord, WatchdogPolicy, plan_response, repeats_alert
 from tasks.common import logger
 from tasks.rollback import rollback_to_previous
-from tasks.watchdog import check_champion, localisation_markdown, report_incident, send_heartbeat
+from tasks.watchdog import (
+    alert_path,
+    check_champion,
+    load_alert,
+    localisation_markdown,
+    remember_alert,
+    report_incident,
+    send_heartbeat,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +61,7 @@ class WatchdogReport:
     rolled_back_to: str | None = None
     artifact_id: str | None = None
     heartbeat_sent: bool = False
+    already_reported: bool = False  # the same alert was reported within realert_after_s
 
 
 def _run_name() -> str:
@@ -67,9 +81,12 @@ def champion_watchdog_flow(
     min_requests: Annotated[int, Field(ge=1)] = 100,
     gateway_logs: list[str] | None = None,
     lookback_s: Annotated[float, Field(gt=0)] = 900.0,
+    realert_after_s: Annotated[float, Field(ge=0)] = 3600.0,
 ) -> WatchdogReport:
     """``gateway_logs``: files for fault localisation (default: the gateway logs under the state
-    folder); ``lookback_s``: how far back the fault report reads them."""
+    folder); ``lookback_s``: how far back the fault report reads them; ``realert_after_s``: an
+    alert that cannot be acted on (no rollback) is reported again after this long while it
+    lasts, not at every run (the heartbeat keeps Prometheus's alert firing meanwhile)."""
     name = model_name or get_settings().model_name
     policy = WatchdogPolicy(
         detector=DetectorPolicy(warmup=warmup_checks, min_count=min_requests),
@@ -97,7 +114,27 @@ def champion_watchdog_flow(
             skipped = exc.message
         except Exception as exc:  # reported below, then the run fails
             failure = exc
-    if response.action != "none":
+    alert_file = alert_path(get_settings(), name)
+    last_alert = load_alert(alert_file)
+    now = time.time()
+    repeated = repeats_alert(last_alert, decision, response, now=now, every_s=realert_after_s)
+    if repeated:
+        logger().info(
+            "stage=watchdog model=%s version=%s status=%s still %s, reported %.0f s ago: "
+            "not reported again",
+            name,
+            decision.version,
+            decision.status,
+            response.reason,
+            now - (last_alert.at if last_alert else now),
+        )
+    elif response.action == "alert":
+        remember_alert(
+            alert_file, AlertRecord(decision.version, decision.status, response.reason, now)
+        )
+    else:
+        remember_alert(alert_file, None)  # healthy again, or rolled back: a new incident next
+    if response.action != "none" and not repeated:
         localisation = ""
         if decision.status == "breach":
             paths = None if gateway_logs is None else [Path(p) for p in gateway_logs]
@@ -129,6 +166,7 @@ def champion_watchdog_flow(
         rolled_back_to=rolled_back_to,
         artifact_id=artifact_id,
         heartbeat_sent=sent,
+        already_reported=repeated,
     )
     logger().info(
         "stage=watchdog model=%s version=%s status=%s action=%s rolled_back_to=%s heartbeat=%s",

@@ -32,6 +32,7 @@ from ballast.gateway_client import GatewayClient
 from ballast.release import ALIAS_CHAMPION, ALIAS_PREVIOUS
 from ballast.settings import Settings, get_settings
 from ballast.watchdog import (
+    AlertRecord,
     Observation,
     Response,
     WatchdogDecision,
@@ -90,6 +91,38 @@ def save_state(path: Path, state: DetectorState) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def alert_path(s: Settings, model: str) -> Path:
+    return state_path(s, model).with_suffix(".alert.json")
+
+
+def load_alert(path: Path) -> AlertRecord | None:
+    """The last alert reported for a model, None when there is none (or it cannot be read:
+    then the next alert is reported, which errs on the loud side)."""
+    try:
+        data = json.loads(path.read_text())
+        return AlertRecord.from_dict(data) if isinstance(data, dict) else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger().warning("stage=watchdog last alert unreadable, reporting anew: %s", exc)
+        return None
+
+
+def remember_alert(path: Path, alert: AlertRecord | None) -> None:
+    """Keep (or, with None, forget) the last alert reported; best effort: losing it means one
+    more report, never a missed one."""
+    try:
+        if alert is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(alert.to_dict()))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger().warning("stage=watchdog could not keep the last alert: %s", exc)
 
 
 def _observe_gateway(

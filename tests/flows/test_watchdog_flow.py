@@ -177,6 +177,21 @@ def test_without_previous_a_breach_alerts_without_crashing(env: Settings) -> Non
     assert after is not None and after.version == champion.version, "nothing to roll back to"
     last = read_audit(s.audit_log)[-1]
     assert last["action"] == "watchdog_alert" and last["version"] == champion.version
+    assert not report.already_reported
+    # The next run finds the same breach it cannot act on: not reported again (before: an
+    # audit entry, artifact and event every 5 min), while the heartbeat stays unhealthy.
+    entries = len(read_audit(s.audit_log))
+    _traffic(s, 60)
+    again = _watch(s)
+    assert (again.status, again.action, again.already_reported) == ("breach", "alert", True)
+    assert again.artifact_id is None and len(read_audit(s.audit_log)) == entries
+    assert again.heartbeat_sent and _healthy_gauge(s) == "0.0"
+    # Past the re-alert interval it is reported again.
+    _traffic(s, 60)
+    logs = [str(s.state_dir.parent / "gateway.log")]
+    late = champion_watchdog_flow(gateway_logs=logs, realert_after_s=0, **FLOW_ARGS)
+    assert late.action == "alert" and not late.already_reported and late.artifact_id
+    assert read_audit(s.audit_log)[-1]["action"] == "watchdog_alert"
     _set_fault(s, None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -533,3 +534,27 @@ def test_a_watchdog_policy_refuses_ceilings_that_never_trip_or_always_do(
     with pytest.raises(ValueError, match=r"error_rate_ceiling|latency_p99_ceiling_ms"):
         WatchdogPolicy(**bad)  # type: ignore[arg-type]
     WatchdogPolicy(error_rate_ceiling=None, latency_p99_ceiling_ms=None)  # both off is fine
+
+
+def test_an_alert_that_cannot_be_acted_on_is_reported_once_per_interval() -> None:
+    from ballast.watchdog import AlertRecord, Response, repeats_alert
+
+    d = SimpleNamespace(version="3", status="breach")
+    alert = Response("alert", "breach, but m has no previous version")
+    last = AlertRecord("3", "breach", alert.reason, at=1000.0)
+    # The same alert within the interval: not reported again.
+    assert repeats_alert(last, d, alert, now=1000.0 + 300, every_s=3600)  # type: ignore[arg-type]
+    # After the interval, after another version or reason, or for a rollback: reported.
+    assert not repeats_alert(last, d, alert, now=1000.0 + 3600, every_s=3600)  # type: ignore[arg-type]
+    other = SimpleNamespace(version="4", status="breach")
+    assert not repeats_alert(last, other, alert, now=1300.0, every_s=3600)  # type: ignore[arg-type]
+    down = SimpleNamespace(version="3", status="unavailable")
+    assert not repeats_alert(last, down, alert, now=1300.0, every_s=3600)  # type: ignore[arg-type]
+    rollback = Response("rollback", alert.reason)
+    assert not repeats_alert(last, d, rollback, now=1300.0, every_s=3600)  # type: ignore[arg-type]
+    assert not repeats_alert(None, d, alert, now=1300.0, every_s=3600)  # type: ignore[arg-type]
+    # A clock that went back does not silence an alert for ever.
+    assert not repeats_alert(last, d, alert, now=900.0, every_s=3600)  # type: ignore[arg-type]
+    assert AlertRecord.from_dict(last.to_dict()) == last
+    with pytest.raises(ValueError, match="not an alert record"):
+        AlertRecord.from_dict({"version": 3, "status": "breach", "reason": "x", "at": 1})
