@@ -123,6 +123,7 @@ def release_flow(
         metrics=approval_evidence(ds, trained.metrics, compiled.metrics(), quality),
         policy=policy,
         compared_champion=quality.champion_version,
+        fault=inject_fault,
     )
     t = lap("approve", t)
     if not approved:

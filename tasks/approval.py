@@ -100,10 +100,17 @@ def evidence_markdown(
     checks: Mapping[str, bool],
     metrics: Mapping[str, float],
     started_by: str | None = None,
+    fault: str | None = None,
 ) -> str:
-    """The form's description: every check, then the metrics grouped into evidence sections."""
+    """The form's description: every check, then the metrics grouped into evidence sections. A
+    rehearsal (``fault``) says so first: approving it fails or slows real requests."""
     rows = "\n".join(f"| {k} | {'pass' if v else 'FAIL'} |" for k, v in checks.items())
     out = [f"## Approve {model} version {version}?\n"]
+    if fault:
+        out.append(
+            f"**Rehearsal: this candidate carries the injected fault `{fault}`.** Approved, it "
+            "fails or slows its share of real requests until the canary rolls it back.\n"
+        )
     if started_by:
         out.append(STARTED_BY_LINE.format(started_by) + "\n")
     out.append(f"### Checks\n\n| check | result |\n|---|---|\n{rows}\n")
@@ -363,6 +370,7 @@ def request_approval(
     metrics: dict[str, float],
     policy: str,
     compared_champion: str | None,
+    fault: str | None = None,
 ) -> tuple[bool, str, str]:
     """Returns (approved, approver, reason). Must run inside a flow: it may pause the run.
 
@@ -398,7 +406,7 @@ def request_approval(
         approved, approver, reason = decision.approved, "policy:auto", decision.reason
     else:
         form: Any = ApprovalForm.with_initial_data(
-            description=evidence_markdown(model, version, checks, metrics, started_by),
+            description=evidence_markdown(model, version, checks, metrics, started_by, fault),
             approve=False,
             approver="",
             reason="",

@@ -65,3 +65,9 @@ def test_a_first_release_says_there_is_no_champion() -> None:
     assert "champion_accuracy" not in out and "accuracy_delta_vs_champion" not in out
     md = evidence_markdown("m", "1", {"parity": True}, out)
     assert "### Evaluation against the champion" in md and "no champion yet: first release" in md
+
+
+def test_the_form_says_first_when_the_candidate_is_a_rehearsed_fault() -> None:
+    md = evidence_markdown("m", "5", {"parity": True}, {"accuracy": 0.9}, "ops", "errors")
+    assert md.index("injected fault `errors`") < md.index("### Checks")
+    assert "injected fault" not in evidence_markdown("m", "5", {"parity": True}, {})
