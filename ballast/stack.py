@@ -434,8 +434,11 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
 
 
 def _port_free(host: str, port: int) -> bool:
-    """Nothing listens on ``host:port``: the servers, which bind with SO_REUSEADDR, can bind it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """Nothing listens on ``host:port``: the servers, which bind with SO_REUSEADDR, can bind it.
+    ``host`` may be an IPv6 address, bracketed as in a URL or not."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         if os.name == "posix":
             # As the servers do: a port whose last connections are in TIME_WAIT (for 60 s after
             # `down`) is free to them. (On Windows the option would let a port be taken over.)

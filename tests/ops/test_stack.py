@@ -329,6 +329,20 @@ def test_the_prefect_database_url_reaches_the_server_and_nothing_else(
     assert SECRET_URL not in logged, "the worker inherited the database URL"
 
 
+def test_an_ipv6_host_port_reads_free_or_taken_as_it_is() -> None:
+    # Before: always an IPv4 socket, so an IPv6 gateway host read as "port in use".
+    from ballast.stack import _port_free
+
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    assert _port_free("::1", port) and _port_free("[::1]", port)
+    with socket.socket(socket.AF_INET6) as squatter:
+        squatter.bind(("::1", port))
+        squatter.listen(1)
+        assert not _port_free("[::1]", port)
+
+
 def test_a_port_in_time_wait_reads_free_as_it_is_to_the_servers() -> None:
     # Given a port whose server closed a connection first (TIME_WAIT, 60 s on Linux)
     from ballast.stack import _port_free
