@@ -128,11 +128,7 @@ def champion_watchdog_flow(
             response.reason,
             now - (last_alert.at if last_alert else now),
         )
-    elif response.action == "alert":
-        remember_alert(
-            alert_file, AlertRecord(decision.version, decision.status, response.reason, now)
-        )
-    else:
+    elif response.action != "alert":
         remember_alert(alert_file, None)  # healthy again, or rolled back: a new incident next
     if response.action != "none" and not repeated:
         localisation = ""
@@ -150,6 +146,11 @@ def champion_watchdog_flow(
             ),
             localisation=localisation,
         )
+        if response.action == "alert":
+            # Remembered once reported: a report that failed is tried again at the next run.
+            remember_alert(
+                alert_file, AlertRecord(decision.version, decision.status, response.reason, now)
+            )
     detail = decision.summary()
     if response.action != "none":
         detail = f"{detail} | {response.action}: {rolled_back_to or response.reason}"[:1000]
