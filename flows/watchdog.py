@@ -23,7 +23,6 @@ unhealthy for a breach or an unavailable champion, even after a successful rollb
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -35,15 +34,14 @@ from pydantic import Field
 from ballast.anomaly import DetectorPolicy
 from ballast.errors import ChampionChanged
 from ballast.settings import get_settings
-from ballast.watchdog import AlertRecord, WatchdogPolicy, plan_response, repeats_alert
+from ballast.watchdog import WatchdogPolicy, plan_response
 from tasks.common import logger
 from tasks.rollback import rollback_to_previous
 from tasks.watchdog import (
-    alert_path,
+    already_reported,
     check_champion,
-    load_alert,
     localisation_markdown,
-    remember_alert,
+    mark_reported,
     report_incident,
     send_heartbeat,
 )
@@ -114,22 +112,7 @@ def champion_watchdog_flow(
             skipped = exc.message
         except Exception as exc:  # reported below, then the run fails
             failure = exc
-    alert_file = alert_path(get_settings(), name)
-    last_alert = load_alert(alert_file)
-    now = time.time()
-    repeated = repeats_alert(last_alert, decision, response, now=now, every_s=realert_after_s)
-    if repeated:
-        logger().info(
-            "stage=watchdog model=%s version=%s status=%s still %s, reported %.0f s ago: "
-            "not reported again",
-            name,
-            decision.version,
-            decision.status,
-            response.reason,
-            now - (last_alert.at if last_alert else now),
-        )
-    elif response.action != "alert":
-        remember_alert(alert_file, None)  # healthy again, or rolled back: a new incident next
+    repeated = already_reported(name, decision, response, every_s=realert_after_s)
     if response.action != "none" and not repeated:
         localisation = ""
         if decision.status == "breach":
@@ -147,10 +130,7 @@ def champion_watchdog_flow(
             localisation=localisation,
         )
         if response.action == "alert":
-            # Remembered once reported: a report that failed is tried again at the next run.
-            remember_alert(
-                alert_file, AlertRecord(decision.version, decision.status, response.reason, now)
-            )
+            mark_reported(name, decision, response)
     detail = decision.summary()
     if response.action != "none":
         detail = f"{detail} | {response.action}: {rolled_back_to or response.reason}"[:1000]

@@ -39,6 +39,7 @@ from ballast.watchdog import (
     WatchdogPolicy,
     decide,
     observe_replicas,
+    repeats_alert,
     unavailable,
 )
 from tasks.common import logger, registry
@@ -123,6 +124,39 @@ def remember_alert(path: Path, alert: AlertRecord | None) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         logger().warning("stage=watchdog could not keep the last alert: %s", exc)
+
+
+def already_reported(
+    model: str, decision: WatchdogDecision, response: Response, *, every_s: float
+) -> bool:
+    """Whether this run's alert was reported less than ``every_s`` ago
+    (:func:`ballast.watchdog.repeats_alert`); a run that has nothing to alert (healthy, or a
+    rollback) forgets the last alert, so the next one is a new incident."""
+    path = alert_path(get_settings(), model)
+    last = load_alert(path)
+    now = time.time()
+    if repeats_alert(last, decision, response, now=now, every_s=every_s):
+        logger().info(
+            "stage=watchdog model=%s version=%s status=%s still %s, reported %.0f s ago: "
+            "not reported again",
+            model,
+            decision.version,
+            decision.status,
+            response.reason,
+            now - (last.at if last else now),
+        )
+        return True
+    if response.action != "alert":
+        remember_alert(path, None)
+    return False
+
+
+def mark_reported(model: str, decision: WatchdogDecision, response: Response) -> None:
+    """Remember an alert once its report went out (a failed report is tried again next run)."""
+    remember_alert(
+        alert_path(get_settings(), model),
+        AlertRecord(decision.version, decision.status, response.reason, time.time()),
+    )
 
 
 def _observe_gateway(
