@@ -329,3 +329,8 @@ def test_the_deployment_changes_panel_says_each_replica_counts_a_change() -> Non
     for p in panels:
         assert "once per replica" in p["title"], p["title"]
         assert "with N replicas one change reads N" in p["description"], p["description"]
+    # Replica restarts (result=startup) are shown apart from changes, never as one.
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    changes = [e for e in exprs if 'result!="startup"' in e]
+    restarts = [e for e in exprs if 'result="startup"' in e]
+    assert changes and restarts and len(changes) + len(restarts) == len(exprs), exprs
