@@ -23,6 +23,7 @@ import yaml
 from ballast.settings import Settings
 from ballast.stack import (
     COMPONENTS,
+    Component,
     StackConfig,
     StackError,
     down,
@@ -34,6 +35,11 @@ from ballast.stack import (
 from tests.conftest import free_port
 
 MONITORING = Path(__file__).resolve().parents[2] / "infra" / "monitoring"
+
+
+def _bare(name: str, *argv: str, port: int = 0) -> Component:
+    """A component for process-lifecycle tests: a command, no URLs to check."""
+    return Component(name=name, argv=argv, url="", health_url="", port=port)
 
 
 def config_for(settings: Settings, **kw: object) -> StackConfig:
@@ -317,9 +323,7 @@ def test_the_prefect_database_url_reaches_the_server_and_nothing_else(
     monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", SECRET_URL)
     monkeypatch.setenv("BALLAST_STACK_PREFECT_DB", SECRET_URL)
     stack = stack_mod._Stack(config, None)
-    printenv = stack_mod.Component(
-        name="prefect-worker", argv=("/bin/sh", "-c", "env"), url="", health_url="", port=0
-    )
+    printenv = _bare("prefect-worker", "/bin/sh", "-c", "env")
     pid = stack.spawn(printenv)
     deadline = time.monotonic() + 10
     while stack_mod._start_ticks(pid) is not None and time.monotonic() < deadline:
@@ -371,18 +375,14 @@ def test_a_port_in_time_wait_reads_free_as_it_is_to_the_servers() -> None:
 def _spawn_orphaning_leader(config: StackConfig, shell: str) -> tuple[int, int]:
     """A component whose leader starts ``sleep`` in its group and exits (as mlflow's CLI process
     with its uvicorn child). Returns (leader pid, sleeper pid)."""
-    from ballast.stack import Component, _Stack
+    from ballast.stack import _Stack
 
     config.root.mkdir(parents=True, exist_ok=True)
     marker, go = config.root / "sleeper.pid", config.root / "leader-may-exit"
     # The leader waits (at most 10 s) until spawn has recorded its start time, then exits.
     wait = f"i=0; while [ ! -e {go} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done"
-    comp = Component(
-        name="mlflow",
-        argv=("/bin/sh", "-c", f"{shell} sleep 30 & echo $! > {marker}; {wait}; exit 0"),
-        url="",
-        health_url="",
-        port=0,
+    comp = _bare(
+        "mlflow", "/bin/sh", "-c", f"{shell} sleep 30 & echo $! > {marker}; {wait}; exit 0"
     )
     leader = _Stack(config, None).spawn(comp)
     go.touch()
@@ -507,7 +507,7 @@ def test_down_lets_a_groups_children_drain_after_their_leader_exits(settings: Se
     # Given a component whose leader exits at once on SIGTERM while its child needs a second to
     # drain (a server whose workers finish in-flight work). Before: the group got SIGKILL the
     # moment the leader was gone, and the drain was cut short.
-    from ballast.stack import Component, _Stack
+    from ballast.stack import _Stack
 
     config = config_for(settings, components=("mlflow",), stop_timeout_s=10.0)
     config.root.mkdir(parents=True, exist_ok=True)
@@ -524,13 +524,7 @@ def test_down_lets_a_groups_children_drain_after_their_leader_exits(settings: Se
     )
     script = config.root / "child.py"
     script.write_text(child)
-    comp = Component(
-        name="mlflow",
-        argv=("/bin/sh", "-c", f"trap 'exit 0' TERM; {sys.executable} {script} & wait"),
-        url="",
-        health_url="",
-        port=0,
-    )
+    comp = _bare("mlflow", "/bin/sh", "-c", f"trap 'exit 0' TERM; {sys.executable} {script} & wait")
     leader = _Stack(config, None).spawn(comp)
     try:
         deadline = time.monotonic() + 20
@@ -570,7 +564,7 @@ def test_the_database_settings_under_every_prefect_name_reach_only_the_server(
 def test_what_components_write_and_the_stack_folder_are_the_users_alone(
     settings: Settings,
 ) -> None:
-    from ballast.stack import Component, _Stack, _start_ticks
+    from ballast.stack import _Stack, _start_ticks
 
     config = config_for(settings, components=("mlflow",))
     config.root.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -578,9 +572,7 @@ def test_what_components_write_and_the_stack_folder_are_the_users_alone(
     written = config.root / "written-by-child"
     stack = _Stack(config, None)
     stack.say("a line")  # the folder is made private on first use
-    comp = Component(
-        name="mlflow", argv=("/bin/sh", "-c", f"echo x > {written}"), url="", health_url="", port=0
-    )
+    comp = _bare("mlflow", "/bin/sh", "-c", f"echo x > {written}")
     pid = stack.spawn(comp)
     deadline = time.monotonic() + 10
     while _start_ticks(pid) is not None and time.monotonic() < deadline:
@@ -630,18 +622,14 @@ def test_up_refuses_a_running_component_at_other_ports_than_asked(settings: Sett
 
 
 def test_the_port_counts_as_ours_only_while_our_processes_hold_it(settings: Settings) -> None:
-    from ballast.stack import Component, _holds_port, _Stack
+    from ballast.stack import _holds_port, _Stack
 
     config = config_for(settings, components=("mlflow",))
     config.root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     serve = f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(30)"
     stack = _Stack(config, None)
-    pid = stack.spawn(
-        Component(
-            name="mlflow", argv=(sys.executable, "-c", serve), url="", health_url="", port=port
-        )
-    )
+    pid = stack.spawn(_bare("mlflow", sys.executable, "-c", serve, port=port))
     try:
         rec = stack.record("mlflow")
         assert rec is not None
