@@ -225,6 +225,15 @@ def test_release_deployment_runs_on_a_worker_and_a_killed_run_reruns_without_dup
         )
         registered = reg.find_by_tag(s.model_name, TAG_FLOW_RUN, run_id)
         assert len(registered) == 1, "the run paused before registering its candidate"
+        # No concurrency lease anywhere in the run's history: a run holding one renews it every
+        # 225 s from the engine, and Prefect revokes a paused run's lease, so a wait for
+        # approval longer than that would crash (410 Gone). Checked on the server the deploy
+        # wrote, not only in prefect.yaml (tests/ops/test_prefect_yaml.py).
+        assert names["release"]["global_concurrency_limit"] is None
+        states = api.get("/flow_run_states/", params={"flow_run_id": run_id}).json()
+        assert {st["type"] for st in states} >= {"RUNNING", "PAUSED"}
+        leases = [st["state_details"].get("deployment_concurrency_lease_id") for st in states]
+        assert leases == [None] * len(states), leases
         first_attempt_s = time.monotonic() - t0
         # The worker dies (with the flow run it started) while the release waits.
         workers[0].kill()
