@@ -179,6 +179,19 @@ class QualityGateFailed(BallastError):
         super().__init__(message)
 
 
+class CostGateFailed(BallastError):
+    """The candidate costs more to serve than the champion beyond the limit
+    (``BALLAST_COST_MAX_RATIO``), measured side by side. ``decision`` is the
+    :class:`ballast.cost.CostDecision` with the ratios.
+    """
+
+    stage = "cost"
+
+    def __init__(self, message: str, decision: object | None = None) -> None:
+        self.decision = decision
+        super().__init__(message)
+
+
 class CompileError(BallastError):
     stage = "compile"
 

@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     parity_rtol_fp16: float = Field(default=1e-2, gt=0, lt=1)
     # Batch sizes the artefact is benchmarked at; the largest is the batch it is compiled for.
     bench_batches: tuple[int, ...] = (1, 64, 1024)
+    # Cost gate (ballast.cost): a candidate whose compiled model takes more than this many times
+    # the champion's time per call at any of bench_batches, measured side by side, stops the run
+    # before registration. Raise it for a release that means to grow the model; none: off.
+    cost_max_ratio: float | None = Field(default=2.0, gt=1)
 
     # Where this runs: dev (a laptop on the embedded defaults), staging or prod. Auto-approval
     # is for dev only: elsewhere a person approves every release, so approval_policy defaults
@@ -211,9 +215,9 @@ class Settings(BaseSettings):
             data = {**data, "approval_policy": "auto" if dev else "manual"}
         return data
 
-    @field_validator("quality_floor", mode="before")
+    @field_validator("quality_floor", "cost_max_ratio", mode="before")
     @classmethod
-    def _floor_none_from_the_environment(cls, v: object) -> object:
+    def _none_from_the_environment(cls, v: object) -> object:
         if isinstance(v, str) and v.strip().lower() in ("", "none", "null"):
             return None
         return v

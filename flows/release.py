@@ -21,7 +21,7 @@ from ballast.settings import get_settings
 from tasks.approval import approval_evidence, prior_decision_of, request_approval
 from tasks.canary import canary_release, fetch_candidate
 from tasks.common import logger, remove_staging
-from tasks.compile import compile_candidate
+from tasks.compile import compile_candidate, cost_gate
 from tasks.data import ingest_dataset
 from tasks.registry import close_candidate, record_promotion, register_candidate
 from tasks.report import publish_decision
@@ -75,6 +75,9 @@ def release_flow(
     try:
         compiled = compile_candidate(trained, staging / "build")
         t = lap("compile", t)
+        # CostGateFailed stops the run before anything is registered.
+        cost = cost_gate(compiled, int(trained.split.x_test.shape[1]))
+        t = lap("cost", t)
         info = register_candidate(
             ds,
             trained,
@@ -88,7 +91,7 @@ def release_flow(
         # files (a TensorRT engine is hundreds of MB) must not pile up run after run.
         remove_staging(staging)
     report.version = info.version
-    report.metrics = {**trained.metrics, **compiled.metrics()}
+    report.metrics = {**trained.metrics, **compiled.metrics(), **cost.evidence()}
     t = lap("register", t)
     if ALIAS_CHAMPION in info.aliases:
         # Same data, code and parameters as the champion: nothing to approve or canary.
@@ -120,7 +123,7 @@ def release_flow(
         model=s.model_name,
         version=info.version,
         checks=checks,
-        metrics=approval_evidence(ds, trained.metrics, compiled.metrics(), quality),
+        metrics=approval_evidence(ds, trained.metrics, compiled.metrics(), quality, cost),
         policy=policy,
         compared_champion=quality.champion_version,
         fault=inject_fault,

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from ballast.audit import current_actor, record
 from ballast.canary import trial_in_force
+from ballast.cost import CostDecision
 from ballast.data import ValidatedDataset
 from ballast.decisions import APPROVAL_TIMEOUT, Authorization, prior_decision
 from ballast.errors import ApprovalRejected, ConfigError, GatewayError
@@ -130,6 +131,7 @@ def approval_evidence(
     training: Mapping[str, float],
     compiled: Mapping[str, float],
     quality: QualityDecision,
+    cost: CostDecision | None = None,
 ) -> dict[str, float]:
     """Every figure an approver should see, named so :func:`evidence_markdown` sections them:
     data checks, evaluation against the champion, parity, benchmark, training."""
@@ -141,6 +143,9 @@ def approval_evidence(
     if quality.drop is not None:
         # Positive: the candidate is better than the champion.
         out[f"{quality.metric}_delta_vs_champion"] = -quality.drop
+    if cost is not None:
+        # Time per call over the champion's, measured side by side (the cost gate).
+        out.update(cost.evidence())
     return out
 
 

@@ -12,7 +12,13 @@ from ballast.compile.backends import (
     ModuleCompileBackend,
     select_backend,
 )
-from ballast.compile.bench import BatchTiming, BenchReport, benchmark, benchmark_eager
+from ballast.compile.bench import (
+    BatchTiming,
+    BenchReport,
+    benchmark,
+    benchmark_eager,
+    relative_cost,
+)
 from ballast.compile.onnx_export import export_onnx
 from ballast.compile.onnxruntime_backend import OnnxRuntimeBackend
 from ballast.compile.parity import ParityReport, check_parity
@@ -36,5 +42,6 @@ __all__ = [
     "check_parity",
     "compile_model",
     "export_onnx",
+    "relative_cost",
     "select_backend",
 ]

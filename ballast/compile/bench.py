@@ -160,3 +160,47 @@ def benchmark_eager(
     finally:
         model.train(was_training)
     return BenchReport(runtime="eager", threads=threads or torch.get_num_threads(), timings=timings)
+
+
+def relative_cost(
+    candidate: Predictor,
+    champion: Predictor,
+    n_features: int,
+    batches: tuple[int, ...],
+    *,
+    rounds: int = 9,
+    block_s: float = 0.01,
+    warmup: int = 5,
+    seed: int = 0,
+) -> dict[int, float]:
+    """Per batch size, the candidate's time per call over the champion's, measured side by side.
+
+    A ratio, never two absolute figures: the two run in one process, in ``rounds`` alternating
+    blocks of about ``block_s`` each (the champion first every other round), on the same inputs,
+    and the result is the median of the rounds' ratios, so drift of a noisy machine cancels.
+    """
+    if rounds < 1 or block_s <= 0:
+        raise ValueError("rounds must be >= 1 and block_s > 0")
+    out: dict[int, float] = {}
+    for b, x in _inputs(n_features, batches, seed).items():
+        fns = (partial(candidate.predict, x), partial(champion.predict, x))
+        calls = []
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+            t0 = time.perf_counter()
+            fn()
+            # Calls per block from one timed call, at least 1: a block of a slow model is one call.
+            calls.append(max(1, int(block_s / max(time.perf_counter() - t0, 1e-9))))
+        ratios = []
+        for r in range(rounds):
+            took = [0.0, 0.0]
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                fn, n = fns[i], calls[i]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                took[i] = (time.perf_counter() - t0) / n
+            ratios.append(took[0] / took[1] if took[1] > 0 else float("inf"))
+        out[b] = float(np.median(ratios))
+    return out

@@ -19,6 +19,7 @@ from ballast.crypto import encrypt_stream
 from ballast.data import bundled_frame
 from ballast.errors import (
     ConfigError,
+    CostGateFailed,
     DecryptionError,
     KeyNotFoundError,
     QualityGateFailed,
@@ -189,6 +190,31 @@ def test_a_model_worse_than_the_champion_stops_at_the_quality_gate(release_env: 
     assert _state(s) == before, "nothing may be registered, aliased or deployed"
 
 
+def test_a_model_costing_many_times_the_champion_to_serve_stops_at_the_cost_gate(
+    release_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = release_env
+    before = _state(s)
+    # Hidden layers 16x wider: hundreds of times the compute per row. The quality gate is
+    # opened wide so that only the cost gate can stop it.
+    monkeypatch.setenv("BALLAST_HIDDEN", str(16 * s.hidden))
+    monkeypatch.setenv("BALLAST_QUALITY_MAX_DROP", "1")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(
+            CostGateFailed, match=r"^\[cost\] serving cost [0-9.]+x champion"
+        ) as info:
+            release_flow()
+    finally:
+        monkeypatch.delenv("BALLAST_HIDDEN")
+        monkeypatch.delenv("BALLAST_QUALITY_MAX_DROP")
+        get_settings.cache_clear()
+    decision = info.value.decision
+    assert decision.compared and set(decision.ratios) == set(s.bench_batches), decision
+    assert decision.worst[1] > 2.0, decision
+    assert _state(s) == before, "nothing may be registered, aliased or deployed"
+
+
 def test_healthy_second_release_goes_through_the_canary_and_old_champion_becomes_previous(
     release_env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -209,6 +235,10 @@ def test_healthy_second_release_goes_through_the_canary_and_old_champion_becomes
         monkeypatch.delenv("BALLAST_CANARY_SHADOW_SECONDS")
         get_settings.cache_clear()
     assert report.outcome == "promoted", report
+    # Compared with the champion's cost side by side: the same architecture, about 1x.
+    cost = {k: v for k, v in report.metrics.items() if k.startswith("cost_vs_champion_b")}
+    assert set(cost) == {f"cost_vs_champion_b{b}" for b in s.bench_batches}, report.metrics
+    assert all(0.5 < r < 2.0 for r in cost.values()), cost
     assert [st["weight"] for st in report.canary_steps] == [0, *s.canary_steps]
     shadow = report.canary_steps[0]
     assert shadow["canary_n"] >= s.canary_min_samples, shadow  # rows the shadow answered

@@ -17,7 +17,7 @@ from ballast.quality import QualityPolicy
 from ballast.settings import Settings, get_settings
 from ballast.training import TrainResult
 from model_registry import CHAMPION, Registry
-from tasks.compile import compile_candidate
+from tasks.compile import compile_candidate, cost_gate
 from tasks.train import champion_metric, quality_gate, train_model
 
 
@@ -208,3 +208,30 @@ def test_compile_task_asks_for_a_dynamic_batch_of_at_least_2_whatever_bench_batc
         compile_candidate.fn(trained, tmp_path / "build", backend="aotinductor")
     get_settings.cache_clear()
     assert asked["max_batch"] == 2 and asked["bench_batches"] == (1,)
+
+
+def test_cost_gate_passes_without_comparing_a_champion_it_cannot_open(
+    fast: Settings, dataset: ValidatedDataset, tmp_path: Path
+) -> None:
+    trained = train_model.fn(dataset)
+    compiled = compile_candidate.fn(trained, tmp_path / "build")
+    # A champion whose files are not a signed, loadable model: a release replacing it must
+    # not be blocked by it (the canary verifies what it serves).
+    version = champion(fast, tmp_path, metrics={"accuracy": 0.95}, tags={})
+    d = cost_gate.fn(compiled, int(trained.split.x_test.shape[1]))
+    assert d.passed and not d.compared and d.champion_version == version, d
+    assert "could not be opened here" in d.reasons[0], d.reasons
+    assert d.evidence() == {}
+
+
+def test_cost_gate_off_reads_no_champion(
+    fast: Settings, dataset: ValidatedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BALLAST_COST_MAX_RATIO", "none")
+    get_settings.cache_clear()
+    trained = train_model.fn(dataset)
+    compiled = compile_candidate.fn(trained, tmp_path / "build")
+    champion(fast, tmp_path, metrics={"accuracy": 0.95}, tags={})
+    d = cost_gate.fn(compiled, int(trained.split.x_test.shape[1]))
+    assert d.passed and not d.compared and d.champion_version is None
+    assert "gate off" in d.reasons[0]

@@ -145,6 +145,38 @@ def test_inproc_benchmark_runs_its_configurations_and_reports_the_changes() -> N
     assert noop and float(noop[2]) >= 1, out
 
 
+def test_canary_cost_visibility_benchmark_reports_both_versions_per_canary() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "canary_cost_visibility.py"),
+            "--canaries",
+            "16,16",
+            "512,512",
+            "--rounds",
+            "2",
+            "--seconds",
+            "0.1",
+            "--clients",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    line = (
+        r"canary +{} +on loop True +call us champion +(\d+) canary +(\d+) \([\d.]+x; rows/call "
+        r"([\d.]+) / ([\d.]+)\) +p50 us champion +(\d+) canary +(\d+) \(canary - champion +[+-]\d+\)"
+    )
+    small, large = (re.search(line.format(re.escape(w)), out) for w in ("16,16", "512,512"))
+    assert small and large, out
+    # The wider canary's calls take longer, and both versions answered through their batchers.
+    assert int(large[2]) > int(small[2]), out
+    assert all(float(m[4]) >= 1 and int(m[5]) > 0 and int(m[6]) > 0 for m in (small, large))
+
+
 def test_fused_call_benchmark_checks_both_answers_and_reports_every_case() -> None:
     # The script asserts the merged session answers what the two sessions answer, then times.
     out = subprocess.run(
