@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -121,6 +123,82 @@ class _Batch:
 BatchObserver = Callable[[int, list[float]], None]
 
 
+# (when the request queued, its future, its answer, whether the answer is an exception)
+_Delivery = tuple[float, "asyncio.Future[np.ndarray]", object, bool]
+
+
+class LoopRunner:
+    """Runs the event-loop batches of every version on one loop: one callback per loop
+    iteration for all of them, and their requests answered in the order they arrived.
+
+    Why one runner and not a callback per version: each version's callback answered its own
+    requests as its batch finished, so the requests of the version whose batch ran second
+    (nearly always the canary's: its first request of an iteration comes later) resumed after
+    every request of the first had written its response. Under load that made an identical
+    canary read slower than its champion (HTTP, one replica, c=64: p50 2.6 vs 3.7 ms, 11 % of its
+    answers above the champion's p95 instead of 5 %), which a latency judge reads as harm.
+    Answered in arrival order, neither version waits for the other's responses. With a single
+    version due nothing is deferred: its batches already answer in arrival order.
+    """
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRunner]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: list[Batcher] = []
+        self._deliveries: list[_Delivery] | None = None  # collecting while batches run
+
+    @classmethod
+    def for_loop(cls, loop: asyncio.AbstractEventLoop) -> LoopRunner:
+        runner = cls._by_loop.get(loop)
+        if runner is None:
+            runner = cls._by_loop[loop] = cls(loop)
+        return runner
+
+    def due(self, batcher: Batcher) -> None:
+        """``batcher`` has rows for a batch on the loop (once per iteration and batcher)."""
+        if not self._due:
+            # Runs after the callbacks already due: every request task woken in this loop
+            # iteration queues its rows first and joins the batch.
+            self._loop.call_soon(self._run)
+        self._due.append(batcher)
+
+    def deliver(self, item: _Item, value: object, failed: bool) -> bool:
+        """Hold an answer until every due batch has run (True), or not now (False)."""
+        if self._deliveries is None:
+            return False
+        self._deliveries.append((item.queued_at, item.future, value, failed))
+        return True
+
+    def _run(self) -> None:
+        due, self._due = self._due, []
+        if len(due) == 1:
+            due[0]._run_on_loop()
+            return
+        deliveries: list[_Delivery] = []
+        self._deliveries = deliveries
+        try:
+            for batcher in due:
+                try:
+                    batcher._run_on_loop()
+                except Exception as exc:  # one version's fault must not strand the others'
+                    self._loop.call_exception_handler(
+                        {"message": f"batches of version {batcher.name} failed", "exception": exc}
+                    )
+        finally:
+            self._deliveries = None
+            deliveries.sort(key=lambda d: d[0])
+            for _, future, value, failed in deliveries:
+                if future.done():
+                    continue
+                if failed:
+                    future.set_exception(value)  # type: ignore[arg-type]
+                else:
+                    future.set_result(value)  # type: ignore[arg-type]
+
+
 class Batcher:
     """The queue of one version. Use only from the event loop thread that created it."""
 
@@ -143,6 +221,7 @@ class Batcher:
         self._pool = pool
         self._observe = observe
         self._loop = asyncio.get_running_loop()
+        self._runner = LoopRunner.for_loop(self._loop)
         self._queue: deque[_Item] = deque()
         self._rows = 0
         self._inflight = 0
@@ -196,9 +275,7 @@ class Batcher:
         if self._queue and self.on_loop():
             if not self._loop_batch_due:
                 self._loop_batch_due = True
-                # Runs after the callbacks already due: every request task woken in this loop
-                # iteration queues its rows first and joins the batch.
-                self._loop.call_soon(self._run_on_loop)
+                self._runner.due(self)
             return
         while self._queue:
             oldest = (time.perf_counter() - self._queue[0].queued_at) * 1e6
@@ -360,15 +437,18 @@ class Batcher:
                 detail = "" if n == 1 else f" (batch of {n} requests)"
                 err = BatchFailedError(f"version {self.name} failed to predict{detail}")
                 err.__cause__ = exc
+            deliver = self._runner.deliver
             for item in items:
-                if not item.future.done():
+                if not deliver(item, err, True) and not item.future.done():
                     item.future.set_exception(err)
             return
+        deliver = self._runner.deliver
         start = 0
         for item in items:
             stop = start + item.x.shape[0]
-            if not item.future.done():
-                item.future.set_result(out if n == 1 else out[start:stop])
+            answer = out if n == 1 else out[start:stop]
+            if not deliver(item, answer, False) and not item.future.done():
+                item.future.set_result(answer)
             start = stop
 
     def _drop_cancelled(self) -> None:

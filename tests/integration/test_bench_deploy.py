@@ -64,3 +64,28 @@ def test_bench_serving_measures_the_split_in_alternating_rounds(
         assert change["rounds"] == 6
         # Six rounds reach 95 % only with the extremes: the interval spans every change.
         assert change["low"] <= change["q1"] <= change["median"] <= change["q3"] <= change["high"]
+
+
+def test_canary_latency_parity_reads_both_versions_from_the_gateways_observations(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A short real run of ``benchmarks/canary_latency_parity.py`` (wrk, a gateway process)."""
+    import re
+    import sys
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import canary_latency_parity
+    finally:
+        sys.path.remove(str(bench))
+    assert canary_latency_parity.main(["--concurrency", "8", "--seconds", "1"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(
+        r"c=  8  answers +(\d+)  p50 ms champion +[\d.]+ canary +[\d.]+  p95 ms champion +[\d.]+ "
+        r"canary +[\d.]+  above the champion's p95: champion +([\d.]+)% canary +([\d.]+)%",
+        out,
+    )
+    assert m, out
+    # The champion's own share above its p95 is about 5 % by definition; both were observed.
+    assert int(m[1]) > 100 and 3.0 <= float(m[2]) <= 7.0, out

@@ -460,3 +460,67 @@ def test_calls_that_turn_slow_and_fail_send_the_version_back_to_threads(
         return batcher.on_loop()
 
     assert run(scenario) is False
+
+
+def test_versions_batched_on_the_loop_answer_their_requests_in_arrival_order(
+    pool: ThreadPoolExecutor,
+) -> None:
+    # Champion, canary, champion, canary queued in one loop iteration: the requests resume in
+    # that order. With a callback per version, every champion request resumed (and wrote its
+    # response) before any canary one, which made an identical canary read slower under load.
+    calls: list[str] = []
+
+    def model(name: str) -> Callable[[np.ndarray], np.ndarray]:
+        def predict(x: np.ndarray) -> np.ndarray:
+            calls.append(name)
+            return np.zeros((x.shape[0], 2), np.float32)
+
+        return predict
+
+    async def scenario() -> list[str]:
+        champion = Batcher("1", model("1"), BatchPolicy(inline_below_us=1e6), pool)
+        canary = Batcher("2", model("2"), BatchPolicy(inline_below_us=1e6), pool)
+        for b in (champion, canary):
+            await b.submit(rows(1, 0))  # timed in a thread; on the loop from now on
+            assert b.on_loop()
+        calls.clear()
+        resumed: list[str] = []
+
+        async def request(b: Batcher, label: str) -> None:
+            await b.submit(rows(1, 0))
+            resumed.append(label)
+
+        order = [(champion, "a"), (canary, "b"), (champion, "c"), (canary, "d")]
+        await asyncio.gather(*(request(b, label) for b, label in order))
+        assert calls == ["1", "2"], "one batch per version, in one loop iteration"
+        return resumed
+
+    assert run(scenario) == ["a", "b", "c", "d"]
+
+
+def test_a_version_whose_loop_batch_fails_unexpectedly_strands_no_other_versions_request(
+    pool: ThreadPoolExecutor,
+) -> None:
+    async def scenario() -> tuple[bool, list[object]]:
+        loop = asyncio.get_running_loop()
+        errors: list[object] = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx.get("exception")))
+        zeros = lambda x: np.zeros((x.shape[0], 2), np.float32)  # noqa: E731
+        first = Batcher("1", zeros, BatchPolicy(inline_below_us=1e6), pool)
+        second = Batcher("2", zeros, BatchPolicy(inline_below_us=1e6), pool)
+        for b in (first, second):
+            await b.submit(rows(1, 0))
+
+        def broken() -> None:  # a bug in the batcher itself, not a model error
+            first._loop_batch_due = False
+            raise RuntimeError("bug")
+
+        first._run_on_loop = broken  # type: ignore[method-assign]
+        stranded = first.submit(rows(1, 0))
+        answered = await asyncio.wait_for(second.submit(rows(1, 0)), 5)
+        stranded.cancel()
+        return answered.shape == (1, 2), errors
+
+    ok, errors = run(scenario)  # type: ignore[misc]
+    assert ok
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
