@@ -11,13 +11,20 @@ answers above the champion's p95: 5 % for the champion by definition, and about 
 canary the gateway treats alike. The sequential judge counts answers above the champion's p95
 as bad events, so a canary share of 10 % reads as a canary twice as often slow.
 With several replicas, only the replica that answers the observation calls is read.
+
+``--rate R`` replaces wrk's closed loop by open-loop traffic: requests at exponential intervals
+averaging ``R`` per second from an asyncio httpx client in this process, however long the
+answers take (a light load, as most production traffic is).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import random
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -53,13 +60,32 @@ def _read_since(client: httpx.Client, replica: str, start: int) -> list[list[obj
     return out
 
 
+async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> None:
+    """Requests at exponential intervals averaging ``rate`` per second, for ``seconds``."""
+    rng = random.Random(0)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        pending: set[asyncio.Task[httpx.Response]] = set()
+        due = time.monotonic()
+        end = due + seconds
+        while due < end:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            task = asyncio.create_task(client.post(url, content=body, headers=headers))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            due += rng.expovariate(rate)
+        await asyncio.gather(*pending)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--seconds", type=int, default=4, help="per concurrency (whole seconds)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--weight", type=int, default=10, help="the canary's percent (10)")
+    p.add_argument("--rate", type=float, default=None, help="open-loop requests/s instead of wrk")
     args = p.parse_args(argv)
+    loads = [("rate", args.rate)] if args.rate else [("c", c) for c in args.concurrency]
     with tempfile.TemporaryDirectory(prefix="ballast-parity-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         model = build_mlp_onnx(work / "model.onnx", seed=0, hidden=HIDDEN)
@@ -77,20 +103,23 @@ def main(argv: list[str] | None = None) -> int:
                 trust_env=False,
             )
         )
-        for c in args.concurrency:
+        for kind, c in loads:
             here = _observations(client, None)
-            _wrk(url, script, c, args.seconds, "gateway")
+            if kind == "rate":
+                asyncio.run(_open_loop(url, predict_body(), c, args.seconds))
+            else:
+                _wrk(url, script, int(c), args.seconds, "gateway")
             seen = _read_since(client, here["replica"], here["next"])
             lat = {
                 role: np.array([o[4] for o in seen if o[2] == role and o[3]], np.float64) * 1e3
                 for role in ("champion", "canary")
             }
             if not (lat["champion"].size and lat["canary"].size):
-                print(f"c={c:3d}: no answers of both versions observed")
+                print(f"{kind}={c:g}: no answers of both versions observed")
                 continue
             p95 = float(np.percentile(lat["champion"], 95))
             print(
-                f"c={c:3d}  answers {len(seen):6d}  p50 ms champion "
+                f"{kind}={c:3g}  answers {len(seen):6d}  p50 ms champion "
                 f"{np.median(lat['champion']):6.3f} canary {np.median(lat['canary']):6.3f}  "
                 f"p95 ms champion {p95:6.3f} canary {np.percentile(lat['canary'], 95):6.3f}  "
                 f"above the champion's p95: champion {(lat['champion'] > p95).mean():5.1%} "
