@@ -19,6 +19,18 @@ import gateway_inproc  # noqa: E402
 from ballast.bench.procstat import machine_ticks  # noqa: E402
 
 
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` with ``args`` (small settings), as anyone would."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
+    )
+
+
 @pytest.mark.parametrize(
     ("mode", "weight"),
     [("one", None), ("split", 10), ("split=0", 0), ("split=35", 35), ("split=100", 100)],
@@ -104,26 +116,18 @@ def test_inproc_configurations_refused(text: str, why: str) -> None:
 
 
 def test_inproc_benchmark_runs_its_configurations_and_reports_the_changes() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gateway_inproc.py"),
-            "--blocks",
-            "4",
-            "--seconds",
-            "0.05",
-            "--clients",
-            "8",
-            "one version: one",
-            "90/10 split: split",
-            "same: split=50 canary=same run=public",
-            "noop: split=50 canary=noop",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=ROOT,
+    out = _bench(
+        "gateway_inproc.py",
+        "--blocks",
+        "4",
+        "--seconds",
+        "0.05",
+        "--clients",
+        "8",
+        "one version: one",
+        "90/10 split: split",
+        "same: split=50 canary=same run=public",
+        "noop: split=50 canary=noop",
     ).stdout
     one = re.search(
         r"one version\s+([\d.]+) us CPU/request \(app only\)   rows/call v1:([\d.]+)", out
@@ -146,25 +150,17 @@ def test_inproc_benchmark_runs_its_configurations_and_reports_the_changes() -> N
 
 
 def test_canary_cost_visibility_benchmark_reports_both_versions_per_canary() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "canary_cost_visibility.py"),
-            "--canaries",
-            "16,16",
-            "512,512",
-            "--rounds",
-            "2",
-            "--seconds",
-            "0.1",
-            "--clients",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=ROOT,
+    out = _bench(
+        "canary_cost_visibility.py",
+        "--canaries",
+        "16,16",
+        "512,512",
+        "--rounds",
+        "2",
+        "--seconds",
+        "0.1",
+        "--clients",
+        "8",
     ).stdout
     line = (
         r"canary +{} +on loop True +call us champion +(\d+) canary +(\d+) \([\d.]+x; rows/call "
@@ -179,22 +175,14 @@ def test_canary_cost_visibility_benchmark_reports_both_versions_per_canary() -> 
 
 def test_fused_call_benchmark_checks_both_answers_and_reports_every_case() -> None:
     # The script asserts the merged session answers what the two sessions answer, then times.
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "ort_fused.py"),
-            "--rows",
-            "4,2",
-            "--blocks",
-            "2",
-            "--calls",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=ROOT,
+    out = _bench(
+        "ort_fused.py",
+        "--rows",
+        "4,2",
+        "--blocks",
+        "2",
+        "--calls",
+        "20",
     )
     assert "Shape mismatch" not in out.stderr, out.stderr[-2000:]  # one batch axis per input
     rows = dict(
