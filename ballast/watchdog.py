@@ -168,8 +168,10 @@ def observe(
 
     Counters are per replica (each gateway worker process counts its own), so the snapshot keeps
     one entry per replica, and a window is only taken against the same replica's earlier
-    counters. A version reloaded since (``loaded_at`` moved) or counters that went backwards (a
-    restart) start over from zero. The p99 is the gateway's over its last ``window`` requests: at
+    counters. A version reloaded since (``loaded_at`` moved) or counters that went backwards
+    without a load time to tell (a restart of a gateway that reports none) start over from zero;
+    counters behind the last ones of the same load are an older look at the replica (a peer's
+    board entry) and count nothing. The p99 is the gateway's over its last ``window`` requests: at
     low traffic it spans more than this window, so ``latency_count`` is the number of this
     window's requests in it (what the detector's minimum-count rule looks at).
 
@@ -200,15 +202,26 @@ def observe(
     # Only the champion's counters, the most recently seen replicas last and at most
     # SNAPSHOT_REPLICAS of them: replica ids are host-pid, and every restart added an entry
     # that was read and rewritten every run for ever.
+    old = old_all.get(key)
+    same_load = isinstance(old, Mapping) and old.get("loaded_at") == current["loaded_at"]
+    # Counters behind those last read for the same load of the same replica: not a restart (a
+    # restart loads again, with a new load time) but an older look at it, a peer's entry on the
+    # board (up to a heartbeat old) after that replica itself answered the last run. Two runs
+    # within a heartbeat did that; it counted the replica's whole history as one window.
+    stale = (
+        same_load
+        and current["loaded_at"] is not None
+        and isinstance(old, Mapping)
+        and now_requests < _int(old, "requests")
+    )
     kept = {
         k: e
         for k, e in old_all.items()
         if k != key and isinstance(e, Mapping) and e.get("version") == version
     }
-    kept[key] = current
+    kept[key] = old if stale and isinstance(old, Mapping) else current
     snapshot: dict[str, Any] = {"replicas": dict(list(kept.items())[-SNAPSHOT_REPLICAS:])}
     canary_active = _trial_in_force(stats)
-    old = old_all.get(key)
     if not isinstance(old, Mapping) or old.get("version") != version:
         return Observation(
             model=model,
@@ -219,9 +232,11 @@ def observe(
             reason="first look at this version on this replica: counters recorded",
             snapshot=snapshot,
         )
-    same_load = old.get("loaded_at") == current["loaded_at"]
     classes: dict[str, int] | None
-    if same_load and now_requests >= _int(old, "requests"):
+    if stale:  # nothing new from this replica in this window
+        requests, errors = 0, 0
+        classes = None if now_classes is None else {}
+    elif same_load and now_requests >= _int(old, "requests"):
         requests = now_requests - _int(old, "requests")
         errors = max(0, now_errors - _int(old, "errors"))
         classes = _diff(now_classes, _counts(old.get("classes")))

@@ -226,8 +226,52 @@ def test_a_reload_or_restart_starts_the_counters_over() -> None:
         last_snapshot=first.snapshot,
     )
     assert (reloaded.requests, reloaded.errors) == (200, 1)
-    restarted = observe(stats(300, 2), model="m", version="3", last_snapshot=first.snapshot)
+    # A gateway that reports no load time: counters that went backwards are a restart.
+    before = observe(stats(1000, 10), model="m", version="3", last_snapshot=None)
+    for e in before.snapshot["replicas"].values():  # type: ignore[index]
+        e["loaded_at"] = None
+    no_load_time = stats(300, 2)
+    no_load_time["versions"]["3"]["loaded_at"] = None
+    restarted = observe(no_load_time, model="m", version="3", last_snapshot=before.snapshot)
     assert (restarted.requests, restarted.errors) == (300, 2)
+
+
+def test_counters_behind_the_last_ones_of_the_same_load_are_an_older_look_and_count_nothing() -> (
+    None
+):
+    # Run 1 was answered by replica b itself (1000 requests); run 2, within a heartbeat, by
+    # replica a, whose board holds b's entry from half a second earlier (990). Before, that
+    # read as a restart and counted b's whole history (990 requests, its errors) as the window.
+    from ballast.watchdog import observe_replicas
+
+    first = observe_replicas(
+        _with_peers(stats(500, 0), "a", {"b": stats(1000, 10)}),
+        model="m",
+        version="3",
+        last_snapshot=None,
+    )
+    run1 = observe_replicas(
+        _with_peers(stats(1000, 10), "b", {"a": stats(500, 0)}),
+        model="m",
+        version="3",
+        last_snapshot=first.snapshot,
+    )
+    run2 = observe_replicas(
+        _with_peers(stats(520, 0), "a", {"b": stats(990, 10)}),
+        model="m",
+        version="3",
+        last_snapshot=run1.snapshot,
+    )
+    assert (run2.requests, run2.errors) == (20, 0), run2  # a's 20 new ones; nothing from b
+    # b's newer counters stay the reference: the next window from b counts from 1000.
+    assert run2.snapshot["replicas"]["b"]["requests"] == 1000  # type: ignore[index]
+    run3 = observe_replicas(
+        _with_peers(stats(1050, 11), "b", {"a": stats(520, 0)}),
+        model="m",
+        version="3",
+        last_snapshot=run2.snapshot,
+    )
+    assert (run3.requests, run3.errors) == (50, 1), run3
 
 
 def test_class_counts_become_window_differences_of_the_same_version() -> None:
