@@ -157,6 +157,11 @@ def test_next_weight(steps: tuple[int, ...], current: int, expected: int | None)
     assert next_weight(steps, current) == expected
 
 
+def test_the_lowest_and_highest_steps_are_valid() -> None:
+    assert validate_steps([1, 100]) == (1, 100)
+    assert validate_steps([100]) == (100,)
+
+
 @pytest.mark.parametrize(
     "steps",
     [(), (0, 100), (5, 50), (50, 25, 100), (5, 5, 100), (5, 101)],
@@ -226,6 +231,17 @@ def test_authorize_approval_with_no_roles_configured_refuses_everyone() -> None:
         ({"status": "rolled_back"}, "its status is rolled_back"),
         ({"aliases": ("previous",)}, "it is the previous"),
         ({"aliases": ("champion",)}, "it is the champion"),
+        # A decided verdict or status counts without its approval tag, and after a timeout.
+        ({"verdict": "rejected"}, "its verdict is rejected"),
+        ({"status": "rejected"}, "its status is rejected"),
+        (
+            {"approval": "rejected", "approval_by": "timeout", "verdict": "rollback"},
+            "its verdict is rollback",
+        ),
+        (
+            {"approval": "rejected", "approval_by": "timeout", "status": "rolled_back"},
+            "its status is rolled_back",
+        ),
         # Open to a decision: never decided, approved but not canaried yet, or only timed out.
         ({}, None),
         ({"status": "candidate", "approval": "pending"}, None),
