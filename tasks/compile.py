@@ -8,6 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.compile import BackendName, CompiledArtifact, compile_model, relative_cost
+from ballast.compile.bench import torch_threads
 from ballast.cost import CostDecision, judge_cost
 from ballast.errors import BallastError, CostGateFailed, RegistryUnreachable
 from ballast.release import TAG_ARTIFACT_SHA
@@ -92,7 +93,10 @@ def cost_gate(compiled: CompiledArtifact, n_features: int) -> CostDecision:
                 why = f"it takes {width} features, the candidate {n_features}"
             else:
                 ours = load_predictor(compiled.path, compiled.backend)
-                ratios = relative_cost(ours, theirs, n_features, tuple(s.bench_batches))
+                # One intra-op thread on both sides, as ONNX Runtime sessions are opened: an
+                # AOTInductor package otherwise runs on every core of torch's pool.
+                with torch_threads(1):
+                    ratios = relative_cost(ours, theirs, n_features, tuple(s.bench_batches))
         decision = judge_cost(ratios, s.cost_max_ratio, champion.version, not_compared=why)
     log.info(
         "stage=cost passed=%s compared=%s champion=%s %s",
