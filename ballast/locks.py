@@ -32,7 +32,7 @@ def held_or_refused(path: Path, busy: BallastError) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def held(path: Path, timeout_s: float, busy: BallastError) -> Iterator[None]:
+def held(path: Path, timeout_s: float, busy: BaseException) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created 0600, its folder too) for the block, waiting
     up to ``timeout_s`` for another holder to let go; then raise ``busy``. Released when the
     holder dies, as :func:`held_or_refused`."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,7 +47,7 @@ from ballast.release import (
 from ballast.roles import ApprovalConfig, approval_config_from_settings
 from ballast.settings import Settings, get_settings
 from model_registry import ApprovalRecord, ModelVersionInfo
-from tasks.common import logger, registry
+from tasks.common import logger, registry, server_lock
 
 __all__ = [
     "TAG_APPROVAL_BY",
@@ -326,22 +327,36 @@ class _DecisionLockBusy(ApprovalRejected):
     """Another run held the version's decision lock for over DECIDING_TIMEOUT_S."""
 
 
-def _deciding(s: Settings, model: str, version: str) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def _deciding(s: Settings, model: str, version: str) -> Iterator[None]:
     """One run at a time between the last look at a version's approval and the last write of
-    its decision, among runs whose state_dir is the same folder on a filesystem where ``flock``
-    holds between them: one machine; a volume shared by a cluster's Jobs only where its
-    filesystem supports ``flock`` across nodes. MLflow offers no conditional write that would
-    serialise the rest."""
+    its decision. Two locks, taken in this order by every run: a ``flock`` in ``state_dir``
+    (runs on this machine, and runs outside a flow run, e.g. via ``.fn()``), then a one-slot
+    global concurrency limit per model on the Prefect server (runs on any machine: workers of
+    a cluster's pools share no filesystem lock). MLflow offers no conditional write that would
+    serialise the decision itself."""
     digest = hashlib.sha256(f"{model}\0{version}".encode()).hexdigest()[:24]
-    return held(
-        s.state_dir / "locks" / f"approval-{digest}.lock",
-        DECIDING_TIMEOUT_S,
-        _DecisionLockBusy(
+
+    def busy() -> _DecisionLockBusy:
+        return _DecisionLockBusy(
             f"another run held version {version} of {model}'s approval for over "
             f"{DECIDING_TIMEOUT_S:g} s; this answer was not applied (it is in the audit log): "
             "run the release again"
-        ),
-    )
+        )
+
+    with (
+        held(s.state_dir / "locks" / f"approval-{digest}.lock", DECIDING_TIMEOUT_S, busy()),
+        server_lock(approval_lock_name(model), DECIDING_TIMEOUT_S, busy()),
+    ):
+        yield
+
+
+def approval_lock_name(model: str) -> str:
+    """The Prefect global concurrency limit that serialises ``model``'s approval decisions:
+    readable, within Prefect's name rules whatever the model's name, and one per model (not
+    per version: a limit is a lasting object on the server, and decisions take seconds)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model)[:48]
+    return f"ballast-approval-{slug}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
 def _on_trial(s: Settings, model: str, version: str, tags: Mapping[str, str]) -> str | None:
@@ -431,8 +446,8 @@ def request_approval(
             approved = bool(answer.approve)
             approver, reason = answer.approver.strip(), answer.reason.strip()
 
-    # From the last look to the last write, one run on this machine at a time: two runs
-    # deciding the same version at once both passed the look and both wrote.
+    # From the last look to the last write, one run at a time (_deciding): two runs deciding
+    # the same version at once both passed the look and both wrote.
     def superseded(message: str, **decided: Any) -> ApprovalRejected:
         """The answer into the audit log, not applied: the error to stop this run with."""
         record(

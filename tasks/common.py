@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
+from prefect.concurrency.sync import concurrency
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 
 from ballast.settings import Settings, get_settings
@@ -33,6 +41,67 @@ def remove_staging(path: Path) -> None:
         pass
     except OSError as exc:
         logger().warning("stage=register staging %s not removed: %s", path, exc)
+
+
+# A crashed holder's slot comes back after this long (the server's shortest lease); a live
+# holder's lease is renewed in the background while it holds the slot.
+SERVER_LOCK_LEASE_S = 60.0
+
+
+def _one_slot(name: str) -> None:
+    """Make the global concurrency limit ``name`` exist with one slot, active."""
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+            return
+        if found.limit != 1 or not found.active:
+            # Ours by name; with more slots (or inactive) it would let two holders in at once.
+            logger().warning(
+                "lock %s had limit=%s active=%s; set back to one active slot",
+                name,
+                found.limit,
+                found.active,
+            )
+            client.update_global_concurrency_limit(
+                name, GlobalConcurrencyLimitUpdate(limit=1, active=True)
+            )
+
+
+@contextlib.contextmanager
+def server_lock(name: str, timeout_s: float, busy: BaseException) -> Iterator[None]:
+    """One holder at a time among every run on this Prefect server, whatever machine it runs
+    on: a global concurrency limit of one slot named ``name`` (created on first use), held
+    under a lease the server takes back :data:`SERVER_LOCK_LEASE_S` after a holder dies.
+    Waits up to ``timeout_s``, then raises ``busy``.
+
+    Outside a flow or task run (a task called via ``.fn()``, the CLI) there is no server to
+    ask and it holds nothing: pair it with a local lock (:mod:`ballast.locks`) for those.
+    """
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        yield
+        return
+    _one_slot(name)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(
+                concurrency(
+                    name,
+                    occupy=1,
+                    timeout_seconds=timeout_s,
+                    lease_duration=SERVER_LOCK_LEASE_S,
+                    strict=True,
+                    # A lease lost mid-block means another holder may be inside: stop.
+                    raise_on_lease_renewal_failure=True,
+                )
+            )
+        except TimeoutError:
+            raise busy from None
+        yield
 
 
 def registry(settings: Settings | None = None) -> Registry:

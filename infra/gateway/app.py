@@ -636,9 +636,10 @@ class Gateway:
         the deployment that was in force stays, here and in the source. With ``expect`` (an
         If-Match), only while the desired state has one of those tags
         (:func:`ballast.serving.precondition_holds`), else :class:`PreconditionFailedError`
-        and nothing changes. A file source checks and writes in one step under its lock; other
-        sources (the registry, which has no conditional write) are checked right before the
-        write, so two replicas changing at the same moment can still both pass.
+        and nothing changes. A source with ``publish_if`` checks and writes in one step: the
+        file under its lock; the registry, which has no conditional write, under a lock the
+        replicas on one machine share, so replicas on other machines (pods) changing at the
+        same moment can still both pass. Other sources are checked right before the write.
         """
         async with self._deploy_lock:
             previous = None if self.live is None else self.live.deployment

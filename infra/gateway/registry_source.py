@@ -39,14 +39,18 @@ drops it first records the champion alone here: weight ``0``, lease ``none``).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ballast.errors import BallastError
+from ballast.locks import held
 from ballast.release import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
@@ -108,10 +112,15 @@ class RegistryDesiredState:
         trusted_key: Path,
         *,
         poll_interval_s: float = 1.0,
+        lock_path: Path | None = None,
     ) -> None:
         if not 0 < poll_interval_s <= 1.0:
             raise ValueError("poll_interval_s must be in (0, 1]")
         self.registry = registry
+        # Writes (and the look before a conditional one) hold a flock on this file: the
+        # registry has no conditional write, so this is what makes an If-Match atomic among
+        # the sources sharing the file (a gateway's replicas on one machine). None: unlocked.
+        self.lock_path = lock_path
         self.model = model
         self.trusted_key = Path(trusted_key)
         self.poll_interval_s = poll_interval_s
@@ -130,12 +139,33 @@ class RegistryDesiredState:
     def from_settings(cls, s: Settings, *, poll_interval_s: float = 1.0) -> RegistryDesiredState:
         from model_registry import Registry
 
+        digest = hashlib.sha256(s.model_name.encode()).hexdigest()[:16]
         return cls(
             Registry(s.tracking_uri, s.artifact_root),
             s.model_name,
             s.signing_key_path,
             poll_interval_s=poll_interval_s,
+            lock_path=s.state_dir.resolve() / "gateway" / f"registry-writes-{digest}.lock",
         )
+
+    # How long a write waits for another replica's write on this machine (a few tag writes;
+    # longer means the registry is failing).
+    WRITE_LOCK_TIMEOUT_S = 30.0
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        if self.lock_path is None:
+            yield
+            return
+        busy = DesiredStateError(
+            f"another replica has been writing the desired state for over "
+            f"{self.WRITE_LOCK_TIMEOUT_S:g} s; try again"
+        )
+        try:
+            with held(self.lock_path, self.WRITE_LOCK_TIMEOUT_S, busy):
+                yield
+        except OSError as exc:  # the lock file (the block turns its own into DesiredStateError)
+            raise DesiredStateError(f"cannot record the desired state: {exc}") from exc
 
     # How long a version that did not verify is refused without fetching it again, while its
     # tags and the trusted key's file stay as they were.
@@ -324,6 +354,33 @@ class RegistryDesiredState:
         return aliases
 
     def publish(self, deployment: Deployment | None, *, actor: str) -> None:
+        with self._writing():
+            self._publish(deployment)
+
+    def publish_if(
+        self,
+        holds: Callable[[Deployment | None], bool],
+        deployment: Deployment | None,
+        *,
+        actor: str,
+    ) -> bool:
+        """Publish ``deployment`` only if ``holds(desired state read now)``; False, writing
+        nothing, if it does not. Atomic among sources sharing ``lock_path`` (every write of
+        theirs takes it); a writer elsewhere (another machine, a person in the MLflow UI) can
+        still land between the look and the write."""
+        with self._writing():
+            if not holds(self.read()):
+                return False
+            self._publish(deployment)
+            return True
+
+    def replace_if(
+        self, expected: Deployment, deployment: Deployment | None, *, actor: str
+    ) -> bool:
+        """Publish ``deployment`` only while the desired state is still ``expected``."""
+        return self.publish_if(expected.same_as, deployment, actor=actor)
+
+    def _publish(self, deployment: Deployment | None) -> None:
         if deployment is None:
             raise DesiredStateError(
                 "a registry-backed gateway serves what the aliases name; remove the champion "

@@ -16,12 +16,15 @@ import pytest
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
+from prefect.concurrency.sync import concurrency
 from prefect.flow_runs import resume_flow_run
 from prefect.input.run_input import keyset_from_paused_state
 from typer.testing import CliRunner
 
+import tasks.approval as ta
 from ballast.approval_signing import (
     approval_message,
     create_approver_key,
@@ -38,6 +41,7 @@ from ballast.settings import Settings, get_settings
 from flows.release import release_flow
 from model_registry import Registry
 from tasks.approval import TAG_APPROVAL_BY, TAG_APPROVAL_REASON, TAG_APPROVAL_STARTED_BY
+from tasks.common import _one_slot
 from tests.flows.conftest import next_distinct_release
 
 pytestmark = pytest.mark.flow
@@ -449,3 +453,46 @@ def test_a_key_replaced_or_a_role_revoked_during_the_pause_binds_the_next_answer
     thread.join(timeout=120)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     assert box["report"].outcome == "rejected" and box["report"].reason == "no"
+
+
+def test_a_decision_waits_for_the_server_lock_another_machines_run_holds(
+    approval_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run on another machine shares no flock with this one, only the Prefect server: the
+    # test holds the model's one-slot limit there (no file lock), as that run would.
+    s = approval_env
+    reg = Registry(s.tracking_uri, s.artifact_root)
+    monkeypatch.setattr(ta, "DECIDING_TIMEOUT_S", 2.0)
+    name = ta.approval_lock_name(s.model_name)
+    _one_slot(name)
+    thread, box = _run_in_thread()
+    run_id = _paused_run_id()
+    with concurrency(name, occupy=1, timeout_seconds=10, strict=True, lease_duration=60):
+        resume_flow_run(run_id, run_input={"approve": True, "approver": "alice", "reason": "ok"})
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    assert "another run held" in str(box.get("error")), box
+    held_out = [e for e in read_audit(s.audit_log) if e["action"] == "approval_superseded"][-1]
+    assert (held_out["approver"], held_out["approve"]) == ("alice", True)
+    # Nothing was decided: still pending, so a rerun asks again.
+    assert reg.get_approval(s.model_name, held_out["version"]).status == "pending"  # type: ignore[union-attr]
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    assert (limit.limit, limit.active, limit.active_slots) == (1, True, 0)  # released
+
+
+def test_the_approval_lock_is_put_back_to_one_slot(approval_env: Settings) -> None:
+    # An operator who widened or switched off the limit would let two decisions in at once.
+    name = ta.approval_lock_name("a model/with odd%name")
+    assert name.startswith("ballast-approval-a-model-with-odd-name-"), name
+    assert name != ta.approval_lock_name("a model/with odd&name")
+    _one_slot(name)
+    with get_client(sync_client=True) as client:
+        client.update_global_concurrency_limit(
+            name, GlobalConcurrencyLimitUpdate(limit=3, active=False)
+        )
+    _one_slot(name)
+    _one_slot(name)  # existing and right: left as it is
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    assert (limit.limit, limit.active) == (1, True)

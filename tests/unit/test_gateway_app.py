@@ -3054,3 +3054,64 @@ def test_a_restarted_replica_loading_the_deployment_in_force_is_not_counted_as_a
         FileDesiredState(desired).publish(with_canary(artefacts, 20), actor="test")
         wait_for(lambda: deployments(r1, "applied") == 1)
         assert deployments(r1, "startup") == 1
+
+
+@pytest.mark.parametrize("shared_lock", [True, False], ids=["one-machine", "no-shared-lock"])
+def test_conditional_registry_writes_are_serialised_among_replicas_sharing_the_lock(
+    artefacts: dict[str, Path], tmp_path: Path, shared_lock: bool
+) -> None:
+    # Two replicas' If-Match PUTs that both saw the settled state (the registry has no
+    # conditional write). Replica B looks while replica A is about to write: A's first tag
+    # write waits (up to a second) for B's look.
+    reg, key, settled, trial = registry_with_candidate(artefacts, tmp_path)
+    lock = tmp_path / "gateway" / "registry-writes.lock" if shared_lock else None
+    a = RegistryDesiredState(reg, MODEL, key, lock_path=lock)
+    b = RegistryDesiredState(reg, MODEL, key, lock_path=lock)
+    a_looked, b_looked = threading.Event(), threading.Event()
+    original_set_tags = reg.set_tags
+    waited: list[bool] = []
+    calls: list[str] = []
+
+    def set_tags(name: str, version: str | int, tags: dict[str, str]) -> None:
+        calls.append(str(version))
+        if len(calls) == 1:
+            waited.append(b_looked.wait(timeout=1.0))
+        original_set_tags(name, version, tags)
+
+    reg.set_tags = set_tags  # type: ignore[method-assign]
+
+    def looked(flag: threading.Event) -> Any:
+        def holds(current: Deployment | None) -> bool:
+            flag.set()
+            return current is not None and current.same_as(settled)
+
+        return holds
+
+    results: dict[str, bool] = {}
+    half = trial.model_copy(update={"canary_weight": 50})
+    first = threading.Thread(
+        target=lambda: results.update(a=a.publish_if(looked(a_looked), trial, actor="a"))
+    )
+    first.start()
+    assert a_looked.wait(timeout=10)
+    second = threading.Thread(
+        target=lambda: results.update(b=b.publish_if(looked(b_looked), half, actor="b"))
+    )
+    second.start()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert not first.is_alive() and not second.is_alive()
+    if shared_lock:
+        # B looked only after A's write: it saw A's change, and wrote nothing.
+        assert waited == [False] and results == {"a": True, "b": False}
+        assert a.read() == trial
+    else:
+        # Without a shared lock (replicas on other machines) both pass: the documented limit.
+        assert waited == [True] and results == {"a": True, "b": True}
+        assert a.read() in (trial, half)  # whichever wrote last
+    # replace_if goes through the same check.
+    current = a.read()
+    assert current is not None
+    assert a.replace_if(settled, settled, actor="gateway:lease-expired") is False
+    assert a.replace_if(current, settled, actor="gateway:lease-expired") is True
+    assert a.read() == settled
