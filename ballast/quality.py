@@ -194,7 +194,11 @@ def judge_quality(
             reasons.append(
                 f"candidate {m} {_fmt(candidate)} vs champion v{champion.version} "
                 f"{_fmt(champ_value)} ({champion.source}): "
-                + (f"worse by {_fmt(drop)}" if drop > 0 else f"not worse ({_fmt(-drop)} better)")
+                + (
+                    f"worse by {_fmt(drop)}"
+                    if drop > 0
+                    else f"not worse ({_fmt(abs(drop))} better)"
+                )
                 + f", allowed {_fmt(policy.max_drop)}"
                 + ("" if ok else " — too much worse")
             )

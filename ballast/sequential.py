@@ -240,6 +240,8 @@ class ArmLikelihood:
         """
         if canary < 0 or champion < 0 or not tier > 0:
             raise ValueError("event counts must be >= 0 and tier > 0")
+        if not 0 <= weight <= 1:  # NaN too: skipped below, its events would be lost unseen
+            raise ValueError(f"weight must lie in [0, 1], got {weight}")
         # A weight of 0 or 1 leaves no doubt about the arm: such events carry no evidence.
         if not 0 < weight < 1 or (canary == 0 and champion == 0):
             return
