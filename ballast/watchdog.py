@@ -203,7 +203,11 @@ def observe(
     # SNAPSHOT_REPLICAS of them: replica ids are host-pid, and every restart added an entry
     # that was read and rewritten every run for ever.
     old = old_all.get(key)
-    same_load = isinstance(old, Mapping) and old.get("loaded_at") == current["loaded_at"]
+    same_load = (
+        isinstance(old, Mapping)
+        and old.get("version") == version  # another version's counters are no older look
+        and old.get("loaded_at") == current["loaded_at"]
+    )
     # Counters behind those last read for the same load of the same replica: not a restart (a
     # restart loads again, with a new load time) but an older look at it, a peer's entry on the
     # board (up to a heartbeat old) after that replica itself answered the last run. Two runs
