@@ -35,6 +35,14 @@ class Model:
         self.gate.wait(10)
         return np.stack([x.sum(axis=1), x[:, 0]], axis=1)
 
+    async def hold(self, batcher, x):
+        """Submit ``x`` and return once its batch is inside the model, held there until
+        ``gate`` is set."""
+        self.gate.clear()
+        future = batcher.submit(x)
+        await asyncio.to_thread(self.entered.wait, 5)
+        return future
+
 
 @pytest.fixture
 def pool():
@@ -65,9 +73,7 @@ def test_p3_queue_delay_timer_with_two_slots(pool):
 
     async def scenario():
         b = Batcher("v", model, policy, pool)
-        model.gate.clear()
-        a = b.submit(rows(1))
-        await asyncio.to_thread(model.entered.wait, 5)
+        a = await model.hold(b, rows(1))
         t0 = time.perf_counter()
         f1 = b.submit(rows(1))  # waits up to 40 ms for company
         await asyncio.sleep(0.025)
@@ -98,9 +104,7 @@ def test_p4_a_stuck_batch_fails_the_queue_then_recovers_fully(pool):
 
     async def scenario():
         b = Batcher("v", model, policy, pool)
-        model.gate.clear()
-        hung = b.submit(rows(2))
-        await asyncio.to_thread(model.entered.wait, 5)
+        hung = await model.hold(b, rows(2))
         queued = b.submit(rows(1))  # behind the hung batch
         t0 = time.perf_counter()
         res = await asyncio.gather(hung, queued, return_exceptions=True)
@@ -112,9 +116,7 @@ def test_p4_a_stuck_batch_fails_the_queue_then_recovers_fully(pool):
             await asyncio.sleep(0.01)
         counters = (b.stuck, b.inflight)
         # healthy again: a request arriving while a batch runs is queued, not refused
-        model.gate.clear()
-        x = b.submit(rows(1))
-        await asyncio.to_thread(model.entered.wait, 5)
+        x = await model.hold(b, rows(1))
         y = b.submit(rows(1))
         model.gate.set()
         await asyncio.gather(x, y)
@@ -132,9 +134,7 @@ def test_p5_purge_recounts_rows_not_features(pool):
 
     async def scenario():
         b = Batcher("v", model, policy, pool)
-        model.gate.clear()
-        head = b.submit(rows(1))
-        await asyncio.to_thread(model.entered.wait, 5)
+        head = await model.hold(b, rows(1))
         live = b.submit(rows(1))
         gone = b.submit(rows(3))
         gone.cancel()
@@ -152,9 +152,7 @@ def test_p6_fail_queued_zeroes_queued_rows(pool):
 
     async def scenario():
         b = Batcher("v", model, BatchPolicy(max_batch_size=8), pool)
-        model.gate.clear()
-        head = b.submit(rows(1))
-        await asyncio.to_thread(model.entered.wait, 5)
+        head = await model.hold(b, rows(1))
         w = b.submit(rows(2))
         b.fail_queued("gone")
         q = b.queued_rows
@@ -178,9 +176,7 @@ def test_p7_p8_observer_and_counters(pool):
             pool,
             observe=lambda n, w: seen.append((n, w)),
         )
-        model.gate.clear()
-        head = b.submit(rows(1))
-        await asyncio.to_thread(model.entered.wait, 5)
+        head = await model.hold(b, rows(1))
         rest = [b.submit(rows(2)) for _ in range(2)]
         await asyncio.sleep(0.05)
         model.gate.set()
@@ -239,9 +235,7 @@ def test_p14_timer_still_works_after_a_full_batch_cut_it_short(pool):
 
     async def scenario():
         b = Batcher("v", model, policy, pool)
-        model.gate.clear()
-        a = b.submit(rows(1))
-        await asyncio.to_thread(model.entered.wait, 5)
+        a = await model.hold(b, rows(1))
         f1 = b.submit(rows(1))  # timer armed
         f2 = b.submit(rows(3))  # full batch: dispatched now, timer cancelled
         t0 = time.perf_counter()
