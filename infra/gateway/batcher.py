@@ -37,6 +37,7 @@ request whose client went away is dropped before its batch is formed.
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 import weakref
 from collections import deque
@@ -108,6 +109,7 @@ class _Item:
     x: np.ndarray
     future: asyncio.Future[np.ndarray]
     queued_at: float
+    rows: int  # x.shape[0]
 
 
 @dataclass(slots=True)
@@ -125,6 +127,7 @@ BatchObserver = Callable[[int, list[float]], None]
 
 # (when the request queued, its future, its answer, whether the answer is an exception)
 _Delivery = tuple[float, "asyncio.Future[np.ndarray]", object, bool]
+_QUEUED_AT = operator.itemgetter(0)
 
 
 class LoopRunner:
@@ -165,12 +168,11 @@ class LoopRunner:
             self._loop.call_soon(self._run)
         self._due.append(batcher)
 
-    def deliver(self, item: _Item, value: object, failed: bool) -> bool:
-        """Hold an answer until every due batch has run (True), or not now (False)."""
-        if self._deliveries is None:
-            return False
-        self._deliveries.append((item.queued_at, item.future, value, failed))
-        return True
+    @property
+    def holding(self) -> list[_Delivery] | None:
+        """Where answers wait while several versions' batches run (answered in arrival order
+        once all have run), or None: answer now."""
+        return self._deliveries
 
     def _run(self) -> None:
         due, self._due = self._due, []
@@ -189,7 +191,7 @@ class LoopRunner:
                     )
         finally:
             self._deliveries = None
-            deliveries.sort(key=lambda d: d[0])
+            deliveries.sort(key=_QUEUED_AT)
             for _, future, value, failed in deliveries:
                 if future.done():
                     continue
@@ -260,7 +262,7 @@ class Batcher:
                 f"{self.policy.timeout_s:g} s"
             )
         fut: asyncio.Future[np.ndarray] = self._loop.create_future()
-        self._queue.append(_Item(x, fut, time.perf_counter()))
+        self._queue.append(_Item(x, fut, time.perf_counter(), n))
         self._rows += n
         self._pump()
         return fut
@@ -294,13 +296,15 @@ class Batcher:
                 items = self._take()
                 if not items:
                     break
-                batch, x = self._start(items)
+                # Runs to the end before anything else on the loop does: no watchdog, no
+                # in-flight slot, no _Batch to track it.
+                x = self._begin(items)
                 try:
                     out = self._timed(x)
                 except Exception as exc:
-                    self._finish(batch, exc, None)
+                    self._answer(items, exc, None)
                 else:
-                    self._finish(batch, None, out)
+                    self._answer(items, None, out)
         finally:
             self._loop_batch_due = False
         self._pump()  # rows left when a slow batch sent the version back to threads
@@ -316,7 +320,7 @@ class Batcher:
         queue = self._queue
         while queue:
             item = queue[0]
-            n = item.x.shape[0]
+            n = item.rows
             if items and rows + n > limit:
                 break
             queue.popleft()
@@ -327,16 +331,21 @@ class Batcher:
             rows += n
         return items
 
-    def _start(self, items: list[_Item]) -> tuple[_Batch, np.ndarray]:
-        now = time.perf_counter()
-        batch = _Batch(items, now)
+    def _begin(self, items: list[_Item]) -> np.ndarray:
+        """The rows of ``items`` as one array, counted and observed as a batch."""
         x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
-        self._inflight += 1
         self.batches += 1
         self.rows_total += x.shape[0]
         if self._observe is not None:
+            now = time.perf_counter()
             self._observe(x.shape[0], [now - i.queued_at for i in items])
-        return batch, x
+        return x
+
+    def _start(self, items: list[_Item]) -> tuple[_Batch, np.ndarray]:
+        """A batch for an inference thread: holds one of ``max_inflight`` slots until answered."""
+        x = self._begin(items)
+        self._inflight += 1
+        return _Batch(items, time.perf_counter()), x
 
     def _dispatch(self) -> None:
         if self._timer is not None:
@@ -427,9 +436,10 @@ class Batcher:
         n = len(items)
         if exc is None and out is not None:
             out = np.asarray(out)
-            rows = sum(i.x.shape[0] for i in items)
+            rows = items[0].rows if n == 1 else sum(i.rows for i in items)
             if out.ndim != 2 or out.shape[0] != rows:
                 exc = ValueError(f"model returned shape {out.shape} for {rows} rows")
+        held = self._runner.holding
         if exc is not None or out is None:
             if isinstance(exc, BatchFailedError):
                 err = exc
@@ -437,25 +447,33 @@ class Batcher:
                 detail = "" if n == 1 else f" (batch of {n} requests)"
                 err = BatchFailedError(f"version {self.name} failed to predict{detail}")
                 err.__cause__ = exc
-            deliver = self._runner.deliver
             for item in items:
-                if not deliver(item, err, True) and not item.future.done():
+                if held is not None:
+                    held.append((item.queued_at, item.future, err, True))
+                elif not item.future.done():
                     item.future.set_exception(err)
             return
-        deliver = self._runner.deliver
+        if n == 1:
+            item = items[0]
+            if held is not None:
+                held.append((item.queued_at, item.future, out, False))
+            elif not item.future.done():
+                item.future.set_result(out)
+            return
         start = 0
         for item in items:
-            stop = start + item.x.shape[0]
-            answer = out if n == 1 else out[start:stop]
-            if not deliver(item, answer, False) and not item.future.done():
-                item.future.set_result(answer)
+            stop = start + item.rows
+            if held is not None:
+                held.append((item.queued_at, item.future, out[start:stop], False))
+            elif not item.future.done():
+                item.future.set_result(out[start:stop])
             start = stop
 
     def _drop_cancelled(self) -> None:
         live = deque(item for item in self._queue if not item.future.done())
         if len(live) != len(self._queue):
             self._queue = live
-            self._rows = sum(item.x.shape[0] for item in live)
+            self._rows = sum(item.rows for item in live)
 
     def fail_queued(self, message: str, *, status: int = 503) -> None:
         """Fail everything still queued (the version is being unloaded, or is stuck)."""

@@ -155,23 +155,32 @@ class Live:
         tell sticky traffic apart (:class:`ballast.sequential.KeyedArms`)."""
         return hashlib.blake2b(self._salt + key.encode("latin-1"), digest_size=8).hexdigest()
 
+    @cached_property
+    def _routing(self) -> tuple[Slot | None, Slot | None, int]:
+        """(where a request goes unless drawn for the canary, the canary when traffic is split,
+        its weight): worked out once per deployment, not on every request."""
+        champion, canary = self.champion, self.canary
+        if canary is None or champion is None:
+            return champion or canary, None, 0
+        weight = self.weight
+        if weight <= 0:
+            return champion, None, 0
+        if weight >= 100:
+            return canary, None, 0
+        return champion, canary, weight
+
     def route(self, key_id: str | None, rng: random.Random) -> Slot | None:
         """Pick the slot for one request: sticky by ``key_id`` (:meth:`key_id`) when given, else
         weighted random."""
-        champion, canary = self.champion, self.canary
-        if canary is None or champion is None:
-            return champion or canary
-        weight = self.weight
-        if weight <= 0:
-            return champion
-        if weight >= 100:
-            return canary
+        base, canary, weight = self._routing
+        if canary is None:
+            return base
         if key_id is not None:
             # Buckets below the weight go to the canary, so raising the weight only moves keys
             # from champion to canary, never back: a client does not flap between versions.
             bucket = int(key_id, 16) % _BUCKETS
-            return canary if bucket < weight * (_BUCKETS // 100) else champion
-        return canary if rng.random() * 100.0 < weight else champion
+            return canary if bucket < weight * (_BUCKETS // 100) else base
+        return canary if rng.random() * 100.0 < weight else base
 
 
 def _feature_count(predictor: Predictor) -> int | None:
