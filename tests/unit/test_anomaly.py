@@ -24,6 +24,7 @@ POLICY = DetectorPolicy(warmup=5, min_count=10)
 LATENCY = MetricSpec("latency_p99_ms", "value", "up", abs_floor=0.5, rel_floor=0.05)
 ERRORS = MetricSpec("error_rate", "rate", "up", abs_floor=0.002, hard_ceiling=0.05)
 SHARE = MetricSpec("class_share:1", "share", "both", abs_floor=0.01)
+FREEZE_AT = POLICY.freeze_share * POLICY.cusum_h  # windows taking the CUSUM past it are not learnt
 
 
 def feed(
@@ -54,6 +55,10 @@ def test_policy_refuses_a_clip_that_lets_one_window_page() -> None:
         DetectorPolicy(cusum_k=0.5, z_clip=9.0, cusum_h=8.0)
     with pytest.raises(ValueError, match="warmup >= 3"):
         DetectorPolicy(warmup=2)
+    with pytest.raises(ValueError, match="freeze_share"):
+        DetectorPolicy(freeze_share=-0.1)
+    with pytest.raises(ValueError, match="freeze_share"):
+        DetectorPolicy(freeze_share=float("nan"))
 
 
 def test_warm_up_sets_median_level_and_ignores_a_wild_window() -> None:
@@ -101,6 +106,54 @@ def test_a_moderate_sustained_shift_accumulates_to_a_breach() -> None:
     _, verdicts = feed(LATENCY, shifted, state=st)
     first = next(i for i, v in enumerate(verdicts) if v.breached)
     assert 2 <= first <= 5
+
+
+def _step_after_noise() -> tuple[MetricState, list[float]]:
+    """A latency baseline of scale 1.0 (the 5 % floor of 20 ms), then a step of about 2.6 sd."""
+    rng = np.random.default_rng(0)
+    warm = [19.0, 21.0, 20.0, 19.5, 20.5] + [20.0 + float(x) for x in rng.normal(0, 0.7, 30)]
+    st, verdicts = feed(LATENCY, warm)
+    assert not any(v.breached for v in verdicts)
+    return st, [22.6] * 60
+
+
+def test_a_sustained_step_of_two_to_three_sd_is_not_learnt_once_half_way_to_a_page() -> None:
+    st, step = _step_after_noise()
+    _, verdicts = feed(LATENCY, step, state=st)
+    first = next(i for i, v in enumerate(verdicts) if v.breached)
+    assert 8 <= first <= 14  # about an hour of 5-minute windows
+    # From the window that took the CUSUM past freeze_share of h on, the level stays put.
+    half = next(i for i, v in enumerate(verdicts) if (v.cusum or 0) > FREEZE_AT)
+    assert half < first
+    assert {v.baseline for v in verdicts[half + 1 : first + 1]} == {verdicts[half].baseline}
+    # The same step with the baseline learning from every window within z_update (the
+    # behaviour before freeze_share): it is absorbed and never pages.
+    never = DetectorPolicy(warmup=5, min_count=10, freeze_share=1.0)
+    after, verdicts = feed(LATENCY, step, state=st, policy=never)
+    assert not any(v.breached for v in verdicts)
+    assert max(v.cusum or 0 for v in verdicts) < never.cusum_h
+    assert after.level is not None and after.level > 21.5
+
+
+def test_a_window_below_the_freeze_still_moves_the_baseline_and_freezing_ends_with_the_evidence() -> (
+    None
+):
+    st, _ = _step_after_noise()
+    level = st.level
+    assert level is not None
+    # z about 2.9 adds 1.4: one such window stays below the freeze and is learnt.
+    after, (v,) = feed(LATENCY, [level + 2.9], state=st)
+    assert 0 < (v.cusum or 0) < FREEZE_AT and after.level != level
+    # Five in a row pass it (each learnt one brings z down a little): the fifth is not learnt,
+    # neither its level nor its residual.
+    frozen, verdicts = feed(LATENCY, [level + 2.9] * 5, state=st)
+    assert (verdicts[-2].cusum or 0) < FREEZE_AT < (verdicts[-1].cusum or 0)
+    assert frozen.level == verdicts[-1].baseline
+    assert len(frozen.residuals) == len(st.residuals) + 4
+    # Normal windows then bring the sum back under it, and learning resumes.
+    resumed, verdicts = feed(LATENCY, [level, level], state=frozen)
+    assert (verdicts[-1].cusum or 0) < FREEZE_AT
+    assert resumed.level != frozen.level
 
 
 def test_normal_noise_does_not_page_over_a_simulated_week() -> None:
