@@ -249,6 +249,10 @@ class Batcher:
     def submit(self, x: np.ndarray) -> asyncio.Future[np.ndarray]:
         """Queue validated rows; the future resolves to their logits or a BatchFailedError."""
         n = x.shape[0]
+        if n < 1:
+            # Never queued: no batch would be due for it (decide() sees nothing to run), so it
+            # would wait for ever. The gateway's parsers refuse empty requests before this.
+            raise ValueError("a request needs at least one row")
         if self._rows and self._rows + n > self.policy.max_queue_rows:
             # Rows of requests cancelled while queued (clients gone) stay in the queue until a
             # batch is formed; they must not refuse live ones. Purged only here, at the limit.
