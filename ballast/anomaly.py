@@ -40,8 +40,8 @@ Method (robust CUSUM on an EWMA baseline)
    as before (11 in 2,520 simulated days). Freezing earlier pays in false alarms: at any positive
    sum the level stayed low and they came 100 to 400 times as often; at half of ``h``, 15
    instead of 11. When the sum falls back below, learning resumes. A ramp slower than the
-   EWMA's memory (about
-   ``1/alpha`` windows) is still partly absorbed, which is what hard ceilings are for.
+   EWMA's memory (about ``1/alpha`` windows) is still partly absorbed, which is what hard
+   ceilings are for.
    For a metric watched for increases only (``up``), a window far *below* the level is no fault:
    it moves the level by ``alpha`` of its residual clipped to ``-z_update`` × scale (so the level
    walks down at most ``alpha × z_update`` scales per window and settles on a new, lower plateau
