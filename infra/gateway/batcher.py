@@ -115,7 +115,6 @@ class _Item:
 @dataclass(slots=True)
 class _Batch:
     items: list[_Item]
-    dispatched_at: float
     done: bool = False
     watchdog: asyncio.TimerHandle | None = None
     expired: bool = False  # answered by the watchdog; its call still holds a thread
@@ -349,7 +348,7 @@ class Batcher:
         """A batch for an inference thread: holds one of ``max_inflight`` slots until answered."""
         x = self._begin(items)
         self._inflight += 1
-        return _Batch(items, time.perf_counter()), x
+        return _Batch(items), x
 
     def _dispatch(self) -> None:
         if self._timer is not None:
