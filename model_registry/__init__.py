@@ -1,8 +1,9 @@
 """The registry facade: the only package in Ballast that imports mlflow.
 
 A narrow surface: register a version (one MLflow run, all-or-nothing), read versions, tags and
-aliases, download a version's files, and move aliases (``champion``, ``candidate``, ``previous``)
-as one operation that is undone if a step fails. mlflow is imported when a :class:`Registry` is
+aliases, download a version's files, move aliases (``champion``, ``candidate``, ``previous``)
+as one operation that is undone if a step fails, and hold a lock kept in the registry itself
+(``Registry.exclusive``: one writer at a time across machines, :mod:`model_registry.write_lock`). mlflow is imported when a :class:`Registry` is
 made, not when this package is imported.
 """
 

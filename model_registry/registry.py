@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+    from model_registry.write_lock import RegistryLock
+
 log = logging.getLogger(__name__)
 
 ARTIFACT_SUBDIR = "model"
@@ -141,6 +143,7 @@ class Registry:
             tracking_uri=tracking_uri, registry_uri=tracking_uri
         )
         self.experiment_id = self._ensure_experiment()
+        self._locks: dict[tuple[str, float], RegistryLock] = {}
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -573,6 +576,33 @@ class Registry:
         """Remove ``alias`` (no error when it does not exist)."""
         with _mlflow_errors(f"deleting alias {alias!r} of {name!r}"):
             self._client.delete_registered_model_alias(name, alias)
+
+    # --- a lock across machines ----------------------------------------------------------------
+
+    def exclusive(
+        self,
+        lock: str,
+        *,
+        holder: str,
+        timeout_s: float,
+        busy: BaseException,
+        lease_s: float = 30.0,
+    ) -> contextlib.AbstractContextManager[None]:
+        """Hold the registry-wide lock called ``lock`` for a ``with`` block, against every process
+        on this store whatever machine it runs on (:mod:`model_registry.write_lock`); wait up to
+        ``timeout_s``, then raise ``busy``. Keep the block short: a holder that stops stamping
+        its ticket for ``lease_s`` is taken for dead."""
+        from model_registry.write_lock import RegistryLock
+
+        key = (lock, lease_s)
+        found = self._locks.get(key)
+        if found is None:
+            found = self._locks[key] = RegistryLock(
+                self._client, self.experiment_id, lock, lease_s=lease_s
+            )
+        return found.held(
+            holder=f"{socket.gethostname()}:{os.getpid()}:{holder}", timeout_s=timeout_s, busy=busy
+        )
 
     # --- alias moves -----------------------------------------------------------------------------
 

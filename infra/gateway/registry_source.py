@@ -101,6 +101,10 @@ class RegistryFacade(Protocol):
 
     def set_tags(self, name: str, version: str | int, tags: dict[str, str]) -> None: ...
 
+    def exclusive(
+        self, lock: str, *, holder: str, timeout_s: float, busy: BaseException
+    ) -> contextlib.AbstractContextManager[None]: ...
+
 
 class RegistryDesiredState:
     """Desired state of one model from registry aliases and tags (scheme in the module doc)."""
@@ -117,9 +121,10 @@ class RegistryDesiredState:
         if not 0 < poll_interval_s <= 1.0:
             raise ValueError("poll_interval_s must be in (0, 1]")
         self.registry = registry
-        # Writes (and the look before a conditional one) hold a flock on this file: the
-        # registry has no conditional write, so this is what makes an If-Match atomic among
-        # the sources sharing the file (a gateway's replicas on one machine). None: unlocked.
+        # Writes (and the look before a conditional one) hold a flock on this file, then the
+        # registry's own lock: the registry has no conditional write, so these make an If-Match
+        # atomic among replicas on this machine (the file) and on others (the registry's
+        # lock). None: the registry's lock only.
         self.lock_path = lock_path
         self.model = model
         self.trusted_key = Path(trusted_key)
@@ -154,18 +159,31 @@ class RegistryDesiredState:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        if self.lock_path is None:
-            yield
-            return
+        """Hold, for a write (and the look before a conditional one), the flock shared with
+        this machine's replicas, then the registry's lock shared with every replica anywhere
+        (:meth:`RegistryFacade.exclusive`: gateway pods on other machines)."""
         busy = DesiredStateError(
             f"another replica has been writing the desired state for over "
             f"{self.WRITE_LOCK_TIMEOUT_S:g} s; try again"
         )
-        try:
-            with held(self.lock_path, self.WRITE_LOCK_TIMEOUT_S, busy):
-                yield
-        except OSError as exc:  # the lock file (the block turns its own into DesiredStateError)
-            raise DesiredStateError(f"cannot record the desired state: {exc}") from exc
+        with contextlib.ExitStack() as locks:
+            try:
+                if self.lock_path is not None:
+                    # First: replicas here queue on the file, not on the registry.
+                    locks.enter_context(held(self.lock_path, self.WRITE_LOCK_TIMEOUT_S, busy))
+                locks.enter_context(
+                    self.registry.exclusive(
+                        f"gateway-desired-state/{self.model}",
+                        holder="gateway",
+                        timeout_s=self.WRITE_LOCK_TIMEOUT_S,
+                        busy=busy,
+                    )
+                )
+            except DesiredStateError:
+                raise
+            except (BallastError, OSError) as exc:  # the lock file, the registry
+                raise DesiredStateError(f"cannot record the desired state: {exc}") from exc
+            yield
 
     # How long a version that did not verify is refused without fetching it again, while its
     # tags and the trusted key's file stay as they were.
@@ -365,9 +383,10 @@ class RegistryDesiredState:
         actor: str,
     ) -> bool:
         """Publish ``deployment`` only if ``holds(desired state read now)``; False, writing
-        nothing, if it does not. Atomic among sources sharing ``lock_path`` (every write of
-        theirs takes it); a writer elsewhere (another machine, a person in the MLflow UI) can
-        still land between the look and the write."""
+        nothing, if it does not. Atomic among sources on the same registry and model, on
+        this machine or another (every write of theirs takes the registry's lock); a writer
+        that takes no lock (a person in the MLflow UI, a script) can still land between the
+        look and the write."""
         with self._writing():
             if not holds(self.read()):
                 return False

@@ -247,6 +247,92 @@ def test_a_gateway_follows_the_registry_on_the_server(
         assert seen == {"1", "2"}
 
 
+def test_if_match_writes_of_gateways_on_different_machines_take_turns(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Four registry-backed sources, each with its own client and no file lock (gateway pods on
+    four machines), make the same conditional change at the same moment, three times: the
+    registry's lock lets exactly one through each time, and the others see its change."""
+    import threading
+
+    from ballast.serving import Deployment
+    from infra.gateway.registry_source import TAG_CANARY_WEIGHT, RegistryDesiredState
+
+    url, _ = server
+    key = tmp_path / "signing.pem"
+    model = "gateway-race-model"
+    first = Registry(url, tmp_path / "unused")
+    _register_mlps(first, model, key, tmp_path)
+    first.set_alias(model, CHAMPION, "1")
+    first.set_alias(model, CANDIDATE, "2")
+    first.set_tags(model, "2", {TAG_CANARY_WEIGHT: "5"})
+    pods = [RegistryDesiredState(Registry(url, tmp_path / "unused"), model, key) for _ in range(4)]
+    for weight in (10, 20, 30):
+        before = pods[0].read()
+        assert before is not None and before.canary is not None
+        start = threading.Barrier(len(pods))
+        won: list[int] = []
+        errors: list[BaseException] = []
+
+        def change(
+            i: int,
+            pod: RegistryDesiredState,
+            before: Deployment = before,
+            start: threading.Barrier = start,
+            won: list[int] = won,
+            errors: list[BaseException] = errors,
+            w: int = weight,
+        ) -> None:
+            try:
+                start.wait(30)
+                asked = before.model_copy(update={"canary_weight": w + i})
+                if pod.replace_if(before, asked, actor=f"pod{i}"):
+                    won.append(i)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=change, args=(i, p)) for i, p in enumerate(pods)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == [] and len(won) == 1, (won, errors)
+        assert first.get_version(model, "2").tags[TAG_CANARY_WEIGHT] == str(weight + won[0])
+
+
+def test_the_registry_lock_over_http_lets_one_holder_in_at_a_time(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    import threading
+
+    url, _ = server
+    machines = [Registry(url, tmp_path / "unused") for _ in range(2)]
+    inside: list[int] = []
+    most, entries, errors = [0], [0], []
+    guard = threading.Lock()
+
+    def work(i: int, reg: Registry) -> None:
+        try:
+            for _ in range(3):
+                with reg.exclusive("http-lock", holder=f"m{i}", timeout_s=60, busy=TimeoutError()):
+                    with guard:
+                        inside.append(i)
+                        most[0] = max(most[0], len(inside))
+                        entries[0] += 1
+                    time.sleep(0.05)
+                    with guard:
+                        inside.remove(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, r)) for i, r in enumerate(machines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and entries == [6] and most == [1]
+
+
 def _register_mlps(reg: Registry, model: str, key: Path, root: Path) -> None:
     """Versions 1 and 2 of ``model``: two different MLPs, each with a signed manifest."""
     from ballast.hashing import sha256_file

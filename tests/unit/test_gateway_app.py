@@ -7,6 +7,8 @@ in for a predictor that blocks, fails or returns garbage where a test needs one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import dataclasses
 import gc
 import io
@@ -63,6 +65,7 @@ from infra.gateway.registry_source import (
     RegistryDesiredState,
 )
 from infra.gateway.testing import build_mlp_onnx, spec_for
+from model_registry import Registry
 from model_registry.types import ModelVersionInfo
 
 TOKEN = "unit-test-token"
@@ -2063,6 +2066,19 @@ class FacadeStandIn:
         info = self.versions[str(version)]
         self.versions[str(version)] = dataclasses.replace(info, tags={**info.tags, **tags})
 
+    # The registry's lock: a real one on a sqlite MLflow store when a test sets ``lock_store``
+    # (each stand-in on it a machine of its own), else none.
+    lock_store: Registry | None = None
+    locks_taken: int = 0
+
+    def exclusive(
+        self, lock: str, *, holder: str, timeout_s: float, busy: BaseException
+    ) -> contextlib.AbstractContextManager[None]:
+        self.locks_taken += 1
+        if self.lock_store is None:
+            return contextlib.nullcontext()
+        return self.lock_store.exclusive(lock, holder=holder, timeout_s=timeout_s, busy=busy)
+
 
 def test_registry_source_reads_aliases_and_tags_and_verifies_manifests(
     artefacts: dict[str, Path], tmp_path: Path
@@ -3056,17 +3072,23 @@ def test_a_restarted_replica_loading_the_deployment_in_force_is_not_counted_as_a
         assert deployments(r1, "startup") == 1
 
 
-@pytest.mark.parametrize("shared_lock", [True, False], ids=["one-machine", "no-shared-lock"])
-def test_conditional_registry_writes_are_serialised_among_replicas_sharing_the_lock(
-    artefacts: dict[str, Path], tmp_path: Path, shared_lock: bool
+@pytest.mark.parametrize("locks", ["one-machine", "two-machines", "none"])
+def test_conditional_registry_writes_are_serialised_among_replicas_anywhere(
+    artefacts: dict[str, Path], tmp_path: Path, locks: str
 ) -> None:
     # Two replicas' If-Match PUTs that both saw the settled state (the registry has no
     # conditional write). Replica B looks while replica A is about to write: A's first tag
     # write waits (up to a second) for B's look.
+    # one-machine: the replicas share the flock; two-machines: they share nothing but the
+    # registry's lock (a real one on a sqlite MLflow store, one client each); none: neither.
     reg, key, settled, trial = registry_with_candidate(artefacts, tmp_path)
-    lock = tmp_path / "gateway" / "registry-writes.lock" if shared_lock else None
+    lock = tmp_path / "gateway" / "registry-writes.lock" if locks == "one-machine" else None
     a = RegistryDesiredState(reg, MODEL, key, lock_path=lock)
-    b = RegistryDesiredState(reg, MODEL, key, lock_path=lock)
+    b = RegistryDesiredState(copy.copy(reg), MODEL, key, lock_path=lock)
+    if locks == "two-machines":
+        store = f"sqlite:///{tmp_path / 'lock-store' / 'mlflow.db'}"
+        a.registry.lock_store = Registry(store, tmp_path / "lock-artifacts")  # type: ignore[attr-defined]
+        b.registry.lock_store = Registry(store, tmp_path / "lock-artifacts")  # type: ignore[attr-defined]
     a_looked, b_looked = threading.Event(), threading.Event()
     original_set_tags = reg.set_tags
     waited: list[bool] = []
@@ -3079,6 +3101,7 @@ def test_conditional_registry_writes_are_serialised_among_replicas_sharing_the_l
         original_set_tags(name, version, tags)
 
     reg.set_tags = set_tags  # type: ignore[method-assign]
+    b.registry.set_tags = set_tags  # type: ignore[method-assign]
 
     def looked(flag: threading.Event) -> Any:
         def holds(current: Deployment | None) -> bool:
@@ -3101,14 +3124,15 @@ def test_conditional_registry_writes_are_serialised_among_replicas_sharing_the_l
     first.join(timeout=30)
     second.join(timeout=30)
     assert not first.is_alive() and not second.is_alive()
-    if shared_lock:
+    if locks != "none":
         # B looked only after A's write: it saw A's change, and wrote nothing.
         assert waited == [False] and results == {"a": True, "b": False}
         assert a.read() == trial
     else:
-        # Without a shared lock (replicas on other machines) both pass: the documented limit.
+        # With no lock shared, both pass: what the locks are for.
         assert waited == [True] and results == {"a": True, "b": True}
         assert a.read() in (trial, half)  # whichever wrote last
+    assert reg.locks_taken >= 1 and b.registry.locks_taken >= 1  # type: ignore[attr-defined]
     # replace_if goes through the same check.
     current = a.read()
     assert current is not None

@@ -103,7 +103,9 @@ def test_public_surface_is_exactly_all() -> None:
         "save_onnx_as_mlflow_model",
     }
     public = {n for n in dir(model_registry) if not n.startswith("_")}
-    assert public - {"registry", "types", "serving_peer"} == set(model_registry.__all__)
+    assert public - {"registry", "types", "serving_peer", "write_lock"} == set(
+        model_registry.__all__
+    )
 
 
 def test_importing_the_package_does_not_import_mlflow() -> None:

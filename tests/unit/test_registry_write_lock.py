@@ -1,0 +1,231 @@
+"""The registry-held lock (``model_registry.write_lock``) on a real MLflow store (sqlite).
+
+Each "machine" is a :class:`Registry` of its own on the same store: its own client, no file
+lock and no memory shared with the others, as processes on different machines would be. The
+same lock against an ``mlflow server`` over HTTP is in
+``tests/integration/test_registry_mlflow_server.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ballast.errors import RegistryError
+from model_registry import Registry
+from model_registry.write_lock import (
+    TAG_HOLDER,
+    TAG_LOCK_FOR,
+    LockLostError,
+    RegistryLock,
+    lock_model_name,
+)
+
+
+class Busy(Exception):
+    pass
+
+
+@pytest.fixture
+def machines(tmp_path: Path) -> list[Registry]:
+    uri = f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+    return [Registry(uri, tmp_path / "artifacts") for _ in range(3)]
+
+
+def tickets(reg: Registry, lock: str) -> dict[str, dict[str, str]]:
+    client = MlflowClient(reg.tracking_uri, reg.tracking_uri)
+    found = client.search_model_versions(f"name = '{lock_model_name(lock)}'")
+    return {str(mv.version): dict(mv.tags) for mv in found}
+
+
+def test_one_holder_at_a_time_across_machines(machines: list[Registry]) -> None:
+    inside: list[int] = []
+    most = [0]
+    entries: list[int] = []
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+
+    def work(i: int, reg: Registry) -> None:
+        try:
+            for _ in range(4):
+                with reg.exclusive("m", holder=f"w{i}", timeout_s=60, busy=Busy()):
+                    with guard:
+                        inside.append(i)
+                        most[0] = max(most[0], len(inside))
+                        entries.append(i)
+                    time.sleep(0.02)  # others are waiting now, if the lock lets them
+                    with guard:
+                        inside.remove(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, r)) for i, r in enumerate(machines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert most[0] == 1, "two holders at once"
+    assert sorted(entries) == [0] * 4 + [1] * 4 + [2] * 4
+    assert tickets(machines[0], "m") == {}  # every ticket released
+
+
+def test_without_the_lock_the_same_work_overlaps() -> None:
+    # The check above can fail: the same work with no lock has two inside at once.
+    inside: list[int] = []
+    most = [0]
+    guard = threading.Lock()
+
+    def work(i: int) -> None:
+        for _ in range(4):
+            with guard:
+                inside.append(i)
+                most[0] = max(most[0], len(inside))
+            time.sleep(0.02)
+            with guard:
+                inside.remove(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert most[0] > 1
+
+
+def test_a_waiter_gives_up_at_its_timeout_and_removes_its_ticket(
+    machines: list[Registry],
+) -> None:
+    a, b = machines[0], machines[1]
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with a.exclusive("m", holder="a", timeout_s=10, busy=Busy()):
+            holding.set()
+            done.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert holding.wait(30)
+        started = time.monotonic()
+        with (
+            pytest.raises(Busy),
+            b.exclusive("m", holder="b", timeout_s=0.5, busy=Busy()),
+        ):
+            pytest.fail("b entered while a held the lock")
+        assert 0.5 <= time.monotonic() - started < 10
+        # Only a's ticket is left, named for whoever looks at the registry.
+        left = tickets(a, "m")
+        assert [tags[TAG_HOLDER] for tags in left.values()] == [
+            f"{socket.gethostname()}:{os.getpid()}:a"
+        ]
+    finally:
+        done.set()
+        t.join(30)
+    assert tickets(a, "m") == {}
+
+
+def test_a_holder_that_keeps_beating_keeps_the_lock_past_its_lease(tmp_path: Path) -> None:
+    reg = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
+    other = Registry(reg.tracking_uri, tmp_path / "artifacts")
+    released: list[float] = []
+    holding = threading.Event()
+
+    def hold() -> None:
+        with reg.exclusive("m", holder="a", timeout_s=10, busy=Busy(), lease_s=0.3):
+            holding.set()
+            time.sleep(1.2)  # four leases, beating every 0.05 s
+            released.append(time.monotonic())
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert holding.wait(30)
+    with other.exclusive("m", holder="b", timeout_s=20, busy=Busy(), lease_s=0.3):
+        entered = time.monotonic()
+    t.join(30)
+    assert released and entered >= released[0]
+
+
+def test_a_dead_holders_ticket_is_skipped_after_its_lease_and_swept_later(
+    machines: list[Registry],
+) -> None:
+    a, b = machines[0], machines[1]
+    # A process that took a ticket and died: it never beats and never releases.
+    dead = RegistryLock(a._client, a.experiment_id, "m", lease_s=0.2)
+    dead_ticket, _ = dead._take_ticket("crashed")
+    started = time.monotonic()
+    with b.exclusive("m", holder="b", timeout_s=20, busy=Busy(), lease_s=0.2):
+        waited = time.monotonic() - started
+        assert str(dead_ticket) in tickets(a, "m")  # skipped, not yet swept
+    assert 0.2 <= waited < 20
+    # Ten leases on, the next taker deletes it.
+    time.sleep(2.2)
+    with b.exclusive("m", holder="b", timeout_s=20, busy=Busy(), lease_s=0.2):
+        pass
+    assert tickets(a, "m") == {}
+
+
+def test_a_waiter_whose_ticket_was_removed_stops_with_a_registry_error(
+    machines: list[Registry],
+) -> None:
+    a, b = machines[0], machines[1]
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with a.exclusive("m", holder="a", timeout_s=10, busy=Busy()):
+            holding.set()
+            done.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with b.exclusive("m", holder="b", timeout_s=30, busy=Busy()):
+                pass
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        assert holding.wait(30)
+        w = threading.Thread(target=wait)
+        w.start()
+        deadline = time.monotonic() + 30
+        while len(tickets(a, "m")) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        waiting = max(tickets(a, "m"), key=int)
+        MlflowClient(a.tracking_uri, a.tracking_uri).delete_model_version(
+            lock_model_name("m"), waiting
+        )
+        w.join(30)
+        assert len(outcome) == 1 and isinstance(outcome[0], LockLostError)
+        assert isinstance(outcome[0], RegistryError)
+    finally:
+        done.set()
+        t.join(30)
+
+
+def test_the_lock_model_says_what_it_is_and_is_one_per_lock(machines: list[Registry]) -> None:
+    a = machines[0]
+    with a.exclusive("model one", holder="x", timeout_s=5, busy=Busy()):
+        pass
+    with a.exclusive("model/two", holder="x", timeout_s=5, busy=Busy()):
+        pass
+    client = MlflowClient(a.tracking_uri, a.tracking_uri)
+    one = client.get_registered_model(lock_model_name("model one"))
+    two = client.get_registered_model(lock_model_name("model/two"))
+    assert one.tags[TAG_LOCK_FOR] == "model one" and two.tags[TAG_LOCK_FOR] == "model/two"
+    assert "write lock" in (one.description or "")
+    assert lock_model_name("model one") != lock_model_name("model/two")
+    with pytest.raises(ValueError, match="must be positive"):
+        RegistryLock(client, a.experiment_id, "m", lease_s=0)
