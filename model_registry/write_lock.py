@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-__all__ = ["LOCK_MODEL_PREFIX", "TAG_LOCK_FOR", "RegistryLock", "lock_model_name"]
+__all__ = ["LOCK_MODEL_PREFIX", "TAG_LOCK_FOR", "LockLostError", "RegistryLock", "lock_model_name"]
 
 log = logging.getLogger(__name__)
 
