@@ -303,34 +303,22 @@ def test_if_match_writes_of_gateways_on_different_machines_take_turns(
 def test_the_registry_lock_over_http_lets_one_holder_in_at_a_time(
     server: tuple[str, Path], tmp_path: Path
 ) -> None:
-    import threading
+    import functools
+
+    from tests.unit.test_registry_write_lock import most_inside_at_once
 
     url, _ = server
-    machines = [Registry(url, tmp_path / "unused") for _ in range(2)]
-    inside: list[int] = []
-    most, entries, errors = [0], [0], []
-    guard = threading.Lock()
-
-    def work(i: int, reg: Registry) -> None:
-        try:
-            for _ in range(3):
-                with reg.exclusive("http-lock", holder=f"m{i}", timeout_s=60, busy=TimeoutError()):
-                    with guard:
-                        inside.append(i)
-                        most[0] = max(most[0], len(inside))
-                        entries[0] += 1
-                    time.sleep(0.05)
-                    with guard:
-                        inside.remove(i)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i, r)) for i, r in enumerate(machines)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert errors == [] and entries == [6] and most == [1]
+    guards = [
+        functools.partial(
+            Registry(url, tmp_path / "unused").exclusive,
+            "http-lock",
+            holder=f"m{i}",
+            timeout_s=60,
+            busy=TimeoutError(),
+        )
+        for i in range(2)
+    ]
+    assert most_inside_at_once(guards, rounds=3, hold_s=0.05) == (1, [0, 0, 0, 1, 1, 1])
 
 
 def _register_mlps(reg: Registry, model: str, key: Path, root: Path) -> None:

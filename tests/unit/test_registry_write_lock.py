@@ -8,10 +8,13 @@ same lock against an ``mlflow server`` over HTTP is in
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -44,70 +47,67 @@ def tickets(reg: Registry, lock: str) -> dict[str, dict[str, str]]:
     return {str(mv.version): dict(mv.tags) for mv in found}
 
 
-def test_one_holder_at_a_time_across_machines(machines: list[Registry]) -> None:
+def most_inside_at_once(
+    guards: Sequence[Callable[[], contextlib.AbstractContextManager[None]]],
+    rounds: int,
+    hold_s: float,
+) -> tuple[int, list[int]]:
+    """Each of ``guards`` (a "machine") in a thread of its own enters its guard ``rounds``
+    times and stays ``hold_s`` inside: the most that were inside at once, and who entered."""
     inside: list[int] = []
     most = [0]
     entries: list[int] = []
     errors: list[BaseException] = []
-    guard = threading.Lock()
+    lock = threading.Lock()
 
-    def work(i: int, reg: Registry) -> None:
+    def work(i: int) -> None:
         try:
-            for _ in range(4):
-                with reg.exclusive("m", holder=f"w{i}", timeout_s=60, busy=Busy()):
-                    with guard:
+            for _ in range(rounds):
+                with guards[i]():
+                    with lock:
                         inside.append(i)
                         most[0] = max(most[0], len(inside))
                         entries.append(i)
-                    time.sleep(0.02)  # others are waiting now, if the lock lets them
-                    with guard:
+                    time.sleep(hold_s)  # others are waiting now, if the guard makes them
+                    with lock:
                         inside.remove(i)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i, r)) for i, r in enumerate(machines)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(guards))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert errors == []
-    assert most[0] == 1, "two holders at once"
-    assert sorted(entries) == [0] * 4 + [1] * 4 + [2] * 4
+    return most[0], sorted(entries)
+
+
+def test_one_holder_at_a_time_across_machines(machines: list[Registry]) -> None:
+    guards = [
+        functools.partial(reg.exclusive, "m", holder=f"w{i}", timeout_s=60, busy=Busy())
+        for i, reg in enumerate(machines)
+    ]
+    most, entries = most_inside_at_once(guards, rounds=4, hold_s=0.02)
+    assert most == 1, "two holders at once"
+    assert entries == [0] * 4 + [1] * 4 + [2] * 4
     assert tickets(machines[0], "m") == {}  # every ticket released
 
 
 def test_without_the_lock_the_same_work_overlaps() -> None:
     # The check above can fail: the same work with no lock has two inside at once.
-    inside: list[int] = []
-    most = [0]
-    guard = threading.Lock()
-
-    def work(i: int) -> None:
-        for _ in range(4):
-            with guard:
-                inside.append(i)
-                most[0] = max(most[0], len(inside))
-            time.sleep(0.02)
-            with guard:
-                inside.remove(i)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert most[0] > 1
+    most, entries = most_inside_at_once([contextlib.nullcontext] * 3, rounds=4, hold_s=0.02)
+    assert most > 1 and len(entries) == 12
 
 
-def test_a_waiter_gives_up_at_its_timeout_and_removes_its_ticket(
-    machines: list[Registry],
-) -> None:
-    a, b = machines[0], machines[1]
+@contextlib.contextmanager
+def held_elsewhere(reg: Registry, holder: str) -> Iterator[None]:
+    """``reg`` holds lock "m" in a thread of its own for the block."""
     holding, done = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with a.exclusive("m", holder="a", timeout_s=10, busy=Busy()):
+        with reg.exclusive("m", holder=holder, timeout_s=10, busy=Busy()):
             holding.set()
             done.wait(30)
 
@@ -115,6 +115,17 @@ def test_a_waiter_gives_up_at_its_timeout_and_removes_its_ticket(
     t.start()
     try:
         assert holding.wait(30)
+        yield
+    finally:
+        done.set()
+        t.join(30)
+
+
+def test_a_waiter_gives_up_at_its_timeout_and_removes_its_ticket(
+    machines: list[Registry],
+) -> None:
+    a, b = machines[0], machines[1]
+    with held_elsewhere(a, "a"):
         started = time.monotonic()
         with (
             pytest.raises(Busy),
@@ -127,9 +138,6 @@ def test_a_waiter_gives_up_at_its_timeout_and_removes_its_ticket(
         assert [tags[TAG_HOLDER] for tags in left.values()] == [
             f"{socket.gethostname()}:{os.getpid()}:a"
         ]
-    finally:
-        done.set()
-        t.join(30)
     assert tickets(a, "m") == {}
 
 
@@ -177,15 +185,6 @@ def test_a_waiter_whose_ticket_was_removed_stops_with_a_registry_error(
     machines: list[Registry],
 ) -> None:
     a, b = machines[0], machines[1]
-    holding, done = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with a.exclusive("m", holder="a", timeout_s=10, busy=Busy()):
-            holding.set()
-            done.wait(30)
-
-    t = threading.Thread(target=hold)
-    t.start()
     outcome: list[BaseException] = []
 
     def wait() -> None:
@@ -195,8 +194,7 @@ def test_a_waiter_whose_ticket_was_removed_stops_with_a_registry_error(
         except BaseException as exc:
             outcome.append(exc)
 
-    try:
-        assert holding.wait(30)
+    with held_elsewhere(a, "a"):
         w = threading.Thread(target=wait)
         w.start()
         deadline = time.monotonic() + 30
@@ -208,11 +206,8 @@ def test_a_waiter_whose_ticket_was_removed_stops_with_a_registry_error(
             lock_model_name("m"), waiting
         )
         w.join(30)
-        assert len(outcome) == 1 and isinstance(outcome[0], LockLostError)
-        assert isinstance(outcome[0], RegistryError)
-    finally:
-        done.set()
-        t.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], LockLostError)
+    assert isinstance(outcome[0], RegistryError)
 
 
 def test_the_lock_model_says_what_it_is_and_is_one_per_lock(machines: list[Registry]) -> None:
