@@ -128,7 +128,12 @@ class RegistryLock:
                 )
                 run_id = run.info.run_id
                 self._client.set_terminated(run_id, "FINISHED")
-                self._client.set_registered_model_tag(self.model, TAG_LOCK_RUN, run_id)
+                try:
+                    self._client.set_registered_model_tag(self.model, TAG_LOCK_RUN, run_id)
+                except MlflowException:
+                    # Another first user's tag won (a store may refuse the second insert);
+                    # this run still serves as a source, the tag only saves the next ones.
+                    log.debug("lock %r: run tag already set", self.name)
             self._run_id = run_id
         return f"runs:/{self._run_id}/lock", self._run_id
 
