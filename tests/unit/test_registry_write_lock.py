@@ -224,3 +224,21 @@ def test_the_lock_model_says_what_it_is_and_is_one_per_lock(machines: list[Regis
     assert lock_model_name("model one") != lock_model_name("model/two")
     with pytest.raises(ValueError, match="must be positive"):
         RegistryLock(client, a.experiment_id, "m", lease_s=0)
+
+
+def test_a_first_user_whose_run_tag_is_refused_still_takes_the_lock(
+    machines: list[Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two first users both make a run and tag the lock's model with it; a store may refuse the
+    # second tag (sqlite: UNIQUE constraint failed). The loser's own run still serves.
+    from mlflow.exceptions import MlflowException
+
+    a = machines[0]
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise MlflowException("UNIQUE constraint failed", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(a._client, "set_registered_model_tag", refused)
+    with a.exclusive("m", holder="a", timeout_s=5, busy=Busy()):
+        assert len(tickets(a, "m")) == 1
+    assert tickets(a, "m") == {}
