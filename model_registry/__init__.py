@@ -19,6 +19,7 @@ from model_registry.types import (
     PromotionResult,
     model_uri,
 )
+from model_registry.write_lock import serving_lock_name
 
 __all__ = [
     "CANDIDATE",
@@ -31,4 +32,5 @@ __all__ = [
     "Registry",
     "model_uri",
     "save_onnx_as_mlflow_model",
+    "serving_lock_name",
 ]

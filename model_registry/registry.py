@@ -9,8 +9,10 @@ is that folder's artefact URI: no MLflow model flavour, so no pip-requirement in
 per version) and nothing is pickled. Registering on local sqlite takes a few tens of ms.
 
 Alias moves are several MLflow calls and MLflow has no transaction across them: a failing step is
-undone by restoring the aliases read before the move. Two processes promoting the same model at the
-same moment are not serialised against each other.
+undone by restoring the aliases read before the move. A promotion, rollback or undo looks at the
+aliases and moves them under the model's serving lock (:func:`serving_lock_name`, held in the
+registry itself: :mod:`model_registry.write_lock`), which registry-backed gateways take for their
+weight writes too, so two Ballast processes never interleave them, on one machine or several.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from model_registry.types import (
     ModelVersionInfo,
     PromotionResult,
 )
+from model_registry.write_lock import serving_lock_name
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -604,6 +607,22 @@ class Registry:
             holder=f"{socket.gethostname()}:{os.getpid()}:{holder}", timeout_s=timeout_s, busy=busy
         )
 
+    # How long a promotion, rollback or undo waits for another process changing what the model
+    # serves (a gateway's weight write, another alias move: each a few registry calls).
+    SERVING_LOCK_TIMEOUT_S = 60.0
+
+    def _serving(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """The model's serving lock (:func:`serving_lock_name`), for an alias move."""
+        return self.exclusive(
+            serving_lock_name(name),
+            holder="aliases",
+            timeout_s=self.SERVING_LOCK_TIMEOUT_S,
+            busy=RegistryError(
+                f"another process has been changing what {name!r} serves for over "
+                f"{self.SERVING_LOCK_TIMEOUT_S:g} s; no alias moved"
+            ),
+        )
+
     # --- alias moves -----------------------------------------------------------------------------
 
     def _move_aliases(
@@ -644,10 +663,11 @@ class Registry:
         alias on ``version`` is removed (:func:`ballast.decisions.plan_promotion`). Undone as a
         whole if any step fails."""
         version = str(version)
-        before = self._aliases(name, missing_ok=False)
-        plan = plan_promotion(before, version)
-        target = plan.target()
-        self._move_aliases(name, before, target)
+        with self._serving(name):
+            before = self._aliases(name, missing_ok=False)
+            plan = plan_promotion(before, version)
+            target = plan.target()
+            self._move_aliases(name, before, target)
         old = before.get(CHAMPION)
         log.info("promoted %s version %s (previous champion %s)", name, version, old)
         return PromotionResult(
@@ -668,23 +688,24 @@ class Registry:
 
         ``expect`` (alias -> version, None: unset) is what the caller decided on, e.g. the
         versions it verified and will deploy: if any of them has moved since (another run
-        promoted meanwhile), :class:`RegistryError` and nothing moves. The registry has no
-        compare-and-set, so this narrows the race to this call instead of closing it.
+        promoted meanwhile), :class:`RegistryError` and nothing moves. Looked at and moved
+        under the model's serving lock, so no other Ballast process moves them in between.
         """
-        before = self._aliases(name, missing_ok=False)
-        if expect is not None:
-            now = {alias: before.get(alias) for alias in expect}
-            if now != dict(expect):
-                raise RegistryError(
-                    f"not rolling back {name!r}: the aliases are {now} now, not "
-                    f"{dict(expect)} as when the rollback was decided; nothing moved"
-                )
-        try:
-            plan = plan_rollback_to_previous(before)
-        except ValueError as exc:
-            raise RegistryError(f"{name!r} cannot roll back: {exc}") from None
-        target = plan.target()
-        self._move_aliases(name, before, target)
+        with self._serving(name):
+            before = self._aliases(name, missing_ok=False)
+            if expect is not None:
+                now = {alias: before.get(alias) for alias in expect}
+                if now != dict(expect):
+                    raise RegistryError(
+                        f"not rolling back {name!r}: the aliases are {now} now, not "
+                        f"{dict(expect)} as when the rollback was decided; nothing moved"
+                    )
+            try:
+                plan = plan_rollback_to_previous(before)
+            except ValueError as exc:
+                raise RegistryError(f"{name!r} cannot roll back: {exc}") from None
+            target = plan.target()
+            self._move_aliases(name, before, target)
         prev = plan.set[CHAMPION]
         log.info("rolled %s back to version %s from %s", name, prev, before.get(CHAMPION))
         return PromotionResult(
@@ -704,6 +725,10 @@ class Registry:
         Refused (:class:`RegistryError`, nothing moved) when any of them has moved again since:
         that is someone else's change, not this one to take back.
         """
+        with self._serving(result.name):
+            self._undo(result)
+
+    def _undo(self, result: PromotionResult) -> None:
         now = self._aliases(result.name, missing_ok=False)
         # An alias the move only removed (a promotion clears `candidate`) may since have been
         # set by someone else (the next release's registration): theirs, left as it is, and

@@ -41,7 +41,14 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-__all__ = ["LOCK_MODEL_PREFIX", "TAG_LOCK_FOR", "LockLostError", "RegistryLock", "lock_model_name"]
+__all__ = [
+    "LOCK_MODEL_PREFIX",
+    "TAG_LOCK_FOR",
+    "LockLostError",
+    "RegistryLock",
+    "lock_model_name",
+    "serving_lock_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,12 @@ TAG_LOCK_RUN = "ballast.lock_run"
 TAG_HOLDER = "ballast.lock_holder"
 # Tickets this much older than the lease are deleted by whoever sees them (their holders died).
 _GARBAGE_LEASES = 10
+
+
+def serving_lock_name(model: str) -> str:
+    """The lock every change to what ``model`` serves takes: alias moves (promotion, rollback)
+    and a registry-backed gateway's weight and lease writes."""
+    return f"serving/{model}"
 
 
 def lock_model_name(name: str) -> str:

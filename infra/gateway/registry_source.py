@@ -66,6 +66,7 @@ from ballast.release import (
 )
 from ballast.serving import Deployment, VersionSpec
 from infra.gateway.desired import DesiredStateError
+from model_registry.write_lock import serving_lock_name
 
 if TYPE_CHECKING:
     from ballast.settings import Settings
@@ -173,7 +174,7 @@ class RegistryDesiredState:
                     locks.enter_context(held(self.lock_path, self.WRITE_LOCK_TIMEOUT_S, busy))
                 locks.enter_context(
                     self.registry.exclusive(
-                        f"gateway-desired-state/{self.model}",
+                        serving_lock_name(self.model),
                         holder="gateway",
                         timeout_s=self.WRITE_LOCK_TIMEOUT_S,
                         busy=busy,

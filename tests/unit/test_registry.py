@@ -101,6 +101,7 @@ def test_public_surface_is_exactly_all() -> None:
         "Registry",
         "model_uri",
         "save_onnx_as_mlflow_model",
+        "serving_lock_name",
     }
     public = {n for n in dir(model_registry) if not n.startswith("_")}
     assert public - {"registry", "types", "serving_peer", "write_lock"} == set(

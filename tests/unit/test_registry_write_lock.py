@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -236,9 +237,60 @@ def test_a_first_user_whose_run_tag_is_refused_still_takes_the_lock(
     a = machines[0]
 
     def refused(*args: object, **kwargs: object) -> None:
-        raise MlflowException("UNIQUE constraint failed", error_code="INTERNAL_ERROR")
+        raise MlflowException("UNIQUE constraint failed")
 
     monkeypatch.setattr(a._client, "set_registered_model_tag", refused)
     with a.exclusive("m", holder="a", timeout_s=5, busy=Busy()):
         assert len(tickets(a, "m")) == 1
     assert tickets(a, "m") == {}
+
+
+@pytest.mark.parametrize("locked", [True, False], ids=["serving-lock", "no-lock"])
+def test_a_rollback_decided_before_a_promotion_on_another_machine_moves_nothing(
+    machines: list[Registry], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locked: bool
+) -> None:
+    # Machine A promotes version 3; machine B's rollback was decided on champion 2, previous 1.
+    # A pauses between its look and its alias move (up to a second) for B's look.
+    from tests.unit.test_registry import make_artifacts, register
+
+    a, b = machines[0], machines[1]
+    for tag in ("1", "2", "3"):
+        register(a, "served", make_artifacts(tmp_path, tag))
+    a.promote("served", "1")
+    a.promote("served", "2")
+    if not locked:
+        for reg in (a, b):
+            monkeypatch.setattr(reg, "_serving", lambda name: contextlib.nullcontext())
+    a_moving, b_looked = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    move, look = a._move_aliases, b._aliases
+
+    def paused_move(*args: Any, **kwargs: Any) -> None:
+        a_moving.set()
+        waited.append(b_looked.wait(timeout=1.0))
+        move(*args, **kwargs)
+
+    def looking(*args: Any, **kwargs: Any) -> dict[str, str]:
+        b_looked.set()
+        return look(*args, **kwargs)
+
+    monkeypatch.setattr(a, "_move_aliases", paused_move)
+    monkeypatch.setattr(b, "_aliases", looking)
+    promoting = threading.Thread(target=a.promote, args=("served", "3"))
+    promoting.start()
+    assert a_moving.wait(30)  # A is in its move (the lock held, if any)
+    outcome: list[BaseException | None] = []
+    try:
+        b.rollback_to_previous("served", expect={"previous": "1", "champion": "2"})
+        outcome.append(None)
+    except RegistryError as exc:
+        outcome.append(exc)
+    promoting.join(30)
+    if locked:
+        # B looked only after A's move: it saw champion 3 and moved nothing.
+        assert waited == [False]
+        assert isinstance(outcome[0], RegistryError) and "not rolling back" in str(outcome[0])
+        assert a._aliases("served") == {"champion": "3", "previous": "2"}
+    else:
+        # Without the lock B looked inside A's move and rolled back: both moves landed.
+        assert waited == [True] and outcome == [None]
