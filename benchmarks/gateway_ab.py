@@ -18,7 +18,10 @@ each round, a wrk each: they then share the cores at the same instants, which ca
 machine's passing disturbances better than alternation); for each configuration after the first, the median of its per-round
 changes against the first (the rounds next to each other in time) with the quartiles; the
 machine's steal time; and, from ``/metrics``, the mean rows per model call of each version
-(how well requests batch: the fixed cost of a call is shared by that many).
+(how well requests batch: the fixed cost of a call is shared by that many). ``--perf`` adds
+each configuration's CPU per request by shared object (perf samples), ``--syscalls`` its system
+calls (by kind), context switches and page faults per request (perf stat on kernel tracepoints,
+which a VM without hardware counters still has).
 """
 
 from __future__ import annotations
@@ -86,6 +89,59 @@ def _perf_by_dso(files: list[Path]) -> Counter[str]:
     return total
 
 
+# Counted per request with --syscalls: every system call, then the ones a replica makes in
+# its loop (libuv's epoll, socket reads and writes, futex hand-offs to threads, getpid from
+# prometheus_client's multiprocess values), context switches and page faults.
+SYSCALLS = ("epoll_pwait", "epoll_wait", "read", "write", "writev", "futex", "getpid", "madvise")
+STAT_EVENTS = (
+    "raw_syscalls:sys_enter",
+    "context-switches",
+    "page-faults",
+    *(f"syscalls:sys_enter_{name}" for name in SYSCALLS),
+)
+
+
+@contextmanager
+def _perf_stat(pid: int, out: Path | None) -> Iterator[None]:
+    """Count ``STAT_EVENTS`` (kernel tracepoints: no hardware counters needed, so it works on
+    a VM) over the gateway's processes into ``out`` as CSV (None: do nothing)."""
+    if out is None:
+        yield
+        return
+    cmd = ["perf", "stat", "-x,", "-o", str(out), "-e", ",".join(STAT_EVENTS)]
+    proc = subprocess.Popen(
+        [*cmd, "-p", ",".join(sorted(with_children([pid])))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)  # attached before the load starts
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    counts = _stat_counts([out]) if out.is_file() else Counter()
+    if not counts:  # tracefs not mounted, or kernel.perf_event_paranoid forbids it
+        raise SystemExit(f"perf stat counted nothing (exit status {proc.returncode})")
+
+
+def _stat_counts(files: list[Path]) -> Counter[str]:
+    """Event -> count summed over ``perf stat -x,`` outputs (``<not supported>`` rows skipped)."""
+    total: Counter[str] = Counter()
+    for f in files:
+        for line in f.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) < 3:
+                continue
+            try:
+                value = float(fields[0])
+            except ValueError:
+                continue
+            event = fields[2].removeprefix("syscalls:sys_enter_")
+            total["all syscalls" if event == "raw_syscalls:sys_enter" else event] += int(value)
+    return total
+
+
 def _paired(values: list[float], base: list[float]) -> str:
     """Median change against the first configuration, each round against the same round's
     (neighbours in time, so the machine's slow drift cancels), with the quartiles' spread and
@@ -97,7 +153,12 @@ Run = tuple[str, str, int, list[float], list[float]]  # label, url, pid, req/s, 
 
 
 def _round(
-    runs: list[Run], script: Path, seconds: int, concurrency: int, perf: list[Path | None]
+    runs: list[Run],
+    script: Path,
+    seconds: int,
+    concurrency: int,
+    perf: list[Path | None],
+    stat: list[Path | None] | None = None,
 ) -> float:
     """Load ``runs`` at once (a wrk each; one run: alone) and record each one's req/s and CPU
     per request (``perf``: where to record each one's CPU samples, if anywhere). Returns the
@@ -106,8 +167,9 @@ def _round(
     # The gateway process and its replicas (cpu_ticks adds the children).
     before, machine = [cpu_ticks([pid]) for pid in pids], machine_ticks()
     with ExitStack() as sampling, ThreadPoolExecutor(len(runs)) as pool:
-        for pid, out in zip(pids, perf, strict=True):
+        for pid, out, counts in zip(pids, perf, stat or [None] * len(pids), strict=True):
             sampling.enter_context(_perf(pid, out))
+            sampling.enter_context(_perf_stat(pid, counts))
         futures = [
             pool.submit(_wrk, f"{url}/v1/models/m/predict", script, concurrency, seconds, label)
             for label, url, _, _, _ in runs
@@ -193,13 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         "(Linux perf) and report its CPU per request by shared object",
     )
     p.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="also count each configuration's system calls, context switches and page faults "
+        "per request (`perf stat` on kernel tracepoints)",
+    )
+    p.add_argument(
         "--together",
         action="store_true",
         help="load every configuration at once in each round instead of one after another",
     )
     args = p.parse_args(argv)
-    if args.perf and shutil.which("perf") is None:
-        p.error("--perf needs Linux perf on PATH (Debian: apt install linux-perf)")
+    if (args.perf or args.syscalls) and shutil.which("perf") is None:
+        p.error("--perf and --syscalls need Linux perf on PATH (Debian: apt install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="ballast-ab-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         model = build_mlp_onnx(work / "model.onnx", seed=0, hidden=HIDDEN)
@@ -241,19 +309,37 @@ def main(argv: list[str] | None = None) -> int:
                 samples[run[0]].append(f)
             return list(files)
 
+        stats: dict[str, list[Path]] = {label: [] for label, *_ in runs}
+
+        def stat_files(chosen: list[Run], r: int) -> list[Path | None]:
+            if not args.syscalls:
+                return [None] * len(chosen)
+            files = [work / f"stat-{runs.index(run)}-{r}.csv" for run in chosen]
+            for run, f in zip(chosen, files, strict=True):
+                stats[run[0]].append(f)
+            return list(files)
+
         for r in range(args.rounds):
             if args.together:  # every configuration at the same instants
                 chosen = runs
                 steal.append(
-                    _round(chosen, script, args.seconds, args.concurrency, perf_files(chosen, r))
+                    _round(
+                        chosen,
+                        script,
+                        args.seconds,
+                        args.concurrency,
+                        perf_files(chosen, r),
+                        stat_files(chosen, r),
+                    )
                 )
                 continue
             # One after another; every other round in reverse order, so none always goes first.
             for run in runs if r % 2 == 0 else runs[::-1]:
-                files = perf_files([run], r)
-                steal.append(_round([run], script, args.seconds, args.concurrency, files))
+                files, counts = perf_files([run], r), stat_files([run], r)
+                steal.append(_round([run], script, args.seconds, args.concurrency, files, counts))
         batching = [_rows_per_call(url) for _, url, _, _, _ in runs]
         by_dso = {label: _perf_by_dso(files) for label, files in samples.items()}
+        by_event = {label: _stat_counts(files) for label, files in stats.items()}
     base_rps, base_cpu = runs[0][3], runs[0][4]
     print(f"{'configuration':24s} {'req/s':>8s} {'CPU us/req':>11s}  rows/call  req/s per round")
     for (label, _, _, rps, cpu), per_call in zip(runs, batching, strict=True):
@@ -271,7 +357,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.perf:
         _print_perf(runs, by_dso, args.seconds)
+    if args.syscalls:
+        _print_per_request(runs, by_event, args.seconds)
     return 0
+
+
+def _print_per_request(runs: list[Run], by_event: dict[str, Counter[str]], seconds: int) -> None:
+    """Each counted event per request (all rounds together), and its change against the first."""
+    per: dict[str, dict[str, float]] = {}
+    for label, _, _, rps, _ in runs:
+        requests = sum(rps) * seconds
+        per[label] = {e: n / requests for e, n in by_event[label].items()}
+    base = runs[0][0]
+    print("per request (perf stat over every round), change against the first:")
+    print(f"{'':24s}" + "".join(f"{label[:20]:>22s}" for label, *_ in runs))
+    events = ["all syscalls", *SYSCALLS, "context-switches", "page-faults"]
+    for event in events:
+        cells = []
+        for label, *_ in runs:
+            v, b = per[label].get(event, 0.0), per[base].get(event, 0.0)
+            change = f" ({v - b:+.3f})" if label != base else ""
+            cells.append(f"{v:.3f}{change}".rjust(22))
+        print(f"{event:24s}" + "".join(cells))
 
 
 def _print_perf(runs: list[Run], by_dso: dict[str, Counter[str]], seconds: int) -> None:

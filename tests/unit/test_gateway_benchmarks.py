@@ -190,3 +190,24 @@ def test_fused_call_benchmark_checks_both_answers_and_reports_every_case() -> No
     )
     assert set(rows) == {"champion", "two calls", "fused", "fused, no canary"}, out.stdout
     assert all(float(v) > 0 for v in rows.values())
+
+
+def test_perf_stat_counts_sum_rounds_and_skip_what_was_not_counted(tmp_path: Path) -> None:
+    # perf stat -x, output, as Linux perf 6 writes it; two rounds of one configuration.
+    one, two = tmp_path / "stat-0-0.csv", tmp_path / "stat-0-1.csv"
+    one.write_text(
+        "# started on Sun Nov 29 16:17:22 2026\n\n"
+        "109,,raw_syscalls:sys_enter,953849,100.00,,\n"
+        "2,,context-switches,953849,100.00,,\n"
+        "7,,syscalls:sys_enter_getpid,953849,100.00,,\n"
+        "<not supported>,,L2-misses,0,100.00,,\n"
+    )
+    two.write_text(
+        "11,,raw_syscalls:sys_enter,1,100.00,,\n3,,syscalls:sys_enter_futex,1,100.00,,\n"
+    )
+    assert gateway_ab._stat_counts([one, two]) == {
+        "all syscalls": 120,
+        "context-switches": 2,
+        "getpid": 7,
+        "futex": 3,
+    }
