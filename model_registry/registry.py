@@ -611,8 +611,10 @@ class Registry:
     # serves (a gateway's weight write, another alias move: each a few registry calls).
     SERVING_LOCK_TIMEOUT_S = 60.0
 
-    def _serving(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """The model's serving lock (:func:`serving_lock_name`), for an alias move."""
+    def serving_lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Hold ``name``'s serving lock (:func:`serving_lock_name`) for a ``with`` block: for a
+        look at the aliases and the writes it decides (promote, rollback and undo take it
+        themselves; do not call them inside the block: the lock is not re-entrant)."""
         return self.exclusive(
             serving_lock_name(name),
             holder="aliases",
@@ -663,7 +665,7 @@ class Registry:
         alias on ``version`` is removed (:func:`ballast.decisions.plan_promotion`). Undone as a
         whole if any step fails."""
         version = str(version)
-        with self._serving(name):
+        with self.serving_lock(name):
             before = self._aliases(name, missing_ok=False)
             plan = plan_promotion(before, version)
             target = plan.target()
@@ -691,7 +693,7 @@ class Registry:
         promoted meanwhile), :class:`RegistryError` and nothing moves. Looked at and moved
         under the model's serving lock, so no other Ballast process moves them in between.
         """
-        with self._serving(name):
+        with self.serving_lock(name):
             before = self._aliases(name, missing_ok=False)
             if expect is not None:
                 now = {alias: before.get(alias) for alias in expect}
@@ -725,7 +727,7 @@ class Registry:
         Refused (:class:`RegistryError`, nothing moved) when any of them has moved again since:
         that is someone else's change, not this one to take back.
         """
-        with self._serving(result.name):
+        with self.serving_lock(result.name):
             self._undo(result)
 
     def _undo(self, result: PromotionResult) -> None:

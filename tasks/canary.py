@@ -169,22 +169,27 @@ def trial_aliases(reg: Registry, model: str, version: str, *, shadow: bool) -> I
     here now; any traffic share an earlier trial left on this version is cleared first, so
     pointing the alias here never brings that trial back.
     """
-    trialled = reg.get_by_alias(model, ALIAS_CANDIDATE)
-    if trialled is None or trialled.version != version:
-        reg.set_tags(model, version, {TAG_CANARY_WEIGHT: "0", TAG_LEASE: NO_LEASE})
-        reg.set_alias(model, ALIAS_CANDIDATE, version)
+    # Looks and the writes they decide under the model's serving lock (not across the block:
+    # the trial's own gateway changes take it too).
+    with reg.serving_lock(model):
+        trialled = reg.get_by_alias(model, ALIAS_CANDIDATE)
+        if trialled is None or trialled.version != version:
+            reg.set_tags(model, version, {TAG_CANARY_WEIGHT: "0", TAG_LEASE: NO_LEASE})
+            reg.set_alias(model, ALIAS_CANDIDATE, version)
+        if shadow:
+            reg.set_tags(model, version, {TAG_SHADOW_FRACTION: "0"})
+            reg.set_alias(model, ALIAS_SHADOW, version)
     if not shadow:
         yield
         return
-    reg.set_tags(model, version, {TAG_SHADOW_FRACTION: "0"})
-    reg.set_alias(model, ALIAS_SHADOW, version)
     try:
         yield
     finally:
         try:
-            current = reg.get_by_alias(model, ALIAS_SHADOW)
-            if current is not None and current.version == version:
-                reg.delete_alias(model, ALIAS_SHADOW)
+            with reg.serving_lock(model):
+                current = reg.get_by_alias(model, ALIAS_SHADOW)
+                if current is not None and current.version == version:
+                    reg.delete_alias(model, ALIAS_SHADOW)
         except Exception as exc:  # the trial's own outcome stands; a stale alias is harmless
             logger().warning("stage=canary could not remove the shadow alias: %r", exc)
 

@@ -254,17 +254,20 @@ def _finish_registration(
         )
         reg.set_approval(model, version, approval)
     if _undecided(info, approval) and ALIAS_CANDIDATE not in info.aliases:
-        current = reg.get_by_alias(model, ALIAS_CANDIDATE)
-        shadow = reg.get_by_alias(model, ALIAS_SHADOW)
-        on_trial = current is not None and (
-            holds_trial(current.tags, time.time())
-            # A canary with a shadow phase names its version shadow for the whole trial.
-            or (shadow is not None and shadow.version == current.version)
-        )
-        if not on_trial:
-            reg.set_alias(model, ALIAS_CANDIDATE, version)
-        # else another run's canary holds the alias (a registry-backed gateway would drop its
-        # trial at once); this version's canary points it here when its turn comes.
+        # Under the serving lock: a trial that starts (its lease written by a gateway) cannot
+        # land between this look and the alias move.
+        with reg.serving_lock(model):
+            current = reg.get_by_alias(model, ALIAS_CANDIDATE)
+            shadow = reg.get_by_alias(model, ALIAS_SHADOW)
+            on_trial = current is not None and (
+                holds_trial(current.tags, time.time())
+                # A canary with a shadow phase names its version shadow for the whole trial.
+                or (shadow is not None and shadow.version == current.version)
+            )
+            if not on_trial:
+                reg.set_alias(model, ALIAS_CANDIDATE, version)
+            # else another run's canary holds the alias (a registry-backed gateway would drop
+            # its trial at once); this version's canary points it here when its turn comes.
     if not _register_recorded(audit_log, model, info):
         if tags is None:  # the tags it was registered with (the approval record came after)
             tags = {
@@ -346,9 +349,10 @@ def close_candidate(
     reg.set_tags(
         s.model_name, version, {TAG_STATUS: status, TAG_VERDICT: verdict, TAG_REASON: reason[:500]}
     )
-    current = reg.get_by_alias(s.model_name, ALIAS_CANDIDATE)
-    if current is not None and current.version == version:
-        reg.delete_alias(s.model_name, ALIAS_CANDIDATE)
+    with reg.serving_lock(s.model_name):
+        current = reg.get_by_alias(s.model_name, ALIAS_CANDIDATE)
+        if current is not None and current.version == version:
+            reg.delete_alias(s.model_name, ALIAS_CANDIDATE)
     _record_once(
         s.audit_log, status, model=s.model_name, version=version, reason=reason, evidence=evidence
     )

@@ -8,8 +8,9 @@ tests/integration.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -86,6 +87,9 @@ class FakeRegistry:
         self.fail_undo = fail_undo
         self.log: list[str] = []
         self.tags: dict[str, dict[str, str]] = {}
+        self.serving_locks = 0
+        self.locked = False
+        self.unlocked_alias_writes: list[str] = []
 
     def get_by_alias(self, name: str, alias: str) -> Any:
         version = self.aliases.get(alias)
@@ -97,10 +101,25 @@ class FakeRegistry:
     def delete_alias(self, name: str, alias: str) -> None:
         self.aliases.pop(alias, None)
         self.log.append(f"{alias} deleted")
+        if not self.locked:
+            self.unlocked_alias_writes.append(f"{alias} deleted")
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.aliases[alias] = version
         self.log.append(f"{alias} {version}")
+        if not self.locked:
+            self.unlocked_alias_writes.append(f"{alias} {version}")
+
+    @contextlib.contextmanager
+    def serving_lock(self, name: str) -> Iterator[None]:
+        # One process: nothing to take turns with (the real lock: test_registry_write_lock);
+        # records whether alias writes happen inside it.
+        self.serving_locks += 1
+        self.locked = True
+        try:
+            yield
+        finally:
+            self.locked = False
 
     def _move(self, name: str, what: str, target: dict[str, str | None]) -> SimpleNamespace:
         if self.fail:

@@ -122,6 +122,8 @@ def test_the_candidate_alias_names_the_version_on_trial(
     assert reg.log[0] == "candidate 2" and gateway.aliases_at_put[0]["candidate"] == "2"
     # and a traffic share an earlier trial left on 2 was cleared first (not brought back).
     assert reg.tags["2"] == {"ballast.canary_weight": "0", "ballast.lease_expires_at": "none"}
+    # each under the model's serving lock (no gateway write lands between look and move).
+    assert reg.serving_locks >= 1 and reg.unlocked_alias_writes == []
 
 
 def _nightly_canary_of_3(settings: Settings, weight: int = 10) -> Deployment:

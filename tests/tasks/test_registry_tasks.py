@@ -3,10 +3,12 @@ without touching the champion, verification before serving, and rollback to `pre
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,40 @@ def test_closing_a_candidate_tags_it_and_leaves_the_champion_alone(
     closed = reg.get_version(settings.model_name, cand.version)
     assert closed.tags[TAG_STATUS] == "rolled_back" and ALIAS_CANDIDATE not in closed.aliases
     assert reg.get_by_alias(settings.model_name, ALIAS_CHAMPION).version == champ.version  # type: ignore[union-attr]
+
+
+def test_registering_and_closing_move_the_candidate_alias_under_the_serving_lock(
+    built: dict[str, Any], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each look at the aliases and the alias write it decides, under the model's serving lock
+    # (a gateway's trial lease cannot land in between).
+    held = [False]
+    writes: list[tuple[str, str, bool]] = []
+    take = Registry.serving_lock
+
+    @contextlib.contextmanager
+    def lock(self: Registry, name: str) -> Iterator[None]:
+        with take(self, name):
+            held[0] = True
+            try:
+                yield
+            finally:
+                held[0] = False
+
+    monkeypatch.setattr(Registry, "serving_lock", lock)
+    for method in ("set_alias", "delete_alias"):
+        original = getattr(Registry, method)
+
+        def recording(self: Registry, *args: Any, _f: Any = original, _m: str = method) -> Any:
+            writes.append((_m, args[1], held[0]))
+            return _f(self, *args)
+
+        monkeypatch.setattr(Registry, method, recording)
+    cand = _register(built, settings, "run-1", tmp_path, release="one")
+    close_candidate.fn(
+        cand.version, status="rolled_back", verdict="rollback", reason="x", evidence={}
+    )
+    assert writes == [("set_alias", ALIAS_CANDIDATE, True), ("delete_alias", ALIAS_CANDIDATE, True)]
 
 
 def test_a_tampered_artefact_is_refused_before_it_can_serve(

@@ -260,7 +260,7 @@ def test_a_rollback_decided_before_a_promotion_on_another_machine_moves_nothing(
     a.promote("served", "2")
     if not locked:
         for reg in (a, b):
-            monkeypatch.setattr(reg, "_serving", lambda name: contextlib.nullcontext())
+            monkeypatch.setattr(reg, "serving_lock", lambda name: contextlib.nullcontext())
     a_moving, b_looked = threading.Event(), threading.Event()
     waited: list[bool] = []
     move, look = a._move_aliases, b._aliases
