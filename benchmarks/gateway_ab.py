@@ -51,13 +51,9 @@ PERF_HZ = 1999  # samples per second of CPU time (--perf)
 
 
 @contextmanager
-def _perf(pid: int, out: Path | None) -> Iterator[None]:
-    """Sample the gateway's processes (``pid`` and its replicas) on the CPU clock into ``out``
-    (None: do nothing)."""
-    if out is None:
-        yield
-        return
-    cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-o", str(out)]
+def _perf_attached(cmd: list[str], pid: int) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``perf`` ``cmd`` on the gateway's processes (``pid`` and its replicas) for the block,
+    stopped as perf wants (SIGINT) at its end."""
     proc = subprocess.Popen(
         [*cmd, "-p", ",".join(sorted(with_children([pid])))],
         stdout=subprocess.DEVNULL,
@@ -65,10 +61,21 @@ def _perf(pid: int, out: Path | None) -> Iterator[None]:
     )
     time.sleep(0.3)  # attached before the load starts
     try:
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+@contextmanager
+def _perf(pid: int, out: Path | None) -> Iterator[None]:
+    """Sample the gateway's processes on the CPU clock into ``out`` (None: do nothing)."""
+    if out is None:
+        yield
+        return
+    cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-o", str(out)]
+    with _perf_attached(cmd, pid) as proc:
+        yield
     if not out.is_file():  # e.g. kernel.perf_event_paranoid forbids it for this user
         raise SystemExit(f"perf record wrote nothing (exit status {proc.returncode})")
 
@@ -109,17 +116,8 @@ def _perf_stat(pid: int, out: Path | None) -> Iterator[None]:
         yield
         return
     cmd = ["perf", "stat", "-x,", "-o", str(out), "-e", ",".join(STAT_EVENTS)]
-    proc = subprocess.Popen(
-        [*cmd, "-p", ",".join(sorted(with_children([pid])))],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.3)  # attached before the load starts
-    try:
+    with _perf_attached(cmd, pid) as proc:
         yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
     counts = _stat_counts([out]) if out.is_file() else Counter()
     if not counts:  # tracefs not mounted, or kernel.perf_event_paranoid forbids it
         raise SystemExit(f"perf stat counted nothing (exit status {proc.returncode})")
