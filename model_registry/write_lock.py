@@ -228,6 +228,7 @@ class RegistryLock:
                 time.sleep(self.poll_s)
         except MlflowException as exc:
             self._release(ticket)
+            self._run_id = None  # look again next time: someone may have deleted the lock's model
             raise RegistryError(
                 f"taking lock {self.name!r} in the registry: {exc.message}"
             ) from redacted_cause(exc)

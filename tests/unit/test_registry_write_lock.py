@@ -294,3 +294,19 @@ def test_a_rollback_decided_before_a_promotion_on_another_machine_moves_nothing(
     else:
         # Without the lock B looked inside A's move and rolled back: both moves landed.
         assert waited == [True] and outcome == [None]
+
+
+def test_a_lock_whose_model_was_deleted_fails_once_then_is_made_again(
+    machines: list[Registry],
+) -> None:
+    a = machines[0]
+    with a.exclusive("m", holder="a", timeout_s=5, busy=Busy()):
+        pass
+    MlflowClient(a.tracking_uri, a.tracking_uri).delete_registered_model(lock_model_name("m"))
+    with (
+        pytest.raises(RegistryError, match="taking lock 'm'"),
+        a.exclusive("m", holder="a", timeout_s=5, busy=Busy()),
+    ):
+        pytest.fail("entered without a ticket")
+    with a.exclusive("m", holder="a", timeout_s=5, busy=Busy()):
+        assert len(tickets(a, "m")) == 1
