@@ -638,8 +638,8 @@ class Gateway:
         (:func:`ballast.serving.precondition_holds`), else :class:`PreconditionFailedError`
         and nothing changes. A source with ``publish_if`` checks and writes in one step: the
         file under its lock; the registry, which has no conditional write, under a lock the
-        replicas on one machine share, so replicas on other machines (pods) changing at the
-        same moment can still both pass. Other sources are checked right before the write.
+        replicas on one machine share and then one kept in the registry itself, which pods on
+        other machines share too. Other sources are checked right before the write.
         """
         async with self._deploy_lock:
             previous = None if self.live is None else self.live.deployment
