@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import socket
 import threading
@@ -310,3 +311,253 @@ def test_a_lock_whose_model_was_deleted_fails_once_then_is_made_again(
         pytest.fail("entered without a ticket")
     with a.exclusive("m", holder="a", timeout_s=5, busy=Busy()):
         assert len(tickets(a, "m")) == 1
+
+
+# --- from a mutation-testing pass of write_lock.py ----------------------------------------
+
+
+def age_ticket(reg: Registry, lock: str, ticket: int | str, age_ms: int) -> None:
+    """Back-date ``ticket``'s last stamp to ``age_ms`` before now (the store's clock is this
+    machine's: a sqlite store stamps with ``time.time()``)."""
+    import sqlite3
+
+    db = reg.tracking_uri.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "UPDATE model_versions SET last_updated_time = ? WHERE name = ? AND version = ?",
+            (int(time.time() * 1000) - age_ms, lock_model_name(lock), int(ticket)),
+        )
+
+
+def test_a_ticket_is_skipped_just_past_one_lease_and_swept_just_past_ten(
+    machines: list[Registry],
+) -> None:
+    a, b = machines[0], machines[1]
+    lease_s = 1000.0  # long, so the seconds this test takes are a sliver of a lease
+    dead = RegistryLock(a._client, a.experiment_id, "m", lease_s=lease_s)
+    stale, _ = dead._take_ticket("stalled")
+    old, _ = dead._take_ticket("crashed")
+    age_ticket(a, "m", stale, int(lease_s * 1000) + 300)  # one lease and 0.3 s
+    age_ticket(a, "m", old, int(10 * lease_s * 1000) + 3000)  # ten leases and 3 s
+    started = time.monotonic()
+    with b.exclusive("m", holder="b", timeout_s=5, busy=Busy(), lease_s=lease_s):
+        assert time.monotonic() - started < 5  # neither counted as ahead
+        left = tickets(a, "m")
+        assert str(stale) in left and str(old) not in left  # only the older one swept
+    assert set(tickets(a, "m")) == {str(stale)}
+
+
+def test_a_ticket_younger_than_ten_leases_is_not_swept(machines: list[Registry]) -> None:
+    a, b = machines[0], machines[1]
+    lease_s = 1000.0
+    dead = RegistryLock(a._client, a.experiment_id, "m", lease_s=lease_s)
+    stale, _ = dead._take_ticket("stalled")
+    age_ticket(a, "m", stale, int(10 * lease_s * 1000) - 3000)
+    with b.exclusive("m", holder="b", timeout_s=5, busy=Busy(), lease_s=lease_s):
+        pass
+    assert set(tickets(a, "m")) == {str(stale)}
+
+
+def test_a_lock_refuses_a_poll_or_lease_that_is_not_positive(machines: list[Registry]) -> None:
+    a = machines[0]
+    client = MlflowClient(a.tracking_uri, a.tracking_uri)
+    for bad in ({"poll_s": 0}, {"poll_s": -0.1}, {"lease_s": -1.0}, {"lease_s": float("nan")}):
+        with pytest.raises(ValueError, match="must be positive"):
+            RegistryLock(client, a.experiment_id, "m", **bad)
+
+
+def test_a_lock_with_its_defaults_works(machines: list[Registry]) -> None:
+    a = machines[0]
+    lock = RegistryLock(MlflowClient(a.tracking_uri, a.tracking_uri), a.experiment_id, "m")
+    with lock.held(holder="x", timeout_s=5, busy=Busy()):
+        assert len(tickets(a, "m")) == 1
+    assert tickets(a, "m") == {}
+
+
+def test_the_lock_models_name_does_not_change_between_releases() -> None:
+    # Processes running different ballast releases on one store must meet in the same model.
+    assert lock_model_name("serving/m") == "ballast-lock-2f17c2e7953f0acc"
+
+
+def test_every_machine_shares_one_finished_run_as_the_tickets_source(
+    machines: list[Registry],
+) -> None:
+    for i, reg in enumerate(machines):
+        for _ in range(2):
+            with reg.exclusive("m", holder=f"w{i}", timeout_s=10, busy=Busy()):
+                pass
+    client = MlflowClient(machines[0].tracking_uri, machines[0].tracking_uri)
+    runs = client.search_runs(
+        [machines[0].experiment_id], filter_string="attributes.run_name = 'ballast-write-lock'"
+    )
+    assert len(runs) == 1
+    assert runs[0].info.status == "FINISHED"
+    model = client.get_registered_model(lock_model_name("m"))
+    assert model.tags["ballast.lock_run"] == runs[0].info.run_id
+
+
+def test_a_first_user_that_loses_the_race_to_create_the_lock_model_still_takes_the_lock(
+    machines: list[Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    a, b = machines[0], machines[1]
+    with a.exclusive("m", holder="a", timeout_s=5, busy=Busy()):
+        pass  # the lock's model exists now
+    looks = [0]
+    look = b._client.get_registered_model
+
+    def looked_before_a_made_it(name: str) -> Any:
+        looks[0] += 1
+        if looks[0] == 1:  # b looked just before a created the model
+            raise MlflowException("not found", error_code=codes.RESOURCE_DOES_NOT_EXIST)
+        return look(name)
+
+    monkeypatch.setattr(b._client, "get_registered_model", looked_before_a_made_it)
+    with b.exclusive("m", holder="b", timeout_s=5, busy=Busy()):
+        assert len(tickets(b, "m")) == 1
+    assert tickets(b, "m") == {}
+
+
+def test_a_failed_look_at_the_lock_model_is_a_registry_error_and_creates_nothing(
+    machines: list[Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    a = machines[0]
+    look = a._client.get_registered_model
+    looks = [0]
+
+    def unavailable_once(name: str) -> Any:
+        looks[0] += 1
+        if looks[0] == 1:
+            raise MlflowException("try later", error_code=codes.TEMPORARILY_UNAVAILABLE)
+        return look(name)
+
+    monkeypatch.setattr(a._client, "get_registered_model", unavailable_once)
+    with (
+        pytest.raises(RegistryError, match="try later"),
+        a.exclusive("m", holder="a", timeout_s=5, busy=Busy()),
+    ):
+        pytest.fail("entered after a failed look")
+    client = MlflowClient(a.tracking_uri, a.tracking_uri)
+    assert client.search_registered_models(f"name = '{lock_model_name('m')}'") == []
+    with a.exclusive("m", holder="a", timeout_s=5, busy=Busy()):  # the next try goes through
+        pass
+
+
+def test_a_failed_creation_of_the_lock_model_is_reported_as_itself(
+    machines: list[Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    a = machines[0]
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise MlflowException("quota of registered models reached", error_code=codes.INTERNAL_ERROR)
+
+    monkeypatch.setattr(a._client, "create_registered_model", refused)
+    with (
+        pytest.raises(RegistryError, match="quota of registered models reached"),
+        a.exclusive("m", holder="a", timeout_s=5, busy=Busy()),
+    ):
+        pytest.fail("entered without a lock model")
+
+
+def test_a_dead_ticket_swept_by_another_waiter_first_is_no_error(
+    machines: list[Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = machines[0]
+    lease_s = 1000.0
+    dead = RegistryLock(a._client, a.experiment_id, "m", lease_s=lease_s)
+    old, _ = dead._take_ticket("crashed")
+    age_ticket(a, "m", old, int(10 * lease_s * 1000) + 3000)
+    other = MlflowClient(a.tracking_uri, a.tracking_uri)
+    delete = a._client.delete_model_version
+
+    def overtaken(name: str, version: str) -> None:
+        if version == str(old):
+            other.delete_model_version(name, version)  # another waiter's sweep got there first
+        delete(name, version)
+
+    monkeypatch.setattr(a._client, "delete_model_version", overtaken)
+    with a.exclusive("m", holder="a", timeout_s=5, busy=Busy(), lease_s=lease_s):
+        assert len(tickets(a, "m")) == 1
+    assert tickets(a, "m") == {}
+
+
+def test_a_release_the_registry_refuses_is_logged_and_left_to_lapse(
+    machines: list[Registry], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    a = machines[0]
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise MlflowException("no delete for you", error_code=codes.PERMISSION_DENIED)
+
+    monkeypatch.setattr(a._client, "delete_model_version", denied)
+    with (
+        caplog.at_level("WARNING", logger="model_registry.write_lock"),
+        a.exclusive("m", holder="a", timeout_s=5, busy=Busy()),
+    ):
+        pass
+    assert len(tickets(a, "m")) == 1  # left behind: it runs out after a lease
+    assert any("removing ticket" in r.getMessage() for r in caplog.records)
+
+
+def test_a_registry_error_while_waiting_removes_the_waiters_ticket(
+    machines: list[Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    a, b = machines[0], machines[1]
+    search = b._client.search_model_versions
+    looks = [0]
+
+    def fails_on_the_third_look(*args: Any, **kwargs: Any) -> Any:
+        looks[0] += 1
+        if looks[0] == 3:
+            raise MlflowException("registry went away", error_code=codes.TEMPORARILY_UNAVAILABLE)
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(b._client, "search_model_versions", fails_on_the_third_look)
+    with held_elsewhere(a, "a"):
+        with (
+            pytest.raises(RegistryError, match="registry went away"),
+            b.exclusive("m", holder="b", timeout_s=30, busy=Busy()),
+        ):
+            pytest.fail("b entered while a held the lock")
+        left = tickets(a, "m")
+        assert [tags[TAG_HOLDER] for tags in left.values()] == [
+            f"{socket.gethostname()}:{os.getpid()}:a"
+        ]
+
+
+def test_a_version_without_a_last_updated_time_is_a_registry_error() -> None:
+    from types import SimpleNamespace
+
+    from model_registry.write_lock import _stamp
+
+    with pytest.raises(RegistryError, match="no last-updated time"):
+        _stamp(SimpleNamespace(name="ballast-lock-x", version="3", last_updated_timestamp=None))  # type: ignore[arg-type]
+
+
+def test_a_holder_stamps_its_ticket_several_times_a_lease(machines: list[Registry]) -> None:
+    a = machines[0]
+    client = MlflowClient(a.tracking_uri, a.tracking_uri)
+    stamps: set[int] = set()
+    with a.exclusive("m", holder="a", timeout_s=10, busy=Busy(), lease_s=0.6):
+        end = time.monotonic() + 2.4  # four leases
+        while time.monotonic() < end:
+            for mv in client.search_model_versions(f"name = '{lock_model_name('m')}'"):
+                stamps.add(int(mv.last_updated_timestamp or 0))
+            time.sleep(0.02)
+    ordered = sorted(stamps)
+    assert len(ordered) >= 4  # a beat every 0.1 s: about 24
+    assert max(later - earlier for earlier, later in itertools.pairwise(ordered)) < 600
