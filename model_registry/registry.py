@@ -46,13 +46,12 @@ from model_registry.types import (
     ModelVersionInfo,
     PromotionResult,
 )
-from model_registry.write_lock import serving_lock_name
+from model_registry.write_lock import RegistryLock, serving_lock_name
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from model_registry.write_lock import RegistryLock
 
 log = logging.getLogger(__name__)
 
@@ -595,8 +594,6 @@ class Registry:
         on this store whatever machine it runs on (:mod:`model_registry.write_lock`); wait up to
         ``timeout_s``, then raise ``busy``. Keep the block short: a holder that stops stamping
         its ticket for ``lease_s`` is taken for dead."""
-        from model_registry.write_lock import RegistryLock
-
         key = (lock, lease_s)
         found = self._locks.get(key)
         if found is None:
