@@ -12,6 +12,7 @@ answer but a 2xx comes back as a :class:`GatewayHTTPError` carrying the server's
 from __future__ import annotations
 
 import io
+import socket
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +33,7 @@ __all__ = [
     "VERSION_HEADER",
     "GatewayClient",
     "GatewayHTTPError",
+    "pod_urls",
 ]
 
 VERSION_HEADER = "X-Ballast-Version"
@@ -289,6 +291,35 @@ class GatewayClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# (host, port, family, type) -> getaddrinfo's rows; a parameter so tests can stand in for a DNS
+# server answering with several addresses (none runs here).
+Resolver = Callable[..., Sequence[tuple[Any, ...]]]
+
+
+def pod_urls(host: str, port: int, *, resolve: Resolver | None = None) -> list[str]:
+    """``http://address:port`` for every address ``host`` resolves to, in the resolver's order,
+    each once.
+
+    For a Kubernetes headless Service (``clusterIP: None``) that is one address per ready pod,
+    where the gateway's ordinary Service name gives one virtual address that lands on one pod
+    per connection. ``resolve``: ``socket.getaddrinfo`` unless given. Raises
+    :class:`~ballast.errors.GatewayError` when ``host`` does not resolve.
+    """
+    try:
+        rows = (resolve or socket.getaddrinfo)(host, port, 0, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+        raise GatewayError(f"gateway pods host {host!r} does not resolve: {exc}") from None
+    urls: list[str] = []
+    for family, *_, sockaddr in rows:
+        address, at = str(sockaddr[0]), int(sockaddr[1])
+        url = f"http://[{address}]:{at}" if family == socket.AF_INET6 else f"http://{address}:{at}"
+        if url not in urls:
+            urls.append(url)
+    if not urls:
+        raise GatewayError(f"gateway pods host {host!r} resolves to no address")
+    return urls
 
 
 def _json_object(data: Any) -> dict[str, Any]:

@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     gateway_admin_token: SecretStr | None = None
     gateway_autostart: bool = True
     gateway_threads: int = Field(default=1, ge=1, le=64)
+    # A name resolving to every gateway pod (a Kubernetes headless Service): the champion
+    # watchdog reads and heartbeats each one, at gateway_pods_port (the pods' own port: a
+    # headless Service forwards nothing; default gateway_port). Unset: the gateway at gateway_url.
+    gateway_pods_host: str | None = None
+    gateway_pods_port: int | None = Field(default=None, ge=1, le=65535)
 
     # Training.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -337,6 +342,11 @@ class Settings(BaseSettings):
     @classmethod
     def _a_host(cls, v: str) -> str:
         return check_host(v)
+
+    @field_validator("gateway_pods_host")
+    @classmethod
+    def _a_pods_host(cls, v: str | None) -> str | None:
+        return None if v is None else check_host(v)
 
     @field_validator("model_name")
     @classmethod

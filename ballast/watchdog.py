@@ -22,7 +22,7 @@ version would do better, and a rollback cannot bring a dead gateway back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -44,6 +44,7 @@ __all__ = [
     "WatchdogDecision",
     "WatchdogPolicy",
     "decide",
+    "merge_pod_stats",
     "observe",
     "observe_replicas",
     "plan_response",
@@ -335,6 +336,44 @@ def observe_replicas(
         canary_active=canary_active,
         snapshot=snapshot,
     )
+
+
+def merge_pod_stats(answers: Sequence[Mapping[str, Any]], *, model: str) -> dict[str, Any]:
+    """One ``/admin/stats`` answer standing for several pods' (:func:`observe_replicas` reads it).
+
+    Replicas share a board only within a pod (a folder of their own), so a Kubernetes gateway's
+    answer covers one pod: each watchdog run saw whichever pod its connection reached, and a
+    pod failing every request was judged in about one run in N. Here every pod's own counters
+    and its board's entries go into one answer's ``replicas``, each replica once (its own
+    answer before a peer's board entry of it: the board is up to a heartbeat old; two addresses
+    reaching one pod give the same replicas). The first answer serving ``model`` is the base
+    (the others' model-level fields are left out); an answer serving another model adds
+    nothing. A trial in force on any pod counts as in force (a pod can be a poll behind).
+    """
+    serving = [a for a in answers if a.get("model") == model]
+    if not serving:
+        return dict(answers[0]) if answers else {}
+    merged = dict(serving[0])
+    own: dict[str, Mapping[str, Any]] = {}
+    for answer in serving:
+        rid = answer.get("replica")
+        if isinstance(rid, str) and rid not in own:
+            own[rid] = {"replica": rid, "versions": answer.get("versions")}
+    peers: dict[str, Mapping[str, Any]] = {}
+    for answer in serving:
+        board = answer.get("replicas")
+        for entry in board if isinstance(board, list) else []:
+            rid = entry.get("replica") if isinstance(entry, Mapping) else None
+            if isinstance(rid, str) and rid not in own and rid not in peers:
+                peers[rid] = entry
+    me = merged.get("replica")
+    merged["replicas"] = [e for rid, e in {**own, **peers}.items() if rid != me]
+    for key in ("canary_weight", "shadow_fraction"):
+        values = [a.get(key) for a in serving]
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        if numbers:
+            merged[key] = max(numbers)
+    return merged
 
 
 def _trial_in_force(stats: Mapping[str, Any]) -> bool:

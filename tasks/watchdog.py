@@ -28,7 +28,7 @@ from prefect.events import emit_event
 from ballast.anomaly import DetectorState
 from ballast.audit import record
 from ballast.errors import GatewayError
-from ballast.gateway_client import GatewayClient
+from ballast.gateway_client import GatewayClient, pod_urls
 from ballast.release import ALIAS_CHAMPION, ALIAS_PREVIOUS
 from ballast.settings import Settings, get_settings
 from ballast.watchdog import (
@@ -38,6 +38,7 @@ from ballast.watchdog import (
     WatchdogDecision,
     WatchdogPolicy,
     decide,
+    merge_pod_stats,
     observe_replicas,
     repeats_alert,
     unavailable,
@@ -159,15 +160,44 @@ def mark_reported(model: str, decision: WatchdogDecision, response: Response) ->
     )
 
 
+def gateway_urls(s: Settings) -> list[str]:
+    """Where the gateway answers: every pod's address when ``gateway_pods_host`` names them (a
+    headless Service), else ``gateway_url``. Raises GatewayError if the pods' name does not
+    resolve."""
+    if s.gateway_pods_host is None:
+        return [s.gateway_url]
+    return pod_urls(s.gateway_pods_host, s.gateway_pods_port or s.gateway_port)
+
+
 def _observe_gateway(
     s: Settings, model: str, version: str, state: DetectorState, min_count: int
 ) -> Observation:
     try:
-        with GatewayClient(s.gateway_url, s.admin_token()) as gw:
-            # One answer from one replica: its counters and its peers' (from the board).
-            stats = gw.stats()
+        urls = gateway_urls(s)
     except GatewayError as exc:
-        return unavailable(model, version, f"gateway at {s.gateway_url}: {exc.message}")
+        return unavailable(model, version, exc.message)
+    answers: list[dict[str, Any]] = []
+    failed: list[str] = []
+    for url in urls:
+        try:
+            with GatewayClient(url, s.admin_token()) as gw:
+                # One answer from one replica: its counters and its pod's other replicas' (from
+                # the board the replicas of one pod share).
+                answers.append(gw.stats())
+        except GatewayError as exc:
+            failed.append(exc.message)
+    if len(urls) > 1:
+        # One line per run: which pods were read. A pod that did not answer is left out of
+        # this window; its counters are differenced against its last ones when it answers.
+        logger().info(
+            "stage=watchdog pods=%d read=%d failed=%d", len(urls), len(answers), len(failed)
+        )
+        for message in failed:
+            logger().warning("stage=watchdog pod not read: %s", message)
+    if not answers:
+        where = s.gateway_url if s.gateway_pods_host is None else f"{len(urls)} pod(s)"
+        return unavailable(model, version, f"gateway at {where}: {failed[0]}")
+    stats = answers[0] if len(answers) == 1 else merge_pod_stats(answers, model=model)
     return observe_replicas(
         stats, model=model, version=version, last_snapshot=state.snapshot, min_count=min_count
     )
@@ -207,16 +237,25 @@ def check_champion(
 
 @task(name="watchdog-heartbeat", cache_policy=NO_CACHE)
 def send_heartbeat(model: str, healthy: bool, detail: str = "") -> bool:
-    """Tell the gateway the watchdog ran. False when it could not be told (the gateway is down:
-    its own alert and ``BallastWatchdogSilent`` cover that); never raises."""
+    """Tell the gateway (every pod, with ``gateway_pods_host``) the watchdog ran. False when no
+    pod could be told (the gateway is down: its own alert and ``BallastWatchdogSilent`` cover
+    that); never raises."""
     s = get_settings()
     try:
-        with GatewayClient(s.gateway_url, s.admin_token()) as gw:
-            gw.watchdog_heartbeat(model, healthy, detail[:1000])
+        urls = gateway_urls(s)
     except GatewayError as exc:
         logger().warning("stage=watchdog heartbeat not sent: %s", exc)
         return False
-    return True
+    told = 0
+    for url in urls:
+        try:
+            with GatewayClient(url, s.admin_token()) as gw:
+                gw.watchdog_heartbeat(model, healthy, detail[:1000])
+        except GatewayError as exc:
+            logger().warning("stage=watchdog heartbeat not sent: %s", exc)
+        else:
+            told += 1
+    return told > 0
 
 
 def localisation_markdown(

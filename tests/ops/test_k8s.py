@@ -271,6 +271,31 @@ def test_a_release_that_waits_as_long_as_its_settings_allow_is_not_killed_by_its
     assert deadline["default"] > longest_waits + 1800  # and half an hour for the canary
 
 
+def test_the_watchdog_reaches_every_gateway_pod_at_its_own_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ballast.settings import get_settings
+
+    dep = find("Deployment", "ballast-gateway")
+    (gw,) = _containers(dep)
+    ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    data = find("ConfigMap", "ballast-config")["data"]
+    pods = find("Service", data["BALLAST_GATEWAY_PODS_HOST"])
+    # Headless: DNS gives each ready pod's address; a ClusterIP would give one, one pod a run.
+    assert pods["spec"]["clusterIP"] == "None"
+    assert pods["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    # Nothing forwards a headless Service's port: the watchdog must use the pods' own.
+    assert int(data["BALLAST_GATEWAY_PODS_PORT"]) == ports["http"]
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        s = get_settings()
+        assert (s.gateway_pods_host, s.gateway_pods_port) == ("ballast-gateway-pods", 8765)
+    finally:
+        get_settings.cache_clear()
+
+
 def test_the_cluster_is_not_dev_so_a_person_approves_every_release(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

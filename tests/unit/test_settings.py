@@ -36,6 +36,9 @@ def _fresh_settings() -> Iterator[None]:
         ("BALLAST_KMS_ENDPOINT_URL", "localhost:4566"),
         ("BALLAST_GATEWAY_HOST", "http://127.0.0.1"),
         ("BALLAST_GATEWAY_HOST", "127.0.0.1:8765"),
+        ("BALLAST_GATEWAY_PODS_HOST", "ballast-gateway-pods:8765"),  # the port is its own
+        ("BALLAST_GATEWAY_PODS_HOST", ""),
+        ("BALLAST_GATEWAY_PODS_PORT", "0"),
         ("BALLAST_DATASET_NAME", "../../escape"),  # a file under state_dir/datasets
         ("BALLAST_DATASET_NAME", ""),
         ("BALLAST_DATASET_NAME", "a/b"),
@@ -57,6 +60,7 @@ def test_settings_refuse_names_and_uris_that_would_reach_the_wrong_place(
         ("BALLAST_MLFLOW_TRACKING_URI", ""),
         ("BALLAST_S3_ENDPOINT_URL", "http://127.0.0.1:9000"),
         ("BALLAST_GATEWAY_HOST", "ballast-gateway"),
+        ("BALLAST_GATEWAY_PODS_HOST", "ballast-gateway-pods.ballast.svc"),
         ("BALLAST_DATASET_NAME", "credit.v2"),
     ],
 )

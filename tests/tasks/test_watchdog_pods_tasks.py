@@ -1,0 +1,168 @@
+"""The watchdog's tasks against a gateway of two pods: two real gateway processes, each with a
+state folder (and so a replica board) of its own, as two Kubernetes pods have.
+
+With ``BALLAST_GATEWAY_PODS_HOST`` each run reads every pod and heartbeats every pod. The one
+stand-in is DNS: a name resolving to both pods (a headless Service) cannot be served here, so
+``socket.getaddrinfo`` answers for that one name with both addresses and passes every other
+lookup to the real resolver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ballast.anomaly import DetectorPolicy
+from ballast.gateway_client import GatewayClient
+from ballast.gateway_process import GatewayProcess
+from ballast.serving import Deployment
+from ballast.settings import Settings, get_settings
+from ballast.watchdog import WatchdogPolicy
+from infra.gateway.testing import build_mlp_onnx, spec_for
+from tasks import watchdog as wt
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+POLICY = WatchdogPolicy(detector=DetectorPolicy(warmup=3, min_count=20))
+PODS_HOST = "ballast-gateway-pods.test"
+
+
+class Registry:
+    def get_by_alias(self, name: str, alias: str) -> Any:
+        return type("V", (), {"version": {"champion": "3", "previous": "2"}[alias]})()
+
+
+@pytest.fixture
+def ports(settings: Settings) -> list[int]:
+    """The pods' ports, in the order PODS_HOST resolves to them (a test may change them)."""
+    return [settings.gateway_port, free_port()]
+
+
+@pytest.fixture
+def pods(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ports: list[int]
+) -> Iterator[list[GatewayClient]]:
+    """Two gateway processes serving version 3 as champion; pod b's champion fails 30 % of its
+    requests (the gateway's injected fault). Settings name both through PODS_HOST."""
+    spec = spec_for(build_mlp_onnx(tmp_path / "three.onnx", seed=3), "3")
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != PODS_HOST:
+            return real(host, port, *args, **kwargs)
+        return [row for p in ports for row in real("127.0.0.1", p, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(wt, "registry", lambda s=None: Registry())
+    with contextlib.ExitStack() as stack:
+        clients = []
+        for name, port in zip("ab", list(ports), strict=True):
+            pod = settings.model_copy(
+                update={"state_dir": tmp_path / f"pod-{name}", "gateway_port": port}
+            )
+            stack.enter_context(
+                GatewayProcess.start(
+                    pod, log_path=tmp_path / f"{name}.log", timeout=30, exit_with_parent=True
+                )
+            )
+            client = stack.enter_context(GatewayClient(pod.gateway_url, settings.admin_token()))
+            fault = "errors" if name == "b" else None
+            client.set_deployment(
+                Deployment(
+                    model=settings.model_name,
+                    champion=spec.model_copy(update={"fault": fault}),
+                )
+            )
+            clients.append(client)
+        monkeypatch.setenv("BALLAST_GATEWAY_PODS_HOST", PODS_HOST)
+        get_settings.cache_clear()
+        yield clients
+
+
+def _traffic(client: GatewayClient, model: str, n: int) -> None:
+    for _ in range(n):
+        with contextlib.suppress(Exception):  # pod b's injected faults answer 500
+            client.predict(model, [[0.1] * 30])
+
+
+def _counts(client: GatewayClient) -> tuple[int, int]:
+    v = client.stats()["versions"]["3"]
+    return int(v["requests"]), int(v["errors"])
+
+
+def test_every_pod_is_read_and_a_failing_pod_is_in_every_window(
+    pods: list[GatewayClient], settings: Settings
+) -> None:
+    model = settings.model_name
+    a, b = pods
+    first = wt.check_champion.fn(model, POLICY).decision.observation
+    assert first.first, first
+    before = [_counts(a), _counts(b)]
+    _traffic(a, model, 40)
+    _traffic(b, model, 40)
+    obs = wt.check_champion.fn(model, POLICY).decision.observation
+    after = [_counts(a), _counts(b)]
+    # Both pods' windows, added up: pod b's errors are in it, whichever pod a connection
+    # to the gateway's Service would have reached.
+    assert obs.replica == "2 replicas", obs
+    assert obs.requests == sum(n - m for (n, _), (m, _) in zip(after, before, strict=True)) == 80
+    errors_b = after[1][1] - before[1][1]
+    assert errors_b > 0 and obs.errors == errors_b, (obs, after, before)
+    assert obs.class_counts is not None and sum(obs.class_counts.values()) == 80 - errors_b
+
+
+def test_every_pod_gets_the_heartbeat(pods: list[GatewayClient], settings: Settings) -> None:
+    model = settings.model_name
+    assert wt.send_heartbeat.fn(model, False, "breach") is True
+    for client in pods:
+        metrics = client._http.get("/metrics").text
+        assert f'ballast_watchdog_healthy{{model="{model}"}} 0.0' in metrics
+
+
+def test_a_pod_that_does_not_answer_is_left_out_and_the_others_are_read(
+    pods: list[GatewayClient],
+    settings: Settings,
+    ports: list[int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = settings.model_name
+    a, _ = pods
+    wt.check_champion.fn(model, POLICY)
+    _traffic(a, model, 25)
+    # Pod b goes away: the name now gives its address where nothing listens.
+    ports[1] = dead = free_port()
+    caplog.set_level(logging.INFO)
+    obs = wt.check_champion.fn(model, POLICY).decision.observation
+    assert obs.available and obs.requests == 25 and obs.errors == 0, obs
+    assert "pods=2 read=1 failed=1" in caplog.text
+    assert f"127.0.0.1:{dead} unreachable" in caplog.text
+    # No pod answers: unavailable, with the reason, and no heartbeat sent.
+    ports[0] = free_port()
+    check = wt.check_champion.fn(model, POLICY)
+    assert check.decision.status == "unavailable"
+    assert "2 pod(s)" in check.decision.observation.reason
+    assert wt.send_heartbeat.fn(model, True) is False
+
+
+def test_a_pods_name_that_does_not_resolve_is_unavailable(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BALLAST_GATEWAY_PODS_HOST", "pods.invalid")
+    monkeypatch.setattr(wt, "registry", lambda s=None: Registry())
+
+    def nowhere(host: Any, *args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", nowhere)
+    get_settings.cache_clear()
+    check = wt.check_champion.fn(settings.model_name, POLICY)
+    assert check.decision.status == "unavailable"
+    assert "'pods.invalid' does not resolve" in check.decision.observation.reason
+    assert wt.send_heartbeat.fn(settings.model_name, True) is False
