@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn, Protocol
 
@@ -730,12 +730,17 @@ def live_traffic(
     min_samples: int,
     max_seconds: float,
     poll_s: float = 0.25,
+    pods: Callable[[], list[str]] | None = None,
 ) -> LoadFn:
     """A :data:`LoadFn` that sends nothing: it reads what real clients got from every replica
     (``GET /admin/observations``) since the last look.
 
     Each poll opens a new connection, so with several replicas on one port the kernel spreads
-    the polls and every replica is read in turn; each keeps its own cursor. A replica seen for
+    the polls and every replica is read in turn; each keeps its own cursor. ``pods`` gives the
+    URL of every pod of a gateway whose pods share no port (Kubernetes: a headless Service's
+    addresses, :func:`~ballast.gateway_client.pod_urls`), asked again every step: each poll
+    then reads every pod, where ``base_url`` (a Service) reaches one pod a poll at random; a
+    pod that does not answer is read at the next poll. A replica seen for
     the first time (or restarted) is read from that moment on. Only answers routed at the
     step's own weight count (each observation carries the weight it was served under). A call
     returns once the candidate answered ``min_samples`` times or ``max_seconds`` pass (1 s at
@@ -749,18 +754,9 @@ def live_traffic(
 
     failures = [0]
 
-    def poll(weight: int) -> list[Observation]:
-        try:
-            with GatewayClient(base_url, token) as gw:
-                page = gw.observations(cursors)
-        except GatewayError:
-            # One replica's hiccup (a 503, a stall) loses nothing: the next poll reads on from
-            # the same cursors. Only a gateway gone for several polls in a row ends the canary.
-            failures[0] += 1
-            if failures[0] > _MAX_POLL_FAILURES:
-                raise
-            return []
-        failures[0] = 0
+    def read(url: str, weight: int) -> list[Observation]:
+        with GatewayClient(url, token) as gw:
+            page = gw.observations(cursors)
         replica, started = str(page["replica"]), float(page["started"])
         known = started_of.get(replica) == started
         started_of[replica] = started
@@ -782,8 +778,37 @@ def live_traffic(
             if not served or served[0] == weight
         ]
 
+    urls = [base_url]
+
+    def poll(weight: int) -> list[Observation]:
+        out: list[Observation] = []
+        failed: GatewayError | None = None
+        answered = 0
+        for url in urls:
+            try:
+                out.extend(read(url, weight))
+            except GatewayError as exc:
+                failed = exc
+            else:
+                answered += 1
+        if failed is not None and not answered:
+            # One replica's hiccup (a 503, a stall) loses nothing: the next poll reads on from
+            # the same cursors. Only a gateway gone (every pod of it) for several polls in a
+            # row ends the canary.
+            failures[0] += 1
+            if failures[0] > _MAX_POLL_FAILURES:
+                raise failed
+            return out
+        failures[0] = 0
+        return out
+
     def load(weight: int) -> list[Observation]:
         deadline = time.monotonic() + (max_seconds if weight > 0 else min(max_seconds, 1.0))
+        if pods is not None:
+            # Pods come and go (an autoscaler, a rollout): asked again every step. A failed
+            # lookup keeps the last known pods; the polls then say whether they answer.
+            with suppress(GatewayError):
+                urls[:] = pods() or urls
         out: list[Observation] = []
         while True:
             out.extend(poll(weight))

@@ -27,12 +27,15 @@ from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse, if_matc
 if TYPE_CHECKING:
     import numpy as np
 
+    from ballast.settings import Settings
+
 __all__ = [
     "KEY_HEADER",
     "REQUEST_ID_HEADER",
     "VERSION_HEADER",
     "GatewayClient",
     "GatewayHTTPError",
+    "gateway_urls",
     "pod_urls",
 ]
 
@@ -320,6 +323,15 @@ def pod_urls(host: str, port: int, *, resolve: Resolver | None = None) -> list[s
     if not urls:
         raise GatewayError(f"gateway pods host {host!r} resolves to no address")
     return urls
+
+
+def gateway_urls(s: Settings) -> list[str]:
+    """Where the gateway answers: every pod's address when ``gateway_pods_host`` names them (a
+    headless Service), else ``gateway_url``. Raises GatewayError if the pods' name does not
+    resolve."""
+    if s.gateway_pods_host is None:
+        return [s.gateway_url]
+    return pod_urls(s.gateway_pods_host, s.gateway_pods_port or s.gateway_port)
 
 
 def _json_object(data: Any) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from ballast.canary import (
     wait_for_turn,
 )
 from ballast.errors import BallastError
-from ballast.gateway_client import GatewayClient
+from ballast.gateway_client import GatewayClient, gateway_urls
 from ballast.gateway_process import ensure_gateway
 from ballast.judge import Judge, SequentialJudge, ThresholdJudge
 from ballast.release import (
@@ -108,6 +108,8 @@ def _load(s: Settings, candidate: str, rows: np.ndarray, labels: np.ndarray) -> 
             candidate_version=candidate,
             min_samples=s.canary_min_samples,
             max_seconds=s.canary_step_max_seconds,
+            # Every pod each poll (a headless Service), not one at random through the Service.
+            pods=None if s.gateway_pods_host is None else partial(gateway_urls, s),
         )
     return http_load(
         s.gateway_url,

@@ -28,7 +28,7 @@ from prefect.events import emit_event
 from ballast.anomaly import DetectorState
 from ballast.audit import record
 from ballast.errors import GatewayError
-from ballast.gateway_client import GatewayClient, pod_urls
+from ballast.gateway_client import GatewayClient, gateway_urls
 from ballast.release import ALIAS_CHAMPION, ALIAS_PREVIOUS
 from ballast.settings import Settings, get_settings
 from ballast.watchdog import (
@@ -158,15 +158,6 @@ def mark_reported(model: str, decision: WatchdogDecision, response: Response) ->
         alert_path(get_settings(), model),
         AlertRecord(decision.version, decision.status, response.reason, time.time()),
     )
-
-
-def gateway_urls(s: Settings) -> list[str]:
-    """Where the gateway answers: every pod's address when ``gateway_pods_host`` names them (a
-    headless Service), else ``gateway_url``. Raises GatewayError if the pods' name does not
-    resolve."""
-    if s.gateway_pods_host is None:
-        return [s.gateway_url]
-    return pod_urls(s.gateway_pods_host, s.gateway_pods_port or s.gateway_port)
 
 
 def _observe_gateway(
