@@ -641,6 +641,25 @@ def read_shadow(
     return ShadowStats.merged(reports)
 
 
+def read_pods_shadow(
+    urls: Sequence[str], fetch: Callable[[str], Mapping[str, object]]
+) -> ShadowStats:
+    """``GET /admin/shadow`` of every pod in ``urls`` once (``fetch(url)``), added up, each
+    replica once (:meth:`ShadowStats.merged`): a pod's report covers its replicas, where
+    :func:`read_shadow` reaches pods at random through a Service. A pod that does not answer
+    is left out; none answering raises the last pod's error."""
+    reports: list[Mapping[str, object]] = []
+    failed: GatewayError | None = None
+    for url in urls:
+        try:
+            reports.append(fetch(url))
+        except GatewayError as exc:
+            failed = exc
+    if not reports:
+        raise failed or GatewayError("no gateway pod to read")
+    return ShadowStats.merged(reports)
+
+
 def judge_shadow(stats: ShadowStats, policy: ShadowPolicy) -> Verdict:
     """Pure: "rollback" on failures or disagreement, else "continue" (on to the weight steps).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,11 +27,13 @@ from ballast.canary import (
     CanaryResult,
     LoadFn,
     ShadowPolicy,
+    ShadowStats,
     StepRecord,
     UnattributedPolicy,
     another_trial_took_over,
     http_load,
     live_traffic,
+    read_pods_shadow,
     read_shadow,
     run_canary,
     wait_for_turn,
@@ -96,6 +98,20 @@ def _judge(s: Settings) -> Judge:
     if s.judge_kind == "sequential":
         return SequentialJudge()
     return ThresholdJudge.from_settings(s)
+
+
+def _shadow_reader(s: Settings, client: GatewayClient) -> Callable[[], ShadowStats]:
+    """The shadow phase's look: every pod once where ``gateway_pods_host`` names them, else
+    polls through the one gateway URL until no new replica turns up."""
+    if s.gateway_pods_host is None:
+        return lambda: read_shadow(client.shadow)
+    token = s.admin_token()
+
+    def fetch(url: str) -> dict[str, Any]:
+        with GatewayClient(url, token) as gw:
+            return gw.shadow()
+
+    return lambda: read_pods_shadow(gateway_urls(s), fetch)
 
 
 def _load(s: Settings, candidate: str, rows: np.ndarray, labels: np.ndarray) -> LoadFn:
@@ -225,7 +241,7 @@ def _canary_once(
             lease_s=s.canary_lease_s or None,
             unattributed=UnattributedPolicy(max_share=s.canary_max_unattributed_share),
             shadow=_shadow_policy(s),
-            shadow_reader=lambda: read_shadow(client.shadow),
+            shadow_reader=_shadow_reader(s, client),
             promote=partial(promotion, reg, s.model_name, candidate.version),
             on_step=lambda r: log.info(
                 "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",

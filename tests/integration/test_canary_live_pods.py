@@ -10,6 +10,7 @@ here (what resolving the headless Service gives, see ``tests/tasks/test_watchdog
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from ballast.canary import live_traffic
+from ballast.canary import ShadowStats, live_traffic, read_pods_shadow
 from ballast.errors import GatewayError
 from ballast.gateway_client import GatewayClient
 from ballast.gateway_process import GatewayProcess
-from ballast.serving import Deployment
+from ballast.serving import Deployment, VersionSpec
 from ballast.settings import Settings
 from infra.gateway.testing import build_mlp_onnx, spec_for
 from tests.conftest import free_port
@@ -33,11 +34,20 @@ TOKEN = "pods-share-one-admin-token"
 
 
 @pytest.fixture
-def pods(tmp_path: Path) -> Iterator[list[GatewayClient]]:
+def versions(tmp_path: Path) -> tuple[VersionSpec, VersionSpec]:
+    return (
+        spec_for(build_mlp_onnx(tmp_path / "one.onnx", seed=1), "1"),
+        spec_for(build_mlp_onnx(tmp_path / "two.onnx", seed=2), "2"),
+    )
+
+
+@pytest.fixture
+def pods(
+    tmp_path: Path, versions: tuple[VersionSpec, VersionSpec]
+) -> Iterator[list[GatewayClient]]:
     """Two pods serving champion 1 and canary 2 at weight 50 (each its own deployment file, as
     pods following one registry converge to the same)."""
-    champion = spec_for(build_mlp_onnx(tmp_path / "one.onnx", seed=1), "1")
-    canary = spec_for(build_mlp_onnx(tmp_path / "two.onnx", seed=2), "2")
+    champion, canary = versions
     with contextlib.ExitStack() as stack:
         clients = []
         for name in "ab":
@@ -108,3 +118,34 @@ def test_a_poll_fails_only_when_no_pod_answers(pods: list[GatewayClient]) -> Non
     with pytest.raises(GatewayError, match="unreachable"):
         load(50)  # ... the sixth is a gateway gone
     assert len(seen) == 6  # the pods were asked for at every step
+
+
+def test_the_shadow_phase_reads_every_pod_once(
+    pods: list[GatewayClient], versions: tuple[VersionSpec, VersionSpec]
+) -> None:
+    champion, shadow = versions
+    for gw in pods:
+        gw.set_deployment(
+            Deployment(model=MODEL, champion=champion, shadow=shadow, shadow_fraction=1.0)
+        )
+    a, b = pods
+    _send(a, 10)
+    _send(b, 6)
+
+    def fetch(url: str) -> dict[str, Any]:
+        with GatewayClient(url, TOKEN) as gw:
+            return gw.shadow()
+
+    urls = [a.base_url, b.base_url]
+    stats = ShadowStats(0, 0, 0, 0)
+    for _ in range(100):  # mirrored calls finish after their requests were answered
+        stats = read_pods_shadow(urls, fetch)
+        if stats.mirrored == 16:
+            break
+        time.sleep(0.05)
+    assert (stats.mirrored, stats.rows_compared, stats.failed) == (16, 16, 0), stats
+    # A pod that does not answer is left out; none answering is the last pod's error.
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert read_pods_shadow([a.base_url, dead], fetch).mirrored == 10
+    with pytest.raises(GatewayError, match="unreachable"):
+        read_pods_shadow([dead], fetch)

@@ -1,7 +1,8 @@
-"""The watchdog's tasks against a gateway of two pods: two real gateway processes, each with a
+"""The watchdog's and the canary's tasks against a gateway of two pods: two real gateway processes, each with a
 state folder (and so a replica board) of its own, as two Kubernetes pods have.
 
-With ``BALLAST_GATEWAY_PODS_HOST`` each run reads every pod and heartbeats every pod. The one
+With ``BALLAST_GATEWAY_PODS_HOST`` each watchdog run reads every pod and heartbeats every pod,
+and a canary's live-traffic polls and shadow look read every pod. The one
 stand-in is DNS: a name resolving to both pods (a headless Service) cannot be served here, so
 ``socket.getaddrinfo`` answers for that one name with both addresses and passes every other
 lookup to the real resolver.
@@ -12,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from ballast.anomaly import DetectorPolicy
@@ -25,6 +28,7 @@ from ballast.serving import Deployment
 from ballast.settings import Settings, get_settings
 from ballast.watchdog import WatchdogPolicy
 from infra.gateway.testing import build_mlp_onnx, spec_for
+from tasks import canary as tc
 from tasks import watchdog as wt
 from tests.conftest import free_port
 
@@ -166,3 +170,46 @@ def test_a_pods_name_that_does_not_resolve_is_unavailable(
     assert check.decision.status == "unavailable"
     assert "'pods.invalid' does not resolve" in check.decision.observation.reason
     assert wt.send_heartbeat.fn(settings.model_name, True) is False
+
+
+def test_the_canarys_live_polls_and_shadow_look_read_every_pod(
+    pods: list[GatewayClient], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = settings.model_name
+    a, b = pods
+    three = a.get_deployment()
+    assert three is not None and three.champion is not None
+    four = spec_for(build_mlp_onnx(tmp_path / "four.onnx", seed=4), "4")
+    monkeypatch.setenv("BALLAST_CANARY_TRAFFIC", "live")
+    # A read returns at the first candidate answer or after 1 s.
+    monkeypatch.setenv("BALLAST_CANARY_MIN_SAMPLES", "1")
+    monkeypatch.setenv("BALLAST_CANARY_STEP_MAX_SECONDS", "1")
+    get_settings.cache_clear()
+    s = get_settings()
+    for gw in pods:
+        gw.set_deployment(
+            Deployment(model=model, champion=three.champion, shadow=four, shadow_fraction=1.0)
+        )
+    _traffic(a, model, 10)
+    _traffic(b, model, 6)
+    mirrored = 0
+    for _ in range(100):  # mirrored calls finish after their requests were answered
+        mirrored = tc._shadow_reader(s, a)().mirrored
+        if mirrored == 16:
+            break
+        time.sleep(0.05)
+    assert mirrored == 16  # through a's URL alone: 10
+    for gw in pods:
+        gw.set_deployment(
+            Deployment(model=model, champion=three.champion, canary=four, canary_weight=50)
+        )
+    load = tc._load(s, "4", np.zeros((1, 30), np.float32), np.zeros(1, np.int64))
+    load(50)  # first looks
+    _traffic(a, model, 10)
+    _traffic(b, model, 6)
+    got: list[Any] = []
+    for _ in range(20):
+        got += load(50)
+        if len(got) >= 16:
+            break
+    assert len(got) == 16, got
