@@ -190,6 +190,21 @@ class RegistryLock:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
 
+    def _sweep(self, ticket: int) -> None:
+        """Remove a long-dead ticket, best effort: it is skipped as dead whether or not it goes
+        (a sweep refused, say a registry user without delete rights, must not stop the lock)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._drop(ticket)
+        except MlflowException as exc:
+            log.warning(
+                "lock %r: sweeping dead ticket %s failed (%s); it stays skipped",
+                self.name,
+                ticket,
+                exc.error_code,
+            )
+
     # --- the lock ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -217,7 +232,7 @@ class RegistryLock:
                 ]
                 for t, stamp in tickets.items():
                     if now - stamp > _GARBAGE_LEASES * self.lease_ms:
-                        self._drop(t)
+                        self._sweep(t)
                 if not ahead:
                     break
                 if time.monotonic() >= deadline:

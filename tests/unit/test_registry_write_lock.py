@@ -489,6 +489,38 @@ def test_a_dead_ticket_swept_by_another_waiter_first_is_no_error(
     assert tickets(a, "m") == {}
 
 
+def test_a_sweep_the_registry_refuses_is_logged_and_the_lock_is_still_taken(
+    machines: list[Registry], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    a = machines[0]
+    lease_s = 1000.0
+    dead = RegistryLock(a._client, a.experiment_id, "m", lease_s=lease_s)
+    old, _ = dead._take_ticket("crashed")
+    age_ticket(a, "m", old, int(10 * lease_s * 1000) + 3000)
+    delete = a._client.delete_model_version
+
+    def denied(name: str, version: str) -> None:
+        if version == str(old):
+            raise MlflowException("no delete for you", error_code=codes.PERMISSION_DENIED)
+        delete(name, version)
+
+    monkeypatch.setattr(a._client, "delete_model_version", denied)
+    with (
+        caplog.at_level("WARNING", logger="model_registry.write_lock"),
+        a.exclusive("m", holder="a", timeout_s=5, busy=Busy(), lease_s=lease_s),
+    ):
+        # Before: the refused sweep failed this attempt (and every later one) to take the lock.
+        assert set(tickets(a, "m")) == {str(old), str(old + 1)}
+    assert set(tickets(a, "m")) == {str(old)}  # the dead one stays, skipped; ours released
+    assert any(
+        f"sweeping dead ticket {old} failed (PERMISSION_DENIED)" in r.getMessage()
+        for r in caplog.records
+    )
+
+
 def test_a_release_the_registry_refuses_is_logged_and_left_to_lapse(
     machines: list[Registry], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
