@@ -1,0 +1,89 @@
+"""benchmarks/gateway_callgrind.py: reading callgrind's output and reporting the change.
+
+The benchmark itself needs valgrind, which the test machines do not have; its parser and report
+are what could silently go wrong (a call's inclusive cost counted again as the caller's own
+would double the totals), so they are checked on a file in callgrind's format.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from gateway_callgrind import by_object, main, report, self_costs
+
+# Two objects; main (python) calls run (ort) twice, ort calls memcpy (libc); names compressed.
+DUMP = """\
+version: 1
+creator: callgrind-3.19.0
+events: Ir
+summary: 1800
+
+ob=(1) /usr/bin/python3.11
+fl=(1) python.c
+fn=(1) main
+10 100
+cob=(2) /opt/ort/onnxruntime_pybind11_state.so
+cfi=(2) run.cc
+cfn=(2) run
+calls=2 20
+11 1500
+12 50
+
+ob=(2)
+fl=(2)
+fn=(2)
+20 1000
+cob=(3) /lib/libc.so.6
+cfi=(3) memcpy.S
+cfn=(3) memcpy
+calls=4 30
+21 500
+
+ob=(3)
+fl=(3)
+fn=(3)
+30 400
++1 100
+"""
+
+
+def test_each_function_keeps_only_its_own_instructions() -> None:
+    own = self_costs(DUMP.splitlines(keepends=True))
+    assert own == Counter(
+        {
+            ("python3.11", "main"): 150,  # 100 + 50: the call's 1500 is run's
+            ("onnxruntime_pybind11_state.so", "run"): 1000,
+            ("libc.so.6", "memcpy"): 500,  # relative line numbers ("+1") count too
+        }
+    )
+    assert sum(own.values()) == 1650
+    assert by_object(own, 10) == {
+        "python3.11": 15.0,
+        "onnxruntime_pybind11_state.so": 100.0,
+        "libc.so.6": 50.0,
+    }
+
+
+def test_the_report_gives_each_configurations_change_by_object() -> None:
+    one = Counter({("python", "f"): 2000, ("ort", "g"): 1000})
+    split = Counter({("python", "f"): 2200, ("ort", "g"): 1030, ("random", "r"): 10})
+    lines = report([("one", 10, one), ("split", 10, split)], top=2)
+    assert lines[0].split()[:2] == ["one", "0.3"]  # 300 per request
+    assert "+24 (+8.00 %)" in lines[1]
+    assert lines[2].split() == ["+20", "python"]
+    assert lines[3].split() == ["+3", "ort"]
+    assert len(lines) == 4
+
+
+def test_it_refuses_bad_counts_and_needs_valgrind(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit):
+        main(["--requests", "0"])
+    monkeypatch.setattr("shutil.which", lambda tool: None)
+    with pytest.raises(SystemExit):
+        main(["a: one", "b: split"])
