@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gateway_inproc import parse_config
+from gateway_inproc import parse_config, predict_request
 
 _NAMED = re.compile(r"^(c?ob|c?fn|c?fl|c?fi|c?fe)=\((\d+)\)(?: (.*))?$")
 
@@ -119,25 +119,8 @@ def report(results: list[tuple[str, int, Counter[tuple[str, str]]]], top: int = 
 
 
 async def _drive(app: Any, body: bytes, clients: int, each: int) -> int:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/models/m/predict",
-        "raw_path": b"/v1/models/m/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"bench"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 8000),
-    }
-    message = {"type": "http.request", "body": body, "more_body": False}
+    """``each`` requests from each of ``clients`` callers (a closed loop), as gateway_inproc's."""
+    scope, message = predict_request(body)
     failed: list[int] = []
 
     async def receive() -> dict[str, Any]:

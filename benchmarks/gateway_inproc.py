@@ -94,13 +94,9 @@ def parse_config(text: str) -> Config:
     return cfg
 
 
-async def _drive(app: Any, body: bytes, clients: int, seconds: float) -> int:
-    """Requests answered by ``app`` in ``seconds`` with ``clients`` callers in a closed loop."""
-    headers = [
-        (b"host", b"bench"),
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
+def predict_request(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ASGI scope and the one body message of ``POST /v1/models/m/predict`` with ``body``
+    (JSON), as uvicorn hands them to the app."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -111,11 +107,20 @@ async def _drive(app: Any, body: bytes, clients: int, seconds: float) -> int:
         "raw_path": b"/v1/models/m/predict",
         "query_string": b"",
         "root_path": "",
-        "headers": headers,
+        "headers": [
+            (b"host", b"bench"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 8000),
     }
-    message = {"type": "http.request", "body": body, "more_body": False}
+    return scope, {"type": "http.request", "body": body, "more_body": False}
+
+
+async def _drive(app: Any, body: bytes, clients: int, seconds: float) -> int:
+    """Requests answered by ``app`` in ``seconds`` with ``clients`` callers in a closed loop."""
+    scope, message = predict_request(body)
     done = 0
     deadline = time.perf_counter() + seconds
     failed: list[int] = []

@@ -316,6 +316,14 @@ def test_a_lock_whose_model_was_deleted_fails_once_then_is_made_again(
 # --- from a mutation-testing pass of write_lock.py ----------------------------------------
 
 
+def swept_ticket(reg: Registry, lease_s: float) -> int:
+    """A ticket of lock "m" whose holder died over ten leases ago: the next waiter sweeps it."""
+    dead = RegistryLock(reg._client, reg.experiment_id, "m", lease_s=lease_s)
+    ticket, _ = dead._take_ticket("crashed")
+    age_ticket(reg, "m", ticket, int(10 * lease_s * 1000) + 3000)
+    return ticket
+
+
 def age_ticket(reg: Registry, lock: str, ticket: int | str, age_ms: int) -> None:
     """Back-date ``ticket``'s last stamp to ``age_ms`` before now (the store's clock is this
     machine's: a sqlite store stamps with ``time.time()``)."""
@@ -472,9 +480,7 @@ def test_a_dead_ticket_swept_by_another_waiter_first_is_no_error(
 ) -> None:
     a = machines[0]
     lease_s = 1000.0
-    dead = RegistryLock(a._client, a.experiment_id, "m", lease_s=lease_s)
-    old, _ = dead._take_ticket("crashed")
-    age_ticket(a, "m", old, int(10 * lease_s * 1000) + 3000)
+    old = swept_ticket(a, lease_s)
     other = MlflowClient(a.tracking_uri, a.tracking_uri)
     delete = a._client.delete_model_version
 
@@ -497,9 +503,7 @@ def test_a_sweep_the_registry_refuses_is_logged_and_the_lock_is_still_taken(
 
     a = machines[0]
     lease_s = 1000.0
-    dead = RegistryLock(a._client, a.experiment_id, "m", lease_s=lease_s)
-    old, _ = dead._take_ticket("crashed")
-    age_ticket(a, "m", old, int(10 * lease_s * 1000) + 3000)
+    old = swept_ticket(a, lease_s)
     delete = a._client.delete_model_version
 
     def denied(name: str, version: str) -> None:
