@@ -642,21 +642,30 @@ def read_shadow(
 
 
 def read_pods_shadow(
-    urls: Sequence[str], fetch: Callable[[str], Mapping[str, object]]
+    urls: Sequence[str], fetch: Callable[[str], Mapping[str, object]], *, shadow: str | None = None
 ) -> ShadowStats:
     """``GET /admin/shadow`` of every pod in ``urls`` once (``fetch(url)``), added up, each
     replica once (:meth:`ShadowStats.merged`): a pod's report covers its replicas, where
-    :func:`read_shadow` reaches pods at random through a Service. A pod that does not answer
-    is left out; none answering raises the last pod's error."""
+    :func:`read_shadow` reaches pods at random through a Service. With ``shadow``, a pod
+    mirroring to another version (or none) adds nothing. A pod that does not answer is left out
+    (logged); none answering raises the last pod's error."""
+    if not urls:
+        raise GatewayError("no gateway pod to read")
     reports: list[Mapping[str, object]] = []
     failed: GatewayError | None = None
+    answered = 0
     for url in urls:
         try:
-            reports.append(fetch(url))
+            report = fetch(url)
         except GatewayError as exc:
             failed = exc
-    if not reports:
-        raise failed or GatewayError("no gateway pod to read")
+            logger.warning("stage=canary pod's shadow counts not read: %s", exc)
+            continue
+        answered += 1
+        if shadow is None or report.get("shadow") == shadow:
+            reports.append(report)
+    if failed is not None and not answered:
+        raise failed
     return ShadowStats.merged(reports)
 
 
@@ -750,6 +759,7 @@ def live_traffic(
     max_seconds: float,
     poll_s: float = 0.25,
     pods: Callable[[], list[str]] | None = None,
+    model: str | None = None,
 ) -> LoadFn:
     """A :data:`LoadFn` that sends nothing: it reads what real clients got from every replica
     (``GET /admin/observations``) since the last look.
@@ -759,7 +769,9 @@ def live_traffic(
     URL of every pod of a gateway whose pods share no port (Kubernetes: a headless Service's
     addresses, :func:`~ballast.gateway_client.pod_urls`), asked again every step: each poll
     then reads every pod, where ``base_url`` (a Service) reaches one pod a poll at random; a
-    pod that does not answer is read at the next poll. A replica seen for
+    pod that does not answer is read at the next poll (logged once a step). With ``model``, a
+    replica serving another model adds nothing (pods found by a name that also covers another
+    model's gateway). A replica seen for
     the first time (or restarted) is read from that moment on. Only answers routed at the
     step's own weight count (each observation carries the weight it was served under). A call
     returns once the candidate answered ``min_samples`` times or ``max_seconds`` pass (1 s at
@@ -776,6 +788,9 @@ def live_traffic(
     def read(url: str, weight: int) -> list[Observation]:
         with GatewayClient(url, token) as gw:
             page = gw.observations(cursors)
+        served = page.get("model")
+        if model is not None and isinstance(served, str) and served != model:
+            return []
         replica, started = str(page["replica"]), float(page["started"])
         known = started_of.get(replica) == started
         started_of[replica] = started
@@ -798,6 +813,7 @@ def live_traffic(
         ]
 
     urls = [base_url]
+    reported: set[str] = set()  # pods whose failed read was logged this step
 
     def poll(weight: int) -> list[Observation]:
         out: list[Observation] = []
@@ -808,6 +824,9 @@ def live_traffic(
                 out.extend(read(url, weight))
             except GatewayError as exc:
                 failed = exc
+                if len(urls) > 1 and url not in reported:
+                    reported.add(url)
+                    logger.warning("stage=canary pod not read (its answers wait): %s", exc)
             else:
                 answered += 1
         if failed is not None and not answered:
@@ -828,6 +847,7 @@ def live_traffic(
             # lookup keeps the last known pods; the polls then say whether they answer.
             with suppress(GatewayError):
                 urls[:] = pods() or urls
+            reported.clear()
         out: list[Observation] = []
         while True:
             out.extend(poll(weight))

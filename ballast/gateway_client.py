@@ -310,8 +310,10 @@ def pod_urls(host: str, port: int, *, resolve: Resolver | None = None) -> list[s
     per connection. ``resolve``: ``socket.getaddrinfo`` unless given. Raises
     :class:`~ballast.errors.GatewayError` when ``host`` does not resolve.
     """
+    # "[::1]" (a URL's form of an IPv6 address, which the host settings take) resolves bare.
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        rows = (resolve or socket.getaddrinfo)(host, port, 0, socket.SOCK_STREAM)
+        rows = (resolve or socket.getaddrinfo)(name, port, 0, socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
         raise GatewayError(f"gateway pods host {host!r} does not resolve: {exc}") from None
     urls: list[str] = []

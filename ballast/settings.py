@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     gateway_autostart: bool = True
     gateway_threads: int = Field(default=1, ge=1, le=64)
     # A name resolving to every gateway pod (a Kubernetes headless Service): the champion
-    # watchdog reads and heartbeats each one, at gateway_pods_port (the pods' own port: a
-    # headless Service forwards nothing; default gateway_port). Unset: the gateway at gateway_url.
+    # watchdog and a live-traffic canary read each pod (and the watchdog heartbeats each), at
+    # gateway_pods_port (the pods' own port: a headless Service forwards nothing; default
+    # gateway_port). Unset: the gateway at gateway_url.
     gateway_pods_host: str | None = None
     gateway_pods_port: int | None = Field(default=None, ge=1, le=65535)
 
@@ -257,6 +258,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"BALLAST_APPROVAL_POLICY (with BALLAST_ENVIRONMENT): {exc.message}"
             ) from exc
+        return self
+
+    @model_validator(mode="after")
+    def _pods_port_needs_pods(self) -> Settings:
+        # Left alone it would do nothing: the watchdog and the canary read the one gateway URL.
+        if self.gateway_pods_port is not None and self.gateway_pods_host is None:
+            raise ValueError(
+                "BALLAST_GATEWAY_PODS_PORT is set without BALLAST_GATEWAY_PODS_HOST, the name "
+                "of the gateway's pods it is the port of"
+            )
         return self
 
     @model_validator(mode="after")

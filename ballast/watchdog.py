@@ -164,6 +164,7 @@ def observe(
     version: str,
     last_snapshot: Mapping[str, Any] | None,
     replica: str | None = None,
+    keep: int = SNAPSHOT_REPLICAS,
 ) -> Observation:
     """The window since ``last_snapshot`` for the champion ``version`` from ``/admin/stats``.
 
@@ -225,7 +226,7 @@ def observe(
         if k != key and isinstance(e, Mapping) and e.get("version") == version
     }
     kept[key] = old if stale and isinstance(old, Mapping) else current
-    snapshot: dict[str, Any] = {"replicas": dict(list(kept.items())[-SNAPSHOT_REPLICAS:])}
+    snapshot: dict[str, Any] = {"replicas": dict(list(kept.items())[-keep:])}
     canary_active = _trial_in_force(stats)
     if not isinstance(old, Mapping) or old.get("version") != version:
         return Observation(
@@ -296,8 +297,14 @@ def observe_replicas(
             parts.append((peer["replica"], {**stats, "versions": peer.get("versions")}))
     snapshot: dict[str, Any] | None = None if last_snapshot is None else dict(last_snapshot)
     seen: list[Observation] = []
+    # Room for every replica of this answer: trimmed to SNAPSHOT_REPLICAS while a run reads
+    # more, each observe evicted a replica not yet read, which then read as new and evicted the
+    # next: every run a first look, for ever.
+    keep = max(SNAPSHOT_REPLICAS, len(parts))
     for i, (rid, part) in enumerate(parts):
-        obs = observe(part, model=model, version=version, last_snapshot=snapshot, replica=rid)
+        obs = observe(
+            part, model=model, version=version, last_snapshot=snapshot, replica=rid, keep=keep
+        )
         if not obs.available:
             if i == 0:
                 return obs  # the answering replica does not serve the champion: as before
@@ -338,7 +345,9 @@ def observe_replicas(
     )
 
 
-def merge_pod_stats(answers: Sequence[Mapping[str, Any]], *, model: str) -> dict[str, Any]:
+def merge_pod_stats(
+    answers: Sequence[Mapping[str, Any]], *, model: str, version: str | None = None
+) -> dict[str, Any]:
     """One ``/admin/stats`` answer standing for several pods' (:func:`observe_replicas` reads it).
 
     Replicas share a board only within a pod (a folder of their own), so a Kubernetes gateway's
@@ -346,13 +355,21 @@ def merge_pod_stats(answers: Sequence[Mapping[str, Any]], *, model: str) -> dict
     pod failing every request was judged in about one run in N. Here every pod's own counters
     and its board's entries go into one answer's ``replicas``, each replica once (its own
     answer before a peer's board entry of it: the board is up to a heartbeat old; two addresses
-    reaching one pod give the same replicas). The first answer serving ``model`` is the base
-    (the others' model-level fields are left out); an answer serving another model adds
-    nothing. A trial in force on any pod counts as in force (a pod can be a poll behind).
+    reaching one pod give the same replicas). The base (whose model-level fields stand) is the
+    first answer serving ``version`` of ``model``, else the first serving ``model``: a pod still
+    on another version first in the list made the whole run "unavailable", and the pods that
+    serve the champion went unjudged. An answer serving another model adds nothing. A trial in
+    force on any pod counts as in force (a pod can be a poll behind).
     """
     serving = [a for a in answers if a.get("model") == model]
     if not serving:
         return dict(answers[0]) if answers else {}
+
+    def serves(answer: Mapping[str, Any]) -> bool:
+        versions = answer.get("versions")
+        return isinstance(versions, Mapping) and version in versions
+
+    serving.sort(key=lambda a: not serves(a))  # stable: the resolver's order otherwise
     merged = dict(serving[0])
     own: dict[str, Mapping[str, Any]] = {}
     for answer in serving:

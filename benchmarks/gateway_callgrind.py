@@ -44,43 +44,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_inproc import parse_config, predict_request
 
-_NAMED = re.compile(r"^(c?ob|c?fn|c?fl|c?fi|c?fe)=\((\d+)\)(?: (.*))?$")
+_NAMED = re.compile(r"^(c?ob|c?fn|c?fl|c?fi|c?fe)=(?:\((\d+)\))? ?(.*)$")
 
 
-def self_costs(lines: Iterable[str]) -> Counter[tuple[str, str]]:
-    """Each function's own instructions, by (shared object's file name, function), from a
-    callgrind output file (name compression on, as callgrind writes by default).
+def self_costs(lines: Iterable[str], event: str = "Ir") -> Counter[tuple[str, str]]:
+    """Each function's own count of ``event``, by (shared object's file name, function), from
+    a callgrind output file.
 
-    A cost line after ``calls=`` is the call's inclusive cost and belongs to the callee: left
-    out, so the counts add up to the program's total once.
+    Follows the format's header (``positions:``: how many position columns lead a cost line;
+    ``events:``: which column is ``event``) and both name forms (``fn=(3) name`` defining an
+    id, ``fn=(3)`` using it, ``fn=name`` uncompressed). The cost line after ``calls=`` is the
+    call's inclusive cost and belongs to the callee, and the one after ``jump=``/``jcnd=`` is a
+    jump's source position: both left out, so the counts add up to the program's total once.
     """
     names: dict[str, dict[str, str]] = {"ob": {}, "fn": {}, "fl": {}}
     current = {"ob": "?", "fn": "?"}
     own: Counter[tuple[str, str]] = Counter()
-    call_cost_next = False
+    positions, column = 1, 0
+    skip_next = False
     for raw in lines:
         line = raw.rstrip("\n")
+        if line.startswith("positions:"):
+            positions = len(line.split()) - 1
+            continue
+        if line.startswith("events:"):
+            events = line.split()[1:]
+            column = events.index(event) if event in events else -1
+            continue
         named = _NAMED.match(line)
         if named:
             kind, ref, name = named.groups()
             table = kind.removeprefix("c")
             table = "fl" if table in ("fi", "fe") else table
-            if name is not None:
-                names[table][ref] = name
+            if ref is None:
+                value = name
+            else:
+                if name:
+                    names[table][ref] = name
+                value = names[table].get(ref, "?")
             if kind in ("ob", "fn"):
-                current[kind] = names[table].get(ref, "?")
+                current[kind] = value
             continue
-        if line.startswith("calls="):
-            call_cost_next = True
+        if line.startswith(("calls=", "jump=", "jcnd=")):
+            skip_next = True
             continue
         if not line or not (line[0].isdigit() or line[0] in "+-*"):
             continue
-        fields = line.split()
-        if call_cost_next:
-            call_cost_next = False
+        if skip_next:
+            skip_next = False
             continue
-        if len(fields) >= 2:
-            own[(Path(current["ob"]).name, current["fn"])] += int(fields[1])
+        fields = line.split()
+        at = positions + column
+        if column >= 0 and len(fields) > at:  # trailing events left out are zero
+            own[(Path(current["ob"]).name, current["fn"])] += int(fields[at])
     return own
 
 
@@ -105,7 +121,8 @@ def report(results: list[tuple[str, int, Counter[tuple[str, str]]]], top: int = 
         total = sum(objs.values())
         line = f"{label:{width}s} {total / 1e3:8.1f} k instructions/request ({n} requests)"
         if label != label0:
-            line += f"  {total - base_total:+8.0f} ({(total / base_total - 1) * 100:+.2f} %)"
+            share = f"{(total / base_total - 1) * 100:+.2f} %" if base_total else "n/a"
+            line += f"  {total - base_total:+8.0f} ({share})"
         lines.append(line)
         if label == label0:
             continue
@@ -179,7 +196,7 @@ async def _child(config: str, clients: int, each: int, work: Path) -> None:
     batches = {
         v: [a - b for a, b in zip(after[v], before.get(v, [0, 0]), strict=True)] for v in after
     }
-    print(json.dumps({"requests": n, "batches": batches}), flush=True)
+    print(json.dumps({"requests": n, "batches": batches, "pid": os.getpid()}), flush=True)
 
 
 def _batches(app: Any) -> dict[str, list[int]]:
@@ -192,13 +209,16 @@ def _batches(app: Any) -> dict[str, list[int]]:
 
 
 def _run(config: str, args: argparse.Namespace, work: Path) -> tuple[int, Path, dict[str, Any]]:
-    out = work / f"callgrind-{abs(hash(config))}.out"
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics")}
+    out = Path(tempfile.mkdtemp(dir=work))
+    metrics = out / "metrics"
+    metrics.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
     proc = subprocess.run(
         [
             "valgrind",
             "--tool=callgrind",
-            f"--callgrind-out-file={out}",
+            # By process: the app's subprocesses (callgrind_control) fork from it under valgrind.
+            f"--callgrind-out-file={out}/callgrind.%p.out",
             sys.executable,
             __file__,
             "--child",
@@ -217,7 +237,8 @@ def _run(config: str, args: argparse.Namespace, work: Path) -> tuple[int, Path, 
     if proc.returncode != 0 or not last[0].startswith("{"):
         raise SystemExit(f"{config!r} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     info = json.loads(last[0])
-    return int(info["requests"]), Path(f"{out}.1"), info
+    # The measured requests' dump (callgrind_control -d): the app's process, its first dump.
+    return int(info["requests"]), out / f"callgrind.{info['pid']}.out.1", info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="ballast-callgrind-") as tmp:
         work = Path(tmp)
-        (work / "metrics").mkdir()
         for text, cfg in zip(args.configs, configs, strict=True):
             n, dump, info = _run(text, args, work)
             with dump.open() as f:

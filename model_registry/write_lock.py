@@ -105,6 +105,9 @@ class RegistryLock:
         self.beat_s = lease_s / 6
         self.poll_s = poll_s
         self._run_id: str | None = None
+        # Dead tickets this process was refused deleting: skipped as dead anyway, and not
+        # tried (nor logged) again at every poll of every later wait.
+        self._unsweepable: set[int] = set()
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -195,11 +198,14 @@ class RegistryLock:
         (a sweep refused, say a registry user without delete rights, must not stop the lock)."""
         from mlflow.exceptions import MlflowException
 
+        if ticket in self._unsweepable:
+            return
         try:
             self._drop(ticket)
         except MlflowException as exc:
+            self._unsweepable.add(ticket)
             log.warning(
-                "lock %r: sweeping dead ticket %s failed (%s); it stays skipped",
+                "lock %r: sweeping dead ticket %s failed (%s); it stays skipped, not tried again",
                 self.name,
                 ticket,
                 exc.error_code,

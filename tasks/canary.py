@@ -38,7 +38,7 @@ from ballast.canary import (
     run_canary,
     wait_for_turn,
 )
-from ballast.errors import BallastError
+from ballast.errors import BallastError, GatewayError
 from ballast.gateway_client import GatewayClient, gateway_urls
 from ballast.gateway_process import ensure_gateway
 from ballast.judge import Judge, SequentialJudge, ThresholdJudge
@@ -100,9 +100,10 @@ def _judge(s: Settings) -> Judge:
     return ThresholdJudge.from_settings(s)
 
 
-def _shadow_reader(s: Settings, client: GatewayClient) -> Callable[[], ShadowStats]:
-    """The shadow phase's look: every pod once where ``gateway_pods_host`` names them, else
-    polls through the one gateway URL until no new replica turns up."""
+def _shadow_reader(s: Settings, client: GatewayClient, shadow: str) -> Callable[[], ShadowStats]:
+    """The shadow phase's look at version ``shadow``: every pod once where
+    ``gateway_pods_host`` names them, else polls through the one gateway URL until no new
+    replica turns up."""
     if s.gateway_pods_host is None:
         return lambda: read_shadow(client.shadow)
     token = s.admin_token()
@@ -111,7 +112,15 @@ def _shadow_reader(s: Settings, client: GatewayClient) -> Callable[[], ShadowSta
         with GatewayClient(url, token) as gw:
             return gw.shadow()
 
-    return lambda: read_pods_shadow(gateway_urls(s), fetch)
+    def read() -> ShadowStats:
+        try:
+            urls = gateway_urls(s)
+        except GatewayError as exc:  # the pods' name did not resolve just now
+            logger().warning("stage=canary shadow read through the gateway's Service: %s", exc)
+            return read_shadow(client.shadow)
+        return read_pods_shadow(urls, fetch, shadow=shadow)
+
+    return read
 
 
 def _load(s: Settings, candidate: str, rows: np.ndarray, labels: np.ndarray) -> LoadFn:
@@ -126,6 +135,7 @@ def _load(s: Settings, candidate: str, rows: np.ndarray, labels: np.ndarray) -> 
             max_seconds=s.canary_step_max_seconds,
             # Every pod each poll (a headless Service), not one at random through the Service.
             pods=None if s.gateway_pods_host is None else partial(gateway_urls, s),
+            model=s.model_name,
         )
     return http_load(
         s.gateway_url,
@@ -241,7 +251,7 @@ def _canary_once(
             lease_s=s.canary_lease_s or None,
             unattributed=UnattributedPolicy(max_share=s.canary_max_unattributed_share),
             shadow=_shadow_policy(s),
-            shadow_reader=_shadow_reader(s, client),
+            shadow_reader=_shadow_reader(s, client, cand_spec.version),
             promote=partial(promotion, reg, s.model_name, candidate.version),
             on_step=lambda r: log.info(
                 "stage=canary version=%s weight=%d decision=%s canary_n=%d t=%.1fs",

@@ -188,7 +188,9 @@ def _observe_gateway(
     if not answers:
         where = s.gateway_url if s.gateway_pods_host is None else f"{len(urls)} pod(s)"
         return unavailable(model, version, f"gateway at {where}: {failed[0]}")
-    stats = answers[0] if len(answers) == 1 else merge_pod_stats(answers, model=model)
+    stats = (
+        answers[0] if len(answers) == 1 else merge_pod_stats(answers, model=model, version=version)
+    )
     return observe_replicas(
         stats, model=model, version=version, last_snapshot=state.snapshot, min_count=min_count
     )

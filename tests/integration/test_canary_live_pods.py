@@ -4,7 +4,7 @@ as two Kubernetes pods behind a headless Service.
 
 Before ``pods``, each poll reached one pod through the Service, at random: the judge saw the
 pods in turns and a poll's answers from one of them only. The pods' URLs are given directly
-here (what resolving the headless Service gives, see ``tests/tasks/test_watchdog_pods_tasks.py``).
+here (what resolving the headless Service gives, see ``tests/tasks/test_gateway_pods_tasks.py``).
 """
 
 from __future__ import annotations
@@ -74,12 +74,16 @@ def _send(gw: GatewayClient, n: int) -> None:
         gw.predict(MODEL, [[0.1] * 30])
 
 
-def test_every_pod_is_read_at_every_poll(pods: list[GatewayClient]) -> None:
+def test_every_pod_is_read_at_every_poll(
+    pods: list[GatewayClient],
+    versions: tuple[VersionSpec, VersionSpec],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     a, b = pods
     urls = [a.base_url, b.base_url]
     load = live_traffic(
         "http://service.invalid", TOKEN, candidate_version="2", min_samples=10**6,
-        max_seconds=0.0, pods=lambda: list(urls),
+        max_seconds=0.0, pods=lambda: list(urls), model=MODEL,
     )  # fmt: skip
     assert load(50) == []  # first looks: where each pod's replica is
     _send(a, 30)
@@ -89,13 +93,32 @@ def test_every_pod_is_read_at_every_poll(pods: list[GatewayClient]) -> None:
     # Each answer once: the next poll reads on from each pod's own cursor.
     _send(b, 7)
     assert len(load(50)) == 7
-    # A pod gone (its address now answers nothing) is skipped; the other is still read.
-    urls[1] = f"http://127.0.0.1:{free_port()}"
+    # A pod gone (its address now answers nothing) is skipped, and said once a step; the
+    # other is still read.
+    dead = f"127.0.0.1:{free_port()}"
+    urls[1] = f"http://{dead}"
     _send(a, 5)
-    assert len(load(50)) == 5
+    with caplog.at_level("WARNING", logger="ballast.canary"):
+        assert len(load(50)) == 5
+        slow = live_traffic(
+            "http://service.invalid", TOKEN, candidate_version="2", min_samples=10**6,
+            max_seconds=0.3, poll_s=0.02, pods=lambda: list(urls), model=MODEL,
+        )  # fmt: skip
+        slow(50)  # one step, many polls
+    said = [r.getMessage() for r in caplog.records if dead in r.getMessage()]
+    assert len(said) == 2 and "pod not read" in said[0], said
     # Answers served at another weight do not count for this step.
     _send(a, 4)
     assert load(10) == []
+    # A pod serving another model (a name that also covers another model's gateway) adds
+    # nothing, though its versions have the same names.
+    urls[1] = b.base_url
+    champion, canary = versions
+    b.set_deployment(Deployment(model="other", champion=champion, canary=canary, canary_weight=50))
+    for _ in range(6):
+        b.predict("other", [[0.1] * 30])
+    _send(a, 3)
+    assert len(load(50)) == 3
 
 
 def test_a_poll_fails_only_when_no_pod_answers(pods: list[GatewayClient]) -> None:
@@ -149,3 +172,7 @@ def test_the_shadow_phase_reads_every_pod_once(
     assert read_pods_shadow([a.base_url, dead], fetch).mirrored == 10
     with pytest.raises(GatewayError, match="unreachable"):
         read_pods_shadow([dead], fetch)
+    # A pod mirroring to no shadow (or another one) adds nothing to this shadow's counts.
+    b.set_deployment(Deployment(model=MODEL, champion=champion))
+    assert read_pods_shadow(urls, fetch, shadow="2").mirrored == 10
+    assert read_pods_shadow([b.base_url, dead], fetch, shadow="2") == ShadowStats(0, 0, 0, 0)

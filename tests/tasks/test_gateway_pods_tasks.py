@@ -194,11 +194,22 @@ def test_the_canarys_live_polls_and_shadow_look_read_every_pod(
     _traffic(b, model, 6)
     mirrored = 0
     for _ in range(100):  # mirrored calls finish after their requests were answered
-        mirrored = tc._shadow_reader(s, a)().mirrored
+        mirrored = tc._shadow_reader(s, a, "4")().mirrored
         if mirrored == 16:
             break
         time.sleep(0.05)
     assert mirrored == 16  # through a's URL alone: 10
+    # The pods' name not resolving just then: read through the gateway's URL (pod a) instead.
+    real = socket.getaddrinfo
+
+    def no_pods(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == PODS_HOST:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket, "getaddrinfo", no_pods)
+        assert tc._shadow_reader(s, a, "4")().mirrored == 10
     for gw in pods:
         gw.set_deployment(
             Deployment(model=model, champion=three.champion, canary=four, canary_weight=50)

@@ -22,7 +22,7 @@ DUMP = """\
 version: 1
 creator: callgrind-3.19.0
 events: Ir
-summary: 1800
+summary: 1650
 
 ob=(1) /usr/bin/python3.11
 fl=(1) python.c
@@ -68,6 +68,45 @@ def test_each_function_keeps_only_its_own_instructions() -> None:
         "onnxruntime_pybind11_state.so": 100.0,
         "libc.so.6": 50.0,
     }
+
+
+# The same program written with instruction positions, two events, jumps and names
+# uncompressed (callgrind --dump-instr=yes --collect-jumps=yes --compress-strings=no ...).
+DUMP_WIDE = """\
+version: 1
+positions: instr line
+events: Dr Ir
+summary: 300 1650
+
+ob=/usr/bin/python3.11
+fn=main
+0x10 10 7 100
+jump=3 0x20 12
+0x14 11
+calls=2 0x30 20
+0x18 11 40 1500
++4 12 1 50
+ob=/opt/ort/onnxruntime_pybind11_state.so
+fn=run
+0x30 20 200 1000
+jcnd=1/2 0x34 21
+* *
+cob=/lib/libc.so.6
+cfn=memcpy
+calls=4 0x40 30
+0x32 21 9 500
+ob=/lib/libc.so.6
+fn=memcpy
+0x40 30 50 400
++1 +1 3 100
+"""
+
+
+def test_positions_events_jumps_and_plain_names_are_read_as_callgrind_writes_them() -> None:
+    own = self_costs(DUMP_WIDE.splitlines(keepends=True))
+    assert own == self_costs(DUMP.splitlines(keepends=True))
+    assert sum(self_costs(DUMP_WIDE.splitlines(), event="Dr").values()) == 7 + 1 + 200 + 53
+    assert self_costs(DUMP_WIDE.splitlines(), event="Bc") == Counter()
 
 
 def test_the_report_gives_each_configurations_change_by_object() -> None:

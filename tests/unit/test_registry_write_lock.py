@@ -505,24 +505,26 @@ def test_a_sweep_the_registry_refuses_is_logged_and_the_lock_is_still_taken(
     lease_s = 1000.0
     old = swept_ticket(a, lease_s)
     delete = a._client.delete_model_version
+    refusals = []
 
     def denied(name: str, version: str) -> None:
         if version == str(old):
+            refusals.append(version)
             raise MlflowException("no delete for you", error_code=codes.PERMISSION_DENIED)
         delete(name, version)
 
     monkeypatch.setattr(a._client, "delete_model_version", denied)
-    with (
-        caplog.at_level("WARNING", logger="model_registry.write_lock"),
-        a.exclusive("m", holder="a", timeout_s=5, busy=Busy(), lease_s=lease_s),
-    ):
-        # Before: the refused sweep failed this attempt (and every later one) to take the lock.
-        assert set(tickets(a, "m")) == {str(old), str(old + 1)}
+    with caplog.at_level("WARNING", logger="model_registry.write_lock"):
+        with a.exclusive("m", holder="a", timeout_s=5, busy=Busy(), lease_s=lease_s):
+            # Before: the refused sweep failed this attempt (and every later one) to take the
+            # lock.
+            assert set(tickets(a, "m")) == {str(old), str(old + 1)}
+        with a.exclusive("m", holder="a", timeout_s=5, busy=Busy(), lease_s=lease_s):
+            pass
     assert set(tickets(a, "m")) == {str(old)}  # the dead one stays, skipped; ours released
-    assert any(
-        f"sweeping dead ticket {old} failed (PERMISSION_DENIED)" in r.getMessage()
-        for r in caplog.records
-    )
+    said = [r.getMessage() for r in caplog.records if "sweeping dead ticket" in r.getMessage()]
+    assert len(refusals) == len(said) == 1, (refusals, said)  # tried and said once, not per poll
+    assert f"ticket {old} failed (PERMISSION_DENIED)" in said[0]
 
 
 def test_a_release_the_registry_refuses_is_logged_and_left_to_lapse(

@@ -150,6 +150,7 @@ def test_a_kubernetes_service_link_in_the_gateway_port_is_named_as_such(
         ({"BALLAST_TRAIN_NNODES": "3"}, "BALLAST_TRAIN_NNODES"),
         ({"BALLAST_TRAIN_RDZV_ID": "bad id!"}, "BALLAST_TRAIN_RDZV_ID"),
         ({"BALLAST_QUALITY_FLOOR": "1.5"}, "BALLAST_QUALITY_FLOOR"),
+        ({"BALLAST_GATEWAY_PODS_PORT": "8765"}, "BALLAST_GATEWAY_PODS_PORT is set without"),
     ],
 )
 def test_settings_checked_across_fields_are_refused_at_load_naming_their_variables(

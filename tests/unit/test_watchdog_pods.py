@@ -29,10 +29,16 @@ def window(answers: list[dict[str, Any]], before: list[dict[str, Any]]) -> tuple
     """(requests, errors, replicas) of the window between two runs that read ``before`` and
     then ``answers``."""
     first = observe_replicas(
-        merge_pod_stats(before, model="m"), model="m", version="3", last_snapshot=None
+        merge_pod_stats(before, model="m", version="3"),
+        model="m",
+        version="3",
+        last_snapshot=None,
     )
     obs = observe_replicas(
-        merge_pod_stats(answers, model="m"), model="m", version="3", last_snapshot=first.snapshot
+        merge_pod_stats(answers, model="m", version="3"),
+        model="m",
+        version="3",
+        last_snapshot=first.snapshot,
     )
     assert obs.available and not obs.first, obs
     return obs.requests, obs.errors, str(obs.replica)
@@ -88,6 +94,32 @@ def test_a_trial_in_force_on_any_pod_counts(
     assert obs.canary_active is active
 
 
+def test_a_pod_still_on_another_version_first_in_the_list_does_not_hide_the_others() -> None:
+    # Pod a still serves version 2 (its load of champion 3 keeps failing); pod b serves 3 and
+    # fails half its requests. Before: with a first in the resolver's order every run was
+    # "unavailable" (a pod that does not serve the champion), never judged.
+    late = pod({"a1": (500, 0)}, version="2")
+    before = [late, pod({"b1": (100, 0)})]
+    after = [late, pod({"b1": (200, 50)})]
+    assert window(after, before) == (100, 50, "b1")
+    merged = merge_pod_stats(after, model="m", version="3")
+    assert merged["replica"] == "b1" and [r["replica"] for r in merged["replicas"]] == ["a1"]
+    # Without the version to look for, the resolver's order stands (what the fix changed).
+    assert merge_pod_stats(after, model="m")["replica"] == "a1"
+
+
+def test_a_run_over_more_replicas_than_the_snapshot_keeps_still_gives_a_window() -> None:
+    from ballast.watchdog import SNAPSHOT_REPLICAS
+
+    n = SNAPSHOT_REPLICAS + 6  # e.g. 10 pods of 7 workers
+
+    def pods(count: int, errors_of_last: int) -> list[dict[str, Any]]:
+        return [pod({f"p{i}": (count, errors_of_last if i == n - 1 else 0)}) for i in range(n)]
+
+    # Before: each replica's look evicted one not yet read, so every run was a first look.
+    assert window(pods(200, 40), pods(100, 0)) == (100 * n, 40, f"{n} replicas")
+
+
 def _rows(*addresses: tuple[int, str, int]) -> Any:
     def resolve(host: str, port: int, family: int, kind: int) -> list[tuple[Any, ...]]:
         assert (host, port, kind) == ("ballast-gateway-pods", 80, socket.SOCK_STREAM)
@@ -125,3 +157,5 @@ def test_pod_urls_refuse_a_name_that_does_not_resolve_or_has_no_address() -> Non
 
 def test_pod_urls_with_the_systems_resolver() -> None:
     assert pod_urls("127.0.0.1", 8123) == ["http://127.0.0.1:8123"]
+    # An IPv6 address as the host settings take it (bracketed) resolves as itself.
+    assert pod_urls("[::1]", 8123) == ["http://[::1]:8123"]
