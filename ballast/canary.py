@@ -748,6 +748,8 @@ def http_load(
 
 # Consecutive failed reads of /admin/observations a live-traffic canary rides out.
 _MAX_POLL_FAILURES = 5
+# At most this many polls between tries of a pod that failed (live_traffic with pods).
+_MAX_POD_BACKOFF = 16
 
 
 def live_traffic(
@@ -769,7 +771,8 @@ def live_traffic(
     URL of every pod of a gateway whose pods share no port (Kubernetes: a headless Service's
     addresses, :func:`~ballast.gateway_client.pod_urls`), asked again every step: each poll
     then reads every pod, where ``base_url`` (a Service) reaches one pod a poll at random; a
-    pod that does not answer is read at the next poll (logged once a step). With ``model``, a
+    pod that does not answer is tried again after 2, 4, ... (at most 16) polls and logged once
+    a step. With ``model``, a
     replica serving another model adds nothing (pods found by a name that also covers another
     model's gateway). A replica seen for
     the first time (or restarted) is read from that moment on. Only answers routed at the
@@ -814,21 +817,34 @@ def live_traffic(
 
     urls = [base_url]
     reported: set[str] = set()  # pods whose failed read was logged this step
+    # Pods that failed: url -> (failures in a row, poll number before which it is not tried).
+    # A deleted pod's address can hold each read for the client's whole timeout until the next
+    # step looks the pods up again; retried after 2, 4, ... up to 16 polls, it holds few.
+    backoff: dict[str, tuple[int, int]] = {}
+    polls = [0]
 
     def poll(weight: int) -> list[Observation]:
         out: list[Observation] = []
         failed: GatewayError | None = None
         answered = 0
-        for url in urls:
+        polls[0] += 1
+        # Every pod when all are waiting out a failure: a gateway gone must still end the
+        # canary after _MAX_POLL_FAILURES polls.
+        due = [u for u in urls if polls[0] >= backoff.get(u, (0, 0))[1]] or urls
+        for url in due:
+            fails = backoff.get(url, (0, 0))[0]
             try:
                 out.extend(read(url, weight))
             except GatewayError as exc:
                 failed = exc
-                if len(urls) > 1 and url not in reported:
-                    reported.add(url)
-                    logger.warning("stage=canary pod not read (its answers wait): %s", exc)
+                if len(urls) > 1:
+                    backoff[url] = (fails + 1, polls[0] + min(2 ** (fails + 1), _MAX_POD_BACKOFF))
+                    if url not in reported:
+                        reported.add(url)
+                        logger.warning("stage=canary pod not read (tried again later): %s", exc)
             else:
                 answered += 1
+                backoff.pop(url, None)
         if failed is not None and not answered:
             # One replica's hiccup (a 503, a stall) loses nothing: the next poll reads on from
             # the same cursors. Only a gateway gone (every pod of it) for several polls in a
@@ -848,6 +864,7 @@ def live_traffic(
             with suppress(GatewayError):
                 urls[:] = pods() or urls
             reported.clear()
+            backoff.clear()
         out: list[Observation] = []
         while True:
             out.extend(poll(weight))
