@@ -767,19 +767,20 @@ def live_traffic(
     (``GET /admin/observations``) since the last look.
 
     Each poll opens a new connection, so with several replicas on one port the kernel spreads
-    the polls and every replica is read in turn; each keeps its own cursor. ``pods`` gives the
-    URL of every pod of a gateway whose pods share no port (Kubernetes: a headless Service's
-    addresses, :func:`~ballast.gateway_client.pod_urls`), asked again every step: each poll
-    then reads every pod, where ``base_url`` (a Service) reaches one pod a poll at random; a
-    pod that does not answer is tried again after 2, 4, ... (at most 16) polls and logged once
-    a step. With ``model``, a
-    replica serving another model adds nothing (pods found by a name that also covers another
-    model's gateway). A replica seen for
-    the first time (or restarted) is read from that moment on. Only answers routed at the
-    step's own weight count (each observation carries the weight it was served under). A call
-    returns once the candidate answered ``min_samples`` times or ``max_seconds`` pass (1 s at
-    weight 0, the shadow phase).
-    Labels are unknown here, so judges see errors and latency, not accuracy.
+    the polls and every replica is read in turn; each keeps its own cursor.
+
+    ``pods`` gives the URL of every pod of a gateway whose pods share no port (Kubernetes: a
+    headless Service's addresses, :func:`~ballast.gateway_client.pod_urls`), asked again every
+    step: each poll then reads every pod, where ``base_url`` (a Service) reaches one pod a poll
+    at random. A pod that does not answer is tried again after 2, 4, ... (at most 16) polls and
+    logged once a step. With ``model``, a replica serving another model adds nothing (pods
+    found by a name that also covers another model's gateway).
+
+    A replica seen for the first time (or restarted) is read from that moment on. Only answers
+    routed at the step's own weight count (each observation carries the weight it was served
+    under). A call returns once the candidate answered ``min_samples`` times or ``max_seconds``
+    pass (1 s at weight 0, the shadow phase). Labels are unknown here, so judges see errors and
+    latency, not accuracy.
     """
     from ballast.gateway_client import GatewayClient
 
