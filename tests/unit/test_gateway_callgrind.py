@@ -121,8 +121,9 @@ def test_the_report_gives_each_configurations_change_by_object() -> None:
 
 
 def test_it_refuses_bad_counts_and_needs_valgrind(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(SystemExit):
-        main(["--requests", "0"])
+    for bad in (["--requests", "0"], ["--windows", "0"], ["--clients", "0"]):
+        with pytest.raises(SystemExit):
+            main(bad)
     monkeypatch.setattr("shutil.which", lambda tool: None)
     with pytest.raises(SystemExit):
         main(["a: one", "b: split"])
