@@ -144,7 +144,7 @@ def test_a_poll_fails_only_when_no_pod_answers(pods: list[GatewayClient]) -> Non
 
 
 def test_the_shadow_phase_reads_every_pod_once(
-    pods: list[GatewayClient], versions: tuple[VersionSpec, VersionSpec]
+    pods: list[GatewayClient], versions: tuple[VersionSpec, VersionSpec], tmp_path: Path
 ) -> None:
     champion, shadow = versions
     for gw in pods:
@@ -172,7 +172,15 @@ def test_the_shadow_phase_reads_every_pod_once(
     assert read_pods_shadow([a.base_url, dead], fetch).mirrored == 10
     with pytest.raises(GatewayError, match="unreachable"):
         read_pods_shadow([dead], fetch)
-    # A pod mirroring to no shadow (or another one) adds nothing to this shadow's counts.
-    b.set_deployment(Deployment(model=MODEL, champion=champion))
+    # A pod mirroring to another version (or none) adds nothing to this shadow's counts.
+    other = spec_for(build_mlp_onnx(tmp_path / "three.onnx", seed=3), "3")
+    b.set_deployment(Deployment(model=MODEL, champion=champion, shadow=other, shadow_fraction=1.0))
+    _send(b, 5)
+    for _ in range(100):
+        if read_pods_shadow([b.base_url], fetch).mirrored == 5:
+            break
+        time.sleep(0.05)
+    assert read_pods_shadow(urls, fetch).mirrored == 15  # without the filter: both shadows
     assert read_pods_shadow(urls, fetch, shadow="2").mirrored == 10
+    b.set_deployment(Deployment(model=MODEL, champion=champion))
     assert read_pods_shadow([b.base_url, dead], fetch, shadow="2") == ShadowStats(0, 0, 0, 0)
