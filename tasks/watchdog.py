@@ -11,6 +11,7 @@ half a file. A state that cannot be read starts a fresh warm-up rather than fail
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -266,6 +267,15 @@ def localisation_markdown(
     except ImportError as exc:  # pragma: no cover - the module ships with ballast
         return f"_Fault localisation unavailable: {exc}_\n"
     paths = log_paths if log_paths is not None else default_log_paths(s.state_dir)
+    if not paths and s.gateway_pods_host is not None:
+        # A cluster's gateway pods log to their stdout, not to files this run can read.
+        minutes = max(1, math.ceil(lookback_s / 60))
+        return (
+            "_No gateway log here for fault localisation: the gateway's pods log to stdout. "
+            f"Their failed requests of version {decision.version}: `kubectl logs -l "
+            f"app.kubernetes.io/name=ballast-gateway --since={minutes}m --prefix "
+            "| grep request.failed`._\n"
+        )
     if not paths:
         return "_No gateway log found for fault localisation._\n"
     culprit = decision.culprit

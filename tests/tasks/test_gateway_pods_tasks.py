@@ -224,3 +224,26 @@ def test_the_canarys_live_polls_and_shadow_look_read_every_pod(
         if len(got) >= 16:
             break
     assert len(got) == 16, got
+
+
+def test_the_report_says_where_a_clusters_failure_lines_are(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from tests.tasks.test_watchdog_tasks import _breach
+
+    decision = _breach(settings)
+    alone = wt.localisation_markdown(settings, decision, [], 900)
+    assert alone == "_No gateway log found for fault localisation._\n"
+    monkeypatch.setenv("BALLAST_GATEWAY_PODS_HOST", PODS_HOST)
+    get_settings.cache_clear()
+    md = wt.localisation_markdown(get_settings(), decision, [], 900)
+    # The pods' label as the manifests set it: the command selects the gateway's pods.
+    manifests = Path(__file__).resolve().parents[2] / "infra" / "k8s" / "gateway.yaml"
+    deployment = next(
+        d for d in yaml.safe_load_all(manifests.read_text()) if d and d["kind"] == "Deployment"
+    )
+    ((key, value),) = deployment["spec"]["selector"]["matchLabels"].items()
+    assert f"kubectl logs -l {key}={value} --since=15m" in md, md
+    assert f"version {decision.version}" in md and "request.failed" in md
