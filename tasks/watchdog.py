@@ -170,9 +170,10 @@ def _observe_gateway(
         return unavailable(model, version, exc.message)
     answers: list[dict[str, Any]] = []
     failed: list[str] = []
+    token = s.admin_token()  # read once, not once a pod
     for url in urls:
         try:
-            with GatewayClient(url, s.admin_token()) as gw:
+            with GatewayClient(url, token) as gw:
                 # One answer from one replica: its counters and its pod's other replicas' (from
                 # the board the replicas of one pod share).
                 answers.append(gw.stats())
@@ -241,9 +242,10 @@ def send_heartbeat(model: str, healthy: bool, detail: str = "") -> bool:
         logger().warning("stage=watchdog heartbeat not sent: %s", exc)
         return False
     told = 0
+    token = s.admin_token()
     for url in urls:
         try:
-            with GatewayClient(url, s.admin_token()) as gw:
+            with GatewayClient(url, token) as gw:
                 gw.watchdog_heartbeat(model, healthy, detail[:1000])
         except GatewayError as exc:
             logger().warning("stage=watchdog heartbeat not sent: %s", exc)
