@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import socket
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -22,6 +23,7 @@ import httpx
 from pydantic import ValidationError
 
 from ballast.errors import GatewayError
+from ballast.localise import FaultReport
 from ballast.serving import NPY_MEDIA_TYPE, Deployment, PredictResponse, if_match_header
 
 if TYPE_CHECKING:
@@ -263,6 +265,38 @@ class GatewayClient:
             headers=self._admin_headers(),
         )
 
+    def failures(
+        self,
+        model: str,
+        version: str,
+        since: datetime,
+        until: datetime | None = None,
+        *,
+        min_status: int = 500,
+        context: int = 20,
+    ) -> tuple[str, FaultReport]:
+        """The reached pod's fault report for ``version`` (``/admin/failures``): the pod's
+        name and the report of every replica's failure files there."""
+
+        def parse(body: Any) -> tuple[str, FaultReport]:
+            report = FaultReport.from_dict(body)
+            if (report.model, report.version) != (model, version):
+                raise ValueError(f"a report of {report.model} version {report.version}")
+            return str(body.get("pod") or self.base_url), report
+
+        params: dict[str, str | int] = {
+            "model": model,
+            "version": version,
+            "since": _utc(since),
+            "min_status": min_status,
+            "context": context,
+        }
+        if until is not None:
+            params["until"] = _utc(until)
+        return self._call(
+            "GET", "/admin/failures", parse, params=params, headers=self._admin_headers()
+        )
+
     def shadow(self) -> dict[str, Any]:
         """Shadow agreement with the primary and recent disagreements (``/admin/shadow``)."""
         return self._admin_object("/admin/shadow")
@@ -357,3 +391,9 @@ def _message(resp: httpx.Response) -> str:
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         return data["error"]
     return str(data)[:500]
+
+
+def _utc(t: datetime) -> str:
+    """ISO 8601 in UTC with a Z: a '+' in a query string would read as a space."""
+    aware = t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    return aware.isoformat().replace("+00:00", "Z")

@@ -12,6 +12,11 @@ lines around the first failure (uvicorn tracebacks included, they are not JSON).
 (a canary rollback, the champion watchdog) adds the metric its judge tripped on, and publishes
 :meth:`FaultReport.to_markdown` as an artifact.
 
+A gateway also keeps its routed failure lines in files under its state folder and answers
+``GET /admin/failures`` with its pod's report (:meth:`FaultReport.to_dict`); a watchdog reading
+several pods rebuilds each (:meth:`FaultReport.from_dict`) and merges them
+(:func:`merge_reports`).
+
 Pure apart from reading the files; no Prefect, no MLflow. Files are streamed line by line, so
 a large log costs time, not memory.
 """
@@ -33,6 +38,7 @@ __all__ = [
     "ReplicaShare",
     "default_log_paths",
     "localise",
+    "merge_reports",
 ]
 
 # The gateway's event names (infra/gateway/faillog.py; ballast does not import infra).
@@ -77,6 +83,8 @@ class FaultReport:
     metric: str | None = None  # the metric that broke, as the caller's judge says
     files: tuple[str, ...] = ()
     unreadable: tuple[str, ...] = field(default=())
+    # When each of first_request_ids failed (same order): lets reports of several pods merge.
+    first_request_times: tuple[datetime, ...] = ()
 
     @property
     def failed(self) -> bool:
@@ -101,11 +109,50 @@ class FaultReport:
             "statuses": {str(k): v for k, v in self.statuses.items()},
             "roles": dict(self.roles),
             "first_request_ids": list(self.first_request_ids),
+            "first_request_times": [t.isoformat() for t in self.first_request_times],
             "context_source": self.context_source,
             "context": list(self.context),
             "files": list(self.files),
             "unreadable": list(self.unreadable),
         }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FaultReport:
+        """A report back from :meth:`to_dict` (a gateway pod's ``/admin/failures`` answer).
+
+        Raises ValueError on anything else, so a malformed answer is one clear error."""
+        try:
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            times = [_required_ts(t) for t in data.get("first_request_times") or []]
+            first = data.get("first_failure")
+            return cls(
+                model=str(data["model"]),
+                version=str(data["version"]),
+                start=_required_ts(data["start"]),
+                end=_required_ts(data["end"]),
+                metric=None if data.get("metric") is None else str(data["metric"]),
+                failures=_count_of(data["failures"]),
+                logged=_count_of(data["logged"]),
+                replicas=tuple(
+                    ReplicaShare(str(r["replica"]), _count_of(r["failures"]), float(r["share"]))
+                    for r in data["replicas"]
+                ),
+                first_failure=None if first is None else _required_ts(first),
+                reasons={str(k): _count_of(v) for k, v in data["reasons"].items()},
+                statuses={int(k): _count_of(v) for k, v in data["statuses"].items()},
+                roles={str(k): _count_of(v) for k, v in data["roles"].items()},
+                first_request_ids=tuple(str(i) for i in data["first_request_ids"]),
+                first_request_times=tuple(times),
+                context=tuple(str(line) for line in data["context"]),
+                context_source=(
+                    None if data.get("context_source") is None else str(data["context_source"])
+                ),
+                files=tuple(str(f) for f in data.get("files") or []),
+                unreadable=tuple(str(u) for u in data.get("unreadable") or []),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a fault report: {type(exc).__name__}: {exc}") from None
 
     def to_markdown(self) -> str:
         """A Prefect markdown artifact: summary, tables, and the log around the first failure."""
@@ -234,11 +281,75 @@ def localise(
         statuses=dict(sorted(tally.statuses.items())),
         roles=dict(sorted(tally.roles.items(), key=_desc)),
         first_request_ids=tuple(i for _, i in tally.first_ids),
+        first_request_times=tuple(t for t, _ in tally.first_ids),
         context=() if earliest is None else tuple(earliest.context),
         context_source=None if earliest is None else earliest.source,
         metric=metric,
         files=tuple(str(p) for p in paths),
         unreadable=tuple(unreadable),
+    )
+
+
+def merge_reports(
+    reports: Iterable[tuple[str, FaultReport]], *, metric: str | None = None
+) -> FaultReport:
+    """One report from several sources' reports of one version and window: ``(source,
+    report)`` pairs, a source being a gateway pod (each pod reads only its own replicas' files,
+    so their counts add up). Files and the first failure's context are named by source.
+
+    Raises ValueError on no report, or on reports of different versions."""
+    pairs = list(reports)
+    if not pairs:
+        raise ValueError("no report to merge")
+    model, version = pairs[0][1].model, pairs[0][1].version
+    if any((r.model, r.version) != (model, version) for _, r in pairs):
+        raise ValueError(f"reports of other versions than {model} version {version}")
+    replicas: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    roles: Counter[str] = Counter()
+    ids: list[tuple[datetime, str]] = []
+    for _, r in pairs:
+        for share in r.replicas:
+            replicas[share.replica] += share.failures
+        reasons.update(r.reasons)
+        statuses.update(r.statuses)
+        roles.update(r.roles)
+        # Without their times (an older gateway), a report's ids count as at its first failure.
+        times = r.first_request_times or (r.first_failure or r.end,) * len(r.first_request_ids)
+        ids += zip(times, r.first_request_ids, strict=False)
+    ids.sort()
+    failed = [(r.first_failure, source, r) for source, r in pairs if r.first_failure is not None]
+    earliest = min(failed, key=lambda f: f[0]) if failed else None
+    total = sum(r.failures for _, r in pairs)
+    return FaultReport(
+        model=model,
+        version=version,
+        start=min(r.start for _, r in pairs),
+        end=max(r.end for _, r in pairs),
+        failures=total,
+        logged=sum(r.logged for _, r in pairs),
+        replicas=tuple(
+            ReplicaShare(k, n, n / total) for k, n in sorted(replicas.items(), key=_desc) if n
+        ),
+        first_failure=None if earliest is None else earliest[0],
+        reasons=dict(sorted(reasons.items(), key=_desc)),
+        statuses=dict(sorted(statuses.items())),
+        roles=dict(sorted(roles.items(), key=_desc)),
+        first_request_ids=tuple(i for _, i in ids[:_MAX_REQUEST_IDS]),
+        first_request_times=tuple(t for t, _ in ids[:_MAX_REQUEST_IDS]),
+        context=() if earliest is None else earliest[2].context,
+        context_source=(
+            None
+            if earliest is None or earliest[2].context_source is None
+            else f"{earliest[1]}: {earliest[2].context_source}"
+        ),
+        metric=metric,
+        # A source with no file is named too: it was read, and had no failure to keep.
+        files=tuple(
+            f"{source}: {f}" for source, r in pairs for f in (r.files or ("no failure file",))
+        ),
+        unreadable=tuple(f"{source}: {u}" for source, r in pairs for u in r.unreadable),
     )
 
 
@@ -362,6 +473,19 @@ def _parse_ts(value: Any) -> datetime | None:
         return _aware(datetime.fromisoformat(value))
     except ValueError:
         return None
+
+
+def _required_ts(value: Any) -> datetime:
+    ts = _parse_ts(value)
+    if ts is None:
+        raise ValueError(f"not an ISO 8601 time: {value!r}")
+    return ts
+
+
+def _count_of(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"not a count: {value!r}")
+    return value
 
 
 def _aware(t: datetime) -> datetime:

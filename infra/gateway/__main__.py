@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         replica_id=args.replica_id,
         metrics_flush_s=args.metrics_flush_ms / 1e3,
         instance=args.instance,
+        # Shared by the replicas of one machine (or pod), read by GET /admin/failures.
+        failure_dir=settings.state_dir.resolve() / "gateway" / "failures",
     )
     source = _source(args.desired_state, settings, args.poll_interval)
     board = (

@@ -63,7 +63,7 @@ from infra.gateway.desired import (
     ReplicaBoard,
     ReplicaStatus,
 )
-from infra.gateway.faillog import FailureLog
+from infra.gateway.faillog import FailureFiles, FailureLog
 from infra.gateway.heartbeat import WatchdogHeartbeat
 from infra.gateway.metrics import GatewayMetrics
 from infra.gateway.openapi import openapi_document
@@ -131,6 +131,7 @@ _NPY = NPY_MEDIA_TYPE.encode()
 # error); a limit of at most 5 (its range is 1..20000). The OpenAPI document says the same.
 _CURSORS = re.compile(r"(?:[^=,]+=[0-9]{1,19})?(?:,[^=,]+=[0-9]{1,19})*")
 _LIMIT = re.compile(r"[0-9]{1,5}")
+_SMALL_INT = re.compile(r"[0-9]{1,3}")
 _OIP_ROOT = "/v2"  # Open Inference Protocol (infra/gateway/oip.py)
 _OIP_PREFIX = "/v2/"
 # A heartbeat is three short fields; anything near this is not one.
@@ -178,6 +179,10 @@ class GatewayConfig:
     replica_id: str = ""  # default: the process id
     # Failed-request log lines per version and second; the rest are counted in a summary line.
     failure_log_per_second: int = 20
+    # Where routed failure lines are also kept, for GET /admin/failures (None: not kept). Every
+    # replica of a pod writes its own file there, and any of them reads them all.
+    failure_dir: Path | None = None
+    failure_file_bytes: int = 4 << 20  # per replica, rotated once (twice this on disk)
     # Hot-path metric updates are summed and written this often (0: once per loop iteration).
     # Each write costs about a microsecond per series in multiprocess mode; a replica's own
     # /metrics writes its pending updates first, another replica's may lag by this much.
@@ -214,6 +219,7 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     AdminRoute("GET", "/admin/replicas", "viewer", "replicas"),
     AdminRoute("GET", "/admin/shadow", "viewer", "shadow_report"),
     AdminRoute("GET", "/admin/observations", "viewer", "observations"),
+    AdminRoute("GET", "/admin/failures", "viewer", "failure_report"),
     AdminRoute("PUT", "/admin/deployment", "operator", "put_deployment"),
     AdminRoute("POST", "/admin/reload", "operator", "reload"),
     AdminRoute("POST", "/admin/watchdog/heartbeat", "operator", "watchdog_heartbeat"),
@@ -294,6 +300,20 @@ def _warn_json(fields: dict[str, Any]) -> None:
     logger.warning(json.dumps(fields, default=str))
 
 
+def _query_time(value: str | None) -> datetime | None:
+    """An ISO 8601 time from a query (naive: UTC), or ValueError saying what is wrong."""
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+        return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    except (ValueError, OverflowError):
+        # A '+' in a query reads as a space: say so, it is the usual cause.
+        raise ValueError(
+            f"not an ISO 8601 time: {value[:64]!r} (write UTC as Z, or %2B for '+')"
+        ) from None
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -338,9 +358,25 @@ class Gateway:
         )
         self._observed_seq = 0
         self.answered = 0  # predict requests answered (any status), for the drain log line
-        self.failures = FailureLog(
-            _warn_json, replica=self.replica_id, per_second=self.config.failure_log_per_second
+        self.failure_files = (
+            None
+            if self.config.failure_dir is None
+            else FailureFiles(
+                self.config.failure_dir,
+                self.replica_id,
+                max_bytes=self.config.failure_file_bytes,
+            )
         )
+        self.failures = FailureLog(
+            _warn_json if self.failure_files is None else self._log_failure,
+            replica=self.replica_id,
+            per_second=self.config.failure_log_per_second,
+        )
+
+    def _log_failure(self, event: dict[str, Any]) -> None:
+        _warn_json(event)
+        if self.failure_files is not None:
+            self.failure_files.write(event)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -371,6 +407,13 @@ class Gateway:
             self._spawn(self._heartbeat_loop())
         self._spawn(self._lease_loop())
         self._spawn(self._flush_failures())
+        if self.failure_files is not None:
+            try:
+                swept = self.failure_files.sweep()
+            except OSError as exc:  # diagnostics only: serving goes on without the files
+                self._log("failure_files.unavailable", error=str(exc))
+            else:
+                self._log("failure_files.ready", folder=self.failure_files.folder, swept=swept)
         try:
             yield
         finally:
@@ -379,6 +422,8 @@ class Gateway:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self.failures.flush(final=True)
+            if self.failure_files is not None:
+                self.failure_files.close()
             self.metrics.defer_with(None)  # writes what is pending
             for version in self._all_loaded():
                 if version.batcher is not None:
@@ -1159,6 +1204,61 @@ class Gateway:
                 ],
             }
         )
+
+    async def failure_report(self, request: Request, who: Principal) -> Response:
+        """This pod's fault report for one version: :func:`ballast.localise.localise` over
+        every replica's failure files in the shared folder (``failure_dir``).
+
+        ``model``, ``version`` and ``since`` (ISO 8601) are required; ``until`` (default: now),
+        ``min_status`` (default 500) and ``context`` (raw lines around the first failure,
+        default 20) are optional. The answer is ``FaultReport.to_dict()`` plus ``pod`` (this
+        host's name) and ``replica``; a watchdog merges the pods' answers.
+        """
+        q = request.query_params
+        keys = [k for k, _ in q.multi_items()]
+        allowed = {"model", "version", "since", "until", "min_status", "context"}
+        if set(keys) - allowed or len(keys) != len(set(keys)):
+            return _error(400, f"only {', '.join(sorted(allowed))}, each at most once")
+        model, version = q.get("model", ""), q.get("version", "")
+        if not 1 <= len(model) <= 256 or not 1 <= len(version) <= 256:
+            return _error(400, "model and version are required (1 to 256 characters)")
+        try:
+            since = _query_time(q.get("since"))
+            until = _query_time(q.get("until")) if "until" in q else datetime.now(UTC)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        if since is None or until is None:
+            return _error(400, "since is required (ISO 8601)")
+        if until < since:
+            return _error(400, "until is before since")
+        raw_status, raw_context = q.get("min_status", "500"), q.get("context", "20")
+        if not _SMALL_INT.fullmatch(raw_status) or not _SMALL_INT.fullmatch(raw_context):
+            return _error(400, "min_status and context must be integers")
+        min_status, context = int(raw_status), int(raw_context)
+        if not 100 <= min_status <= 599 or not 0 <= context <= 200:
+            return _error(400, "min_status must lie in 100..599 and context in 0..200")
+        files = self.failure_files
+        if files is None:
+            return _error(409, "this gateway keeps no failure files (it has no state folder)")
+        from ballast.localise import localise
+
+        # Off the loop, and not on the board's I/O thread: a pod's files (up to twice
+        # failure_file_bytes per replica) take a while to read, and a late board report would
+        # read as a dead replica.
+        report = await asyncio.to_thread(
+            localise,
+            files.paths(),
+            model,
+            version,
+            since,
+            until,
+            min_status=min_status,
+            context_lines=context,
+        )
+        body = report.to_dict()
+        body["pod"] = socket.gethostname()
+        body["replica"] = self.replica_id
+        return JSONResponse(body)
 
     async def shadow_report(self, request: Request, who: Principal) -> Response:
         live = self.live

@@ -11,18 +11,30 @@ failure.
 
 The first lines of a burst are the ones kept: they are what localisation needs (the first
 failure, its neighbours). Pure apart from ``emit`` and ``clock``, both injected.
+
+:class:`FailureFiles` also keeps a routed request's lines (and summaries) in a file per replica
+under the state folder, for ``GET /admin/failures``: in a Kubernetes pod the log goes to
+stdout, where a watchdog run cannot read it, and every replica of the pod shares the folder.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
 from typing import Any
 
-__all__ = ["EVENT_FAILED", "EVENT_SUPPRESSED", "FailureLog"]
+__all__ = ["EVENT_FAILED", "EVENT_SUPPRESSED", "FailureFiles", "FailureLog"]
+
+logger = logging.getLogger("ballast.gateway")
 
 EVENT_FAILED = "request.failed"
 EVENT_SUPPRESSED = "request.failures_suppressed"
@@ -152,3 +164,79 @@ def _sum_by(counts: Counter[tuple[int, str]], index: int) -> Counter[Any]:
     for k, n in counts.items():
         out[k[index]] += n
     return out
+
+
+class _Handler(RotatingFileHandler):
+    """Reports a failed write once per file, not as a traceback per line."""
+
+    failed_writes = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.failed_writes += 1
+        if self.failed_writes == 1:
+            logger.warning(
+                json.dumps({"event": "failure_file.unwritable", "path": self.baseFilename})
+            )
+
+
+class FailureFiles:
+    """Failure lines of routed requests in ``folder/<replica>.jsonl``, the same JSON the log
+    gets, for :func:`ballast.localise.localise` to read back.
+
+    Bounded on disk: at ``max_bytes`` the file rotates to ``<replica>.jsonl.1`` (one old file
+    kept), and :meth:`sweep` removes any file untouched for ``keep_s`` (replicas long gone).
+    Lines of requests refused before routing (no version) are not kept: a flood of malformed
+    requests must not rotate a failing version's lines away. Call from one thread.
+    """
+
+    PATTERNS = ("*.jsonl", "*.jsonl.1")
+
+    def __init__(
+        self, folder: Path, replica: str, *, max_bytes: int = 4 << 20, keep_s: float = 86_400.0
+    ) -> None:
+        if max_bytes < 1024 or keep_s <= 0:
+            raise ValueError("max_bytes must be >= 1024 and keep_s > 0")
+        self.folder = Path(folder)
+        self.keep_s = keep_s
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", replica)[:120] or "replica"
+        self.path = self.folder / f"{safe}.jsonl"
+        # Opened at the first line: a replica that never fails writes no file.
+        self._handler = _Handler(
+            self.path, maxBytes=max_bytes, backupCount=1, encoding="utf-8", delay=True
+        )
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+
+    def sweep(self, now: float | None = None) -> int:
+        """Create the folder; remove files untouched for ``keep_s``. Returns how many."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cutoff = (time.time() if now is None else now) - self.keep_s
+        removed = 0
+        for path in self.paths():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue  # removed by a peer sweeping at the same time
+        return removed
+
+    def paths(self) -> list[Path]:
+        """Every replica's failure files in the folder (this pod's replicas share it)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for pattern in self.PATTERNS for p in self.folder.glob(pattern))
+
+    def write(self, event: dict[str, Any]) -> None:
+        if event.get("version") is None:
+            return
+        if self._handler.stream is not None and not os.path.exists(self.path):
+            # Removed under us (a peer's sweep after a quiet day, an operator): reopen, or
+            # every later line would go to a file nobody can read.
+            self._handler.close()
+        record = logging.makeLogRecord(
+            {"msg": json.dumps(event, default=str), "levelno": logging.WARNING}
+        )
+        self._handler.handle(record)
+
+    def close(self) -> None:
+        self._handler.close()

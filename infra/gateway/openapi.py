@@ -45,6 +45,10 @@ _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 _F32_MAX = 3.4028234663852886e38
 
 
+def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
 @lru_cache(maxsize=8)
 def openapi_document(n_features: int | None = None) -> dict[str, Any]:
     """The document; with ``n_features`` (the deployed model's) each row has exactly that many."""
@@ -291,6 +295,28 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                 "responses": {
                     "200": _json("Answers after this replica's cursor.", _ANY_OBJECT),
                     "400": _err("A malformed cursor or limit."),
+                }
+                | _AUTH_ERRORS,
+            }
+        },
+        "/admin/failures": {
+            "get": {
+                "operationId": "failures",
+                "summary": "This pod's fault report for one version, from its replicas' failure "
+                "files (viewer).",
+                "security": admin,
+                "parameters": [
+                    _query("model", {"type": "string", "minLength": 1, "maxLength": 256}, True),
+                    _query("version", {"type": "string", "minLength": 1, "maxLength": 256}, True),
+                    _query("since", {"type": "string", "format": "date-time"}, True),
+                    _query("until", {"type": "string", "format": "date-time"}, False),
+                    _query("min_status", {"type": "integer", "minimum": 100, "maximum": 599}),
+                    _query("context", {"type": "integer", "minimum": 0, "maximum": 200}),
+                ],
+                "responses": {
+                    "200": _json("The version's failures in the window, on this pod.", _ANY_OBJECT),
+                    "400": _err("A missing or malformed parameter."),
+                    "409": _err("This gateway keeps no failure files."),
                 }
                 | _AUTH_ERRORS,
             }

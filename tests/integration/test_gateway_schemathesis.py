@@ -121,6 +121,10 @@ def fuzz(
                 # says, which JSON Schema cannot express: a schema-valid body may still be
                 # refused (400), so "valid data must be accepted" is left out for it.
                 skip.append(positive_data_acceptance)
+            if operation.path == "/admin/failures":
+                # Likewise: ``until`` before ``since`` is refused (400), and RFC 3339 allows
+                # times Python does not read (a leap second, a lowercase 't').
+                skip.append(positive_data_acceptance)
 
             @FUZZ
             @given(case=strategy)

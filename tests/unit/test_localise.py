@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from ballast.localise import EVENT_FAILED, EVENT_SUPPRESSED, default_log_paths, localise
+from ballast.localise import (
+    EVENT_FAILED,
+    EVENT_SUPPRESSED,
+    FaultReport,
+    default_log_paths,
+    localise,
+    merge_reports,
+)
 from infra.gateway.faillog import EVENT_FAILED as GATEWAY_FAILED
 from infra.gateway.faillog import EVENT_SUPPRESSED as GATEWAY_SUPPRESSED
 from infra.gateway.faillog import FailureLog
@@ -245,3 +252,50 @@ def test_default_log_paths_are_the_gateways_and_the_stacks(tmp_path: Path) -> No
         tmp_path / "gateway.log",
         tmp_path / "stack" / "gateway.log",
     ]
+
+
+def test_pods_reports_merge_as_if_one_log_held_every_line(tmp_path: Path) -> None:
+    """Two pods' files read apart and merged give what one read of both files gives."""
+    pod1 = write(
+        tmp_path / "p1.jsonl",
+        [failed(T0 + timedelta(seconds=s), replica="p1-r", rid=f"a{s}") for s in (3, 5, 7)],
+    )
+    pod2 = write(
+        tmp_path / "p2.jsonl",
+        [
+            failed(T0 + timedelta(seconds=2), replica="p2-r", rid="b2", status=503, reason="x"),
+            failed(T0 + timedelta(seconds=9), replica="p2-r", rid="b9"),
+        ],
+    )
+    window = (T0, T0 + timedelta(minutes=1))
+    both = localise([pod1, pod2], "m", "2", *window)
+    apart = [(f"pod-{i}", localise(p, "m", "2", *window)) for i, p in enumerate((pod1, pod2))]
+    merged = merge_reports(apart, metric="error_rate")
+    for field in ("failures", "logged", "replicas", "first_failure", "reasons", "statuses"):
+        assert getattr(merged, field) == getattr(both, field), field
+    assert merged.first_request_ids == both.first_request_ids == ("b2", "a3", "a5", "a7", "b9")
+    # The context is the pod's with the first failure, named by pod.
+    assert merged.context == both.context and merged.context_source == f"pod-1: {pod2}:1"
+    assert merged.files == (f"pod-0: {pod1}", f"pod-1: {pod2}") and merged.metric == "error_rate"
+    # An answer through the wire reads back the same.
+    for _, report in apart:
+        assert FaultReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+
+
+def test_merge_refuses_nothing_and_mixed_versions_and_from_dict_refuses_garbage(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "p.jsonl", [failed(T0)])
+    two = localise(path, "m", "2", T0, T0 + timedelta(seconds=1))
+    three = localise(path, "m", "3", T0, T0 + timedelta(seconds=1))
+    with pytest.raises(ValueError, match="no report"):
+        merge_reports([])
+    with pytest.raises(ValueError, match="other versions"):
+        merge_reports([("a", two), ("b", three)])
+    good = two.to_dict()
+    for bad in ([], {**good, "failures": -1}, {**good, "start": "soon"}, {"model": "m"}):
+        with pytest.raises(ValueError, match="not a fault report"):
+            FaultReport.from_dict(bad)
+    # An older gateway's answer without the ids' times: they count at its first failure.
+    old = FaultReport.from_dict({**good, "first_request_times": None})
+    assert merge_reports([("a", old)]).first_request_times == (T0,)

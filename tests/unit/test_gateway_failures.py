@@ -1,0 +1,225 @@
+"""``GET /admin/failures``: a pod's fault report from its replicas' failure files.
+
+Two gateway apps (TestClient, the real app and ONNX Runtime) share one failure folder as the
+replicas of one pod do; their reports are read back through the route and merged as the
+watchdog merges pods' answers (``ballast.localise.merge_reports``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from ballast.localise import FaultReport, localise, merge_reports
+from infra.gateway.faillog import FailureFiles
+from infra.gateway.testing import build_mlp_onnx
+from tests.unit.test_gateway_app import (
+    AUTH,
+    MODEL,
+    PREDICT,
+    ROW,
+    champion_only,
+    deploy,
+    make_client,
+)
+
+ROUTE = "/admin/failures"
+
+
+def since(minutes: float = 5) -> str:
+    return (datetime.now(UTC) - timedelta(minutes=minutes)).isoformat().replace("+00:00", "Z")
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("artefacts")
+    return {
+        "a": build_mlp_onnx(root / "a.onnx", seed=1),
+        "b": build_mlp_onnx(root / "b.onnx", seed=2),
+    }
+
+
+@pytest.fixture
+def pod(tmp_path: Path, artefacts: dict[str, Path]) -> Iterator[tuple[TestClient, TestClient]]:
+    """Two replicas of one pod: every request to version 1 fails (an injected fault)."""
+    folder = tmp_path / "failures"
+    a, _ = make_client(failure_dir=folder, replica_id="pod-r1", fault_error_rate=1.0)
+    b, _ = make_client(failure_dir=folder, replica_id="pod-r2", fault_error_rate=1.0)
+    with a, b:
+        for client in (a, b):
+            deploy(client, champion_only(artefacts, fault="errors"))
+        yield a, b
+
+
+def report(client: TestClient, **params: str) -> FaultReport:
+    query = {"model": MODEL, "version": "1", "since": since(), **params}
+    resp = client.get(ROUTE, params=query, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["pod"] and body["replica"] in {"pod-r1", "pod-r2"}
+    return FaultReport.from_dict(body)
+
+
+def fail(client: TestClient, n: int) -> None:
+    for _ in range(n):
+        assert client.post(PREDICT, json={"instances": [ROW]}).status_code == 500
+
+
+def test_any_replica_reports_every_replicas_failures_of_the_version(
+    pod: tuple[TestClient, TestClient],
+) -> None:
+    a, b = pod
+    fail(a, 3)
+    fail(b, 5)
+    # Refused before routing (no version): not kept, it cannot be localised to a version.
+    assert a.post("/v1/models/nope/predict", json={"instances": [ROW]}).status_code == 404
+    for client in (a, b):
+        got = report(client)
+        assert got.failures == got.logged == 8
+        assert {r.replica: r.failures for r in got.replicas} == {"pod-r2": 5, "pod-r1": 3}
+        assert got.reasons == {"injected_fault": 8} and got.statuses == {500: 8}
+        assert len(got.first_request_ids) == len(got.first_request_times) == 8
+        assert got.context and '"request.failed"' in got.context[0]
+        assert len(got.files) == 2
+    # Another version, a window before the failures, only 4xx: nothing.
+    assert report(a, version="2").failures == 0
+    assert report(a, since=since(60), until=since(30)).failures == 0
+    assert report(a, min_status="501").failures == 0
+    # Context: the file of the first failure (pod-r1's 3 lines), up to the count asked for.
+    assert len(report(a).context) == 3 and len(report(a, context="2").context) == 2
+
+
+def test_reports_of_several_pods_merge_into_one(pod: tuple[TestClient, TestClient]) -> None:
+    a, b = pod
+    fail(a, 2)
+    first = report(a)
+    fail(b, 4)
+    # As if a second pod had answered with only b's later failures (a's were before).
+    later = report(b, since=first.first_request_times[-1].isoformat().replace("+00:00", "Z"))
+    merged = merge_reports([("pod-1", first), ("pod-2", later)], metric="error_rate")
+    assert merged.failures == first.failures + later.failures
+    assert merged.first_failure == first.first_failure
+    assert merged.context_source is not None and merged.context_source.startswith("pod-1: ")
+    assert list(merged.first_request_times) == sorted(merged.first_request_times)
+    assert merged.metric == "error_rate"
+    assert all(f.startswith(("pod-1: ", "pod-2: ")) for f in merged.files)
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "message"),
+    [
+        ({"version": "1", "since": "now"}, 400, "model and version are required"),
+        ({"model": MODEL, "version": "1"}, 400, "since is required"),
+        ({"model": MODEL, "version": "1", "since": "yesterday"}, 400, "not an ISO 8601 time"),
+        # A '+' sent unencoded arrives as a space: the message says what to write instead.
+        (
+            {"model": MODEL, "version": "1", "since": "2026-11-29T10:00:00 00:00"},
+            400,
+            "%2B",
+        ),
+        (
+            {
+                "model": MODEL,
+                "version": "1",
+                "since": "2026-11-29T10:00:00Z",
+                "until": "2026-11-29",
+            },
+            400,
+            "until is before since",
+        ),
+        (
+            {"model": MODEL, "version": "1", "since": "2026-11-29", "min_status": "99"},
+            400,
+            "100..599",
+        ),
+        ({"model": MODEL, "version": "1", "since": "2026-11-29", "context": "-1"}, 400, "integers"),
+        (
+            {"model": MODEL, "version": "1", "since": "2026-11-29", "lines": "5"},
+            400,
+            "each at most once",
+        ),
+        ({"model": MODEL, "version": "x" * 257, "since": "2026-11-29"}, 400, "1 to 256"),
+    ],
+)
+def test_malformed_queries_are_400_with_the_reason(
+    pod: tuple[TestClient, TestClient], params: dict[str, str], status: int, message: str
+) -> None:
+    resp = pod[0].get(ROUTE, params=params, headers=AUTH)
+    assert resp.status_code == status and message in resp.json()["error"], resp.text
+
+
+def test_a_gateway_without_a_failure_folder_says_so(artefacts: dict[str, Path]) -> None:
+    client, _ = make_client()
+    with client:
+        resp = client.get(
+            ROUTE, params={"model": MODEL, "version": "1", "since": since()}, headers=AUTH
+        )
+    assert resp.status_code == 409 and "no failure files" in resp.json()["error"]
+
+
+def line(version: str | None, i: int) -> dict[str, object]:
+    return {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "event": "request.failed",
+        "request_id": f"id-{i}",
+        "model": MODEL,
+        "version": version,
+        "role": "champion",
+        "replica": "r",
+        "route": "predict",
+        "status": 500,
+        "reason": "model_error",
+        "error": "x" * 200,
+    }
+
+
+def test_files_rotate_once_and_stay_bounded(tmp_path: Path) -> None:
+    files = FailureFiles(tmp_path / "f", "host/1", max_bytes=4096)
+    files.sweep()
+    for i in range(200):  # ~400 bytes each: rotates many times
+        files.write(line("1", i))
+    files.close()
+    paths = files.paths()
+    assert [p.name for p in paths] == ["host_1.jsonl", "host_1.jsonl.1"]
+    assert all(p.stat().st_size <= 4096 for p in paths)
+    # The newest lines are kept, whole: every one parses.
+    ids = [json.loads(raw)["request_id"] for p in paths for raw in p.read_text().splitlines()]
+    assert "id-199" in ids and "id-0" not in ids
+    got = localise(paths, MODEL, "1", datetime.now(UTC) - timedelta(minutes=1))
+    assert got.failures == len(ids)
+
+
+def test_unrouted_lines_are_not_kept_and_a_removed_file_is_reopened(tmp_path: Path) -> None:
+    files = FailureFiles(tmp_path / "f", "r1")
+    files.sweep()
+    files.write(line(None, 0))
+    assert files.paths() == []  # nothing routed: no file at all
+    files.write(line("1", 1))
+    files.path.unlink()  # an operator's clean-up, or a peer's sweep
+    files.write(line("1", 2))
+    files.close()
+    kept = [json.loads(raw)["request_id"] for raw in files.path.read_text().splitlines()]
+    assert kept == ["id-2"]
+
+
+def test_sweep_removes_only_files_untouched_for_keep_s(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    files = FailureFiles(folder, "live", keep_s=3600)
+    files.sweep()
+    old, fresh = folder / "gone-1.jsonl", folder / "gone-2.jsonl.1"
+    for p in (old, fresh):
+        p.write_text("{}\n")
+    (folder / "notes.txt").write_text("not ours")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    assert files.sweep() == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["gone-2.jsonl.1", "notes.txt"]
+    with pytest.raises(ValueError, match="max_bytes"):
+        FailureFiles(folder, "r", max_bytes=10)
