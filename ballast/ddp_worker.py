@@ -197,11 +197,18 @@ def run(spec_path: Path) -> int:
         )
         if rank == 0:
             _save_result(run_dir / RESULT_FILE, result, result.seconds)
+            # The launcher's cue (distributed._DONE_LINE): the result is in place.
             print(
                 f"stage=train rank=0 world_size={world} done epochs={len(result.history)} "
                 f"accuracy={result.metrics['accuracy']:.4f}",
                 flush=True,
             )
+        try:
+            # Every rank leaves the group together: one tearing its connections down while a
+            # peer still uses them is how gloo aborts ranks at the end of a job.
+            dist.barrier()
+        except Exception as exc:  # training is over and its result written: not a failure
+            logging.getLogger(__name__).warning("rank=%d teardown barrier failed: %s", rank, exc)
     finally:
         dist.destroy_process_group()
     return 0

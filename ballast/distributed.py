@@ -15,8 +15,9 @@ never leaves a rank behind.
   reads back rank 0's result as the same :class:`~ballast.training.TrainResult` and deletes the
   folder (the plaintext with it) on every exit path. A one-node launch whose rank crashed (SIGABRT,
   SIGSEGV, SIGBUS) before the first epoch ended, the signature of a transport fault while the
-  ranks connect, is relaunched, up to twice (:func:`relaunchable`); anything later or anything
-  else fails.
+  ranks connect, is relaunched, up to twice (:func:`relaunchable`); one whose rank crashed so
+  after rank 0 wrote its result (tearing the process group down) keeps the result
+  (:func:`crashed_in_teardown`); anything else fails.
 
 Nothing here imports pydantic, Prefect, MLflow or cryptography: a GPU image with only torch,
 numpy, pandas and scikit-learn runs it (``benchmarks/ddp_bench.py``). Configuration is passed in
@@ -80,6 +81,8 @@ SUMMARY_LINES = 20_000  # what is kept of torchrun's summary (7 lines per failed
 RELAUNCH_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS})
 _SIGNALS = frozenset(int(s) for s in signal.Signals)
 _EPOCH_LINE = re.compile(r"^stage=train rank=0 .*\bepoch=\d+")
+# Rank 0's last line, printed once its result file is in place (ballast.ddp_worker).
+_DONE_LINE = re.compile(r"^stage=train rank=0 .*\bdone epochs=\d+")
 
 
 def resolve_world_size(setting: str | int, *, device: str, visible_gpus: int) -> int:
@@ -376,6 +379,19 @@ def relaunchable(err: DistributedTrainingError, *, epoch_ended: bool, nnodes: in
     began fail at once. Every rank's code counts, not only the root cause's: torchrun stamps
     failures to the second and breaks ties by rank, so a rank that raised and another that
     aborted when its peer vanished can show the abort as the root cause."""
+    return nnodes == 1 and not epoch_ended and _only_faults(err)
+
+
+def crashed_in_teardown(err: DistributedTrainingError, *, done: bool) -> bool:
+    """Whether a failed launch's result stands: rank 0 had written it and said so (``done``:
+    after the last collective of training, so every rank had finished training), and the
+    failure is only a rank crashed by a fault signal (gloo has aborted ranks as they tear the
+    process group down) or torchrun's own stop of the others. A timeout, an exit status or
+    SIGKILL/SIGTERM from anyone else still fail the launch."""
+    return done and _only_faults(err)
+
+
+def _only_faults(err: DistributedTrainingError) -> bool:
     faults = {-int(s) for s in RELAUNCH_SIGNALS}
 
     def explained(code: int, pid: int | None) -> bool:
@@ -385,9 +401,7 @@ def relaunchable(err: DistributedTrainingError, *, epoch_ended: bool, nnodes: in
         return code in faults or sigterm
 
     return (
-        nnodes == 1
-        and not err.timed_out
-        and not epoch_ended
+        not err.timed_out
         and err.root_signal is not None
         and err.root_signal in RELAUNCH_SIGNALS
         and bool(err.failures)
@@ -413,10 +427,13 @@ def _launch_relaunching(
     """:func:`launch`, and again (up to :data:`RELAUNCHES` times) when :func:`relaunchable`
     says so, within ``timeout_s`` in all."""
     epoch_ended = threading.Event()
+    done = threading.Event()  # this launch's rank 0 wrote its result
 
     def watch(line: str) -> None:
         if _EPOCH_LINE.match(line):
             epoch_ended.set()
+        elif _DONE_LINE.match(line):
+            done.set()
         if on_line is not None:
             on_line(line)
 
@@ -438,10 +455,19 @@ def _launch_relaunching(
                 " | ".join(last.errors) or "none printed",
             )
             shutil.rmtree(run_dir / PID_DIR, ignore_errors=True)  # the last launch's are stale
+        done.clear()
         try:
             launch(argv, timeout_s=left, on_line=watch, env=env, run_dir=run_dir)
             return
         except DistributedTrainingError as err:
+            if crashed_in_teardown(err, done=done.is_set()) and (run_dir / RESULT_FILE).is_file():
+                # Training had ended on every rank: the result is read (and checked) as usual.
+                log.warning(
+                    "stage=train teardown_crash=%s result=kept errors=%s",
+                    signal.Signals(err.root_signal or signal.SIGABRT).name,
+                    " | ".join(err.errors) or "none printed",
+                )
+                return
             again = attempt < RELAUNCHES and relaunchable(
                 err, epoch_ended=epoch_ended.is_set(), nnodes=topology.nnodes
             )

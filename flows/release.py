@@ -23,6 +23,7 @@ from tasks.canary import canary_release, fetch_candidate
 from tasks.common import logger, remove_staging
 from tasks.compile import compile_candidate, cost_gate
 from tasks.data import ingest_dataset
+from tasks.localisation import rollback_fault_report
 from tasks.registry import close_candidate, record_promotion, register_candidate
 from tasks.report import publish_decision
 from tasks.train import quality_gate, train_model
@@ -161,6 +162,13 @@ def release_flow(
             evidence=evidence,
         )
         report.outcome = "rolled_back"
+    # Which replica failed the candidate's requests, since when, why: over its canary (and a
+    # minute before, for the shadow phase and the first requests).
+    extra = (
+        ""
+        if report.outcome == "promoted"
+        else rollback_fault_report(s.model_name, info.version, outcome.seconds_to_decision + 60)
+    )
     report.decision_artifact_id = publish_decision(
         model=s.model_name,
         version=info.version,
@@ -169,6 +177,7 @@ def release_flow(
         champion=outcome.champion,
         steps=outcome.steps,
         evidence=dict(outcome.evidence),
+        extra=extra,
     )
     logger().info(
         "stage=release model=%s version=%s outcome=%s seconds=%.1f",

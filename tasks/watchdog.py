@@ -11,7 +11,6 @@ half a file. A state that cannot be read starts a fresh warm-up rather than fail
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -45,6 +44,7 @@ from ballast.watchdog import (
     unavailable,
 )
 from tasks.common import logger, registry
+from tasks.localisation import fault_markdown
 
 #: Event names: ``ballast.watchdog.breach`` / ``ballast.watchdog.unavailable``.
 EVENT_PREFIX = "ballast.watchdog."
@@ -260,85 +260,19 @@ def localisation_markdown(
     log_paths: list[Path] | None,
     lookback_s: float,
 ) -> str:
-    """The fault report for the breaching version, or a line saying why there is none. Never
-    raises: the breach is reported with or without it.
-
-    From ``log_paths``, else the gateway logs under the state folder (``ballast stack``), else
-    from the gateway itself: every pod's ``/admin/failures`` (with ``gateway_pods_host``), each
-    reading its replicas' failure files, merged into one report."""
+    """The fault report for the breaching version (:func:`tasks.localisation.fault_markdown`),
+    or a line saying why there is none. Never raises."""
     if decision.version is None:
         return ""
-    try:
-        from ballast.localise import default_log_paths, localise
-    except ImportError as exc:  # pragma: no cover - the module ships with ballast
-        return f"_Fault localisation unavailable: {exc}_\n"
-    paths = log_paths if log_paths is not None else default_log_paths(s.state_dir)
     culprit = decision.culprit
-    metric = culprit.metric if culprit else None
-    start = datetime.now(UTC) - timedelta(seconds=lookback_s)
-    if not paths:
-        return _pods_localisation(s, decision.model, decision.version, start, metric, lookback_s)
-    try:
-        report = localise(paths, decision.model, decision.version, start, metric=metric)
-    except Exception as exc:  # a report must not be lost to a log it cannot parse
-        return f"_Fault localisation failed: {type(exc).__name__}: {exc}_\n"
-    return report.to_markdown()
-
-
-def _pods_localisation(
-    s: Settings, model: str, version: str, start: datetime, metric: str | None, lookback_s: float
-) -> str:
-    from ballast.localise import FaultReport, merge_reports
-
-    failed: list[str] = []
-    # By pod name and the files read: two addresses reaching one pod read the same files and
-    # are counted once (two gateways on one host, as in tests, read different folders).
-    by_pod: dict[tuple[str, tuple[str, ...]], FaultReport] = {}
-    try:
-        urls = gateway_urls(s)
-    except GatewayError as exc:
-        urls, failed = [], [exc.message]
-    token = s.admin_token() if urls else None
-    end = datetime.now(UTC)
-    for url in urls:
-        try:
-            with GatewayClient(url, token) as gw:
-                pod, report = gw.failures(model, version, start, end)
-        except GatewayError as exc:
-            failed.append(exc.message)
-            continue
-        by_pod.setdefault((pod, report.files), report)
-    if len(urls) > 1:
-        logger().info(
-            "stage=watchdog localisation pods=%d read=%d failed=%d",
-            len(urls),
-            len(by_pod),
-            len(failed),
-        )
-    if not by_pod:
-        why = "; ".join(failed[:3]) or "no gateway address"
-        if s.gateway_pods_host is not None:
-            minutes = max(1, math.ceil(lookback_s / 60))
-            return (
-                f"_No pod's failures could be read ({_cell(why)}). The pods' own log: "
-                f"`kubectl logs -l app.kubernetes.io/name=ballast-gateway --since={minutes}m "
-                f"--prefix | grep request.failed`._\n"
-            )
-        return f"_No gateway log found for fault localisation ({_cell(why)})._\n"
-    try:
-        merged = merge_reports(((pod, r) for (pod, _), r in by_pod.items()), metric=metric)
-    except ValueError as exc:  # pragma: no cover - every report was checked for the version
-        return f"_Fault localisation failed: {exc}_\n"
-    md = merged.to_markdown()
-    if failed:
-        md += "\n\nNot read (their failures are missing above): " + "; ".join(
-            _cell(m) for m in failed
-        )
-    return md + "\n"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:300]
+    return fault_markdown(
+        s,
+        decision.model,
+        decision.version,
+        datetime.now(UTC) - timedelta(seconds=lookback_s),
+        metric=culprit.metric if culprit else None,
+        log_paths=log_paths,
+    )
 
 
 def artifact_key(model: str) -> str:

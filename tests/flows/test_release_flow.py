@@ -135,6 +135,10 @@ def test_faulty_release_is_rolled_back_by_the_canary(release_env: Settings) -> N
     assert f"version {report.version}: ROLLED BACK" in markdown
     assert "## Canary steps" in markdown and "| rollback |" in markdown
     assert report.reason.split(";")[0] in markdown
+    # It says which replica failed the candidate's requests and why (the gateway's failure
+    # lines over the canary).
+    assert f"# Fault report: {s.model_name} version {report.version}" in markdown, markdown
+    assert "failed requests** between" in markdown and "| injected_fault |" in markdown
     # with the audit log's anchor after the decision's entries, which the log still matches.
     found = re.search(r"Audit log anchor: `([^`]+)`", markdown)
     assert found is not None, markdown

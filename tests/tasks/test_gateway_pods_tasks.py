@@ -249,7 +249,7 @@ def test_the_breach_report_localises_the_failing_pod_from_every_pods_files(
     assert "pod-b/gateway/failures/" in md and "pod-a" not in md
     assert md.count(": no failure file") == 1, md
     assert "Log around the first failure" in md and "request.failed" in md
-    assert "localisation pods=2 read=2 failed=0" in caplog.text
+    assert "stage=localise pods=2 read=2 failed=0" in caplog.text
 
 
 def test_the_report_says_where_a_clusters_failure_lines_are(

@@ -17,6 +17,7 @@ from ballast.distributed import (
     Topology,
     _launch_relaunching,
     backend_for,
+    crashed_in_teardown,
     launch,
     merged_model_params,
     relaunchable,
@@ -561,3 +562,70 @@ def test_the_sweep_removes_only_folders_whose_launcher_died_here(tmp_path: Path)
     (tmp_path / "ddp-old-format").mkdir()  # no spec: kept
     assert sweep_stale_runs(tmp_path) == [gone]
     assert not gone.exists() and running.exists() and elsewhere.exists()
+
+
+@pytest.mark.parametrize(
+    ("codes", "timed_out", "done", "expected"),
+    [
+        ((-6,), False, True, True),  # gloo aborting a rank as the group is torn down
+        ((-15, -11), False, True, True),  # the other rank stopped by torchrun (pid 1)
+        ((-6,), False, False, False),  # no result yet: a crash in training is the job's
+        ((-6,), True, True, False),
+        ((-9,), False, True, False),  # SIGKILL: an operator or the OOM killer decided
+        ((1,), False, True, False),  # an exit status: a Python error
+        ((1, -6), False, True, False),
+        ((), False, True, False),  # no summary read: nothing to go on
+    ],
+)
+def test_only_a_fault_signal_after_rank_0_wrote_its_result_keeps_the_result(
+    codes: tuple[int, ...], timed_out: bool, done: bool, expected: bool
+) -> None:
+    root = -codes[-1] if codes and codes[-1] < 0 else 6
+    failures = tuple((code, pid) for pid, code in enumerate(codes, start=1))
+    err = DistributedTrainingError(
+        "x",
+        returncode=1,
+        timed_out=timed_out,
+        root_signal=root,
+        failures=failures,
+        terminated=frozenset({1}),
+    )
+    assert crashed_in_teardown(err, done=done) is expected
+
+
+def test_a_rank_crashing_after_the_result_is_written_keeps_the_result(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a stand-in torchrun whose rank 0 trained an epoch and wrote its result, then a rank
+    # aborted (as gloo does tearing the group down),
+    count = tmp_path / "launches"
+    script = (
+        f"open({str(count)!r}, 'a').write('x')\n"
+        "print('stage=train rank=0 world_size=2 epoch=1 train_loss=0.5')\n"
+        "print('stage=train rank=0 world_size=2 done epochs=1 accuracy=0.9000')\n"
+        "print('terminate called without an active exception')\n"
+        "print('W Sending process 11 closing signal SIGTERM')\n"
+        f"print({SUMMARY.format(other=-15, root=-6)!r})\n"
+        "raise SystemExit(1)\n"
+    )
+    run_dir = tmp_path / "ddp-x"
+    run_dir.mkdir()
+
+    def launch_once() -> None:
+        _launch_relaunching(
+            _py(script), Topology(2), timeout_s=60, on_line=None, env=dict(os.environ),
+            run_dir=run_dir,
+        )  # fmt: skip
+
+    # when the result file is there, the launch stands, once, and the crash is logged;
+    (run_dir / "result.pt").write_bytes(b"checked by read_result")
+    caplog.set_level("WARNING")
+    launch_once()
+    assert count.read_text() == "x"
+    assert "teardown_crash=SIGABRT result=kept" in caplog.text
+    assert "terminate called without an active exception" in caplog.text
+    # without it (a claim the file does not back), the crash fails the launch as before.
+    (run_dir / "result.pt").unlink()
+    with pytest.raises(DistributedTrainingError, match="rank killed by SIGABRT"):
+        launch_once()
+    assert count.read_text() == "xx"
