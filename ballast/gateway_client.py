@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -84,6 +84,14 @@ def _observations_page(data: Any) -> dict[str, Any]:
     if not ok:
         raise ValueError("an observations page has replica, started, next and observations")
     return page
+
+
+class PodFaultReport(NamedTuple):
+    """One pod's answer to ``/admin/failures``."""
+
+    pod: str  # its host name
+    folder: str  # its failure folder's id: the same for two addresses of one pod
+    report: FaultReport
 
 
 class GatewayClient:
@@ -274,15 +282,16 @@ class GatewayClient:
         *,
         min_status: int = 500,
         context: int = 20,
-    ) -> tuple[str, FaultReport]:
-        """The reached pod's fault report for ``version`` (``/admin/failures``): the pod's
-        name and the report of every replica's failure files there."""
+    ) -> PodFaultReport:
+        """The reached pod's fault report for ``version`` (``/admin/failures``), from every
+        replica's failure files there."""
 
-        def parse(body: Any) -> tuple[str, FaultReport]:
+        def parse(body: Any) -> PodFaultReport:
             report = FaultReport.from_dict(body)
             if (report.model, report.version) != (model, version):
                 raise ValueError(f"a report of {report.model} version {report.version}")
-            return str(body.get("pod") or self.base_url), report
+            pod = str(body.get("pod") or self.base_url)
+            return PodFaultReport(pod, str(body.get("folder") or pod), report)
 
         params: dict[str, str | int] = {
             "model": model,

@@ -23,13 +23,15 @@ a large log costs time, not memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = [
     "EVENT_FAILED",
@@ -126,7 +128,7 @@ class FaultReport:
                 raise TypeError("not an object")
             times = [_required_ts(t) for t in data.get("first_request_times") or []]
             first = data.get("first_failure")
-            return cls(
+            report = cls(
                 model=str(data["model"]),
                 version=str(data["version"]),
                 start=_required_ts(data["start"]),
@@ -151,8 +153,13 @@ class FaultReport:
                 files=tuple(str(f) for f in data.get("files") or []),
                 unreadable=tuple(str(u) for u in data.get("unreadable") or []),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"not a fault report: {type(exc).__name__}: {exc}") from None
+        if sum(r.failures for r in report.replicas) != report.failures:
+            raise ValueError("not a fault report: its replicas' failures do not add up")
+        if report.logged > report.failures:
+            raise ValueError("not a fault report: more failures logged than counted")
+        return report
 
     def to_markdown(self) -> str:
         """A Prefect markdown artifact: summary, tables, and the log around the first failure."""
@@ -253,16 +260,33 @@ def localise(
     firsts: list[_FileFirst] = []
     unreadable: list[str] = []
     before = context_lines // 4
-    for path in paths:
-        try:
-            first = _scan(
-                path, tally, model, version, start, end, min_status, before, context_lines
-            )
-        except OSError as exc:
-            unreadable.append(f"{path}: {exc.strerror or exc}")
-            continue
-        if first is not None:
-            firsts.append(first)
+    # Every file is opened before any is read, and a file met twice (by inode) read once: a
+    # gateway rotating "r.jsonl" to "r.jsonl.1" between two opens would otherwise have its
+    # lines counted twice.
+    handles: list[tuple[Path, TextIO]] = []
+    seen: set[tuple[int, int]] = set()
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            try:
+                opened = stack.enter_context(path.open("r", encoding="utf-8", errors="replace"))
+                st = os.fstat(opened.fileno())
+            except OSError as exc:
+                unreadable.append(f"{path}: {exc.strerror or exc}")
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            handles.append((path, opened))
+        for path, fh in handles:
+            try:
+                first = _scan(
+                    path, fh, tally, model, version, start, end, min_status, before, context_lines
+                )
+            except OSError as exc:
+                unreadable.append(f"{path}: {exc.strerror or exc}")
+                continue
+            if first is not None:
+                firsts.append(first)
     earliest = min(firsts, key=lambda f: f.ts) if firsts else None
     total = tally.failures
     replicas = tuple(
@@ -309,9 +333,13 @@ def merge_reports(
     statuses: Counter[int] = Counter()
     roles: Counter[str] = Counter()
     ids: list[tuple[datetime, str]] = []
-    for _, r in pairs:
+    for source, r in pairs:
         for share in r.replicas:
-            replicas[share.replica] += share.failures
+            # Named by source where the name alone may not say which pod it is on.
+            name = share.replica
+            if len(pairs) > 1 and not name.startswith(source):
+                name = f"{source}/{name}"
+            replicas[name] += share.failures
         reasons.update(r.reasons)
         statuses.update(r.statuses)
         roles.update(r.roles)
@@ -330,7 +358,9 @@ def merge_reports(
         failures=total,
         logged=sum(r.logged for _, r in pairs),
         replicas=tuple(
-            ReplicaShare(k, n, n / total) for k, n in sorted(replicas.items(), key=_desc) if n
+            ReplicaShare(k, n, n / total)
+            for k, n in sorted(replicas.items(), key=_desc)
+            if n and total
         ),
         first_failure=None if earliest is None else earliest[0],
         reasons=dict(sorted(reasons.items(), key=_desc)),
@@ -355,6 +385,7 @@ def merge_reports(
 
 def _scan(
     path: Path,
+    fh: TextIO,
     tally: _Tally,
     model: str,
     version: str,
@@ -368,32 +399,31 @@ def _scan(
     recent: deque[str] = deque(maxlen=before)
     first: _FileFirst | None = None
     needle = json.dumps(version)  # the version as it appears in a JSON line, quotes included
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
-        lineno, whole = 0, True
-        while raw := fh.readline(_MAX_PARSE_CHARS):
-            # A piece of an over-long line (not a line of its own) is skipped.
-            # (short of the limit without a newline: the file's last line)
-            piece_of_long, whole = not whole, raw.endswith("\n") or len(raw) < _MAX_PARSE_CHARS
-            if piece_of_long:
-                continue
-            lineno += 1
-            full = raw.rstrip("\n")
-            line = full[:_MAX_LINE_CHARS]
-            if first is not None and first.after_left > 0:
-                first.context.append(line)
-                first.after_left -= 1
-            found = None
-            if whole and needle in full and full.startswith("{"):
-                found = _failure(full, model, version, start, end, min_status)
-            if found is not None:
-                ts, n, event = found
-                _count(tally, event, n, ts, min_status)
-                if first is None:
-                    first = _FileFirst(
-                        ts, f"{path}:{lineno}", [*recent, line], max(0, context_lines - before - 1)
-                    )
+    lineno, whole = 0, True
+    while raw := fh.readline(_MAX_PARSE_CHARS):
+        # A piece of an over-long line (not a line of its own) is skipped.
+        # (short of the limit without a newline: the file's last line)
+        piece_of_long, whole = not whole, raw.endswith("\n") or len(raw) < _MAX_PARSE_CHARS
+        if piece_of_long:
+            continue
+        lineno += 1
+        full = raw.rstrip("\n")
+        line = full[:_MAX_LINE_CHARS]
+        if first is not None and first.after_left > 0:
+            first.context.append(line)
+            first.after_left -= 1
+        found = None
+        if whole and needle in full and full.startswith("{"):
+            found = _failure(full, model, version, start, end, min_status)
+        if found is not None:
+            ts, n, event = found
+            _count(tally, event, n, ts, min_status)
             if first is None:
-                recent.append(line)
+                first = _FileFirst(
+                    ts, f"{path}:{lineno}", [*recent, line], max(0, context_lines - before - 1)
+                )
+        if first is None:
+            recent.append(line)
     return first
 
 
@@ -471,7 +501,7 @@ def _parse_ts(value: Any) -> datetime | None:
         return None
     try:
         return _aware(datetime.fromisoformat(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # an offset past year 1 or 9999 overflows in UTC
         return None
 
 

@@ -162,12 +162,12 @@ def release_flow(
             evidence=evidence,
         )
         report.outcome = "rolled_back"
-    # Which replica failed the candidate's requests, since when, why: over its canary (and a
-    # minute before, for the shadow phase and the first requests).
+    # Which replica failed the candidate's requests, since when, why: over its canary (from a
+    # minute before its start: clocks of a cluster's pods differ a little).
     extra = (
         ""
         if report.outcome == "promoted"
-        else rollback_fault_report(s.model_name, info.version, outcome.seconds_to_decision + 60)
+        else rollback_fault_report(s.model_name, info.version, outcome.started_at - 60)
     )
     report.decision_artifact_id = publish_decision(
         model=s.model_name,

@@ -67,6 +67,9 @@ class CanaryOutcome:
     seconds_to_decision: float
     steps: list[dict[str, Any]] = field(default_factory=list)
     evidence: dict[str, float] = field(default_factory=dict)
+    # When its first turn sent the candidate traffic (epoch seconds): where a fault report
+    # of the candidate's failures starts.
+    started_at: float = 0.0
 
 
 def version_spec(reg: Registry, s: Settings, info: ModelVersionInfo) -> VersionSpec:
@@ -294,6 +297,7 @@ def canary_release(
         log.info("stage=canary started gateway pid=%s at %s", started.pid, s.gateway_url)
     with GatewayClient(s.gateway_url, s.admin_token()) as client:
         gw = AuditedAdmin(client, s.audit_log, why=f"canary of {cand_spec.version}")
+        started_at = 0.0
         for turn in range(1, CANARY_TURNS + 1):
             # Another release's canary (the nightly run's, a person's) goes first: wait for it
             # to end, then judge against the champion it leaves.
@@ -305,6 +309,7 @@ def canary_release(
                     cand_spec.version,
                 ),
             )
+            started_at = started_at or time.time()
             try:
                 result = _canary_once(s, reg, gw, client, candidate, cand_spec, rows, labels)
                 break
@@ -333,4 +338,5 @@ def canary_release(
         seconds_to_decision=result.seconds_to_decision,
         steps=[_step_dict(r) for r in result.steps],
         evidence=dict(result.evidence),
+        started_at=started_at,
     )

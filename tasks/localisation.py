@@ -35,21 +35,20 @@ def fault_markdown(
     """``version``'s fault report since ``start`` as markdown, or a line saying why there is
     none. Never raises: the report it goes into is published with or without it."""
     paths = log_paths if log_paths is not None else default_log_paths(s.state_dir)
-    if not paths:
-        return _from_gateway(s, model, version, start, metric)
     try:
-        report = localise(paths, model, version, start, metric=metric)
-    except Exception as exc:  # a report must not be lost to a log it cannot parse
-        return f"_Fault localisation failed: {type(exc).__name__}: {exc}_\n"
-    return report.to_markdown()
+        if not paths:
+            return _from_gateway(s, model, version, start, metric)
+        return localise(paths, model, version, start, metric=metric).to_markdown()
+    except Exception as exc:  # the report it goes into must not be lost to this part
+        return f"_Fault localisation failed: {type(exc).__name__}: {_cell(str(exc))}_\n"
 
 
 @task(name="fault-report", cache_policy=NO_CACHE)
-def rollback_fault_report(model: str, version: str, lookback_s: float) -> str:
-    """A rolled-back version's fault report over the last ``lookback_s`` (its canary)."""
+def rollback_fault_report(model: str, version: str, since: float) -> str:
+    """A rolled-back version's fault report from ``since`` (epoch seconds: its canary's start)
+    to now."""
     s = get_settings()
-    start = datetime.fromtimestamp(datetime.now(UTC).timestamp() - lookback_s, UTC)
-    md = fault_markdown(s, model, version, start)
+    md = fault_markdown(s, model, version, datetime.fromtimestamp(since, UTC))
     logger().info("stage=report fault_report=%s", "written" if md.startswith("#") else "none")
     return md
 
@@ -58,9 +57,9 @@ def _from_gateway(
     s: Settings, model: str, version: str, start: datetime, metric: str | None
 ) -> str:
     failed: list[str] = []
-    # By pod name and the files read: two addresses reaching one pod read the same files and
-    # are counted once (two gateways on one host, as in tests, read different folders).
-    by_pod: dict[tuple[str, tuple[str, ...]], FaultReport] = {}
+    # By failure folder (each pod's own, shared by its replicas): two addresses reaching one
+    # pod are counted once.
+    by_folder: dict[str, tuple[str, FaultReport]] = {}
     try:
         urls = gateway_urls(s)
     except GatewayError as exc:
@@ -70,16 +69,16 @@ def _from_gateway(
     for url in urls:
         try:
             with GatewayClient(url, token) as gw:
-                pod, report = gw.failures(model, version, start, end)
+                answer = gw.failures(model, version, start, end)
         except GatewayError as exc:
             failed.append(exc.message)
             continue
-        by_pod.setdefault((pod, report.files), report)
+        by_folder.setdefault(answer.folder, (answer.pod, answer.report))
     if len(urls) > 1:
         logger().info(
-            "stage=localise pods=%d read=%d failed=%d", len(urls), len(by_pod), len(failed)
+            "stage=localise pods=%d read=%d failed=%d", len(urls), len(by_folder), len(failed)
         )
-    if not by_pod:
+    if not by_folder:
         why = "; ".join(failed[:3]) or "no gateway address"
         if s.gateway_pods_host is not None:
             minutes = max(1, math.ceil(round((end - start).total_seconds()) / 60))
@@ -89,7 +88,7 @@ def _from_gateway(
                 f"--prefix | grep request.failed`._\n"
             )
         return f"_No gateway log found for fault localisation ({_cell(why)})._\n"
-    merged = merge_reports(((pod, r) for (pod, _), r in by_pod.items()), metric=metric)
+    merged = merge_reports(by_folder.values(), metric=metric)
     md = merged.to_markdown()
     if failed:
         md += "\n\nNot read (their failures are missing above): " + "; ".join(

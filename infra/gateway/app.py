@@ -183,6 +183,8 @@ class GatewayConfig:
     # replica of a pod writes its own file there, and any of them reads them all.
     failure_dir: Path | None = None
     failure_file_bytes: int = 4 << 20  # per replica, rotated once (twice this on disk)
+    # How long a GET /admin/failures waits for another one's read before it answers 429.
+    failure_read_wait_s: float = 10.0
     # Hot-path metric updates are summed and written this often (0: once per loop iteration).
     # Each write costs about a microsecond per series in multiprocess mode; a replica's own
     # /metrics writes its pending updates first, another replica's may lag by this much.
@@ -300,6 +302,27 @@ def _warn_json(fields: dict[str, Any]) -> None:
     logger.warning(json.dumps(fields, default=str))
 
 
+def _read_failures(
+    files: FailureFiles,
+    model: str,
+    version: str,
+    since: datetime,
+    until: datetime,
+    min_status: int,
+    context: int,
+) -> dict[str, Any]:
+    """``GET /admin/failures``'s answer, read in a thread."""
+    from ballast.localise import localise
+
+    report = localise(
+        files.paths(), model, version, since, until, min_status=min_status, context_lines=context
+    )
+    body = report.to_dict()
+    body["pod"] = socket.gethostname()
+    body["folder"] = files.folder_id()
+    return body
+
+
 def _query_time(value: str | None) -> datetime | None:
     """An ISO 8601 time from a query (naive: UTC), or ValueError saying what is wrong."""
     if value is None:
@@ -367,6 +390,7 @@ class Gateway:
                 max_bytes=self.config.failure_file_bytes,
             )
         )
+        self._failure_reads = asyncio.Semaphore(1)
         self.failures = FailureLog(
             _warn_json if self.failure_files is None else self._log_failure,
             replica=self.replica_id,
@@ -414,6 +438,7 @@ class Gateway:
                 self._log("failure_files.unavailable", error=str(exc))
             else:
                 self._log("failure_files.ready", folder=self.failure_files.folder, swept=swept)
+                self._spawn(self._sweep_failure_files(self.failure_files))
         try:
             yield
         finally:
@@ -460,6 +485,19 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             self.failures.flush()
+
+    async def _sweep_failure_files(self, files: FailureFiles) -> None:
+        # Peers restarted in a loop (a new name each time) leave files behind: bounded here,
+        # not only when this replica starts.
+        while True:
+            await asyncio.sleep(300.0)
+            try:
+                swept = await self._in_thread(self._io, files.sweep)
+            except OSError as exc:
+                self._log("failure_files.sweep_failed", error=str(exc))
+                continue
+            if swept:
+                self._log("failure_files.swept", removed=swept)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1240,23 +1278,24 @@ class Gateway:
         files = self.failure_files
         if files is None:
             return _error(409, "this gateway keeps no failure files (it has no state folder)")
-        from ballast.localise import localise
-
-        # Off the loop, and not on the board's I/O thread: a pod's files (up to twice
-        # failure_file_bytes per replica) take a while to read, and a late board report would
-        # read as a dead replica.
-        report = await asyncio.to_thread(
-            localise,
-            files.paths(),
-            model,
-            version,
-            since,
-            until,
-            min_status=min_status,
-            context_lines=context,
-        )
-        body = report.to_dict()
-        body["pod"] = socket.gethostname()
+        # One read at a time per replica: each costs CPU (tens of ms for a few MB of lines),
+        # and a caller must not be able to stack them up against the serving loop.
+        try:
+            await asyncio.wait_for(
+                self._failure_reads.acquire(), timeout=self.config.failure_read_wait_s
+            )
+        except TimeoutError:
+            return _error(
+                429, "another failure report is being read; try again", {"Retry-After": "1"}
+            )
+        try:
+            # Off the loop, and not on the board's I/O thread: a late board report would read
+            # as a dead replica.
+            body = await asyncio.to_thread(
+                _read_failures, files, model, version, since, until, min_status, context
+            )
+        finally:
+            self._failure_reads.release()
         body["replica"] = self.replica_id
         return JSONResponse(body)
 

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,7 +185,8 @@ class FailureFiles:
     gets, for :func:`ballast.localise.localise` to read back.
 
     Bounded on disk: at ``max_bytes`` the file rotates to ``<replica>.jsonl.1`` (one old file
-    kept), and :meth:`sweep` removes any file untouched for ``keep_s`` (replicas long gone).
+    kept), and :meth:`sweep` (at start, then every few minutes) removes any file untouched for
+    ``keep_s`` (replicas long gone) and the oldest beyond ``max_files``.
     Lines of requests refused before routing (no version) are not kept: a flood of malformed
     requests must not rotate a failing version's lines away. Call from one thread.
     """
@@ -192,12 +194,19 @@ class FailureFiles:
     PATTERNS = ("*.jsonl", "*.jsonl.1")
 
     def __init__(
-        self, folder: Path, replica: str, *, max_bytes: int = 4 << 20, keep_s: float = 86_400.0
+        self,
+        folder: Path,
+        replica: str,
+        *,
+        max_bytes: int = 4 << 20,
+        keep_s: float = 86_400.0,
+        max_files: int = 64,
     ) -> None:
-        if max_bytes < 1024 or keep_s <= 0:
-            raise ValueError("max_bytes must be >= 1024 and keep_s > 0")
+        if max_bytes < 1024 or keep_s <= 0 or max_files < 2:
+            raise ValueError("max_bytes must be >= 1024, keep_s > 0 and max_files >= 2")
         self.folder = Path(folder)
         self.keep_s = keep_s
+        self.max_files = max_files
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", replica)[:120] or "replica"
         self.path = self.folder / f"{safe}.jsonl"
         # Opened at the first line: a replica that never fails writes no file.
@@ -207,18 +216,50 @@ class FailureFiles:
         self._handler.setFormatter(logging.Formatter("%(message)s"))
 
     def sweep(self, now: float | None = None) -> int:
-        """Create the folder; remove files untouched for ``keep_s``. Returns how many."""
+        """Create the folder; remove files untouched for ``keep_s``, then the oldest beyond
+        ``max_files`` (never this replica's own). Returns how many were removed. Replicas
+        restarted again and again (each a new name) must not fill the disk within a day."""
         self.folder.mkdir(parents=True, exist_ok=True)
         cutoff = (time.time() if now is None else now) - self.keep_s
+        own = {self.path, self.path.with_name(self.path.name + ".1")}
         removed = 0
+        aged: list[tuple[float, Path]] = []
         for path in self.paths():
             try:
-                if path.stat().st_mtime < cutoff:
+                mtime = path.stat().st_mtime
+                if mtime < cutoff and path not in own:
                     path.unlink()
                     removed += 1
+                else:
+                    aged.append((mtime, path))
             except OSError:
                 continue  # removed by a peer sweeping at the same time
+        others = sorted(item for item in aged if item[1] not in own)
+        for _, path in others[: max(0, len(aged) - self.max_files)]:
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                continue
         return removed
+
+    def folder_id(self) -> str:
+        """A name for the folder, the same for every replica sharing it: a reader reaching one
+        pod twice (two addresses) counts its files once."""
+        target = self.folder / ".folder-id"
+        try:
+            return target.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            pass
+        tmp = self.folder / f".folder-id.{os.getpid()}.tmp"
+        tmp.write_text(uuid.uuid4().hex, encoding="ascii")
+        try:
+            os.link(tmp, target)  # atomic, and refused if a peer got there first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target.read_text(encoding="ascii").strip()
 
     def paths(self) -> list[Path]:
         """Every replica's failure files in the folder (this pod's replicas share it)."""

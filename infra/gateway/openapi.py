@@ -317,6 +317,7 @@ def openapi_document(n_features: int | None = None) -> dict[str, Any]:
                     "200": _json("The version's failures in the window, on this pod.", _ANY_OBJECT),
                     "400": _err("A missing or malformed parameter."),
                     "409": _err("This gateway keeps no failure files."),
+                    "429": _err("Another report is being read for over 10 s."),
                 }
                 | _AUTH_ERRORS,
             }

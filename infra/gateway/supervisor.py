@@ -180,7 +180,9 @@ def supervise(
                     "--worker-fd",
                     str(sock.fileno()),
                     "--replica-id",
-                    f"w{index}-{int(time.time() * 1000) % 100000}",
+                    # The host's name first: the pods of a cluster each run w0, w1, ..., and
+                    # their failures and counters are merged by replica name.
+                    f"{socket.gethostname()}-w{index}-{int(time.time() * 1000) % 100000}",
                 ],
                 stdin=subprocess.DEVNULL,
                 env=env,

@@ -285,3 +285,28 @@ def test_the_report_says_where_a_clusters_failure_lines_are(
     ((key, value),) = deployment["spec"]["selector"]["matchLabels"].items()
     assert f"kubectl logs -l {key}={value} --since=15m" in md, md
     assert "request.failed" in md
+
+
+def test_a_fault_report_that_breaks_never_breaks_the_report_it_goes_into(
+    pods: list[GatewayClient], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from ballast.gateway_client import GatewayClient as Client
+    from tasks.localisation import fault_markdown, rollback_fault_report
+
+    model = settings.model_name
+    _traffic(pods[1], model, 20)
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    # The rollback report's task over the same pods: pod b's failures.
+    md = rollback_fault_report.fn(model, "3", since.timestamp())
+    assert md.startswith(f"# Fault report: {model} version 3") and "failed requests" in md
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("a pod's answer this code did not foresee")
+
+    monkeypatch.setattr(Client, "failures", broken)
+    md = fault_markdown(get_settings(), model, "3", since)
+    assert md == (
+        "_Fault localisation failed: ZeroDivisionError: a pod's answer this code did not foresee_\n"
+    )

@@ -11,8 +11,10 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -100,16 +102,46 @@ def test_reports_of_several_pods_merge_into_one(pod: tuple[TestClient, TestClien
     a, b = pod
     fail(a, 2)
     first = report(a)
+    time.sleep(0.01)  # the next failures' times lie strictly after the first report's
     fail(b, 4)
-    # As if a second pod had answered with only b's later failures (a's were before).
-    later = report(b, since=first.first_request_times[-1].isoformat().replace("+00:00", "Z"))
+    # As if a second pod had answered with only b's later failures.
+    after = first.first_request_times[-1] + timedelta(milliseconds=1)
+    later = report(b, since=after.isoformat().replace("+00:00", "Z"))
+    assert later.failures == 4
     merged = merge_reports([("pod-1", first), ("pod-2", later)], metric="error_rate")
-    assert merged.failures == first.failures + later.failures
+    assert merged.failures == 6 and merged.logged == 6
+    # Replicas named by pod: the supervisor's worker names alone need not say which pod.
+    assert {r.replica: r.failures for r in merged.replicas} == {
+        "pod-2/pod-r2": 4,
+        "pod-1/pod-r1": 2,
+    }
     assert merged.first_failure == first.first_failure
     assert merged.context_source is not None and merged.context_source.startswith("pod-1: ")
     assert list(merged.first_request_times) == sorted(merged.first_request_times)
     assert merged.metric == "error_rate"
     assert all(f.startswith(("pod-1: ", "pod-2: ")) for f in merged.files)
+
+
+def test_two_reads_at_once_wait_for_each_other_then_answer_429(
+    tmp_path: Path, artefacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import infra.gateway.app as app_module
+
+    real = app_module._read_failures
+
+    def slow(*args: Any) -> dict[str, Any]:
+        time.sleep(0.6)
+        return real(*args)
+
+    monkeypatch.setattr(app_module, "_read_failures", slow)
+    client, _ = make_client(failure_dir=tmp_path / "f", failure_read_wait_s=0.2)
+    params = {"model": MODEL, "version": "1", "since": since()}
+    with client, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: client.get(ROUTE, params=params, headers=AUTH), range(2)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200, 429], [r.text for r in answers]
+    busy = next(r for r in answers if r.status_code == 429)
+    assert busy.headers["Retry-After"] == "1" and "try again" in busy.json()["error"]
 
 
 @pytest.mark.parametrize(
@@ -223,3 +255,29 @@ def test_sweep_removes_only_files_untouched_for_keep_s(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["gone-2.jsonl.1", "notes.txt"]
     with pytest.raises(ValueError, match="max_bytes"):
         FailureFiles(folder, "r", max_bytes=10)
+
+
+def test_sweep_keeps_at_most_max_files_and_never_its_own(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    files = FailureFiles(folder, "live", max_files=3)
+    files.sweep()
+    files.write(line("1", 0))
+    now = time.time()
+    for i in range(5):  # replicas restarted in a loop, each with a new name
+        p = folder / f"gone-{i}.jsonl"
+        p.write_text("{}\n")
+        os.utime(p, (now - 100 + i, now - 100 + i))
+    os.utime(files.path, (now - 1000, now - 1000))  # its own file, the oldest of all
+    assert files.sweep() == 3
+    assert sorted(p.name for p in files.paths()) == ["gone-3.jsonl", "gone-4.jsonl", "live.jsonl"]
+    files.close()
+
+
+def test_replicas_sharing_a_folder_share_its_id(tmp_path: Path) -> None:
+    one, two = (FailureFiles(tmp_path / "f", r) for r in ("r1", "r2"))
+    one.sweep()
+    other = FailureFiles(tmp_path / "g", "r3")
+    other.sweep()
+    assert one.folder_id() == two.folder_id() != other.folder_id()
+    assert len(one.folder_id()) == 32
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [".folder-id"]

@@ -7,6 +7,7 @@ FailureLog (infra/gateway/faillog.py) so the reader and the writer cannot drift 
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -271,8 +272,14 @@ def test_pods_reports_merge_as_if_one_log_held_every_line(tmp_path: Path) -> Non
     both = localise([pod1, pod2], "m", "2", *window)
     apart = [(f"pod-{i}", localise(p, "m", "2", *window)) for i, p in enumerate((pod1, pod2))]
     merged = merge_reports(apart, metric="error_rate")
-    for field in ("failures", "logged", "replicas", "first_failure", "reasons", "statuses"):
+    for field in ("failures", "logged", "first_failure", "reasons", "statuses"):
         assert getattr(merged, field) == getattr(both, field), field
+    # Replicas are named by their source (a pod) as well.
+    assert [(r.replica, r.failures, r.share) for r in merged.replicas] == [
+        ("pod-0/p1-r", 3, 0.6),
+        ("pod-1/p2-r", 2, 0.4),
+    ]
+    assert [(r.failures, r.share) for r in both.replicas] == [(3, 0.6), (2, 0.4)]
     assert merged.first_request_ids == both.first_request_ids == ("b2", "a3", "a5", "a7", "b9")
     # The context is the pod's with the first failure, named by pod.
     assert merged.context == both.context and merged.context_source == f"pod-1: {pod2}:1"
@@ -299,3 +306,30 @@ def test_merge_refuses_nothing_and_mixed_versions_and_from_dict_refuses_garbage(
     # An older gateway's answer without the ids' times: they count at its first failure.
     old = FaultReport.from_dict({**good, "first_request_times": None})
     assert merge_reports([("a", old)]).first_request_times == (T0,)
+
+
+def test_a_file_met_twice_is_read_once(tmp_path: Path) -> None:
+    # A gateway rotating r.jsonl to r.jsonl.1 between two opens shows one file under both
+    # names: a hard link is the same situation, held still.
+    current = write(tmp_path / "r.jsonl", [failed(T0 + timedelta(seconds=s)) for s in range(3)])
+    os.link(current, tmp_path / "r.jsonl.1")
+    report = localise(
+        [current, tmp_path / "r.jsonl.1", current], "m", "2", T0, T0 + timedelta(minutes=1)
+    )
+    assert report.failures == 3 and len(report.files) == 3
+
+
+def test_from_dict_refuses_counts_that_do_not_add_up_and_times_out_of_range(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "p.jsonl", [failed(T0), failed(T0, replica="r2")])
+    good = localise(path, "m", "2", T0, T0 + timedelta(seconds=1)).to_dict()
+    assert FaultReport.from_dict(good).failures == 2
+    lopsided = {**good, "failures": 0, "logged": 0}
+    for bad in (
+        lopsided,  # replicas hold 2 where the report says 0: merging would divide by 0
+        {**good, "logged": 3},
+        {**good, "first_failure": "0001-01-01T00:00:00+01:00"},  # before year 1 in UTC
+    ):
+        with pytest.raises(ValueError, match="not a fault report"):
+            FaultReport.from_dict(bad)
