@@ -49,13 +49,9 @@ def ports(settings: Settings) -> list[int]:
     return [settings.gateway_port, free_port()]
 
 
-@pytest.fixture
-def pods(
-    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ports: list[int]
-) -> Iterator[list[GatewayClient]]:
-    """Two gateway processes serving version 3 as champion; pod b's champion fails 30 % of its
-    requests (the gateway's injected fault). Settings name both through PODS_HOST."""
-    spec = spec_for(build_mlp_onnx(tmp_path / "three.onnx", seed=3), "3")
+def resolve_pods(monkeypatch: pytest.MonkeyPatch, ports: list[int]) -> None:
+    """PODS_HOST resolves to 127.0.0.1 at each of ``ports`` (read at each lookup: a test may
+    change them); every other name goes to the real resolver."""
     real = socket.getaddrinfo
 
     def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
@@ -64,6 +60,16 @@ def pods(
         return [row for p in ports for row in real("127.0.0.1", p, *args, **kwargs)]
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
+
+
+@pytest.fixture
+def pods(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ports: list[int]
+) -> Iterator[list[GatewayClient]]:
+    """Two gateway processes serving version 3 as champion; pod b's champion fails 30 % of its
+    requests (the gateway's injected fault). Settings name both through PODS_HOST."""
+    spec = spec_for(build_mlp_onnx(tmp_path / "three.onnx", seed=3), "3")
+    resolve_pods(monkeypatch, ports)
     monkeypatch.setattr(wt, "registry", lambda s=None: Registry())
     with contextlib.ExitStack() as stack:
         clients = []
@@ -265,14 +271,7 @@ def test_the_report_says_where_a_clusters_failure_lines_are(
     assert alone.startswith("_No gateway log found for fault localisation (gateway at "), alone
     assert "unreachable" in alone
     # Pods that do not answer (none runs here): their own log, with the command that reads it.
-    real = socket.getaddrinfo
-
-    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host != PODS_HOST:
-            return real(host, port, *args, **kwargs)
-        return [row for p in ports for row in real("127.0.0.1", p, *args, **kwargs)]
-
-    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    resolve_pods(monkeypatch, ports)
     monkeypatch.setenv("BALLAST_GATEWAY_PODS_HOST", PODS_HOST)
     get_settings.cache_clear()
     md = wt.localisation_markdown(get_settings(), decision, [], 900)

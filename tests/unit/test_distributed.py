@@ -332,6 +332,20 @@ def test_root_cause_signal_reads_the_root_cause_section_only(
     assert root_cause_signal(lines) == expected
 
 
+def summary_error(codes: tuple[int, ...], *, timed_out: bool = False) -> DistributedTrainingError:
+    """A failed launch whose torchrun summary listed ``codes`` (pids 1, 2, ...; the root cause
+    last), torchrun having sent pid 1 SIGTERM."""
+    root = -codes[-1] if codes and codes[-1] < 0 else 6
+    return DistributedTrainingError(
+        "x",
+        returncode=1,
+        timed_out=timed_out,
+        root_signal=root,
+        failures=tuple((code, pid) for pid, code in enumerate(codes, start=1)),
+        terminated=frozenset({1}),
+    )
+
+
 @pytest.mark.parametrize(
     ("codes", "timed_out", "epoch_ended", "nnodes", "expected"),
     [
@@ -354,16 +368,7 @@ def test_root_cause_signal_reads_the_root_cause_section_only(
 def test_only_a_rank_crash_before_the_first_epoch_on_one_node_is_relaunched(
     codes: tuple[int, ...], timed_out: bool, epoch_ended: bool, nnodes: int, expected: bool
 ) -> None:
-    root = -codes[-1] if codes and codes[-1] < 0 else 6  # the summary lists the root cause last
-    failures = tuple((code, pid) for pid, code in enumerate(codes, start=1))
-    err = DistributedTrainingError(
-        "x",
-        returncode=1,
-        timed_out=timed_out,
-        root_signal=root,
-        failures=failures,
-        terminated=frozenset({1}),  # torchrun said it sent pid 1 SIGTERM
-    )
+    err = summary_error(codes, timed_out=timed_out)
     assert relaunchable(err, epoch_ended=epoch_ended, nnodes=nnodes) is expected
 
 
@@ -580,17 +585,7 @@ def test_the_sweep_removes_only_folders_whose_launcher_died_here(tmp_path: Path)
 def test_only_a_fault_signal_after_rank_0_wrote_its_result_keeps_the_result(
     codes: tuple[int, ...], timed_out: bool, done: bool, expected: bool
 ) -> None:
-    root = -codes[-1] if codes and codes[-1] < 0 else 6
-    failures = tuple((code, pid) for pid, code in enumerate(codes, start=1))
-    err = DistributedTrainingError(
-        "x",
-        returncode=1,
-        timed_out=timed_out,
-        root_signal=root,
-        failures=failures,
-        terminated=frozenset({1}),
-    )
-    assert crashed_in_teardown(err, done=done) is expected
+    assert crashed_in_teardown(summary_error(codes, timed_out=timed_out), done=done) is expected
 
 
 def test_a_rank_crashing_after_the_result_is_written_keeps_the_result(
