@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 import typer
+from rich.markup import escape
 
 from ballast.cli_shared import console, err, fail
 from ballast.errors import BallastError
@@ -122,7 +123,11 @@ def approver_key_command(
             soft_wrap=True,
             markup=False,
         )
-    err.print(f"wrote {path} (0600); register its public key in the roles file:")
+    err.print(
+        f"wrote {path} (0600); register its public key in the roles file:",
+        soft_wrap=True,
+        markup=False,
+    )
     print(json.dumps(entry))
 
 
@@ -275,7 +280,8 @@ def audit_verify(
     problems = verify_chain(target, anchors)
     if problems:
         for p in problems:
-            err.print(f"[bold red]audit[/] {p}")
+            # One line each however long (paths), and a path's brackets are not markup.
+            err.print(f"[bold red]audit[/] {escape(p)}", soft_wrap=True)
         raise typer.Exit(code=1)
     held = f", {len(anchors)} anchor(s) held" if anchors else ""
     console.print(f"audit log {target}: chain intact{held}")

@@ -148,10 +148,16 @@ def data_validate(
     except BallastError as exc:
         if isinstance(exc, ExpectationsFailed):
             if exc.quarantined:
-                err.print(f"quarantined: record appended to {quarantine_path(s)}")
+                err.print(
+                    f"quarantined: record appended to {quarantine_path(s)}",
+                    soft_wrap=True,
+                    markup=False,
+                )
             else:
                 err.print(
-                    f"NOT quarantined: the record could not be written to {quarantine_path(s)}"
+                    f"NOT quarantined: the record could not be written to {quarantine_path(s)}",
+                    soft_wrap=True,
+                    markup=False,
                 )
         fail(exc)
     console.print(

@@ -116,6 +116,8 @@ def test_plausible_bad_paths_end_as_one_line_not_a_traceback(
     runner: CliRunner, settings: Settings, tmp_path: Path
 ) -> None:
     _, enc = encrypted(runner, tmp_path)
+    long_dir = tmp_path / ("d" * 100)
+    long_dir.mkdir()
     cases = {
         "missing source": (
             ["data", "encrypt", str(tmp_path / "typo.csv"), str(enc)],
@@ -128,11 +130,15 @@ def test_plausible_bad_paths_end_as_one_line_not_a_traceback(
             "cannot write there",
         ),
         "folder as log": (["audit", "verify", str(tmp_path)], "not a file"),
+        # Past 80 columns: still one line (rich wrapped it, and a temp folder's name length
+        # decided whether the message split).
+        "long folder as log": (["audit", "verify", str(long_dir)], "not a file"),
     }
     for what, (args, message) in cases.items():
         result = runner.invoke(app, args)
         assert result.exit_code in (1, 2), (what, result.output)
         assert message in result.output and "Traceback" not in result.output, (what, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (what, result.output)
         assert not isinstance(result.exception, OSError), (what, result.exception)
 
 
