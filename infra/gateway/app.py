@@ -304,6 +304,7 @@ def _warn_json(fields: dict[str, Any]) -> None:
 
 def _read_failures(
     files: FailureFiles,
+    replica: str,
     model: str,
     version: str,
     since: datetime,
@@ -318,8 +319,16 @@ def _read_failures(
         files.paths(), model, version, since, until, min_status=min_status, context_lines=context
     )
     body = report.to_dict()
+    if files.lost:
+        # Say so: "no failure" would otherwise read as a healthy version.
+        body["unreadable"].append(
+            f"{files.path}: {files.lost} failure line(s) of replica {replica} could not be written"
+        )
     body["pod"] = socket.gethostname()
-    body["folder"] = files.folder_id()
+    try:
+        body["folder"] = files.folder_id()
+    except OSError:  # a folder this replica could not create (logged at its start)
+        body["folder"] = f"{body['pod']}:{files.folder}"
     return body
 
 
@@ -1292,7 +1301,15 @@ class Gateway:
             # Off the loop, and not on the board's I/O thread: a late board report would read
             # as a dead replica.
             body = await asyncio.to_thread(
-                _read_failures, files, model, version, since, until, min_status, context
+                _read_failures,
+                files,
+                self.replica_id,
+                model,
+                version,
+                since,
+                until,
+                min_status,
+                context,
             )
         finally:
             self._failure_reads.release()

@@ -279,5 +279,10 @@ class FailureFiles:
         )
         self._handler.handle(record)
 
+    @property
+    def lost(self) -> int:
+        """Lines this replica could not write (a full disk, a folder it could not create)."""
+        return self._handler.failed_writes
+
     def close(self) -> None:
         self._handler.close()

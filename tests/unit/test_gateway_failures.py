@@ -281,3 +281,24 @@ def test_replicas_sharing_a_folder_share_its_id(tmp_path: Path) -> None:
     assert one.folder_id() == two.folder_id() != other.folder_id()
     assert len(one.folder_id()) == 32
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [".folder-id"]
+
+
+def test_a_folder_that_cannot_be_made_leaves_serving_and_the_route_working(
+    tmp_path: Path, artefacts: dict[str, Path]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should be")
+    client, _ = make_client(failure_dir=blocker / "failures", fault_error_rate=1.0)
+    with client:
+        deploy(client, champion_only(artefacts, fault="errors"))
+        fail(client, 2)  # answered 500 as usual: the failure file cannot be written
+        resp = client.get(
+            ROUTE, params={"model": MODEL, "version": "1", "since": since()}, headers=AUTH
+        )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["failures"] == 0 and body["files"] == []
+    assert body["folder"].endswith(str(blocker / "failures"))
+    # and it says that lines were lost, so no one reads "no failure" as a healthy version.
+    (lost,) = body["unreadable"]
+    assert "2 failure line(s) of replica" in lost and "could not be written" in lost
