@@ -379,6 +379,22 @@ def gateway_urls(s: Settings) -> list[str]:
     return pod_urls(s.gateway_pods_host, s.gateway_pods_port or s.gateway_port)
 
 
+def ask_each(
+    urls: Sequence[str], token: str | None, call: Callable[[GatewayClient], _T]
+) -> tuple[list[_T], list[str]]:
+    """``call`` with a client of each gateway (pod) in ``urls``: the answers of those that
+    answered, in order, and the messages of those that did not (a :class:`GatewayError`)."""
+    answers: list[_T] = []
+    failed: list[str] = []
+    for url in urls:
+        try:
+            with GatewayClient(url, token) as gw:
+                answers.append(call(gw))
+        except GatewayError as exc:
+            failed.append(exc.message)
+    return answers, failed
+
+
 def _json_object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{type(data).__name__}, not an object")

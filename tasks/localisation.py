@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ballast.errors import GatewayError
-from ballast.gateway_client import GatewayClient, gateway_urls
+from ballast.gateway_client import ask_each, gateway_urls
 from ballast.localise import FaultReport, default_log_paths, localise, merge_reports
 from ballast.settings import Settings, get_settings
 from tasks.common import logger
@@ -64,15 +64,12 @@ def _from_gateway(
         urls = gateway_urls(s)
     except GatewayError as exc:
         urls, failed = [], [exc.message]
-    token = s.admin_token() if urls else None
     end = datetime.now(UTC)
-    for url in urls:
-        try:
-            with GatewayClient(url, token) as gw:
-                answer = gw.failures(model, version, start, end)
-        except GatewayError as exc:
-            failed.append(exc.message)
-            continue
+    answers, unread = ask_each(
+        urls, s.admin_token() if urls else None, lambda gw: gw.failures(model, version, start, end)
+    )
+    failed += unread
+    for answer in answers:
         by_folder.setdefault(answer.folder, (answer.pod, answer.report))
     if len(urls) > 1:
         logger().info(

@@ -28,7 +28,7 @@ from prefect.events import emit_event
 from ballast.anomaly import DetectorState
 from ballast.audit import record
 from ballast.errors import GatewayError
-from ballast.gateway_client import GatewayClient, gateway_urls
+from ballast.gateway_client import ask_each, gateway_urls
 from ballast.release import ALIAS_CHAMPION, ALIAS_PREVIOUS
 from ballast.settings import Settings, get_settings
 from ballast.watchdog import (
@@ -168,17 +168,9 @@ def _observe_gateway(
         urls = gateway_urls(s)
     except GatewayError as exc:
         return unavailable(model, version, exc.message)
-    answers: list[dict[str, Any]] = []
-    failed: list[str] = []
-    token = s.admin_token()  # read once, not once a pod
-    for url in urls:
-        try:
-            with GatewayClient(url, token) as gw:
-                # One answer from one replica: its counters and its pod's other replicas' (from
-                # the board the replicas of one pod share).
-                answers.append(gw.stats())
-        except GatewayError as exc:
-            failed.append(exc.message)
+    # One answer a pod, from one replica: its counters and its pod's other replicas' (from the
+    # board the replicas of one pod share). The token is read once, not once a pod.
+    answers, failed = ask_each(urls, s.admin_token(), lambda gw: gw.stats())
     if len(urls) > 1:
         # One line per run: which pods were read. A pod that did not answer is left out of
         # this window; its counters are differenced against its last ones when it answers.
@@ -241,17 +233,12 @@ def send_heartbeat(model: str, healthy: bool, detail: str = "") -> bool:
     except GatewayError as exc:
         logger().warning("stage=watchdog heartbeat not sent: %s", exc)
         return False
-    told = 0
-    token = s.admin_token()
-    for url in urls:
-        try:
-            with GatewayClient(url, token) as gw:
-                gw.watchdog_heartbeat(model, healthy, detail[:1000])
-        except GatewayError as exc:
-            logger().warning("stage=watchdog heartbeat not sent: %s", exc)
-        else:
-            told += 1
-    return told > 0
+    told, failed = ask_each(
+        urls, s.admin_token(), lambda gw: gw.watchdog_heartbeat(model, healthy, detail[:1000])
+    )
+    for message in failed:
+        logger().warning("stage=watchdog heartbeat not sent: %s", message)
+    return len(told) > 0
 
 
 def localisation_markdown(
