@@ -40,6 +40,7 @@ __all__ = [
     "ReplicaShare",
     "default_log_paths",
     "localise",
+    "markdown_cell",
     "merge_reports",
 ]
 
@@ -167,7 +168,7 @@ class FaultReport:
         window = f"{_fmt(self.start)} to {_fmt(self.end)}"
         out = [title, ""]
         if self.metric:
-            out += [f"**Metric that broke:** {_cell(self.metric)}", ""]
+            out += [f"**Metric that broke:** {markdown_cell(self.metric)}", ""]
         if not self.failed:
             out += [
                 f"No failed request of version {self.version} in the gateway log, {window}.",
@@ -184,15 +185,20 @@ class FaultReport:
             "| replica | failures | share |",
             "|---|---:|---:|",
         ]
-        out += [f"| {_cell(r.replica)} | {r.failures} | {r.share:.1%} |" for r in self.replicas]
+        out += [
+            f"| {markdown_cell(r.replica)} | {r.failures} | {r.share:.1%} |" for r in self.replicas
+        ]
         out += ["", "| reason | count |", "|---|---:|"]
-        out += [f"| {_cell(k)} | {v} |" for k, v in self.reasons.items()]
+        out += [f"| {markdown_cell(k)} | {v} |" for k, v in self.reasons.items()]
         out += ["", "| status | count |", "|---|---:|"]
         out += [f"| {k} | {v} |" for k, v in sorted(self.statuses.items())]
         if self.roles:
-            out += ["", "Roles: " + ", ".join(f"{_cell(k)} {v}" for k, v in self.roles.items())]
+            out += [
+                "",
+                "Roles: " + ", ".join(f"{markdown_cell(k)} {v}" for k, v in self.roles.items()),
+            ]
         if self.first_request_ids:
-            ids = ", ".join(f"`{_cell(i)}`" for i in self.first_request_ids)
+            ids = ", ".join(f"`{markdown_cell(i)}`" for i in self.first_request_ids)
             out += ["", f"First failing request ids: {ids}"]
         if self.context:
             out += ["", f"## Log around the first failure ({self.context_source})", "", "```text"]
@@ -530,13 +536,13 @@ def _fmt(t: datetime) -> str:
     return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _cell(text: str) -> str:
-    # Markdown table cells: a pipe or a newline would break the row.
+def markdown_cell(text: str) -> str:
+    """``text`` safe in one markdown table cell or line: a pipe or a newline would break it."""
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _files_md(report: FaultReport) -> list[str]:
     lines = ["Read: " + ", ".join(f"`{f}`" for f in report.files)]
     if report.unreadable:
-        lines.append("Could not read: " + "; ".join(_cell(u) for u in report.unreadable))
+        lines.append("Could not read: " + "; ".join(markdown_cell(u) for u in report.unreadable))
     return lines

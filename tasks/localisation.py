@@ -18,7 +18,13 @@ from prefect.cache_policies import NO_CACHE
 
 from ballast.errors import GatewayError
 from ballast.gateway_client import ask_each, gateway_urls
-from ballast.localise import FaultReport, default_log_paths, localise, merge_reports
+from ballast.localise import (
+    FaultReport,
+    default_log_paths,
+    localise,
+    markdown_cell,
+    merge_reports,
+)
 from ballast.settings import Settings, get_settings
 from tasks.common import logger
 
@@ -95,4 +101,4 @@ def _from_gateway(
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:300]
+    return markdown_cell(text)[:300]  # a pod's error message is not a report's whole page

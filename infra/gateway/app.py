@@ -45,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ballast.localise import localise
 from ballast.runtime import Predictor, load_predictor
 from ballast.serving import (
     NPY_MEDIA_TYPE,
@@ -313,8 +314,6 @@ def _read_failures(
     context: int,
 ) -> dict[str, Any]:
     """``GET /admin/failures``'s answer, read in a thread."""
-    from ballast.localise import localise
-
     report = localise(
         files.paths(), model, version, since, until, min_status=min_status, context_lines=context
     )
