@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One run of every check that needs a CUDA GPU, for a lent GPU machine (or any CUDA box), from
+# the repository root:
+#
+#     bash benchmarks/device_check.sh            # logs and JUnit files go to $OUT (or ./device-out)
+#
+# 1. tests/gpu (pytest -m gpu): CUDA training with bf16 and torch.compile, a checkpoint resumed
+#    on the GPU, torchrun with nccl, ONNX Runtime and AOTInductor-CUDA artefacts of GPU-trained
+#    models against eager;
+# 2. the CPU suites with CUDA branches (training, compile; the AOTInductor integration module
+#    only when the AOTInductor-CUDA test passed, since a load that segfaults kills pytest);
+# 3. benchmarks/gpu_check.py: eager vs CUDA-graph replay (and the AOTInductor package when it
+#    loads) at batch 1, 64 and 4096.
+# Python packages the machine lacks can travel as wheels in .whl/ (installed to /tmp/site).
+# Each step has its own time limit so one hang cannot eat the others; the last lines say which
+# steps passed.
+set -u
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+if ! "$PY" -c "import pydantic_settings" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+started=$SECONDS
+declare -A status
+
+step() {  # step NAME LIMIT_S COMMAND...: run, log to $OUT/NAME.log, remember the exit status
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s, at $((SECONDS - started))s)"
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  status[$name]=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "== $name exit ${status[$name]} after $((SECONDS - started))s"
+}
+
+{ nvidia-smi -L; nproc
+  "$PY" -c 'import torch, onnxruntime as ort; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0), "ort", ort.__version__)'
+} 2>&1 | tee "$OUT/env.log"
+
+pytest_args=(-p no:randomly -p no:cacheprovider -q -rfE --durations=12)
+step gpu_tests 240 "$PY" -m pytest "${pytest_args[@]}" -m gpu tests/gpu --junitxml="$OUT/gpu_tests.xml"
+aoti_ok=0
+grep -q 'test_a_cuda_aotinductor_package_matches_eager' "$OUT/gpu_tests.xml" \
+  && ! grep -A1 'name="test_a_cuda_aotinductor_package_matches_eager"' "$OUT/gpu_tests.xml" | grep -q '<failure\|<error' \
+  && aoti_ok=1
+cuda_branch=(tests/unit/test_training.py tests/unit/test_compile.py)
+[ "$aoti_ok" = 1 ] && cuda_branch+=(tests/integration/test_aotinductor.py)
+step cuda_branches 120 "$PY" -m pytest "${pytest_args[@]}" "${cuda_branch[@]}"
+gpu_check_args=(--budget-s 90)
+[ "$aoti_ok" = 1 ] || gpu_check_args+=(--no-aoti)
+step gpu_check 150 "$PY" benchmarks/gpu_check.py "${gpu_check_args[@]}"
+
+echo "aotinductor_cuda_ok=$aoti_ok total_s=$((SECONDS - started))"
+for name in gpu_tests cuda_branches gpu_check; do echo "$name=${status[$name]}"; done
