@@ -129,6 +129,7 @@ def run_model(
 ) -> list[Row]:
     from ballast.compile import benchmark, benchmark_eager, check_parity, export_onnx
     from ballast.compile.bench import torch_threads
+    from ballast.compile.probe import NATIVE_BACKENDS, probe_load
     from ballast.datasets_extra import bundled_dataset
     from ballast.models import get_spec
     from ballast.runtime import load_predictor
@@ -158,6 +159,8 @@ def run_model(
     for name, backend in backends.items():
         t0 = time.perf_counter()
         artifact = _build(backend, model, onnx_path, example, out / name, max_batch)
+        if name in NATIVE_BACKENDS:  # a crash in its native loader is a CompileError, not ours
+            probe_load(artifact, name, n_features=n_features)
         predictors[name] = load_predictor(artifact, name, intra_op_threads=threads)
         rtol = 1e-2 if getattr(backend, "precision", "fp32") == "fp16" else 1e-4
         parity[name] = check_parity(

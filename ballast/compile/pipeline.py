@@ -14,6 +14,7 @@ from ballast.compile.backends import BackendName, ModuleCompileBackend, select_b
 from ballast.compile.bench import BenchReport, benchmark, benchmark_eager, torch_threads
 from ballast.compile.onnx_export import MAX_EXPORT_BATCH, export_onnx
 from ballast.compile.parity import ParityReport, check_parity
+from ballast.compile.probe import NATIVE_BACKENDS, probe_load
 from ballast.errors import CompileError
 from ballast.hashing import sha256_file
 from ballast.runtime import load_predictor
@@ -107,6 +108,10 @@ def compile_model(
             f"{chosen.name} names files its artefact needs that are not beside it: {misplaced}"
         )
     precision = chosen.precision
+    if chosen.name in NATIVE_BACKENDS:
+        # Native code opens these: a crash there would take this process (the flow run) with
+        # it, so a child opens the artefact first and a crash becomes a CompileError.
+        probe_load(artifact, chosen.name, n_features=int(example_rows.shape[1]))
     predictor = load_predictor(artifact, chosen.name, intra_op_threads=intra_op_threads)
 
     rtol = rtol_fp16 if precision == "fp16" else rtol_fp32

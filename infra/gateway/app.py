@@ -296,6 +296,13 @@ def _validation_detail(errors: Any) -> str:
 
 
 def _default_loader(path: Path, backend: str, intra_op_threads: int) -> Predictor:
+    # Here, not at the top: a replica serving ONNX Runtime never needs ballast.compile.
+    from ballast.compile.probe import NATIVE_BACKENDS, probe_load
+
+    if backend in NATIVE_BACKENDS:
+        # A crash in native loading code would end this replica and every version it serves;
+        # a child takes that risk, and a crash there refuses only this version.
+        probe_load(path, backend)
     return load_predictor(path, backend, intra_op_threads=intra_op_threads)
 
 

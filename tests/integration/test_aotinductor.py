@@ -17,10 +17,12 @@ import torch
 from ballast.compile import CompiledArtifact, compile_model
 from ballast.compile.aotinductor import (
     ARTIFACT_NAME,
+    AOTInductorBackend,
     AOTInductorPredictor,
     read_package_metadata,
 )
 from ballast.compile.parity import eager_logits
+from ballast.compile.probe import probe_load
 from ballast.datasets_extra import bundled_dataset
 from ballast.errors import CompileError
 from ballast.hashing import sha256_file
@@ -180,3 +182,86 @@ def test_a_cuda_package_is_refused_on_a_machine_without_a_gpu(
     _rewrite_metadata(compiled.path, other, AOTI_DEVICE_KEY="cuda", **{"ballast.device": "cuda"})
     with pytest.raises(CompileError, match="built for CUDA, and no CUDA GPU is visible"):
         AOTInductorPredictor(other)
+
+
+def _crashing_package(src: Path, dst: Path, work: Path) -> None:
+    """``src`` with every shared object swapped for one whose loading raises SIGSEGV: a real
+    crash in native loading code, as torch 2.11+cu130 gave on an H200 (see ballast.compile.probe)."""
+    c = work / "boom.c"
+    c.write_text(
+        "#include <signal.h>\n__attribute__((constructor)) static void boom(void) { raise(SIGSEGV); }\n"
+    )
+    so = work / "boom.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(c)], check=True, timeout=60)
+    swapped = 0
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith(".so"):
+                data, swapped = so.read_bytes(), swapped + 1
+            zout.writestr(item, data)
+    assert swapped, "the package holds no shared object to swap"
+
+
+def test_a_package_that_crashes_its_loader_is_a_compile_error_and_this_process_lives(
+    compiled: CompiledArtifact, tmp_path: Path
+) -> None:
+    bad = tmp_path / ARTIFACT_NAME
+    _crashing_package(compiled.path, bad, tmp_path)
+    with pytest.raises(CompileError) as info:
+        probe_load(bad, "aotinductor", n_features=64)
+    said = str(info.value)
+    assert "crashed" in said and "killed by SIGSEGV" in said, said
+    assert f"torch {torch.__version__.split('+')[0]}" in said, said
+    assert "Segmentation fault" in said, "faulthandler's report of the crash is in the message"
+    # The same package passes the probe before the swap.
+    probe_load(compiled.path, "aotinductor", n_features=64)
+
+
+def test_compile_model_turns_a_crashing_package_into_a_compile_error(
+    trained: TrainResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = AOTInductorBackend.compile_module
+
+    def build_then_break(self: AOTInductorBackend, *args: object, **kw: object) -> Path:
+        good = built(self, *args, **kw)  # type: ignore[arg-type]
+        broken = good.with_name("broken.pt2")
+        _crashing_package(good, broken, tmp_path)
+        broken.replace(good)
+        return good
+
+    monkeypatch.setattr(AOTInductorBackend, "compile_module", build_then_break)
+    with pytest.raises(CompileError, match="killed by SIGSEGV"):
+        compile_model(
+            trained.model,
+            trained.split.x_train[:8],
+            trained.split.x_test,
+            tmp_path / "out",
+            backend="aotinductor",
+            rtol_fp32=1e-4,
+            max_batch=MAX_BATCH,
+            bench_batches=(1,),
+        )
+
+
+def test_the_gateway_refuses_a_crashing_package_and_keeps_serving(
+    compiled: CompiledArtifact, tmp_path: Path
+) -> None:
+    from ballast.serving import VersionSpec
+    from infra.gateway.app import _default_loader
+    from infra.gateway.versions import DeploymentRefusedError, load_version
+
+    bad = tmp_path / ARTIFACT_NAME
+    _crashing_package(compiled.path, bad, tmp_path)
+    spec = VersionSpec(
+        version="2", artifact_path=str(bad), sha256=sha256_file(bad), backend="aotinductor"
+    )
+    with pytest.raises(DeploymentRefusedError, match="killed by SIGSEGV") as info:
+        load_version(spec, loader=_default_loader, intra_op_threads=1, seed=0, window=10)
+    assert info.value.status == 422
+
+
+def test_a_probe_that_outlives_its_limit_is_a_compile_error(compiled: CompiledArtifact) -> None:
+    # 50 ms: the child is still importing when it is killed.
+    with pytest.raises(CompileError, match=r"did not finish within 0\.05 s"):
+        probe_load(compiled.path, "aotinductor", timeout_s=0.05)
