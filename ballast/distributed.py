@@ -643,6 +643,14 @@ def train_data_parallel(
         raise ConfigError(f"data-parallel device must be cpu or cuda, got {device!r}")
     if not (timeout_s > 0 and math.isfinite(timeout_s)):
         raise ConfigError(f"timeout_s must be a finite number > 0, got {timeout_s}")
+    if device == "cuda":
+        import torch
+
+        # Here, not in a rank: there the missing GPU surfaced as torch internals failing
+        # (AttributeError: torch._C has no _cuda_setDevice) after torchrun had started.
+        resolve_world_size(
+            topology.nproc_per_node, device="cuda", visible_gpus=torch.cuda.device_count()
+        )
     params = merged_model_params(hidden, model_params)
     run_dir = _private_run_dir(Path(work_dir), topology)
     try:

@@ -10,7 +10,9 @@
 # 2. the CPU suites with CUDA branches (training, compile; the AOTInductor integration module
 #    only when the AOTInductor-CUDA test passed, since a load that segfaults kills pytest);
 # 3. benchmarks/gpu_check.py: eager vs CUDA-graph replay (and the AOTInductor package when it
-#    loads) at batch 1, 64 and 4096.
+#    loads) at batch 1, 64 and 4096;
+# 4. benchmarks/ddp_bench.py: one rank under torchrun with nccl and bf16, samples per second.
+# STEPS picks some of them (default: "gpu_tests cuda_branches gpu_check ddp_bench").
 # Python packages the machine lacks can travel as wheels in .whl/ (installed to /tmp/site).
 # Each step has its own time limit so one hang cannot eat the others; the last lines say which
 # steps passed.
@@ -29,9 +31,11 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 started=$SECONDS
 declare -A status
 
+STEPS=${STEPS:-gpu_tests cuda_branches gpu_check ddp_bench}
 step() {  # step NAME LIMIT_S COMMAND...: run, log to $OUT/NAME.log, remember the exit status
   local name=$1 limit=$2
   shift 2
+  case " $STEPS " in *" $name "*) ;; *) status[$name]=skipped; return ;; esac
   echo "== $name (limit ${limit}s, at $((SECONDS - started))s)"
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   status[$name]=$?
@@ -46,8 +50,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run, log to $OUT/NAME.log, remember th
 pytest_args=(-p no:randomly -p no:cacheprovider -q -rfE --durations=12)
 step gpu_tests 240 "$PY" -m pytest "${pytest_args[@]}" -m gpu tests/gpu --junitxml="$OUT/gpu_tests.xml"
 aoti_ok=0
-grep -q 'test_a_cuda_aotinductor_package_matches_eager' "$OUT/gpu_tests.xml" \
-  && ! grep -A1 'name="test_a_cuda_aotinductor_package_matches_eager"' "$OUT/gpu_tests.xml" | grep -q '<failure\|<error' \
+aoti_test=test_a_cuda_aotinductor_package_of_a_gpu_trained_model_matches_eager
+[ -f "$OUT/gpu_tests.xml" ] && grep -q "name=\"$aoti_test\"" "$OUT/gpu_tests.xml" \
+  && ! grep -A1 "name=\"$aoti_test\"" "$OUT/gpu_tests.xml" | grep -q '<failure\|<error' \
   && aoti_ok=1
 cuda_branch=(tests/unit/test_training.py tests/unit/test_compile.py)
 [ "$aoti_ok" = 1 ] && cuda_branch+=(tests/integration/test_aotinductor.py)
@@ -55,6 +60,8 @@ step cuda_branches 120 "$PY" -m pytest "${pytest_args[@]}" "${cuda_branch[@]}"
 gpu_check_args=(--budget-s 90)
 [ "$aoti_ok" = 1 ] || gpu_check_args+=(--no-aoti)
 step gpu_check 150 "$PY" benchmarks/gpu_check.py "${gpu_check_args[@]}"
+step ddp_bench 150 "$PY" benchmarks/ddp_bench.py --nproc 1 --device cuda --rows 2000000 \
+  --epochs 4 --batch-size 8192 --hidden 512 --json
 
 echo "aotinductor_cuda_ok=$aoti_ok total_s=$((SECONDS - started))"
-for name in gpu_tests cuda_branches gpu_check; do echo "$name=${status[$name]}"; done
+for name in gpu_tests cuda_branches gpu_check ddp_bench; do echo "$name=${status[$name]}"; done

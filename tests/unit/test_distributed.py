@@ -134,7 +134,9 @@ def test_the_rendezvous_id_names_the_shared_launch_folder_so_it_must_be_a_plain_
     assert run_dir_for(tmp_path, "release-7") == tmp_path.resolve() / "ddp-release-7"
 
 
-def _one_epoch(topology: Topology, work_dir: Path, timeout_s: float = 3600.0) -> object:
+def _one_epoch(
+    topology: Topology, work_dir: Path, timeout_s: float = 3600.0, device: str = "cpu"
+) -> object:
     """One epoch of the bundled MLP, data-parallel on ``topology`` (refused before a launch in
     the tests that call it)."""
     return train_data_parallel(
@@ -147,6 +149,7 @@ def _one_epoch(topology: Topology, work_dir: Path, timeout_s: float = 3600.0) ->
         seed=0,
         model="tabular-mlp",
         timeout_s=timeout_s,
+        device=device,
     )
 
 
@@ -194,6 +197,17 @@ def test_data_parallel_training_refuses_a_non_finite_timeout_before_launching(
 ) -> None:
     with pytest.raises(ConfigError, match="timeout_s must be a finite number"):
         _one_epoch(Topology(nproc_per_node=2), tmp_path, timeout_s=bad)
+    assert not any(tmp_path.iterdir()), "nothing may be launched or written"
+
+
+def test_cuda_ranks_without_a_gpu_each_are_refused_before_launching(tmp_path: Path) -> None:
+    # Before: torchrun started and the rank died in torch internals (AttributeError:
+    # torch._C has no _cuda_setDevice) on a machine without CUDA.
+    import torch
+
+    one_too_many = Topology(nproc_per_node=torch.cuda.device_count() + 1)
+    with pytest.raises(ConfigError, match=r"no CUDA device is visible|need \d+ GPUs"):
+        _one_epoch(one_too_many, tmp_path, device="cuda")
     assert not any(tmp_path.iterdir()), "nothing may be launched or written"
 
 
