@@ -41,7 +41,12 @@ def _torch_version() -> str:
 
 
 def _tail(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # faulthandler ends a crash report with one long "Extension modules: ..." line: noise here.
+    lines = [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip() and not ln.startswith("Extension modules:")
+    ]
     return " | ".join(lines[-_TAIL_LINES:])[-_TAIL_CHARS:]
 
 

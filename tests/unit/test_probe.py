@@ -27,7 +27,8 @@ def test_a_child_that_ran_the_artefact_is_no_problem() -> None:
     ],
 )
 def test_every_other_ending_is_named(code: int, stdout: str, says: str) -> None:
-    problem = probe_problem("tensorrt", PKG, code, stdout, "Fatal Python error: x\n  File y\n")
+    stderr = "Fatal Python error: x\n  File y\n\nExtension modules: numpy, torch._C (total: 2)\n"
+    problem = probe_problem("tensorrt", PKG, code, stdout, stderr)
     assert problem is not None
     assert problem.startswith(f"opening the tensorrt artefact model.pt2 {says} (torch ")
     assert problem.endswith("its last lines: Fatal Python error: x | File y")
