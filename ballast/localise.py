@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -274,8 +275,15 @@ def localise(
     with contextlib.ExitStack() as stack:
         for path in paths:
             try:
-                opened = stack.enter_context(path.open("r", encoding="utf-8", errors="replace"))
-                st = os.fstat(opened.fileno())
+                # Non-blocking, then only regular files: opening a FIFO (or a device) that
+                # happens to match would block the reader, here or in its first read.
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    os.close(fd)
+                    unreadable.append(f"{path}: not a regular file")
+                    continue
+                opened = stack.enter_context(open(fd, encoding="utf-8", errors="replace"))
             except OSError as exc:
                 unreadable.append(f"{path}: {exc.strerror or exc}")
                 continue

@@ -310,6 +310,9 @@ def _warn_json(fields: dict[str, Any]) -> None:
     logger.warning(json.dumps(fields, default=str))
 
 
+FAILURE_DRAIN_S = 1.0
+
+
 def _read_failures(
     files: FailureFiles,
     replica: str,
@@ -321,6 +324,10 @@ def _read_failures(
     context: int,
 ) -> dict[str, Any]:
     """``GET /admin/failures``'s answer, read in a thread."""
+    # This replica's lines are written by a thread of their own: wait (briefly) for those
+    # already queued, so failures a caller has just seen are in the report.
+    files.drain(FAILURE_DRAIN_S)
+    waiting = files.waiting
     report = localise(
         files.paths(), model, version, since, until, min_status=min_status, context_lines=context
     )
@@ -329,6 +336,11 @@ def _read_failures(
         # Say so: "no failure" would otherwise read as a healthy version.
         body["unreadable"].append(
             f"{files.path}: {files.lost} failure line(s) of replica {replica} could not be written"
+        )
+    if waiting:
+        body["unreadable"].append(
+            f"{files.path}: {waiting} failure line(s) of replica {replica} were still waiting "
+            f"to be written after {FAILURE_DRAIN_S:g} s (a slow disk)"
         )
     body["pod"] = socket.gethostname()
     try:

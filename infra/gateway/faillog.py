@@ -19,10 +19,13 @@ stdout, where a watchdog run cannot read it, and every replica of the pod shares
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 import uuid
 from collections import Counter
@@ -168,9 +171,21 @@ def _sum_by(counts: Counter[tuple[int, str]], index: int) -> Counter[Any]:
 
 
 class _Handler(RotatingFileHandler):
-    """Reports a failed write once per file, not as a traceback per line."""
+    """Reports a failed write once per file, not as a traceback per line; reopens a file
+    removed under it; counts every line it was given (written or not)."""
 
     failed_writes = 0
+    handled = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if self.stream is not None and not os.path.exists(self.baseFilename):
+                # Removed under us (a peer's sweep after a quiet day, an operator): reopen, or
+                # every later line would go to a file nobody can read.
+                self.close()
+            super().emit(record)
+        finally:
+            self.handled += 1
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         self.failed_writes += 1
@@ -188,7 +203,12 @@ class FailureFiles:
     kept), and :meth:`sweep` (at start, then every few minutes) removes any file untouched for
     ``keep_s`` (replicas long gone) and the oldest beyond ``max_files``.
     Lines of requests refused before routing (no version) are not kept: a flood of malformed
-    requests must not rotate a failing version's lines away. Call from one thread.
+    requests must not rotate a failing version's lines away.
+
+    :meth:`write` only queues the line: a thread of its own (started by the first line) writes
+    it, so a stalled disk never stalls the event loop that serves requests. Beyond
+    ``queue_lines`` waiting lines more are dropped and counted in :attr:`lost`. Call
+    :meth:`write` from one thread.
     """
 
     PATTERNS = ("*.jsonl", "*.jsonl.1")
@@ -201,9 +221,12 @@ class FailureFiles:
         max_bytes: int = 4 << 20,
         keep_s: float = 86_400.0,
         max_files: int = 64,
+        queue_lines: int = 10_000,
     ) -> None:
-        if max_bytes < 1024 or keep_s <= 0 or max_files < 2:
-            raise ValueError("max_bytes must be >= 1024, keep_s > 0 and max_files >= 2")
+        if max_bytes < 1024 or keep_s <= 0 or max_files < 2 or queue_lines < 1:
+            raise ValueError(
+                "max_bytes must be >= 1024, keep_s > 0, max_files >= 2 and queue_lines >= 1"
+            )
         self.folder = Path(folder)
         self.keep_s = keep_s
         self.max_files = max_files
@@ -214,6 +237,12 @@ class FailureFiles:
             self.path, maxBytes=max_bytes, backupCount=1, encoding="utf-8", delay=True
         )
         self._handler.setFormatter(logging.Formatter("%(message)s"))
+        # Not logging's QueueListener: its stop() waits without a bound for the thread, which a
+        # stalled disk would turn into a shutdown that never ends.
+        self._queue: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=queue_lines)
+        self._writer: threading.Thread | None = None
+        self.queued = 0  # lines given to the writer (written, failed or still waiting)
+        self.dropped = 0  # lines refused because the queue was full
 
     def sweep(self, now: float | None = None) -> int:
         """Create the folder; remove files untouched for ``keep_s``, then the oldest beyond
@@ -268,21 +297,80 @@ class FailureFiles:
         return sorted(p for pattern in self.PATTERNS for p in self.folder.glob(pattern))
 
     def write(self, event: dict[str, Any]) -> None:
+        """Queue a line for the writer thread (never blocks)."""
         if event.get("version") is None:
             return
-        if self._handler.stream is not None and not os.path.exists(self.path):
-            # Removed under us (a peer's sweep after a quiet day, an operator): reopen, or
-            # every later line would go to a file nobody can read.
-            self._handler.close()
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_lines, name="gateway-failure-files", daemon=True
+            )
+            self._writer.start()
         record = logging.makeLogRecord(
             {"msg": json.dumps(event, default=str), "levelno": logging.WARNING}
         )
-        self._handler.handle(record)
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            return
+        self.queued += 1
+
+    def _write_lines(self) -> None:
+        while (record := self._queue.get()) is not None:
+            self._handler.handle(record)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued line is written (or failed); False if ``timeout_s`` passed
+        first. A reader calls it so that its report holds the lines of failures it saw."""
+        deadline = time.monotonic() + timeout_s
+        while self._handler.handled < self.queued:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    @property
+    def waiting(self) -> int:
+        """Lines queued and not yet written."""
+        return max(0, self.queued - self._handler.handled)
 
     @property
     def lost(self) -> int:
-        """Lines this replica could not write (a full disk, a folder it could not create)."""
-        return self._handler.failed_writes
+        """Lines this replica could not write (a full disk, a folder it could not create, a
+        queue full behind a stalled disk)."""
+        return self._handler.failed_writes + self.dropped
 
-    def close(self) -> None:
-        self._handler.close()
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued, within ``timeout_s``, and close the file. A writer stuck on a
+        stalled disk is left behind (a daemon thread) rather than holding up the shutdown; a
+        later ``close`` tries again."""
+        writer = self._writer
+        if writer is not None:
+            deadline = time.monotonic() + timeout_s
+            with contextlib.suppress(queue.Full):  # a full queue: the writer is stuck anyway
+                self._queue.put(None, timeout=timeout_s)  # after the lines already queued
+            writer.join(max(0.0, deadline - time.monotonic()))
+            if writer.is_alive():
+                logger.warning(
+                    json.dumps(
+                        {
+                            "event": "failure_file.close_timeout",
+                            "path": str(self.path),
+                            "waiting": self.waiting,
+                        }
+                    )
+                )
+                return
+            self._writer = None
+        try:
+            self._handler.close()
+        except OSError as exc:  # the last flush on a full disk: shutdown must go on
+            logger.warning(
+                json.dumps(
+                    {
+                        "event": "failure_file.close_failed",
+                        "path": str(self.path),
+                        "error": str(exc),
+                    }
+                )
+            )

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -234,6 +236,7 @@ def test_unrouted_lines_are_not_kept_and_a_removed_file_is_reopened(tmp_path: Pa
     files.write(line(None, 0))
     assert files.paths() == []  # nothing routed: no file at all
     files.write(line("1", 1))
+    assert files.drain(5.0)
     files.path.unlink()  # an operator's clean-up, or a peer's sweep
     files.write(line("1", 2))
     files.close()
@@ -262,6 +265,7 @@ def test_sweep_keeps_at_most_max_files_and_never_its_own(tmp_path: Path) -> None
     files = FailureFiles(folder, "live", max_files=3)
     files.sweep()
     files.write(line("1", 0))
+    assert files.drain(5.0)
     now = time.time()
     for i in range(5):  # replicas restarted in a loop, each with a new name
         p = folder / f"gone-{i}.jsonl"
@@ -302,3 +306,89 @@ def test_a_folder_that_cannot_be_made_leaves_serving_and_the_route_working(
     # and it says that lines were lost, so no one reads "no failure" as a healthy version.
     (lost,) = body["unreadable"]
     assert "2 failure line(s) of replica" in lost and "could not be written" in lost
+
+
+@contextmanager
+def stalled(path: Path, release: Callable[[], None]) -> Iterator[None]:
+    """``path`` as a FIFO nobody reads: opening it for writing blocks, as a stalled disk would
+    block a write. On the way out a reader lets the stuck writer go on, and ``release`` (the
+    files' ``close``) ends it while the pipe is read dry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    try:
+        yield
+    finally:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            closer = threading.Thread(target=release)
+            closer.start()
+            deadline = time.monotonic() + 10
+            while closer.is_alive() and time.monotonic() < deadline:
+                try:
+                    if not os.read(fd, 1 << 16):
+                        time.sleep(0.01)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            closer.join(1.0)
+            assert not closer.is_alive(), "the writer did not finish once the stall ended"
+        finally:
+            os.close(fd)
+
+
+def test_a_stalled_disk_never_blocks_the_writer_and_a_full_queue_is_counted_lost(
+    tmp_path: Path,
+) -> None:
+    files = FailureFiles(tmp_path / "f", "r1", queue_lines=10)
+    files.sweep()
+    with stalled(files.path, lambda: files.close(timeout_s=5.0)):
+        # On the serving loop before: one stalled write held every request of the replica.
+        writes = threading.Thread(target=lambda: [files.write(line("1", i)) for i in range(50)])
+        writes.start()
+        writes.join(5.0)
+        assert not writes.is_alive(), "write() blocked on the stalled file"
+        assert not files.drain(0.05)
+        # One line is held by the stuck writer, ten wait in the queue, the rest are dropped.
+        assert files.queued in (10, 11) and files.dropped == 50 - files.queued
+        assert files.lost == files.dropped and files.waiting == files.queued
+        started = time.monotonic()
+        files.close(timeout_s=0.2)  # gives up on the stuck writer instead of hanging
+        assert time.monotonic() - started < 3.0
+
+
+def test_the_route_says_when_lines_still_wait_behind_a_slow_disk(
+    tmp_path: Path, artefacts: dict[str, Path]
+) -> None:
+    client, _ = make_client(
+        failure_dir=tmp_path / "failures", replica_id="slow", fault_error_rate=1.0
+    )
+    files = client.app.gateway.failure_files  # type: ignore[attr-defined]
+    with client:
+        deploy(client, champion_only(artefacts, fault="errors"))
+        # The writer takes the handler's lock for every line: held here, its next write waits
+        # as one stuck in the kernel would. (A FIFO would not do: the route's own read, which
+        # opens files without blocking, counts as the FIFO's reader and frees the writer.)
+        files._handler.acquire()
+        try:
+            fail(client, 3)
+            resp = client.get(
+                ROUTE, params={"model": MODEL, "version": "1", "since": since()}, headers=AUTH
+            )
+        finally:
+            files._handler.release()
+        assert resp.status_code == 200, resp.text
+        unreadable = resp.json()["unreadable"]
+        assert any(
+            "3 failure line(s) of replica slow were still waiting" in u for u in unreadable
+        ), unreadable
+        assert files.drain(5.0) and files.lost == 0, "written once the disk answers again"
+
+
+def test_a_full_disk_loses_lines_counted_and_close_still_returns(tmp_path: Path) -> None:
+    files = FailureFiles(tmp_path / "f", "r1")
+    files.sweep()
+    files.path.symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
+    for i in range(3):
+        files.write(line("1", i))
+    assert files.drain(5.0)
+    assert files.lost == 3 and files.dropped == 0
+    files.close()  # its final flush fails too: logged, not raised into the shutdown

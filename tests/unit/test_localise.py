@@ -319,6 +319,21 @@ def test_a_file_met_twice_is_read_once(tmp_path: Path) -> None:
     assert report.failures == 3 and len(report.files) == 3
 
 
+def test_a_fifo_or_a_folder_among_the_files_is_reported_not_read(tmp_path: Path) -> None:
+    # Opening a FIFO for reading waits for a writer: one matching a log pattern hung the
+    # reader (and with it GET /admin/failures) before.
+    real = write(tmp_path / "r.jsonl", [failed(T0)])
+    fifo = tmp_path / "x.jsonl"
+    os.mkfifo(fifo)
+    (tmp_path / "d.jsonl").mkdir()
+    report = localise([fifo, tmp_path / "d.jsonl", real], "m", "2", T0, T0 + timedelta(minutes=1))
+    assert report.failures == 1
+    assert report.unreadable == (
+        f"{fifo}: not a regular file",
+        f"{tmp_path / 'd.jsonl'}: not a regular file",
+    )
+
+
 def test_from_dict_refuses_counts_that_do_not_add_up_and_times_out_of_range(
     tmp_path: Path,
 ) -> None:
