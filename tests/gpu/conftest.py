@@ -8,17 +8,6 @@ nothing (exit code 5). On a GPU machine run ``pytest -m gpu tests/gpu``;
 
 from __future__ import annotations
 
-import importlib.util
+from tests.hardware import cuda_visible
 
-
-def _cuda_visible() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    try:
-        import torch
-    except Exception:  # a broken install counts as absent
-        return False
-    return bool(torch.cuda.is_available())
-
-
-collect_ignore_glob = [] if _cuda_visible() else ["test_*.py"]
+collect_ignore_glob = [] if cuda_visible() else ["test_*.py"]

@@ -7,6 +7,7 @@ CPU machines never collect this file (``conftest.py``); CI has no GPU.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from ballast.compile import compile_model
+from ballast.compile import CompiledArtifact, compile_model
 from ballast.compile.parity import eager_logits
 from ballast.data import ValidatedDataset
 from ballast.datasets_extra import bundled_dataset
 from ballast.distributed import Topology, train_data_parallel
 from ballast.runtime import load_predictor
-from ballast.training import EpochRecord, TrainResult, train
+from ballast.training import TrainResult, train
+from tests.unit.test_training import crashed_run
 
 pytestmark = pytest.mark.gpu
 
@@ -42,6 +44,20 @@ def _train(ds: ValidatedDataset, **kw: Any) -> TrainResult:
     return train(ds, **{**args, **kw})
 
 
+def _compile(result: TrainResult, out: Path, backend: str) -> CompiledArtifact:
+    return compile_model(
+        result.model,
+        result.split.x_train[:8],
+        result.split.x_test,
+        out,
+        backend=backend,  # type: ignore[arg-type]
+        rtol_fp32=1e-4,
+        max_batch=64,
+        bench_batches=(1, 64),
+        bench_min_time_s=0.05,
+    )
+
+
 def _on_cpu(model: torch.nn.Module) -> bool:
     return all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
 
@@ -54,17 +70,7 @@ def test_cuda_training_uses_bf16_and_its_model_compiles_to_a_matching_onnx_runti
     assert result.params["bf16"] == str(torch.cuda.is_bf16_supported())
     assert result.metrics["accuracy"] >= 0.93 and result.metrics["roc_auc"] >= 0.97, result.metrics
     assert _on_cpu(result.model), "the result is handed on as a CPU model"
-    art = compile_model(
-        result.model,
-        result.split.x_train[:8],
-        result.split.x_test,
-        tmp_path,
-        backend="onnxruntime",
-        rtol_fp32=1e-4,
-        max_batch=256,
-        bench_batches=(1, 64),
-        bench_min_time_s=0.05,
-    )
+    art = _compile(result, tmp_path, "onnxruntime")
     assert art.backend == "onnxruntime" and art.parity.passed, art.parity
     assert art.parity.n_rows == len(result.split.x_test)
 
@@ -93,19 +99,7 @@ def test_a_crashed_cuda_run_resumes_from_its_checkpoint_with_the_gpu_rng_restore
     cancer: ValidatedDataset, tmp_path: Path
 ) -> None:
     full = _train(cancer, epochs=8, patience=None)
-
-    class Crash(Exception):
-        pass
-
-    seen: list[EpochRecord] = []
-
-    def crash_at_4(record: EpochRecord) -> None:
-        seen.append(record)
-        if record.epoch == 4:
-            raise Crash
-
-    with pytest.raises(Crash):
-        _train(cancer, epochs=8, patience=None, checkpoint_dir=tmp_path, on_epoch=crash_at_4)
+    seen = crashed_run(partial(_train, cancer), 4, epochs=8, patience=None, checkpoint_dir=tmp_path)
     resumed = _train(cancer, epochs=8, patience=None, checkpoint_dir=tmp_path)
     assert resumed.resumed_from_epoch == 4
     assert resumed.history[:4] == tuple(seen), "the first epochs come from the checkpoint"
@@ -152,17 +146,7 @@ def test_a_cuda_aotinductor_package_of_a_gpu_trained_model_matches_eager(
     # 2.11+cu130 that child died with SIGSEGV inside aoti_load_package, which now fails here
     # as a CompileError naming the signal instead of killing pytest.
     result = _train(cancer, epochs=5)
-    art = compile_model(
-        result.model,
-        result.split.x_train[:8],
-        result.split.x_test,
-        tmp_path,
-        backend="aotinductor",
-        rtol_fp32=1e-4,
-        max_batch=64,
-        bench_batches=(1, 64),
-        bench_min_time_s=0.05,
-    )
+    art = _compile(result, tmp_path, "aotinductor")
     assert art.parity.passed, art.parity
     predictor = load_predictor(art.path, "aotinductor")
     assert getattr(predictor, "device", None) == "cuda"

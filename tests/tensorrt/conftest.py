@@ -8,19 +8,6 @@ on a TensorRT machine run ``pytest -m tensorrt``.
 
 from __future__ import annotations
 
-import importlib.util
+from tests.hardware import tensorrt_can_run
 
-
-def _tensorrt_can_run() -> bool:
-    # find_spec first: on machines without tensorrt this costs nothing (no torch import).
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    try:
-        import tensorrt  # noqa: F401
-        import torch
-    except Exception:  # a broken install counts as absent
-        return False
-    return bool(torch.cuda.is_available())
-
-
-collect_ignore_glob = [] if _tensorrt_can_run() else ["test_*.py"]
+collect_ignore_glob = [] if tensorrt_can_run() else ["test_*.py"]

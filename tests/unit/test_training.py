@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,24 @@ def _train(ds: ValidatedDataset, seed: int = 3, **kw: Any) -> TrainResult:
         "device": "cpu",
     }
     return train(ds, **{**args, **kw})
+
+
+class Crash(Exception):
+    """Stands in for a process dying once an epoch's checkpoint is written."""
+
+
+def crashed_run(run: Callable[..., TrainResult], epoch: int, **kw: Any) -> list[EpochRecord]:
+    """``run(**kw)`` stopped by :class:`Crash` at the end of ``epoch``; the epochs it saw."""
+    seen: list[EpochRecord] = []
+
+    def crash_at(record: EpochRecord) -> None:
+        seen.append(record)
+        if record.epoch == epoch:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(on_epoch=crash_at, **kw)
+    return seen
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -141,16 +160,7 @@ def test_resume_after_a_crash_gives_the_weights_of_an_uninterrupted_run(
     dataset: ValidatedDataset, tmp_path: Path
 ) -> None:
     full = _train(dataset, epochs=8, patience=None)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_4(record: EpochRecord) -> None:
-        if record.epoch == 4:
-            raise Crash
-
-    with pytest.raises(Crash):
-        _train(dataset, epochs=8, patience=None, checkpoint_dir=tmp_path, on_epoch=crash_at_4)
+    crashed_run(partial(_train, dataset), 4, epochs=8, patience=None, checkpoint_dir=tmp_path)
     resumed = _train(dataset, epochs=8, patience=None, checkpoint_dir=tmp_path)
     assert resumed.resumed_from_epoch == 4
     assert resumed.history == full.history, "epochs after the resume differ: RNG or optimiser state"
