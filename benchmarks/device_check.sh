@@ -13,7 +13,13 @@
 #    loads) at batch 1, 64 and 4096;
 # 4. benchmarks/ddp_bench.py: one rank under torchrun with nccl and bf16, samples per second.
 # STEPS picks some of them (default: "gpu_tests cuda_branches gpu_check ddp_bench").
-# Python packages the machine lacks can travel as wheels in .whl/ (installed to /tmp/site).
+# Python packages the machine lacks can travel as wheels in .whl/ (installed to /tmp/site when
+# pydantic-settings does not import). A machine with torch, numpy, pandas, scikit-learn, onnx,
+# onnxscript, onnxruntime and pytest needs only the settings stack; for CPython 3.12 on x86-64:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic-core pydantic-settings \
+#     annotated-types typing-inspection python-dotenv typing-extensions
+# (the versions of constraints.txt).
 # Each step has its own time limit so one hang cannot eat the others; the last lines say which
 # steps passed.
 set -u
