@@ -278,8 +278,15 @@ def localise(
                 # Non-blocking, then only regular files: opening a FIFO (or a device) that
                 # happens to match would block the reader, here or in its first read.
                 fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
+                try:
+                    st = os.fstat(fd)
+                    regular = stat.S_ISREG(st.st_mode)
+                    if regular:
+                        os.set_blocking(fd, True)  # plain reads from here on
+                except OSError:
+                    os.close(fd)
+                    raise
+                if not regular:
                     os.close(fd)
                     unreadable.append(f"{path}: not a regular file")
                     continue

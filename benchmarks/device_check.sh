@@ -56,10 +56,18 @@ step() {  # step NAME LIMIT_S COMMAND...: run, log to $OUT/NAME.log, remember th
 pytest_args=(-p no:randomly -p no:cacheprovider -q -rfE --durations=12)
 step gpu_tests 240 "$PY" -m pytest "${pytest_args[@]}" -m gpu tests/gpu --junitxml="$OUT/gpu_tests.xml"
 aoti_ok=0
-aoti_test=test_a_cuda_aotinductor_package_of_a_gpu_trained_model_matches_eager
-[ -f "$OUT/gpu_tests.xml" ] && grep -q "name=\"$aoti_test\"" "$OUT/gpu_tests.xml" \
-  && ! grep -A1 "name=\"$aoti_test\"" "$OUT/gpu_tests.xml" | grep -q '<failure\|<error' \
-  && aoti_ok=1
+# Read as XML: pytest writes several test cases on one line of its JUnit file.
+"$PY" - "$OUT/gpu_tests.xml" <<'PYEOF' && aoti_ok=1
+import sys, xml.etree.ElementTree as ET
+try:
+    cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
+except (OSError, ET.ParseError):
+    sys.exit(1)
+name = "test_a_cuda_aotinductor_package_of_a_gpu_trained_model_matches_eager"
+ok = [c.find("failure") is None and c.find("error") is None and c.find("skipped") is None
+      for c in cases if c.get("name") == name]
+sys.exit(0 if ok == [True] else 1)
+PYEOF
 cuda_branch=(tests/unit/test_training.py tests/unit/test_compile.py)
 [ "$aoti_ok" = 1 ] && cuda_branch+=(tests/integration/test_aotinductor.py)
 step cuda_branches 120 "$PY" -m pytest "${pytest_args[@]}" "${cuda_branch[@]}"

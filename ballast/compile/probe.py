@@ -4,8 +4,15 @@ AOTInductor packages and TensorRT engines are opened by native code. A crash the
 process that loads it: the whole flow run, or a gateway replica with every version it serves,
 not only the step. Seen on a lent H200 (torch 2.11.0+cu130): loading a CUDA AOTInductor package
 died with SIGSEGV inside ``aoti_load_package``, every time. So the artefact is first opened,
-and run once on two rows of zeros, in a child (``python -X faulthandler``, :func:`main`); a signal, a non-zero exit or a timeout there becomes a :class:`CompileError` naming it,
-with the child's last lines (faulthandler prints the Python stack of a crash).
+and run on one row of zeros and on two, in a child (``python -X faulthandler``, :func:`main`);
+a signal, a non-zero exit or a timeout there becomes a :class:`CompileError` naming it, with
+the child's own account (faulthandler prints the Python stack of a crash, and of a hang shortly
+before the timeout). The child has a process group of its own, all of it killed on a timeout,
+and ends itself if the process that started it dies.
+
+Known limit: the child needs a CUDA context of its own, so a GPU in EXCLUSIVE_PROCESS mode, or
+one whose memory the served versions have nearly filled, fails the probe where loading in
+process might have worked.
 
 ONNX Runtime artefacts are not probed: they are loaded and checked by ONNX Runtime's own
 validation, and a child's interpreter start (about a second, plus the runtime's import) would
@@ -14,10 +21,13 @@ be paid on every compile for nothing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ballast.errors import CompileError
@@ -41,12 +51,17 @@ def _torch_version() -> str:
 
 
 def _tail(text: str) -> str:
+    """The lines that say most: from faulthandler's "Fatal Python error" header on (its frames
+    are innermost first), else the last lines."""
     # faulthandler ends a crash report with one long "Extension modules: ..." line: noise here.
     lines = [
         ln.strip()
         for ln in text.splitlines()
         if ln.strip() and not ln.startswith("Extension modules:")
     ]
+    for i, ln in enumerate(lines):
+        if ln.startswith("Fatal Python error"):
+            return " | ".join(lines[i : i + _TAIL_LINES])[:_TAIL_CHARS]
     return " | ".join(lines[-_TAIL_LINES:])[-_TAIL_CHARS:]
 
 
@@ -89,46 +104,75 @@ def probe_load(
     """
     features = "auto" if n_features is None else str(n_features)
     argv = [python, "-X", "faulthandler", "-c", _CHILD, backend, str(path), features]
+    argv.append(str(timeout_s))
+    # Its own process group: on a timeout every process it started goes too (one holding the
+    # pipes would otherwise keep communicate() waiting).
+    child = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:  # run() has killed the child by now
-        out = (
-            exc.stderr
-            if isinstance(exc.stderr, str)
-            else (exc.stderr or b"").decode(errors="replace")
-        )
+        stdout, stderr = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        try:
+            _, stderr = child.communicate(timeout=10.0)
+        except subprocess.TimeoutExpired:  # pragma: no cover - the group is gone by now
+            stderr = ""
         raise CompileError(
             f"opening the {backend} artefact {Path(path).name} did not finish within "
-            f"{timeout_s:g} s; its last lines: {_tail(out) or 'no output'}"
+            f"{timeout_s:g} s; its last lines: {_tail(stderr) or 'no output'}"
         ) from None
+    except BaseException:  # interrupted: leave nothing running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+    done = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
     problem = probe_problem(backend, Path(path), done.returncode, done.stdout, done.stderr)
     if problem is not None:
         raise CompileError(problem)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Ends this child once the process that started it is gone (a killed flow run)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(70)
+
+
 def main(argv: list[str]) -> int:
-    """The child: ``BACKEND PATH N_FEATURES|auto``; prints a marker line once the artefact ran."""
+    """The child: ``BACKEND PATH N_FEATURES|auto TIMEOUT_S``; prints a marker line once the
+    artefact ran at batch 1 and 2."""
+    import faulthandler
+    import threading
+
     import numpy as np
 
     from ballast.runtime import load_predictor
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    timeout_s = float(argv[3]) if len(argv) > 3 else DEFAULT_TIMEOUT_S
+    # A hang shows where it hangs: the stacks go to stderr shortly before the parent kills us.
+    faulthandler.dump_traceback_later(max(0.5, timeout_s * 0.9), exit=False)
     backend, path = argv[0], Path(argv[1])
     predictor = load_predictor(path, backend)
     n_features = getattr(predictor, "n_features", None) if argv[2] == "auto" else int(argv[2])
     if not isinstance(n_features, int) or n_features < 1:
         print(f"the artefact declares no feature count ({n_features!r})", file=sys.stderr)
         return 3
-    out = predictor.predict(np.zeros((PROBE_ROWS, n_features), dtype=np.float32))
-    if len(out) != PROBE_ROWS:
-        print(f"expected {PROBE_ROWS} rows of output, got shape {out.shape}", file=sys.stderr)
-        return 3
+    for rows in (1, PROBE_ROWS):  # the gateway's warm-up runs batch 1; batches run 2 and up
+        out = predictor.predict(np.zeros((rows, n_features), dtype=np.float32))
+        if len(out) != rows:
+            print(f"expected {rows} rows of output, got shape {out.shape}", file=sys.stderr)
+            return 3
+    faulthandler.cancel_dump_traceback_later()
     print(_OK, flush=True)
     return 0

@@ -32,7 +32,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any
 
@@ -170,29 +169,62 @@ def _sum_by(counts: Counter[tuple[int, str]], index: int) -> Counter[Any]:
     return out
 
 
-class _Handler(RotatingFileHandler):
-    """Reports a failed write once per file, not as a traceback per line; reopens a file
-    removed under it; counts every line it was given (written or not)."""
+class _Lines:
+    """Appends lines to ``path``, moving it to ``path.1`` (one old file kept) before a line
+    would take it past ``max_bytes``; reopens a file removed under it. Used by one thread.
 
-    failed_writes = 0
-    handled = 0
+    Not logging's RotatingFileHandler: logging.shutdown() takes every handler's lock at exit,
+    and a writer stuck on a stalled disk holds that lock, so the process could never exit.
+    Unbuffered: one write per line, nothing left to flush at close.
+    """
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._fh: Any = None
+        self._size = 0
+        self.handled = 0  # lines given to write(), written or not
+        self.failed = 0  # lines that could not be written
+
+    def write(self, line: bytes) -> None:
         try:
-            if self.stream is not None and not os.path.exists(self.baseFilename):
+            if self._fh is not None and not os.path.exists(self.path):
                 # Removed under us (a peer's sweep after a quiet day, an operator): reopen, or
                 # every later line would go to a file nobody can read.
                 self.close()
-            super().emit(record)
+            if self._fh is None:
+                self._open()
+            if self._size and self._size + len(line) > self.max_bytes:
+                self.close()
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                self._open()
+            self._fh.write(line)
+            self._size += len(line)
+        except OSError as exc:
+            self.failed += 1
+            if self.failed == 1:
+                logger.warning(
+                    json.dumps(
+                        {
+                            "event": "failure_file.unwritable",
+                            "path": str(self.path),
+                            "error": str(exc),
+                        }
+                    )
+                )
+            self.close()
         finally:
             self.handled += 1
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
-        self.failed_writes += 1
-        if self.failed_writes == 1:
-            logger.warning(
-                json.dumps({"event": "failure_file.unwritable", "path": self.baseFilename})
-            )
+    def _open(self) -> None:
+        self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - held across lines
+        self._size = os.fstat(self._fh.fileno()).st_size
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
 
 
 class FailureFiles:
@@ -233,14 +265,12 @@ class FailureFiles:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", replica)[:120] or "replica"
         self.path = self.folder / f"{safe}.jsonl"
         # Opened at the first line: a replica that never fails writes no file.
-        self._handler = _Handler(
-            self.path, maxBytes=max_bytes, backupCount=1, encoding="utf-8", delay=True
-        )
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._lines = _Lines(self.path, max_bytes)
         # Not logging's QueueListener: its stop() waits without a bound for the thread, which a
         # stalled disk would turn into a shutdown that never ends.
-        self._queue: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=queue_lines)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_lines)
         self._writer: threading.Thread | None = None
+        self._closing = False  # a stop marker in the queue ends the writer only while closing
         self.queued = 0  # lines given to the writer (written, failed or still waiting)
         self.dropped = 0  # lines refused because the queue was full
 
@@ -300,30 +330,39 @@ class FailureFiles:
         """Queue a line for the writer thread (never blocks)."""
         if event.get("version") is None:
             return
-        if self._writer is None:
+        if self._writer is None or not self._writer.is_alive():
+            # First line, or a writer gone after close() or an error it could not survive:
+            # lines already queued are written by the new one.
+            self._closing = False
             self._writer = threading.Thread(
                 target=self._write_lines, name="gateway-failure-files", daemon=True
             )
             self._writer.start()
-        record = logging.makeLogRecord(
-            {"msg": json.dumps(event, default=str), "levelno": logging.WARNING}
-        )
+        line = (json.dumps(event, default=str) + "\n").encode()
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(line)
         except queue.Full:
             self.dropped += 1
             return
         self.queued += 1
 
     def _write_lines(self) -> None:
-        while (record := self._queue.get()) is not None:
-            self._handler.handle(record)
+        while True:
+            line = self._queue.get()
+            if line is None:
+                if self._closing:
+                    return
+                continue  # left by an earlier close() that gave up on a stuck writer
+            try:
+                self._lines.write(line)
+            except Exception:  # never end the writer: later lines would wait for ever
+                logger.exception("failure file writer")
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every queued line is written (or failed); False if ``timeout_s`` passed
         first. A reader calls it so that its report holds the lines of failures it saw."""
         deadline = time.monotonic() + timeout_s
-        while self._handler.handled < self.queued:
+        while self._lines.handled < self.queued:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.002)
@@ -332,21 +371,22 @@ class FailureFiles:
     @property
     def waiting(self) -> int:
         """Lines queued and not yet written."""
-        return max(0, self.queued - self._handler.handled)
+        return max(0, self.queued - self._lines.handled)
 
     @property
     def lost(self) -> int:
         """Lines this replica could not write (a full disk, a folder it could not create, a
         queue full behind a stalled disk)."""
-        return self._handler.failed_writes + self.dropped
+        return self._lines.failed + self.dropped
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Write what is queued, within ``timeout_s``, and close the file. A writer stuck on a
-        stalled disk is left behind (a daemon thread) rather than holding up the shutdown; a
-        later ``close`` tries again."""
+        stalled disk is left behind (a daemon thread, holding no lock the interpreter's exit
+        waits for) rather than holding up the shutdown; a later ``close`` tries again."""
         writer = self._writer
-        if writer is not None:
+        if writer is not None and writer.is_alive():
             deadline = time.monotonic() + timeout_s
+            self._closing = True
             with contextlib.suppress(queue.Full):  # a full queue: the writer is stuck anyway
                 self._queue.put(None, timeout=timeout_s)  # after the lines already queued
             writer.join(max(0.0, deadline - time.monotonic()))
@@ -361,16 +401,5 @@ class FailureFiles:
                     )
                 )
                 return
-            self._writer = None
-        try:
-            self._handler.close()
-        except OSError as exc:  # the last flush on a full disk: shutdown must go on
-            logger.warning(
-                json.dumps(
-                    {
-                        "event": "failure_file.close_failed",
-                        "path": str(self.path),
-                        "error": str(exc),
-                    }
-                )
-            )
+        self._writer = None
+        self._lines.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from ballast.localise import FaultReport, localise, merge_reports
-from infra.gateway.faillog import FailureFiles
+from infra.gateway.faillog import FailureFiles, _Lines
 from infra.gateway.testing import build_mlp_onnx
 from tests.unit.test_gateway_app import (
     AUTH,
@@ -35,6 +37,7 @@ from tests.unit.test_gateway_app import (
 )
 
 ROUTE = "/admin/failures"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def since(minutes: float = 5) -> str:
@@ -355,35 +358,63 @@ def test_a_stalled_disk_never_blocks_the_writer_and_a_full_queue_is_counted_lost
         assert time.monotonic() - started < 3.0
 
 
-def test_the_route_says_when_lines_still_wait_behind_a_slow_disk(
-    tmp_path: Path, artefacts: dict[str, Path]
-) -> None:
+@contextmanager
+def slow_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Every failure-file write waits until the event is set: a stand-in for a slow disk (a
+    FIFO cannot serve here: the route's own non-blocking open counts as its reader)."""
+    go = threading.Event()
+    real = _Lines.write
+
+    def write(self: _Lines, line: bytes) -> None:
+        go.wait(10.0)
+        real(self, line)
+
+    monkeypatch.setattr(_Lines, "write", write)
+    try:
+        yield go
+    finally:
+        go.set()
+
+
+def _slow_client(tmp_path: Path, artefacts: dict[str, Path]) -> tuple[TestClient, FailureFiles]:
     client, _ = make_client(
-        failure_dir=tmp_path / "failures", replica_id="slow", fault_error_rate=1.0
+        failure_dir=tmp_path / "failures", replica_id="pod-r1", fault_error_rate=1.0
     )
-    files = client.app.gateway.failure_files  # type: ignore[attr-defined]
-    with client:
+    return client, client.app.gateway.failure_files  # type: ignore[attr-defined]
+
+
+def test_the_route_waits_for_lines_still_being_written(
+    tmp_path: Path, artefacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = _slow_client(tmp_path, artefacts)
+    with slow_disk(monkeypatch) as go, client:
         deploy(client, champion_only(artefacts, fault="errors"))
-        # The writer takes the handler's lock for every line: held here, its next write waits
-        # as one stuck in the kernel would. (A FIFO would not do: the route's own read, which
-        # opens files without blocking, counts as the FIFO's reader and frees the writer.)
-        files._handler.acquire()
-        try:
-            fail(client, 3)
-            resp = client.get(
-                ROUTE, params={"model": MODEL, "version": "1", "since": since()}, headers=AUTH
-            )
-        finally:
-            files._handler.release()
+        fail(client, 3)
+        threading.Timer(0.3, go.set).start()  # the disk answers while the route waits
+        got = report(client)
+    assert got.failures == 3, "the report holds the failures the caller has just seen"
+
+
+def test_the_route_says_when_lines_still_wait_behind_a_slow_disk(
+    tmp_path: Path, artefacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, files = _slow_client(tmp_path, artefacts)
+    with slow_disk(monkeypatch) as go, client:
+        deploy(client, champion_only(artefacts, fault="errors"))
+        fail(client, 3)
+        resp = client.get(
+            ROUTE, params={"model": MODEL, "version": "1", "since": since()}, headers=AUTH
+        )
+        go.set()
         assert resp.status_code == 200, resp.text
         unreadable = resp.json()["unreadable"]
         assert any(
-            "3 failure line(s) of replica slow were still waiting" in u for u in unreadable
+            "3 failure line(s) of replica pod-r1 were still waiting" in u for u in unreadable
         ), unreadable
         assert files.drain(5.0) and files.lost == 0, "written once the disk answers again"
 
 
-def test_a_full_disk_loses_lines_counted_and_close_still_returns(tmp_path: Path) -> None:
+def test_a_full_disk_loses_lines_counted_and_the_writer_recovers(tmp_path: Path) -> None:
     files = FailureFiles(tmp_path / "f", "r1")
     files.sweep()
     files.path.symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
@@ -391,4 +422,56 @@ def test_a_full_disk_loses_lines_counted_and_close_still_returns(tmp_path: Path)
         files.write(line("1", i))
     assert files.drain(5.0)
     assert files.lost == 3 and files.dropped == 0
-    files.close()  # its final flush fails too: logged, not raised into the shutdown
+    # The operator frees the space by removing the file: the same writer goes on with a new one
+    # (before, the writer thread died here and every later line waited for ever).
+    files.path.unlink()
+    files.write(line("1", 3))
+    assert files.drain(5.0) and files.lost == 3
+    files.close()
+    assert [json.loads(raw)["request_id"] for raw in files.path.read_text().splitlines()] == [
+        "id-3"
+    ]
+
+
+def test_a_writer_given_up_on_is_replaced_and_old_stop_markers_are_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = FailureFiles(tmp_path / "f", "r1")
+    files.sweep()
+    with slow_disk(monkeypatch) as go:
+        files.write(line("1", 0))
+        files.close(timeout_s=0.05)  # gives up on the stuck writer
+        files.close(timeout_s=0.05)  # and again: two stop markers queued
+        go.set()
+        deadline = time.monotonic() + 5
+        while files.waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        files.write(line("1", 1))  # a new writer, which must not stop at the second marker
+        assert files.drain(5.0)
+        files.close()
+    assert [json.loads(raw)["request_id"] for raw in files.path.read_text().splitlines()] == [
+        "id-0",
+        "id-1",
+    ]
+
+
+def test_a_process_whose_writer_is_stuck_still_exits(tmp_path: Path) -> None:
+    # logging.shutdown() at exit took the (logging-handler) writer's lock, which a writer stuck
+    # on a stalled disk held: the process never exited.
+    fifo = tmp_path / "f" / "r1.jsonl"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)  # opening it for writing blocks: a stalled disk
+    code = (
+        "import time\n"
+        "from pathlib import Path\n"
+        "from infra.gateway.faillog import FailureFiles\n"
+        f"files = FailureFiles(Path({str(fifo.parent)!r}), 'r1')\n"
+        "files.write({'version': '1', 'request_id': 'x'})\n"
+        "time.sleep(0.2)\n"
+        "files.close(timeout_s=0.2)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "failure_file.close_timeout" in done.stderr

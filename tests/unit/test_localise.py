@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -326,7 +327,18 @@ def test_a_fifo_or_a_folder_among_the_files_is_reported_not_read(tmp_path: Path)
     fifo = tmp_path / "x.jsonl"
     os.mkfifo(fifo)
     (tmp_path / "d.jsonl").mkdir()
-    report = localise([fifo, tmp_path / "d.jsonl", real], "m", "2", T0, T0 + timedelta(minutes=1))
+    got: list[FaultReport] = []
+    # In a thread, bounded: a regression would hang here, not the whole run.
+    reader = threading.Thread(
+        target=lambda: got.append(
+            localise([fifo, tmp_path / "d.jsonl", real], "m", "2", T0, T0 + timedelta(minutes=1))
+        ),
+        daemon=True,
+    )
+    reader.start()
+    reader.join(10.0)
+    assert not reader.is_alive(), "the reader hung on the FIFO"
+    (report,) = got
     assert report.failures == 1
     assert report.unreadable == (
         f"{fifo}: not a regular file",

@@ -3,11 +3,14 @@ crash, failure and timeout are in tests/integration/test_aotinductor.py."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from ballast.compile.probe import NATIVE_BACKENDS, probe_problem
+from ballast.compile.probe import NATIVE_BACKENDS, probe_load, probe_problem
+from ballast.errors import CompileError
 
 PKG = Path("/tmp/x/model.pt2")
 
@@ -46,3 +49,42 @@ def test_the_childs_last_lines_are_bounded_and_stdout_stands_in_for_an_empty_std
 def test_only_native_runtimes_are_probed() -> None:
     assert {"aotinductor", "tensorrt"} == NATIVE_BACKENDS
     assert "onnxruntime" not in NATIVE_BACKENDS
+
+
+def test_a_crash_report_keeps_its_header_and_innermost_frames_however_deep() -> None:
+    frames = "".join(f'  File "f{i}.py", line {i} in frame{i}\n' for i in range(40))
+    stderr = f"Fatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most recent call first):\n{frames}"
+    problem = probe_problem("aotinductor", PKG, -11, "", "loading...\n" + stderr) or ""
+    said = problem.split("its last lines: ", 1)[1]
+    assert said.startswith("Fatal Python error: Segmentation fault | Current thread 0x1")
+    assert 'File "f0.py", line 0 in frame0' in said and "frame39" not in said
+
+
+def test_a_hung_child_and_everything_it_started_are_killed_at_the_limit(tmp_path: Path) -> None:
+    # A stand-in interpreter: it starts a grandchild that keeps the pipes open, then hangs.
+    # Killing only the child left communicate() waiting for the grandchild.
+    pidfile = tmp_path / "grandchild.pid"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\necho loading >&2\nsleep 60\n")
+    fake.chmod(0o755)
+    started = time.monotonic()
+    with pytest.raises(CompileError, match=r"did not finish within 1 s; its last lines: loading"):
+        probe_load(PKG, "aotinductor", timeout_s=1.0, python=str(fake))
+    assert time.monotonic() - started < 30
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(grandchild):
+        time.sleep(0.05)
+    assert not _alive(grandchild), "the grandchild outlived the probe"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init here) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
