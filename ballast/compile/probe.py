@@ -158,6 +158,8 @@ def main(argv: list[str]) -> int:
 
     from ballast.runtime import load_predictor
 
+    # A crash's report names only the thread that crashed (the watcher below would come first).
+    faulthandler.enable(all_threads=False)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     timeout_s = float(argv[3]) if len(argv) > 3 else DEFAULT_TIMEOUT_S
     # A hang shows where it hangs: the stacks go to stderr shortly before the parent kills us.
