@@ -126,11 +126,16 @@ def run_model(
     epochs: int,
     workdir: Path,
     log: Any,
+    failed: dict[str, str] | None = None,
 ) -> list[Row]:
+    """Rows for eager and every backend of ``backends`` on ``model_name``. A backend that
+    cannot be built, opened or checked is left out and named in ``failed`` (name → why); the
+    others are still measured."""
     from ballast.compile import benchmark, benchmark_eager, check_parity, export_onnx
     from ballast.compile.bench import torch_threads
     from ballast.compile.probe import NATIVE_BACKENDS, probe_load
     from ballast.datasets_extra import bundled_dataset
+    from ballast.errors import CompileError
     from ballast.models import get_spec
     from ballast.runtime import load_predictor
     from ballast.training import train
@@ -158,14 +163,21 @@ def run_model(
     parity: dict[str, float] = {}
     for name, backend in backends.items():
         t0 = time.perf_counter()
-        artifact = _build(backend, model, onnx_path, example, out / name, max_batch)
-        if name in NATIVE_BACKENDS:  # a crash in its native loader is a CompileError, not ours
-            probe_load(artifact, name, n_features=n_features)
-        predictors[name] = load_predictor(artifact, name, intra_op_threads=threads)
-        rtol = 1e-2 if getattr(backend, "precision", "fp32") == "fp16" else 1e-4
-        parity[name] = check_parity(
-            model, predictors[name], trained.split.x_test, rtol=rtol
-        ).max_rel_err
+        try:
+            artifact = _build(backend, model, onnx_path, example, out / name, max_batch)
+            if name in NATIVE_BACKENDS:  # a crash in its native loader: a CompileError here
+                probe_load(artifact, name, n_features=n_features)
+            predictor = load_predictor(artifact, name, intra_op_threads=threads)
+            rtol = 1e-2 if getattr(backend, "precision", "fp32") == "fp16" else 1e-4
+            parity[name] = check_parity(
+                model, predictor, trained.split.x_test, rtol=rtol
+            ).max_rel_err
+        except CompileError as exc:  # ParityError included: one backend must not stop the rest
+            if failed is not None:
+                failed[f"{model_name}/{name}"] = exc.message
+            log(f"{model_name}: {name} failed: {exc.message}")
+            continue
+        predictors[name] = predictor
         log(f"{model_name}: built {name} in {time.perf_counter() - t0:.1f} s")
 
     # TensorRT runs on the GPU: it is compared with eager PyTorch on the GPU, the rest with CPU.
@@ -285,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = select_backend("auto", intra_op_threads=args.threads).name
     started = time.perf_counter()
     rows: list[Row] = []
+    failed: dict[str, str] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="ballast-bench-compile-") as tmp:
             for model in models:
@@ -297,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                     min_time_s=args.min_time,
                     epochs=args.epochs,
                     workdir=Path(tmp),
-                    log=lambda msg: err.print(f"[dim]{msg}[/]"),
+                    log=lambda msg: err.print(msg, style="dim", markup=False),
+                    failed=failed,
                 )
     except BallastError as exc:
         err.print(f"[red]{exc}[/]")
@@ -324,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             "min_time_s": args.min_time,
             "chosen_backend": chosen,
             "skipped": skipped,
+            "failed": failed,
             "goal": goal,
             "seconds": round(time.perf_counter() - started, 1),
             "rows": [asdict(r) for r in rows],
         }
         sys.stdout.write(json.dumps(summary) + "\n")
-    return 0
+    for what, why in failed.items():
+        err.print(f"{what} FAILED: {why}", markup=False, soft_wrap=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

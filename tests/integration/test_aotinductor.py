@@ -270,3 +270,29 @@ def test_a_probe_that_outlives_its_limit_is_a_compile_error(compiled: CompiledAr
     # 50 ms: the child is still importing when it is killed.
     with pytest.raises(CompileError, match=r"did not finish within 0\.05 s"):
         probe_load(compiled.path, "aotinductor", timeout_s=0.05)
+
+
+def test_bench_compile_measures_the_other_backends_when_one_crashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ballast.bench.compile import main
+
+    built = AOTInductorBackend.compile_module
+
+    def build_then_break(self: AOTInductorBackend, *args: object, **kw: object) -> Path:
+        good = built(self, *args, **kw)  # type: ignore[arg-type]
+        broken = good.with_name("broken.pt2")
+        _crashing_package(good, broken, tmp_path)
+        broken.replace(good)
+        return good
+
+    monkeypatch.setattr(AOTInductorBackend, "compile_module", build_then_break)
+    argv = ["--models", "tabular-mlp", "--backends", "onnxruntime,aotinductor", "--batches", "1"]
+    argv += ["--rounds", "1", "--min-time", "0.01", "--epochs", "1", "--json"]
+    assert main(argv) == 1, "a backend that failed makes the run fail"
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert {r["backend"] for r in summary["rows"]} == {"eager", "onnxruntime"}
+    (why,) = summary["failed"].values()
+    assert list(summary["failed"]) == ["tabular-mlp/aotinductor"] and "killed by SIGSEGV" in why
+    assert "tabular-mlp/aotinductor FAILED" in captured.err
