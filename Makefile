@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast check fmt bench clean
+.PHONY: help install demo test test-fast check fmt bench gpu-check clean
 
 help:  ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ fmt: $(STAMP)  ## Format and autofix
 
 bench: $(STAMP)  ## Run the compile benchmark (benchmarks/ holds the others; see their --help)
 	$(BIN)/python benchmarks/compile_bench.py
+
+gpu-check: $(STAMP)  ## On a CUDA machine: the GPU suite (tests/gpu), CUDA-branch suites, gpu_check, ddp_bench
+	PY=$(BIN)/python bash benchmarks/device_check.sh
 
 clean:  ## Remove state (.ballast) and caches, keep .venv
 	rm -rf .ballast .pytest_cache .mypy_cache .ruff_cache
