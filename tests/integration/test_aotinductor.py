@@ -203,6 +203,20 @@ def _crashing_package(src: Path, dst: Path, work: Path) -> None:
     assert swapped, "the package holds no shared object to swap"
 
 
+def _break_aoti_builds(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
+    """Every AOTInductor build from here on writes a package that crashes its loader."""
+    built = AOTInductorBackend.compile_module
+
+    def build_then_break(self: AOTInductorBackend, *args: object, **kw: object) -> Path:
+        good = built(self, *args, **kw)  # type: ignore[arg-type]
+        broken = good.with_name("broken.pt2")
+        _crashing_package(good, broken, work)
+        broken.replace(good)
+        return good
+
+    monkeypatch.setattr(AOTInductorBackend, "compile_module", build_then_break)
+
+
 def test_a_package_that_crashes_its_loader_is_a_compile_error_and_this_process_lives(
     compiled: CompiledArtifact, tmp_path: Path
 ) -> None:
@@ -226,16 +240,7 @@ def test_a_package_that_crashes_its_loader_is_a_compile_error_and_this_process_l
 def test_compile_model_turns_a_crashing_package_into_a_compile_error(
     trained: TrainResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    built = AOTInductorBackend.compile_module
-
-    def build_then_break(self: AOTInductorBackend, *args: object, **kw: object) -> Path:
-        good = built(self, *args, **kw)  # type: ignore[arg-type]
-        broken = good.with_name("broken.pt2")
-        _crashing_package(good, broken, tmp_path)
-        broken.replace(good)
-        return good
-
-    monkeypatch.setattr(AOTInductorBackend, "compile_module", build_then_break)
+    _break_aoti_builds(monkeypatch, tmp_path)
     with pytest.raises(CompileError, match="killed by SIGSEGV"):
         compile_model(
             trained.model,
@@ -277,16 +282,7 @@ def test_bench_compile_measures_the_other_backends_when_one_crashes(
 ) -> None:
     from ballast.bench.compile import main
 
-    built = AOTInductorBackend.compile_module
-
-    def build_then_break(self: AOTInductorBackend, *args: object, **kw: object) -> Path:
-        good = built(self, *args, **kw)  # type: ignore[arg-type]
-        broken = good.with_name("broken.pt2")
-        _crashing_package(good, broken, tmp_path)
-        broken.replace(good)
-        return good
-
-    monkeypatch.setattr(AOTInductorBackend, "compile_module", build_then_break)
+    _break_aoti_builds(monkeypatch, tmp_path)
     argv = ["--models", "tabular-mlp", "--backends", "onnxruntime,aotinductor", "--batches", "1"]
     argv += ["--rounds", "1", "--min-time", "0.01", "--epochs", "1", "--json"]
     assert main(argv) == 1, "a backend that failed makes the run fail"

@@ -376,20 +376,26 @@ def slow_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
         go.set()
 
 
-def _slow_client(tmp_path: Path, artefacts: dict[str, Path]) -> tuple[TestClient, FailureFiles]:
+@contextmanager
+def failing_slowly(
+    tmp_path: Path, artefacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TestClient, FailureFiles, threading.Event]]:
+    """A replica whose version 1 has just failed 3 requests, their lines held up by a slow
+    disk until the event is set."""
     client, _ = make_client(
         failure_dir=tmp_path / "failures", replica_id="pod-r1", fault_error_rate=1.0
     )
-    return client, client.app.gateway.failure_files  # type: ignore[attr-defined]
+    files = client.app.gateway.failure_files  # type: ignore[attr-defined]
+    with slow_disk(monkeypatch) as go, client:
+        deploy(client, champion_only(artefacts, fault="errors"))
+        fail(client, 3)
+        yield client, files, go
 
 
 def test_the_route_waits_for_lines_still_being_written(
     tmp_path: Path, artefacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client, _ = _slow_client(tmp_path, artefacts)
-    with slow_disk(monkeypatch) as go, client:
-        deploy(client, champion_only(artefacts, fault="errors"))
-        fail(client, 3)
+    with failing_slowly(tmp_path, artefacts, monkeypatch) as (client, _, go):
         threading.Timer(0.3, go.set).start()  # the disk answers while the route waits
         got = report(client)
     assert got.failures == 3, "the report holds the failures the caller has just seen"
@@ -398,10 +404,7 @@ def test_the_route_waits_for_lines_still_being_written(
 def test_the_route_says_when_lines_still_wait_behind_a_slow_disk(
     tmp_path: Path, artefacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client, files = _slow_client(tmp_path, artefacts)
-    with slow_disk(monkeypatch) as go, client:
-        deploy(client, champion_only(artefacts, fault="errors"))
-        fail(client, 3)
+    with failing_slowly(tmp_path, artefacts, monkeypatch) as (client, files, go):
         resp = client.get(
             ROUTE, params={"model": MODEL, "version": "1", "since": since()}, headers=AUTH
         )

@@ -3,13 +3,13 @@ crash, failure and timeout are in tests/integration/test_aotinductor.py."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from ballast.compile.probe import NATIVE_BACKENDS, probe_load, probe_problem
+from ballast.distributed import pid_alive
 from ballast.errors import CompileError
 
 PKG = Path("/tmp/x/model.pt2")
@@ -73,18 +73,6 @@ def test_a_hung_child_and_everything_it_started_are_killed_at_the_limit(tmp_path
     assert time.monotonic() - started < 30
     grandchild = int(pidfile.read_text())
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _alive(grandchild):
+    while time.monotonic() < deadline and pid_alive(grandchild):
         time.sleep(0.05)
-    assert not _alive(grandchild), "the grandchild outlived the probe"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by init here) counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not pid_alive(grandchild), "the grandchild outlived the probe"
