@@ -135,7 +135,7 @@ def run_model(
     from ballast.compile.bench import torch_threads
     from ballast.compile.probe import NATIVE_BACKENDS, probe_load
     from ballast.datasets_extra import bundled_dataset
-    from ballast.errors import CompileError
+    from ballast.errors import BallastError
     from ballast.models import get_spec
     from ballast.runtime import load_predictor
     from ballast.training import train
@@ -172,10 +172,11 @@ def run_model(
             parity[name] = check_parity(
                 model, predictor, trained.split.x_test, rtol=rtol
             ).max_rel_err
-        except CompileError as exc:  # ParityError included: one backend must not stop the rest
+        except Exception as exc:  # one backend must not stop the rest: named, and exit 1
+            why = exc.message if isinstance(exc, BallastError) else f"{type(exc).__name__}: {exc}"
             if failed is not None:
-                failed[f"{model_name}/{name}"] = exc.message
-            log(f"{model_name}: {name} failed: {exc.message}")
+                failed[f"{model_name}/{name}"] = why
+            log(f"{model_name}: {name} failed: {why}")
             continue
         predictors[name] = predictor
         log(f"{model_name}: built {name} in {time.perf_counter() - t0:.1f} s")

@@ -39,6 +39,8 @@ DEFAULT_TIMEOUT_S = 300.0
 _TAIL_LINES = 12
 _TAIL_CHARS = 2000
 _OK = "probe ok"
+_POLL_S = 0.5
+_WATCHER = "_exit_with_parent"
 # -c, not -m: runpy would warn that the module was already imported by the package.
 _CHILD = "import sys; from ballast.compile.probe import main; sys.exit(main(sys.argv[1:]))"
 
@@ -51,18 +53,31 @@ def _torch_version() -> str:
 
 
 def _tail(text: str) -> str:
-    """The lines that say most: from faulthandler's "Fatal Python error" header on (its frames
-    are innermost first), else the last lines."""
+    """The lines that say most. For a faulthandler report (a crash, or the stacks dumped just
+    before a timeout): its header, then the frames, innermost first, of every thread but this
+    module's parent watcher. Anything else: the last lines."""
     # faulthandler ends a crash report with one long "Extension modules: ..." line: noise here.
     lines = [
         ln.strip()
         for ln in text.splitlines()
         if ln.strip() and not ln.startswith("Extension modules:")
     ]
-    for i, ln in enumerate(lines):
-        if ln.startswith("Fatal Python error"):
-            return " | ".join(lines[i : i + _TAIL_LINES])[:_TAIL_CHARS]
-    return " | ".join(lines[-_TAIL_LINES:])[-_TAIL_CHARS:]
+    head = next(
+        (i for i, ln in enumerate(lines) if ln.startswith(("Fatal Python error", "Timeout ("))),
+        None,
+    )
+    if head is None:
+        return " | ".join(lines[-_TAIL_LINES:])[-_TAIL_CHARS:]
+    kept: list[str] = [lines[head]]
+    block: list[str] = []
+    for ln in [*lines[head + 1 :], ""]:
+        if not ln or ln.startswith(("Thread 0x", "Current thread 0x", "Stack (")):
+            if not any(_WATCHER in frame for frame in block):
+                kept += block
+            block = []
+        if ln:
+            block.append(ln)
+    return " | ".join(kept[:_TAIL_LINES])[:_TAIL_CHARS]
 
 
 def probe_problem(
@@ -104,9 +119,9 @@ def probe_load(
     """
     features = "auto" if n_features is None else str(n_features)
     argv = [python, "-X", "faulthandler", "-c", _CHILD, backend, str(path), features]
-    argv.append(str(timeout_s))
-    # Its own process group: on a timeout every process it started goes too (one holding the
-    # pipes would otherwise keep communicate() waiting).
+    argv += [str(timeout_s), str(os.getpid())]
+    # Its own process group, killed whole when the probe ends: nothing it started outlives it,
+    # and nothing left holding its pipes keeps this waiting once the child itself is done.
     child = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -116,41 +131,52 @@ def probe_load(
         errors="replace",
         start_new_session=True,
     )
+    deadline = time.monotonic() + timeout_s
     try:
-        stdout, stderr = child.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        try:
-            _, stderr = child.communicate(timeout=10.0)
-        except subprocess.TimeoutExpired:  # pragma: no cover - the group is gone by now
-            stderr = ""
+        while True:
+            try:
+                stdout, stderr = child.communicate(timeout=_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if child.poll() is not None or time.monotonic() >= deadline:
+                    _kill_group(child.pid)
+                    try:
+                        stdout, stderr = child.communicate(timeout=10.0)
+                    except subprocess.TimeoutExpired:  # pragma: no cover - the group is gone
+                        stdout, stderr = "", ""
+                    break
+    finally:
+        _kill_group(child.pid)  # also when interrupted
+        if child.poll() is None:  # pragma: no cover - killed just above
+            child.wait()
+    if child.returncode == -signal.SIGKILL and time.monotonic() >= deadline:
         raise CompileError(
             f"opening the {backend} artefact {Path(path).name} did not finish within "
             f"{timeout_s:g} s; its last lines: {_tail(stderr) or 'no output'}"
-        ) from None
-    except BaseException:  # interrupted: leave nothing running
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-        raise
+        )
     done = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
     problem = probe_problem(backend, Path(path), done.returncode, done.stdout, done.stderr)
     if problem is not None:
         raise CompileError(problem)
 
 
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def _exit_with_parent(parent: int) -> None:
-    """Ends this child once the process that started it is gone (a killed flow run)."""
+    """Ends this child once the process that started it is gone (a killed flow run). The pid
+    comes from the parent itself: one read here could already be init's."""
     while True:
-        time.sleep(1.0)
         if os.getppid() != parent:
             os._exit(70)
+        time.sleep(1.0)
 
 
 def main(argv: list[str]) -> int:
-    """The child: ``BACKEND PATH N_FEATURES|auto TIMEOUT_S``; prints a marker line once the
-    artefact ran at batch 1 and 2."""
+    """The child: ``BACKEND PATH N_FEATURES|auto TIMEOUT_S PARENT_PID``; prints a marker line
+    once the artefact ran at batch 1 and 2."""
     import faulthandler
     import threading
 
@@ -158,10 +184,11 @@ def main(argv: list[str]) -> int:
 
     from ballast.runtime import load_predictor
 
-    # A crash's report names only the thread that crashed (the watcher below would come first).
-    faulthandler.enable(all_threads=False)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     timeout_s = float(argv[3]) if len(argv) > 3 else DEFAULT_TIMEOUT_S
+    parent = int(argv[4]) if len(argv) > 4 else os.getppid()
+    if os.getppid() != parent:  # the parent died while this interpreter started
+        return 70
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     # A hang shows where it hangs: the stacks go to stderr shortly before the parent kills us.
     faulthandler.dump_traceback_later(max(0.5, timeout_s * 0.9), exit=False)
     backend, path = argv[0], Path(argv[1])

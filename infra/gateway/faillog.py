@@ -185,8 +185,10 @@ class _Lines:
         self._size = 0
         self.handled = 0  # lines given to write(), written or not
         self.failed = 0  # lines that could not be written
+        self._cut = False  # the file ends in part of a line
 
     def write(self, line: bytes) -> None:
+        written = 0
         try:
             if self._fh is not None and not os.path.exists(self.path):
                 # Removed under us (a peer's sweep after a quiet day, an operator): reopen, or
@@ -195,12 +197,19 @@ class _Lines:
             if self._fh is None:
                 self._open()
             if self._size and self._size + len(line) > self.max_bytes:
-                self.close()
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                self._open()
-            self._fh.write(line)
-            self._size += len(line)
+                self._rotate()
+            if self._cut:  # the last line was cut short by a failed write: end it first
+                line = b"\n" + line
+            view = memoryview(line)
+            while written < len(line):  # unbuffered writes may be short (a disk filling up)
+                n = self._fh.write(view[written:])
+                if not n:
+                    raise OSError("no byte written")
+                written += n
+                self._size += n
+            self._cut = False
         except OSError as exc:
+            self._cut = self._cut or 0 < written < len(line)
             self.failed += 1
             if self.failed == 1:
                 logger.warning(
@@ -215,6 +224,17 @@ class _Lines:
             self.close()
         finally:
             self.handled += 1
+
+    def _rotate(self) -> None:
+        self.close()
+        try:
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        except OSError:
+            # No old file to be had (".1" a folder, say): start the file again rather than
+            # fail every later line.
+            open(self.path, "wb").close()
+        self._cut = False
+        self._open()
 
     def _open(self) -> None:
         self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - held across lines
@@ -268,9 +288,11 @@ class FailureFiles:
         self._lines = _Lines(self.path, max_bytes)
         # Not logging's QueueListener: its stop() waits without a bound for the thread, which a
         # stalled disk would turn into a shutdown that never ends.
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_lines)
+        self._queue: queue.Queue[bytes | object] = queue.Queue(maxsize=queue_lines)
         self._writer: threading.Thread | None = None
-        self._closing = False  # a stop marker in the queue ends the writer only while closing
+        # The stop marker of the close() in progress; older ones (left by a close that gave up
+        # on a stuck writer) are ignored, so they never end a writer that still has lines.
+        self._stop: object | None = None
         self.queued = 0  # lines given to the writer (written, failed or still waiting)
         self.dropped = 0  # lines refused because the queue was full
 
@@ -330,10 +352,10 @@ class FailureFiles:
         """Queue a line for the writer thread (never blocks)."""
         if event.get("version") is None:
             return
+        self._stop = None  # lines come after any stop marker queued so far: keep writing
         if self._writer is None or not self._writer.is_alive():
             # First line, or a writer gone after close() or an error it could not survive:
             # lines already queued are written by the new one.
-            self._closing = False
             self._writer = threading.Thread(
                 target=self._write_lines, name="gateway-failure-files", daemon=True
             )
@@ -349,10 +371,10 @@ class FailureFiles:
     def _write_lines(self) -> None:
         while True:
             line = self._queue.get()
-            if line is None:
-                if self._closing:
+            if not isinstance(line, bytes):  # a stop marker
+                if line is self._stop:
                     return
-                continue  # left by an earlier close() that gave up on a stuck writer
+                continue  # an older close()'s, or one lines were queued after
             try:
                 self._lines.write(line)
             except Exception:  # never end the writer: later lines would wait for ever
@@ -386,9 +408,9 @@ class FailureFiles:
         writer = self._writer
         if writer is not None and writer.is_alive():
             deadline = time.monotonic() + timeout_s
-            self._closing = True
+            self._stop = stop = object()
             with contextlib.suppress(queue.Full):  # a full queue: the writer is stuck anyway
-                self._queue.put(None, timeout=timeout_s)  # after the lines already queued
+                self._queue.put(stop, timeout=timeout_s)  # after the lines already queued
             writer.join(max(0.0, deadline - time.monotonic()))
             if writer.is_alive():
                 logger.warning(

@@ -772,3 +772,25 @@ def test_tensorrt_timing_cache_is_saved_best_effort_each_build_with_its_own_temp
     assert any("not saved" in r.getMessage() for r in caplog.records)
     _replace_with(tmp_path / "f", b"1")
     assert (tmp_path / "f").read_bytes() == b"1"
+
+
+def test_bench_compile_names_a_backend_that_fails_parity_and_still_measures_eager(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ballast.compile
+    from ballast.bench.compile import main
+
+    def fails(*args: object, **kw: object) -> None:
+        raise ParityError("max rel err 1 exceeds rtol 1e-4 (stand-in)")
+
+    monkeypatch.setattr(ballast.compile, "check_parity", fails)
+    argv = ["--models", "tabular-mlp", "--backends", "onnxruntime", "--batches", "1"]
+    argv += ["--rounds", "1", "--min-time", "0.01", "--epochs", "1", "--json"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert {r["backend"] for r in summary["rows"]} == {"eager"}
+    assert summary["failed"] == {
+        "tabular-mlp/onnxruntime": "max rel err 1 exceeds rtol 1e-4 (stand-in)"
+    }
+    assert "tabular-mlp/onnxruntime FAILED" in captured.err

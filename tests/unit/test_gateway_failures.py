@@ -445,16 +445,16 @@ def test_a_writer_given_up_on_is_replaced_and_old_stop_markers_are_ignored(
         files.write(line("1", 0))
         files.close(timeout_s=0.05)  # gives up on the stuck writer
         files.close(timeout_s=0.05)  # and again: two stop markers queued
+        files.write(line("1", 1))  # queued behind both markers, the writer still stuck
         go.set()
-        deadline = time.monotonic() + 5
-        while files.waiting and time.monotonic() < deadline:
-            time.sleep(0.01)
-        files.write(line("1", 1))  # a new writer, which must not stop at the second marker
+        assert files.drain(5.0), "the writer stopped at an old marker and stranded the line"
+        files.write(line("1", 2))
         assert files.drain(5.0)
         files.close()
     assert [json.loads(raw)["request_id"] for raw in files.path.read_text().splitlines()] == [
         "id-0",
         "id-1",
+        "id-2",
     ]
 
 
@@ -478,3 +478,48 @@ def test_a_process_whose_writer_is_stuck_still_exits(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "failure_file.close_timeout" in done.stderr
+
+
+def test_a_line_cut_short_by_a_filling_disk_does_not_swallow_the_next(tmp_path: Path) -> None:
+    # In a child: a file-size limit makes a write short (part of a line), then fail, as a
+    # disk filling up does. Before, the next line was appended to the cut one and both were
+    # lost to readers.
+    code = (
+        "import resource, signal, json\n"
+        "from pathlib import Path\n"
+        "from infra.gateway.faillog import FailureFiles\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"files = FailureFiles(Path({str(tmp_path / 'f')!r}), 'r1')\n"
+        "files.sweep()\n"
+        "line = lambda i: {'version': '1', 'request_id': f'id-{i}', 'pad': 'x' * 150}\n"
+        "files.write(line(0)); assert files.drain(5)\n"
+        "size = files.path.stat().st_size\n"
+        "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, hard))\n"
+        "files.write(line(1)); assert files.drain(5)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))\n"
+        "files.write(line(2)); assert files.drain(5)\n"
+        "files.close()\n"
+        "print(json.dumps({'lost': files.lost}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"lost": 1}
+    raw = (tmp_path / "f" / "r1.jsonl").read_text().splitlines()
+    assert len(raw) == 3 and raw[1].startswith('{"version": "1", "request_id": "id-1"')
+    assert [json.loads(raw[i])["request_id"] for i in (0, 2)] == ["id-0", "id-2"]
+
+
+def test_a_rotation_that_cannot_keep_the_old_file_starts_the_file_again(tmp_path: Path) -> None:
+    files = FailureFiles(tmp_path / "f", "r1", max_bytes=1024)
+    files.sweep()
+    files.path.with_name("r1.jsonl.1").mkdir()  # os.replace onto a folder fails
+    for i in range(20):
+        files.write(line("1", i))
+    assert files.drain(5.0)
+    files.close()
+    assert files.lost == 0, "every line after the failed rotation was lost before"
+    ids = [json.loads(raw)["request_id"] for raw in files.path.read_text().splitlines()]
+    assert ids[-1] == "id-19" and files.path.stat().st_size <= 1024

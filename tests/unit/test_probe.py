@@ -3,12 +3,14 @@ crash, failure and timeout are in tests/integration/test_aotinductor.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from ballast.compile.probe import NATIVE_BACKENDS, probe_load, probe_problem
+from ballast.compile.probe import _CHILD, NATIVE_BACKENDS, probe_load, probe_problem
 from ballast.distributed import pid_alive
 from ballast.errors import CompileError
 
@@ -76,3 +78,57 @@ def test_a_hung_child_and_everything_it_started_are_killed_at_the_limit(tmp_path
     while time.monotonic() < deadline and pid_alive(grandchild):
         time.sleep(0.05)
     assert not pid_alive(grandchild), "the grandchild outlived the probe"
+
+
+def test_a_report_leaves_out_the_parent_watcher_and_anchors_on_a_timeout_dump() -> None:
+    watcher = (
+        "Thread 0x2 (most recent call first):\n"
+        '  File "probe.py", line 150 in _exit_with_parent\n'
+        '  File "threading.py", line 1010 in run\n'
+    )
+    main = 'Current thread 0x1 (most recent call first):\n  File "_package.py", line 1045 in _load_aoti\n'
+    crash = f"Fatal Python error: Segmentation fault\n\n{watcher}\n{main}"
+    said = (probe_problem("aotinductor", PKG, -11, "", crash) or "").split("last lines: ")[1]
+    assert said == (
+        "Fatal Python error: Segmentation fault | Current thread 0x1 (most recent call first): | "
+        'File "_package.py", line 1045 in _load_aoti'
+    )
+    hang = (
+        "Timeout (0:04:30)!\n"
+        + watcher
+        + 'Thread 0x1 (most recent call first):\n  File "x.py", line 3 in sleep_forever\n'
+    )
+    said = (probe_problem("aotinductor", PKG, -9, "", hang) or "").split("last lines: ")[1]
+    assert said.startswith("Timeout (0:04:30)! | Thread 0x1") and "sleep_forever" in said
+
+
+def test_a_child_whose_parent_died_while_it_started_ends_at_once(tmp_path: Path) -> None:
+    # The parent's pid comes from the parent: read in the child it could already be init's,
+    # and the child would then wait for a parent that never goes.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, "aotinductor", str(PKG), "auto", "60", str(gone.pid)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 70, done.stderr[-2000:]
+
+
+def test_processes_left_by_a_finished_child_are_killed_and_do_not_hold_the_probe(
+    tmp_path: Path,
+) -> None:
+    # A stand-in interpreter that answers at once but leaves a process holding its pipes:
+    # the probe must not wait for it (up to its whole limit) nor leave it behind.
+    pidfile = tmp_path / "left.pid"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\necho 'probe ok'\nexit 0\n")
+    fake.chmod(0o755)
+    started = time.monotonic()
+    probe_load(PKG, "aotinductor", timeout_s=30.0, python=str(fake))
+    assert time.monotonic() - started < 10, "waited for the leftover's pipes"
+    left = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and pid_alive(left):
+        time.sleep(0.05)
+    assert not pid_alive(left), "a process the child started outlived the probe"
