@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ from starlette.testclient import TestClient
 from ballast.localise import FaultReport, localise, merge_reports
 from infra.gateway.faillog import FailureFiles, _Lines
 from infra.gateway.testing import build_mlp_onnx
+from tests.child import run_python
 from tests.unit.test_gateway_app import (
     AUTH,
     MODEL,
@@ -37,7 +36,6 @@ from tests.unit.test_gateway_app import (
 )
 
 ROUTE = "/admin/failures"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def since(minutes: float = 5) -> str:
@@ -473,9 +471,7 @@ def test_a_process_whose_writer_is_stuck_still_exits(tmp_path: Path) -> None:
         "time.sleep(0.2)\n"
         "files.close(timeout_s=0.2)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30
-    )
+    done = run_python(code, timeout=30)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "failure_file.close_timeout" in done.stderr
 
@@ -502,9 +498,7 @@ def test_a_line_cut_short_by_a_filling_disk_does_not_swallow_the_next(tmp_path: 
         "files.close()\n"
         "print(json.dumps({'lost': files.lost}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    done = run_python(code, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"lost": 1}
     raw = (tmp_path / "f" / "r1.jsonl").read_text().splitlines()

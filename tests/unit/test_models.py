@@ -3,10 +3,6 @@ digits dataset and its spec, and an import closure that works without pydantic."
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -22,8 +18,7 @@ from ballast.models import (
     get_spec,
     params_as_dict,
 )
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.child import run_python
 
 
 def build(name: str, n_features: int, n_classes: int = 3, **overrides: object) -> torch.nn.Module:
@@ -172,7 +167,5 @@ def test_models_and_training_import_without_pydantic_prefect_or_mlflow() -> None
         "import ballast.compile.aotinductor, ballast.compile.parity, ballast.runtime\n"
         "print('ok')\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    out = run_python(code, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
