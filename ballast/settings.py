@@ -143,6 +143,11 @@ class Settings(BaseSettings):
 
     # Compile.
     compile_backend: Literal["auto", "onnxruntime", "tensorrt", "aotinductor"] = "auto"
+    # AOTInductor packages and TensorRT engines are first opened in a child process (at compile
+    # and in the gateway), so a crash in their native loader fails one step, not the process
+    # (ballast.compile.probe). Off only where a child cannot open them although this process
+    # can: a GPU in EXCLUSIVE_PROCESS mode, or one the served versions have nearly filled.
+    native_load_probe: bool = True
     # Relative error the compiled artefact may show against eager PyTorch (0 < rtol < 1: inf
     # would switch the parity gate off, 0 or less fail every compile).
     parity_rtol_fp32: float = Field(default=1e-4, gt=0, lt=1)

@@ -38,6 +38,7 @@ def compile_candidate(
         # BALLAST_BENCH_BATCHES='[1]' is a valid setting.
         max_batch=max(2, *s.bench_batches),
         bench_batches=s.bench_batches,
+        probe_native=s.native_load_probe,
     )
     speedups = {
         t.batch: compiled.eager_bench.for_batch(t.batch).p50_ms / t.p50_ms

@@ -79,6 +79,7 @@ def compile_model(
     n_random: int = 256,
     bench_min_time_s: float = 0.2,
     seed: int = 0,
+    probe_native: bool = True,
 ) -> CompiledArtifact:
     """Export ``model`` to ONNX in ``out_dir``, compile it, check parity, benchmark it.
 
@@ -86,7 +87,8 @@ def compile_model(
     from eager PyTorch by more than the tolerance for its precision, and :class:`CompileError`
     when a step cannot run. The eager model is timed on the artefact's device (a copy is moved
     there if needed) and, for ONNX Runtime, with the same number of intra-op threads, so the
-    speed-up compares like with like.
+    speed-up compares like with like. ``probe_native``: open an AOTInductor or TensorRT artefact
+    in a child first (:mod:`ballast.compile.probe`).
     """
     if not 1 <= max_batch <= MAX_EXPORT_BATCH:
         raise CompileError(f"max_batch must be within 1..{MAX_EXPORT_BATCH}, got {max_batch}")
@@ -108,7 +110,7 @@ def compile_model(
             f"{chosen.name} names files its artefact needs that are not beside it: {misplaced}"
         )
     precision = chosen.precision
-    if chosen.name in NATIVE_BACKENDS:
+    if probe_native and chosen.name in NATIVE_BACKENDS:
         # Native code opens these: a crash there would take this process (the flow run) with
         # it, so a child opens the artefact first and a crash becomes a CompileError.
         probe_load(artifact, chosen.name, n_features=int(example_rows.shape[1]))

@@ -186,6 +186,9 @@ class GatewayConfig:
     failure_file_bytes: int = 4 << 20  # per replica, rotated once (twice this on disk)
     # How long a GET /admin/failures waits for another one's read before it answers 429.
     failure_read_wait_s: float = 10.0
+    # Open AOTInductor and TensorRT versions in a child first (ballast.compile.probe): a crash
+    # in their native loader refuses that version instead of ending the replica.
+    probe_native_loads: bool = True
     # Hot-path metric updates are summed and written this often (0: once per loop iteration).
     # Each write costs about a microsecond per series in multiprocess mode; a replica's own
     # /metrics writes its pending updates first, another replica's may lag by this much.
@@ -201,7 +204,12 @@ class GatewayConfig:
 
     @classmethod
     def from_settings(cls, s: Settings, **overrides: Any) -> GatewayConfig:
-        return cls(admin_token=s.admin_token(), intra_op_threads=s.gateway_threads, **overrides)
+        return cls(
+            admin_token=s.admin_token(),
+            intra_op_threads=s.gateway_threads,
+            probe_native_loads=s.native_load_probe,
+            **overrides,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,11 +303,13 @@ def _validation_detail(errors: Any) -> str:
     )
 
 
-def _default_loader(path: Path, backend: str, intra_op_threads: int) -> Predictor:
+def _default_loader(
+    path: Path, backend: str, intra_op_threads: int, *, probe: bool = True
+) -> Predictor:
     # Here, not at the top: a replica serving ONNX Runtime never needs ballast.compile.
     from ballast.compile.probe import NATIVE_BACKENDS, probe_load
 
-    if backend in NATIVE_BACKENDS:
+    if probe and backend in NATIVE_BACKENDS:
         # A crash in native loading code would end this replica and every version it serves;
         # a child takes that risk, and a crash there refuses only this version.
         probe_load(path, backend)
@@ -1840,7 +1850,9 @@ def create_app(
     With a ``source`` the replica converges to the desired state it reads there (and an admin
     PUT publishes to it); with a ``board`` it reports its status for its peers.
     """
-    gw = Gateway(config, loader=loader or _default_loader, source=source, board=board)
+    if loader is None:
+        loader = partial(_default_loader, probe=config.probe_native_loads)
+    gw = Gateway(config, loader=loader, source=source, board=board)
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: _http_error,
         Exception: _server_error,

@@ -290,3 +290,54 @@ def test_bench_compile_measures_the_other_backends_when_one_crashes(
     (why,) = summary["failed"].values()
     assert list(summary["failed"]) == ["tabular-mlp/aotinductor"] and "killed by SIGSEGV" in why
     assert "tabular-mlp/aotinductor FAILED" in captured.err
+
+
+def test_the_probe_can_be_turned_off_where_a_child_cannot_open_the_gpu(
+    compiled: CompiledArtifact,
+    trained: TrainResult,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # BALLAST_NATIVE_LOAD_PROBE=false: for a GPU in EXCLUSIVE_PROCESS mode, where the child
+    # could get no CUDA context of its own. Every probe here would fail the test.
+    import ballast.compile.pipeline
+    import ballast.compile.probe
+    from ballast.serving import VersionSpec
+    from ballast.settings import Settings
+    from infra.gateway.app import GatewayConfig, create_app
+    from infra.gateway.versions import load_version
+
+    def no_probe(*args: object, **kw: object) -> None:
+        raise AssertionError("probed although the probe is off")
+
+    monkeypatch.setattr(ballast.compile.pipeline, "probe_load", no_probe)
+    monkeypatch.setattr(ballast.compile.probe, "probe_load", no_probe)
+    monkeypatch.setenv("BALLAST_NATIVE_LOAD_PROBE", "false")
+    monkeypatch.setenv("BALLAST_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("BALLAST_GATEWAY_ADMIN_TOKEN", "test-admin-token")
+    settings = Settings()
+    assert settings.native_load_probe is False
+    art = compile_model(
+        trained.model,
+        trained.split.x_train[:8],
+        trained.split.x_test,
+        tmp_path,
+        backend="aotinductor",
+        rtol_fp32=1e-4,
+        max_batch=MAX_BATCH,
+        bench_batches=(1,),
+        bench_min_time_s=0.01,
+        probe_native=settings.native_load_probe,
+    )
+    assert art.parity.passed
+    config = GatewayConfig.from_settings(settings, seed=0)
+    assert config.probe_native_loads is False
+    gateway = create_app(config).gateway  # type: ignore[attr-defined]
+    spec = VersionSpec(
+        version="1",
+        artifact_path=str(compiled.path),
+        sha256=sha256_file(compiled.path),
+        backend="aotinductor",
+    )
+    loaded = load_version(spec, loader=gateway.loader, intra_op_threads=1, seed=0, window=10)
+    assert loaded.n_features == 64
